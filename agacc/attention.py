@@ -1,0 +1,116 @@
+"""The ``agacc`` attention function for transformers' AttentionInterface.
+
+With a ``CompressedCache`` the cache's ``update`` returns the new K/V tagged with their layer; this
+function then attends over everything that layer stores (dequantised on the fly, the Triton kernel
+on CUDA) and hands the attention mass each entry received to the layer's tracker. With any other
+cache (e.g. ``DynamicCache``) it is exactly transformers' SDPA path.
+
+Shapes: query [Bt, Hq, q, D]; stored entries [Bt, H, n, D] with Hq = H * g (GQA);
+the output is [Bt, q, Hq, D] like every transformers attention function.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from agacc.store import Entries
+
+NAME = "agacc"
+
+
+def attend(query: torch.Tensor, entries: list[Entries], scaling: float, causal_new: int = 0, n_obs: int | None = None):
+    """Reference attention over stored entries (the PyTorch reference of the fused decode kernel).
+
+    query [Bt, Hq, q, D]; entries as ``LayerStore.attention_entries``; ``causal_new`` = how many of the
+    last entries are the q new tokens themselves (causal among them; 0 for q == 1 when they are
+    included and visible). ``n_obs`` = how many of the last queries report attention mass
+    (default: all).
+
+    Returns (out [Bt, q, Hq, D], mass [n_entries] fp32): mass is the softmax probability each
+    entry received, summed over query heads and observed queries, averaged over batch, divided by
+    (Hq * n_obs) -- the mean attention it received (S_i of seed 000 §2.2, one layer).
+    """
+    bt, hq, q, d = query.shape
+    h = entries[0].k.shape[1]
+    g = hq // h
+    qg = query.reshape(bt, h, g * q, d)
+    k = torch.cat([e.k for e in entries], 2) if len(entries) > 1 else entries[0].k
+    v = torch.cat([e.v for e in entries], 2) if len(entries) > 1 else entries[0].v
+    n = k.shape[2]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scaling  # [Bt, H, g*q, n]
+    bias = _bias(entries, n, query.device)
+    if bias is not None:
+        scores = scores + bias
+    if causal_new and q > 1:
+        # query i (0-based among the q new) sees new entries 0..i
+        qi = torch.arange(q, device=query.device).repeat(g)  # rows are (g, q) flattened
+        kj = torch.arange(causal_new, device=query.device)
+        masked = kj[None, :] > qi[:, None]
+        scores[..., n - causal_new:] = scores[..., n - causal_new:].masked_fill(masked, float("-inf"))
+    probs = scores.softmax(-1)
+    out = torch.matmul(probs.to(v.dtype), v)  # [Bt, H, g*q, D]
+    out = out.reshape(bt, hq, q, d).transpose(1, 2)
+    n_obs = q if n_obs is None else min(n_obs, q)
+    obs = probs.reshape(bt, h, g, q, n)[:, :, :, q - n_obs:]
+    mass = obs.sum(dim=(1, 2, 3)).mean(0) / (hq * n_obs)
+    return out.contiguous(), mass
+
+
+def _bias(entries: list[Entries], n: int, device) -> torch.Tensor | None:
+    if all(e.bias is None for e in entries):
+        return None
+    parts = [e.bias if e.bias is not None else torch.zeros(e.k.shape[2], device=device) for e in entries]
+    return torch.cat(parts).to(device)
+
+
+def observe_prefill(query: torch.Tensor, key: torch.Tensor, scaling: float, n_obs: int, chunk: int = 4096):
+    """Initial importance at prefill: mean attention the last ``n_obs`` queries give each key.
+
+    query [Bt, Hq, q, D] and key [Bt, H, q, D] are the prompt's (keys = the new tokens, causal).
+    Computed over key chunks with a two-pass softmax so memory stays O(n_obs x chunk).
+    Returns mass [q] fp32 (same normalisation as ``attend``)."""
+    bt, hq, q, d = query.shape
+    h = key.shape[1]
+    g = hq // h
+    n_obs = min(n_obs, q)
+    qo = query[:, :, q - n_obs:].reshape(bt, h, g * n_obs, d).float()
+    qpos = torch.arange(q - n_obs, q, device=query.device).repeat(g)  # absolute position of each row
+
+    def chunk_scores(lo, hi):
+        s = torch.matmul(qo, key[:, :, lo:hi].float().transpose(-1, -2)) * scaling
+        kpos = torch.arange(lo, hi, device=query.device)
+        return s.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
+
+    m = torch.full((bt, h, g * n_obs, 1), float("-inf"), device=query.device)
+    z = torch.zeros_like(m)
+    for lo in range(0, q, chunk):  # pass 1: running max and normaliser
+        s = chunk_scores(lo, min(q, lo + chunk))
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        z = z * torch.exp(m - m_new) + torch.exp(s - m_new).sum(-1, keepdim=True)
+        m = m_new
+    mass = torch.empty(q, device=query.device)
+    for lo in range(0, q, chunk):  # pass 2: probabilities, summed
+        hi = min(q, lo + chunk)
+        p = torch.exp(chunk_scores(lo, hi) - m) / z
+        mass[lo:hi] = p.sum(dim=(1, 2)).mean(0)
+    return mass / (hq * n_obs)
+
+
+def agacc_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: compressed path when ``key`` carries its cache layer."""
+    layer = getattr(key, "_agacc_layer", None)
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    return layer.attend(query, key, value, attention_mask, scaling), None
+
+
+def register() -> None:
+    """Register the ``agacc`` attention function and its mask function (the SDPA mask) once."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, agacc_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)

@@ -1,0 +1,553 @@
+"""Per-layer mixed-precision K/V storage: the only owner of K/V bytes.
+
+Tokens are grouped in blocks of B (block j = tokens [jB, (j+1)B)). New tokens append to the *hot*
+region (full precision, the recent window and the not-yet-tiered tail). ``apply_tiers`` moves whole
+blocks out of the hot region and between segments:
+
+  full     FullSegment        k, v           [Bt, H, n, D]      store dtype
+  int8/4/2 QuantSegment(c)    k, v codes     [Bt, H, n, D*c/8]  uint8, packed (quant.py)
+                              k_scale/zero   [Bt, H, n/B, D]    fp16, per channel per block
+                              v_scale/zero   [Bt, H, n, D/G]    fp16, per token per group
+  pruned   SparseSegment(keep)k, v bitmap    [Bt, H, n, D/8]    uint8
+                              k, v codes     [Bt, H, n, keep*c/8] uint8 (c = container of b_min)
+                              scale/zero     [Bt, H, n, 1]      fp16, per vector
+  evicted  Markers            k, v           [Bt, H, m, D]      store dtype, importance-weighted mean
+                              log_count      [m]                fp32 attention bias log(#tokens)
+                              weight [m] fp32, span [m, 2] int32 (first, last block)
+
+Within a segment, blocks sit in ``block_ids`` order, B rows each. Attention does not depend on
+entry order after RoPE, so segments are read in a fixed order (see ``attention_segments``).
+``nbytes()`` is the sum of ``.nbytes`` of every tensor held; the host copy is counted apart.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from agacc import quant
+from agacc.tiers import EVICTED, FULL, HOT, INT2, INT4, INT8, PRUNED, TIER_CONTAINER, CONTAINER_TIER
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
+    return b if a is None else torch.cat([a, b], dim=dim)
+
+
+def _rows(block_pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Row indices of the given block positions inside a segment (B rows per block)."""
+    return (block_pos[:, None] * block_size + torch.arange(block_size, device=block_pos.device)).reshape(-1)
+
+
+@dataclass
+class Entries:
+    """One stretch of attention entries, as attention reads it.
+
+    k, v: [Bt, H, n, D] in the compute dtype (dequantised); bias: None or [n] fp32 added to logits;
+    tokens: [n] int64 token positions (markers: -1 - marker index)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    bias: torch.Tensor | None
+    tokens: torch.Tensor
+
+
+class Segment:
+    """Common bookkeeping: block ids in row order and the tensors held."""
+
+    def __init__(self, block_size: int, device):
+        self.block_size = block_size
+        self.block_ids = torch.empty(0, dtype=torch.int32, device=device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors() if t is not None) + self.block_ids.nbytes
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.block_ids.numel())
+
+    def token_positions(self) -> torch.Tensor:
+        b = self.block_ids.long()
+        return (b[:, None] * self.block_size + torch.arange(self.block_size, device=b.device)).reshape(-1)
+
+    def _keep_rows(self, keep_blocks: torch.Tensor):
+        return _rows(keep_blocks, self.block_size)
+
+    def remove(self, block_ids: torch.Tensor):
+        """Drop the given blocks; returns their dequantised (k, v) in block_ids order (compute dtype fp32)."""
+        pos_of = {int(b): i for i, b in enumerate(self.block_ids.tolist())}
+        take = torch.tensor([pos_of[int(b)] for b in block_ids], dtype=torch.long, device=self.block_ids.device)
+        keep_mask = torch.ones(self.n_blocks, dtype=torch.bool, device=take.device)
+        keep_mask[take] = False
+        keep = keep_mask.nonzero().squeeze(1)
+        k, v = self.read_blocks(take)
+        self.select_blocks(keep)
+        return k, v
+
+    def read_blocks(self, block_pos: torch.Tensor):
+        raise NotImplementedError
+
+    def select_blocks(self, block_pos: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def map_batch(self, fn) -> None:
+        """Apply ``fn`` (batch reorder / repeat) to every batch-dimensioned tensor."""
+        for name, t in list(vars(self).items()):
+            if isinstance(t, torch.Tensor) and t.dim() == 4:
+                setattr(self, name, fn(t))
+
+
+class FullSegment(Segment):
+    def __init__(self, block_size, device, dtype):
+        super().__init__(block_size, device)
+        self.dtype = dtype
+        self.k = self.v = None
+
+    def tensors(self):
+        return [self.k, self.v]
+
+    def add(self, block_ids, k, v, **_):
+        self.block_ids = torch.cat([self.block_ids, block_ids.to(torch.int32)])
+        self.k = _cat(self.k, k.to(self.dtype), 2)
+        self.v = _cat(self.v, v.to(self.dtype), 2)
+
+    def read_blocks(self, block_pos):
+        r = _rows(block_pos, self.block_size)
+        return self.k[:, :, r].float(), self.v[:, :, r].float()
+
+    def select_blocks(self, block_pos):
+        r = _rows(block_pos, self.block_size)
+        self.block_ids = self.block_ids[block_pos]
+        self.k, self.v = (self.k[:, :, r], self.v[:, :, r]) if block_pos.numel() else (None, None)
+
+    def dequantized(self, dtype):
+        return self.k.to(dtype), self.v.to(dtype)
+
+
+class QuantSegment(Segment):
+    """Blocks quantised to codes of <= ``container`` bits (per block code bits in ``bits``)."""
+
+    def __init__(self, block_size, device, container, cfg):
+        super().__init__(block_size, device)
+        self.container = container
+        self.cfg = cfg
+        self.bits = torch.empty(0, dtype=torch.int8, device=device)
+        self.k = self.k_scale = self.k_zero = self.v = self.v_scale = self.v_zero = None
+
+    def tensors(self):
+        return [self.bits, self.k, self.k_scale, self.k_zero, self.v, self.v_scale, self.v_zero]
+
+    def add(self, block_ids, k, v, bits, **_):
+        """k, v: [Bt, H, nb*B, D] float; bits: [nb] code bits (<= container)."""
+        cfg, B = self.cfg, self.block_size
+        parts = {"k": [], "k_scale": [], "k_zero": [], "v": [], "v_scale": [], "v_zero": []}
+        # quantise runs of equal code bits together (usually one or two runs)
+        for b in sorted(set(bits.tolist())):
+            sel = (bits == b).nonzero().squeeze(1)
+            r = _rows(sel, B)
+            pk, ks, kz = quant.quantize_keys(k[:, :, r], b, B, cfg.quantizer, cfg.s)
+            pv, vs, vz = quant.quantize_values(v[:, :, r], b, cfg.value_group_size, cfg.quantizer, cfg.s)
+            for name, t in zip(parts, (pk, ks, kz, pv, vs, vz)):
+                parts[name].append(t)
+            block_ids_sel = block_ids[sel]
+            self.block_ids = torch.cat([self.block_ids, block_ids_sel.to(torch.int32)])
+            self.bits = torch.cat([self.bits, torch.full((sel.numel(),), b, dtype=torch.int8, device=self.bits.device)])
+        for name, ts in parts.items():
+            setattr(self, name, _cat(getattr(self, name), torch.cat(ts, 2), 2))
+
+    def read_blocks(self, block_pos):
+        r = _rows(block_pos, self.block_size)
+        k = quant.dequantize_keys(self.k[:, :, r], self.k_scale[:, :, block_pos], self.k_zero[:, :, block_pos],
+                                  self.container, self.block_size)
+        v = quant.dequantize_values(self.v[:, :, r], self.v_scale[:, :, r], self.v_zero[:, :, r], self.container)
+        return k, v
+
+    def select_blocks(self, block_pos):
+        r = _rows(block_pos, self.block_size)
+        self.block_ids, self.bits = self.block_ids[block_pos], self.bits[block_pos]
+        if block_pos.numel() == 0:
+            self.k = self.k_scale = self.k_zero = self.v = self.v_scale = self.v_zero = None
+            return
+        self.k, self.v = self.k[:, :, r], self.v[:, :, r]
+        self.v_scale, self.v_zero = self.v_scale[:, :, r], self.v_zero[:, :, r]
+        self.k_scale, self.k_zero = self.k_scale[:, :, block_pos], self.k_zero[:, :, block_pos]
+
+    def dequantized(self, dtype):
+        k = quant.dequantize_keys(self.k, self.k_scale, self.k_zero, self.container, self.block_size, dtype)
+        v = quant.dequantize_values(self.v, self.v_scale, self.v_zero, self.container, dtype)
+        return k, v
+
+
+class SparseSegment(Segment):
+    """Magnitude-pruned blocks keeping ``keep`` of D elements per vector, kept values at ``bits`` bits."""
+
+    def __init__(self, block_size, device, keep, bits, cfg):
+        super().__init__(block_size, device)
+        self.keep, self.code_bits, self.cfg = keep, bits, cfg
+        self.k_map = self.k = self.k_scale = self.k_zero = None
+        self.v_map = self.v = self.v_scale = self.v_zero = None
+
+    def tensors(self):
+        return [self.k_map, self.k, self.k_scale, self.k_zero, self.v_map, self.v, self.v_scale, self.v_zero]
+
+    def add(self, block_ids, k, v, **_):
+        cfg = self.cfg
+        km, kq, ks, kz = quant.sparse_encode(k, self.keep, self.code_bits, cfg.quantizer, cfg.s)
+        vm, vq, vs, vz = quant.sparse_encode(v, self.keep, self.code_bits, cfg.quantizer, cfg.s)
+        self.block_ids = torch.cat([self.block_ids, block_ids.to(torch.int32)])
+        for name, t in zip(("k_map", "k", "k_scale", "k_zero", "v_map", "v", "v_scale", "v_zero"),
+                           (km, kq, ks, kz, vm, vq, vs, vz)):
+            setattr(self, name, _cat(getattr(self, name), t, 2))
+
+    def _decode(self, r=None):
+        sel = (lambda t: t) if r is None else (lambda t: t[:, :, r])
+        b = self.code_bits
+        k = quant.sparse_decode(sel(self.k_map), sel(self.k), sel(self.k_scale), sel(self.k_zero), b)
+        v = quant.sparse_decode(sel(self.v_map), sel(self.v), sel(self.v_scale), sel(self.v_zero), b)
+        return k, v
+
+    def read_blocks(self, block_pos):
+        return self._decode(_rows(block_pos, self.block_size))
+
+    def select_blocks(self, block_pos):
+        r = _rows(block_pos, self.block_size)
+        self.block_ids = self.block_ids[block_pos]
+        for name in ("k_map", "k", "k_scale", "k_zero", "v_map", "v", "v_scale", "v_zero"):
+            t = getattr(self, name)
+            setattr(self, name, t[:, :, r] if block_pos.numel() else None)
+
+    def dequantized(self, dtype):
+        k, v = self._decode()
+        return k.to(dtype), v.to(dtype)
+
+
+class Markers:
+    """One entry per contiguous run of evicted blocks (000 §2.4.3): the importance-weighted mean of
+    the run's keys and values, attended with a log(count) bias so the run keeps its attention share."""
+
+    def __init__(self, device, dtype):
+        self.dtype = dtype
+        self.k = self.v = None
+        self.log_count = torch.empty(0, dtype=torch.float32, device=device)
+        self.weight = torch.empty(0, dtype=torch.float32, device=device)
+        self.span = torch.empty(0, 2, dtype=torch.int32, device=device)
+
+    def tensors(self):
+        return [self.k, self.v, self.log_count, self.weight, self.span]
+
+    def nbytes(self):
+        return sum(t.nbytes for t in self.tensors() if t is not None)
+
+    @property
+    def n(self) -> int:
+        return int(self.span.shape[0])
+
+    def map_batch(self, fn):
+        if self.k is not None:
+            self.k, self.v = fn(self.k), fn(self.v)
+
+    def set(self, runs: list[tuple[int, int, torch.Tensor, torch.Tensor, float, int]]):
+        """runs: (first_block, last_block, k_mean [Bt,H,D], v_mean [Bt,H,D], weight, count), in block order."""
+        dev = self.span.device
+        if not runs:
+            self.__init__(dev, self.dtype)
+            return
+        self.k = torch.stack([r[2] for r in runs], 2).to(self.dtype)
+        self.v = torch.stack([r[3] for r in runs], 2).to(self.dtype)
+        self.weight = torch.tensor([r[4] for r in runs], dtype=torch.float32, device=dev)
+        self.log_count = torch.tensor([math.log(r[5]) for r in runs], dtype=torch.float32, device=dev)
+        self.span = torch.tensor([[r[0], r[1]] for r in runs], dtype=torch.int32, device=dev)
+
+    def runs(self):
+        """Existing runs as (first, last, k [Bt,H,D] fp32, v, weight, count)."""
+        return [(int(s[0]), int(s[1]), self.k[:, :, i].float(), self.v[:, :, i].float(),
+                 float(self.weight[i]), int(round(math.exp(float(self.log_count[i])))))
+                for i, s in enumerate(self.span)]
+
+
+def weighted_mean(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor):
+    """k, v [Bt, H, n, D], w [n] >= 0 -> (k_mean [Bt,H,D], v_mean, weight sum)."""
+    w = w.float().clamp_min(0) + 1e-12
+    wn = w / w.sum()
+    return (k.float() * wn[:, None]).sum(2), (v.float() * wn[:, None]).sum(2), float(w.sum())
+
+
+def merge_means(parts):
+    """parts: (k [Bt,H,D], v, weight, count) -> merged (k, v, weight, count), weights add."""
+    wsum = sum(p[2] for p in parts)
+    k = sum(p[0] * (p[2] / wsum) for p in parts)
+    v = sum(p[1] * (p[2] / wsum) for p in parts)
+    return k, v, wsum, sum(p[3] for p in parts)
+
+
+class LayerStore:
+    """All K/V of one layer. ``seq_len`` is the logical number of tokens seen (for RoPE / positions);
+    ``n_entries`` the number of attention entries held."""
+
+    def __init__(self, cfg, device, dtype):
+        self.cfg = cfg
+        self.B = cfg.block_size
+        self.device = device
+        self.dtype = dtype  # full-precision storage dtype
+        self.seq_len = 0
+        self.hot_start = 0  # first token still in the hot region (a multiple of B)
+        self.hot_k = self.hot_v = None
+        self.full = FullSegment(self.B, device, dtype)
+        self.quant = {c: QuantSegment(self.B, device, c, cfg) for c in (8, 4, 2)}
+        self.sparse: dict[int, SparseSegment] = {}
+        self.markers = Markers(device, dtype)
+        self.block_tier = torch.empty(0, dtype=torch.int8, device=device)   # per tiered block
+        self.block_bits = torch.empty(0, dtype=torch.int8, device=device)
+        self.block_keep = torch.empty(0, dtype=torch.int16, device=device)
+        self.host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layout = None  # cached token-position layout of the entries
+
+    # ---- appending -------------------------------------------------------------------------
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [Bt, H, n, D] new tokens (after RoPE)."""
+        self.hot_k = _cat(self.hot_k, k.to(self.dtype), 2)
+        self.hot_v = _cat(self.hot_v, v.to(self.dtype), 2)
+        self.seq_len += k.shape[2]
+        self._layout = None
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.block_tier.numel())
+
+    def n_ready_blocks(self) -> int:
+        """Blocks that have fully left the recent window (compressible)."""
+        return max(0, self.seq_len - self.cfg.recent_window) // self.B
+
+    @property
+    def segments(self) -> list[Segment]:
+        return [self.full, *self.quant.values(), *self.sparse.values()]
+
+    @property
+    def n_entries(self) -> int:
+        hot = 0 if self.hot_k is None else self.hot_k.shape[2]
+        return sum(s.n_blocks for s in self.segments) * self.B + self.markers.n + hot
+
+    # ---- reading -----------------------------------------------------------------------------
+    def attention_entries(self, dtype) -> list[Entries]:
+        """Every stored entry, dequantised to ``dtype``, in the fixed order full, int8, int4, int2,
+        sparse (by keep), markers, hot. Token positions per entry ride along for the tracker."""
+        out = []
+        for seg in self.segments:
+            if seg.n_blocks:
+                k, v = seg.dequantized(dtype)
+                out.append(Entries(k, v, None, seg.token_positions()))
+        if self.markers.n:
+            m = self.markers
+            out.append(Entries(m.k.to(dtype), m.v.to(dtype), m.log_count,
+                               -1 - torch.arange(m.n, device=self.device)))
+        if self.hot_k is not None and self.hot_k.shape[2]:
+            out.append(Entries(self.hot_k.to(dtype), self.hot_v.to(dtype), None,
+                               torch.arange(self.hot_start, self.seq_len, device=self.device)))
+        return out
+
+    # ---- re-tiering -------------------------------------------------------------------------
+    def _fidelity_floor(self, tier, bits, keep):
+        """Without a host copy a block can only lose fidelity: a target above the current tier
+        (fewer tier code, or more bits / kept elements in the same tier) keeps the current one."""
+        n_old = self.n_blocks
+        if self.cfg.host_copy or n_old == 0:
+            return tier, bits, keep
+        t, b, k = tier[:n_old], bits[:n_old], keep[:n_old]
+        ot, ob, ok = self.block_tier, self.block_bits, self.block_keep
+        same = t == ot
+        promote = (t < ot) | (same & (b > ob)) | (same & (t == PRUNED) & (k > ok))
+        tier, bits, keep = tier.clone(), bits.clone(), keep.clone()
+        tier[:n_old] = torch.where(promote, ot, t)
+        bits[:n_old] = torch.where(promote, ob, b)
+        keep[:n_old] = torch.where(promote, ok, k)
+        return tier, bits, keep
+
+    def apply_tiers(self, tier: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor, token_weight: torch.Tensor):
+        """Set the tier of blocks ``0..len(tier)-1`` (all must be ready).
+
+        tier [nb] int8 tier codes; bits [nb] code bits (quantised / pruned tiers); keep [nb] kept
+        elements per vector (pruned tier); token_weight [seq_len] >= 0 importance per token, used to
+        weight evicted tokens inside their marker. Returns the tiers actually applied."""
+        nb = int(tier.numel())
+        assert nb <= self.n_ready_blocks(), "apply_tiers got blocks still inside the recent window"
+        tier = tier.to(torch.int8).to(self.device)
+        bits = bits.to(torch.int8).to(self.device)
+        keep = keep.to(torch.int16).to(self.device)
+        tier, bits, keep = self._fidelity_floor(tier, bits, keep)
+        n_old = self.n_blocks
+        if n_old:
+            ot, ob, ok = self.block_tier, self.block_bits, self.block_keep
+            changed = (tier[:n_old] != ot) | (bits[:n_old] != ob) | ((tier[:n_old] == PRUNED) & (keep[:n_old] != ok))
+            changed = torch.cat([changed, torch.ones(nb - n_old, dtype=torch.bool, device=self.device)])
+        else:
+            changed = torch.ones(nb, dtype=torch.bool, device=self.device)
+        moving = changed.nonzero().squeeze(1)
+        if moving.numel() == 0:
+            return tier
+        k, v = self._take_blocks(moving, n_old)
+        newly_evicted = []
+        for t_code in (FULL, INT8, INT4, INT2, PRUNED):
+            sel = (tier[moving] == t_code).nonzero().squeeze(1)
+            if sel.numel() == 0:
+                continue
+            r = _rows(sel, self.B)
+            ids = moving[sel]
+            if t_code == FULL:
+                self.full.add(ids, k[:, :, r], v[:, :, r])
+            elif t_code in TIER_CONTAINER:
+                self.quant[TIER_CONTAINER[t_code]].add(ids, k[:, :, r], v[:, :, r], bits=bits[ids])
+            else:
+                self._add_pruned(ids, k[:, :, r], v[:, :, r], bits[ids], keep[ids])
+        ev = (tier[moving] == EVICTED).nonzero().squeeze(1)
+        if ev.numel():
+            r = _rows(ev, self.B)
+            newly_evicted = [(int(b), k[:, :, r[i * self.B:(i + 1) * self.B]], v[:, :, r[i * self.B:(i + 1) * self.B]])
+                             for i, b in enumerate(moving[ev].tolist())]
+        self.block_tier, self.block_bits, self.block_keep = tier, bits, keep
+        self._rebuild_markers(newly_evicted, token_weight)
+        self._layout = None
+        return tier
+
+    def _add_pruned(self, ids, k, v, bits, keep):
+        cfg, D = self.cfg, k.shape[-1]
+        for kp in sorted(set(keep.tolist())):
+            sel = (keep == kp).nonzero().squeeze(1)
+            r = _rows(sel, self.B)
+            kk, vv = k[:, :, r], v[:, :, r]
+            rate = 1.0 - kp / D
+            if kp >= D or rate < cfg.sparse_threshold:
+                # dense: zero the pruned elements, store in the b_min container
+                if kp < D:
+                    kk = kk * quant.magnitude_prune_mask(kk, kp)
+                    vv = vv * quant.magnitude_prune_mask(vv, kp)
+                self.quant[quant.container_bits(cfg.b_min)].add(ids[sel], kk, vv, bits=bits[sel])
+            else:
+                seg = self.sparse.get(kp)
+                if seg is None:
+                    seg = self.sparse[kp] = SparseSegment(self.B, self.device, kp, cfg.b_min, cfg)
+                seg.add(ids[sel], kk, vv)
+
+    def _take_blocks(self, moving: torch.Tensor, n_old: int):
+        """Full-precision-as-possible (k, v) [Bt,H,len(moving)*B,D] fp32 of the moving blocks, removed
+        from where they are. New blocks come from the hot region; with a host copy, old blocks come
+        from it (exact); otherwise they are dequantised from their current segment."""
+        B = self.B
+        bt, h, _, d = self.hot_k.shape
+        k = torch.empty(bt, h, moving.numel() * B, d, dtype=torch.float32, device=self.device)
+        v = torch.empty_like(k)
+        slot = {int(b): i for i, b in enumerate(moving.tolist())}
+        # 1) old blocks: pull out of their segments
+        for seg in self.segments:
+            if not seg.n_blocks:
+                continue
+            ids = [b for b in seg.block_ids.tolist() if b in slot]
+            if not ids:
+                continue
+            kk, vv = seg.remove(torch.tensor(ids, device=self.device))
+            for i, b in enumerate(ids):
+                k[:, :, slot[b] * B:(slot[b] + 1) * B] = kk[:, :, i * B:(i + 1) * B]
+                v[:, :, slot[b] * B:(slot[b] + 1) * B] = vv[:, :, i * B:(i + 1) * B]
+        # 2) new blocks: out of the hot region
+        new = [b for b in moving.tolist() if b >= n_old]
+        if new:
+            hot_blocks = max(new) + 1 - self.hot_start // B
+            n_tok = hot_blocks * B
+            hk, hv = self.hot_k[:, :, :n_tok].float(), self.hot_v[:, :, :n_tok].float()
+            for b in new:
+                o = b * B - self.hot_start
+                k[:, :, slot[b] * B:(slot[b] + 1) * B] = hk[:, :, o:o + B]
+                v[:, :, slot[b] * B:(slot[b] + 1) * B] = hv[:, :, o:o + B]
+                if self.cfg.host_copy:
+                    self.host[b] = (self.hot_k[:, :, o:o + B].to("cpu", copy=True),
+                                    self.hot_v[:, :, o:o + B].to("cpu", copy=True))
+            self.hot_k, self.hot_v = self.hot_k[:, :, n_tok:], self.hot_v[:, :, n_tok:]
+            self.hot_start += n_tok
+        # 3) with a host copy every moving block restarts from full precision (exact re-promotion)
+        if self.cfg.host_copy:
+            for b, i in slot.items():
+                hk, hv = self.host[b]
+                k[:, :, i * B:(i + 1) * B] = hk.to(self.device).float()
+                v[:, :, i * B:(i + 1) * B] = hv.to(self.device).float()
+        return k, v
+
+    def _rebuild_markers(self, newly_evicted, token_weight):
+        """Recompute the marker runs after evictions (and, with a host copy, un-evictions)."""
+        if not self.cfg.markers:
+            self.markers.set([])
+            return
+        ev_blocks = (self.block_tier == EVICTED).nonzero().squeeze(1).tolist()
+        runs, start = [], None
+        for i, b in enumerate(ev_blocks):
+            if start is None:
+                start = b
+            if i + 1 == len(ev_blocks) or ev_blocks[i + 1] != b + 1:
+                runs.append((start, b))
+                start = None
+        old = {(r[0], r[1]): r for r in self.markers.runs()}
+        new_data = {b: (kk, vv) for b, kk, vv in newly_evicted}
+        B = self.B
+        out = []
+        for first, last in runs:
+            if (first, last) in old:
+                out.append(old[(first, last)])
+                continue
+            parts, covered = [], set()
+            for (f, l), r in old.items():
+                if first <= f and l <= last:
+                    parts.append((r[2], r[3], r[4], r[5]))
+                    covered.update(range(f, l + 1))
+            for b in range(first, last + 1):
+                if b in covered:
+                    continue
+                if b in new_data:
+                    kk, vv = new_data[b]
+                elif b in self.host:
+                    kk, vv = (t.to(self.device).float() for t in self.host[b])
+                else:
+                    raise RuntimeError(f"evicted block {b} has no data to rebuild its marker from")
+                w = token_weight[b * B:(b + 1) * B] if token_weight is not None else torch.ones(B)
+                km, vm, ws = weighted_mean(kk, vv, w.to(self.device))
+                parts.append((km, vm, ws, B))
+            km, vm, ws, n = merge_means(parts)
+            out.append((first, last, km, vm, ws, n))
+        self.markers.set(out)
+
+    # ---- accounting -------------------------------------------------------------------------
+    def tensors(self) -> list[torch.Tensor]:
+        ts = [self.hot_k, self.hot_v, self.block_tier, self.block_bits, self.block_keep]
+        for seg in self.segments:
+            ts += seg.tensors() + [seg.block_ids]
+        ts += self.markers.tensors()
+        return [t for t in ts if t is not None]
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors())
+
+    def host_nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.host.values())
+
+    def bytes_by_tier(self) -> dict[str, int]:
+        def seg_bytes(seg):
+            return sum(t.nbytes for t in seg.tensors() if t is not None) + seg.block_ids.nbytes
+        hot = sum(t.nbytes for t in (self.hot_k, self.hot_v) if t is not None)
+        return {
+            "hot": hot,
+            "full": seg_bytes(self.full),
+            "int8": seg_bytes(self.quant[8]),
+            "int4": seg_bytes(self.quant[4]),
+            "int2": seg_bytes(self.quant[2]),
+            "pruned": sum(seg_bytes(s) for s in self.sparse.values()),
+            "markers": self.markers.nbytes(),
+            "meta": self.block_tier.nbytes + self.block_bits.nbytes + self.block_keep.nbytes,
+        }
+
+    def map_batch(self, fn) -> None:
+        """Reorder / repeat the batch dimension of everything held (beam search)."""
+        if self.hot_k is not None:
+            self.hot_k, self.hot_v = fn(self.hot_k), fn(self.hot_v)
+        for seg in self.segments:
+            seg.map_batch(fn)
+        self.markers.map_batch(fn)
+        self.host = {b: (fn(k), fn(v)) for b, (k, v) in self.host.items()}

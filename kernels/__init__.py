@@ -1,0 +1,1 @@
+"""Triton kernels for the compressed cache's hot paths; each has a PyTorch reference."""
