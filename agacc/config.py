@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields, replace
 
-SCORINGS = ("ema", "decay")                    # 000 §2.3 EMA / 001 decay-weighted sum
+SCORINGS = ("ema", "decay", "sum")             # 000 §2.3 EMA / 001 decay-weighted / 002 attention sum
 RULES = ("thresholds", "dynacompress")         # 000 §2.4 tiers / 001 §2.2 bits + probabilistic pruning
 POSITION_NORMS = ("none", "power", "log")      # forms of P(t - i), 000 §2.3
 QUANTIZERS = ("minmax", "meanstd")
@@ -24,7 +24,8 @@ class AGACCConfig:
     Tracking and importance (seed 000 §2.2-2.3, 001 §2.1):
         n_q: N_q, the observation window: how many of the last prompt queries give the initial S_i at prefill.
         alpha: alpha, EMA weight of the newest attention in I_i(t) = alpha*S_i + (1-alpha)*I_i(t-1).
-        scoring: "ema" (000) or "decay" (001: A_i = sum_t e^{-beta(T-t)} w_l sum_j alpha_ij / T).
+        scoring: "ema" (000), "decay" (001: A_i = sum_t e^{-beta(T-t)} w_l sum_j alpha_ij / T) or
+            "sum" (002: the accumulated attention sum).
         beta: beta > 0, per-step decay of the DynaCompress history.
         layer_weights: w_l, one weight per layer for the DynaCompress aggregation and layer budgets;
             None = linearly rising with depth (001: deeper layers keep more).

@@ -43,12 +43,10 @@ def _rows(block_pos: torch.Tensor, block_size: int) -> torch.Tensor:
 class Entries:
     """One stretch of attention entries, as attention reads it.
 
-    k, v: [Bt, H, n, D] in the compute dtype (dequantised); bias: None or [n] fp32 added to logits;
-    tokens: [n] int64 token positions (markers: -1 - marker index)."""
+    k, v: [Bt, H, n, D] in the compute dtype (dequantised); bias: None or [n] fp32 added to logits."""
     k: torch.Tensor
     v: torch.Tensor
-    bias: torch.Tensor | None
-    tokens: torch.Tensor
+    bias: torch.Tensor | None = None
 
 
 class Segment:
@@ -310,7 +308,6 @@ class LayerStore:
         self.hot_k = _cat(self.hot_k, k.to(self.dtype), 2)
         self.hot_v = _cat(self.hot_v, v.to(self.dtype), 2)
         self.seq_len += k.shape[2]
-        self._layout = None
 
     @property
     def n_blocks(self) -> int:
@@ -337,14 +334,46 @@ class LayerStore:
         for seg in self.segments:
             if seg.n_blocks:
                 k, v = seg.dequantized(dtype)
-                out.append(Entries(k, v, None, seg.token_positions()))
+                out.append(Entries(k, v))
         if self.markers.n:
             m = self.markers
-            out.append(Entries(m.k.to(dtype), m.v.to(dtype), m.log_count,
-                               -1 - torch.arange(m.n, device=self.device)))
+            out.append(Entries(m.k.to(dtype), m.v.to(dtype), m.log_count))
         if self.hot_k is not None and self.hot_k.shape[2]:
-            out.append(Entries(self.hot_k.to(dtype), self.hot_v.to(dtype), None,
-                               torch.arange(self.hot_start, self.seq_len, device=self.device)))
+            out.append(Entries(self.hot_k.to(dtype), self.hot_v.to(dtype)))
+        return out
+
+    def token_layout(self):
+        """How entries map back to tokens, cached until the tiers change:
+        (tokens [n_tiered] int64 for the tiered entries in attention order, marker_tokens [m_tok] int64,
+        marker_of [m_tok] int64 marker index, marker_share [m_tok] fp32 = 1/count). Markers come
+        after the tiered entries, then the hot region (tokens hot_start..seq_len)."""
+        if self._layout is None:
+            segs = [s for s in self.segments if s.n_blocks]
+            tokens = torch.cat([s.token_positions() for s in segs]) if segs else torch.empty(0, dtype=torch.long, device=self.device)
+            mt, mo, ms = [], [], []
+            for i, (f, l) in enumerate(self.markers.span.tolist()):
+                t = torch.arange(f * self.B, (l + 1) * self.B, device=self.device)
+                mt.append(t)
+                mo.append(torch.full_like(t, i))
+                ms.append(torch.full((t.numel(),), 1.0 / t.numel(), device=self.device))
+            cat = lambda xs, dt: torch.cat(xs) if xs else torch.empty(0, dtype=dt, device=self.device)
+            self._layout = (tokens.to(torch.int32), cat(mt, torch.long).to(torch.int32),
+                            cat(mo, torch.long), cat(ms, torch.float32))
+        return self._layout
+
+    def token_mass(self, mass: torch.Tensor) -> torch.Tensor:
+        """Entry mass [n_entries] (attention order) -> token mass [seq_len]; a marker's mass is shared
+        evenly among the tokens of its span."""
+        tokens, mt, mo, ms = self.token_layout()
+        out = torch.zeros(self.seq_len, dtype=torch.float32, device=mass.device)
+        n_t = tokens.numel()
+        out.index_add_(0, tokens, mass[:n_t].float())
+        m = self.markers.n
+        if m:
+            out.index_add_(0, mt, mass[n_t:n_t + m].float()[mo] * ms)
+        n_hot = self.seq_len - self.hot_start
+        if n_hot:
+            out[self.hot_start:] += mass[mass.numel() - n_hot:].float()
         return out
 
     # ---- re-tiering -------------------------------------------------------------------------
@@ -385,7 +414,7 @@ class LayerStore:
             changed = torch.ones(nb, dtype=torch.bool, device=self.device)
         moving = changed.nonzero().squeeze(1)
         if moving.numel() == 0:
-            return tier
+            return tier, bits, keep
         k, v = self._take_blocks(moving, n_old)
         newly_evicted = []
         for t_code in (FULL, INT8, INT4, INT2, PRUNED):
@@ -408,7 +437,7 @@ class LayerStore:
         self.block_tier, self.block_bits, self.block_keep = tier, bits, keep
         self._rebuild_markers(newly_evicted, token_weight)
         self._layout = None
-        return tier
+        return tier, bits, keep
 
     def _add_pruned(self, ids, k, v, bits, keep):
         cfg, D = self.cfg, k.shape[-1]
@@ -520,6 +549,8 @@ class LayerStore:
         for seg in self.segments:
             ts += seg.tensors() + [seg.block_ids]
         ts += self.markers.tensors()
+        if self._layout is not None:
+            ts += list(self._layout)
         return [t for t in ts if t is not None]
 
     def nbytes(self) -> int:
@@ -551,3 +582,31 @@ class LayerStore:
             seg.map_batch(fn)
         self.markers.map_batch(fn)
         self.host = {b: (fn(k), fn(v)) for b, (k, v) in self.host.items()}
+
+
+def block_cost_bytes(tier: int, bits: int, keep: int, *, batch: int, heads: int, head_dim: int,
+                     block_size: int, full_itemsize: int, value_group_size: int, b_min: int,
+                     sparse_threshold: float) -> int:
+    """Bytes one block of ``block_size`` tokens occupies in ``tier`` under the format above (K and V,
+    scales, ids, per-block metadata). For planning only (the ratio fitter); ``memory()`` counts
+    ``nbytes`` of what is held. Evicted blocks cost nothing here (markers are counted per run)."""
+    vecs = batch * heads * block_size
+    meta = 1 + 1 + 2 + 4  # tier, bits, keep, block id
+    if tier == FULL:
+        return 2 * vecs * head_dim * full_itemsize + meta
+    if tier in (INT8, INT4, INT2) or (tier == PRUNED and (keep >= head_dim or 1 - keep / head_dim < sparse_threshold)):
+        c = quant.container_bits(bits if tier != PRUNED else b_min)
+        codes = 2 * vecs * head_dim * c // 8
+        k_scales = 2 * batch * heads * head_dim * 2
+        v_scales = 2 * vecs * (head_dim // min(value_group_size, head_dim)) * 2
+        return codes + k_scales + v_scales + 1 + meta
+    if tier == PRUNED:
+        c = quant.container_bits(b_min)
+        per_vec = head_dim // 8 + keep * c // 8 + 4
+        return 2 * vecs * per_vec + meta
+    return meta  # evicted
+
+
+def marker_cost_bytes(*, batch: int, heads: int, head_dim: int, full_itemsize: int) -> int:
+    """Bytes of one marker entry (k, v, log_count, weight, span)."""
+    return 2 * batch * heads * head_dim * full_itemsize + 4 + 4 + 8

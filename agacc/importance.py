@@ -1,0 +1,127 @@
+"""Importance tracker: attention mass per cached token -> S_i -> I_i(t) -> normalised block scores.
+
+One tracker per layer. Per-token state is fp32 [seq_len] (bookkeeping counted in memory()).
+
+  seed 000 §2.2  S_i: mean attention token i receives (over heads, and over the N_q observation
+                 queries at prefill / the decode steps of the last N_w window at re-evaluation)
+  seed 000 §2.3  I_i(t) = alpha*S_i + (1-alpha)*I_i(t-1)                      scoring="ema"
+                 I^_i(t) = I_i(t) / P(t-i)
+  seed 001 §2.1  A_i = (1/T) sum_t e^{-beta(T-t)} w_l sum_j alpha_ij          scoring="decay"
+  seed 002       C_j = alpha*sum_i A_ij + (1-alpha)*beta*sum_i A_ij           scoring="sum"
+  seed 000 §2.5  block score = max over the block's tokens of I^_i
+Scores are divided by their mean over the compressible tokens, so 1.0 = average attention.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def position_norm(distance: torch.Tensor, form: str, gamma: float) -> torch.Tensor:
+    """P(t - i) >= 0, monotonically decreasing in the distance d = t - i, P(0) = 1."""
+    d = distance.float().clamp_min(0)
+    if form == "none":
+        return torch.ones_like(d)
+    if form == "power":
+        return (1.0 + d).pow(-gamma)
+    if form == "log":
+        return 1.0 / torch.log(math.e + d)
+    raise ValueError(f"unknown position_norm {form!r}")
+
+
+class ImportanceTracker:
+    """Attention history of one layer.
+
+    ``observe(mass)``: per-token mass of one decode step (already mapped from entries to tokens);
+    ``init_prefill(mass)``: S_i of the prompt from the observation window;
+    ``update()``: at a re-evaluation, fold the window into I (EMA or decay);
+    ``scores(seq_len)``: I^ per token (position-normalised, relative to the mean)."""
+
+    def __init__(self, cfg, layer_weight: float = 1.0, device="cpu"):
+        self.cfg = cfg
+        self.w_l = layer_weight
+        self.device = device
+        self.importance = torch.zeros(0, device=device)   # I_i (ema) or A_i numerator (decay / sum)
+        self.window = torch.zeros(0, device=device)       # attention summed over the current chunk
+        self.window_steps = 0
+        self.chunks: list[tuple[torch.Tensor, int]] = []  # last N_w steps as (sum, steps) chunks
+        self.steps = 0                                    # T: decode steps seen
+
+    def _grow(self, n: int) -> None:
+        for name in ("importance", "window"):
+            t = getattr(self, name)
+            if t.numel() < n:
+                setattr(self, name, torch.cat([t, torch.zeros(n - t.numel(), device=self.device)]))
+
+    def init_prefill(self, mass: torch.Tensor) -> None:
+        """mass [n] = S_i over the observation window of a prompt chunk (new tokens get it, older
+        tokens get it folded in as one observation)."""
+        n = mass.numel()
+        self._grow(n)
+        if self.cfg.scoring == "ema":
+            fresh = self.importance[:n] == 0
+            a = self.cfg.alpha
+            self.importance[:n] = torch.where(fresh, mass, a * mass + (1 - a) * self.importance[:n])
+        else:
+            self.importance[:n] += mass * self.cfg.n_q
+
+    def observe(self, token_mass: torch.Tensor) -> None:
+        """token_mass [n_tokens] attention of one decode step (mean over heads)."""
+        n = token_mass.numel()
+        self._grow(n)
+        if self.cfg.scoring == "decay":
+            self.window[:n].mul_(math.exp(-self.cfg.beta))
+        self.window[:n] += token_mass
+        self.window_steps += 1
+        self.steps += 1
+
+    def update(self) -> None:
+        """Fold the attention observed since the last re-evaluation into the importance."""
+        if self.window_steps == 0:
+            return
+        cfg = self.cfg
+        if cfg.scoring == "ema":
+            self.chunks.append((self.window.clone(), self.window_steps))
+            while sum(s for _, s in self.chunks) > cfg.n_w and len(self.chunks) > 1:
+                self.chunks.pop(0)
+            n = self.importance.numel()
+            total = torch.zeros(n, device=self.device)
+            for c, _ in self.chunks:
+                total[: c.numel()] += c
+            s_i = total / sum(s for _, s in self.chunks)
+            self.importance = cfg.alpha * s_i + (1 - cfg.alpha) * self.importance
+        elif cfg.scoring == "decay":
+            self.importance = self.importance * math.exp(-cfg.beta * self.window_steps) + self.window
+        else:  # sum
+            self.importance = self.importance + self.window
+        self.window = torch.zeros_like(self.window)
+        self.window_steps = 0
+
+    def raw(self) -> torch.Tensor:
+        """I_i (ema) or the seed's A_i / C_j (decay, sum) per token, before position normalisation."""
+        cfg = self.cfg
+        if cfg.scoring == "decay":
+            return self.w_l * self.importance / max(1, self.steps + cfg.n_q)
+        if cfg.scoring == "sum":
+            return (cfg.alpha + (1 - cfg.alpha) * cfg.attention_sum_beta) * self.importance
+        return self.importance
+
+    def scores(self, seq_len: int, ready_tokens: int) -> torch.Tensor:
+        """I^_i = I_i / P(t - i), divided by its mean over the first ``ready_tokens`` tokens.
+        Returns [seq_len] fp32."""
+        self._grow(seq_len)
+        t = seq_len - 1
+        dist = t - torch.arange(seq_len, device=self.device)
+        i_hat = self.raw()[:seq_len] / position_norm(dist, self.cfg.position_norm, self.cfg.position_gamma)
+        ref = i_hat[:ready_tokens] if ready_tokens > 0 else i_hat
+        mean = ref.mean().clamp_min(1e-12)
+        return i_hat / mean
+
+    def nbytes(self) -> int:
+        return self.importance.nbytes + self.window.nbytes + sum(c.nbytes for c, _ in self.chunks)
+
+
+def block_max(token_scores: torch.Tensor, block_size: int, n_blocks: int) -> torch.Tensor:
+    """Block importance = max over the block's tokens (seed 000 §2.5). -> [n_blocks]."""
+    return token_scores[: n_blocks * block_size].reshape(n_blocks, block_size).amax(1)

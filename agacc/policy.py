@@ -1,0 +1,114 @@
+"""Policy: normalised block importance -> tier, bits and pruning rate (seed 000 §2.4, 001 §2.2-2.3).
+
+All functions are pure: the same scores and config give the same tiers, which is what lets the app
+replay a recorded importance history under new thresholds without generating.
+
+Fidelity is monotone in importance for every rule (tested): more importance never gets fewer bits,
+more pruning or eviction.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from agacc.quant import container_bits, kept_count
+from agacc.tiers import CONTAINER_TIER, EVICTED, FULL, PRUNED
+
+
+def layer_weights(cfg, n_layers: int) -> list[float]:
+    """w_l: the config's, or linearly rising with depth from 0.5 to 1.5 (001: deeper layers keep more)."""
+    if cfg.layer_weights is not None:
+        if len(cfg.layer_weights) != n_layers:
+            raise ValueError(f"layer_weights has {len(cfg.layer_weights)} entries, the model has {n_layers} layers")
+        return list(cfg.layer_weights)
+    if n_layers == 1:
+        return [1.0]
+    return [0.5 + l / (n_layers - 1) for l in range(n_layers)]
+
+
+def block_uniforms(seed: int, layer: int, n_blocks: int) -> torch.Tensor:
+    """One fixed U(0,1) draw per (layer, block): probabilistic pruning is reproducible and a block's
+    fate only changes when its probability does."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+    return torch.rand(n_blocks, generator=g)
+
+
+def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, scale: float = 1.0):
+    """Seed 000 §2.4 on block scores [n] -> (tier int8 [n], bits int8 [n], keep int16 [n]).
+
+    ``scale`` multiplies all three thresholds (the ratio fitter moves it)."""
+    tau_h, tau_l, tau_e = cfg.tau_h * scale, cfg.tau_l * scale, cfg.tau_e * scale
+    n = scores.numel()
+    tier = torch.full((n,), FULL, dtype=torch.int8)
+    bits = torch.full((n,), 16, dtype=torch.int8)
+    keep = torch.full((n,), head_dim, dtype=torch.int16)
+    s = scores.float().cpu()
+    mid = (s > tau_l) & (s <= tau_h)
+    x = ((s - tau_l) / (tau_h - tau_l)).clamp(0, 1)
+    b = (cfg.b_min + torch.floor(x * (cfg.b_max - cfg.b_min + 1))).clamp(max=cfg.b_max).to(torch.int8)
+    for c in (2, 4, 8):
+        lo = 0 if c == 2 else c // 2
+        in_c = mid & (b > lo) & (b <= c)
+        tier[in_c] = CONTAINER_TIER[c]
+    bits[mid] = b[mid]
+    low = (s <= tau_l) & (s >= tau_e)
+    p = cfg.p_max * (1 - torch.clamp(s / tau_l, max=1.0))
+    tier[low] = PRUNED
+    bits[low] = cfg.b_min
+    keep[low] = torch.tensor([kept_count(head_dim, float(pi)) for pi in p[low]], dtype=torch.int16)
+    ev = s < tau_e
+    tier[ev], bits[ev], keep[ev] = EVICTED, 0, 0
+    return tier, bits, keep
+
+
+def dynacompress_rule(scores: torch.Tensor, cfg, head_dim: int, layer: int, scale: float = 1.0):
+    """Seed 001 §2.2 with its sign inversions corrected (docs/seeds.md):
+    A^ = A / max A in [0, 1];  bits b = max(b_min, floor(b_max * (1 - gamma * (1 - A^))));
+    p_evict = sigmoid(lambda * (tau - A^)), drawn once per block from a seeded RNG;
+    A above tau_h stays full precision. ``scale`` multiplies tau_h and tau (the ratio fitter)."""
+    n = scores.numel()
+    s = scores.float().cpu()
+    a_hat = (s / s.max().clamp_min(1e-12)).clamp(0, 1) if n else s
+    b = torch.clamp(torch.floor(cfg.b_max * (1 - cfg.gamma * (1 - a_hat))), min=cfg.b_min).to(torch.int8)
+    tier = torch.tensor([CONTAINER_TIER[container_bits(int(x))] for x in b], dtype=torch.int8)
+    bits = b.clone()
+    keep = torch.full((n,), head_dim, dtype=torch.int16)
+    full = s > cfg.tau_h * scale
+    tier[full], bits[full] = FULL, 16
+    p_evict = torch.sigmoid(cfg.lam * (cfg.tau_prune * scale - a_hat))
+    ev = (block_uniforms(cfg.seed, layer, n) < p_evict) & ~full
+    tier[ev], bits[ev], keep[ev] = EVICTED, 0, 0
+    return tier, bits, keep
+
+
+def assign_tiers(scores: torch.Tensor, cfg, head_dim: int, layer: int = 0, scale: float = 1.0):
+    """Dispatch on ``cfg.rule``; protected blocks (sinks) are handled by the caller."""
+    if cfg.rule == "dynacompress":
+        return dynacompress_rule(scores, cfg, head_dim, layer, scale)
+    return thresholds_rule(scores, cfg, head_dim, scale)
+
+
+def apply_layer_budget(tier, bits, keep, scores, budget_blocks: int):
+    """Seed 001 §2.3: keep at most ``budget_blocks`` non-evicted blocks, evicting the least important."""
+    alive = (tier != EVICTED).nonzero().squeeze(1)
+    if alive.numel() <= budget_blocks:
+        return tier, bits, keep
+    order = alive[torch.argsort(scores[alive].float().cpu(), descending=False)]
+    drop = order[: alive.numel() - max(0, budget_blocks)]
+    tier, bits, keep = tier.clone(), bits.clone(), keep.clone()
+    tier[drop], bits[drop], keep[drop] = EVICTED, 0, 0
+    return tier, bits, keep
+
+
+def layer_budgets(cfg, n_layers: int, seq_len: int, block_size: int, protected_blocks: list[int]) -> list[int]:
+    """Per-layer budgets in blocks with sum_l ceil(L / kappa_l) <= C_max (001 §2.3): the kept entries
+    of layer l are proportional to w_l; protected (sink) blocks count against the layer's budget."""
+    w = layer_weights(cfg, n_layers)
+    total = cfg.c_max * seq_len * n_layers
+    mean_w = sum(w) / n_layers
+    out = []
+    for l in range(n_layers):
+        kept_tokens = min(seq_len, math.floor(total * w[l] / (mean_w * n_layers)))
+        out.append(max(0, kept_tokens // block_size - protected_blocks[l]))
+    return out
