@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from agacc import policy
 from agacc.attention import attend, observe_prefill
 from agacc.config import AGACCConfig
-from agacc.importance import ImportanceTracker, block_max
+from agacc.importance import ImportanceTracker, block_max, max_pool
 from agacc.store import LayerStore, block_cost_bytes, marker_cost_bytes
 from agacc.tiers import EVICTED, FULL, HOT, NAMES
 
@@ -206,7 +206,11 @@ class CompressedCache(Cache):
         if cfg.share_across_layers:
             mean = torch.stack(token_scores).mean(0)
             token_scores = [mean for _ in layers]
+        if cfg.pool_kernel > 1:
+            token_scores = [max_pool(s, cfg.pool_kernel) for s in token_scores]
         block_scores = [block_max(s, cfg.block_size, n_ready).cpu() for s in token_scores]
+        if cfg.tsp_layer is not None and cfg.tsp_layer < len(block_scores):
+            block_scores = block_scores[: cfg.tsp_layer] + [block_scores[cfg.tsp_layer]] * (len(block_scores) - cfg.tsp_layer)
         for l, s in zip(layers, block_scores):
             l.scores = s
         self.reevaluations += 1
@@ -299,7 +303,8 @@ def plan_tiers(block_scores: list[torch.Tensor], cfg: AGACCConfig, geo: Geometry
     budgets = None
     if cfg.c_max is not None:
         hot_blocks = -(-(seq_len - (block_scores[0].numel() * B)) // B)
-        budgets = policy.layer_budgets(cfg, geo.n_layers, seq_len, B, [sink_blocks + hot_blocks] * geo.n_layers)
+        budgets = policy.layer_budgets(cfg, policy.budget_weights(cfg, block_scores), seq_len, B,
+                                       [sink_blocks + hot_blocks] * len(block_scores), scale)
     for layer, s in enumerate(block_scores):
         tier, bits, keep = policy.assign_tiers(s, cfg, geo.head_dim, layer, scale)
         n_sink = min(sink_blocks, s.numel())

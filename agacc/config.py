@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields, replace
 
 SCORINGS = ("ema", "decay", "sum")             # 000 §2.3 EMA / 001 decay-weighted / 002 attention sum
-RULES = ("thresholds", "dynacompress")         # 000 §2.4 tiers / 001 §2.2 bits + probabilistic pruning
+BUDGET_SHAPES = ("weights", "pyramid", "dynamic")  # per-layer budgets: 001 w_l / PyramidKV / DynamicKV
 POSITION_NORMS = ("none", "power", "log")      # forms of P(t - i), 000 §2.3
 QUANTIZERS = ("minmax", "meanstd")
 STORE_DTYPES = ("model", "float16", "bfloat16")
@@ -55,6 +55,15 @@ class AGACCConfig:
         c_max: C_max as a fraction of the entries of a full cache (sum_l L): per-layer budgets
             ceil(L/kappa_l) proportional to w_l with sum <= C_max; blocks beyond it are evicted. None = off.
         seed: RNG seed of the probabilistic pruning.
+        budget_shape: how C_max is split over layers: "weights" (proportional to w_l, 001),
+            "pyramid" (falling linearly with depth, PyramidKV), "dynamic" (proportional to how many
+            blocks a layer needs to cover 90% of its importance, DynamicKV).
+    Baseline hooks (see agacc/baselines):
+        rule: name of the tier rule in ``agacc.policy.RULES`` ("thresholds" = seed 000, "dynacompress"
+            = seed 001, plus the baselines' rules).
+        pool_kernel: max-pool token scores over this many neighbours before the block max (SnapKV); 0 = off.
+        tsp_layer: from this layer on, every layer reuses this layer's scores and tiers (FastKV's
+            token-selective propagation); None = off.
     Blocks and re-evaluation (000 §2.5-2.6):
         block_size: B, tokens per block; block importance = max over its tokens.
         n_r: N_r, re-evaluate tiers every N_r decode steps.
@@ -99,6 +108,9 @@ class AGACCConfig:
     tau_prune: float = 0.1
     c_max: float | None = None
     seed: int = 0
+    budget_shape: str = "weights"
+    pool_kernel: int = 0
+    tsp_layer: int | None = None
     # blocks / re-evaluation
     block_size: int = 32
     n_r: int = 8
@@ -123,7 +135,12 @@ class AGACCConfig:
         need(self.n_q >= 1, f"n_q (N_q) must be >= 1, got {self.n_q}")
         need(0.0 < self.alpha <= 1.0, f"alpha must be in (0, 1], got {self.alpha}")
         need(self.scoring in SCORINGS, f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
-        need(self.rule in RULES, f"rule must be one of {RULES}, got {self.rule!r}")
+        from agacc.policy import rule_names
+
+        need(self.rule in rule_names(), f"rule must be one of {rule_names()}, got {self.rule!r}")
+        need(self.budget_shape in BUDGET_SHAPES, f"budget_shape must be one of {BUDGET_SHAPES}, got {self.budget_shape!r}")
+        need(self.pool_kernel >= 0, f"pool_kernel must be >= 0, got {self.pool_kernel}")
+        need(self.tsp_layer is None or self.tsp_layer >= 0, f"tsp_layer must be >= 0 or None, got {self.tsp_layer}")
         need(self.beta > 0, f"beta must be > 0, got {self.beta}")
         need(self.attention_sum_beta > 0, f"attention_sum_beta must be > 0, got {self.attention_sum_beta}")
         need(self.position_norm in POSITION_NORMS, f"position_norm must be one of {POSITION_NORMS}, got {self.position_norm!r}")
@@ -199,6 +216,8 @@ def parse_override(item: str) -> tuple[str, object]:
         if raw.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"{key} expects true/false, got {raw!r}")
         return key, raw.lower() in ("true", "1")
+    if key == "tsp_layer":
+        return key, int(raw)
     if key == "layer_weights":
         return key, tuple(float(x) for x in raw.split(","))
     if isinstance(default, int):

@@ -125,3 +125,9 @@ class ImportanceTracker:
 def block_max(token_scores: torch.Tensor, block_size: int, n_blocks: int) -> torch.Tensor:
     """Block importance = max over the block's tokens (seed 000 §2.5). -> [n_blocks]."""
     return token_scores[: n_blocks * block_size].reshape(n_blocks, block_size).amax(1)
+
+
+def max_pool(token_scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """1-D max pooling over neighbouring tokens (same length), as SnapKV pools its votes."""
+    x = token_scores.view(1, 1, -1)
+    return torch.nn.functional.max_pool1d(x, kernel, stride=1, padding=kernel // 2)[0, 0, : token_scores.numel()]

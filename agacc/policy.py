@@ -82,11 +82,31 @@ def dynacompress_rule(scores: torch.Tensor, cfg, head_dim: int, layer: int, scal
     return tier, bits, keep
 
 
+RULES = {
+    "thresholds": lambda scores, cfg, head_dim, layer, scale: thresholds_rule(scores, cfg, head_dim, scale),
+    "dynacompress": dynacompress_rule,
+}
+
+
+def register_rule(name: str, fn) -> None:
+    """Add a tier rule ``fn(scores [n], cfg, head_dim, layer, scale) -> (tier, bits, keep)``.
+    A rule must lose fidelity (never gain) as ``scale`` grows: the ratio fitter relies on it."""
+    RULES[name] = fn
+
+
+def rule_names() -> tuple[str, ...]:
+    try:  # the baselines register their rules on import
+        import agacc.baselines  # noqa: F401
+    except ImportError:
+        pass
+    return tuple(RULES)
+
+
 def assign_tiers(scores: torch.Tensor, cfg, head_dim: int, layer: int = 0, scale: float = 1.0):
     """Dispatch on ``cfg.rule``; protected blocks (sinks) are handled by the caller."""
-    if cfg.rule == "dynacompress":
-        return dynacompress_rule(scores, cfg, head_dim, layer, scale)
-    return thresholds_rule(scores, cfg, head_dim, scale)
+    if cfg.rule not in RULES:
+        rule_names()
+    return RULES[cfg.rule](scores, cfg, head_dim, layer, scale)
 
 
 def apply_layer_budget(tier, bits, keep, scores, budget_blocks: int):
@@ -101,11 +121,32 @@ def apply_layer_budget(tier, bits, keep, scores, budget_blocks: int):
     return tier, bits, keep
 
 
-def layer_budgets(cfg, n_layers: int, seq_len: int, block_size: int, protected_blocks: list[int]) -> list[int]:
+def budget_weights(cfg, block_scores: list[torch.Tensor]) -> list[float]:
+    """Relative share of the global budget per layer, after ``cfg.budget_shape``."""
+    n_layers = len(block_scores)
+    if cfg.budget_shape == "pyramid":  # PyramidKV: more at the bottom, less at the top
+        return [1.5 - l / max(1, n_layers - 1) for l in range(n_layers)]
+    if cfg.budget_shape == "dynamic":  # DynamicKV: layers with diffuse importance need more blocks
+        out = []
+        for s in block_scores:
+            if s.numel() == 0:
+                out.append(1.0)
+                continue
+            v = torch.sort(s.float().clamp_min(0), descending=True).values
+            cum = torch.cumsum(v, 0) / v.sum().clamp_min(1e-12)
+            out.append(float((cum < 0.9).sum() + 1) / s.numel())
+        return out
+    return layer_weights(cfg, n_layers)
+
+
+def layer_budgets(cfg, weights: list[float], seq_len: int, block_size: int, protected_blocks: list[int],
+                  scale: float = 1.0) -> list[int]:
     """Per-layer budgets in blocks with sum_l ceil(L / kappa_l) <= C_max (001 §2.3): the kept entries
-    of layer l are proportional to w_l; protected (sink) blocks count against the layer's budget."""
-    w = layer_weights(cfg, n_layers)
-    total = cfg.c_max * seq_len * n_layers
+    of layer l are proportional to ``weights[l]``; protected (sink, recent) blocks count against the
+    layer's budget. ``scale`` divides C_max (the ratio fitter moves it)."""
+    n_layers = len(weights)
+    w = weights
+    total = cfg.c_max / scale * seq_len * n_layers
     mean_w = sum(w) / n_layers
     out = []
     for l in range(n_layers):

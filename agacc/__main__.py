@@ -1,0 +1,5 @@
+import sys
+
+from agacc.cli import main
+
+sys.exit(main())
