@@ -21,6 +21,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from agacc import policy
 from agacc.attention import attend, observe_prefill
 from agacc.config import AGACCConfig
+from agacc.decode import decode_attention
 from agacc.importance import ImportanceTracker, block_max, max_pool
 from agacc.store import LayerStore, block_cost_bytes, marker_cost_bytes
 from agacc.tiers import EVICTED, FULL, HOT, NAMES
@@ -120,14 +121,15 @@ class CompressedLayer(CacheLayerMixin):
 
 
 def _decode_attention(query, store, scaling):
+    """Triton kernel on CUDA when the kernels package is importable, else the packed PyTorch path."""
     if query.is_cuda:
         try:
-            from kernels.dispatch import decode_attention
+            from kernels.dispatch import decode_attention as triton_decode
         except ImportError:
-            decode_attention = None
-        if decode_attention is not None:
-            return decode_attention(query, store, scaling)
-    return attend(query, store.attention_entries(query.dtype), scaling)
+            triton_decode = None
+        if triton_decode is not None:
+            return triton_decode(query, store, scaling)
+    return decode_attention(query, store, scaling)
 
 
 def _check_no_padding(mask, cfg):

@@ -21,10 +21,9 @@ SCALE_DTYPE = torch.float16
 
 def container_bits(bits: int) -> int:
     """Smallest storage container (2, 4 or 8 bits) that holds ``bits``-bit codes."""
-    for c in CONTAINERS:
-        if bits <= c:
-            return c
-    raise ValueError(f"bits must be in 1..8, got {bits}")
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    return next(c for c in CONTAINERS if bits <= c)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:

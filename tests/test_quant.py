@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from agacc import quant
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_roundtrip_and_size(bits):
+    codes = torch.randint(0, 1 << bits, (3, 5, 64), dtype=torch.uint8)
+    packed = quant.pack(codes, bits)
+    assert packed.shape == (3, 5, 64 * bits // 8) and packed.dtype == torch.uint8
+    assert torch.equal(quant.unpack(packed, bits), codes)
+
+
+def test_pack_layout_is_little_endian():
+    # hand-worked: codes [1, 2, 3, 0] at 2 bits -> 1 | 2<<2 | 3<<4 | 0<<6 = 57
+    assert quant.pack(torch.tensor([1, 2, 3, 0], dtype=torch.uint8), 2).tolist() == [57]
+    assert quant.pack(torch.tensor([0xA, 0x5], dtype=torch.uint8), 4).tolist() == [0x5A]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_minmax_error_bound(bits):
+    x = torch.randn(4, 2, 64, 64) * 3
+    codes, scale, zero = quant.quantize(x, bits, dim=-1, method="minmax")
+    assert int(codes.max()) <= (1 << bits) - 1
+    err = (quant.dequantize(codes, scale, zero) - x).abs()
+    assert bool((err <= scale.float() / 2 + 1e-5).all())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_meanstd_error_bound_and_clipping(bits):
+    x = torch.randn(8, 256)
+    s = 2.0
+    codes, scale, zero = quant.quantize(x, bits, dim=-1, method="meanstd", s=s)
+    y = quant.dequantize(codes, scale, zero)
+    mu, sigma = x.mean(-1, keepdim=True), x.std(-1, keepdim=True, unbiased=False)
+    inside = (x - mu).abs() <= s * sigma * 0.999
+    assert bool(((y - x).abs()[inside] <= (scale.float() / 2 + 1e-4).expand_as(x)[inside]).all())
+    # outliers saturate at mu +- s*sigma (within one step)
+    assert bool(((y - mu).abs() <= s * sigma + scale.float()).all())
+    # the seed's formula, literally
+    half = 2 ** (bits - 1) - 1
+    seed = torch.round((x - mu) / sigma * half / s).clamp(-half, half) * s * sigma / half + mu
+    diff = (y - seed).abs()
+    step = float(scale.max())
+    # equal up to fp16 rounding of scale/zero, which can move a tie by one step on rare elements
+    assert bool((diff <= step * 1.01).all())
+    assert float(diff.mean()) < 0.15 * step
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_error_shrinks_with_bits(bits):
+    x = torch.randn(2, 3, 64, 64)
+    p, s, z = quant.quantize_keys(x, bits, 32)
+    e = (quant.dequantize_keys(p, s, z, bits, 32) - x).abs().mean()
+    p8, s8, z8 = quant.quantize_keys(x, 8, 32)
+    e8 = (quant.dequantize_keys(p8, s8, z8, 8, 32) - x).abs().mean()
+    assert e8 <= e + 1e-7
+
+
+def test_keys_per_channel_values_per_token_shapes():
+    x = torch.randn(1, 3, 64, 64)
+    pk, ks, kz = quant.quantize_keys(x, 4, 16)
+    assert pk.shape == (1, 3, 64, 32) and ks.shape == (1, 3, 4, 64)
+    pv, vs, vz = quant.quantize_values(x, 4, 32)
+    assert pv.shape == (1, 3, 64, 32) and vs.shape == (1, 3, 64, 2)
+    # an outlier channel only widens its own channel's key scale
+    x2 = x.clone()
+    x2[..., 5] *= 100
+    _, ks2, _ = quant.quantize_keys(x2, 4, 16)
+    assert torch.equal(ks2[..., :5], ks[..., :5]) and bool((ks2[..., 5] > ks[..., 5]).all())
+
+
+@pytest.mark.parametrize("rate", [0.25, 0.5, 0.75])
+def test_magnitude_pruning_rate_and_sparse_roundtrip(rate):
+    x = torch.randn(2, 3, 16, 64)
+    keep = quant.kept_count(64, rate)
+    assert keep == 64 - round(rate * 64)  # multiples of 8 here: exact
+    bitmap, packed, scale, zero = quant.sparse_encode(x, keep, 4)
+    assert bitmap.shape == (2, 3, 16, 8) and packed.shape == (2, 3, 16, keep // 2)
+    y = quant.sparse_decode(bitmap, packed, scale, zero, 4)
+    mask = quant.unpack_bitmap(bitmap)
+    assert bool((mask.sum(-1) == keep).all())
+    assert bool((y[~mask] == 0).all())  # pruned elements are exactly zero
+    # kept = the largest magnitudes
+    kth = x.abs().topk(keep, dim=-1).values[..., -1:]
+    assert bool((x.abs()[mask] >= kth.expand_as(x)[mask]).all())
+    err = (y - x)[mask].abs().reshape(2, 3, 16, keep)
+    assert bool((err <= scale.float() / 2 + 1e-5).all())
+
+
+def test_kept_count_rounds_up_to_multiple_of_8():
+    assert quant.kept_count(64, 0.3) == 48  # 64 - 19 = 45 -> 48
+    assert quant.kept_count(64, 0.99) == 8
+    assert quant.kept_count(64, 0.0) == 64
+
+
+def test_bad_bits():
+    with pytest.raises(ValueError):
+        quant.quantize(torch.randn(4), 9, dim=0)
+    with pytest.raises(ValueError):
+        quant.container_bits(0)

@@ -1,0 +1,146 @@
+import math
+
+import pytest
+import torch
+
+from agacc import tiers as T
+from agacc.attention import attend
+from agacc.config import AGACCConfig
+from agacc.decode import decode_attention
+from agacc.store import LayerStore, block_cost_bytes, marker_cost_bytes
+from tests.helpers import walk_tensor_bytes
+
+D = 64
+
+
+def make_store(n_tokens=16 * 12 + 5, batch=1, heads=3, host_copy=False, dtype=torch.float16, **cfg_kw):
+    cfg = AGACCConfig(block_size=16, recent_window=16, host_copy=host_copy, **cfg_kw)
+    st = LayerStore(cfg, "cpu", dtype)
+    torch.manual_seed(0)
+    k = torch.randn(batch, heads, n_tokens, D)
+    v = torch.randn(batch, heads, n_tokens, D)
+    st.append(k, v)
+    return st, k, v
+
+
+MIXED = dict(
+    tier=[T.FULL, T.INT8, T.INT4, T.INT2, T.PRUNED, T.EVICTED, T.EVICTED, T.INT4, T.INT2, T.PRUNED, T.INT8],
+    bits=[16, 8, 3, 2, 2, 0, 0, 4, 2, 2, 6],
+    keep=[64, 64, 64, 64, 16, 0, 0, 64, 64, 56, 64],
+)
+
+
+def apply(st, tier, bits, keep):
+    return st.apply_tiers(torch.tensor(tier), torch.tensor(bits), torch.tensor(keep), torch.rand(st.seq_len) + 0.1)
+
+
+def test_nbytes_equals_independent_walk():
+    st, _, _ = make_store()
+    apply(st, **MIXED)
+    st.token_layout()
+    assert st.nbytes() == walk_tensor_bytes(st)
+    assert st.n_entries == (11 - 2) * 16 + 1 + (st.seq_len - st.hot_start)  # one marker for blocks 5-6
+
+
+def test_packed_storage_is_the_size_it_claims():
+    st, _, _ = make_store()
+    apply(st, [T.INT4] * 11, [4] * 11, [64] * 11)
+    q = st.quant[4]
+    n = 11 * 16
+    assert q.k.nbytes == 3 * n * D // 2 and q.v.nbytes == 3 * n * D // 2  # two 4-bit codes per byte
+    assert q.k_scale.nbytes == 3 * 11 * D * 2  # fp16 per channel per block
+    apply(st, [T.INT2] * 11, [2] * 11, [64] * 11)
+    assert st.quant[2].k.nbytes == 3 * n * D // 4 and st.quant[4].n_blocks == 0
+
+
+def test_cost_model_matches_held_bytes():
+    for tier, bits, keep in [(T.FULL, 16, 64), (T.INT8, 8, 64), (T.INT4, 4, 64), (T.INT2, 2, 64),
+                             (T.PRUNED, 2, 16), (T.PRUNED, 2, 56)]:
+        st, _, _ = make_store(n_tokens=16 * 3 + 16)
+        before = st.nbytes() - (st.hot_k.nbytes + st.hot_v.nbytes)
+        apply(st, [tier] * 3, [bits] * 3, [keep] * 3)
+        held = st.nbytes() - st.hot_k.nbytes - st.hot_v.nbytes - before
+        cost = 3 * block_cost_bytes(tier, bits, keep, batch=1, heads=3, head_dim=D, block_size=16, full_itemsize=2,
+                                    value_group_size=64, b_min=2, sparse_threshold=0.25)
+        assert held == cost, (tier, bits, keep)
+
+
+def test_eviction_frees_bytes_and_leaves_one_marker_per_run():
+    st, _, _ = make_store()
+    apply(st, [T.FULL] * 11, [16] * 11, [64] * 11)
+    full_bytes = st.nbytes()
+    apply(st, [T.FULL, T.EVICTED, T.EVICTED, T.FULL, T.EVICTED] + [T.FULL] * 6, [16, 0, 0, 16, 0] + [16] * 6,
+          [64, 0, 0, 64, 0] + [64] * 6)
+    assert st.markers.n == 2 and st.markers.span.tolist() == [[1, 2], [4, 4]]
+    freed = full_bytes - st.nbytes()
+    per_block = 2 * 3 * 16 * D * 2
+    marker = marker_cost_bytes(batch=1, heads=3, head_dim=D, full_itemsize=2)
+    assert freed == 3 * per_block + 3 * 4 - 2 * marker  # 3 blocks (K/V + ids) out, 2 markers in
+    assert math.isclose(float(st.markers.log_count[0]), math.log(32), rel_tol=1e-6)
+
+
+def test_marker_keeps_the_span_share_of_attention():
+    """A span of near-identical keys: full attention vs the span replaced by its marker."""
+    torch.manual_seed(1)
+    heads, B = 2, 16
+    cfg = AGACCConfig(block_size=B, recent_window=16, n_sink=0)
+    st = LayerStore(cfg, "cpu", torch.float32)
+    k = torch.randn(1, heads, 80, D)
+    v = torch.randn(1, heads, 80, D)
+    k[:, :, 16:48] = k[:, :, 16:17] + 0.01 * torch.randn(1, heads, 32, D)  # blocks 1-2: one repeated key
+    st.append(k, v)
+    q = torch.randn(1, heads, 1, D) + 0.1 * k[:, :, 16:17]  # the span gets ~40% of the attention
+    out_full, mass_full = attend(q, st.attention_entries(torch.float32), D ** -0.5)
+    span_share = float(mass_full[16:48].sum())
+    st.apply_tiers(torch.tensor([T.FULL, T.EVICTED, T.EVICTED, T.FULL]), torch.tensor([16, 0, 0, 16]),
+                   torch.tensor([64, 0, 0, 64]), torch.ones(80))
+    out_m, mass_m = attend(q, st.attention_entries(torch.float32), D ** -0.5)
+    marker_share = float(mass_m[32])  # entries: full blocks 0, 3 (32) then the marker, then hot
+    assert 0.3 < span_share < 0.6
+    assert abs(marker_share - span_share) < 0.01 * span_share + 1e-4
+    assert torch.allclose(out_m, out_full, atol=0.02)
+    # without the log(count) bias the marker would get ~1/32 of the span's share
+    st.markers.log_count.zero_()
+    _, mass_nob = attend(q, st.attention_entries(torch.float32), D ** -0.5)
+    assert float(mass_nob[32]) < 0.5 * span_share
+
+
+def test_repromotion_from_host_copy_is_exact():
+    st, k, v = make_store(host_copy=True, dtype=torch.float32)
+    apply(st, [T.INT2] * 11, [2] * 11, [64] * 11)
+    assert st.host_nbytes() == 11 * 16 * 3 * D * 4 * 2
+    apply(st, [T.EVICTED] * 5 + [T.INT2] * 6, [0] * 5 + [2] * 6, [0] * 5 + [64] * 6)
+    apply(st, [T.FULL] * 11, [16] * 11, [64] * 11)
+    assert st.markers.n == 0
+    assert torch.equal(st.full.k, k[:, :, :176]) and torch.equal(st.full.v, v[:, :, :176])
+
+
+def test_without_host_copy_blocks_only_lose_fidelity():
+    st, _, _ = make_store()
+    apply(st, [T.INT4] * 11, [4] * 11, [64] * 11)
+    tier, bits, _ = apply(st, [T.FULL] * 5 + [T.INT2] * 6, [16] * 5 + [2] * 6, [64] * 11)
+    assert tier.tolist() == [T.INT4] * 5 + [T.INT2] * 6 and bits.tolist() == [4] * 5 + [2] * 6
+
+
+@pytest.mark.parametrize("group", [64, 16])
+@pytest.mark.parametrize("batch,heads,q_heads", [(1, 3, 9), (2, 2, 2), (1, 1, 4)])
+def test_packed_decode_path_equals_reference(group, batch, heads, q_heads):
+    st, _, _ = make_store(batch=batch, heads=heads, value_group_size=group)
+    apply(st, **MIXED)
+    q = torch.randn(batch, q_heads, 1, D)
+    ref_out, ref_mass = attend(q, st.attention_entries(torch.float32), 0.125)
+    out, mass = decode_attention(q, st, 0.125)
+    assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(mass, ref_mass, atol=1e-6)
+    assert math.isclose(float(mass.sum()), 1.0, rel_tol=1e-5)
+
+
+def test_token_mass_maps_entries_back_to_tokens():
+    st, _, _ = make_store()
+    apply(st, **MIXED)
+    mass = torch.rand(st.n_entries)
+    tok = st.token_mass(mass)
+    assert tok.shape == (st.seq_len,)
+    assert math.isclose(float(tok.sum()), float(mass.sum()), rel_tol=1e-5)
+    # the marker's mass is shared evenly by its 32 tokens (blocks 5-6)
+    m_idx = (11 - 2) * 16
+    assert torch.allclose(tok[80:112], torch.full((32,), float(mass[m_idx]) / 32))
