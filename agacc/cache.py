@@ -223,7 +223,9 @@ class CompressedCache(Cache):
             return
         geo = self._geometry()
         if cfg.target_ratio is not None:
-            self.threshold_scale = fit_threshold_scale(block_scores, cfg, geo, seq_len, cfg.target_ratio)
+            # bytes outside the plan: tracker state, block scores, token-layout indices (int32)
+            overhead = sum(l.tracker.nbytes() + l.scores.nbytes + 4 * seq_len for l in layers)
+            self.threshold_scale = fit_threshold_scale(block_scores, cfg, geo, seq_len, cfg.target_ratio, overhead)
         plans = plan_tiers(block_scores, cfg, geo, seq_len, self.threshold_scale)
         for l, (tier, bits, keep) in zip(layers, plans):
             l.store.apply_tiers(tier, bits, keep, l.tracker.raw()[:seq_len])
@@ -233,7 +235,7 @@ class CompressedCache(Cache):
         """Bytes actually held (``nbytes`` of every tensor) vs a 16-bit cache of the same tokens."""
         layers = [l for l in self.layers if l.store is not None]
         store_bytes = sum(l.store.nbytes() for l in layers)
-        tracker_bytes = sum(l.tracker.nbytes() for l in layers)
+        tracker_bytes = sum(l.tracker.nbytes() + l.scores.nbytes for l in layers)
         by_tier: dict[str, int] = {}
         for l in layers:
             for k, v in l.store.bytes_by_tier().items():
@@ -295,6 +297,18 @@ class CompressedCache(Cache):
         }
 
 
+def fit_thresholds(block_scores, cfg: AGACCConfig, geo: Geometry, seq_len: int, target_ratio: float,
+                   overhead_bytes: int = 0) -> AGACCConfig:
+    """Target ratio -> a config whose thresholds (tau_h, tau_l, tau_e; tau_prune and C_max for the
+    rules that use them) reach it on these block scores."""
+    s = fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_bytes)
+    kw = dict(tau_h=cfg.tau_h * s, tau_l=cfg.tau_l * s, tau_e=cfg.tau_e * s, tau_prune=cfg.tau_prune * s,
+              target_ratio=None)
+    if cfg.c_max is not None:
+        kw["c_max"] = min(1.0, cfg.c_max / s)
+    return cfg.with_overrides(**kw)
+
+
 # --- planning: scores -> tiers for every layer (also used by replay and the ratio fitter) --------
 
 def plan_tiers(block_scores: list[torch.Tensor], cfg: AGACCConfig, geo: Geometry, seq_len: int, scale: float = 1.0):
@@ -343,13 +357,15 @@ def planned_bytes(plans, cfg: AGACCConfig, geo: Geometry, seq_len: int) -> int:
     return total
 
 
-def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, iters: int = 40) -> float:
-    """Scale s for (tau_h, tau_l, tau_e) * s so the planned bytes are just under bytes_fp16 / target.
+def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_bytes: int = 0,
+                        iters: int = 40) -> float:
+    """Scale s for (tau_h, tau_l, tau_e) * s so the planned bytes (+ ``overhead_bytes`` the plan does
+    not cover) are just under bytes_fp16 / target: the library's target-ratio -> thresholds map.
 
     Planned bytes fall as s grows; bisection on log s. If the target is out of reach (recent window
     and sinks alone exceed it) the largest scale tried is returned."""
     fp16 = 2 * geo.batch * geo.heads * seq_len * geo.head_dim * 2 * len(block_scores)
-    budget = fp16 / target_ratio
+    budget = fp16 / target_ratio - overhead_bytes
 
     def bytes_at(log_s):
         return planned_bytes(plan_tiers(block_scores, cfg, geo, seq_len, math.exp(log_s)), cfg, geo, seq_len)

@@ -571,7 +571,8 @@ class LayerStore:
             "int2": seg_bytes(self.quant[2]),
             "pruned": sum(seg_bytes(s) for s in self.sparse.values()),
             "markers": self.markers.nbytes(),
-            "meta": self.block_tier.nbytes + self.block_bits.nbytes + self.block_keep.nbytes,
+            "meta": self.block_tier.nbytes + self.block_bits.nbytes + self.block_keep.nbytes
+            + (sum(t.nbytes for t in self._layout) if self._layout is not None else 0),
         }
 
     def map_batch(self, fn) -> None:

@@ -1,0 +1,377 @@
+"""Streaming generation with the compressed cache: one event per generated token.
+
+    session = GenerationSession(model, tokenizer, prompt, AGACCConfig.preset("agacc"), max_new_tokens=64)
+    for ev in session.stream():          # ev.token_text, ev.text, ev.memory, ev.frame, ev.compare ...
+        ...
+    session.result()                     # text, stop reason, timing, memory, the recorded Trace
+
+The decode loop calls the model itself (``model(input_ids=..., past_key_values=cache)``), so it
+can hand out every token as soon as it exists; the cache re-evaluates its tiers every N_r steps
+and a snapshot of it (a *frame*) rides along with the event of that step. With ``compare=True`` a
+plain full cache (``DynamicCache``) runs in lockstep on the same prompt: its own output, the first
+diverging token, and per step the top-1 agreement and KL(full || compressed) of the next-token
+distributions on the compressed run's context (teacher-forced after the outputs diverge).
+
+Cancellation: set the ``cancel`` event (any thread); the loop ends before its next forward and
+drops the caches. Errors a user can cause (empty prompt, too long, out of memory) raise
+``SessionError`` (a ``ValueError``) with a readable message.
+
+No gradio here: the app consumes this generator.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from agacc.cache import CompressedCache
+from agacc.config import AGACCConfig
+from agacc.trace import Trace
+
+
+class SessionError(ValueError):
+    """A problem the user can fix (bad prompt, too long, out of memory): the message says how."""
+
+
+@dataclass
+class StepEvent:
+    index: int                 # 0-based index of the generated token
+    token_id: int
+    token_text: str            # text this token added to the output (may be "" mid-character)
+    text: str                  # the whole output so far
+    seq_len: int               # tokens in the cache after this token's forward is queued (prompt + index)
+    elapsed: float             # seconds since the start of stream()
+    ttft: float                # time to first token
+    tokens_per_s: float        # decode rate so far (tokens after the first / time since the first)
+    memory: dict               # CompressedCache.memory() after the latest forward
+    frame: dict | None         # a cache snapshot when the tiers were re-evaluated at this step, else None
+    done: bool                 # last event of the run (eos / max_new_tokens)
+    stop_reason: str | None
+    compare: dict | None       # {ref_token_id, ref_text, agree, kl, diverged_at} when compare=True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_oom(e: BaseException) -> bool:
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    gc_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for x in (gc_eos if isinstance(gc_eos, (list, tuple)) else [gc_eos]):
+        if x is not None:
+            ids.add(int(x))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def encode_prompt(tokenizer, prompt: str, chat_template: bool = True) -> torch.Tensor:
+    """-> input ids [1, n]: the chat template (one user turn, generation prompt) when the tokenizer
+    has one and ``chat_template``, else the raw text."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+        return enc["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def context_limit(model) -> int | None:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def _sample(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float().cpu() / temperature, -1)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """KL(p || q) in nats between the softmax distributions of two logit vectors."""
+    lp = torch.log_softmax(p_logits.float(), -1)
+    lq = torch.log_softmax(q_logits.float(), -1)
+    return max(0.0, float((lp.exp() * (lp - lq)).sum()))
+
+
+class GenerationSession:
+    """One streaming generation (batch size 1) with a ``CompressedCache``.
+
+    Args:
+        model, tokenizer: from ``agacc.load_model`` (shared and read-only: one session = one cache).
+        prompt: the user text; ``chat_template`` wraps it as one user turn.
+        config: an ``AGACCConfig``.
+        max_new_tokens, temperature (0 = greedy), seed (sampling RNG).
+        compare: run a full cache in lockstep (2-3x the compute).
+        cancel: a ``threading.Event``; setting it ends the stream before the next forward.
+        max_context: the largest prompt + new tokens allowed (a memory limit); the model's own
+            ``max_position_embeddings`` always applies.
+        model_name: recorded in the trace.
+    """
+
+    def __init__(self, model, tokenizer, prompt: str, config: AGACCConfig | None = None, *, max_new_tokens: int = 64,
+                 temperature: float = 0.0, seed: int = 0, compare: bool = False, chat_template: bool = True,
+                 cancel: threading.Event | None = None, max_context: int | None = None, model_name: str | None = None):
+        if prompt is None or not str(prompt).strip():
+            raise SessionError("the prompt is empty: type a prompt or pick an example")
+        config = config if config is not None else AGACCConfig.preset("agacc")
+        if not isinstance(config, AGACCConfig):
+            raise TypeError("config must be an AGACCConfig")
+        max_new_tokens = int(max_new_tokens)
+        if max_new_tokens < 1:
+            raise SessionError(f"max new tokens must be >= 1, got {max_new_tokens}")
+        if temperature is None or float(temperature) < 0:
+            raise SessionError(f"temperature must be >= 0, got {temperature}")
+        self.model, self.tokenizer, self.cfg = model, tokenizer, config
+        self.prompt = str(prompt)
+        self.max_new_tokens, self.temperature, self.seed = max_new_tokens, float(temperature), int(seed)
+        self.compare, self.chat_template = bool(compare), bool(chat_template)
+        self.cancel = cancel if cancel is not None else threading.Event()
+        self.model_name = model_name
+        self.input_ids = encode_prompt(tokenizer, self.prompt, chat_template)
+        self.n_prompt = int(self.input_ids.shape[1])
+        limits = []
+        if context_limit(model):
+            limits.append((context_limit(model), "the model's context length"))
+        if max_context:
+            limits.append((int(max_context), "this server's memory limit"))
+        for limit, what in limits:
+            if self.n_prompt + max_new_tokens > limit:
+                raise SessionError(
+                    f"the prompt has {self.n_prompt} tokens; with {max_new_tokens} new tokens that exceeds "
+                    f"{what} ({limit} tokens): shorten the prompt or lower max new tokens")
+        self.cache: CompressedCache | None = None
+        self.ref = None   # full cache, own tokens
+        self.tf = None    # full cache, teacher-forced on the compressed tokens after divergence
+        self.lock = threading.RLock()
+        self.eos = eos_ids(model, tokenizer)
+        self.trace = Trace(meta={
+            "model": model_name or getattr(model.config, "_name_or_path", None) or "model",
+            "prompt": self.prompt, "max_new_tokens": max_new_tokens, "temperature": self.temperature,
+            "seed": self.seed, "compare": self.compare, "chat_template": self.chat_template,
+            "config": config.to_dict(), "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+        })
+        ids = self.input_ids[0].tolist()
+        self.trace.token_ids = list(ids)
+        self.trace.tokens = [tokenizer.decode([i]) for i in ids]
+        self.trace.n_prompt = self.n_prompt
+        self.gen_ids: list[int] = []
+        self.text = ""
+        self.stop_reason: str | None = None
+        self.ttft: float | None = None
+        self.t_first = self.t_last = None
+        self.ref_ids: list[int] = []
+        self.ref_text = ""
+        self.diverged_at: int | None = None
+        self.last_memory: dict | None = None
+        self.finished = threading.Event()
+        self._t0 = None
+
+    # --- public ------------------------------------------------------------------------------
+    def stream(self):
+        """Yield a ``StepEvent`` per generated token; always frees the caches at the end."""
+        try:
+            yield from self._run()
+        finally:
+            self.close()
+
+    def __iter__(self):
+        return self.stream()
+
+    def close(self) -> None:
+        """Drop the caches (idempotent, any thread); the trace stays."""
+        with self.lock:
+            if self.cache is not None:
+                try:
+                    self._final_frame(self.cache)
+                except Exception:  # a cache broken by an error mid-forward: keep the frames we have
+                    pass
+            had = self.cache is not None or self.ref is not None
+            self.cache = self.ref = self.tf = None
+        if had:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if self.stop_reason is None:
+            self.stop_reason = "cancelled" if self.cancel.is_set() else "closed"
+        self._finish_trace()
+        self.finished.set()
+
+    def stop(self) -> None:
+        self.cancel.set()
+
+    def result(self) -> dict:
+        """Summary of the run so far (after the stream ended: of the whole run)."""
+        agree = [s["agree"] for s in self.trace.steps if "agree" in s]
+        kls = [s["kl"] for s in self.trace.steps if "kl" in s]
+        out = {"text": self.text, "token_ids": list(self.gen_ids), "stop_reason": self.stop_reason,
+               "prompt_tokens": self.n_prompt, "new_tokens": len(self.gen_ids), "ttft": self.ttft,
+               "tokens_per_s": self._rate(), "seconds": (self.t_last - self._t0) if self.t_last else None,
+               "memory": self.last_memory, "trace": self.trace}
+        if self.compare:
+            out["compare"] = {"ref_text": self.ref_text, "ref_token_ids": list(self.ref_ids),
+                              "diverged_at": self.diverged_at,
+                              "agreement": sum(agree) / len(agree) if agree else None,
+                              "mean_kl": sum(kls) / len(kls) if kls else None}
+        return out
+
+    # --- the loop ----------------------------------------------------------------------------
+    def _forward(self, cache, token_ids: torch.Tensor, what: str) -> torch.Tensor:
+        try:
+            # inference mode per call, never across a yield: the consumer may resume the generator on
+            # another thread (gradio does), and grad mode is thread-local
+            with torch.inference_mode():
+                out = self.model(input_ids=token_ids.to(self.model.device), past_key_values=cache, use_cache=True)
+        except Exception as e:
+            if _is_oom(e):
+                self.close()
+                raise SessionError(
+                    f"out of memory during the {what} at {self.n_prompt + len(self.gen_ids)} tokens: "
+                    "shorten the prompt, lower max new tokens or turn off the full-cache comparison") from e
+            raise
+        return out.logits[0, -1]
+
+    def _run(self):
+        from transformers import DynamicCache
+
+        self._t0 = t0 = time.perf_counter()
+        if self.cancel.is_set():
+            self.stop_reason = "cancelled"
+            return
+        with self.lock:
+            self.cache = CompressedCache(self.model.config, self.cfg, record_history=True)
+            if self.compare:
+                self.ref = DynamicCache(config=self.model.config)
+        tr = self.trace
+        tr.meta["geometry"] = None
+        gen = torch.Generator().manual_seed(self.seed)
+        ref_gen = torch.Generator().manual_seed(self.seed)
+        logits = self._forward(self.cache, self.input_ids, "prefill")
+        ref_logits = self._forward(self.ref, self.input_ids, "full-cache prefill") if self.compare else None
+        tf_logits = None
+        n_seen_reeval = 0
+        ref_done = False
+        for i in range(self.max_new_tokens):
+            cache = self.cache
+            if cache is None or self.cancel.is_set():
+                self.stop_reason = "cancelled"
+                return
+            frame = self._maybe_frame(cache, n_seen_reeval)
+            n_seen_reeval = cache.reevaluations
+            mem = cache.memory()
+            self.last_memory = mem
+            tok = _sample(logits, self.temperature, gen)
+            now = time.perf_counter()
+            if self.ttft is None:
+                self.ttft, self.t_first = now - t0, now
+            self.t_last = now
+            self.gen_ids.append(tok)
+            prev = self.text
+            self.text = self.tokenizer.decode(self.gen_ids, skip_special_tokens=True)
+            piece = self.text[len(prev):] if self.text.startswith(prev) else self.text
+            step = {"i": i, "token_id": tok, "t": round(now - t0, 4), "bytes": mem["bytes"],
+                    "bytes_fp16": mem["bytes_fp16"], "host_bytes": mem["host_bytes"],
+                    "reevaluations": cache.reevaluations}
+            cmp = None
+            if self.compare:
+                target = tf_logits if tf_logits is not None else ref_logits
+                agree = int(target.argmax()) == int(logits.argmax())
+                kl = _kl(target, logits)
+                ref_tok = None
+                if not ref_done:
+                    ref_tok = _sample(ref_logits, self.temperature, ref_gen)
+                    self.ref_ids.append(ref_tok)
+                    self.ref_text = self.tokenizer.decode(self.ref_ids, skip_special_tokens=True)
+                    ref_done = ref_tok in self.eos
+                if self.diverged_at is None and ref_tok != tok:
+                    self.diverged_at = i
+                    with self.lock:
+                        self.tf = _copy_cache(self.ref)
+                step.update(agree=bool(agree), kl=round(kl, 6), ref_token_id=ref_tok)
+                cmp = {"ref_token_id": ref_tok, "ref_text": self.ref_text, "agree": bool(agree), "kl": kl,
+                       "diverged_at": self.diverged_at}
+            tr.steps.append(step)
+            tr.token_ids.append(tok)
+            tr.tokens.append(self.tokenizer.decode([tok]))
+            done, reason = False, None
+            if tok in self.eos:
+                done, reason = True, "eos"
+            elif i == self.max_new_tokens - 1:
+                done, reason = True, "max_new_tokens"
+            if done:
+                self.stop_reason = reason
+            yield StepEvent(index=i, token_id=tok, token_text=piece, text=self.text,
+                            seq_len=self.n_prompt + i, elapsed=now - t0, ttft=self.ttft,
+                            tokens_per_s=self._rate(), memory=mem, frame=frame, done=done,
+                            stop_reason=reason, compare=cmp)
+            if done:
+                return
+            if self.cancel.is_set() or self.cache is None:
+                self.stop_reason = "cancelled"
+                return
+            nxt = torch.tensor([[tok]])
+            logits = self._forward(self.cache, nxt, "decode")
+            if self.compare:
+                if not ref_done:
+                    ref_logits = self._forward(self.ref, torch.tensor([[ref_tok]]), "full-cache decode")
+                if self.tf is not None:
+                    tf_logits = self._forward(self.tf, nxt, "full-cache decode")
+
+    def _maybe_frame(self, cache: CompressedCache, n_seen: int) -> dict | None:
+        """A snapshot (and the new history entries) when the cache re-evaluated since the last look."""
+        if cache.reevaluations == n_seen:
+            return None
+        tr = self.trace
+        if tr.meta.get("geometry") is None and cache.layers[0].store is not None:
+            geo = cache._geometry()
+            tr.meta["geometry"] = {"n_layers": geo.n_layers, "heads": geo.heads, "head_dim": geo.head_dim,
+                                   "batch": geo.batch, "full_itemsize": geo.full_itemsize}
+        tr.add_history(cache.history[len(tr.history):])
+        return tr.add_frame(cache.snapshot())
+
+    def _final_frame(self, cache: CompressedCache) -> None:
+        """The cache's state at the end of the run (unless the last frame already shows it)."""
+        if cache.layers[0].store is None:
+            return
+        frames = self.trace.frames
+        if frames and frames[-1]["step"] == cache.steps and frames[-1]["seq_len"] == cache.seq_len:
+            return
+        self._maybe_frame(cache, -1)
+
+    def _rate(self) -> float:
+        n = len(self.gen_ids)
+        if n < 2 or self.t_last is None or self.t_last <= self.t_first:
+            return 0.0
+        return (n - 1) / (self.t_last - self.t_first)
+
+    def _finish_trace(self) -> None:
+        tr = self.trace
+        tr.meta.update(text=self.text, stop_reason=self.stop_reason, ttft=self.ttft, tokens_per_s=self._rate(),
+                       new_tokens=len(self.gen_ids), memory=self.last_memory)
+        if self.compare:
+            r = self.result()["compare"]
+            tr.compare = {k: v for k, v in r.items()}
+        else:
+            tr.compare = None
+
+
+def _copy_cache(cache):
+    with torch.inference_mode():
+        return copy.deepcopy(cache)
+
+
+def generate(model, tokenizer, prompt: str, config: AGACCConfig | None = None, **kwargs) -> dict:
+    """Run a whole session and return ``GenerationSession.result()`` (text, memory, trace, ...)."""
+    s = GenerationSession(model, tokenizer, prompt, config, **kwargs)
+    for _ in s.stream():
+        pass
+    return s.result()

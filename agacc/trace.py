@@ -1,0 +1,307 @@
+"""Recorded runs: snapshots, per-step records, the importance history; JSON export / import;
+policy replay under other thresholds; the config as a Python snippet.
+
+A ``Trace`` is plain data (JSON-ready): what the app draws and what lets a run be re-examined
+without the model. ``replay`` re-applies the policy (``agacc.plan_tiers``) to the recorded
+importance history: tiers, bits and bytes under new thresholds, no generation. Importance itself
+was measured under the run's own tiers, so a replay answers "what would these thresholds have
+done with this importance"; a re-run checks the quality.
+
+No gradio here: the app imports this module, never the other way round.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from agacc.config import AGACCConfig
+from agacc.tiers import EVICTED, HOT, NAMES, PRUNED
+
+TRACE_FORMAT = "agacc-trace"
+TRACE_VERSION = 1
+
+# Config fields whose change can be replayed from the recorded importance (the policy only).
+# Changing any other field (alpha, block size, N_r, recent window, scoring ...) changes the
+# importance itself or the block layout: that needs a re-run.
+POLICY_FIELDS = ("tau_h", "tau_l", "tau_e", "b_min", "b_max", "p_max", "target_ratio", "sparse_threshold",
+                 "markers", "gamma", "lam", "tau_prune", "c_max", "budget_shape", "seed", "rule", "host_copy",
+                 "n_sink")
+
+
+def _round_list(xs, nd=5):
+    return [round(float(x), nd) for x in xs]
+
+
+@dataclass
+class Trace:
+    """One generation run as plain data.
+
+    meta: model, prompt, generation parameters, config dict, geometry, timing summary.
+    tokens: decoded text of every token (prompt then output), for the token view.
+    n_prompt: prompt tokens (including the chat template).
+    steps: per generated token {i, token_id, t, bytes, bytes_fp16, host_bytes, reevaluations,
+        [agree, kl, ref_token_id]}; t = seconds since the start.
+    frames: cache snapshots (``CompressedCache.snapshot()`` without its config), one after every
+        re-evaluation and one at the end; a frame's ``step`` counts the decode forwards before it
+        (0 = right after the prefill) and its ``seq_len`` the tokens in the cache.
+    history: the cache's importance history, one entry per re-evaluation:
+        {step, seq_len, n_ready, scores [L][n_ready]}.
+    compare: full-cache comparison summary (None when off).
+    """
+
+    meta: dict = field(default_factory=dict)
+    tokens: list = field(default_factory=list)
+    token_ids: list = field(default_factory=list)
+    n_prompt: int = 0
+    steps: list = field(default_factory=list)
+    frames: list = field(default_factory=list)
+    history: list = field(default_factory=list)
+    compare: dict | None = None
+
+    # --- building ------------------------------------------------------------------------------
+    def add_frame(self, snapshot: dict) -> dict:
+        snap = {k: v for k, v in snapshot.items() if k != "config"}
+        self.frames.append(snap)
+        return snap
+
+    def add_history(self, entries: list[dict]) -> None:
+        """Append cache.history entries (tensors -> rounded lists)."""
+        for h in entries:
+            self.history.append({"step": int(h["step"]), "seq_len": int(h["seq_len"]), "n_ready": int(h["n_ready"]),
+                                 "scores": [_round_list(s.tolist(), 6) for s in h["scores"]]})
+
+    # --- access --------------------------------------------------------------------------------
+    @property
+    def config(self) -> AGACCConfig:
+        return AGACCConfig.from_dict(self.meta["config"])
+
+    @property
+    def geometry(self):
+        from agacc.cache import Geometry
+
+        return Geometry(**self.meta["geometry"])
+
+    @property
+    def text(self) -> str:
+        return self.meta.get("text", "")
+
+    def frame_for_step(self, step: int) -> int:
+        """Index of the last frame taken at or before decode step ``step`` (0 if none)."""
+        idx = 0
+        for i, f in enumerate(self.frames):
+            if f["step"] <= step:
+                idx = i
+        return idx
+
+    def history_for_frame(self, frame: int) -> int:
+        """Index of the last history entry at or before frame ``frame`` (by decode step)."""
+        step = self.frames[frame]["step"] if self.frames else 0
+        idx = 0
+        for i, h in enumerate(self.history):
+            if h["step"] <= step:
+                idx = i
+        return idx
+
+    # --- JSON ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": TRACE_FORMAT, "version": TRACE_VERSION, "meta": self.meta, "tokens": self.tokens,
+                "token_ids": self.token_ids, "n_prompt": self.n_prompt, "steps": self.steps, "frames": self.frames,
+                "history": self.history, "compare": self.compare}
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, default=_json_default)
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Trace":
+        if not isinstance(d, dict) or d.get("format") != TRACE_FORMAT:
+            raise ValueError("not an AGACC trace (expected a JSON object with format='agacc-trace')")
+        if int(d.get("version", 0)) > TRACE_VERSION:
+            raise ValueError(f"trace version {d.get('version')} is newer than this library ({TRACE_VERSION})")
+        for key in ("meta", "frames", "history"):
+            if key not in d:
+                raise ValueError(f"trace is missing {key!r}")
+        for key in ("config", "geometry"):
+            if key not in d["meta"]:
+                raise ValueError(f"trace meta is missing {key!r}")
+        AGACCConfig.from_dict(d["meta"]["config"])  # validates
+        return cls(meta=d["meta"], tokens=d.get("tokens", []), token_ids=d.get("token_ids", []),
+                   n_prompt=int(d.get("n_prompt", 0)), steps=d.get("steps", []), frames=d["frames"],
+                   history=d["history"], compare=d.get("compare"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Trace":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"trace is not valid JSON: {e}") from e
+        return cls.from_dict(d)
+
+    @classmethod
+    def load(cls, path) -> "Trace":
+        return cls.from_json(Path(path).read_text())
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+# --- replay -----------------------------------------------------------------------------------
+
+def fidelity_floor(prev, tier, bits, keep):
+    """Without a host copy a block can only lose fidelity (mirrors ``LayerStore._fidelity_floor``):
+    where the new plan is above the previous one (lower tier code, or more bits / kept elements in the
+    same tier) the previous (tier, bits, keep) stays."""
+    if prev is None:
+        return tier, bits, keep
+    ot, ob, ok = prev
+    n_old = ot.numel()
+    if n_old == 0:
+        return tier, bits, keep
+    t, b, k = tier[:n_old], bits[:n_old], keep[:n_old]
+    same = t == ot
+    promote = (t < ot) | (same & (b > ob)) | (same & (t == PRUNED) & (k > ok))
+    tier, bits, keep = tier.clone(), bits.clone(), keep.clone()
+    tier[:n_old] = torch.where(promote, ot, t)
+    bits[:n_old] = torch.where(promote, ob, b)
+    keep[:n_old] = torch.where(promote, ok, k)
+    return tier, bits, keep
+
+
+def evicted_runs(tier: torch.Tensor) -> list[list[int]]:
+    """Contiguous runs of evicted blocks as [first_block, last_block] (one marker each)."""
+    ev = (tier == EVICTED).nonzero().squeeze(1).tolist()
+    runs, start = [], None
+    for i, b in enumerate(ev):
+        if start is None:
+            start = b
+        if i + 1 == len(ev) or ev[i + 1] != b + 1:
+            runs.append([start, b])
+            start = None
+    return runs
+
+
+def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None = None) -> list[dict]:
+    """Re-apply the policy of ``cfg`` to a recorded importance history (no model, no generation).
+
+    history: ``Trace.history`` (lists) or ``CompressedCache.history`` (tensors).
+    upto: replay entries 0..upto (default: all). Without ``cfg.host_copy`` blocks only lose
+    fidelity over time, as in the store, so the entries are applied in order.
+
+    Returns one snapshot-like dict per entry (importance, tier, bits, keep, markers, seq_len,
+    block_size, step, threshold_scale, planned_bytes = store bytes under the plan without the
+    tracker, bytes_fp16, ratio), the same keys as ``CompressedCache.snapshot()`` where they exist."""
+    from agacc.cache import fit_threshold_scale, plan_tiers
+
+    if not history:
+        raise ValueError("nothing to replay: the run recorded no importance history")
+    last = len(history) - 1 if upto is None else max(0, min(int(upto), len(history) - 1))
+    B = cfg.block_size
+    current = None  # per layer (tier, bits, keep) as applied
+    scale = 1.0
+    out = []
+    for h in history[: last + 1]:
+        scores = [s if isinstance(s, torch.Tensor) else torch.tensor(s, dtype=torch.float32) for s in h["scores"]]
+        seq_len, n_ready = int(h["seq_len"]), int(h["n_ready"])
+        if cfg.compress and n_ready > 0:
+            if cfg.target_ratio is not None:
+                scale = fit_threshold_scale(scores, cfg, geo, seq_len, cfg.target_ratio)
+            plans = plan_tiers(scores, cfg, geo, seq_len, scale)
+            if not cfg.host_copy and current is not None:
+                plans = [fidelity_floor(prev, *p) for prev, p in zip(current, plans)]
+            current = plans
+        nb = -(-seq_len // B)
+        imp, tiers, bits, keeps, markers = [], [], [], [], []
+        for layer in range(geo.n_layers):
+            s = scores[layer].tolist()
+            imp.append([round(float(x), 5) for x in s] + [None] * (nb - len(s)))
+            t, b, k = (x.tolist() for x in current[layer]) if current is not None else ([], [], [])
+            n = len(t)
+            tiers.append(t + [HOT] * (nb - n))
+            bits.append(b + [16] * (nb - n))
+            keeps.append(k + [geo.head_dim] * (nb - n))
+            markers.append(evicted_runs(current[layer][0]) if (current is not None and cfg.markers) else [])
+        held = _bytes(current, cfg, geo, seq_len)
+        fp16 = 2 * geo.batch * geo.heads * seq_len * geo.head_dim * 2 * geo.n_layers
+        out.append({"step": int(h["step"]), "seq_len": seq_len, "block_size": B, "n_layers": geo.n_layers,
+                    "threshold_scale": scale, "importance": imp, "tier": tiers, "bits": bits, "keep": keeps,
+                    "markers": markers, "tier_names": list(NAMES), "planned_bytes": held, "bytes_fp16": fp16,
+                    "ratio": fp16 / max(1, held), "replayed": True})
+    return out
+
+
+def replay(history: list[dict], cfg: AGACCConfig, geo, upto: int | None = None) -> dict:
+    """The replayed state after entry ``upto`` (default: the last); see ``replay_frames``."""
+    return replay_frames(history, cfg, geo, upto)[-1]
+
+
+def _bytes(plans, cfg, geo, seq_len):
+    from agacc.cache import planned_bytes
+
+    if plans is None:  # nothing tiered yet: every token at full precision in the store dtype
+        return 2 * geo.batch * geo.heads * seq_len * geo.head_dim * geo.full_itemsize * geo.n_layers
+    return planned_bytes(plans, cfg, geo, seq_len)
+
+
+def policy_changes(run_cfg: AGACCConfig, new_cfg: AGACCConfig) -> tuple[list[str], list[str]]:
+    """-> (replayable changed fields, fields that need a re-run)."""
+    a, b = run_cfg.to_dict(), new_cfg.to_dict()
+    changed = [k for k in a if k != "name" and a[k] != b.get(k)]
+    return [k for k in changed if k in POLICY_FIELDS], [k for k in changed if k not in POLICY_FIELDS]
+
+
+# --- the run as a Python snippet ---------------------------------------------------------------
+
+def config_snippet(cfg: AGACCConfig, *, model: str | None = None, prompt: str = "", max_new_tokens: int = 64,
+                   temperature: float = 0.0, seed: int = 0, chat_template: bool = True,
+                   compare: bool = False, trust_remote_code: bool = False) -> str:
+    """Python code that reproduces a run with the library (same config, prompt, sampling)."""
+    from agacc.presets import PRESETS
+
+    base_name = cfg.name if cfg.name in PRESETS else "agacc"
+    base = AGACCConfig.preset(base_name).to_dict()
+    d = cfg.to_dict()
+    overrides = {k: v for k, v in d.items() if k != "name" and base.get(k) != v}
+    args = "".join(f", {k}={_py(v)}" for k, v in sorted(overrides.items()))
+    load_args = []
+    if model:
+        load_args.append(repr(model))
+    if trust_remote_code:
+        load_args.append("trust_remote_code=True")
+    gen_args = f"max_new_tokens={int(max_new_tokens)}, temperature={float(temperature)!r}, seed={int(seed)}"
+    if not chat_template:
+        gen_args += ", chat_template=False"
+    if compare:
+        gen_args += ", compare=True"
+    return (
+        "import agacc\n"
+        "from agacc.session import generate\n\n"
+        f"model, tokenizer = agacc.load_model({', '.join(load_args)})\n"
+        f"config = agacc.AGACCConfig.preset({base_name!r}{args})\n"
+        f"prompt = {prompt!r}\n"
+        f"result = generate(model, tokenizer, prompt, config, {gen_args})\n"
+        "print(result['text'])\n"
+        "mem = result['memory']\n"
+        "print(f\"KV cache {mem['bytes'] / 2**20:.2f} MiB vs {mem['bytes_fp16'] / 2**20:.2f} MiB at 16 bits "
+        "({mem['ratio']:.2f}x)\")\n"
+    )
+
+
+def _py(v):
+    if isinstance(v, float) and (math.isinf(v) or math.isnan(v)):
+        return f"float({str(v)!r})"
+    if isinstance(v, list):
+        return repr(tuple(v))
+    return repr(v)
