@@ -1,0 +1,503 @@
+"""Fused split-K (flash-decoding) attention for ONE query step over the mixed-precision store.
+
+Reference: ``agacc.attention.attend(query, store.attention_entries(dtype), scaling)`` with q = 1.
+
+Three launches (+1 per sparse segment); K and V are read exactly once:
+
+1. ``_partial_kernel``, grid (n_splits, Bt*H). A program owns one split (``split`` consecutive
+   entries of one segment) of one KV head and all ``g`` query heads of its GQA group. It reads
+   the segment's bytes directly -- fp16/bf16/fp32 rows, or packed 8/4/2-bit codes with their
+   per-channel-per-block key scales and per-token-per-group value scales -- dequantises in
+   registers, and keeps an online softmax (max ``m``, sum ``l``, accumulator ``acc`` [g, D]).
+   It writes the partials and every entry's raw logit ``q.k * scaling + bias`` (fp32,
+   [Bt*H*g, n]). Segments are slots of the one launch (full, int8, int4, int2, markers, hot); a
+   program picks its slot by comparing its split index with the slot starts.
+   ``_sparse_partial_kernel`` does the same for one sparse segment (bitmap + kept codes), one
+   launch per segment, into the same workspace.
+2. ``_combine_kernel``, grid (Bt*H,): merges the splits -> output and log-sum-exp per query head.
+3. ``_mass_kernel``, grid (cdiv(n, BLOCK_E),): mass[i] = sum_{b,h,j} exp(logit - lse) / (Bt*Hq),
+   a pass over n*Bt*Hq floats, never over K.
+
+Entry order (for the mass) is ``LayerStore.attention_entries``: full, int8, int4, int2, sparse
+(in ``store.segments`` order), markers, hot. Scores use elementwise multiply + ``tl.sum``
+(no ``tl.dot``: q = 1, and ``tl.dot`` needs K >= 16 on the GPU). All arithmetic is fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from agacc.quant import container_bits
+
+# FMT codes of _split_partial: 0 dense rows, 1 packed quantised codes, 2 sparse (bitmap + kept codes)
+
+
+def _pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+# --------------------------------------------------------------------------------------------
+# row loaders: [BLOCK_N, D_PAD] fp32 (zero outside rows < n / d < D)
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_dense(ptr, sb, sh, b, h, rows, rmask, offs_d, dmask, D):
+    """Rows of a [Bt, H, n, D] tensor (inner dims contiguous, batch/head strides sb/sh)."""
+    p = ptr + b * sb + h * sh + rows[:, None] * D + offs_d[None, :]
+    return tl.load(p, mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _unpack_rows(codes_ptr, row0, rmask, DB, C: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    """[BLOCK_N, D_PAD] int32 codes of rows whose packed bytes start at ``codes_ptr + row0`` (DB bytes
+    per row): contiguous byte loads, then the 8/C codes of a byte split out along a new axis."""
+    PER: tl.constexpr = 8 // C
+    MASK: tl.constexpr = (1 << C) - 1
+    DB_PAD: tl.constexpr = D_PAD // PER
+    offs_b = tl.arange(0, DB_PAD)
+    raw = tl.load(codes_ptr + row0[:, None] + offs_b[None, :], mask=rmask[:, None] & (offs_b[None, :] < DB), other=0)
+    raw = raw.to(tl.int32)
+    if PER == 1:
+        return raw
+    shifts = tl.arange(0, PER) * C
+    return tl.reshape((raw[:, :, None] >> shifts[None, None, :]) & MASK, [BLOCK_N, D_PAD])
+
+
+@triton.jit
+def _load_quant_keys(codes_ptr, sc_ptr, zr_ptr, bh, n, t, rows, rmask, offs_d, dmask, D, B,
+                     C: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    """Key rows [t, t+BLOCK_N) of packed codes [Bt*H, n, D*C/8], all inside block t // B, dequantised
+    with that block's per-channel scale/zero [Bt*H, n/B, D] (loaded once as [D] vectors)."""
+    PER: tl.constexpr = 8 // C
+    u = _unpack_rows(codes_ptr, (bh * n + rows) * (D // PER), rmask, D // PER, C, BLOCK_N, D_PAD).to(tl.float32)
+    sidx = (bh * (n // B) + t // B) * D + offs_d
+    sc = tl.load(sc_ptr + sidx, mask=dmask, other=0.0).to(tl.float32)
+    zr = tl.load(zr_ptr + sidx, mask=dmask, other=0.0).to(tl.float32)
+    return u * sc[None, :] + zr[None, :]
+
+
+@triton.jit
+def _load_quant_values(codes_ptr, sc_ptr, zr_ptr, bh, n, rows, rmask, offs_d, dmask, D, G: tl.constexpr,
+                       C: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    """Value rows of packed codes [Bt*H, n, D*C/8] with per-token per-group scale/zero
+    [Bt*H, n, D/G]. A power-of-two G loads [BLOCK_N, D/G] scales and broadcasts them over the
+    group; another G gathers one scale per element."""
+    PER: tl.constexpr = 8 // C
+    u = _unpack_rows(codes_ptr, (bh * n + rows) * (D // PER), rmask, D // PER, C, BLOCK_N, D_PAD).to(tl.float32)
+    NG = D // G
+    if (G & (G - 1)) == 0:
+        NG_PAD: tl.constexpr = D_PAD // G
+        offs_s = tl.arange(0, NG_PAD)
+        sidx = (bh * n + rows[:, None]) * NG + offs_s[None, :]
+        m = rmask[:, None] & (offs_s[None, :] < NG)
+        sc = tl.load(sc_ptr + sidx, mask=m, other=0.0).to(tl.float32)
+        zr = tl.load(zr_ptr + sidx, mask=m, other=0.0).to(tl.float32)
+        sc = tl.reshape(tl.broadcast_to(sc[:, :, None], [BLOCK_N, NG_PAD, G]), [BLOCK_N, D_PAD])
+        zr = tl.reshape(tl.broadcast_to(zr[:, :, None], [BLOCK_N, NG_PAD, G]), [BLOCK_N, D_PAD])
+    else:
+        sidx = (bh * n + rows[:, None]) * NG + offs_d[None, :] // G
+        m = rmask[:, None] & dmask[None, :]
+        sc = tl.load(sc_ptr + sidx, mask=m, other=0.0).to(tl.float32)
+        zr = tl.load(zr_ptr + sidx, mask=m, other=0.0).to(tl.float32)
+    return u * sc + zr
+
+
+@triton.jit
+def _load_sparse(map_ptr, codes_ptr, sc_ptr, zr_ptr, bh, n, rows, rmask, offs_d, dmask, D,
+                 KEEP: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    """Rows of the sparse format: bitmap [Bt*H, n, D/8], kept codes in position order
+    [Bt*H, n, KEEP*C/8], scale/zero [Bt*H, n, 1]. Element d present -> its code is number
+    (#present before d) among the kept ones; absent -> exactly 0."""
+    PER: tl.constexpr = 8 // C
+    MASK: tl.constexpr = (1 << C) - 1
+    KB: tl.constexpr = KEEP * C // 8
+    bit = _unpack_rows(map_ptr, (bh * n + rows) * (D // 8), rmask, D // 8, 1, BLOCK_N, D_PAD)
+    idx = tl.cumsum(bit, axis=1) - bit
+    present = bit != 0
+    m = rmask[:, None] & present
+    raw = tl.load(codes_ptr + (bh * n + rows[:, None]) * KB + idx // PER, mask=m, other=0)
+    u = ((raw.to(tl.int32) >> ((idx % PER) * C)) & MASK).to(tl.float32)
+    sc = tl.load(sc_ptr + bh * n + rows, mask=rmask, other=0.0).to(tl.float32)
+    zr = tl.load(zr_ptr + bh * n + rows, mask=rmask, other=0.0).to(tl.float32)
+    return tl.where(present, u * sc[:, None] + zr[:, None], 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# one split of one segment
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _split_partial(
+    q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, local_split, ws_split,
+    n, entry0, n_total, S_total,
+    k_ptr, ks_ptr, kz_ptr, km_ptr, v_ptr, vs_ptr, vz_ptr, vm_ptr, bias_ptr, sb, sh, B: tl.constexpr, G: tl.constexpr,
+    logit_ptr, m_ptr, l_ptr, acc_ptr,
+    FMT: tl.constexpr, C: tl.constexpr, KEEP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, PER_HEAD: tl.constexpr,
+):
+    """Online softmax over entries [local_split*split, +split) of one segment for the g query heads
+    q [G_PAD, D_PAD]; writes raw logits and the split's (m, l, acc) at workspace index ws_split."""
+    start = local_split * split
+    stop = tl.minimum(start + split, n)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    for t in range(start, stop, BLOCK_N):
+        rows = t + tl.arange(0, BLOCK_N)
+        rmask = rows < stop
+        if FMT == 0:
+            k = _load_dense(k_ptr, sb, sh, b, h, rows, rmask, offs_d, dmask, D)
+        elif FMT == 1:
+            k = _load_quant_keys(k_ptr, ks_ptr, kz_ptr, bh, n, t, rows, rmask, offs_d, dmask, D, B, C, BLOCK_N, D_PAD)
+        else:
+            k = _load_sparse(km_ptr, k_ptr, ks_ptr, kz_ptr, bh, n, rows, rmask, offs_d, dmask, D, KEEP, C, BLOCK_N, D_PAD)
+        if PER_HEAD:
+            s = tl.zeros([G_PAD, BLOCK_N], tl.float32)
+            for j in tl.static_range(G_PAD):
+                qj = tl.sum(tl.where(offs_g[:, None] == j, q, 0.0), axis=0)  # [D_PAD]
+                sj = tl.sum(k * qj[None, :], axis=1)  # [BLOCK_N]
+                s = tl.where(offs_g[:, None] == j, sj[None, :], s)
+            s = s * scaling
+        else:
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scaling  # [G_PAD, BLOCK_N]
+        if HAS_BIAS:
+            s += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
+        s = tl.where(rmask[None, :], s, float("-inf"))
+        lp = logit_ptr + (bh * g + offs_g[:, None]) * n_total + entry0 + rows[None, :]
+        tl.store(lp, s, mask=gmask[:, None] & rmask[None, :])
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if FMT == 0:
+            v = _load_dense(v_ptr, sb, sh, b, h, rows, rmask, offs_d, dmask, D)
+        elif FMT == 1:
+            v = _load_quant_values(v_ptr, vs_ptr, vz_ptr, bh, n, rows, rmask, offs_d, dmask, D, G, C, BLOCK_N, D_PAD)
+        else:
+            v = _load_sparse(vm_ptr, v_ptr, vs_ptr, vz_ptr, bh, n, rows, rmask, offs_d, dmask, D, KEEP, C, BLOCK_N, D_PAD)
+        acc = acc * alpha[:, None]
+        if PER_HEAD:
+            for j in tl.static_range(G_PAD):
+                pj = tl.sum(tl.where(offs_g[:, None] == j, p, 0.0), axis=0)  # [BLOCK_N]
+                oj = tl.sum(pj[:, None] * v, axis=0)  # [D_PAD]
+                acc = tl.where(offs_g[:, None] == j, acc + oj[None, :], acc)
+        else:
+            acc = acc + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m_i = m_new
+    w = bh * S_total + ws_split
+    tl.store(m_ptr + w * G_PAD + offs_g, m_i)
+    tl.store(l_ptr + w * G_PAD + offs_g, l_i)
+    tl.store(acc_ptr + (w * G_PAD + offs_g[:, None]) * D_PAD + offs_d[None, :], acc)
+
+
+@triton.jit
+def _load_q(q_ptr, sqb, sqh, b, h, g, offs_g, offs_d, D):
+    """The g query heads of KV head h: [G_PAD, D_PAD] fp32 (zero padding)."""
+    qp = q_ptr + b * sqb + (h * g + offs_g[:, None]) * sqh + offs_d[None, :]
+    return tl.load(qp, mask=(offs_g[:, None] < g) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _partial_kernel(
+    q_ptr, sqb, sqh, H, D, g, scaling, split, n_total, S_total,
+    logit_ptr, m_ptr, l_ptr, acc_ptr,
+    # first split (workspace index) and first entry of each slot; the full slot starts at split 0
+    s_q8, s_q4, s_q2, s_mk, s_hot,
+    e_full, e_q8, e_q4, e_q2, e_mk, e_hot,
+    f_k, f_v, f_sb, f_sh, f_n,
+    q8_k, q8_ks, q8_kz, q8_v, q8_vs, q8_vz, q8_n,
+    q4_k, q4_ks, q4_kz, q4_v, q4_vs, q4_vz, q4_n,
+    q2_k, q2_ks, q2_kz, q2_v, q2_vs, q2_vz, q2_n,
+    mk_k, mk_v, mk_bias, mk_sb, mk_sh, mk_n,
+    hot_k, hot_v, hot_sb, hot_sh, hot_n,
+    HAS_FULL: tl.constexpr, HAS_Q8: tl.constexpr, HAS_Q4: tl.constexpr, HAS_Q2: tl.constexpr,
+    HAS_MK: tl.constexpr, HAS_HOT: tl.constexpr, B: tl.constexpr, G: tl.constexpr,
+    BLOCK_N: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, PER_HEAD: tl.constexpr,
+):
+    """Grid (splits of the full, int8, int4, int2, marker and hot slots, Bt*H): a program finds its
+    slot by comparing its split index with the slot starts."""
+    sid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    gmask = offs_g < g
+    dmask = offs_d < D
+    q = _load_q(q_ptr, sqb, sqh, b, h, g, offs_g, offs_d, D)
+    if sid < s_q8:
+        if HAS_FULL:
+            _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid, sid,
+                           f_n, e_full, n_total, S_total,
+                           f_k, f_k, f_k, f_k, f_v, f_v, f_v, f_v, f_k, f_sb, f_sh, B, G,
+                           logit_ptr, m_ptr, l_ptr, acc_ptr,
+                           0, 8, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD)
+    elif sid < s_q4:
+        if HAS_Q8:
+            _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_q8, sid,
+                           q8_n, e_q8, n_total, S_total,
+                           q8_k, q8_ks, q8_kz, q8_k, q8_v, q8_vs, q8_vz, q8_v, q8_k, 0, 0, B, G,
+                           logit_ptr, m_ptr, l_ptr, acc_ptr,
+                           1, 8, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD)
+    elif sid < s_q2:
+        if HAS_Q4:
+            _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_q4, sid,
+                           q4_n, e_q4, n_total, S_total,
+                           q4_k, q4_ks, q4_kz, q4_k, q4_v, q4_vs, q4_vz, q4_v, q4_k, 0, 0, B, G,
+                           logit_ptr, m_ptr, l_ptr, acc_ptr,
+                           1, 4, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD)
+    elif sid < s_mk:
+        if HAS_Q2:
+            _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_q2, sid,
+                           q2_n, e_q2, n_total, S_total,
+                           q2_k, q2_ks, q2_kz, q2_k, q2_v, q2_vs, q2_vz, q2_v, q2_k, 0, 0, B, G,
+                           logit_ptr, m_ptr, l_ptr, acc_ptr,
+                           1, 2, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD)
+    elif sid < s_hot:
+        if HAS_MK:
+            _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_mk, sid,
+                           mk_n, e_mk, n_total, S_total,
+                           mk_k, mk_k, mk_k, mk_k, mk_v, mk_v, mk_v, mk_v, mk_bias, mk_sb, mk_sh, B, G,
+                           logit_ptr, m_ptr, l_ptr, acc_ptr,
+                           0, 8, 8, True, BLOCK_N, G_PAD, D_PAD, PER_HEAD)
+    else:
+        if HAS_HOT:
+            _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_hot, sid,
+                           hot_n, e_hot, n_total, S_total,
+                           hot_k, hot_k, hot_k, hot_k, hot_v, hot_v, hot_v, hot_v, hot_k, hot_sb, hot_sh, B, G,
+                           logit_ptr, m_ptr, l_ptr, acc_ptr,
+                           0, 8, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD)
+
+
+@triton.jit
+def _sparse_partial_kernel(
+    q_ptr, sqb, sqh, H, D, g, scaling, split, n_total, S_total, ws0, e0,
+    logit_ptr, m_ptr, l_ptr, acc_ptr,
+    km, k, ks, kz, vm, v, vs, vz, n,
+    KEEP: tl.constexpr, C: tl.constexpr,
+    BLOCK_N: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, PER_HEAD: tl.constexpr,
+):
+    """Grid (splits of one sparse segment, Bt*H); workspace split = ws0 + program_id(0), entries from e0.
+    A kernel of its own: the bitmap prefix count costs registers the other formats should not pay."""
+    sid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    q = _load_q(q_ptr, sqb, sqh, b, h, g, offs_g, offs_d, D)
+    _split_partial(q, offs_g, offs_g < g, offs_d, offs_d < D, b, h, bh, D, g, scaling, split, sid, ws0 + sid,
+                   n, e0, n_total, S_total,
+                   k, ks, kz, km, v, vs, vz, vm, k, 0, 0, 1, 1,
+                   logit_ptr, m_ptr, l_ptr, acc_ptr,
+                   2, C, KEEP, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD)
+
+
+# --------------------------------------------------------------------------------------------
+# combine splits, then attention mass per entry
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _combine_kernel(
+    m_ptr, l_ptr, acc_ptr, out_ptr, lse_ptr, S, H, D, g, sob, soh,
+    SB: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
+):
+    """Grid (Bt*H,). out[b, 0, h*g+j, :] = sum_s e^{m_s-M} acc_s / sum_s e^{m_s-M} l_s; lse = M + log L."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    M = tl.full([G_PAD], float("-inf"), tl.float32)
+    L = tl.zeros([G_PAD], tl.float32)
+    ACC = tl.zeros([G_PAD, D_PAD], tl.float32)
+    for s0 in range(0, S, SB):
+        sidx = s0 + tl.arange(0, SB)
+        smask = sidx < S
+        w = bh * S + sidx
+        mt = tl.load(m_ptr + w[:, None] * G_PAD + offs_g[None, :], mask=smask[:, None], other=float("-inf"))
+        lt = tl.load(l_ptr + w[:, None] * G_PAD + offs_g[None, :], mask=smask[:, None], other=0.0)
+        at = tl.load(acc_ptr + (w[:, None, None] * G_PAD + offs_g[None, :, None]) * D_PAD + offs_d[None, None, :],
+                     mask=smask[:, None, None], other=0.0)
+        M_new = tl.maximum(M, tl.max(mt, axis=0))
+        alpha = tl.exp(M - M_new)
+        wt = tl.exp(mt - M_new[None, :])  # [SB, G_PAD]
+        L = L * alpha + tl.sum(lt * wt, axis=0)
+        ACC = ACC * alpha[:, None] + tl.sum(at * wt[:, :, None], axis=0)
+        M = M_new
+    out = ACC / L[:, None]
+    gmask = offs_g < g
+    op = out_ptr + b * sob + (h * g + offs_g[:, None]) * soh + offs_d[None, :]
+    tl.store(op, out.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & (offs_d[None, :] < D))
+    tl.store(lse_ptr + bh * G_PAD + offs_g, M + tl.log(L))
+
+
+@triton.jit
+def _mass_kernel(logit_ptr, lse_ptr, mass_ptr, n_total, BH, g, inv_norm,
+                 BLOCK_E: tl.constexpr, G_PAD: tl.constexpr):
+    """Grid (cdiv(n, BLOCK_E),). mass[i] = inv_norm * sum_{bh, j<g} exp(logit[bh*g+j, i] - lse[bh, j])."""
+    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    emask = e < n_total
+    offs_g = tl.arange(0, G_PAD)
+    gmask = offs_g < g
+    tot = tl.zeros([BLOCK_E], tl.float32)
+    for bh in range(0, BH):
+        lse = tl.load(lse_ptr + bh * G_PAD + offs_g)
+        lg = tl.load(logit_ptr + (bh * g + offs_g[:, None]) * n_total + e[None, :],
+                     mask=gmask[:, None] & emask[None, :], other=float("-inf"))
+        tot += tl.sum(tl.exp(lg - lse[:, None]), axis=0)
+    tl.store(mass_ptr + e, tot * inv_norm, mask=emask)
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------
+
+QUANT_SLOTS = {8: "q8", 4: "q4", 2: "q2"}
+
+
+def _dense_strides(k, v):
+    """(k, v, batch stride, head stride) with rows of D contiguous (hot slices keep that)."""
+    d = k.shape[-1]
+    if k.stride(-1) != 1 or k.stride(-2) != d or k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    return k, v, k.stride(0), k.stride(1)
+
+
+def default_split(n_total: int, bh: int, block_n: int, device) -> int:
+    """Entries per split: about 4 programs per SM on CUDA (at most 4096 entries); 256 elsewhere."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        split = triton.cdiv(n_total, max(1, (4 * sms) // max(bh, 1)))
+    else:
+        split = 256
+    return min(max(split, 2 * block_n), 4096)
+
+
+def default_tile(g_pad: int, d_pad: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps). Chosen from ptxas register counts for sm_90 (not yet timed on a GPU):
+    D = 128, g = 4 with per-head loops uses ~141 registers/thread at BLOCK_N 16 / 4 warps (3 CTAs
+    per SM), ~188 at 32 / 8 warps (1 CTA), and spills at 64. A starting point for GPU tuning."""
+    return max(8, min(16, 2048 // d_pad)), 4
+
+
+def decode_attention(query: torch.Tensor, store, scaling: float, split: int | None = None,
+                     block_n: int | None = None, num_warps: int | None = None, per_head: bool = True,
+                     return_lse: bool = False):
+    """Triton decode attention over a ``LayerStore`` for one query step.
+
+    query [Bt, Hq, 1, D] (any float dtype; math in fp32). Returns (out [Bt, 1, Hq, D] in
+    query.dtype, mass [n_entries] fp32) like ``agacc.attention.attend``, and with ``return_lse``
+    also the log-sum-exp [Bt, Hq] of the scaled logits. Tuning knobs: ``split`` entries per split
+    (rounded up to a multiple of the tile), ``block_n`` entries per tile (at most B, so a tile
+    never straddles two key blocks), ``num_warps``, ``per_head`` (loop over the g query heads on
+    [BLOCK_N, D] tiles instead of one [g, BLOCK_N, D] product: fewer registers)."""
+    bt, hq, qlen, d = query.shape
+    if qlen != 1:
+        raise ValueError(f"decode_attention handles one query step, got q={qlen}")
+    dev = query.device
+    B = store.B
+    slots = {"full": store.full} if store.full.n_blocks else {}
+    sparse = []
+    for seg in store.segments:  # attention order: full, int8, int4, int2, sparse (store order)
+        if seg.n_blocks and seg is not store.full:
+            if hasattr(seg, "container"):
+                slots[QUANT_SLOTS[seg.container]] = seg
+            else:
+                sparse.append(seg)
+    mk = store.markers
+    n_mk = mk.n
+    n_hot = store.hot_k.shape[2] if store.hot_k is not None else 0
+    held = ([store.hot_k] if n_hot else []) + ([mk.k] if n_mk else []) + [s.k for s in (*slots.values(), *sparse)]
+    if not held:
+        raise ValueError("decode_attention: the store holds no entries")
+    h = held[0].shape[1]
+    if hq % h:
+        raise ValueError(f"query heads {hq} not a multiple of KV heads {h}")
+    g = hq // h
+    bh = bt * h
+    g_pad, d_pad = _pow2(g), _pow2(d)
+    auto_n, auto_w = default_tile(g_pad, d_pad)
+    block_n = min(_pow2(block_n or auto_n), B)  # block_n | B | split: one key block per tile
+    num_warps = num_warps or auto_w
+
+    # entries in attention order, then the split ranges (main launch first, then each sparse segment)
+    order = [("full", slots.get("full")), ("q8", slots.get("q8")), ("q4", slots.get("q4")), ("q2", slots.get("q2"))]
+    order += [(f"sparse{i}", seg) for i, seg in enumerate(sparse)]
+    rows = {name: (seg.n_blocks * B if seg is not None else 0) for name, seg in order}
+    rows["markers"], rows["hot"] = n_mk, n_hot
+    n_total = sum(rows.values())
+    if n_total != store.n_entries:
+        raise RuntimeError(f"entry count mismatch: kernel {n_total} vs store {store.n_entries}")
+    entry0, e = {}, 0
+    for name in rows:
+        entry0[name], e = e, e + rows[name]
+    split = triton.cdiv(split or default_split(n_total, bh, block_n, dev), block_n) * block_n
+    split0, s = {}, 0
+    for name in ("full", "q8", "q4", "q2", "markers", "hot") + tuple(f"sparse{i}" for i in range(len(sparse))):
+        split0[name], s = s, s + triton.cdiv(rows[name], split)
+    S_total, s_main = s, split0["sparse0"] if sparse else s
+
+    qc = query.reshape(bt, hq, d)
+    if qc.stride(-1) != 1:
+        qc = qc.contiguous()
+    out = torch.empty(bt, 1, hq, d, dtype=query.dtype, device=dev)
+    logits = torch.empty(bh * g, n_total, dtype=torch.float32, device=dev)
+    m_ws = torch.empty(bh, S_total, g_pad, dtype=torch.float32, device=dev)
+    l_ws = torch.empty_like(m_ws)
+    acc_ws = torch.empty(bh, S_total, g_pad, d_pad, dtype=torch.float32, device=dev)
+    lse = torch.empty(bh, g_pad, dtype=torch.float32, device=dev)
+    mass = torch.empty(n_total, dtype=torch.float32, device=dev)
+    common = (qc, qc.stride(0), qc.stride(1), h, d, g, float(scaling), split, n_total, S_total)
+    meta = dict(BLOCK_N=block_n, G_PAD=g_pad, D_PAD=d_pad, PER_HEAD=per_head, num_warps=num_warps,
+                enable_fp_fusion=True)
+    dummy = logits  # pointer for absent slots: their code is compiled out
+
+    if s_main:
+        args = [*common, logits, m_ws, l_ws, acc_ws]
+        args += [split0[n] for n in ("q8", "q4", "q2", "markers", "hot")]
+        args += [entry0[n] for n in ("full", "q8", "q4", "q2", "markers", "hot")]
+        full = slots.get("full")
+        if full is not None:
+            fk, fv, fsb, fsh = _dense_strides(full.k, full.v)
+            args += [fk, fv, fsb, fsh, rows["full"]]
+        else:
+            args += [dummy, dummy, 0, 0, 0]
+        for name in ("q8", "q4", "q2"):
+            seg = slots.get(name)
+            if seg is None:
+                args += [dummy] * 6 + [0]
+            else:
+                args += [t.contiguous() for t in (seg.k, seg.k_scale, seg.k_zero, seg.v, seg.v_scale, seg.v_zero)]
+                args += [rows[name]]
+        if n_mk:
+            mkk, mkv, msb, msh = _dense_strides(mk.k, mk.v)
+            args += [mkk, mkv, mk.log_count.to(device=dev, dtype=torch.float32).contiguous(), msb, msh, n_mk]
+        else:
+            args += [dummy, dummy, dummy, 0, 0, 0]
+        if n_hot:
+            hk, hv, hsb, hsh = _dense_strides(store.hot_k, store.hot_v)
+            args += [hk, hv, hsb, hsh, n_hot]
+        else:
+            args += [dummy, dummy, 0, 0, 0]
+        _partial_kernel[(s_main, bh)](
+            *args, HAS_FULL="full" in slots, HAS_Q8="q8" in slots, HAS_Q4="q4" in slots, HAS_Q2="q2" in slots,
+            HAS_MK=n_mk > 0, HAS_HOT=n_hot > 0, B=B, G=min(store.cfg.value_group_size, d), **meta)
+    for i, seg in enumerate(sparse):
+        name = f"sparse{i}"
+        ts = [t.contiguous() for t in (seg.k_map, seg.k, seg.k_scale, seg.k_zero,
+                                       seg.v_map, seg.v, seg.v_scale, seg.v_zero)]
+        _sparse_partial_kernel[(triton.cdiv(rows[name], split), bh)](
+            *common, split0[name], entry0[name], logits, m_ws, l_ws, acc_ws, *ts, rows[name],
+            KEEP=seg.keep, C=container_bits(seg.code_bits), **meta)
+
+    sb = max(1, min(_pow2(S_total), 4096 // (g_pad * d_pad)))
+    _combine_kernel[(bh,)](m_ws, l_ws, acc_ws, out, lse, S_total, h, d, g, out.stride(0), out.stride(2),
+                           SB=sb, G_PAD=g_pad, D_PAD=d_pad, enable_fp_fusion=True)
+    block_e = min(1024, _pow2(n_total))
+    _mass_kernel[(triton.cdiv(n_total, block_e),)](logits, lse, mass, n_total, bh, g, 1.0 / (bt * hq),
+                                                  BLOCK_E=block_e, G_PAD=g_pad, enable_fp_fusion=True)
+    if return_lse:
+        return out, mass, lse[:, :g].reshape(bt, hq)
+    return out, mass

@@ -1,0 +1,304 @@
+"""Triton quantise + bit-pack and unpack + dequantise kernels for the cache's K/V format.
+
+The format and the PyTorch reference are ``agacc.quant`` (``quantize_keys``, ``quantize_values``,
+``dequantize_keys``, ``dequantize_values``); these kernels produce the same tensors:
+
+  keys    codes [Bt, H, n, D*c/8] uint8, scale/zero [Bt, H, n/B, D] fp16  (per channel per block of B)
+  values  codes [Bt, H, n, D*c/8] uint8, scale/zero [Bt, H, n, D/G] fp16  (per token per group of G)
+
+``c`` is the container (2, 4 or 8 bits) of ``bits``-bit codes; code ``j`` of a byte sits at bit
+``j*c``. Dequantisation is always ``u * scale + zero``.
+
+Bit-exactness: the kernels are compiled without FMA contraction (``enable_fp_fusion=False``), so
+products and sums round like torch's separate elementwise ops; scale/zero are computed in fp32
+with correctly rounded division / square root (``tl.div_rn`` / ``tl.sqrt_rn``) and rounded to
+fp16 like the reference; codes use round half to even like ``torch.round``. With ``minmax`` (min/max are exact) codes, scales and zeros equal the
+reference bit for bit. With ``meanstd`` the mean / std are sums whose order differs from torch's,
+so a scale can differ in its last fp16 bit and a code by one where ``(x - zero) / scale`` sits at
+a rounding tie; the error bound ``|x - x~| <= scale / 2`` (inside s standard deviations) holds.
+
+Each kernel reads its input once and writes packed bytes directly: a code never exists unpacked
+in memory.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from agacc.quant import SCALE_DTYPE, container_bits
+
+METHODS = {"minmax": 0, "meanstd": 1}
+
+
+def _pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+# --------------------------------------------------------------------------------------------
+# shared device helpers
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _rint(x):
+    """Round half to even (``torch.round``), exact for any fp32 ``x`` (no ``x + 0.5`` rounding)."""
+    f = tl.floor(x)
+    d = x - f  # exact
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, f + 1.0, f)
+
+
+@triton.jit
+def _minmax_params(lo, hi, BITS: tl.constexpr):
+    """(scale, zero) fp32 holding fp16-rounded values: scale = max((hi-lo)/(2^b-1), 1e-6), zero = lo."""
+    levels = (1 << BITS) - 1
+    scale = tl.maximum(tl.div_rn(hi - lo, levels * 1.0), 1e-6)
+    scale = scale.to(tl.float16).to(tl.float32)
+    zero = lo.to(tl.float16).to(tl.float32)
+    return scale, zero
+
+
+@triton.jit
+def _meanstd_params(mu, sigma, s_outlier, BITS: tl.constexpr):
+    """Seed 000 quantiser: scale = max(s*sigma/half, 1e-6), zero = mu - half*scale (fp16-rounded)."""
+    half = (1 << (BITS - 1)) - 1
+    scale = tl.maximum(tl.div_rn(s_outlier * sigma, half * 1.0), 1e-6)
+    scale = scale.to(tl.float16).to(tl.float32)
+    zero = (mu - half * scale).to(tl.float16).to(tl.float32)
+    return scale, zero
+
+
+@triton.jit
+def _encode(x, scale, zero, BITS: tl.constexpr, METHOD: tl.constexpr):
+    """Codes ``clamp(round((x - zero) / scale), 0, top)`` as int32 (top = 2^b-1, or 2*half for meanstd)."""
+    if METHOD == 0:
+        top = (1 << BITS) - 1
+    else:
+        top = 2 * ((1 << (BITS - 1)) - 1)
+    u = _rint(tl.div_rn(x - zero, scale))
+    u = tl.minimum(tl.maximum(u, 0.0), top * 1.0)
+    return u.to(tl.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# keys: one (scale, zero) per channel per block of B tokens
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _quantize_keys_kernel(
+    x_ptr, codes_ptr, scale_ptr, zero_ptr,
+    H, n, D, sxb, sxh, sxn, s_outlier,
+    B: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr, C: tl.constexpr, METHOD: tl.constexpr,
+):
+    """Grid (n/B, Bt*H, cdiv(D*C/8, COLS)): one block of B tokens x COLS output bytes per program."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    PER: tl.constexpr = 8 // C
+    b = bh // H
+    h = bh % H
+    DB = D // PER
+    rows = blk * B + tl.arange(0, B)
+    byte = tl.program_id(2) * COLS + tl.arange(0, COLS)
+    bmask = byte < DB
+    x_base = x_ptr + b * sxb + h * sxh
+    nblk = n // B
+    packed = tl.zeros([B, COLS], dtype=tl.int32)
+    for j in tl.static_range(PER):
+        col = byte * PER + j
+        x = tl.load(x_base + rows[:, None] * sxn + col[None, :], mask=bmask[None, :], other=0.0).to(tl.float32)
+        if METHOD == 0:
+            scale, zero = _minmax_params(tl.min(x, axis=0), tl.max(x, axis=0), BITS)
+        else:
+            mu = tl.div_rn(tl.sum(x, axis=0), B * 1.0)
+            dev = x - mu[None, :]
+            sigma = tl.sqrt_rn(tl.div_rn(tl.sum(dev * dev, axis=0), B * 1.0))
+            scale, zero = _meanstd_params(mu, sigma, s_outlier, BITS)
+        u = _encode(x, scale[None, :], zero[None, :], BITS, METHOD)
+        packed = packed | (u << (j * C))
+        sz = (bh * nblk + blk) * D + col
+        tl.store(scale_ptr + sz, scale.to(tl.float16), mask=bmask)
+        tl.store(zero_ptr + sz, zero.to(tl.float16), mask=bmask)
+    out = codes_ptr + (bh * n + rows[:, None]) * DB + byte[None, :]
+    tl.store(out, packed.to(tl.uint8), mask=bmask[None, :])
+
+
+def quantize_keys(k: torch.Tensor, bits: int, block_size: int, method: str = "minmax", s: float = 3.0):
+    """Triton ``agacc.quant.quantize_keys``: k [Bt, H, n, D] (n a multiple of block_size, any float dtype)
+    -> (packed [Bt,H,n,D*c//8] uint8, scale [Bt,H,n//B,D] fp16, zero [Bt,H,n//B,D] fp16)."""
+    _check_bits(bits, method)
+    bt, h, n, d = k.shape
+    c = container_bits(bits)
+    per = 8 // c
+    if n % block_size or d % per:
+        raise ValueError(f"keys [.., {n}, {d}]: n must be a multiple of {block_size}, D of {per}")
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    codes = torch.empty(bt, h, n, d // per, dtype=torch.uint8, device=k.device)
+    scale = torch.empty(bt, h, n // block_size, d, dtype=SCALE_DTYPE, device=k.device)
+    zero = torch.empty_like(scale)
+    if n == 0 or bt * h == 0:
+        return codes, scale, zero
+    cols = min(_pow2(d // per), max(1, 4096 // block_size))
+    grid = (n // block_size, bt * h, triton.cdiv(d // per, cols))
+    _quantize_keys_kernel[grid](
+        k, codes, scale, zero, h, n, d, k.stride(0), k.stride(1), k.stride(2), float(s),
+        B=block_size, COLS=cols, BITS=bits, C=c, METHOD=METHODS[method], enable_fp_fusion=False,
+    )
+    return codes, scale, zero
+
+
+# --------------------------------------------------------------------------------------------
+# values: one (scale, zero) per token per group of G channels
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _quantize_values_kernel(
+    x_ptr, codes_ptr, scale_ptr, zero_ptr,
+    H, n, D, G, sxb, sxh, sxn, s_outlier,
+    ROWS: tl.constexpr, NG_PAD: tl.constexpr, GB_PAD: tl.constexpr,
+    BITS: tl.constexpr, C: tl.constexpr, METHOD: tl.constexpr,
+):
+    """Grid (cdiv(n, ROWS), Bt*H): ROWS tokens x all groups; tile [ROWS, groups, bytes per group]."""
+    bh = tl.program_id(1)
+    PER: tl.constexpr = 8 // C
+    b = bh // H
+    h = bh % H
+    NG = D // G
+    GB = G // PER
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    grp = tl.arange(0, NG_PAD)
+    gb = tl.arange(0, GB_PAD)
+    r3 = rows[:, None, None]
+    g3 = grp[None, :, None]
+    b3 = gb[None, None, :]
+    mask = (r3 < n) & (g3 < NG) & (b3 < GB)
+    x_base = x_ptr + b * sxb + h * sxh + r3 * sxn + g3 * G + b3 * PER
+    # pass 1: min/max or sum over the group (its channels are spread over the PER sub-positions)
+    if METHOD == 0:
+        lo = tl.full([ROWS, NG_PAD], float("inf"), tl.float32)
+        hi = tl.full([ROWS, NG_PAD], float("-inf"), tl.float32)
+        for j in tl.static_range(PER):
+            x = tl.load(x_base + j, mask=mask, other=0.0).to(tl.float32)
+            lo = tl.minimum(lo, tl.min(tl.where(mask, x, float("inf")), axis=2))
+            hi = tl.maximum(hi, tl.max(tl.where(mask, x, float("-inf")), axis=2))
+        ok = hi >= lo  # rows past n saw no element: keep their (unstored) params finite
+        scale, zero = _minmax_params(tl.where(ok, lo, 0.0), tl.where(ok, hi, 0.0), BITS)
+    else:
+        tot = tl.zeros([ROWS, NG_PAD], tl.float32)
+        for j in tl.static_range(PER):
+            tot += tl.sum(tl.load(x_base + j, mask=mask, other=0.0).to(tl.float32), axis=2)
+        mu = tl.div_rn(tot, G * 1.0)
+        sq = tl.zeros([ROWS, NG_PAD], tl.float32)
+        for j in tl.static_range(PER):
+            x = tl.load(x_base + j, mask=mask, other=0.0).to(tl.float32)
+            dev = tl.where(mask, x - mu[:, :, None], 0.0)
+            sq += tl.sum(dev * dev, axis=2)
+        sigma = tl.sqrt_rn(tl.div_rn(sq, G * 1.0))
+        scale, zero = _meanstd_params(mu, sigma, s_outlier, BITS)
+    # pass 2: codes, packed in registers
+    packed = tl.zeros([ROWS, NG_PAD, GB_PAD], dtype=tl.int32)
+    for j in tl.static_range(PER):
+        x = tl.load(x_base + j, mask=mask, other=0.0).to(tl.float32)
+        u = _encode(x, scale[:, :, None], zero[:, :, None], BITS, METHOD)
+        packed = packed | (u << (j * C))
+    tl.store(codes_ptr + (bh * n + r3) * (D // PER) + g3 * GB + b3, packed.to(tl.uint8), mask=mask)
+    smask = (rows[:, None] < n) & (grp[None, :] < NG)
+    sz = (bh * n + rows[:, None]) * NG + grp[None, :]
+    tl.store(scale_ptr + sz, scale.to(tl.float16), mask=smask)
+    tl.store(zero_ptr + sz, zero.to(tl.float16), mask=smask)
+
+
+def quantize_values(v: torch.Tensor, bits: int, group_size: int, method: str = "minmax", s: float = 3.0):
+    """Triton ``agacc.quant.quantize_values``: v [Bt, H, n, D] -> (packed [Bt,H,n,D*c//8] uint8,
+    scale [Bt,H,n,D//G] fp16, zero [Bt,H,n,D//G] fp16), G = min(group_size, D)."""
+    _check_bits(bits, method)
+    bt, h, n, d = v.shape
+    g = min(group_size, d)
+    c = container_bits(bits)
+    per = 8 // c
+    if d % g or g % per:
+        raise ValueError(f"values [.., {d}]: D must be a multiple of G={g}, G of {per}")
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    codes = torch.empty(bt, h, n, d // per, dtype=torch.uint8, device=v.device)
+    scale = torch.empty(bt, h, n, d // g, dtype=SCALE_DTYPE, device=v.device)
+    zero = torch.empty_like(scale)
+    if n == 0 or bt * h == 0:
+        return codes, scale, zero
+    ng_pad, gb_pad = _pow2(d // g), _pow2(g // per)
+    rows = max(1, min(_pow2(n), 4096 // (ng_pad * gb_pad)))
+    grid = (triton.cdiv(n, rows), bt * h)
+    _quantize_values_kernel[grid](
+        v, codes, scale, zero, h, n, d, g, v.stride(0), v.stride(1), v.stride(2), float(s),
+        ROWS=rows, NG_PAD=ng_pad, GB_PAD=gb_pad, BITS=bits, C=c, METHOD=METHODS[method], enable_fp_fusion=False,
+    )
+    return codes, scale, zero
+
+
+# --------------------------------------------------------------------------------------------
+# unpack + dequantise (keys and values share one kernel: a scale covers ROW_DIV rows x COL_DIV cols)
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dequantize_kernel(
+    codes_ptr, scale_ptr, zero_ptr, out_ptr,
+    n, D, ROW_DIV, COL_DIV,
+    ROWS: tl.constexpr, DB_PAD: tl.constexpr, C: tl.constexpr,
+):
+    """Grid (cdiv(n, ROWS), Bt*H). out[row, col] = u * scale[row//ROW_DIV, col//COL_DIV] + zero[...]."""
+    bh = tl.program_id(1)
+    PER: tl.constexpr = 8 // C
+    MASK: tl.constexpr = (1 << C) - 1
+    DB = D // PER
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    byte = tl.arange(0, DB_PAD)
+    mask = (rows[:, None] < n) & (byte[None, :] < DB)
+    raw = tl.load(codes_ptr + (bh * n + rows[:, None]) * DB + byte[None, :], mask=mask, other=0).to(tl.int32)
+    n_sr = tl.cdiv(n, ROW_DIV)  # scale rows per head
+    n_sc = D // COL_DIV         # scale cols
+    srow = (bh * n_sr + rows[:, None] // ROW_DIV) * n_sc
+    for j in tl.static_range(PER):
+        col = byte[None, :] * PER + j
+        u = ((raw >> (j * C)) & MASK).to(tl.float32)
+        sidx = srow + col // COL_DIV
+        sc = tl.load(scale_ptr + sidx, mask=mask, other=0.0).to(tl.float32)
+        zr = tl.load(zero_ptr + sidx, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + (bh * n + rows[:, None]) * D + col, (u * sc + zr).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _dequantize(packed, scale, zero, bits, row_div, col_div, dtype):
+    bt, h, n, db = packed.shape
+    c = container_bits(bits)
+    d = db * (8 // c)
+    out = torch.empty(bt, h, n, d, dtype=dtype, device=packed.device)
+    if n == 0 or bt * h == 0:
+        return out
+    db_pad = _pow2(db)
+    rows = max(1, min(_pow2(n), 4096 // db_pad))
+    grid = (triton.cdiv(n, rows), bt * h)
+    _dequantize_kernel[grid](
+        packed.contiguous(), scale.contiguous(), zero.contiguous(), out, n, d, row_div, col_div,
+        ROWS=rows, DB_PAD=db_pad, C=c, enable_fp_fusion=False,
+    )
+    return out
+
+
+def dequantize_keys(packed, scale, zero, bits: int, block_size: int, dtype=torch.float32):
+    """Triton ``agacc.quant.dequantize_keys`` -> [Bt, H, n, D] in ``dtype`` (computed in fp32)."""
+    return _dequantize(packed, scale, zero, bits, block_size, 1, dtype)
+
+
+def dequantize_values(packed, scale, zero, bits: int, dtype=torch.float32):
+    """Triton ``agacc.quant.dequantize_values`` -> [Bt, H, n, D] in ``dtype`` (computed in fp32)."""
+    d = packed.shape[-1] * (8 // container_bits(bits))
+    return _dequantize(packed, scale, zero, bits, 1, d // scale.shape[-1], dtype)
+
+
+def _check_bits(bits: int, method: str) -> None:
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    if method not in METHODS:
+        raise ValueError(f"unknown quantiser {method!r}: expected 'minmax' or 'meanstd'")
+    if method == "meanstd" and bits < 2:
+        raise ValueError("meanstd quantiser needs at least 2 bits")

@@ -1,0 +1,315 @@
+"""Triton kernels (run by the interpreter on CPU, TRITON_INTERPRET=1 from conftest.py) against their
+PyTorch references in ``agacc``: quantise/pack, unpack/dequantise, fused decode attention, dispatch.
+
+Interpreter time grows with grid size x tiles, so shapes are small but chosen to hit the edges:
+odd lengths, splits that are not multiples of the tile, GQA g in {1, 3, 4}, head dims 64/128,
+batch 1/2, every container and several code widths, empty segments."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from agacc import quant as Q  # noqa: E402
+from agacc.attention import attend  # noqa: E402
+from agacc.config import AGACCConfig  # noqa: E402
+from agacc.store import LayerStore  # noqa: E402
+from agacc.tiers import EVICTED, FULL, INT2, INT4, INT8, PRUNED  # noqa: E402
+from kernels import dispatch  # noqa: E402
+from kernels import quantize as KQ  # noqa: E402
+from kernels.decode_attention import decode_attention as triton_decode  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------
+# quantise + pack, unpack + dequantise
+# ------------------------------------------------------------------------------------------------
+
+def _codes(packed, bits):
+    return Q.unpack(packed, Q.container_bits(bits)).int()
+
+
+def _check_quant(got, ref, bits, method):
+    """Codes equal (meanstd: a rare +-1 where a different fp32 sum order moves a rounding tie);
+    scale/zero equal (meanstd: within one fp16 ulp)."""
+    (gp, gs, gz), (rp, rs, rz) = got, ref
+    assert gp.dtype == torch.uint8 and gp.shape == rp.shape
+    assert gs.dtype == Q.SCALE_DTYPE and gs.shape == rs.shape and gz.shape == rz.shape
+    diff = (_codes(gp, bits) - _codes(rp, bits)).abs()
+    if method == "minmax":
+        assert torch.equal(gp, rp), f"{int((diff > 0).sum())} codes differ"
+        assert torch.equal(gs, rs) and torch.equal(gz, rz)
+    else:
+        assert int(diff.max()) <= 1
+        assert float((diff > 0).float().mean()) <= 1e-3, "off-by-one codes must be rare"
+        torch.testing.assert_close(gs.float(), rs.float(), rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(gz.float(), rz.float(), rtol=1e-3, atol=2e-3 * rs.float().abs().max().item())
+
+
+def _data(shape, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 1.5 + 0.25
+    x[..., 3] *= 6  # an outlier channel, as keys have
+    return x.to(dtype)
+
+
+ALL_BITS = {"minmax": (1, 2, 3, 4, 5, 8), "meanstd": (2, 3, 4, 6, 8)}
+
+
+@pytest.mark.parametrize("method", ["minmax", "meanstd"])
+@pytest.mark.parametrize("shape,block", [((2, 2, 48, 64), 16), ((1, 1, 64, 128), 32)])
+def test_quantize_keys_matches_reference(method, shape, block):
+    k = _data(shape, 1)
+    for bits in ALL_BITS[method]:
+        got = KQ.quantize_keys(k, bits, block, method)
+        ref = Q.quantize_keys(k, bits, block, method)
+        _check_quant(got, ref, bits, method)
+        deq = KQ.dequantize_keys(*got, bits, block)
+        torch.testing.assert_close(deq, Q.dequantize_keys(*got, bits, block), rtol=1e-6, atol=1e-6)
+        # error bound: |x - x~| <= scale/2 (meanstd: inside s standard deviations, where it does not clip)
+        scale = got[1].float().repeat_interleave(block, dim=2)
+        err = (deq - k).abs()
+        if method == "meanstd":
+            blocks = k.reshape(*shape[:2], -1, block, shape[3])
+            mu, sd = blocks.mean(3, keepdim=True), blocks.std(3, keepdim=True, unbiased=False)
+            inside = ((blocks - mu).abs() <= 2.5 * sd).reshape(shape)
+            err = err[inside]
+            scale = scale[inside]
+        assert bool((err <= scale / 2 + 1e-5 * (1 + k.abs().max())).all())
+
+
+@pytest.mark.parametrize("method", ["minmax", "meanstd"])
+@pytest.mark.parametrize("shape,group", [((2, 2, 37, 64), 32), ((1, 2, 5, 128), 64), ((1, 1, 9, 64), 128)])
+def test_quantize_values_matches_reference(method, shape, group):
+    v = _data(shape, 2)
+    for bits in ALL_BITS[method]:
+        got = KQ.quantize_values(v, bits, group, method)
+        ref = Q.quantize_values(v, bits, group, method)
+        _check_quant(got, ref, bits, method)
+        deq = KQ.dequantize_values(*got, bits)
+        torch.testing.assert_close(deq, Q.dequantize_values(*got, bits), rtol=1e-6, atol=1e-6)
+        if method == "minmax":
+            g = min(group, shape[3])
+            scale = got[1].float().repeat_interleave(g, dim=3)
+            assert bool(((deq - v).abs() <= scale / 2 + 1e-5).all())
+
+
+def test_quantize_rounds_ties_to_even_like_torch():
+    # one block per channel with min 0, max 3 at 2 bits -> scale 1, zero 0: x = j/2 hits every tie
+    col = torch.tensor([0.0, 3.0, 0.5, 1.5, 2.5, 1.0, 2.0, 0.5] * 2)
+    k = col[None, None, :, None].repeat(1, 1, 1, 8)
+    got, ref = KQ.quantize_keys(k, 2, 16), Q.quantize_keys(k, 2, 16)
+    assert torch.equal(got[0], ref[0])
+    assert _codes(got[0], 2)[0, 0, :8, 0].tolist() == [0, 3, 0, 2, 2, 1, 2, 0]
+    v = k.transpose(2, 3).contiguous()  # the same ties along a value group
+    assert torch.equal(KQ.quantize_values(v, 2, 16)[0], Q.quantize_values(v, 2, 16)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quantize_half_inputs_and_strided_views(dtype):
+    base = _data((1, 2, 80, 64), 3, dtype)
+    k = base[:, :, 16:]  # a slice along tokens: not contiguous, rows still contiguous
+    assert not k.is_contiguous()
+    _check_quant(KQ.quantize_keys(k, 4, 16), Q.quantize_keys(k, 4, 16), 4, "minmax")
+    _check_quant(KQ.quantize_values(k, 2, 32), Q.quantize_values(k, 2, 32), 2, "minmax")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequantize_to_half(dtype):
+    k = _data((1, 2, 32, 64), 4)
+    pk = Q.quantize_keys(k, 4, 16)
+    pv = Q.quantize_values(k, 8, 32)
+    # kernel: one rounding of the fp32 result; reference: dtype arithmetic -> within one ulp
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-3, atol=1e-3)
+    got = KQ.dequantize_keys(*pk, 4, 16, dtype)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), Q.dequantize_keys(*pk, 4, 16, torch.float32), **tol)
+    torch.testing.assert_close(KQ.dequantize_values(*pv, 8, dtype).float(), Q.dequantize_values(*pv, 8), **tol)
+
+
+# ------------------------------------------------------------------------------------------------
+# fused decode attention over a LayerStore
+# ------------------------------------------------------------------------------------------------
+
+def make_store(bt, h, d, n, tiers=(), bits=None, keep=None, dtype=torch.float32, seed=0, **cfg_kw):
+    """A LayerStore of ``n`` random tokens whose first ``len(tiers)`` blocks get the given tiers."""
+    cfg = AGACCConfig(**{"block_size": 16, "recent_window": 16, "value_group_size": 32, **cfg_kw})
+    store = LayerStore(cfg, torch.device("cpu"), dtype)
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(bt, h, n, d, generator=gen) * 1.5
+    v = torch.randn(bt, h, n, d, generator=gen)
+    store.append(k[:, :, : n - 3], v[:, :, : n - 3])
+    store.append(k[:, :, n - 3:], v[:, :, n - 3:])  # two appends: the hot region is a view
+    nb = len(tiers)
+    assert nb <= store.n_ready_blocks()
+    if nb:
+        bits = bits or [8] * nb
+        keep = keep or [d] * nb
+        store.apply_tiers(torch.tensor(tiers), torch.tensor(bits), torch.tensor(keep),
+                          torch.rand(n, generator=gen))
+    return store
+
+
+def check_decode(store, g, qdtype=torch.float32, seed=1, **kw):
+    """Triton decode vs ``attend`` over the same store (fp32 reference) -> (out, mass)."""
+    bt, h, _, d = (store.hot_k if store.hot_k is not None else store.markers.k).shape
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(bt, h * g, 1, d, generator=gen).to(qdtype)
+    scaling = d ** -0.5
+    out, mass = triton_decode(q, store, scaling, **kw)
+    ref_out, ref_mass = attend(q.float(), store.attention_entries(torch.float32), scaling)
+    assert out.shape == (bt, 1, h * g, d) and out.dtype == qdtype
+    assert mass.shape == (store.n_entries,) and mass.dtype == torch.float32
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[qdtype]
+    torch.testing.assert_close(out.float(), ref_out, rtol=0, atol=tol)
+    torch.testing.assert_close(mass, ref_mass, rtol=1e-4, atol=1e-6)
+    assert abs(float(mass.sum()) - 1.0) < 1e-5
+    return out, mass
+
+
+MIX = dict(
+    tiers=[FULL, INT8, INT4, INT2, PRUNED, EVICTED, EVICTED, INT4, PRUNED, INT2, INT8],
+    bits=[8, 8, 4, 2, 2, 2, 2, 3, 2, 1, 5],
+    keep=[64, 64, 64, 64, 16, 64, 64, 64, 24, 64, 64],
+)
+
+
+def test_decode_every_tier_gqa3_batch2():
+    """full, int8 (8/5-bit), int4 (4/3-bit), int2 (2/1-bit), two sparse segments (keep 16, 24),
+    a marker with its log-count bias, an odd hot region; split 40 is not a multiple of the tile."""
+    store = make_store(2, 2, 64, 16 * 11 + 16 + 5, **MIX)
+    assert {s.keep for s in store.sparse.values()} == {16, 24} and store.markers.n == 1
+    out, mass = check_decode(store, g=3, split=40, block_n=16)
+    # one split per segment, tile 8, and the [g, BLOCK_N, D] product instead of per-head loops
+    out2, mass2 = triton_decode(_query(store, 3), store, 64 ** -0.5, split=512, block_n=8, per_head=False)
+    torch.testing.assert_close(out2, out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(mass2, mass, rtol=1e-5, atol=1e-7)
+
+
+def _query(store, g, seed=1):
+    bt, h, _, d = store.hot_k.shape
+    return torch.randn(bt, h * g, 1, d, generator=torch.Generator().manual_seed(seed))
+
+
+def test_decode_fp16_store_head128_gqa4_sparse_8bit():
+    """fp16 store and query, D = 128, g = 4; b_min = 8 puts sparse codes in 8-bit containers."""
+    store = make_store(1, 2, 128, 16 * 7 + 16 + 9, tiers=[INT4, PRUNED, EVICTED, INT2, FULL, INT8, PRUNED],
+                       bits=[4, 8, 8, 2, 8, 8, 8], keep=[128, 32, 128, 128, 128, 128, 128],
+                       dtype=torch.float16, b_min=8, value_group_size=64)
+    assert store.sparse and store.quant[8].n_blocks == 2  # keep 128 at b_min 8: dense int8
+    check_decode(store, g=4, qdtype=torch.float16)
+
+
+def test_decode_mha_head128_quant_only():
+    """g = 1, batch 2, only quantised segments + hot: no full segment, no markers, no sparse."""
+    store = make_store(2, 2, 128, 16 * 4 + 16 + 1, tiers=[INT8, INT4, INT2, INT4], bits=[7, 4, 2, 3])
+    assert store.full.n_blocks == 0 and store.markers.n == 0 and not store.sparse
+    check_decode(store, g=1, split=32, block_n=16)
+
+
+def test_decode_head96_group24_padding_paths():
+    """D = 96 (padded to 128 in registers) and value groups of 24 channels (the gather path for a
+    group size that is not a power of two); keep 32 of 96 stays sparse."""
+    store = make_store(1, 2, 96, 16 * 3 + 16 + 3, tiers=[INT4, PRUNED, INT2], bits=[4, 2, 2], keep=[96, 32, 96],
+                       value_group_size=24)
+    assert store.quant[4].v_scale.shape[-1] == 4 and store.sparse
+    check_decode(store, g=2)
+
+
+def test_decode_only_hot():
+    store = make_store(2, 1, 64, 13)
+    assert store.n_blocks == 0
+    check_decode(store, g=4, block_n=8)
+    # the log-sum-exp the mass is normalised with
+    q = _query(store, 4)
+    _, _, lse = triton_decode(q, store, 0.125, return_lse=True)
+    ref = (torch.einsum("bhgd,bhnd->bhgn", q.reshape(2, 1, 4, 64), store.hot_k) * 0.125).logsumexp(-1)
+    torch.testing.assert_close(lse, ref.reshape(2, 4), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_empty_hot_region():
+    """recent_window 0 and a whole number of blocks: every token tiered, the hot region is empty."""
+    store = make_store(1, 2, 64, 16 * 3, tiers=[INT4, EVICTED, INT8], bits=[4, 4, 8], recent_window=0)
+    assert store.hot_k.shape[2] == 0 and store.n_entries == 16 + 16 + 1
+    check_decode(store, g=4)
+
+
+def test_decode_full_and_markers_no_quant():
+    """full + two separate marker runs + hot, g = 3."""
+    store = make_store(1, 2, 64, 16 * 6 + 16 + 7, tiers=[FULL, EVICTED, EVICTED, FULL, EVICTED, FULL])
+    assert store.markers.n == 2 and not any(s.n_blocks for s in store.quant.values())
+    check_decode(store, g=3, split=16, block_n=8)
+
+
+def test_decode_evicted_without_markers():
+    store = make_store(1, 2, 64, 16 * 3 + 16 + 2, tiers=[EVICTED, INT4, EVICTED], bits=[4, 4, 4], markers=False)
+    assert store.markers.n == 0 and store.n_entries == 16 + 16 + 2
+    check_decode(store, g=4)
+
+
+def test_decode_meanstd_bf16_sparse_4bit():
+    """bf16 store and query, the seed's mean/std quantiser, b_min = 4 (sparse 4-bit containers)."""
+    store = make_store(1, 2, 64, 16 * 6 + 16 + 5, tiers=[INT8, PRUNED, INT2, EVICTED, PRUNED, INT4],
+                       bits=[6, 4, 2, 4, 4, 4], keep=[64, 16, 64, 64, 48, 64],
+                       dtype=torch.bfloat16, quantizer="meanstd", b_min=4)
+    assert sorted(s.keep for s in store.sparse.values()) == [16, 48]
+    check_decode(store, g=3, qdtype=torch.bfloat16, split=24, block_n=8)
+
+
+def test_decode_reads_the_packed_bytes():
+    """The kernel must read the store, not a stale copy: flipping a code changes out and mass."""
+    store = make_store(1, 1, 64, 16 * 2 + 16 + 1, tiers=[INT4, FULL], bits=[4, 8])
+    q = _query(store, 2)
+    out1, mass1 = triton_decode(q, store, 0.125)
+    seg = store.quant[4]
+    seg.k[0, 0, 5] ^= 0xFF  # entry 16 + 5 in attention order (full comes first)
+    seg.v[0, 0, 5] ^= 0xFF
+    out2, mass2 = triton_decode(q, store, 0.125)
+    assert int((mass2 - mass1).abs().argmax()) == 16 + 5
+    assert (out2 - out1).abs().max() > 1e-4
+    check_decode(store, g=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# dispatch
+# ------------------------------------------------------------------------------------------------
+
+def test_dispatch_uses_reference_on_cpu(monkeypatch):
+    monkeypatch.delenv(dispatch.FORCE_ENV, raising=False)
+    store = make_store(1, 2, 64, 16 * 2 + 16 + 3, tiers=[INT4, EVICTED], bits=[4, 4])
+    q = _query(store, 2)
+    out, mass = dispatch.decode_attention(q, store, 0.125)
+    ref_out, ref_mass = attend(q, store.attention_entries(q.dtype), 0.125)
+    assert torch.equal(out, ref_out) and torch.equal(mass, ref_mass)
+    k = _data((1, 2, 32, 64), 5)
+    assert all(torch.equal(a, b) for a, b in zip(dispatch.quantize_keys(k, 4, 16), Q.quantize_keys(k, 4, 16)))
+
+
+def test_dispatch_forced_triton(monkeypatch):
+    import kernels.decode_attention as kd
+    import kernels.quantize as kq
+
+    calls = []
+    monkeypatch.setenv(dispatch.FORCE_ENV, "1")
+    monkeypatch.setattr(kd, "decode_attention", lambda *a, **k: calls.append("attn") or triton_decode(*a, **k))
+    orig_qk = kq.quantize_keys
+    monkeypatch.setattr(kq, "quantize_keys", lambda *a, **k: calls.append("qk") or orig_qk(*a, **k))
+    store = make_store(1, 2, 64, 16 * 2 + 16 + 3, tiers=[INT2, EVICTED], bits=[2, 2])
+    q = _query(store, 3)
+    out, mass = dispatch.decode_attention(q, store, 0.125)
+    ref_out, ref_mass = attend(q, store.attention_entries(q.dtype), 0.125)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-4)
+    torch.testing.assert_close(mass, ref_mass, rtol=1e-4, atol=1e-6)
+    k = _data((1, 2, 32, 64), 5)
+    got = dispatch.quantize_keys(k, 2, 16)
+    _check_quant(got, Q.quantize_keys(k, 2, 16), 2, "minmax")
+    v = dispatch.quantize_values(k, 4, 32)
+    torch.testing.assert_close(dispatch.dequantize_values(*v, 4), Q.dequantize_values(*v, 4))
+    torch.testing.assert_close(dispatch.dequantize_keys(*got, 2, 16), Q.dequantize_keys(*got, 2, 16))
+    assert calls == ["attn", "qk"]
+
+
+def test_dispatch_rejects_multi_query():
+    store = make_store(1, 1, 64, 5)
+    with pytest.raises(ValueError):
+        dispatch.decode_attention(torch.randn(1, 1, 2, 64), store, 0.125)
