@@ -210,7 +210,7 @@ def parse_override(item: str) -> tuple[str, object]:
         raise ValueError(f"unknown config field {key!r}; fields: {sorted(by_name)}")
     default = getattr(AGACCConfig(), key)
     raw = raw.strip()
-    if raw.lower() == "none":
+    if raw.lower() == "none" and (default is None or by_name[key].type.endswith("None")):
         return key, None
     if isinstance(default, bool):
         if raw.lower() not in ("true", "false", "1", "0"):

@@ -13,6 +13,8 @@ Scales and zeros are float16 (2 bytes each).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 CONTAINERS = (2, 4, 8)
@@ -117,10 +119,16 @@ def quantize_values(v: torch.Tensor, bits: int, group_size: int, method: str = "
     Returns ``(packed [Bt,H,n,D*c//8] uint8, scale [Bt,H,n,D//G], zero [Bt,H,n,D//G])``.
     """
     bt, h, n, d = v.shape
-    g = min(group_size, d)
+    g = value_group(d, group_size)
     codes, scale, zero = quantize(v.reshape(bt, h, n, d // g, g), bits, dim=4, method=method, s=s)
     packed = pack(codes.reshape(bt, h, n, d), container_bits(bits))
     return packed, scale.squeeze(4), zero.squeeze(4)
+
+
+def value_group(head_dim: int, group_size: int) -> int:
+    """Channels per value group: ``group_size`` if it divides the head dim, else gcd(head_dim, group_size)
+    (e.g. head dim 96 with groups of 64 -> 32)."""
+    return math.gcd(head_dim, group_size)
 
 
 def dequantize_values(packed, scale, zero, bits: int, dtype=torch.float32):

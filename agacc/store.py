@@ -319,7 +319,7 @@ class LayerStore:
 
     @property
     def segments(self) -> list[Segment]:
-        return [self.full, *self.quant.values(), *self.sparse.values()]
+        return [self.full, *self.quant.values(), *(self.sparse[k] for k in sorted(self.sparse))]
 
     @property
     def n_entries(self) -> int:
@@ -599,7 +599,7 @@ def block_cost_bytes(tier: int, bits: int, keep: int, *, batch: int, heads: int,
         c = quant.container_bits(bits if tier != PRUNED else b_min)
         codes = 2 * vecs * head_dim * c // 8
         k_scales = 2 * batch * heads * head_dim * 2
-        v_scales = 2 * vecs * (head_dim // min(value_group_size, head_dim)) * 2
+        v_scales = 2 * vecs * (head_dim // quant.value_group(head_dim, value_group_size)) * 2
         return codes + k_scales + v_scales + 1 + meta
     if tier == PRUNED:
         c = quant.container_bits(b_min)
