@@ -72,6 +72,9 @@ class AGACCConfig:
             importance rose are re-promoted exactly (reported as host_bytes).
         recent_window: newest tokens always kept at full precision.
         n_sink: first tokens always kept at full precision (their blocks).
+    Defaults (= the ``agacc`` preset) were chosen on the embedded model (docs/tuning.md): position
+    normalisation and pruning cost more perplexity than they save there, so both are off by default
+    and one setting away (position_norm="power", p_max=0.5).
     Budget and storage:
         target_ratio: if set, thresholds are refitted at every re-evaluation so that the cache holds
             bytes_fp16 / target_ratio bytes (the ratio fitter); the tau_* keep their proportions.
@@ -87,18 +90,18 @@ class AGACCConfig:
     layer_weights: tuple[float, ...] | None = None
     share_across_layers: bool = False
     attention_sum_beta: float = 1.0
-    position_norm: str = "power"
+    position_norm: str = "none"
     position_gamma: float = 0.3
     # tiers
-    tau_h: float = 2.0
+    tau_h: float = 8.0
     tau_l: float = 0.6
-    tau_e: float = 0.15
+    tau_e: float = 0.3
     b_min: int = 2
-    b_max: int = 8
+    b_max: int = 4
     quantizer: str = "minmax"
     s: float = 3.0
     value_group_size: int = 64
-    p_max: float = 0.5
+    p_max: float = 0.0
     sparse_threshold: float = 0.25
     markers: bool = True
     # DynaCompress

@@ -54,9 +54,10 @@ def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, scale: float = 1.0
     bits[mid] = b[mid]
     low = (s <= tau_l) & (s >= tau_e)
     p = cfg.p_max * (1 - torch.clamp(s / tau_l, max=1.0))
-    tier[low] = PRUNED
     bits[low] = cfg.b_min
     keep[low] = torch.tensor([kept_count(head_dim, float(pi)) for pi in p[low]], dtype=torch.int16)
+    # a block that keeps every element is not pruned: it is a b_min-bit block
+    tier[low] = torch.where(keep[low] < head_dim, PRUNED, CONTAINER_TIER[container_bits(cfg.b_min)]).to(torch.int8)
     ev = s < tau_e
     tier[ev], bits[ev], keep[ev] = EVICTED, 0, 0
     return tier, bits, keep

@@ -30,6 +30,18 @@ from agacc import quant
 from agacc.tiers import EVICTED, FULL, HOT, INT2, INT4, INT8, PRUNED, TIER_CONTAINER, CONTAINER_TIER
 
 
+def _quant_ops(device) -> object:
+    """The quantisers to use: the Triton kernels on CUDA (``kernels.dispatch``), else ``agacc.quant``."""
+    if torch.device(device).type == "cuda":
+        try:
+            from kernels import dispatch
+
+            return dispatch
+        except ImportError:
+            pass
+    return quant
+
+
 def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=dim)
 
@@ -145,8 +157,9 @@ class QuantSegment(Segment):
         for b in sorted(set(bits.tolist())):
             sel = (bits == b).nonzero().squeeze(1)
             r = _rows(sel, B)
-            pk, ks, kz = quant.quantize_keys(k[:, :, r], b, B, cfg.quantizer, cfg.s)
-            pv, vs, vz = quant.quantize_values(v[:, :, r], b, cfg.value_group_size, cfg.quantizer, cfg.s)
+            ops = _quant_ops(k.device)
+            pk, ks, kz = ops.quantize_keys(k[:, :, r], b, B, cfg.quantizer, cfg.s)
+            pv, vs, vz = ops.quantize_values(v[:, :, r], b, cfg.value_group_size, cfg.quantizer, cfg.s)
             for name, t in zip(parts, (pk, ks, kz, pv, vs, vz)):
                 parts[name].append(t)
             block_ids_sel = block_ids[sel]

@@ -17,12 +17,13 @@ def fidelity_key(tier, bits, keep):
 
 
 def test_thresholds_rule_worked_example():
-    cfg = AGACCConfig(tau_h=2.0, tau_l=0.5, tau_e=0.1, b_min=2, b_max=8, p_max=0.5)
+    cfg = AGACCConfig(tau_h=2.0, tau_l=0.5, tau_e=0.1, b_min=2, b_max=8, p_max=0.5, position_norm="power")
     scores = torch.tensor([3.0, 2.0, 1.25, 0.6, 0.5, 0.25, 0.05])
     tier, bits, keep = policy.thresholds_rule(scores, cfg, head_dim=64)
     # 3.0 > tau_h: full; 2.0: x=1 -> b = 2 + floor(7) -> 8; 1.25: x=0.5 -> 2+3=5 (int8 container);
-    # 0.6: x=0.0667 -> 2 (int2); 0.5 = tau_l: pruned p=0 (keep 64); 0.25: p=0.25 -> keep 48; 0.05: evicted
-    assert tier.tolist() == [T.FULL, T.INT8, T.INT8, T.INT2, T.PRUNED, T.PRUNED, T.EVICTED]
+    # 0.6: x=0.0667 -> 2 (int2); 0.5 = tau_l: p=0 keeps all 64 -> a plain int2 block; 0.25: p=0.25 -> keep 48;
+    # 0.05: evicted
+    assert tier.tolist() == [T.FULL, T.INT8, T.INT8, T.INT2, T.INT2, T.PRUNED, T.EVICTED]
     assert bits.tolist() == [16, 8, 5, 2, 2, 2, 0]
     assert keep.tolist() == [64, 64, 64, 64, 64, 48, 0]
 
