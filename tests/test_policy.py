@@ -106,3 +106,15 @@ def test_ratio_fitter_reaches_target(target):
 def test_rule_registry_rejects_unknown_rule():
     with pytest.raises(ValueError, match="rule must be one of"):
         AGACCConfig(rule="nope")
+
+
+def test_fit_thresholds_returns_a_config_that_reaches_the_ratio():
+    cfg = AGACCConfig.preset("agacc")
+    geo = Geometry(n_layers=3, heads=2, head_dim=64, batch=1, full_itemsize=2)
+    torch.manual_seed(1)
+    scores = [torch.rand(60).pow(2) * 4 for _ in range(3)]
+    fitted = agacc.fit_thresholds(scores, cfg, geo, 2000, 5.0)
+    assert fitted.target_ratio is None and fitted.tau_h > fitted.tau_l > fitted.tau_e
+    assert math.isclose(fitted.tau_h / fitted.tau_l, cfg.tau_h / cfg.tau_l, rel_tol=1e-9)  # proportions kept
+    got = 2 * 2 * 2000 * 64 * 2 * 3 / planned_bytes(plan_tiers(scores, fitted, geo, 2000), fitted, geo, 2000)
+    assert 5.0 * 0.95 <= got <= 5.0 * 1.1
