@@ -32,10 +32,6 @@ POLICY_FIELDS = ("tau_h", "tau_l", "tau_e", "b_min", "b_max", "p_max", "target_r
                  "n_sink")
 
 
-def _round_list(xs, nd=5):
-    return [round(float(x), nd) for x in xs]
-
-
 @dataclass
 class Trace:
     """One generation run as plain data.
@@ -68,11 +64,18 @@ class Trace:
         self.frames.append(snap)
         return snap
 
-    def add_history(self, entries: list[dict]) -> None:
-        """Append cache.history entries (tensors -> rounded lists)."""
-        for h in entries:
-            self.history.append({"step": int(h["step"]), "seq_len": int(h["seq_len"]), "n_ready": int(h["n_ready"]),
-                                 "scores": [_round_list(s.tolist(), 6) for s in h["scores"]]})
+    def add_history(self, entries: list[dict], overhead: int | None = None) -> None:
+        """Append cache.history entries (tensors -> lists of the exact float32 values: a replay must
+        see the numbers the run saw). ``overhead``: bytes the ratio fitter adds to the plan (tracker
+        state ...) at the last of these entries, when the history does not carry it."""
+        for j, h in enumerate(entries):
+            e = {"step": int(h["step"]), "seq_len": int(h["seq_len"]), "n_ready": int(h["n_ready"]),
+                 "scores": [s.float().tolist() for s in h["scores"]]}
+            if h.get("overhead") is not None:
+                e["overhead"] = int(h["overhead"])
+            elif overhead is not None and j == len(entries) - 1:
+                e["overhead"] = int(overhead)
+            self.history.append(e)
 
     # --- access --------------------------------------------------------------------------------
     @property
@@ -217,7 +220,7 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
         seq_len, n_ready = int(h["seq_len"]), int(h["n_ready"])
         if cfg.compress and n_ready > 0:
             if cfg.target_ratio is not None:
-                scale = fit_threshold_scale(scores, cfg, geo, seq_len, cfg.target_ratio)
+                scale = fit_threshold_scale(scores, cfg, geo, seq_len, cfg.target_ratio, int(h.get("overhead", 0)))
             plans = plan_tiers(scores, cfg, geo, seq_len, scale)
             if not cfg.host_copy and current is not None:
                 plans = [fidelity_floor(prev, *p) for prev, p in zip(current, plans)]

@@ -1,0 +1,126 @@
+"""Several browser sessions at once through gradio_client: outputs are not mixed (each equals the
+same prompt/seed run alone through the library), Stop ends only its own session's run and frees
+its cache, and bad input gets a clear error while the app keeps serving."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+PROMPTS = [
+    "Write one sentence about a lighthouse keeper who hides a brass key before a storm reaches the island.",
+    "List three reasons why a city water authority would replace old cast-iron pipes with new ones.",
+    "Explain in two sentences what a pass key is and why someone would hide it inside a long text.",
+]
+KNOBS = dict(tau_h=2.0, tau_l=0.6, tau_e=0.15, use_target=False, target_ratio=4.0, b_min=2, b_max=8, p_max=0.5,
+             alpha=0.5, block_size=8, n_r=4, recent_window=16, host_copy=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    import app as A
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a = A.AgaccApp(offer_hub=False, draw_interval=0.1)
+    demo = a.build()
+    port = _free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **A.launch_kwargs())
+    yield a, f"http://127.0.0.1:{port}/"
+    demo.close()
+    torch.set_num_threads(old)
+
+
+def _reference(a, prompt, seed, temperature, n):
+    import agacc
+    from agacc.session import generate
+    from components import controls
+
+    _, model, tok = a.models.get(None)
+    cfg = controls.config_from_values("agacc", KNOBS)
+    return generate(model, tok, prompt, cfg, max_new_tokens=n, temperature=temperature, seed=seed)["text"]
+
+
+def _submit(client, prompt, seed, temperature, n):
+    return client.submit(prompt=prompt, preset="agacc", max_new_tokens=n, temperature=temperature, seed=seed,
+                         compare=False, chat_template=True, api_name="/generate", **KNOBS)
+
+
+def test_sessions_do_not_mix(server):
+    from gradio_client import Client
+
+    a, url = server
+    runs = [(PROMPTS[0], 1, 0.8, 10), (PROMPTS[1], 2, 0.0, 10), (PROMPTS[0], 3, 0.8, 10)]  # same prompt, other seed
+    refs = [_reference(a, *r) for r in runs]
+    clients = [Client(url, verbose=False) for _ in runs]
+    t0 = time.perf_counter()
+    jobs = [_submit(c, *r) for c, r in zip(clients, runs)]
+    finals = [j.result(timeout=240) for j in jobs]
+    wall = time.perf_counter() - t0
+    for job, final, ref, (prompt, *_rest) in zip(jobs, finals, refs, runs):
+        assert final[0] == ref
+        for out in job.outputs():  # every streamed value of this session is a prefix of its own output
+            assert isinstance(out[0], str) and ref.startswith(out[0])
+        assert len(job.outputs()) > 2  # it streamed
+    hashes = {c.session_hash for c in clients}
+    assert len(hashes) == 3 and all(h in a.sessions for h in hashes)
+    for c, (prompt, *_rest) in zip(clients, runs):  # each session exports its own run
+        files, _snippet = c.predict(api_name="/export")
+        trace = json.loads(open(files[0]).read())
+        assert trace["meta"]["prompt"] == prompt
+    assert wall < 240
+
+
+def test_stop_ends_only_its_own_session(server):
+    from gradio_client import Client
+
+    a, url = server
+    ref_b = _reference(a, PROMPTS[2], 0, 0.0, 8)
+    ca, cb = Client(url, verbose=False), Client(url, verbose=False)
+    job_a = _submit(ca, PROMPTS[1], 0, 0.0, 400)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(o[0] for o in job_a.outputs()):
+        time.sleep(0.2)
+    assert any(o[0] for o in job_a.outputs()), "session A did not start streaming"
+    job_b = _submit(cb, PROMPTS[2], 0, 0.0, 8)
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    stop_out = ca.predict(api_name="/stop")
+    assert time.perf_counter() - t0 < 20
+    assert "Stopped" in stop_out[1]
+    us_a = a.sessions.get(ca.session_hash)
+    assert us_a.session.finished.is_set() and us_a.session.cache is None  # the cache was freed
+    assert us_a.session.stop_reason == "cancelled" and len(us_a.session.gen_ids) < 400
+    assert job_b.result(timeout=240)[0] == ref_b  # the other session ran on, unaffected
+
+
+def test_bad_input_is_reported_and_the_app_keeps_serving(server):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    a, url = server
+    c = Client(url, verbose=False)
+    with pytest.raises(AppError, match="prompt is empty"):
+        c.predict(prompt="  ", api_name="/generate", **KNOBS)
+    bad = dict(KNOBS, tau_l=3.0)
+    with pytest.raises(AppError, match="tau_h > tau_l"):
+        c.predict(prompt=PROMPTS[0], api_name="/generate", **bad)
+    with pytest.raises(AppError, match="memory limit|context length"):
+        c.predict(prompt="word " * 5000, max_new_tokens=8, api_name="/generate", **KNOBS)
+    with pytest.raises(AppError, match="cannot load model"):
+        c.predict(prompt=PROMPTS[0], model="agacc-tests/no-such-model-xyz", api_name="/generate", **KNOBS)
+    out = c.predict(prompt=PROMPTS[0], max_new_tokens=3, api_name="/generate", **KNOBS)
+    assert out[0] and "Done" in out[1]
+    # after the run, a threshold change replays the recorded importance (no generation)
+    view = c.predict(replay=0, token_layer=-1, preset="agacc", api_name="/view", **dict(KNOBS, tau_e=0.5))
+    assert "Replayed" in view[5] and "tau_e=0.5" in view[5]

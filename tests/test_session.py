@@ -1,0 +1,317 @@
+"""Streaming sessions, traces and the policy replay, on the embedded model.
+
+References: the streamed tokens equal ``model.generate`` with the same cache; the lockstep full
+cache equals plain generation; replayed tiers equal the real run's at every re-evaluation."""
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import weakref
+
+import pytest
+import torch
+
+import agacc
+from agacc.session import GenerationSession, SessionError, encode_prompt, generate
+from agacc.trace import Trace, config_snippet, evicted_runs, policy_changes, replay, replay_frames
+
+PROMPT = ("Mara kept the parcel behind the counter for three days. On the fourth day the lighthouse went dark, "
+          "the harbour flooded and the fishermen gathered at the post office asking what Tobias had left for them. "
+          "She cut the tarred string and unfolded the oilcloth: inside was a brass key, a chart of the reef and a "
+          "letter addressed to nobody. The letter said that the lamp had never been electric, that a flame had "
+          "burned there for a hundred and forty years, and that whoever held the key must climb the tower before "
+          "the tide turned. What did Mara find in the parcel, and what did the letter ask?")
+# small blocks and window so a short prompt has blocks to tier, frequent re-evaluation
+SMALL = dict(block_size=16, recent_window=32, n_r=4, n_w=8)
+
+
+@pytest.fixture(scope="module")
+def mt():
+    # one intra-op thread: on a small shared CPU, two spinning OpenMP threads per process can make a
+    # decode step 10x slower under load; restored after the module
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield agacc.load_model(device="cpu")
+    torch.set_num_threads(old)
+
+
+def _run(mt, cfg, n=12, **kw):
+    model, tok = mt
+    s = GenerationSession(model, tok, PROMPT, cfg, max_new_tokens=n, **kw)
+    events = list(s.stream())
+    return s, events
+
+
+@pytest.fixture(scope="module")
+def run_floor(mt):
+    """A run without host copy (blocks only lose fidelity), with evictions and pruning."""
+    cfg = agacc.AGACCConfig.preset("agacc", tau_h=1.6, tau_l=0.9, tau_e=0.5, **SMALL)
+    return cfg, *_run(mt, cfg, n=14)
+
+
+@pytest.fixture(scope="module")
+def run_host(mt):
+    cfg = agacc.AGACCConfig.preset("agacc", tau_h=1.6, tau_l=0.9, tau_e=0.5, host_copy=True, **SMALL)
+    return cfg, *_run(mt, cfg, n=10)
+
+
+def test_stream_equals_model_generate(mt, run_floor):
+    model, tok = mt
+    cfg, s, events = run_floor
+    ids = encode_prompt(tok, PROMPT)
+    cache = agacc.CompressedCache(model.config, cfg)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                             max_new_tokens=14, do_sample=False)
+    ref = out[0, ids.shape[1]:].tolist()
+    got = [e.token_id for e in events]
+    n = len(got)
+    assert got == ref[:n] and n >= 1
+    assert s.result()["text"] == tok.decode(got, skip_special_tokens=True)
+    assert "".join(e.token_text for e in events) == s.text
+    # the final memory equals what the same cache holds after generate (same tokens in it)
+    assert s.stop_reason in ("eos", "max_new_tokens")
+
+
+def test_events_frames_and_timing(run_floor):
+    cfg, s, events = run_floor
+    assert events[-1].done and events[-1].stop_reason == s.stop_reason
+    assert all(e.ttft > 0 for e in events) and events[-1].tokens_per_s > 0
+    assert [e.index for e in events] == list(range(len(events)))
+    assert all(e.seq_len == s.n_prompt + e.index for e in events)
+    tr = s.trace
+    assert len(tr.steps) == len(events)
+    # one frame per re-evaluation (prefill, then every n_r decode steps) and one at the end
+    reeval_frames = [f for f in tr.frames[:len(tr.history)]]
+    assert [f["step"] for f in reeval_frames] == [h["step"] for h in tr.history]
+    assert all(h["step"] % cfg.n_r == 0 for h in tr.history)
+    assert tr.frames[0]["step"] == 0 and tr.frames[0]["seq_len"] == s.n_prompt
+    assert events[0].frame is tr.frames[0]
+    assert tr.frames[-1]["seq_len"] == s.n_prompt + len(events) - 1
+    # memory per step is what the cache reported, and it compresses
+    assert all(st["bytes"] == e.memory["bytes"] for st, e in zip(tr.steps, events))
+    last = tr.frames[-1]["memory"]
+    assert last["bytes"] < last["bytes_fp16"]
+    assert len(tr.tokens) == s.n_prompt + len(events) == len(tr.token_ids)
+
+
+def test_trace_json_roundtrip(run_floor, tmp_path):
+    cfg, s, _ = run_floor
+    tr = s.trace
+    path = tr.save(tmp_path / "t.json")
+    back = Trace.load(path)
+    assert back.to_dict() == Trace.from_json(tr.to_json()).to_dict()
+    assert back.frames[-1]["tier"] == tr.frames[-1]["tier"]
+    assert back.config == cfg
+    assert back.geometry == s.trace.geometry
+    assert back.text == s.text and back.tokens == tr.tokens
+    with pytest.raises(ValueError, match="not an AGACC trace"):
+        Trace.from_json('{"hello": 1}')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Trace.from_json("{nope")
+
+
+def _assert_replay_matches(tr: Trace, cfg):
+    frames_r = replay_frames(tr.history, cfg, tr.geometry)
+    assert len(frames_r) == len(tr.history)
+    for j, rep in enumerate(frames_r):
+        real = tr.frames[j]  # the frame taken right after re-evaluation j
+        assert real["step"] == rep["step"] and real["seq_len"] == rep["seq_len"]
+        assert rep["tier"] == real["tier"], f"tiers differ at re-evaluation {j}"
+        assert rep["bits"] == real["bits"], f"bits differ at re-evaluation {j}"
+        assert rep["keep"] == real["keep"], f"kept elements differ at re-evaluation {j}"
+        assert rep["markers"] == real["markers"]
+        # bytes: the plan's cost model vs the bytes the store really held (tracker and bookkeeping apart)
+        mem = real["memory"]
+        store = mem["bytes"] - mem["by_tier"]["tracker"]
+        assert abs(rep["planned_bytes"] - store) <= 0.02 * store
+    return frames_r
+
+
+def test_replay_equals_real_run_host_copy(run_host):
+    cfg, s, _ = run_host
+    frames_r = _assert_replay_matches(s.trace, cfg)
+    tiers = {t for row in frames_r[-1]["tier"] for t in row}
+    assert {0, 5} <= tiers  # the run has full and evicted blocks: the comparison is not trivial
+
+
+def test_replay_equals_real_run_without_host_copy(run_floor):
+    cfg, s, _ = run_floor
+    frames_r = _assert_replay_matches(s.trace, cfg)
+    assert len(frames_r) >= 3
+
+
+def test_replay_under_new_thresholds(run_floor):
+    cfg, s, _ = run_floor
+    tr = s.trace
+    series = []
+    for scale in (0.5, 1.0, 2.0, 4.0):
+        c = cfg.with_overrides(tau_h=cfg.tau_h * scale, tau_l=cfg.tau_l * scale, tau_e=cfg.tau_e * scale)
+        series.append(replay(tr.history, c, tr.geometry)["planned_bytes"])
+    assert series == sorted(series, reverse=True) and series[0] > series[-1]
+    c = cfg.with_overrides(tau_e=0.85)
+    r = replay(tr.history, c, tr.geometry)
+    assert r["tier"] != tr.frames[len(tr.history) - 1]["tier"]
+    assert r["markers"] == [evicted_runs(torch.tensor(row)) for row in r["tier"]]
+    assert policy_changes(cfg, c) == (["tau_e"], [])
+    assert policy_changes(cfg, cfg.with_overrides(alpha=0.3)) == ([], ["alpha"])
+
+
+def test_replay_target_ratio_equals_real_run(mt):
+    cfg = agacc.AGACCConfig.preset("agacc", target_ratio=2.5, host_copy=True, **SMALL)
+    s, _ = _run(mt, cfg, n=1)  # the ratio fitter is slow (bisection in Python): one re-evaluation
+    _assert_replay_matches(s.trace, cfg)
+    rep = replay(s.trace.history, cfg, s.trace.geometry)
+    assert rep["threshold_scale"] == pytest.approx(s.trace.frames[len(s.trace.history) - 1]["threshold_scale"])
+
+
+def test_compare_lockstep_matches_plain_generation(mt):
+    model, tok = mt
+    cfg = agacc.AGACCConfig.preset("agacc", tau_h=1.2, tau_l=1.0, tau_e=0.9, **SMALL)  # aggressive: diverges
+    s, events = _run(mt, cfg, n=12, compare=True)
+    ids = encode_prompt(tok, PROMPT)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    plain = out[0, ids.shape[1]:].tolist()
+    res = s.result()["compare"]
+    assert res["ref_token_ids"] == plain[:len(res["ref_token_ids"])]
+    got = [e.token_id for e in events]
+    first = next((i for i, (a, b) in enumerate(zip(got, plain)) if a != b), None)
+    assert res["diverged_at"] == first
+    for e in events:
+        assert e.compare["kl"] >= 0
+        if first is None or e.index <= first:  # same context: agreement means the same greedy token
+            assert e.compare["agree"] == (e.token_id == plain[e.index])
+    assert 0 <= res["agreement"] <= 1 and res["mean_kl"] >= 0
+
+
+def test_compare_full_preset_agrees(mt):
+    s, events = _run(mt, agacc.AGACCConfig.preset("full"), n=6, compare=True)
+    res = s.result()["compare"]
+    assert res["diverged_at"] is None and res["agreement"] == 1.0
+    assert max(e.compare["kl"] for e in events) < 1e-3
+    assert res["ref_text"] == s.text
+
+
+def test_cancel_ends_and_frees_cache(mt):
+    model, tok = mt
+    s = GenerationSession(model, tok, PROMPT, agacc.AGACCConfig.preset("agacc", **SMALL), max_new_tokens=50)
+    got = []
+    ref = None
+    for ev in s.stream():
+        got.append(ev)
+        if ref is None:
+            ref = weakref.ref(s.cache)
+        if len(got) == 3:
+            s.stop()
+    assert len(got) == 3 and s.stop_reason == "cancelled"
+    assert s.cache is None and s.finished.is_set()
+    gc.collect()
+    assert ref() is None, "the compressed cache is still referenced after cancel"
+    assert s.trace.frames and s.trace.meta["stop_reason"] == "cancelled"
+
+
+def test_cancel_from_another_thread_is_prompt(mt):
+    model, tok = mt
+    s = GenerationSession(model, tok, PROMPT, agacc.AGACCConfig.preset("agacc", **SMALL), max_new_tokens=400)
+    it = s.stream()
+    next(it)
+    t0 = time.perf_counter()
+    threading.Timer(0.3, s.stop).start()
+    n = sum(1 for _ in it)
+    assert time.perf_counter() - t0 < 10 and n < 399
+    assert s.stop_reason == "cancelled" and s.cache is None
+
+
+def test_resumed_on_other_threads(mt):
+    """Gradio resumes sync generators on worker threads: no inference mode may leak across."""
+    model, tok = mt
+    s = GenerationSession(model, tok, PROMPT, agacc.AGACCConfig.preset("agacc", **SMALL), max_new_tokens=4)
+    it = s.stream()
+    out = []
+
+    def step():
+        try:
+            out.append(next(it))
+        except StopIteration:
+            out.append(None)
+
+    for _ in range(5):
+        t = threading.Thread(target=step)
+        t.start()
+        t.join()
+    assert out[-1] is None and [e.index for e in out[:-1]] == [0, 1, 2, 3]
+    assert not torch.is_inference_mode_enabled()
+
+
+def test_bad_input_messages(mt):
+    model, tok = mt
+    with pytest.raises(SessionError, match="empty"):
+        GenerationSession(model, tok, "   ", None)
+    with pytest.raises(SessionError, match="memory limit"):
+        GenerationSession(model, tok, PROMPT, None, max_new_tokens=10, max_context=50)
+    with pytest.raises(SessionError, match="context length"):
+        GenerationSession(model, tok, "word " * 9000, None, max_new_tokens=10)
+    with pytest.raises(ValueError, match="tau_h > tau_l"):
+        agacc.AGACCConfig.preset("agacc", tau_l=3.0)
+    with pytest.raises(SessionError, match="max new tokens"):
+        GenerationSession(model, tok, PROMPT, None, max_new_tokens=0)
+
+
+class _OOMModel(torch.nn.Module):
+    """Wraps the model; the second forward (first decode step) runs out of memory."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.config, self.generation_config = model.config, model.generation_config
+        self.calls = 0
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    @property
+    def dtype(self):
+        return self.inner.dtype
+
+    def forward(self, **kw):
+        self.calls += 1
+        if self.calls == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.inner(**kw)
+
+
+def test_out_of_memory_is_a_clear_error_and_frees(mt):
+    model, tok = mt
+    s = GenerationSession(_OOMModel(model), tok, PROMPT, agacc.AGACCConfig.preset("agacc", **SMALL), max_new_tokens=5)
+    it = s.stream()
+    next(it)
+    with pytest.raises(SessionError, match="out of memory during the decode"):
+        next(it)
+    assert s.cache is None and s.finished.is_set()
+
+
+def test_sampling_is_seeded(mt):
+    cfg = agacc.AGACCConfig.preset("agacc", **SMALL)
+    a = [e.token_id for e in _run(mt, cfg, n=6, temperature=0.9, seed=7)[1]]
+    b = [e.token_id for e in _run(mt, cfg, n=6, temperature=0.9, seed=7)[1]]
+    assert a == b
+
+
+def test_config_snippet_reproduces_the_run(mt, run_floor):
+    cfg, s, _ = run_floor
+    code = config_snippet(cfg, prompt=PROMPT, max_new_tokens=14)
+    assert "AGACCConfig.preset('agacc'" in code and "tau_e=0.5" in code
+    ns = {}
+    exec(compile(code.replace("print(", "(lambda *a, **k: None)("), "<snippet>", "exec"), ns)
+    assert ns["config"] == cfg.with_overrides(name="agacc")
+    assert ns["result"]["text"] == s.text
+    assert ns["result"]["token_ids"] == [e["token_id"] for e in s.trace.steps]
+
+
+def test_generate_helper(mt):
+    model, tok = mt
+    r = generate(model, tok, PROMPT, agacc.AGACCConfig.preset("agacc", **SMALL), max_new_tokens=3)
+    assert r["new_tokens"] == 3 and r["memory"]["bytes"] > 0 and isinstance(r["trace"], Trace)
