@@ -102,7 +102,9 @@ class CompressedLayer(CacheLayerMixin):
         if q > 1:
             _check_no_padding(attention_mask, cfg)
         if q == 1:
-            out, mass = _decode_attention(query, store, scaling)
+            # the lossless preset keeps entries in position order, so a padding mask applies as is
+            mask = attention_mask if (attention_mask is not None and not cfg.compress) else None
+            out, mass = _decode_attention(query, store, scaling, mask)
             self.tracker.observe(store.token_mass(mass))
         elif n_prior == 0:
             g = query.shape[1] // key.shape[1]
@@ -120,16 +122,16 @@ class CompressedLayer(CacheLayerMixin):
         return out
 
 
-def _decode_attention(query, store, scaling):
+def _decode_attention(query, store, scaling, mask=None):
     """Triton kernel on CUDA when the kernels package is importable, else the packed PyTorch path."""
-    if query.is_cuda:
+    if query.is_cuda and mask is None:
         try:
             from kernels.dispatch import decode_attention as triton_decode
         except ImportError:
             triton_decode = None
         if triton_decode is not None:
             return triton_decode(query, store, scaling)
-    return decode_attention(query, store, scaling)
+    return decode_attention(query, store, scaling, mask)
 
 
 def _check_no_padding(mask, cfg):

@@ -70,11 +70,13 @@ def _value_out(p, seg):
     return out + zero.repeat_interleave(d // ngrp, dim=-1)
 
 
-def decode_attention(query: torch.Tensor, store, scaling: float):
+def decode_attention(query: torch.Tensor, store, scaling: float, mask: torch.Tensor | None = None):
     """One decode step over everything ``store`` holds.
 
     query [Bt, Hq, 1, D] -> (out [Bt, 1, Hq, D] in query dtype, mass [n_entries] fp32) with entries in
-    ``LayerStore.attention_entries`` order and mass normalised as in ``attention.attend``."""
+    ``LayerStore.attention_entries`` order and mass normalised as in ``attention.attend``.
+    mask: optional [Bt, 1, 1, n_entries] (bool: True = visible, or additive float), for stores whose
+    entries are in position order (the lossless preset with padded batches)."""
     bt, hq, _, d = query.shape
     h = store.hot_k.shape[1] if store.hot_k is not None else store.full.k.shape[1]
     g = hq // h
@@ -100,6 +102,9 @@ def decode_attention(query: torch.Tensor, store, scaling: float):
         k, v = store.hot_k.float(), store.hot_v.float()
         parts.append((torch.matmul(qg, k.transpose(-1, -2)), lambda p, v=v: torch.matmul(p, v)))
     scores = torch.cat([s for s, _ in parts], -1)
+    if mask is not None:
+        m4 = mask[..., -1:, :].reshape(bt, 1, 1, -1)
+        scores = scores.masked_fill(~m4, float("-inf")) if m4.dtype == torch.bool else scores + m4.float()
     probs = scores.softmax(-1)
     out = None
     lo = 0

@@ -138,6 +138,19 @@ def test_padded_batch_is_refused_with_a_clear_error(tiny):
             tiny(ids, attention_mask=mask, past_key_values=agacc.CompressedCache(tiny.config))
 
 
+def test_full_preset_honours_padding(tiny):
+    ids = torch.cat([tokens(60, 1), tokens(60, 2)])
+    mask = torch.ones_like(ids)
+    mask[1, :12] = 0  # left padding
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+              return_dict_in_generate=True)
+    with torch.inference_mode():
+        ref = tiny.generate(input_ids=ids, past_key_values=DynamicCache(config=tiny.config), **kw)
+        out = tiny.generate(input_ids=ids, past_key_values=agacc.CompressedCache(tiny.config, AGACCConfig.preset("full")), **kw)
+    for a, b in zip(ref.scores, out.scores):
+        assert torch.allclose(a, b, atol=1e-3), (a - b).abs().max()
+
+
 def test_equal_length_batch(tiny):
     ids = torch.cat([tokens(220, 1), tokens(220, 2)])
     ref = teacher_forced_logits(tiny, ids, DynamicCache(config=tiny.config), 200)
