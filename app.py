@@ -466,9 +466,12 @@ class AgaccApp:
         s = us.session
         if s is None or s.finished.is_set():
             return [SKIP()] * (len(self.gen_outputs) - 1) + [SKIP()]
-        us.stop_running(timeout=15.0)
-        tok = s.tokenizer
-        return self._final(us, tok, state="Stopped")
+        if not us.stop_running(timeout=15.0):  # inside a long forward (a prefill): it ends right after it
+            out = [SKIP()] * len(self.gen_outputs)
+            out[1] = (f"**Stopping**: the current forward pass ({s.n_prompt} prompt tokens) finishes first; the run "
+                      "ends and frees its cache right after it.")
+            return out
+        return self._final(us, s.tokenizer, state="Stopped")
 
     def view(self, replay, token_layer, preset, tau_h, tau_l, tau_e, use_target, target_ratio, b_min, b_max, p_max, alpha,
              block_size, n_r, recent_window, host_copy, request: gr.Request = None):

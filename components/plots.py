@@ -40,11 +40,6 @@ def _block_axis(snap: dict) -> tuple[list[int], dict, dict]:
     return x, xaxis, yaxis
 
 
-def _span(snap: dict, b: int) -> str:
-    B = snap.get("block_size", 1)
-    return f"tokens {b * B}-{min(snap.get('seq_len', (b + 1) * B), (b + 1) * B) - 1}"
-
-
 def importance_heatmap(snap: dict | None, config: dict | None = None) -> dict:
     """Layers x blocks of normalised block importance (log colour scale; blank = hot, not yet scored).
     The colour bar marks the thresholds tau_e, tau_l, tau_h of ``config`` (times the fitted scale)."""
@@ -65,19 +60,25 @@ def importance_heatmap(snap: dict | None, config: dict | None = None) -> dict:
             ticks[math.log10(v)] = f"{v:g}"
     if config:
         scale = snap.get("threshold_scale") or 1.0
+        span = max(1.0, hi - lo)
+        marks = []  # (log10 position, label), labels of thresholds too close to each other merged
         for key, sym in (("tau_e", "τe"), ("tau_l", "τl"), ("tau_h", "τh")):
             t = config.get(key)
             if t and t * scale > 0:
-                lt = math.log10(t * scale)
-                for d in [d for d in ticks if not ticks[d].startswith("τ") and abs(d - lt) < 0.2 * max(1.0, hi - lo)]:
-                    del ticks[d]  # a decade label too close to a threshold label would overlap it
-                ticks[lt] = f"{sym} {t * scale:.3g}"
-    custom = [[_span(snap, b) for b in x]] * len(z)
-    trace = {"type": "heatmap", "z": z, "x": x, "y": list(range(len(z))), "text": text, "customdata": custom,
+                lt, label = math.log10(t * scale), f"{sym} {t * scale:.3g}"
+                if marks and lt - marks[-1][0] < 0.08 * span:
+                    marks[-1] = ((marks[-1][0] + lt) / 2, f"{marks[-1][1]}, {label}")
+                else:
+                    marks.append((lt, label))
+        for lt, _ in marks:
+            for d in [d for d in ticks if abs(d - lt) < 0.2 * span]:
+                del ticks[d]  # a decade label too close to a threshold label would overlap it
+        ticks.update(dict(marks))
+    trace = {"type": "heatmap", "z": z, "x": x, "y": list(range(len(z))), "text": text,
              "colorscale": "Viridis", "zmin": lo, "zmax": hi if hi > lo else lo + 1, "hoverongaps": False,
              "colorbar": {"title": {"text": "score"}, "tickvals": list(ticks), "ticktext": list(ticks.values()),
                           "thickness": 12},
-             "hovertemplate": "layer %{y}, block %{x}<br>%{customdata}<br>importance %{text}<extra></extra>"}
+             "hovertemplate": "layer %{y}, block %{x}<br>importance %{text}<extra></extra>"}
     return {"data": [trace], "layout": _layout(title, xaxis=xaxis, yaxis=yaxis)}
 
 
@@ -113,11 +114,10 @@ def tier_map(snap: dict | None) -> dict:
                 s += f", {bits[li][b] if bits else '?'} bits, keeps {keep[li][b]}"
             r.append(s)
         text.append(r)
-    custom = [[_span(snap, b) for b in x]] * len(z)
-    data = [{"type": "heatmap", "z": z, "x": x, "y": list(range(len(z))), "text": text, "customdata": custom,
+    data = [{"type": "heatmap", "z": z, "x": x, "y": list(range(len(z))), "text": text,
              "colorscale": _tier_colorscale(), "zmin": 0, "zmax": len(TIER_COLORS), "showscale": False,
              "xgap": 1 if len(x) <= 96 else 0, "ygap": 1,
-             "hovertemplate": "layer %{y}, block %{x}<br>%{customdata}<br>%{text}<extra></extra>"}]
+             "hovertemplate": "layer %{y}, block %{x}<br>%{text}<extra></extra>"}]
     for code in sorted(TIER_COLORS):  # legend entries: one square marker per tier, no data
         data.append({"type": "scatter", "x": [None], "y": [None], "mode": "markers", "name": TIER_LABELS[code],
                      "marker": {"symbol": "square", "size": 12, "color": TIER_COLORS[code][1]},
@@ -139,12 +139,11 @@ def bits_map(snap: dict | None) -> dict:
     x, xaxis, yaxis = _block_axis(snap)
     z = [[int(b) for b in row] for row in bits]
     text = [[TIER_COLORS[int(t)][0] for t in row] for row in tiers] if tiers else None
-    custom = [[_span(snap, b) for b in x]] * len(z)
-    trace = {"type": "heatmap", "z": z, "x": x, "y": list(range(len(z))), "customdata": custom,
+    trace = {"type": "heatmap", "z": z, "x": x, "y": list(range(len(z))),
              "colorscale": [[0, "#7f1d1d"], [0.0625, "#f59e0b"], [0.25, "#a3e635"], [0.5, "#22c55e"], [1, "#1e3a8a"]],
              "zmin": 0, "zmax": 16, "xgap": 1 if len(x) <= 96 else 0, "ygap": 1,
              "colorbar": {"title": {"text": "bits"}, "tickvals": [0, 2, 4, 8, 16], "thickness": 12},
-             "hovertemplate": "layer %{y}, block %{x}<br>%{customdata}<br>%{z} bits (%{text})<extra></extra>"}
+             "hovertemplate": "layer %{y}, block %{x}<br>%{z} bits (%{text})<extra></extra>"}
     if text is not None:
         trace["text"] = text
     return {"data": [trace], "layout": _layout(title, xaxis=xaxis, yaxis=yaxis)}

@@ -254,7 +254,7 @@ def test_bad_input_messages(mt):
     with pytest.raises(SessionError, match="context length"):
         GenerationSession(model, tok, "word " * 9000, None, max_new_tokens=10)
     with pytest.raises(ValueError, match="tau_h > tau_l"):
-        agacc.AGACCConfig.preset("agacc", tau_l=3.0)
+        agacc.AGACCConfig.preset("agacc", tau_l=agacc.AGACCConfig.preset("agacc").tau_h + 1)
     with pytest.raises(SessionError, match="max new tokens"):
         GenerationSession(model, tok, PROMPT, None, max_new_tokens=0)
 

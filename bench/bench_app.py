@@ -1,0 +1,202 @@
+"""Streaming speed of the app on the embedded model: time to first token (TTFT) and tokens/s.
+
+Rows (same prompt, greedy, same number of new tokens):
+  generate / DynamicCache     plain ``model.generate`` with the full 16/32-bit cache (SDPA)
+  generate / CompressedCache  ``model.generate`` with the AGACC cache, no streaming
+  session                     ``agacc.session.GenerationSession`` streaming, no plots
+  app handler (live plots)    the app's generator (``AgaccApp.generate``): figures, token view and
+                              stats re-drawn every AGACC_DRAW_INTERVAL s, JSON-encoded as gradio sends them
+  app via gradio_client       end to end through the gradio queue and SSE: what a browser receives
+
+    python bench/bench_app.py [--tokens 64] [--prompt document|passkey|story] [--threads N] [--out out/bench_app.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+
+class _Clock:
+    """A generate() streamer that timestamps every new token."""
+
+    def __init__(self):
+        self.t = []
+        self.first_call = True
+
+    def put(self, value):
+        if self.first_call:  # the prompt
+            self.first_call = False
+            return
+        self.t.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def _rates(t0, stamps):
+    n = len(stamps)
+    ttft = stamps[0] - t0 if n else float("nan")
+    tps = (n - 1) / (stamps[-1] - stamps[0]) if n > 1 and stamps[-1] > stamps[0] else float("nan")
+    return ttft, tps, n
+
+
+def bench_generate(model, ids, cache_factory, n):
+    clock = _Clock()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache_factory(),
+                       max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=clock)
+    return _rates(t0, clock.t)
+
+
+def bench_session(model, tok, prompt, cfg, n):
+    from agacc.session import GenerationSession
+
+    s = GenerationSession(model, tok, prompt, cfg, max_new_tokens=n)
+    t0 = time.perf_counter()
+    stamps = [time.perf_counter() for _ in s.stream()]
+    return _rates(t0, stamps)
+
+
+def bench_app_handler(app, prompt, knobs, n):
+    """The app's own generator: what the server does per session, minus the transport."""
+    from components import plots
+
+    gen = app.generate(prompt, app.default_model, False, "agacc", n, 0.0, 0, False, True, *knobs, request=None)
+    t0 = time.perf_counter()
+    stamps, redraws, payload = [], 0, 0
+    prev_text = ""
+    for upd in gen:
+        text = upd[0] if isinstance(upd[0], str) else None
+        for v in upd:  # what gradio would serialise: plot JSON strings, HTML, markdown
+            plot = getattr(v, "plot", None)
+            if plot is not None:
+                payload += len(plot)
+                redraws += 1
+            elif isinstance(v, str):
+                payload += len(v)
+        if text and text != prev_text:
+            stamps.append(time.perf_counter())
+            prev_text = text
+    tr = app.sessions.get("default").trace
+    n_tok = tr.meta["new_tokens"]
+    ttft = (stamps[0] - t0) if stamps else float("nan")
+    tps = (n_tok - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+    return ttft, tps, n_tok, redraws, payload, tr.meta
+
+
+def bench_app_client(app, prompt, knob_values, n):
+    from gradio_client import Client
+
+    import app as A
+
+    demo = app.demo
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **A.launch_kwargs())
+    try:
+        c = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        t0 = time.perf_counter()
+        job = c.submit(prompt=prompt, preset="agacc", max_new_tokens=n, temperature=0.0, seed=0, compare=False,
+                       chat_template=True, api_name="/generate", **knob_values)
+        stamps, seen, plot_updates = [], 0, 0
+        prev = None
+        while not job.done() or seen < len(job.outputs()):
+            outs = job.outputs()
+            for o in outs[seen:]:
+                if o[0] and o[0] != prev:
+                    stamps.append(time.perf_counter())
+                    prev = o[0]
+                plot_updates += 1
+            seen = len(outs)
+            time.sleep(0.01)
+        job.result()
+        tr = app.sessions.get(c.session_hash).trace
+        n_tok = tr.meta["new_tokens"]
+        ttft = stamps[0] - t0 if stamps else float("nan")
+        tps = (n_tok - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+        return ttft, tps, n_tok, len(stamps), tr.meta
+    finally:
+        demo.close()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--prompt", default="document", choices=["document", "passkey", "story"])
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: as the app sets them)")
+    ap.add_argument("--no-client", action="store_true", help="skip the end-to-end gradio_client row")
+    ap.add_argument("--out", default=str(ROOT / "out" / "bench_app.json"))
+    a = ap.parse_args(argv)
+
+    import agacc
+    import app as A
+    from components import controls
+    from transformers import DynamicCache
+
+    if a.threads:
+        os.environ["AGACC_THREADS"] = str(a.threads)
+    threads = A.set_threads()
+    prompt = (ROOT / "assets" / "examples" / f"{a.prompt}.txt").read_text()
+    app = A.AgaccApp(offer_hub=False)
+    app.build()
+    _, model, tok = app.models.get(None)
+    cfg = agacc.AGACCConfig.preset("agacc")
+    values = controls.preset_values("agacc")
+    knobs = controls.values_list(values)
+    from agacc.session import encode_prompt
+
+    ids = encode_prompt(tok, prompt).to(model.device)
+    n = a.tokens
+    # warm-up (allocators, kernels, tokenizer caches)
+    bench_generate(model, ids[:, :64], lambda: DynamicCache(config=model.config), 4)
+    bench_session(model, tok, "warm up", cfg, 4)
+
+    rows = []
+
+    def add(name, ttft, tps, ntok, note=""):
+        rows.append({"path": name, "ttft_s": round(ttft, 3), "tokens_per_s": round(tps, 2), "new_tokens": ntok,
+                     "note": note})
+        print(f"  {name:32s} TTFT {ttft:6.2f} s   {tps:6.2f} tokens/s   ({ntok} tokens) {note}", flush=True)
+
+    print(f"prompt {a.prompt}: {ids.shape[1]} tokens, {n} new tokens, torch threads {threads}, device {model.device}")
+    add("generate / DynamicCache", *bench_generate(model, ids, lambda: DynamicCache(config=model.config), n))
+    add("generate / CompressedCache", *bench_generate(model, ids, lambda: agacc.CompressedCache(model.config, cfg), n))
+    add("session (stream, no plots)", *bench_session(model, tok, prompt, cfg, n))
+    ttft, tps, ntok, redraws, payload, meta = bench_app_handler(app, prompt, knobs, n)
+    add("app handler (live plots)", ttft, tps, ntok,
+        f"{redraws} figure updates, {payload / 2 ** 20:.1f} MiB sent; UI showed TTFT {meta['ttft']:.2f} s, "
+        f"{meta['tokens_per_s']:.1f} tokens/s")
+    if not a.no_client:
+        ttft, tps, ntok, updates, meta = bench_app_client(app, prompt, values, n)
+        add("app via gradio_client", ttft, tps, ntok,
+            f"{updates} text updates received; UI showed TTFT {meta['ttft']:.2f} s, {meta['tokens_per_s']:.1f} tokens/s")
+    mem = meta.get("memory") or {}
+    result = {"prompt": a.prompt, "prompt_tokens": int(ids.shape[1]), "new_tokens": n, "threads": threads,
+              "device": str(model.device), "dtype": str(model.dtype), "cpu": platform.processor() or platform.machine(),
+              "cpu_count": os.cpu_count(), "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+              "draw_interval_s": A.DRAW_INTERVAL, "rows": rows,
+              "kv_bytes": mem.get("bytes"), "kv_bytes_fp16": mem.get("bytes_fp16"), "kv_ratio": mem.get("ratio")}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2))
+    print("\n| path | TTFT (s) | tokens/s | note |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['path']} | {r['ttft_s']:.2f} | {r['tokens_per_s']:.2f} | {r['note']} |")
+    print(f"\nwrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
