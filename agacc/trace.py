@@ -27,7 +27,7 @@ TRACE_VERSION = 1
 # Config fields whose change can be replayed from the recorded importance (the policy only).
 # Changing any other field (alpha, block size, N_r, recent window, scoring ...) changes the
 # importance itself or the block layout: that needs a re-run.
-POLICY_FIELDS = ("tau_h", "tau_l", "tau_e", "b_min", "b_max", "p_max", "target_ratio", "sparse_threshold",
+POLICY_FIELDS = ("tau_h", "tau_l", "tau_e", "b_min", "b_max", "p_max", "target_ratio", "sparse_threshold", "value_group_size",
                  "markers", "gamma", "lam", "tau_prune", "c_max", "budget_shape", "seed", "rule", "host_copy",
                  "n_sink")
 

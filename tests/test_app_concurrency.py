@@ -124,3 +124,24 @@ def test_bad_input_is_reported_and_the_app_keeps_serving(server):
     # after the run, a threshold change replays the recorded importance (no generation)
     view = c.predict(replay=0, token_layer=-1, preset="agacc", api_name="/view", **dict(KNOBS, tau_e=0.5))
     assert "Replayed" in view[5] and "tau_e=0.5" in view[5]
+
+
+def test_export_then_import_in_another_session(server, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    a, url = server
+    c1, c2 = Client(url, verbose=False), Client(url, verbose=False)
+    out = c1.predict(prompt=PROMPTS[2], max_new_tokens=6, api_name="/generate", **KNOBS)
+    files, snippet = c1.predict(api_name="/export")
+    assert any(f.endswith(".html") for f in files) and any(f.endswith(".py") for f in files)
+    assert "AGACCConfig.preset('agacc'" in snippet and "recent_window=16" in snippet
+    trace_file = next(f for f in files if f.endswith(".json"))
+    imported = c2.predict(handle_file(trace_file), api_name="/import_trace")
+    assert imported[0] == out[0]  # the imported run's output, in the other session
+    assert "Imported" in imported[1] or "Done" in imported[1]
+    assert a.sessions.get(c2.session_hash).trace.meta["prompt"] == PROMPTS[2]
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"not": "a trace"}')
+    with pytest.raises(AppError, match="not an AGACC trace"):
+        c2.predict(handle_file(str(bad)), api_name="/import_trace")
