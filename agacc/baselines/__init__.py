@@ -53,8 +53,8 @@ def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k <= 0 or n == 0:
         return keep
     s = scores.float().cpu()
-    # stable order: sort by (score, position) so equal scores prefer the more recent block
-    order = sorted(range(n), key=lambda i: (float(s[i]), i), reverse=True)
+    # stable descending sort of the reversed scores: equal scores prefer the more recent block
+    order = (n - 1) - torch.argsort(s.flip(0), descending=True, stable=True)
     keep[order[:k]] = True
     return keep
 
@@ -119,3 +119,4 @@ def keep_rule(scores, cfg, head_dim, layer, scale):
 for _name, _fn in (("uniform", uniform_rule), ("keep", keep_rule), ("h2o", h2o_rule),
                    ("recent", recent_rule), ("topk", topk_rule)):
     register_rule(_name, _fn)
+

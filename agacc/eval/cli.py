@@ -1,0 +1,174 @@
+"""``python -m agacc eval TASK --preset P [P ...] [--ratio R] ...`` (and under ``accelerate launch``).
+
+Writes one record per preset (and per context length when several are given) with task, preset,
+samples, score (0..1), ratio (measured vs a 16-bit cache), kv_bytes, kv_bytes_fp16, tokens_per_s,
+and the task's extras; prints a table; ``--plot`` draws the score-vs-memory Pareto chart.
+Under ``accelerate launch`` each process takes every world-th sample; rank 0 gathers the
+per-sample results and writes the same JSON a single process would (timings aside).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from agacc.eval import tasks as T
+
+DEFAULT_LENGTH = {"passkey": 1024, "needle": 1024, "ppl": 1024, "longbench": None, "scrolls": None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m agacc eval", description="compare KV-cache presets on a task")
+    p.add_argument("task", choices=T.TASKS)
+    p.add_argument("--preset", nargs="+", default=["full", "agacc"], help="presets to compare (see docs/baselines.md)")
+    p.add_argument("--ratio", type=float, default=None, help="target memory ratio (16-bit bytes / bytes held) of every compressed preset")
+    p.add_argument("--context-tokens", type=int, nargs="+", default=None, help="prompt length(s) in tokens (needle: the grid's lengths)")
+    p.add_argument("--samples", type=int, default=None, help="samples per length (passkey/needle: depths spread 0..1; ppl: windows)")
+    p.add_argument("--depths", type=float, nargs="+", default=None, help="needle/passkey depths in 0..1 (overrides --samples)")
+    p.add_argument("--data", default=None, help="JSONL records: LongBench {context, input, answers} or SCROLLS {id, input, output}")
+    p.add_argument("--dataset", default=None, help="LongBench/SCROLLS dataset name (metric, prompt; hub loading without --data)")
+    p.add_argument("--text", default=None, help="text file (ppl text, needle haystack); default: a license text of the OS")
+    p.add_argument("--decode-tokens", type=int, default=128, help="ppl: tokens teacher-forced through the cache (the rest is prefilled)")
+    p.add_argument("--chunk", type=int, default=8, help="ppl: tokens per teacher-forced forward (1 = token by token)")
+    p.add_argument("--scoring", choices=("match", "generate"), default=None,
+                   help="answers: 'match' = greedy output starts with the answer (one teacher-forced pass); "
+                        "'generate' = greedy decoding + the task metric (default: match for passkey/needle, generate otherwise)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--metric", default=None, help="override the metric of --data records")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field of every preset")
+    p.add_argument("--model", default=None, help="hub id or local path (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cpu, cuda, or auto (device_map='auto' across GPUs)")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the records here")
+    p.add_argument("--plot", default=None, help="OUT.html (Pareto chart + needle heatmaps) or OUT.png (needs kaleido)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def make_samples(args, tok) -> list:
+    task = args.task
+    lengths = args.context_tokens or [DEFAULT_LENGTH[task]]
+    out = []
+    if args.data or task in ("longbench", "scrolls"):
+        rows = T.read_jsonl(args.data) if args.data else T.load_hub(task, args.dataset)
+        for n in lengths:
+            out += T.records_task(tok, rows, task, n, args.samples, dataset=args.dataset, metric=args.metric,
+                                  max_new_tokens=args.max_new_tokens)
+    else:
+        k = args.samples or (5 if task in ("passkey", "needle") else 1)
+        text = T.read_text(args.text) if (args.text or task in ("ppl", "needle")) else None
+        for n in lengths:
+            if task == "passkey":
+                out += T.passkey(tok, n, k, depths=args.depths, seed=args.seed, max_new_tokens=args.max_new_tokens or 8)
+            elif task == "needle":
+                out += T.needle(tok, n, k, depths=args.depths, text=text, seed=args.seed, max_new_tokens=args.max_new_tokens or 12)
+            else:
+                out += T.ppl(tok, n, k, text=text, decode_tokens=args.decode_tokens)
+    for i, s in enumerate(out):
+        s.index = i
+    return out
+
+
+def format_table(records: list[dict]) -> str:
+    ppl = any("ppl" in r for r in records)
+    head = ["preset", "ctx", "score", "ratio", "KV MB", "fp16 MB", "tok/s"] + (["ppl", "ppl full", "top1", "KL"] if ppl else [])
+    rows = []
+    for r in records:
+        tps = r.get("tokens_per_s")
+        row = [r["preset"], str(r.get("context_tokens") or r.get("prompt_tokens")), f"{r['score']:.3f}", f"{r['ratio']:.2f}x",
+               f"{r['kv_mb']:.2f}", f"{r['kv_mb_fp16']:.2f}", f"{tps:.1f}" if tps else "-"]
+        if ppl:
+            row += [f"{r['ppl']:.3f}", f"{r['ppl_full']:.3f}", f"{r['top1_agreement']:.3f}", f"{r['kl']:.4f}"]
+        rows.append(row)
+    w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(cells))
+    return "\n".join([line(head), line(["-" * x for x in w])] + [line(r) for r in rows])
+
+
+def _dist():
+    """(rank, world, device) under ``accelerate launch`` / torchrun (WORLD_SIZE > 1), else (0, 1, None).
+    Uses torch.distributed directly (gloo on CPU, nccl on GPUs): accelerate's PartialState reports a
+    single process on a machine without GPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "False").lower() not in ("true", "1")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _gather(obj, world):
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return [x for part in out for x in part]
+
+
+def _finish(world):
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args) -> int:
+    import torch
+
+    import agacc
+    from agacc.config import parse_override
+    from agacc.eval import runner
+
+    rank, world, dist_device = _dist()
+    sets = dict(parse_override(s) for s in args.set or [])
+    configs = runner.preset_configs(args.preset, args.ratio, sets)
+    device = args.device
+    if dist_device is not None and device is None:
+        device = dist_device
+    model, tok = agacc.load_model(args.model, device=device, dtype=args.dtype)
+    torch.manual_seed(args.seed)
+    samples = runner_samples = make_samples(args, tok)
+    if not samples:
+        raise ValueError("no samples")
+    limit = getattr(runner._text_config(model), "max_position_embeddings", None)
+    longest = max(len(s.prompt_ids) + max(len(s.target_ids), len(s.answer_ids), s.max_new_tokens) for s in samples)
+    if limit and longest > limit:
+        raise ValueError(f"samples need {longest} positions, the model has {limit}")
+    scoring = args.scoring or ("match" if args.task in ("passkey", "needle") and not args.data else "generate")
+    per_sample = runner.run(model, tok, args.task, runner_samples, configs, ratio=args.ratio, scoring=scoring,
+                            chunk=args.chunk, rank=rank, world=world, progress=not args.no_progress)
+    if world > 1:
+        per_sample = _gather(per_sample, world)
+        if rank != 0:
+            _finish(world)
+            return 0
+    records = runner.aggregate(args.task, per_sample, configs, args.ratio, scoring)
+    for r in records:
+        r["world_size"] = world
+        r["model"] = args.model or "embedded:SmolLM2-135M-Instruct"
+    print(format_table(records))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(records, f, indent=1)
+    if args.plot:
+        from agacc.eval.plots import write_plot
+
+        write_plot(records, args.plot)
+    _finish(world)
+    return 0

@@ -1,0 +1,291 @@
+"""Runner: every preset on the same samples, one prefill per sample shared by all presets.
+
+Why one prefill is enough: a ``CompressedCache`` prefill is a normal causal forward (its output
+does not depend on the preset); compression happens after it, from the K/V and the attention of the
+last N_q prompt queries. So the runner does one forward per sample, keeps every layer's K/V and
+last queries (``capture_prefill``), and builds each preset's cache from them exactly as the
+cache's own prefill would (``cache_from_capture``: same ``update``, same ``observe_prefill``, same
+re-evaluation). ``tests/test_eval.py`` checks this against a real prefill.
+
+After the prefill:
+* ``answer`` samples: ``match`` scoring teacher-forces the reference answer in one chunk and checks
+  that the argmax at every position is the next answer token, i.e. that greedy decoding would
+  produce the answer as its first tokens (exactly; no re-evaluation falls inside an answer shorter
+  than N_r); ``generate`` scoring decodes greedily token by token and applies the task's metric.
+* ``lm`` samples: the continuation is teacher-forced through the cache in chunks; the cache's
+  re-evaluation schedule is kept in decode steps (a chunk of c tokens counts as c steps; a
+  re-evaluation runs when a multiple of N_r is crossed), so with chunk | N_r the tiers change at the
+  same steps as in token-by-token decoding (``chunk=1`` is token-by-token). The full-cache
+  reference logits come from the same forward as the capture.
+
+Memory is ``cache.memory()`` at the end of each sample (bytes held vs a 16-bit cache of the same tokens).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from agacc.attention import observe_prefill
+from agacc.cache import CompressedCache
+from agacc.config import AGACCConfig
+from agacc.eval.metrics import best_score, lm_stats, perplexity
+from agacc.eval.tasks import Sample
+
+CAPTURE = "agacc_capture"
+TIMING_KEYS = ("tokens_per_s", "seconds", "build_s", "decode_s", "prefill_s", "prefill_tokens_per_s")
+
+
+@dataclass
+class Capture:
+    n: int                      # prompt tokens
+    keys: list                  # per layer [Bt, H, n, D] (after RoPE)
+    values: list
+    queries: list               # per layer [Bt, Hq, m, D]: the last m prompt queries
+    scaling: list
+    logits: torch.Tensor        # [T+1, V]: prediction after the prompt and after each extra token
+    seconds: float
+
+
+_STATE: dict = {}
+
+
+def _capture_fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    n, m = _STATE["n"], _STATE["m"]
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    _STATE["layers"][module.layer_idx] = (key[:, :, :n].clone(), value[:, :, :n].clone(),
+                                          query[:, :, max(0, n - m):n].clone(), scaling)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _register_capture():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(CAPTURE, _capture_fn)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(CAPTURE, sdpa_mask)
+
+
+def _text_config(model):
+    c = model.config
+    return c.get_text_config() if hasattr(c, "get_text_config") else c
+
+
+@torch.inference_mode()
+def capture_prefill(model, prompt_ids: list[int], extra_ids: list[int] | None = None, n_obs: int = 64) -> Capture:
+    """One causal forward over ``prompt_ids + extra_ids`` with a plain (SDPA) attention; keeps each
+    layer's K/V of the prompt and its last ``n_obs`` queries, and the logits from the last prompt
+    position on (the full-cache reference for teacher-forced ``extra_ids``)."""
+    _register_capture()
+    extra = list(extra_ids or [])
+    ids = torch.tensor([list(prompt_ids) + extra], device=model.device)
+    n = len(prompt_ids)
+    _STATE.update(n=n, m=n_obs, layers={})
+    old = model.config._attn_implementation
+    model.set_attn_implementation(CAPTURE)
+    t0 = time.perf_counter()
+    try:
+        out = model(input_ids=ids, use_cache=False, logits_to_keep=len(extra) + 1)
+    finally:
+        model.set_attn_implementation(old)
+    secs = time.perf_counter() - t0
+    layers = _STATE.pop("layers")
+    _STATE.clear()
+    n_layers = _text_config(model).num_hidden_layers
+    missing = [i for i in range(n_layers) if i not in layers]
+    if missing:
+        raise RuntimeError(f"capture saw no attention call for layers {missing[:5]}")
+    ks, vs, qs, sc = zip(*(layers[i] for i in range(n_layers)))
+    return Capture(n, list(ks), list(vs), list(qs), list(sc), out.logits[0].float(), secs)
+
+
+@torch.inference_mode()
+def cache_from_capture(model, cap: Capture, cfg: AGACCConfig) -> CompressedCache:
+    """The cache a real prefill of the captured prompt would leave, built without a forward."""
+    cache = CompressedCache(model.config, cfg)
+    for i, layer in enumerate(cache.layers):
+        k, v, q_last = cap.keys[i], cap.values[i], cap.queries[i]
+        layer.update(k.clone(), v.clone())
+        if cfg.n_q > q_last.shape[2] and q_last.shape[2] < cap.n:
+            raise ValueError(f"n_q={cfg.n_q} exceeds the {q_last.shape[2]} captured queries; capture with n_obs >= n_q")
+        # observe_prefill reads the last n_q rows of a [Bt, Hq, n, D] query: pad the front
+        q = q_last.new_zeros(q_last.shape[0], q_last.shape[1], cap.n, q_last.shape[3])
+        q[:, :, cap.n - q_last.shape[2]:] = q_last
+        layer.tracker.init_prefill(observe_prefill(q, k, cap.scaling[i], cfg.n_q))
+    cache._step_done(cap.n)  # the end-of-prefill re-evaluation, as after a real prefill
+    _decode_schedule(cache)
+    return cache
+
+
+def _decode_schedule(cache: CompressedCache) -> None:
+    """Count a teacher-forced chunk of q tokens as q decode steps (re-evaluate when a multiple of N_r
+    is crossed) instead of as a new prefill. For q == 1 this is the cache's own schedule."""
+    n_r = cache.cfg.n_r
+
+    def step_done(q: int) -> None:
+        before = cache.steps
+        cache.steps += q
+        if cache.steps // n_r > before // n_r:
+            cache.reevaluate()
+
+    cache._step_done = step_done
+
+
+@torch.inference_mode()
+def teacher_force(model, cache, ids: list[int], chunk: int = 8) -> torch.Tensor:
+    """Feed ``ids`` through the cache in chunks; -> logits [len(ids), V] (fp32)."""
+    out = []
+    for lo in range(0, len(ids), max(1, chunk)):
+        x = torch.tensor([ids[lo: lo + chunk]], device=model.device)
+        out.append(model(input_ids=x, past_key_values=cache, use_cache=True).logits[0].float())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.inference_mode()
+def greedy(model, cache, first_logits: torch.Tensor, max_new_tokens: int, eos=(), stop=None) -> list[int]:
+    """Greedy decoding token by token from the logits after the prompt; ``stop(tokens)`` may end early."""
+    toks = [int(first_logits.argmax())]
+    while len(toks) < max_new_tokens and toks[-1] not in eos and not (stop and stop(toks)):
+        x = torch.tensor([[toks[-1]]], device=model.device)
+        toks.append(int(model(input_ids=x, past_key_values=cache, use_cache=True).logits[0, -1].argmax()))
+    return toks
+
+
+def preset_configs(presets: list[str], ratio: float | None, sets: dict | None = None) -> list[tuple[str, AGACCConfig]]:
+    """(name, config) per preset; ``ratio`` becomes ``target_ratio`` of every compressed preset whose
+    ratio can move (not ``full``, not the fixed-bit uniform presets)."""
+    from agacc.presets import FIXED_RATIO, UNAVAILABLE
+
+    out = []
+    for p in presets:
+        if p in UNAVAILABLE:
+            raise ValueError(f"preset {p!r} is not available: {UNAVAILABLE[p]}")
+        cfg = AGACCConfig.preset(p, **(sets or {}))
+        if ratio is not None and p not in FIXED_RATIO and cfg.compress:
+            cfg = cfg.with_overrides(target_ratio=float(ratio))
+        out.append((p, cfg))
+    return out
+
+
+def evaluate_sample(model, tok, s: Sample, configs, scoring: str = "match", chunk: int = 8, log=None) -> list[dict]:
+    """One sample, every preset -> one result dict per preset (deterministic fields + timings).
+    ``log(result)`` is called after each preset."""
+    n_obs = max(cfg.n_q for _, cfg in configs)
+    extra = s.target_ids if s.kind == "lm" else (s.answer_ids[:-1] if scoring == "match" else [])
+    cap = capture_prefill(model, s.prompt_ids, extra, n_obs=n_obs)
+    eos = {t for t in (getattr(tok, "eos_token_id", None),) if t is not None}
+    results = []
+    for name, cfg in configs:
+        t0 = time.perf_counter()
+        cache = cache_from_capture(model, cap, cfg)
+        t1 = time.perf_counter()
+        r = {"index": s.index, "preset": name, **s.meta}
+        if s.kind == "lm":
+            logits = torch.cat([cap.logits[:1], teacher_force(model, cache, s.target_ids[:-1], chunk)])
+            st = lm_stats(logits, cap.logits[: len(s.target_ids)], torch.tensor(s.target_ids))
+            r.update(st)
+            r["score"] = min(1.0, math.exp((st["nll_full"] - st["nll"]) / st["tokens"]))
+            processed = len(s.target_ids) - 1
+        elif scoring == "match":
+            ans = s.answer_ids
+            logits = torch.cat([cap.logits[:1], teacher_force(model, cache, ans[:-1], chunk=max(1, len(ans)))])
+            pred = logits.argmax(-1).tolist()
+            ok = pred == list(ans)
+            # what greedy decoding yields up to its first deviation from the answer
+            first_bad = next((i for i, (a, b) in enumerate(zip(pred, ans)) if a != b), len(ans))
+            r["prediction"] = tok.decode(pred[: first_bad + 1])
+            r["score"] = 1.0 if ok else 0.0
+            processed = len(ans) - 1
+        else:
+            stop = None
+            if s.metric == "contains":
+                stop = lambda t: any(a in tok.decode(t) for a in s.answers)
+            toks = greedy(model, cache, cap.logits[0], s.max_new_tokens, eos, stop)
+            text = tok.decode(toks, skip_special_tokens=True)
+            if s.first_line:
+                text = text.lstrip("\n").split("\n")[0]
+            r["prediction"] = text
+            r["score"] = best_score(s.metric, text, s.answers, all_classes=s.all_classes)
+            processed = len(toks) - 1
+        t2 = time.perf_counter()
+        mem = cache.memory()
+        r.update(kv_bytes=int(mem["bytes"]), kv_bytes_fp16=int(mem["bytes_fp16"]),
+                 ratio=mem["bytes_fp16"] / mem["bytes"] if mem["bytes"] else 1.0,
+                 host_bytes=int(mem["host_bytes"]), decoded_tokens=processed,
+                 build_s=t1 - t0, decode_s=t2 - t1, prefill_s=cap.seconds, prompt_tokens=cap.n)
+        results.append(r)
+        if log is not None:
+            log(r)
+        del cache
+    return results
+
+
+def aggregate(task: str, per_sample: list[dict], configs, ratio_target, scoring: str) -> list[dict]:
+    """Per-sample results (any order, any shards) -> one record per (preset, context length), in
+    preset order then length. Sums are taken in sample order, so shards merge bit-exactly."""
+    per_sample = sorted(per_sample, key=lambda r: (r["index"], r.get("context_tokens") or 0))
+    out = []
+    lengths = sorted({r.get("context_tokens") or 0 for r in per_sample})
+    for name, cfg in configs:
+        for n in lengths:
+            rs = [r for r in per_sample if r["preset"] == name and (r.get("context_tokens") or 0) == n]
+            if not rs:
+                continue
+            k = len(rs)
+            kv = sum(r["kv_bytes"] for r in rs)
+            kv16 = sum(r["kv_bytes_fp16"] for r in rs)
+            dec = sum(r["decoded_tokens"] for r in rs)
+            dec_s = sum(r["decode_s"] for r in rs)
+            rec = {
+                "task": task, "preset": name, "samples": k, "context_tokens": n or None,
+                "ratio_target": cfg.target_ratio if cfg.target_ratio is not None else None,
+                "ratio_requested": ratio_target,
+                "score": sum(r["score"] for r in rs) / k,
+                "ratio": kv16 / kv if kv else 1.0,
+                "kv_bytes": kv // k, "kv_bytes_fp16": kv16 // k, "kv_mb": round(kv / k / 1e6, 4),
+                "kv_mb_fp16": round(kv16 / k / 1e6, 4),
+                "prompt_tokens": sum(r["prompt_tokens"] for r in rs) // k,
+                "tokens_per_s": dec / dec_s if dec_s > 0 else None,
+                "build_s": sum(r["build_s"] for r in rs) / k,
+                "prefill_s": sum(r["prefill_s"] for r in rs) / k,
+                "prefill_tokens_per_s": sum(r["prompt_tokens"] for r in rs) / max(1e-9, sum(r["prefill_s"] for r in rs)),
+                "scoring": scoring if rs[0].get("tokens") is None else "teacher-forced",
+            }
+            if "nll" in rs[0]:
+                toks = sum(r["tokens"] for r in rs)
+                nll, nll_full = sum(r["nll"] for r in rs), sum(r["nll_full"] for r in rs)
+                rec.update(ppl=perplexity(nll, toks), ppl_full=perplexity(nll_full, toks),
+                           top1_agreement=sum(r["top1"] for r in rs) / toks, kl=sum(r["kl"] for r in rs) / toks,
+                           score=min(1.0, math.exp((nll_full - nll) / toks)), tokens=toks)
+            rec["per_sample"] = [{kk: r.get(kk) for kk in ("index", "depth", "context_tokens", "score", "ratio",
+                                                           "kv_bytes", "prediction", "dataset", "id", "offset")
+                                  if r.get(kk) is not None} for r in rs]
+            rec["config"] = cfg.to_dict()
+            out.append(rec)
+    return out
+
+
+def run(model, tok, task: str, samples: list[Sample], configs, ratio=None, scoring: str = "match", chunk: int = 8,
+        rank: int = 0, world: int = 1, progress: bool = True) -> list[dict]:
+    """This process's share of the samples (``samples[rank::world]``) -> per-sample results."""
+    mine = samples[rank::world]
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(mine) * len(configs), desc=f"{task}", unit="run", dynamic_ncols=True)
+    out = []
+    for s in mine:
+        res = evaluate_sample(model, tok, s, configs, scoring=scoring, chunk=chunk)
+        out += res
+        if bar is not None:
+            bar.update(len(configs))
+            bar.set_postfix(sample=s.index, ctx=s.meta.get("context_tokens"))
+    if bar is not None:
+        bar.close()
+    return out

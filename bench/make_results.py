@@ -1,0 +1,258 @@
+"""Results page: every preset at ratios 2, 4, 8 on ppl, passkey and needle at 1K, 2K and 4K tokens
+on the embedded model -> docs/results.md (+ the JSON records).
+
+Cheap by design (CPU): one prefill forward per sample shared by every (preset, ratio); passkey and
+needle scored by greedy-match (one teacher-forced pass over the answer, see agacc/eval/runner.py);
+ppl teacher-forces --decode-tokens tokens in chunks of 8 through the cache. Cells run in the order
+length -> task -> sample, and the run stops starting new samples after --budget-min minutes: what
+did not run is marked as missing. Results are appended to the JSON after every sample, and
+--resume skips what it already holds.
+
+    python bench/make_results.py --budget-min 40          # run + write docs/results.md
+    python bench/make_results.py --render-only            # rewrite the page from the JSON
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RATIO_PRESETS = ["agacc", "dynacompress", "attention-sum", "h2o", "streamingllm", "snapkv", "pyramidkv", "fastkv", "dynamickv"]
+FIXED = ["full", "uniform-int8", "uniform-int4", "uniform-int2"]
+ADAPTIVE = "agacc"
+
+
+def run(args) -> None:
+    import torch
+
+    import agacc
+    from agacc.config import AGACCConfig
+    from agacc.eval import runner, tasks as T
+
+    torch.manual_seed(0)
+    out_json = Path(args.json)
+    done = json.loads(out_json.read_text()) if (args.resume and out_json.exists()) else {"meta": {}, "samples": []}
+    have = {(s["task"], s["context_tokens"], s["sample"]) for s in done["samples"]}
+    model, tok = agacc.load_model()
+    text = T.read_text(args.text)
+    configs = [(p, AGACCConfig.preset(p)) for p in FIXED]
+    for r in args.ratios:
+        configs += [(f"{p}@{r:g}", AGACCConfig.preset(p, target_ratio=float(r))) for p in RATIO_PRESETS]
+    done["meta"] = {"command": " ".join([sys.executable.split("/")[-1]] + sys.argv), "text": args.text or "default",
+                    "decode_tokens": args.decode_tokens, "depths": args.depths, "ratios": args.ratios,
+                    "lengths": args.lengths, "torch_threads": torch.get_num_threads(),
+                    "started": done["meta"].get("started") or time.strftime("%Y-%m-%d %H:%M:%S")}
+    t_start = time.time()
+    for n in args.lengths:
+        for task in args.tasks:
+            if task == "ppl":
+                samples = T.ppl(tok, n, 1, text=text, decode_tokens=args.decode_tokens)
+            elif task == "passkey":
+                samples = T.passkey(tok, n, len(args.depths), depths=args.depths)
+            else:
+                samples = T.needle(tok, n, len(args.depths), depths=args.depths, text=text)
+            for s in samples:
+                if (task, n, s.index) in have:
+                    continue
+                if (time.time() - t_start) / 60 > args.budget_min:
+                    print(f"budget reached: skipping {task} {n} sample {s.index}", flush=True)
+                    continue
+                t0 = time.time()
+                res = runner.evaluate_sample(model, tok, s, configs, scoring="match", chunk=8, log=lambda r: print(
+                    f"  {r['preset']}: score {r['score']:.3f} ratio {r['ratio']:.2f} build {r['build_s']:.1f}s decode {r['decode_s']:.1f}s", flush=True))
+                done["samples"].append({"task": task, "context_tokens": n, "sample": s.index, "results": res,
+                                        "seconds": time.time() - t0})
+                out_json.write_text(json.dumps(done, indent=0))
+                print(f"{task} {n} sample {s.index}: {time.time() - t0:.0f}s (total {(time.time() - t_start) / 60:.1f} min)", flush=True)
+    done["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    done["meta"]["minutes"] = round((time.time() - t_start) / 60, 1)
+    out_json.write_text(json.dumps(done, indent=0))
+
+
+def cells(data) -> dict:
+    """(task, length, preset, ratio) -> aggregate over samples (score, ratio, MB, tok/s, ppl...)."""
+    import math
+
+    acc: dict = {}
+    for s in data["samples"]:
+        for r in s["results"]:
+            name = r["preset"]
+            preset, _, rt = name.partition("@")
+            key = (s["task"], s["context_tokens"], preset, float(rt) if rt else None)
+            acc.setdefault(key, []).append(r)
+    out = {}
+    for key, rs in acc.items():
+        k = len(rs)
+        kv, kv16 = sum(r["kv_bytes"] for r in rs), sum(r["kv_bytes_fp16"] for r in rs)
+        c = {"n": k, "score": sum(r["score"] for r in rs) / k, "ratio": kv16 / kv, "mb": kv / k / 1e6,
+             "mb16": kv16 / k / 1e6,
+             "tps": sum(r["decoded_tokens"] for r in rs) / max(1e-9, sum(r["decode_s"] for r in rs)),
+             "build_s": sum(r["build_s"] for r in rs) / k}
+        if "nll" in rs[0]:
+            toks = sum(r["tokens"] for r in rs)
+            c.update(ppl=math.exp(sum(r["nll"] for r in rs) / toks), ppl_full=math.exp(sum(r["nll_full"] for r in rs) / toks),
+                     top1=sum(r["top1"] for r in rs) / toks, kl=sum(r["kl"] for r in rs) / toks)
+            c["score"] = min(1.0, c["ppl_full"] / c["ppl"])
+        out[key] = c
+    return out
+
+
+def render(data, ratios, lengths, tasks) -> str:
+    cs = cells(data)
+    m = data["meta"]
+    L = []
+    L.append("# Results: AGACC vs baselines on the embedded model\n")
+    L.append("Produced by `bench/make_results.py` (do not edit by hand). Model: SmolLM2-135M-Instruct "
+             "(embedded, fp32, CPU). Every method is a preset of the same compressed store; memory is "
+             "`cache.memory()` at the end of each sample (bytes actually held, tracker included) and the "
+             "ratio is measured: 16-bit bytes of the same tokens / bytes held.\n")
+    L.append(f"Command: `{m.get('command')}`  \nStarted {m.get('started')}, finished {m.get('finished', 'not finished')}"
+             f" ({m.get('minutes', '?')} min), torch threads {m.get('torch_threads')}. The machine is a shared 2-core CPU: "
+             "tokens/s are indicative only.\n")
+    L.append("## How to read\n")
+    L.append("- **ppl**: one window of the text (`--text`, default the GPL-3 text of the OS) per length; the first "
+             f"`length - {m.get('decode_tokens')}` tokens are prefilled, the last {m.get('decode_tokens')} are teacher-forced "
+             "through the cache in chunks of 8 (re-evaluations at the same steps as token-by-token decoding). "
+             "score = min(1, ppl_full / ppl); top-1 = agreement of the argmax with the full cache; KL(full || method) in nats/token.\n"
+             f"- **passkey** / **needle**: {len(m.get('depths') or [])} samples per length (depths {m.get('depths')}); score = greedy "
+             "decoding reproduces the key (5 digits) / the needle's 7-digit number exactly (checked in one teacher-forced pass). "
+             "Few samples: each is worth 1/{n} of the score, so differences of one sample are noise.\n".replace("{n}", str(len(m.get('depths') or [1]))) +
+             "- Each cell: `score (measured ratio)`. `full` stores the model's fp32 (ratio 0.5: lossless reference). "
+             "The uniform presets have a fixed ratio (their bit width), shown once per length; `--ratio` cannot move them.\n"
+             "- `—` = not run (time budget). A method meets a ratio column if its measured ratio is >= 95% of the target.\n")
+    for task in tasks:
+        L.append(f"\n## {task}\n")
+        for n in lengths:
+            if not any(k[0] == task and k[1] == n for k in cs):
+                L.append(f"\n### {task} @ {n} tokens: not run (time budget)\n")
+                continue
+            L.append(f"\n### {task} @ {n} tokens\n")
+            head = "| preset | " + " | ".join(f"ratio {r:g}" for r in ratios) + " | fixed |"
+            L.append(head)
+            L.append("|" + "---|" * (len(ratios) + 2))
+            for p in FIXED[:1] + RATIO_PRESETS + FIXED[1:]:
+                row = [p]
+                for r in ratios:
+                    c = cs.get((task, n, p, float(r)))
+                    row.append("—" if c is None or p in FIXED else _fmt(c, task))
+                c = cs.get((task, n, p, None))
+                row.append(_fmt(c, task) if c else "")
+                L.append("| " + " | ".join(row) + " |")
+            full = cs.get((task, n, "full", None))
+            if full:
+                extra = f", ppl {full['ppl']:.3f}" if "ppl" in full else ""
+                L.append(f"\nfull cache: score {full['score']:.3f}{extra}, {full['mb16']:.2f} MB at 16 bits "
+                         f"({full['mb']:.2f} MB held in fp32).\n")
+    # memory table
+    L.append("\n## Memory (MB held) and speed at each context length\n")
+    L.append("KV-cache MB held (mean over the samples of the ppl task, else passkey) per preset and ratio; "
+             "16-bit reference in the first row. tok/s = teacher-forced tokens per second through the compressed "
+             "cache (decode-like forwards, chunks of 8), build = seconds to compress after the prefill (fitter included).\n")
+    head = "| preset | ratio | " + " | ".join(f"{n} MB | {n} tok/s | {n} build s" for n in lengths) + " |"
+    L.append(head)
+    L.append("|" + "---|" * (2 + 3 * len(lengths)))
+    mt = "ppl" if "ppl" in tasks else tasks[0]
+
+    def pick(p, r, n):
+        for t in [mt] + [t for t in tasks if t != mt]:
+            c = cs.get((t, n, p, r))
+            if c:
+                return c
+        return None
+    ref = ["16-bit reference", ""]
+    for n in lengths:
+        c = pick("full", None, n)
+        ref += [f"{c['mb16']:.2f}" if c else "—", "", ""]
+    L.append("| " + " | ".join(ref) + " |")
+    for p in FIXED:
+        row = [p, "fixed"]
+        for n in lengths:
+            c = pick(p, None, n)
+            row += [f"{c['mb']:.2f} ({c['ratio']:.2f}x)", f"{c['tps']:.1f}", f"{c['build_s']:.1f}"] if c else ["—"] * 3
+        L.append("| " + " | ".join(row) + " |")
+    for p in RATIO_PRESETS:
+        for r in ratios:
+            row = [p, f"{r:g}"]
+            for n in lengths:
+                c = pick(p, float(r), n)
+                row += [f"{c['mb']:.2f} ({c['ratio']:.2f}x)", f"{c['tps']:.1f}", f"{c['build_s']:.1f}"] if c else ["—"] * 3
+            L.append("| " + " | ".join(row) + " |")
+    L.append("\n## Does the adaptive method dominate?\n")
+    L.append("For each task, length and ratio: AGACC's score vs the best baseline that meets the ratio "
+             "(measured ratio >= 95% of the target; the fixed-ratio uniform presets count in every column they meet). "
+             "Ties count as 'at least as good'.\n")
+    L.append("| task | ctx | ratio | agacc | best baseline | verdict |")
+    L.append("|---|---|---|---|---|---|")
+    wins = losses = 0
+    lost = []
+    for task in tasks:
+        for n in lengths:
+            for r in ratios:
+                a = cs.get((task, n, "agacc", float(r)))
+                if a is None:
+                    L.append(f"| {task} | {n} | {r:g} | — | — | not run |")
+                    continue
+                best, bname = None, None
+                for p in RATIO_PRESETS[3:]:
+                    c = cs.get((task, n, p, float(r)))
+                    if c and c["ratio"] >= 0.95 * r and (best is None or c["score"] > best["score"]):
+                        best, bname = c, p
+                for p in FIXED[1:]:
+                    c = cs.get((task, n, p, None))
+                    if c and c["ratio"] >= 0.95 * r and (best is None or c["score"] > best["score"]):
+                        best, bname = c, p
+                if best is None:
+                    L.append(f"| {task} | {n} | {r:g} | {_fmt(a, task)} | none ran | — |")
+                    continue
+                ok = a["score"] >= best["score"] - 1e-9
+                meets = a["ratio"] >= 0.95 * r
+                verdict = ("yes" if ok else "**no**") + ("" if meets else " (agacc misses the ratio)")
+                wins += ok
+                losses += not ok
+                if not ok:
+                    lost.append(f"{task} {n} @ {r:g}")
+                L.append(f"| {task} | {n} | {r:g} | {_fmt(a, task)} | {bname}: {_fmt(best, task)} | {verdict} |")
+    L.append(f"\nAGACC at least as good as the best baseline in {wins} of {wins + losses} cells that ran."
+             + (f" It does **not** dominate in: {', '.join(lost)}." if lost else "") + "\n")
+    return "\n".join(L) + "\n"
+
+
+def _fmt(c, task) -> str:
+    if c is None:
+        return "—"
+    s = f"{c['score']:.3f} ({c['ratio']:.2f}x)"
+    if "ppl" in c:
+        s = f"{c['score']:.3f} ({c['ratio']:.2f}x) ppl {c['ppl']:.2f}, top1 {c['top1']:.2f}"
+    return s
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    p.add_argument("--ratios", type=float, nargs="+", default=[2, 4, 8])
+    p.add_argument("--tasks", nargs="+", default=["ppl", "passkey", "needle"])
+    p.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.75])
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--text", default=None)
+    p.add_argument("--budget-min", type=float, default=40)
+    p.add_argument("--json", default=str(ROOT / "docs" / "results.json"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--render-only", action="store_true")
+    args = p.parse_args(argv)
+    if not args.render_only:
+        run(args)
+    data = json.loads(Path(args.json).read_text())
+    Path(args.out).write_text(render(data, args.ratios, args.lengths, args.tasks))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Eval runner and CLI on a tiny random Llama (made on the fly): the shared-prefill cache equals a
+real prefill, the CLI writes the promised records, --data reads LongBench / SCROLLS JSONL, and
+``accelerate launch`` over two CPU processes writes the same JSON as one process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+TIMING = ("tokens_per_s", "build_s", "prefill_s", "prefill_tokens_per_s", "world_size")
+CORPUS = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+          "The pass key is 12345. Remember it. What is the pass key? The special magic number for apple is: 7654321. "
+          "0 1 2 3 4 5 6 7 8 9 Question: Answer: Summary: Paragraph ") * 4
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 2-layer Llama with random weights and a small byte-level BPE tokenizer, saved to a tmp dir."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tk = Tokenizer(models.BPE(unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    tok.save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    import agacc
+
+    return agacc.load_model(tiny_model, device="cpu")
+
+
+def _strip(records):
+    out = []
+    for r in records:
+        out.append({k: v for k, v in r.items() if k not in TIMING})
+    return out
+
+
+@pytest.mark.parametrize("preset", ["agacc", "h2o", "snapkv", "pyramidkv", "uniform-int4", "full"])
+def test_cache_from_capture_equals_a_real_prefill(loaded, preset):
+    from agacc import AGACCConfig, CompressedCache
+    from agacc.eval.runner import cache_from_capture, capture_prefill
+
+    model, tok = loaded
+    cfg = AGACCConfig.preset(preset, **({} if preset in ("full", "uniform-int4") else {"target_ratio": 3.0}))
+    ids = torch.randint(3, len(tok), (1, 300), generator=torch.Generator().manual_seed(1))
+    nxt = torch.tensor([[5]])
+    with torch.inference_mode():
+        real = CompressedCache(model.config, cfg)
+        model(ids, past_key_values=real, use_cache=True)
+        want = model(nxt, past_key_values=real, use_cache=True).logits
+        cap = capture_prefill(model, ids[0].tolist(), n_obs=64)
+        built = cache_from_capture(model, cap, cfg)
+        got = model(nxt, past_key_values=built, use_cache=True).logits
+    for a, b in zip(real.layers, built.layers):
+        assert torch.equal(a.store.block_tier, b.store.block_tier)
+        assert a.store.n_entries == b.store.n_entries
+    assert real.memory()["bytes"] == built.memory()["bytes"]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_writes_records_table_and_plot(tiny_model, tmp_path, capsys):
+    from agacc.eval.cli import main
+
+    out, plot = tmp_path / "pk.json", tmp_path / "pk.html"
+    rc = main(["passkey", "--model", tiny_model, "--preset", "full", "agacc", "h2o", "uniform-int2", "--ratio", "4",
+               "--context-tokens", "256", "384", "--samples", "2", "--json", str(out), "--plot", str(plot), "--no-progress"])
+    assert rc == 0
+    recs = json.loads(out.read_text())
+    assert [(r["preset"], r["context_tokens"]) for r in recs] == [(p, n) for p in ("full", "agacc", "h2o", "uniform-int2")
+                                                                  for n in (256, 384)]
+    for r in recs:
+        for k in ("task", "preset", "samples", "score", "ratio", "kv_bytes", "kv_bytes_fp16", "tokens_per_s"):
+            assert k in r
+        assert 0.0 <= r["score"] <= 1.0 and r["samples"] == 2
+        assert r["ratio"] == pytest.approx(r["kv_bytes_fp16"] / r["kv_bytes"], rel=1e-3)
+        assert {s["depth"] for s in r["per_sample"]} == {0.0, 1.0}
+    h2o = [r for r in recs if r["preset"] == "h2o" and r["context_tokens"] == 384][0]
+    assert h2o["ratio"] >= 0.95 * 4
+    assert "preset" in capsys.readouterr().out  # the table
+    assert "plotly" in plot.read_text().lower()
+
+
+def test_cli_ppl_and_data_formats(tiny_model, tmp_path):
+    from agacc.eval.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text(CORPUS * 3)
+    out = tmp_path / "ppl.json"
+    assert main(["ppl", "--model", tiny_model, "--preset", "full", "snapkv", "--ratio", "2", "--context-tokens", "200",
+                 "--decode-tokens", "24", "--text", str(text), "--json", str(out), "--no-progress"]) == 0
+    full, snap = json.loads(out.read_text())
+    assert full["ppl"] == pytest.approx(full["ppl_full"], rel=1e-3) and full["top1_agreement"] == 1.0
+    assert snap["ppl_full"] == pytest.approx(full["ppl_full"], rel=1e-6) and snap["tokens"] == 24
+    for task, fx in (("longbench", "longbench_tiny.jsonl"), ("scrolls", "scrolls_tiny.jsonl")):
+        out = tmp_path / f"{task}.json"
+        assert main([task, "--model", tiny_model, "--preset", "full", "--data", str(FIXTURES / fx), "--max-new-tokens", "3",
+                     "--json", str(out), "--no-progress"]) == 0
+        (rec,) = json.loads(out.read_text())
+        assert rec["samples"] == (3 if task == "longbench" else 2) and rec["task"] == task
+    assert main(["passkey", "--model", tiny_model, "--preset", "kv-distill"]) == 2  # not available, says why
+
+
+def test_accelerate_two_processes_equal_one(tiny_model, tmp_path):
+    args = ["eval", "needle", "--model", tiny_model, "--preset", "full", "agacc", "snapkv", "--ratio", "3",
+            "--context-tokens", "256", "--samples", "3", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    single, sharded = tmp_path / "single.json", tmp_path / "sharded.json"
+    from agacc.eval.cli import main
+
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the launched processes (OMP_NUM_THREADS=1): same kernels, same floats
+    try:
+        assert main(args[1:] + ["--json", str(single)]) == 0
+    finally:
+        torch.set_num_threads(torch_threads)
+    # accelerate 1.15: `--cpu --num_processes 2` starts ONE process (multi-CPU needs MPI); the torchrun
+    # launcher (`--multi_gpu`) starts two, and on a machine without GPUs they run on CPU with gloo.
+    r2 = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                         "--main_process_port", "29533", "-m", "agacc", *args, "--json", str(sharded)], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    a, b = json.loads(single.read_text()), json.loads(sharded.read_text())
+    assert b[0]["world_size"] == 2 and a[0]["world_size"] == 1
+    assert _strip(a) == _strip(b)
