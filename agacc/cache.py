@@ -345,12 +345,11 @@ def planned_bytes(plans, cfg: AGACCConfig, geo: Geometry, seq_len: int) -> int:
         n = tier.numel()
         hot_tokens = seq_len - n * B
         total += 2 * geo.batch * geo.heads * hot_tokens * geo.head_dim * geo.full_itemsize
-        cost = {}
-        for t, b, k in zip(tier.tolist(), bits.tolist(), keep.tolist()):
-            key = (t, b, k)
-            if key not in cost:
-                cost[key] = block_cost_bytes(t, b, k, **kw)
-            total += cost[key]
+        codes = (tier.long() * 32 + bits.long()) * 1024 + keep.long()  # one code per (tier, bits, keep)
+        uniq, counts = torch.unique(codes, return_counts=True)
+        for code, count in zip(uniq.tolist(), counts.tolist()):
+            t, b, k = code // 1024 // 32, code // 1024 % 32, code % 1024
+            total += count * block_cost_bytes(t, b, k, **kw)
         ev = (tier == EVICTED).to(torch.int8)
         runs = int(((ev[1:] == 1) & (ev[:-1] == 0)).sum()) + int(ev[:1].sum()) if n else 0
         if cfg.markers:
