@@ -11,7 +11,6 @@ the output is [Bt, q, Hq, D] like every transformers attention function.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from agacc.store import Entries

@@ -218,19 +218,24 @@ class CompressedCache(Cache):
         for l, s in zip(layers, block_scores):
             l.scores = s
         self.reevaluations += 1
+        overhead = self.unplanned_bytes()
         if self.record_history:
-            self.history.append({"step": self.steps, "seq_len": seq_len, "n_ready": n_ready,
+            self.history.append({"step": self.steps, "seq_len": seq_len, "n_ready": n_ready, "overhead": overhead,
                                  "scores": [s.clone() for s in block_scores]})
         if not cfg.compress or n_ready == 0:
             return
         geo = self._geometry()
         if cfg.target_ratio is not None:
-            # bytes outside the plan: tracker state, block scores, token-layout indices (int32)
-            overhead = sum(l.tracker.nbytes() + l.scores.nbytes + 4 * seq_len for l in layers)
             self.threshold_scale = fit_threshold_scale(block_scores, cfg, geo, seq_len, cfg.target_ratio, overhead)
         plans = plan_tiers(block_scores, cfg, geo, seq_len, self.threshold_scale)
         for l, (tier, bits, keep) in zip(layers, plans):
             l.store.apply_tiers(tier, bits, keep, l.tracker.raw()[:seq_len])
+
+    def unplanned_bytes(self) -> int:
+        """Bytes the tier plan does not cover (tracker state, block scores, int32 token-layout
+        indices), which the ratio fitter adds to the plan."""
+        layers = [l for l in self.layers if l.store is not None]
+        return sum(l.tracker.nbytes() + l.scores.nbytes + 4 * l.store.seq_len for l in layers)
 
     # --- reporting -------------------------------------------------------------------------
     def memory(self) -> dict:

@@ -8,7 +8,7 @@ block, so the thresholds mean the same at any context length.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
 SCORINGS = ("ema", "decay", "sum")             # 000 §2.3 EMA / 001 decay-weighted / 002 attention sum
 BUDGET_SHAPES = ("weights", "pyramid", "dynamic")  # per-layer budgets: 001 w_l / PyramidKV / DynamicKV

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from agacc import quant
 
 
 def _planes(packed: torch.Tensor, container: int) -> list[torch.Tensor]:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from agacc.quant import container_bits, kept_count
+from agacc.quant import container_bits, kept_counts
 from agacc.tiers import CONTAINER_TIER, EVICTED, FULL, PRUNED
 
 
@@ -55,7 +55,7 @@ def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, scale: float = 1.0
     low = (s <= tau_l) & (s >= tau_e)
     p = cfg.p_max * (1 - torch.clamp(s / tau_l, max=1.0))
     bits[low] = cfg.b_min
-    keep[low] = torch.tensor([kept_count(head_dim, float(pi)) for pi in p[low]], dtype=torch.int16)
+    keep[low] = kept_counts(head_dim, p[low])
     # a block that keeps every element is not pruned: it is a b_min-bit block
     tier[low] = torch.where(keep[low] < head_dim, PRUNED, CONTAINER_TIER[container_bits(cfg.b_min)]).to(torch.int8)
     ev = s < tau_e
@@ -154,3 +154,21 @@ def layer_budgets(cfg, weights: list[float], seq_len: int, block_size: int, prot
         kept_tokens = min(seq_len, math.floor(total * w[l] / (mean_w * n_layers)))
         out.append(max(0, kept_tokens // block_size - protected_blocks[l]))
     return out
+
+
+def fidelity_floor(prev, tier, bits, keep):
+    """Without a host copy a block can only lose fidelity: where the new plan is above ``prev`` =
+    (tier, bits, keep) of the blocks already tiered (lower tier code, or more bits / kept elements in
+    the same tier) the previous values stay. ``prev`` None or empty: the plan as is."""
+    if prev is None or prev[0].numel() == 0:
+        return tier, bits, keep
+    ot, ob, ok = prev
+    n_old = ot.numel()
+    t, b, k = tier[:n_old], bits[:n_old], keep[:n_old]
+    same = t == ot
+    promote = (t < ot) | (same & (b > ob)) | (same & (t == PRUNED) & (k > ok))
+    tier, bits, keep = tier.clone(), bits.clone(), keep.clone()
+    tier[:n_old] = torch.where(promote, ot, t)
+    bits[:n_old] = torch.where(promote, ob, b)
+    keep[:n_old] = torch.where(promote, ok, k)
+    return tier, bits, keep

@@ -149,6 +149,12 @@ def kept_count(head_dim: int, rate: float) -> int:
     return max(8, min(head_dim, -(-keep // 8) * 8))
 
 
+def kept_counts(head_dim: int, rates: torch.Tensor) -> torch.Tensor:
+    """``kept_count`` for a tensor of rates -> int16 tensor."""
+    keep = head_dim - torch.round(rates.double() * head_dim).long()
+    return (torch.div(keep + 7, 8, rounding_mode="floor") * 8).clamp(8, head_dim).to(torch.int16)
+
+
 def magnitude_prune_mask(x: torch.Tensor, keep: int) -> torch.Tensor:
     """Bool mask ``like x`` keeping the ``keep`` largest-|x| elements of each vector (last dim)."""
     idx = x.abs().topk(keep, dim=-1, sorted=False).indices

@@ -335,7 +335,7 @@ class GenerationSession:
             geo = cache._geometry()
             tr.meta["geometry"] = {"n_layers": geo.n_layers, "heads": geo.heads, "head_dim": geo.head_dim,
                                    "batch": geo.batch, "full_itemsize": geo.full_itemsize}
-        tr.add_history(cache.history[len(tr.history):], overhead=_fit_overhead(cache))
+        tr.add_history(cache.history[len(tr.history):], overhead=cache.unplanned_bytes())
         return tr.add_frame(cache.snapshot())
 
     def _final_frame(self, cache: CompressedCache) -> None:
@@ -362,15 +362,6 @@ class GenerationSession:
             tr.compare = {k: v for k, v in r.items()}
         else:
             tr.compare = None
-
-
-def _fit_overhead(cache: CompressedCache) -> int:
-    """Bytes outside the plan that the ratio fitter counted at the latest re-evaluation (tracker
-    state, block scores, token-layout indices), as ``CompressedCache.reevaluate`` computes them; the
-    tracker does not change between the re-evaluation and the end of that forward."""
-    layers = [l for l in cache.layers if l.store is not None]
-    seq_len = cache.seq_len
-    return sum(l.tracker.nbytes() + l.scores.nbytes + 4 * seq_len for l in layers)
 
 
 def _copy_cache(cache):

@@ -22,12 +22,13 @@ entry order after RoPE, so segments are read in a fixed order (see ``attention_s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from agacc import quant
-from agacc.tiers import EVICTED, FULL, HOT, INT2, INT4, INT8, PRUNED, TIER_CONTAINER, CONTAINER_TIER
+from agacc.policy import fidelity_floor
+from agacc.tiers import EVICTED, FULL, INT2, INT4, INT8, PRUNED, TIER_CONTAINER
 
 
 def _quant_ops(device) -> object:
@@ -390,22 +391,6 @@ class LayerStore:
         return out
 
     # ---- re-tiering -------------------------------------------------------------------------
-    def _fidelity_floor(self, tier, bits, keep):
-        """Without a host copy a block can only lose fidelity: a target above the current tier
-        (fewer tier code, or more bits / kept elements in the same tier) keeps the current one."""
-        n_old = self.n_blocks
-        if self.cfg.host_copy or n_old == 0:
-            return tier, bits, keep
-        t, b, k = tier[:n_old], bits[:n_old], keep[:n_old]
-        ot, ob, ok = self.block_tier, self.block_bits, self.block_keep
-        same = t == ot
-        promote = (t < ot) | (same & (b > ob)) | (same & (t == PRUNED) & (k > ok))
-        tier, bits, keep = tier.clone(), bits.clone(), keep.clone()
-        tier[:n_old] = torch.where(promote, ot, t)
-        bits[:n_old] = torch.where(promote, ob, b)
-        keep[:n_old] = torch.where(promote, ok, k)
-        return tier, bits, keep
-
     def apply_tiers(self, tier: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor, token_weight: torch.Tensor):
         """Set the tier of blocks ``0..len(tier)-1`` (all must be ready).
 
@@ -417,7 +402,8 @@ class LayerStore:
         tier = tier.to(torch.int8).to(self.device)
         bits = bits.to(torch.int8).to(self.device)
         keep = keep.to(torch.int16).to(self.device)
-        tier, bits, keep = self._fidelity_floor(tier, bits, keep)
+        if not self.cfg.host_copy:  # without a host copy a block can only lose fidelity
+            tier, bits, keep = fidelity_floor((self.block_tier, self.block_bits, self.block_keep), tier, bits, keep)
         n_old = self.n_blocks
         if n_old:
             ot, ob, ok = self.block_tier, self.block_bits, self.block_keep

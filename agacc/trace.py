@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from agacc.config import AGACCConfig
-from agacc.tiers import EVICTED, HOT, NAMES, PRUNED
+from agacc.policy import fidelity_floor
+from agacc.tiers import EVICTED, HOT, NAMES
 
 TRACE_FORMAT = "agacc-trace"
 TRACE_VERSION = 1
@@ -162,26 +163,6 @@ def _json_default(o):
 
 
 # --- replay -----------------------------------------------------------------------------------
-
-def fidelity_floor(prev, tier, bits, keep):
-    """Without a host copy a block can only lose fidelity (mirrors ``LayerStore._fidelity_floor``):
-    where the new plan is above the previous one (lower tier code, or more bits / kept elements in the
-    same tier) the previous (tier, bits, keep) stays."""
-    if prev is None:
-        return tier, bits, keep
-    ot, ob, ok = prev
-    n_old = ot.numel()
-    if n_old == 0:
-        return tier, bits, keep
-    t, b, k = tier[:n_old], bits[:n_old], keep[:n_old]
-    same = t == ot
-    promote = (t < ot) | (same & (b > ob)) | (same & (t == PRUNED) & (k > ok))
-    tier, bits, keep = tier.clone(), bits.clone(), keep.clone()
-    tier[:n_old] = torch.where(promote, ot, t)
-    bits[:n_old] = torch.where(promote, ob, b)
-    keep[:n_old] = torch.where(promote, ok, k)
-    return tier, bits, keep
-
 
 def evicted_runs(tier: torch.Tensor) -> list[list[int]]:
     """Contiguous runs of evicted blocks as [first_block, last_block] (one marker each)."""
