@@ -328,8 +328,12 @@ def plan_tiers(block_scores: list[torch.Tensor], cfg: AGACCConfig, geo: Geometry
         hot_blocks = -(-(seq_len - (block_scores[0].numel() * B)) // B)
         budgets = policy.layer_budgets(cfg, policy.budget_weights(cfg, block_scores), seq_len, B,
                                        [sink_blocks + hot_blocks] * len(block_scores), scale)
-    for layer, s in enumerate(block_scores):
-        tier, bits, keep = policy.assign_tiers(s, cfg, geo.head_dim, layer, scale)
+    if cfg.rule == "thresholds" and block_scores:  # elementwise: all layers in one call
+        stacked = policy.thresholds_rule(torch.stack(block_scores), cfg, geo.head_dim, scale)
+        raw = [(t, b, k) for t, b, k in zip(*stacked)]
+    else:
+        raw = [policy.assign_tiers(s, cfg, geo.head_dim, layer, scale) for layer, s in enumerate(block_scores)]
+    for layer, (s, (tier, bits, keep)) in enumerate(zip(block_scores, raw)):
         n_sink = min(sink_blocks, s.numel())
         tier[:n_sink], bits[:n_sink], keep[:n_sink] = FULL, 16, geo.head_dim
         if budgets is not None:
@@ -342,29 +346,30 @@ def plan_tiers(block_scores: list[torch.Tensor], cfg: AGACCConfig, geo: Geometry
 
 def planned_bytes(plans, cfg: AGACCConfig, geo: Geometry, seq_len: int) -> int:
     """Bytes the plans would hold (cost model of store.py), hot region included, tracker excluded."""
+    if not plans:
+        return 0
     B = cfg.block_size
     kw = dict(batch=geo.batch, heads=geo.heads, head_dim=geo.head_dim, block_size=B, full_itemsize=geo.full_itemsize,
               value_group_size=cfg.value_group_size, b_min=cfg.b_min, sparse_threshold=cfg.sparse_threshold)
-    total = 0
-    for tier, bits, keep in plans:
-        n = tier.numel()
-        hot_tokens = seq_len - n * B
-        total += 2 * geo.batch * geo.heads * hot_tokens * geo.head_dim * geo.full_itemsize
-        codes = (tier.long() * 32 + bits.long()) * 1024 + keep.long()  # one code per (tier, bits, keep)
-        uniq, counts = torch.unique(codes, return_counts=True)
-        for code, count in zip(uniq.tolist(), counts.tolist()):
-            t, b, k = code // 1024 // 32, code // 1024 % 32, code % 1024
-            total += count * block_cost_bytes(t, b, k, **kw)
+    tier = torch.stack([p[0] for p in plans]).long()  # [L, n]
+    bits = torch.stack([p[1] for p in plans]).long()
+    keep = torch.stack([p[2] for p in plans]).long()
+    n = tier.shape[1]
+    hot_tokens = seq_len - n * B
+    total = len(plans) * 2 * geo.batch * geo.heads * hot_tokens * geo.head_dim * geo.full_itemsize
+    uniq, counts = torch.unique((tier * 32 + bits) * 1024 + keep, return_counts=True)  # one code per (tier, bits, keep)
+    for code, count in zip(uniq.tolist(), counts.tolist()):
+        total += count * block_cost_bytes(code // 1024 // 32, code // 1024 % 32, code % 1024, **kw)
+    if cfg.markers and n:
         ev = (tier == EVICTED).to(torch.int8)
-        runs = int(((ev[1:] == 1) & (ev[:-1] == 0)).sum()) + int(ev[:1].sum()) if n else 0
-        if cfg.markers:
-            total += runs * marker_cost_bytes(batch=geo.batch, heads=geo.heads, head_dim=geo.head_dim,
-                                              full_itemsize=geo.full_itemsize)
+        runs = int(((ev[:, 1:] == 1) & (ev[:, :-1] == 0)).sum()) + int(ev[:, 0].sum())
+        total += runs * marker_cost_bytes(batch=geo.batch, heads=geo.heads, head_dim=geo.head_dim,
+                                          full_itemsize=geo.full_itemsize)
     return total
 
 
 def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_bytes: int = 0,
-                        iters: int = 40) -> float:
+                        iters: int = 24) -> float:
     """Scale s for (tau_h, tau_l, tau_e) * s so the planned bytes (+ ``overhead_bytes`` the plan does
     not cover) are just under bytes_fp16 / target: the library's target-ratio -> thresholds map.
 

@@ -35,14 +35,14 @@ def block_uniforms(seed: int, layer: int, n_blocks: int) -> torch.Tensor:
 
 
 def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, scale: float = 1.0):
-    """Seed 000 §2.4 on block scores [n] -> (tier int8 [n], bits int8 [n], keep int16 [n]).
+    """Seed 000 §2.4 on block scores [n] (or [L, n]) -> (tier int8, bits int8, keep int16) alike.
 
     ``scale`` multiplies all three thresholds (the ratio fitter moves it)."""
     tau_h, tau_l, tau_e = cfg.tau_h * scale, cfg.tau_l * scale, cfg.tau_e * scale
-    n = scores.numel()
-    tier = torch.full((n,), FULL, dtype=torch.int8)
-    bits = torch.full((n,), 16, dtype=torch.int8)
-    keep = torch.full((n,), head_dim, dtype=torch.int16)
+    shape = scores.shape  # elementwise: [n] for one layer or [L, n] for all at once
+    tier = torch.full(shape, FULL, dtype=torch.int8)
+    bits = torch.full(shape, 16, dtype=torch.int8)
+    keep = torch.full(shape, head_dim, dtype=torch.int16)
     s = scores.float().cpu()
     mid = (s > tau_l) & (s <= tau_h)
     x = ((s - tau_l) / (tau_h - tau_l)).clamp(0, 1)
