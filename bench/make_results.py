@@ -184,31 +184,33 @@ def render(data, ratios, lengths, tasks) -> str:
                 row += [f"{c['mb']:.2f} ({c['ratio']:.2f}x)", f"{c['tps']:.1f}", f"{c['build_s']:.1f}"] if c else ["—"] * 3
             L.append("| " + " | ".join(row) + " |")
     L.append("\n## Does the adaptive method dominate?\n")
-    L.append("For each task, length and ratio: AGACC's score vs the best baseline that meets the ratio "
-             "(measured ratio >= 95% of the target; the fixed-ratio uniform presets count in every column they meet). "
-             "Ties count as 'at least as good'.\n")
-    L.append("| task | ctx | ratio | agacc | best baseline | verdict |")
-    L.append("|---|---|---|---|---|---|")
-    wins = losses = 0
+    L.append("For each task, length and ratio: AGACC's score vs the best baseline run at the same target ratio "
+             "(whatever ratio it measured; the fixed-ratio uniform presets count in every column whose target they "
+             "reach within 5%). Ties count as 'at least as good'. For ppl the score (ppl_full / ppl, capped at 1) "
+             "saturates and is noisy over few tokens, so a second verdict compares KL(full || method) per token "
+             "(lower is better) against the lowest baseline KL.\n")
+    L.append("| task | ctx | ratio | agacc | best baseline | verdict | ppl: best baseline KL | verdict by KL |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    wins = losses = kl_wins = kl_losses = 0
     lost = []
     for task in tasks:
         for n in lengths:
             for r in ratios:
                 a = cs.get((task, n, "agacc", float(r)))
                 if a is None:
-                    L.append(f"| {task} | {n} | {r:g} | — | — | not run |")
+                    L.append(f"| {task} | {n} | {r:g} | — | — | not run | | |")
                     continue
                 best, bname = None, None
-                for p in RATIO_PRESETS[3:]:
+                for p in RATIO_PRESETS[3:]:  # run at the same target with the same fitter: always compared
                     c = cs.get((task, n, p, float(r)))
-                    if c and c["ratio"] >= 0.95 * r and (best is None or c["score"] > best["score"]):
+                    if c and (best is None or c["score"] > best["score"]):
                         best, bname = c, p
                 for p in FIXED[1:]:
                     c = cs.get((task, n, p, None))
                     if c and c["ratio"] >= 0.95 * r and (best is None or c["score"] > best["score"]):
                         best, bname = c, p
                 if best is None:
-                    L.append(f"| {task} | {n} | {r:g} | {_fmt(a, task)} | none ran | — |")
+                    L.append(f"| {task} | {n} | {r:g} | {_fmt(a, task)} | none ran | — | | |")
                     continue
                 ok = a["score"] >= best["score"] - 1e-9
                 meets = a["ratio"] >= 0.95 * r
@@ -217,9 +219,27 @@ def render(data, ratios, lengths, tasks) -> str:
                 losses += not ok
                 if not ok:
                     lost.append(f"{task} {n} @ {r:g}")
-                L.append(f"| {task} | {n} | {r:g} | {_fmt(a, task)} | {bname}: {_fmt(best, task)} | {verdict} |")
+                kl_cols = " | |"
+                if "kl" in a:
+                    kls = [(cs[(task, n, p, float(r))]["kl"], p) for p in RATIO_PRESETS[3:] if (task, n, p, float(r)) in cs]
+                    kls += [(cs[(task, n, p, None)]["kl"], p) for p in FIXED[1:]
+                            if (task, n, p, None) in cs and cs[(task, n, p, None)]["ratio"] >= 0.95 * r]
+                    if kls:
+                        kb, kp = min(kls)
+                        ok_kl = a["kl"] <= kb + 1e-12
+                        kl_wins += ok_kl
+                        kl_losses += not ok_kl
+                        kl_cols = f" | {kp}: {kb:.4f} (agacc {a['kl']:.4f}) | {'yes' if ok_kl else '**no**'} |"
+                L.append(f"| {task} | {n} | {r:g} | {_fmt(a, task)} | {bname}: {_fmt(best, task)} | {verdict}" + kl_cols)
+    misses = [f"{p} {t} {n} @ {r:g}: {c['ratio']:.2f}x" for (t, n, p, r), c in sorted(cs.items(), key=lambda kv: str(kv[0]))
+              if r is not None and c["ratio"] < 0.95 * r]
+    if misses:
+        L.append("\nMeasured ratio below 95% of the target (the method could not get there: full-precision "
+                 "recent window and sinks, tracker state, or generated tokens a compress-once method keeps): "
+                 + "; ".join(misses) + ".\n")
     L.append(f"\nAGACC at least as good as the best baseline in {wins} of {wins + losses} cells that ran."
-             + (f" It does **not** dominate in: {', '.join(lost)}." if lost else "") + "\n")
+             + (f" It does **not** dominate in: {', '.join(lost)}." if lost else "")
+             + (f" By KL on ppl: at least as good in {kl_wins} of {kl_wins + kl_losses}." if kl_wins + kl_losses else "") + "\n")
     return "\n".join(L) + "\n"
 
 
@@ -228,7 +248,7 @@ def _fmt(c, task) -> str:
         return "—"
     s = f"{c['score']:.3f} ({c['ratio']:.2f}x)"
     if "ppl" in c:
-        s = f"{c['score']:.3f} ({c['ratio']:.2f}x) ppl {c['ppl']:.2f}, top1 {c['top1']:.2f}"
+        s = f"{c['score']:.3f} ({c['ratio']:.2f}x) ppl {c['ppl']:.2f}, top1 {c['top1']:.2f}, KL {c['kl']:.3f}"
     return s
 
 

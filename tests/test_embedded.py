@@ -43,16 +43,23 @@ def test_full_preset_is_token_for_token_the_plain_model(model_tok):
 
 
 def test_agacc_compresses_a_long_prompt_and_still_answers(model_tok):
+    """Passkey retrieval over ~1.25K tokens: the plain model answers; AGACC must too at > 3x.
+
+    (Uniform 2-bit at a similar ratio gets this one wrong, which is what makes it a test.)
+    """
     model, tok = model_tok
-    filler = " ".join(["The grass is green. The sky is blue. The sun is yellow."] * 40)
-    text = f"{filler} The pass key is 48213. Remember it. {filler}\nWhat is the pass key?"
+    filler = " ".join(["The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."] * 25)
+    text = f"{filler} The pass key is 48213. Remember it. {filler}\nWhat is the pass key? Answer with the number only."
     inputs = chat(tok, text)
+    n = inputs["input_ids"].shape[1]
     cache = agacc.CompressedCache(model.config, AGACCConfig.preset("agacc"))
     with torch.inference_mode():
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=16, do_sample=False)
+        ref = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=12, do_sample=False)
+    assert "48213" in tok.decode(ref[0, n:])
     mem = cache.memory()
-    assert mem["ratio"] > 2.0, mem
-    answer = tok.decode(out[0, inputs["input_ids"].shape[1]:])
+    assert mem["ratio"] > 3.0, mem
+    answer = tok.decode(out[0, n:])
     assert "48213" in answer, answer
 
 

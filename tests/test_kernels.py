@@ -195,7 +195,7 @@ def test_decode_fp16_store_head128_gqa4_sparse_8bit():
     """fp16 store and query, D = 128, g = 4; b_min = 8 puts sparse codes in 8-bit containers."""
     store = make_store(1, 2, 128, 16 * 7 + 16 + 9, tiers=[INT4, PRUNED, EVICTED, INT2, FULL, INT8, PRUNED],
                        bits=[4, 8, 8, 2, 8, 8, 8], keep=[128, 32, 128, 128, 128, 128, 128],
-                       dtype=torch.float16, b_min=8, value_group_size=64)
+                       dtype=torch.float16, b_min=8, b_max=8, value_group_size=64)
     assert store.sparse and store.quant[8].n_blocks == 2  # keep 128 at b_min 8: dense int8
     check_decode(store, g=4, qdtype=torch.float16)
 
