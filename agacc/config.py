@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields, replace
 
 SCORINGS = ("ema", "decay", "sum")             # 000 §2.3 EMA / 001 decay-weighted / 002 attention sum
 BUDGET_SHAPES = ("weights", "pyramid", "dynamic")  # per-layer budgets: 001 w_l / PyramidKV / DynamicKV
+BIT_INTERPS = ("log", "linear")
 POSITION_NORMS = ("none", "power", "log")      # forms of P(t - i), 000 §2.3
 QUANTIZERS = ("minmax", "meanstd")
 STORE_DTYPES = ("model", "float16", "bfloat16")
@@ -41,6 +42,12 @@ class AGACCConfig:
             > tau_h: full precision; (tau_l, tau_h]: quantised; [tau_e, tau_l]: pruned; < tau_e: evicted.
         b_min, b_max: bit range; medium-tier bits b = b_min + floor(x*(b_max-b_min+1)), x the position
             of I^ inside (tau_l, tau_h]; stored in 2/4/8-bit containers.
+        bit_interp: how x is measured: "linear" (the seed's (I^ - tau_l)/(tau_h - tau_l)) or "log"
+            (log(I^/tau_l)/log(tau_h/tau_l), the default: block importance spans orders of magnitude,
+            so the linear form puts almost every block in the lowest bit width; docs/tuning.md).
+        fill_container: raise every code width to its container's (3 -> 4, 5..7 -> 8): a 3-bit code
+            costs a 4-bit container's bytes anyway, so the extra bit is free precision. False keeps
+            the seed's exact b (to study b's error, not to save bytes).
         quantizer: "minmax" (asymmetric, keys per channel / values per token) or "meanstd" (seed formula).
         s: outlier scale s of the mean/std quantiser.
         value_group_size: channels per (scale, zero) group of the per-token value quantiser.
@@ -93,11 +100,13 @@ class AGACCConfig:
     position_norm: str = "none"
     position_gamma: float = 0.3
     # tiers
-    tau_h: float = 8.0
+    tau_h: float = 200.0
     tau_l: float = 0.6
     tau_e: float = 0.3
     b_min: int = 2
     b_max: int = 4
+    bit_interp: str = "log"
+    fill_container: bool = True
     quantizer: str = "minmax"
     s: float = 3.0
     value_group_size: int = 64
@@ -115,11 +124,11 @@ class AGACCConfig:
     pool_kernel: int = 0
     tsp_layer: int | None = None
     # blocks / re-evaluation
-    block_size: int = 32
+    block_size: int = 16
     n_r: int = 8
     n_w: int = 16
     host_copy: bool = False
-    recent_window: int = 64
+    recent_window: int = 32
     n_sink: int = 4
     # budget / storage
     target_ratio: float | None = None
@@ -150,6 +159,7 @@ class AGACCConfig:
         need(self.position_gamma >= 0, f"position_gamma must be >= 0, got {self.position_gamma}")
         need(self.tau_h > self.tau_l > self.tau_e >= 0,
              f"thresholds must satisfy tau_h > tau_l > tau_e >= 0, got tau_h={self.tau_h}, tau_l={self.tau_l}, tau_e={self.tau_e}")
+        need(self.bit_interp in BIT_INTERPS, f"bit_interp must be one of {BIT_INTERPS}, got {self.bit_interp!r}")
         need(1 <= self.b_min <= self.b_max <= 8, f"bits must satisfy 1 <= b_min <= b_max <= 8, got b_min={self.b_min}, b_max={self.b_max}")
         need(self.quantizer in QUANTIZERS, f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         need(not (self.quantizer == "meanstd" and self.b_min < 2), "the meanstd quantiser needs b_min >= 2")

@@ -34,6 +34,14 @@ def block_uniforms(seed: int, layer: int, n_blocks: int) -> torch.Tensor:
     return torch.rand(n_blocks, generator=g)
 
 
+_CONTAINER_OF = torch.tensor([0, 2, 2, 4, 4, 8, 8, 8, 8], dtype=torch.int8)  # code bits -> container bits
+
+
+def code_bits(b: torch.Tensor, cfg) -> torch.Tensor:
+    """The code width actually used for seed bits ``b`` (int8): the container's with ``fill_container``."""
+    return _CONTAINER_OF[b.long()] if cfg.fill_container else b
+
+
 def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, scale: float = 1.0):
     """Seed 000 §2.4 on block scores [n] (or [L, n]) -> (tier int8, bits int8, keep int16) alike.
 
@@ -45,8 +53,12 @@ def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, scale: float = 1.0
     keep = torch.full(shape, head_dim, dtype=torch.int16)
     s = scores.float().cpu()
     mid = (s > tau_l) & (s <= tau_h)
-    x = ((s - tau_l) / (tau_h - tau_l)).clamp(0, 1)
+    if cfg.bit_interp == "log":  # importance is heavy-tailed: interpolate on its log (docs/tuning.md)
+        x = (torch.log(s.clamp_min(1e-30) / tau_l) / math.log(tau_h / tau_l)).clamp(0, 1)
+    else:  # the seed's linear position inside (tau_l, tau_h]
+        x = ((s - tau_l) / (tau_h - tau_l)).clamp(0, 1)
     b = (cfg.b_min + torch.floor(x * (cfg.b_max - cfg.b_min + 1))).clamp(max=cfg.b_max).to(torch.int8)
+    b = code_bits(b, cfg)
     for c in (2, 4, 8):
         lo = 0 if c == 2 else c // 2
         in_c = mid & (b > lo) & (b <= c)
@@ -54,7 +66,7 @@ def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, scale: float = 1.0
     bits[mid] = b[mid]
     low = (s <= tau_l) & (s >= tau_e)
     p = cfg.p_max * (1 - torch.clamp(s / tau_l, max=1.0))
-    bits[low] = cfg.b_min
+    bits[low] = int(code_bits(torch.tensor([cfg.b_min]), cfg))
     keep[low] = kept_counts(head_dim, p[low])
     # a block that keeps every element is not pruned: it is a b_min-bit block
     tier[low] = torch.where(keep[low] < head_dim, PRUNED, CONTAINER_TIER[container_bits(cfg.b_min)]).to(torch.int8)
@@ -71,7 +83,7 @@ def dynacompress_rule(scores: torch.Tensor, cfg, head_dim: int, layer: int, scal
     n = scores.numel()
     s = scores.float().cpu()
     a_hat = (s / s.max().clamp_min(1e-12)).clamp(0, 1) if n else s
-    b = torch.clamp(torch.floor(cfg.b_max * (1 - cfg.gamma * (1 - a_hat))), min=cfg.b_min).to(torch.int8)
+    b = code_bits(torch.clamp(torch.floor(cfg.b_max * (1 - cfg.gamma * (1 - a_hat))), min=cfg.b_min).to(torch.int8), cfg)
     tier = torch.tensor([CONTAINER_TIER[container_bits(int(x))] for x in b], dtype=torch.int8)
     bits = b.clone()
     keep = torch.full((n,), head_dim, dtype=torch.int16)

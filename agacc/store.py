@@ -454,7 +454,7 @@ class LayerStore:
             else:
                 seg = self.sparse.get(kp)
                 if seg is None:
-                    seg = self.sparse[kp] = SparseSegment(self.B, self.device, kp, cfg.b_min, cfg)
+                    seg = self.sparse[kp] = SparseSegment(self.B, self.device, kp, int(bits[sel[0]]), cfg)
                 seg.add(ids[sel], kk, vv)
 
     def _take_blocks(self, moving: torch.Tensor, n_old: int):

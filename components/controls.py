@@ -25,7 +25,7 @@ class Knob:
 
 # every threshold / knob of the cache a person tunes, in display order
 THRESHOLDS = [
-    Knob("tau_h", "τ_h: full precision above", 0.05, 20.0, 0.05, "normalised importance (1 = layer mean)"),
+    Knob("tau_h", "τ_h: full precision above", 0.05, 1000.0, 0.05, "normalised importance (1 = layer mean); a heavy tail: top blocks score in the hundreds"),
     Knob("tau_l", "τ_l: quantised above, pruned below", 0.01, 20.0, 0.01, "must stay below τ_h"),
     Knob("tau_e", "τ_e: evicted below", 0.0, 10.0, 0.01, "must stay below τ_l"),
 ]

@@ -69,5 +69,5 @@ def test_cli_generate_json_and_errors():
     assert res.returncode == 0, res.stderr
     rec = json.loads(res.stdout)
     assert rec["new_tokens"] <= 8 and rec["memory"]["bytes"] > 0 and rec["text"]
-    bad = subprocess.run(cmd[:-1] + ["--set", "tau_l=9"], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(cmd[:-1] + ["--set", "tau_l=500"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "tau_h > tau_l" in bad.stderr

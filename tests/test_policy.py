@@ -17,7 +17,9 @@ def fidelity_key(tier, bits, keep):
 
 
 def test_thresholds_rule_worked_example():
-    cfg = AGACCConfig(tau_h=2.0, tau_l=0.5, tau_e=0.1, b_min=2, b_max=8, p_max=0.5, position_norm="power")
+    """The seed's exact rule: linear position in (tau_l, tau_h], codes of exactly b bits."""
+    cfg = AGACCConfig(tau_h=2.0, tau_l=0.5, tau_e=0.1, b_min=2, b_max=8, p_max=0.5, position_norm="power",
+                      bit_interp="linear", fill_container=False)
     scores = torch.tensor([3.0, 2.0, 1.25, 0.6, 0.5, 0.25, 0.05])
     tier, bits, keep = policy.thresholds_rule(scores, cfg, head_dim=64)
     # 3.0 > tau_h: full; 2.0: x=1 -> b = 2 + floor(7) -> 8; 1.25: x=0.5 -> 2+3=5 (int8 container);
@@ -28,9 +30,27 @@ def test_thresholds_rule_worked_example():
     assert keep.tolist() == [64, 64, 64, 64, 64, 48, 0]
 
 
+def test_thresholds_rule_log_position_and_filled_containers():
+    """Default: x = log(I/tau_l)/log(tau_h/tau_l), and b raised to its container's width."""
+    cfg = AGACCConfig(tau_h=2.0, tau_l=0.5, tau_e=0.1, b_min=2, b_max=8)
+    scores = torch.tensor([1.25, 1.0, 0.7, 0.6])
+    # x = log(2.5)/log(4) = 0.661 -> 2 + floor(4.63) = 6 -> 8;  log(2)/log(4) = 0.5 -> 2 + 3 = 5 -> 8;
+    # log(1.4)/log(4) = 0.243 -> 2 + 1 = 3 -> 4;  log(1.2)/log(4) = 0.132 -> 2 + 0 = 2
+    tier, bits, _ = policy.thresholds_rule(scores, cfg, head_dim=64)
+    assert bits.tolist() == [8, 8, 4, 2]
+    assert tier.tolist() == [T.INT8, T.INT8, T.INT4, T.INT2]
+    _, bits, _ = policy.thresholds_rule(scores, cfg.with_overrides(fill_container=False), head_dim=64)
+    assert bits.tolist() == [6, 5, 3, 2]
+    _, bits, _ = policy.thresholds_rule(scores, cfg.with_overrides(bit_interp="linear", fill_container=False), head_dim=64)
+    assert bits.tolist() == [5, 4, 2, 2]  # x = 0.5, 0.333, 0.133, 0.067
+    with pytest.raises(ValueError, match="bit_interp"):
+        AGACCConfig(bit_interp="cubic")
+
+
 def test_dynacompress_corrected_signs():
     """Seed 001 as written gives fewer bits / more pruning to more attention; ours is the intent."""
-    cfg = AGACCConfig(rule="dynacompress", b_min=2, b_max=8, gamma=0.75, lam=10, tau_prune=0.3, tau_h=1e9)
+    cfg = AGACCConfig(rule="dynacompress", b_min=2, b_max=8, gamma=0.75, lam=10, tau_prune=0.3, tau_h=1e9,
+                      fill_container=False)
     a_hat = torch.linspace(0, 1, 11)
     tier, bits, _ = policy.dynacompress_rule(a_hat, cfg, 64, layer=0)
     assert bits[-1] == 8 and bits.tolist() == sorted(bits.tolist())  # b = 8 * (1 - 0.75 * (1 - A))
@@ -76,7 +96,7 @@ def test_bits_grow_with_importance_inside_the_band():
 
 
 def test_layer_budget_respects_c_max():
-    cfg = AGACCConfig(c_max=0.3, rule="thresholds", tau_h=100, tau_l=50, tau_e=0.0)
+    cfg = AGACCConfig(c_max=0.3, rule="thresholds", tau_h=100, tau_l=50, tau_e=0.0, block_size=32)
     n_layers, seq_len, B = 4, 1024, 32
     scores = [torch.rand(30) for _ in range(n_layers)]
     geo = Geometry(n_layers, 2, 64, 1, 2)
@@ -93,7 +113,7 @@ def test_layer_budget_respects_c_max():
 
 @pytest.mark.parametrize("target", [2.0, 4.0, 6.0])
 def test_ratio_fitter_reaches_target(target):
-    cfg = AGACCConfig.preset("agacc")
+    cfg = AGACCConfig.preset("agacc", block_size=32)  # 126 blocks of 32 ~ 4096 tokens
     geo = Geometry(n_layers=4, heads=2, head_dim=64, batch=1, full_itemsize=2)
     seq_len = 4096
     torch.manual_seed(0)
@@ -109,7 +129,7 @@ def test_rule_registry_rejects_unknown_rule():
 
 
 def test_fit_thresholds_returns_a_config_that_reaches_the_ratio():
-    cfg = AGACCConfig.preset("agacc")
+    cfg = AGACCConfig.preset("agacc", block_size=32)  # 60 blocks of 32 ~ 2000 tokens
     geo = Geometry(n_layers=3, heads=2, head_dim=64, batch=1, full_itemsize=2)
     torch.manual_seed(1)
     scores = [torch.rand(60).pow(2) * 4 for _ in range(3)]
