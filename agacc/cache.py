@@ -226,16 +226,25 @@ class CompressedCache(Cache):
             return
         geo = self._geometry()
         if cfg.target_ratio is not None:
-            self.threshold_scale = fit_threshold_scale(block_scores, cfg, geo, seq_len, cfg.target_ratio, overhead)
+            self.threshold_scale = fit_threshold_scale(block_scores, cfg, geo, seq_len, cfg.target_ratio,
+                                                       overhead + self.headroom_bytes())
         plans = plan_tiers(block_scores, cfg, geo, seq_len, self.threshold_scale)
         for l, (tier, bits, keep) in zip(layers, plans):
             l.store.apply_tiers(tier, bits, keep, l.tracker.raw()[:seq_len])
 
+    def headroom_bytes(self) -> int:
+        """Room the ratio fitter leaves for the tokens that arrive before the next re-evaluation
+        (N_r of them, at most one block: compress-once presets never re-evaluate); they join the
+        hot region at full precision, so the target ratio holds until then, not only right now."""
+        geo = self._geometry()
+        per_token = 2 * geo.batch * geo.heads * geo.head_dim * geo.full_itemsize * geo.n_layers
+        return min(self.cfg.n_r, self.cfg.block_size) * per_token
+
     def unplanned_bytes(self) -> int:
-        """Bytes the tier plan does not cover (tracker state, block scores, int32 token-layout
-        indices), which the ratio fitter adds to the plan."""
+        """Bytes the tier plan does not cover (tracker state, block scores, the int32 block layout
+        of the attention order), which the ratio fitter adds to the plan."""
         layers = [l for l in self.layers if l.store is not None]
-        return sum(l.tracker.nbytes() + l.scores.nbytes + 4 * l.store.seq_len for l in layers)
+        return sum(l.tracker.nbytes() + l.scores.nbytes + 4 * l.store.n_ready_blocks() for l in layers)
 
     # --- reporting -------------------------------------------------------------------------
     def memory(self) -> dict:

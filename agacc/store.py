@@ -356,35 +356,34 @@ class LayerStore:
             out.append(Entries(self.hot_k.to(dtype), self.hot_v.to(dtype)))
         return out
 
-    def token_layout(self):
-        """How entries map back to tokens, cached until the tiers change:
-        (tokens [n_tiered] int64 for the tiered entries in attention order, marker_tokens [m_tok] int64,
-        marker_of [m_tok] int64 marker index, marker_share [m_tok] fp32 = 1/count). Markers come
-        after the tiered entries, then the hot region (tokens hot_start..seq_len)."""
+    def token_layout(self) -> torch.Tensor:
+        """Block ids [n_tiered_blocks] int32 of the tiered entries in attention order (each block is
+        B consecutive entries for B consecutive tokens), cached until the tiers change. 4 bytes a
+        block: markers map back through their spans, the hot region by position."""
         if self._layout is None:
             segs = [s for s in self.segments if s.n_blocks]
-            tokens = torch.cat([s.token_positions() for s in segs]) if segs else torch.empty(0, dtype=torch.long, device=self.device)
-            mt, mo, ms = [], [], []
-            for i, (f, l) in enumerate(self.markers.span.tolist()):
-                t = torch.arange(f * self.B, (l + 1) * self.B, device=self.device)
-                mt.append(t)
-                mo.append(torch.full_like(t, i))
-                ms.append(torch.full((t.numel(),), 1.0 / t.numel(), device=self.device))
-            cat = lambda xs, dt: torch.cat(xs) if xs else torch.empty(0, dtype=dt, device=self.device)
-            self._layout = (tokens.to(torch.int32), cat(mt, torch.long).to(torch.int32),
-                            cat(mo, torch.long), cat(ms, torch.float32))
+            ids = [s.block_ids for s in segs]
+            self._layout = torch.cat(ids).to(torch.int32) if ids else torch.empty(0, dtype=torch.int32, device=self.device)
         return self._layout
 
     def token_mass(self, mass: torch.Tensor) -> torch.Tensor:
         """Entry mass [n_entries] (attention order) -> token mass [seq_len]; a marker's mass is shared
         evenly among the tokens of its span."""
-        tokens, mt, mo, ms = self.token_layout()
+        B = self.B
+        blocks = self.token_layout().long()
         out = torch.zeros(self.seq_len, dtype=torch.float32, device=mass.device)
-        n_t = tokens.numel()
-        out.index_add_(0, tokens, mass[:n_t].float())
+        by_block = out[: self.hot_start].view(-1, B)  # [n_ready_blocks, B], a view of out
+        n_t = blocks.numel() * B
+        if n_t:
+            by_block.index_add_(0, blocks, mass[:n_t].float().view(-1, B))
         m = self.markers.n
         if m:
-            out.index_add_(0, mt, mass[n_t:n_t + m].float()[mo] * ms)
+            first, last = self.markers.span[:, 0].long(), self.markers.span[:, 1].long()
+            n_blk = last - first + 1
+            owner = torch.repeat_interleave(torch.arange(m, device=mass.device), n_blk)   # marker of each spanned block
+            offset = torch.arange(owner.numel(), device=mass.device) - (torch.cumsum(n_blk, 0) - n_blk)[owner]
+            share = mass[n_t:n_t + m].float()[owner] / (n_blk[owner] * B).float()
+            by_block.index_add_(0, first[owner] + offset, share[:, None].expand(-1, B))
         n_hot = self.seq_len - self.hot_start
         if n_hot:
             out[self.hot_start:] += mass[mass.numel() - n_hot:].float()
@@ -549,7 +548,7 @@ class LayerStore:
             ts += seg.tensors() + [seg.block_ids]
         ts += self.markers.tensors()
         if self._layout is not None:
-            ts += list(self._layout)
+            ts.append(self._layout)
         return [t for t in ts if t is not None]
 
     def nbytes(self) -> int:
@@ -571,7 +570,7 @@ class LayerStore:
             "pruned": sum(seg_bytes(s) for s in self.sparse.values()),
             "markers": self.markers.nbytes(),
             "meta": self.block_tier.nbytes + self.block_bits.nbytes + self.block_keep.nbytes
-            + (sum(t.nbytes for t in self._layout) if self._layout is not None else 0),
+            + (self._layout.nbytes if self._layout is not None else 0),
         }
 
     def map_batch(self, fn) -> None:

@@ -144,3 +144,30 @@ def test_token_mass_maps_entries_back_to_tokens():
     # the marker's mass is shared evenly by its 32 tokens (blocks 5-6)
     m_idx = (11 - 2) * 16
     assert torch.allclose(tok[80:112], torch.full((32,), float(mass[m_idx]) / 32))
+
+
+def test_token_mass_maps_entries_back_to_tokens():
+    """Entry mass in attention order -> token mass, checked against a token-by-token construction:
+    a tiered entry is its token, a marker's mass is spread evenly over its span, hot by position."""
+    st, _, _ = make_store()
+    apply(st, **MIXED)
+    B, n = st.B, st.seq_len
+    mass = torch.rand(st.n_entries)
+    want = torch.zeros(n)
+    pos = 0
+    for seg in [s for s in st.segments if s.n_blocks]:
+        for b in seg.block_ids.tolist():
+            for t in range(b * B, (b + 1) * B):
+                want[t] += mass[pos]
+                pos += 1
+    for first, last in st.markers.span.tolist():
+        span = range(first * B, (last + 1) * B)
+        for t in span:
+            want[t] += mass[pos] / len(span)
+        pos += 1
+    for t in range(st.hot_start, n):
+        want[t] += mass[pos]
+        pos += 1
+    assert pos == st.n_entries and st.markers.n == 1
+    torch.testing.assert_close(st.token_mass(mass), want)
+    assert st.token_layout().nbytes == 4 * (11 - 2)  # one int32 per tiered block, nothing per token
