@@ -1,13 +1,14 @@
 """Decode attention (one query step) straight from the packed store, in PyTorch.
 
 This is the CPU path (CUDA uses the Triton kernel; both are checked against the reference
-``attention.attend`` over dequantised entries). It never materialises dequantised K/V:
+``attention.attend`` over dequantised entries). Packed bytes are unpacked with one table lookup
+(``_codes``: byte -> its 8/c codes, little-endian, so the result is in channel order); scales and
+zero points are applied inside the products, so the only float copy of a segment is a transient
+one inside the step, never held:
 
-* codes are split into bit *planes* with float arithmetic (``hi = floor(p / 2^c)``, ``lo = p - 2^c hi``),
-  which vectorises, where uint8 shifts do not; plane j holds channels j, j + 8/c, j + 2*8/c, ...
-* keys (scale/zero per channel per block): q.k = sum_j q[plane j] . (scale * plane_j) + q.zero,
-  one matmul per plane, the zero point one bias per block;
-* values (scale/zero per token per channel group): p.v = sum_t (p_t*scale_t) plane_t + sum_t p_t*zero_t.
+* keys (scale/zero per channel per block): q.k = q . (scale * codes) + q . zero, the zero point one
+  bias per block;
+* values (scale/zero per token per channel group): p.v = sum_t (p_t*scale_t) codes_t + sum_t p_t*zero_t.
 
 Shapes: query [Bt, Hq, 1, D]; KV heads H, g = Hq / H; scores [Bt, H, g, n].
 """
@@ -15,57 +16,45 @@ from __future__ import annotations
 
 import torch
 
+_LUT: dict = {}
 
 
-def _planes(packed: torch.Tensor, container: int) -> list[torch.Tensor]:
-    """uint8 [..., m] -> 8//c float32 planes [..., m]; plane j = codes of channels d = i*(8//c) + j."""
-    x = packed.float()
+def _codes(packed: torch.Tensor, container: int) -> torch.Tensor:
+    """uint8 [..., m] -> float32 codes [..., m * 8//c] in channel order (code j of byte i is channel
+    i*(8//c) + j), by one lookup in a [256, 8//c] table."""
     if container == 8:
-        return [x]
-    base = float(1 << container)
-    planes = []
-    for _ in range(8 // container - 1):
-        hi = torch.floor(x * (1.0 / base))
-        planes.append(x - hi * base)
-        x = hi
-    planes.append(x)
-    return planes
+        return packed.float()
+    key = (container, packed.device)
+    lut = _LUT.get(key)
+    if lut is None:
+        per, mask = 8 // container, (1 << container) - 1
+        b = torch.arange(256)
+        lut = _LUT[key] = torch.stack([(b >> (j * container)) & mask for j in range(per)], -1).float().to(packed.device)
+    return torch.nn.functional.embedding(packed.long(), lut).flatten(-2)
 
 
 def _key_scores(qg, seg, B):
-    """qg [Bt,H,g,D] fp32 -> scores [Bt,H,g,n] over a QuantSegment.
-
-    Each plane is scaled by its block's per-channel scale (one broadcast multiply), then one matmul
-    per plane; the zero point becomes one bias per (block, query head)."""
+    """qg [Bt,H,g,D] fp32 -> scores [Bt,H,g,n] over a QuantSegment."""
     bt, h, g, d = qg.shape
     nblk = seg.k_scale.shape[2]
-    per = 8 // seg.container
-    scale = seg.k_scale.float()[:, :, :, None, :]                          # [Bt,H,nblk,1,D]
+    codes = _codes(seg.k, seg.container).view(bt, h, nblk, B, d)
+    k = (codes * seg.k_scale.float()[:, :, :, None, :]).view(bt, h, nblk * B, d)
     bias = torch.matmul(qg, seg.k_zero.float().transpose(-1, -2))          # [Bt,H,g,nblk]
-    s = bias.repeat_interleave(B, dim=-1)                                   # [Bt,H,g,n]
-    for j, plane in enumerate(_planes(seg.k, seg.container)):
-        pl = (plane.reshape(bt, h, nblk, B, d // per) * scale[..., j::per]).reshape(bt, h, nblk * B, d // per)
-        s = s + torch.matmul(qg[..., j::per], pl.transpose(-1, -2))
-    return s
+    return torch.matmul(qg, k.transpose(-1, -2)) + bias.repeat_interleave(B, dim=-1)
 
 
 def _value_out(p, seg):
     """p [Bt,H,g,n] fp32 -> sum_t p_t v_t [Bt,H,g,D] over a QuantSegment."""
     bt, h, g, n = p.shape
-    per = 8 // seg.container
     ngrp = seg.v_scale.shape[-1]
-    ps = p.unsqueeze(-1) * seg.v_scale.float()[:, :, None]              # [Bt,H,g,n,ngrp]
-    zero = (p.unsqueeze(-1) * seg.v_zero.float()[:, :, None]).sum(3)    # [Bt,H,g,ngrp]
-    outs = []
-    for plane in _planes(seg.v, seg.container):
-        m = plane.shape[-1]
-        if ngrp == 1:
-            outs.append(torch.matmul(ps[..., 0], plane))               # [Bt,H,g,m]
-        else:
-            pl = plane.reshape(bt, h, n, ngrp, m // ngrp)
-            outs.append(torch.einsum("bhgtr,bhtre->bhgre", ps, pl).reshape(bt, h, g, m))
-    d = per * outs[0].shape[-1]
-    out = torch.stack(outs, -1).reshape(bt, h, g, d)                      # interleave planes
+    codes = _codes(seg.v, seg.container)                                 # [Bt,H,n,D]
+    d = codes.shape[-1]
+    zero = torch.matmul(p, seg.v_zero.float())                           # [Bt,H,g,ngrp]
+    if ngrp == 1:
+        out = torch.matmul(p * seg.v_scale.float()[..., 0].unsqueeze(2), codes)
+    else:
+        ps = p.unsqueeze(-1) * seg.v_scale.float()[:, :, None]            # [Bt,H,g,n,ngrp]
+        out = torch.einsum("bhgtr,bhtre->bhgre", ps, codes.view(bt, h, n, ngrp, d // ngrp)).reshape(bt, h, g, d)
     return out + zero.repeat_interleave(d // ngrp, dim=-1)
 
 
