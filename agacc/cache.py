@@ -218,7 +218,7 @@ class CompressedCache(Cache):
         for l, s in zip(layers, block_scores):
             l.scores = s
         self.reevaluations += 1
-        overhead = self.unplanned_bytes()
+        overhead = self.unplanned_bytes() + self.headroom_bytes()  # what the ratio fitter adds to its plan
         if self.record_history:
             self.history.append({"step": self.steps, "seq_len": seq_len, "n_ready": n_ready, "overhead": overhead,
                                  "scores": [s.clone() for s in block_scores]})
@@ -226,8 +226,8 @@ class CompressedCache(Cache):
             return
         geo = self._geometry()
         if cfg.target_ratio is not None:
-            self.threshold_scale = fit_threshold_scale(block_scores, cfg, geo, seq_len, cfg.target_ratio,
-                                                       overhead + self.headroom_bytes())
+            prev = None if cfg.host_copy else [(l.store.block_tier, l.store.block_bits, l.store.block_keep) for l in layers]
+            self.threshold_scale = fit_threshold_scale(block_scores, cfg, geo, seq_len, cfg.target_ratio, overhead, prev=prev)
         plans = plan_tiers(block_scores, cfg, geo, seq_len, self.threshold_scale)
         for l, (tier, bits, keep) in zip(layers, plans):
             l.store.apply_tiers(tier, bits, keep, l.tracker.raw()[:seq_len])
@@ -378,9 +378,12 @@ def planned_bytes(plans, cfg: AGACCConfig, geo: Geometry, seq_len: int) -> int:
 
 
 def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_bytes: int = 0,
-                        iters: int = 24) -> float:
+                        iters: int = 24, prev=None) -> float:
     """Scale s for (tau_h, tau_l, tau_e) * s so the planned bytes (+ ``overhead_bytes`` the plan does
     not cover) are just under bytes_fp16 / target: the library's target-ratio -> thresholds map.
+    ``prev``: per layer (tier, bits, keep) already applied, when blocks cannot regain fidelity (no
+    host copy): the plan is floored as the store will floor it, so bytes the store cannot spend on
+    promotions go to other blocks instead of being left unused.
 
     Planned bytes fall as s grows; bisection on log s. If the target is out of reach (recent window
     and sinks alone exceed it) the largest scale tried is returned."""
@@ -388,7 +391,10 @@ def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_
     budget = fp16 / target_ratio - overhead_bytes
 
     def bytes_at(log_s):
-        return planned_bytes(plan_tiers(block_scores, cfg, geo, seq_len, math.exp(log_s)), cfg, geo, seq_len)
+        plans = plan_tiers(block_scores, cfg, geo, seq_len, math.exp(log_s))
+        if prev is not None:
+            plans = [policy.fidelity_floor(p0, *p) for p0, p in zip(prev, plans)]
+        return planned_bytes(plans, cfg, geo, seq_len)
 
     lo, hi = -12.0, 12.0
     if bytes_at(lo) <= budget:

@@ -142,6 +142,14 @@ def test_replay_equals_real_run_without_host_copy(run_floor):
     assert len(frames_r) >= 3
 
 
+def test_replay_equals_real_run_with_target_ratio(mt):
+    """The ratio fitter (floored plans, headroom for the next N_r tokens) replays exactly too."""
+    cfg = agacc.AGACCConfig.preset("agacc", target_ratio=1.6, **SMALL)  # fp32 window: a short prompt reaches ~2x at most
+    s, _ = _run(mt, cfg, n=10)
+    frames_r = _assert_replay_matches(s.trace, cfg)
+    assert len(frames_r) >= 3 and len({f["threshold_scale"] for f in frames_r}) > 1  # the fitter moved
+
+
 def test_replay_under_new_thresholds(run_floor):
     cfg, s, _ = run_floor
     tr = s.trace
