@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 import agacc
 from agacc.config import AGACCConfig

@@ -135,18 +135,6 @@ def test_packed_decode_path_equals_reference(group, batch, heads, q_heads):
 
 
 def test_token_mass_maps_entries_back_to_tokens():
-    st, _, _ = make_store()
-    apply(st, **MIXED)
-    mass = torch.rand(st.n_entries)
-    tok = st.token_mass(mass)
-    assert tok.shape == (st.seq_len,)
-    assert math.isclose(float(tok.sum()), float(mass.sum()), rel_tol=1e-5)
-    # the marker's mass is shared evenly by its 32 tokens (blocks 5-6)
-    m_idx = (11 - 2) * 16
-    assert torch.allclose(tok[80:112], torch.full((32,), float(mass[m_idx]) / 32))
-
-
-def test_token_mass_maps_entries_back_to_tokens():
     """Entry mass in attention order -> token mass, checked against a token-by-token construction:
     a tiered entry is its token, a marker's mass is spread evenly over its span, hot by position."""
     st, _, _ = make_store()
