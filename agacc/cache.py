@@ -390,10 +390,13 @@ def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_
     fp16 = 2 * geo.batch * geo.heads * seq_len * geo.head_dim * 2 * len(block_scores)
     budget = fp16 / target_ratio - overhead_bytes
 
+    prev_stacked = tuple(torch.stack(x) for x in zip(*prev)) if prev else None  # [L, n_old] each
+
     def bytes_at(log_s):
         plans = plan_tiers(block_scores, cfg, geo, seq_len, math.exp(log_s))
-        if prev is not None:
-            plans = [policy.fidelity_floor(p0, *p) for p0, p in zip(prev, plans)]
+        if prev_stacked is not None:  # one floor over all layers at once
+            floored = policy.fidelity_floor(prev_stacked, *(torch.stack(x) for x in zip(*plans)))
+            plans = list(zip(*floored))
         return planned_bytes(plans, cfg, geo, seq_len)
 
     lo, hi = -12.0, 12.0

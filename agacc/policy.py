@@ -66,7 +66,7 @@ def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, scale: float = 1.0
     bits[mid] = b[mid]
     low = (s <= tau_l) & (s >= tau_e)
     p = cfg.p_max * (1 - torch.clamp(s / tau_l, max=1.0))
-    bits[low] = int(code_bits(torch.tensor([cfg.b_min]), cfg))
+    bits[low] = container_bits(cfg.b_min) if cfg.fill_container else cfg.b_min
     keep[low] = kept_counts(head_dim, p[low])
     # a block that keeps every element is not pruned: it is a b_min-bit block
     tier[low] = torch.where(keep[low] < head_dim, PRUNED, CONTAINER_TIER[container_bits(cfg.b_min)]).to(torch.int8)
@@ -171,16 +171,17 @@ def layer_budgets(cfg, weights: list[float], seq_len: int, block_size: int, prot
 def fidelity_floor(prev, tier, bits, keep):
     """Without a host copy a block can only lose fidelity: where the new plan is above ``prev`` =
     (tier, bits, keep) of the blocks already tiered (lower tier code, or more bits / kept elements in
-    the same tier) the previous values stay. ``prev`` None or empty: the plan as is."""
+    the same tier) the previous values stay. Shapes [n] (prev [n_old]) or stacked layers [L, n]
+    (prev [L, n_old]). ``prev`` None or empty: the plan as is."""
     if prev is None or prev[0].numel() == 0:
         return tier, bits, keep
     ot, ob, ok = prev
-    n_old = ot.numel()
-    t, b, k = tier[:n_old], bits[:n_old], keep[:n_old]
+    n_old = ot.shape[-1]
+    t, b, k = tier[..., :n_old], bits[..., :n_old], keep[..., :n_old]
     same = t == ot
     promote = (t < ot) | (same & (b > ob)) | (same & (t == PRUNED) & (k > ok))
     tier, bits, keep = tier.clone(), bits.clone(), keep.clone()
-    tier[:n_old] = torch.where(promote, ot, t)
-    bits[:n_old] = torch.where(promote, ob, b)
-    keep[:n_old] = torch.where(promote, ok, k)
+    tier[..., :n_old] = torch.where(promote, ot, t)
+    bits[..., :n_old] = torch.where(promote, ob, b)
+    keep[..., :n_old] = torch.where(promote, ok, k)
     return tier, bits, keep
