@@ -22,7 +22,7 @@ from agacc import policy
 from agacc.attention import attend, observe_prefill
 from agacc.config import AGACCConfig
 from agacc.decode import decode_attention
-from agacc.importance import ImportanceTracker, block_max, max_pool
+from agacc.importance import WINDOW_ITEMSIZE, ImportanceTracker, block_max, max_pool
 from agacc.store import LayerStore, block_cost_bytes, marker_cost_bytes
 from agacc.tiers import EVICTED, FULL, HOT, NAMES
 
@@ -105,7 +105,7 @@ class CompressedLayer(CacheLayerMixin):
             # the lossless preset keeps entries in position order, so a padding mask applies as is
             mask = attention_mask if (attention_mask is not None and not cfg.compress) else None
             out, mass = _decode_attention(query, store, scaling, mask)
-            self.tracker.observe(store.token_mass(mass))
+            self.tracker.observe(mass)  # per entry; mapped to tokens at the re-evaluation
         elif n_prior == 0:
             g = query.shape[1] // key.shape[1]
             out = F.scaled_dot_product_attention(
@@ -203,7 +203,7 @@ class CompressedCache(Cache):
         if not layers:
             return
         for l in layers:
-            l.tracker.update()
+            l.tracker.update(l.store.token_mass)  # before apply_tiers changes the entry layout
         seq_len = self.seq_len
         n_ready = layers[0].store.n_ready_blocks()
         token_scores = [l.tracker.scores(seq_len, n_ready * cfg.block_size) for l in layers]
@@ -222,15 +222,16 @@ class CompressedCache(Cache):
         if self.record_history:
             self.history.append({"step": self.steps, "seq_len": seq_len, "n_ready": n_ready, "overhead": overhead,
                                  "scores": [s.clone() for s in block_scores]})
-        if not cfg.compress or n_ready == 0:
-            return
-        geo = self._geometry()
-        if cfg.target_ratio is not None:
-            prev = None if cfg.host_copy else [(l.store.block_tier, l.store.block_bits, l.store.block_keep) for l in layers]
-            self.threshold_scale = fit_threshold_scale(block_scores, cfg, geo, seq_len, cfg.target_ratio, overhead, prev=prev)
-        plans = plan_tiers(block_scores, cfg, geo, seq_len, self.threshold_scale)
-        for l, (tier, bits, keep) in zip(layers, plans):
-            l.store.apply_tiers(tier, bits, keep, l.tracker.raw()[:seq_len])
+        if cfg.compress and n_ready > 0:
+            geo = self._geometry()
+            if cfg.target_ratio is not None:
+                prev = None if cfg.host_copy else [(l.store.block_tier, l.store.block_bits, l.store.block_keep) for l in layers]
+                self.threshold_scale = fit_threshold_scale(block_scores, cfg, geo, seq_len, cfg.target_ratio, overhead, prev=prev)
+            plans = plan_tiers(block_scores, cfg, geo, seq_len, self.threshold_scale)
+            for l, (tier, bits, keep) in zip(layers, plans):
+                l.store.apply_tiers(tier, bits, keep, l.tracker.raw()[:seq_len])
+        for l in layers:  # the next window, held (and counted) from now on
+            l.tracker.start_window(l.store.n_entries)
 
     def headroom_bytes(self) -> int:
         """Room the ratio fitter leaves for the tokens that arrive before the next re-evaluation
@@ -242,9 +243,12 @@ class CompressedCache(Cache):
 
     def unplanned_bytes(self) -> int:
         """Bytes the tier plan does not cover (tracker state, block scores, the int32 block layout
-        of the attention order), which the ratio fitter adds to the plan."""
+        of the attention order, window slots of the tokens before the next re-evaluation), which the
+        ratio fitter adds to the plan (the window held now is the plan's: one slot per entry)."""
         layers = [l for l in self.layers if l.store is not None]
-        return sum(l.tracker.nbytes() + l.scores.nbytes + 4 * l.store.n_ready_blocks() for l in layers)
+        ahead = WINDOW_ITEMSIZE * min(self.cfg.n_r, self.cfg.block_size) * len(layers)  # window slots of the tokens to come
+        tracker = sum(l.tracker.nbytes() - l.tracker.window.nbytes for l in layers)  # the window is in the plan
+        return tracker + sum(l.scores.nbytes + 4 * l.store.n_ready_blocks() for l in layers) + ahead
 
     # --- reporting -------------------------------------------------------------------------
     def memory(self) -> dict:
@@ -354,7 +358,8 @@ def plan_tiers(block_scores: list[torch.Tensor], cfg: AGACCConfig, geo: Geometry
 
 
 def planned_bytes(plans, cfg: AGACCConfig, geo: Geometry, seq_len: int) -> int:
-    """Bytes the plans would hold (cost model of store.py), hot region included, tracker excluded."""
+    """Bytes the plans would hold (cost model of store.py), hot region included, plus the tracker's
+    attention window (one bf16 slot per entry the plan leaves); the rest of the tracker excluded."""
     if not plans:
         return 0
     B = cfg.block_size
@@ -369,12 +374,14 @@ def planned_bytes(plans, cfg: AGACCConfig, geo: Geometry, seq_len: int) -> int:
     uniq, counts = torch.unique((tier * 32 + bits) * 1024 + keep, return_counts=True)  # one code per (tier, bits, keep)
     for code, count in zip(uniq.tolist(), counts.tolist()):
         total += count * block_cost_bytes(code // 1024 // 32, code // 1024 % 32, code % 1024, **kw)
+    runs = 0
     if cfg.markers and n:
         ev = (tier == EVICTED).to(torch.int8)
         runs = int(((ev[:, 1:] == 1) & (ev[:, :-1] == 0)).sum()) + int(ev[:, 0].sum())
         total += runs * marker_cost_bytes(batch=geo.batch, heads=geo.heads, head_dim=geo.head_dim,
                                           full_itemsize=geo.full_itemsize)
-    return total
+    entries = int((tier != EVICTED).sum()) * B + runs + len(plans) * hot_tokens
+    return total + WINDOW_ITEMSIZE * entries
 
 
 def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_bytes: int = 0,

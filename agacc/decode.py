@@ -1,8 +1,8 @@
 """Decode attention (one query step) straight from the packed store, in PyTorch.
 
 This is the CPU path (CUDA uses the Triton kernel; both are checked against the reference
-``attention.attend`` over dequantised entries). Packed bytes are unpacked with one table lookup
-(``_codes``: byte -> its 8/c codes, little-endian, so the result is in channel order); scales and
+``attention.attend`` over dequantised entries). Packed bytes are unpacked a 32-bit word at a time
+(``_codes``: little-endian, so the codes come out in channel order); scales and
 zero points are applied inside the products, so the only float copy of a segment is a transient
 one inside the step, never held:
 
@@ -14,20 +14,32 @@ Shapes: query [Bt, Hq, 1, D]; KV heads H, g = Hq / H; scores [Bt, H, g, n].
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 _LUT: dict = {}
+_SHIFTS: dict = {}
 
 
 def _codes(packed: torch.Tensor, container: int) -> torch.Tensor:
     """uint8 [..., m] -> float32 codes [..., m * 8//c] in channel order (code j of byte i is channel
-    i*(8//c) + j), by one lookup in a [256, 8//c] table."""
+    i*(8//c) + j). Four bytes at a time as one little-endian int32 (code k at bit k*c) where the row
+    is a whole number of words, else one lookup per byte in a [256, 8//c] table."""
     if container == 8:
         return packed.float()
+    mask = (1 << container) - 1
+    if packed.shape[-1] % 4 == 0 and packed.is_contiguous() and sys.byteorder == "little":
+        key = (container, packed.device)
+        shifts = _SHIFTS.get(key)
+        if shifts is None:
+            shifts = _SHIFTS[key] = torch.arange(0, 32, container, dtype=torch.int32, device=packed.device)
+        words = packed.view(torch.int32).unsqueeze(-1)
+        return ((words >> shifts) & mask).flatten(-2).float()
     key = (container, packed.device)
     lut = _LUT.get(key)
     if lut is None:
-        per, mask = 8 // container, (1 << container) - 1
+        per = 8 // container
         b = torch.arange(256)
         lut = _LUT[key] = torch.stack([(b >> (j * container)) & mask for j in range(per)], -1).float().to(packed.device)
     return torch.nn.functional.embedding(packed.long(), lut).flatten(-2)
@@ -40,7 +52,8 @@ def _key_scores(qg, seg, B):
     codes = _codes(seg.k, seg.container).view(bt, h, nblk, B, d)
     k = (codes * seg.k_scale.float()[:, :, :, None, :]).view(bt, h, nblk * B, d)
     bias = torch.matmul(qg, seg.k_zero.float().transpose(-1, -2))          # [Bt,H,g,nblk]
-    return torch.matmul(qg, k.transpose(-1, -2)) + bias.repeat_interleave(B, dim=-1)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).view(bt, h, g, nblk, B) + bias.unsqueeze(-1)
+    return scores.view(bt, h, g, nblk * B)
 
 
 def _value_out(p, seg):
@@ -51,11 +64,10 @@ def _value_out(p, seg):
     d = codes.shape[-1]
     zero = torch.matmul(p, seg.v_zero.float())                           # [Bt,H,g,ngrp]
     if ngrp == 1:
-        out = torch.matmul(p * seg.v_scale.float()[..., 0].unsqueeze(2), codes)
-    else:
-        ps = p.unsqueeze(-1) * seg.v_scale.float()[:, :, None]            # [Bt,H,g,n,ngrp]
-        out = torch.einsum("bhgtr,bhtre->bhgre", ps, codes.view(bt, h, n, ngrp, d // ngrp)).reshape(bt, h, g, d)
-    return out + zero.repeat_interleave(d // ngrp, dim=-1)
+        return torch.matmul(p * seg.v_scale.float()[..., 0].unsqueeze(2), codes) + zero
+    ps = p.unsqueeze(-1) * seg.v_scale.float()[:, :, None]                # [Bt,H,g,n,ngrp]
+    out = torch.einsum("bhgtr,bhtre->bhgre", ps, codes.view(bt, h, n, ngrp, d // ngrp))
+    return (out + zero.unsqueeze(-1)).reshape(bt, h, g, d)
 
 
 def decode_attention(query: torch.Tensor, store, scaling: float, mask: torch.Tensor | None = None):

@@ -1,6 +1,9 @@
 """Importance tracker: attention mass per cached token -> S_i -> I_i(t) -> normalised block scores.
 
-One tracker per layer. Per-token state is fp32 [seq_len] (bookkeeping counted in memory()).
+One tracker per layer. Per-token state: I_i fp32 [seq_len], the last N_w steps. sums bf16; the
+current window is kept per attention *entry* (bf16 [n_entries]: at most N_r steps are summed, and
+bf16 keeps fp32's range, so tiny masses do not flush to zero) and mapped to tokens once, at the
+re-evaluation, instead of at every step (all of it counted in memory()).
 
   seed 000 §2.2  S_i: mean attention token i receives (over heads, and over the N_q observation
                  queries at prefill / the decode steps of the last N_w window at re-evaluation)
@@ -16,6 +19,9 @@ from __future__ import annotations
 import math
 
 import torch
+
+WINDOW_DTYPE = torch.bfloat16  # per-entry attention window (sums of at most N_r steps)
+WINDOW_ITEMSIZE = 2
 
 
 def position_norm(distance: torch.Tensor, form: str, gamma: float) -> torch.Tensor:
@@ -33,9 +39,10 @@ def position_norm(distance: torch.Tensor, form: str, gamma: float) -> torch.Tens
 class ImportanceTracker:
     """Attention history of one layer.
 
-    ``observe(mass)``: per-token mass of one decode step (already mapped from entries to tokens);
-    ``init_prefill(mass)``: S_i of the prompt from the observation window;
-    ``update()``: at a re-evaluation, fold the window into I (EMA or decay);
+    ``observe(mass)``: mass of one decode step, per entry of the store (attention order) or per token;
+    ``init_prefill(mass)``: S_i of the prompt from the observation window (per token);
+    ``update(to_tokens)``: at a re-evaluation, map the window to tokens (the store's ``token_mass``;
+        the entry layout only changes when tiers are applied, after this) and fold it into I;
     ``scores(seq_len)``: I^ per token (position-normalised, relative to the mean)."""
 
     def __init__(self, cfg, layer_weight: float = 1.0, device="cpu"):
@@ -43,16 +50,14 @@ class ImportanceTracker:
         self.w_l = layer_weight
         self.device = device
         self.importance = torch.zeros(0, device=device)   # I_i (ema) or A_i numerator (decay / sum)
-        self.window = torch.zeros(0, device=device)       # attention summed over the current chunk
+        self.window = torch.zeros(0, dtype=WINDOW_DTYPE, device=device)  # attention summed since the last update, per entry
         self.window_steps = 0
-        self.chunks: list[tuple[torch.Tensor, int]] = []  # last N_w steps as (sum, steps) chunks
+        self.chunks: list[tuple[torch.Tensor, int]] = []  # last N_w steps as (bf16 per-token sum, steps) chunks
         self.steps = 0                                    # T: decode steps seen
 
     def _grow(self, n: int) -> None:
-        for name in ("importance", "window"):
-            t = getattr(self, name)
-            if t.numel() < n:
-                setattr(self, name, torch.cat([t, torch.zeros(n - t.numel(), device=self.device)]))
+        if self.importance.numel() < n:
+            self.importance = torch.cat([self.importance, torch.zeros(n - self.importance.numel(), device=self.device)])
 
     def init_prefill(self, mass: torch.Tensor) -> None:
         """mass [n] = S_i over the observation window of a prompt chunk (new tokens get it, older
@@ -66,37 +71,49 @@ class ImportanceTracker:
         else:
             self.importance[:n] += mass * self.cfg.n_q
 
-    def observe(self, token_mass: torch.Tensor) -> None:
-        """token_mass [n_tokens] attention of one decode step (mean over heads)."""
-        n = token_mass.numel()
-        self._grow(n)
+    def observe(self, mass: torch.Tensor) -> None:
+        """mass [n] attention of one decode step (mean over heads), per store entry or per token; the
+        layout may only grow at the end (new entries) until the next ``update``."""
+        n = mass.numel()
+        if self.window.numel() < n:
+            pad = torch.zeros(n - self.window.numel(), dtype=WINDOW_DTYPE, device=self.device)
+            self.window = torch.cat([self.window, pad])
         if self.cfg.scoring == "decay":
-            self.window[:n].mul_(math.exp(-self.cfg.beta))
-        self.window[:n] += token_mass
+            self.window.mul_(math.exp(-self.cfg.beta))
+        self.window[:n] += mass.float()
         self.window_steps += 1
         self.steps += 1
 
-    def update(self) -> None:
-        """Fold the attention observed since the last re-evaluation into the importance."""
+    def update(self, to_tokens=None) -> None:
+        """Fold the attention observed since the last re-evaluation into the importance.
+        ``to_tokens``: maps the window [n_entries] to tokens [seq_len] (None: it is per token already)."""
         if self.window_steps == 0:
             return
         cfg = self.cfg
+        window = to_tokens(self.window.float()) if to_tokens is not None else self.window.float()
+        self._grow(window.numel())
+        window = torch.cat([window, torch.zeros(self.importance.numel() - window.numel(), device=self.device)])
         if cfg.scoring == "ema":
-            self.chunks.append((self.window.clone(), self.window_steps))
+            self.chunks.append((window.to(WINDOW_DTYPE), self.window_steps))
             while sum(s for _, s in self.chunks) > cfg.n_w and len(self.chunks) > 1:
                 self.chunks.pop(0)
             n = self.importance.numel()
             total = torch.zeros(n, device=self.device)
             for c, _ in self.chunks:
-                total[: c.numel()] += c
+                total[: c.numel()] += c.float()
             s_i = total / sum(s for _, s in self.chunks)
             self.importance = cfg.alpha * s_i + (1 - cfg.alpha) * self.importance
         elif cfg.scoring == "decay":
-            self.importance = self.importance * math.exp(-cfg.beta * self.window_steps) + self.window
+            self.importance = self.importance * math.exp(-cfg.beta * self.window_steps) + window
         else:  # sum
-            self.importance = self.importance + self.window
-        self.window = torch.zeros_like(self.window)
+            self.importance = self.importance + window
+        self.window = torch.zeros(0, dtype=WINDOW_DTYPE, device=self.device)
         self.window_steps = 0
+
+    def start_window(self, n: int) -> None:
+        """Allocate the next window for ``n`` entries (after the tiers changed the layout)."""
+        if self.window_steps == 0:
+            self.window = torch.zeros(n, dtype=WINDOW_DTYPE, device=self.device)
 
     def raw(self) -> torch.Tensor:
         """I_i (ema) or the seed's A_i / C_j (decay, sum) per token, before position normalisation."""

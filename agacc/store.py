@@ -367,9 +367,11 @@ class LayerStore:
         return self._layout
 
     def token_mass(self, mass: torch.Tensor) -> torch.Tensor:
-        """Entry mass [n_entries] (attention order) -> token mass [seq_len]; a marker's mass is shared
-        evenly among the tokens of its span."""
+        """Entry mass [m <= n_entries] (attention order) -> token mass [seq_len]; a marker's mass is
+        shared evenly among the tokens of its span; entries appended since (m < n_entries) get 0."""
         B = self.B
+        if mass.numel() < self.n_entries:
+            mass = torch.nn.functional.pad(mass, (0, self.n_entries - mass.numel()))
         blocks = self.token_layout().long()
         out = torch.zeros(self.seq_len, dtype=torch.float32, device=mass.device)
         by_block = out[: self.hot_start].view(-1, B)  # [n_ready_blocks, B], a view of out

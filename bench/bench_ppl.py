@@ -5,7 +5,10 @@ through the cache (every prediction after the first comes from a decode step ove
 store). Reports perplexity vs the plain model (DynamicCache, same loop), top-1 agreement, KL,
 bytes held vs a 16-bit cache (measured ``cache.memory()`` at the end), decode tokens/s.
 
-    python bench/bench_ppl.py --tokens 2048 --prefill 1024 --json out/bench_ppl.json
+    python bench/bench_ppl.py --tokens 2048 --prefill 1024 --threads 1 --json out/bench_ppl.json
+
+``--threads`` sets torch's intra-op threads for the plain and the compressed runs alike (on the
+2-core CPU this was measured on, one thread is faster for both: decode steps are many small ops).
 """
 from __future__ import annotations
 
@@ -51,8 +54,11 @@ def main(argv=None):
     ap.add_argument("--presets", nargs="+", default=["agacc", "dynacompress", "attention-sum",
                                                      "uniform-int8", "uniform-int4", "uniform-int2"])
     ap.add_argument("--set", action="append", default=[], help="PRESET:key=value override (repeatable)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     model, tok = agacc.load_model()
@@ -95,7 +101,8 @@ def main(argv=None):
         print(f"{spec}: ppl {ppl:.3f} ({100 * (ppl / ref_ppl - 1):+.2f}%), top1 {top1:.3f}, KL {kl:.4f}, "
               f"ratio {mem['ratio']:.2f}x, {steps / dt:.1f} tok/s ({row['speed_rel']:.2f}x)", flush=True)
 
-    print(f"\n{args.tokens} tokens of {os.path.basename(args.text)}, prefill {args.prefill}, {steps} teacher-forced decode steps")
+    print(f"\n{args.tokens} tokens of {os.path.basename(args.text)}, prefill {args.prefill}, {steps} teacher-forced decode steps, "
+          f"{torch.get_num_threads()} torch thread(s)")
     print(f"{'method':<22}{'ppl':>9}{'Δppl':>9}{'top-1':>8}{'KL':>9}{'ratio':>8}{'MiB':>9}{'tok/s':>8}{'speed':>7}")
     for r in rows:
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "1.00x"
@@ -105,7 +112,8 @@ def main(argv=None):
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"tokens": args.tokens, "prefill": args.prefill, "text": args.text, "rows": rows}, f, indent=2)
+            json.dump({"tokens": args.tokens, "prefill": args.prefill, "text": args.text,
+                       "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
