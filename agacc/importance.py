@@ -1,6 +1,6 @@
 """Importance tracker: attention mass per cached token -> S_i -> I_i(t) -> normalised block scores.
 
-One tracker per layer. Per-token state: I_i fp32 [seq_len], the last N_w steps. sums bf16; the
+One tracker per layer. Per-token state: I_i fp32 [seq_len] and the sums of the last N_w steps (bf16); the
 current window is kept per attention *entry* (bf16 [n_entries]: at most N_r steps are summed, and
 bf16 keeps fp32's range, so tiny masses do not flush to zero) and mapped to tokens once, at the
 re-evaluation, instead of at every step (all of it counted in memory()).

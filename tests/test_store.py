@@ -159,3 +159,27 @@ def test_token_mass_maps_entries_back_to_tokens():
     assert pos == st.n_entries and st.markers.n == 1
     torch.testing.assert_close(st.token_mass(mass), want)
     assert st.token_layout().nbytes == 4 * (11 - 2)  # one int32 per tiered block, nothing per token
+
+
+@pytest.mark.parametrize("scoring", ["ema", "decay", "sum"])
+def test_window_kept_per_entry_equals_mapping_every_step(scoring):
+    """The tracker sums decode-step mass per store entry and maps it to tokens once, at the
+    re-evaluation; the importance must equal that of mapping every step to tokens (the layout only
+    grows at the end between re-evaluations: one new hot entry per step)."""
+    from agacc.importance import ImportanceTracker
+
+    st, _, _ = make_store()
+    apply(st, **MIXED)
+    cfg = AGACCConfig(scoring=scoring, n_r=4, n_w=8)
+    per_entry, per_token = ImportanceTracker(cfg), ImportanceTracker(cfg)
+    g = torch.Generator().manual_seed(2)
+    for step in range(4):
+        st.append(torch.randn(1, 3, 1, D), torch.randn(1, 3, 1, D))
+        mass = torch.rand(st.n_entries, generator=g).to(torch.bfloat16).float()  # bf16-exact, O(1) per entry
+        per_entry.observe(mass)
+        per_token.observe(st.token_mass(mass))
+    per_entry.update(st.token_mass)
+    per_token.update()
+    # bf16 sums of 4 steps: ~0.5% apart at most; a one-entry misalignment moves tokens by O(1)
+    torch.testing.assert_close(per_entry.importance, per_token.importance, rtol=1e-2, atol=1e-3)
+    assert per_entry.window.numel() == 0 and per_entry.importance.numel() == st.seq_len
