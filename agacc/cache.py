@@ -281,7 +281,7 @@ class CompressedCache(Cache):
         """Everything the app draws, per layer x block, as plain Python data (JSON-ready).
 
         importance [L][nb]: latest normalised block score (None for blocks still hot);
-        tier [L][nb]: tier code (-1 hot, 0 full, 1 int8, 2 int4, 3 int2, 4 pruned, 5 evicted);
+        tier [L][nb]: tier code (-1 hot, 0 full, 1 int8, 2 int4, 3 int3, 4 int2, 5 pruned, 6 evicted);
         bits [L][nb]: code bits (16 full/hot, 0 evicted); keep [L][nb]: kept elements per vector;
         markers [L]: evicted runs as [first_block, last_block]; token_importance [seq_len]: mean over
         layers of the normalised per-token score; memory: ``memory()``."""

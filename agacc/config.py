@@ -41,12 +41,13 @@ class AGACCConfig:
         tau_h, tau_l, tau_e: thresholds on normalised block importance; tau_h > tau_l > tau_e >= 0.
             > tau_h: full precision; (tau_l, tau_h]: quantised; [tau_e, tau_l]: pruned; < tau_e: evicted.
         b_min, b_max: bit range; medium-tier bits b = b_min + floor(x*(b_max-b_min+1)), x the position
-            of I^ inside (tau_l, tau_h]; stored in 2/4/8-bit containers.
+            of I^ inside (tau_l, tau_h]; stored in 2/3/4/8-bit containers. Default 3..4: with a real
+            3-bit container, 3 bits beat 2 bits + more eviction at equal bytes (docs/tuning.md round 3).
         bit_interp: how x is measured: "linear" (the seed's (I^ - tau_l)/(tau_h - tau_l)) or "log"
             (log(I^/tau_l)/log(tau_h/tau_l), the default: block importance spans orders of magnitude,
             so the linear form puts almost every block in the lowest bit width; docs/tuning.md).
-        fill_container: raise every code width to its container's (3 -> 4, 5..7 -> 8): a 3-bit code
-            costs a 4-bit container's bytes anyway, so the extra bit is free precision. False keeps
+        fill_container: raise every code width to its container's (1 -> 2, 5..7 -> 8): a 6-bit code
+            costs an 8-bit container's bytes anyway, so the extra bits are free precision. False keeps
             the seed's exact b (to study b's error, not to save bytes).
         quantizer: "minmax" (asymmetric, keys per channel / values per token) or "meanstd" (seed formula).
         s: outlier scale s of the mean/std quantiser.
@@ -103,7 +104,7 @@ class AGACCConfig:
     tau_h: float = 200.0
     tau_l: float = 0.6
     tau_e: float = 0.3
-    b_min: int = 2
+    b_min: int = 3
     b_max: int = 4
     bit_interp: str = "log"
     fill_container: bool = True

@@ -23,25 +23,35 @@ _SHIFTS: dict = {}
 
 
 def _codes(packed: torch.Tensor, container: int) -> torch.Tensor:
-    """uint8 [..., m] -> float32 codes [..., m * 8//c] in channel order (code j of byte i is channel
-    i*(8//c) + j). Four bytes at a time as one little-endian int32 (code k at bit k*c) where the row
-    is a whole number of words, else one lookup per byte in a [256, 8//c] table."""
+    """uint8 [..., m] -> float32 codes [..., m * 8 // c] in channel order (``agacc.quant.pack``'s layout).
+    The 3-bit container is its two planes (low two bits, then the high bit) unpacked and joined."""
     if container == 8:
         return packed.float()
-    mask = (1 << container) - 1
-    if packed.shape[-1] % 4 == 0 and packed.is_contiguous() and sys.byteorder == "little":
-        key = (container, packed.device)
+    if container == 3:
+        lo = packed.shape[-1] * 2 // 3
+        return _plane(packed[..., :lo], 2).add_(_plane(packed[..., lo:], 1), alpha=4)
+    return _plane(packed, container)
+
+
+def _plane(packed: torch.Tensor, c: int) -> torch.Tensor:
+    """uint8 [..., m] with 8 // c codes of c in {1, 2, 4} bits per byte (code j of byte i is channel
+    i * (8 // c) + j) -> float32 [..., m * 8 // c]. Four bytes at a time as one little-endian int32
+    (code k at bit k * c) where the row is a whole number of words, else one lookup per byte in a
+    [256, 8 // c] table."""
+    mask = (1 << c) - 1
+    key = (c, packed.device)
+    if packed.shape[-1] % 4 == 0 and packed.stride(-1) == 1 and packed.storage_offset() % 4 == 0 \
+            and all(st % 4 == 0 for st in packed.stride()[:-1]) and sys.byteorder == "little":
         shifts = _SHIFTS.get(key)
         if shifts is None:
-            shifts = _SHIFTS[key] = torch.arange(0, 32, container, dtype=torch.int32, device=packed.device)
+            shifts = _SHIFTS[key] = torch.arange(0, 32, c, dtype=torch.int32, device=packed.device)
         words = packed.view(torch.int32).unsqueeze(-1)
         return ((words >> shifts) & mask).flatten(-2).float()
-    key = (container, packed.device)
     lut = _LUT.get(key)
     if lut is None:
-        per = 8 // container
+        per = 8 // c
         b = torch.arange(256)
-        lut = _LUT[key] = torch.stack([(b >> (j * container)) & mask for j in range(per)], -1).float().to(packed.device)
+        lut = _LUT[key] = torch.stack([(b >> (j * c)) & mask for j in range(per)], -1).float().to(packed.device)
     return torch.nn.functional.embedding(packed.long(), lut).flatten(-2)
 
 

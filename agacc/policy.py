@@ -34,7 +34,7 @@ def block_uniforms(seed: int, layer: int, n_blocks: int) -> torch.Tensor:
     return torch.rand(n_blocks, generator=g)
 
 
-_CONTAINER_OF = torch.tensor([0, 2, 2, 4, 4, 8, 8, 8, 8], dtype=torch.int8)  # code bits -> container bits
+_CONTAINER_OF = torch.tensor([0, 2, 2, 3, 4, 8, 8, 8, 8], dtype=torch.int8)  # code bits -> container bits
 
 
 def code_bits(b: torch.Tensor, cfg) -> torch.Tensor:
@@ -59,10 +59,9 @@ def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, scale: float = 1.0
         x = ((s - tau_l) / (tau_h - tau_l)).clamp(0, 1)
     b = (cfg.b_min + torch.floor(x * (cfg.b_max - cfg.b_min + 1))).clamp(max=cfg.b_max).to(torch.int8)
     b = code_bits(b, cfg)
-    for c in (2, 4, 8):
-        lo = 0 if c == 2 else c // 2
-        in_c = mid & (b > lo) & (b <= c)
-        tier[in_c] = CONTAINER_TIER[c]
+    container = _CONTAINER_OF[b.long()]
+    for c, t in CONTAINER_TIER.items():
+        tier[mid & (container == c)] = t
     bits[mid] = b[mid]
     low = (s <= tau_l) & (s >= tau_e)
     p = cfg.p_max * (1 - torch.clamp(s / tau_l, max=1.0))

@@ -2,12 +2,15 @@
 
 Every quantised tensor is stored as unsigned codes ``u`` plus a ``scale`` and ``zero`` per group,
 and always dequantises as ``x ~= u * scale + zero`` (both quantisers below), so one dequantiser
-and one kernel serve both. Codes of ``b`` bits live in a container of ``c`` in {2, 4, 8} bits
-(``container_bits``); a 3-bit code in a 4-bit container costs 4 bits.
+and one kernel serve both. Codes of ``b`` bits live in a container of ``c`` in {2, 3, 4, 8} bits
+(``container_bits``); a 1-bit code costs a 2-bit container, 5..7-bit codes an 8-bit one.
 
-Packing (``pack``/``unpack``) works along the last dim: ``8 // c`` codes per byte, code ``j`` of a
-byte at bit offset ``j * c`` (little-endian), so ``[..., D]`` uint8 codes become
-``[..., D * c // 8]`` bytes.
+Packing (``pack``/``unpack``) works along the last dim, so ``[..., D]`` uint8 codes become
+``[..., D * c // 8]`` bytes. Containers 2, 4, 8: ``8 // c`` codes per byte, code ``j`` of a byte at
+bit offset ``j * c`` (little-endian). Container 3 is two bit planes in one row: the low two bits
+of every code packed as container 2 (``D // 4`` bytes), then the high bit of every code one per
+bit (``D // 8`` bytes) -- no code straddles a byte, so every kernel unpacks it with the 2-bit and
+1-bit rules it already has; D must be a multiple of 8.
 
 Scales and zeros are float16 (2 bytes each).
 """
@@ -17,12 +20,12 @@ import math
 
 import torch
 
-CONTAINERS = (2, 4, 8)
+CONTAINERS = (2, 3, 4, 8)
 SCALE_DTYPE = torch.float16
 
 
 def container_bits(bits: int) -> int:
-    """Smallest storage container (2, 4 or 8 bits) that holds ``bits``-bit codes."""
+    """Smallest storage container (2, 3, 4 or 8 bits) that holds ``bits``-bit codes."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     return next(c for c in CONTAINERS if bits <= c)
@@ -32,6 +35,9 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 codes ``[..., D]`` (values < 2**bits) into ``[..., D * bits // 8]`` bytes."""
     if bits == 8:
         return codes.to(torch.uint8).contiguous()
+    if bits == 3:  # low-two-bit plane, then high-bit plane
+        c = codes.to(torch.uint8)
+        return torch.cat([pack(c & 3, 2), pack(c >> 2, 1)], -1)
     per_byte = 8 // bits
     d = codes.shape[-1]
     if d % per_byte:
@@ -45,6 +51,9 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of ``pack``: ``[..., n]`` bytes -> ``[..., n * 8 // bits]`` uint8 codes."""
     if bits == 8:
         return packed
+    if bits == 3:
+        lo = packed.shape[-1] * 2 // 3  # D // 4 bytes of the low plane, then D // 8 of the high one
+        return unpack(packed[..., :lo], 2) | (unpack(packed[..., lo:], 1) << 2)
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     mask = (1 << bits) - 1
     codes = (packed.unsqueeze(-1) >> shifts) & mask

@@ -5,7 +5,7 @@ region (full precision, the recent window and the not-yet-tiered tail). ``apply_
 blocks out of the hot region and between segments:
 
   full     FullSegment        k, v           [Bt, H, n, D]      store dtype
-  int8/4/2 QuantSegment(c)    k, v codes     [Bt, H, n, D*c/8]  uint8, packed (quant.py)
+  int8/4/3/2 QuantSegment(c)  k, v codes     [Bt, H, n, D*c/8]  uint8, packed (quant.py)
                               k_scale/zero   [Bt, H, n/B, D]    fp16, per channel per block
                               v_scale/zero   [Bt, H, n, D/G]    fp16, per token per group
   pruned   SparseSegment(keep)k, v bitmap    [Bt, H, n, D/8]    uint8
@@ -28,7 +28,7 @@ import torch
 
 from agacc import quant
 from agacc.policy import fidelity_floor
-from agacc.tiers import EVICTED, FULL, INT2, INT4, INT8, PRUNED, TIER_CONTAINER
+from agacc.tiers import EVICTED, FULL, INT2, INT3, INT4, INT8, PRUNED, TIER_CONTAINER
 
 
 def _quant_ops(device) -> object:
@@ -307,7 +307,7 @@ class LayerStore:
         self.hot_start = 0  # first token still in the hot region (a multiple of B)
         self.hot_k = self.hot_v = None
         self.full = FullSegment(self.B, device, dtype)
-        self.quant = {c: QuantSegment(self.B, device, c, cfg) for c in (8, 4, 2)}
+        self.quant = {c: QuantSegment(self.B, device, c, cfg) for c in (8, 4, 3, 2)}
         self.sparse: dict[int, SparseSegment] = {}
         self.markers = Markers(device, dtype)
         self.block_tier = torch.empty(0, dtype=torch.int8, device=device)   # per tiered block
@@ -342,7 +342,7 @@ class LayerStore:
 
     # ---- reading -----------------------------------------------------------------------------
     def attention_entries(self, dtype) -> list[Entries]:
-        """Every stored entry, dequantised to ``dtype``, in the fixed order full, int8, int4, int2,
+        """Every stored entry, dequantised to ``dtype``, in the fixed order full, int8, int4, int3, int2,
         sparse (by keep), markers, hot. Token positions per entry ride along for the tracker."""
         out = []
         for seg in self.segments:
@@ -403,6 +403,11 @@ class LayerStore:
         tier = tier.to(torch.int8).to(self.device)
         bits = bits.to(torch.int8).to(self.device)
         keep = keep.to(torch.int16).to(self.device)
+        # a quantised tier holds codes of its container's width; pruned codes are b_min's container
+        for t_code, c in (*TIER_CONTAINER.items(), (PRUNED, quant.container_bits(self.cfg.b_min))):
+            wrong = [b for b in bits[tier == t_code].unique().tolist() if quant.container_bits(b) != c]
+            if wrong:
+                raise ValueError(f"tier {t_code} holds {c}-bit container codes; got {wrong}-bit codes")
         if not self.cfg.host_copy:  # without a host copy a block can only lose fidelity
             tier, bits, keep = fidelity_floor((self.block_tier, self.block_bits, self.block_keep), tier, bits, keep)
         n_old = self.n_blocks
@@ -417,7 +422,7 @@ class LayerStore:
             return tier, bits, keep
         k, v = self._take_blocks(moving, n_old)
         newly_evicted = []
-        for t_code in (FULL, INT8, INT4, INT2, PRUNED):
+        for t_code in (FULL, INT8, INT4, INT3, INT2, PRUNED):
             sel = (tier[moving] == t_code).nonzero().squeeze(1)
             if sel.numel() == 0:
                 continue
@@ -568,6 +573,7 @@ class LayerStore:
             "full": seg_bytes(self.full),
             "int8": seg_bytes(self.quant[8]),
             "int4": seg_bytes(self.quant[4]),
+            "int3": seg_bytes(self.quant[3]),
             "int2": seg_bytes(self.quant[2]),
             "pruned": sum(seg_bytes(s) for s in self.sparse.values()),
             "markers": self.markers.nbytes(),
@@ -595,7 +601,7 @@ def block_cost_bytes(tier: int, bits: int, keep: int, *, batch: int, heads: int,
     meta = 1 + 1 + 2 + 4  # tier, bits, keep, block id
     if tier == FULL:
         return 2 * vecs * head_dim * full_itemsize + meta
-    if tier in (INT8, INT4, INT2) or (tier == PRUNED and (keep >= head_dim or 1 - keep / head_dim < sparse_threshold)):
+    if tier in TIER_CONTAINER or (tier == PRUNED and (keep >= head_dim or 1 - keep / head_dim < sparse_threshold)):
         c = quant.container_bits(bits if tier != PRUNED else b_min)
         codes = 2 * vecs * head_dim * c // 8
         k_scales = 2 * batch * heads * head_dim * 2

@@ -23,7 +23,7 @@ from agacc.policy import fidelity_floor
 from agacc.tiers import EVICTED, HOT, NAMES
 
 TRACE_FORMAT = "agacc-trace"
-TRACE_VERSION = 1
+TRACE_VERSION = 2  # 2: the int3 tier (tier codes of int2 and below moved up by one)
 
 # Config fields whose change can be replayed from the recorded importance (the policy only).
 # Changing any other field (alpha, block size, N_r, recent window, scoring ...) changes the
@@ -137,8 +137,9 @@ class Trace:
             if key not in d["meta"]:
                 raise ValueError(f"trace meta is missing {key!r}")
         AGACCConfig.from_dict(d["meta"]["config"])  # validates
+        frames = [_current_tier_codes(f) for f in d["frames"]]
         return cls(meta=d["meta"], tokens=d.get("tokens", []), token_ids=d.get("token_ids", []),
-                   n_prompt=int(d.get("n_prompt", 0)), steps=d.get("steps", []), frames=d["frames"],
+                   n_prompt=int(d.get("n_prompt", 0)), steps=d.get("steps", []), frames=frames,
                    history=d["history"], compare=d.get("compare"))
 
     @classmethod
@@ -152,6 +153,19 @@ class Trace:
     @classmethod
     def load(cls, path) -> "Trace":
         return cls.from_json(Path(path).read_text())
+
+
+def _current_tier_codes(frame: dict) -> dict:
+    """A frame whose ``tier_names`` differ from this library's (an older trace) with its tier codes
+    renamed to today's codes, matched by name."""
+    names = frame.get("tier_names")
+    if not names or list(names) == list(NAMES):
+        return frame
+    unknown = set(names) - set(NAMES)
+    if unknown:
+        raise ValueError(f"trace frame has unknown tiers {sorted(unknown)}")
+    code = {i: NAMES.index(n) for i, n in enumerate(names)} | {HOT: HOT}
+    return dict(frame, tier=[[code[int(t)] for t in row] for row in frame["tier"]], tier_names=list(NAMES))
 
 
 def _json_default(o):

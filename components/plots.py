@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 
+from agacc.tiers import PRUNED, TIER_CONTAINER
 from components.theme import TIER_COLORS, TIER_LABELS
 
 MIB = 2 ** 20
@@ -95,7 +96,7 @@ def _tier_colorscale() -> list:
 
 def tier_map(snap: dict | None) -> dict:
     """Layers x blocks of tiers, categorical colours, with a legend
-    (hot / full / int8 / int4 / int2 / pruned / evicted)."""
+    (hot / full / int8 / int4 / int3 / int2 / pruned / evicted)."""
     title = "Tier per layer and block"
     if not snap or not snap.get("tier") or not snap["tier"][0]:
         return _empty(title)
@@ -108,9 +109,9 @@ def tier_map(snap: dict | None) -> dict:
         r = []
         for b, t in enumerate(row):
             s = TIER_COLORS[int(t)][0]
-            if bits is not None and int(t) in (1, 2, 3):
+            if bits is not None and int(t) in TIER_CONTAINER:
                 s += f", {bits[li][b]} bits"
-            elif keep is not None and int(t) == 4:
+            elif keep is not None and int(t) == PRUNED:
                 s += f", {bits[li][b] if bits else '?'} bits, keeps {keep[li][b]}"
             r.append(s)
         text.append(r)

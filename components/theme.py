@@ -7,20 +7,22 @@ TIER_COLORS = {
     0: ("full", "#1e40af"),
     1: ("int8", "#15803d"),
     2: ("int4", "#84cc16"),
-    3: ("int2", "#eab308"),
-    4: ("pruned", "#f97316"),
-    5: ("evicted", "#dc2626"),
+    3: ("int3", "#c3c814"),
+    4: ("int2", "#eab308"),
+    5: ("pruned", "#f97316"),
+    6: ("evicted", "#dc2626"),
 }
-assert tuple(TIER_COLORS[i][0] for i in range(6)) == tuple(NAMES)
+assert tuple(TIER_COLORS[i][0] for i in range(len(NAMES))) == tuple(NAMES)
 
 TIER_LABELS = {
     -1: "hot (recent, 16-bit)",
     0: "full (16-bit)",
     1: "int8",
     2: "int4",
-    3: "int2",
-    4: "pruned",
-    5: "evicted",
+    3: "int3",
+    4: "int2",
+    5: "pruned",
+    6: "evicted",
 }
 
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 import html
 from collections import Counter
 
+from agacc.tiers import EVICTED, HOT
 from components.theme import TIER_COLORS, TIER_LABELS
-
-EVICTED, HOT = 5, -1
 
 
 def block_consensus(frame: dict, layer: int | None = None) -> list[tuple[int, str, float]]:

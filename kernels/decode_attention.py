@@ -6,11 +6,11 @@ Three launches (+1 per sparse segment); K and V are read exactly once:
 
 1. ``_partial_kernel``, grid (n_splits, Bt*H). A program owns one split (``split`` consecutive
    entries of one segment) of one KV head and all ``g`` query heads of its GQA group. It reads
-   the segment's bytes directly -- fp16/bf16/fp32 rows, or packed 8/4/2-bit codes with their
+   the segment's bytes directly -- fp16/bf16/fp32 rows, or packed 8/4/3/2-bit codes with their
    per-channel-per-block key scales and per-token-per-group value scales -- dequantises in
    registers, and keeps an online softmax (max ``m``, sum ``l``, accumulator ``acc`` [g, D]).
    It writes the partials and every entry's raw logit ``q.k * scaling + bias`` (fp32,
-   [Bt*H*g, n]). Segments are slots of the one launch (full, int8, int4, int2, markers, hot); a
+   [Bt*H*g, n]). Segments are slots of the one launch (full, int8, int4, int3, int2, markers, hot); a
    program picks its slot by comparing its split index with the slot starts.
    ``_sparse_partial_kernel`` does the same for one sparse segment (bitmap + kept codes), one
    launch per segment, into the same workspace.
@@ -18,7 +18,7 @@ Three launches (+1 per sparse segment); K and V are read exactly once:
 3. ``_mass_kernel``, grid (cdiv(n, BLOCK_E),): mass[i] = sum_{b,h,j} exp(logit - lse) / (Bt*Hq),
    a pass over n*Bt*Hq floats, never over K.
 
-Entry order (for the mass) is ``LayerStore.attention_entries``: full, int8, int4, int2, sparse
+Entry order (for the mass) is ``LayerStore.attention_entries``: full, int8, int4, int3, int2, sparse
 (in ``store.segments`` order), markers, hot. Scores use elementwise multiply + ``tl.sum``
 (no ``tl.dot``: q = 1, and ``tl.dot`` needs K >= 16 on the GPU). All arithmetic is fp32.
 """
@@ -65,12 +65,25 @@ def _unpack_rows(codes_ptr, row0, rmask, DB, C: tl.constexpr, BLOCK_N: tl.conste
 
 
 @triton.jit
+def _unpack_codes(codes_ptr, vec, rmask, D, C: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    """[BLOCK_N, D_PAD] int32 codes of packed vectors ``vec`` ([BLOCK_N] indices, D*C/8 bytes each) in
+    ``agacc.quant.pack``'s layout; C = 3 is a 2-bit plane (D/4 bytes) then a 1-bit plane (D/8)."""
+    if C == 3:
+        row0 = vec * (D * 3 // 8)
+        lo = _unpack_rows(codes_ptr, row0, rmask, D // 4, 2, BLOCK_N, D_PAD)
+        hi = _unpack_rows(codes_ptr + D // 4, row0, rmask, D // 8, 1, BLOCK_N, D_PAD)
+        return lo + hi * 4
+    else:
+        PER: tl.constexpr = 8 // C
+        return _unpack_rows(codes_ptr, vec * (D // PER), rmask, D // PER, C, BLOCK_N, D_PAD)
+
+
+@triton.jit
 def _load_quant_keys(codes_ptr, sc_ptr, zr_ptr, bh, n, t, rows, rmask, offs_d, dmask, D, B,
                      C: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
     """Key rows [t, t+BLOCK_N) of packed codes [Bt*H, n, D*C/8], all inside block t // B, dequantised
     with that block's per-channel scale/zero [Bt*H, n/B, D] (loaded once as [D] vectors)."""
-    PER: tl.constexpr = 8 // C
-    u = _unpack_rows(codes_ptr, (bh * n + rows) * (D // PER), rmask, D // PER, C, BLOCK_N, D_PAD).to(tl.float32)
+    u = _unpack_codes(codes_ptr, bh * n + rows, rmask, D, C, BLOCK_N, D_PAD).to(tl.float32)
     sidx = (bh * (n // B) + t // B) * D + offs_d
     sc = tl.load(sc_ptr + sidx, mask=dmask, other=0.0).to(tl.float32)
     zr = tl.load(zr_ptr + sidx, mask=dmask, other=0.0).to(tl.float32)
@@ -83,8 +96,7 @@ def _load_quant_values(codes_ptr, sc_ptr, zr_ptr, bh, n, rows, rmask, offs_d, dm
     """Value rows of packed codes [Bt*H, n, D*C/8] with per-token per-group scale/zero
     [Bt*H, n, D/G]. A power-of-two G loads [BLOCK_N, D/G] scales and broadcasts them over the
     group; another G gathers one scale per element."""
-    PER: tl.constexpr = 8 // C
-    u = _unpack_rows(codes_ptr, (bh * n + rows) * (D // PER), rmask, D // PER, C, BLOCK_N, D_PAD).to(tl.float32)
+    u = _unpack_codes(codes_ptr, bh * n + rows, rmask, D, C, BLOCK_N, D_PAD).to(tl.float32)
     NG = D // G
     if (G & (G - 1)) == 0:
         NG_PAD: tl.constexpr = D_PAD // G
@@ -109,15 +121,21 @@ def _load_sparse(map_ptr, codes_ptr, sc_ptr, zr_ptr, bh, n, rows, rmask, offs_d,
     """Rows of the sparse format: bitmap [Bt*H, n, D/8], kept codes in position order
     [Bt*H, n, KEEP*C/8], scale/zero [Bt*H, n, 1]. Element d present -> its code is number
     (#present before d) among the kept ones; absent -> exactly 0."""
-    PER: tl.constexpr = 8 // C
-    MASK: tl.constexpr = (1 << C) - 1
     KB: tl.constexpr = KEEP * C // 8
     bit = _unpack_rows(map_ptr, (bh * n + rows) * (D // 8), rmask, D // 8, 1, BLOCK_N, D_PAD)
     idx = tl.cumsum(bit, axis=1) - bit
     present = bit != 0
     m = rmask[:, None] & present
-    raw = tl.load(codes_ptr + (bh * n + rows[:, None]) * KB + idx // PER, mask=m, other=0)
-    u = ((raw.to(tl.int32) >> ((idx % PER) * C)) & MASK).to(tl.float32)
+    base = codes_ptr + (bh * n + rows[:, None]) * KB
+    if C == 3:  # 2-bit plane (KEEP/4 bytes), then 1-bit plane
+        lo = tl.load(base + idx // 4, mask=m, other=0).to(tl.int32)
+        hi = tl.load(base + KEEP // 4 + idx // 8, mask=m, other=0).to(tl.int32)
+        u = (((lo >> ((idx % 4) * 2)) & 3) + ((hi >> (idx % 8)) & 1) * 4).to(tl.float32)
+    else:
+        PER: tl.constexpr = 8 // C
+        MASK: tl.constexpr = (1 << C) - 1
+        raw = tl.load(base + idx // PER, mask=m, other=0)
+        u = ((raw.to(tl.int32) >> ((idx % PER) * C)) & MASK).to(tl.float32)
     sc = tl.load(sc_ptr + bh * n + rows, mask=rmask, other=0.0).to(tl.float32)
     zr = tl.load(zr_ptr + bh * n + rows, mask=rmask, other=0.0).to(tl.float32)
     return tl.where(present, u * sc[:, None] + zr[:, None], 0.0)
@@ -203,19 +221,20 @@ def _partial_kernel(
     q_ptr, sqb, sqh, H, D, g, scaling, split, n_total, S_total,
     logit_ptr, m_ptr, l_ptr, acc_ptr,
     # first split (workspace index) and first entry of each slot; the full slot starts at split 0
-    s_q8, s_q4, s_q2, s_mk, s_hot,
-    e_full, e_q8, e_q4, e_q2, e_mk, e_hot,
+    s_q8, s_q4, s_q3, s_q2, s_mk, s_hot,
+    e_full, e_q8, e_q4, e_q3, e_q2, e_mk, e_hot,
     f_k, f_v, f_sb, f_sh, f_n,
     q8_k, q8_ks, q8_kz, q8_v, q8_vs, q8_vz, q8_n,
     q4_k, q4_ks, q4_kz, q4_v, q4_vs, q4_vz, q4_n,
+    q3_k, q3_ks, q3_kz, q3_v, q3_vs, q3_vz, q3_n,
     q2_k, q2_ks, q2_kz, q2_v, q2_vs, q2_vz, q2_n,
     mk_k, mk_v, mk_bias, mk_sb, mk_sh, mk_n,
     hot_k, hot_v, hot_sb, hot_sh, hot_n,
-    HAS_FULL: tl.constexpr, HAS_Q8: tl.constexpr, HAS_Q4: tl.constexpr, HAS_Q2: tl.constexpr,
+    HAS_FULL: tl.constexpr, HAS_Q8: tl.constexpr, HAS_Q4: tl.constexpr, HAS_Q3: tl.constexpr, HAS_Q2: tl.constexpr,
     HAS_MK: tl.constexpr, HAS_HOT: tl.constexpr, B: tl.constexpr, G: tl.constexpr,
     BLOCK_N: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
-    """Grid (splits of the full, int8, int4, int2, marker and hot slots, Bt*H): a program finds its
+    """Grid (splits of the full, int8, int4, int3, int2, marker and hot slots, Bt*H): a program finds its
     slot by comparing its split index with the slot starts."""
     sid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -240,13 +259,20 @@ def _partial_kernel(
                            q8_k, q8_ks, q8_kz, q8_k, q8_v, q8_vs, q8_vz, q8_v, q8_k, 0, 0, B, G,
                            logit_ptr, m_ptr, l_ptr, acc_ptr,
                            1, 8, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD)
-    elif sid < s_q2:
+    elif sid < s_q3:
         if HAS_Q4:
             _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_q4, sid,
                            q4_n, e_q4, n_total, S_total,
                            q4_k, q4_ks, q4_kz, q4_k, q4_v, q4_vs, q4_vz, q4_v, q4_k, 0, 0, B, G,
                            logit_ptr, m_ptr, l_ptr, acc_ptr,
                            1, 4, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD)
+    elif sid < s_q2:
+        if HAS_Q3:
+            _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_q3, sid,
+                           q3_n, e_q3, n_total, S_total,
+                           q3_k, q3_ks, q3_kz, q3_k, q3_v, q3_vs, q3_vz, q3_v, q3_k, 0, 0, B, G,
+                           logit_ptr, m_ptr, l_ptr, acc_ptr,
+                           1, 3, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD)
     elif sid < s_mk:
         if HAS_Q2:
             _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_q2, sid,
@@ -354,7 +380,7 @@ def _mass_kernel(logit_ptr, lse_ptr, mass_ptr, n_total, BH, g, inv_norm,
 # host side
 # --------------------------------------------------------------------------------------------
 
-QUANT_SLOTS = {8: "q8", 4: "q4", 2: "q2"}
+QUANT_SLOTS = {8: "q8", 4: "q4", 3: "q3", 2: "q2"}
 
 
 def _dense_strides(k, v):
@@ -400,7 +426,7 @@ def decode_attention(query: torch.Tensor, store, scaling: float, split: int | No
     B = store.B
     slots = {"full": store.full} if store.full.n_blocks else {}
     sparse = []
-    for seg in store.segments:  # attention order: full, int8, int4, int2, sparse (store order)
+    for seg in store.segments:  # attention order: full, int8, int4, int3, int2, sparse (store order)
         if seg.n_blocks and seg is not store.full:
             if hasattr(seg, "container"):
                 slots[QUANT_SLOTS[seg.container]] = seg
@@ -423,7 +449,7 @@ def decode_attention(query: torch.Tensor, store, scaling: float, split: int | No
     num_warps = num_warps or auto_w
 
     # entries in attention order, then the split ranges (main launch first, then each sparse segment)
-    order = [("full", slots.get("full")), ("q8", slots.get("q8")), ("q4", slots.get("q4")), ("q2", slots.get("q2"))]
+    order = [(name, slots.get(name)) for name in ("full", "q8", "q4", "q3", "q2")]
     order += [(f"sparse{i}", seg) for i, seg in enumerate(sparse)]
     rows = {name: (seg.n_blocks * B if seg is not None else 0) for name, seg in order}
     rows["markers"], rows["hot"] = n_mk, n_hot
@@ -435,7 +461,7 @@ def decode_attention(query: torch.Tensor, store, scaling: float, split: int | No
         entry0[name], e = e, e + rows[name]
     split = triton.cdiv(split or default_split(n_total, bh, block_n, dev), block_n) * block_n
     split0, s = {}, 0
-    for name in ("full", "q8", "q4", "q2", "markers", "hot") + tuple(f"sparse{i}" for i in range(len(sparse))):
+    for name in ("full", "q8", "q4", "q3", "q2", "markers", "hot") + tuple(f"sparse{i}" for i in range(len(sparse))):
         split0[name], s = s, s + triton.cdiv(rows[name], split)
     S_total, s_main = s, split0["sparse0"] if sparse else s
 
@@ -456,15 +482,15 @@ def decode_attention(query: torch.Tensor, store, scaling: float, split: int | No
 
     if s_main:
         args = [*common, logits, m_ws, l_ws, acc_ws]
-        args += [split0[n] for n in ("q8", "q4", "q2", "markers", "hot")]
-        args += [entry0[n] for n in ("full", "q8", "q4", "q2", "markers", "hot")]
+        args += [split0[n] for n in ("q8", "q4", "q3", "q2", "markers", "hot")]
+        args += [entry0[n] for n in ("full", "q8", "q4", "q3", "q2", "markers", "hot")]
         full = slots.get("full")
         if full is not None:
             fk, fv, fsb, fsh = _dense_strides(full.k, full.v)
             args += [fk, fv, fsb, fsh, rows["full"]]
         else:
             args += [dummy, dummy, 0, 0, 0]
-        for name in ("q8", "q4", "q2"):
+        for name in ("q8", "q4", "q3", "q2"):
             seg = slots.get(name)
             if seg is None:
                 args += [dummy] * 6 + [0]
@@ -482,7 +508,8 @@ def decode_attention(query: torch.Tensor, store, scaling: float, split: int | No
         else:
             args += [dummy, dummy, 0, 0, 0]
         _partial_kernel[(s_main, bh)](
-            *args, HAS_FULL="full" in slots, HAS_Q8="q8" in slots, HAS_Q4="q4" in slots, HAS_Q2="q2" in slots,
+            *args, HAS_FULL="full" in slots, HAS_Q8="q8" in slots, HAS_Q4="q4" in slots,
+            HAS_Q3="q3" in slots, HAS_Q2="q2" in slots,
             HAS_MK=n_mk > 0, HAS_HOT=n_hot > 0, B=B, G=min(store.cfg.value_group_size, d), **meta)
     for i, seg in enumerate(sparse):
         name = f"sparse{i}"

@@ -6,8 +6,11 @@ The format and the PyTorch reference are ``agacc.quant`` (``quantize_keys``, ``q
   keys    codes [Bt, H, n, D*c/8] uint8, scale/zero [Bt, H, n/B, D] fp16  (per channel per block of B)
   values  codes [Bt, H, n, D*c/8] uint8, scale/zero [Bt, H, n, D/G] fp16  (per token per group of G)
 
-``c`` is the container (2, 4 or 8 bits) of ``bits``-bit codes; code ``j`` of a byte sits at bit
-``j*c``. Dequantisation is always ``u * scale + zero``.
+``c`` is the container (2, 3, 4 or 8 bits) of ``bits``-bit codes; code ``j`` of a byte sits at bit
+``j*c``. Dequantisation is always ``u * scale + zero``. The 3-bit container is two bit planes
+(``agacc.quant.pack``): for it the kernels run with one code per byte and ``agacc.quant`` splits /
+joins the planes on the device (one extra pass over D bytes per vector, at re-evaluation only --
+the decode kernel reads the planes directly).
 
 Bit-exactness: the kernels are compiled without FMA contraction (``enable_fp_fusion=False``), so
 products and sums round like torch's separate elementwise ops; scale/zero are computed in fp32
@@ -18,7 +21,7 @@ so a scale can differ in its last fp16 bit and a code by one where ``(x - zero) 
 a rounding tie; the error bound ``|x - x~| <= scale / 2`` (inside s standard deviations) holds.
 
 Each kernel reads its input once and writes packed bytes directly: a code never exists unpacked
-in memory.
+in memory (except the 3-bit planes' one-byte-per-code intermediate above).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from agacc import quant as _ref
 from agacc.quant import SCALE_DTYPE, container_bits
 
 METHODS = {"minmax": 0, "meanstd": 1}
@@ -129,6 +133,14 @@ def quantize_keys(k: torch.Tensor, bits: int, block_size: int, method: str = "mi
     _check_bits(bits, method)
     bt, h, n, d = k.shape
     c = container_bits(bits)
+    if c == 3:
+        codes, scale, zero = _quantize_keys(k, bits, block_size, method, s, 8)
+        return _ref.pack(codes, 3), scale, zero
+    return _quantize_keys(k, bits, block_size, method, s, c)
+
+
+def _quantize_keys(k, bits, block_size, method, s, c):
+    bt, h, n, d = k.shape
     per = 8 // c
     if n % block_size or d % per:
         raise ValueError(f"keys [.., {n}, {d}]: n must be a multiple of {block_size}, D of {per}")
@@ -213,9 +225,16 @@ def quantize_values(v: torch.Tensor, bits: int, group_size: int, method: str = "
     """Triton ``agacc.quant.quantize_values``: v [Bt, H, n, D] -> (packed [Bt,H,n,D*c//8] uint8,
     scale [Bt,H,n,D//G] fp16, zero [Bt,H,n,D//G] fp16), G = min(group_size, D)."""
     _check_bits(bits, method)
+    c = container_bits(bits)
+    if c == 3:
+        codes, scale, zero = _quantize_values(v, bits, group_size, method, s, 8)
+        return _ref.pack(codes, 3), scale, zero
+    return _quantize_values(v, bits, group_size, method, s, c)
+
+
+def _quantize_values(v, bits, group_size, method, s, c):
     bt, h, n, d = v.shape
     g = min(group_size, d)
-    c = container_bits(bits)
     per = 8 // c
     if d % g or g % per:
         raise ValueError(f"values [.., {d}]: D must be a multiple of G={g}, G of {per}")
@@ -268,8 +287,10 @@ def _dequantize_kernel(
 
 
 def _dequantize(packed, scale, zero, bits, row_div, col_div, dtype):
-    bt, h, n, db = packed.shape
     c = container_bits(bits)
+    if c == 3:
+        packed, c = _ref.unpack(packed, 3), 8
+    bt, h, n, db = packed.shape
     d = db * (8 // c)
     out = torch.empty(bt, h, n, d, dtype=dtype, device=packed.device)
     if n == 0 or bt * h == 0:
@@ -291,7 +312,7 @@ def dequantize_keys(packed, scale, zero, bits: int, block_size: int, dtype=torch
 
 def dequantize_values(packed, scale, zero, bits: int, dtype=torch.float32):
     """Triton ``agacc.quant.dequantize_values`` -> [Bt, H, n, D] in ``dtype`` (computed in fp32)."""
-    d = packed.shape[-1] * (8 // container_bits(bits))
+    d = packed.shape[-1] * 8 // container_bits(bits)
     return _dequantize(packed, scale, zero, bits, 1, d // scale.shape[-1], dtype)
 
 

@@ -15,7 +15,7 @@ from agacc import quant as Q  # noqa: E402
 from agacc.attention import attend  # noqa: E402
 from agacc.config import AGACCConfig  # noqa: E402
 from agacc.store import LayerStore  # noqa: E402
-from agacc.tiers import EVICTED, FULL, INT2, INT4, INT8, PRUNED  # noqa: E402
+from agacc.tiers import EVICTED, FULL, INT2, INT3, INT4, INT8, PRUNED  # noqa: E402
 from kernels import dispatch  # noqa: E402
 from kernels import quantize as KQ  # noqa: E402
 from kernels.decode_attention import decode_attention as triton_decode  # noqa: E402
@@ -133,7 +133,7 @@ def test_dequantize_to_half(dtype):
 
 def make_store(bt, h, d, n, tiers=(), bits=None, keep=None, dtype=torch.float32, seed=0, **cfg_kw):
     """A LayerStore of ``n`` random tokens whose first ``len(tiers)`` blocks get the given tiers."""
-    cfg = AGACCConfig(**{"block_size": 16, "recent_window": 16, "value_group_size": 32, **cfg_kw})
+    cfg = AGACCConfig(**{"block_size": 16, "recent_window": 16, "value_group_size": 32, "b_min": 2, **cfg_kw})
     store = LayerStore(cfg, torch.device("cpu"), dtype)
     gen = torch.Generator().manual_seed(seed)
     k = torch.randn(bt, h, n, d, generator=gen) * 1.5
@@ -168,14 +168,14 @@ def check_decode(store, g, qdtype=torch.float32, seed=1, **kw):
 
 
 MIX = dict(
-    tiers=[FULL, INT8, INT4, INT2, PRUNED, EVICTED, EVICTED, INT4, PRUNED, INT2, INT8],
+    tiers=[FULL, INT8, INT4, INT2, PRUNED, EVICTED, EVICTED, INT3, PRUNED, INT2, INT8],
     bits=[8, 8, 4, 2, 2, 2, 2, 3, 2, 1, 5],
     keep=[64, 64, 64, 64, 16, 64, 64, 64, 24, 64, 64],
 )
 
 
 def test_decode_every_tier_gqa3_batch2():
-    """full, int8 (8/5-bit), int4 (4/3-bit), int2 (2/1-bit), two sparse segments (keep 16, 24),
+    """full, int8 (8/5-bit), int4, int3, int2 (2/1-bit), two sparse segments (keep 16, 24),
     a marker with its log-count bias, an odd hot region; split 40 is not a multiple of the tile."""
     store = make_store(2, 2, 64, 16 * 11 + 16 + 5, **MIX)
     assert {s.keep for s in store.sparse.values()} == {16, 24} and store.markers.n == 1
@@ -202,7 +202,7 @@ def test_decode_fp16_store_head128_gqa4_sparse_8bit():
 
 def test_decode_mha_head128_quant_only():
     """g = 1, batch 2, only quantised segments + hot: no full segment, no markers, no sparse."""
-    store = make_store(2, 2, 128, 16 * 4 + 16 + 1, tiers=[INT8, INT4, INT2, INT4], bits=[7, 4, 2, 3])
+    store = make_store(2, 2, 128, 16 * 4 + 16 + 1, tiers=[INT8, INT4, INT2, INT3], bits=[7, 4, 2, 3])
     assert store.full.n_blocks == 0 and store.markers.n == 0 and not store.sparse
     check_decode(store, g=1, split=32, block_n=16)
 
@@ -210,10 +210,20 @@ def test_decode_mha_head128_quant_only():
 def test_decode_head96_group24_padding_paths():
     """D = 96 (padded to 128 in registers) and value groups of 24 channels (the gather path for a
     group size that is not a power of two); keep 32 of 96 stays sparse."""
-    store = make_store(1, 2, 96, 16 * 3 + 16 + 3, tiers=[INT4, PRUNED, INT2], bits=[4, 2, 2], keep=[96, 32, 96],
-                       value_group_size=24)
+    store = make_store(1, 2, 96, 16 * 4 + 16 + 3, tiers=[INT4, PRUNED, INT2, INT3], bits=[4, 2, 2, 3],
+                       keep=[96, 32, 96, 96], value_group_size=24)
     assert store.quant[4].v_scale.shape[-1] == 4 and store.sparse
     check_decode(store, g=2)
+
+
+def test_decode_three_bit_planes_dense_and_sparse():
+    """b_min = 3: int3 blocks, a dense pruned block in the 3-bit container and a sparse one whose kept
+    codes are 3-bit planes; g = 3, split not a multiple of the tile."""
+    store = make_store(1, 2, 64, 16 * 5 + 16 + 4, tiers=[INT3, PRUNED, PRUNED, INT4, INT3],
+                       bits=[3, 3, 3, 4, 3], keep=[64, 56, 16, 64, 64], b_min=3, b_max=4)
+    assert store.quant[3].n_blocks == 3 and [s.keep for s in store.sparse.values()] == [16]
+    assert next(iter(store.sparse.values())).k.shape[-1] == 16 * 3 // 8
+    check_decode(store, g=3, split=24, block_n=8)
 
 
 def test_decode_only_hot():

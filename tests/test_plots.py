@@ -21,12 +21,12 @@ def _snap():
     return {
         "step": 8, "seq_len": 19, "block_size": 4, "n_layers": 3, "reevaluations": 3, "threshold_scale": 1.0,
         "importance": [[5.0, 1.5, 0.05, 0.08, None], [3.0, 0.7, 0.3, 0.02, None], [2.5, 0.9, 0.1, 0.01, None]],
-        "tier": [[0, 1, 5, 5, -1], [0, 3, 4, 5, -1], [0, 2, 5, 5, -1]],
+        "tier": [[0, 1, 6, 6, -1], [0, 4, 5, 6, -1], [0, 2, 6, 6, -1]],
         "bits": [[16, 8, 0, 0, 16], [16, 2, 2, 0, 16], [16, 4, 0, 0, 16]],
         "keep": [[64, 64, 0, 0, 64], [64, 64, 40, 0, 64], [64, 64, 0, 0, 64]],
         "markers": [[[2, 3]], [[3, 3]], [[2, 3]]],
         "token_importance": [float(i) / 10 for i in range(19)],
-        "tier_names": ["full", "int8", "int4", "int2", "pruned", "evicted"],
+        "tier_names": ["full", "int8", "int4", "int3", "int2", "pruned", "evicted"],
         "memory": {"bytes": 1000, "bytes_fp16": 3000, "ratio": 3.0, "host_bytes": 0, "by_tier": {}},
     }
 
@@ -77,7 +77,7 @@ def test_tier_map_is_categorical_with_legend(which, real_snapshot):
     hm = fig.data[0]
     assert [list(r) for r in hm.z] == [[t + 1 for t in row] for row in snap["tier"]]
     names = [d.name for d in fig.data[1:]]
-    for want in ("full", "int8", "int4", "int2", "pruned", "evicted", "hot"):
+    for want in ("full", "int8", "int4", "int3", "int2", "pruned", "evicted", "hot"):
         assert any(n.startswith(want) for n in names), want
     # each category's z maps to its own colour in the discrete scale
     scale = [tuple(x) for x in hm.colorscale]
@@ -151,8 +151,8 @@ def test_token_view_colours_and_markers():
     by_text = {t: (tier, html.unescape(title)) for tier, title, t in spans}
     assert "layers: int8 1 · int4 1 · int2 1" in by_text["t5"][1]
     assert "token importance 0.5" in by_text["t5"][1]
-    assert [c for c, _, _ in block_consensus(snap)] == [0, 3, 5, 5, -1]
-    assert token_codes(snap, 21)[8:16] == [5] * 8
+    assert [c for c, _, _ in block_consensus(snap)] == [0, 4, 6, 6, -1]
+    assert token_codes(snap, 21)[8:16] == [6] * 8
     assert ".tier-evicted" in css() and ".tier-hot" in css()
 
 

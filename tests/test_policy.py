@@ -35,12 +35,15 @@ def test_thresholds_rule_log_position_and_filled_containers():
     cfg = AGACCConfig(tau_h=2.0, tau_l=0.5, tau_e=0.1, b_min=2, b_max=8)
     scores = torch.tensor([1.25, 1.0, 0.7, 0.6])
     # x = log(2.5)/log(4) = 0.661 -> 2 + floor(4.63) = 6 -> 8;  log(2)/log(4) = 0.5 -> 2 + 3 = 5 -> 8;
-    # log(1.4)/log(4) = 0.243 -> 2 + 1 = 3 -> 4;  log(1.2)/log(4) = 0.132 -> 2 + 0 = 2
+    # log(1.4)/log(4) = 0.243 -> 2 + 1 = 3 (a 3-bit container);  log(1.2)/log(4) = 0.132 -> 2 + 0 = 2
     tier, bits, _ = policy.thresholds_rule(scores, cfg, head_dim=64)
-    assert bits.tolist() == [8, 8, 4, 2]
-    assert tier.tolist() == [T.INT8, T.INT8, T.INT4, T.INT2]
-    _, bits, _ = policy.thresholds_rule(scores, cfg.with_overrides(fill_container=False), head_dim=64)
+    assert bits.tolist() == [8, 8, 3, 2]
+    assert tier.tolist() == [T.INT8, T.INT8, T.INT3, T.INT2]
+    tier, bits, _ = policy.thresholds_rule(scores, cfg.with_overrides(fill_container=False), head_dim=64)
     assert bits.tolist() == [6, 5, 3, 2]
+    assert tier.tolist() == [T.INT8, T.INT8, T.INT3, T.INT2]  # 6 and 5 bits in the 8-bit container
+    tier, bits, _ = policy.thresholds_rule(scores, cfg.with_overrides(b_min=1, b_max=1), head_dim=64)
+    assert bits.tolist() == [2, 2, 2, 2] and tier.tolist() == [T.INT2] * 4  # 1 -> 2: the container's width
     _, bits, _ = policy.thresholds_rule(scores, cfg.with_overrides(bit_interp="linear", fill_container=False), head_dim=64)
     assert bits.tolist() == [5, 4, 2, 2]  # x = 0.5, 0.333, 0.133, 0.067
     with pytest.raises(ValueError, match="bit_interp"):

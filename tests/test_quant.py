@@ -4,7 +4,7 @@ import torch
 from agacc import quant
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_pack_roundtrip_and_size(bits):
     codes = torch.randint(0, 1 << bits, (3, 5, 64), dtype=torch.uint8)
     packed = quant.pack(codes, bits)
@@ -16,6 +16,10 @@ def test_pack_layout_is_little_endian():
     # hand-worked: codes [1, 2, 3, 0] at 2 bits -> 1 | 2<<2 | 3<<4 | 0<<6 = 57
     assert quant.pack(torch.tensor([1, 2, 3, 0], dtype=torch.uint8), 2).tolist() == [57]
     assert quant.pack(torch.tensor([0xA, 0x5], dtype=torch.uint8), 4).tolist() == [0x5A]
+    # 3 bits: low-two-bit plane [0,1,2,3,0,1,2,3] -> 0|1<<2|2<<4|3<<6 = 228 (twice), then the high
+    # bits [0,0,0,0,1,1,1,1] -> 0b11110000 = 240
+    assert quant.pack(torch.arange(8, dtype=torch.uint8), 3).tolist() == [228, 228, 240]
+    assert [quant.container_bits(b) for b in range(1, 9)] == [2, 2, 3, 4, 8, 8, 8, 8]
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])

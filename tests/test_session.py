@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import agacc
+from agacc import tiers as T
 from agacc.session import GenerationSession, SessionError, encode_prompt, generate
 from agacc.trace import Trace, config_snippet, evicted_runs, policy_changes, replay, replay_frames
 
@@ -110,6 +111,14 @@ def test_trace_json_roundtrip(run_floor, tmp_path):
         Trace.from_json('{"hello": 1}')
     with pytest.raises(ValueError, match="not valid JSON"):
         Trace.from_json("{nope")
+    # a version-1 trace (no int3 tier): its codes are renamed to today's by tier name
+    d = tr.to_dict()
+    d["version"] = 1
+    d["frames"] = [dict(d["frames"][-1], tier=[[-1, 0, 1, 2, 3, 4, 5]],
+                        tier_names=["full", "int8", "int4", "int2", "pruned", "evicted"])]
+    old = Trace.from_dict(d).frames[0]
+    assert old["tier"] == [[T.HOT, T.FULL, T.INT8, T.INT4, T.INT2, T.PRUNED, T.EVICTED]]
+    assert old["tier_names"] == list(T.NAMES)
 
 
 def _assert_replay_matches(tr: Trace, cfg):
@@ -133,7 +142,7 @@ def test_replay_equals_real_run_host_copy(run_host):
     cfg, s, _ = run_host
     frames_r = _assert_replay_matches(s.trace, cfg)
     tiers = {t for row in frames_r[-1]["tier"] for t in row}
-    assert {0, 5} <= tiers  # the run has full and evicted blocks: the comparison is not trivial
+    assert {T.FULL, T.EVICTED} <= tiers  # the run has full and evicted blocks: the comparison is not trivial
 
 
 def test_replay_equals_real_run_without_host_copy(run_floor):

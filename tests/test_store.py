@@ -14,7 +14,7 @@ D = 64
 
 
 def make_store(n_tokens=16 * 12 + 5, batch=1, heads=3, host_copy=False, dtype=torch.float16, **cfg_kw):
-    cfg = AGACCConfig(block_size=16, recent_window=16, host_copy=host_copy, **cfg_kw)
+    cfg = AGACCConfig(**{"block_size": 16, "recent_window": 16, "host_copy": host_copy, "b_min": 2, **cfg_kw})
     st = LayerStore(cfg, "cpu", dtype)
     torch.manual_seed(0)
     k = torch.randn(batch, heads, n_tokens, D)
@@ -24,7 +24,7 @@ def make_store(n_tokens=16 * 12 + 5, batch=1, heads=3, host_copy=False, dtype=to
 
 
 MIXED = dict(
-    tier=[T.FULL, T.INT8, T.INT4, T.INT2, T.PRUNED, T.EVICTED, T.EVICTED, T.INT4, T.INT2, T.PRUNED, T.INT8],
+    tier=[T.FULL, T.INT8, T.INT3, T.INT2, T.PRUNED, T.EVICTED, T.EVICTED, T.INT4, T.INT2, T.PRUNED, T.INT8],
     bits=[16, 8, 3, 2, 2, 0, 0, 4, 2, 2, 6],
     keep=[64, 64, 64, 64, 16, 0, 0, 64, 64, 56, 64],
 )
@@ -49,12 +49,16 @@ def test_packed_storage_is_the_size_it_claims():
     n = 11 * 16
     assert q.k.nbytes == 3 * n * D // 2 and q.v.nbytes == 3 * n * D // 2  # two 4-bit codes per byte
     assert q.k_scale.nbytes == 3 * 11 * D * 2  # fp16 per channel per block
+    apply(st, [T.INT3] * 11, [3] * 11, [64] * 11)
+    assert st.quant[3].k.nbytes == 3 * n * D * 3 // 8 and st.quant[4].n_blocks == 0  # 3 bits per code
     apply(st, [T.INT2] * 11, [2] * 11, [64] * 11)
-    assert st.quant[2].k.nbytes == 3 * n * D // 4 and st.quant[4].n_blocks == 0
+    assert st.quant[2].k.nbytes == 3 * n * D // 4 and st.quant[3].n_blocks == 0
+    with pytest.raises(ValueError, match="4-bit container codes"):
+        apply(st, [T.INT4] * 11, [3] * 11, [64] * 11)  # 3-bit codes belong to the int3 tier
 
 
 def test_cost_model_matches_held_bytes():
-    for tier, bits, keep in [(T.FULL, 16, 64), (T.INT8, 8, 64), (T.INT4, 4, 64), (T.INT2, 2, 64),
+    for tier, bits, keep in [(T.FULL, 16, 64), (T.INT8, 8, 64), (T.INT4, 4, 64), (T.INT3, 3, 64), (T.INT2, 2, 64),
                              (T.PRUNED, 2, 16), (T.PRUNED, 2, 56)]:
         st, _, _ = make_store(n_tokens=16 * 3 + 16)
         before = st.nbytes() - (st.hot_k.nbytes + st.hot_v.nbytes)
