@@ -34,7 +34,7 @@ def block_uniforms(seed: int, layer: int, n_blocks: int) -> torch.Tensor:
     return torch.rand(n_blocks, generator=g)
 
 
-_CONTAINER_OF = torch.tensor([0, 2, 2, 3, 4, 8, 8, 8, 8], dtype=torch.int8)  # code bits -> container bits
+_CONTAINER_OF = torch.tensor([0] + [container_bits(b) for b in range(1, 9)], dtype=torch.int8)  # code bits -> container
 
 
 def code_bits(b: torch.Tensor, cfg) -> torch.Tensor:

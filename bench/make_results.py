@@ -6,7 +6,8 @@ needle scored by greedy-match (one teacher-forced pass over the answer, see agac
 ppl teacher-forces --decode-tokens tokens in chunks of 8 through the cache. Cells run in the order
 length -> task -> sample, and the run stops starting new samples after --budget-min minutes: what
 did not run is marked as missing. Results are appended to the JSON after every sample, and
---resume skips what it already holds.
+--resume skips what it already holds; with --redo P [P ...] it re-runs those presets (every ratio)
+on the samples it holds and keeps the other presets' results (after a change to one method).
 
     python bench/make_results.py --budget-min 40          # run + write docs/results.md
     python bench/make_results.py --render-only            # rewrite the page from the JSON
@@ -37,7 +38,7 @@ def run(args) -> None:
     torch.manual_seed(0)
     out_json = Path(args.json)
     done = json.loads(out_json.read_text()) if (args.resume and out_json.exists()) else {"meta": {}, "samples": []}
-    have = {(s["task"], s["context_tokens"], s["sample"]) for s in done["samples"]}
+    have = {(s["task"], s["context_tokens"], s["sample"]): s for s in done["samples"]}
     model, tok = agacc.load_model()
     text = T.read_text(args.text)
     configs = [(p, AGACCConfig.preset(p)) for p in FIXED]
@@ -57,16 +58,22 @@ def run(args) -> None:
             else:
                 samples = T.needle(tok, n, len(args.depths), depths=args.depths, text=text)
             for s in samples:
-                if (task, n, s.index) in have:
+                held = have.get((task, n, s.index))
+                todo = [(name, c) for name, c in configs if held is None or name.partition("@")[0] in args.redo]
+                if not todo:
                     continue
                 if (time.time() - t_start) / 60 > args.budget_min:
                     print(f"budget reached: skipping {task} {n} sample {s.index}", flush=True)
                     continue
                 t0 = time.time()
-                res = runner.evaluate_sample(model, tok, s, configs, scoring="match", chunk=8, log=lambda r: print(
+                res = runner.evaluate_sample(model, tok, s, todo, scoring="match", chunk=8, log=lambda r: print(
                     f"  {r['preset']}: score {r['score']:.3f} ratio {r['ratio']:.2f} build {r['build_s']:.1f}s decode {r['decode_s']:.1f}s", flush=True))
-                done["samples"].append({"task": task, "context_tokens": n, "sample": s.index, "results": res,
-                                        "seconds": time.time() - t0})
+                if held is None:
+                    done["samples"].append({"task": task, "context_tokens": n, "sample": s.index, "results": res,
+                                            "seconds": time.time() - t0})
+                else:  # --redo: replace those presets' results, keep the rest
+                    redone = {r["preset"] for r in res}
+                    held["results"] = [r for r in held["results"] if r["preset"] not in redone] + res
                 out_json.write_text(json.dumps(done, indent=0))
                 print(f"{task} {n} sample {s.index}: {time.time() - t0:.0f}s (total {(time.time() - t_start) / 60:.1f} min)", flush=True)
     done["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -263,8 +270,13 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=str(ROOT / "docs" / "results.json"))
     p.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--redo", nargs="+", default=[], metavar="PRESET",
+                   help="with --resume: re-run these presets on the samples held, keep the others' results")
     p.add_argument("--render-only", action="store_true")
     args = p.parse_args(argv)
+    unknown = set(args.redo) - set(RATIO_PRESETS + FIXED)
+    if unknown or (args.redo and not args.resume):
+        p.error(f"--redo needs --resume and presets of this page (unknown: {sorted(unknown)})")
     if not args.render_only:
         run(args)
     data = json.loads(Path(args.json).read_text())

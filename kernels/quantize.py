@@ -131,12 +131,17 @@ def quantize_keys(k: torch.Tensor, bits: int, block_size: int, method: str = "mi
     """Triton ``agacc.quant.quantize_keys``: k [Bt, H, n, D] (n a multiple of block_size, any float dtype)
     -> (packed [Bt,H,n,D*c//8] uint8, scale [Bt,H,n//B,D] fp16, zero [Bt,H,n//B,D] fp16)."""
     _check_bits(bits, method)
-    bt, h, n, d = k.shape
+    return _in_container(_quantize_keys, k, bits, block_size, method, s)
+
+
+def _in_container(quantise, x, bits, *args):
+    """``quantise(x, bits, *args, c)`` packed in the container c of ``bits``; for the 3-bit container
+    the kernel writes one code per byte and ``agacc.quant.pack`` splits the planes."""
     c = container_bits(bits)
-    if c == 3:
-        codes, scale, zero = _quantize_keys(k, bits, block_size, method, s, 8)
-        return _ref.pack(codes, 3), scale, zero
-    return _quantize_keys(k, bits, block_size, method, s, c)
+    if c != 3:
+        return quantise(x, bits, *args, c)
+    codes, scale, zero = quantise(x, bits, *args, 8)
+    return _ref.pack(codes, 3), scale, zero
 
 
 def _quantize_keys(k, bits, block_size, method, s, c):
@@ -225,11 +230,7 @@ def quantize_values(v: torch.Tensor, bits: int, group_size: int, method: str = "
     """Triton ``agacc.quant.quantize_values``: v [Bt, H, n, D] -> (packed [Bt,H,n,D*c//8] uint8,
     scale [Bt,H,n,D//G] fp16, zero [Bt,H,n,D//G] fp16), G = min(group_size, D)."""
     _check_bits(bits, method)
-    c = container_bits(bits)
-    if c == 3:
-        codes, scale, zero = _quantize_values(v, bits, group_size, method, s, 8)
-        return _ref.pack(codes, 3), scale, zero
-    return _quantize_values(v, bits, group_size, method, s, c)
+    return _in_container(_quantize_values, v, bits, group_size, method, s)
 
 
 def _quantize_values(v, bits, group_size, method, s, c):
