@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from agacc.quant import container_bits, kept_counts
+from agacc.quant import CONTAINER_OF, container_bits, kept_counts
 from agacc.tiers import CONTAINER_TIER, EVICTED, FULL, PRUNED
 
 
@@ -34,12 +34,9 @@ def block_uniforms(seed: int, layer: int, n_blocks: int) -> torch.Tensor:
     return torch.rand(n_blocks, generator=g)
 
 
-_CONTAINER_OF = torch.tensor([0] + [container_bits(b) for b in range(1, 9)], dtype=torch.int8)  # code bits -> container
-
-
 def code_bits(b: torch.Tensor, cfg) -> torch.Tensor:
     """The code width actually used for seed bits ``b`` (int8): the container's with ``fill_container``."""
-    return _CONTAINER_OF[b.long()] if cfg.fill_container else b
+    return CONTAINER_OF[b.long()] if cfg.fill_container else b
 
 
 def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, scale: float = 1.0):
@@ -59,7 +56,7 @@ def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, scale: float = 1.0
         x = ((s - tau_l) / (tau_h - tau_l)).clamp(0, 1)
     b = (cfg.b_min + torch.floor(x * (cfg.b_max - cfg.b_min + 1))).clamp(max=cfg.b_max).to(torch.int8)
     b = code_bits(b, cfg)
-    container = _CONTAINER_OF[b.long()]
+    container = CONTAINER_OF[b.long()]
     for c, t in CONTAINER_TIER.items():
         tier[mid & (container == c)] = t
     bits[mid] = b[mid]

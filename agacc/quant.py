@@ -31,6 +31,9 @@ def container_bits(bits: int) -> int:
     return next(c for c in CONTAINERS if bits <= c)
 
 
+CONTAINER_OF = torch.tensor([0] + [container_bits(b) for b in range(1, 9)], dtype=torch.int8)  # code bits -> container
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 codes ``[..., D]`` (values < 2**bits) into ``[..., D * bits // 8]`` bytes."""
     if bits == 8:

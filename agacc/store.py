@@ -28,7 +28,7 @@ import torch
 
 from agacc import quant
 from agacc.policy import fidelity_floor
-from agacc.tiers import EVICTED, FULL, INT2, INT3, INT4, INT8, PRUNED, TIER_CONTAINER
+from agacc.tiers import EVICTED, FULL, INT2, INT3, INT4, INT8, NAMES, PRUNED, TIER_CONTAINER
 
 
 def _quant_ops(device) -> object:
@@ -400,14 +400,10 @@ class LayerStore:
         weight evicted tokens inside their marker. Returns the tiers actually applied."""
         nb = int(tier.numel())
         assert nb <= self.n_ready_blocks(), "apply_tiers got blocks still inside the recent window"
+        _check_containers(tier.cpu(), bits.cpu(), self.cfg.b_min)
         tier = tier.to(torch.int8).to(self.device)
         bits = bits.to(torch.int8).to(self.device)
         keep = keep.to(torch.int16).to(self.device)
-        # a quantised tier holds codes of its container's width; pruned codes are b_min's container
-        for t_code, c in (*TIER_CONTAINER.items(), (PRUNED, quant.container_bits(self.cfg.b_min))):
-            wrong = [b for b in bits[tier == t_code].unique().tolist() if quant.container_bits(b) != c]
-            if wrong:
-                raise ValueError(f"tier {t_code} holds {c}-bit container codes; got {wrong}-bit codes")
         if not self.cfg.host_copy:  # without a host copy a block can only lose fidelity
             tier, bits, keep = fidelity_floor((self.block_tier, self.block_bits, self.block_keep), tier, bits, keep)
         n_old = self.n_blocks
@@ -589,6 +585,21 @@ class LayerStore:
             seg.map_batch(fn)
         self.markers.map_batch(fn)
         self.host = {b: (fn(k), fn(v)) for b, (k, v) in self.host.items()}
+
+
+_TIER_CONTAINER = torch.zeros(len(NAMES), dtype=torch.int8)  # tier code -> its container (0: none)
+for _t, _c in TIER_CONTAINER.items():
+    _TIER_CONTAINER[_t] = _c
+
+
+def _check_containers(tier: torch.Tensor, bits: torch.Tensor, b_min: int) -> None:
+    """A quantised tier holds codes of its container's width, a pruned block codes of b_min's."""
+    want = torch.where(tier == PRUNED, quant.container_bits(b_min), _TIER_CONTAINER[tier.long()])
+    bad = (want > 0) & (want != quant.CONTAINER_OF[bits.long().clamp(0, 8)])
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"block {i}: tier {NAMES[int(tier[i])]} holds {int(want[i])}-bit container codes, "
+                         f"got {int(bits[i])}-bit codes")
 
 
 def block_cost_bytes(tier: int, bits: int, keep: int, *, batch: int, heads: int, head_dim: int,

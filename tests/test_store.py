@@ -53,8 +53,10 @@ def test_packed_storage_is_the_size_it_claims():
     assert st.quant[3].k.nbytes == 3 * n * D * 3 // 8 and st.quant[4].n_blocks == 0  # 3 bits per code
     apply(st, [T.INT2] * 11, [2] * 11, [64] * 11)
     assert st.quant[2].k.nbytes == 3 * n * D // 4 and st.quant[3].n_blocks == 0
-    with pytest.raises(ValueError, match="4-bit container codes"):
+    with pytest.raises(ValueError, match="tier int4 holds 4-bit container codes, got 3-bit"):
         apply(st, [T.INT4] * 11, [3] * 11, [64] * 11)  # 3-bit codes belong to the int3 tier
+    with pytest.raises(ValueError, match="tier pruned holds 3-bit container codes, got 2-bit"):
+        apply(make_store(b_min=3)[0], [T.PRUNED] * 11, [2] * 11, [32] * 11)  # pruned codes: b_min's container
 
 
 def test_cost_model_matches_held_bytes():
