@@ -29,13 +29,13 @@ def _codes(packed: torch.Tensor, container: int) -> torch.Tensor:
         return packed.float()
     if container == 3:
         lo = packed.shape[-1] * 2 // 3
-        return _plane(packed[..., :lo], 2).add_(_plane(packed[..., lo:], 1), alpha=4)
-    return _plane(packed, container)
+        return (_plane(packed[..., :lo], 2) | (_plane(packed[..., lo:], 1) << 2)).float()
+    return _plane(packed, container).float()
 
 
 def _plane(packed: torch.Tensor, c: int) -> torch.Tensor:
     """uint8 [..., m] with 8 // c codes of c in {1, 2, 4} bits per byte (code j of byte i is channel
-    i * (8 // c) + j) -> float32 [..., m * 8 // c]. Four bytes at a time as one little-endian int32
+    i * (8 // c) + j) -> integer codes [..., m * 8 // c]. Four bytes at a time as one little-endian int32
     (code k at bit k * c) where the row is a whole number of words, else one lookup per byte in a
     [256, 8 // c] table."""
     mask = (1 << c) - 1
@@ -46,13 +46,13 @@ def _plane(packed: torch.Tensor, c: int) -> torch.Tensor:
         if shifts is None:
             shifts = _SHIFTS[key] = torch.arange(0, 32, c, dtype=torch.int32, device=packed.device)
         words = packed.view(torch.int32).unsqueeze(-1)
-        return ((words >> shifts) & mask).flatten(-2).float()
+        return ((words >> shifts) & mask).flatten(-2)
     lut = _LUT.get(key)
     if lut is None:
         per = 8 // c
         b = torch.arange(256)
-        lut = _LUT[key] = torch.stack([(b >> (j * c)) & mask for j in range(per)], -1).float().to(packed.device)
-    return torch.nn.functional.embedding(packed.long(), lut).flatten(-2)
+        lut = _LUT[key] = torch.stack([(b >> (j * c)) & mask for j in range(per)], -1).to(torch.int32).to(packed.device)
+    return lut[packed.long()].flatten(-2)
 
 
 def _key_scores(qg, seg, B):
