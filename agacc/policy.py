@@ -34,6 +34,16 @@ def block_uniforms(seed: int, layer: int, n_blocks: int) -> torch.Tensor:
     return torch.rand(n_blocks, generator=g)
 
 
+_TIER_OF_CONTAINER = torch.full((9,), -1, dtype=torch.int8)  # container bits -> its quantised tier
+for _c, _t in CONTAINER_TIER.items():
+    _TIER_OF_CONTAINER[_c] = _t
+
+
+def quant_tier(b: torch.Tensor) -> torch.Tensor:
+    """Quantised tier (int8) of code widths ``b``: the tier of their container."""
+    return _TIER_OF_CONTAINER[CONTAINER_OF[b.long()].long()]
+
+
 def code_bits(b: torch.Tensor, cfg) -> torch.Tensor:
     """The code width actually used for seed bits ``b`` (int8): the container's with ``fill_container``."""
     return CONTAINER_OF[b.long()] if cfg.fill_container else b
@@ -56,9 +66,7 @@ def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, scale: float = 1.0
         x = ((s - tau_l) / (tau_h - tau_l)).clamp(0, 1)
     b = (cfg.b_min + torch.floor(x * (cfg.b_max - cfg.b_min + 1))).clamp(max=cfg.b_max).to(torch.int8)
     b = code_bits(b, cfg)
-    container = CONTAINER_OF[b.long()]
-    for c, t in CONTAINER_TIER.items():
-        tier[mid & (container == c)] = t
+    tier[mid] = quant_tier(b)[mid]
     bits[mid] = b[mid]
     low = (s <= tau_l) & (s >= tau_e)
     p = cfg.p_max * (1 - torch.clamp(s / tau_l, max=1.0))
@@ -80,7 +88,7 @@ def dynacompress_rule(scores: torch.Tensor, cfg, head_dim: int, layer: int, scal
     s = scores.float().cpu()
     a_hat = (s / s.max().clamp_min(1e-12)).clamp(0, 1) if n else s
     b = code_bits(torch.clamp(torch.floor(cfg.b_max * (1 - cfg.gamma * (1 - a_hat))), min=cfg.b_min).to(torch.int8), cfg)
-    tier = torch.tensor([CONTAINER_TIER[container_bits(int(x))] for x in b], dtype=torch.int8)
+    tier = quant_tier(b)
     bits = b.clone()
     keep = torch.full((n,), head_dim, dtype=torch.int16)
     full = s > cfg.tau_h * scale

@@ -380,7 +380,8 @@ def _mass_kernel(logit_ptr, lse_ptr, mass_ptr, n_total, BH, g, inv_norm,
 # host side
 # --------------------------------------------------------------------------------------------
 
-QUANT_SLOTS = {8: "q8", 4: "q4", 3: "q3", 2: "q2"}
+QUANT_SLOTS = {8: "q8", 4: "q4", 3: "q3", 2: "q2"}  # container -> slot, in attention order
+QUANT = tuple(QUANT_SLOTS.values())
 
 
 def _dense_strides(k, v):
@@ -449,7 +450,7 @@ def decode_attention(query: torch.Tensor, store, scaling: float, split: int | No
     num_warps = num_warps or auto_w
 
     # entries in attention order, then the split ranges (main launch first, then each sparse segment)
-    order = [(name, slots.get(name)) for name in ("full", "q8", "q4", "q3", "q2")]
+    order = [(name, slots.get(name)) for name in ("full", *QUANT)]
     order += [(f"sparse{i}", seg) for i, seg in enumerate(sparse)]
     rows = {name: (seg.n_blocks * B if seg is not None else 0) for name, seg in order}
     rows["markers"], rows["hot"] = n_mk, n_hot
@@ -461,7 +462,7 @@ def decode_attention(query: torch.Tensor, store, scaling: float, split: int | No
         entry0[name], e = e, e + rows[name]
     split = triton.cdiv(split or default_split(n_total, bh, block_n, dev), block_n) * block_n
     split0, s = {}, 0
-    for name in ("full", "q8", "q4", "q3", "q2", "markers", "hot") + tuple(f"sparse{i}" for i in range(len(sparse))):
+    for name in ("full", *QUANT, "markers", "hot") + tuple(f"sparse{i}" for i in range(len(sparse))):
         split0[name], s = s, s + triton.cdiv(rows[name], split)
     S_total, s_main = s, split0["sparse0"] if sparse else s
 
@@ -482,15 +483,15 @@ def decode_attention(query: torch.Tensor, store, scaling: float, split: int | No
 
     if s_main:
         args = [*common, logits, m_ws, l_ws, acc_ws]
-        args += [split0[n] for n in ("q8", "q4", "q3", "q2", "markers", "hot")]
-        args += [entry0[n] for n in ("full", "q8", "q4", "q3", "q2", "markers", "hot")]
+        args += [split0[n] for n in (*QUANT, "markers", "hot")]
+        args += [entry0[n] for n in ("full", *QUANT, "markers", "hot")]
         full = slots.get("full")
         if full is not None:
             fk, fv, fsb, fsh = _dense_strides(full.k, full.v)
             args += [fk, fv, fsb, fsh, rows["full"]]
         else:
             args += [dummy, dummy, 0, 0, 0]
-        for name in ("q8", "q4", "q3", "q2"):
+        for name in QUANT:
             seg = slots.get(name)
             if seg is None:
                 args += [dummy] * 6 + [0]
