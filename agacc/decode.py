@@ -1,10 +1,11 @@
 """Decode attention (one query step) straight from the packed store, in PyTorch.
 
 This is the CPU path (CUDA uses the Triton kernel; both are checked against the reference
-``attention.attend`` over dequantised entries). Packed bytes are unpacked a 32-bit word at a time
-(``_codes``: little-endian, so the codes come out in channel order); scales and
-zero points are applied inside the products, so the only float copy of a segment is a transient
-one inside the step, never held:
+``attention.attend`` over dequantised entries). Packed rows are transposed before they are unpacked
+(``_codes_t``: ``[n, bytes]`` -> ``[bytes, n]``, so every shift and mask runs along the n tokens,
+not along a row of a few bytes), which yields the codes as ``[D, n]``, the layout ``q @ K^T``
+multiplies by. Scales and zero points are applied inside the products, so the only float copy of a
+segment is a transient one inside the step, never held:
 
 * keys (scale/zero per channel per block): q.k = q . (scale * codes) + q . zero, the zero point one
   bias per block;
@@ -14,55 +15,46 @@ Shapes: query [Bt, Hq, 1, D]; KV heads H, g = Hq / H; scores [Bt, H, g, n].
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 
-_LUT: dict = {}
 _SHIFTS: dict = {}
 
 
-def _codes(packed: torch.Tensor, container: int) -> torch.Tensor:
-    """uint8 [..., m] -> float32 codes [..., m * 8 // c] in channel order (``agacc.quant.pack``'s layout).
-    The 3-bit container is its two planes (low two bits, then the high bit) unpacked and joined."""
+def _split(packed_t: torch.Tensor, c: int) -> torch.Tensor:
+    """uint8 [..., m, n] with 8 // c codes of c in {1, 2, 4} bits per byte -> uint8 [..., m, 8 // c, n]
+    (code j of byte i, at bit j * c, is channel i * (8 // c) + j: ``agacc.quant.pack``'s layout)."""
+    key = (c, packed_t.device)
+    shifts = _SHIFTS.get(key)
+    if shifts is None:
+        shifts = _SHIFTS[key] = torch.arange(0, 8, c, dtype=torch.uint8, device=packed_t.device).view(-1, 1)
+    return (packed_t.unsqueeze(-2) >> shifts) & ((1 << c) - 1)
+
+
+def _codes_t(packed: torch.Tensor, container: int) -> torch.Tensor:
+    """uint8 [..., n, m] packed rows -> float32 codes [..., D, n] (transposed, channels in order).
+    The 3-bit container is its two planes (low two bits, then the high bit) unpacked and joined:
+    the low plane's [D/4, 4] codes viewed as [D/8, 8] line up with the high plane's bits. 8-bit codes
+    have nothing to unpack: they come back as a transposed view of their float copy."""
     if container == 8:
-        return packed.float()
+        return packed.float().transpose(-1, -2)
+    pt = packed.transpose(-1, -2).contiguous()
     if container == 3:
-        lo = packed.shape[-1] * 2 // 3
-        return (_plane(packed[..., :lo], 2) | (_plane(packed[..., lo:], 1) << 2)).float()
-    return _plane(packed, container).float()
-
-
-def _plane(packed: torch.Tensor, c: int) -> torch.Tensor:
-    """uint8 [..., m] with 8 // c codes of c in {1, 2, 4} bits per byte (code j of byte i is channel
-    i * (8 // c) + j) -> integer codes [..., m * 8 // c]. Four bytes at a time as one little-endian int32
-    (code k at bit k * c) where the row is a whole number of words, else one lookup per byte in a
-    [256, 8 // c] table."""
-    mask = (1 << c) - 1
-    key = (c, packed.device)
-    if packed.shape[-1] % 4 == 0 and packed.stride(-1) == 1 and packed.storage_offset() % 4 == 0 \
-            and all(st % 4 == 0 for st in packed.stride()[:-1]) and sys.byteorder == "little":
-        shifts = _SHIFTS.get(key)
-        if shifts is None:
-            shifts = _SHIFTS[key] = torch.arange(0, 32, c, dtype=torch.int32, device=packed.device)
-        words = packed.view(torch.int32).unsqueeze(-1)
-        return ((words >> shifts) & mask).flatten(-2)
-    lut = _LUT.get(key)
-    if lut is None:
-        per = 8 // c
-        b = torch.arange(256)
-        lut = _LUT[key] = torch.stack([(b >> (j * c)) & mask for j in range(per)], -1).to(torch.int32).to(packed.device)
-    return lut[packed.long()].flatten(-2)
+        lo = pt.shape[-2] * 2 // 3
+        high = _split(pt[..., lo:, :], 1)                                     # [..., D/8, 8, n]
+        codes = _split(pt[..., :lo, :], 2).view(high.shape) | (high << 2)
+    else:
+        codes = _split(pt, container)
+    return codes.flatten(-3, -2).float()
 
 
 def _key_scores(qg, seg, B):
     """qg [Bt,H,g,D] fp32 -> scores [Bt,H,g,n] over a QuantSegment."""
     bt, h, g, d = qg.shape
     nblk = seg.k_scale.shape[2]
-    codes = _codes(seg.k, seg.container).view(bt, h, nblk, B, d)
-    k = (codes * seg.k_scale.float()[:, :, :, None, :]).view(bt, h, nblk * B, d)
+    codes = _codes_t(seg.k, seg.container).view(bt, h, d, nblk, B)
+    k_t = (codes * seg.k_scale.float().transpose(-1, -2).unsqueeze(-1)).view(bt, h, d, nblk * B)
     bias = torch.matmul(qg, seg.k_zero.float().transpose(-1, -2))          # [Bt,H,g,nblk]
-    scores = torch.matmul(qg, k.transpose(-1, -2)).view(bt, h, g, nblk, B) + bias.unsqueeze(-1)
+    scores = torch.matmul(qg, k_t).view(bt, h, g, nblk, B) + bias.unsqueeze(-1)
     return scores.view(bt, h, g, nblk * B)
 
 
@@ -70,13 +62,13 @@ def _value_out(p, seg):
     """p [Bt,H,g,n] fp32 -> sum_t p_t v_t [Bt,H,g,D] over a QuantSegment."""
     bt, h, g, n = p.shape
     ngrp = seg.v_scale.shape[-1]
-    codes = _codes(seg.v, seg.container)                                 # [Bt,H,n,D]
-    d = codes.shape[-1]
+    codes = _codes_t(seg.v, seg.container)                               # [Bt,H,D,n]
+    d = codes.shape[-2]
     zero = torch.matmul(p, seg.v_zero.float())                           # [Bt,H,g,ngrp]
     if ngrp == 1:
-        return torch.matmul(p * seg.v_scale.float()[..., 0].unsqueeze(2), codes) + zero
+        return torch.matmul(p * seg.v_scale.float()[..., 0].unsqueeze(2), codes.transpose(-1, -2)) + zero
     ps = p.unsqueeze(-1) * seg.v_scale.float()[:, :, None]                # [Bt,H,g,n,ngrp]
-    out = torch.einsum("bhgtr,bhtre->bhgre", ps, codes.view(bt, h, n, ngrp, d // ngrp))
+    out = torch.einsum("bhgtr,bhret->bhgre", ps, codes.view(bt, h, ngrp, d // ngrp, n))
     return (out + zero.unsqueeze(-1)).reshape(bt, h, g, d)
 
 

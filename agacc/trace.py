@@ -216,7 +216,7 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
         if cfg.compress and n_ready > 0:
             if cfg.target_ratio is not None:
                 scale = fit_threshold_scale(scores, cfg, geo, seq_len, cfg.target_ratio, int(h.get("overhead", 0)),
-                                            prev=None if cfg.host_copy else current)
+                                            prev=None if cfg.host_copy else current, start=scale)
             plans = plan_tiers(scores, cfg, geo, seq_len, scale)
             if not cfg.host_copy and current is not None:
                 plans = [fidelity_floor(prev, *p) for prev, p in zip(current, plans)]

@@ -126,6 +126,21 @@ def test_ratio_fitter_reaches_target(target):
     assert target * 0.95 <= got <= target * 1.05 + 0.5  # block granularity
 
 
+@pytest.mark.parametrize("start", [1e-6, 0.05, 1.0, 3.0, 1e5])
+def test_ratio_fitter_warm_start_lands_where_the_cold_search_does(start):
+    """Walking out from the previous scale finds the same plan boundary as bisecting [-12, 12]."""
+    cfg = AGACCConfig.preset("agacc", block_size=32)
+    geo = Geometry(n_layers=4, heads=2, head_dim=64, batch=1, full_itemsize=2)
+    torch.manual_seed(2)
+    scores = [torch.rand(126).pow(3) * 5 for _ in range(4)]
+    for target in (2.0, 4.0, 6.0, 1e4):  # 1e4: out of reach -> the largest scale
+        cold = fit_threshold_scale(scores, cfg, geo, 4096, target)
+        warm = fit_threshold_scale(scores, cfg, geo, 4096, target, start=start)
+        assert math.isclose(warm, cold, rel_tol=2e-3), (target, warm, cold)
+        plan = planned_bytes(plan_tiers(scores, cfg, geo, 4096, warm), cfg, geo, 4096)
+        assert target >= 1e4 or plan <= 2 * 2 * 4096 * 64 * 2 * 4 / target
+
+
 def test_rule_registry_rejects_unknown_rule():
     with pytest.raises(ValueError, match="rule must be one of"):
         AGACCConfig(rule="nope")

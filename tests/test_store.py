@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 
+from agacc import quant
 from agacc import tiers as T
 from agacc.attention import attend
 from agacc.config import AGACCConfig
-from agacc.decode import decode_attention
+from agacc.decode import _codes_t, decode_attention
 from agacc.store import LayerStore, block_cost_bytes, marker_cost_bytes
 from tests.helpers import walk_tensor_bytes
 
@@ -138,6 +139,15 @@ def test_packed_decode_path_equals_reference(group, batch, heads, q_heads):
     out, mass = decode_attention(q, st, 0.125)
     assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(mass, ref_mass, atol=1e-6)
     assert math.isclose(float(mass.sum()), 1.0, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("container", [2, 3, 4, 8])
+def test_cpu_unpack_is_the_transpose_of_the_reference_unpack(container):
+    """decode._codes_t (transposed, all tokens at once) == quant.unpack (row by row), channels in order."""
+    torch.manual_seed(container)
+    codes = torch.randint(0, 1 << container, (2, 3, 37, 64), dtype=torch.uint8)
+    packed = quant.pack(codes, container)
+    assert torch.equal(_codes_t(packed, container), quant.unpack(packed, container).float().transpose(-1, -2))
 
 
 def test_token_mass_maps_entries_back_to_tokens():
