@@ -13,7 +13,7 @@ import math
 import torch
 
 from agacc.quant import CONTAINER_OF, container_bits, kept_counts
-from agacc.tiers import CONTAINER_TIER, EVICTED, FULL, PRUNED
+from agacc.tiers import CONTAINER_TIER, EVICTED, FULL, PRUNED, TIER_OF_CONTAINER
 
 
 def layer_weights(cfg, n_layers: int) -> list[float]:
@@ -34,14 +34,9 @@ def block_uniforms(seed: int, layer: int, n_blocks: int) -> torch.Tensor:
     return torch.rand(n_blocks, generator=g)
 
 
-_TIER_OF_CONTAINER = torch.full((9,), -1, dtype=torch.int8)  # container bits -> its quantised tier
-for _c, _t in CONTAINER_TIER.items():
-    _TIER_OF_CONTAINER[_c] = _t
-
-
 def quant_tier(b: torch.Tensor) -> torch.Tensor:
     """Quantised tier (int8) of code widths ``b``: the tier of their container."""
-    return _TIER_OF_CONTAINER[CONTAINER_OF[b.long()].long()]
+    return TIER_OF_CONTAINER[CONTAINER_OF[b.long()].long()]
 
 
 def code_bits(b: torch.Tensor, cfg) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 
 from agacc import quant
 from agacc.policy import fidelity_floor
-from agacc.tiers import EVICTED, FULL, INT2, INT3, INT4, INT8, NAMES, PRUNED, TIER_CONTAINER
+from agacc.tiers import CONTAINER_OF_TIER, EVICTED, FULL, INT2, INT3, INT4, INT8, NAMES, PRUNED, TIER_CONTAINER
 
 
 def _quant_ops(device) -> object:
@@ -587,14 +587,9 @@ class LayerStore:
         self.host = {b: (fn(k), fn(v)) for b, (k, v) in self.host.items()}
 
 
-_TIER_CONTAINER = torch.zeros(len(NAMES), dtype=torch.int8)  # tier code -> its container (0: none)
-for _t, _c in TIER_CONTAINER.items():
-    _TIER_CONTAINER[_t] = _c
-
-
 def _check_containers(tier: torch.Tensor, bits: torch.Tensor, b_min: int) -> None:
     """A quantised tier holds codes of its container's width, a pruned block codes of b_min's."""
-    want = torch.where(tier == PRUNED, quant.container_bits(b_min), _TIER_CONTAINER[tier.long()])
+    want = torch.where(tier == PRUNED, quant.container_bits(b_min), CONTAINER_OF_TIER[tier.long()])
     bad = (want > 0) & (want != quant.CONTAINER_OF[bits.long().clamp(0, 8)])
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
