@@ -365,7 +365,8 @@ def planned_bytes(plans, cfg: AGACCConfig, geo: Geometry, seq_len: int) -> int:
         return 0
     B = cfg.block_size
     kw = dict(batch=geo.batch, heads=geo.heads, head_dim=geo.head_dim, block_size=B, full_itemsize=geo.full_itemsize,
-              value_group_size=cfg.value_group_size, b_min=cfg.b_min, sparse_threshold=cfg.sparse_threshold)
+              value_group_size=cfg.value_group_size, b_min=cfg.b_min, sparse_threshold=cfg.sparse_threshold,
+              key_quant=cfg.key_quant, key_group_size=cfg.key_group_size)
     tier = torch.stack([p[0] for p in plans]).long()  # [L, n]
     bits = torch.stack([p[1] for p in plans]).long()
     keep = torch.stack([p[2] for p in plans]).long()
@@ -386,7 +387,7 @@ def planned_bytes(plans, cfg: AGACCConfig, geo: Geometry, seq_len: int) -> int:
 
 
 def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_bytes: int = 0,
-                        tol: float = 1e-3, prev=None, start: float | None = None) -> float:
+                        tol: float = 1e-3, prev=None, start: float | None = None, byte_tol: float = 0.01) -> float:
     """Scale s for (tau_h, tau_l, tau_e) * s so the planned bytes (+ ``overhead_bytes`` the plan does
     not cover) are just under bytes_fp16 / target: the library's target-ratio -> thresholds map.
     ``prev``: per layer (tier, bits, keep) already applied, when blocks cannot regain fidelity (no
@@ -394,7 +395,8 @@ def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_
     promotions go to other blocks instead of being left unused.
 
     Planned bytes fall as s grows; bisection on log s in [-12, 12] until the bracket is ``tol`` wide
-    (0.1% in s). ``start``: the scale fitted at the previous re-evaluation, which rarely moves much:
+    (0.1% in s) and the plan uses at least 99% of the budget (``byte_tol``; near-equal block scores
+    need a finer s), or the bracket is 1e-7 wide. ``start``: the scale fitted at the previous re-evaluation, which rarely moves much:
     the search walks out from it (steps 0.25, 1, 4 in log s) to a bracket first (about 10 plans
     instead of 26). If the target is out of reach (recent window and sinks alone exceed it) the
     largest scale is returned."""
@@ -403,12 +405,16 @@ def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_
 
     prev_stacked = tuple(torch.stack(x) for x in zip(*prev)) if prev else None  # [L, n_old] each
 
+    seen: dict[float, int] = {}
+
     def bytes_at(log_s):
-        plans = plan_tiers(block_scores, cfg, geo, seq_len, math.exp(log_s))
-        if prev_stacked is not None:  # one floor over all layers at once
-            floored = policy.fidelity_floor(prev_stacked, *(torch.stack(x) for x in zip(*plans)))
-            plans = list(zip(*floored))
-        return planned_bytes(plans, cfg, geo, seq_len)
+        if log_s not in seen:
+            plans = plan_tiers(block_scores, cfg, geo, seq_len, math.exp(log_s))
+            if prev_stacked is not None:  # one floor over all layers at once
+                floored = policy.fidelity_floor(prev_stacked, *(torch.stack(x) for x in zip(*plans)))
+                plans = list(zip(*floored))
+            seen[log_s] = planned_bytes(plans, cfg, geo, seq_len)
+        return seen[log_s]
 
     lo, hi = -12.0, 12.0  # invariant: bytes_at(lo) > budget >= bytes_at(hi)
     if start is not None and -12.0 < math.log(start) < 12.0:  # walk out from the last scale, steps x4
@@ -427,7 +433,9 @@ def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_
         return math.exp(lo)
     if hi == 12.0 and bytes_at(hi) > budget:
         return math.exp(hi)
-    while hi - lo > tol:
+    while hi - lo > 1e-7:
+        if hi - lo <= tol and bytes_at(hi) >= (1 - byte_tol) * budget:
+            break
         mid = (lo + hi) / 2
         if bytes_at(mid) <= budget:
             hi = mid

@@ -15,6 +15,7 @@ BUDGET_SHAPES = ("weights", "pyramid", "dynamic")  # per-layer budgets: 001 w_l 
 BIT_INTERPS = ("log", "linear")
 POSITION_NORMS = ("none", "power", "log")      # forms of P(t - i), 000 §2.3
 QUANTIZERS = ("minmax", "meanstd")
+KEY_QUANTS = ("token", "channel")
 STORE_DTYPES = ("model", "float16", "bfloat16")
 
 
@@ -49,9 +50,16 @@ class AGACCConfig:
         fill_container: raise every code width to its container's (1 -> 2, 5..7 -> 8): a 6-bit code
             costs an 8-bit container's bytes anyway, so the extra bits are free precision. False keeps
             the seed's exact b (to study b's error, not to save bytes).
-        quantizer: "minmax" (asymmetric, keys per channel / values per token) or "meanstd" (seed formula).
+        quantizer: "minmax" (asymmetric, one scale and zero per group) or "meanstd" (seed formula).
         s: outlier scale s of the mean/std quantiser.
+        key_quant: how keys are grouped: "channel" (KIVI, the default: one (scale, zero) per channel
+            over a block's B tokens) or "token" (one per token per group of key_group_size channels).
+            Values are always per token. docs/tuning.md round 4 compares them at equal bytes.
+        key_group_size: channels per (scale, zero) group of the per-token key quantiser.
         value_group_size: channels per (scale, zero) group of the per-token value quantiser.
+        rotate: store quantised keys and values Hadamard-rotated (``agacc.quant.rotate``): outlier
+            channels spread over the vector, so min-max groups lose less (values above all); attention
+            rotates the query and the quantised part of the output instead (exact up to rounding).
         p_max: p_max, maximum magnitude-pruning rate, p_i = p_max*(1 - min(1, I^/tau_l)).
         sparse_threshold: pruned blocks are stored sparse (bitmap + kept values) when p_i >= this,
             otherwise dense in the b_min container with the pruned elements zeroed.
@@ -110,7 +118,10 @@ class AGACCConfig:
     fill_container: bool = True
     quantizer: str = "minmax"
     s: float = 3.0
+    key_quant: str = "channel"
+    key_group_size: int = 64
     value_group_size: int = 64
+    rotate: bool = True
     p_max: float = 0.0
     sparse_threshold: float = 0.25
     markers: bool = True
@@ -165,6 +176,9 @@ class AGACCConfig:
         need(self.quantizer in QUANTIZERS, f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
         need(not (self.quantizer == "meanstd" and self.b_min < 2), "the meanstd quantiser needs b_min >= 2")
         need(self.s > 0, f"s must be > 0, got {self.s}")
+        need(self.key_quant in KEY_QUANTS, f"key_quant must be one of {KEY_QUANTS}, got {self.key_quant!r}")
+        need(self.key_group_size >= 8 and self.key_group_size % 8 == 0,
+             f"key_group_size must be a positive multiple of 8, got {self.key_group_size}")
         need(self.value_group_size >= 8 and self.value_group_size % 8 == 0,
              f"value_group_size must be a positive multiple of 8, got {self.value_group_size}")
         need(0.0 <= self.p_max < 1.0, f"p_max must be in [0, 1), got {self.p_max}")

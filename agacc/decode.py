@@ -7,15 +7,21 @@ not along a row of a few bytes), which yields the codes as ``[D, n]``, the layou
 multiplies by. Scales and zero points are applied inside the products, so the only float copy of a
 segment is a transient one inside the step, never held:
 
-* keys (scale/zero per channel per block): q.k = q . (scale * codes) + q . zero, the zero point one
-  bias per block;
+* keys per token (scale/zero per token per channel group r): q.k_t = sum_r scale_tr (q_r . codes_tr)
+  + zero_tr sum(q_r); keys per channel per block: q.k = q . (scale * codes) + q . zero, the zero
+  point one bias per block;
 * values (scale/zero per token per channel group): p.v = sum_t (p_t*scale_t) codes_t + sum_t p_t*zero_t.
+
+Rotated segments (``cfg.rotate``) meet the rotated query (``q H . k H = q . k``), and their share
+of the output is summed apart and rotated back once (``(P V H) H = P V``).
 
 Shapes: query [Bt, Hq, 1, D]; KV heads H, g = Hq / H; scores [Bt, H, g, n].
 """
 from __future__ import annotations
 
 import torch
+
+from agacc import quant
 
 _SHIFTS: dict = {}
 
@@ -48,14 +54,23 @@ def _codes_t(packed: torch.Tensor, container: int) -> torch.Tensor:
 
 
 def _key_scores(qg, seg, B):
-    """qg [Bt,H,g,D] fp32 -> scores [Bt,H,g,n] over a QuantSegment."""
+    """qg [Bt,H,g,D] fp32 (rotated when the segment is) -> scores [Bt,H,g,n] over a QuantSegment."""
     bt, h, g, d = qg.shape
-    nblk = seg.k_scale.shape[2]
-    codes = _codes_t(seg.k, seg.container).view(bt, h, d, nblk, B)
-    k_t = (codes * seg.k_scale.float().transpose(-1, -2).unsqueeze(-1)).view(bt, h, d, nblk * B)
+    codes = _codes_t(seg.k, seg.container)                               # [Bt,H,D,n]
+    n = codes.shape[-1]
+    if seg.key_per_token:  # q.k_t = sum_r scale_tr (q_r . codes_tr) + zero_tr sum(q_r), r the channel groups
+        ngrp = seg.k_scale.shape[-1]
+        if ngrp == 1:
+            dots = torch.matmul(qg, codes)                               # [Bt,H,g,n]
+            return dots * seg.k_scale.float()[..., 0].unsqueeze(2) + qg.sum(-1, keepdim=True) * seg.k_zero.float()[..., 0].unsqueeze(2)
+        qr = qg.view(bt, h, g, ngrp, d // ngrp)
+        dots = torch.einsum("bhgrc,bhrcn->bhgnr", qr, codes.view(bt, h, ngrp, d // ngrp, n))
+        return (dots * seg.k_scale.float().unsqueeze(2)).sum(-1) + torch.matmul(qr.sum(-1), seg.k_zero.float().transpose(-1, -2))
+    nblk = seg.k_scale.shape[2]  # per channel per block: q.k = q . (scale * codes) + q . zero
+    k_t = (codes.view(bt, h, d, nblk, B) * seg.k_scale.float().transpose(-1, -2).unsqueeze(-1)).view(bt, h, d, n)
     bias = torch.matmul(qg, seg.k_zero.float().transpose(-1, -2))          # [Bt,H,g,nblk]
     scores = torch.matmul(qg, k_t).view(bt, h, g, nblk, B) + bias.unsqueeze(-1)
-    return scores.view(bt, h, g, nblk * B)
+    return scores.view(bt, h, g, n)
 
 
 def _value_out(p, seg):
@@ -83,37 +98,43 @@ def decode_attention(query: torch.Tensor, store, scaling: float, mask: torch.Ten
     h = store.hot_k.shape[1] if store.hot_k is not None else store.full.k.shape[1]
     g = hq // h
     qg = query.reshape(bt, h, g, d).float() * scaling
+    qr = quant.rotate(qg) if store.cfg.rotate else qg  # what the quantised segments' keys meet
     B = store.B
-    parts = []  # (scores, value_fn)
+    parts = []  # (scores, value_fn, output rotated?)
     for seg in store.segments:
         if not seg.n_blocks:
             continue
         if seg is store.full:
             k, v = seg.k.float(), seg.v.float()
-            parts.append((torch.matmul(qg, k.transpose(-1, -2)), lambda p, v=v: torch.matmul(p, v)))
+            parts.append((torch.matmul(qg, k.transpose(-1, -2)), lambda p, v=v: torch.matmul(p, v), False))
         elif hasattr(seg, "container"):
-            parts.append((_key_scores(qg, seg, B), lambda p, seg=seg: _value_out(p, seg)))
+            parts.append((_key_scores(qr if seg.rotated else qg, seg, B), lambda p, seg=seg: _value_out(p, seg), seg.rotated))
         else:  # sparse (pruned): decoded densely
             k, v = seg.dequantized(torch.float32)
-            parts.append((torch.matmul(qg, k.transpose(-1, -2)), lambda p, v=v: torch.matmul(p, v)))
+            parts.append((torch.matmul(qg, k.transpose(-1, -2)), lambda p, v=v: torch.matmul(p, v), False))
     m = store.markers
     if m.n:
         k, v = m.k.float(), m.v.float()
-        parts.append((torch.matmul(qg, k.transpose(-1, -2)) + m.log_count, lambda p, v=v: torch.matmul(p, v)))
+        parts.append((torch.matmul(qg, k.transpose(-1, -2)) + m.log_count, lambda p, v=v: torch.matmul(p, v), False))
     if store.hot_k is not None and store.hot_k.shape[2]:
         k, v = store.hot_k.float(), store.hot_v.float()
-        parts.append((torch.matmul(qg, k.transpose(-1, -2)), lambda p, v=v: torch.matmul(p, v)))
-    scores = torch.cat([s for s, _ in parts], -1)
+        parts.append((torch.matmul(qg, k.transpose(-1, -2)), lambda p, v=v: torch.matmul(p, v), False))
+    scores = torch.cat([s for s, _, _ in parts], -1)
     if mask is not None:
         m4 = mask[..., -1:, :].reshape(bt, 1, 1, -1)
         scores = scores.masked_fill(~m4, float("-inf")) if m4.dtype == torch.bool else scores + m4.float()
     probs = scores.softmax(-1)
-    out = None
+    out, out_rot = 0.0, 0.0  # rotated outputs are summed apart and rotated back once
     lo = 0
-    for s, value_fn in parts:
+    for s, value_fn, rotated in parts:
         n = s.shape[-1]
         o = value_fn(probs[..., lo:lo + n])
-        out = o if out is None else out + o
+        if rotated:
+            out_rot = out_rot + o
+        else:
+            out = out + o
         lo += n
+    if torch.is_tensor(out_rot):
+        out = out + quant.rotate(out_rot)
     mass = probs.sum(dim=(1, 2)).mean(0) / hq
     return out.reshape(bt, hq, 1, d).transpose(1, 2).to(query.dtype), mass

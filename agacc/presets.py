@@ -30,10 +30,10 @@ def _uniform(bits: int, name: str) -> AGACCConfig:
     """KIVI (Liu et al., 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache",
     arXiv:2402.02750): keys quantised per channel over groups of 32 tokens (one block), values per
     token in groups of 32 channels, asymmetric min-max, the newest tokens kept at full precision
-    (the paper's residual; here the common 64-token recent window). Every other token at ``bits``
-    bits: the ratio is fixed by the bit width, ``--ratio`` cannot move it."""
+    (the paper's residual; here the common 64-token recent window). No rotation (KIVI has none).
+    Every other token at ``bits`` bits: the ratio is fixed by the bit width, ``--ratio`` cannot move it."""
     return AGACCConfig(rule="uniform", b_min=bits, b_max=bits, quantizer="minmax", block_size=32,
-                       value_group_size=32, recent_window=64, n_sink=0, markers=False,
+                       key_quant="channel", rotate=False, value_group_size=32, recent_window=64, n_sink=0, markers=False,
                        scoring="sum", position_norm="none", name=name)
 
 

@@ -13,6 +13,14 @@ bit (``D // 8`` bytes) -- no code straddles a byte, so every kernel unpacks it w
 1-bit rules it already has; D must be a multiple of 8.
 
 Scales and zeros are float16 (2 bytes each).
+
+Rotation (``rotate``): a quantised K or V vector may be stored as ``x @ H`` with ``H`` the
+orthonormal Sylvester-Hadamard matrix applied to every run of R channels (R the largest power of
+two dividing D, so one 64 x 64 block for head dim 64). H is symmetric and orthogonal, so the same
+call undoes it, and ``q . k = (q H) . (k H)``: an attention kernel rotates the query once instead
+of un-rotating every key. Rotation spreads the few outlier channels of a vector over all of its
+channels, so a per-token min-max group loses far less to them (QuaRot, Ashkboos et al., 2024,
+arXiv:2404.00456).
 """
 from __future__ import annotations
 
@@ -101,6 +109,37 @@ def quantize(x: torch.Tensor, bits: int, dim: int, method: str = "minmax", s: fl
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.float32):
     """``codes * scale + zero`` (broadcast), in ``dtype``."""
     return torch.addcmul(zero.to(dtype), codes.to(dtype), scale.to(dtype))
+
+
+_HADAMARD: dict = {}
+
+
+def rotation_size(head_dim: int) -> int:
+    """Channels per Hadamard block: the largest power of two dividing ``head_dim``."""
+    return head_dim & -head_dim
+
+
+def hadamard(n: int, device=None) -> torch.Tensor:
+    """Orthonormal Sylvester-Hadamard matrix [n, n] fp32 (n a power of two), symmetric: H @ H = I."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard size must be a power of two, got {n}")
+    key = (n, torch.device(device) if device is not None else torch.device("cpu"))
+    h = _HADAMARD.get(key)
+    if h is None:
+        h = torch.ones(1, 1)
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        h = _HADAMARD[key] = (h / math.sqrt(n)).to(key[1])
+    return h
+
+
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., D]`` -> fp32 ``x`` with every run of ``rotation_size(D)`` channels multiplied by the
+    Hadamard matrix; its own inverse (``rotate(rotate(x)) == x`` up to rounding)."""
+    d = x.shape[-1]
+    r = rotation_size(d)
+    h = hadamard(r, x.device)
+    return (x.float().reshape(*x.shape[:-1], d // r, r) @ h).reshape(x.shape)
 
 
 # --- keys per channel (over the tokens of a block), values per token (over groups of channels) ---

@@ -6,8 +6,10 @@ blocks out of the hot region and between segments:
 
   full     FullSegment        k, v           [Bt, H, n, D]      store dtype
   int8/4/3/2 QuantSegment(c)  k, v codes     [Bt, H, n, D*c/8]  uint8, packed (quant.py)
-                              k_scale/zero   [Bt, H, n/B, D]    fp16, per channel per block
+                              k_scale/zero   [Bt, H, n/B, D]    fp16, per channel per block (key_quant="channel")
+                                          or [Bt, H, n, D/Gk]   fp16, per token per group (key_quant="token")
                               v_scale/zero   [Bt, H, n, D/G]    fp16, per token per group
+                              with cfg.rotate, the codes are of K H and V H (``quant.rotate``)
   pruned   SparseSegment(keep)k, v bitmap    [Bt, H, n, D/8]    uint8
                               k, v codes     [Bt, H, n, keep*c/8] uint8 (c = container of b_min)
                               scale/zero     [Bt, H, n, 1]      fp16, per vector
@@ -138,12 +140,16 @@ class FullSegment(Segment):
 
 
 class QuantSegment(Segment):
-    """Blocks quantised to codes of <= ``container`` bits (per block code bits in ``bits``)."""
+    """Blocks quantised to codes of <= ``container`` bits (per block code bits in ``bits``). Keys are
+    grouped per channel per block or per token (``cfg.key_quant == "token"``); with ``cfg.rotate``
+    keys and values are stored Hadamard-rotated (``rotated``), and ``dequantized`` rotates them back."""
 
     def __init__(self, block_size, device, container, cfg):
         super().__init__(block_size, device)
         self.container = container
         self.cfg = cfg
+        self.key_per_token = cfg.key_quant == "token"
+        self.rotated = cfg.rotate
         self.bits = torch.empty(0, dtype=torch.int8, device=device)
         self.k = self.k_scale = self.k_zero = self.v = self.v_scale = self.v_zero = None
 
@@ -153,13 +159,18 @@ class QuantSegment(Segment):
     def add(self, block_ids, k, v, bits, **_):
         """k, v: [Bt, H, nb*B, D] float; bits: [nb] code bits (<= container)."""
         cfg, B = self.cfg, self.block_size
+        ops = _quant_ops(k.device)
+        if self.rotated:
+            k, v = quant.rotate(k), quant.rotate(v)
         parts = {"k": [], "k_scale": [], "k_zero": [], "v": [], "v_scale": [], "v_zero": []}
         # quantise runs of equal code bits together (usually one or two runs)
         for b in sorted(set(bits.tolist())):
             sel = (bits == b).nonzero().squeeze(1)
             r = _rows(sel, B)
-            ops = _quant_ops(k.device)
-            pk, ks, kz = ops.quantize_keys(k[:, :, r], b, B, cfg.quantizer, cfg.s)
+            if self.key_per_token:
+                pk, ks, kz = ops.quantize_values(k[:, :, r], b, cfg.key_group_size, cfg.quantizer, cfg.s)
+            else:
+                pk, ks, kz = ops.quantize_keys(k[:, :, r], b, B, cfg.quantizer, cfg.s)
             pv, vs, vz = ops.quantize_values(v[:, :, r], b, cfg.value_group_size, cfg.quantizer, cfg.s)
             for name, t in zip(parts, (pk, ks, kz, pv, vs, vz)):
                 parts[name].append(t)
@@ -169,12 +180,26 @@ class QuantSegment(Segment):
         for name, ts in parts.items():
             setattr(self, name, _cat(getattr(self, name), torch.cat(ts, 2), 2))
 
-    def read_blocks(self, block_pos):
-        r = _rows(block_pos, self.block_size)
-        k = quant.dequantize_keys(self.k[:, :, r], self.k_scale[:, :, block_pos], self.k_zero[:, :, block_pos],
-                                  self.container, self.block_size)
-        v = quant.dequantize_values(self.v[:, :, r], self.v_scale[:, :, r], self.v_zero[:, :, r], self.container)
+    def _decode(self, block_pos=None):
+        """Dequantised, un-rotated (k, v) fp32 of the given block positions (None: all)."""
+        if block_pos is None:
+            k, ks, kz, v, vs, vz = self.k, self.k_scale, self.k_zero, self.v, self.v_scale, self.v_zero
+        else:
+            r = _rows(block_pos, self.block_size)
+            kmeta = r if self.key_per_token else block_pos
+            k, ks, kz = self.k[:, :, r], self.k_scale[:, :, kmeta], self.k_zero[:, :, kmeta]
+            v, vs, vz = self.v[:, :, r], self.v_scale[:, :, r], self.v_zero[:, :, r]
+        if self.key_per_token:
+            k = quant.dequantize_values(k, ks, kz, self.container)
+        else:
+            k = quant.dequantize_keys(k, ks, kz, self.container, self.block_size)
+        v = quant.dequantize_values(v, vs, vz, self.container)
+        if self.rotated:
+            k, v = quant.rotate(k), quant.rotate(v)
         return k, v
+
+    def read_blocks(self, block_pos):
+        return self._decode(block_pos)
 
     def select_blocks(self, block_pos):
         r = _rows(block_pos, self.block_size)
@@ -184,12 +209,12 @@ class QuantSegment(Segment):
             return
         self.k, self.v = self.k[:, :, r], self.v[:, :, r]
         self.v_scale, self.v_zero = self.v_scale[:, :, r], self.v_zero[:, :, r]
-        self.k_scale, self.k_zero = self.k_scale[:, :, block_pos], self.k_zero[:, :, block_pos]
+        kmeta = r if self.key_per_token else block_pos
+        self.k_scale, self.k_zero = self.k_scale[:, :, kmeta], self.k_zero[:, :, kmeta]
 
     def dequantized(self, dtype):
-        k = quant.dequantize_keys(self.k, self.k_scale, self.k_zero, self.container, self.block_size, dtype)
-        v = quant.dequantize_values(self.v, self.v_scale, self.v_zero, self.container, dtype)
-        return k, v
+        k, v = self._decode()
+        return k.to(dtype), v.to(dtype)
 
 
 class SparseSegment(Segment):
@@ -599,7 +624,7 @@ def _check_containers(tier: torch.Tensor, bits: torch.Tensor, b_min: int) -> Non
 
 def block_cost_bytes(tier: int, bits: int, keep: int, *, batch: int, heads: int, head_dim: int,
                      block_size: int, full_itemsize: int, value_group_size: int, b_min: int,
-                     sparse_threshold: float) -> int:
+                     sparse_threshold: float, key_quant: str = "token", key_group_size: int = 64) -> int:
     """Bytes one block of ``block_size`` tokens occupies in ``tier`` under the format above (K and V,
     scales, ids, per-block metadata). For planning only (the ratio fitter); ``memory()`` counts
     ``nbytes`` of what is held. Evicted blocks cost nothing here (markers are counted per run)."""
@@ -610,7 +635,10 @@ def block_cost_bytes(tier: int, bits: int, keep: int, *, batch: int, heads: int,
     if tier in TIER_CONTAINER or (tier == PRUNED and (keep >= head_dim or 1 - keep / head_dim < sparse_threshold)):
         c = quant.container_bits(bits if tier != PRUNED else b_min)
         codes = 2 * vecs * head_dim * c // 8
-        k_scales = 2 * batch * heads * head_dim * 2
+        if key_quant == "token":
+            k_scales = 2 * vecs * (head_dim // quant.value_group(head_dim, key_group_size)) * 2
+        else:
+            k_scales = 2 * batch * heads * head_dim * 2
         v_scales = 2 * vecs * (head_dim // quant.value_group(head_dim, value_group_size)) * 2
         return codes + k_scales + v_scales + 1 + meta
     if tier == PRUNED:

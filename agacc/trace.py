@@ -28,9 +28,9 @@ TRACE_VERSION = 2  # 2: the int3 tier (tier codes of int2 and below moved up by 
 # Config fields whose change can be replayed from the recorded importance (the policy only).
 # Changing any other field (alpha, block size, N_r, recent window, scoring ...) changes the
 # importance itself or the block layout: that needs a re-run.
-POLICY_FIELDS = ("tau_h", "tau_l", "tau_e", "b_min", "b_max", "p_max", "target_ratio", "sparse_threshold", "value_group_size",
-                 "markers", "gamma", "lam", "tau_prune", "c_max", "budget_shape", "seed", "rule", "host_copy",
-                 "n_sink")
+POLICY_FIELDS = ("tau_h", "tau_l", "tau_e", "b_min", "b_max", "p_max", "target_ratio", "sparse_threshold",
+                 "key_quant", "key_group_size", "value_group_size", "markers", "gamma", "lam", "tau_prune",
+                 "c_max", "budget_shape", "seed", "rule", "host_copy", "n_sink")
 
 
 @dataclass

@@ -7,14 +7,17 @@ Three launches (+1 per sparse segment); K and V are read exactly once:
 1. ``_partial_kernel``, grid (n_splits, Bt*H). A program owns one split (``split`` consecutive
    entries of one segment) of one KV head and all ``g`` query heads of its GQA group. It reads
    the segment's bytes directly -- fp16/bf16/fp32 rows, or packed 8/4/3/2-bit codes with their
-   per-channel-per-block key scales and per-token-per-group value scales -- dequantises in
-   registers, and keeps an online softmax (max ``m``, sum ``l``, accumulator ``acc`` [g, D]).
+   per-channel-per-block (or per-token-per-group, KEY_TOKEN) key scales and per-token-per-group
+   value scales -- dequantises in registers, and keeps an online softmax (max ``m``, sum ``l``,
+   accumulator ``acc`` [g, D]). Quantised slots stored Hadamard-rotated (ROT) meet the rotated
+   query and leave rotated accumulators.
    It writes the partials and every entry's raw logit ``q.k * scaling + bias`` (fp32,
    [Bt*H*g, n]). Segments are slots of the one launch (full, int8, int4, int3, int2, markers, hot); a
    program picks its slot by comparing its split index with the slot starts.
    ``_sparse_partial_kernel`` does the same for one sparse segment (bitmap + kept codes), one
    launch per segment, into the same workspace.
-2. ``_combine_kernel``, grid (Bt*H,): merges the splits -> output and log-sum-exp per query head.
+2. ``_combine_kernel``, grid (Bt*H,): merges the splits -> output and log-sum-exp per query head;
+   with ROT the rotated splits sum into a second output that the wrapper rotates back and adds.
 3. ``_mass_kernel``, grid (cdiv(n, BLOCK_E),): mass[i] = sum_{b,h,j} exp(logit - lse) / (Bt*Hq),
    a pass over n*Bt*Hq floats, never over K.
 
@@ -28,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from agacc import quant
 from agacc.quant import container_bits
 
 # FMT codes of _split_partial: 0 dense rows, 1 packed quantised codes, 2 sparse (bitmap + kept codes)
@@ -153,6 +157,7 @@ def _split_partial(
     logit_ptr, m_ptr, l_ptr, acc_ptr,
     FMT: tl.constexpr, C: tl.constexpr, KEEP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, PER_HEAD: tl.constexpr,
+    KEY_TOKEN: tl.constexpr, KG: tl.constexpr,
 ):
     """Online softmax over entries [local_split*split, +split) of one segment for the g query heads
     q [G_PAD, D_PAD]; writes raw logits and the split's (m, l, acc) at workspace index ws_split."""
@@ -167,7 +172,10 @@ def _split_partial(
         if FMT == 0:
             k = _load_dense(k_ptr, sb, sh, b, h, rows, rmask, offs_d, dmask, D)
         elif FMT == 1:
-            k = _load_quant_keys(k_ptr, ks_ptr, kz_ptr, bh, n, t, rows, rmask, offs_d, dmask, D, B, C, BLOCK_N, D_PAD)
+            if KEY_TOKEN:
+                k = _load_quant_values(k_ptr, ks_ptr, kz_ptr, bh, n, rows, rmask, offs_d, dmask, D, KG, C, BLOCK_N, D_PAD)
+            else:
+                k = _load_quant_keys(k_ptr, ks_ptr, kz_ptr, bh, n, t, rows, rmask, offs_d, dmask, D, B, C, BLOCK_N, D_PAD)
         else:
             k = _load_sparse(km_ptr, k_ptr, ks_ptr, kz_ptr, bh, n, rows, rmask, offs_d, dmask, D, KEEP, C, BLOCK_N, D_PAD)
         if PER_HEAD:
@@ -218,7 +226,7 @@ def _load_q(q_ptr, sqb, sqh, b, h, g, offs_g, offs_d, D):
 
 @triton.jit
 def _partial_kernel(
-    q_ptr, sqb, sqh, H, D, g, scaling, split, n_total, S_total,
+    q_ptr, qr_ptr, sqb, sqh, H, D, g, scaling, split, n_total, S_total,
     logit_ptr, m_ptr, l_ptr, acc_ptr,
     # first split (workspace index) and first entry of each slot; the full slot starts at split 0
     s_q8, s_q4, s_q3, s_q2, s_mk, s_hot,
@@ -233,9 +241,11 @@ def _partial_kernel(
     HAS_FULL: tl.constexpr, HAS_Q8: tl.constexpr, HAS_Q4: tl.constexpr, HAS_Q3: tl.constexpr, HAS_Q2: tl.constexpr,
     HAS_MK: tl.constexpr, HAS_HOT: tl.constexpr, B: tl.constexpr, G: tl.constexpr,
     BLOCK_N: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, PER_HEAD: tl.constexpr,
+    KEY_TOKEN: tl.constexpr, KG: tl.constexpr, ROT: tl.constexpr,
 ):
     """Grid (splits of the full, int8, int4, int3, int2, marker and hot slots, Bt*H): a program finds its
-    slot by comparing its split index with the slot starts."""
+    slot by comparing its split index with the slot starts. Quantised slots meet the rotated query
+    ``qr`` when ROT (their keys are stored rotated; their accumulators come out rotated too)."""
     sid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -245,55 +255,59 @@ def _partial_kernel(
     gmask = offs_g < g
     dmask = offs_d < D
     q = _load_q(q_ptr, sqb, sqh, b, h, g, offs_g, offs_d, D)
+    if ROT:
+        qq = _load_q(qr_ptr, sqb, sqh, b, h, g, offs_g, offs_d, D)
+    else:
+        qq = q
     if sid < s_q8:
         if HAS_FULL:
             _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid, sid,
                            f_n, e_full, n_total, S_total,
                            f_k, f_k, f_k, f_k, f_v, f_v, f_v, f_v, f_k, f_sb, f_sh, B, G,
                            logit_ptr, m_ptr, l_ptr, acc_ptr,
-                           0, 8, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD)
+                           0, 8, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, False, 1)
     elif sid < s_q4:
         if HAS_Q8:
-            _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_q8, sid,
+            _split_partial(qq, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_q8, sid,
                            q8_n, e_q8, n_total, S_total,
                            q8_k, q8_ks, q8_kz, q8_k, q8_v, q8_vs, q8_vz, q8_v, q8_k, 0, 0, B, G,
                            logit_ptr, m_ptr, l_ptr, acc_ptr,
-                           1, 8, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD)
+                           1, 8, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, KEY_TOKEN, KG)
     elif sid < s_q3:
         if HAS_Q4:
-            _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_q4, sid,
+            _split_partial(qq, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_q4, sid,
                            q4_n, e_q4, n_total, S_total,
                            q4_k, q4_ks, q4_kz, q4_k, q4_v, q4_vs, q4_vz, q4_v, q4_k, 0, 0, B, G,
                            logit_ptr, m_ptr, l_ptr, acc_ptr,
-                           1, 4, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD)
+                           1, 4, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, KEY_TOKEN, KG)
     elif sid < s_q2:
         if HAS_Q3:
-            _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_q3, sid,
+            _split_partial(qq, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_q3, sid,
                            q3_n, e_q3, n_total, S_total,
                            q3_k, q3_ks, q3_kz, q3_k, q3_v, q3_vs, q3_vz, q3_v, q3_k, 0, 0, B, G,
                            logit_ptr, m_ptr, l_ptr, acc_ptr,
-                           1, 3, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD)
+                           1, 3, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, KEY_TOKEN, KG)
     elif sid < s_mk:
         if HAS_Q2:
-            _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_q2, sid,
+            _split_partial(qq, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_q2, sid,
                            q2_n, e_q2, n_total, S_total,
                            q2_k, q2_ks, q2_kz, q2_k, q2_v, q2_vs, q2_vz, q2_v, q2_k, 0, 0, B, G,
                            logit_ptr, m_ptr, l_ptr, acc_ptr,
-                           1, 2, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD)
+                           1, 2, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, KEY_TOKEN, KG)
     elif sid < s_hot:
         if HAS_MK:
             _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_mk, sid,
                            mk_n, e_mk, n_total, S_total,
                            mk_k, mk_k, mk_k, mk_k, mk_v, mk_v, mk_v, mk_v, mk_bias, mk_sb, mk_sh, B, G,
                            logit_ptr, m_ptr, l_ptr, acc_ptr,
-                           0, 8, 8, True, BLOCK_N, G_PAD, D_PAD, PER_HEAD)
+                           0, 8, 8, True, BLOCK_N, G_PAD, D_PAD, PER_HEAD, False, 1)
     else:
         if HAS_HOT:
             _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_hot, sid,
                            hot_n, e_hot, n_total, S_total,
                            hot_k, hot_k, hot_k, hot_k, hot_v, hot_v, hot_v, hot_v, hot_k, hot_sb, hot_sh, B, G,
                            logit_ptr, m_ptr, l_ptr, acc_ptr,
-                           0, 8, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD)
+                           0, 8, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, False, 1)
 
 
 @triton.jit
@@ -317,7 +331,7 @@ def _sparse_partial_kernel(
                    n, e0, n_total, S_total,
                    k, ks, kz, km, v, vs, vz, vm, k, 0, 0, 1, 1,
                    logit_ptr, m_ptr, l_ptr, acc_ptr,
-                   2, C, KEEP, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD)
+                   2, C, KEEP, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, False, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,10 +340,11 @@ def _sparse_partial_kernel(
 
 @triton.jit
 def _combine_kernel(
-    m_ptr, l_ptr, acc_ptr, out_ptr, lse_ptr, S, H, D, g, sob, soh,
-    SB: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    m_ptr, l_ptr, acc_ptr, out_ptr, out_rot_ptr, lse_ptr, S, H, D, g, sob, soh, R0, R1,
+    SB: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, ROT: tl.constexpr,
 ):
-    """Grid (Bt*H,). out[b, 0, h*g+j, :] = sum_s e^{m_s-M} acc_s / sum_s e^{m_s-M} l_s; lse = M + log L."""
+    """Grid (Bt*H,). out[b, 0, h*g+j, :] = sum_s e^{m_s-M} acc_s / sum_s e^{m_s-M} l_s; lse = M + log L.
+    With ROT the splits R0 <= s < R1 (rotated accumulators) sum into ``out_rot`` (same layout) instead."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -338,6 +353,7 @@ def _combine_kernel(
     M = tl.full([G_PAD], float("-inf"), tl.float32)
     L = tl.zeros([G_PAD], tl.float32)
     ACC = tl.zeros([G_PAD, D_PAD], tl.float32)
+    ACCR = tl.zeros([G_PAD, D_PAD], tl.float32)
     for s0 in range(0, S, SB):
         sidx = s0 + tl.arange(0, SB)
         smask = sidx < S
@@ -350,12 +366,21 @@ def _combine_kernel(
         alpha = tl.exp(M - M_new)
         wt = tl.exp(mt - M_new[None, :])  # [SB, G_PAD]
         L = L * alpha + tl.sum(lt * wt, axis=0)
-        ACC = ACC * alpha[:, None] + tl.sum(at * wt[:, :, None], axis=0)
+        if ROT:
+            rot = ((sidx >= R0) & (sidx < R1))[:, None, None]
+            ACC = ACC * alpha[:, None] + tl.sum(tl.where(rot, 0.0, at * wt[:, :, None]), axis=0)
+            ACCR = ACCR * alpha[:, None] + tl.sum(tl.where(rot, at * wt[:, :, None], 0.0), axis=0)
+        else:
+            ACC = ACC * alpha[:, None] + tl.sum(at * wt[:, :, None], axis=0)
         M = M_new
     out = ACC / L[:, None]
     gmask = offs_g < g
+    omask = gmask[:, None] & (offs_d[None, :] < D)
     op = out_ptr + b * sob + (h * g + offs_g[:, None]) * soh + offs_d[None, :]
-    tl.store(op, out.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & (offs_d[None, :] < D))
+    tl.store(op, out.to(out_ptr.dtype.element_ty), mask=omask)
+    if ROT:
+        rp = out_rot_ptr + b * sob + (h * g + offs_g[:, None]) * soh + offs_d[None, :]
+        tl.store(rp, ACCR / L[:, None], mask=omask)
     tl.store(lse_ptr + bh * G_PAD + offs_g, M + tl.log(L))
 
 
@@ -469,7 +494,14 @@ def decode_attention(query: torch.Tensor, store, scaling: float, split: int | No
     qc = query.reshape(bt, hq, d)
     if qc.stride(-1) != 1:
         qc = qc.contiguous()
-    out = torch.empty(bt, 1, hq, d, dtype=query.dtype, device=dev)
+    rot = store.cfg.rotate and any(name in slots for name in QUANT)  # quantised slots hold K H, V H
+    if rot:  # fp32 rotated query, same element strides as qc (the kernel indexes both alike)
+        qc = qc.contiguous()
+        qr = quant.rotate(qc).contiguous()
+    else:
+        qr = qc
+    out = torch.empty(bt, 1, hq, d, dtype=torch.float32 if rot else query.dtype, device=dev)
+    out_rot = torch.empty_like(out) if rot else out
     logits = torch.empty(bh * g, n_total, dtype=torch.float32, device=dev)
     m_ws = torch.empty(bh, S_total, g_pad, dtype=torch.float32, device=dev)
     l_ws = torch.empty_like(m_ws)
@@ -477,12 +509,13 @@ def decode_attention(query: torch.Tensor, store, scaling: float, split: int | No
     lse = torch.empty(bh, g_pad, dtype=torch.float32, device=dev)
     mass = torch.empty(n_total, dtype=torch.float32, device=dev)
     common = (qc, qc.stride(0), qc.stride(1), h, d, g, float(scaling), split, n_total, S_total)
+    key_token = store.cfg.key_quant == "token"
     meta = dict(BLOCK_N=block_n, G_PAD=g_pad, D_PAD=d_pad, PER_HEAD=per_head, num_warps=num_warps,
                 enable_fp_fusion=True)
     dummy = logits  # pointer for absent slots: their code is compiled out
 
     if s_main:
-        args = [*common, logits, m_ws, l_ws, acc_ws]
+        args = [qc, qr, *common[1:], logits, m_ws, l_ws, acc_ws]
         args += [split0[n] for n in (*QUANT, "markers", "hot")]
         args += [entry0[n] for n in ("full", *QUANT, "markers", "hot")]
         full = slots.get("full")
@@ -511,7 +544,8 @@ def decode_attention(query: torch.Tensor, store, scaling: float, split: int | No
         _partial_kernel[(s_main, bh)](
             *args, HAS_FULL="full" in slots, HAS_Q8="q8" in slots, HAS_Q4="q4" in slots,
             HAS_Q3="q3" in slots, HAS_Q2="q2" in slots,
-            HAS_MK=n_mk > 0, HAS_HOT=n_hot > 0, B=B, G=min(store.cfg.value_group_size, d), **meta)
+            HAS_MK=n_mk > 0, HAS_HOT=n_hot > 0, B=B, G=quant.value_group(d, store.cfg.value_group_size),
+            KEY_TOKEN=key_token, KG=quant.value_group(d, store.cfg.key_group_size), ROT=rot, **meta)
     for i, seg in enumerate(sparse):
         name = f"sparse{i}"
         ts = [t.contiguous() for t in (seg.k_map, seg.k, seg.k_scale, seg.k_zero,
@@ -521,8 +555,11 @@ def decode_attention(query: torch.Tensor, store, scaling: float, split: int | No
             KEEP=seg.keep, C=container_bits(seg.code_bits), **meta)
 
     sb = max(1, min(_pow2(S_total), 4096 // (g_pad * d_pad)))
-    _combine_kernel[(bh,)](m_ws, l_ws, acc_ws, out, lse, S_total, h, d, g, out.stride(0), out.stride(2),
-                           SB=sb, G_PAD=g_pad, D_PAD=d_pad, enable_fp_fusion=True)
+    _combine_kernel[(bh,)](m_ws, l_ws, acc_ws, out, out_rot, lse, S_total, h, d, g, out.stride(0), out.stride(2),
+                           split0["q8"], split0["markers"], SB=sb, G_PAD=g_pad, D_PAD=d_pad, ROT=rot,
+                           enable_fp_fusion=True)
+    if rot:  # (P V H) H = P V: the quantised slots' share of the output, rotated back once
+        out = (out + quant.rotate(out_rot)).to(query.dtype)
     block_e = min(1024, _pow2(n_total))
     _mass_kernel[(triton.cdiv(n_total, block_e),)](logits, lse, mass, n_total, bh, g, 1.0 / (bt * hq),
                                                   BLOCK_E=block_e, G_PAD=g_pad, enable_fp_fusion=True)

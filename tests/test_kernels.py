@@ -174,10 +174,12 @@ MIX = dict(
 )
 
 
-def test_decode_every_tier_gqa3_batch2():
+@pytest.mark.parametrize("key_quant,rotate", [("token", True), ("channel", False), ("channel", True), ("token", False)])
+def test_decode_every_tier_gqa3_batch2(key_quant, rotate):
     """full, int8 (8/5-bit), int4, int3, int2 (2/1-bit), two sparse segments (keep 16, 24),
-    a marker with its log-count bias, an odd hot region; split 40 is not a multiple of the tile."""
-    store = make_store(2, 2, 64, 16 * 11 + 16 + 5, **MIX)
+    a marker with its log-count bias, an odd hot region; split 40 is not a multiple of the tile.
+    Keys per token (groups of 16) or per channel, quantised slots rotated or not."""
+    store = make_store(2, 2, 64, 16 * 11 + 16 + 5, key_quant=key_quant, key_group_size=16, rotate=rotate, **MIX)
     assert {s.keep for s in store.sparse.values()} == {16, 24} and store.markers.n == 1
     out, mass = check_decode(store, g=3, split=40, block_n=16)
     # one split per segment, tile 8, and the [g, BLOCK_N, D] product instead of per-head loops
@@ -209,10 +211,11 @@ def test_decode_mha_head128_quant_only():
 
 def test_decode_head96_group24_padding_paths():
     """D = 96 (padded to 128 in registers) and value groups of 24 channels (the gather path for a
-    group size that is not a power of two); keep 32 of 96 stays sparse."""
+    group size that is not a power of two, for keys and values); keep 32 of 96 stays sparse; the
+    rotation works on runs of 32 channels."""
     store = make_store(1, 2, 96, 16 * 4 + 16 + 3, tiers=[INT4, PRUNED, INT2, INT3], bits=[4, 2, 2, 3],
-                       keep=[96, 32, 96, 96], value_group_size=24)
-    assert store.quant[4].v_scale.shape[-1] == 4 and store.sparse
+                       keep=[96, 32, 96, 96], value_group_size=24, key_quant="token", key_group_size=24)
+    assert store.quant[4].v_scale.shape[-1] == 4 and store.quant[4].k_scale.shape[-1] == 4 and store.sparse
     check_decode(store, g=2)
 
 

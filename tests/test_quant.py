@@ -99,6 +99,35 @@ def test_kept_count_rounds_up_to_multiple_of_8():
     assert quant.kept_count(64, 0.0) == 64
 
 
+def test_hadamard_rotation_is_orthonormal_and_its_own_inverse():
+    h = quant.hadamard(4)
+    # hand-worked Sylvester construction: [[1,1,1,1],[1,-1,1,-1],[1,1,-1,-1],[1,-1,-1,1]] / 2
+    assert torch.equal(h * 2, torch.tensor([[1., 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]]))
+    assert torch.allclose(quant.hadamard(64) @ quant.hadamard(64), torch.eye(64), atol=1e-6)
+    assert quant.rotation_size(64) == 64 and quant.rotation_size(96) == 32 and quant.rotation_size(80) == 16
+    x = torch.randn(2, 3, 5, 96)
+    y = quant.rotate(x)
+    assert torch.allclose(quant.rotate(y), x, atol=1e-5)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-5)  # norms (and dot products) kept
+    q = torch.randn(96)
+    assert torch.allclose(y @ quant.rotate(q), x @ q, atol=1e-4)
+    with pytest.raises(ValueError, match="power of two"):
+        quant.hadamard(12)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_rotation_shrinks_per_token_error_with_outlier_channels(bits):
+    """Keys with a few large channels (as real keys have): per-token groups lose the small channels
+    to the outliers' range; rotated first, the error (same in both spaces: H is orthonormal) drops."""
+    torch.manual_seed(bits)
+    x = torch.randn(1, 2, 256, 64)
+    x[..., [3, 40]] *= 20
+    plain = quant.dequantize_values(*quant.quantize_values(x, bits, 64), bits)
+    rotated = quant.rotate(quant.dequantize_values(*quant.quantize_values(quant.rotate(x), bits, 64), bits))
+    e_plain, e_rot = (plain - x).norm(), (rotated - x).norm()
+    assert e_rot < 0.6 * e_plain, (e_rot, e_plain)
+
+
 def test_bad_bits():
     with pytest.raises(ValueError):
         quant.quantize(torch.randn(4), 9, dim=0)

@@ -43,13 +43,18 @@ def test_nbytes_equals_independent_walk():
     assert st.n_entries == (11 - 2) * 16 + 1 + (st.seq_len - st.hot_start)  # one marker for blocks 5-6
 
 
-def test_packed_storage_is_the_size_it_claims():
-    st, _, _ = make_store()
+@pytest.mark.parametrize("key_quant", ["token", "channel"])
+def test_packed_storage_is_the_size_it_claims(key_quant):
+    st, _, _ = make_store(key_quant=key_quant, key_group_size=32)
     apply(st, [T.INT4] * 11, [4] * 11, [64] * 11)
     q = st.quant[4]
     n = 11 * 16
     assert q.k.nbytes == 3 * n * D // 2 and q.v.nbytes == 3 * n * D // 2  # two 4-bit codes per byte
-    assert q.k_scale.nbytes == 3 * 11 * D * 2  # fp16 per channel per block
+    if key_quant == "token":
+        assert q.k_scale.nbytes == 3 * n * (D // 32) * 2  # fp16 per token per 32 channels
+    else:
+        assert q.k_scale.nbytes == 3 * 11 * D * 2  # fp16 per channel per block
+    assert q.v_scale.nbytes == 3 * n * 1 * 2  # fp16 per token per 64 channels
     apply(st, [T.INT3] * 11, [3] * 11, [64] * 11)
     assert st.quant[3].k.nbytes == 3 * n * D * 3 // 8 and st.quant[4].n_blocks == 0  # 3 bits per code
     apply(st, [T.INT2] * 11, [2] * 11, [64] * 11)
@@ -60,15 +65,34 @@ def test_packed_storage_is_the_size_it_claims():
         apply(make_store(b_min=3)[0], [T.PRUNED] * 11, [2] * 11, [32] * 11)  # pruned codes: b_min's container
 
 
-def test_cost_model_matches_held_bytes():
+@pytest.mark.parametrize("key_quant,rotate", [("token", True), ("token", False), ("channel", True), ("channel", False)])
+def test_quantised_blocks_read_back_within_the_code_error(key_quant, rotate):
+    """A QuantSegment gives back (un-rotated) K and V within its quantisation error: at 8 bits every
+    element within 2 * (range / 255) of the original, and 4 bits about 16x noisier than 8."""
+    st, k, v = make_store(key_quant=key_quant, rotate=rotate)
+    apply(st, [T.INT8] * 11, [8] * 11, [64] * 11)
+    n = 11 * 16
+    k8, v8 = st.quant[8].read_blocks(torch.arange(11))
+    step = 2 * (2 * 4.5) / 255  # |randn| < 4.5 here; rotated values stay in the same range
+    assert (k8 - k[:, :, :n]).abs().max() < step and (v8 - v[:, :, :n]).abs().max() < step
+    st4, _, _ = make_store(key_quant=key_quant, rotate=rotate)
+    apply(st4, [T.INT4] * 11, [4] * 11, [64] * 11)
+    k4, v4 = st4.quant[4].read_blocks(torch.arange(11))
+    assert 8 < (k4 - k[:, :, :n]).norm() / (k8 - k[:, :, :n]).norm() < 32
+    assert 8 < (v4 - v[:, :, :n]).norm() / (v8 - v[:, :, :n]).norm() < 32
+
+
+@pytest.mark.parametrize("key_quant,key_group", [("token", 64), ("token", 16), ("channel", 64)])
+def test_cost_model_matches_held_bytes(key_quant, key_group):
     for tier, bits, keep in [(T.FULL, 16, 64), (T.INT8, 8, 64), (T.INT4, 4, 64), (T.INT3, 3, 64), (T.INT2, 2, 64),
                              (T.PRUNED, 2, 16), (T.PRUNED, 2, 56)]:
-        st, _, _ = make_store(n_tokens=16 * 3 + 16)
+        st, _, _ = make_store(n_tokens=16 * 3 + 16, key_quant=key_quant, key_group_size=key_group)
         before = st.nbytes() - (st.hot_k.nbytes + st.hot_v.nbytes)
         apply(st, [tier] * 3, [bits] * 3, [keep] * 3)
         held = st.nbytes() - st.hot_k.nbytes - st.hot_v.nbytes - before
         cost = 3 * block_cost_bytes(tier, bits, keep, batch=1, heads=3, head_dim=D, block_size=16, full_itemsize=2,
-                                    value_group_size=64, b_min=2, sparse_threshold=0.25)
+                                    value_group_size=64, b_min=2, sparse_threshold=0.25,
+                                    key_quant=key_quant, key_group_size=key_group)
         assert held == cost, (tier, bits, keep)
 
 
@@ -129,10 +153,12 @@ def test_without_host_copy_blocks_only_lose_fidelity():
     assert tier.tolist() == [T.INT4] * 5 + [T.INT2] * 6 and bits.tolist() == [4] * 5 + [2] * 6
 
 
+@pytest.mark.parametrize("key_quant,rotate", [("token", True), ("token", False), ("channel", True), ("channel", False)])
 @pytest.mark.parametrize("group", [64, 16])
 @pytest.mark.parametrize("batch,heads,q_heads", [(1, 3, 9), (2, 2, 2), (1, 1, 4)])
-def test_packed_decode_path_equals_reference(group, batch, heads, q_heads):
-    st, _, _ = make_store(batch=batch, heads=heads, value_group_size=group)
+def test_packed_decode_path_equals_reference(group, batch, heads, q_heads, key_quant, rotate):
+    st, _, _ = make_store(batch=batch, heads=heads, value_group_size=group, key_group_size=group,
+                          key_quant=key_quant, rotate=rotate)
     apply(st, **MIXED)
     q = torch.randn(batch, q_heads, 1, D)
     ref_out, ref_mass = attend(q, st.attention_entries(torch.float32), 0.125)
