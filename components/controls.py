@@ -43,7 +43,7 @@ TRACKING = [
 ]
 # field order of the values passed around (and of the gradio inputs)
 FIELDS = ["tau_h", "tau_l", "tau_e", "use_target", "target_ratio", "b_min", "b_max", "p_max", "alpha", "block_size",
-          "n_r", "recent_window", "host_copy"]
+          "n_r", "recent_window", "host_copy", "rotate"]
 
 
 def preset_names() -> list[str]:
@@ -54,7 +54,7 @@ def values_from_config(cfg: AGACCConfig) -> dict:
     return {"tau_h": cfg.tau_h, "tau_l": cfg.tau_l, "tau_e": cfg.tau_e, "use_target": cfg.target_ratio is not None,
             "target_ratio": cfg.target_ratio if cfg.target_ratio is not None else 4.0, "b_min": cfg.b_min,
             "b_max": cfg.b_max, "p_max": cfg.p_max, "alpha": cfg.alpha, "block_size": cfg.block_size,
-            "n_r": cfg.n_r, "recent_window": cfg.recent_window, "host_copy": cfg.host_copy}
+            "n_r": cfg.n_r, "recent_window": cfg.recent_window, "host_copy": cfg.host_copy, "rotate": cfg.rotate}
 
 
 def preset_values(name: str) -> dict:
@@ -73,7 +73,7 @@ def config_from_values(preset: str, values: dict) -> AGACCConfig:
         kw = {"tau_h": float(v["tau_h"]), "tau_l": float(v["tau_l"]), "tau_e": float(v["tau_e"]),
               "b_min": int(v["b_min"]), "b_max": int(v["b_max"]), "p_max": float(v["p_max"]),
               "alpha": float(v["alpha"]), "block_size": int(v["block_size"]), "n_r": int(v["n_r"]),
-              "recent_window": int(v["recent_window"]), "host_copy": bool(v["host_copy"]),
+              "recent_window": int(v["recent_window"]), "host_copy": bool(v["host_copy"]), "rotate": bool(v["rotate"]),
               "target_ratio": float(v["target_ratio"]) if v["use_target"] else None}
     except (TypeError, ValueError) as e:
         raise ValueError(f"a control has an invalid value: {e}") from e
@@ -113,6 +113,8 @@ def build_knobs(default_preset: str = "agacc") -> dict:
     with gr.Accordion("Bits and pruning", open=False):
         for k in BITS:
             c[k.field] = _slider(gr, k, v[k.field])
+        c["rotate"] = gr.Checkbox(value=v["rotate"], label="store quantised blocks Hadamard-rotated (less error; needs a re-run)",
+                                  elem_id="knob-rotate")
     with gr.Accordion("Importance tracking and blocks (need a re-run)", open=False):
         for k in TRACKING[:1]:
             c[k.field] = _slider(gr, k, v[k.field])

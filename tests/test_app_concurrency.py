@@ -17,7 +17,7 @@ PROMPTS = [
     "Explain in two sentences what a pass key is and why someone would hide it inside a long text.",
 ]
 KNOBS = dict(tau_h=2.0, tau_l=0.6, tau_e=0.15, use_target=False, target_ratio=4.0, b_min=2, b_max=8, p_max=0.5,
-             alpha=0.5, block_size=8, n_r=4, recent_window=16, host_copy=False)
+             alpha=0.5, block_size=8, n_r=4, recent_window=16, host_copy=False, rotate=True)
 
 
 def _free_port() -> int:

@@ -141,6 +141,21 @@ def test_ratio_fitter_warm_start_lands_where_the_cold_search_does(start):
         assert target >= 1e4 or plan <= 2 * 2 * 4096 * 64 * 2 * 4 / target
 
 
+def test_ratio_fitter_uses_the_budget_when_block_scores_are_nearly_equal():
+    """Scores within 1.5% of each other (a random-weight model's attention is nearly uniform): a
+    0.1% bracket in s flips several percent of the blocks at once, so the fitter refines s until the
+    plan spends at least 99% of the budget (and never more than all of it)."""
+    cfg = AGACCConfig.preset("agacc")
+    geo = Geometry(n_layers=2, heads=2, head_dim=32, batch=1, full_itemsize=2)
+    torch.manual_seed(3)
+    scores = [1.003 + 0.015 * torch.rand(72) for _ in range(2)]
+    budget = 2 * 2 * 1200 * 32 * 2 * 2 / 4.0
+    for start in (None, 3.0):
+        s = fit_threshold_scale(scores, cfg, geo, 1200, 4.0, start=start)
+        plan = planned_bytes(plan_tiers(scores, cfg, geo, 1200, s), cfg, geo, 1200)
+        assert 0.99 * budget <= plan <= budget, (start, plan / budget)
+
+
 def test_rule_registry_rejects_unknown_rule():
     with pytest.raises(ValueError, match="rule must be one of"):
         AGACCConfig(rule="nope")
