@@ -396,10 +396,10 @@ def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_
 
     Planned bytes fall as s grows; bisection on log s in [-12, 12] until the bracket is ``tol`` wide
     (0.1% in s) and the plan uses at least 99% of the budget (``byte_tol``; near-equal block scores
-    need a finer s), or the bracket is 1e-7 wide. ``start``: the scale fitted at the previous re-evaluation, which rarely moves much:
-    the search walks out from it (steps 0.25, 1, 4 in log s) to a bracket first (about 10 plans
-    instead of 26). If the target is out of reach (recent window and sinks alone exceed it) the
-    largest scale is returned."""
+    need a finer s), or the bracket is 1e-7 wide. ``start``: the scale fitted at the previous
+    re-evaluation, which rarely moves much: the search walks out from it (steps 0.25, 1, 4 in log s)
+    to a bracket first (about 10 plans instead of 26). If the target is out of reach (recent window
+    and sinks alone exceed it) the largest scale is returned."""
     fp16 = 2 * geo.batch * geo.heads * seq_len * geo.head_dim * 2 * len(block_scores)
     budget = fp16 / target_ratio - overhead_bytes
 

@@ -59,13 +59,14 @@ def _key_scores(qg, seg, B):
     codes = _codes_t(seg.k, seg.container)                               # [Bt,H,D,n]
     n = codes.shape[-1]
     if seg.key_per_token:  # q.k_t = sum_r scale_tr (q_r . codes_tr) + zero_tr sum(q_r), r the channel groups
-        ngrp = seg.k_scale.shape[-1]
+        scale, zero = seg.k_scale.float(), seg.k_zero.float()                # [Bt,H,n,ngrp]
+        ngrp = scale.shape[-1]
         if ngrp == 1:
             dots = torch.matmul(qg, codes)                               # [Bt,H,g,n]
-            return dots * seg.k_scale.float()[..., 0].unsqueeze(2) + qg.sum(-1, keepdim=True) * seg.k_zero.float()[..., 0].unsqueeze(2)
+            return dots * scale[..., 0].unsqueeze(2) + qg.sum(-1, keepdim=True) * zero[..., 0].unsqueeze(2)
         qr = qg.view(bt, h, g, ngrp, d // ngrp)
         dots = torch.einsum("bhgrc,bhrcn->bhgnr", qr, codes.view(bt, h, ngrp, d // ngrp, n))
-        return (dots * seg.k_scale.float().unsqueeze(2)).sum(-1) + torch.matmul(qr.sum(-1), seg.k_zero.float().transpose(-1, -2))
+        return (dots * scale.unsqueeze(2)).sum(-1) + torch.matmul(qr.sum(-1), zero.transpose(-1, -2))
     nblk = seg.k_scale.shape[2]  # per channel per block: q.k = q . (scale * codes) + q . zero
     k_t = (codes.view(bt, h, d, nblk, B) * seg.k_scale.float().transpose(-1, -2).unsqueeze(-1)).view(bt, h, d, n)
     bias = torch.matmul(qg, seg.k_zero.float().transpose(-1, -2))          # [Bt,H,g,nblk]
@@ -108,7 +109,8 @@ def decode_attention(query: torch.Tensor, store, scaling: float, mask: torch.Ten
             k, v = seg.k.float(), seg.v.float()
             parts.append((torch.matmul(qg, k.transpose(-1, -2)), lambda p, v=v: torch.matmul(p, v), False))
         elif hasattr(seg, "container"):
-            parts.append((_key_scores(qr if seg.rotated else qg, seg, B), lambda p, seg=seg: _value_out(p, seg), seg.rotated))
+            seg_scores = _key_scores(qr if seg.rotated else qg, seg, B)
+            parts.append((seg_scores, lambda p, seg=seg: _value_out(p, seg), seg.rotated))
         else:  # sparse (pruned): decoded densely
             k, v = seg.dequantized(torch.float32)
             parts.append((torch.matmul(qg, k.transpose(-1, -2)), lambda p, v=v: torch.matmul(p, v), False))
