@@ -99,7 +99,7 @@ def decode_attention(query: torch.Tensor, store, scaling: float, mask: torch.Ten
     h = store.hot_k.shape[1] if store.hot_k is not None else store.full.k.shape[1]
     g = hq // h
     qg = query.reshape(bt, h, g, d).float() * scaling
-    qr = quant.rotate(qg) if store.cfg.rotate else qg  # what the quantised segments' keys meet
+    qr = None  # the rotated query, made when a rotated segment needs it (none in the lossless preset)
     B = store.B
     parts = []  # (scores, value_fn, output rotated?)
     for seg in store.segments:
@@ -109,6 +109,8 @@ def decode_attention(query: torch.Tensor, store, scaling: float, mask: torch.Ten
             k, v = seg.k.float(), seg.v.float()
             parts.append((torch.matmul(qg, k.transpose(-1, -2)), lambda p, v=v: torch.matmul(p, v), False))
         elif hasattr(seg, "container"):
+            if seg.rotated and qr is None:
+                qr = quant.rotate(qg)
             seg_scores = _key_scores(qr if seg.rotated else qg, seg, B)
             parts.append((seg_scores, lambda p, seg=seg: _value_out(p, seg), seg.rotated))
         else:  # sparse (pruned): decoded densely
