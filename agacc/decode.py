@@ -64,9 +64,9 @@ def _key_scores(qg, seg, B):
         if ngrp == 1:
             dots = torch.matmul(qg, codes)                               # [Bt,H,g,n]
             return dots * scale[..., 0].unsqueeze(2) + qg.sum(-1, keepdim=True) * zero[..., 0].unsqueeze(2)
-        qr = qg.view(bt, h, g, ngrp, d // ngrp)
-        dots = torch.einsum("bhgrc,bhrcn->bhgnr", qr, codes.view(bt, h, ngrp, d // ngrp, n))
-        return (dots * scale.unsqueeze(2)).sum(-1) + torch.matmul(qr.sum(-1), zero.transpose(-1, -2))
+        q_grp = qg.view(bt, h, g, ngrp, d // ngrp)
+        dots = torch.einsum("bhgrc,bhrcn->bhgnr", q_grp, codes.view(bt, h, ngrp, d // ngrp, n))
+        return (dots * scale.unsqueeze(2)).sum(-1) + torch.matmul(q_grp.sum(-1), zero.transpose(-1, -2))
     nblk = seg.k_scale.shape[2]  # per channel per block: q.k = q . (scale * codes) + q . zero
     k_t = (codes.view(bt, h, d, nblk, B) * seg.k_scale.float().transpose(-1, -2).unsqueeze(-1)).view(bt, h, d, n)
     bias = torch.matmul(qg, seg.k_zero.float().transpose(-1, -2))          # [Bt,H,g,nblk]
@@ -128,17 +128,12 @@ def decode_attention(query: torch.Tensor, store, scaling: float, mask: torch.Ten
         m4 = mask[..., -1:, :].reshape(bt, 1, 1, -1)
         scores = scores.masked_fill(~m4, float("-inf")) if m4.dtype == torch.bool else scores + m4.float()
     probs = scores.softmax(-1)
-    out, out_rot = 0.0, 0.0  # rotated outputs are summed apart and rotated back once
+    sums = {False: 0.0, True: 0.0}  # rotated outputs are summed apart and rotated back once
     lo = 0
     for s, value_fn, rotated in parts:
         n = s.shape[-1]
-        o = value_fn(probs[..., lo:lo + n])
-        if rotated:
-            out_rot = out_rot + o
-        else:
-            out = out + o
+        sums[rotated] = sums[rotated] + value_fn(probs[..., lo:lo + n])
         lo += n
-    if torch.is_tensor(out_rot):
-        out = out + quant.rotate(out_rot)
+    out = sums[False] + quant.rotate(sums[True]) if torch.is_tensor(sums[True]) else sums[False]
     mass = probs.sum(dim=(1, 2)).mean(0) / hq
     return out.reshape(bt, hq, 1, d).transpose(1, 2).to(query.dtype), mass

@@ -148,10 +148,16 @@ class QuantSegment(Segment):
         super().__init__(block_size, device)
         self.container = container
         self.cfg = cfg
-        self.key_per_token = cfg.key_quant == "token"
-        self.rotated = cfg.rotate
         self.bits = torch.empty(0, dtype=torch.int8, device=device)
         self.k = self.k_scale = self.k_zero = self.v = self.v_scale = self.v_zero = None
+
+    @property
+    def key_per_token(self) -> bool:
+        return self.cfg.key_quant == "token"
+
+    @property
+    def rotated(self) -> bool:
+        return self.cfg.rotate
 
     def tensors(self):
         return [self.bits, self.k, self.k_scale, self.k_zero, self.v, self.v_scale, self.v_zero]
@@ -624,7 +630,7 @@ def _check_containers(tier: torch.Tensor, bits: torch.Tensor, b_min: int) -> Non
 
 def block_cost_bytes(tier: int, bits: int, keep: int, *, batch: int, heads: int, head_dim: int,
                      block_size: int, full_itemsize: int, value_group_size: int, b_min: int,
-                     sparse_threshold: float, key_quant: str = "token", key_group_size: int = 64) -> int:
+                     sparse_threshold: float, key_quant: str, key_group_size: int) -> int:
     """Bytes one block of ``block_size`` tokens occupies in ``tier`` under the format above (K and V,
     scales, ids, per-block metadata). For planning only (the ratio fitter); ``memory()`` counts
     ``nbytes`` of what is held. Evicted blocks cost nothing here (markers are counted per run)."""

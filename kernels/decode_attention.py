@@ -366,12 +366,13 @@ def _combine_kernel(
         alpha = tl.exp(M - M_new)
         wt = tl.exp(mt - M_new[None, :])  # [SB, G_PAD]
         L = L * alpha + tl.sum(lt * wt, axis=0)
+        aw = at * wt[:, :, None]
         if ROT:
             rot = ((sidx >= R0) & (sidx < R1))[:, None, None]
-            ACC = ACC * alpha[:, None] + tl.sum(tl.where(rot, 0.0, at * wt[:, :, None]), axis=0)
-            ACCR = ACCR * alpha[:, None] + tl.sum(tl.where(rot, at * wt[:, :, None], 0.0), axis=0)
+            ACC = ACC * alpha[:, None] + tl.sum(tl.where(rot, 0.0, aw), axis=0)
+            ACCR = ACCR * alpha[:, None] + tl.sum(tl.where(rot, aw, 0.0), axis=0)
         else:
-            ACC = ACC * alpha[:, None] + tl.sum(at * wt[:, :, None], axis=0)
+            ACC = ACC * alpha[:, None] + tl.sum(aw, axis=0)
         M = M_new
     out = ACC / L[:, None]
     gmask = offs_g < g
