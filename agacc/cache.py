@@ -398,8 +398,9 @@ def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_
     (0.1% in s) and the plan uses at least 99% of the budget (``byte_tol``; near-equal block scores
     need a finer s), or the bracket is 1e-7 wide. ``start``: the scale fitted at the previous
     re-evaluation, which rarely moves much: the search walks out from it (steps 0.25, 1, 4 in log s)
-    to a bracket first (about 10 plans instead of 26). If the target is out of reach (recent window
-    and sinks alone exceed it) the largest scale is returned."""
+    to a bracket first (about 10 plans instead of 26), unless its plan already uses 99-100% of the
+    budget: then it is kept (one plan; stable tiers between re-evaluations). If the target is out of
+    reach (recent window and sinks alone exceed it) the largest scale is returned."""
     fp16 = 2 * geo.batch * geo.heads * seq_len * geo.head_dim * 2 * len(block_scores)
     budget = fp16 / target_ratio - overhead_bytes
 
@@ -419,6 +420,8 @@ def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_
     lo, hi = -12.0, 12.0  # invariant: bytes_at(lo) > budget >= bytes_at(hi)
     if start is not None and -12.0 < math.log(start) < 12.0:  # walk out from the last scale, steps x4
         x, step = math.log(start), 0.25
+        if (1 - byte_tol) * budget <= bytes_at(x) <= budget:
+            return start  # the last scale still fills the budget: keep it (and the tiers it gave)
         fits = bytes_at(x) <= budget
         while -12.0 < x < 12.0:
             if fits:

@@ -15,6 +15,10 @@ segment is a transient one inside the step, never held:
 Rotated segments (``cfg.rotate``) meet the rotated query (``q H . k H = q . k``), and their share
 of the output is summed apart and rotated back once (``(P V H) H = P V``).
 
+On the CPU the two per-segment products (``_key_scores``, ``_value_out``) run in the fused C++
+kernel of ``kernels/cpu.py`` when it has been built (one pass over the packed bytes instead of a
+dozen whole-segment tensor ops); these PyTorch functions are its reference and its fallback.
+
 Shapes: query [Bt, Hq, 1, D]; KV heads H, g = Hq / H; scores [Bt, H, g, n].
 """
 from __future__ import annotations
@@ -88,6 +92,19 @@ def _value_out(p, seg):
     return (out + zero.unsqueeze(-1)).reshape(bt, h, g, d)
 
 
+def _segment_ops(query: torch.Tensor):
+    """(key_scores, value_out) for quantised segments: the fused CPU kernel when it is available
+    (``kernels.cpu``; built on first use), else the PyTorch functions above."""
+    if query.device.type == "cpu":
+        try:
+            from kernels import cpu
+        except ImportError:
+            return _key_scores, _value_out
+        if cpu.load() is not None:
+            return cpu.key_scores, cpu.value_out
+    return _key_scores, _value_out
+
+
 def decode_attention(query: torch.Tensor, store, scaling: float, mask: torch.Tensor | None = None):
     """One decode step over everything ``store`` holds.
 
@@ -101,6 +118,8 @@ def decode_attention(query: torch.Tensor, store, scaling: float, mask: torch.Ten
     qg = query.reshape(bt, h, g, d).float() * scaling
     qr = None  # the rotated query, made when a rotated segment needs it (none in the lossless preset)
     B = store.B
+    key_scores, value_out = _segment_ops(query) if any(hasattr(s, "container") and s.n_blocks for s in store.segments) \
+        else (_key_scores, _value_out)
     parts = []  # (scores, value_fn, output rotated?)
     for seg in store.segments:
         if not seg.n_blocks:
@@ -111,8 +130,8 @@ def decode_attention(query: torch.Tensor, store, scaling: float, mask: torch.Ten
         elif hasattr(seg, "container"):
             if seg.rotated and qr is None:
                 qr = quant.rotate(qg)
-            seg_scores = _key_scores(qr if seg.rotated else qg, seg, B)
-            parts.append((seg_scores, lambda p, seg=seg: _value_out(p, seg), seg.rotated))
+            seg_scores = key_scores(qr if seg.rotated else qg, seg, B)
+            parts.append((seg_scores, lambda p, seg=seg: value_out(p, seg), seg.rotated))
         else:  # sparse (pruned): decoded densely
             k, v = seg.dequantized(torch.float32)
             parts.append((torch.matmul(qg, k.transpose(-1, -2)), lambda p, v=v: torch.matmul(p, v), False))

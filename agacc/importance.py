@@ -1,6 +1,8 @@
 """Importance tracker: attention mass per cached token -> S_i -> I_i(t) -> normalised block scores.
 
-One tracker per layer. Per-token state: I_i fp32 [seq_len] and the sums of the last N_w steps (bf16); the
+One tracker per layer. Per-token state: I_i fp32 [seq_len] (bf16 would tie near-equal blocks, and
+the ratio fitter needs them apart) and the sums of the last N_w - N_r steps (bf16: all the next
+re-evaluation's mean needs besides its own window); the
 current window is kept per attention *entry* (bf16 [n_entries]: at most N_r steps are summed, and
 bf16 keeps fp32's range, so tiny masses do not flush to zero) and mapped to tokens once, at the
 re-evaluation, instead of at every step (all of it counted in memory()).
@@ -103,6 +105,8 @@ class ImportanceTracker:
                 total[: c.numel()] += c.float()
             s_i = total / sum(s for _, s in self.chunks)
             self.importance = cfg.alpha * s_i + (1 - cfg.alpha) * self.importance
+            while self.chunks and sum(s for _, s in self.chunks) > cfg.n_w - cfg.n_r:
+                self.chunks.pop(0)  # the next mean adds N_r new steps: only the last N_w - N_r are needed
         elif cfg.scoring == "decay":
             self.importance = self.importance * math.exp(-cfg.beta * self.window_steps) + window
         else:  # sum

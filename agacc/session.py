@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import inspect
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -132,6 +133,9 @@ class GenerationSession:
         if temperature is None or float(temperature) < 0:
             raise SessionError(f"temperature must be >= 0, got {temperature}")
         self.model, self.tokenizer, self.cfg = model, tokenizer, config
+        # only the last position's logits are used: a prefill that computed all of them would run the
+        # vocabulary projection over the whole prompt (as generate() avoids with logits_to_keep)
+        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self.prompt = str(prompt)
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, float(temperature), int(seed)
         self.compare, self.chat_template = bool(compare), bool(chat_template)
@@ -230,7 +234,8 @@ class GenerationSession:
             # inference mode per call, never across a yield: the consumer may resume the generator on
             # another thread (gradio does), and grad mode is thread-local
             with torch.inference_mode():
-                out = self.model(input_ids=token_ids.to(self.model.device), past_key_values=cache, use_cache=True)
+                out = self.model(input_ids=token_ids.to(self.model.device), past_key_values=cache, use_cache=True,
+                                 **self._last_logits_only)
         except Exception as e:
             if _is_oom(e):
                 self.close()

@@ -156,6 +156,26 @@ def test_ratio_fitter_uses_the_budget_when_block_scores_are_nearly_equal():
         assert 0.99 * budget <= plan <= budget, (start, plan / budget)
 
 
+def test_ratio_fitter_keeps_a_scale_that_still_fills_the_budget(monkeypatch):
+    """A warm start whose plan already uses 99-100% of the budget is returned as is, after one plan
+    (stable tiers between re-evaluations); one whose plan is over budget is searched away from."""
+    import agacc.cache as C
+
+    cfg = AGACCConfig.preset("agacc", block_size=32)
+    geo = Geometry(n_layers=4, heads=2, head_dim=64, batch=1, full_itemsize=2)
+    torch.manual_seed(4)
+    scores = [torch.rand(126).pow(3) * 5 for _ in range(4)]
+    budget = 2 * 2 * 4096 * 64 * 2 * 4 / 4.0
+    cold = fit_threshold_scale(scores, cfg, geo, 4096, 4.0)
+    assert 0.99 * budget <= planned_bytes(plan_tiers(scores, cfg, geo, 4096, cold), cfg, geo, 4096) <= budget
+    calls = []
+    monkeypatch.setattr(C, "plan_tiers", lambda *a, **k: calls.append(1) or plan_tiers(*a, **k))
+    assert fit_threshold_scale(scores, cfg, geo, 4096, 4.0, start=cold) == cold and len(calls) == 1
+    over = cold / 4  # lower thresholds: more blocks keep more bits, over budget
+    assert planned_bytes(plan_tiers(scores, cfg, geo, 4096, over), cfg, geo, 4096) > budget
+    assert math.isclose(fit_threshold_scale(scores, cfg, geo, 4096, 4.0, start=over), cold, rel_tol=2e-3)
+
+
 def test_rule_registry_rejects_unknown_rule():
     with pytest.raises(ValueError, match="rule must be one of"):
         AGACCConfig(rule="nope")

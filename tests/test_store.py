@@ -225,3 +225,22 @@ def test_window_kept_per_entry_equals_mapping_every_step(scoring):
     # bf16 sums of 4 steps: ~0.5% apart at most; a one-entry misalignment moves tokens by O(1)
     torch.testing.assert_close(per_entry.importance, per_token.importance, rtol=1e-2, atol=1e-3)
     assert per_entry.window.numel() == 0 and per_entry.importance.numel() == st.seq_len
+
+
+def test_ema_means_the_last_n_w_steps_and_holds_only_what_the_next_mean_needs():
+    """alpha 0.5, N_r 2, N_w 4, per-token mass a, b, c in three windows of two steps: I after each
+    re-evaluation is 0.5 * (mean over the last 4 steps) + 0.5 * I, by hand; between re-evaluations the
+    tracker holds one window's sum (N_w - N_r steps), not two."""
+    from agacc.importance import ImportanceTracker
+
+    tr = ImportanceTracker(AGACCConfig(scoring="ema", alpha=0.5, n_r=2, n_w=4))
+    a, b, c = torch.tensor([0.5, 0.25]), torch.tensor([0.125, 0.625]), torch.tensor([0.75, 0.0])
+    want = torch.zeros(2)
+    for i, (m, s) in enumerate([(a, a), (b, (a + b) / 2), (c, (b + c) / 2)]):  # s: mean per step over <= 4 steps
+        tr.observe(m)
+        tr.observe(m)
+        tr.update()
+        want = 0.5 * s + 0.5 * want
+        torch.testing.assert_close(tr.importance, want)
+        assert len(tr.chunks) == 1 and tr.chunks[0][1] == 2
+    assert tr.nbytes() == 2 * 4 + 2 * 2  # fp32 importance + one bf16 two-step sum per token
