@@ -4,8 +4,10 @@
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# g++ and python3-dev: Triton compiles its launcher stub at run time, and on a CPU Space the fused
+# CPU decode kernel (kernels/cpu_decode.cpp) is built on first use
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv python3-pip ca-certificates git \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-pip python3-dev g++ ca-certificates git \
     && rm -rf /var/lib/apt/lists/*
 
 # Spaces run the container as uid 1000 (the ubuntu image's own uid-1000 user is replaced)

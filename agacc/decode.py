@@ -27,6 +27,11 @@ import torch
 
 from agacc import quant
 
+try:  # the fused CPU kernel (kernels/ sits beside agacc/ in the repository)
+    from kernels import cpu as _cpu_kernel
+except ImportError:
+    _cpu_kernel = None
+
 _SHIFTS: dict = {}
 
 
@@ -95,13 +100,8 @@ def _value_out(p, seg):
 def _segment_ops(query: torch.Tensor):
     """(key_scores, value_out) for quantised segments: the fused CPU kernel when it is available
     (``kernels.cpu``; built on first use), else the PyTorch functions above."""
-    if query.device.type == "cpu":
-        try:
-            from kernels import cpu
-        except ImportError:
-            return _key_scores, _value_out
-        if cpu.load() is not None:
-            return cpu.key_scores, cpu.value_out
+    if query.device.type == "cpu" and _cpu_kernel is not None and _cpu_kernel.load() is not None:
+        return _cpu_kernel.key_scores, _cpu_kernel.value_out
     return _key_scores, _value_out
 
 
