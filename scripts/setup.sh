@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Install everything the project needs on a fresh Debian machine (idempotent).
-# apt: Chromium + chromedriver for the real-browser test (AGACC_SKIP_BROWSER=1 leaves them out) and g++,
-# which builds the fused CPU decode kernel on first use (without it the slower PyTorch path runs).
+# apt: Chromium + chromedriver for the real-browser test (AGACC_SKIP_BROWSER=1 leaves them out) and g++
+# (+ Python's headers), which build the fused CPU decode kernel on first use (without it the slower PyTorch path runs).
 # AGACC_SKIP_APT=1 skips apt altogether.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PKGS=""
 command -v g++ >/dev/null 2>&1 || PKGS="g++"
+# the kernel build also needs Python's headers (a Debian python3 has them in python3-dev)
+[ -f "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] || PKGS="$PKGS python3-dev"
 if [ "${AGACC_SKIP_BROWSER:-0}" != "1" ] && ! command -v chromedriver >/dev/null 2>&1; then
   PKGS="$PKGS chromium chromium-driver"
 fi
