@@ -602,11 +602,9 @@ def set_threads() -> int:
 def main():
     set_threads()
     if not torch.cuda.is_available():
-        try:
-            from kernels import cpu
-            cpu.load_in_background()
-        except ImportError:
-            pass
+        from kernels import cpu
+
+        cpu.load_in_background()  # the fused CPU decode kernel: built once per machine (about a minute)
     app = AgaccApp(preload=os.environ.get("AGACC_PRELOAD", "1") != "0")
     demo = app.build()
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),

@@ -236,7 +236,7 @@ def test_ema_means_the_last_n_w_steps_and_holds_only_what_the_next_mean_needs():
     tr = ImportanceTracker(AGACCConfig(scoring="ema", alpha=0.5, n_r=2, n_w=4))
     a, b, c = torch.tensor([0.5, 0.25]), torch.tensor([0.125, 0.625]), torch.tensor([0.75, 0.0])
     want = torch.zeros(2)
-    for i, (m, s) in enumerate([(a, a), (b, (a + b) / 2), (c, (b + c) / 2)]):  # s: mean per step over <= 4 steps
+    for m, s in [(a, a), (b, (a + b) / 2), (c, (b + c) / 2)]:  # s: mean per step over <= 4 steps
         tr.observe(m)
         tr.observe(m)
         tr.update()
