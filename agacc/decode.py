@@ -118,8 +118,7 @@ def decode_attention(query: torch.Tensor, store, scaling: float, mask: torch.Ten
     qg = query.reshape(bt, h, g, d).float() * scaling
     qr = None  # the rotated query, made when a rotated segment needs it (none in the lossless preset)
     B = store.B
-    key_scores, value_out = _segment_ops(query) if any(hasattr(s, "container") and s.n_blocks for s in store.segments) \
-        else (_key_scores, _value_out)
+    key_scores = value_out = None  # picked when the first quantised segment comes
     parts = []  # (scores, value_fn, output rotated?)
     for seg in store.segments:
         if not seg.n_blocks:
@@ -128,6 +127,8 @@ def decode_attention(query: torch.Tensor, store, scaling: float, mask: torch.Ten
             k, v = seg.k.float(), seg.v.float()
             parts.append((torch.matmul(qg, k.transpose(-1, -2)), lambda p, v=v: torch.matmul(p, v), False))
         elif hasattr(seg, "container"):
+            if key_scores is None:
+                key_scores, value_out = _segment_ops(query)
             if seg.rotated and qr is None:
                 qr = quant.rotate(qg)
             seg_scores = key_scores(qr if seg.rotated else qg, seg, B)
