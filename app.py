@@ -386,11 +386,11 @@ class AgaccApp:
     # ---- handlers -------------------------------------------------------------------------------
     def generate(self, prompt, model, trust_remote_code, preset, max_new_tokens, temperature, seed, compare,
                  chat_template, tau_h, tau_l, tau_e, use_target, target_ratio, b_min, b_max, p_max, alpha, block_size,
-                 n_r, recent_window, host_copy, rotate=True, request: gr.Request = None):
+                 n_r, recent_window, host_copy, rotate=True, spill=None, request: gr.Request = None):
         """Stream a generation with the compressed cache; yields every output several times a second."""
         values = dict(tau_h=tau_h, tau_l=tau_l, tau_e=tau_e, use_target=use_target, target_ratio=target_ratio,
                       b_min=b_min, b_max=b_max, p_max=p_max, alpha=alpha, block_size=block_size, n_r=n_r,
-                      recent_window=recent_window, host_copy=host_copy, rotate=rotate)
+                      recent_window=recent_window, host_copy=host_copy, rotate=rotate, spill=spill)
         us = self.sessions.get(_hash(request))
         if not str(prompt or "").strip():
             raise gr.Error("The prompt is empty: type a prompt or pick an example.", title="Empty prompt")
@@ -474,7 +474,7 @@ class AgaccApp:
         return self._final(us, s.tokenizer, state="Stopped")
 
     def view(self, replay, token_layer, preset, tau_h, tau_l, tau_e, use_target, target_ratio, b_min, b_max, p_max, alpha,
-             block_size, n_r, recent_window, host_copy, rotate=True, request: gr.Request = None):
+             block_size, n_r, recent_window, host_copy, rotate=True, spill=None, request: gr.Request = None):
         """Show recorded frame ``replay``; if only policy knobs changed, replay them on the recorded importance."""
         us = self.sessions.get(_hash(request))
         n = len(self.view_outputs)
@@ -484,7 +484,7 @@ class AgaccApp:
             return [SKIP()] * (n - 2) + ["Generating: tuning applies to the recorded run when it ends.", SKIP()]
         values = dict(tau_h=tau_h, tau_l=tau_l, tau_e=tau_e, use_target=use_target, target_ratio=target_ratio,
                       b_min=b_min, b_max=b_max, p_max=p_max, alpha=alpha, block_size=block_size, n_r=n_r,
-                      recent_window=recent_window, host_copy=host_copy, rotate=rotate)
+                      recent_window=recent_window, host_copy=host_copy, rotate=rotate, spill=spill)
         cfg = self._cfg(preset, values)
         return self._view(us, int(replay or 0), cfg, token_layer)
 

@@ -181,7 +181,7 @@ class CompressedCache(Cache):
     # --- schedule --------------------------------------------------------------------------
     def _step_done(self, q_len: int) -> None:
         if q_len > 1:
-            self.reevaluate()
+            self.reevaluate(prefill=True)
             return
         self.steps += 1
         if self.steps % self.cfg.n_r == 0:
@@ -196,8 +196,10 @@ class CompressedCache(Cache):
         return Geometry(self.n_layers, self.n_kv_heads, self.head_dim, st.hot_k.shape[0] if st.hot_k is not None else 1,
                         torch.empty(0, dtype=st.dtype).element_size())
 
-    def reevaluate(self) -> None:
-        """Tracker -> normalised block scores -> policy -> store, for every layer (000 §2.6)."""
+    def reevaluate(self, prefill: bool = False) -> None:
+        """Tracker -> normalised block scores -> policy -> store, for every layer (000 §2.6).
+        ``prefill``: this re-evaluation follows a forward of prompt tokens (the eviction guard
+        ``cfg.spill`` applies)."""
         cfg = self.cfg
         layers = [l for l in self.layers if l.store is not None]
         if not layers:
@@ -221,14 +223,14 @@ class CompressedCache(Cache):
         overhead = self.unplanned_bytes() + self.headroom_bytes()  # what the ratio fitter adds to its plan
         if self.record_history:
             self.history.append({"step": self.steps, "seq_len": seq_len, "n_ready": n_ready, "overhead": overhead,
-                                 "scores": [s.clone() for s in block_scores]})
+                                 "prefill": prefill, "scores": [s.clone() for s in block_scores]})
         if cfg.compress and n_ready > 0:
             geo = self._geometry()
             if cfg.target_ratio is not None:
                 prev = None if cfg.host_copy else [(l.store.block_tier, l.store.block_bits, l.store.block_keep) for l in layers]
                 self.threshold_scale = fit_threshold_scale(block_scores, cfg, geo, seq_len, cfg.target_ratio, overhead,
-                                                           prev=prev, start=self.threshold_scale)
-            plans = plan_tiers(block_scores, cfg, geo, seq_len, self.threshold_scale)
+                                                           prev=prev, start=self.threshold_scale, prefill=prefill)
+            plans = plan_tiers(block_scores, cfg, geo, seq_len, self.threshold_scale, prefill=prefill)
             for l, (tier, bits, keep) in zip(layers, plans):
                 l.store.apply_tiers(tier, bits, keep, l.tracker.raw()[:seq_len])
         for l in layers:  # the next window, held (and counted) from now on
@@ -319,10 +321,10 @@ class CompressedCache(Cache):
 
 
 def fit_thresholds(block_scores, cfg: AGACCConfig, geo: Geometry, seq_len: int, target_ratio: float,
-                   overhead_bytes: int = 0) -> AGACCConfig:
+                   overhead_bytes: int = 0, prefill: bool = False) -> AGACCConfig:
     """Target ratio -> a config whose thresholds (tau_h, tau_l, tau_e; tau_prune and C_max for the
     rules that use them) reach it on these block scores."""
-    s = fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_bytes)
+    s = fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_bytes, prefill=prefill)
     kw = dict(tau_h=cfg.tau_h * s, tau_l=cfg.tau_l * s, tau_e=cfg.tau_e * s, tau_prune=cfg.tau_prune * s,
               target_ratio=None)
     if cfg.c_max is not None:
@@ -332,8 +334,11 @@ def fit_thresholds(block_scores, cfg: AGACCConfig, geo: Geometry, seq_len: int, 
 
 # --- planning: scores -> tiers for every layer (also used by replay and the ratio fitter) --------
 
-def plan_tiers(block_scores: list[torch.Tensor], cfg: AGACCConfig, geo: Geometry, seq_len: int, scale: float = 1.0):
-    """Per layer (tier, bits, keep) for the ready blocks; sinks stay full; the C_max budget applies."""
+def plan_tiers(block_scores: list[torch.Tensor], cfg: AGACCConfig, geo: Geometry, seq_len: int, scale: float = 1.0,
+               prefill: bool = False):
+    """Per layer (tier, bits, keep) for the ready blocks; sinks stay full; the C_max budget applies.
+    ``prefill``: the re-evaluation ends a prefill, so the thresholds rule's eviction guard
+    (``cfg.spill``) applies."""
     B = cfg.block_size
     sink_blocks = -(-cfg.n_sink // B) if cfg.n_sink else 0
     out = []
@@ -343,7 +348,8 @@ def plan_tiers(block_scores: list[torch.Tensor], cfg: AGACCConfig, geo: Geometry
         budgets = policy.layer_budgets(cfg, policy.budget_weights(cfg, block_scores), seq_len, B,
                                        [sink_blocks + hot_blocks] * len(block_scores), scale)
     if cfg.rule == "thresholds" and block_scores:  # elementwise: all layers in one call
-        stacked = policy.thresholds_rule(torch.stack(block_scores), cfg, geo.head_dim, scale)
+        stacked = policy.thresholds_rule(torch.stack(block_scores), cfg, geo.head_dim, scale,
+                                         guard=cfg.spill if prefill else 0.0)
         raw = [(t, b, k) for t, b, k in zip(*stacked)]
     else:
         raw = [policy.assign_tiers(s, cfg, geo.head_dim, layer, scale) for layer, s in enumerate(block_scores)]
@@ -387,7 +393,8 @@ def planned_bytes(plans, cfg: AGACCConfig, geo: Geometry, seq_len: int) -> int:
 
 
 def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_bytes: int = 0,
-                        tol: float = 1e-3, prev=None, start: float | None = None, byte_tol: float = 0.01) -> float:
+                        tol: float = 1e-3, prev=None, start: float | None = None, byte_tol: float = 0.01,
+                        prefill: bool = False) -> float:
     """Scale s for (tau_h, tau_l, tau_e) * s so the planned bytes (+ ``overhead_bytes`` the plan does
     not cover) are just under bytes_fp16 / target: the library's target-ratio -> thresholds map.
     ``prev``: per layer (tier, bits, keep) already applied, when blocks cannot regain fidelity (no
@@ -410,7 +417,7 @@ def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_
 
     def bytes_at(log_s):
         if log_s not in seen:
-            plans = plan_tiers(block_scores, cfg, geo, seq_len, math.exp(log_s))
+            plans = plan_tiers(block_scores, cfg, geo, seq_len, math.exp(log_s), prefill=prefill)
             if prev_stacked is not None:  # one floor over all layers at once
                 floored = policy.fidelity_floor(prev_stacked, *(torch.stack(x) for x in zip(*plans)))
                 plans = list(zip(*floored))

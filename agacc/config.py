@@ -65,6 +65,14 @@ class AGACCConfig:
             otherwise dense in the b_min container with the pruned elements zeroed.
         markers: evicted spans leave one marker entry (importance-weighted mean K/V + log(count)
             attention bias) per contiguous run; False drops them outright.
+        spill: rho in [0, 1], eviction guard of the thresholds rule at the re-evaluation that ends a
+            prefill: a block below tau_e is kept (at the lowest kept tier) while rho * the score of
+            the block before it reaches tau_e. The prompt's importance comes from the last N_q
+            queries only, which attend to where a span starts (a question to the words before a
+            number), while the answer will read the span on, token by token: the block after a
+            strongly attended one is kept for that read. During decoding the tracker observes the
+            reads as they happen, so the guard is off there. Bits follow the block's own score.
+            0 = off. docs/tuning.md round 5.
     DynaCompress rules (001 §2.2, sign inversions corrected, see docs/seeds.md):
         gamma: gamma, bits b = max(b_min, floor(b_max*(1 - gamma*(1 - A^)))), A^ = A / max A.
         lam, tau_prune: lambda and tau of p_evict = sigmoid(lambda*(tau - A^)) (seeded RNG).
@@ -125,6 +133,7 @@ class AGACCConfig:
     p_max: float = 0.0
     sparse_threshold: float = 0.25
     markers: bool = True
+    spill: float = 0.2
     # DynaCompress
     rule: str = "thresholds"
     gamma: float = 0.75
@@ -182,6 +191,7 @@ class AGACCConfig:
         need(self.value_group_size >= 8 and self.value_group_size % 8 == 0,
              f"value_group_size must be a positive multiple of 8, got {self.value_group_size}")
         need(0.0 <= self.p_max < 1.0, f"p_max must be in [0, 1), got {self.p_max}")
+        need(0.0 <= self.spill <= 1.0, f"spill (rho) must be in [0, 1], got {self.spill}")
         need(0.0 <= self.sparse_threshold <= 1.0, f"sparse_threshold must be in [0, 1], got {self.sparse_threshold}")
         need(0.0 <= self.gamma <= 1.0, f"gamma must be in [0, 1], got {self.gamma}")
         need(self.lam > 0, f"lam (lambda) must be > 0, got {self.lam}")

@@ -34,6 +34,18 @@ def block_uniforms(seed: int, layer: int, n_blocks: int) -> torch.Tensor:
     return torch.rand(n_blocks, generator=g)
 
 
+def spill(scores: torch.Tensor, rho: float) -> torch.Tensor:
+    """Block scores [..., n] -> max(s_b, rho * s_{b-1}) along the last dim: the score a block
+    borrows from the block before it (``cfg.spill``). Monotone: raising any score never lowers
+    another. rho <= 0: ``scores``."""
+    if rho <= 0 or scores.shape[-1] < 2:
+        return scores
+    s = scores.float()
+    out = s.clone()
+    out[..., 1:] = torch.maximum(s[..., 1:], rho * s[..., :-1])
+    return out
+
+
 def quant_tier(b: torch.Tensor) -> torch.Tensor:
     """Quantised tier (int8) of code widths ``b``: the tier of their container."""
     return TIER_OF_CONTAINER[CONTAINER_OF[b.long()].long()]
@@ -44,10 +56,13 @@ def code_bits(b: torch.Tensor, cfg) -> torch.Tensor:
     return CONTAINER_OF[b.long()] if cfg.fill_container else b
 
 
-def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, scale: float = 1.0):
+def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, scale: float = 1.0, guard: float = 0.0):
     """Seed 000 §2.4 on block scores [n] (or [L, n]) -> (tier int8, bits int8, keep int16) alike.
 
-    ``scale`` multiplies all three thresholds (the ratio fitter moves it)."""
+    ``scale`` multiplies all three thresholds (the ratio fitter moves it). ``guard`` (rho, the
+    config's ``spill`` at a prefill's re-evaluation): a block below tau_e is evicted unless
+    ``spill(scores, rho)`` lifts it to tau_e (it follows a strongly attended block); then it takes
+    the lowest kept tier (b_min bits, pruned at its own score's rate)."""
     tau_h, tau_l, tau_e = cfg.tau_h * scale, cfg.tau_l * scale, cfg.tau_e * scale
     shape = scores.shape  # elementwise: [n] for one layer or [L, n] for all at once
     tier = torch.full(shape, FULL, dtype=torch.int8)
@@ -63,13 +78,15 @@ def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, scale: float = 1.0
     b = code_bits(b, cfg)
     tier[mid] = quant_tier(b)[mid]
     bits[mid] = b[mid]
-    low = (s <= tau_l) & (s >= tau_e)
+    ev = s < tau_e
+    if guard > 0:  # the block after a strongly attended one is kept (at the lowest tier) instead
+        ev &= spill(s, guard) < tau_e
+    low = (s <= tau_l) & ~ev
     p = cfg.p_max * (1 - torch.clamp(s / tau_l, max=1.0))
     bits[low] = container_bits(cfg.b_min) if cfg.fill_container else cfg.b_min
     keep[low] = kept_counts(head_dim, p[low])
     # a block that keeps every element is not pruned: it is a b_min-bit block
     tier[low] = torch.where(keep[low] < head_dim, PRUNED, CONTAINER_TIER[container_bits(cfg.b_min)]).to(torch.int8)
-    ev = s < tau_e
     tier[ev], bits[ev], keep[ev] = EVICTED, 0, 0
     return tier, bits, keep
 

@@ -30,7 +30,7 @@ TRACE_VERSION = 2  # 2: the int3 tier (tier codes of int2 and below moved up by 
 # importance itself or the block layout: that needs a re-run.
 POLICY_FIELDS = ("tau_h", "tau_l", "tau_e", "b_min", "b_max", "p_max", "target_ratio", "sparse_threshold",
                  "key_quant", "key_group_size", "value_group_size", "markers", "gamma", "lam", "tau_prune",
-                 "c_max", "budget_shape", "seed", "rule", "host_copy", "n_sink")
+                 "c_max", "budget_shape", "seed", "rule", "host_copy", "n_sink", "spill")
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Trace:
         re-evaluation and one at the end; a frame's ``step`` counts the decode forwards before it
         (0 = right after the prefill) and its ``seq_len`` the tokens in the cache.
     history: the cache's importance history, one entry per re-evaluation:
-        {step, seq_len, n_ready, scores [L][n_ready]}.
+        {step, seq_len, n_ready, prefill (it ended a prefill: the eviction guard applies), scores [L][n_ready]}.
     compare: full-cache comparison summary (None when off).
     """
 
@@ -71,7 +71,7 @@ class Trace:
         state ...) at the last of these entries, when the history does not carry it."""
         for j, h in enumerate(entries):
             e = {"step": int(h["step"]), "seq_len": int(h["seq_len"]), "n_ready": int(h["n_ready"]),
-                 "scores": [s.float().tolist() for s in h["scores"]]}
+                 "prefill": bool(h.get("prefill", False)), "scores": [s.float().tolist() for s in h["scores"]]}
             if h.get("overhead") is not None:
                 e["overhead"] = int(h["overhead"])
             elif overhead is not None and j == len(entries) - 1:
@@ -213,11 +213,12 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
     for h in history[: last + 1]:
         scores = [s if isinstance(s, torch.Tensor) else torch.tensor(s, dtype=torch.float32) for s in h["scores"]]
         seq_len, n_ready = int(h["seq_len"]), int(h["n_ready"])
+        prefill = bool(h.get("prefill", False))
         if cfg.compress and n_ready > 0:
             if cfg.target_ratio is not None:
                 scale = fit_threshold_scale(scores, cfg, geo, seq_len, cfg.target_ratio, int(h.get("overhead", 0)),
-                                            prev=None if cfg.host_copy else current, start=scale)
-            plans = plan_tiers(scores, cfg, geo, seq_len, scale)
+                                            prev=None if cfg.host_copy else current, start=scale, prefill=prefill)
+            plans = plan_tiers(scores, cfg, geo, seq_len, scale, prefill=prefill)
             if not cfg.host_copy and current is not None:
                 plans = [fidelity_floor(prev, *p) for prev, p in zip(current, plans)]
             current = plans

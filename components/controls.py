@@ -28,6 +28,8 @@ THRESHOLDS = [
     Knob("tau_h", "τ_h: full precision above", 0.05, 1000.0, 0.05, "normalised importance (1 = layer mean); a heavy tail: top blocks score in the hundreds"),
     Knob("tau_l", "τ_l: quantised above, pruned below", 0.01, 20.0, 0.01, "must stay below τ_h"),
     Knob("tau_e", "τ_e: evicted below", 0.0, 10.0, 0.01, "must stay below τ_l"),
+    Knob("spill", "ρ: eviction guard after attended blocks", 0.0, 1.0, 0.05,
+         "at the prefill, a block below τ_e stays (lowest tier) while ρ × the score of the block before it reaches τ_e"),
 ]
 BUDGET = Knob("target_ratio", "target memory ratio (16-bit bytes / held bytes)", 1.0, 16.0, 0.25,
               "thresholds are scaled to hit this ratio at every re-evaluation")
@@ -43,7 +45,7 @@ TRACKING = [
 ]
 # field order of the values passed around (and of the gradio inputs)
 FIELDS = ["tau_h", "tau_l", "tau_e", "use_target", "target_ratio", "b_min", "b_max", "p_max", "alpha", "block_size",
-          "n_r", "recent_window", "host_copy", "rotate"]
+          "n_r", "recent_window", "host_copy", "rotate", "spill"]
 
 
 def preset_names() -> list[str]:
@@ -54,7 +56,8 @@ def values_from_config(cfg: AGACCConfig) -> dict:
     return {"tau_h": cfg.tau_h, "tau_l": cfg.tau_l, "tau_e": cfg.tau_e, "use_target": cfg.target_ratio is not None,
             "target_ratio": cfg.target_ratio if cfg.target_ratio is not None else 4.0, "b_min": cfg.b_min,
             "b_max": cfg.b_max, "p_max": cfg.p_max, "alpha": cfg.alpha, "block_size": cfg.block_size,
-            "n_r": cfg.n_r, "recent_window": cfg.recent_window, "host_copy": cfg.host_copy, "rotate": cfg.rotate}
+            "n_r": cfg.n_r, "recent_window": cfg.recent_window, "host_copy": cfg.host_copy, "rotate": cfg.rotate,
+            "spill": cfg.spill}
 
 
 def preset_values(name: str) -> dict:
@@ -66,6 +69,7 @@ def config_from_values(preset: str, values: dict) -> AGACCConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown method preset {preset!r}; choose from {', '.join(PRESETS)}")
     v = dict(values)
+    v.setdefault("spill", None)  # a later knob: value sets without it take the preset's
     missing = [f for f in FIELDS if f not in v]
     if missing:
         raise ValueError(f"missing control values: {missing}")
@@ -74,6 +78,7 @@ def config_from_values(preset: str, values: dict) -> AGACCConfig:
               "b_min": int(v["b_min"]), "b_max": int(v["b_max"]), "p_max": float(v["p_max"]),
               "alpha": float(v["alpha"]), "block_size": int(v["block_size"]), "n_r": int(v["n_r"]),
               "recent_window": int(v["recent_window"]), "host_copy": bool(v["host_copy"]), "rotate": bool(v["rotate"]),
+              "spill": float(v["spill"]) if v["spill"] is not None else PRESETS[preset].spill,
               "target_ratio": float(v["target_ratio"]) if v["use_target"] else None}
     except (TypeError, ValueError) as e:
         raise ValueError(f"a control has an invalid value: {e}") from e

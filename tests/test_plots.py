@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import agacc
+from agacc.presets import PRESETS
 from components import controls, plots
 from components.theme import TIER_COLORS
 from components.token_view import block_consensus, css, render_token_view, token_codes
@@ -185,3 +186,9 @@ def test_controls_map_to_configs():
     with pytest.raises(ValueError, match="unknown method preset"):
         controls.config_from_values("nope", controls.preset_values("agacc"))
     assert controls.values_dict(controls.values_list(v)) == v
+    v = controls.preset_values("agacc")
+    assert controls.config_from_values("agacc", dict(v, spill=0.5)).spill == 0.5
+    assert controls.config_from_values("agacc", dict(v, spill=None)).spill == agacc.AGACCConfig.preset("agacc").spill
+    assert controls.config_from_values("h2o", {k: x for k, x in v.items() if k != "spill"}).spill == PRESETS["h2o"].spill
+    with pytest.raises(ValueError, match="spill"):
+        controls.config_from_values("agacc", dict(v, spill=1.5))

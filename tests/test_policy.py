@@ -91,6 +91,60 @@ def test_importance_is_monotone_with_fidelity(name):
     assert keys == sorted(keys), f"{name}: a more important block got less fidelity"
 
 
+def test_spill_lends_the_next_block_a_share_of_the_previous_score():
+    s = torch.tensor([[5.0, 0.05, 0.05, 0.4, 0.05], [0.1, 0.1, 2.0, 0.1, 0.1]])
+    out = policy.spill(s, 0.2)
+    assert torch.allclose(out, torch.tensor([[5.0, 1.0, 0.05, 0.4, 0.08], [0.1, 0.1, 2.0, 0.4, 0.1]]))
+    assert policy.spill(s, 0.0) is s
+
+
+def test_eviction_guard_keeps_the_block_after_a_strongly_attended_one():
+    """Hand-worked: tau_e = 0.1, rho = 0.2. Block 1 (0.05) follows a 5.0 block: 0.2 * 5 = 1.0 >= tau_e,
+    so it is kept at the lowest tier, pruned at its own score's rate; block 2 follows a 0.05 block and
+    block 4 a 0.4 block (0.08 < tau_e): both evicted. The block BEFORE a strong one is not guarded."""
+    cfg = AGACCConfig(tau_h=10.0, tau_l=0.5, tau_e=0.1, b_min=3, b_max=4, p_max=0.5, spill=0.2)
+    scores = torch.tensor([5.0, 0.05, 0.05, 0.4, 0.05])
+    tier, bits, keep = policy.thresholds_rule(scores, cfg, 64, guard=cfg.spill)
+    # 5.0: x = log(10)/log(20) = 0.77 -> 3 + 1 = 4 bits; 0.05: p = 0.5 * (1 - 0.05/0.5) = 0.45 -> keep
+    # 64 - 29 = 35, rounded up to 40 (multiples of 8); 0.4: p = 0.1 -> 58 -> 64: a plain 3-bit block
+    assert tier.tolist() == [T.INT4, T.PRUNED, T.EVICTED, T.INT3, T.EVICTED]
+    assert keep.tolist() == [64, 40, 0, 64, 0] and bits.tolist() == [4, 3, 0, 3, 0]
+    tier0, _, _ = policy.thresholds_rule(scores, cfg, 64)  # no guard: the seed's rule
+    assert tier0.tolist() == [T.INT4, T.EVICTED, T.EVICTED, T.INT3, T.EVICTED]
+    tier, _, _ = policy.thresholds_rule(torch.tensor([0.05, 5.0]), cfg, 64, guard=0.2)
+    assert tier.tolist()[0] == T.EVICTED
+
+
+def test_eviction_guard_is_monotone():
+    """Raising any block's score never lowers any block's fidelity (the fitter relies on it)."""
+    cfg = AGACCConfig(tau_h=8.0, tau_l=0.6, tau_e=0.3, p_max=0.5)
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(60, generator=g) * torch.rand(60, generator=g) * 4
+    base = policy.thresholds_rule(s, cfg, 64, guard=0.2)
+    for i in range(60):
+        up = s.clone()
+        up[i] *= 3
+        raised = policy.thresholds_rule(up, cfg, 64, guard=0.2)
+        for j in range(60):
+            assert fidelity_key(*(x[j] for x in raised)) >= fidelity_key(*(x[j] for x in base)), (i, j)
+
+
+def test_eviction_guard_applies_at_a_prefill_only():
+    """plan_tiers: the guard is on for the re-evaluation that ends a prefill, off during decoding."""
+    cfg = AGACCConfig(tau_h=10.0, tau_l=0.5, tau_e=0.1, n_sink=0, spill=0.2)
+    geo = Geometry(n_layers=2, heads=1, head_dim=64, batch=1, full_itemsize=2)
+    scores = [torch.tensor([5.0, 0.05, 0.05]), torch.tensor([0.05, 5.0, 0.05])]
+    pre = plan_tiers(scores, cfg, geo, seq_len=48 + 32, prefill=True)
+    dec = plan_tiers(scores, cfg, geo, seq_len=48 + 32)
+    assert [p[0].tolist() for p in pre] == [[T.INT4, T.INT3, T.EVICTED], [T.EVICTED, T.INT4, T.INT3]]
+    assert [p[0].tolist() for p in dec] == [[T.INT4, T.EVICTED, T.EVICTED], [T.EVICTED, T.INT4, T.EVICTED]]
+    assert planned_bytes(pre, cfg, geo, 80) > planned_bytes(dec, cfg, geo, 80)
+    off = plan_tiers(scores, cfg.with_overrides(spill=0.0), geo, seq_len=80, prefill=True)
+    assert [p[0].tolist() for p in off] == [p[0].tolist() for p in dec]
+    with pytest.raises(ValueError, match="spill"):
+        AGACCConfig(spill=1.5)
+
+
 def test_bits_grow_with_importance_inside_the_band():
     cfg = AGACCConfig(tau_h=4.0, tau_l=1.0, tau_e=0.1, b_min=2, b_max=8)
     s = torch.linspace(1.01, 4.0, 50)
