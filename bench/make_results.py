@@ -193,7 +193,8 @@ def render(data, ratios, lengths, tasks) -> str:
     L.append("For each task, length and ratio: AGACC's score vs the best baseline at equal memory: every baseline "
              "whose measured ratio is within 5% of the target (the fitted ones run at that target; the fixed-ratio "
              "uniform presets count in every column whose target they reach). A baseline that could not get down to "
-             "the ratio and still scored higher is named in the verdict. Ties count as 'at least as good'. For ppl the score (ppl_full / ppl, capped at 1) "
+             "the ratio and still scored higher is named in the verdict. Ties count as 'at least as good'. "
+             "For ppl the score (ppl_full / ppl, capped at 1) "
              "saturates and is noisy over few tokens, so a second verdict compares KL(full || method) per token "
              "(lower is better) against the lowest baseline KL.\n")
     L.append("| task | ctx | ratio | agacc | best baseline | verdict | ppl: best baseline KL | verdict by KL |")
