@@ -538,10 +538,9 @@ class LayerStore:
         if not self.cfg.markers:
             self.markers.set([])
             return
-        n_evicted = int((self.block_tier == EVICTED).sum())
-        if not newly_evicted and n_evicted == int((self.markers.span[:, 1] - self.markers.span[:, 0] + 1).sum()):
-            return  # nothing evicted since, nothing brought back: the same runs
         ev_blocks = (self.block_tier == EVICTED).nonzero().squeeze(1).tolist()
+        if not newly_evicted and len(ev_blocks) == int((self.markers.span[:, 1] - self.markers.span[:, 0] + 1).sum()):
+            return  # nothing evicted since, nothing brought back: the same runs
         runs, start = [], None
         for i, b in enumerate(ev_blocks):
             if start is None:

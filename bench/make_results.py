@@ -208,20 +208,15 @@ def render(data, ratios, lengths, tasks) -> str:
                 if a is None:
                     L.append(f"| {task} | {n} | {r:g} | — | — | not run | | |")
                     continue
-                best, bname, over, oname = None, None, None, None
-                for p in RATIO_PRESETS[3:]:  # run at the same target with the same fitter
-                    c = cs.get((task, n, p, float(r)))
-                    if c and c["ratio"] >= 0.95 * r and (best is None or c["score"] > best["score"]):
-                        best, bname = c, p
-                    if c and c["ratio"] < 0.95 * r and (over is None or c["score"] > over["score"]):
-                        over, oname = c, p  # could not get down to the ratio: holds more memory
-                for p in FIXED[1:]:
-                    c = cs.get((task, n, p, None))
-                    if c and c["ratio"] >= 0.95 * r and (best is None or c["score"] > best["score"]):
-                        best, bname = c, p
-                if best is None:
+                ran = [(p, cs.get((task, n, p, float(r)))) for p in RATIO_PRESETS[3:]]  # fitted to this target
+                ran += [(p, cs.get((task, n, p, None))) for p in FIXED[1:]]
+                equal = [(p, c) for p, c in ran if c and c["ratio"] >= 0.95 * r]  # at equal memory
+                more = [(p, c) for p, c in ran if c and c["ratio"] < 0.95 * r and p in RATIO_PRESETS]  # could not get there
+                if not equal:
                     L.append(f"| {task} | {n} | {r:g} | {_fmt(a, task)} | none ran | — | | |")
                     continue
+                bname, best = max(equal, key=lambda pc: pc[1]["score"])
+                oname, over = max(more, key=lambda pc: pc[1]["score"]) if more else (None, None)
                 ok = a["score"] >= best["score"] - 1e-9
                 meets = a["ratio"] >= 0.95 * r
                 verdict = ("yes" if ok else "**no**") + ("" if meets else " (agacc misses the ratio)")
@@ -234,16 +229,11 @@ def render(data, ratios, lengths, tasks) -> str:
                     lost.append(f"{task} {n} @ {r:g}")
                 kl_cols = " | |"
                 if "kl" in a:
-                    kls = [(cs[(task, n, p, float(r))]["kl"], p) for p in RATIO_PRESETS[3:] if (task, n, p, float(r)) in cs
-                           and cs[(task, n, p, float(r))]["ratio"] >= 0.95 * r]
-                    kls += [(cs[(task, n, p, None)]["kl"], p) for p in FIXED[1:]
-                            if (task, n, p, None) in cs and cs[(task, n, p, None)]["ratio"] >= 0.95 * r]
-                    if kls:
-                        kb, kp = min(kls)
-                        ok_kl = a["kl"] <= kb + 1e-12
-                        kl_wins += ok_kl
-                        kl_losses += not ok_kl
-                        kl_cols = f" | {kp}: {kb:.4f} (agacc {a['kl']:.4f}) | {'yes' if ok_kl else '**no**'} |"
+                    kb, kp = min((c["kl"], p) for p, c in equal)
+                    ok_kl = a["kl"] <= kb + 1e-12
+                    kl_wins += ok_kl
+                    kl_losses += not ok_kl
+                    kl_cols = f" | {kp}: {kb:.4f} (agacc {a['kl']:.4f}) | {'yes' if ok_kl else '**no**'} |"
                 L.append(f"| {task} | {n} | {r:g} | {_fmt(a, task)} | {bname}: {_fmt(best, task)} | {verdict}" + kl_cols)
     misses = [f"{p} {t} {n} @ {r:g}: {c['ratio']:.2f}x" for (t, n, p, r), c in sorted(cs.items(), key=lambda kv: str(kv[0]))
               if r is not None and c["ratio"] < 0.95 * r]
