@@ -249,6 +249,15 @@ def final_stats(tr: Trace, label: str, mem: dict | None, reevals) -> str:
     return " · ".join(parts)
 
 
+def _snippet(tr: Trace, cfg) -> str:
+    """The Python snippet that reproduces run ``tr`` with settings ``cfg``."""
+    m = tr.meta
+    return config_snippet(cfg, model=m.get("model_arg"), prompt=m.get("prompt", ""),
+                          max_new_tokens=m.get("max_new_tokens", 64), temperature=m.get("temperature", 0.0),
+                          seed=m.get("seed", 0), chat_template=m.get("chat_template", True),
+                          compare=m.get("compare", False), trust_remote_code=m.get("trust_remote_code", False))
+
+
 def compare_md(summary: dict | None, tokenizer=None, trace: Trace | None = None) -> str:
     if not summary:
         return "Tick *compare with the full cache* (or press **Re-run + compare**) to run a full cache in lockstep."
@@ -376,12 +385,7 @@ class AgaccApp:
         tv = render_token_view(tr.tokens[:n_tok], tr.n_prompt, snap, layer,
                                caption=("replayed tiers" if replayed else "recorded tiers")
                                + (f", layer {layer}" if layer is not None else ", most common tier over layers"))
-        m = tr.meta
-        snippet = config_snippet(cfg_now, model=m.get("model_arg"), prompt=m.get("prompt", ""),
-                                 max_new_tokens=m.get("max_new_tokens", 64), temperature=m.get("temperature", 0.0),
-                                 seed=m.get("seed", 0), chat_template=m.get("chat_template", True),
-                                 compare=m.get("compare", False), trust_remote_code=m.get("trust_remote_code", False))
-        return figs + [tv, "\n\n".join(note), snippet]
+        return figs + [tv, "\n\n".join(note), _snippet(tr, cfg_now)]
 
     # ---- handlers -------------------------------------------------------------------------------
     def generate(self, prompt, model, trust_remote_code, preset, max_new_tokens, temperature, seed, compare,
@@ -415,40 +419,45 @@ class AgaccApp:
         with us.lock:
             us.cancel, us.session, us.trace, us.model_choice = cancel, s, s.trace, model
             us.replay_cache.clear()
-        outs = self.gen_outputs
-        idx = {c: i for i, c in enumerate(outs)}
         ui = self.ui
-        upd = [SKIP()] * len(outs)
-        upd[idx[ui.output]] = ""
-        upd[idx[ui.output_full]] = ""
-        upd[idx[ui.stats]] = stats_md(f"Prefilling {s.n_prompt} prompt tokens", None, None, None,
-                                      extra=_model_line(name, mdl))
-        yield upd
+        # the value last sent per output, sent again while it holds: gradio diffs an unchanged value to
+        # nothing, where a skip makes it rebuild the component (about 1 ms each, per update, on the
+        # thread that serves every session)
+        live = {ui.output: "", ui.output_full: "", ui.replay_note: "Recording: scrub the frames and tune the "
+                "thresholds on them when the run ends.", ui.snippet: _snippet(s.trace, cfg),
+                ui.stats: stats_md(f"Prefilling {s.n_prompt} prompt tokens", None, None, None, extra=_model_line(name, mdl))}
+        if not compare:
+            live[ui.compare_md] = compare_md(None)
+            live[ui.compare_plot] = plot_value(plots.compare_chart([], None))
+
+        def update():
+            return [live.get(c, SKIP()) for c in self.gen_outputs]
+
+        yield update()
         last_draw, frame, frame_dirty = 0.0, None, False
         try:
             for ev in s.stream():
-                upd = [SKIP()] * len(outs)
-                upd[idx[ui.output]] = ev.text
+                live[ui.output] = ev.text
                 if ev.frame is not None:
                     frame, frame_dirty = ev.frame, True
                 now = time.perf_counter()
                 if now - last_draw >= self.draw_interval or ev.done:
                     last_draw = now
                     tr = s.trace
-                    upd[idx[ui.stats]] = stats_md("Generating", s, ev.memory, s.cache.reevaluations if s.cache else None)
-                    upd[idx[ui.memory]] = plot_value(plots.memory_chart(tr.steps))
+                    live[ui.stats] = stats_md("Generating", s, ev.memory, s.cache.reevaluations if s.cache else None)
+                    live[ui.memory] = plot_value(plots.memory_chart(tr.steps))
                     if frame_dirty and frame is not None:
                         frame_dirty = False
-                        upd[idx[ui.importance]] = plot_value(plots.importance_heatmap(frame, cfg.to_dict()))
-                        upd[idx[ui.tier]] = plot_value(plots.tier_map(frame))
-                        upd[idx[ui.bits]] = plot_value(plots.bits_map(frame))
-                        upd[idx[ui.token_view]] = render_token_view(tr.tokens, tr.n_prompt, frame, None,
-                                                                    caption="live: most common tier over layers")
+                        live[ui.importance] = plot_value(plots.importance_heatmap(frame, cfg.to_dict()))
+                        live[ui.tier] = plot_value(plots.tier_map(frame))
+                        live[ui.bits] = plot_value(plots.bits_map(frame))
+                        live[ui.token_view] = render_token_view(tr.tokens, tr.n_prompt, frame, None,
+                                                                caption="live: most common tier over layers")
                     if ev.compare is not None:
-                        upd[idx[ui.output_full]] = ev.compare["ref_text"]
-                        upd[idx[ui.compare_plot]] = plot_value(plots.compare_chart(tr.steps, ev.compare["diverged_at"]))
-                        upd[idx[ui.compare_md]] = compare_md({k: v for k, v in s.result()["compare"].items()}, tok, tr)
-                yield upd
+                        live[ui.output_full] = ev.compare["ref_text"]
+                        live[ui.compare_plot] = plot_value(plots.compare_chart(tr.steps, ev.compare["diverged_at"]))
+                        live[ui.compare_md] = compare_md({k: v for k, v in s.result()["compare"].items()}, tok, tr)
+                yield update()
         except SessionError as e:
             raise gr.Error(str(e), title="Generation failed")
         finally:

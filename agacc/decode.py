@@ -15,9 +15,9 @@ segment is a transient one inside the step, never held:
 Rotated segments (``cfg.rotate``) meet the rotated query (``q H . k H = q . k``), and their share
 of the output is summed apart and rotated back once (``(P V H) H = P V``).
 
-On the CPU the two per-segment products (``_key_scores``, ``_value_out``) run in the fused C++
-kernel of ``kernels/cpu.py`` when it has been built (one pass over the packed bytes instead of a
-dozen whole-segment tensor ops); these PyTorch functions are its reference and its fallback.
+On the CPU the whole step runs in the fused C++ kernel of ``kernels/cpu.py`` when it has been built
+(one call per layer instead of a few dozen tensor ops); the PyTorch code here is its reference and
+its fallback.
 
 Shapes: query [Bt, Hq, 1, D]; KV heads H, g = Hq / H; scores [Bt, H, g, n].
 """
@@ -97,12 +97,9 @@ def _value_out(p, seg):
     return (out + zero.unsqueeze(-1)).reshape(bt, h, g, d)
 
 
-def _segment_ops(query: torch.Tensor):
-    """(key_scores, value_out) for quantised segments: the fused CPU kernel when it is available
-    (``kernels.cpu``; built on first use), else the PyTorch functions above."""
-    if query.device.type == "cpu" and _cpu_kernel is not None and _cpu_kernel.load() is not None:
-        return _cpu_kernel.key_scores, _cpu_kernel.value_out
-    return _key_scores, _value_out
+def _fused_kernel_for(query: torch.Tensor, mask) -> bool:
+    """Whether the fused CPU kernel (``kernels.cpu``; built on first use) runs this step."""
+    return mask is None and query.device.type == "cpu" and _cpu_kernel is not None and _cpu_kernel.load() is not None
 
 
 def decode_attention(query: torch.Tensor, store, scaling: float, mask: torch.Tensor | None = None):
@@ -116,9 +113,11 @@ def decode_attention(query: torch.Tensor, store, scaling: float, mask: torch.Ten
     h = store.hot_k.shape[1] if store.hot_k is not None else store.full.k.shape[1]
     g = hq // h
     qg = query.reshape(bt, h, g, d).float() * scaling
+    if _fused_kernel_for(query, mask):
+        out, mass = _cpu_kernel.decode_layer(qg, store)
+        return out.reshape(bt, hq, 1, d).transpose(1, 2).to(query.dtype), mass
     qr = None  # the rotated query, made when a rotated segment needs it (none in the lossless preset)
     B = store.B
-    key_scores = value_out = None  # picked when the first quantised segment comes
     parts = []  # (scores, value_fn, output rotated?)
     for seg in store.segments:
         if not seg.n_blocks:
@@ -127,12 +126,10 @@ def decode_attention(query: torch.Tensor, store, scaling: float, mask: torch.Ten
             k, v = seg.k.float(), seg.v.float()
             parts.append((torch.matmul(qg, k.transpose(-1, -2)), lambda p, v=v: torch.matmul(p, v), False))
         elif hasattr(seg, "container"):
-            if key_scores is None:
-                key_scores, value_out = _segment_ops(query)
             if seg.rotated and qr is None:
                 qr = quant.rotate(qg)
-            seg_scores = key_scores(qr if seg.rotated else qg, seg, B)
-            parts.append((seg_scores, lambda p, seg=seg: value_out(p, seg), seg.rotated))
+            seg_scores = _key_scores(qr if seg.rotated else qg, seg, B)
+            parts.append((seg_scores, lambda p, seg=seg: _value_out(p, seg), seg.rotated))
         else:  # sparse (pruned): decoded densely
             k, v = seg.dequantized(torch.float32)
             parts.append((torch.matmul(qg, k.transpose(-1, -2)), lambda p, v=v: torch.matmul(p, v), False))

@@ -6,9 +6,13 @@ Rows (same prompt, greedy, same number of new tokens):
   session                     ``agacc.session.GenerationSession`` streaming, no plots
   app handler (live plots)    the app's generator (``AgaccApp.generate``): figures, token view and
                               stats re-drawn every AGACC_DRAW_INTERVAL s, JSON-encoded as gradio sends them
-  app via gradio_client       end to end through the gradio queue and SSE: what a browser receives
+  app via gradio_client       end to end through the gradio queue and SSE, the client in the same process
+  app in Chromium             ``python app.py`` in its own process, driven by headless Chromium (--browser):
+                              the example prompt clicked, Generate, text arrival timed inside the page; the
+                              note gives what the UI's stats line showed
 
-    python bench/bench_app.py [--tokens 64] [--prompt document|passkey|story] [--threads N] [--out out/bench_app.json]
+    python bench/bench_app.py [--tokens 64] [--prompt document|passkey|story] [--threads N] [--browser]
+                              [--out out/bench_app.json]
 """
 from __future__ import annotations
 
@@ -76,16 +80,19 @@ def bench_app_handler(app, prompt, knobs, n):
     gen = app.generate(prompt, app.default_model, False, "agacc", n, 0.0, 0, False, True, *knobs, request=None)
     t0 = time.perf_counter()
     stamps, redraws, payload = [], 0, 0
-    prev_text = ""
+    prev_text, prev = "", []
     for upd in gen:
         text = upd[0] if isinstance(upd[0], str) else None
-        for v in upd:  # what gradio would serialise: plot JSON strings, HTML, markdown
+        for i, v in enumerate(upd):  # what gradio would send: new plot JSON, HTML, markdown (a value sent
+            if i < len(prev) and v is prev[i]:  # again is diffed to nothing)
+                continue
             plot = getattr(v, "plot", None)
             if plot is not None:
                 payload += len(plot)
                 redraws += 1
             elif isinstance(v, str):
                 payload += len(v)
+        prev = upd
         if text and text != prev_text:
             stamps.append(time.perf_counter())
             prev_text = text
@@ -132,12 +139,82 @@ def bench_app_client(app, prompt, knob_values, n):
         demo.close()
 
 
+JS_RECORD_TEXT = """
+window.__agaccT0 = performance.now();
+window.__agaccText = [];
+const before = (document.querySelector('#output textarea') || {}).value;  // the previous run's text
+window.__agaccTimer = setInterval(() => {
+  const t = document.querySelector('#output textarea');
+  const v = t ? t.value : '';
+  const last = window.__agaccText[window.__agaccText.length - 1];
+  if (v && (last ? last[1] !== v.length : v !== before)) window.__agaccText.push([performance.now(), v.length]);
+}, 5);"""
+
+
+def _cpu_seconds(name: str) -> float:
+    """CPU seconds (user + system) used so far by the processes whose command name starts with ``name``."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            comm, rest = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        if comm.split("(", 1)[1].startswith(name):
+            f = rest.split()
+            total += int(f[11]) + int(f[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def bench_browser(prompt_name, n, threads):
+    """The real app in its own process and a headless Chromium: TTFT from the click to the first text
+    in the page; tokens/s over the text updates the page received (first to last, n - 1 tokens)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import re
+
+    from test_app_browser import Page, _free_port, make_driver, start_app
+
+    port = _free_port()
+    log = Path("/tmp/agacc-bench-app.log")
+    proc = start_app(port, log, {"AGACC_THREADS": str(threads), "AGACC_DRAW_INTERVAL": os.environ.get("AGACC_DRAW_INTERVAL", "0.3")})
+    driver = make_driver()
+    try:
+        p = Page(driver)
+        driver.get(f"http://127.0.0.1:{port}/")
+        p.wait(lambda: p.css("#prompt textarea"), 120, "the prompt box")
+        p.click(f"ex-{prompt_name}")
+        p.wait(lambda: len(p.css("#prompt textarea").get_attribute("value") or "") > 100, 30, "the example prompt")
+        p.set_number("max-new-tokens", n)
+        time.sleep(1.0)
+        for run in range(2):  # the first run warms the server (model load, kernel, allocators)
+            cpu0, t_run = _cpu_seconds("chrom"), time.perf_counter()
+            driver.execute_script(JS_RECORD_TEXT)
+            p.click("generate")
+            p.wait(lambda: "Done" not in p.stats(), 60, "the run to start", poll=0.05)
+            p.wait(lambda: "Done" in p.stats(), 600, "the end of the run", poll=0.2)
+            seen = driver.execute_script("clearInterval(window.__agaccTimer); return [window.__agaccT0, window.__agaccText];")
+            browser_cores = (_cpu_seconds("chrom") - cpu0) / (time.perf_counter() - t_run)
+        t0, texts = seen
+        stats = p.stats()
+        ntok = int(re.search(r"(\d+) new", stats).group(1))
+        ttft = (texts[0][0] - t0) / 1000 if texts else float("nan")
+        span = (texts[-1][0] - texts[0][0]) / 1000 if len(texts) > 1 else 0.0
+        tps = (ntok - 1) / span if span > 0 else float("nan")
+        ui = re.search(r"time to first token ([\d.]+) s . ([\d.]+) tokens/s", stats)
+        note = (f"{len(texts)} text updates in the page; Chromium used {browser_cores:.2f} cores; UI showed "
+                + (f"TTFT {ui.group(1)} s, {ui.group(2)} tokens/s" if ui else stats))
+        return ttft, tps, ntok, note
+    finally:
+        driver.quit()
+        proc.terminate()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt", default="document", choices=["document", "passkey", "story"])
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: as the app sets them)")
     ap.add_argument("--no-client", action="store_true", help="skip the end-to-end gradio_client row")
+    ap.add_argument("--browser", action="store_true", help="add the row of the real app in headless Chromium")
     ap.add_argument("--out", default=str(ROOT / "out" / "bench_app.json"))
     a = ap.parse_args(argv)
 
@@ -183,6 +260,8 @@ def main(argv=None) -> int:
         ttft, tps, ntok, updates, meta = bench_app_client(app, prompt, values, n)
         add("app via gradio_client", ttft, tps, ntok,
             f"{updates} text updates received; UI showed TTFT {meta['ttft']:.2f} s, {meta['tokens_per_s']:.1f} tokens/s")
+    if a.browser:
+        add("app in Chromium", *bench_browser(a.prompt, n, threads))
     mem = meta.get("memory") or {}
     result = {"prompt": a.prompt, "prompt_tokens": int(ids.shape[1]), "new_tokens": n, "threads": threads,
               "device": str(model.device), "dtype": str(model.dtype), "cpu": platform.processor() or platform.machine(),

@@ -1,14 +1,14 @@
-"""The fused CPU decode kernel (``kernels/cpu_decode.cpp``): per quantised segment, unpack +
-dequantise + dot product in one pass over the packed bytes, where the PyTorch path
-(``agacc.decode._key_scores`` / ``_value_out``, its reference) runs a dozen whole-segment tensor ops.
+"""The fused CPU decode kernel (``kernels/cpu_decode.cpp``): one call per layer and step does the
+scores over every stored part (packed quantised segments unpacked and dequantised in one pass over
+their bytes, scales read as stored), the softmax, the weighted values and the attention mass, where
+the PyTorch path (``agacc.decode.decode_attention`` without the kernel, its reference) runs a few
+dozen tensor ops per layer and step.
 
 Built once per machine (and instruction set) with the C++ compiler through ``torch.utils.cpp_extension`` (about a minute;
 cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). ``AGACC_CPU_KERNEL=0``
 turns it off; without a compiler the build fails once, with a warning, and the PyTorch path runs.
 
-  key_scores(qg [Bt,H,g,D] fp32, seg: QuantSegment, B) -> scores [Bt,H,g,n] fp32
-  value_out(p [Bt,H,g,n] fp32, seg: QuantSegment)      -> sum_t p_t v_t [Bt,H,g,D] fp32
-(the segment's rotation is the caller's business, as in the reference).
+  decode_layer(qg [Bt,H,g,D] fp32, store: LayerStore) -> (out [Bt,H,g,D] fp32, mass [n_entries] fp32)
 """
 from __future__ import annotations
 
@@ -22,13 +22,16 @@ from pathlib import Path
 
 import torch
 
+from agacc import quant
+
 ENV = "AGACC_CPU_KERNEL"
 _SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 _lock = threading.Lock()
 _state: dict = {}  # "module" once built, "error" once failed
+_NO_BIAS = torch.empty(0)
 # compiler flags per instruction set torch detected (not -march=native: a cached build must not
 # outlive a move to an older CPU)
-_ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma", "-mf16c"], "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]}
+_ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma", "-mf16c"], "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]}
 
 
 def enabled() -> bool:
@@ -69,21 +72,35 @@ def load_in_background() -> threading.Thread:
     return t
 
 
-def key_scores(qg: torch.Tensor, seg, B: int) -> torch.Tensor:
+def decode_layer(qg: torch.Tensor, store):
+    """One decode step over everything ``store`` (an ``agacc.store.LayerStore``) holds, in one call.
+
+    qg [Bt, H, g, D] fp32, the query already scaled -> (out [Bt, H, g, D] fp32, mass [n_entries] fp32),
+    entries in ``LayerStore.attention_entries`` order, normalised as ``agacc.decode.decode_attention``.
+    Quantised segments are read packed, their scales as stored; pruned blocks are decoded here (the
+    kernel reads them as dense parts); rotated segments meet the rotated query and their share of
+    the output is rotated back once."""
     bt, h, g, d = qg.shape
-    n = seg.k.shape[2]
-    mod = _state["module"]
-    s = mod.key_scores(qg.reshape(bt * h, g, d).contiguous(), seg.k.reshape(bt * h, n, -1).contiguous(),
-                       seg.k_scale.float().reshape(bt * h, seg.k_scale.shape[2], -1).contiguous(),
-                       seg.k_zero.float().reshape(bt * h, seg.k_zero.shape[2], -1).contiguous(),
-                       seg.container, 0 if seg.key_per_token else B)
-    return s.view(bt, h, g, n)
-
-
-def value_out(p: torch.Tensor, seg) -> torch.Tensor:
-    bt, h, g, n = p.shape
-    mod = _state["module"]
-    o = mod.value_out(p.reshape(bt * h, g, n).contiguous(), seg.v.reshape(bt * h, n, -1).contiguous(),
-                      seg.v_scale.float().reshape(bt * h, n, -1).contiguous(),
-                      seg.v_zero.float().reshape(bt * h, n, -1).contiguous(), seg.container)
-    return o.view(bt, h, g, -1)
+    tensors, meta, rotated = [], [], False
+    for seg in store.segments:
+        if not seg.n_blocks:
+            continue
+        if hasattr(seg, "container"):
+            tensors += [seg.k, seg.k_scale, seg.k_zero, seg.v, seg.v_scale, seg.v_zero]
+            meta += [1, seg.container, 0 if seg.key_per_token else store.B, int(seg.rotated)]
+            rotated |= seg.rotated
+        else:
+            k, v = (seg.k, seg.v) if seg is store.full else seg.dequantized(torch.float32)
+            tensors += [k, v, _NO_BIAS]
+            meta += [0, 0, 0, 0]
+    if store.markers.n:
+        tensors += [store.markers.k, store.markers.v, store.markers.log_count]
+        meta += [0, 0, 0, 0]
+    if store.hot_k is not None and store.hot_k.shape[2]:
+        tensors += [store.hot_k, store.hot_v, _NO_BIAS]
+        meta += [0, 0, 0, 0]
+    q = qg.reshape(bt * h, g, d).contiguous()
+    out, out_rot, mass = _state["module"].decode_layer(q, quant.rotate(q) if rotated else q, tensors, meta)
+    if rotated:
+        out = out + quant.rotate(out_rot)
+    return out.view(bt, h, g, d), mass

@@ -1,5 +1,7 @@
-// Fused CPU decode over packed quantised KV blocks: unpack + dequantise + dot product in one pass,
-// with no float copy of the segment (the PyTorch path in agacc/decode.py is the reference).
+// Fused CPU decode step of one layer: scores over every stored part (full-precision entries, packed
+// quantised blocks: unpack + dequantise + dot product in one pass, with no float copy of a segment),
+// one softmax, the weighted values and the attention mass per entry, in one call from Python
+// (agacc/decode.py's PyTorch path is the reference).
 //
 // Layouts (agacc/store.py, agacc/quant.py):
 //   packed  uint8 [BH, n, m]: one row of m = D * c / 8 bytes per token, container c in {2, 3, 4, 8};
@@ -8,11 +10,18 @@
 //   keys    per channel per block (scale/zero [BH, n / B, D]) or per token (scale/zero [BH, n, R],
 //           R groups of D / R channels); values per token (scale/zero [BH, n, R]).
 //   x = code * scale + zero.
-// BH = batch x KV heads; g query heads share a KV head (GQA). All floats are fp32.
+//   scales and zero points are read as stored (fp16, bf16 or fp32); arithmetic is fp32.
+// BH = batch x KV heads; g query heads share a KV head (GQA).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <vector>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -75,125 +84,254 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
 }
 
-void check(const torch::Tensor& packed, const torch::Tensor& scale, const torch::Tensor& zero, int c, int D) {
-  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() && packed.dim() == 3, "packed: uint8 [BH, n, m]");
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat && scale.is_contiguous() && zero.sizes() == scale.sizes() &&
-              zero.scalar_type() == torch::kFloat && zero.is_contiguous(), "scale/zero: fp32, same shape, contiguous");
+void check_codes(const torch::Tensor& packed, int c, int64_t D) {
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 4, "codes: uint8 [Bt, H, n, m]");
   TORCH_CHECK(c == 2 || c == 3 || c == 4 || c == 8, "container must be 2, 3, 4 or 8");
-  TORCH_CHECK(packed.size(2) * 8 == D * c && D % 8 == 0, "row bytes ", packed.size(2), " do not hold ", D, " codes of ", c, " bits");
+  TORCH_CHECK(packed.size(3) * 8 == D * c, "row bytes ", packed.size(3), " do not hold ", D, " codes of ", c, " bits");
+}
+
+// ---- one decode step of one layer --------------------------------------------------------------
+// A part is one stretch of entries (agacc/store.py's attention order: full, int8..int2, sparse,
+// markers, hot). Dense parts hold k, v as floats of any width; quantised parts hold packed codes.
+
+inline void load_row(const float* src, int64_t n, float* dst) { std::memcpy(dst, src, n * sizeof(float)); }
+
+inline void load_row(const at::Half* src, int64_t n, float* dst) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)  // eight conversions per instruction (c10::Half converts one at a time in software)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline void load_row(const at::BFloat16* src, int64_t n, float* dst) {  // bf16 = the top half of an fp32
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+}
+
+// A float tensor's data of fp32, fp16 or bf16, read as fp32 rows.
+struct FloatData {
+  const void* ptr = nullptr;
+  at::ScalarType type = at::kFloat;
+  FloatData() = default;
+  explicit FloatData(const torch::Tensor& t) : ptr(t.data_ptr()), type(t.scalar_type()) {
+    TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, "float tensors must be fp32, fp16 or bf16");
+  }
+  void row(int64_t offset, int64_t n, float* dst) const {
+    switch (type) {
+      case at::kHalf: load_row(static_cast<const at::Half*>(ptr) + offset, n, dst); break;
+      case at::kBFloat16: load_row(static_cast<const at::BFloat16*>(ptr) + offset, n, dst); break;
+      default: load_row(static_cast<const float*>(ptr) + offset, n, dst);
+    }
+  }
+};
+
+struct Part {
+  bool quantised = false;
+  int64_t n = 0;            // entries per batch x head
+  FloatData k, v;           // dense: [BH, n, D]
+  const float* bias = nullptr;  // dense: [n] logit bias or null
+  const uint8_t* pk = nullptr;  // quantised: packed [BH, n, m]
+  const uint8_t* pv = nullptr;
+  FloatData ks, kz, vs, vz;     // scales / zero points (see the layouts at the top)
+  int64_t m = 0, container = 0, block = 0, rk = 0, rv = 0;
+  bool rotated = false;
+};
+
+// scores of part `P` for batch x head `bh`: S[j * ld + t] = q_j . k_t (+ bias_t), j < g, t < P.n
+void part_scores(const Part& P, int64_t bh, const float* qh, int64_t g, int64_t D, float* S, int64_t ld,
+                 float* codes, float* qs, float* meta) {
+  if (!P.quantised) {
+    for (int64_t t = 0; t < P.n; ++t) {
+      P.k.row((bh * P.n + t) * D, D, codes);
+      const float b = P.bias ? P.bias[t] : 0.f;
+      for (int64_t j = 0; j < g; ++j) S[j * ld + t] = dot(qh + j * D, codes, D) + b;
+    }
+    return;
+  }
+  const int c = (int)P.container;
+  if (P.block > 0) {  // keys per channel per block: fold the block's scales into q, its zeros into a bias
+    const int64_t nb = P.n / P.block;
+    float* zs = meta + D;
+    std::vector<float> bias(g);
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      P.ks.row((bh * nb + blk) * D, D, meta);
+      P.kz.row((bh * nb + blk) * D, D, zs);
+      for (int64_t j = 0; j < g; ++j) {
+        float acc = 0.f;
+        for (int64_t d = 0; d < D; ++d) {
+          qs[j * D + d] = qh[j * D + d] * meta[d];
+          acc += qh[j * D + d] * zs[d];
+        }
+        bias[j] = acc;
+      }
+      for (int64_t t = blk * P.block; t < (blk + 1) * P.block; ++t) {
+        unpack_row(P.pk + (bh * P.n + t) * P.m, c, (int)D, codes);
+        for (int64_t j = 0; j < g; ++j) S[j * ld + t] = dot(qs + j * D, codes, D) + bias[j];
+      }
+    }
+    return;
+  }
+  const int64_t R = P.rk, gs = D / R;  // keys per token, R groups: sum_r s_r (q_r . c_r) + z_r sum(q_r)
+  float* qsum = qs;
+  for (int64_t j = 0; j < g * R; ++j) qsum[j] = 0.f;
+  for (int64_t j = 0; j < g; ++j)
+    for (int64_t d = 0; d < D; ++d) qsum[j * R + d / gs] += qh[j * D + d];
+  float* s = meta;
+  float* z = meta + R;
+  for (int64_t t = 0; t < P.n; ++t) {
+    unpack_row(P.pk + (bh * P.n + t) * P.m, c, (int)D, codes);
+    P.ks.row((bh * P.n + t) * R, R, s);
+    P.kz.row((bh * P.n + t) * R, R, z);
+    for (int64_t j = 0; j < g; ++j) {
+      const float* qj = qh + j * D;
+      float acc = 0.f;
+      for (int64_t r = 0; r < R; ++r) acc += s[r] * dot(qj + r * gs, codes + r * gs, gs) + z[r] * qsum[j * R + r];
+      S[j * ld + t] = acc;
+    }
+  }
+}
+
+// out_j += sum_t p_j,t v_t over part `P` for batch x head `bh` (values per token, R groups when quantised)
+void part_values(const Part& P, int64_t bh, const float* ph, int64_t g, int64_t D, int64_t ld, float* oh,
+                 float* codes, float* meta) {
+  const int64_t R = P.quantised ? P.rv : 1, gs = D / R;
+  float* s = meta;
+  float* z = meta + R;
+  for (int64_t t = 0; t < P.n; ++t) {
+    if (P.quantised) {
+      unpack_row(P.pv + (bh * P.n + t) * P.m, (int)P.container, (int)D, codes);
+      P.vs.row((bh * P.n + t) * R, R, s);
+      P.vz.row((bh * P.n + t) * R, R, z);
+    } else {
+      P.v.row((bh * P.n + t) * D, D, codes);
+      s[0] = 1.f;
+      z[0] = 0.f;
+    }
+    for (int64_t j = 0; j < g; ++j) {
+      const float w = ph[j * ld + t];
+      float* __restrict oj = oh + j * D;
+      for (int64_t r = 0; r < R; ++r) {
+        const float a = w * s[r], b = w * z[r];
+        for (int64_t d = r * gs; d < (r + 1) * gs; ++d) oj[d] += a * codes[d] + b;
+      }
+    }
+  }
 }
 
 }  // namespace
 
-// q [BH, g, D] fp32 (scaled, rotated when the segment is) -> scores [BH, g, n] fp32.
-// block > 0: keys per channel per block of `block` tokens (scale [BH, n/block, D]); block == 0: per
-// token (scale [BH, n, R]).
-torch::Tensor key_scores(torch::Tensor q, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero,
-                         int64_t container, int64_t block) {
+// One decode step of one layer over every part it stores.
+//   q, qr    [BH, g, D] fp32: the scaled query, and its rotation (read by rotated parts; pass q when none)
+//   tensors  the parts' tensors in order: a dense part takes 3 (k [Bt,H,n,D], v, bias [n] fp32 or an
+//            empty tensor), a quantised part 6 (k codes, k scale, k zero, v codes, v scale, v zero)
+//   meta     4 ints per part: quantised (0/1), container, block (keys per channel per block of this many
+//            tokens; 0: per token), rotated (0/1)
+// -> [out [BH, g, D] of the unrotated parts, out_rot [BH, g, D] of the rotated ones, mass [N]]:
+//    softmax over all N entries; mass_t = sum over bh, j of p / (BH * g) (agacc.decode's normalisation).
+std::vector<torch::Tensor> decode_layer(torch::Tensor q, torch::Tensor qr, std::vector<torch::Tensor> tensors,
+                                        std::vector<int64_t> meta) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat && q.is_contiguous() && q.dim() == 3, "q: fp32 [BH, g, D]");
-  const int64_t BH = q.size(0), g = q.size(1), D = q.size(2), n = packed.size(1), m = packed.size(2);
-  check(packed, scale, zero, (int)container, (int)D);
-  TORCH_CHECK(packed.size(0) == BH && scale.size(0) == BH, "batch x heads mismatch");
-  if (block > 0) {
-    TORCH_CHECK(n % block == 0 && scale.size(1) == n / block && scale.size(2) == D, "channel scales: [BH, n/B, D]");
-  } else {
-    TORCH_CHECK(scale.size(1) == n && D % scale.size(2) == 0, "token scales: [BH, n, R]");
-  }
-  auto out = torch::empty({BH, g, n}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const float* zp = zero.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, BH, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> codes(D), qs(g * D), qsum;
-    std::vector<float> bias(g);
-    for (int64_t bh = b0; bh < b1; ++bh) {
-      const float* qh = qp + bh * g * D;
-      float* oh = op + bh * g * n;
-      if (block > 0) {
-        const int64_t nb = n / block;
-        for (int64_t blk = 0; blk < nb; ++blk) {
-          const float* s = sp + (bh * nb + blk) * D;
-          const float* z = zp + (bh * nb + blk) * D;
-          for (int64_t j = 0; j < g; ++j) {  // fold the block's scales into the query, its zeros into a bias
-            float acc = 0.f;
-            for (int64_t d = 0; d < D; ++d) {
-              qs[j * D + d] = qh[j * D + d] * s[d];
-              acc += qh[j * D + d] * z[d];
-            }
-            bias[j] = acc;
-          }
-          for (int64_t t = blk * block; t < (blk + 1) * block; ++t) {
-            unpack_row(pp + (bh * n + t) * m, (int)container, (int)D, codes.data());
-            for (int64_t j = 0; j < g; ++j) oh[j * n + t] = dot(qs.data() + j * D, codes.data(), D) + bias[j];
-          }
-        }
+  TORCH_CHECK(qr.sizes() == q.sizes() && qr.scalar_type() == torch::kFloat && qr.is_contiguous(), "qr: like q");
+  TORCH_CHECK(meta.size() % 4 == 0, "meta: 4 ints per part");
+  const int64_t BH = q.size(0), g = q.size(1), D = q.size(2);
+  TORCH_CHECK(D % 8 == 0, "head dim must be a multiple of 8");
+  std::vector<Part> parts(meta.size() / 4);
+  std::vector<torch::Tensor> held;  // contiguous copies live until the end
+  size_t ti = 0;
+  auto next = [&](const char* what) {
+    TORCH_CHECK(ti < tensors.size(), "missing tensor: ", what);
+    held.push_back(tensors[ti++].contiguous());
+    return held.back();
+  };
+  int64_t N = 0, max_r = 1;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    Part& P = parts[i];
+    P.quantised = meta[4 * i] != 0;
+    P.container = meta[4 * i + 1];
+    P.block = meta[4 * i + 2];
+    P.rotated = meta[4 * i + 3] != 0;
+    if (!P.quantised) {
+      auto k = next("k"), v = next("v"), b = next("bias");
+      TORCH_CHECK(k.dim() == 4 && k.size(0) * k.size(1) == BH && k.size(3) == D && v.sizes() == k.sizes(),
+                  "dense k, v: [Bt, H, n, D]");
+      P.n = k.size(2);
+      P.k = FloatData(k);
+      P.v = FloatData(v);
+      if (b.numel()) {
+        TORCH_CHECK(b.scalar_type() == torch::kFloat && b.numel() == P.n, "bias: fp32 [n]");
+        P.bias = b.data_ptr<float>();
+      }
+    } else {
+      auto pk = next("k codes"), ks = next("k scale"), kz = next("k zero");
+      auto pv = next("v codes"), vs = next("v scale"), vz = next("v zero");
+      const int c = (int)P.container;
+      check_codes(pk, c, D);
+      TORCH_CHECK(pk.size(0) * pk.size(1) == BH && pv.sizes() == pk.sizes() && pv.scalar_type() == torch::kUInt8,
+                  "k, v codes: uint8 [Bt, H, n, m], batch x heads as q");
+      P.n = pk.size(2);
+      P.m = pk.size(3);
+      P.pk = pk.data_ptr<uint8_t>();
+      P.pv = pv.data_ptr<uint8_t>();
+      P.ks = FloatData(ks), P.kz = FloatData(kz), P.vs = FloatData(vs), P.vz = FloatData(vz);
+      TORCH_CHECK(kz.sizes() == ks.sizes() && vz.sizes() == vs.sizes() && vs.size(2) == P.n && D % vs.size(3) == 0,
+                  "scales / zeros: same shapes; values [Bt, H, n, R]");
+      if (P.block > 0) {
+        TORCH_CHECK(P.n % P.block == 0 && ks.size(2) == P.n / P.block && ks.size(3) == D, "channel key scales: [Bt, H, n/B, D]");
       } else {
-        const int64_t R = scale.size(2), gs = D / R;
-        qsum.assign(g * R, 0.f);
-        for (int64_t j = 0; j < g; ++j)
-          for (int64_t d = 0; d < D; ++d) qsum[j * R + d / gs] += qh[j * D + d];
-        for (int64_t t = 0; t < n; ++t) {
-          unpack_row(pp + (bh * n + t) * m, (int)container, (int)D, codes.data());
-          const float* s = sp + (bh * n + t) * R;
-          const float* z = zp + (bh * n + t) * R;
-          for (int64_t j = 0; j < g; ++j) {
-            const float* qj = qh + j * D;
-            float acc = 0.f;
-            for (int64_t r = 0; r < R; ++r)
-              acc += s[r] * dot(qj + r * gs, codes.data() + r * gs, gs) + z[r] * qsum[j * R + r];
-            oh[j * n + t] = acc;
-          }
-        }
+        TORCH_CHECK(ks.size(2) == P.n && D % ks.size(3) == 0, "token key scales: [Bt, H, n, R]");
+        P.rk = ks.size(3);
       }
+      P.rv = vs.size(3);
+      max_r = std::max({max_r, P.rk, P.rv});
     }
-  });
-  return out;
-}
-
-// p [BH, g, n] fp32 (probabilities of this segment's entries) -> sum_t p_t v_t [BH, g, D] fp32,
-// values per token (scale/zero [BH, n, R]).
-torch::Tensor value_out(torch::Tensor p, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero,
-                        int64_t container) {
-  TORCH_CHECK(p.scalar_type() == torch::kFloat && p.is_contiguous() && p.dim() == 3, "p: fp32 [BH, g, n]");
-  const int64_t BH = p.size(0), g = p.size(1), n = p.size(2), m = packed.size(2);
-  const int64_t D = m * 8 / container;
-  check(packed, scale, zero, (int)container, (int)D);
-  TORCH_CHECK(packed.size(0) == BH && packed.size(1) == n && scale.size(1) == n && D % scale.size(2) == 0,
-              "values: packed [BH, n, m], scales [BH, n, R]");
-  const int64_t R = scale.size(2), gs = D / R;
-  auto out = torch::zeros({BH, g, D}, p.options());
-  const float* ppr = p.data_ptr<float>();
-  const uint8_t* pk = packed.data_ptr<uint8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const float* zp = zero.data_ptr<float>();
+    N += P.n;
+  }
+  TORCH_CHECK(ti == tensors.size(), "more tensors than the parts take");
+  auto probs = torch::empty({BH, g, N}, q.options());
+  auto out = torch::zeros({BH, g, D}, q.options());
+  auto out_rot = torch::zeros({BH, g, D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* qrp = qr.data_ptr<float>();
+  float* pp = probs.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  float* orp = out_rot.data_ptr<float>();
   at::parallel_for(0, BH, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> codes(D);
+    std::vector<float> codes(D), qs(g * std::max(D, max_r)), meta_buf(2 * std::max(D, max_r));
     for (int64_t bh = b0; bh < b1; ++bh) {
-      const float* ph = ppr + bh * g * n;
-      float* oh = op + bh * g * D;
-      for (int64_t t = 0; t < n; ++t) {
-        unpack_row(pk + (bh * n + t) * m, (int)container, (int)D, codes.data());
-        const float* s = sp + (bh * n + t) * R;
-        const float* z = zp + (bh * n + t) * R;
-        for (int64_t j = 0; j < g; ++j) {
-          const float w = ph[j * n + t];
-          float* __restrict oj = oh + j * D;
-          const float* __restrict c = codes.data();
-          for (int64_t r = 0; r < R; ++r) {
-            const float a = w * s[r], b = w * z[r];
-            for (int64_t d = r * gs; d < (r + 1) * gs; ++d) oj[d] += a * c[d] + b;
-          }
-        }
+      float* S = pp + bh * g * N;
+      int64_t off = 0;
+      for (const Part& P : parts) {
+        const float* qh = (P.rotated ? qrp : qp) + bh * g * D;
+        part_scores(P, bh, qh, g, D, S + off, N, codes.data(), qs.data(), meta_buf.data());
+        off += P.n;
+      }
+      for (int64_t j = 0; j < g; ++j) {  // softmax over all N entries
+        float* row = S + j * N;
+        float mx = -INFINITY, sum = 0.f;
+        for (int64_t t = 0; t < N; ++t) mx = std::max(mx, row[t]);
+        for (int64_t t = 0; t < N; ++t) sum += (row[t] = std::exp(row[t] - mx));
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < N; ++t) row[t] *= inv;
+      }
+      off = 0;
+      for (const Part& P : parts) {
+        part_values(P, bh, S + off, g, D, N, (P.rotated ? orp : op) + bh * g * D, codes.data(), meta_buf.data());
+        off += P.n;
       }
     }
   });
-  return out;
+  auto mass = torch::zeros({N}, q.options());
+  float* mp = mass.data_ptr<float>();
+  const float norm = 1.f / (float)(BH * g);
+  for (int64_t r = 0; r < BH * g; ++r)
+    for (int64_t t = 0; t < N; ++t) mp[t] += pp[r * N + t];
+  for (int64_t t = 0; t < N; ++t) mp[t] *= norm;
+  return {out, out_rot, mass};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("key_scores", &key_scores, "q . k over packed keys");
-  m.def("value_out", &value_out, "sum_t p_t v_t over packed values");
+  m.def("decode_layer", &decode_layer, "one decode step of one layer over dense and packed parts");
 }

@@ -145,3 +145,33 @@ def test_export_then_import_in_another_session(server, tmp_path):
     bad.write_text('{"not": "a trace"}')
     with pytest.raises(AppError, match="not an AGACC trace"):
         c2.predict(handle_file(str(bad)), api_name="/import_trace")
+
+
+def test_stream_resends_unchanged_values_instead_of_skips(server):
+    """While tokens stream, every live output carries a value (gradio diffs a value sent again to
+    nothing, where a skip makes the server rebuild the component on every update); only the replay
+    slider waits for the end. Between redraws the figures are the very objects sent before."""
+    import app as A
+
+    a, _ = server
+    ui = a.ui
+    old = a.draw_interval
+    a.draw_interval = 3600.0  # draw at the first token and at the end only
+    try:
+        ups = list(a.generate(PROMPTS[0], a.default_model, False, "agacc", 6, 0.0, 0, False, True,
+                              *KNOBS.values(), request=None))
+    finally:
+        a.draw_interval = old
+    outs = a.gen_outputs
+    pos = {c: i for i, c in enumerate(outs)}
+    stream, final = ups[1:-1], ups[-1]
+    assert len(stream) >= 6
+    for u in stream:
+        skipped = {c for c, v in zip(outs, u) if isinstance(v, dict) and v.get("__type__") == "update"}
+        assert skipped == {ui.replay}, [c.elem_id for c in skipped]
+    texts = [u[pos[ui.output]] for u in stream]
+    assert all(texts[i + 1].startswith(texts[i]) for i in range(len(texts) - 1)) and texts[-1] == final[pos[ui.output]]
+    middle = stream[1:-1]  # no redraw between the first token and the last
+    for c in (ui.importance, ui.tier, ui.bits, ui.memory, ui.token_view, ui.stats):
+        assert all(u[pos[c]] is stream[0][pos[c]] for u in middle), c.elem_id
+    assert A.SKIP()["__type__"] == "update"

@@ -1,5 +1,5 @@
-"""The fused CPU decode kernel (kernels/cpu_decode.cpp) against its PyTorch reference
-(agacc.decode._key_scores / _value_out) and a hand-worked case; decode_attention with and without it.
+"""The fused CPU decode kernel (kernels/cpu_decode.cpp) against its PyTorch reference (agacc.decode's
+decode_attention with the kernel off) on stores holding every kind of part, and a hand-worked case.
 
 The kernel is built on first use. The README's test command (scripts/test.sh -> setup.sh) installs its
 toolchain (g++, ninja, Python's headers), so these tests never skip: a missing piece fails them with
@@ -16,8 +16,7 @@ import torch
 
 from agacc import quant
 from agacc.config import AGACCConfig
-from agacc.decode import _key_scores, _value_out, decode_attention
-from agacc.store import QuantSegment
+from agacc.decode import decode_attention
 from kernels import cpu
 
 _missing = [name for name, ok in (
@@ -33,68 +32,71 @@ def built():
     assert cpu.load() is not None, f"the CPU kernel did not build: {cpu._state.get('error')}"
 
 
-def _segment(container, bits, key_quant, group, bt=2, h=3, d=64, n_blocks=5, B=16, rotate=False, seed=0):
-    cfg = AGACCConfig(block_size=B, key_quant=key_quant, key_group_size=group, value_group_size=group,
-                      rotate=rotate, b_min=2)
-    seg = QuantSegment(B, torch.device("cpu"), container, cfg)
+def _store(key_quant="channel", group=64, rotate=True, bt=1, h=3, d=64, B=16, dtype=torch.float16, seed=0):
+    """A layer store holding every kind of part: full, int8 (8 and 5 code bits), int4, int3, int2 (2 and 1),
+    pruned (half the elements kept), evicted (a marker) and the hot tail; keys with per-channel offsets."""
+    from agacc.store import LayerStore
+    from agacc.tiers import EVICTED, FULL, INT2, INT3, INT4, INT8, PRUNED
+
+    cfg = AGACCConfig(block_size=B, recent_window=B, b_min=1, rotate=rotate, key_quant=key_quant,
+                      key_group_size=group, value_group_size=group)
+    store = LayerStore(cfg, torch.device("cpu"), dtype)
     gen = torch.Generator().manual_seed(seed)
-    k = torch.randn(bt, h, n_blocks * B, d, generator=gen) * 2 + torch.randn(d, generator=gen)  # channel offsets
-    v = torch.randn(bt, h, n_blocks * B, d, generator=gen)
-    seg.add(torch.arange(n_blocks), k, v, bits=torch.full((n_blocks,), bits, dtype=torch.int8))
-    return seg
+    tiers = [FULL, INT8, INT8, INT4, INT3, INT2, INT2, PRUNED, EVICTED, EVICTED]
+    n = B * len(tiers) + 20
+    k = torch.randn(bt, h, n, d, generator=gen) * 2 + torch.randn(d, generator=gen)
+    store.append(k.to(dtype), torch.randn(bt, h, n, d, generator=gen).to(dtype))
+    store.apply_tiers(torch.tensor(tiers), torch.tensor([16, 8, 5, 4, 3, 2, 1, 2, 0, 0]),
+                      torch.full((len(tiers),), d // 2), torch.rand(store.seq_len, generator=gen) + 0.1)
+    return store
 
 
-@pytest.mark.parametrize("container,bits", [(2, 2), (2, 1), (3, 3), (4, 4), (8, 8), (8, 5)])
-@pytest.mark.parametrize("key_quant,group", [("channel", 64), ("token", 64), ("token", 16), ("channel", 16)])
-def test_kernel_equals_reference(container, bits, key_quant, group):
-    seg = _segment(container, bits, key_quant, group)
-    gen = torch.Generator().manual_seed(1)
-    qg = torch.randn(2, 3, 3, 64, generator=gen)
-    p = torch.rand(2, 3, 3, seg.k.shape[2], generator=gen)
-    torch.testing.assert_close(cpu.key_scores(qg, seg, 16), _key_scores(qg, seg, 16), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(cpu.value_out(p, seg), _value_out(p, seg), rtol=1e-5, atol=1e-4)
+def _with_and_without_kernel(monkeypatch, q, store, scaling=0.125):
+    out, mass = decode_attention(q, store, scaling)
+    monkeypatch.setenv(cpu.ENV, "0")
+    ref_out, ref_mass = decode_attention(q, store, scaling)
+    monkeypatch.delenv(cpu.ENV)
+    return out, mass, ref_out, ref_mass
 
 
-def test_kernel_head96_groups_of_24_and_a_strided_probability_slice():
-    seg = _segment(3, 3, "token", 24, bt=1, h=2, d=96, n_blocks=3)
-    qg = torch.randn(1, 2, 4, 96)
-    probs = torch.rand(1, 2, 4, seg.k.shape[2] + 7)[..., 5:-2]  # a view, as decode_attention passes it
-    torch.testing.assert_close(cpu.key_scores(qg, seg, 16), _key_scores(qg, seg, 16), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(cpu.value_out(probs, seg), _value_out(probs, seg), rtol=1e-5, atol=1e-4)
+@pytest.mark.parametrize("rotate", [True, False])
+@pytest.mark.parametrize("key_quant,group", [("channel", 64), ("channel", 16), ("token", 64), ("token", 16)])
+def test_kernel_equals_the_pytorch_path(monkeypatch, key_quant, group, rotate):
+    """Every part kind in one store, two batch rows: the fused step == decode_attention's PyTorch path."""
+    store = _store(key_quant, group, rotate, bt=2)
+    assert {s.container for s in store.quant.values() if s.n_blocks} == {8, 4, 3, 2}
+    assert store.markers.n and store.sparse and store.full.n_blocks and store.hot_k.shape[2]
+    q = torch.randn(2, 9, 1, 64, generator=torch.Generator().manual_seed(1))
+    out, mass, ref_out, ref_mass = _with_and_without_kernel(monkeypatch, q, store)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mass, ref_mass, rtol=1e-4, atol=1e-7)
+    assert mass.shape == (store.n_entries,) and abs(float(mass.sum()) - 1) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_head96_groups_of_24_and_other_store_dtypes(monkeypatch, dtype):
+    store = _store("token", 24, rotate=False, h=2, d=96, dtype=dtype)
+    q = torch.randn(1, 8, 1, 96)
+    out, mass, ref_out, ref_mass = _with_and_without_kernel(monkeypatch, q, store)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mass, ref_mass, rtol=1e-4, atol=1e-7)
 
 
 def test_kernel_hand_worked_three_bit_codes():
-    """Every key code 5 (binary 101: low plane 01, high bit 1) with scale 0.5 and zero -1 dequantises
-    to 1.5 per channel: q . k = 1.5 * sum(q); every value code 6 with scale 2, zero 1 -> 13, so the
-    output is 13 * sum_t p_t."""
+    """One block of 16 identical 3-bit keys and values. Every key code 5 (binary 101: low plane 01,
+    high bit 1) with scale 0.5 and zero -1 dequantises to 1.5 per channel, so every score is equal and
+    each entry gets probability 1/16; every value code 6 with scale 2 and zero 1 is 13, so the output is
+    13 in every channel and the mass 1/16 per entry."""
+    from agacc.store import LayerStore
     B, d = 16, 64
-    seg = QuantSegment(B, torch.device("cpu"), 3, AGACCConfig(block_size=B, rotate=False, b_min=2))
-    seg.bits = torch.tensor([3], dtype=torch.int8)
+    store = LayerStore(AGACCConfig(block_size=B, rotate=False, b_min=2), torch.device("cpu"), torch.float16)
+    seg = store.quant[3]
+    seg.block_ids, seg.bits = torch.tensor([0], dtype=torch.int32), torch.tensor([3], dtype=torch.int8)
     seg.k = quant.pack(torch.full((1, 1, B, d), 5, dtype=torch.uint8), 3)
     seg.v = quant.pack(torch.full((1, 1, B, d), 6, dtype=torch.uint8), 3)
     seg.k_scale, seg.k_zero = torch.full((1, 1, 1, d), 0.5).half(), torch.full((1, 1, 1, d), -1.0).half()
     seg.v_scale, seg.v_zero = torch.full((1, 1, B, 1), 2.0).half(), torch.full((1, 1, B, 1), 1.0).half()
-    q = torch.arange(d, dtype=torch.float32).view(1, 1, 1, d) / d
-    assert torch.allclose(cpu.key_scores(q, seg, B), torch.full((1, 1, 1, B), 1.5 * float(q.sum())))
-    p = torch.full((1, 1, 1, B), 1 / B)
-    assert torch.allclose(cpu.value_out(p, seg), torch.full((1, 1, 1, d), 13.0))
-
-
-@pytest.mark.parametrize("rotate", [True, False])
-def test_decode_attention_with_and_without_the_kernel(monkeypatch, rotate):
-    """A store with every quantised container: decode_attention through the kernel == through the
-    PyTorch path (AGACC_CPU_KERNEL=0)."""
-    from agacc.store import LayerStore
-    from agacc.tiers import FULL, INT2, INT3, INT4, INT8
-
-    cfg = AGACCConfig(block_size=16, recent_window=16, b_min=2, rotate=rotate)
-    store = LayerStore(cfg, torch.device("cpu"), torch.float16)
-    store.append(torch.randn(1, 3, 16 * 6 + 20, 64).half(), torch.randn(1, 3, 16 * 6 + 20, 64).half())
-    store.apply_tiers(torch.tensor([FULL, INT8, INT4, INT3, INT2, INT3]), torch.tensor([16, 8, 4, 3, 2, 3]),
-                      torch.full((6,), 64), torch.ones(store.seq_len))
-    q = torch.randn(1, 9, 1, 64)
-    out, mass = decode_attention(q, store, 0.125)
-    monkeypatch.setenv(cpu.ENV, "0")
-    ref_out, ref_mass = decode_attention(q, store, 0.125)
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-7)
+    qg = torch.arange(d, dtype=torch.float32).view(1, 1, 1, d) / d
+    out, mass = cpu.decode_layer(qg, store)
+    assert torch.allclose(out, torch.full((1, 1, 1, d), 13.0))
+    assert torch.allclose(mass, torch.full((B,), 1 / B))
