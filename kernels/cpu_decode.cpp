@@ -333,5 +333,7 @@ std::vector<torch::Tensor> decode_layer(torch::Tensor q, torch::Tensor qr, std::
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_layer", &decode_layer, "one decode step of one layer over dense and packed parts");
+  // without the GIL: the server thread of an app (or any other Python thread) runs meanwhile
+  m.def("decode_layer", &decode_layer, "one decode step of one layer over dense and packed parts",
+        py::call_guard<py::gil_scoped_release>());
 }
