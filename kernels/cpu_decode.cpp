@@ -140,7 +140,8 @@ struct Part {
   bool rotated = false;
 };
 
-// scores of part `P` for batch x head `bh`: S[j * ld + t] = q_j . k_t (+ bias_t), j < g, t < P.n
+// scores of part `P` for batch x head `bh`: S[j * ld + t] = q_j . k_t (+ bias_t), j < g, t < P.n.
+// Scratch: codes [D], qs [g * max(D, R)], meta [2 * max(D, R) + g].
 void part_scores(const Part& P, int64_t bh, const float* qh, int64_t g, int64_t D, float* S, int64_t ld,
                  float* codes, float* qs, float* meta) {
   if (!P.quantised) {
@@ -155,7 +156,7 @@ void part_scores(const Part& P, int64_t bh, const float* qh, int64_t g, int64_t 
   if (P.block > 0) {  // keys per channel per block: fold the block's scales into q, its zeros into a bias
     const int64_t nb = P.n / P.block;
     float* zs = meta + D;
-    std::vector<float> bias(g);
+    float* bias = meta + 2 * D;
     for (int64_t blk = 0; blk < nb; ++blk) {
       P.ks.row((bh * nb + blk) * D, D, meta);
       P.kz.row((bh * nb + blk) * D, D, zs);
@@ -299,7 +300,7 @@ std::vector<torch::Tensor> decode_layer(torch::Tensor q, torch::Tensor qr, std::
   float* op = out.data_ptr<float>();
   float* orp = out_rot.data_ptr<float>();
   at::parallel_for(0, BH, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> codes(D), qs(g * std::max(D, max_r)), meta_buf(2 * std::max(D, max_r));
+    std::vector<float> codes(D), qs(g * std::max(D, max_r)), meta_buf(2 * std::max(D, max_r) + g);
     for (int64_t bh = b0; bh < b1; ++bh) {
       float* S = pp + bh * g * N;
       int64_t off = 0;
