@@ -36,7 +36,7 @@ import agacc
 from agacc.session import GenerationSession, SessionError
 from agacc.trace import Trace, config_snippet, policy_changes, replay_frames
 from components import controls, plots
-from components.layout import ASSETS, EXAMPLES, build_layout, example_text, plot_value
+from components.layout import ASSETS, build_layout, example_text, plot_value
 from components.token_view import css as token_css
 from components.token_view import render_token_view
 
@@ -312,9 +312,10 @@ class AgaccApp:
         self.default_prompt = default_prompt if default_prompt is not None else example_text("Document question")
 
     # ---- helpers --------------------------------------------------------------------------------
-    def _cfg(self, preset, values: dict):
+    def _cfg(self, preset, *knobs):
+        """The config of ``preset`` with the knob values in ``controls.FIELDS`` order (the handlers' order)."""
         try:
-            return controls.config_from_values(preset, values)
+            return controls.config_from_values(preset, controls.values_dict(knobs))
         except ValueError as e:
             raise gr.Error(f"Inconsistent settings: {e}", title="Check the settings")
 
@@ -392,13 +393,11 @@ class AgaccApp:
                  chat_template, tau_h, tau_l, tau_e, use_target, target_ratio, b_min, b_max, p_max, alpha, block_size,
                  n_r, recent_window, host_copy, rotate=True, spill=None, request: gr.Request = None):
         """Stream a generation with the compressed cache; yields every output several times a second."""
-        values = dict(tau_h=tau_h, tau_l=tau_l, tau_e=tau_e, use_target=use_target, target_ratio=target_ratio,
-                      b_min=b_min, b_max=b_max, p_max=p_max, alpha=alpha, block_size=block_size, n_r=n_r,
-                      recent_window=recent_window, host_copy=host_copy, rotate=rotate, spill=spill)
         us = self.sessions.get(_hash(request))
         if not str(prompt or "").strip():
             raise gr.Error("The prompt is empty: type a prompt or pick an example.", title="Empty prompt")
-        cfg = self._cfg(preset, values)
+        cfg = self._cfg(preset, tau_h, tau_l, tau_e, use_target, target_ratio, b_min, b_max, p_max, alpha, block_size,
+                        n_r, recent_window, host_copy, rotate, spill)
         try:
             seed = int(seed if seed is not None else 0)
         except (TypeError, ValueError):
@@ -456,7 +455,7 @@ class AgaccApp:
                     if ev.compare is not None:
                         live[ui.output_full] = ev.compare["ref_text"]
                         live[ui.compare_plot] = plot_value(plots.compare_chart(tr.steps, ev.compare["diverged_at"]))
-                        live[ui.compare_md] = compare_md({k: v for k, v in s.result()["compare"].items()}, tok, tr)
+                        live[ui.compare_md] = compare_md(s.result()["compare"], tok, tr)
                 yield update()
         except SessionError as e:
             raise gr.Error(str(e), title="Generation failed")
@@ -491,10 +490,8 @@ class AgaccApp:
             return [SKIP()] * n
         if us.session is not None and us.session.trace is us.trace and not us.session.finished.is_set():
             return [SKIP()] * (n - 2) + ["Generating: tuning applies to the recorded run when it ends.", SKIP()]
-        values = dict(tau_h=tau_h, tau_l=tau_l, tau_e=tau_e, use_target=use_target, target_ratio=target_ratio,
-                      b_min=b_min, b_max=b_max, p_max=p_max, alpha=alpha, block_size=block_size, n_r=n_r,
-                      recent_window=recent_window, host_copy=host_copy, rotate=rotate, spill=spill)
-        cfg = self._cfg(preset, values)
+        cfg = self._cfg(preset, tau_h, tau_l, tau_e, use_target, target_ratio, b_min, b_max, p_max, alpha, block_size,
+                        n_r, recent_window, host_copy, rotate, spill)
         return self._view(us, int(replay or 0), cfg, token_layer)
 
     def apply_preset(self, preset):

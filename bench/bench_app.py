@@ -75,8 +75,6 @@ def bench_session(model, tok, prompt, cfg, n):
 
 def bench_app_handler(app, prompt, knobs, n):
     """The app's own generator: what the server does per session, minus the transport."""
-    from components import plots
-
     gen = app.generate(prompt, app.default_model, False, "agacc", n, 0.0, 0, False, True, *knobs, request=None)
     t0 = time.perf_counter()
     stamps, redraws, payload = [], 0, 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 
 import pytest
@@ -42,7 +41,6 @@ def server():
 
 
 def _reference(a, prompt, seed, temperature, n):
-    import agacc
     from agacc.session import generate
     from components import controls
 
