@@ -12,7 +12,8 @@ Environment: AGACC_MODEL (hub id / path to load at start instead of the embedded
 AGACC_DEVICE, AGACC_CONCURRENCY (generations at once, default 2), AGACC_MAX_CONTEXT (prompt + new
 tokens allowed; default 4096 on CPU, 32768 on CUDA), AGACC_DRAW_INTERVAL (seconds between plot
 redraws while streaming, default 0.3), AGACC_THREADS (torch CPU threads), AGACC_PRELOAD=0 (load
-the model on the first request instead of at start).
+the model on the first request instead of at start), AGACC_PACKED_WEIGHTS=0 (the embedded model's
+dequantised fp32 weights instead of its GGUF blocks).
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def _env_int(name: str, default: int) -> int:
 
 
 DRAW_INTERVAL = float(os.environ.get("AGACC_DRAW_INTERVAL", 0.3))
+# the embedded model multiplies by its GGUF file's 4-bit blocks on the CPU (agacc.load_model's packed_weights)
+PACKED_WEIGHTS = os.environ.get("AGACC_PACKED_WEIGHTS", "1") != "0"
 CONCURRENCY = max(1, _env_int("AGACC_CONCURRENCY", 2))
 
 
@@ -107,7 +110,8 @@ class Models:
                 raise ValueError(f"cannot load model {name!r}: it is not a local path, not in the local hub cache, "
                                  "and the Hugging Face hub is not reachable from this server")
             try:
-                model, tok = agacc.load_model(name, device=self.device, trust_remote_code=bool(trust_remote_code))
+                model, tok = agacc.load_model(name, device=self.device, trust_remote_code=bool(trust_remote_code),
+                                              packed_weights=PACKED_WEIGHTS)
             except ValueError:
                 raise
             except RuntimeError as e:
@@ -255,7 +259,8 @@ def _snippet(tr: Trace, cfg) -> str:
     return config_snippet(cfg, model=m.get("model_arg"), prompt=m.get("prompt", ""),
                           max_new_tokens=m.get("max_new_tokens", 64), temperature=m.get("temperature", 0.0),
                           seed=m.get("seed", 0), chat_template=m.get("chat_template", True),
-                          compare=m.get("compare", False), trust_remote_code=m.get("trust_remote_code", False))
+                          compare=m.get("compare", False), trust_remote_code=m.get("trust_remote_code", False),
+                          packed_weights=m.get("packed_weights", False))
 
 
 def compare_md(summary: dict | None, tokenizer=None, trace: Trace | None = None) -> str:
@@ -434,32 +439,37 @@ class AgaccApp:
 
         yield update()
         last_draw, frame, frame_dirty = 0.0, None, False
+        batches = s.stream_batches()  # the decode runs ahead on its own thread while an update is sent
         try:
-            for ev in s.stream():
+            for batch in batches:
+                ev = batch[-1]
                 live[ui.output] = ev.text
-                if ev.frame is not None:
-                    frame, frame_dirty = ev.frame, True
+                for e in batch:
+                    if e.frame is not None:
+                        frame, frame_dirty = e.frame, True
                 now = time.perf_counter()
                 if now - last_draw >= self.draw_interval or ev.done:
                     last_draw = now
-                    tr = s.trace
+                    tr = s.trace  # the decode thread appends to it: draw the steps up to ev's
+                    steps, tokens = tr.steps[:ev.index + 1], tr.tokens[:tr.n_prompt + ev.index + 1]
                     live[ui.stats] = stats_md("Generating", s, ev.memory, s.cache.reevaluations if s.cache else None)
-                    live[ui.memory] = plot_value(plots.memory_chart(tr.steps))
+                    live[ui.memory] = plot_value(plots.memory_chart(steps))
                     if frame_dirty and frame is not None:
                         frame_dirty = False
                         live[ui.importance] = plot_value(plots.importance_heatmap(frame, cfg.to_dict()))
                         live[ui.tier] = plot_value(plots.tier_map(frame))
                         live[ui.bits] = plot_value(plots.bits_map(frame))
-                        live[ui.token_view] = render_token_view(tr.tokens, tr.n_prompt, frame, None,
+                        live[ui.token_view] = render_token_view(tokens, tr.n_prompt, frame, None,
                                                                 caption="live: most common tier over layers")
                     if ev.compare is not None:
                         live[ui.output_full] = ev.compare["ref_text"]
-                        live[ui.compare_plot] = plot_value(plots.compare_chart(tr.steps, ev.compare["diverged_at"]))
+                        live[ui.compare_plot] = plot_value(plots.compare_chart(steps, ev.compare["diverged_at"]))
                         live[ui.compare_md] = compare_md(s.result()["compare"], tok, tr)
                 yield update()
         except SessionError as e:
             raise gr.Error(str(e), title="Generation failed")
         finally:
+            batches.close()  # stops the decode thread (cancelled request) before the caches go
             s.close()
         yield self._final(us, tok)
 

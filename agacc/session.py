@@ -16,6 +16,9 @@ Cancellation: set the ``cancel`` event (any thread); the loop ends before its ne
 drops the caches. Errors a user can cause (empty prompt, too long, out of memory) raise
 ``SessionError`` (a ``ValueError``) with a readable message.
 
+``stream_batches()`` runs the same loop on a thread of its own and hands out the events in batches
+at the consumer's pace (the app uses it: sending an update must not hold up the next token).
+
 No gradio here: the app consumes this generator.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import copy
 import gc
 import inspect
+import queue
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +36,9 @@ import torch
 from agacc.cache import CompressedCache
 from agacc.config import AGACCConfig
 from agacc.trace import Trace
+
+
+_END = object()  # stream_batches: the loop ended
 
 
 class SessionError(ValueError):
@@ -163,6 +170,7 @@ class GenerationSession:
             "prompt": self.prompt, "max_new_tokens": max_new_tokens, "temperature": self.temperature,
             "seed": self.seed, "compare": self.compare, "chat_template": self.chat_template,
             "config": config.to_dict(), "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+            "packed_weights": bool(getattr(model, "agacc_packed_layers", 0)),  # load_model(packed_weights=True)
         })
         ids = self.input_ids[0].tolist()
         self.trace.token_ids = list(ids)
@@ -190,6 +198,42 @@ class GenerationSession:
 
     def __iter__(self):
         return self.stream()
+
+    def stream_batches(self):
+        """``stream()`` run on a thread of its own: yields, each time the consumer asks, the list of
+        every ``StepEvent`` produced since (at least one), so a slow consumer (a server sending
+        updates to a browser) never holds up the decode; it just receives more events at a time.
+        Errors of the loop are raised here. Leaving early (``close()`` of this generator, e.g. a
+        cancelled request) cancels the loop and waits for its current forward to end."""
+        events: queue.SimpleQueue = queue.SimpleQueue()
+
+        def run():
+            try:
+                for ev in self.stream():
+                    events.put(ev)
+            except BaseException as e:  # handed to the consumer
+                events.put(e)
+            events.put(_END)
+
+        worker = threading.Thread(target=run, name="agacc-session", daemon=True)
+        worker.start()
+        try:
+            while True:
+                got = [events.get()]
+                while not events.empty():
+                    got.append(events.get())
+                steps = [e for e in got if isinstance(e, StepEvent)]
+                if steps:
+                    yield steps
+                for e in got:
+                    if isinstance(e, BaseException):
+                        raise e
+                if got[-1] is _END:
+                    return
+        finally:
+            if worker.is_alive():
+                self.cancel.set()
+                worker.join()
 
     def close(self) -> None:
         """Drop the caches (idempotent, any thread); the trace stays."""

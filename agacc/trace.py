@@ -266,7 +266,7 @@ def policy_changes(run_cfg: AGACCConfig, new_cfg: AGACCConfig) -> tuple[list[str
 
 def config_snippet(cfg: AGACCConfig, *, model: str | None = None, prompt: str = "", max_new_tokens: int = 64,
                    temperature: float = 0.0, seed: int = 0, chat_template: bool = True,
-                   compare: bool = False, trust_remote_code: bool = False) -> str:
+                   compare: bool = False, trust_remote_code: bool = False, packed_weights: bool = False) -> str:
     """Python code that reproduces a run with the library (same config, prompt, sampling)."""
     from agacc.presets import PRESETS
 
@@ -280,6 +280,8 @@ def config_snippet(cfg: AGACCConfig, *, model: str | None = None, prompt: str = 
         load_args.append(repr(model))
     if trust_remote_code:
         load_args.append("trust_remote_code=True")
+    if packed_weights:
+        load_args.append("packed_weights=True")
     gen_args = f"max_new_tokens={int(max_new_tokens)}, temperature={float(temperature)!r}, seed={int(seed)}"
     if not chat_template:
         gen_args += ", chat_template=False"

@@ -1,4 +1,8 @@
-"""The fused CPU decode kernel (``kernels/cpu_decode.cpp``): one call per layer and step does the
+"""The CPU kernels, one C++ extension: the fused decode kernel (``kernels/cpu_decode.cpp``) and the
+linear layers on GGUF block-quantised weights (``kernels/cpu_linear.cpp``, used by
+``kernels/packed_linear.py``).
+
+The decode kernel: one call per layer and step does the
 scores over every stored part (packed quantised segments unpacked and dequantised in one pass over
 their bytes, scales read as stored), the softmax, the weighted values and the attention mass, where
 the PyTorch path (``agacc.decode.decode_attention`` without the kernel, its reference) runs a few
@@ -25,7 +29,7 @@ import torch
 from agacc import quant
 
 ENV = "AGACC_CPU_KERNEL"
-_SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+_SOURCES = [Path(__file__).with_name(f) for f in ("cpu_decode.cpp", "cpu_linear.cpp", "cpu_bindings.cpp")]
 _lock = threading.Lock()
 _state: dict = {}  # "module" once built, "error" once failed
 _NO_BIAS = torch.empty(0)
@@ -51,15 +55,15 @@ def load():
                 from torch.utils.cpp_extension import load as build
 
                 cap = torch.backends.cpu.get_cpu_capability()  # the build is per instruction set
-                _state["module"] = build(name="agacc_cpu_decode_" + re.sub(r"\W", "_", cap.lower()), sources=[str(_SOURCE)],
+                _state["module"] = build(name="agacc_cpu_" + re.sub(r"\W", "_", cap.lower()), sources=[str(p) for p in _SOURCES],
                                          extra_cflags=["-O3", "-ffast-math", *_ISA_FLAGS.get(cap, [])], verbose=False)
                 if time.perf_counter() - t0 > 5:
-                    print(f"AGACC: built the fused CPU decode kernel in {time.perf_counter() - t0:.0f} s "
+                    print(f"AGACC: built the CPU kernels in {time.perf_counter() - t0:.0f} s "
                           "(cached for later runs)", file=sys.stderr)
             except Exception as e:  # no compiler, no ninja, no headers: the PyTorch path runs
                 _state["error"] = e
-                warnings.warn(f"AGACC: the fused CPU decode kernel did not build ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}); using the PyTorch path. "
+                warnings.warn(f"AGACC: the CPU kernels did not build ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}); using the PyTorch paths. "
                               f"Set {ENV}=0 to skip the build.", RuntimeWarning)
     return _state.get("module")
 

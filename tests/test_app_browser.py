@@ -202,11 +202,14 @@ def test_browser_stream_plots_replay_stop(app_url):
         p.set_number("knob-tau-l", round(tau_h - 0.05, 2))  # every quantised block becomes pruned
         p.wait(lambda: p.z("tier-map") != before, 30, "the tier map to change after moving tau_l")
         p.wait(lambda: "Replayed" in p.css("#replay-note").text, 30, "the replay note")
-        # Stop mid-run
+        # Stop mid-run: the story example writes on for hundreds of tokens (the note's answer ends at
+        # its end-of-text token within a few seconds)
+        p.click("ex-story")
+        p.wait(lambda: len(p.css("#prompt textarea").get_attribute("value") or "") > 1000, 30, "the story prompt")
         p.set_number("max-new-tokens", 400)
         p.click("generate")
         p.wait(lambda: "Generating" in p.stats() and len(p.output()) > 0, 120, "a second run streaming")
-        time.sleep(1.0)
+        time.sleep(0.5)
         p.click("stop")
         p.wait(lambda: "Stopped" in p.stats(), 30, "the stopped status")
         text = p.output()

@@ -310,6 +310,38 @@ def test_out_of_memory_is_a_clear_error_and_frees(mt):
     assert s.cache is None and s.finished.is_set()
 
 
+def test_stream_batches_is_the_stream_on_its_own_thread(mt, run_floor):
+    """The batched stream yields the same events (tokens, frames, the trace), produced on another
+    thread; a consumer slower than the decode receives several per batch."""
+    cfg, ref, ref_events = run_floor
+    model, tok = mt
+    s = GenerationSession(model, tok, PROMPT, cfg, max_new_tokens=14)
+    batches, threads = [], set()
+    for batch in s.stream_batches():
+        batches.append(batch)
+        time.sleep(0.3)  # slower than a decode step: the loop runs ahead meanwhile
+    events = [e for b in batches for e in b]
+    assert [e.token_id for e in events] == [e.token_id for e in ref_events]
+    assert [e.index for e in events] == list(range(len(events)))
+    assert [f["step"] for f in s.trace.frames] == [f["step"] for f in ref.trace.frames]
+    assert max(len(b) for b in batches) > 1 and s.cache is None and s.stop_reason == ref.stop_reason
+    it = GenerationSession(_OOMModel(model), tok, PROMPT, cfg, max_new_tokens=5).stream_batches()
+    with pytest.raises(SessionError, match="out of memory during the decode"):
+        list(it)  # an error on the loop's thread is raised to the consumer
+
+
+def test_stream_batches_left_early_cancels_the_loop(mt):
+    model, tok = mt
+    s = GenerationSession(model, tok, PROMPT, agacc.AGACCConfig.preset("agacc", **SMALL), max_new_tokens=200)
+    it = s.stream_batches()
+    first = next(it)
+    assert first[0].index == 0
+    it.close()  # a cancelled request: the loop stops within a step and frees the cache
+    assert s.cancel.is_set() and s.finished.is_set() and s.cache is None
+    assert s.stop_reason == "cancelled" and len(s.gen_ids) < 200
+    assert not any(t.name == "agacc-session" and t.is_alive() for t in threading.enumerate())
+
+
 def test_sampling_is_seeded(mt):
     cfg = agacc.AGACCConfig.preset("agacc", **SMALL)
     a = [e.token_id for e in _run(mt, cfg, n=6, temperature=0.9, seed=7)[1]]
@@ -326,6 +358,8 @@ def test_config_snippet_reproduces_the_run(mt, run_floor):
     assert ns["config"] == cfg.with_overrides(name="agacc")
     assert ns["result"]["text"] == s.text
     assert ns["result"]["token_ids"] == [e["token_id"] for e in s.trace.steps]
+    assert not s.trace.meta["packed_weights"] and "packed_weights" not in code
+    assert "agacc.load_model(packed_weights=True)" in config_snippet(cfg, packed_weights=True)
 
 
 def test_generate_helper(mt):
