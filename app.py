@@ -10,8 +10,9 @@ with ``agacc.trace.replay_frames``: it computes no compression itself.
 
 Environment: AGACC_MODEL (hub id / path to load at start instead of the embedded model),
 AGACC_DEVICE, AGACC_CONCURRENCY (generations at once, default 2), AGACC_MAX_CONTEXT (prompt + new
-tokens allowed; default 4096 on CPU, 32768 on CUDA), AGACC_DRAW_INTERVAL (seconds between plot
-redraws while streaming, default 0.3), AGACC_THREADS (torch CPU threads), AGACC_PRELOAD=0 (load
+tokens allowed; default 4096 on CPU, 32768 on CUDA), AGACC_DRAW_INTERVAL (seconds between redraws of
+the memory chart and statistics while streaming, default 0.3), AGACC_MAP_INTERVAL (the heatmaps and
+token view, default 1.0), AGACC_THREADS (torch CPU threads), AGACC_PRELOAD=0 (load
 the model on the first request instead of at start), AGACC_PACKED_WEIGHTS=0 (the embedded model's
 dequantised fp32 weights instead of its GGUF blocks).
 """
@@ -56,6 +57,8 @@ def _env_int(name: str, default: int) -> int:
 
 
 DRAW_INTERVAL = float(os.environ.get("AGACC_DRAW_INTERVAL", 0.3))
+# the heatmaps and the token view change only at a re-evaluation (every N_r tokens): at most this often
+MAP_INTERVAL = float(os.environ.get("AGACC_MAP_INTERVAL", 1.0))
 # the embedded model multiplies by its GGUF file's 4-bit blocks on the CPU (agacc.load_model's packed_weights)
 PACKED_WEIGHTS = os.environ.get("AGACC_PACKED_WEIGHTS", "1") != "0"
 CONCURRENCY = max(1, _env_int("AGACC_CONCURRENCY", 2))
@@ -294,10 +297,11 @@ class AgaccApp:
     """Handlers + the Blocks. ``models`` is shared by all sessions; ``sessions`` holds their state."""
 
     def __init__(self, models: Models | None = None, preload: bool = True, max_context: int | None = None,
-                 draw_interval: float = DRAW_INTERVAL, default_prompt: str | None = None, offer_hub: bool | None = None):
+                 draw_interval: float = DRAW_INTERVAL, map_interval: float = MAP_INTERVAL, default_prompt: str | None = None, offer_hub: bool | None = None):
         self.models = models or Models(os.environ.get("AGACC_DEVICE") or None)
         self.sessions = Sessions()
         self.draw_interval = draw_interval
+        self.map_interval = map_interval
         default_model = os.environ.get("AGACC_MODEL") or EMBEDDED_CHOICE
         self.default_model = default_model
         self.model_line = ""
@@ -438,7 +442,7 @@ class AgaccApp:
             return [live.get(c, SKIP()) for c in self.gen_outputs]
 
         yield update()
-        last_draw, frame, frame_dirty = 0.0, None, False
+        last_draw, last_map, frame, frame_dirty = 0.0, 0.0, None, False
         batches = s.stream_batches()  # the decode runs ahead on its own thread while an update is sent
         try:
             for batch in batches:
@@ -454,8 +458,8 @@ class AgaccApp:
                     steps, tokens = tr.steps[:ev.index + 1], tr.tokens[:tr.n_prompt + ev.index + 1]
                     live[ui.stats] = stats_md("Generating", s, ev.memory, s.cache.reevaluations if s.cache else None)
                     live[ui.memory] = plot_value(plots.memory_chart(steps))
-                    if frame_dirty and frame is not None:
-                        frame_dirty = False
+                    if frame_dirty and frame is not None and (now - last_map >= self.map_interval or ev.done):
+                        frame_dirty, last_map = False, now
                         live[ui.importance] = plot_value(plots.importance_heatmap(frame, cfg.to_dict()))
                         live[ui.tier] = plot_value(plots.tier_map(frame))
                         live[ui.bits] = plot_value(plots.bits_map(frame))

@@ -11,7 +11,7 @@ Rows (same prompt, greedy, same number of new tokens):
                               the example prompt clicked, Generate, text arrival timed inside the page; the
                               note gives what the UI's stats line showed
 
-    python bench/bench_app.py [--tokens 64] [--prompt document|passkey|story] [--threads N] [--browser]
+    python bench/bench_app.py [--tokens 64] [--prompt document|passkey|story] [--threads N] [--browser [--browser-runs 3]]
                               [--out out/bench_app.json]
 """
 from __future__ import annotations
@@ -163,9 +163,10 @@ def _cpu_seconds(name: str) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def bench_browser(prompt_name, n, threads):
+def bench_browser(prompt_name, n, threads, runs=3):
     """The real app in its own process and a headless Chromium: TTFT from the click to the first text
-    in the page; tokens/s over the text updates the page received (first to last, n - 1 tokens)."""
+    in the page; tokens/s over the text updates the page received (first to last, n - 1 tokens).
+    ``runs`` measured runs after a warm-up one; returns their means, the note gives each run."""
     sys.path.insert(0, str(ROOT / "tests"))
     import re
 
@@ -183,7 +184,8 @@ def bench_browser(prompt_name, n, threads):
         p.wait(lambda: len(p.css("#prompt textarea").get_attribute("value") or "") > 100, 30, "the example prompt")
         p.set_number("max-new-tokens", n)
         time.sleep(1.0)
-        for run in range(2):  # the first run warms the server (model load, kernel, allocators)
+        per_run = []
+        for run in range(1 + runs):  # the first run warms the server (model load, kernel, allocators)
             cpu0, t_run = _cpu_seconds("chrom"), time.perf_counter()
             driver.execute_script(JS_RECORD_TEXT)
             p.click("generate")
@@ -191,16 +193,20 @@ def bench_browser(prompt_name, n, threads):
             p.wait(lambda: "Done" in p.stats(), 600, "the end of the run", poll=0.2)
             seen = driver.execute_script("clearInterval(window.__agaccTimer); return [window.__agaccT0, window.__agaccText];")
             browser_cores = (_cpu_seconds("chrom") - cpu0) / (time.perf_counter() - t_run)
-        t0, texts = seen
-        stats = p.stats()
-        ntok = int(re.search(r"(\d+) new", stats).group(1))
-        ttft = (texts[0][0] - t0) / 1000 if texts else float("nan")
-        span = (texts[-1][0] - texts[0][0]) / 1000 if len(texts) > 1 else 0.0
-        tps = (ntok - 1) / span if span > 0 else float("nan")
-        ui = re.search(r"time to first token ([\d.]+) s . ([\d.]+) tokens/s", stats)
-        note = (f"{len(texts)} text updates in the page; Chromium used {browser_cores:.2f} cores; UI showed "
-                + (f"TTFT {ui.group(1)} s, {ui.group(2)} tokens/s" if ui else stats))
-        return ttft, tps, ntok, note
+            t0, texts = seen
+            stats = p.stats()
+            ntok = int(re.search(r"(\d+) new", stats).group(1))
+            ttft = (texts[0][0] - t0) / 1000 if texts else float("nan")
+            span = (texts[-1][0] - texts[0][0]) / 1000 if len(texts) > 1 else 0.0
+            tps = (ntok - 1) / span if span > 0 else float("nan")
+            ui = re.search(r"time to first token ([\d.]+) s . ([\d.]+) tokens/s", stats)
+            if run:
+                per_run.append((ttft, tps, ntok, len(texts), browser_cores, float(ui.group(2)) if ui else float("nan")))
+        mean = [sum(r[i] for r in per_run) / len(per_run) for i in range(6)]
+        note = (f"mean of {len(per_run)} runs (page tokens/s {', '.join(f'{r[1]:.2f}' for r in per_run)}); "
+                f"{mean[3]:.0f} text updates in the page; Chromium used {mean[4]:.2f} cores; "
+                f"UI showed {mean[5]:.1f} tokens/s ({', '.join(f'{r[5]:.1f}' for r in per_run)})")
+        return mean[0], mean[1], per_run[-1][2], note
     finally:
         driver.quit()
         proc.terminate()
@@ -213,6 +219,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: as the app sets them)")
     ap.add_argument("--no-client", action="store_true", help="skip the end-to-end gradio_client row")
     ap.add_argument("--browser", action="store_true", help="add the row of the real app in headless Chromium")
+    ap.add_argument("--browser-runs", type=int, default=3, help="measured browser runs (after a warm-up), averaged")
     ap.add_argument("--out", default=str(ROOT / "out" / "bench_app.json"))
     a = ap.parse_args(argv)
 
@@ -246,7 +253,9 @@ def main(argv=None) -> int:
                      "note": note})
         print(f"  {name:32s} TTFT {ttft:6.2f} s   {tps:6.2f} tokens/s   ({ntok} tokens) {note}", flush=True)
 
-    print(f"prompt {a.prompt}: {ids.shape[1]} tokens, {n} new tokens, torch threads {threads}, device {model.device}")
+    packed = bool(getattr(model, "agacc_packed_layers", 0))
+    print(f"prompt {a.prompt}: {ids.shape[1]} tokens, {n} new tokens, torch threads {threads}, device {model.device}, "
+          f"weights: {'the GGUF blocks (packed_weights)' if packed else str(model.dtype)}")
     add("generate / DynamicCache", *bench_generate(model, ids, lambda: DynamicCache(config=model.config), n))
     add("generate / CompressedCache", *bench_generate(model, ids, lambda: agacc.CompressedCache(model.config, cfg), n))
     add("session (stream, no plots)", *bench_session(model, tok, prompt, cfg, n))
@@ -259,10 +268,10 @@ def main(argv=None) -> int:
         add("app via gradio_client", ttft, tps, ntok,
             f"{updates} text updates received; UI showed TTFT {meta['ttft']:.2f} s, {meta['tokens_per_s']:.1f} tokens/s")
     if a.browser:
-        add("app in Chromium", *bench_browser(a.prompt, n, threads))
+        add("app in Chromium", *bench_browser(a.prompt, n, threads, a.browser_runs))
     mem = meta.get("memory") or {}
     result = {"prompt": a.prompt, "prompt_tokens": int(ids.shape[1]), "new_tokens": n, "threads": threads,
-              "device": str(model.device), "dtype": str(model.dtype), "cpu": platform.processor() or platform.machine(),
+              "device": str(model.device), "dtype": str(model.dtype), "packed_weights": packed, "cpu": platform.processor() or platform.machine(),
               "cpu_count": os.cpu_count(), "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
               "draw_interval_s": A.DRAW_INTERVAL, "rows": rows,
               "kv_bytes": mem.get("bytes"), "kv_bytes_fp16": mem.get("bytes_fp16"), "kv_ratio": mem.get("ratio")}

@@ -57,20 +57,12 @@ inline void unpack_row_avx2(const uint8_t* row, int c, int D, float* out) {
         _mm256_storeu_ps(out + d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)));
       }
       break;
-    case 4: {
-      const __m256i shift = _mm256_slli_epi32(lane, 2), mask = _mm256_set1_epi32(15);
+    case 4:
+    case 2: {  // eight channels in c bytes: channel l at bit c * l
+      const __m256i shift = _mm256_mullo_epi32(lane, _mm256_set1_epi32(c)), mask = _mm256_set1_epi32((1 << c) - 1);
       for (int d = 0; d < D; d += 8) {
-        uint32_t bits;
-        std::memcpy(&bits, row + d / 2, 4);
-        _mm256_storeu_ps(out + d, codes8(bits, shift, mask));
-      }
-      break;
-    }
-    case 2: {
-      const __m256i shift = _mm256_slli_epi32(lane, 1), mask = _mm256_set1_epi32(3);
-      for (int d = 0; d < D; d += 8) {
-        uint16_t bits;
-        std::memcpy(&bits, row + d / 4, 2);
+        uint32_t bits = 0;
+        std::memcpy(&bits, row + d * c / 8, c);
         _mm256_storeu_ps(out + d, codes8(bits, shift, mask));
       }
       break;

@@ -28,6 +28,14 @@ inline float half_to_float(int16_t h) {
 }
 
 #ifdef AGACC_AVX2
+// x . codes over one block of 32: the codes as four groups of eight 32-bit ints, in channel order
+inline __m256 block_dot(__m256i c0, __m256i c1, __m256i c2, __m256i c3, const float* xb) {
+  __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(c0), _mm256_loadu_ps(xb));
+  s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c1), _mm256_loadu_ps(xb + 8), s);
+  s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c2), _mm256_loadu_ps(xb + 16), s);
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(c3), _mm256_loadu_ps(xb + 24), s);
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -96,11 +104,8 @@ torch::Tensor q4_1_mm(torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch:
         for (int64_t b = 0; b < KB; b++) {
           const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16));
           const __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
-          const float* xb = xi + b * 32;
-          __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(xb));
-          s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), _mm256_loadu_ps(xb + 8), s);
-          s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(xb + 16), s);
-          s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), _mm256_loadu_ps(xb + 24), s);
+          const __m256 s = block_dot(_mm256_cvtepu8_epi32(lo), _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
+                                     _mm256_cvtepu8_epi32(hi), _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)), xi + b * 32);
           acc = _mm256_fmadd_ps(s, _mm256_set1_ps(_cvtsh_ss(static_cast<uint16_t>(dn[b]))), acc);
           mins += _cvtsh_ss(static_cast<uint16_t>(mn[b])) * si[b];
         }
@@ -143,11 +148,8 @@ torch::Tensor q8_0_mm(torch::Tensor x, torch::Tensor qs, torch::Tensor d) {
         for (int64_t b = 0; b < KB; b++) {
           const __m128i v0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 32));
           const __m128i v1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 32 + 16));
-          const float* xb = xi + b * 32;
-          __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v0)), _mm256_loadu_ps(xb));
-          s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v0, 8))), _mm256_loadu_ps(xb + 8), s);
-          s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v1)), _mm256_loadu_ps(xb + 16), s);
-          s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v1, 8))), _mm256_loadu_ps(xb + 24), s);
+          const __m256 s = block_dot(_mm256_cvtepi8_epi32(v0), _mm256_cvtepi8_epi32(_mm_srli_si128(v0, 8)),
+                                     _mm256_cvtepi8_epi32(v1), _mm256_cvtepi8_epi32(_mm_srli_si128(v1, 8)), xi + b * 32);
           acc = _mm256_fmadd_ps(s, _mm256_set1_ps(_cvtsh_ss(static_cast<uint16_t>(dn[b]))), acc);
         }
         total = hsum(acc);
