@@ -297,7 +297,8 @@ class AgaccApp:
     """Handlers + the Blocks. ``models`` is shared by all sessions; ``sessions`` holds their state."""
 
     def __init__(self, models: Models | None = None, preload: bool = True, max_context: int | None = None,
-                 draw_interval: float = DRAW_INTERVAL, map_interval: float = MAP_INTERVAL, default_prompt: str | None = None, offer_hub: bool | None = None):
+                 draw_interval: float = DRAW_INTERVAL, map_interval: float = MAP_INTERVAL,
+                 default_prompt: str | None = None, offer_hub: bool | None = None):
         self.models = models or Models(os.environ.get("AGACC_DEVICE") or None)
         self.sessions = Sessions()
         self.draw_interval = draw_interval

@@ -55,7 +55,8 @@ def load():
                 from torch.utils.cpp_extension import load as build
 
                 cap = torch.backends.cpu.get_cpu_capability()  # the build is per instruction set
-                _state["module"] = build(name="agacc_cpu_" + re.sub(r"\W", "_", cap.lower()), sources=[str(p) for p in _SOURCES],
+                _state["module"] = build(name="agacc_cpu_" + re.sub(r"\W", "_", cap.lower()),
+                                         sources=[str(p) for p in _SOURCES],
                                          extra_cflags=["-O3", "-ffast-math", *_ISA_FLAGS.get(cap, [])], verbose=False)
                 if time.perf_counter() - t0 > 5:
                     print(f"AGACC: built the CPU kernels in {time.perf_counter() - t0:.0f} s "
