@@ -26,8 +26,6 @@ from pathlib import Path
 
 import torch
 
-from agacc import quant
-
 ENV = "AGACC_CPU_KERNEL"
 _SOURCES = [Path(__file__).with_name(f) for f in ("cpu_decode.cpp", "cpu_linear.cpp", "cpu_bindings.cpp")]
 _lock = threading.Lock()
@@ -83,17 +81,16 @@ def decode_layer(qg: torch.Tensor, store):
     qg [Bt, H, g, D] fp32, the query already scaled -> (out [Bt, H, g, D] fp32, mass [n_entries] fp32),
     entries in ``LayerStore.attention_entries`` order, normalised as ``agacc.decode.decode_attention``.
     Quantised segments are read packed, their scales as stored; pruned blocks are decoded here (the
-    kernel reads them as dense parts); rotated segments meet the rotated query and their share of
-    the output is rotated back once."""
+    kernel reads them as dense parts); rotated segments meet the rotated query inside the kernel,
+    which rotates their share of the output back once."""
     bt, h, g, d = qg.shape
-    tensors, meta, rotated = [], [], False
+    tensors, meta = [], []
     for seg in store.segments:
         if not seg.n_blocks:
             continue
         if hasattr(seg, "container"):
             tensors += [seg.k, seg.k_scale, seg.k_zero, seg.v, seg.v_scale, seg.v_zero]
             meta += [1, seg.container, 0 if seg.key_per_token else store.B, int(seg.rotated)]
-            rotated |= seg.rotated
         else:
             k, v = (seg.k, seg.v) if seg is store.full else seg.dequantized(torch.float32)
             tensors += [k, v, _NO_BIAS]
@@ -104,8 +101,5 @@ def decode_layer(qg: torch.Tensor, store):
     if store.hot_k is not None and store.hot_k.shape[2]:
         tensors += [store.hot_k, store.hot_v, _NO_BIAS]
         meta += [0, 0, 0, 0]
-    q = qg.reshape(bt * h, g, d).contiguous()
-    out, out_rot, mass = _state["module"].decode_layer(q, quant.rotate(q) if rotated else q, tensors, meta)
-    if rotated:
-        out = out + quant.rotate(out_rot)
+    out, mass = _state["module"].decode_layer(qg.reshape(bt * h, g, d).contiguous(), tensors, meta)
     return out.view(bt, h, g, d), mass

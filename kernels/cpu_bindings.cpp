@@ -9,7 +9,7 @@
 // release it.
 #include <torch/extension.h>
 
-std::vector<torch::Tensor> decode_layer(torch::Tensor q, torch::Tensor qr, std::vector<torch::Tensor> tensors,
+std::vector<torch::Tensor> decode_layer(torch::Tensor q, std::vector<torch::Tensor> tensors,
                                         std::vector<int64_t> meta);
 torch::Tensor q4_1_mm(torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch::Tensor m);
 torch::Tensor q8_0_mm(torch::Tensor x, torch::Tensor qs, torch::Tensor d);

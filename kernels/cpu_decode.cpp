@@ -273,20 +273,37 @@ void part_values(const Part& P, int64_t bh, const float* ph, int64_t g, int64_t 
   }
 }
 
+// x [rows, D] <- x with every run of r = D & -D channels multiplied by the orthonormal Sylvester-Hadamard
+// matrix (agacc.quant.rotate): in-place butterflies, then the 1/sqrt(r) scale
+void hadamard_rows(float* x, int64_t rows, int64_t D) {
+  const int64_t r = D & -D;
+  const float scale = 1.f / std::sqrt((float)r);
+  for (int64_t base = 0; base < rows * D; base += r) {
+    float* v = x + base;
+    for (int64_t h = 1; h < r; h *= 2)
+      for (int64_t i = 0; i < r; i += 2 * h)
+        for (int64_t j = i; j < i + h; ++j) {
+          const float a = v[j], b = v[j + h];
+          v[j] = a + b;
+          v[j + h] = a - b;
+        }
+    for (int64_t j = 0; j < r; ++j) v[j] *= scale;
+  }
+}
+
 }  // namespace
 
 // One decode step of one layer over every part it stores.
-//   q, qr    [BH, g, D] fp32: the scaled query, and its rotation (read by rotated parts; pass q when none)
+//   q        [BH, g, D] fp32: the scaled query
 //   tensors  the parts' tensors in order: a dense part takes 3 (k [Bt,H,n,D], v, bias [n] fp32 or an
 //            empty tensor), a quantised part 6 (k codes, k scale, k zero, v codes, v scale, v zero)
 //   meta     4 ints per part: quantised (0/1), container, block (keys per channel per block of this many
 //            tokens; 0: per token), rotated (0/1)
-// -> [out [BH, g, D] of the unrotated parts, out_rot [BH, g, D] of the rotated ones, mass [N]]:
-//    softmax over all N entries; mass_t = sum over bh, j of p / (BH * g) (agacc.decode's normalisation).
-std::vector<torch::Tensor> decode_layer(torch::Tensor q, torch::Tensor qr, std::vector<torch::Tensor> tensors,
-                                        std::vector<int64_t> meta) {
+// -> [out [BH, g, D], mass [N]]: softmax over all N entries; mass_t = sum over bh, j of p / (BH * g)
+//    (agacc.decode's normalisation). Rotated parts (Hadamard runs of D & -D channels, agacc.quant.rotate)
+//    meet the rotated query, and their share of the output is rotated back once: (P V H) H = P V.
+std::vector<torch::Tensor> decode_layer(torch::Tensor q, std::vector<torch::Tensor> tensors, std::vector<int64_t> meta) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat && q.is_contiguous() && q.dim() == 3, "q: fp32 [BH, g, D]");
-  TORCH_CHECK(qr.sizes() == q.sizes() && qr.scalar_type() == torch::kFloat && qr.is_contiguous(), "qr: like q");
   TORCH_CHECK(meta.size() % 4 == 0, "meta: 4 ints per part");
   const int64_t BH = q.size(0), g = q.size(1), D = q.size(2);
   TORCH_CHECK(D % 8 == 0, "head dim must be a multiple of 8");
@@ -299,12 +316,14 @@ std::vector<torch::Tensor> decode_layer(torch::Tensor q, torch::Tensor qr, std::
     return held.back();
   };
   int64_t N = 0, max_r = 1;
+  bool rotated = false;
   for (size_t i = 0; i < parts.size(); ++i) {
     Part& P = parts[i];
     P.quantised = meta[4 * i] != 0;
     P.container = meta[4 * i + 1];
     P.block = meta[4 * i + 2];
     P.rotated = meta[4 * i + 3] != 0;
+    rotated |= P.rotated;
     if (!P.quantised) {
       auto k = next("k"), v = next("v"), b = next("bias");
       TORCH_CHECK(k.dim() == 4 && k.size(0) * k.size(1) == BH && k.size(3) == D && v.sizes() == k.sizes(),
@@ -344,20 +363,24 @@ std::vector<torch::Tensor> decode_layer(torch::Tensor q, torch::Tensor qr, std::
   TORCH_CHECK(ti == tensors.size(), "more tensors than the parts take");
   auto probs = torch::empty({BH, g, N}, q.options());
   auto out = torch::zeros({BH, g, D}, q.options());
-  auto out_rot = torch::zeros({BH, g, D}, q.options());
   const float* qp = q.data_ptr<float>();
-  const float* qrp = qr.data_ptr<float>();
   float* pp = probs.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  float* orp = out_rot.data_ptr<float>();
   at::parallel_for(0, BH, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> codes(D), qs(g * std::max(D, max_r)), meta_buf(2 * std::max(D, max_r) + g);
+    std::vector<float> q_rot(rotated ? g * D : 0), out_rot(rotated ? g * D : 0);
     for (int64_t bh = b0; bh < b1; ++bh) {
+      const float* qh = qp + bh * g * D;
+      float* oh = op + bh * g * D;
+      if (rotated) {
+        std::copy(qh, qh + g * D, q_rot.begin());
+        hadamard_rows(q_rot.data(), g, D);
+        std::fill(out_rot.begin(), out_rot.end(), 0.f);
+      }
       float* S = pp + bh * g * N;
       int64_t off = 0;
       for (const Part& P : parts) {
-        const float* qh = (P.rotated ? qrp : qp) + bh * g * D;
-        part_scores(P, bh, qh, g, D, S + off, N, codes.data(), qs.data(), meta_buf.data());
+        part_scores(P, bh, P.rotated ? q_rot.data() : qh, g, D, S + off, N, codes.data(), qs.data(), meta_buf.data());
         off += P.n;
       }
       for (int64_t j = 0; j < g; ++j) {  // softmax over all N entries
@@ -370,8 +393,12 @@ std::vector<torch::Tensor> decode_layer(torch::Tensor q, torch::Tensor qr, std::
       }
       off = 0;
       for (const Part& P : parts) {
-        part_values(P, bh, S + off, g, D, N, (P.rotated ? orp : op) + bh * g * D, codes.data(), meta_buf.data());
+        part_values(P, bh, S + off, g, D, N, P.rotated ? out_rot.data() : oh, codes.data(), meta_buf.data());
         off += P.n;
+      }
+      if (rotated) {
+        hadamard_rows(out_rot.data(), g, D);
+        for (int64_t i = 0; i < g * D; ++i) oh[i] += out_rot[i];
       }
     }
   });
@@ -381,5 +408,5 @@ std::vector<torch::Tensor> decode_layer(torch::Tensor q, torch::Tensor qr, std::
   for (int64_t r = 0; r < BH * g; ++r)
     for (int64_t t = 0; t < N; ++t) mp[t] += pp[r * N + t];
   for (int64_t t = 0; t < N; ++t) mp[t] *= norm;
-  return {out, out_rot, mass};
+  return {out, mass};
 }

@@ -28,19 +28,88 @@ inline float half_to_float(int16_t h) {
 }
 
 #ifdef AGACC_AVX2
-// x . codes over one block of 32: the codes as four groups of eight 32-bit ints, in channel order
-inline __m256 block_dot(__m256i c0, __m256i c1, __m256i c2, __m256i c3, const float* xb) {
-  __m256 s = _mm256_mul_ps(_mm256_cvtepi32_ps(c0), _mm256_loadu_ps(xb));
-  s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c1), _mm256_loadu_ps(xb + 8), s);
-  s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c2), _mm256_loadu_ps(xb + 16), s);
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(c3), _mm256_loadu_ps(xb + 24), s);
-}
-
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// One block's 32 codes as four groups of eight 32-bit ints: weights 0-7, 8-15, 16-23, 24-31. Each
+// group widens 8 bytes straight from memory (no shuffle of a 16-byte load).
+struct Q4_1Codes {  // bytes 0-7: weights 0-7 (low nibbles) and 16-23 (high); bytes 8-15: 8-15 and 24-31
+  static constexpr int64_t bytes = 16;
+  static inline void load(const uint8_t* qb, __m256i c[4]) {
+    const __m256i low4 = _mm256_set1_epi32(0x0F);
+    const __m256i w0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qb)));
+    const __m256i w1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qb + 8)));
+    c[0] = _mm256_and_si256(w0, low4);
+    c[1] = _mm256_and_si256(w1, low4);
+    c[2] = _mm256_srli_epi32(w0, 4);
+    c[3] = _mm256_srli_epi32(w1, 4);
+  }
+};
+
+struct Q8_0Codes {
+  static constexpr int64_t bytes = 32;
+  static inline void load(const uint8_t* qb, __m256i c[4]) {
+    for (int k = 0; k < 4; k++)
+      c[k] = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qb + 8 * k)));
+  }
+};
+
+// out[r] = sum over blocks b of d[r][b] * (codes[r][b] . x_b) for R consecutive weight rows (row r's
+// blocks at q + r * row_bytes, its scales at d + r * KB): x's loads are shared by the R rows, and each
+// block's product is two independent chains, so the loop is bound by the unpacking, not by latency.
+template <int R, class Codes>
+inline void scaled_dots(const uint8_t* q, int64_t row_bytes, const int16_t* d, int64_t KB, const float* x, float* out) {
+  __m256 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < KB; b++) {
+    const float* xb = x + b * 32;
+    const __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8);
+    const __m256 x2 = _mm256_loadu_ps(xb + 16), x3 = _mm256_loadu_ps(xb + 24);
+    for (int r = 0; r < R; r++) {
+      __m256i c[4];
+      Codes::load(q + r * row_bytes + b * Codes::bytes, c);
+      __m256 s0 = _mm256_mul_ps(_mm256_cvtepi32_ps(c[0]), x0);
+      __m256 s1 = _mm256_mul_ps(_mm256_cvtepi32_ps(c[1]), x1);
+      s0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[2]), x2, s0);
+      s1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c[3]), x3, s1);
+      const __m256 scale = _mm256_set1_ps(_cvtsh_ss(static_cast<uint16_t>(d[r * KB + b])));
+      acc[r] = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), scale, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) out[r] = hsum(acc[r]);
+}
+
+// sum over blocks b of m[b] * s[b] (float16 bits m, fp32 s)
+inline float half_dot(const int16_t* m, const float* s, int64_t KB) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 8 <= KB; b += 8)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + b))),
+                          _mm256_loadu_ps(s + b), acc);
+  float total = hsum(acc);
+  for (; b < KB; b++) total += _cvtsh_ss(static_cast<uint16_t>(m[b])) * s[b];
+  return total;
+}
+
+// O[i, n] = x_i . W_n over rows [n0, n1) of W, two rows at a time
+template <class Codes>
+void small_mm(const uint8_t* Q, const int16_t* D, const float* X, float* O, int64_t M, int64_t K, int64_t N,
+              int64_t n0, int64_t n1) {
+  const int64_t KB = K / 32, row_bytes = KB * Codes::bytes;
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2)
+    for (int64_t i = 0; i < M; i++) {
+      float two[2];
+      scaled_dots<2, Codes>(Q + n * row_bytes, row_bytes, D + n * KB, KB, X + i * K, two);
+      O[i * N + n] = two[0];
+      O[i * N + n + 1] = two[1];
+    }
+  for (; n < n1; n++)
+    for (int64_t i = 0; i < M; i++) scaled_dots<1, Codes>(Q + n * row_bytes, row_bytes, D + n * KB, KB, X + i * K, O + i * N + n);
 }
 #endif
 
@@ -90,6 +159,11 @@ torch::Tensor q4_1_mm(torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch:
   float* O = out.data_ptr<float>();
   const std::vector<float> S = block_sums(X, M, K);
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+#ifdef AGACC_AVX2
+    small_mm<Q4_1Codes>(Q, D, X, O, M, K, N, n0, n1);
+    for (int64_t n = n0; n < n1; n++)
+      for (int64_t i = 0; i < M; i++) O[i * N + n] += half_dot(Mn + n * KB, S.data() + i * KB, KB);
+#else
     for (int64_t n = n0; n < n1; n++) {
       const uint8_t* q = Q + n * (K / 2);
       const int16_t* dn = D + n * KB;
@@ -98,19 +172,6 @@ torch::Tensor q4_1_mm(torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch:
         const float* xi = X + i * K;
         const float* si = S.data() + i * KB;
         float total = 0.f, mins = 0.f;
-#ifdef AGACC_AVX2
-        const __m128i low4 = _mm_set1_epi8(0x0F);
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t b = 0; b < KB; b++) {
-          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16));
-          const __m128i lo = _mm_and_si128(v, low4), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low4);
-          const __m256 s = block_dot(_mm256_cvtepu8_epi32(lo), _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
-                                     _mm256_cvtepu8_epi32(hi), _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)), xi + b * 32);
-          acc = _mm256_fmadd_ps(s, _mm256_set1_ps(_cvtsh_ss(static_cast<uint16_t>(dn[b]))), acc);
-          mins += _cvtsh_ss(static_cast<uint16_t>(mn[b])) * si[b];
-        }
-        total = hsum(acc);
-#else
         for (int64_t b = 0; b < KB; b++) {
           const uint8_t* qb = q + b * 16;
           const float* xb = xi + b * 32;
@@ -119,10 +180,10 @@ torch::Tensor q4_1_mm(torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch:
           total += s * half_to_float(dn[b]);
           mins += half_to_float(mn[b]) * si[b];
         }
-#endif
         O[i * N + n] = total + mins;
       }
     }
+#endif
   });
   return out;
 }
@@ -137,32 +198,24 @@ torch::Tensor q8_0_mm(torch::Tensor x, torch::Tensor qs, torch::Tensor d) {
   const int16_t* D = d.data_ptr<int16_t>();
   float* O = out.data_ptr<float>();
   at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+#ifdef AGACC_AVX2
+    small_mm<Q8_0Codes>(reinterpret_cast<const uint8_t*>(Q), D, X, O, M, K, N, n0, n1);
+#else
     for (int64_t n = n0; n < n1; n++) {
       const int8_t* q = Q + n * K;
       const int16_t* dn = D + n * KB;
       for (int64_t i = 0; i < M; i++) {
         const float* xi = X + i * K;
         float total = 0.f;
-#ifdef AGACC_AVX2
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t b = 0; b < KB; b++) {
-          const __m128i v0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 32));
-          const __m128i v1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 32 + 16));
-          const __m256 s = block_dot(_mm256_cvtepi8_epi32(v0), _mm256_cvtepi8_epi32(_mm_srli_si128(v0, 8)),
-                                     _mm256_cvtepi8_epi32(v1), _mm256_cvtepi8_epi32(_mm_srli_si128(v1, 8)), xi + b * 32);
-          acc = _mm256_fmadd_ps(s, _mm256_set1_ps(_cvtsh_ss(static_cast<uint16_t>(dn[b]))), acc);
-        }
-        total = hsum(acc);
-#else
         for (int64_t b = 0; b < KB; b++) {
           float s = 0.f;
           for (int j = 0; j < 32; j++) s += float(q[b * 32 + j]) * xi[b * 32 + j];
           total += s * half_to_float(dn[b]);
         }
-#endif
         O[i * N + n] = total;
       }
     }
+#endif
   });
   return out;
 }

@@ -73,9 +73,10 @@ def test_kernel_equals_the_pytorch_path(monkeypatch, key_quant, group, rotate):
     assert mass.shape == (store.n_entries,) and abs(float(mass.sum()) - 1) < 1e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_head96_groups_of_24_and_other_store_dtypes(monkeypatch, dtype):
-    store = _store("token", 24, rotate=False, h=2, d=96, dtype=dtype)
+@pytest.mark.parametrize("dtype,rotate", [(torch.float32, True), (torch.bfloat16, False)])
+def test_kernel_head96_groups_of_24_and_other_store_dtypes(monkeypatch, dtype, rotate):
+    """Head dim 96: rotated, three Hadamard runs of 32 channels each (the kernel's own butterflies)."""
+    store = _store("token", 24, rotate=rotate, h=2, d=96, dtype=dtype)
     q = torch.randn(1, 8, 1, 96)
     out, mass, ref_out, ref_mass = _with_and_without_kernel(monkeypatch, q, store)
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)

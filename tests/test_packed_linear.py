@@ -69,7 +69,7 @@ def test_kernel_dequantiser_is_bit_exact(kernel, kind):
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
-@pytest.mark.parametrize("rows,n,k", [(1, 100, 576), (3, 192, 1536), (2, 64, 64)])
+@pytest.mark.parametrize("rows,n,k", [(1, 100, 576), (3, 192, 1536), (2, 64, 64), (4, 37, 352)])
 def test_kernel_matmul_matches_reference(kernel, kind, rows, n, k):
     codes, d, m = split_blocks(_raw_blocks(kind, n, k, seed=rows + n), kind)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(k))
