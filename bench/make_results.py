@@ -45,14 +45,14 @@ def run(args) -> None:
     for r in args.ratios:
         configs += [(f"{p}@{r:g}", AGACCConfig.preset(p, target_ratio=float(r))) for p in RATIO_PRESETS]
     done["meta"] = {"command": " ".join([sys.executable.split("/")[-1]] + sys.argv), "text": args.text or "default",
-                    "decode_tokens": args.decode_tokens, "depths": args.depths, "ratios": args.ratios,
+                    "decode_tokens": args.decode_tokens, "ppl_windows": args.ppl_windows, "depths": args.depths, "ratios": args.ratios,
                     "lengths": args.lengths, "torch_threads": torch.get_num_threads(),
                     "started": done["meta"].get("started") or time.strftime("%Y-%m-%d %H:%M:%S")}
     t_start = time.time()
     for n in args.lengths:
         for task in args.tasks:
             if task == "ppl":
-                samples = T.ppl(tok, n, 1, text=text, decode_tokens=args.decode_tokens)
+                samples = T.ppl(tok, n, args.ppl_windows, text=text, decode_tokens=args.decode_tokens)
             elif task == "passkey":
                 samples = T.passkey(tok, n, len(args.depths), depths=args.depths)
             else:
@@ -122,9 +122,12 @@ def render(data, ratios, lengths, tasks) -> str:
              f" ({m.get('minutes', '?')} min), torch threads {m.get('torch_threads')}. The machine is a shared 2-core CPU: "
              "tokens/s are indicative only.\n")
     L.append("## How to read\n")
-    L.append("- **ppl**: one window of the text (`--text`, default the GPL-3 text of the OS) per length; the first "
+    windows = m.get("ppl_windows", 1)
+    L.append(f"- **ppl**: {windows} window{'s' if windows > 1 else ''} of the text (`--text`, default the GPL-3 text of the OS) "
+             "per length, at evenly spaced offsets; in each the first "
              f"`length - {m.get('decode_tokens')}` tokens are prefilled, the last {m.get('decode_tokens')} are teacher-forced "
-             "through the cache in chunks of 8 (re-evaluations at the same steps as token-by-token decoding). "
+             "through the cache in chunks of 8 (re-evaluations at the same steps as token-by-token decoding); perplexities "
+             "pool the negative log-likelihoods of every window's tokens. "
              "score = min(1, ppl_full / ppl); top-1 = agreement of the argmax with the full cache; KL(full || method) in nats/token.\n"
              f"- **passkey** / **needle**: {len(m.get('depths') or [])} samples per length (depths {m.get('depths')}); score = greedy "
              "decoding reproduces the key (5 digits) / the needle's 7-digit number exactly (checked in one teacher-forced pass). "
@@ -265,6 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", nargs="+", default=["ppl", "passkey", "needle"])
     p.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.75])
     p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--ppl-windows", type=int, default=3, help="ppl windows per length (their tokens pooled)")
     p.add_argument("--text", default=None)
     p.add_argument("--budget-min", type=float, default=40)
     p.add_argument("--json", default=str(ROOT / "docs" / "results.json"))
