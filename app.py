@@ -14,7 +14,8 @@ tokens allowed; default 4096 on CPU, 32768 on CUDA), AGACC_DRAW_INTERVAL (second
 the memory chart and statistics while streaming, default 0.3), AGACC_MAP_INTERVAL (the heatmaps and
 token view, default 1.0), AGACC_THREADS (torch CPU threads), AGACC_PRELOAD=0 (load
 the model on the first request instead of at start), AGACC_PACKED_WEIGHTS=0 (the embedded model's
-dequantised fp32 weights instead of its GGUF blocks).
+dequantised fp32 weights instead of its GGUF blocks), AGACC_QUEUE_POLL (how often, in seconds, Gradio's
+idle queue looks for new events; default 0.02).
 """
 from __future__ import annotations
 
@@ -62,6 +63,10 @@ MAP_INTERVAL = float(os.environ.get("AGACC_MAP_INTERVAL", 1.0))
 # the embedded model multiplies by its GGUF file's 4-bit blocks on the CPU (agacc.load_model's packed_weights)
 PACKED_WEIGHTS = os.environ.get("AGACC_PACKED_WEIGHTS", "1") != "0"
 CONCURRENCY = max(1, _env_int("AGACC_CONCURRENCY", 2))
+# Gradio's queue looks for new events every 1 ms (progress every 10 ms) on the server's event loop, even
+# when idle; every wake-up takes the GIL from a decode thread in the middle of its torch ops (~1,500
+# context switches a second). Polling every 20 ms delays the start of a queued event by at most that.
+QUEUE_POLL = float(os.environ.get("AGACC_QUEUE_POLL", 0.02))
 
 
 def hub_reachable(timeout: float = 1.5) -> bool:
@@ -594,8 +599,18 @@ class AgaccApp:
                                   self.gen_outputs + [ui.preset, ui.token_layer] + knobs, api_name="import_trace")
             demo.unload(self.unload)
         demo.queue(default_concurrency_limit=CONCURRENCY, max_size=64)
+        slow_queue_polling(demo, QUEUE_POLL)
         self.demo = demo
         return demo
+
+
+def slow_queue_polling(demo: gr.Blocks, seconds: float) -> None:
+    """Set how often Gradio's queue polls for new events and progress while idle (private attributes of
+    gradio 6.31's ``Queue``, pinned in requirements.txt; left as they are if they are not there)."""
+    q = getattr(demo, "_queue", None)
+    for name in ("sleep_when_free", "progress_update_sleep_when_free"):
+        if q is not None and isinstance(getattr(q, name, None), float):
+            setattr(q, name, max(getattr(q, name), seconds))
 
 
 def launch_kwargs() -> dict:

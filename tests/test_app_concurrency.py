@@ -173,3 +173,15 @@ def test_stream_resends_unchanged_values_instead_of_skips(server):
     for c in (ui.importance, ui.tier, ui.bits, ui.memory, ui.token_view, ui.stats):
         assert all(u[pos[c]] is stream[0][pos[c]] for u in middle), c.elem_id
     assert A.SKIP()["__type__"] == "update"
+
+
+def test_queue_polls_at_the_app_rate(server):
+    """Gradio's queue polls for new events every 1 ms while idle (each wake-up takes the GIL from a
+    decode step); the app slows it to QUEUE_POLL. The other tests in this module run on that queue."""
+    import app as A
+
+    a, _ = server
+    q = a.demo._queue
+    assert A.QUEUE_POLL >= 0.001
+    assert q.sleep_when_free == max(0.001, A.QUEUE_POLL)
+    assert q.progress_update_sleep_when_free == max(0.01, A.QUEUE_POLL)
