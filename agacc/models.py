@@ -91,7 +91,8 @@ def packed_from_gguf(model, gguf_path: Path) -> dict:
             module = model.get_submodule(path)
         except AttributeError:
             continue
-        if kind not in ("q4_1", "q8_0") or not isinstance(module, torch.nn.Linear) or module.weight.dtype != torch.float32:
+        if (kind not in ("q4_1", "q8_0") or not isinstance(module, torch.nn.Linear)
+                or module.weight.dtype != torch.float32):
             continue
         codes, d, m = split_blocks(np.asarray(t.data), kind)
         w = module.weight.detach()
@@ -137,8 +138,9 @@ def _pack_embedded(model) -> None:
     path = cache_dir() / EMBEDDED_NAME / "packed-linears.safetensors"
     if path.exists():
         flat = load_file(path)
-        kinds = {k.rsplit(".", 1)[0]: ("q4_1" if k.rsplit(".", 1)[0] + ".m" in flat else "q8_0") for k in flat}
-        packed = {p: (kind, flat[p + ".codes"], flat[p + ".d"], flat.get(p + ".m")) for p, kind in kinds.items()}
+        layers = {k.rsplit(".", 1)[0] for k in flat}  # "<module path>.codes" / ".d" / ".m" (Q4_1 only)
+        packed = {p: ("q4_1" if p + ".m" in flat else "q8_0", flat[p + ".codes"], flat[p + ".d"], flat.get(p + ".m"))
+                  for p in layers}
     else:
         packed = packed_from_gguf(model, embedded_gguf())
         flat = {f"{p}.{n}": t.contiguous() for p, (_, *ts) in packed.items() for n, t in zip(("codes", "d", "m"), ts)

@@ -271,7 +271,8 @@ def main(argv=None) -> int:
         add("app in Chromium", *bench_browser(a.prompt, n, threads, a.browser_runs))
     mem = meta.get("memory") or {}
     result = {"prompt": a.prompt, "prompt_tokens": int(ids.shape[1]), "new_tokens": n, "threads": threads,
-              "device": str(model.device), "dtype": str(model.dtype), "packed_weights": packed, "cpu": platform.processor() or platform.machine(),
+              "device": str(model.device), "dtype": str(model.dtype), "packed_weights": packed,
+              "cpu": platform.processor() or platform.machine(),
               "cpu_count": os.cpu_count(), "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
               "draw_interval_s": A.DRAW_INTERVAL, "rows": rows,
               "kv_bytes": mem.get("bytes"), "kv_bytes_fp16": mem.get("bytes_fp16"), "kv_ratio": mem.get("ratio")}

@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         for kind in ("plain", "agacc"):
             steps.append({"weights": weights, "cache": kind, "ms": step_ms(model, tok, prompt, kind, args.steps, args.reps)})
 
-    print(f"\n| part | fp32 weights | GGUF blocks (packed) | speed-up |\n|---|---|---|---|")
+    print("\n| part | fp32 weights | GGUF blocks (packed) | speed-up |\n|---|---|---|---|")
     for r in lin:
         unit, f = ("ms", 1e-3) if "(ms)" in r["part"] else ("us", 1.0)
         print(f"| {r['part'].replace(' (ms)', '')} | {r['fp32_us'] * f:.1f} {unit} | {r['packed_us'] * f:.1f} {unit} | "

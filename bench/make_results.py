@@ -45,7 +45,8 @@ def run(args) -> None:
     for r in args.ratios:
         configs += [(f"{p}@{r:g}", AGACCConfig.preset(p, target_ratio=float(r))) for p in RATIO_PRESETS]
     done["meta"] = {"command": " ".join([sys.executable.split("/")[-1]] + sys.argv), "text": args.text or "default",
-                    "decode_tokens": args.decode_tokens, "ppl_windows": args.ppl_windows, "depths": args.depths, "ratios": args.ratios,
+                    "decode_tokens": args.decode_tokens, "ppl_windows": args.ppl_windows, "depths": args.depths,
+                    "ratios": args.ratios,
                     "lengths": args.lengths, "torch_threads": torch.get_num_threads(),
                     "started": done["meta"].get("started") or time.strftime("%Y-%m-%d %H:%M:%S")}
     t_start = time.time()

@@ -3,10 +3,10 @@
 // The GIL: torch's own ops release it while they run, so another Python thread (a server's event
 // loop) can take it; the thread that released it then waits for it back, up to the interpreter's
 // switch interval (5 ms) when the other thread is busy in Python. A decode step makes ~240 short
-// kernel calls (a linear layer ~0.08 ms, a layer's attention ~0.25 ms): releasing the GIL in each
-// made the app's stream to a browser on this 2-core CPU ~15% slower (a convoy behind the server's
-// event loop), so those hold it. The longer calls (the output layer, a prefill's dequantisation)
-// release it.
+// kernel calls (a linear layer 0.02-0.1 ms, a layer's attention ~0.2 ms, the output layer a few ms):
+// releasing the GIL in each made the app's stream to a browser on this 2-core CPU ~15% slower (a
+// convoy behind the server's event loop), so those hold it. The dequantisers (a prefill's weights,
+// one call per layer and forward) release it.
 #include <torch/extension.h>
 
 std::vector<torch::Tensor> decode_layer(torch::Tensor q, std::vector<torch::Tensor> tensors,

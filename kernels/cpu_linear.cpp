@@ -237,20 +237,18 @@ torch::Tensor q4_1_dequant(torch::Tensor qs, torch::Tensor d, torch::Tensor m, t
       const uint8_t* qb = Q + b * 16;
       float* wb = W + b * 32;
 #ifdef AGACC_AVX2
-      const __m128i low4 = _mm_set1_epi8(0x0F);
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb));
-      const __m128i nib[4] = {_mm_and_si128(v, low4), _mm_srli_si128(_mm_and_si128(v, low4), 8),
-                              _mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_srli_si128(_mm_and_si128(_mm_srli_epi16(v, 4), low4), 8)};
+      __m256i c[4];
+      Q4_1Codes::load(qb, c);
       const __m256 dv = _mm256_set1_ps(db), mv = _mm256_set1_ps(mb);
       for (int p = 0; p < 4; p++)
-        _mm256_storeu_ps(wb + 8 * p, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nib[p])), dv), mv));
-      continue;
-#endif
+        _mm256_storeu_ps(wb + 8 * p, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(c[p]), dv), mv));
+#else
       for (int j = 0; j < 16; j++) {
         const float lo = float(qb[j] & 0x0F) * db, hi = float(qb[j] >> 4) * db;
         wb[j] = lo + mb;
         wb[j + 16] = hi + mb;
       }
+#endif
     }
   });
   return w;
