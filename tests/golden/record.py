@@ -1,0 +1,57 @@
+"""Record the golden outputs of every preset (run once, before a refactor): python tests/golden/record.py"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def cases():
+    """(label, preset, overrides): every preset, and the variants that reach the other code paths."""
+    import agacc
+    from agacc.presets import PRESETS
+
+    out = [(name, name, {}) for name in PRESETS]
+    out += [("agacc@4", "agacc", dict(target_ratio=4.0)), ("agacc@8", "agacc", dict(target_ratio=8.0)),
+            ("h2o@4", "h2o", dict(target_ratio=4.0)), ("snapkv@4", "snapkv", dict(target_ratio=4.0)),
+            ("pyramidkv@4", "pyramidkv", dict(target_ratio=4.0)), ("fastkv@4", "fastkv", dict(target_ratio=4.0, tsp_layer=1)),
+            ("dynamickv@4", "dynamickv", dict(target_ratio=4.0)), ("dynacompress@4", "dynacompress", dict(target_ratio=4.0)),
+            ("agacc-token-pmax", "agacc", dict(key_quant="token", p_max=0.6, tau_l=2.0, rotate=False)),
+            ("agacc-host", "agacc", dict(host_copy=True, target_ratio=3.0, position_norm="power")),
+            ("dynacompress-cmax", "dynacompress", dict(c_max=0.5, block_size=8)),
+            ("agacc-share", "agacc", dict(share_across_layers=True, pool_kernel=3, b_min=2, b_max=8))]
+    return out
+
+
+def run_case(preset, overrides, n_new=40):
+    import agacc
+    from tests.helpers import tiny_model
+
+    model = tiny_model(layers=2, seed=0)
+    torch.manual_seed(1)
+    ids = torch.randint(3, 256, (1, 300))
+    cfg = agacc.AGACCConfig.preset(preset, **overrides)
+    cache = agacc.CompressedCache(model.config, cfg, record_history=True)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=n_new,
+                             do_sample=False, min_new_tokens=n_new, pad_token_id=0)
+    mem = cache.memory()
+    snap = cache.snapshot()
+    return {"tokens": out[0, ids.shape[1]:].tolist(), "bytes": mem["bytes"], "by_tier": mem["by_tier"],
+            "entries": mem["entries"], "tier": snap["tier"], "bits": snap["bits"], "keep": snap["keep"],
+            "markers": snap["markers"], "reevaluations": snap["reevaluations"]}
+
+
+def record() -> dict:
+    return {label: run_case(p, o) for label, p, o in cases()}
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent.parent))
+    res = record()
+    (HERE / "presets.json").write_text(json.dumps(res, sort_keys=True))
+    print(f"recorded {len(res)} cases")

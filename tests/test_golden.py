@@ -1,0 +1,21 @@
+"""Golden outputs recorded before the redesign (tests/golden/record.py): every preset and the variants
+that reach the other code paths give the same greedy tokens, the same bytes held and the same tiers."""
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.golden.record import cases, run_case
+
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "presets.json").read_text())
+
+
+@pytest.mark.parametrize("label,preset,overrides", cases(), ids=[c[0] for c in cases()])
+def test_preset_bit_identical(label, preset, overrides):
+    want = GOLDEN[label]
+    got = run_case(preset, overrides)
+    assert got["tokens"] == want["tokens"]
+    assert got["bytes"] == want["bytes"]
+    assert got["by_tier"] == want["by_tier"]
+    for key in ("entries", "tier", "bits", "keep", "markers", "reevaluations"):
+        assert got[key] == want[key], key
