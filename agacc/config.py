@@ -10,13 +10,37 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, fields, replace
 
+from agacc import methods
+
 SCORINGS = ("ema", "decay", "sum")             # 000 §2.3 EMA / 001 decay-weighted / 002 attention sum
-BUDGET_SHAPES = ("weights", "pyramid", "dynamic")  # per-layer budgets: 001 w_l / PyramidKV / DynamicKV
 BIT_INTERPS = ("log", "linear")
 POSITION_NORMS = ("none", "power", "log")      # forms of P(t - i), 000 §2.3
 QUANTIZERS = ("minmax", "meanstd")
 KEY_QUANTS = ("token", "channel")
 STORE_DTYPES = ("model", "float16", "bfloat16")
+# rule / budget names before every method had its own file (old traces and scripts still use them)
+LEGACY_NAMES = {"rule": {"thresholds": "agacc", "topk": "snapkv", "recent": "streamingllm", "keep": "pyramidkv"},
+                "budget_shape": {"pyramid": "pyramidkv", "dynamic": "dynamickv"}}
+
+
+@dataclass(frozen=True)
+class Knob:
+    """How the app shows a field: label, slider range (None for a checkbox or a choice), section
+    ("thresholds", "bits" or "tracking"), help text."""
+    label: str
+    minimum: float | None
+    maximum: float | None
+    step: float | None
+    section: str
+    info: str = ""
+
+
+def _f(default, group: str, replay: bool = False, ui: tuple | None = None, choices: tuple | None = None):
+    """A config field with its metadata: ``group`` (docstring section), ``replay`` (a change can be
+    replayed on a recorded importance history: the policy only), ``ui`` (a ``Knob``: the app shows it),
+    ``choices`` (the values it may take)."""
+    return dataclasses.field(default=default, metadata={"group": group, "replay": replay,
+                                                        "ui": Knob(*ui) if ui else None, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -80,11 +104,12 @@ class AGACCConfig:
             ceil(L/kappa_l) proportional to w_l with sum <= C_max; blocks beyond it are evicted. None = off.
         seed: RNG seed of the probabilistic pruning.
         budget_shape: how C_max is split over layers: "weights" (proportional to w_l, 001),
-            "pyramid" (falling linearly with depth, PyramidKV), "dynamic" (proportional to how many
-            blocks a layer needs to cover 90% of its importance, DynamicKV).
-    Baseline hooks (see agacc/baselines):
-        rule: name of the tier rule in ``agacc.policy.RULES`` ("thresholds" = seed 000, "dynacompress"
-            = seed 001, plus the baselines' rules).
+            "pyramidkv" (falling linearly with depth, PyramidKV), "dynamickv" (proportional to how many
+            blocks a layer needs to cover 90% of its importance, DynamicKV): "weights" or a method
+            with a budget hook.
+    Methods (one file each in agacc/methods):
+        rule: the method whose tier rule maps scores to tiers ("agacc" = seed 000's thresholds,
+            "dynacompress" = seed 001, plus the baselines').
         pool_kernel: max-pool token scores over this many neighbours before the block max (SnapKV); 0 = off.
         tsp_layer: from this layer on, every layer reuses this layer's scores and tiers (FastKV's
             token-selective propagation); None = off.
@@ -107,57 +132,71 @@ class AGACCConfig:
     """
 
     # tracking / importance
-    n_q: int = 32
-    alpha: float = 0.5
-    scoring: str = "ema"
-    beta: float = 0.05
-    layer_weights: tuple[float, ...] | None = None
-    share_across_layers: bool = False
-    attention_sum_beta: float = 1.0
-    position_norm: str = "none"
-    position_gamma: float = 0.3
+    n_q: int = _f(32, "tracking")
+    alpha: float = _f(0.5, "tracking", ui=("α: EMA weight of new attention", 0.01, 1.0, 0.01, "tracking"))
+    scoring: str = _f("ema", "tracking", choices=SCORINGS)
+    beta: float = _f(0.05, "tracking")
+    layer_weights: tuple[float, ...] | None = _f(None, "tracking")
+    share_across_layers: bool = _f(False, "tracking")
+    attention_sum_beta: float = _f(1.0, "tracking")
+    position_norm: str = _f("none", "tracking", choices=POSITION_NORMS)
+    position_gamma: float = _f(0.3, "tracking")
     # tiers
-    tau_h: float = 200.0
-    tau_l: float = 0.6
-    tau_e: float = 0.3
-    b_min: int = 3
-    b_max: int = 4
-    bit_interp: str = "log"
-    fill_container: bool = True
-    quantizer: str = "minmax"
-    s: float = 3.0
-    key_quant: str = "channel"
-    key_group_size: int = 64
-    value_group_size: int = 64
-    rotate: bool = True
-    p_max: float = 0.0
-    sparse_threshold: float = 0.25
-    markers: bool = True
-    spill: float = 0.2
-    # DynaCompress
-    rule: str = "thresholds"
-    gamma: float = 0.75
-    lam: float = 10.0
-    tau_prune: float = 0.1
-    c_max: float | None = None
-    seed: int = 0
-    budget_shape: str = "weights"
-    pool_kernel: int = 0
-    tsp_layer: int | None = None
+    tau_h: float = _f(200.0, "tiers", replay=True, ui=(
+        "τ_h: full precision above", 0.05, 1000.0, 0.05, "thresholds",
+        "normalised importance (1 = layer mean); a heavy tail: top blocks score in the hundreds"))
+    tau_l: float = _f(0.6, "tiers", replay=True, ui=("τ_l: quantised above, pruned below", 0.01, 20.0, 0.01, "thresholds",
+                                                    "must stay below τ_h"))
+    tau_e: float = _f(0.3, "tiers", replay=True, ui=("τ_e: evicted below", 0.0, 10.0, 0.01, "thresholds",
+                                                    "must stay below τ_l"))
+    b_min: int = _f(3, "tiers", replay=True, ui=("b_min: fewest bits", 1, 8, 1, "bits"))
+    b_max: int = _f(4, "tiers", replay=True, ui=("b_max: most bits", 1, 8, 1, "bits"))
+    bit_interp: str = _f("log", "tiers", choices=BIT_INTERPS)
+    fill_container: bool = _f(True, "tiers")
+    quantizer: str = _f("minmax", "tiers", choices=QUANTIZERS)
+    s: float = _f(3.0, "tiers")
+    key_quant: str = _f("channel", "tiers", replay=True, choices=KEY_QUANTS)
+    key_group_size: int = _f(64, "tiers", replay=True)
+    value_group_size: int = _f(64, "tiers", replay=True)
+    rotate: bool = _f(True, "tiers", ui=("store quantised blocks Hadamard-rotated (less error; needs a re-run)",
+                                         None, None, None, "bits"))
+    p_max: float = _f(0.0, "tiers", replay=True, ui=("p_max: largest pruning rate", 0.0, 0.95, 0.05, "bits"))
+    sparse_threshold: float = _f(0.25, "tiers", replay=True)
+    markers: bool = _f(True, "tiers", replay=True)
+    spill: float = _f(0.2, "tiers", replay=True, ui=(
+        "ρ: eviction guard after attended blocks", 0.0, 1.0, 0.05, "thresholds",
+        "at the prefill, a block below τ_e stays (lowest tier) while ρ × the score of the block before it reaches τ_e"))
+    # methods: rules, budgets, hooks (agacc/methods)
+    rule: str = _f("agacc", "method", replay=True)
+    gamma: float = _f(0.75, "method", replay=True)
+    lam: float = _f(10.0, "method", replay=True)
+    tau_prune: float = _f(0.1, "method", replay=True)
+    c_max: float | None = _f(None, "method", replay=True)
+    seed: int = _f(0, "method", replay=True)
+    budget_shape: str = _f("weights", "method", replay=True)
+    pool_kernel: int = _f(0, "method")
+    tsp_layer: int | None = _f(None, "method")
     # blocks / re-evaluation
-    block_size: int = 16
-    n_r: int = 8
-    n_w: int = 16
-    host_copy: bool = False
-    recent_window: int = 32
-    n_sink: int = 4
+    block_size: int = _f(16, "blocks", ui=("B: block size (tokens)", None, None, None, "tracking"),
+                         choices=(8, 16, 32, 64, 128))
+    n_r: int = _f(8, "blocks", ui=("N_r: re-evaluate every N steps", 1, 64, 1, "tracking"))
+    n_w: int = _f(16, "blocks")
+    host_copy: bool = _f(False, "blocks", replay=True, ui=("keep a host copy (blocks can be re-promoted)",
+                                                           None, None, None, "tracking"))
+    recent_window: int = _f(32, "blocks", ui=("recent window (tokens kept 16-bit)", 0, 512, 16, "tracking"))
+    n_sink: int = _f(4, "blocks", replay=True)
     # budget / storage
-    target_ratio: float | None = None
-    store_dtype: str = "float16"
-    compress: bool = True
-    name: str = "custom"
+    target_ratio: float | None = _f(None, "budget", replay=True, ui=(
+        "target memory ratio (16-bit bytes / held bytes)", 1.0, 16.0, 0.25, "thresholds",
+        "thresholds are scaled to hit this ratio at every re-evaluation"))
+    store_dtype: str = _f("float16", "budget", choices=STORE_DTYPES)
+    compress: bool = _f(True, "budget")
+    name: str = _f("custom", "budget")
 
     def __post_init__(self):
+        for key, old in LEGACY_NAMES.items():
+            if getattr(self, key) in old:
+                object.__setattr__(self, key, old[getattr(self, key)])
         self.validate()
 
     def validate(self) -> None:
@@ -168,10 +207,9 @@ class AGACCConfig:
         need(self.n_q >= 1, f"n_q (N_q) must be >= 1, got {self.n_q}")
         need(0.0 < self.alpha <= 1.0, f"alpha must be in (0, 1], got {self.alpha}")
         need(self.scoring in SCORINGS, f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
-        from agacc.policy import rule_names
-
-        need(self.rule in rule_names(), f"rule must be one of {rule_names()}, got {self.rule!r}")
-        need(self.budget_shape in BUDGET_SHAPES, f"budget_shape must be one of {BUDGET_SHAPES}, got {self.budget_shape!r}")
+        rules, shapes = methods.rule_names(), ("weights", *methods.budget_names())
+        need(self.rule in rules, f"rule must be one of {rules}, got {self.rule!r}")
+        need(self.budget_shape in shapes, f"budget_shape must be one of {shapes}, got {self.budget_shape!r}")
         need(self.pool_kernel >= 0, f"pool_kernel must be >= 0, got {self.pool_kernel}")
         need(self.tsp_layer is None or self.tsp_layer >= 0, f"tsp_layer must be >= 0 or None, got {self.tsp_layer}")
         need(self.beta > 0, f"beta must be > 0, got {self.beta}")
@@ -210,15 +248,14 @@ class AGACCConfig:
     # --- presets ---------------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str, **overrides) -> "AGACCConfig":
-        """A named preset with optional field overrides, e.g. ``preset("agacc", tau_h=3.0)``."""
-        from agacc.presets import PRESETS  # the registry lives with the baselines
-
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        """A named preset (``agacc/methods``) with optional field overrides, e.g. ``preset("agacc", tau_h=3.0)``."""
+        table = methods.preset_overrides()
+        if name not in table:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(table)}")
         unknown = set(overrides) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown AGACCConfig field(s): {sorted(unknown)}")
-        return replace(PRESETS[name], **overrides, name=overrides.get("name", name))
+        return cls(**{**table[name][1], **overrides, "name": overrides.get("name", name)})
 
     def with_overrides(self, **overrides) -> "AGACCConfig":
         unknown = set(overrides) - {f.name for f in fields(self)}
@@ -237,29 +274,52 @@ class AGACCConfig:
         return cls(**d)
 
 
+def field_info(name: str) -> dict:
+    """A field's metadata: group, replay, ui (a ``Knob`` or None), choices, plus ``type`` (its
+    annotation) and ``default``."""
+    f = _FIELDS.get(name)
+    if f is None:
+        raise ValueError(f"unknown config field {name!r}; fields: {sorted(_FIELDS)}")
+    return {**f.metadata, "type": f.type, "default": f.default}
+
+
+def replayable_fields() -> tuple[str, ...]:
+    """Fields whose change a recorded importance history can replay (the policy only); any other
+    change (alpha, block size, N_r, recent window, scoring ...) changes the importance itself or the
+    block layout and needs a re-run."""
+    return tuple(n for n, f in _FIELDS.items() if f.metadata["replay"])
+
+
+def ui_fields() -> tuple[str, ...]:
+    """Fields the app shows as knobs, in declaration order."""
+    return tuple(n for n, f in _FIELDS.items() if f.metadata["ui"] is not None)
+
+
+def parse_value(key: str, raw: str):
+    """A field's value from text, typed after its annotation ("none" for optional fields)."""
+    info = field_info(key)
+    kind, optional = info["type"].replace(" | None", ""), info["type"].endswith("| None")
+    raw = raw.strip()
+    if optional and raw.lower() == "none":
+        return None
+    try:
+        if kind == "bool":
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"expects true/false, got {raw!r}")
+            return raw.lower() in ("true", "1")
+        if kind.startswith("tuple"):
+            return tuple(float(x) for x in raw.split(","))
+        return {"int": int, "float": float, "str": str}[kind](raw)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from e
+
+
 def parse_override(item: str) -> tuple[str, object]:
     """``"tau_h=3"`` -> ``("tau_h", 3.0)`` typed after the field (CLI ``--set``)."""
     if "=" not in item:
         raise ValueError(f"--set expects key=value, got {item!r}")
     key, raw = item.split("=", 1)
-    key = key.strip()
-    by_name = {f.name: f for f in fields(AGACCConfig)}
-    if key not in by_name:
-        raise ValueError(f"unknown config field {key!r}; fields: {sorted(by_name)}")
-    default = getattr(AGACCConfig(), key)
-    raw = raw.strip()
-    if raw.lower() == "none" and (default is None or by_name[key].type.endswith("None")):
-        return key, None
-    if isinstance(default, bool):
-        if raw.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"{key} expects true/false, got {raw!r}")
-        return key, raw.lower() in ("true", "1")
-    if key == "tsp_layer":
-        return key, int(raw)
-    if key == "layer_weights":
-        return key, tuple(float(x) for x in raw.split(","))
-    if isinstance(default, int):
-        return key, int(raw)
-    if isinstance(default, float) or default is None:
-        return key, float(raw)
-    return key, raw
+    return key.strip(), parse_value(key.strip(), raw)
+
+
+_FIELDS = {f.name: f for f in fields(AGACCConfig)}

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from agacc.cache import CompressedCache
+from agacc.planner import text_config
 from agacc.config import AGACCConfig
 from agacc.trace import Trace
 
@@ -93,7 +94,7 @@ def encode_prompt(tokenizer, prompt: str, chat_template: bool = True) -> torch.T
 
 
 def context_limit(model) -> int | None:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model.config)
     return getattr(cfg, "max_position_embeddings", None)
 
 

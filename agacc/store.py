@@ -30,7 +30,7 @@ import torch
 
 from agacc import quant
 from agacc.policy import fidelity_floor
-from agacc.tiers import CONTAINER_OF_TIER, EVICTED, FULL, INT2, INT3, INT4, INT8, NAMES, PRUNED, TIER_CONTAINER
+from agacc.tiers import CONTAINER_OF_TIER, EVICTED, FULL, INT2, INT3, INT4, INT8, NAMES, PRUNED, TIER_CONTAINER, evicted_runs
 
 
 def _quant_ops(device) -> object:
@@ -80,13 +80,6 @@ class Segment:
     @property
     def n_blocks(self) -> int:
         return int(self.block_ids.numel())
-
-    def token_positions(self) -> torch.Tensor:
-        b = self.block_ids.long()
-        return (b[:, None] * self.block_size + torch.arange(self.block_size, device=b.device)).reshape(-1)
-
-    def _keep_rows(self, keep_blocks: torch.Tensor):
-        return _rows(keep_blocks, self.block_size)
 
     def remove(self, block_ids: torch.Tensor):
         """Drop the given blocks; returns their dequantised (k, v) in block_ids order (compute dtype fp32)."""
@@ -358,6 +351,10 @@ class LayerStore:
     def n_blocks(self) -> int:
         return int(self.block_tier.numel())
 
+    @property
+    def batch(self) -> int:
+        return self.hot_k.shape[0] if self.hot_k is not None else 1
+
     def n_ready_blocks(self) -> int:
         """Blocks that have fully left the recent window (compressible)."""
         return max(0, self.seq_len - self.cfg.recent_window) // self.B
@@ -541,13 +538,7 @@ class LayerStore:
         ev_blocks = (self.block_tier == EVICTED).nonzero().squeeze(1).tolist()
         if not newly_evicted and len(ev_blocks) == int((self.markers.span[:, 1] - self.markers.span[:, 0] + 1).sum()):
             return  # nothing evicted since, nothing brought back: the same runs
-        runs, start = [], None
-        for i, b in enumerate(ev_blocks):
-            if start is None:
-                start = b
-            if i + 1 == len(ev_blocks) or ev_blocks[i + 1] != b + 1:
-                runs.append((start, b))
-                start = None
+        runs = evicted_runs(self.block_tier)
         old = {(r[0], r[1]): r for r in self.markers.runs()}
         new_data = {b: (kk, vv) for b, kk, vv in newly_evicted}
         B = self.B
@@ -628,34 +619,3 @@ def _check_containers(tier: torch.Tensor, bits: torch.Tensor, b_min: int) -> Non
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"block {i}: tier {NAMES[int(tier[i])]} holds {int(want[i])}-bit container codes, "
                          f"got {int(bits[i])}-bit codes")
-
-
-def block_cost_bytes(tier: int, bits: int, keep: int, *, batch: int, heads: int, head_dim: int,
-                     block_size: int, full_itemsize: int, value_group_size: int, b_min: int,
-                     sparse_threshold: float, key_quant: str, key_group_size: int) -> int:
-    """Bytes one block of ``block_size`` tokens occupies in ``tier`` under the format above (K and V,
-    scales, ids, per-block metadata). For planning only (the ratio fitter); ``memory()`` counts
-    ``nbytes`` of what is held. Evicted blocks cost nothing here (markers are counted per run)."""
-    vecs = batch * heads * block_size
-    meta = 1 + 1 + 2 + 4  # tier, bits, keep, block id
-    if tier == FULL:
-        return 2 * vecs * head_dim * full_itemsize + meta
-    if tier in TIER_CONTAINER or (tier == PRUNED and (keep >= head_dim or 1 - keep / head_dim < sparse_threshold)):
-        c = quant.container_bits(bits if tier != PRUNED else b_min)
-        codes = 2 * vecs * head_dim * c // 8
-        if key_quant == "token":
-            k_scales = 2 * vecs * (head_dim // quant.value_group(head_dim, key_group_size)) * 2
-        else:
-            k_scales = 2 * batch * heads * head_dim * 2
-        v_scales = 2 * vecs * (head_dim // quant.value_group(head_dim, value_group_size)) * 2
-        return codes + k_scales + v_scales + 1 + meta
-    if tier == PRUNED:
-        c = quant.container_bits(b_min)
-        per_vec = head_dim // 8 + keep * c // 8 + 4
-        return 2 * vecs * per_vec + meta
-    return meta  # evicted
-
-
-def marker_cost_bytes(*, batch: int, heads: int, head_dim: int, full_itemsize: int) -> int:
-    """Bytes of one marker entry (k, v, log_count, weight, span)."""
-    return 2 * batch * heads * head_dim * full_itemsize + 4 + 4 + 8

@@ -18,19 +18,20 @@ from pathlib import Path
 
 import torch
 
-from agacc.config import AGACCConfig
+from agacc import planner
+from agacc.config import AGACCConfig, replayable_fields
+from agacc.importance import WINDOW_ITEMSIZE
 from agacc.policy import fidelity_floor
-from agacc.tiers import EVICTED, HOT, NAMES
+from agacc.presets import PRESETS
+from agacc.tiers import HOT, NAMES, evicted_runs
 
 TRACE_FORMAT = "agacc-trace"
 TRACE_VERSION = 2  # 2: the int3 tier (tier codes of int2 and below moved up by one)
 
-# Config fields whose change can be replayed from the recorded importance (the policy only).
-# Changing any other field (alpha, block size, N_r, recent window, scoring ...) changes the
-# importance itself or the block layout: that needs a re-run.
-POLICY_FIELDS = ("tau_h", "tau_l", "tau_e", "b_min", "b_max", "p_max", "target_ratio", "sparse_threshold",
-                 "key_quant", "key_group_size", "value_group_size", "markers", "gamma", "lam", "tau_prune",
-                 "c_max", "budget_shape", "seed", "rule", "host_copy", "n_sink", "spill")
+# Config fields whose change can be replayed from the recorded importance (the policy only: the
+# config's field metadata says which). Changing any other field (alpha, block size, N_r, recent
+# window, scoring ...) changes the importance itself or the block layout: that needs a re-run.
+POLICY_FIELDS = replayable_fields()
 
 
 @dataclass
@@ -46,7 +47,8 @@ class Trace:
         re-evaluation and one at the end; a frame's ``step`` counts the decode forwards before it
         (0 = right after the prefill) and its ``seq_len`` the tokens in the cache.
     history: the cache's importance history, one entry per re-evaluation:
-        {step, seq_len, n_ready, prefill (it ended a prefill: the eviction guard applies), scores [L][n_ready]}.
+        {step, seq_len, n_ready, prefill (it ended a prefill: the eviction guard applies), scores [L][n_ready],
+        overhead (bytes the ratio fitter added to its plan), unplanned (bytes held outside the plan)}.
     compare: full-cache comparison summary (None when off).
     """
 
@@ -76,6 +78,8 @@ class Trace:
                 e["overhead"] = int(h["overhead"])
             elif overhead is not None and j == len(entries) - 1:
                 e["overhead"] = int(overhead)
+            if h.get("unplanned") is not None:
+                e["unplanned"] = int(h["unplanned"])
             self.history.append(e)
 
     # --- access --------------------------------------------------------------------------------
@@ -84,22 +88,12 @@ class Trace:
         return AGACCConfig.from_dict(self.meta["config"])
 
     @property
-    def geometry(self):
-        from agacc.cache import Geometry
-
-        return Geometry(**self.meta["geometry"])
+    def geometry(self) -> planner.Geometry:
+        return planner.Geometry(**self.meta["geometry"])
 
     @property
     def text(self) -> str:
         return self.meta.get("text", "")
-
-    def frame_for_step(self, step: int) -> int:
-        """Index of the last frame taken at or before decode step ``step`` (0 if none)."""
-        idx = 0
-        for i, f in enumerate(self.frames):
-            if f["step"] <= step:
-                idx = i
-        return idx
 
     def history_for_frame(self, frame: int) -> int:
         """Index of the last history entry at or before frame ``frame`` (by decode step)."""
@@ -178,19 +172,6 @@ def _json_default(o):
 
 # --- replay -----------------------------------------------------------------------------------
 
-def evicted_runs(tier: torch.Tensor) -> list[list[int]]:
-    """Contiguous runs of evicted blocks as [first_block, last_block] (one marker each)."""
-    ev = (tier == EVICTED).nonzero().squeeze(1).tolist()
-    runs, start = [], None
-    for i, b in enumerate(ev):
-        if start is None:
-            start = b
-        if i + 1 == len(ev) or ev[i + 1] != b + 1:
-            runs.append([start, b])
-            start = None
-    return runs
-
-
 def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None = None) -> list[dict]:
     """Re-apply the policy of ``cfg`` to a recorded importance history (no model, no generation).
 
@@ -200,9 +181,9 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
 
     Returns one snapshot-like dict per entry (importance, tier, bits, keep, markers, seq_len,
     block_size, step, threshold_scale, planned_bytes = store bytes under the plan without the
-    tracker, bytes_fp16, ratio), the same keys as ``CompressedCache.snapshot()`` where they exist."""
-    from agacc.cache import fit_threshold_scale, plan_tiers
-
+    tracker, held_bytes = what the cache would hold (the plan + the tracker and bookkeeping the run
+    recorded), bytes_fp16, ratio = bytes_fp16 / held_bytes), the same keys as
+    ``CompressedCache.snapshot()`` where they exist."""
     if not history:
         raise ValueError("nothing to replay: the run recorded no importance history")
     last = len(history) - 1 if upto is None else max(0, min(int(upto), len(history) - 1))
@@ -216,9 +197,10 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
         prefill = bool(h.get("prefill", False))
         if cfg.compress and n_ready > 0:
             if cfg.target_ratio is not None:
-                scale = fit_threshold_scale(scores, cfg, geo, seq_len, cfg.target_ratio, int(h.get("overhead", 0)),
-                                            prev=None if cfg.host_copy else current, start=scale, prefill=prefill)
-            plans = plan_tiers(scores, cfg, geo, seq_len, scale, prefill=prefill)
+                scale = planner.fit_threshold_scale(scores, cfg, geo, seq_len, cfg.target_ratio,
+                                                    int(h.get("overhead", 0)), prev=None if cfg.host_copy else current,
+                                                    start=scale, prefill=prefill)
+            plans = planner.plan_tiers(scores, cfg, geo, seq_len, scale, prefill=prefill)
             if not cfg.host_copy and current is not None:
                 plans = [fidelity_floor(prev, *p) for prev, p in zip(current, plans)]
             current = plans
@@ -232,13 +214,15 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
             tiers.append(t + [HOT] * (nb - n))
             bits.append(b + [16] * (nb - n))
             keeps.append(k + [geo.head_dim] * (nb - n))
-            markers.append(evicted_runs(current[layer][0]) if (current is not None and cfg.markers) else [])
-        held = _bytes(current, cfg, geo, seq_len)
-        fp16 = 2 * geo.batch * geo.heads * seq_len * geo.head_dim * 2 * geo.n_layers
+            markers.append([list(r) for r in evicted_runs(current[layer][0])]
+                           if (current is not None and cfg.markers) else [])
+        planned = planner.planned_bytes(current, cfg, geo, seq_len)
+        held = planned + _unplanned(h, cfg, geo)
+        fp16 = geo.bytes_fp16(seq_len)
         out.append({"step": int(h["step"]), "seq_len": seq_len, "block_size": B, "n_layers": geo.n_layers,
                     "threshold_scale": scale, "importance": imp, "tier": tiers, "bits": bits, "keep": keeps,
-                    "markers": markers, "tier_names": list(NAMES), "planned_bytes": held, "bytes_fp16": fp16,
-                    "ratio": fp16 / max(1, held), "replayed": True})
+                    "markers": markers, "tier_names": list(NAMES), "planned_bytes": planned, "held_bytes": held,
+                    "bytes_fp16": fp16, "ratio": fp16 / max(1, held), "replayed": True})
     return out
 
 
@@ -247,12 +231,15 @@ def replay(history: list[dict], cfg: AGACCConfig, geo, upto: int | None = None) 
     return replay_frames(history, cfg, geo, upto)[-1]
 
 
-def _bytes(plans, cfg, geo, seq_len):
-    from agacc.cache import planned_bytes
-
-    if plans is None:  # nothing tiered yet: every token at full precision in the store dtype
-        return 2 * geo.batch * geo.heads * seq_len * geo.head_dim * geo.full_itemsize * geo.n_layers
-    return planned_bytes(plans, cfg, geo, seq_len)
+def _unplanned(h: dict, cfg: AGACCConfig, geo) -> int:
+    """Bytes held outside the plan at history entry ``h`` (tracker, scores, layout): recorded, or, in
+    a trace recorded before they were, the fitter's overhead less the room it leaves for the tokens
+    to come (their window slots and their K/V at full precision)."""
+    if h.get("unplanned") is not None:
+        return int(h["unplanned"])
+    ahead = min(cfg.n_r, cfg.block_size)
+    room = ahead * (WINDOW_ITEMSIZE * geo.n_layers + geo.bytes_full(1))
+    return max(0, int(h.get("overhead", 0)) - room)
 
 
 def policy_changes(run_cfg: AGACCConfig, new_cfg: AGACCConfig) -> tuple[list[str], list[str]]:
@@ -268,8 +255,6 @@ def config_snippet(cfg: AGACCConfig, *, model: str | None = None, prompt: str = 
                    temperature: float = 0.0, seed: int = 0, chat_template: bool = True,
                    compare: bool = False, trust_remote_code: bool = False, packed_weights: bool = False) -> str:
     """Python code that reproduces a run with the library (same config, prompt, sampling)."""
-    from agacc.presets import PRESETS
-
     base_name = cfg.name if cfg.name in PRESETS else "agacc"
     base = AGACCConfig.preset(base_name).to_dict()
     d = cfg.to_dict()

@@ -6,7 +6,10 @@ import torch
 import agacc
 from agacc import policy
 from agacc import tiers as T
-from agacc.cache import Geometry, fit_threshold_scale, plan_tiers, planned_bytes
+from agacc import methods
+from agacc.methods.agacc import thresholds_rule
+from agacc.methods.dynacompress import block_uniforms, dynacompress_rule
+from agacc.planner import Geometry, fit_threshold_scale, plan_tiers, planned_bytes
 from agacc.config import AGACCConfig
 from agacc.presets import PRESETS
 
@@ -21,7 +24,7 @@ def test_thresholds_rule_worked_example():
     cfg = AGACCConfig(tau_h=2.0, tau_l=0.5, tau_e=0.1, b_min=2, b_max=8, p_max=0.5, position_norm="power",
                       bit_interp="linear", fill_container=False)
     scores = torch.tensor([3.0, 2.0, 1.25, 0.6, 0.5, 0.25, 0.05])
-    tier, bits, keep = policy.thresholds_rule(scores, cfg, head_dim=64)
+    tier, bits, keep = thresholds_rule(scores, cfg, head_dim=64)
     # 3.0 > tau_h: full; 2.0: x=1 -> b = 2 + floor(7) -> 8; 1.25: x=0.5 -> 2+3=5 (int8 container);
     # 0.6: x=0.0667 -> 2 (int2); 0.5 = tau_l: p=0 keeps all 64 -> a plain int2 block; 0.25: p=0.25 -> keep 48;
     # 0.05: evicted
@@ -36,15 +39,15 @@ def test_thresholds_rule_log_position_and_filled_containers():
     scores = torch.tensor([1.25, 1.0, 0.7, 0.6])
     # x = log(2.5)/log(4) = 0.661 -> 2 + floor(4.63) = 6 -> 8;  log(2)/log(4) = 0.5 -> 2 + 3 = 5 -> 8;
     # log(1.4)/log(4) = 0.243 -> 2 + 1 = 3 (a 3-bit container);  log(1.2)/log(4) = 0.132 -> 2 + 0 = 2
-    tier, bits, _ = policy.thresholds_rule(scores, cfg, head_dim=64)
+    tier, bits, _ = thresholds_rule(scores, cfg, head_dim=64)
     assert bits.tolist() == [8, 8, 3, 2]
     assert tier.tolist() == [T.INT8, T.INT8, T.INT3, T.INT2]
-    tier, bits, _ = policy.thresholds_rule(scores, cfg.with_overrides(fill_container=False), head_dim=64)
+    tier, bits, _ = thresholds_rule(scores, cfg.with_overrides(fill_container=False), head_dim=64)
     assert bits.tolist() == [6, 5, 3, 2]
     assert tier.tolist() == [T.INT8, T.INT8, T.INT3, T.INT2]  # 6 and 5 bits in the 8-bit container
-    tier, bits, _ = policy.thresholds_rule(scores, cfg.with_overrides(b_min=1, b_max=1), head_dim=64)
+    tier, bits, _ = thresholds_rule(scores, cfg.with_overrides(b_min=1, b_max=1), head_dim=64)
     assert bits.tolist() == [2, 2, 2, 2] and tier.tolist() == [T.INT2] * 4  # 1 -> 2: the container's width
-    _, bits, _ = policy.thresholds_rule(scores, cfg.with_overrides(bit_interp="linear", fill_container=False), head_dim=64)
+    _, bits, _ = thresholds_rule(scores, cfg.with_overrides(bit_interp="linear", fill_container=False), head_dim=64)
     assert bits.tolist() == [5, 4, 2, 2]  # x = 0.5, 0.333, 0.133, 0.067
     with pytest.raises(ValueError, match="bit_interp"):
         AGACCConfig(bit_interp="cubic")
@@ -55,7 +58,7 @@ def test_dynacompress_corrected_signs():
     cfg = AGACCConfig(rule="dynacompress", b_min=2, b_max=8, gamma=0.75, lam=10, tau_prune=0.3, tau_h=1e9,
                       fill_container=False)
     a_hat = torch.linspace(0, 1, 11)
-    tier, bits, _ = policy.dynacompress_rule(a_hat, cfg, 64, layer=0)
+    tier, bits, _ = dynacompress_rule(a_hat, cfg, 64, layer=0)
     assert bits[-1] == 8 and bits.tolist() == sorted(bits.tolist())  # b = 8 * (1 - 0.75 * (1 - A))
     assert bits.tolist()[5] == math.floor(8 * (1 - 0.75 * 0.5))
     p = torch.sigmoid(cfg.lam * (cfg.tau_prune - a_hat))
@@ -66,7 +69,6 @@ def test_dynacompress_corrected_signs():
 
 
 def _all_presets():
-    policy.rule_names()  # load the baselines' rules
     return sorted(PRESETS)
 
 
@@ -78,24 +80,24 @@ def test_importance_is_monotone_with_fidelity(name):
     scores = torch.sort(torch.rand(200) * 4).values  # ascending importance
     if cfg.rule == "dynacompress":
         # eviction is drawn per block: monotone in probability; with equal draws, monotone outright
-        tier, bits, _ = policy.dynacompress_rule(scores, cfg, 64, layer=0)
+        tier, bits, _ = dynacompress_rule(scores, cfg, 64, layer=0)
         kept_bits = bits[tier != T.EVICTED].tolist()
         assert kept_bits == sorted(kept_bits)
-        u = float(policy.block_uniforms(cfg.seed, 0, 200)[0])
+        u = float(block_uniforms(cfg.seed, 0, 200)[0])
         p = torch.sigmoid(cfg.lam * (cfg.tau_prune - scores / scores.max()))
         evicted = (u < p).tolist()
         assert evicted == sorted(evicted, reverse=True)
         return
-    tier, bits, keep = policy.assign_tiers(scores, cfg, 64, layer=0)
+    tier, bits, keep = methods.rule(cfg.rule).rule(scores, cfg, 64, 0)
     keys = [fidelity_key(t, b, k) for t, b, k in zip(tier, bits, keep)]
     assert keys == sorted(keys), f"{name}: a more important block got less fidelity"
 
 
 def test_spill_lends_the_next_block_a_share_of_the_previous_score():
     s = torch.tensor([[5.0, 0.05, 0.05, 0.4, 0.05], [0.1, 0.1, 2.0, 0.1, 0.1]])
-    out = policy.spill(s, 0.2)
+    out = policy.spill_scores(s, 0.2)
     assert torch.allclose(out, torch.tensor([[5.0, 1.0, 0.05, 0.4, 0.08], [0.1, 0.1, 2.0, 0.4, 0.1]]))
-    assert policy.spill(s, 0.0) is s
+    assert policy.spill_scores(s, 0.0) is s
 
 
 def test_eviction_guard_keeps_the_block_after_a_strongly_attended_one():
@@ -104,14 +106,14 @@ def test_eviction_guard_keeps_the_block_after_a_strongly_attended_one():
     block 4 a 0.4 block (0.08 < tau_e): both evicted. The block BEFORE a strong one is not guarded."""
     cfg = AGACCConfig(tau_h=10.0, tau_l=0.5, tau_e=0.1, b_min=3, b_max=4, p_max=0.5, spill=0.2)
     scores = torch.tensor([5.0, 0.05, 0.05, 0.4, 0.05])
-    tier, bits, keep = policy.thresholds_rule(scores, cfg, 64, guard=cfg.spill)
+    tier, bits, keep = thresholds_rule(scores, cfg, 64, spill=cfg.spill)
     # 5.0: x = log(10)/log(20) = 0.77 -> 3 + 1 = 4 bits; 0.05: p = 0.5 * (1 - 0.05/0.5) = 0.45 -> keep
     # 64 - 29 = 35, rounded up to 40 (multiples of 8); 0.4: p = 0.1 -> 58 -> 64: a plain 3-bit block
     assert tier.tolist() == [T.INT4, T.PRUNED, T.EVICTED, T.INT3, T.EVICTED]
     assert keep.tolist() == [64, 40, 0, 64, 0] and bits.tolist() == [4, 3, 0, 3, 0]
-    tier0, _, _ = policy.thresholds_rule(scores, cfg, 64)  # no guard: the seed's rule
+    tier0, _, _ = thresholds_rule(scores, cfg, 64)  # no guard: the seed's rule
     assert tier0.tolist() == [T.INT4, T.EVICTED, T.EVICTED, T.INT3, T.EVICTED]
-    tier, _, _ = policy.thresholds_rule(torch.tensor([0.05, 5.0]), cfg, 64, guard=0.2)
+    tier, _, _ = thresholds_rule(torch.tensor([0.05, 5.0]), cfg, 64, spill=0.2)
     assert tier.tolist()[0] == T.EVICTED
 
 
@@ -120,11 +122,11 @@ def test_eviction_guard_is_monotone():
     cfg = AGACCConfig(tau_h=8.0, tau_l=0.6, tau_e=0.3, p_max=0.5)
     g = torch.Generator().manual_seed(0)
     s = torch.rand(60, generator=g) * torch.rand(60, generator=g) * 4
-    base = policy.thresholds_rule(s, cfg, 64, guard=0.2)
+    base = thresholds_rule(s, cfg, 64, spill=0.2)
     for i in range(60):
         up = s.clone()
         up[i] *= 3
-        raised = policy.thresholds_rule(up, cfg, 64, guard=0.2)
+        raised = thresholds_rule(up, cfg, 64, spill=0.2)
         for j in range(60):
             assert fidelity_key(*(x[j] for x in raised)) >= fidelity_key(*(x[j] for x in base)), (i, j)
 
@@ -148,7 +150,7 @@ def test_eviction_guard_applies_at_a_prefill_only():
 def test_bits_grow_with_importance_inside_the_band():
     cfg = AGACCConfig(tau_h=4.0, tau_l=1.0, tau_e=0.1, b_min=2, b_max=8)
     s = torch.linspace(1.01, 4.0, 50)
-    _, bits, _ = policy.thresholds_rule(s, cfg, 64)
+    _, bits, _ = thresholds_rule(s, cfg, 64)
     assert bits.tolist() == sorted(bits.tolist()) and bits.min() == 2 and bits.max() == 8
 
 
@@ -213,7 +215,7 @@ def test_ratio_fitter_uses_the_budget_when_block_scores_are_nearly_equal():
 def test_ratio_fitter_keeps_a_scale_that_still_fills_the_budget(monkeypatch):
     """A warm start whose plan already uses 99-100% of the budget is returned as is, after one plan
     (stable tiers between re-evaluations); one whose plan is over budget is searched away from."""
-    import agacc.cache as C
+    import agacc.planner as C
 
     cfg = AGACCConfig.preset("agacc", block_size=32)
     geo = Geometry(n_layers=4, heads=2, head_dim=64, batch=1, full_itemsize=2)

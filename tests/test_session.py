@@ -15,7 +15,8 @@ import torch
 import agacc
 from agacc import tiers as T
 from agacc.session import GenerationSession, SessionError, encode_prompt, generate
-from agacc.trace import Trace, config_snippet, evicted_runs, policy_changes, replay, replay_frames
+from agacc.tiers import evicted_runs
+from agacc.trace import Trace, config_snippet, policy_changes, replay, replay_frames
 
 PROMPT = ("Mara kept the parcel behind the counter for three days. On the fourth day the lighthouse went dark, "
           "the harbour flooded and the fishermen gathered at the post office asking what Tobias had left for them. "
@@ -170,7 +171,7 @@ def test_replay_under_new_thresholds(run_floor):
     c = cfg.with_overrides(tau_e=0.85)
     r = replay(tr.history, c, tr.geometry)
     assert r["tier"] != tr.frames[len(tr.history) - 1]["tier"]
-    assert r["markers"] == [evicted_runs(torch.tensor(row)) for row in r["tier"]]
+    assert r["markers"] == [[list(x) for x in evicted_runs(torch.tensor(row))] for row in r["tier"]]
     assert policy_changes(cfg, c) == (["tau_e"], [])
     assert policy_changes(cfg, cfg.with_overrides(alpha=0.3)) == ([], ["alpha"])
 

@@ -8,7 +8,8 @@ from agacc import tiers as T
 from agacc.attention import attend
 from agacc.config import AGACCConfig
 from agacc.decode import _codes_t, decode_attention
-from agacc.store import LayerStore, block_cost_bytes, marker_cost_bytes
+from agacc.planner import block_cost_bytes, marker_cost_bytes
+from agacc.store import LayerStore
 from tests.helpers import walk_tensor_bytes
 
 D = 64

@@ -30,6 +30,7 @@ import torch
 
 from agacc.attention import observe_prefill
 from agacc.cache import CompressedCache
+from agacc.planner import text_config
 from agacc.config import AGACCConfig
 from agacc.eval.metrics import best_score, lm_stats, perplexity
 from agacc.eval.tasks import Sample
@@ -71,11 +72,6 @@ def _register_capture():
     ALL_MASK_ATTENTION_FUNCTIONS.register(CAPTURE, sdpa_mask)
 
 
-def _text_config(model):
-    c = model.config
-    return c.get_text_config() if hasattr(c, "get_text_config") else c
-
-
 @torch.inference_mode()
 def capture_prefill(model, prompt_ids: list[int], extra_ids: list[int] | None = None, n_obs: int = 64) -> Capture:
     """One causal forward over ``prompt_ids + extra_ids`` with a plain (SDPA) attention; keeps each
@@ -96,7 +92,7 @@ def capture_prefill(model, prompt_ids: list[int], extra_ids: list[int] | None = 
     secs = time.perf_counter() - t0
     layers = _STATE.pop("layers")
     _STATE.clear()
-    n_layers = _text_config(model).num_hidden_layers
+    n_layers = text_config(model.config).num_hidden_layers
     missing = [i for i in range(n_layers) if i not in layers]
     if missing:
         raise RuntimeError(f"capture saw no attention call for layers {missing[:5]}")

@@ -1,0 +1,57 @@
+"""AGACC (seed 000 §2.4): thresholds on normalised block importance -> full / quantised / pruned / evicted.
+
+    > tau_h: full precision;  (tau_l, tau_h]: b = b_min + floor(x (b_max - b_min + 1)) bits, x the
+    position of the score inside (tau_l, tau_h] (on its log by default);  [tau_e, tau_l]: b_min bits,
+    pruned at p = p_max (1 - min(1, s / tau_l));  < tau_e: evicted behind a marker.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from agacc.methods import Method, register
+from agacc.policy import code_bits, quant_tier, spill_scores
+from agacc.quant import container_bits, kept_counts
+from agacc.tiers import CONTAINER_TIER, EVICTED, FULL, PRUNED
+
+
+def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, layer: int = 0, scale: float = 1.0, spill: float = 0.0):
+    """Block scores [n] (or [L, n]) -> (tier int8, bits int8, keep int16) alike.
+
+    ``scale`` multiplies all three thresholds (the ratio fitter moves it). ``spill`` (rho, the
+    config's ``spill`` at a prefill's re-evaluation): a block below tau_e is evicted unless
+    ``spill_scores(scores, rho)`` lifts it to tau_e (it follows a strongly attended block); then it
+    takes the lowest kept tier (b_min bits, pruned at its own score's rate)."""
+    tau_h, tau_l, tau_e = cfg.tau_h * scale, cfg.tau_l * scale, cfg.tau_e * scale
+    shape = scores.shape  # elementwise: [n] for one layer or [L, n] for all at once
+    tier = torch.full(shape, FULL, dtype=torch.int8)
+    bits = torch.full(shape, 16, dtype=torch.int8)
+    keep = torch.full(shape, head_dim, dtype=torch.int16)
+    s = scores.float().cpu()
+    mid = (s > tau_l) & (s <= tau_h)
+    if cfg.bit_interp == "log":  # importance is heavy-tailed: interpolate on its log (docs/tuning.md)
+        x = (torch.log(s.clamp_min(1e-30) / tau_l) / math.log(tau_h / tau_l)).clamp(0, 1)
+    else:  # the seed's linear position inside (tau_l, tau_h]
+        x = ((s - tau_l) / (tau_h - tau_l)).clamp(0, 1)
+    b = (cfg.b_min + torch.floor(x * (cfg.b_max - cfg.b_min + 1))).clamp(max=cfg.b_max).to(torch.int8)
+    b = code_bits(b, cfg)
+    tier[mid] = quant_tier(b)[mid]
+    bits[mid] = b[mid]
+    ev = s < tau_e
+    if spill > 0:  # the block after a strongly attended one is kept (at the lowest tier) instead
+        ev &= spill_scores(s, spill) < tau_e
+    low = (s <= tau_l) & ~ev
+    p = cfg.p_max * (1 - torch.clamp(s / tau_l, max=1.0))
+    bits[low] = container_bits(cfg.b_min) if cfg.fill_container else cfg.b_min
+    keep[low] = kept_counts(head_dim, p[low])
+    # a block that keeps every element is not pruned: it is a b_min-bit block
+    tier[low] = torch.where(keep[low] < head_dim, PRUNED, CONTAINER_TIER[container_bits(cfg.b_min)]).to(torch.int8)
+    tier[ev], bits[ev], keep[ev] = EVICTED, 0, 0
+    return tier, bits, keep
+
+
+register(Method(
+    "agacc", presets={"agacc": {}}, kind="adaptive", order=0, rule=thresholds_rule, elementwise=True,
+    citation="AGACC, seed 000: EMA importance, thresholds, bits, pruning, markers (shared/seeds/000)",
+))

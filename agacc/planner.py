@@ -1,0 +1,274 @@
+"""The planner: what tiers cost and which tiers to give, for every layer at once. Pure (no model, no
+store), so the cache, the trace replay and the app's what-if all plan with the same code.
+
+    block_scores(token_scores, cfg, n_ready)        per-token scores -> per-block scores (pooling,
+                                                    layer sharing, block max, FastKV's propagation)
+    plan_tiers(block_scores, cfg, geo, seq_len)     -> per layer (tier, bits, keep): the method's rule,
+                                                    sinks kept, per-layer budgets (c_max)
+    planned_bytes(plans, cfg, geo, seq_len)         the store's cost model: bytes those plans hold
+    fit_threshold_scale / fit_thresholds            target ratio -> threshold scale / config
+
+Geometry is the shape facts the cost model needs (``Geometry.of(model_config)``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from agacc import methods
+from agacc.importance import WINDOW_ITEMSIZE, block_max, max_pool
+from agacc.policy import fidelity_floor, layer_weights
+from agacc.quant import container_bits, value_group
+from agacc.tiers import EVICTED, FULL, PRUNED, TIER_CONTAINER, count_evicted_runs
+
+
+def text_config(config):
+    """The text model's config of a (possibly multimodal) transformers config."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shape facts the cost model needs: layers, KV heads, head dim, batch, bytes per full-precision element."""
+    n_layers: int
+    heads: int
+    head_dim: int
+    batch: int = 1
+    full_itemsize: int = 2
+
+    @classmethod
+    def of(cls, model_config, batch: int = 1, full_itemsize: int = 2) -> "Geometry":
+        tc = text_config(model_config)
+        return cls(tc.num_hidden_layers, getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads,
+                   getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads, batch, full_itemsize)
+
+    def bytes_fp16(self, seq_len: int) -> int:
+        """What a 16-bit cache of ``seq_len`` tokens holds (K and V, every layer)."""
+        return 2 * self.batch * self.heads * seq_len * self.head_dim * 2 * self.n_layers
+
+    def bytes_full(self, seq_len: int) -> int:
+        """``seq_len`` tokens at full precision in the store dtype, every layer."""
+        return 2 * self.batch * self.heads * seq_len * self.head_dim * self.full_itemsize * self.n_layers
+
+
+# --- scores ---------------------------------------------------------------------------------------
+
+def block_scores(token_scores: list[torch.Tensor], cfg, n_ready: int) -> list[torch.Tensor]:
+    """Per layer normalised token scores [seq_len] -> block scores [n_ready] (cpu): averaged over
+    layers (``share_across_layers``, 000 §2.2 as written), max-pooled over ``pool_kernel``
+    neighbours (SnapKV), max over each block (000 §2.5); from ``tsp_layer`` on every layer reuses
+    that layer's scores (FastKV's token-selective propagation)."""
+    if cfg.share_across_layers:
+        mean = torch.stack(token_scores).mean(0)
+        token_scores = [mean for _ in token_scores]
+    if cfg.pool_kernel > 1:
+        token_scores = [max_pool(s, cfg.pool_kernel) for s in token_scores]
+    out = [block_max(s, cfg.block_size, n_ready).cpu() for s in token_scores]
+    if cfg.tsp_layer is not None and cfg.tsp_layer < len(out):
+        out = out[: cfg.tsp_layer] + [out[cfg.tsp_layer]] * (len(out) - cfg.tsp_layer)
+    return out
+
+
+# --- budgets (seed 001 §2.3) ----------------------------------------------------------------------
+
+def budget_weights(cfg, block_scores: list[torch.Tensor]) -> list[float]:
+    """Relative share of the global budget per layer: the layer weights w_l (``budget_shape="weights"``,
+    001) or the budget hook of the method ``cfg.budget_shape`` names (PyramidKV, DynamicKV)."""
+    if cfg.budget_shape == "weights":
+        return layer_weights(cfg, len(block_scores))
+    return methods.load()[cfg.budget_shape].budget(cfg, block_scores)
+
+
+def layer_budgets(cfg, weights: list[float], seq_len: int, block_size: int, protected_blocks: list[int],
+                  scale: float = 1.0) -> list[int]:
+    """Per-layer budgets in blocks with sum_l ceil(L / kappa_l) <= C_max (001 §2.3): the kept entries
+    of layer l are proportional to ``weights[l]``; protected (sink, recent) blocks count against the
+    layer's budget. ``scale`` divides C_max (the ratio fitter moves it)."""
+    n_layers = len(weights)
+    total = cfg.c_max / scale * seq_len * n_layers
+    mean_w = sum(weights) / n_layers
+    out = []
+    for l in range(n_layers):
+        kept_tokens = min(seq_len, math.floor(total * weights[l] / (mean_w * n_layers)))
+        out.append(max(0, kept_tokens // block_size - protected_blocks[l]))
+    return out
+
+
+def apply_layer_budget(tier, bits, keep, scores, budget_blocks: int):
+    """Keep at most ``budget_blocks`` non-evicted blocks, evicting the least important."""
+    alive = (tier != EVICTED).nonzero().squeeze(1)
+    if alive.numel() <= budget_blocks:
+        return tier, bits, keep
+    order = alive[torch.argsort(scores[alive].float().cpu(), descending=False)]
+    drop = order[: alive.numel() - max(0, budget_blocks)]
+    tier, bits, keep = tier.clone(), bits.clone(), keep.clone()
+    tier[drop], bits[drop], keep[drop] = EVICTED, 0, 0
+    return tier, bits, keep
+
+
+# --- plans ----------------------------------------------------------------------------------------
+
+def plan_tiers(block_scores: list[torch.Tensor], cfg, geo: Geometry, seq_len: int, scale: float = 1.0,
+               prefill: bool = False):
+    """Per layer (tier, bits, keep) for the ready blocks under the rule of the method ``cfg.rule``;
+    sinks stay full; the C_max budget applies. ``prefill``: the re-evaluation ends a prefill, so the
+    eviction guard (``cfg.spill``) applies."""
+    B = cfg.block_size
+    sink_blocks = -(-cfg.n_sink // B) if cfg.n_sink else 0
+    budgets = None
+    if cfg.c_max is not None:
+        hot_blocks = -(-(seq_len - (block_scores[0].numel() * B)) // B)
+        budgets = layer_budgets(cfg, budget_weights(cfg, block_scores), seq_len, B,
+                                [sink_blocks + hot_blocks] * len(block_scores), scale)
+    m = methods.rule(cfg.rule)
+    spill = cfg.spill if prefill else 0.0
+    if m.elementwise and block_scores:  # all layers in one call
+        raw = list(zip(*m.rule(torch.stack(block_scores), cfg, geo.head_dim, 0, scale, spill)))
+    else:
+        raw = [m.rule(s, cfg, geo.head_dim, layer, scale, spill) for layer, s in enumerate(block_scores)]
+    out = []
+    for layer, (s, (tier, bits, keep)) in enumerate(zip(block_scores, raw)):
+        n_sink = min(sink_blocks, s.numel())
+        tier[:n_sink], bits[:n_sink], keep[:n_sink] = FULL, 16, geo.head_dim
+        if budgets is not None:
+            rest = slice(n_sink, None)
+            tier[rest], bits[rest], keep[rest] = apply_layer_budget(tier[rest], bits[rest], keep[rest], s[rest],
+                                                                    budgets[layer])
+        out.append((tier, bits, keep))
+    return out
+
+
+# --- the cost model (the store's format: agacc/store.py) ---------------------------------------------
+
+def block_cost_bytes(tier: int, bits: int, keep: int, *, batch: int, heads: int, head_dim: int,
+                     block_size: int, full_itemsize: int, value_group_size: int, b_min: int,
+                     sparse_threshold: float, key_quant: str, key_group_size: int) -> int:
+    """Bytes one block of ``block_size`` tokens occupies in ``tier`` (K and V, scales, ids, per-block
+    metadata). For planning only; ``memory()`` counts ``nbytes`` of what is held (a test checks the
+    two agree). Evicted blocks cost nothing here (markers are counted per run)."""
+    vecs = batch * heads * block_size
+    meta = 1 + 1 + 2 + 4  # tier, bits, keep, block id
+    if tier == FULL:
+        return 2 * vecs * head_dim * full_itemsize + meta
+    if tier in TIER_CONTAINER or (tier == PRUNED and (keep >= head_dim or 1 - keep / head_dim < sparse_threshold)):
+        c = container_bits(bits if tier != PRUNED else b_min)
+        codes = 2 * vecs * head_dim * c // 8
+        if key_quant == "token":
+            k_scales = 2 * vecs * (head_dim // value_group(head_dim, key_group_size)) * 2
+        else:
+            k_scales = 2 * batch * heads * head_dim * 2
+        v_scales = 2 * vecs * (head_dim // value_group(head_dim, value_group_size)) * 2
+        return codes + k_scales + v_scales + 1 + meta
+    if tier == PRUNED:
+        c = container_bits(b_min)
+        per_vec = head_dim // 8 + keep * c // 8 + 4
+        return 2 * vecs * per_vec + meta
+    return meta  # evicted
+
+
+def marker_cost_bytes(*, batch: int, heads: int, head_dim: int, full_itemsize: int) -> int:
+    """Bytes of one marker entry (k, v, log_count, weight, span)."""
+    return 2 * batch * heads * head_dim * full_itemsize + 4 + 4 + 8
+
+
+def planned_bytes(plans, cfg, geo: Geometry, seq_len: int) -> int:
+    """Bytes the plans would hold, hot region included, plus the tracker's attention window (one bf16
+    slot per entry the plan leaves); the rest of the tracker excluded. ``plans`` None: nothing tiered
+    yet, every token at full precision."""
+    if plans is None:
+        return geo.bytes_full(seq_len)
+    if not plans:
+        return 0
+    B = cfg.block_size
+    kw = dict(batch=geo.batch, heads=geo.heads, head_dim=geo.head_dim, block_size=B, full_itemsize=geo.full_itemsize,
+              value_group_size=cfg.value_group_size, b_min=cfg.b_min, sparse_threshold=cfg.sparse_threshold,
+              key_quant=cfg.key_quant, key_group_size=cfg.key_group_size)
+    tier = torch.stack([p[0] for p in plans]).long()  # [L, n]
+    bits = torch.stack([p[1] for p in plans]).long()
+    keep = torch.stack([p[2] for p in plans]).long()
+    n = tier.shape[1]
+    hot_tokens = seq_len - n * B
+    total = len(plans) * 2 * geo.batch * geo.heads * hot_tokens * geo.head_dim * geo.full_itemsize
+    uniq, counts = torch.unique((tier * 32 + bits) * 1024 + keep, return_counts=True)  # one code per (tier, bits, keep)
+    for code, count in zip(uniq.tolist(), counts.tolist()):
+        total += count * block_cost_bytes(code // 1024 // 32, code // 1024 % 32, code % 1024, **kw)
+    runs = count_evicted_runs(tier) if cfg.markers and n else 0
+    total += runs * marker_cost_bytes(batch=geo.batch, heads=geo.heads, head_dim=geo.head_dim,
+                                      full_itemsize=geo.full_itemsize)
+    entries = int((tier != EVICTED).sum()) * B + runs + len(plans) * hot_tokens
+    return total + WINDOW_ITEMSIZE * entries
+
+
+# --- the ratio fitter -----------------------------------------------------------------------------
+
+def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_bytes: int = 0,
+                        tol: float = 1e-3, prev=None, start: float | None = None, byte_tol: float = 0.01,
+                        prefill: bool = False) -> float:
+    """Scale s for (tau_h, tau_l, tau_e) * s so the planned bytes (+ ``overhead_bytes`` the plan does
+    not cover) are just under bytes_fp16 / target: the library's target-ratio -> thresholds map.
+    ``prev``: per layer (tier, bits, keep) already applied, when blocks cannot regain fidelity (no
+    host copy): the plan is floored as the store will floor it, so bytes the store cannot spend on
+    promotions go to other blocks instead of being left unused.
+
+    Planned bytes fall as s grows; bisection on log s in [-12, 12] until the bracket is ``tol`` wide
+    (0.1% in s) and the plan uses at least 99% of the budget (``byte_tol``; near-equal block scores
+    need a finer s), or the bracket is 1e-7 wide. ``start``: the scale fitted at the previous
+    re-evaluation, which rarely moves much: the search walks out from it (steps 0.25, 1, 4 in log s)
+    to a bracket first (about 10 plans instead of 26), unless its plan already uses 99-100% of the
+    budget: then it is kept (one plan; stable tiers between re-evaluations). If the target is out of
+    reach (recent window and sinks alone exceed it) the largest scale is returned."""
+    budget = geo.bytes_fp16(seq_len) / target_ratio - overhead_bytes
+    prev_stacked = tuple(torch.stack(x) for x in zip(*prev)) if prev else None  # [L, n_old] each
+    seen: dict[float, int] = {}
+
+    def bytes_at(log_s):
+        if log_s not in seen:
+            plans = plan_tiers(block_scores, cfg, geo, seq_len, math.exp(log_s), prefill=prefill)
+            if prev_stacked is not None:  # one floor over all layers at once
+                floored = fidelity_floor(prev_stacked, *(torch.stack(x) for x in zip(*plans)))
+                plans = list(zip(*floored))
+            seen[log_s] = planned_bytes(plans, cfg, geo, seq_len)
+        return seen[log_s]
+
+    lo, hi = -12.0, 12.0  # invariant: bytes_at(lo) > budget >= bytes_at(hi)
+    if start is not None and -12.0 < math.log(start) < 12.0:  # walk out from the last scale, steps x4
+        x, step = math.log(start), 0.25
+        if (1 - byte_tol) * budget <= bytes_at(x) <= budget:
+            return start  # the last scale still fills the budget: keep it (and the tiers it gave)
+        fits = bytes_at(x) <= budget
+        while -12.0 < x < 12.0:
+            if fits:
+                hi, x = x, max(-12.0, x - step)
+            else:
+                lo, x = x, min(12.0, x + step)
+            step *= 4
+            if -12.0 < x < 12.0 and (bytes_at(x) <= budget) != fits:
+                lo, hi = (x, hi) if fits else (lo, x)
+                break
+    if lo == -12.0 and bytes_at(lo) <= budget:
+        return math.exp(lo)
+    if hi == 12.0 and bytes_at(hi) > budget:
+        return math.exp(hi)
+    while hi - lo > 1e-7:
+        if hi - lo <= tol and bytes_at(hi) >= (1 - byte_tol) * budget:
+            break
+        mid = (lo + hi) / 2
+        if bytes_at(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    return math.exp(hi)
+
+
+def fit_thresholds(block_scores, cfg, geo: Geometry, seq_len: int, target_ratio: float,
+                   overhead_bytes: int = 0, prefill: bool = False):
+    """Target ratio -> a config whose thresholds (tau_h, tau_l, tau_e; tau_prune and C_max for the
+    rules that use them) reach it on these block scores."""
+    s = fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_bytes, prefill=prefill)
+    kw = dict(tau_h=cfg.tau_h * s, tau_l=cfg.tau_l * s, tau_e=cfg.tau_e * s, tau_prune=cfg.tau_prune * s,
+              target_ratio=None)
+    if cfg.c_max is not None:
+        kw["c_max"] = min(1.0, cfg.c_max / s)
+    return cfg.with_overrides(**kw)
