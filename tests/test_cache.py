@@ -6,6 +6,8 @@ import agacc
 from agacc import tiers as T
 from agacc.attention import observe_prefill
 from agacc.config import AGACCConfig
+from agacc.planner import planned_bytes
+from agacc.presets import FIXED_RATIO, PRESETS
 from tests.helpers import tiny_model, walk_tensor_bytes
 
 
@@ -181,3 +183,27 @@ def test_layer_sharing_and_pooling_hooks(tiny):
         tiny(tokens(300), past_key_values=cache)
     assert torch.equal(cache.layers[0].scores, cache.layers[1].scores)
     assert torch.equal(cache.layers[0].store.block_tier, cache.layers[1].store.block_tier)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_counts_what_it_holds_and_the_planner_prices_it(tiny, preset):
+    """For every registered method: memory() equals an independent walk over the cache's tensors, and
+    right after a re-evaluation the planner's price of the applied tiers plus the bytes it does not
+    plan (tracker, scores, the block layout) is what is held, which is what the trace replay reports
+    as held bytes."""
+    cfg = AGACCConfig.preset(preset, **({} if preset in FIXED_RATIO else {"target_ratio": 4.0}))
+    cache = agacc.CompressedCache(tiny.config, cfg)
+    greedy(tiny, tokens(400, seed=2), cache, 12)
+    cache.reevaluate()
+    mem = cache.memory()
+    assert mem["bytes"] == walk_tensor_bytes(cache.layers)
+    if not cfg.compress:
+        return
+    plans = [(l.store.block_tier.cpu(), l.store.block_bits.cpu(), l.store.block_keep.cpu()) for l in cache.layers]
+    geo = cache._geometry()
+    # the planner reserves 4 bytes a ready block for the attention-order layout (held: 4 a kept block, when
+    # built) and prices an evicted block's id (4 bytes) that no segment holds: conservative by those bytes
+    reserved = sum(4 * l.store.n_ready_blocks() for l in cache.layers)
+    reserved += sum(4 * int((l.store.block_tier == T.EVICTED).sum()) for l in cache.layers)
+    layout = sum(l.store._layout.nbytes for l in cache.layers if l.store._layout is not None)
+    assert planned_bytes(plans, cfg, geo, cache.seq_len) + cache.unplanned_bytes() - reserved + layout == mem["bytes"]

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from agacc.presets import FIXED_RATIO, PRESETS
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 TIMING = ("tokens_per_s", "build_s", "prefill_s", "prefill_tokens_per_s", "world_size")
@@ -54,13 +56,13 @@ def _strip(records):
     return out
 
 
-@pytest.mark.parametrize("preset", ["agacc", "h2o", "snapkv", "pyramidkv", "uniform-int4", "full"])
+@pytest.mark.parametrize("preset", list(PRESETS))
 def test_cache_from_capture_equals_a_real_prefill(loaded, preset):
     from agacc import AGACCConfig, CompressedCache
     from agacc.eval.runner import cache_from_capture, capture_prefill
 
     model, tok = loaded
-    cfg = AGACCConfig.preset(preset, **({} if preset in ("full", "uniform-int4") else {"target_ratio": 3.0}))
+    cfg = AGACCConfig.preset(preset, **({} if preset in FIXED_RATIO else {"target_ratio": 3.0}))
     ids = torch.randint(3, len(tok), (1, 300), generator=torch.Generator().manual_seed(1))
     nxt = torch.tensor([[5]])
     with torch.inference_mode():
