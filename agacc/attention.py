@@ -1,9 +1,10 @@
 """The ``agacc`` attention function for transformers' AttentionInterface.
 
 With a ``CompressedCache`` the cache's ``update`` returns the new K/V tagged with their layer; this
-function then attends over everything that layer stores (dequantised on the fly, the Triton kernel
-on CUDA) and hands the attention mass each entry received to the layer's tracker. With any other
-cache (e.g. ``DynamicCache``) it is exactly transformers' SDPA path.
+function then attends over everything that layer stores (a decode step: ``decode.decode_attention``,
+which reads the packed parts on the backend ``kernels.backend`` picks) and hands the attention mass
+each entry received to the layer's tracker. With any other cache (e.g. ``DynamicCache``) it is exactly
+transformers' SDPA path.
 
 Shapes: query [Bt, Hq, q, D]; stored entries [Bt, H, n, D] with Hq = H * g (GQA);
 the output is [Bt, q, Hq, D] like every transformers attention function.
@@ -19,7 +20,7 @@ NAME = "agacc"
 
 
 def attend(query: torch.Tensor, entries: list[Entries], scaling: float, causal_new: int = 0, n_obs: int | None = None):
-    """Reference attention over stored entries (the PyTorch reference of the fused decode kernel).
+    """Reference attention over stored entries (the PyTorch reference of every decode backend).
 
     query [Bt, Hq, q, D]; entries as ``LayerStore.attention_entries``; ``causal_new`` = how many of the
     last entries are the q new tokens themselves (causal among them; 0 for q == 1 when they are

@@ -102,7 +102,7 @@ class CompressedLayer(CacheLayerMixin):
         if q == 1:
             # the lossless preset keeps entries in position order, so a padding mask applies as is
             mask = attention_mask if (attention_mask is not None and not cfg.compress) else None
-            out, mass = _decode_attention(query, store, scaling, mask)
+            out, mass = decode_attention(query, store, scaling, mask)  # the backend is chosen there
             self.tracker.observe(mass)  # per entry; mapped to tokens at the re-evaluation
         elif n_prior == 0:
             g = query.shape[1] // key.shape[1]
@@ -118,18 +118,6 @@ class CompressedLayer(CacheLayerMixin):
         if self.layer_idx == self.cache.n_layers - 1:
             self.cache._step_done(q)
         return out
-
-
-def _decode_attention(query, store, scaling, mask=None):
-    """Triton kernel on CUDA when the kernels package is importable, else the packed PyTorch path."""
-    if query.is_cuda and mask is None:
-        try:
-            from kernels.dispatch import decode_attention as triton_decode
-        except ImportError:
-            triton_decode = None
-        if triton_decode is not None:
-            return triton_decode(query, store, scaling)
-    return decode_attention(query, store, scaling, mask)
 
 
 def _check_no_padding(mask, cfg):

@@ -1,23 +1,29 @@
-"""Decode attention (one query step) straight from the packed store, in PyTorch.
+"""Decode attention (one query step) over everything a layer holds: the one entry point,
+``decode_attention(query, store, scaling, mask)``, for every device.
 
-This is the CPU path (CUDA uses the Triton kernel; both are checked against the reference
-``attention.attend`` over dequantised entries). Packed rows are transposed before they are unpacked
+It reads ``store.parts()`` (the held parts in attention order, ``kernels.format.Part``) and branches
+once on ``kernels.backend(query.device)``:
+
+    "triton"  the fused Triton kernel (``kernels.triton_decode.decode_parts``)
+    "cpp"     the fused C++ kernel (``kernels.cpu.decode_layer``)
+    "torch"   the packed PyTorch path below
+    with a mask (the lossless preset's padded batches): the PyTorch path, whatever the backend.
+
+All three are checked against ``attention.attend`` over ``store.attention_entries`` (dequantised).
+
+The PyTorch path reads the packed bytes: packed rows are transposed before they are unpacked
 (``_codes_t``: ``[n, bytes]`` -> ``[bytes, n]``, so every shift and mask runs along the n tokens,
 not along a row of a few bytes), which yields the codes as ``[D, n]``, the layout ``q @ K^T``
 multiplies by. Scales and zero points are applied inside the products, so the only float copy of a
-segment is a transient one inside the step, never held:
+part is a transient one inside the step, never held:
 
 * keys per token (scale/zero per token per channel group r): q.k_t = sum_r scale_tr (q_r . codes_tr)
   + zero_tr sum(q_r); keys per channel per block: q.k = q . (scale * codes) + q . zero, the zero
   point one bias per block;
 * values (scale/zero per token per channel group): p.v = sum_t (p_t*scale_t) codes_t + sum_t p_t*zero_t.
 
-Rotated segments (``cfg.rotate``) meet the rotated query (``q H . k H = q . k``), and their share
+Rotated parts (``cfg.rotate``) meet the rotated query (``q H . k H = q . k``), and their share
 of the output is summed apart and rotated back once (``(P V H) H = P V``).
-
-On the CPU the whole step runs in the fused C++ kernel of ``kernels/cpu.py`` when it has been built
-(one call per layer instead of a few dozen tensor ops); the PyTorch code here is its reference and
-its fallback.
 
 Shapes: query [Bt, Hq, 1, D]; KV heads H, g = Hq / H; scores [Bt, H, g, n].
 """
@@ -25,12 +31,9 @@ from __future__ import annotations
 
 import torch
 
+import kernels
 from agacc import quant
-
-try:  # the fused CPU kernel (kernels/ sits beside agacc/ in the repository)
-    from kernels import cpu as _cpu_kernel
-except ImportError:
-    _cpu_kernel = None
+from agacc.quant import DENSE, QUANT, Part
 
 _SHIFTS: dict = {}
 
@@ -62,12 +65,12 @@ def _codes_t(packed: torch.Tensor, container: int) -> torch.Tensor:
     return codes.flatten(-3, -2).float()
 
 
-def _key_scores(qg, seg, B):
-    """qg [Bt,H,g,D] fp32 (rotated when the segment is) -> scores [Bt,H,g,n] over a QuantSegment."""
+def _key_scores(qg, seg: Part):
+    """qg [Bt,H,g,D] fp32 (rotated when the part is) -> scores [Bt,H,g,n] over a quantised part."""
     bt, h, g, d = qg.shape
     codes = _codes_t(seg.k, seg.container)                               # [Bt,H,D,n]
     n = codes.shape[-1]
-    if seg.key_per_token:  # q.k_t = sum_r scale_tr (q_r . codes_tr) + zero_tr sum(q_r), r the channel groups
+    if not seg.key_block:  # keys per token: q.k_t = sum_r scale_tr (q_r . codes_tr) + zero_tr sum(q_r), r the groups
         scale, zero = seg.k_scale.float(), seg.k_zero.float()                # [Bt,H,n,ngrp]
         ngrp = scale.shape[-1]
         if ngrp == 1:
@@ -76,15 +79,15 @@ def _key_scores(qg, seg, B):
         q_grp = qg.view(bt, h, g, ngrp, d // ngrp)
         dots = torch.einsum("bhgrc,bhrcn->bhgnr", q_grp, codes.view(bt, h, ngrp, d // ngrp, n))
         return (dots * scale.unsqueeze(2)).sum(-1) + torch.matmul(q_grp.sum(-1), zero.transpose(-1, -2))
-    nblk = seg.k_scale.shape[2]  # per channel per block: q.k = q . (scale * codes) + q . zero
+    nblk, B = seg.k_scale.shape[2], seg.key_block  # per channel per block: q.k = q . (scale * codes) + q . zero
     k_t = (codes.view(bt, h, d, nblk, B) * seg.k_scale.float().transpose(-1, -2).unsqueeze(-1)).view(bt, h, d, n)
     bias = torch.matmul(qg, seg.k_zero.float().transpose(-1, -2))          # [Bt,H,g,nblk]
     scores = torch.matmul(qg, k_t).view(bt, h, g, nblk, B) + bias.unsqueeze(-1)
     return scores.view(bt, h, g, n)
 
 
-def _value_out(p, seg):
-    """p [Bt,H,g,n] fp32 -> sum_t p_t v_t [Bt,H,g,D] over a QuantSegment."""
+def _value_out(p, seg: Part):
+    """p [Bt,H,g,n] fp32 -> sum_t p_t v_t [Bt,H,g,D] over a quantised part."""
     bt, h, g, n = p.shape
     ngrp = seg.v_scale.shape[-1]
     codes = _codes_t(seg.v, seg.container)                               # [Bt,H,D,n]
@@ -97,60 +100,62 @@ def _value_out(p, seg):
     return (out + zero.unsqueeze(-1)).reshape(bt, h, g, d)
 
 
-def _fused_kernel_for(query: torch.Tensor, mask) -> bool:
-    """Whether the fused CPU kernel (``kernels.cpu``; built on first use) runs this step."""
-    return mask is None and query.device.type == "cpu" and _cpu_kernel is not None and _cpu_kernel.load() is not None
-
-
 def decode_attention(query: torch.Tensor, store, scaling: float, mask: torch.Tensor | None = None):
-    """One decode step over everything ``store`` holds.
+    """One decode step over everything ``store`` (a ``LayerStore``) holds.
 
     query [Bt, Hq, 1, D] -> (out [Bt, 1, Hq, D] in query dtype, mass [n_entries] fp32) with entries in
-    ``LayerStore.attention_entries`` order and mass normalised as in ``attention.attend``.
+    ``LayerStore.parts`` order and mass normalised as in ``attention.attend`` (probability per entry
+    summed over query heads, averaged over batch, / Hq).
     mask: optional [Bt, 1, 1, n_entries] (bool: True = visible, or additive float), for stores whose
-    entries are in position order (the lossless preset with padded batches)."""
+    entries are in position order (the lossless preset with padded batches); it runs the PyTorch path."""
+    if query.dim() != 4 or query.shape[2] != 1:
+        raise ValueError(f"decode_attention expects query [Bt, Hq, 1, D], got {tuple(query.shape)}")
+    parts = store.parts()
+    backend = "torch" if mask is not None else kernels.backend(query.device)
+    if backend == "triton":
+        from kernels.triton_decode import decode_parts
+
+        return decode_parts(query, parts, scaling)
     bt, hq, _, d = query.shape
-    h = store.hot_k.shape[1] if store.hot_k is not None else store.full.k.shape[1]
-    g = hq // h
-    qg = query.reshape(bt, h, g, d).float() * scaling
-    if _fused_kernel_for(query, mask):
-        out, mass = _cpu_kernel.decode_layer(qg, store)
-        return out.reshape(bt, hq, 1, d).transpose(1, 2).to(query.dtype), mass
-    qr = None  # the rotated query, made when a rotated segment needs it (none in the lossless preset)
-    B = store.B
-    parts = []  # (scores, value_fn, output rotated?)
-    for seg in store.segments:
-        if not seg.n_blocks:
-            continue
-        if seg is store.full:
-            k, v = seg.k.float(), seg.v.float()
-            parts.append((torch.matmul(qg, k.transpose(-1, -2)), lambda p, v=v: torch.matmul(p, v), False))
-        elif hasattr(seg, "container"):
-            if seg.rotated and qr is None:
+    h = parts[0].heads
+    qg = query.reshape(bt, h, hq // h, d).float() * scaling
+    if backend == "cpp":
+        from kernels import cpu
+
+        out, mass = cpu.decode_layer(qg, parts)
+    else:
+        out, mass = _decode_parts(qg, parts, mask)
+    return out.reshape(bt, hq, 1, d).transpose(1, 2).to(query.dtype), mass
+
+
+def _decode_parts(qg: torch.Tensor, parts: list[Part], mask: torch.Tensor | None):
+    """The PyTorch path: qg [Bt,H,g,D] fp32 (scaled) -> (out [Bt,H,g,D] fp32, mass [n_entries] fp32)."""
+    bt, h, g, _ = qg.shape
+    qr = None  # the rotated query, made when a rotated part needs it (none in the lossless preset)
+    terms = []  # (scores, value_fn, output rotated?)
+    for p in parts:
+        if p.kind == QUANT:
+            if p.rotated and qr is None:
                 qr = quant.rotate(qg)
-            seg_scores = _key_scores(qr if seg.rotated else qg, seg, B)
-            parts.append((seg_scores, lambda p, seg=seg: _value_out(p, seg), seg.rotated))
+            terms.append((_key_scores(qr if p.rotated else qg, p), lambda w, p=p: _value_out(w, p), p.rotated))
+            continue
+        if p.kind == DENSE:
+            k, v = p.k.float(), p.v.float()
         else:  # sparse (pruned): decoded densely
-            k, v = seg.dequantized(torch.float32)
-            parts.append((torch.matmul(qg, k.transpose(-1, -2)), lambda p, v=v: torch.matmul(p, v), False))
-    m = store.markers
-    if m.n:
-        k, v = m.k.float(), m.v.float()
-        parts.append((torch.matmul(qg, k.transpose(-1, -2)) + m.log_count, lambda p, v=v: torch.matmul(p, v), False))
-    if store.hot_k is not None and store.hot_k.shape[2]:
-        k, v = store.hot_k.float(), store.hot_v.float()
-        parts.append((torch.matmul(qg, k.transpose(-1, -2)), lambda p, v=v: torch.matmul(p, v), False))
-    scores = torch.cat([s for s, _, _ in parts], -1)
+            k, v = quant.dequantize_part(p, torch.float32)
+        s = torch.matmul(qg, k.transpose(-1, -2))
+        terms.append((s + p.bias if p.bias is not None else s, lambda w, v=v: torch.matmul(w, v), False))
+    scores = torch.cat([s for s, _, _ in terms], -1)
     if mask is not None:
         m4 = mask[..., -1:, :].reshape(bt, 1, 1, -1)
         scores = scores.masked_fill(~m4, float("-inf")) if m4.dtype == torch.bool else scores + m4.float()
     probs = scores.softmax(-1)
     sums = {False: 0.0, True: 0.0}  # rotated outputs are summed apart and rotated back once
     lo = 0
-    for s, value_fn, rotated in parts:
+    for s, value_fn, rotated in terms:
         n = s.shape[-1]
         sums[rotated] = sums[rotated] + value_fn(probs[..., lo:lo + n])
         lo += n
     out = sums[False] + quant.rotate(sums[True]) if torch.is_tensor(sums[True]) else sums[False]
-    mass = probs.sum(dim=(1, 2)).mean(0) / hq
-    return out.reshape(bt, hq, 1, d).transpose(1, 2).to(query.dtype), mass
+    mass = probs.sum(dim=(1, 2)).mean(0) / (h * g)
+    return out, mass

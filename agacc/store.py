@@ -18,7 +18,9 @@ blocks out of the hot region and between segments:
                               weight [m] fp32, span [m, 2] int32 (first, last block)
 
 Within a segment, blocks sit in ``block_ids`` order, B rows each. Attention does not depend on
-entry order after RoPE, so segments are read in a fixed order (see ``attention_segments``).
+entry order after RoPE, so the store is read in one fixed order, described once by ``LayerStore.parts``
+(a list of ``kernels.format.Part``: full, int8, int4, int3, int2, sparse by keep, markers, hot), which
+every decode backend and the dequantised reference ``attention_entries`` read.
 ``nbytes()`` is the sum of ``.nbytes`` of every tensor held; the host copy is counted apart.
 """
 from __future__ import annotations
@@ -28,20 +30,20 @@ from dataclasses import dataclass
 
 import torch
 
+import kernels
 from agacc import quant
+from agacc.quant import DENSE, QUANT, SPARSE, Part
 from agacc.policy import fidelity_floor
 from agacc.tiers import CONTAINER_OF_TIER, EVICTED, FULL, INT2, INT3, INT4, INT8, NAMES, PRUNED, TIER_CONTAINER, evicted_runs
 
 
 def _quant_ops(device) -> object:
-    """The quantisers to use: the Triton kernels on CUDA (``kernels.dispatch``), else ``agacc.quant``."""
-    if torch.device(device).type == "cuda":
-        try:
-            from kernels import dispatch
+    """The quantisers for tensors on ``device``: the Triton kernels (``kernels.quantize``) where
+    ``kernels.backend`` picks Triton, else the PyTorch reference ``agacc.quant`` (same signatures)."""
+    if kernels.backend(device) == "triton":
+        from kernels import quantize
 
-            return dispatch
-        except ImportError:
-            pass
+        return quantize
     return quant
 
 
@@ -128,14 +130,14 @@ class FullSegment(Segment):
         self.block_ids = self.block_ids[block_pos]
         self.k, self.v = (self.k[:, :, r], self.v[:, :, r]) if block_pos.numel() else (None, None)
 
-    def dequantized(self, dtype):
-        return self.k.to(dtype), self.v.to(dtype)
+    def part(self) -> Part:
+        return Part(DENSE, self.k, self.v)
 
 
 class QuantSegment(Segment):
     """Blocks quantised to codes of <= ``container`` bits (per block code bits in ``bits``). Keys are
     grouped per channel per block or per token (``cfg.key_quant == "token"``); with ``cfg.rotate``
-    keys and values are stored Hadamard-rotated (``rotated``), and ``dequantized`` rotates them back."""
+    keys and values are stored Hadamard-rotated (``rotated``), and ``read_blocks`` rotates them back."""
 
     def __init__(self, block_size, device, container, cfg):
         super().__init__(block_size, device)
@@ -179,8 +181,8 @@ class QuantSegment(Segment):
         for name, ts in parts.items():
             setattr(self, name, _cat(getattr(self, name), torch.cat(ts, 2), 2))
 
-    def _decode(self, block_pos=None):
-        """Dequantised, un-rotated (k, v) fp32 of the given block positions (None: all)."""
+    def part(self, block_pos=None) -> Part:
+        """The held blocks at ``block_pos`` (None: all) as a quantised ``Part``."""
         if block_pos is None:
             k, ks, kz, v, vs, vz = self.k, self.k_scale, self.k_zero, self.v, self.v_scale, self.v_zero
         else:
@@ -188,17 +190,15 @@ class QuantSegment(Segment):
             kmeta = r if self.key_per_token else block_pos
             k, ks, kz = self.k[:, :, r], self.k_scale[:, :, kmeta], self.k_zero[:, :, kmeta]
             v, vs, vz = self.v[:, :, r], self.v_scale[:, :, r], self.v_zero[:, :, r]
-        if self.key_per_token:
-            k = quant.dequantize_values(k, ks, kz, self.container)
-        else:
-            k = quant.dequantize_keys(k, ks, kz, self.container, self.block_size)
-        v = quant.dequantize_values(v, vs, vz, self.container)
-        if self.rotated:
-            k, v = quant.rotate(k), quant.rotate(v)
-        return k, v
+        d = v.shape[-1] * 8 // self.container
+        return Part(QUANT, k, v, k_scale=ks, k_zero=kz, v_scale=vs, v_zero=vz, container=self.container,
+                    key_block=0 if self.key_per_token else self.block_size,
+                    key_group=d // ks.shape[-1] if self.key_per_token else 0, value_group=d // vs.shape[-1],
+                    rotated=self.rotated)
 
     def read_blocks(self, block_pos):
-        return self._decode(block_pos)
+        """Dequantised, un-rotated (k, v) fp32 of the given block positions."""
+        return quant.dequantize_part(self.part(block_pos))
 
     def select_blocks(self, block_pos):
         r = _rows(block_pos, self.block_size)
@@ -210,10 +210,6 @@ class QuantSegment(Segment):
         self.v_scale, self.v_zero = self.v_scale[:, :, r], self.v_zero[:, :, r]
         kmeta = r if self.key_per_token else block_pos
         self.k_scale, self.k_zero = self.k_scale[:, :, kmeta], self.k_zero[:, :, kmeta]
-
-    def dequantized(self, dtype):
-        k, v = self._decode()
-        return k.to(dtype), v.to(dtype)
 
 
 class SparseSegment(Segment):
@@ -237,15 +233,17 @@ class SparseSegment(Segment):
                            (km, kq, ks, kz, vm, vq, vs, vz)):
             setattr(self, name, _cat(getattr(self, name), t, 2))
 
-    def _decode(self, r=None):
+    def part(self, block_pos=None) -> Part:
+        """The held blocks at ``block_pos`` (None: all) as a sparse ``Part``."""
+        r = None if block_pos is None else _rows(block_pos, self.block_size)
         sel = (lambda t: t) if r is None else (lambda t: t[:, :, r])
-        b = self.code_bits
-        k = quant.sparse_decode(sel(self.k_map), sel(self.k), sel(self.k_scale), sel(self.k_zero), b)
-        v = quant.sparse_decode(sel(self.v_map), sel(self.v), sel(self.v_scale), sel(self.v_zero), b)
-        return k, v
+        return Part(SPARSE, sel(self.k), sel(self.v), k_scale=sel(self.k_scale), k_zero=sel(self.k_zero),
+                    v_scale=sel(self.v_scale), v_zero=sel(self.v_zero), k_map=sel(self.k_map), v_map=sel(self.v_map),
+                    container=quant.container_bits(self.code_bits), keep=self.keep, code_bits=self.code_bits)
 
     def read_blocks(self, block_pos):
-        return self._decode(_rows(block_pos, self.block_size))
+        """Decoded (k, v) fp32 of the given block positions, pruned elements zero."""
+        return quant.dequantize_part(self.part(block_pos))
 
     def select_blocks(self, block_pos):
         r = _rows(block_pos, self.block_size)
@@ -253,10 +251,6 @@ class SparseSegment(Segment):
         for name in ("k_map", "k", "k_scale", "k_zero", "v_map", "v", "v_scale", "v_zero"):
             t = getattr(self, name)
             setattr(self, name, t[:, :, r] if block_pos.numel() else None)
-
-    def dequantized(self, dtype):
-        k, v = self._decode()
-        return k.to(dtype), v.to(dtype)
 
 
 class Markers:
@@ -369,20 +363,22 @@ class LayerStore:
         return sum(s.n_blocks for s in self.segments) * self.B + self.markers.n + hot
 
     # ---- reading -----------------------------------------------------------------------------
-    def attention_entries(self, dtype) -> list[Entries]:
-        """Every stored entry, dequantised to ``dtype``, in the fixed order full, int8, int4, int3, int2,
-        sparse (by keep), markers, hot. Token positions per entry ride along for the tracker."""
-        out = []
-        for seg in self.segments:
-            if seg.n_blocks:
-                k, v = seg.dequantized(dtype)
-                out.append(Entries(k, v))
+    def parts(self) -> list[Part]:
+        """Everything held, as it is held, in attention order: full, int8, int4, int3, int2, sparse (by
+        keep), markers (dense, with their log-count bias), hot. Empty parts are left out. Every decode
+        backend reads this list; entry i of the attention mass is entry i of the parts laid end to end."""
+        out = [seg.part() for seg in self.segments if seg.n_blocks]
         if self.markers.n:
             m = self.markers
-            out.append(Entries(m.k.to(dtype), m.v.to(dtype), m.log_count))
+            out.append(Part(DENSE, m.k, m.v, bias=m.log_count))
         if self.hot_k is not None and self.hot_k.shape[2]:
-            out.append(Entries(self.hot_k.to(dtype), self.hot_v.to(dtype)))
+            out.append(Part(DENSE, self.hot_k, self.hot_v))
         return out
+
+    def attention_entries(self, dtype) -> list[Entries]:
+        """Every stored entry dequantised to ``dtype`` (un-rotated), one ``Entries`` per part of ``parts``:
+        the reference the decode backends are checked against, and what a multi-token step attends."""
+        return [Entries(*quant.dequantize_part(p, dtype), p.bias) for p in self.parts()]
 
     def token_layout(self) -> torch.Tensor:
         """Block ids [n_tiered_blocks] int32 of the tiered entries in attention order (each block is
@@ -585,17 +581,15 @@ class LayerStore:
         return sum(k.nbytes + v.nbytes for k, v in self.host.values())
 
     def bytes_by_tier(self) -> dict[str, int]:
-        def seg_bytes(seg):
-            return sum(t.nbytes for t in seg.tensors() if t is not None) + seg.block_ids.nbytes
         hot = sum(t.nbytes for t in (self.hot_k, self.hot_v) if t is not None)
         return {
             "hot": hot,
-            "full": seg_bytes(self.full),
-            "int8": seg_bytes(self.quant[8]),
-            "int4": seg_bytes(self.quant[4]),
-            "int3": seg_bytes(self.quant[3]),
-            "int2": seg_bytes(self.quant[2]),
-            "pruned": sum(seg_bytes(s) for s in self.sparse.values()),
+            "full": self.full.nbytes(),
+            "int8": self.quant[8].nbytes(),
+            "int4": self.quant[4].nbytes(),
+            "int3": self.quant[3].nbytes(),
+            "int2": self.quant[2].nbytes(),
+            "pruned": sum(s.nbytes() for s in self.sparse.values()),
             "markers": self.markers.nbytes(),
             "meta": self.block_tier.nbytes + self.block_bits.nbytes + self.block_keep.nbytes
             + (self._layout.nbytes if self._layout is not None else 0),

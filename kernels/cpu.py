@@ -5,14 +5,15 @@ linear layers on GGUF block-quantised weights (``kernels/cpu_linear.cpp``, used 
 The decode kernel: one call per layer and step does the
 scores over every stored part (packed quantised segments unpacked and dequantised in one pass over
 their bytes, scales read as stored), the softmax, the weighted values and the attention mass, where
-the PyTorch path (``agacc.decode.decode_attention`` without the kernel, its reference) runs a few
-dozen tensor ops per layer and step.
+the PyTorch path (``agacc.decode.decode_attention`` on the "torch" backend, its reference) runs a few
+dozen tensor ops per layer and step. ``kernels.backend("cpu")`` is "cpp" once ``load()`` has the
+extension.
 
 Built once per machine (and instruction set) with the C++ compiler through ``torch.utils.cpp_extension`` (about a minute;
 cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). ``AGACC_CPU_KERNEL=0``
 turns it off; without a compiler the build fails once, with a warning, and the PyTorch path runs.
 
-  decode_layer(qg [Bt,H,g,D] fp32, store: LayerStore) -> (out [Bt,H,g,D] fp32, mass [n_entries] fp32)
+  decode_layer(qg [Bt,H,g,D] fp32, parts: list[Part]) -> (out [Bt,H,g,D] fp32, mass [n_entries] fp32)
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from kernels.format import QUANT, SPARSE, Part, sparse_decode
 
 ENV = "AGACC_CPU_KERNEL"
 _SOURCES = [Path(__file__).with_name(f) for f in ("cpu_decode.cpp", "cpu_linear.cpp", "cpu_bindings.cpp")]
@@ -75,31 +78,27 @@ def load_in_background() -> threading.Thread:
     return t
 
 
-def decode_layer(qg: torch.Tensor, store):
-    """One decode step over everything ``store`` (an ``agacc.store.LayerStore``) holds, in one call.
+def decode_layer(qg: torch.Tensor, parts: list[Part]):
+    """One decode step over a layer's ``parts`` (``kernels.format.Part``, attention order), in one call.
 
     qg [Bt, H, g, D] fp32, the query already scaled -> (out [Bt, H, g, D] fp32, mass [n_entries] fp32),
-    entries in ``LayerStore.attention_entries`` order, normalised as ``agacc.decode.decode_attention``.
-    Quantised segments are read packed, their scales as stored; pruned blocks are decoded here (the
-    kernel reads them as dense parts); rotated segments meet the rotated query inside the kernel,
-    which rotates their share of the output back once."""
+    entries in ``parts`` order, normalised as ``agacc.decode.decode_attention``. Quantised parts are
+    read packed, their scales as stored; sparse parts are decoded here (``format.sparse_decode``; the
+    kernel reads them as dense parts); rotated parts meet the rotated query inside the kernel, which
+    rotates their share of the output back once. Needs the built extension (``load()``)."""
     bt, h, g, d = qg.shape
     tensors, meta = [], []
-    for seg in store.segments:
-        if not seg.n_blocks:
+    for p in parts:
+        if p.kind == QUANT:
+            tensors += [p.k, p.k_scale, p.k_zero, p.v, p.v_scale, p.v_zero]
+            meta += [1, p.container, p.key_block, int(p.rotated)]
             continue
-        if hasattr(seg, "container"):
-            tensors += [seg.k, seg.k_scale, seg.k_zero, seg.v, seg.v_scale, seg.v_zero]
-            meta += [1, seg.container, 0 if seg.key_per_token else store.B, int(seg.rotated)]
+        if p.kind == SPARSE:
+            k = sparse_decode(p.k_map, p.k, p.k_scale, p.k_zero, p.code_bits)
+            v = sparse_decode(p.v_map, p.v, p.v_scale, p.v_zero, p.code_bits)
         else:
-            k, v = (seg.k, seg.v) if seg is store.full else seg.dequantized(torch.float32)
-            tensors += [k, v, _NO_BIAS]
-            meta += [0, 0, 0, 0]
-    if store.markers.n:
-        tensors += [store.markers.k, store.markers.v, store.markers.log_count]
-        meta += [0, 0, 0, 0]
-    if store.hot_k is not None and store.hot_k.shape[2]:
-        tensors += [store.hot_k, store.hot_v, _NO_BIAS]
+            k, v = p.k, p.v
+        tensors += [k, v, p.bias if p.bias is not None else _NO_BIAS]
         meta += [0, 0, 0, 0]
     out, mass = _state["module"].decode_layer(qg.reshape(bt * h, g, d).contiguous(), tensors, meta)
     return out.view(bt, h, g, d), mass

@@ -1,15 +1,16 @@
 """Triton quantise + bit-pack and unpack + dequantise kernels for the cache's K/V format.
 
-The format and the PyTorch reference are ``agacc.quant`` (``quantize_keys``, ``quantize_values``,
-``dequantize_keys``, ``dequantize_values``); these kernels produce the same tensors:
+The format is ``kernels.format``; the PyTorch reference is ``agacc.quant`` (``quantize_keys``,
+``quantize_values``, ``dequantize_keys``, ``dequantize_values``, same signatures). ``agacc.store``
+quantises with these where ``kernels.backend`` is "triton". They produce the same tensors:
 
   keys    codes [Bt, H, n, D*c/8] uint8, scale/zero [Bt, H, n/B, D] fp16  (per channel per block of B)
   values  codes [Bt, H, n, D*c/8] uint8, scale/zero [Bt, H, n, D/G] fp16  (per token per group of G)
 
 ``c`` is the container (2, 3, 4 or 8 bits) of ``bits``-bit codes; code ``j`` of a byte sits at bit
 ``j*c``. Dequantisation is always ``u * scale + zero``. The 3-bit container is two bit planes
-(``agacc.quant.pack``): for it the kernels run with one code per byte and ``agacc.quant`` splits /
-joins the planes on the device (one extra pass over D bytes per vector, at re-evaluation only --
+(``kernels.format.pack``): for it the kernels run with one code per byte and ``format.pack`` /
+``format.unpack`` split / join the planes on the device (one extra pass over D bytes per vector, at re-evaluation only --
 the decode kernel reads the planes directly).
 
 Bit-exactness: the kernels are compiled without FMA contraction (``enable_fp_fusion=False``), so
@@ -29,8 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from agacc import quant as _ref
-from agacc.quant import SCALE_DTYPE, container_bits
+from kernels.format import SCALE_DTYPE, container_bits, pack, unpack, value_group
 
 METHODS = {"minmax": 0, "meanstd": 1}
 
@@ -136,12 +136,12 @@ def quantize_keys(k: torch.Tensor, bits: int, block_size: int, method: str = "mi
 
 def _in_container(quantise, x, bits, *args):
     """``quantise(x, bits, *args, c)`` packed in the container c of ``bits``; for the 3-bit container
-    the kernel writes one code per byte and ``agacc.quant.pack`` splits the planes."""
+    the kernel writes one code per byte and ``format.pack`` splits the planes."""
     c = container_bits(bits)
     if c != 3:
         return quantise(x, bits, *args, c)
     codes, scale, zero = quantise(x, bits, *args, 8)
-    return _ref.pack(codes, 3), scale, zero
+    return pack(codes, 3), scale, zero
 
 
 def _quantize_keys(k, bits, block_size, method, s, c):
@@ -228,14 +228,14 @@ def _quantize_values_kernel(
 
 def quantize_values(v: torch.Tensor, bits: int, group_size: int, method: str = "minmax", s: float = 3.0):
     """Triton ``agacc.quant.quantize_values``: v [Bt, H, n, D] -> (packed [Bt,H,n,D*c//8] uint8,
-    scale [Bt,H,n,D//G] fp16, zero [Bt,H,n,D//G] fp16), G = min(group_size, D)."""
+    scale [Bt,H,n,D//G] fp16, zero [Bt,H,n,D//G] fp16), G = ``value_group(D, group_size)`` as the reference."""
     _check_bits(bits, method)
     return _in_container(_quantize_values, v, bits, group_size, method, s)
 
 
 def _quantize_values(v, bits, group_size, method, s, c):
     bt, h, n, d = v.shape
-    g = min(group_size, d)
+    g = value_group(d, group_size)
     per = 8 // c
     if d % g or g % per:
         raise ValueError(f"values [.., {d}]: D must be a multiple of G={g}, G of {per}")
@@ -290,7 +290,7 @@ def _dequantize_kernel(
 def _dequantize(packed, scale, zero, bits, row_div, col_div, dtype):
     c = container_bits(bits)
     if c == 3:
-        packed, c = _ref.unpack(packed, 3), 8
+        packed, c = unpack(packed, 3), 8
     bt, h, n, db = packed.shape
     d = db * (8 // c)
     out = torch.empty(bt, h, n, d, dtype=dtype, device=packed.device)

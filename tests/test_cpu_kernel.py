@@ -1,5 +1,6 @@
-"""The fused CPU decode kernel (kernels/cpu_decode.cpp) against its PyTorch reference (agacc.decode's
-decode_attention with the kernel off) on stores holding every kind of part, and a hand-worked case.
+"""The fused CPU decode kernel (kernels/cpu_decode.cpp, ``kernels.cpu.decode_layer(qg, store.parts())``)
+against its PyTorch reference (agacc.decode's decode_attention on the "torch" backend: AGACC_CPU_KERNEL=0)
+on stores holding every kind of part, and a hand-worked case.
 
 The kernel is built on first use. The README's test command (scripts/test.sh -> setup.sh) installs its
 toolchain (g++, ninja, Python's headers), so these tests never skip: a missing piece fails them with
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kernels
 from agacc import quant
 from agacc.config import AGACCConfig
 from agacc.decode import decode_attention
@@ -52,8 +54,11 @@ def _store(key_quant="channel", group=64, rotate=True, bt=1, h=3, d=64, B=16, dt
 
 
 def _with_and_without_kernel(monkeypatch, q, store, scaling=0.125):
+    monkeypatch.delenv(kernels.FORCE_TRITON_ENV, raising=False)
+    assert kernels.backend(q.device) == "cpp"
     out, mass = decode_attention(q, store, scaling)
     monkeypatch.setenv(cpu.ENV, "0")
+    assert kernels.backend(q.device) == "torch"
     ref_out, ref_mass = decode_attention(q, store, scaling)
     monkeypatch.delenv(cpu.ENV)
     return out, mass, ref_out, ref_mass
@@ -98,6 +103,6 @@ def test_kernel_hand_worked_three_bit_codes():
     seg.k_scale, seg.k_zero = torch.full((1, 1, 1, d), 0.5).half(), torch.full((1, 1, 1, d), -1.0).half()
     seg.v_scale, seg.v_zero = torch.full((1, 1, B, 1), 2.0).half(), torch.full((1, 1, B, 1), 1.0).half()
     qg = torch.arange(d, dtype=torch.float32).view(1, 1, 1, d) / d
-    out, mass = cpu.decode_layer(qg, store)
+    out, mass = cpu.decode_layer(qg, store.parts())
     assert torch.allclose(out, torch.full((1, 1, 1, d), 13.0))
     assert torch.allclose(mass, torch.full((B,), 1 / B))

@@ -1,5 +1,6 @@
 """Triton kernels (run by the interpreter on CPU, TRITON_INTERPRET=1 from conftest.py) against their
-PyTorch references in ``agacc``: quantise/pack, unpack/dequantise, fused decode attention, dispatch.
+PyTorch references in ``agacc``: quantise/pack, unpack/dequantise, fused decode attention over
+``store.parts()``, and the one backend choice (``kernels.backend``) as the library uses it.
 
 Interpreter time grows with grid size x tiles, so shapes are small but chosen to hit the edges:
 odd lengths, splits that are not multiples of the tile, GQA g in {1, 3, 4}, head dims 64/128,
@@ -16,9 +17,15 @@ from agacc.attention import attend  # noqa: E402
 from agacc.config import AGACCConfig  # noqa: E402
 from agacc.store import LayerStore  # noqa: E402
 from agacc.tiers import EVICTED, FULL, INT2, INT3, INT4, INT8, PRUNED  # noqa: E402
-from kernels import dispatch  # noqa: E402
+import kernels  # noqa: E402
+from agacc import decode, store as S  # noqa: E402
 from kernels import quantize as KQ  # noqa: E402
-from kernels.decode_attention import decode_attention as triton_decode  # noqa: E402
+from kernels.triton_decode import decode_parts  # noqa: E402
+
+
+def triton_decode(query, store, scaling, **kw):
+    """The Triton kernel over the store's parts."""
+    return decode_parts(query, store.parts(), scaling, **kw)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,7 +86,8 @@ def test_quantize_keys_matches_reference(method, shape, block):
 
 
 @pytest.mark.parametrize("method", ["minmax", "meanstd"])
-@pytest.mark.parametrize("shape,group", [((2, 2, 37, 64), 32), ((1, 2, 5, 128), 64), ((1, 1, 9, 64), 128)])
+@pytest.mark.parametrize("shape,group", [((2, 2, 37, 64), 32), ((1, 2, 5, 128), 64), ((1, 1, 9, 64), 128),
+                                         ((1, 1, 7, 96), 64)])
 def test_quantize_values_matches_reference(method, shape, group):
     v = _data(shape, 2)
     for bits in ALL_BITS[method]:
@@ -89,7 +97,7 @@ def test_quantize_values_matches_reference(method, shape, group):
         deq = KQ.dequantize_values(*got, bits)
         torch.testing.assert_close(deq, Q.dequantize_values(*got, bits), rtol=1e-6, atol=1e-6)
         if method == "minmax":
-            g = min(group, shape[3])
+            g = Q.value_group(shape[3], group)
             scale = got[1].float().repeat_interleave(g, dim=3)
             assert bool(((deq - v).abs() <= scale / 2 + 1e-5).all())
 
@@ -284,45 +292,57 @@ def test_decode_reads_the_packed_bytes():
 
 
 # ------------------------------------------------------------------------------------------------
-# dispatch
+# the backend choice, as the library uses it (agacc.decode.decode_attention, agacc.store's quantisers)
 # ------------------------------------------------------------------------------------------------
 
-def test_dispatch_uses_reference_on_cpu(monkeypatch):
-    monkeypatch.delenv(dispatch.FORCE_ENV, raising=False)
+def test_backend_choice(monkeypatch):
+    monkeypatch.delenv(kernels.FORCE_TRITON_ENV, raising=False)
+    monkeypatch.setenv("AGACC_CPU_KERNEL", "0")
+    assert kernels.backend("cpu") == "torch" and kernels.backend(torch.device("cpu")) == "torch"
+    monkeypatch.setenv(kernels.FORCE_TRITON_ENV, "1")
+    assert kernels.backend("cpu") == "triton"
+
+
+def test_torch_backend_runs_the_packed_path_and_the_reference_quantisers(monkeypatch):
+    monkeypatch.delenv(kernels.FORCE_TRITON_ENV, raising=False)
+    monkeypatch.setenv("AGACC_CPU_KERNEL", "0")
+    assert S._quant_ops(torch.device("cpu")) is Q
     store = make_store(1, 2, 64, 16 * 2 + 16 + 3, tiers=[INT4, EVICTED], bits=[4, 4])
     q = _query(store, 2)
-    out, mass = dispatch.decode_attention(q, store, 0.125)
+    out, mass = decode.decode_attention(q, store, 0.125)
     ref_out, ref_mass = attend(q, store.attention_entries(q.dtype), 0.125)
-    assert torch.equal(out, ref_out) and torch.equal(mass, ref_mass)
-    k = _data((1, 2, 32, 64), 5)
-    assert all(torch.equal(a, b) for a, b in zip(dispatch.quantize_keys(k, 4, 16), Q.quantize_keys(k, 4, 16)))
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-7)
 
 
-def test_dispatch_forced_triton(monkeypatch):
-    import kernels.decode_attention as kd
+def test_forced_triton_quantises_and_decodes_with_the_kernels(monkeypatch):
     import kernels.quantize as kq
+    import kernels.triton_decode as kd
 
     calls = []
-    monkeypatch.setenv(dispatch.FORCE_ENV, "1")
-    monkeypatch.setattr(kd, "decode_attention", lambda *a, **k: calls.append("attn") or triton_decode(*a, **k))
+    monkeypatch.setenv(kernels.FORCE_TRITON_ENV, "1")
+    monkeypatch.setattr(kd, "decode_parts", lambda *a, **k: calls.append("attn") or decode_parts(*a, **k))
     orig_qk = kq.quantize_keys
     monkeypatch.setattr(kq, "quantize_keys", lambda *a, **k: calls.append("qk") or orig_qk(*a, **k))
+    assert S._quant_ops(torch.device("cpu")) is kq
     store = make_store(1, 2, 64, 16 * 2 + 16 + 3, tiers=[INT2, EVICTED], bits=[2, 2])
     q = _query(store, 3)
-    out, mass = dispatch.decode_attention(q, store, 0.125)
+    out, mass = decode.decode_attention(q, store, 0.125)
+    assert calls == ["qk", "attn"]
     ref_out, ref_mass = attend(q, store.attention_entries(q.dtype), 0.125)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-4)
     torch.testing.assert_close(mass, ref_mass, rtol=1e-4, atol=1e-6)
-    k = _data((1, 2, 32, 64), 5)
-    got = dispatch.quantize_keys(k, 2, 16)
-    _check_quant(got, Q.quantize_keys(k, 2, 16), 2, "minmax")
-    v = dispatch.quantize_values(k, 4, 32)
-    torch.testing.assert_close(dispatch.dequantize_values(*v, 4), Q.dequantize_values(*v, 4))
-    torch.testing.assert_close(dispatch.dequantize_keys(*got, 2, 16), Q.dequantize_keys(*got, 2, 16))
-    assert calls == ["attn", "qk"]
+    # with a mask the PyTorch path runs, whatever the backend
+    mask = torch.ones(1, 1, 1, store.n_entries, dtype=torch.bool)
+    out_m, mass_m = decode.decode_attention(q, store, 0.125, mask)
+    assert calls == ["qk", "attn"]
+    torch.testing.assert_close(out_m, ref_out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(mass_m, ref_mass, rtol=1e-5, atol=1e-7)
 
 
-def test_dispatch_rejects_multi_query():
+def test_decode_rejects_multi_query():
     store = make_store(1, 1, 64, 5)
     with pytest.raises(ValueError):
-        dispatch.decode_attention(torch.randn(1, 1, 2, 64), store, 0.125)
+        decode.decode_attention(torch.randn(1, 1, 2, 64), store, 0.125)
+    with pytest.raises(ValueError):
+        decode_parts(torch.randn(1, 1, 2, 64), store.parts(), 0.125)

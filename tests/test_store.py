@@ -157,7 +157,10 @@ def test_without_host_copy_blocks_only_lose_fidelity():
 @pytest.mark.parametrize("key_quant,rotate", [("token", True), ("token", False), ("channel", True), ("channel", False)])
 @pytest.mark.parametrize("group", [64, 16])
 @pytest.mark.parametrize("batch,heads,q_heads", [(1, 3, 9), (2, 2, 2), (1, 1, 4)])
-def test_packed_decode_path_equals_reference(group, batch, heads, q_heads, key_quant, rotate):
+def test_packed_decode_path_equals_reference(monkeypatch, group, batch, heads, q_heads, key_quant, rotate):
+    """The PyTorch path of agacc.decode (the "torch" backend) == attend over the dequantised entries."""
+    monkeypatch.setenv("AGACC_CPU_KERNEL", "0")
+    monkeypatch.delenv("AGACC_FORCE_TRITON", raising=False)
     st, _, _ = make_store(batch=batch, heads=heads, value_group_size=group, key_group_size=group,
                           key_quant=key_quant, rotate=rotate)
     apply(st, **MIXED)
@@ -166,6 +169,30 @@ def test_packed_decode_path_equals_reference(group, batch, heads, q_heads, key_q
     out, mass = decode_attention(q, st, 0.125)
     assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(mass, ref_mass, atol=1e-6)
     assert math.isclose(float(mass.sum()), 1.0, rel_tol=1e-5)
+
+
+def test_parts_describe_the_store_in_attention_order():
+    """parts(): full, int8, int4, int3, int2, sparse, markers (with their log-count bias), hot; their
+    entries add up to n_entries and attention_entries is each part dequantised, in the same order."""
+    st, _, _ = make_store(key_quant="token", key_group_size=16, rotate=True)
+    apply(st, **MIXED)
+    parts = st.parts()
+    assert [(p.kind, p.container) for p in parts] == [("dense", 0), ("quant", 8), ("quant", 4), ("quant", 3),
+                                                      ("quant", 2), ("sparse", 2), ("dense", 0), ("dense", 0)]
+    assert sum(p.n for p in parts) == st.n_entries
+    full, q8, sp, mk, hot = parts[0], parts[1], parts[5], parts[6], parts[7]
+    assert full.k is st.full.k and mk.bias is st.markers.log_count and hot.k is st.hot_k and hot.bias is None
+    assert q8.k is st.quant[8].k and q8.rotated and q8.key_block == 0 and q8.key_group == 16 and q8.value_group == 64
+    assert sp.keep == 16 and sp.code_bits == 2 and sp.k_map is st.sparse[16].k_map
+    entries = st.attention_entries(torch.float32)
+    assert len(entries) == len(parts)
+    for e, p in zip(entries, parts):
+        k, v = quant.dequantize_part(p)
+        assert torch.equal(e.k, k) and torch.equal(e.v, v) and (e.bias is p.bias)
+    st2, _, _ = make_store(key_quant="channel", rotate=False)  # keys per channel per block
+    apply(st2, [T.INT4] * 11, [4] * 11, [64] * 11)
+    q4 = st2.parts()[0]
+    assert q4.key_block == 16 and q4.key_group == 0 and not q4.rotated
 
 
 @pytest.mark.parametrize("container", [2, 3, 4, 8])

@@ -1,28 +1,32 @@
-"""Fused split-K (flash-decoding) attention for ONE query step over the mixed-precision store.
+"""Fused split-K (flash-decoding) attention for ONE query step over a layer's held parts.
 
-Reference: ``agacc.attention.attend(query, store.attention_entries(dtype), scaling)`` with q = 1.
+Entry point: ``decode_parts(query, parts, scaling)``, ``parts`` a list of ``kernels.format.Part``
+(``agacc.store.LayerStore.parts()``); ``agacc.decode.decode_attention`` calls it when
+``kernels.backend`` is "triton". Reference: ``agacc.attention.attend(query,
+store.attention_entries(dtype), scaling)`` with q = 1.
 
-Three launches (+1 per sparse segment); K and V are read exactly once:
+Three launches (+1 per sparse part); K and V are read exactly once:
 
 1. ``_partial_kernel``, grid (n_splits, Bt*H). A program owns one split (``split`` consecutive
-   entries of one segment) of one KV head and all ``g`` query heads of its GQA group. It reads
-   the segment's bytes directly -- fp16/bf16/fp32 rows, or packed 8/4/3/2-bit codes with their
+   entries of one part) of one KV head and all ``g`` query heads of its GQA group. It reads
+   the part's bytes directly -- fp16/bf16/fp32 rows, or packed 8/4/3/2-bit codes with their
    per-channel-per-block (or per-token-per-group, KEY_TOKEN) key scales and per-token-per-group
    value scales -- dequantises in registers, and keeps an online softmax (max ``m``, sum ``l``,
    accumulator ``acc`` [g, D]). Quantised slots stored Hadamard-rotated (ROT) meet the rotated
    query and leave rotated accumulators.
    It writes the partials and every entry's raw logit ``q.k * scaling + bias`` (fp32,
-   [Bt*H*g, n]). Segments are slots of the one launch (full, int8, int4, int3, int2, markers, hot); a
-   program picks its slot by comparing its split index with the slot starts.
-   ``_sparse_partial_kernel`` does the same for one sparse segment (bitmap + kept codes), one
-   launch per segment, into the same workspace.
+   [Bt*H*g, n]). Parts are slots of the one launch (a dense "full" slot, int8, int4, int3, int2, a
+   dense slot with a logit bias "markers", a dense "hot" slot); a program picks its slot by comparing
+   its split index with the slot starts, and writes its logits at its part's entry offset.
+   ``_sparse_partial_kernel`` does the same for one sparse part (bitmap + kept codes), one
+   launch per part, into the same workspace.
 2. ``_combine_kernel``, grid (Bt*H,): merges the splits -> output and log-sum-exp per query head;
    with ROT the rotated splits sum into a second output that the wrapper rotates back and adds.
 3. ``_mass_kernel``, grid (cdiv(n, BLOCK_E),): mass[i] = sum_{b,h,j} exp(logit - lse) / (Bt*Hq),
    a pass over n*Bt*Hq floats, never over K.
 
-Entry order (for the mass) is ``LayerStore.attention_entries``: full, int8, int4, int3, int2, sparse
-(in ``store.segments`` order), markers, hot. Scores use elementwise multiply + ``tl.sum``
+Entry order (for the mass) is the order of ``parts`` (``LayerStore.parts``: full, int8, int4, int3,
+int2, sparse by keep, markers, hot). Scores use elementwise multiply + ``tl.sum``
 (no ``tl.dot``: q = 1, and ``tl.dot`` needs K >= 16 on the GPU). All arithmetic is fp32.
 """
 from __future__ import annotations
@@ -31,8 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from agacc import quant
-from agacc.quant import container_bits
+from kernels.format import QUANT, SPARSE, Part, rotate
 
 # FMT codes of _split_partial: 0 dense rows, 1 packed quantised codes, 2 sparse (bitmap + kept codes)
 
@@ -71,7 +74,7 @@ def _unpack_rows(codes_ptr, row0, rmask, DB, C: tl.constexpr, BLOCK_N: tl.conste
 @triton.jit
 def _unpack_codes(codes_ptr, vec, rmask, D, C: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
     """[BLOCK_N, D_PAD] int32 codes of packed vectors ``vec`` ([BLOCK_N] indices, D*C/8 bytes each) in
-    ``agacc.quant.pack``'s layout; C = 3 is a 2-bit plane (D/4 bytes) then a 1-bit plane (D/8)."""
+    ``kernels.format.pack``'s layout; C = 3 is a 2-bit plane (D/4 bytes) then a 1-bit plane (D/8)."""
     if C == 3:
         row0 = vec * (D * 3 // 8)
         lo = _unpack_rows(codes_ptr, row0, rmask, D // 4, 2, BLOCK_N, D_PAD)
@@ -146,7 +149,7 @@ def _load_sparse(map_ptr, codes_ptr, sc_ptr, zr_ptr, bh, n, rows, rmask, offs_d,
 
 
 # --------------------------------------------------------------------------------------------
-# one split of one segment
+# one split of one part
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -159,7 +162,7 @@ def _split_partial(
     BLOCK_N: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, PER_HEAD: tl.constexpr,
     KEY_TOKEN: tl.constexpr, KG: tl.constexpr,
 ):
-    """Online softmax over entries [local_split*split, +split) of one segment for the g query heads
+    """Online softmax over entries [local_split*split, +split) of one part for the g query heads
     q [G_PAD, D_PAD]; writes raw logits and the split's (m, l, acc) at workspace index ws_split."""
     start = local_split * split
     stop = tl.minimum(start + split, n)
@@ -318,7 +321,7 @@ def _sparse_partial_kernel(
     KEEP: tl.constexpr, C: tl.constexpr,
     BLOCK_N: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, PER_HEAD: tl.constexpr,
 ):
-    """Grid (splits of one sparse segment, Bt*H); workspace split = ws0 + program_id(0), entries from e0.
+    """Grid (splits of one sparse part, Bt*H); workspace split = ws0 + program_id(0), entries from e0.
     A kernel of its own: the bitmap prefix count costs registers the other formats should not pay."""
     sid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -406,8 +409,8 @@ def _mass_kernel(logit_ptr, lse_ptr, mass_ptr, n_total, BH, g, inv_norm,
 # host side
 # --------------------------------------------------------------------------------------------
 
-QUANT_SLOTS = {8: "q8", 4: "q4", 3: "q3", 2: "q2"}  # container -> slot, in attention order
-QUANT = tuple(QUANT_SLOTS.values())
+QUANT_SLOTS = {8: "q8", 4: "q4", 3: "q3", 2: "q2"}  # container -> slot of the main launch
+_QUANT_NAMES = tuple(QUANT_SLOTS.values())
 
 
 def _dense_strides(k, v):
@@ -435,70 +438,87 @@ def default_tile(g_pad: int, d_pad: int) -> tuple[int, int]:
     return max(8, min(16, 2048 // d_pad)), 4
 
 
-def decode_attention(query: torch.Tensor, store, scaling: float, split: int | None = None,
-                     block_n: int | None = None, num_warps: int | None = None, per_head: bool = True,
-                     return_lse: bool = False):
-    """Triton decode attention over a ``LayerStore`` for one query step.
+def _slots(parts: list[Part]):
+    """Parts -> (slots {name: part} of the main launch, sparse parts, first entry of each part by name,
+    the parts' (rotated, key block, key group, value group) shared by the quantised slots).
+
+    The main launch has a dense slot "full", four quantised slots by container, a dense slot with a
+    logit bias "markers" and a dense slot "hot"; every sparse part is a launch of its own. Entries keep
+    the order of ``parts`` (each slot is told where its entries start), so the slots are only
+    containers: a dense part without bias takes "full", then "hot"."""
+    slots, sparse, entry0, e = {}, [], {}, 0
+    for p in parts:
+        if p.kind == QUANT:
+            name = QUANT_SLOTS[p.container]
+        elif p.kind == SPARSE:
+            name = f"sparse{len(sparse)}"
+            sparse.append(p)
+        elif p.bias is not None:
+            name = "markers"
+        else:
+            name = "full" if "full" not in slots else "hot"
+        if name in slots:
+            raise ValueError(f"decode_parts: two parts for the {name!r} slot (one part per container, "
+                             "at most one biased and two unbiased dense parts)")
+        if not name.startswith("sparse"):
+            slots[name] = p
+        entry0[name], e = e, e + p.n
+    quant = [p for p in parts if p.kind == QUANT]
+    shared = {(p.rotated, p.key_block, p.key_group, p.value_group) for p in quant}
+    if len(shared) > 1:
+        raise ValueError(f"decode_parts: the quantised parts differ in (rotated, key block, key group, "
+                         f"value group): {sorted(shared)}")
+    return slots, sparse, entry0, e, (shared.pop() if shared else (False, 0, 0, 0))
+
+
+def decode_parts(query: torch.Tensor, parts: list[Part], scaling: float, split: int | None = None,
+                 block_n: int | None = None, num_warps: int | None = None, per_head: bool = True,
+                 return_lse: bool = False):
+    """Triton decode attention over a layer's ``parts`` (``kernels.format.Part``, attention order) for
+    one query step.
 
     query [Bt, Hq, 1, D] (any float dtype; math in fp32). Returns (out [Bt, 1, Hq, D] in
-    query.dtype, mass [n_entries] fp32) like ``agacc.attention.attend``, and with ``return_lse``
-    also the log-sum-exp [Bt, Hq] of the scaled logits. Tuning knobs: ``split`` entries per split
-    (rounded up to a multiple of the tile), ``block_n`` entries per tile (at most B, so a tile
-    never straddles two key blocks), ``num_warps``, ``per_head`` (loop over the g query heads on
-    [BLOCK_N, D] tiles instead of one [g, BLOCK_N, D] product: fewer registers)."""
+    query.dtype, mass [n_entries] fp32) like ``agacc.attention.attend``, entries in ``parts`` order,
+    and with ``return_lse`` also the log-sum-exp [Bt, Hq] of the scaled logits. Tuning knobs:
+    ``split`` entries per split (rounded up to a multiple of the tile), ``block_n`` entries per tile
+    (at most the key block, so a tile never straddles two key blocks), ``num_warps``, ``per_head``
+    (loop over the g query heads on [BLOCK_N, D] tiles instead of one [g, BLOCK_N, D] product: fewer
+    registers)."""
     bt, hq, qlen, d = query.shape
     if qlen != 1:
-        raise ValueError(f"decode_attention handles one query step, got q={qlen}")
+        raise ValueError(f"decode_parts handles one query step, got q={qlen}")
+    if not parts:
+        raise ValueError("decode_parts: no entries to attend over")
     dev = query.device
-    B = store.B
-    slots = {"full": store.full} if store.full.n_blocks else {}
-    sparse = []
-    for seg in store.segments:  # attention order: full, int8, int4, int3, int2, sparse (store order)
-        if seg.n_blocks and seg is not store.full:
-            if hasattr(seg, "container"):
-                slots[QUANT_SLOTS[seg.container]] = seg
-            else:
-                sparse.append(seg)
-    mk = store.markers
-    n_mk = mk.n
-    n_hot = store.hot_k.shape[2] if store.hot_k is not None else 0
-    held = ([store.hot_k] if n_hot else []) + ([mk.k] if n_mk else []) + [s.k for s in (*slots.values(), *sparse)]
-    if not held:
-        raise ValueError("decode_attention: the store holds no entries")
-    h = held[0].shape[1]
+    slots, sparse, entry0, n_total, (rot, key_block, key_group, val_group) = _slots(parts)
+    key_token = key_block == 0 and any(name in slots for name in _QUANT_NAMES)
+    h = parts[0].heads
     if hq % h:
         raise ValueError(f"query heads {hq} not a multiple of KV heads {h}")
     g = hq // h
     bh = bt * h
     g_pad, d_pad = _pow2(g), _pow2(d)
     auto_n, auto_w = default_tile(g_pad, d_pad)
-    block_n = min(_pow2(block_n or auto_n), B)  # block_n | B | split: one key block per tile
+    block_n = _pow2(block_n or auto_n)
+    if key_block:
+        block_n = min(block_n, key_block)  # block_n | key block | split: one key block per tile
     num_warps = num_warps or auto_w
 
-    # entries in attention order, then the split ranges (main launch first, then each sparse segment)
-    order = [(name, slots.get(name)) for name in ("full", *QUANT)]
-    order += [(f"sparse{i}", seg) for i, seg in enumerate(sparse)]
-    rows = {name: (seg.n_blocks * B if seg is not None else 0) for name, seg in order}
-    rows["markers"], rows["hot"] = n_mk, n_hot
-    n_total = sum(rows.values())
-    if n_total != store.n_entries:
-        raise RuntimeError(f"entry count mismatch: kernel {n_total} vs store {store.n_entries}")
-    entry0, e = {}, 0
-    for name in rows:
-        entry0[name], e = e, e + rows[name]
+    # the split ranges: main launch first (full, int8, int4, int3, int2, markers, hot), then each sparse part
+    rows = {name: slots[name].n if name in slots else 0 for name in ("full", *_QUANT_NAMES, "markers", "hot")}
+    rows.update({f"sparse{i}": p.n for i, p in enumerate(sparse)})
     split = triton.cdiv(split or default_split(n_total, bh, block_n, dev), block_n) * block_n
     split0, s = {}, 0
-    for name in ("full", *QUANT, "markers", "hot") + tuple(f"sparse{i}" for i in range(len(sparse))):
+    for name in rows:
         split0[name], s = s, s + triton.cdiv(rows[name], split)
     S_total, s_main = s, split0["sparse0"] if sparse else s
 
     qc = query.reshape(bt, hq, d)
     if qc.stride(-1) != 1:
         qc = qc.contiguous()
-    rot = store.cfg.rotate and any(name in slots for name in QUANT)  # quantised slots hold K H, V H
-    if rot:  # fp32 rotated query, same element strides as qc (the kernel indexes both alike)
+    if rot:  # the quantised slots hold K H, V H: the fp32 rotated query, same element strides as qc
         qc = qc.contiguous()
-        qr = quant.rotate(qc).contiguous()
+        qr = rotate(qc).contiguous()
     else:
         qr = qc
     out = torch.empty(bt, 1, hq, d, dtype=torch.float32 if rot else query.dtype, device=dev)
@@ -510,57 +530,58 @@ def decode_attention(query: torch.Tensor, store, scaling: float, split: int | No
     lse = torch.empty(bh, g_pad, dtype=torch.float32, device=dev)
     mass = torch.empty(n_total, dtype=torch.float32, device=dev)
     common = (qc, qc.stride(0), qc.stride(1), h, d, g, float(scaling), split, n_total, S_total)
-    key_token = store.cfg.key_quant == "token"
     meta = dict(BLOCK_N=block_n, G_PAD=g_pad, D_PAD=d_pad, PER_HEAD=per_head, num_warps=num_warps,
                 enable_fp_fusion=True)
     dummy = logits  # pointer for absent slots: their code is compiled out
+    for name in ("full", *_QUANT_NAMES, "markers", "hot"):
+        entry0.setdefault(name, 0)  # absent slots: any start (compiled out)
 
     if s_main:
         args = [qc, qr, *common[1:], logits, m_ws, l_ws, acc_ws]
-        args += [split0[n] for n in (*QUANT, "markers", "hot")]
-        args += [entry0[n] for n in ("full", *QUANT, "markers", "hot")]
+        args += [split0[n] for n in (*_QUANT_NAMES, "markers", "hot")]
+        args += [entry0[n] for n in ("full", *_QUANT_NAMES, "markers", "hot")]
         full = slots.get("full")
         if full is not None:
             fk, fv, fsb, fsh = _dense_strides(full.k, full.v)
             args += [fk, fv, fsb, fsh, rows["full"]]
         else:
             args += [dummy, dummy, 0, 0, 0]
-        for name in QUANT:
-            seg = slots.get(name)
-            if seg is None:
+        for name in _QUANT_NAMES:
+            p = slots.get(name)
+            if p is None:
                 args += [dummy] * 6 + [0]
             else:
-                args += [t.contiguous() for t in (seg.k, seg.k_scale, seg.k_zero, seg.v, seg.v_scale, seg.v_zero)]
+                args += [t.contiguous() for t in (p.k, p.k_scale, p.k_zero, p.v, p.v_scale, p.v_zero)]
                 args += [rows[name]]
-        if n_mk:
+        mk = slots.get("markers")
+        if mk is not None:
             mkk, mkv, msb, msh = _dense_strides(mk.k, mk.v)
-            args += [mkk, mkv, mk.log_count.to(device=dev, dtype=torch.float32).contiguous(), msb, msh, n_mk]
+            args += [mkk, mkv, mk.bias.to(device=dev, dtype=torch.float32).contiguous(), msb, msh, rows["markers"]]
         else:
             args += [dummy, dummy, dummy, 0, 0, 0]
-        if n_hot:
-            hk, hv, hsb, hsh = _dense_strides(store.hot_k, store.hot_v)
-            args += [hk, hv, hsb, hsh, n_hot]
+        hot = slots.get("hot")
+        if hot is not None:
+            hk, hv, hsb, hsh = _dense_strides(hot.k, hot.v)
+            args += [hk, hv, hsb, hsh, rows["hot"]]
         else:
             args += [dummy, dummy, 0, 0, 0]
         _partial_kernel[(s_main, bh)](
             *args, HAS_FULL="full" in slots, HAS_Q8="q8" in slots, HAS_Q4="q4" in slots,
-            HAS_Q3="q3" in slots, HAS_Q2="q2" in slots,
-            HAS_MK=n_mk > 0, HAS_HOT=n_hot > 0, B=B, G=quant.value_group(d, store.cfg.value_group_size),
-            KEY_TOKEN=key_token, KG=quant.value_group(d, store.cfg.key_group_size), ROT=rot, **meta)
-    for i, seg in enumerate(sparse):
+            HAS_Q3="q3" in slots, HAS_Q2="q2" in slots, HAS_MK=mk is not None, HAS_HOT=hot is not None,
+            B=key_block or block_n, G=val_group or 1, KEY_TOKEN=key_token, KG=key_group or 1, ROT=rot, **meta)
+    for i, p in enumerate(sparse):
         name = f"sparse{i}"
-        ts = [t.contiguous() for t in (seg.k_map, seg.k, seg.k_scale, seg.k_zero,
-                                       seg.v_map, seg.v, seg.v_scale, seg.v_zero)]
+        ts = [t.contiguous() for t in (p.k_map, p.k, p.k_scale, p.k_zero, p.v_map, p.v, p.v_scale, p.v_zero)]
         _sparse_partial_kernel[(triton.cdiv(rows[name], split), bh)](
             *common, split0[name], entry0[name], logits, m_ws, l_ws, acc_ws, *ts, rows[name],
-            KEEP=seg.keep, C=container_bits(seg.code_bits), **meta)
+            KEEP=p.keep, C=p.container, **meta)
 
     sb = max(1, min(_pow2(S_total), 4096 // (g_pad * d_pad)))
     _combine_kernel[(bh,)](m_ws, l_ws, acc_ws, out, out_rot, lse, S_total, h, d, g, out.stride(0), out.stride(2),
                            split0["q8"], split0["markers"], SB=sb, G_PAD=g_pad, D_PAD=d_pad, ROT=rot,
                            enable_fp_fusion=True)
     if rot:  # (P V H) H = P V: the quantised slots' share of the output, rotated back once
-        out = (out + quant.rotate(out_rot)).to(query.dtype)
+        out = (out + rotate(out_rot)).to(query.dtype)
     block_e = min(1024, _pow2(n_total))
     _mass_kernel[(triton.cdiv(n_total, block_e),)](logits, lse, mass, n_total, bh, g, 1.0 / (bt * hq),
                                                   BLOCK_E=block_e, G_PAD=g_pad, enable_fp_fusion=True)

@@ -1,0 +1,199 @@
+"""The storage format the kernels read, defined below the library (nothing here imports ``agacc``).
+
+``agacc.quant`` re-exports every name here (its quantisers, the PyTorch references, are built on them),
+so ``agacc.quant.container_bits`` and ``kernels.format.container_bits`` are one function.
+
+Codes and containers: every quantised tensor is unsigned codes ``u`` with a ``scale`` and ``zero``
+per group and dequantises as ``u * scale + zero`` (``dequantize``). Codes of ``b`` bits live in a
+container of ``c`` in {2, 3, 4, 8} bits (``container_bits``): a 1-bit code costs a 2-bit container,
+5..7-bit codes an 8-bit one. Scales and zeros are float16 (``SCALE_DTYPE``).
+
+Packing (``pack``/``unpack``) works along the last dim: ``[..., D]`` codes become ``[..., D * c // 8]``
+bytes. Containers 2, 4, 8: ``8 // c`` codes per byte, code ``j`` of a byte at bit ``j * c``
+(little-endian). Container 3 is two bit planes in one row: the low two bits of every code packed as
+container 2 (``D // 4`` bytes), then the high bit of every code one per bit (``D // 8`` bytes) -- no
+code straddles a byte, so every kernel unpacks it with its 2-bit and 1-bit rules; D a multiple of 8.
+
+Sparse (magnitude-pruned) vectors: a bitmap of the kept elements (``pack_bitmap``, bit j of byte i
+is element 8i + j) and the kept values' codes in position order, one (scale, zero) per vector
+(``sparse_decode``).
+
+Rotation (``rotate``): a quantised K or V vector may be stored as ``x @ H``, H the orthonormal
+Sylvester-Hadamard matrix on every run of ``rotation_size(D)`` channels (the largest power of two
+dividing D). H is symmetric and orthogonal, so ``rotate`` is its own inverse and ``q . k = (q H) . (k H)``:
+an attention kernel rotates the query once instead of un-rotating every key (QuaRot, Ashkboos et al.,
+2024, arXiv:2404.00456).
+
+``Part``: one stretch of a layer's attention entries as it is held (``agacc.store.LayerStore.parts``
+lists them in attention order); every decode backend reads a list of parts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+CONTAINERS = (2, 3, 4, 8)
+SCALE_DTYPE = torch.float16
+
+DENSE, QUANT, SPARSE = "dense", "quant", "sparse"
+
+
+def container_bits(bits: int) -> int:
+    """Smallest storage container (2, 3, 4 or 8 bits) that holds ``bits``-bit codes."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    return next(c for c in CONTAINERS if bits <= c)
+
+
+CONTAINER_OF = torch.tensor([0] + [container_bits(b) for b in range(1, 9)], dtype=torch.int8)  # code bits -> container
+
+
+def value_group(head_dim: int, group_size: int) -> int:
+    """Channels per value group: ``group_size`` if it divides the head dim, else gcd(head_dim, group_size)
+    (e.g. head dim 96 with groups of 64 -> 32)."""
+    return math.gcd(head_dim, group_size)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes ``[..., D]`` (values < 2**bits) into ``[..., D * bits // 8]`` bytes."""
+    if bits == 8:
+        return codes.to(torch.uint8).contiguous()
+    if bits == 3:  # low-two-bit plane, then high-bit plane
+        c = codes.to(torch.uint8)
+        return torch.cat([pack(c & 3, 2), pack(c >> 2, 1)], -1)
+    per_byte = 8 // bits
+    d = codes.shape[-1]
+    if d % per_byte:
+        raise ValueError(f"last dim {d} is not a multiple of {per_byte} for {bits}-bit packing")
+    c = codes.to(torch.uint8).reshape(*codes.shape[:-1], d // per_byte, per_byte)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (c << shifts).sum(-1, dtype=torch.uint8)  # disjoint bit fields: sum == bitwise or
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``pack``: ``[..., n]`` bytes -> ``[..., n * 8 // bits]`` uint8 codes."""
+    if bits == 8:
+        return packed
+    if bits == 3:
+        lo = packed.shape[-1] * 2 // 3  # D // 4 bytes of the low plane, then D // 8 of the high one
+        return unpack(packed[..., :lo], 2) | (unpack(packed[..., lo:], 1) << 2)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    mask = (1 << bits) - 1
+    codes = (packed.unsqueeze(-1) >> shifts) & mask
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.float32):
+    """``codes * scale + zero`` (broadcast), in ``dtype``."""
+    return torch.addcmul(zero.to(dtype), codes.to(dtype), scale.to(dtype))
+
+
+def pack_bitmap(mask: torch.Tensor) -> torch.Tensor:
+    """Bool ``[..., D]`` -> uint8 ``[..., D // 8]`` (bit j of byte i is element 8i + j)."""
+    d = mask.shape[-1]
+    m = mask.to(torch.uint8).reshape(*mask.shape[:-1], d // 8, 8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    return (m << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bitmap(bitmap: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_bitmap`` -> bool ``[..., 8 * n]``."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bitmap.device)
+    bits = (bitmap.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(*bitmap.shape[:-1], bitmap.shape[-1] * 8).bool()
+
+
+def sparse_decode(bitmap, packed, scale, zero, bits: int, dtype=torch.float32) -> torch.Tensor:
+    """Sparse vectors -> dense ``[..., D]`` with pruned elements exactly zero (inverse of
+    ``agacc.quant.sparse_encode``): bitmap [..., D/8], kept codes [..., keep*c/8] of ``bits`` bits in
+    position order, scale/zero [..., 1]."""
+    mask = unpack_bitmap(bitmap)
+    vals = dequantize(unpack(packed, container_bits(bits)), scale, zero, dtype)
+    out = torch.zeros(mask.shape, dtype=dtype, device=bitmap.device)
+    out[mask] = vals.reshape(-1)
+    return out
+
+
+_HADAMARD: dict = {}
+
+
+def rotation_size(head_dim: int) -> int:
+    """Channels per Hadamard block: the largest power of two dividing ``head_dim``."""
+    return head_dim & -head_dim
+
+
+def hadamard(n: int, device=None) -> torch.Tensor:
+    """Orthonormal Sylvester-Hadamard matrix [n, n] fp32 (n a power of two), symmetric: H @ H = I."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard size must be a power of two, got {n}")
+    key = (n, torch.device(device) if device is not None else torch.device("cpu"))
+    h = _HADAMARD.get(key)
+    if h is None:
+        h = torch.ones(1, 1)
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        h = _HADAMARD[key] = (h / math.sqrt(n)).to(key[1])
+    return h
+
+
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., D]`` -> fp32 ``x`` with every run of ``rotation_size(D)`` channels multiplied by the
+    Hadamard matrix; its own inverse (``rotate(rotate(x)) == x`` up to rounding)."""
+    d = x.shape[-1]
+    r = rotation_size(d)
+    h = hadamard(r, x.device)
+    return (x.float().reshape(*x.shape[:-1], d // r, r) @ h).reshape(x.shape)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One stretch of attention entries as it is held; shapes [Bt, H, n, ...], n = ``self.n`` entries.
+
+    kind ``"dense"``: k, v [Bt, H, n, D] in any float dtype; ``bias`` None or [n] fp32 added to the
+        logits (the markers' log count).
+    kind ``"quant"``: k, v packed codes [Bt, H, n, D*c/8] uint8 in ``container`` c (2, 3, 4, 8);
+        k_scale/k_zero fp16 [Bt, H, n/key_block, D] (keys per channel per block of ``key_block`` tokens)
+        or, with ``key_block == 0``, [Bt, H, n, D/key_group] (keys per token per group of ``key_group``
+        channels); v_scale/v_zero fp16 [Bt, H, n, D/value_group]. ``rotated``: the codes are of K H and
+        V H (``rotate``), so a kernel meets them with the rotated query and rotates their share of the
+        output back.
+    kind ``"sparse"``: k_map, v_map bitmaps [Bt, H, n, D/8]; k, v the ``keep`` kept values per vector as
+        ``code_bits``-bit codes in ``container`` c, [Bt, H, n, keep*c/8]; scales/zeros fp16 [Bt, H, n, 1]
+        (``sparse_decode``)."""
+
+    kind: str
+    k: torch.Tensor
+    v: torch.Tensor
+    bias: torch.Tensor | None = None
+    k_scale: torch.Tensor | None = None
+    k_zero: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+    v_zero: torch.Tensor | None = None
+    k_map: torch.Tensor | None = None
+    v_map: torch.Tensor | None = None
+    container: int = 0
+    key_block: int = 0
+    key_group: int = 0
+    value_group: int = 0
+    rotated: bool = False
+    keep: int = 0
+    code_bits: int = 0
+
+    @property
+    def n(self) -> int:
+        """Entries held (tokens, or markers)."""
+        return int(self.k.shape[2])
+
+    @property
+    def heads(self) -> int:
+        return int(self.k.shape[1])
+
+    def __repr__(self) -> str:
+        shape = "x".join(map(str, self.k.shape))
+        extra = {QUANT: f" container={self.container} key_block={self.key_block} key_group={self.key_group} "
+                        f"value_group={self.value_group} rotated={self.rotated}",
+                 SPARSE: f" container={self.container} keep={self.keep} code_bits={self.code_bits}",
+                 DENSE: f" {self.k.dtype} bias={self.bias is not None}"}.get(self.kind, "")
+        return f"Part({self.kind} k[{shape}]{extra})"
