@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from agacc.quant import dequantize_part
 from agacc.store import Entries
+from kernels.format import Part, slice_part
 
 NAME = "agacc"
 
@@ -55,6 +57,67 @@ def attend(query: torch.Tensor, entries: list[Entries], scaling: float, causal_n
     obs = probs.reshape(bt, h, g, q, n)[:, :, :, q - n_obs:]
     mass = obs.sum(dim=(1, 2, 3)).mean(0) / (hq * n_obs)
     return out.contiguous(), mass
+
+
+def part_slices(part: Part, block: int):
+    """(lo, hi, k, v, bias) over ``part`` in slices of about ``block`` entries, each dequantised to fp32
+    [Bt, H, hi - lo, D] (un-rotated) on its own: the only float copy of a stored part is one slice.
+    Slices of a part whose keys are grouped per channel per block of ``key_block`` tokens start on
+    such a block."""
+    kb = part.key_block or 1
+    step = -(-block // kb) * kb
+    for lo in range(0, part.n, step):
+        hi = min(part.n, lo + step)
+        k, v = dequantize_part(slice_part(part, lo, hi), torch.float32)
+        yield lo, hi, k, v, None if part.bias is None else part.bias[lo:hi].float()
+
+
+def chunk_attention(query: torch.Tensor, parts: list[Part], scaling: float, n_new: int, n_obs: int,
+                    block: int = 256):
+    """Attention of a chunk of ``q`` queries over everything a layer holds, key slices at a time.
+
+    query [Bt, Hq, q, D]; ``parts`` = ``LayerStore.parts()`` whose last ``n_new`` entries are the q new
+    tokens themselves (causal among them). Each part is read ``block`` entries at a time, dequantised
+    slice by slice, with an online softmax (running max and sum per query row, as flash attention):
+    temporaries are O(q x block), never a dequantised copy of the store nor a q x n matrix. The
+    attention mass of the last ``n_obs`` queries comes out of the same pass (their logits are kept,
+    O(n_obs x n), and normalised once the softmax's sums are known).
+
+    Returns (out [Bt, q, Hq, D] in query's dtype, mass [n_entries] fp32) normalised as ``attend``."""
+    bt, hq, q, d = query.shape
+    h = parts[0].heads
+    g = hq // h
+    n = sum(p.n for p in parts)
+    qg = query.reshape(bt, h, g * q, d).float() * scaling                         # rows are (g, q) flattened
+    n_obs = min(n_obs, q)
+    obs_rows = (torch.arange(g, device=query.device)[:, None] * q + torch.arange(q - n_obs, q, device=query.device)).reshape(-1)
+    qi = torch.arange(q, device=query.device).repeat(g)                            # each row's query index
+    m = torch.full((bt, h, g * q, 1), float("-inf"), device=query.device)
+    z = torch.zeros_like(m)
+    acc = torch.zeros(bt, h, g * q, d, device=query.device)
+    obs_logits = []
+    base = 0
+    for part in parts:
+        for lo, hi, k, v, bias in part_slices(part, block):
+            s = torch.matmul(qg, k.transpose(-1, -2))                              # [Bt, H, g*q, hi-lo]
+            if bias is not None:
+                s = s + bias
+            first_new = n - n_new - (base + lo)                                    # slice column of new entry 0
+            if first_new < hi - lo:                                                # query i sees new entries 0..i
+                col = torch.arange(hi - lo, device=query.device) - first_new
+                s = s.masked_fill(col[None, :] > qi[:, None], float("-inf"))
+            obs_logits.append(s[:, :, obs_rows])
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            p = torch.exp(s - m_new)
+            shrink = torch.exp(m - m_new)
+            z = z * shrink + p.sum(-1, keepdim=True)
+            acc = acc * shrink + torch.matmul(p, v)
+            m = m_new
+        base += part.n
+    out = (acc / z).reshape(bt, hq, q, d).transpose(1, 2).to(query.dtype).contiguous()
+    lse = (m + torch.log(z))[:, :, obs_rows]                                       # [Bt, H, g*n_obs, 1]
+    mass = torch.cat([torch.exp(s - lse).sum(dim=(1, 2)).mean(0) for s in obs_logits]) / (hq * n_obs)
+    return out, mass
 
 
 def _bias(entries: list[Entries], n: int, device) -> torch.Tensor | None:

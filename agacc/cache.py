@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from agacc import planner
-from agacc.attention import attend, observe_prefill
+from agacc.attention import chunk_attention, observe_prefill
 from agacc.config import AGACCConfig
 from agacc.decode import decode_attention
 from agacc.importance import WINDOW_ITEMSIZE, ImportanceTracker
@@ -111,9 +111,8 @@ class CompressedLayer(CacheLayerMixin):
                 is_causal=attention_mask is None, scale=scaling, enable_gqa=g > 1,
             ).transpose(1, 2).contiguous()
             self.tracker.init_prefill(observe_prefill(query, key, scaling, cfg.n_q))
-        else:
-            entries = store.attention_entries(query.dtype)
-            out, mass = attend(query, entries, scaling, causal_new=q, n_obs=cfg.n_q)
+        else:  # a later chunk of a prompt: key slices over the packed store, never a dequantised copy
+            out, mass = chunk_attention(query, store.parts(), scaling, n_new=q, n_obs=cfg.n_q)
             self.tracker.init_prefill(store.token_mass(mass))
         if self.layer_idx == self.cache.n_layers - 1:
             self.cache._step_done(q)
@@ -150,10 +149,14 @@ class CompressedCache(Cache):
         self.steps = 0           # decode steps since the last prefill
         self.reevaluations = 0
         self.threshold_scale = 1.0
+        self.peak_bytes = 0      # the most bytes held at once since creation (or reset_peak)
         super().__init__(layers=[CompressedLayer(self, i) for i in range(self.n_layers)])
 
     # --- schedule --------------------------------------------------------------------------
     def _step_done(self, q_len: int) -> None:
+        """After the last layer of a forward: every layer holds its new tokens, none is compressed yet,
+        so this is when the bytes held peak; then the schedule's re-evaluation."""
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes())
         if q_len > 1:
             self.reevaluate(prefill=True)
             return
@@ -227,8 +230,18 @@ class CompressedCache(Cache):
         return WINDOW_ITEMSIZE * min(self.cfg.n_r, self.cfg.block_size) * sum(l.store is not None for l in self.layers)
 
     # --- reporting -------------------------------------------------------------------------
+    def held_bytes(self) -> int:
+        """``memory()["bytes"]``: the store's tensors and the tracker's, counted once."""
+        return sum(l.store.nbytes() + l.tracker.nbytes() + l.scores.nbytes for l in self.layers if l.store is not None)
+
+    def reset_peak(self) -> None:
+        """Start ``memory()["peak_bytes"]`` again from what is held now."""
+        self.peak_bytes = self.held_bytes()
+
     def memory(self) -> dict:
-        """Bytes actually held (``nbytes`` of every tensor) vs a 16-bit cache of the same tokens."""
+        """Bytes actually held (``nbytes`` of every tensor) vs a 16-bit cache of the same tokens;
+        ``peak_bytes``: the most held at once since the cache was created (or ``reset_peak``), measured
+        after every forward, before the re-evaluation compresses (a forward only adds tokens)."""
         layers = [l for l in self.layers if l.store is not None]
         store_bytes = sum(l.store.nbytes() for l in layers)
         tracker_bytes = sum(l.tracker.nbytes() + l.scores.nbytes for l in layers)
@@ -241,6 +254,7 @@ class CompressedCache(Cache):
         fp16 = sum(Geometry(1, self.n_kv_heads, self.head_dim, l.store.batch).bytes_fp16(l.store.seq_len) for l in layers)
         return {
             "bytes": total,
+            "peak_bytes": max(self.peak_bytes, total),
             "host_bytes": sum(l.store.host_nbytes() for l in layers),
             "bytes_fp16": fp16,
             "ratio": fp16 / total if total else 1.0,

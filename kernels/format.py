@@ -29,6 +29,7 @@ lists them in attention order); every decode backend reads a list of parts.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -197,3 +198,19 @@ class Part:
                  SPARSE: f" container={self.container} keep={self.keep} code_bits={self.code_bits}",
                  DENSE: f" {self.k.dtype} bias={self.bias is not None}"}.get(self.kind, "")
         return f"Part({self.kind} k[{shape}]{extra})"
+
+
+def slice_part(part: Part, lo: int, hi: int) -> Part:
+    """Entries ``lo:hi`` of ``part`` (views, no copy). A part whose keys are grouped per channel per
+    block of ``key_block`` tokens is sliced on such blocks (``lo`` a multiple of it)."""
+    kb = part.key_block
+    if kb and lo % kb:
+        raise ValueError(f"slice_part: lo={lo} is not a multiple of the key block {kb}")
+    rows = {name: getattr(part, name)[:, :, lo:hi] for name in ("k", "v", "v_scale", "v_zero", "k_map", "v_map")
+            if getattr(part, name) is not None}
+    if part.k_scale is not None:
+        kr = slice(lo // kb, -(-hi // kb)) if kb else slice(lo, hi)
+        rows.update(k_scale=part.k_scale[:, :, kr], k_zero=part.k_zero[:, :, kr])
+    if part.bias is not None:
+        rows["bias"] = part.bias[lo:hi]
+    return dataclasses.replace(part, **rows)

@@ -1,0 +1,116 @@
+"""Long prompts on bounded memory: chunked prefill through transformers' own ``prefill_chunk_size``,
+attention of a chunk over the packed store key slices at a time, and the peak bytes a cache held."""
+import pytest
+import torch
+from transformers import DynamicCache
+
+import agacc
+from agacc.attention import attend, chunk_attention
+from agacc.config import AGACCConfig
+from agacc.store import LayerStore
+from tests.helpers import tiny_model
+
+D, H = 64, 2
+
+
+def store_with_every_part(key_quant="channel", rotate=True, markers=True, n=200, q=37, block_size=16, seed=0):
+    """A layer holding full, int8/4/3/2, two sparse widths, evicted runs (markers) and q new hot tokens."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = AGACCConfig.preset("agacc", p_max=0.6, key_quant=key_quant, rotate=rotate, markers=markers,
+                             block_size=block_size)
+    st = LayerStore(cfg, "cpu", torch.float16)
+    st.append(torch.randn(1, H, n, D, generator=g), torch.randn(1, H, n, D, generator=g))
+    nb = (n - cfg.recent_window) // block_size
+    pattern = [(0, 16, D), (1, 8, D), (2, 4, D), (3, 3, D), (4, 2, D), (5, 3, 24), (6, 0, 0), (6, 0, 0), (5, 3, 40),
+               (2, 4, D)]
+    rows = [pattern[i % len(pattern)] for i in range(nb)]
+    tier, bits, keep = (torch.tensor(c, dtype=dt) for c, dt in zip(zip(*rows), (torch.int8, torch.int8, torch.int16)))
+    st.apply_tiers(tier, bits, keep, torch.rand(n, generator=g))
+    st.append(torch.randn(1, H, q, D, generator=g), torch.randn(1, H, q, D, generator=g))
+    return st
+
+
+@pytest.mark.parametrize("key_quant,rotate", [("channel", True), ("token", True), ("channel", False)])
+@pytest.mark.parametrize("block", [5, 16, 64, 4096])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_chunk_attention_equals_the_reference(key_quant, rotate, block, groups):
+    q = 37
+    st = store_with_every_part(key_quant, rotate, q=q, block_size=8 if key_quant == "token" else 16)
+    kinds = {p.kind for p in st.parts()}
+    assert kinds == {"dense", "quant", "sparse"} and st.markers.n > 0
+    query = torch.randn(1, H * groups, q, D, generator=torch.Generator().manual_seed(5))
+    want, want_mass = attend(query, st.attention_entries(torch.float32), 0.125, causal_new=q, n_obs=16)
+    got, mass = chunk_attention(query, st.parts(), 0.125, n_new=q, n_obs=16, block=block)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(mass, want_mass, rtol=1e-5, atol=1e-8)
+    assert mass.numel() == st.n_entries
+
+
+def test_chunk_attention_allocates_nothing_that_grows_with_chunk_times_context():
+    """The largest single allocation of the blocked pass is O(chunk x block) (a slice of scores), not
+    O(chunk x n): 20 slices of 128 entries against one of 2,560."""
+    q, n_old = 64, 2560
+    cfg = AGACCConfig.preset("agacc", recent_window=0, markers=False)
+    st = LayerStore(cfg, "cpu", torch.float16)
+    g = torch.Generator().manual_seed(1)
+    st.append(torch.randn(1, H, n_old, D, generator=g), torch.randn(1, H, n_old, D, generator=g))
+    nb = n_old // 16
+    st.apply_tiers(torch.full((nb,), 2, dtype=torch.int8), torch.full((nb,), 4, dtype=torch.int8),
+                   torch.full((nb,), D, dtype=torch.int16), torch.ones(n_old))
+    st.append(torch.randn(1, H, q, D, generator=g), torch.randn(1, H, q, D, generator=g))
+    query = torch.randn(1, H * 3, q, D, generator=g)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        chunk_attention(query, st.parts(), 0.125, n_new=q, n_obs=16, block=128)
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    full_scores = 1 * H * 3 * q * (n_old + q) * 4  # what a q x n score matrix would take (fp32)
+    assert 0 < largest <= H * 3 * q * 128 * 4 * 2, largest   # one slice of scores (x2: exp)
+    assert largest < full_scores / 8
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model(layers=2)
+
+
+def _gen(model, ids, cache=None, chunk=None, n_new=16):
+    with torch.inference_mode():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=n_new,
+                              min_new_tokens=n_new, do_sample=False, pad_token_id=0, prefill_chunk_size=chunk)
+
+
+@pytest.mark.parametrize("chunk", [37, 128, 512])
+def test_chunked_prefill_with_the_lossless_preset_is_token_identical_to_plain(tiny, chunk):
+    ids = torch.randint(3, 256, (1, 700), generator=torch.Generator().manual_seed(0))
+    plain = _gen(tiny, ids, DynamicCache(config=tiny.config), chunk=chunk)
+    cache = agacc.CompressedCache(tiny.config, AGACCConfig.preset("full"))
+    assert torch.equal(_gen(tiny, ids, cache, chunk=chunk), plain)
+    assert torch.equal(plain, _gen(tiny, ids))
+
+
+def test_chunked_prefill_bounds_the_peak(tiny):
+    """One-shot prefill holds the whole prompt at full precision before compressing; chunked, the
+    peak is the compressed store + one chunk (+ the recent window) at full precision."""
+    ids = torch.randint(3, 256, (1, 1200), generator=torch.Generator().manual_seed(1))
+    cfg = AGACCConfig.preset("agacc", target_ratio=4.0)
+    one = agacc.CompressedCache(tiny.config, cfg)
+    _gen(tiny, ids, one)
+    chunked = agacc.CompressedCache(tiny.config, cfg)
+    _gen(tiny, ids, chunked, chunk=128)
+    m1, m2 = one.memory(), chunked.memory()
+    geo = chunked._geometry()
+    assert m1["peak_bytes"] >= geo.bytes_full(1200)          # the whole prompt, uncompressed
+    window = geo.bytes_full(128 + cfg.recent_window + cfg.block_size)
+    assert m2["peak_bytes"] <= 1.1 * m2["bytes"] + window    # compressed store + one chunk at full precision
+    assert m2["peak_bytes"] < m1["peak_bytes"] / 2
+    assert 3.5 <= m2["ratio"] and m2["bytes"] <= m2["peak_bytes"]
+
+
+def test_peak_bytes_are_counted_and_reset(tiny):
+    ids = torch.randint(3, 256, (1, 400), generator=torch.Generator().manual_seed(2))
+    cache = agacc.CompressedCache(tiny.config, AGACCConfig.preset("agacc", target_ratio=4.0))
+    assert cache.memory()["peak_bytes"] == 0
+    _gen(tiny, ids, cache, n_new=4)
+    mem = cache.memory()
+    assert mem["peak_bytes"] > mem["bytes"]                  # the prompt before its first compression
+    cache.reset_peak()
+    assert cache.memory()["peak_bytes"] == cache.held_bytes() == mem["bytes"]
