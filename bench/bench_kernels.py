@@ -2,7 +2,7 @@
 end-to-end decode tokens/s of an 8B-shaped random-weight Llama with compressed vs plain cache.
 
     python bench/bench_kernels.py [--contexts 8192 32768 131072] [--e2e-context 32768]
-                                  [--e2e-layers 4] [--json bench_kernels.json]
+                                  [--e2e-layers 4] [--e2e-method agacc@4] [--json bench_kernels.json]
 
 Layer part: one Llama-3-8B-shaped layer (32 query / 8 KV heads, head dim 128, batch 1, random K/V)
 stored as a mix of full / int4 / int2 blocks and evicted runs (markers), about 4x smaller than
@@ -14,25 +14,21 @@ of 3.35 TB/s. SDPA reads the same tokens as fp16 K/V.
 End-to-end part: LlamaForCausalLM with 8B shapes (hidden 4096, 32/8 heads, MLP 14336, vocab
 128256) and ``--e2e-layers`` layers, random weights in fp16, a random prompt of
 ``--e2e-context`` tokens, then greedy decode steps timed with a synchronised wall clock (prefill
-excluded): plain ``DynamicCache`` + SDPA vs ``agacc.CompressedCache`` (imported lazily; skipped
-with the reason if it is missing or fails).
+excluded): plain ``DynamicCache`` + SDPA vs ``agacc.CompressedCache`` of ``--e2e-method`` (default ``agacc@4``;
+imported lazily; skipped with the reason if it is missing or fails).
 
 Without CUDA it prints "no CUDA device: GPU benchmark skipped" and exits 0.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from bench.common import write_json
 
 H100_PEAK_BPS = 3.35e12
 HQ, H, D = 32, 8, 128  # Llama-3-8B attention shape
@@ -87,15 +83,13 @@ def build_store(n_tokens: int, device, seed: int = 0):
 
 
 def kernel_bytes(store, n_query_heads: int) -> tuple[int, int]:
-    """(K/V bytes the decode kernel reads, + logits written and read back for the mass)."""
+    """(K/V bytes the decode kernel reads: every tensor of the store's parts, codes, scales, zeros,
+    bitmaps, markers and their bias, the hot window; + the logits written and read back for the mass)."""
     kv = 0
-    for seg in store.segments:
-        if seg.n_blocks:
-            kv += sum(t.nbytes for t in seg.tensors() if t is not None and t.dim() == 4)
-    if store.markers.n:
-        kv += store.markers.k.nbytes + store.markers.v.nbytes + store.markers.log_count.nbytes
-    if store.hot_k is not None:
-        kv += store.hot_k.nbytes + store.hot_v.nbytes
+    for part in store.parts():
+        for t in (part.k, part.v, part.bias, part.k_scale, part.k_zero, part.v_scale, part.v_zero, part.k_map, part.v_map):
+            if t is not None:
+                kv += t.nbytes
     bt = store.hot_k.shape[0]
     logits = 2 * bt * n_query_heads * store.n_entries * 4
     return kv, kv + logits
@@ -114,19 +108,20 @@ def sdpa_fn(q, k, v):
 
 def bench_layer(n_tokens: int, device, iters: int, with_reference: bool) -> dict:
     from agacc.attention import attend
-    from kernels.decode_attention import decode_attention
+    from kernels.triton_decode import decode_parts
 
     store, k, v = build_store(n_tokens, device)
     q = torch.randn(1, HQ, 1, D, device=device, dtype=torch.float16)
     scaling = D ** -0.5
-    out, mass = decode_attention(q, store, scaling)
+    parts = store.parts()  # what agacc.decode hands the Triton backend (kernels.backend(device) == "triton")
+    out, mass = decode_parts(q, parts, scaling)
     ref_out, ref_mass = attend(q.float(), store.attention_entries(torch.float32), scaling)
     err_out = float((out.float() - ref_out).abs().max())
     err_mass = float((mass - ref_mass).abs().max())
     del ref_out, ref_mass
     kv_bytes, total_bytes = kernel_bytes(store, HQ)
     fp16_bytes = k.nbytes + v.nbytes
-    t_kernel = cuda_time_ms(lambda: decode_attention(q, store, scaling), iters)
+    t_kernel = cuda_time_ms(lambda: decode_parts(q, parts, scaling), iters)
     t_sdpa = cuda_time_ms(sdpa_fn(q, k, v), iters)
     row = {
         "context": n_tokens,
@@ -184,10 +179,10 @@ def decode_tokens_per_s(model, prompt, cache, steps: int) -> tuple[float, object
     return steps / (time.perf_counter() - t0), cache
 
 
-def bench_e2e(context: int, n_layers: int, steps: int) -> dict:
+def bench_e2e(context: int, n_layers: int, steps: int, method: str = "agacc@4") -> dict:
     from transformers import DynamicCache
 
-    res = {"context": context, "layers": n_layers, "steps": steps}
+    res = {"context": context, "layers": n_layers, "steps": steps, "method": method}
     model = llama_8b_shaped(n_layers, context + steps + 8)
     prompt = torch.randint(0, model.config.vocab_size, (1, context), device="cuda")
     model.set_attn_implementation("sdpa")
@@ -195,13 +190,14 @@ def bench_e2e(context: int, n_layers: int, steps: int) -> dict:
     torch.cuda.empty_cache()
     try:
         import agacc
-        from agacc import AGACCConfig, CompressedCache
+        from agacc import CompressedCache
+        from agacc.spec import parse_method
     except Exception as e:  # the core library may not be there yet
         res["compressed"] = f"skipped: {type(e).__name__}: {e}"
         return res
     try:
         agacc.enable(model)
-        cache = CompressedCache(model.config, AGACCConfig.preset("agacc", target_ratio=4.0))
+        cache = CompressedCache(model.config, parse_method(method))
         tps, cache = decode_tokens_per_s(model, prompt, cache, steps)
         res["compressed_tokens_per_s"] = tps
         res["speedup"] = tps / res["plain_tokens_per_s"]
@@ -235,15 +231,15 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e-context", type=int, default=32768)
     ap.add_argument("--e2e-layers", type=int, default=4)
     ap.add_argument("--e2e-steps", type=int, default=32)
+    ap.add_argument("--e2e-method", default="agacc@4", help="the compressed cache of the end-to-end part: "
+                    "NAME[@RATIO][,key=value]... (agacc.spec)")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
         print("no CUDA device: GPU benchmark skipped")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"skipped": "no CUDA device"}, f, indent=2)
+        write_json(args.json, {"skipped": "no CUDA device"})
         return 0
 
     device = torch.device("cuda")
@@ -265,13 +261,12 @@ def main(argv=None) -> int:
     print_layer_table(result["layer"])
     if not args.skip_e2e:
         print(f"\nend-to-end decode, 8B-shaped Llama, {args.e2e_layers} layers, context {args.e2e_context}:")
-        e2e = bench_e2e(args.e2e_context, args.e2e_layers, args.e2e_steps)
+        e2e = bench_e2e(args.e2e_context, args.e2e_layers, args.e2e_steps, args.e2e_method)
         result["e2e"] = e2e
         for key, val in e2e.items():
             print(f"  {key:>24}: {val:.3f}" if isinstance(val, float) else f"  {key:>24}: {val}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
         print(f"\nwrote {args.json}")
     return 0
 

@@ -20,8 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import ROOT, parse_methods
 
 RATIO_PRESETS = ["agacc", "dynacompress", "attention-sum", "h2o", "streamingllm", "snapkv", "pyramidkv", "fastkv", "dynamickv"]
 FIXED = ["full", "uniform-int8", "uniform-int4", "uniform-int2"]
@@ -32,7 +31,6 @@ def run(args) -> None:
     import torch
 
     import agacc
-    from agacc.config import AGACCConfig
     from agacc.eval import runner, tasks as T
 
     torch.manual_seed(0)
@@ -41,9 +39,7 @@ def run(args) -> None:
     have = {(s["task"], s["context_tokens"], s["sample"]): s for s in done["samples"]}
     model, tok = agacc.load_model()
     text = T.read_text(args.text)
-    configs = [(p, AGACCConfig.preset(p)) for p in FIXED]
-    for r in args.ratios:
-        configs += [(f"{p}@{r:g}", AGACCConfig.preset(p, target_ratio=float(r))) for p in RATIO_PRESETS]
+    configs = parse_methods(FIXED + [f"{p}@{r:g}" for r in args.ratios for p in RATIO_PRESETS])  # labels: P, P@R
     done["meta"] = {"command": " ".join([sys.executable.split("/")[-1]] + sys.argv), "text": args.text or "default",
                     "decode_tokens": args.decode_tokens, "ppl_windows": args.ppl_windows, "depths": args.depths,
                     "ratios": args.ratios,

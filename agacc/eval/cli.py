@@ -1,4 +1,8 @@
-"""``python -m agacc eval TASK --preset P [P ...] [--ratio R] ...`` (and under ``accelerate launch``).
+"""``python -m agacc eval TASK --preset M [M ...] [--ratio R] ...`` (and under ``accelerate launch``).
+
+Each M is a method in the grammar of ``agacc.spec``: ``NAME[@RATIO][,key=value]...`` (``agacc``,
+``agacc@4``, ``h2o@4,recent_window=32``); ``--set KEY=VALUE`` and ``--ratio R`` apply on top of every
+method (``--ratio`` only to the methods whose ratio can move, not ``full`` or ``uniform-int*``).
 
 Writes one record per preset (and per context length when several are given) with task, preset,
 samples, score (0..1), ratio (measured vs a 16-bit cache), kv_bytes, kv_bytes_fp16, tokens_per_s,
@@ -21,7 +25,9 @@ DEFAULT_LENGTH = {"passkey": 1024, "needle": 1024, "ppl": 1024, "longbench": Non
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m agacc eval", description="compare KV-cache presets on a task")
     p.add_argument("task", choices=T.TASKS)
-    p.add_argument("--preset", nargs="+", default=["full", "agacc"], help="presets to compare (see docs/baselines.md)")
+    p.add_argument("--preset", "--method", dest="preset", nargs="+", default=["full", "agacc"], metavar="METHOD",
+                   help="methods to compare: NAME[@RATIO][,key=value]... (agacc, agacc@4, h2o@4,recent_window=32; "
+                        "names in docs/baselines.md)")
     p.add_argument("--ratio", type=float, default=None, help="target memory ratio (16-bit bytes / bytes held) of every compressed preset")
     p.add_argument("--context-tokens", type=int, nargs="+", default=None, help="prompt length(s) in tokens (needle: the grid's lengths)")
     p.add_argument("--samples", type=int, default=None, help="samples per length (passkey/needle: depths spread 0..1; ppl: windows)")
@@ -36,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'generate' = greedy decoding + the task metric (default: match for passkey/needle, generate otherwise)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--metric", default=None, help="override the metric of --data records")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field of every preset")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field of every method (on top of its spec)")
     p.add_argument("--model", default=None, help="hub id or local path (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu, cuda, or auto (device_map='auto' across GPUs)")
     p.add_argument("--dtype", default=None)
@@ -68,6 +74,27 @@ def make_samples(args, tok) -> list:
                 out += T.ppl(tok, n, k, text=text, decode_tokens=args.decode_tokens)
     for i, s in enumerate(out):
         s.index = i
+    return out
+
+
+def method_configs(specs: list[str], ratio: float | None, sets: dict | None = None) -> list[tuple[str, object]]:
+    """(label, config) per method spec: the spec's own settings, then ``sets`` (``--set``), then ``ratio``
+    (``--ratio``, on the methods whose ratio can move), by ``runner.preset_configs``' rules."""
+    from agacc.eval import runner
+    from agacc.spec import method_label, split_method
+
+    out, seen = [], set()
+    for spec in specs:
+        name, overrides = split_method(spec)
+        label = method_label(spec)
+        if label in seen:
+            raise ValueError(f"method {label!r} is given twice")
+        seen.add(label)
+        try:
+            ((_, cfg),) = runner.preset_configs([name], ratio, {**overrides, **(sets or {})})
+        except ValueError as e:
+            raise ValueError(f"method {spec!r}: {e}") from None
+        out.append((label, cfg))
     return out
 
 
@@ -134,10 +161,11 @@ def _main(args) -> int:
     import agacc
     from agacc.config import parse_override
     from agacc.eval import runner
+    from agacc.session import context_limit
 
     rank, world, dist_device = _dist()
     sets = dict(parse_override(s) for s in args.set or [])
-    configs = runner.preset_configs(args.preset, args.ratio, sets)
+    configs = method_configs(args.preset, args.ratio, sets)
     device = args.device
     if dist_device is not None and device is None:
         device = dist_device
@@ -146,7 +174,7 @@ def _main(args) -> int:
     samples = runner_samples = make_samples(args, tok)
     if not samples:
         raise ValueError("no samples")
-    limit = getattr(runner._text_config(model), "max_position_embeddings", None)
+    limit = context_limit(model)
     longest = max(len(s.prompt_ids) + max(len(s.target_ids), len(s.answer_ids), s.max_new_tokens) for s in samples)
     if limit and longest > limit:
         raise ValueError(f"samples need {longest} positions, the model has {limit}")
