@@ -3,10 +3,11 @@
     python app.py            # http://localhost:7860 (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT respected)
 
 The model is loaded once per process and shared read-only; every browser session gets its own
-cache, cancel event and recorded trace (server side, keyed by the session hash; gr.State stays
-out of it because it must be deep-copyable). Generation runs through the library
-(``agacc.session.GenerationSession``); the UI only draws what it yields and replays the policy
-with ``agacc.trace.replay_frames``: it computes no compression itself.
+cache, cancel event and recorded trace (server side, keyed by the session hash: ``components/state.py``).
+Generation runs through the library (``agacc.session.GenerationSession``); the UI only draws what it
+yields and replays the policy with ``agacc.trace.replay_frames``: it computes no compression itself.
+This file holds the handlers (``AgaccApp``), their wiring (``build``) and ``main``; the page's pieces
+are in ``components/`` (layout, knobs, figures, token view, text).
 
 Environment: AGACC_MODEL (hub id / path to load at start instead of the embedded model),
 AGACC_DEVICE, AGACC_CONCURRENCY (generations at once, default 2), AGACC_MAX_CONTEXT (prompt + new
@@ -20,33 +21,28 @@ idle queue looks for new events; default 0.02).
 from __future__ import annotations
 
 import functools
-import html
-import importlib.util
 import json
+import math
 import os
-import shutil
-import socket
 import tempfile
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
 import torch
 
-import agacc
+from agacc.planner import text_config
+from agacc.presets import PRESETS
 from agacc.session import GenerationSession, SessionError
-from agacc.trace import Trace, config_snippet, policy_changes, replay_frames
+from agacc.trace import Trace, policy_changes, replay_frames
 from components import controls, plots
 from components.layout import ASSETS, build_layout, example_text, plot_value
+from components.state import EMBEDDED_CHOICE, EMBEDDED_LABEL, HUB_CHOICES, Models, Sessions, UserState, hub_reachable
+from components.text import MIB, compare_md, final_stats, model_line, snippet, stats_md
 from components.token_view import css as token_css
 from components.token_view import render_token_view
 
-EMBEDDED_CHOICE = "embedded: SmolLM2-135M-Instruct"
-HUB_CHOICES = ["HuggingFaceTB/SmolLM2-360M-Instruct", "HuggingFaceTB/SmolLM2-1.7B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct",
-               "meta-llama/Llama-3.2-1B-Instruct"]
-MIB = 2 ** 20
 SKIP = gr.skip
 
 
@@ -60,246 +56,31 @@ def _env_int(name: str, default: int) -> int:
 DRAW_INTERVAL = float(os.environ.get("AGACC_DRAW_INTERVAL", 0.3))
 # the heatmaps and the token view change only at a re-evaluation (every N_r tokens): at most this often
 MAP_INTERVAL = float(os.environ.get("AGACC_MAP_INTERVAL", 1.0))
-# the embedded model multiplies by its GGUF file's 4-bit blocks on the CPU (agacc.load_model's packed_weights)
-PACKED_WEIGHTS = os.environ.get("AGACC_PACKED_WEIGHTS", "1") != "0"
 CONCURRENCY = max(1, _env_int("AGACC_CONCURRENCY", 2))
 # Gradio's queue looks for new events every 1 ms (progress every 10 ms) on the server's event loop, even
 # when idle; every wake-up takes the GIL from a decode thread in the middle of its torch ops (~1,500
 # context switches a second). Polling every 20 ms delays the start of a queued event by at most that.
 QUEUE_POLL = float(os.environ.get("AGACC_QUEUE_POLL", 0.02))
-
-
-def hub_reachable(timeout: float = 1.5) -> bool:
-    """True when huggingface.co answers on 443 (hub ids are then offered in the model list)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or os.environ.get("AGACC_OFFLINE"):
-        return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _hub_cached(name: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except Exception:
-        return False
-
-
-def model_arg(choice: str | None) -> str | None:
-    """Dropdown value -> load_model name (None = embedded)."""
-    c = (choice or "").strip()
-    if not c or c == EMBEDDED_CHOICE or c.lower() in ("embedded", "default", agacc.models.EMBEDDED_NAME.lower()):
-        return None
-    return c
-
-
-class Models:
-    """Loaded models, shared read-only by all sessions (at most ``keep`` at once, LRU)."""
-
-    def __init__(self, device: str | None = None, keep: int = 2):
-        self.device = device
-        self.keep = keep
-        self._models: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-        self._hub = None
-
-    def get(self, choice: str | None, trust_remote_code: bool = False):
-        name = model_arg(choice)
-        key = (name, bool(trust_remote_code) if name else False)
-        with self._lock:
-            if key in self._models:
-                self._models.move_to_end(key)
-                return self._models[key]
-            if name is not None and not Path(name).exists() and not self.hub_ok() and not _hub_cached(name):
-                raise ValueError(f"cannot load model {name!r}: it is not a local path, not in the local hub cache, "
-                                 "and the Hugging Face hub is not reachable from this server")
-            try:
-                model, tok = agacc.load_model(name, device=self.device, trust_remote_code=bool(trust_remote_code),
-                                              packed_weights=PACKED_WEIGHTS)
-            except ValueError:
-                raise
-            except RuntimeError as e:
-                if "out of memory" in str(e).lower():
-                    raise ValueError(f"not enough memory to load {name!r}") from e
-                raise ValueError(f"cannot load model {name or EMBEDDED_CHOICE!r}: {e}") from e
-            except Exception as e:  # remote code refused, bad config ...
-                raise ValueError(f"cannot load model {name or EMBEDDED_CHOICE!r}: {type(e).__name__}: {e}") from e
-            self._models[key] = (name, model, tok)
-            while len(self._models) > self.keep:
-                self._models.popitem(last=False)
-            return self._models[key]
-
-    def hub_ok(self) -> bool:
-        if self._hub is None or time.time() - self._hub[1] > 300:
-            self._hub = (hub_reachable(), time.time())
-        return self._hub[0]
-
-
-def _model_line(name: str | None, model) -> str:
-    dev = str(model.device)
-    triton = dev.startswith("cuda") and importlib.util.find_spec("triton") is not None
-    return (f"Model: <b>{html.escape(name or 'SmolLM2-135M-Instruct (embedded)')}</b> on {dev}, "
-            f"{str(model.dtype).replace('torch.', '')}; decode kernels: {'Triton' if triton else 'PyTorch reference'}.")
-
-
-class UserState:
-    """Everything one browser session owns (server side)."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.cancel = threading.Event()
-        self.session: GenerationSession | None = None
-        self.trace: Trace | None = None
-        self.model_choice: str | None = None
-        self.replay_cache: OrderedDict = OrderedDict()
-        self.tmpdir: str | None = None
-        self.touched = time.time()
-
-    def stop_running(self, timeout: float = 10.0) -> bool:
-        s = self.session
-        self.cancel.set()
-        if s is not None:
-            return s.finished.wait(timeout)
-        return True
-
-    def cleanup(self):
-        self.stop_running(timeout=2.0)
-        self.session = None
-        self.trace = None
-        self.replay_cache.clear()
-        if self.tmpdir:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
-            self.tmpdir = None
-
-
-class Sessions:
-    """session_hash -> UserState (bounded: the least recently used idle state goes first)."""
-
-    def __init__(self, limit: int = 256):
-        self.limit = limit
-        self._d: OrderedDict[str, UserState] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str | None) -> UserState:
-        key = key or "default"
-        with self._lock:
-            us = self._d.get(key)
-            if us is None:
-                us = self._d[key] = UserState()
-            self._d.move_to_end(key)
-            us.touched = time.time()
-            while len(self._d) > self.limit:
-                old_key, old = next(iter(self._d.items()))
-                if old.session is not None and not old.session.finished.is_set():
-                    break
-                self._d.pop(old_key)
-                old.cleanup()
-            return us
-
-    def drop(self, key: str | None) -> None:
-        with self._lock:
-            us = self._d.pop(key or "default", None)
-        if us is not None:
-            us.cleanup()
-
-    def __len__(self):
-        return len(self._d)
-
-    def __contains__(self, key):
-        return key in self._d
+# the generation settings besides the knobs (``controls.FIELDS``): the named inputs of generate / rerun,
+# with the values a direct call (no browser) leaves out
+GEN_DEFAULTS = {"prompt": "", "model": None, "trust_remote_code": False, "preset": "agacc", "max_new_tokens": 64,
+                "temperature": 0.0, "seed": 0, "compare": False, "chat_template": True}
 
 
 def _hash(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "default"
 
 
-# --- text blocks -------------------------------------------------------------------------------
-
-def mem_text(mem: dict | None) -> str:
-    if not mem:
-        return ""
-    saved = (mem["bytes_fp16"] - mem["bytes"]) / MIB
-    out = (f"KV {mem['bytes'] / MIB:.2f} MiB held vs {mem['bytes_fp16'] / MIB:.2f} MiB at 16 bits: "
-           f"{saved:.2f} MiB saved ({mem['ratio']:.2f}x)")
-    if mem.get("host_bytes"):
-        out += f" + host copy {mem['host_bytes'] / MIB:.2f} MiB"
-    return out
-
-
-def stats_md(state: str, s: GenerationSession | None = None, mem: dict | None = None, reevals: int | None = None,
-             extra: str = "") -> str:
-    parts = [f"**{state}**"]
-    if s is not None:
-        parts += [f"prompt {s.n_prompt} tokens", f"{len(s.gen_ids)} new"]
-        if s.ttft is not None:
-            parts.append(f"time to first token {s.ttft:.2f} s")
-        rate = s._rate()
-        if rate:
-            parts.append(f"{rate:.1f} tokens/s")
-    if mem:
-        parts.append(mem_text(mem))
-    if reevals is not None:
-        parts.append(f"{reevals} re-evaluations")
-    return " · ".join(parts) + (f"\n\n{extra}" if extra else "")
-
-
-def final_stats(tr: Trace, label: str, mem: dict | None, reevals) -> str:
-    m = tr.meta
-    parts = [f"**{label}**", f"prompt {tr.n_prompt} tokens", f"{m.get('new_tokens', len(tr.steps))} new"]
-    if m.get("ttft") is not None:
-        parts.append(f"time to first token {m['ttft']:.2f} s")
-    if m.get("tokens_per_s"):
-        parts.append(f"{m['tokens_per_s']:.1f} tokens/s")
-    if mem:
-        parts.append(mem_text(mem))
-    if reevals is not None:
-        parts.append(f"{reevals} re-evaluations")
-    return " · ".join(parts)
-
-
-def _snippet(tr: Trace, cfg) -> str:
-    """The Python snippet that reproduces run ``tr`` with settings ``cfg``."""
-    m = tr.meta
-    return config_snippet(cfg, model=m.get("model_arg"), prompt=m.get("prompt", ""),
-                          max_new_tokens=m.get("max_new_tokens", 64), temperature=m.get("temperature", 0.0),
-                          seed=m.get("seed", 0), chat_template=m.get("chat_template", True),
-                          compare=m.get("compare", False), trust_remote_code=m.get("trust_remote_code", False),
-                          packed_weights=m.get("packed_weights", False))
-
-
-def compare_md(summary: dict | None, tokenizer=None, trace: Trace | None = None) -> str:
-    if not summary:
-        return "Tick *compare with the full cache* (or press **Re-run + compare**) to run a full cache in lockstep."
-    d = summary.get("diverged_at")
-    agree, kl = summary.get("agreement"), summary.get("mean_kl")
-    parts = []
-    if d is None:
-        parts.append("**Outputs identical** so far")
-    else:
-        comp_tok = ref_tok = None
-        if trace is not None and d < len(trace.steps):
-            comp_tok = trace.tokens[trace.n_prompt + d] if trace.n_prompt + d < len(trace.tokens) else None
-            rid = trace.steps[d].get("ref_token_id")
-            if rid is not None and tokenizer is not None:
-                ref_tok = tokenizer.decode([rid])
-        what = f" (compressed {comp_tok!r} vs full {ref_tok!r})" if comp_tok is not None and ref_tok is not None else ""
-        parts.append(f"**First divergence at token {d}**{what}")
-    if agree is not None:
-        parts.append(f"top-1 agreement {100 * agree:.1f}%")
-    if kl is not None:
-        parts.append(f"mean KL(full‖compressed) {kl:.4f} nats")
-    return " · ".join(parts) + ("\n\nAgreement and KL compare the next-token distributions on the compressed "
-                                "run's context (the full cache is teacher-forced after the outputs diverge).")
-
-
 # --- the app ----------------------------------------------------------------------------------
 
 class AgaccApp:
-    """Handlers + the Blocks. ``models`` is shared by all sessions; ``sessions`` holds their state."""
+    """Handlers + the Blocks. ``models`` is shared by all sessions; ``sessions`` holds their state.
+
+    The handlers take their inputs by name, as one dict: ``generate(request, **values)`` with values
+    {prompt, model, trust_remote_code, preset, max_new_tokens, temperature, seed, compare, chat_template}
+    and the knobs ``controls.FIELDS`` (gradio passes them through ``inputs_kwargs``, which also names the
+    API endpoints' parameters); a direct call may leave out any of them (``GEN_DEFAULTS``; a knob left
+    out takes the preset's value)."""
 
     def __init__(self, models: Models | None = None, preload: bool = True, max_context: int | None = None,
                  draw_interval: float = DRAW_INTERVAL, map_interval: float = MAP_INTERVAL,
@@ -313,9 +94,8 @@ class AgaccApp:
         self.model_line = ""
         if preload:
             name, model, _ = self.models.get(default_model)
-            self.model_line = _model_line(name, model)
-            self.n_layers = (model.config.get_text_config() if hasattr(model.config, "get_text_config")
-                             else model.config).num_hidden_layers
+            self.model_line = model_line(name, model, EMBEDDED_LABEL)
+            self.n_layers = text_config(model.config).num_hidden_layers
         else:
             self.n_layers = 64
         cuda = torch.cuda.is_available()
@@ -327,10 +107,14 @@ class AgaccApp:
         self.default_prompt = default_prompt if default_prompt is not None else example_text("Document question")
 
     # ---- helpers --------------------------------------------------------------------------------
-    def _cfg(self, preset, *knobs):
-        """The config of ``preset`` with the knob values in ``controls.FIELDS`` order (the handlers' order)."""
+    def _values(self, values: dict) -> dict:
+        """A handler's named inputs with the generation settings a direct call left out."""
+        return {**GEN_DEFAULTS, "model": self.default_model, **values}
+
+    def _cfg(self, values: dict):
+        """The config of ``values["preset"]`` with the knob values of ``values`` applied."""
         try:
-            return controls.config_from_values(preset, controls.values_dict(knobs))
+            return controls.config_from_values(values.get("preset") or "agacc", values)
         except ValueError as e:
             raise gr.Error(f"Inconsistent settings: {e}", title="Check the settings")
 
@@ -376,20 +160,16 @@ class AgaccApp:
                 us.replay_cache[key] = frames_r
                 while len(us.replay_cache) > 8:
                     us.replay_cache.popitem(last=False)
-            h = tr.history_for_frame(k)
-            snap = dict(frames_r[h])
+            snap = dict(frames_r[tr.history_for_frame(k)])
             snap["token_importance"] = frame.get("token_importance")
             shown_cfg = cfg_now
-            overhead = {}
-            for f in tr.frames:
-                bt = (f.get("memory") or {}).get("by_tier", {})
-                overhead[f["step"]] = bt.get("tracker", 0) + bt.get("meta", 0)
-            replayed = [{"step": r["step"], "bytes": r["planned_bytes"] + overhead.get(r["step"], 0)} for r in frames_r]
+            # the library's bytes: the plan + the tracker and bookkeeping the run recorded
+            replayed = [{"step": r["step"], "bytes": r["held_bytes"]} for r in frames_r]
             rec = (frame.get("memory") or {}).get("bytes")
-            held = snap["planned_bytes"] + overhead.get(snap["step"], 0)
+            recorded = f" vs {rec / MIB:.2f} MiB recorded" if rec is not None else ""
             changes = ", ".join(f"{f}={getattr(cfg_now, f)}" for f in replayable)
             note.append(f"**Replayed** with {changes}: tiers, bits and bytes recomputed from the recorded importance "
-                        f"(no generation): {held / MIB:.2f} MiB held vs {rec / MIB:.2f} MiB recorded "
+                        f"(no generation): {snap['held_bytes'] / MIB:.2f} MiB held{recorded} "
                         f"({snap['ratio']:.2f}x vs 16 bits). Press **Re-run + compare** to check the quality.")
         if rerun:
             note.append(f"Changed {', '.join(rerun)}: these change the importance itself; press **Generate** or "
@@ -401,45 +181,48 @@ class AgaccApp:
         tv = render_token_view(tr.tokens[:n_tok], tr.n_prompt, snap, layer,
                                caption=("replayed tiers" if replayed else "recorded tiers")
                                + (f", layer {layer}" if layer is not None else ", most common tier over layers"))
-        return figs + [tv, "\n\n".join(note), _snippet(tr, cfg_now)]
+        return figs + [tv, "\n\n".join(note), snippet(tr, cfg_now)]
 
     # ---- handlers -------------------------------------------------------------------------------
-    def generate(self, prompt, model, trust_remote_code, preset, max_new_tokens, temperature, seed, compare,
-                 chat_template, tau_h, tau_l, tau_e, use_target, target_ratio, b_min, b_max, p_max, alpha, block_size,
-                 n_r, recent_window, host_copy, rotate=True, spill=None, request: gr.Request = None):
-        """Stream a generation with the compressed cache; yields every output several times a second."""
+    def generate(self, request: gr.Request = None, **values):
+        """Stream a generation with the compressed cache; yields every output several times a second.
+        ``values``: the generation settings and the knobs by name (see the class)."""
+        v = self._values(values)
         us = self.sessions.get(_hash(request))
+        prompt = v["prompt"]
         if not str(prompt or "").strip():
             raise gr.Error("The prompt is empty: type a prompt or pick an example.", title="Empty prompt")
-        cfg = self._cfg(preset, tau_h, tau_l, tau_e, use_target, target_ratio, b_min, b_max, p_max, alpha, block_size,
-                        n_r, recent_window, host_copy, rotate, spill)
+        cfg = self._cfg(v)
         try:
-            seed = int(seed if seed is not None else 0)
+            seed = int(v["seed"] if v["seed"] is not None else 0)
         except (TypeError, ValueError):
-            raise gr.Error(f"seed must be an integer, got {seed!r}")
+            raise gr.Error(f"seed must be an integer, got {v['seed']!r}")
+        trust, compare = bool(v["trust_remote_code"]), bool(v["compare"])
         us.stop_running()  # a new run in this session ends the previous one
         try:
-            name, mdl, tok = self.models.get(model, bool(trust_remote_code))
+            name, mdl, tok = self.models.get(v["model"], trust)
         except ValueError as e:
             raise gr.Error(str(e), title="Model not available")
         cancel = threading.Event()
         try:
-            s = GenerationSession(mdl, tok, prompt, cfg, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                                  seed=seed, compare=bool(compare), chat_template=bool(chat_template), cancel=cancel,
-                                  max_context=self.max_context, model_name=name or "SmolLM2-135M-Instruct (embedded)")
+            s = GenerationSession(mdl, tok, prompt, cfg, max_new_tokens=int(v["max_new_tokens"]),
+                                  temperature=float(v["temperature"]), seed=seed, compare=compare,
+                                  chat_template=bool(v["chat_template"]), cancel=cancel, max_context=self.max_context,
+                                  model_name=name or EMBEDDED_LABEL)
         except SessionError as e:
             raise gr.Error(str(e), title="Cannot generate")
-        s.trace.meta.update(model_arg=name, trust_remote_code=bool(trust_remote_code) and name is not None)
+        s.trace.meta.update(model_arg=name, trust_remote_code=trust and name is not None)
         with us.lock:
-            us.cancel, us.session, us.trace, us.model_choice = cancel, s, s.trace, model
+            us.cancel, us.session, us.trace, us.model_choice = cancel, s, s.trace, v["model"]
             us.replay_cache.clear()
         ui = self.ui
         # the value last sent per output, sent again while it holds: gradio diffs an unchanged value to
         # nothing, where a skip makes it rebuild the component (about 1 ms each, per update, on the
         # thread that serves every session)
         live = {ui.output: "", ui.output_full: "", ui.replay_note: "Recording: scrub the frames and tune the "
-                "thresholds on them when the run ends.", ui.snippet: _snippet(s.trace, cfg),
-                ui.stats: stats_md(f"Prefilling {s.n_prompt} prompt tokens", None, None, None, extra=_model_line(name, mdl))}
+                "thresholds on them when the run ends.", ui.snippet: snippet(s.trace, cfg),
+                ui.stats: stats_md(f"Prefilling {s.n_prompt} prompt tokens", None, None, None,
+                                   extra=model_line(name, mdl, EMBEDDED_LABEL))}
         if not compare:
             live[ui.compare_md] = compare_md(None)
             live[ui.compare_plot] = plot_value(plots.compare_chart([], None))
@@ -448,7 +231,8 @@ class AgaccApp:
             return [live.get(c, SKIP()) for c in self.gen_outputs]
 
         yield update()
-        last_draw, last_map, frame, frame_dirty = 0.0, 0.0, None, False
+        # the first token draws at once (perf_counter counts from an arbitrary point: the boot on Linux)
+        last_draw, last_map, frame, frame_dirty = -math.inf, -math.inf, None, False
         batches = s.stream_batches()  # the decode runs ahead on its own thread while an update is sent
         try:
             for batch in batches:
@@ -483,36 +267,35 @@ class AgaccApp:
             s.close()
         yield self._final(us, tok)
 
-    def rerun(self, *args, request: gr.Request = None):
+    def rerun(self, request: gr.Request = None, **values):
         """Generate again with the current settings and the full-cache comparison on (quality check)."""
-        args = list(args)
-        args[7] = True  # compare
-        yield from self.generate(*args, request=request)
+        yield from self.generate(request, **{**values, "compare": True})
 
     def stop(self, request: gr.Request = None):
         us = self.sessions.get(_hash(request))
         s = us.session
         if s is None or s.finished.is_set():
-            return [SKIP()] * (len(self.gen_outputs) - 1) + [SKIP()]
+            return [SKIP()] * len(self.gen_outputs)
         if not us.stop_running(timeout=15.0):  # inside a long forward (a prefill): it ends right after it
             out = [SKIP()] * len(self.gen_outputs)
-            out[1] = (f"**Stopping**: the current forward pass ({s.n_prompt} prompt tokens) finishes first; the run "
-                      "ends and frees its cache right after it.")
+            out[self.gen_outputs.index(self.ui.stats)] = (
+                f"**Stopping**: the current forward pass ({s.n_prompt} prompt tokens) finishes first; the run "
+                "ends and frees its cache right after it.")
             return out
         return self._final(us, s.tokenizer, state="Stopped")
 
-    def view(self, replay, token_layer, preset, tau_h, tau_l, tau_e, use_target, target_ratio, b_min, b_max, p_max, alpha,
-             block_size, n_r, recent_window, host_copy, rotate=True, spill=None, request: gr.Request = None):
-        """Show recorded frame ``replay``; if only policy knobs changed, replay them on the recorded importance."""
+    def view(self, request: gr.Request = None, **values):
+        """Show recorded frame ``values["replay"]`` (token view of layer ``values["token_layer"]``); if only
+        policy knobs changed, replay them on the recorded importance. ``values``: those two, the preset
+        and the knobs by name."""
         us = self.sessions.get(_hash(request))
         n = len(self.view_outputs)
         if us.trace is None or not us.trace.frames:
             return [SKIP()] * n
-        if us.session is not None and us.session.trace is us.trace and not us.session.finished.is_set():
+        if us.session is not None and us.session.trace is us.trace and us.running():
             return [SKIP()] * (n - 2) + ["Generating: tuning applies to the recorded run when it ends.", SKIP()]
-        cfg = self._cfg(preset, tau_h, tau_l, tau_e, use_target, target_ratio, b_min, b_max, p_max, alpha, block_size,
-                        n_r, recent_window, host_copy, rotate, spill)
-        return self._view(us, int(replay or 0), cfg, token_layer)
+        cfg = self._cfg(values)
+        return self._view(us, int(values.get("replay") or 0), cfg, values.get("token_layer"))
 
     def apply_preset(self, preset):
         try:
@@ -560,8 +343,6 @@ class AgaccApp:
             us.session, us.trace = None, tr
             us.replay_cache.clear()
         cfg = tr.config
-        from agacc.presets import PRESETS
-
         preset = cfg.name if cfg.name in PRESETS else "agacc"
         final = self._final(us, None, state="Imported trace")
         return final + [preset, gr.update(value=-1)] + controls.values_list(controls.values_from_config(cfg))
@@ -575,20 +356,23 @@ class AgaccApp:
             ui = self.ui = build_layout(self.model_choices, self.default_model, self.model_line, self.default_prompt,
                                         n_layers=self.n_layers)
             knobs = list(ui.knobs.values())
-            gen_inputs = [ui.prompt, ui.model, ui.trust, ui.preset, ui.max_new, ui.temperature, ui.seed, ui.compare,
-                          ui.chat] + knobs
+            # the handlers' named inputs (``inputs_kwargs``: one keyword argument each, the API parameters' names)
+            gen_inputs = {"prompt": ui.prompt, "model": ui.model, "trust_remote_code": ui.trust, "preset": ui.preset,
+                          "max_new_tokens": ui.max_new, "temperature": ui.temperature, "seed": ui.seed,
+                          "compare": ui.compare, "chat_template": ui.chat, **ui.knobs}
+            view_inputs = {"replay": ui.replay, "token_layer": ui.token_layer, "preset": ui.preset, **ui.knobs}
             self.gen_outputs = [ui.output, ui.stats, ui.importance, ui.tier, ui.bits, ui.memory, ui.token_view,
                                 ui.output_full, ui.compare_md, ui.compare_plot, ui.replay, ui.replay_note, ui.snippet]
             self.view_outputs = [ui.importance, ui.tier, ui.bits, ui.memory, ui.token_view, ui.replay_note, ui.snippet]
-            gen_ev = ui.generate.click(self.generate, gen_inputs, self.gen_outputs, api_name="generate",
-                                       concurrency_id="generate", concurrency_limit=CONCURRENCY,
+            gen_ev = ui.generate.click(self.generate, inputs_kwargs=gen_inputs, outputs=self.gen_outputs,
+                                       api_name="generate", concurrency_id="generate", concurrency_limit=CONCURRENCY,
                                        show_progress="minimal")
-            rerun_ev = ui.rerun.click(self.rerun, gen_inputs, self.gen_outputs, api_name="rerun",
+            rerun_ev = ui.rerun.click(self.rerun, inputs_kwargs=gen_inputs, outputs=self.gen_outputs, api_name="rerun",
                                       concurrency_id="generate", concurrency_limit=CONCURRENCY, show_progress="minimal")
             ui.stop.click(self.stop, None, self.gen_outputs, api_name="stop", cancels=[gen_ev, rerun_ev],
                           concurrency_limit=None, show_progress="hidden")
             gr.on([k.change for k in knobs] + [ui.replay.change, ui.token_layer.change], self.view,
-                  [ui.replay, ui.token_layer, ui.preset] + knobs, self.view_outputs, api_name="view",
+                  inputs_kwargs=view_inputs, outputs=self.view_outputs, api_name="view",
                   trigger_mode="always_last", show_progress="hidden", concurrency_limit=None)
             ui.preset.input(self.apply_preset, ui.preset, knobs, api_name="preset", show_progress="hidden")
             for label, btn in ui.examples.items():
@@ -618,10 +402,6 @@ def launch_kwargs() -> dict:
     css = (ASSETS / "app.css").read_text() + "\n" + token_css()
     return {"theme": gr.themes.Soft(primary_hue="blue", neutral_hue="slate"), "css": css,
             "head": "<meta name='description' content='AGACC: attention-guided adaptive KV-cache compression, live'>"}
-
-
-def build_demo(**kw) -> gr.Blocks:
-    return AgaccApp(**kw).build()
 
 
 def set_threads() -> int:

@@ -8,9 +8,9 @@
 The decode loop calls the model itself (``model(input_ids=..., past_key_values=cache)``), so it
 can hand out every token as soon as it exists; the cache re-evaluates its tiers every N_r steps
 and a snapshot of it (a *frame*) rides along with the event of that step. With ``compare=True`` a
-plain full cache (``DynamicCache``) runs in lockstep on the same prompt: its own output, the first
-diverging token, and per step the top-1 agreement and KL(full || compressed) of the next-token
-distributions on the compressed run's context (teacher-forced after the outputs diverge).
+plain full cache runs in lockstep on the same prompt (``agacc.compare.FullCacheComparison``): its own
+output, the first diverging token, and per step the top-1 agreement and KL(full || compressed) of the
+next-token distributions on the compressed run's context (teacher-forced after the outputs diverge).
 
 Cancellation: set the ``cancel`` event (any thread); the loop ends before its next forward and
 drops the caches. Errors a user can cause (empty prompt, too long, out of memory) raise
@@ -23,7 +23,6 @@ No gradio here: the app consumes this generator.
 """
 from __future__ import annotations
 
-import copy
 import gc
 import inspect
 import queue
@@ -34,8 +33,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from agacc.cache import CompressedCache
-from agacc.planner import text_config
+from agacc.compare import FullCacheComparison, sample
 from agacc.config import AGACCConfig
+from agacc.planner import text_config
 from agacc.trace import Trace
 
 
@@ -98,20 +98,6 @@ def context_limit(model) -> int | None:
     return getattr(cfg, "max_position_embeddings", None)
 
 
-def _sample(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> int:
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / temperature, -1)
-    return int(torch.multinomial(probs, 1, generator=gen))
-
-
-def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
-    """KL(p || q) in nats between the softmax distributions of two logit vectors."""
-    lp = torch.log_softmax(p_logits.float(), -1)
-    lq = torch.log_softmax(q_logits.float(), -1)
-    return max(0.0, float((lp.exp() * (lp - lq)).sum()))
-
-
 class GenerationSession:
     """One streaming generation (batch size 1) with a ``CompressedCache``.
 
@@ -162,8 +148,7 @@ class GenerationSession:
                     f"the prompt has {self.n_prompt} tokens; with {max_new_tokens} new tokens that exceeds "
                     f"{what} ({limit} tokens): shorten the prompt or lower max new tokens")
         self.cache: CompressedCache | None = None
-        self.ref = None   # full cache, own tokens
-        self.tf = None    # full cache, teacher-forced on the compressed tokens after divergence
+        self.reference: FullCacheComparison | None = None  # compare=True: the full cache in lockstep
         self.lock = threading.RLock()
         self.eos = eos_ids(model, tokenizer)
         self.trace = Trace(meta={
@@ -182,9 +167,6 @@ class GenerationSession:
         self.stop_reason: str | None = None
         self.ttft: float | None = None
         self.t_first = self.t_last = None
-        self.ref_ids: list[int] = []
-        self.ref_text = ""
-        self.diverged_at: int | None = None
         self.last_memory: dict | None = None
         self.finished = threading.Event()
         self._t0 = None
@@ -244,8 +226,10 @@ class GenerationSession:
                     self._final_frame(self.cache)
                 except Exception:  # a cache broken by an error mid-forward: keep the frames we have
                     pass
-            had = self.cache is not None or self.ref is not None
-            self.cache = self.ref = self.tf = None
+            had = self.cache is not None
+            self.cache = None
+            if self.reference is not None:
+                had = self.reference.close() or had
         if had and gc is not None:  # (None while the interpreter shuts down)
             gc.collect()
             if torch.cuda.is_available():
@@ -260,17 +244,14 @@ class GenerationSession:
 
     def result(self) -> dict:
         """Summary of the run so far (after the stream ended: of the whole run)."""
-        agree = [s["agree"] for s in self.trace.steps if "agree" in s]
-        kls = [s["kl"] for s in self.trace.steps if "kl" in s]
         out = {"text": self.text, "token_ids": list(self.gen_ids), "stop_reason": self.stop_reason,
                "prompt_tokens": self.n_prompt, "new_tokens": len(self.gen_ids), "ttft": self.ttft,
                "tokens_per_s": self._rate(), "seconds": (self.t_last - self._t0) if self.t_last else None,
                "memory": self.last_memory, "trace": self.trace}
         if self.compare:
-            out["compare"] = {"ref_text": self.ref_text, "ref_token_ids": list(self.ref_ids),
-                              "diverged_at": self.diverged_at,
-                              "agreement": sum(agree) / len(agree) if agree else None,
-                              "mean_kl": sum(kls) / len(kls) if kls else None}
+            out["compare"] = (self.reference.summary() if self.reference is not None else
+                              {"ref_text": "", "ref_token_ids": [], "diverged_at": None, "agreement": None,
+                               "mean_kl": None})
         return out
 
     # --- the loop ----------------------------------------------------------------------------
@@ -291,8 +272,6 @@ class GenerationSession:
         return out.logits[0, -1]
 
     def _run(self):
-        from transformers import DynamicCache
-
         self._t0 = t0 = time.perf_counter()
         if self.cancel.is_set():
             self.stop_reason = "cancelled"
@@ -300,16 +279,15 @@ class GenerationSession:
         with self.lock:
             self.cache = CompressedCache(self.model.config, self.cfg, record_history=True)
             if self.compare:
-                self.ref = DynamicCache(config=self.model.config)
+                self.reference = FullCacheComparison(self.model, self._forward, self.tokenizer, self.eos,
+                                                     temperature=self.temperature, seed=self.seed)
         tr = self.trace
         tr.meta["geometry"] = None
         gen = torch.Generator().manual_seed(self.seed)
-        ref_gen = torch.Generator().manual_seed(self.seed)
         logits = self._forward(self.cache, self.input_ids, "prefill")
-        ref_logits = self._forward(self.ref, self.input_ids, "full-cache prefill") if self.compare else None
-        tf_logits = None
+        if self.reference is not None:
+            self.reference.prefill(self.input_ids)
         n_seen_reeval = 0
-        ref_done = False
         for i in range(self.max_new_tokens):
             cache = self.cache
             if cache is None or self.cancel.is_set():
@@ -319,7 +297,7 @@ class GenerationSession:
             n_seen_reeval = cache.reevaluations
             mem = cache.memory()
             self.last_memory = mem
-            tok = _sample(logits, self.temperature, gen)
+            tok = sample(logits, self.temperature, gen)
             now = time.perf_counter()
             if self.ttft is None:
                 self.ttft, self.t_first = now - t0, now
@@ -332,23 +310,9 @@ class GenerationSession:
                     "bytes_fp16": mem["bytes_fp16"], "host_bytes": mem["host_bytes"],
                     "reevaluations": cache.reevaluations}
             cmp = None
-            if self.compare:
-                target = tf_logits if tf_logits is not None else ref_logits
-                agree = int(target.argmax()) == int(logits.argmax())
-                kl = _kl(target, logits)
-                ref_tok = None
-                if not ref_done:
-                    ref_tok = _sample(ref_logits, self.temperature, ref_gen)
-                    self.ref_ids.append(ref_tok)
-                    self.ref_text = self.tokenizer.decode(self.ref_ids, skip_special_tokens=True)
-                    ref_done = ref_tok in self.eos
-                if self.diverged_at is None and ref_tok != tok:
-                    self.diverged_at = i
-                    with self.lock:
-                        self.tf = _copy_cache(self.ref)
-                step.update(agree=bool(agree), kl=round(kl, 6), ref_token_id=ref_tok)
-                cmp = {"ref_token_id": ref_tok, "ref_text": self.ref_text, "agree": bool(agree), "kl": kl,
-                       "diverged_at": self.diverged_at}
+            if self.reference is not None:
+                cmp = self.reference.step(i, tok, logits)
+                step.update(agree=cmp["agree"], kl=round(cmp["kl"], 6), ref_token_id=cmp["ref_token_id"])
             tr.steps.append(step)
             tr.token_ids.append(tok)
             tr.tokens.append(self.tokenizer.decode([tok]))
@@ -370,11 +334,8 @@ class GenerationSession:
                 return
             nxt = torch.tensor([[tok]])
             logits = self._forward(self.cache, nxt, "decode")
-            if self.compare:
-                if not ref_done:
-                    ref_logits = self._forward(self.ref, torch.tensor([[ref_tok]]), "full-cache decode")
-                if self.tf is not None:
-                    tf_logits = self._forward(self.tf, nxt, "full-cache decode")
+            if self.reference is not None:
+                self.reference.advance(tok)
 
     def _maybe_frame(self, cache: CompressedCache, n_seen: int) -> dict | None:
         """A snapshot (and the new history entries) when the cache re-evaluated since the last look."""
@@ -412,11 +373,6 @@ class GenerationSession:
             tr.compare = {k: v for k, v in r.items()}
         else:
             tr.compare = None
-
-
-def _copy_cache(cache):
-    with torch.inference_mode():
-        return copy.deepcopy(cache)
 
 
 def generate(model, tokenizer, prompt: str, config: AGACCConfig | None = None, **kwargs) -> dict:

@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from components import controls, plots
+from components.text import COMPARE_HINT
 from components.token_view import render_token_view
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -107,8 +108,7 @@ def build_layout(model_choices: list[str], default_model: str, model_line: str, 
                 with gr.Row():
                     ui.output_full = gr.Textbox(label="Output (full cache)", lines=4, max_lines=10, interactive=False,
                                                 elem_id="output-full")
-                    ui.compare_md = gr.Markdown("Tick *compare with the full cache* (or press **Re-run + compare**) "
-                                                "to run a full cache in lockstep.", elem_id="compare-stats")
+                    ui.compare_md = gr.Markdown(COMPARE_HINT, elem_id="compare-stats")
                 ui.compare_plot = gr.Plot(value=plot_value(plots.compare_chart(None)), show_label=False,
                                           elem_id="compare-chart")
     return ui

@@ -9,7 +9,3 @@ TIER_COLORS = {HOT: ("hot", _COLOUR["hot"])} | {code: (name, _COLOUR[name]) for 
 
 TIER_LABELS = {code: name for code, (name, _) in TIER_COLORS.items()} | {
     HOT: "hot (recent, 16-bit)", FULL: "full (16-bit)"}
-
-
-def tier_name(code: int) -> str:
-    return TIER_COLORS.get(int(code), ("?", "#000"))[0]

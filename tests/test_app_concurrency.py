@@ -122,6 +122,32 @@ def test_bad_input_is_reported_and_the_app_keeps_serving(server):
     # after the run, a threshold change replays the recorded importance (no generation)
     view = c.predict(replay=0, token_layer=-1, preset="agacc", api_name="/view", **dict(KNOBS, tau_e=0.5))
     assert "Replayed" in view[5] and "tau_e=0.5" in view[5]
+    # the bytes it shows are the library's (replay_frames' held_bytes), not recomputed by the app
+    from agacc.trace import replay_frames
+    from components import controls
+
+    tr = a.sessions.get(c.session_hash).trace
+    frames = replay_frames(tr.history, controls.config_from_values("agacc", dict(KNOBS, tau_e=0.5)), tr.geometry)
+    assert f"{frames[tr.history_for_frame(0)]['held_bytes'] / 2 ** 20:.2f} MiB held" in view[5]
+
+
+def test_endpoints_take_named_inputs(server):
+    """Every knob and setting is a named parameter of /generate, /rerun and /view (the handlers receive
+    them as one dict); /rerun is /generate with the full-cache comparison on."""
+    from gradio_client import Client
+
+    import app as A
+    from components import controls
+
+    a, url = server
+    c = Client(url, verbose=False)
+    api = c.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    names = {e: [p["parameter_name"] for p in api[e]["parameters"]] for e in ("/generate", "/rerun", "/view")}
+    assert names["/generate"] == names["/rerun"] == list(A.GEN_DEFAULTS) + controls.FIELDS
+    assert names["/view"] == ["replay", "token_layer", "preset"] + controls.FIELDS
+    out = c.predict(prompt=PROMPTS[1], max_new_tokens=3, compare=False, api_name="/rerun", **KNOBS)
+    tr = a.sessions.get(c.session_hash).trace
+    assert tr.meta["compare"] and tr.compare is not None and out[7] == tr.compare["ref_text"] and out[7]
 
 
 def test_export_then_import_in_another_session(server, tmp_path):
@@ -156,8 +182,9 @@ def test_stream_resends_unchanged_values_instead_of_skips(server):
     old = a.draw_interval
     a.draw_interval = 3600.0  # draw at the first token and at the end only
     try:
-        ups = list(a.generate(PROMPTS[0], a.default_model, False, "agacc", 6, 0.0, 0, False, True,
-                              *KNOBS.values(), request=None))
+        ups = list(a.generate(None, prompt=PROMPTS[0], model=a.default_model, trust_remote_code=False,
+                              preset="agacc", max_new_tokens=6, temperature=0.0, seed=0, compare=False,
+                              chat_template=True, **KNOBS))
     finally:
         a.draw_interval = old
     outs = a.gen_outputs

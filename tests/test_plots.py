@@ -192,3 +192,32 @@ def test_controls_map_to_configs():
     assert controls.config_from_values("h2o", {k: x for k, x in v.items() if k != "spill"}).spill == PRESETS["h2o"].spill
     with pytest.raises(ValueError, match="spill"):
         controls.config_from_values("agacc", dict(v, spill=1.5))
+
+
+def test_controls_follow_the_config_metadata():
+    """The knobs are the config's ui fields (target_ratio as a checkbox + slider), in today's display order
+    and with today's element ids; a value left out keeps the preset's."""
+    import gradio as gr
+
+    from agacc.config import field_info, ui_fields
+
+    assert set(controls.FIELDS) == set(ui_fields()) | {"use_target"}
+    assert controls.FIELDS == ["tau_h", "tau_l", "tau_e", "spill", "use_target", "target_ratio", "b_min", "b_max",
+                               "p_max", "rotate", "alpha", "block_size", "n_r", "recent_window", "host_copy"]
+    v = controls.values_from_config(agacc.AGACCConfig.preset("agacc", target_ratio=3.0))
+    assert v["use_target"] is True and v["target_ratio"] == 3.0
+    assert controls.config_from_values("agacc", dict(v, use_target=False)).target_ratio is None
+    base = agacc.AGACCConfig.preset("h2o")
+    assert controls.config_from_values("h2o", {}) == base.with_overrides(n_w=max(base.n_w, base.n_r))
+    with pytest.raises(ValueError, match="invalid value: b_min"):
+        controls.config_from_values("agacc", {"b_min": "many"})
+    with gr.Blocks():
+        knobs = controls.build_knobs("agacc")
+    assert list(knobs) == controls.FIELDS
+    for name, comp in knobs.items():
+        assert comp.elem_id == f"knob-{name.replace('_', '-')}"
+        kind = field_info(name)["type"] if name in ui_fields() else "bool"
+        want = gr.Checkbox if kind == "bool" else gr.Radio if name == "block_size" else gr.Slider
+        assert isinstance(comp, want), name
+    assert knobs["block_size"].choices == [(str(b), b) for b in field_info("block_size")["choices"]]
+    assert knobs["tau_h"].label == field_info("tau_h")["ui"].label and knobs["tau_h"].maximum == 1000.0
