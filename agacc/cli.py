@@ -28,8 +28,10 @@ def cmd_generate(args) -> int:
     model, tok = agacc.load_model(args.model, device=args.device)
     # greedy decoding through the compressed cache; the session checks the context limit and applies
     # the chat template (unless --raw), as the app does
+    if args.prefill_chunk < 0:
+        raise ValueError(f"--prefill-chunk must be >= 1 (0: one forward), got {args.prefill_chunk}")
     res = generate(model, tok, args.prompt, cfg, max_new_tokens=args.max_new_tokens, temperature=0.0,
-                   chat_template=not args.raw)
+                   chat_template=not args.raw, prefill_chunk=args.prefill_chunk or None)
     n_prompt, elapsed, mem = res["prompt_tokens"], res["seconds"] or 0.0, res["memory"]
     result = {"preset": cfg.name, "text": res["text"], "prompt_tokens": n_prompt, "new_tokens": res["new_tokens"],
               "seconds": round(elapsed, 3), "memory": mem}
@@ -58,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", default=None, help="a preset name (default: agacc); --method takes the same and more")
     g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     g.add_argument("--max-new-tokens", type=int, default=64)
+    from agacc.session import PREFILL_CHUNK
+
+    g.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
+                   help="prompt tokens a prefill forward takes; the cache compresses after each (0: one forward)")
     g.add_argument("--model", default=None, help="hub id or local path (default: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--device", default=None)
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")

@@ -40,6 +40,9 @@ from agacc.trace import Trace
 
 
 _END = object()  # stream_batches: the loop ended
+# prompt tokens a prefill forward takes (chunked prefill): a chunk's full-precision K/V and activations are
+# what a long prompt adds to the compressed store's bytes at the peak
+PREFILL_CHUNK = 512
 
 
 class SessionError(ValueError):
@@ -107,7 +110,11 @@ class GenerationSession:
         config: an ``AGACCConfig``.
         max_new_tokens, temperature (0 = greedy), seed (sampling RNG).
         compare: run a full cache in lockstep (2-3x the compute).
-        cancel: a ``threading.Event``; setting it ends the stream before the next forward.
+        cancel: a ``threading.Event``; setting it ends the stream before the next forward (a long
+            prompt goes in chunk by chunk, so within a prefill too).
+        prefill_chunk: a prompt longer than this goes in ``prefill_chunk`` tokens a forward, the cache
+            compressing after each (``generate(prefill_chunk_size=...)``): the peak is the compressed
+            store + one chunk at full precision, not the whole prompt. None: one forward.
         max_context: the largest prompt + new tokens allowed (a memory limit); the model's own
             ``max_position_embeddings`` always applies.
         model_name: recorded in the trace.
@@ -115,7 +122,8 @@ class GenerationSession:
 
     def __init__(self, model, tokenizer, prompt: str, config: AGACCConfig | None = None, *, max_new_tokens: int = 64,
                  temperature: float = 0.0, seed: int = 0, compare: bool = False, chat_template: bool = True,
-                 cancel: threading.Event | None = None, max_context: int | None = None, model_name: str | None = None):
+                 cancel: threading.Event | None = None, max_context: int | None = None, model_name: str | None = None,
+                 prefill_chunk: int | None = PREFILL_CHUNK):
         if prompt is None or not str(prompt).strip():
             raise SessionError("the prompt is empty: type a prompt or pick an example")
         config = config if config is not None else AGACCConfig.preset("agacc")
@@ -126,6 +134,9 @@ class GenerationSession:
             raise SessionError(f"max new tokens must be >= 1, got {max_new_tokens}")
         if temperature is None or float(temperature) < 0:
             raise SessionError(f"temperature must be >= 0, got {temperature}")
+        if prefill_chunk is not None and int(prefill_chunk) < 1:
+            raise SessionError(f"the prefill chunk must be >= 1 token (or None: one forward), got {prefill_chunk}")
+        self.prefill_chunk = None if prefill_chunk is None else int(prefill_chunk)
         self.model, self.tokenizer, self.cfg = model, tokenizer, config
         # only the last position's logits are used: a prefill that computed all of them would run the
         # vocabulary projection over the whole prompt (as generate() avoids with logits_to_keep)
@@ -255,13 +266,19 @@ class GenerationSession:
         return out
 
     # --- the loop ----------------------------------------------------------------------------
-    def _forward(self, cache, token_ids: torch.Tensor, what: str) -> torch.Tensor:
+    def _forward(self, cache, token_ids: torch.Tensor, what: str) -> torch.Tensor | None:
+        """The last position's logits after feeding ``token_ids`` (a prompt longer than the prefill
+        chunk goes in chunk by chunk); None when ``cancel`` was set between two chunks."""
+        step = self.prefill_chunk or token_ids.shape[1]
         try:
             # inference mode per call, never across a yield: the consumer may resume the generator on
             # another thread (gradio does), and grad mode is thread-local
             with torch.inference_mode():
-                out = self.model(input_ids=token_ids.to(self.model.device), past_key_values=cache, use_cache=True,
-                                 **self._last_logits_only)
+                for lo in range(0, token_ids.shape[1], step):
+                    if lo and self.cancel.is_set():
+                        return None
+                    out = self.model(input_ids=token_ids[:, lo:lo + step].to(self.model.device), past_key_values=cache,
+                                     use_cache=True, **self._last_logits_only)
         except Exception as e:
             if _is_oom(e):
                 self.close()
@@ -285,8 +302,11 @@ class GenerationSession:
         tr.meta["geometry"] = None
         gen = torch.Generator().manual_seed(self.seed)
         logits = self._forward(self.cache, self.input_ids, "prefill")
-        if self.reference is not None:
+        if logits is not None and self.reference is not None:
             self.reference.prefill(self.input_ids)
+        if logits is None or (self.reference is not None and self.reference.ref_logits is None):
+            self.stop_reason = "cancelled"  # during the prefill, between two chunks
+            return
         n_seen_reeval = 0
         for i in range(self.max_new_tokens):
             cache = self.cache

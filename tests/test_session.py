@@ -367,3 +367,49 @@ def test_generate_helper(mt):
     model, tok = mt
     r = generate(model, tok, PROMPT, agacc.AGACCConfig.preset("agacc", **SMALL), max_new_tokens=3)
     assert r["new_tokens"] == 3 and r["memory"]["bytes"] > 0 and isinstance(r["trace"], Trace)
+
+
+def test_chunked_prefill_session_lossless_equals_one_forward_and_replays(mt):
+    """The session's chunked prefill (the default for long prompts) with the lossless preset gives
+    the one-forward run's tokens; with compression, every chunk's re-evaluation is recorded, so the
+    replay of the run's own config gives the run's own tiers."""
+    full = agacc.AGACCConfig.preset("full")
+    one, _ = _run(mt, full, n=8, prefill_chunk=None)
+    chunked, _ = _run(mt, full, n=8, prefill_chunk=23)
+    assert chunked.gen_ids == one.gen_ids
+    cfg = agacc.AGACCConfig.preset("agacc", target_ratio=3.0, **SMALL)
+    s, _ = _run(mt, cfg, n=8, prefill_chunk=40)
+    prefills = [h for h in s.trace.history if h["prefill"]]
+    assert len(prefills) == -(-s.n_prompt // 40)
+    last = replay(s.trace.history, cfg, s.trace.geometry)
+    final = s.trace.frames[-1]["tier"]
+    assert [row for row in last["tier"]] == [row[:len(last["tier"][0])] for row in final]
+    assert any(t == T.EVICTED for row in final for t in row)
+
+
+def test_cancel_during_a_chunked_prefill_stops_at_the_next_chunk(mt):
+    model, tok = mt
+    cancel = threading.Event()
+    s = GenerationSession(model, tok, PROMPT, agacc.AGACCConfig.preset("agacc", **SMALL), max_new_tokens=4,
+                          prefill_chunk=16, cancel=cancel)
+    calls = []
+    orig = model.forward
+
+    def counting(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            cancel.set()  # the user presses Stop while the second chunk runs
+        return orig(*a, **k)
+
+    model.forward = counting
+    try:
+        events = list(s.stream())
+    finally:
+        del model.forward
+    assert events == [] and s.stop_reason == "cancelled" and len(calls) == 2 < -(-s.n_prompt // 16)
+
+
+def test_prefill_chunk_below_one_is_refused(mt):
+    model, tok = mt
+    with pytest.raises(SessionError, match="prefill chunk must be >= 1"):
+        GenerationSession(model, tok, PROMPT, prefill_chunk=0)

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default=None, help="text file (ppl text, needle haystack); default: a license text of the OS")
     p.add_argument("--decode-tokens", type=int, default=128, help="ppl: tokens teacher-forced through the cache (the rest is prefilled)")
     p.add_argument("--chunk", type=int, default=8, help="ppl: tokens per teacher-forced forward (1 = token by token)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="a prompt longer than this goes into each cache this many tokens a forward, compressed as it "
+                        "goes (generate's prefill_chunk_size); 0 = one full-precision prefill, compressed at its end")
     p.add_argument("--scoring", choices=("match", "generate"), default=None,
                    help="answers: 'match' = greedy output starts with the answer (one teacher-forced pass); "
                         "'generate' = greedy decoding + the task metric (default: match for passkey/needle, generate otherwise)")
@@ -179,8 +182,11 @@ def _main(args) -> int:
     if limit and longest > limit:
         raise ValueError(f"samples need {longest} positions, the model has {limit}")
     scoring = args.scoring or ("match" if args.task in ("passkey", "needle") and not args.data else "generate")
+    if args.prefill_chunk < 0:
+        raise ValueError(f"--prefill-chunk must be >= 1 (0: one prefill), got {args.prefill_chunk}")
     per_sample = runner.run(model, tok, args.task, runner_samples, configs, ratio=args.ratio, scoring=scoring,
-                            chunk=args.chunk, rank=rank, world=world, progress=not args.no_progress)
+                            chunk=args.chunk, rank=rank, world=world, progress=not args.no_progress,
+                            prefill_chunk=args.prefill_chunk or None)
     if world > 1:
         per_sample = _gather(per_sample, world)
         if rank != 0:

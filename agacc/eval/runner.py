@@ -168,9 +168,29 @@ def preset_configs(presets: list[str], ratio: float | None, sets: dict | None = 
     return out
 
 
-def evaluate_sample(model, tok, s: Sample, configs, scoring: str = "match", chunk: int = 8, log=None) -> list[dict]:
+@torch.inference_mode()
+def chunked_prefill(model, cfg: AGACCConfig, prompt_ids: list[int], prefill_chunk: int):
+    """A real prefill of ``prompt_ids`` through a new cache, ``prefill_chunk`` tokens a forward (as
+    ``generate(prefill_chunk_size=...)``: the cache compresses after every chunk) -> (cache, logits of
+    the last prompt position [V] fp32); afterwards teacher-forced chunks count as decode steps."""
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill chunk must be >= 1 token, got {prefill_chunk}")
+    cache = CompressedCache(model.config, cfg)
+    for lo in range(0, len(prompt_ids), prefill_chunk):
+        x = torch.tensor([prompt_ids[lo: lo + prefill_chunk]], device=model.device)
+        out = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    _decode_schedule(cache)
+    return cache, out.logits[0, -1].float()
+
+
+def evaluate_sample(model, tok, s: Sample, configs, scoring: str = "match", chunk: int = 8, log=None,
+                    prefill_chunk: int | None = None) -> list[dict]:
     """One sample, every preset -> one result dict per preset (deterministic fields + timings).
-    ``log(result)`` is called after each preset."""
+    ``log(result)`` is called after each preset. ``prefill_chunk``: a prompt longer than this goes
+    into each preset's cache through a chunked prefill that compresses as it goes (what a user's
+    ``generate(prefill_chunk_size=...)`` does); otherwise (None, or a shorter prompt) the cache is
+    built from one full-precision prefill shared by the presets, compressed once at its end. The
+    full-cache reference (ppl, KL) always comes from the one-shot prefill."""
     n_obs = max(cfg.n_q for _, cfg in configs)
     extra = s.target_ids if s.kind == "lm" else (s.answer_ids[:-1] if scoring == "match" else [])
     cap = capture_prefill(model, s.prompt_ids, extra, n_obs=n_obs)
@@ -178,18 +198,21 @@ def evaluate_sample(model, tok, s: Sample, configs, scoring: str = "match", chun
     results = []
     for name, cfg in configs:
         t0 = time.perf_counter()
-        cache = cache_from_capture(model, cap, cfg)
+        if prefill_chunk and len(s.prompt_ids) > prefill_chunk:
+            cache, first = chunked_prefill(model, cfg, s.prompt_ids, prefill_chunk)
+        else:
+            cache, first = cache_from_capture(model, cap, cfg), cap.logits[0]
         t1 = time.perf_counter()
         r = {"index": s.index, "preset": name, **s.meta}
         if s.kind == "lm":
-            logits = torch.cat([cap.logits[:1], teacher_force(model, cache, s.target_ids[:-1], chunk)])
+            logits = torch.cat([first[None], teacher_force(model, cache, s.target_ids[:-1], chunk)])
             st = lm_stats(logits, cap.logits[: len(s.target_ids)], torch.tensor(s.target_ids))
             r.update(st)
             r["score"] = min(1.0, math.exp((st["nll_full"] - st["nll"]) / st["tokens"]))
             processed = len(s.target_ids) - 1
         elif scoring == "match":
             ans = s.answer_ids
-            logits = torch.cat([cap.logits[:1], teacher_force(model, cache, ans[:-1], chunk=max(1, len(ans)))])
+            logits = torch.cat([first[None], teacher_force(model, cache, ans[:-1], chunk=max(1, len(ans)))])
             pred = logits.argmax(-1).tolist()
             ok = pred == list(ans)
             # what greedy decoding yields up to its first deviation from the answer
@@ -201,7 +224,7 @@ def evaluate_sample(model, tok, s: Sample, configs, scoring: str = "match", chun
             stop = None
             if s.metric == "contains":
                 stop = lambda t: any(a in tok.decode(t) for a in s.answers)
-            toks = greedy(model, cache, cap.logits[0], s.max_new_tokens, eos, stop)
+            toks = greedy(model, cache, first, s.max_new_tokens, eos, stop)
             text = tok.decode(toks, skip_special_tokens=True)
             if s.first_line:
                 text = text.lstrip("\n").split("\n")[0]
@@ -267,8 +290,9 @@ def aggregate(task: str, per_sample: list[dict], configs, ratio_target, scoring:
 
 
 def run(model, tok, task: str, samples: list[Sample], configs, ratio=None, scoring: str = "match", chunk: int = 8,
-        rank: int = 0, world: int = 1, progress: bool = True) -> list[dict]:
-    """This process's share of the samples (``samples[rank::world]``) -> per-sample results."""
+        rank: int = 0, world: int = 1, progress: bool = True, prefill_chunk: int | None = None) -> list[dict]:
+    """This process's share of the samples (``samples[rank::world]``) -> per-sample results
+    (``prefill_chunk``: see ``evaluate_sample``)."""
     mine = samples[rank::world]
     bar = None
     if progress and rank == 0:
@@ -277,7 +301,7 @@ def run(model, tok, task: str, samples: list[Sample], configs, ratio=None, scori
         bar = tqdm(total=len(mine) * len(configs), desc=f"{task}", unit="run", dynamic_ncols=True)
     out = []
     for s in mine:
-        res = evaluate_sample(model, tok, s, configs, scoring=scoring, chunk=chunk)
+        res = evaluate_sample(model, tok, s, configs, scoring=scoring, chunk=chunk, prefill_chunk=prefill_chunk)
         out += res
         if bar is not None:
             bar.update(len(configs))
