@@ -35,3 +35,26 @@ def walk_tensor_bytes(obj, seen=None) -> int:
     if hasattr(obj, "__dict__") and type(obj).__module__.startswith("agacc"):
         return sum(walk_tensor_bytes(v, seen) for k, v in vars(obj).items() if k not in ("cache", "cfg", "host"))
     return 0
+
+
+def every_part_store(key_quant: str = "channel", rotate: bool = True, *, group: int = 32, keep: int | None = None,
+                     bt: int = 1, h: int = 2, d: int = 64, B: int = 16, dtype=torch.float16, tail: int = 20, seed: int = 0):
+    """A layer store holding every kind of part: full, int8 (8 and 5 code bits), int4, int3, int2 (2 and
+    1), pruned (``keep`` of ``d`` elements kept, default a quarter), evicted (a marker for two blocks)
+    and ``tail`` hot tokens; keys with per-channel offsets."""
+    from agacc.config import AGACCConfig
+    from agacc.store import LayerStore
+    from agacc.tiers import EVICTED, FULL, INT2, INT3, INT4, INT8, PRUNED
+
+    cfg = AGACCConfig(block_size=B, recent_window=B, b_min=1, rotate=rotate, key_quant=key_quant,
+                      key_group_size=group, value_group_size=group)
+    store = LayerStore(cfg, torch.device("cpu"), dtype)
+    gen = torch.Generator().manual_seed(seed)
+    tiers = [FULL, INT8, INT8, INT4, INT3, INT2, INT2, PRUNED, EVICTED, EVICTED]
+    n = B * len(tiers) + tail
+    k = torch.randn(bt, h, n, d, generator=gen) * 2 + torch.randn(d, generator=gen)
+    store.append(k.to(dtype), torch.randn(bt, h, n, d, generator=gen).to(dtype))
+    store.apply_tiers(torch.tensor(tiers), torch.tensor([16, 8, 5, 4, 3, 2, 1, 2, 0, 0]),
+                      torch.full((len(tiers),), keep if keep is not None else d // 4),
+                      torch.rand(store.seq_len, generator=gen) + 0.1)
+    return store

@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import every_part_store
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("agacc", "kernels", "components")
 TOP_MODULES = ("app",)
@@ -202,26 +204,6 @@ def test_the_library_does_not_import_the_app():
 # (b) every backend reads the same parts
 # ------------------------------------------------------------------------------------------------
 
-def every_part_store(key_quant: str, rotate: bool, bt=1, h=2, d=64, B=16, dtype=torch.float16, seed=0):
-    """full, int8 (8 and 5 code bits), int4, int3, int2 (2 and 1), sparse (a quarter kept), a marker
-    for two evicted blocks, and the hot tail."""
-    from agacc.config import AGACCConfig
-    from agacc.store import LayerStore
-    from agacc.tiers import EVICTED, FULL, INT2, INT3, INT4, INT8, PRUNED
-
-    cfg = AGACCConfig(block_size=B, recent_window=B, b_min=1, rotate=rotate, key_quant=key_quant,
-                      key_group_size=32, value_group_size=32)
-    store = LayerStore(cfg, torch.device("cpu"), dtype)
-    gen = torch.Generator().manual_seed(seed)
-    tiers = [FULL, INT8, INT8, INT4, INT3, INT2, INT2, PRUNED, EVICTED, EVICTED]
-    n = B * len(tiers) + 21
-    k = torch.randn(bt, h, n, d, generator=gen) * 2 + torch.randn(d, generator=gen)
-    store.append(k.to(dtype), torch.randn(bt, h, n, d, generator=gen).to(dtype))
-    store.apply_tiers(torch.tensor(tiers), torch.tensor([16, 8, 5, 4, 3, 2, 1, 2, 0, 0]),
-                      torch.full((len(tiers),), d // 4), torch.rand(store.seq_len, generator=gen) + 0.1)
-    return store
-
-
 @pytest.mark.parametrize("key_quant,rotate", [("token", True), ("channel", False)])
 def test_every_backend_reads_the_parts_alike(key_quant, rotate):
     from agacc.attention import attend
@@ -231,7 +213,7 @@ def test_every_backend_reads_the_parts_alike(key_quant, rotate):
     triton = pytest.importorskip("triton")  # noqa: F841
     from kernels.triton_decode import decode_parts
 
-    store = every_part_store(key_quant, rotate)
+    store = every_part_store(key_quant, rotate, tail=21)
     parts = store.parts()
     kinds = [(p.kind, p.container, p.bias is not None) for p in parts]
     assert kinds == [("dense", 0, False), ("quant", 8, False), ("quant", 4, False), ("quant", 3, False),

@@ -20,6 +20,7 @@ from agacc import quant
 from agacc.config import AGACCConfig
 from agacc.decode import decode_attention
 from kernels import cpu
+from tests.helpers import every_part_store
 
 _missing = [name for name, ok in (
     ("a C++ compiler", shutil.which("c++") or shutil.which("g++")),
@@ -35,22 +36,8 @@ def built():
 
 
 def _store(key_quant="channel", group=64, rotate=True, bt=1, h=3, d=64, B=16, dtype=torch.float16, seed=0):
-    """A layer store holding every kind of part: full, int8 (8 and 5 code bits), int4, int3, int2 (2 and 1),
-    pruned (half the elements kept), evicted (a marker) and the hot tail; keys with per-channel offsets."""
-    from agacc.store import LayerStore
-    from agacc.tiers import EVICTED, FULL, INT2, INT3, INT4, INT8, PRUNED
-
-    cfg = AGACCConfig(block_size=B, recent_window=B, b_min=1, rotate=rotate, key_quant=key_quant,
-                      key_group_size=group, value_group_size=group)
-    store = LayerStore(cfg, torch.device("cpu"), dtype)
-    gen = torch.Generator().manual_seed(seed)
-    tiers = [FULL, INT8, INT8, INT4, INT3, INT2, INT2, PRUNED, EVICTED, EVICTED]
-    n = B * len(tiers) + 20
-    k = torch.randn(bt, h, n, d, generator=gen) * 2 + torch.randn(d, generator=gen)
-    store.append(k.to(dtype), torch.randn(bt, h, n, d, generator=gen).to(dtype))
-    store.apply_tiers(torch.tensor(tiers), torch.tensor([16, 8, 5, 4, 3, 2, 1, 2, 0, 0]),
-                      torch.full((len(tiers),), d // 2), torch.rand(store.seq_len, generator=gen) + 0.1)
-    return store
+    """Every kind of part (``tests.helpers.every_part_store``), pruned blocks keeping half the elements."""
+    return every_part_store(key_quant, rotate, group=group, keep=d // 2, bt=bt, h=h, d=d, B=B, dtype=dtype, seed=seed)
 
 
 def _with_and_without_kernel(monkeypatch, q, store, scaling=0.125):

@@ -8,25 +8,16 @@ import agacc
 from agacc.attention import attend, chunk_attention
 from agacc.config import AGACCConfig
 from agacc.store import LayerStore
-from tests.helpers import tiny_model
+from tests.helpers import every_part_store, tiny_model
 
 D, H = 64, 2
 
 
-def store_with_every_part(key_quant="channel", rotate=True, markers=True, n=200, q=37, block_size=16, seed=0):
-    """A layer holding full, int8/4/3/2, two sparse widths, evicted runs (markers) and q new hot tokens."""
-    g = torch.Generator().manual_seed(seed)
-    cfg = AGACCConfig.preset("agacc", p_max=0.6, key_quant=key_quant, rotate=rotate, markers=markers,
-                             block_size=block_size)
-    st = LayerStore(cfg, "cpu", torch.float16)
-    st.append(torch.randn(1, H, n, D, generator=g), torch.randn(1, H, n, D, generator=g))
-    nb = (n - cfg.recent_window) // block_size
-    pattern = [(0, 16, D), (1, 8, D), (2, 4, D), (3, 3, D), (4, 2, D), (5, 3, 24), (6, 0, 0), (6, 0, 0), (5, 3, 40),
-               (2, 4, D)]
-    rows = [pattern[i % len(pattern)] for i in range(nb)]
-    tier, bits, keep = (torch.tensor(c, dtype=dt) for c, dt in zip(zip(*rows), (torch.int8, torch.int8, torch.int16)))
-    st.apply_tiers(tier, bits, keep, torch.rand(n, generator=g))
-    st.append(torch.randn(1, H, q, D, generator=g), torch.randn(1, H, q, D, generator=g))
+def store_with_every_part(key_quant, rotate, q=37, seed=0):
+    """Every kind of part (``tests.helpers.every_part_store``), then ``q`` new tokens: a chunk's own K/V."""
+    st = every_part_store(key_quant, rotate, h=H, d=D, B=8 if key_quant == "token" else 16, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    st.append(torch.randn(1, H, q, D, generator=g).half(), torch.randn(1, H, q, D, generator=g).half())
     return st
 
 
@@ -35,7 +26,7 @@ def store_with_every_part(key_quant="channel", rotate=True, markers=True, n=200,
 @pytest.mark.parametrize("groups", [1, 3])
 def test_chunk_attention_equals_the_reference(key_quant, rotate, block, groups):
     q = 37
-    st = store_with_every_part(key_quant, rotate, q=q, block_size=8 if key_quant == "token" else 16)
+    st = store_with_every_part(key_quant, rotate, q=q)
     kinds = {p.kind for p in st.parts()}
     assert kinds == {"dense", "quant", "sparse"} and st.markers.n > 0
     query = torch.randn(1, H * groups, q, D, generator=torch.Generator().manual_seed(5))
