@@ -176,15 +176,18 @@ class CompressedCache(Cache):
         """Tracker -> normalised block scores -> policy -> store, for every layer (000 §2.6).
         ``prefill``: this re-evaluation follows a forward of prompt tokens (the eviction guard
         ``cfg.spill`` applies)."""
+        from agacc.importance import scores_all, update_all
+        from agacc.store import apply_plans
+
         cfg = self.cfg
         layers = [l for l in self.layers if l.store is not None]
         if not layers:
             return
-        for l in layers:
-            l.tracker.update(l.store.token_mass)  # before apply_tiers changes the entry layout
+        trackers = [l.tracker for l in layers]
+        update_all(trackers, [l.store.token_mass for l in layers])  # before the tiers change the entry layout
         seq_len = self.seq_len
         n_ready = layers[0].store.n_ready_blocks()
-        token_scores = [l.tracker.scores(seq_len, n_ready * cfg.block_size) for l in layers]
+        token_scores = scores_all(trackers, seq_len, n_ready * cfg.block_size)  # [L, seq_len]
         block_scores = planner.block_scores(token_scores, cfg, n_ready)
         for l, s in zip(layers, block_scores):
             l.scores = s
@@ -196,14 +199,16 @@ class CompressedCache(Cache):
                                  "unplanned": unplanned, "prefill": prefill, "scores": [s.clone() for s in block_scores]})
         if cfg.compress and n_ready > 0:
             geo = self._geometry()
+            fitted: dict = {}  # scale -> the plans (stacked, floored) of every scale the fitter tried
             if cfg.target_ratio is not None:
                 prev = None if cfg.host_copy else [(l.store.block_tier, l.store.block_bits, l.store.block_keep) for l in layers]
                 self.threshold_scale = planner.fit_threshold_scale(block_scores, cfg, geo, seq_len, cfg.target_ratio,
                                                                    overhead, prev=prev, start=self.threshold_scale,
-                                                                   prefill=prefill)
-            plans = planner.plan_tiers(block_scores, cfg, geo, seq_len, self.threshold_scale, prefill=prefill)
-            for l, (tier, bits, keep) in zip(layers, plans):
-                l.store.apply_tiers(tier, bits, keep, l.tracker.raw()[:seq_len])
+                                                                   prefill=prefill, plans_out=fitted)
+            floored = self.threshold_scale in fitted  # the fitter planned (and floored) this scale already
+            plans = fitted[self.threshold_scale] if floored else planner.plan_tiers(
+                block_scores, cfg, geo, seq_len, self.threshold_scale, prefill=prefill, stacked=True)
+            apply_plans([l.store for l in layers], *plans, lambda i: layers[i].tracker.raw()[:seq_len], floored=floored)
         for l in layers:  # the next window, held (and counted) from now on
             l.tracker.start_window(l.store.n_entries)
 

@@ -152,3 +152,77 @@ def max_pool(token_scores: torch.Tensor, kernel: int) -> torch.Tensor:
     """1-D max pooling over neighbouring tokens (same length), as SnapKV pools its votes."""
     x = token_scores.view(1, 1, -1)
     return torch.nn.functional.max_pool1d(x, kernel, stride=1, padding=kernel // 2)[0, 0, : token_scores.numel()]
+
+
+def update_all(trackers: list[ImportanceTracker], to_tokens: list) -> None:
+    """``tracker.update(to_tokens[i])`` for every tracker, with the same results: where the trackers
+    are alike (EMA scoring, one config, the same steps and lengths: the layers of one cache) the
+    windows are folded in for all layers at once ([L, n] tensors, each tracker keeping its row), the
+    same elementwise steps in the same order; otherwise one by one."""
+    if not trackers:
+        return
+    first = trackers[0]
+    cfg, steps = first.cfg, first.window_steps
+    n = first.importance.numel()
+    shape = [(c.numel(), s) for c, s in first.chunks]
+    if (steps == 0 or cfg.scoring != "ema"
+            or any(t.cfg is not cfg or t.window_steps != steps or t.importance.numel() != n
+                   or [(c.numel(), s) for c, s in t.chunks] != shape for t in trackers)):
+        for t, f in zip(trackers, to_tokens):
+            t.update(f)
+        return
+    windows = [f(t.window.float()) if f is not None else t.window.float() for t, f in zip(trackers, to_tokens)]
+    m = windows[0].numel()
+    if any(w.numel() != m for w in windows):
+        for t, f, w in zip(trackers, to_tokens, windows):  # (the windows are mapped already: fold them in as they are)
+            t.update(lambda _, w=w: w)
+        return
+    for t in trackers:
+        t._grow(m)
+    n = first.importance.numel()
+    window = torch.stack(windows)
+    if n > m:
+        window = torch.cat([window, torch.zeros(len(trackers), n - m, device=window.device)], 1)
+    for t, c in zip(trackers, window.to(WINDOW_DTYPE).unbind(0)):
+        t.chunks.append((c, steps))
+    chunks = first.chunks  # every tracker's chunks have the same steps and lengths: pop alike
+    n_pop = 0
+    while sum(s for _, s in chunks[n_pop:]) > cfg.n_w and len(chunks) - n_pop > 1:
+        n_pop += 1
+    for t in trackers:
+        del t.chunks[:n_pop]
+    total = torch.zeros(len(trackers), n, device=window.device)
+    for j, (c, _) in enumerate(first.chunks):
+        k = c.numel()
+        total[:, :k] += torch.stack([t.chunks[j][0] for t in trackers]).float()
+    s_i = total / sum(s for _, s in first.chunks)
+    importance = cfg.alpha * s_i + (1 - cfg.alpha) * torch.stack([t.importance for t in trackers])
+    n_pop = 0
+    while len(chunks) - n_pop and sum(s for _, s in chunks[n_pop:]) > cfg.n_w - cfg.n_r:
+        n_pop += 1
+    for t, row in zip(trackers, importance.unbind(0)):
+        del t.chunks[:n_pop]  # the next mean adds N_r new steps: only the last N_w - N_r are needed
+        t.importance = row
+        t.window = torch.zeros(0, dtype=WINDOW_DTYPE, device=t.device)
+        t.window_steps = 0
+
+
+def scores_all(trackers: list[ImportanceTracker], seq_len: int, ready_tokens: int) -> torch.Tensor:
+    """``tracker.scores(seq_len, ready_tokens)`` of every tracker as rows of one [L, seq_len] tensor,
+    the same values: the position normalisation once for all layers (elementwise), the mean per layer."""
+    if not trackers:
+        return torch.zeros(0, seq_len)
+    first = trackers[0]
+    if any(t.cfg is not first.cfg or t.device != first.device for t in trackers):
+        return torch.stack([t.scores(seq_len, ready_tokens) for t in trackers])
+    cfg = first.cfg
+    for t in trackers:
+        t._grow(seq_len)
+    t_last = seq_len - 1
+    dist = t_last - torch.arange(seq_len, device=first.device)
+    i_hat = torch.stack([t.raw()[:seq_len] for t in trackers]) / position_norm(dist, cfg.position_norm, cfg.position_gamma)
+    out = torch.empty_like(i_hat)
+    for i in range(len(trackers)):
+        ref = i_hat[i, :ready_tokens] if ready_tokens > 0 else i_hat[i]
+        torch.div(i_hat[i], ref.mean().clamp_min(1e-12), out=out[i])
+    return out

@@ -21,7 +21,7 @@ from agacc import methods
 from agacc.importance import WINDOW_ITEMSIZE, block_max, max_pool
 from agacc.policy import fidelity_floor, layer_weights
 from agacc.quant import container_bits, value_group
-from agacc.tiers import EVICTED, FULL, PRUNED, TIER_CONTAINER, count_evicted_runs
+from agacc.tiers import EVICTED, FULL, PRUNED, TIER_CONTAINER
 
 
 def text_config(config):
@@ -56,10 +56,19 @@ class Geometry:
 # --- scores ---------------------------------------------------------------------------------------
 
 def block_scores(token_scores: list[torch.Tensor], cfg, n_ready: int) -> list[torch.Tensor]:
-    """Per layer normalised token scores [seq_len] -> block scores [n_ready] (cpu): averaged over
+    """Per layer normalised token scores [seq_len] (a list, or stacked [L, seq_len]) -> block scores
+    [n_ready] (cpu): averaged over
     layers (``share_across_layers``, 000 §2.2 as written), max-pooled over ``pool_kernel``
     neighbours (SnapKV), max over each block (000 §2.5); from ``tsp_layer`` on every layer reuses
     that layer's scores (FastKV's token-selective propagation)."""
+    if isinstance(token_scores, torch.Tensor) and not cfg.share_across_layers and cfg.pool_kernel <= 1:
+        # stacked [L, seq_len]: the block max of every layer at once (a max: the same values)
+        B, n_layers = cfg.block_size, token_scores.shape[0]
+        out = list(token_scores[:, : n_ready * B].reshape(n_layers, n_ready, B).amax(2).cpu().unbind(0))
+        if cfg.tsp_layer is not None and cfg.tsp_layer < len(out):
+            out = out[: cfg.tsp_layer] + [out[cfg.tsp_layer]] * (len(out) - cfg.tsp_layer)
+        return out
+    token_scores = list(token_scores)
     if cfg.share_across_layers:
         mean = torch.stack(token_scores).mean(0)
         token_scores = [mean for _ in token_scores]
@@ -111,10 +120,11 @@ def apply_layer_budget(tier, bits, keep, scores, budget_blocks: int):
 # --- plans ----------------------------------------------------------------------------------------
 
 def plan_tiers(block_scores: list[torch.Tensor], cfg, geo: Geometry, seq_len: int, scale: float = 1.0,
-               prefill: bool = False):
+               prefill: bool = False, stacked: bool = False):
     """Per layer (tier, bits, keep) for the ready blocks under the rule of the method ``cfg.rule``;
     sinks stay full; the C_max budget applies. ``prefill``: the re-evaluation ends a prefill, so the
-    eviction guard (``cfg.spill``) applies."""
+    eviction guard (``cfg.spill``) applies. ``stacked``: the same plans as (tier, bits, keep) [L, n]
+    (None without layers), not a list per layer."""
     B = cfg.block_size
     sink_blocks = -(-cfg.n_sink // B) if cfg.n_sink else 0
     budgets = None
@@ -124,20 +134,34 @@ def plan_tiers(block_scores: list[torch.Tensor], cfg, geo: Geometry, seq_len: in
                                 [sink_blocks + hot_blocks] * len(block_scores), scale)
     m = methods.rule(cfg.rule)
     spill = cfg.spill if prefill else 0.0
-    if m.elementwise and block_scores:  # all layers in one call
-        raw = list(zip(*m.rule(torch.stack(block_scores), cfg, geo.head_dim, 0, scale, spill)))
+    if m.elementwise and len(block_scores):  # all layers in one call; the sinks of all layers at once
+        all_layers = m.rule(block_scores if isinstance(block_scores, torch.Tensor) else torch.stack(block_scores),
+                            cfg, geo.head_dim, 0, scale, spill)
+        tier, bits, keep = all_layers
+        n_sink = min(sink_blocks, tier.shape[-1])
+        if n_sink:
+            tier[:, :n_sink], bits[:, :n_sink], keep[:, :n_sink] = FULL, 16, geo.head_dim
+        if budgets is None:
+            return all_layers if stacked else list(zip(tier.unbind(0), bits.unbind(0), keep.unbind(0)))
+        raw = list(zip(tier.unbind(0), bits.unbind(0), keep.unbind(0)))  # views: the budgets write through
     else:
+        all_layers = None
         raw = [m.rule(s, cfg, geo.head_dim, layer, scale, spill) for layer, s in enumerate(block_scores)]
     out = []
     for layer, (s, (tier, bits, keep)) in enumerate(zip(block_scores, raw)):
         n_sink = min(sink_blocks, s.numel())
-        tier[:n_sink], bits[:n_sink], keep[:n_sink] = FULL, 16, geo.head_dim
+        if all_layers is None:
+            tier[:n_sink], bits[:n_sink], keep[:n_sink] = FULL, 16, geo.head_dim
         if budgets is not None:
             rest = slice(n_sink, None)
             tier[rest], bits[rest], keep[rest] = apply_layer_budget(tier[rest], bits[rest], keep[rest], s[rest],
                                                                     budgets[layer])
         out.append((tier, bits, keep))
-    return out
+    if not stacked:
+        return out
+    if all_layers is not None:
+        return all_layers
+    return tuple(torch.stack(x) for x in zip(*out)) if out else None
 
 
 # --- the cost model (the store's format: agacc/store.py) ---------------------------------------------
@@ -181,23 +205,36 @@ def planned_bytes(plans, cfg, geo: Geometry, seq_len: int) -> int:
         return geo.bytes_full(seq_len)
     if not plans:
         return 0
+    return stacked_bytes(*(torch.stack([p[i] for p in plans]) for i in range(3)), cfg, geo, seq_len)
+
+
+_COSTS: dict = {}  # (cost-model settings, code) -> block_cost_bytes
+
+
+def stacked_bytes(tier: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor, cfg, geo: Geometry, seq_len: int) -> int:
+    """``planned_bytes`` of plans stacked over layers: tier, bits, keep [L, n]."""
     B = cfg.block_size
+    n_layers, n = tier.shape
+    hot_tokens = seq_len - n * B
     kw = dict(batch=geo.batch, heads=geo.heads, head_dim=geo.head_dim, block_size=B, full_itemsize=geo.full_itemsize,
               value_group_size=cfg.value_group_size, b_min=cfg.b_min, sparse_threshold=cfg.sparse_threshold,
               key_quant=cfg.key_quant, key_group_size=cfg.key_group_size)
-    tier = torch.stack([p[0] for p in plans]).long()  # [L, n]
-    bits = torch.stack([p[1] for p in plans]).long()
-    keep = torch.stack([p[2] for p in plans]).long()
-    n = tier.shape[1]
-    hot_tokens = seq_len - n * B
-    total = len(plans) * 2 * geo.batch * geo.heads * hot_tokens * geo.head_dim * geo.full_itemsize
-    uniq, counts = torch.unique((tier * 32 + bits) * 1024 + keep, return_counts=True)  # one code per (tier, bits, keep)
+    key = tuple(kw.values())
+    total = n_layers * 2 * geo.batch * geo.heads * hot_tokens * geo.head_dim * geo.full_itemsize
+    # one code per (tier, bits, keep); int32 holds it for any int8 tier / bits and int16 keep
+    uniq, counts = torch.unique((tier.to(torch.int32) * 32 + bits) * 1024 + keep, return_counts=True)
     for code, count in zip(uniq.tolist(), counts.tolist()):
-        total += count * block_cost_bytes(code // 1024 // 32, code // 1024 % 32, code % 1024, **kw)
-    runs = count_evicted_runs(tier) if cfg.markers and n else 0
+        cost = _COSTS.get((key, code))
+        if cost is None:
+            cost = _COSTS[(key, code)] = block_cost_bytes(code // 1024 // 32, code // 1024 % 32, code % 1024, **kw)
+        total += count * cost
+    ev = tier == EVICTED
+    n_evicted = int(ev.sum()) if n else 0
+    # count_evicted_runs: blocks evicted after a kept one (or first)
+    runs = int((ev[:, 1:] > ev[:, :-1]).sum()) + int(ev[:, 0].sum()) if cfg.markers and n else 0
     total += runs * marker_cost_bytes(batch=geo.batch, heads=geo.heads, head_dim=geo.head_dim,
                                       full_itemsize=geo.full_itemsize)
-    entries = int((tier != EVICTED).sum()) * B + runs + len(plans) * hot_tokens
+    entries = (n_layers * n - n_evicted) * B + runs + n_layers * hot_tokens
     return total + WINDOW_ITEMSIZE * entries
 
 
@@ -205,7 +242,7 @@ def planned_bytes(plans, cfg, geo: Geometry, seq_len: int) -> int:
 
 def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_bytes: int = 0,
                         tol: float = 1e-3, prev=None, start: float | None = None, byte_tol: float = 0.01,
-                        prefill: bool = False) -> float:
+                        prefill: bool = False, plans_out: dict | None = None) -> float:
     """Scale s for (tau_h, tau_l, tau_e) * s so the planned bytes (+ ``overhead_bytes`` the plan does
     not cover) are just under bytes_fp16 / target: the library's target-ratio -> thresholds map.
     ``prev``: per layer (tier, bits, keep) already applied, when blocks cannot regain fidelity (no
@@ -218,18 +255,27 @@ def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_
     re-evaluation, which rarely moves much: the search walks out from it (steps 0.25, 1, 4 in log s)
     to a bracket first (about 10 plans instead of 26), unless its plan already uses 99-100% of the
     budget: then it is kept (one plan; stable tiers between re-evaluations). If the target is out of
-    reach (recent window and sinks alone exceed it) the largest scale is returned."""
+    reach (recent window and sinks alone exceed it) the largest scale is returned.
+
+    ``plans_out``: a dict that receives, per scale planned, its plans stacked (``plan_tiers(...,
+    stacked=True)``) and floored to ``prev`` when given, so the caller need not plan the returned
+    scale again."""
     budget = geo.bytes_fp16(seq_len) / target_ratio - overhead_bytes
     prev_stacked = tuple(torch.stack(x) for x in zip(*prev)) if prev else None  # [L, n_old] each
     seen: dict[float, int] = {}
 
     def bytes_at(log_s):
         if log_s not in seen:
-            plans = plan_tiers(block_scores, cfg, geo, seq_len, math.exp(log_s), prefill=prefill)
+            scale = math.exp(log_s)
+            plans = plan_tiers(block_scores, cfg, geo, seq_len, scale, prefill=prefill, stacked=True)  # [L, n] each
+            if plans is None:  # no layers
+                seen[log_s] = 0
+                return 0
             if prev_stacked is not None:  # one floor over all layers at once
-                floored = fidelity_floor(prev_stacked, *(torch.stack(x) for x in zip(*plans)))
-                plans = list(zip(*floored))
-            seen[log_s] = planned_bytes(plans, cfg, geo, seq_len)
+                plans = fidelity_floor(prev_stacked, *plans)
+            seen[log_s] = stacked_bytes(*plans, cfg, geo, seq_len)
+            if plans_out is not None:
+                plans_out[scale] = plans
         return seen[log_s]
 
     lo, hi = -12.0, 12.0  # invariant: bytes_at(lo) > budget >= bytes_at(hi)

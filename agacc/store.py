@@ -25,6 +25,8 @@ every decode backend and the dequantised reference ``attention_entries`` read.
 """
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -56,6 +58,41 @@ def _rows(block_pos: torch.Tensor, block_size: int) -> torch.Tensor:
     return (block_pos[:, None] * block_size + torch.arange(block_size, device=block_pos.device)).reshape(-1)
 
 
+def _blocks(t: torch.Tensor, block_pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``t[:, :, _rows(block_pos, B)]`` (t [Bt, H, n*B, X]): the same new contiguous tensor, selected
+    a block (B*X elements) at a time, many times cheaper than row by row."""
+    bt, h, n, x = t.shape
+    return t.reshape(bt, h, n // block_size, block_size * x).index_select(2, block_pos).view(bt, h, -1, x)
+
+
+def _put_blocks(t: torch.Tensor, block_pos: torch.Tensor, src: torch.Tensor, block_size: int) -> None:
+    """``t[:, :, _rows(block_pos, B)] = src`` for a contiguous t [Bt, H, n*B, X], a block at a time."""
+    bt, h, n, x = t.shape
+    t.view(bt, h, n // block_size, block_size * x).index_copy_(2, block_pos, src.reshape(bt, h, -1, block_size * x))
+
+
+def _runs(block_pos: torch.Tensor) -> list[tuple[int, int]]:
+    """Block positions [n] -> maximal runs of consecutive positions as (start, stop), in order."""
+    runs: list[list[int]] = []
+    for b in block_pos.tolist():
+        if runs and runs[-1][1] == b:
+            runs[-1][1] = b + 1
+        else:
+            runs.append([b, b + 1])
+    return [(a, b) for a, b in runs]
+
+
+def _pick(t: torch.Tensor, runs: list[tuple[int, int]], per: int, extra=()) -> torch.Tensor:
+    """``t[:, :, rows]`` for the rows of the block ``runs`` (``per`` rows a block; dim 2), then the
+    tensors ``extra`` appended (dim 2): the same new contiguous tensor as the gather and ``torch.cat``,
+    copied a run at a time (a gather by index is many times slower on the CPU) in one pass."""
+    pieces = [t[:, :, a * per:b * per] for a, b in runs]
+    pieces += extra
+    if len(pieces) > 1:
+        return torch.cat(pieces, 2)
+    return (pieces[0] if pieces else t[:, :, :0]).clone(memory_format=torch.contiguous_format)
+
+
 @dataclass
 class Entries:
     """One stretch of attention entries, as attention reads it.
@@ -67,13 +104,23 @@ class Entries:
 
 
 class Segment:
-    """Common bookkeeping: block ids in row order and the tensors held."""
+    """Common bookkeeping: block ids in row order and the tensors held.
+
+    ``drop_later`` drops blocks at once from the bookkeeping but copies the data once, together
+    with the next append (or at ``flush``): a segment that loses and gains blocks in one re-tiering
+    is copied once, not twice. Every read flushes first."""
+
+    _keep = None  # block runs a pending drop keeps (None: nothing pending)
 
     def __init__(self, block_size: int, device):
         self.block_size = block_size
         self.block_ids = torch.empty(0, dtype=torch.int32, device=device)
 
     def tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def _data(self) -> list[tuple[str, int]]:
+        """(attribute, rows per block) of every tensor indexed by rows (dim 2)."""
         raise NotImplementedError
 
     def nbytes(self) -> int:
@@ -94,14 +141,73 @@ class Segment:
         self.select_blocks(keep)
         return k, v
 
+    def take(self, mask: torch.Tensor):
+        """Drop the blocks where ``mask`` [n_blocks] bool is set; returns their dequantised (k, v) in
+        row order (fp32). ``remove`` for blocks found by a mask: one read, one select."""
+        k, v = self.read_blocks(mask.nonzero().squeeze(1))
+        self.select_blocks((~mask).nonzero().squeeze(1))
+        return k, v
+
     def read_blocks(self, block_pos: torch.Tensor):
         raise NotImplementedError
 
+    def _select_ids(self, block_pos: torch.Tensor) -> None:
+        self.block_ids = self.block_ids[block_pos]
+
     def select_blocks(self, block_pos: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Keep the blocks at ``block_pos`` (in that order), drop the rest."""
+        self.flush()
+        self._select_ids(block_pos)
+        if not block_pos.numel():
+            for name, _ in self._data():
+                setattr(self, name, None)
+            return
+        runs = _runs(block_pos)
+        for name, per in self._data():
+            setattr(self, name, _pick(getattr(self, name), runs, per))
+
+    def drop_later(self, mask: torch.Tensor, taken: list[int]) -> None:
+        """Drop the blocks at the positions ``taken`` (ascending; ``mask`` [n_blocks] bool marks them)
+        from the bookkeeping now; the data is copied with the next append (or at ``flush``)."""
+        runs, a = [], 0
+        for t in taken:
+            if t > a:
+                runs.append((a, t))
+            a = t + 1
+        if a < self.n_blocks:
+            runs.append((a, self.n_blocks))
+        if not runs or self._keep is not None:
+            self.select_blocks((~mask).nonzero().squeeze(1))
+            return
+        self._select_ids(~mask)
+        self._keep = runs
+
+    def flush(self) -> None:
+        """Carry out a pending ``drop_later``."""
+        if self._keep is not None:
+            runs, self._keep = self._keep, None
+            for name, per in self._data():
+                setattr(self, name, _pick(getattr(self, name), runs, per))
+
+    def _extend(self, new: dict, fresh: bool = True) -> None:
+        """Append ``new`` {attribute: [tensors]} along dim 2 (after a pending select, in the same copy).
+        ``fresh``: a lone tensor may be kept as it is (else an empty segment copies it)."""
+        keep, self._keep = self._keep, None
+        for name, per in self._data():
+            ts, old = new[name], getattr(self, name)
+            if keep is not None:
+                t = _pick(old, keep, per, extra=ts)
+            elif old is not None:
+                t = torch.cat([old, *ts], 2)
+            elif len(ts) > 1:
+                t = torch.cat(ts, 2)
+            else:
+                t = ts[0] if fresh else ts[0].clone(memory_format=torch.contiguous_format)
+            setattr(self, name, t)
 
     def map_batch(self, fn) -> None:
         """Apply ``fn`` (batch reorder / repeat) to every batch-dimensioned tensor."""
+        self.flush()
         for name, t in list(vars(self).items()):
             if isinstance(t, torch.Tensor) and t.dim() == 4:
                 setattr(self, name, fn(t))
@@ -114,23 +220,23 @@ class FullSegment(Segment):
         self.k = self.v = None
 
     def tensors(self):
+        self.flush()
         return [self.k, self.v]
 
-    def add(self, block_ids, k, v, **_):
+    def _data(self):
+        return [("k", self.block_size), ("v", self.block_size)]
+
+    def add(self, block_ids, k, v, fresh: bool = True, **_):
         self.block_ids = torch.cat([self.block_ids, block_ids.to(torch.int32)])
-        self.k = _cat(self.k, k.to(self.dtype), 2)
-        self.v = _cat(self.v, v.to(self.dtype), 2)
+        self._extend({"k": [k.to(self.dtype)], "v": [v.to(self.dtype)]}, fresh)
 
     def read_blocks(self, block_pos):
-        r = _rows(block_pos, self.block_size)
-        return self.k[:, :, r].float(), self.v[:, :, r].float()
-
-    def select_blocks(self, block_pos):
-        r = _rows(block_pos, self.block_size)
-        self.block_ids = self.block_ids[block_pos]
-        self.k, self.v = (self.k[:, :, r], self.v[:, :, r]) if block_pos.numel() else (None, None)
+        self.flush()
+        B = self.block_size
+        return _blocks(self.k, block_pos, B).float(), _blocks(self.v, block_pos, B).float()
 
     def part(self) -> Part:
+        self.flush()
         return Part(DENSE, self.k, self.v)
 
 
@@ -155,41 +261,70 @@ class QuantSegment(Segment):
         return self.cfg.rotate
 
     def tensors(self):
+        self.flush()
         return [self.bits, self.k, self.k_scale, self.k_zero, self.v, self.v_scale, self.v_zero]
+
+    def _data(self):
+        B = self.block_size
+        per = B if self.key_per_token else 1  # key scales per token, or per block
+        return [("k", B), ("k_scale", per), ("k_zero", per), ("v", B), ("v_scale", B), ("v_zero", B)]
+
+    def _select_ids(self, block_pos):
+        self.block_ids, self.bits = self.block_ids[block_pos], self.bits[block_pos]
 
     def add(self, block_ids, k, v, bits, **_):
         """k, v: [Bt, H, nb*B, D] float; bits: [nb] code bits (<= container)."""
-        cfg, B = self.cfg, self.block_size
-        ops = _quant_ops(k.device)
         if self.rotated:
             k, v = quant.rotate(k), quant.rotate(v)
-        parts = {"k": [], "k_scale": [], "k_zero": [], "v": [], "v_scale": [], "v_zero": []}
         # quantise runs of equal code bits together (usually one or two runs)
-        for b in sorted(set(bits.tolist())):
-            sel = (bits == b).nonzero().squeeze(1)
-            r = _rows(sel, B)
-            if self.key_per_token:
-                pk, ks, kz = ops.quantize_values(k[:, :, r], b, cfg.key_group_size, cfg.quantizer, cfg.s)
+        groups = sorted(set(bits.tolist()))
+        out = []
+        for b in groups:
+            if len(groups) == 1:  # every block: no selection needed
+                kb, vb, ids_b = k, v, block_ids
             else:
-                pk, ks, kz = ops.quantize_keys(k[:, :, r], b, B, cfg.quantizer, cfg.s)
-            pv, vs, vz = ops.quantize_values(v[:, :, r], b, cfg.value_group_size, cfg.quantizer, cfg.s)
-            for name, t in zip(parts, (pk, ks, kz, pv, vs, vz)):
+                sel = (bits == b).nonzero().squeeze(1)
+                r = _rows(sel, self.block_size)
+                kb, vb, ids_b = k[:, :, r], v[:, :, r], block_ids[sel]
+            out.append((ids_b, b, self.quantize(kb, vb, b)))
+        self.append(out)
+
+    def quantize(self, k, v, b: int) -> tuple:
+        """(already rotated) k, v [Bt, H, n*B, D] -> the six tensors a group of ``b``-bit blocks holds
+        (k codes, k_scale, k_zero, v codes, v_scale, v_zero). Per block / per token: blocks quantise
+        alike whichever others share the call."""
+        cfg, B = self.cfg, self.block_size
+        ops = _quant_ops(k.device)
+        if self.key_per_token:
+            pk, ks, kz = ops.quantize_values(k, b, cfg.key_group_size, cfg.quantizer, cfg.s)
+        else:
+            pk, ks, kz = ops.quantize_keys(k, b, B, cfg.quantizer, cfg.s)
+        pv, vs, vz = ops.quantize_values(v, b, cfg.value_group_size, cfg.quantizer, cfg.s)
+        return pk, ks, kz, pv, vs, vz
+
+    def append(self, groups, fresh: bool = True) -> None:
+        """Append quantised groups [(block_ids, code bits, the six tensors of ``quantize``)], in order.
+        ``fresh``: the tensors are the segment's to keep (else an empty segment copies them)."""
+        ids, code_bits = [self.block_ids], [self.bits]
+        parts = {"k": [], "k_scale": [], "k_zero": [], "v": [], "v_scale": [], "v_zero": []}
+        for ids_b, b, ts in groups:
+            ids.append(ids_b.to(torch.int32))
+            code_bits.append(torch.full((ids_b.numel(),), b, dtype=torch.int8, device=self.bits.device))
+            for name, t in zip(parts, ts):
                 parts[name].append(t)
-            block_ids_sel = block_ids[sel]
-            self.block_ids = torch.cat([self.block_ids, block_ids_sel.to(torch.int32)])
-            self.bits = torch.cat([self.bits, torch.full((sel.numel(),), b, dtype=torch.int8, device=self.bits.device)])
-        for name, ts in parts.items():
-            setattr(self, name, _cat(getattr(self, name), torch.cat(ts, 2), 2))
+        self.block_ids, self.bits = torch.cat(ids), torch.cat(code_bits)
+        self._extend(parts, fresh)
 
     def part(self, block_pos=None) -> Part:
         """The held blocks at ``block_pos`` (None: all) as a quantised ``Part``."""
+        self.flush()
         if block_pos is None:
             k, ks, kz, v, vs, vz = self.k, self.k_scale, self.k_zero, self.v, self.v_scale, self.v_zero
-        else:
-            r = _rows(block_pos, self.block_size)
-            kmeta = r if self.key_per_token else block_pos
-            k, ks, kz = self.k[:, :, r], self.k_scale[:, :, kmeta], self.k_zero[:, :, kmeta]
-            v, vs, vz = self.v[:, :, r], self.v_scale[:, :, r], self.v_zero[:, :, r]
+        else:  # a few blocks, as a rule: gathered by index, a block at a time
+            B = self.block_size
+            kb = B if self.key_per_token else 1  # key scales per token, or per block
+            k, ks, kz = _blocks(self.k, block_pos, B), _blocks(self.k_scale, block_pos, kb), _blocks(self.k_zero, block_pos, kb)
+            v, vs, vz = _blocks(self.v, block_pos, B), _blocks(self.v_scale, block_pos, B), _blocks(self.v_zero, block_pos, B)
         d = v.shape[-1] * 8 // self.container
         return Part(QUANT, k, v, k_scale=ks, k_zero=kz, v_scale=vs, v_zero=vz, container=self.container,
                     key_block=0 if self.key_per_token else self.block_size,
@@ -199,17 +334,6 @@ class QuantSegment(Segment):
     def read_blocks(self, block_pos):
         """Dequantised, un-rotated (k, v) fp32 of the given block positions."""
         return quant.dequantize_part(self.part(block_pos))
-
-    def select_blocks(self, block_pos):
-        r = _rows(block_pos, self.block_size)
-        self.block_ids, self.bits = self.block_ids[block_pos], self.bits[block_pos]
-        if block_pos.numel() == 0:
-            self.k = self.k_scale = self.k_zero = self.v = self.v_scale = self.v_zero = None
-            return
-        self.k, self.v = self.k[:, :, r], self.v[:, :, r]
-        self.v_scale, self.v_zero = self.v_scale[:, :, r], self.v_zero[:, :, r]
-        kmeta = r if self.key_per_token else block_pos
-        self.k_scale, self.k_zero = self.k_scale[:, :, kmeta], self.k_zero[:, :, kmeta]
 
 
 class SparseSegment(Segment):
@@ -222,21 +346,24 @@ class SparseSegment(Segment):
         self.v_map = self.v = self.v_scale = self.v_zero = None
 
     def tensors(self):
+        self.flush()
         return [self.k_map, self.k, self.k_scale, self.k_zero, self.v_map, self.v, self.v_scale, self.v_zero]
+
+    def _data(self):
+        return [(name, self.block_size) for name in ("k_map", "k", "k_scale", "k_zero", "v_map", "v", "v_scale", "v_zero")]
 
     def add(self, block_ids, k, v, **_):
         cfg = self.cfg
         km, kq, ks, kz = quant.sparse_encode(k, self.keep, self.code_bits, cfg.quantizer, cfg.s)
         vm, vq, vs, vz = quant.sparse_encode(v, self.keep, self.code_bits, cfg.quantizer, cfg.s)
         self.block_ids = torch.cat([self.block_ids, block_ids.to(torch.int32)])
-        for name, t in zip(("k_map", "k", "k_scale", "k_zero", "v_map", "v", "v_scale", "v_zero"),
-                           (km, kq, ks, kz, vm, vq, vs, vz)):
-            setattr(self, name, _cat(getattr(self, name), t, 2))
+        self._extend({name: [t] for name, t in zip(("k_map", "k", "k_scale", "k_zero", "v_map", "v", "v_scale", "v_zero"),
+                                                   (km, kq, ks, kz, vm, vq, vs, vz))})
 
     def part(self, block_pos=None) -> Part:
         """The held blocks at ``block_pos`` (None: all) as a sparse ``Part``."""
-        r = None if block_pos is None else _rows(block_pos, self.block_size)
-        sel = (lambda t: t) if r is None else (lambda t: t[:, :, r])
+        self.flush()
+        sel = (lambda t: t) if block_pos is None else (lambda t: _blocks(t, block_pos, self.block_size))
         return Part(SPARSE, sel(self.k), sel(self.v), k_scale=sel(self.k_scale), k_zero=sel(self.k_zero),
                     v_scale=sel(self.v_scale), v_zero=sel(self.v_zero), k_map=sel(self.k_map), v_map=sel(self.v_map),
                     container=quant.container_bits(self.code_bits), keep=self.keep, code_bits=self.code_bits)
@@ -244,13 +371,6 @@ class SparseSegment(Segment):
     def read_blocks(self, block_pos):
         """Decoded (k, v) fp32 of the given block positions, pruned elements zero."""
         return quant.dequantize_part(self.part(block_pos))
-
-    def select_blocks(self, block_pos):
-        r = _rows(block_pos, self.block_size)
-        self.block_ids = self.block_ids[block_pos]
-        for name in ("k_map", "k", "k_scale", "k_zero", "v_map", "v", "v_scale", "v_zero"):
-            t = getattr(self, name)
-            setattr(self, name, t[:, :, r] if block_pos.numel() else None)
 
 
 class Markers:
@@ -296,12 +416,75 @@ class Markers:
                  float(self.weight[i]), int(round(math.exp(float(self.log_count[i])))))
                 for i, s in enumerate(self.span)]
 
+    def run(self, i: int):
+        """Run ``i`` as (k [Bt,H,D] fp32, v, weight, count), as ``runs`` gives it."""
+        return (self.k[:, :, i].float(), self.v[:, :, i].float(), float(self.weight[i]),
+                int(round(math.exp(float(self.log_count[i])))))
+
+    def rebuild(self, spans: list[tuple[int, int]], items: list) -> None:
+        """``set`` from runs that are either kept (``items[j]`` an int: the index of an existing run
+        with the same span) or new (``items[j]`` = (k_mean, v_mean, weight, count)): the kept runs'
+        entries are copied as they are (what ``set(runs())`` would round-trip them to), only the new
+        ones are stacked."""
+        dev = self.span.device
+        if not spans:
+            self.__init__(dev, self.dtype)
+            return
+        old_w, old_lc = self.weight.tolist(), self.log_count.tolist()
+        weights, counts, kept_pos, kept_idx, new_pos, new_k, new_v = [], [], [], [], [], [], []
+        for j, it in enumerate(items):
+            if isinstance(it, int):
+                kept_pos.append(j)
+                kept_idx.append(it)
+                weights.append(old_w[it])
+                counts.append(int(round(math.exp(old_lc[it]))))
+            else:
+                new_pos.append(j)
+                new_k.append(it[0])
+                new_v.append(it[1])
+                weights.append(it[2])
+                counts.append(it[3])
+        ref = new_k[0] if new_k else self.k
+        shape = (ref.shape[0], ref.shape[1], len(spans), ref.shape[-1])
+        if kept_pos == list(range(len(spans))) and kept_idx == kept_pos and self.n == len(spans):
+            k, v = self.k, self.v  # the same runs
+        else:
+            k = torch.empty(shape, dtype=self.dtype, device=ref.device)
+            v = torch.empty(shape, dtype=self.dtype, device=ref.device)
+            if kept_pos:
+                kp = torch.tensor(kept_pos, dtype=torch.long, device=ref.device)
+                ki = torch.tensor(kept_idx, dtype=torch.long, device=ref.device)
+                k[:, :, kp] = self.k[:, :, ki].to(self.dtype)
+                v[:, :, kp] = self.v[:, :, ki].to(self.dtype)
+            if new_pos:
+                npos = torch.tensor(new_pos, dtype=torch.long, device=ref.device)
+                k[:, :, npos] = torch.stack(new_k, 2).to(self.dtype)
+                v[:, :, npos] = torch.stack(new_v, 2).to(self.dtype)
+        self.k, self.v = k, v
+        self.weight = torch.tensor(weights, dtype=torch.float32, device=dev)
+        self.log_count = torch.tensor([math.log(c) for c in counts], dtype=torch.float32, device=dev)
+        self.span = torch.tensor([[f, l] for f, l in spans], dtype=torch.int32, device=dev)
+
 
 def weighted_mean(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor):
     """k, v [Bt, H, n, D], w [n] >= 0 -> (k_mean [Bt,H,D], v_mean, weight sum)."""
     w = w.float().clamp_min(0) + 1e-12
     wn = w / w.sum()
     return (k.float() * wn[:, None]).sum(2), (v.float() * wn[:, None]).sum(2), float(w.sum())
+
+
+def weighted_means(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor):
+    """``weighted_mean`` of many blocks at once: k, v [Bt, H, n*B, D] (n blocks of B rows), w [n, B]
+    -> (k_means [Bt, H, n, D], v_means, [weight sums]). Every block's numbers are its own
+    ``weighted_mean``'s: the sums run over the same B elements, a row at a time."""
+    bt, h, _, d = k.shape
+    n, B = w.shape
+    w = w.float().clamp_min(0) + 1e-12
+    s = w.sum(1)
+    wn = (w / s[:, None])[:, :, None]
+    km = (k.float().reshape(bt, h, n, B, d) * wn).sum(3)
+    vm = (v.float().reshape(bt, h, n, B, d) * wn).sum(3)
+    return km, vm, s.tolist()
 
 
 def merge_means(parts):
@@ -394,25 +577,27 @@ class LayerStore:
         """Entry mass [m <= n_entries] (attention order) -> token mass [seq_len]; a marker's mass is
         shared evenly among the tokens of its span; entries appended since (m < n_entries) get 0."""
         B = self.B
-        if mass.numel() < self.n_entries:
-            mass = torch.nn.functional.pad(mass, (0, self.n_entries - mass.numel()))
-        blocks = self.token_layout().long()
+        n_entries = self.n_entries
+        if mass.numel() < n_entries:
+            mass = torch.nn.functional.pad(mass, (0, n_entries - mass.numel()))
+        mass = mass.float()
+        blocks = self.token_layout()  # int32: index_add_ takes it as is
         out = torch.zeros(self.seq_len, dtype=torch.float32, device=mass.device)
         by_block = out[: self.hot_start].view(-1, B)  # [n_ready_blocks, B], a view of out
         n_t = blocks.numel() * B
         if n_t:
-            by_block.index_add_(0, blocks, mass[:n_t].float().view(-1, B))
+            by_block.index_add_(0, blocks, mass[:n_t].view(-1, B))
         m = self.markers.n
-        if m:
-            first, last = self.markers.span[:, 0].long(), self.markers.span[:, 1].long()
-            n_blk = last - first + 1
-            owner = torch.repeat_interleave(torch.arange(m, device=mass.device), n_blk)   # marker of each spanned block
-            offset = torch.arange(owner.numel(), device=mass.device) - (torch.cumsum(n_blk, 0) - n_blk)[owner]
-            share = mass[n_t:n_t + m].float()[owner] / (n_blk[owner] * B).float()
-            by_block.index_add_(0, first[owner] + offset, share[:, None].expand(-1, B))
+        if m:  # a marker's mass shared evenly among the tokens of its span
+            spans = self.markers.span.tolist()
+            dev = mass.device
+            n_blk = torch.tensor([l - f + 1 for f, l in spans], device=dev)
+            blocks = torch.tensor([b for f, l in spans for b in range(f, l + 1)], device=dev)
+            share = (mass[n_t:n_t + m] / (n_blk * B).float()).repeat_interleave(n_blk)  # per spanned block
+            by_block.index_add_(0, blocks, share[:, None].expand(-1, B))
         n_hot = self.seq_len - self.hot_start
         if n_hot:
-            out[self.hot_start:] += mass[mass.numel() - n_hot:].float()
+            out[self.hot_start:] += mass[mass.numel() - n_hot:]
         return out
 
     # ---- re-tiering -------------------------------------------------------------------------
@@ -430,39 +615,42 @@ class LayerStore:
         keep = keep.to(torch.int16).to(self.device)
         if not self.cfg.host_copy:  # without a host copy a block can only lose fidelity
             tier, bits, keep = fidelity_floor((self.block_tier, self.block_bits, self.block_keep), tier, bits, keep)
-        n_old = self.n_blocks
-        if n_old:
-            ot, ob, ok = self.block_tier, self.block_bits, self.block_keep
-            changed = (tier[:n_old] != ot) | (bits[:n_old] != ob) | ((tier[:n_old] == PRUNED) & (keep[:n_old] != ok))
-            changed = torch.cat([changed, torch.ones(nb - n_old, dtype=torch.bool, device=self.device)])
-        else:
-            changed = torch.ones(nb, dtype=torch.bool, device=self.device)
-        moving = changed.nonzero().squeeze(1)
-        if moving.numel() == 0:
-            return tier, bits, keep
+        moving = _changed(tier, bits, keep, self.block_tier, self.block_bits, self.block_keep).nonzero().squeeze(1)
+        if moving.numel():
+            self._move(tier, bits, keep, moving, token_weight)
+        return tier, bits, keep
+
+    def _move(self, tier, bits, keep, moving, token_weight) -> None:
+        """``apply_tiers`` once the tiers are checked and floored: move the ``moving`` blocks (ascending,
+        every block whose tier, bits or kept count changed, and every new one) to their segments."""
+        B, n_old = self.B, self.n_blocks
         k, v = self._take_blocks(moving, n_old)
+        tm = tier[moving]
+        present = set(tm.tolist())
         newly_evicted = []
         for t_code in (FULL, INT8, INT4, INT3, INT2, PRUNED):
-            sel = (tier[moving] == t_code).nonzero().squeeze(1)
-            if sel.numel() == 0:
+            if t_code not in present:
                 continue
-            r = _rows(sel, self.B)
-            ids = moving[sel]
-            if t_code == FULL:
-                self.full.add(ids, k[:, :, r], v[:, :, r])
-            elif t_code in TIER_CONTAINER:
-                self.quant[TIER_CONTAINER[t_code]].add(ids, k[:, :, r], v[:, :, r], bits=bits[ids])
+            if len(present) == 1:  # every moving block goes here: no selection needed
+                ids, kk, vv = moving, k, v
             else:
-                self._add_pruned(ids, k[:, :, r], v[:, :, r], bits[ids], keep[ids])
-        ev = (tier[moving] == EVICTED).nonzero().squeeze(1)
-        if ev.numel():
-            r = _rows(ev, self.B)
-            newly_evicted = [(int(b), k[:, :, r[i * self.B:(i + 1) * self.B]], v[:, :, r[i * self.B:(i + 1) * self.B]])
+                sel = (tm == t_code).nonzero().squeeze(1)
+                r = _rows(sel, B)
+                ids, kk, vv = moving[sel], k[:, :, r], v[:, :, r]
+            if t_code == FULL:
+                self.full.add(ids, kk, vv)
+            elif t_code in TIER_CONTAINER:
+                self.quant[TIER_CONTAINER[t_code]].add(ids, kk, vv, bits=bits[ids])
+            else:
+                self._add_pruned(ids, kk, vv, bits[ids], keep[ids])
+        if EVICTED in present:
+            ev = (tm == EVICTED).nonzero().squeeze(1)
+            r = _rows(ev, B)
+            newly_evicted = [(int(b), k[:, :, r[i * B:(i + 1) * B]], v[:, :, r[i * B:(i + 1) * B]])
                              for i, b in enumerate(moving[ev].tolist())]
         self.block_tier, self.block_bits, self.block_keep = tier, bits, keep
         self._rebuild_markers(newly_evicted, token_weight)
         self._layout = None
-        return tier, bits, keep
 
     def _add_pruned(self, ids, k, v, bits, keep):
         cfg, D = self.cfg, k.shape[-1]
@@ -484,72 +672,105 @@ class LayerStore:
                 seg.add(ids[sel], kk, vv)
 
     def _take_blocks(self, moving: torch.Tensor, n_old: int):
-        """Full-precision-as-possible (k, v) [Bt,H,len(moving)*B,D] fp32 of the moving blocks, removed
-        from where they are. New blocks come from the hot region; with a host copy, old blocks come
-        from it (exact); otherwise they are dequantised from their current segment."""
+        """Full-precision-as-possible (k, v) [Bt,H,len(moving)*B,D] fp32 of the moving blocks (ascending
+        block ids), removed from where they are. New blocks come from the hot region; with a host
+        copy, old blocks come from it (exact); otherwise they are dequantised from their current segment."""
         B = self.B
         bt, h, _, d = self.hot_k.shape
-        k = torch.empty(bt, h, moving.numel() * B, d, dtype=torch.float32, device=self.device)
+        n_move = moving.numel()
+        k = torch.empty(bt, h, n_move * B, d, dtype=torch.float32, device=self.device)
         v = torch.empty_like(k)
-        slot = {int(b): i for i, b in enumerate(moving.tolist())}
-        # 1) old blocks: pull out of their segments
-        for seg in self.segments:
-            if not seg.n_blocks:
-                continue
-            ids = [b for b in seg.block_ids.tolist() if b in slot]
-            if not ids:
-                continue
-            kk, vv = seg.remove(torch.tensor(ids, device=self.device))
-            for i, b in enumerate(ids):
-                k[:, :, slot[b] * B:(slot[b] + 1) * B] = kk[:, :, i * B:(i + 1) * B]
-                v[:, :, slot[b] * B:(slot[b] + 1) * B] = vv[:, :, i * B:(i + 1) * B]
+        n_moving_old = int(torch.searchsorted(moving, n_old)) if n_old else 0
+        # 1) old blocks: pull out of their segments (one read and one select per segment touched)
+        if n_moving_old:
+            slot = torch.full((n_old,), -1, dtype=torch.long, device=self.device)
+            slot[moving[:n_moving_old]] = torch.arange(n_moving_old, device=self.device)
+            found = 0
+            for seg in self.segments:
+                if not seg.n_blocks:
+                    continue
+                dest = slot[seg.block_ids]
+                mask = dest >= 0
+                n = int(mask.sum())
+                if not n:
+                    continue
+                dest = dest[mask]
+                kk, vv = seg.take(mask)
+                r = _rows(dest, B)
+                k[:, :, r] = kk
+                v[:, :, r] = vv
+                found += n
+                if found == n_moving_old:
+                    break
         # 2) new blocks: out of the hot region
-        new = [b for b in moving.tolist() if b >= n_old]
+        new = moving[n_moving_old:].tolist()
         if new:
-            hot_blocks = max(new) + 1 - self.hot_start // B
-            n_tok = hot_blocks * B
-            hk, hv = self.hot_k[:, :, :n_tok].float(), self.hot_v[:, :, :n_tok].float()
-            for b in new:
-                o = b * B - self.hot_start
-                k[:, :, slot[b] * B:(slot[b] + 1) * B] = hk[:, :, o:o + B]
-                v[:, :, slot[b] * B:(slot[b] + 1) * B] = hv[:, :, o:o + B]
-                if self.cfg.host_copy:
-                    self.host[b] = (self.hot_k[:, :, o:o + B].to("cpu", copy=True),
-                                    self.hot_v[:, :, o:o + B].to("cpu", copy=True))
-            self.hot_k, self.hot_v = self.hot_k[:, :, n_tok:], self.hot_v[:, :, n_tok:]
-            self.hot_start += n_tok
+            self._take_hot(k, v, n_moving_old, new)
         # 3) with a host copy every moving block restarts from full precision (exact re-promotion)
         if self.cfg.host_copy:
-            for b, i in slot.items():
+            for i, b in enumerate(moving.tolist()):
                 hk, hv = self.host[b]
                 k[:, :, i * B:(i + 1) * B] = hk.to(self.device).float()
                 v[:, :, i * B:(i + 1) * B] = hv.to(self.device).float()
         return k, v
 
-    def _rebuild_markers(self, newly_evicted, token_weight):
-        """Recompute the marker runs after evictions (and, with a host copy, un-evictions)."""
+    def _take_hot(self, k: torch.Tensor, v: torch.Tensor, at: int, new: list[int]) -> None:
+        """Move the new blocks ``new`` (ascending block ids, all in the hot region) out of it, into
+        k, v [Bt, H, rows, D] fp32 from block slot ``at`` on (with a host copy, copied there too)."""
+        B = self.B
+        hot_blocks = max(new) + 1 - self.hot_start // B
+        n_tok = hot_blocks * B
+        if new == list(range(self.hot_start // B, self.hot_start // B + hot_blocks)):
+            k[:, :, at * B:at * B + n_tok] = self.hot_k[:, :, :n_tok]  # the first blocks of the hot region, in order
+            v[:, :, at * B:at * B + n_tok] = self.hot_v[:, :, :n_tok]
+        else:
+            hk, hv = self.hot_k[:, :, :n_tok].float(), self.hot_v[:, :, :n_tok].float()
+            for i, b in enumerate(new, at):
+                o = b * B - self.hot_start
+                k[:, :, i * B:(i + 1) * B] = hk[:, :, o:o + B]
+                v[:, :, i * B:(i + 1) * B] = hv[:, :, o:o + B]
+        if self.cfg.host_copy:
+            for b in new:
+                o = b * B - self.hot_start
+                self.host[b] = (self.hot_k[:, :, o:o + B].to("cpu", copy=True),
+                                self.hot_v[:, :, o:o + B].to("cpu", copy=True))
+        self.hot_k, self.hot_v = self.hot_k[:, :, n_tok:], self.hot_v[:, :, n_tok:]
+        self.hot_start += n_tok
+
+    def _rebuild_markers(self, newly_evicted, token_weight, means: dict | None = None):
+        """Recompute the marker runs after evictions (and, with a host copy, un-evictions). Runs that
+        did not change keep their entries; a run that grew merges the runs it swallowed and its new
+        blocks. ``means``: {block: (k_mean, v_mean, weight)} of newly evicted blocks, already weighted
+        (``weighted_means``), in place of their data and ``token_weight``."""
         if not self.cfg.markers:
-            self.markers.set([])
+            if self.markers.n or self.markers.k is not None:
+                self.markers.set([])
             return
-        ev_blocks = (self.block_tier == EVICTED).nonzero().squeeze(1).tolist()
-        if not newly_evicted and len(ev_blocks) == int((self.markers.span[:, 1] - self.markers.span[:, 0] + 1).sum()):
-            return  # nothing evicted since, nothing brought back: the same runs
+        if not newly_evicted:
+            if not self.cfg.host_copy:
+                return  # without a host copy nothing comes back: nothing evicted since, the same runs
+            ev_blocks = int((self.block_tier == EVICTED).sum())
+            if ev_blocks == int((self.markers.span[:, 1] - self.markers.span[:, 0] + 1).sum()):
+                return  # nothing evicted since, nothing brought back: the same runs
         runs = evicted_runs(self.block_tier)
-        old = {(r[0], r[1]): r for r in self.markers.runs()}
+        old = {(int(f), int(l)): i for i, (f, l) in enumerate(self.markers.span.tolist())}
         new_data = {b: (kk, vv) for b, kk, vv in newly_evicted}
         B = self.B
-        out = []
+        items = []
         for first, last in runs:
             if (first, last) in old:
-                out.append(old[(first, last)])
+                items.append(old[(first, last)])
                 continue
             parts, covered = [], set()
-            for (f, l), r in old.items():
+            for (f, l), i in old.items():
                 if first <= f and l <= last:
-                    parts.append((r[2], r[3], r[4], r[5]))
+                    parts.append(self.markers.run(i))
                     covered.update(range(f, l + 1))
             for b in range(first, last + 1):
                 if b in covered:
+                    continue
+                if means is not None and b in means:
+                    parts.append((*means[b], B))
                     continue
                 if b in new_data:
                     kk, vv = new_data[b]
@@ -560,9 +781,8 @@ class LayerStore:
                 w = token_weight[b * B:(b + 1) * B] if token_weight is not None else torch.ones(B)
                 km, vm, ws = weighted_mean(kk, vv, w.to(self.device))
                 parts.append((km, vm, ws, B))
-            km, vm, ws, n = merge_means(parts)
-            out.append((first, last, km, vm, ws, n))
-        self.markers.set(out)
+            items.append(merge_means(parts))
+        self.markers.rebuild(runs, items)
 
     # ---- accounting -------------------------------------------------------------------------
     def tensors(self) -> list[torch.Tensor]:
@@ -605,8 +825,260 @@ class LayerStore:
         self.host = {b: (fn(k), fn(v)) for b, (k, v) in self.host.items()}
 
 
+def _changed(tier, bits, keep, old_tier, old_bits, old_keep) -> torch.Tensor:
+    """Bool [..., nb]: the blocks a plan moves, those whose tier, bits or (pruned) kept count differ from
+    the applied ones [..., n_old], and every new block (beyond n_old). [nb] or stacked layers [L, nb]."""
+    nb, n_old = tier.shape[-1], old_tier.shape[-1]
+    if not n_old:
+        return torch.ones(tier.shape, dtype=torch.bool, device=tier.device)
+    t = tier[..., :n_old]
+    changed = (t != old_tier) | (bits[..., :n_old] != old_bits) | ((t == PRUNED) & (keep[..., :n_old] != old_keep))
+    if nb > n_old:
+        changed = torch.cat([changed, torch.ones(*tier.shape[:-1], nb - n_old, dtype=torch.bool, device=tier.device)], -1)
+    return changed
+
+
+def apply_plans(stores: list[LayerStore], tier: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor,
+                token_weight, floored: bool = False):
+    """``LayerStore.apply_tiers`` for every layer at once, with the same result: tier, bits, keep
+    [L, nb] the layers' plans stacked (the planner's); ``token_weight(l)`` -> layer l's weights
+    [seq_len] (asked for the layers that move blocks). The checks, the fidelity floor and what moves
+    are worked out for all layers in one go, and a layer whose tiers do not change is not touched.
+    ``floored``: the plans already went through ``fidelity_floor`` against the applied tiers (the
+    ratio fitter floors them; flooring again changes nothing). Returns the stacked tiers applied."""
+    if not stores:
+        return tier, bits, keep
+    first = stores[0]
+    n_old, cfg, dev = first.n_blocks, first.cfg, first.device
+    if any(st.n_blocks != n_old or st.cfg is not cfg or st.device != dev for st in stores):  # not one shape: one by one
+        out = [st.apply_tiers(tier[l], bits[l], keep[l], token_weight(l)) for l, st in enumerate(stores)]
+        return tuple(torch.stack(x) for x in zip(*out))
+    nb = int(tier.shape[-1])
+    for st in stores:
+        assert nb <= st.n_ready_blocks(), "apply_tiers got blocks still inside the recent window"
+    _check_containers(tier.cpu(), bits.cpu(), cfg.b_min)
+    tier = tier.to(torch.int8).to(dev)
+    bits = bits.to(torch.int8).to(dev)
+    keep = keep.to(torch.int16).to(dev)
+    prev = tuple(torch.stack(x) for x in zip(*((st.block_tier, st.block_bits, st.block_keep) for st in stores)))
+    if not cfg.host_copy and not floored:  # without a host copy a block can only lose fidelity
+        tier, bits, keep = fidelity_floor(prev, tier, bits, keep)
+    nz = _changed(tier, bits, keep, *prev).nonzero()  # (layer, block) of every moving block, in order
+    counts = torch.bincount(nz[:, 0], minlength=len(stores)).tolist()
+    moves = [(l, st, moving) for l, (st, moving) in enumerate(zip(stores, nz[:, 1].contiguous().split(counts)))
+             if moving.numel()]
+    if not _batchable(stores):
+        for l, st, moving in moves:
+            st._move(tier[l], bits[l], keep[l], moving, token_weight(l))
+        return tier, bits, keep
+    group, r0, n = [], 0, 0
+    for m in moves:  # layers batched up to _BATCH_BLOCKS moving blocks (bounds the temporaries)
+        if group and n + m[2].numel() > _BATCH_BLOCKS:
+            _move_layers(group, nz[r0:r0 + n], prev[0], tier, bits, keep, token_weight)
+            group, r0, n = [], r0 + n, 0
+        group.append(m)
+        n += m[2].numel()
+    if group:
+        _move_layers(group, nz[r0:r0 + n], prev[0], tier, bits, keep, token_weight)
+    return tier, bits, keep
+
+
+_BATCH_BLOCKS = 1024  # most blocks _move_layers moves in one go
+
+
+def _batchable(stores: list[LayerStore]) -> bool:
+    """Whether ``_move_layers`` may move these layers' blocks together: the PyTorch quantisers on the
+    CPU (per block and per row, whatever else shares the call: min-max groups, elementwise steps, the
+    rotation a product row by row), no host copy, one geometry."""
+    st = stores[0]
+    cfg = st.cfg
+    if cfg.host_copy or cfg.quantizer != "minmax" or st.device.type != "cpu" or _quant_ops(st.device) is not quant:
+        return False
+    if st.hot_k is None:
+        return False
+    shape = (st.hot_k.shape[0], st.hot_k.shape[1], st.hot_k.shape[3], st.dtype)
+    return all(s.hot_k is not None and (s.hot_k.shape[0], s.hot_k.shape[1], s.hot_k.shape[3], s.dtype) == shape
+               for s in stores)
+
+
+def _cat_parts(parts: list[Part]) -> Part:
+    """Quantised parts of one format laid end to end (dim 2) as one part."""
+    if len(parts) == 1:
+        return parts[0]
+    cat = {name: torch.cat([getattr(p, name) for p in parts], 2)
+           for name in ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero")}
+    return dataclasses.replace(parts[0], **cat)
+
+
+def _source_segments(st: LayerStore, codes: set) -> list[Segment]:
+    """The segments of ``st`` that can hold blocks of these (old) tier codes, in ``segments`` order."""
+    if not codes <= {FULL, INT8, INT4, INT3, INT2, PRUNED}:
+        return st.segments
+    want = {id(st.quant[TIER_CONTAINER[t]]) for t in codes if t in TIER_CONTAINER}
+    if FULL in codes:
+        want.add(id(st.full))
+    if PRUNED in codes:  # dense in the b_min container, or sparse
+        want.add(id(st.quant[quant.container_bits(st.cfg.b_min)]))
+        want.update(id(s) for s in st.sparse.values())
+    return [s for s in st.segments if id(s) in want]
+
+
+def _move_layers(group, nz, old_tier, tier, bits, keep, token_weight) -> None:
+    """``LayerStore._move`` for several layers at once (``group``: (layer, store, moving blocks);
+    ``nz``: the same as (layer, block) rows; ``old_tier`` [L, n_old] the tiers applied so far): the
+    blocks leaving quantised segments are dequantised in one call per container, those entering one
+    are rotated and quantised in one call per container and code width (every step works per block
+    or per row, so each block comes out as the layer-by-layer move gives it); the segments'
+    bookkeeping stays per layer, in the same order."""
+    st0 = group[0][1]
+    B, dev, n_old = st0.B, st0.device, st0.n_blocks
+    bt, h, _, d = st0.hot_k.shape
+    G = len(group)
+    counts = [mv.numel() for _, _, mv in group]
+    offs = [0]
+    for c in counts:
+        offs.append(offs[-1] + c)
+    k = torch.empty(bt, h, offs[-1] * B, d, dtype=torch.float32, device=dev)
+    v = torch.empty_like(k)
+    layer_of = torch.repeat_interleave(torch.arange(G, device=dev), torch.tensor(counts, device=dev))
+    ids_all = nz[:, 1]
+    is_old = ids_all < n_old
+    counts_old = torch.bincount(layer_of[is_old], minlength=G).tolist()
+    src = old_tier[nz[is_old, 0], ids_all[is_old]].tolist()  # where the old moving blocks are now
+    # 1) take the moving blocks out, layer by layer; quantised ones stay packed until step 2
+    leaving: dict[int, list] = {}  # container -> [(packed part, block slots in k)]
+    at = 0
+    for (l, st, mv), off, n_mo in zip(group, offs, counts_old):
+        if n_mo:
+            slot = torch.full((n_old,), -1, dtype=torch.long, device=dev)
+            slot[mv[:n_mo]] = torch.arange(off, off + n_mo, device=dev)
+            found = 0
+            first = _source_segments(st, set(src[at:at + n_mo]))
+            at += n_mo
+            for seg in first + [s for s in st.segments if s not in first]:  # the rest: never, as a rule
+                if found == n_mo:
+                    break
+                if not seg.n_blocks:
+                    continue
+                dest = slot[seg.block_ids]
+                mask = dest >= 0
+                n = int(mask.sum())
+                if not n:
+                    continue
+                dest = dest[mask]
+                taken = mask.nonzero().squeeze(1)
+                if isinstance(seg, QuantSegment):
+                    leaving.setdefault(seg.container, []).append((seg.part(taken), dest))
+                else:
+                    kk, vv = seg.read_blocks(taken)
+                    _put_blocks(k, dest, kk, B)
+                    _put_blocks(v, dest, vv, B)
+                seg.drop_later(mask, taken.tolist())  # the rest copied once, with what step 3 appends
+                found += n
+        new = mv[n_mo:].tolist()
+        if new:
+            st._take_hot(k, v, off + n_mo, new)
+    # 2) dequantise what left the quantised segments, one call per container
+    for parts in leaving.values():
+        kk, vv = quant.dequantize_part(_cat_parts([p for p, _ in parts]))
+        dest = torch.cat([dest for _, dest in parts])
+        _put_blocks(k, dest, kk, B)
+        _put_blocks(v, dest, vv, B)
+    # 3) into the new segments, tier by tier as _move goes
+    tm, bm = tier[nz[:, 0], ids_all], bits[nz[:, 0], ids_all]
+    present = set(tm.tolist())
+    for t_code in (FULL, INT8, INT4, INT3, INT2, PRUNED):
+        if t_code not in present:
+            continue
+        if len(present) == 1:
+            kk, vv, ids, cnt, lay, code = k, v, ids_all, counts, layer_of, bm
+        else:
+            sel = (tm == t_code).nonzero().squeeze(1)
+            kk, vv, ids, lay, code = _blocks(k, sel, B), _blocks(v, sel, B), ids_all[sel], layer_of[sel], bm[sel]
+            cnt = torch.bincount(lay, minlength=G).tolist()
+        ids_l = ids.split(cnt)
+        if t_code in TIER_CONTAINER:
+            _quantize_into(group, TIER_CONTAINER[t_code], kk, vv, ids, ids_l, cnt, lay, code)
+            continue
+        for (l, st, _), i_l, k_l, v_l in zip(group, ids_l, kk.split([c * B for c in cnt], 2), vv.split([c * B for c in cnt], 2)):
+            if not i_l.numel():
+                continue
+            if t_code == FULL:
+                st.full.add(i_l, k_l, v_l, fresh=False)
+            else:
+                st._add_pruned(i_l, k_l, v_l, bits[l][i_l], keep[l][i_l])
+    for _, st, _ in group:
+        for seg in st.segments:
+            seg.flush()  # a segment that lost blocks and gained none
+    # 4) the evicted blocks' means (all at once), the layers' tiers and markers
+    newly: list[list] = [[] for _ in group]
+    means: dict = {}
+    if EVICTED in present:
+        ev = (tm == EVICTED).nonzero().squeeze(1)
+        slots = ev.tolist()
+        layer_slot = [bisect.bisect_right(offs, gi) - 1 for gi in slots]
+        blocks = ids_all[ev].tolist()
+        for j, b in zip(layer_slot, blocks):
+            newly[j].append((b, None, None))
+        if st0.cfg.markers:
+            weights = {}
+            for j in sorted(set(layer_slot)):
+                weights[j] = token_weight(group[j][0])
+            w = torch.stack([weights[j][b * B:(b + 1) * B] for j, b in zip(layer_slot, blocks)])
+            km, vm, ws = weighted_means(_blocks(k, ev, B), _blocks(v, ev, B), w.to(dev))
+            for i, (j, b) in enumerate(zip(layer_slot, blocks)):
+                means[(j, b)] = (km[:, :, i], vm[:, :, i], ws[i])
+    for j, ((l, st, _), ev) in enumerate(zip(group, newly)):
+        st.block_tier, st.block_bits, st.block_keep = tier[l], bits[l], keep[l]
+        st._rebuild_markers(ev, None, {b: means[(j, b)] for b, _, _ in ev} if means else None)
+        st._layout = None
+
+
+def _quantize_into(group, container, k, v, ids, ids_l, cnt, lay, code) -> None:
+    """Step 3 of ``_move_layers`` for one quantised tier: k, v [Bt, H, n*B, D] fp32 of the blocks
+    ``ids`` (layer by layer, ``cnt`` of each, ``lay`` their layer's slot in ``group``, ``code`` their
+    code bits) -> the layers' segments of ``container``, code width by code width as
+    ``QuantSegment.add`` adds them."""
+    G, seg0 = len(group), group[0][1].quant[container]
+    B = seg0.block_size
+    if seg0.rotated:
+        k, v = quant.rotate(k), quant.rotate(v)
+    widths = sorted(set(code.tolist()))
+    pieces: list[list] = [[] for _ in group]
+    key_rows = B if seg0.key_per_token else 1  # key scales per token, or per block
+    for b in widths:
+        if len(widths) == 1:
+            kb, vb, cnt_b, ids_b = k, v, cnt, ids_l
+        else:
+            g = (code == b).nonzero().squeeze(1)
+            kb, vb = _blocks(k, g, B), _blocks(v, g, B)
+            cnt_b = torch.bincount(lay[g], minlength=G).tolist()
+            ids_b = ids[g].split(cnt_b)
+        ts = seg0.quantize(kb, vb, b)
+        rows = (B, key_rows, key_rows, B, B, B)
+        split = [t.split([c * per for c in cnt_b], 2) for t, per in zip(ts, rows)]
+        for j in range(G):
+            if cnt_b[j]:
+                pieces[j].append((ids_b[j], b, tuple(x[j] for x in split)))
+    for (_, st, _), pc in zip(group, pieces):
+        if pc:
+            st.quant[container].append(pc, fresh=False)
+
+
+_BAD_CONTAINER: dict[int, torch.Tensor] = {}
+
+
 def _check_containers(tier: torch.Tensor, bits: torch.Tensor, b_min: int) -> None:
     """A quantised tier holds codes of its container's width, a pruned block codes of b_min's."""
+    bad_of = _BAD_CONTAINER.get(b_min)
+    if bad_of is None:  # [tier, min(bits, 8)] -> bad, the test below for every pair
+        t = torch.arange(len(NAMES)).repeat_interleave(9)
+        b = torch.arange(9).repeat(len(NAMES))
+        want = torch.where(t == PRUNED, quant.container_bits(b_min), CONTAINER_OF_TIER[t])
+        bad_of = _BAD_CONTAINER[b_min] = ((want > 0) & (want != quant.CONTAINER_OF[b])).view(len(NAMES), 9)
+    if not bool(bad_of[tier.long(), bits.long().clamp(0, 8)].any()):
+        return
+    tier, bits = tier.reshape(-1), bits.reshape(-1)
     want = torch.where(tier == PRUNED, quant.container_bits(b_min), CONTAINER_OF_TIER[tier.long()])
     bad = (want > 0) & (want != quant.CONTAINER_OF[bits.long().clamp(0, 8)])
     if bool(bad.any()):
