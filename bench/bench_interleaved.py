@@ -8,6 +8,8 @@ about 10% from run to run on a 2-core CPU). The first two chunks are warm-up and
 
     python bench/bench_interleaved.py --tokens 1424 --prefill 1024 --threads 1 \\
         agacc@4 agacc@4,rotate=false --json out/bench_interleaved.json
+    python bench/bench_interleaved.py --text /usr/share/common-licenses/GPL-3 --prefill 6000 --tokens 6128 \\
+        --threads 1 --packed-weights agacc@4          # long context, the model as the app loads it
 
 Each method is ``NAME[@RATIO][,key=value]...`` (``agacc.spec``); ``plain`` (the DynamicCache) always runs first.
 """
@@ -30,18 +32,23 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=1424)
     ap.add_argument("--prefill", type=int, default=1024)
     ap.add_argument("--chunk", type=int, default=8)
+    ap.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens a prefill forward takes (0: one forward)")
+    ap.add_argument("--packed-weights", action="store_true",
+                    help="the embedded model on its GGUF blocks, as the app loads it (default: fp32 weights)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     methods = common.parse_methods([common.PLAIN] + [s for s in args.methods if s.strip() != common.PLAIN], allow_plain=True)
     common.set_threads(args.threads)
-    model, tok = common.load_model(args.model)
+    model, tok = common.load_model(args.model, **({"packed_weights": True} if args.packed_weights else {}))
     ids = common.text_ids(tok, args.text, args.tokens, need=args.prefill + 3 * args.chunk)
     caches = {label: common.make_cache(model, cfg) for label, cfg in methods}
     seconds = dict.fromkeys(caches, 0.0)
     timed = 0
     with torch.inference_mode():
+        step = args.prefill_chunk or args.prefill
         for c in caches.values():
-            model(ids[:, : args.prefill], past_key_values=c)
+            for lo in range(0, args.prefill, step):
+                model(ids[:, lo:min(lo + step, args.prefill)], past_key_values=c, logits_to_keep=1)
     for n, t in enumerate(range(args.prefill, ids.shape[1] - args.chunk + 1, args.chunk)):
         chunk = ids[0, t:t + args.chunk].tolist()
         for s, c in caches.items():
@@ -56,6 +63,7 @@ def main(argv=None):
     common.print_table(["method", "tok/s", "vs plain"],
                        [[r["spec"], f"{r['tok_s']:.2f}", f"{r['speed_rel']:.3f}x"] for r in rows])
     common.write_json(args.json, {"text": args.text, "prefill": args.prefill, "tokens": int(ids.shape[1]), "chunk": args.chunk,
+                                  "packed_weights": args.packed_weights, "prefill_chunk": args.prefill_chunk,
                                   "threads": torch.get_num_threads(), "rows": rows}, indent=1)
 
 
