@@ -53,6 +53,17 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=dim)
 
 
+def _leaving(seg, slot: torch.Tensor):
+    """The blocks of ``seg`` that move: (mask over its blocks, their slots, how many), or None.
+    ``slot[b]`` is block b's slot among the moving blocks, -1 for a block that stays."""
+    if not seg.n_blocks:
+        return None
+    dest = slot[seg.block_ids]
+    mask = dest >= 0
+    n = int(mask.sum())
+    return (mask, dest[mask], n) if n else None
+
+
 def _rows(block_pos: torch.Tensor, block_size: int) -> torch.Tensor:
     """Row indices of the given block positions inside a segment (B rows per block)."""
     return (block_pos[:, None] * block_size + torch.arange(block_size, device=block_pos.device)).reshape(-1)
@@ -687,14 +698,10 @@ class LayerStore:
             slot[moving[:n_moving_old]] = torch.arange(n_moving_old, device=self.device)
             found = 0
             for seg in self.segments:
-                if not seg.n_blocks:
+                hit = _leaving(seg, slot)
+                if hit is None:
                     continue
-                dest = slot[seg.block_ids]
-                mask = dest >= 0
-                n = int(mask.sum())
-                if not n:
-                    continue
-                dest = dest[mask]
+                mask, dest, n = hit
                 kk, vv = seg.take(mask)
                 r = _rows(dest, B)
                 k[:, :, r] = kk
@@ -958,14 +965,10 @@ def _move_layers(group, nz, old_tier, tier, bits, keep, token_weight) -> None:
             for seg in first + [s for s in st.segments if s not in first]:  # the rest: never, as a rule
                 if found == n_mo:
                     break
-                if not seg.n_blocks:
+                hit = _leaving(seg, slot)
+                if hit is None:
                     continue
-                dest = slot[seg.block_ids]
-                mask = dest >= 0
-                n = int(mask.sum())
-                if not n:
-                    continue
-                dest = dest[mask]
+                mask, dest, n = hit
                 taken = mask.nonzero().squeeze(1)
                 if isinstance(seg, QuantSegment):
                     leaving.setdefault(seg.container, []).append((seg.part(taken), dest))
