@@ -177,14 +177,16 @@ class CompressedCache(Cache):
         ``prefill``: this re-evaluation follows a forward of prompt tokens (the eviction guard
         ``cfg.spill`` applies)."""
         from agacc.importance import scores_all, update_all
-        from agacc.store import apply_plans
+        from agacc.store import apply_plans, token_mass_all
 
         cfg = self.cfg
         layers = [l for l in self.layers if l.store is not None]
         if not layers:
             return
         trackers = [l.tracker for l in layers]
-        update_all(trackers, [l.store.token_mass for l in layers])  # before the tiers change the entry layout
+        stores = [l.store for l in layers]
+        # the windows to tokens, before the tiers change the entry layout
+        update_all(trackers, [st.token_mass for st in stores], lambda ws: token_mass_all(stores, ws))
         seq_len = self.seq_len
         n_ready = layers[0].store.n_ready_blocks()
         token_scores = scores_all(trackers, seq_len, n_ready * cfg.block_size)  # [L, seq_len]
@@ -208,7 +210,7 @@ class CompressedCache(Cache):
             floored = self.threshold_scale in fitted  # the fitter planned (and floored) this scale already
             plans = fitted[self.threshold_scale] if floored else planner.plan_tiers(
                 block_scores, cfg, geo, seq_len, self.threshold_scale, prefill=prefill, stacked=True)
-            apply_plans([l.store for l in layers], *plans, lambda i: layers[i].tracker.raw()[:seq_len], floored=floored)
+            apply_plans(stores, *plans, lambda i: layers[i].tracker.raw()[:seq_len], floored=floored)
         for l in layers:  # the next window, held (and counted) from now on
             l.tracker.start_window(l.store.n_entries)
 

@@ -154,11 +154,12 @@ def max_pool(token_scores: torch.Tensor, kernel: int) -> torch.Tensor:
     return torch.nn.functional.max_pool1d(x, kernel, stride=1, padding=kernel // 2)[0, 0, : token_scores.numel()]
 
 
-def update_all(trackers: list[ImportanceTracker], to_tokens: list) -> None:
+def update_all(trackers: list[ImportanceTracker], to_tokens: list, to_tokens_all=None) -> None:
     """``tracker.update(to_tokens[i])`` for every tracker, with the same results: where the trackers
     are alike (EMA scoring, one config, the same steps and lengths: the layers of one cache) the
     windows are folded in for all layers at once ([L, n] tensors, each tracker keeping its row), the
-    same elementwise steps in the same order; otherwise one by one."""
+    same elementwise steps in the same order; otherwise one by one. ``to_tokens_all``: maps the
+    windows of all trackers at once ([L, seq_len], as ``to_tokens`` would one by one)."""
     if not trackers:
         return
     first = trackers[0]
@@ -171,16 +172,22 @@ def update_all(trackers: list[ImportanceTracker], to_tokens: list) -> None:
         for t, f in zip(trackers, to_tokens):
             t.update(f)
         return
-    windows = [f(t.window.float()) if f is not None else t.window.float() for t, f in zip(trackers, to_tokens)]
+    if to_tokens_all is not None:
+        window = to_tokens_all([t.window.float() for t in trackers])  # [L, m]
+        windows = window.unbind(0)
+    else:
+        windows = [f(t.window.float()) if f is not None else t.window.float() for t, f in zip(trackers, to_tokens)]
+        window = None
     m = windows[0].numel()
     if any(w.numel() != m for w in windows):
-        for t, f, w in zip(trackers, to_tokens, windows):  # (the windows are mapped already: fold them in as they are)
+        for t, w in zip(trackers, windows):  # (the windows are mapped already: fold them in as they are)
             t.update(lambda _, w=w: w)
         return
     for t in trackers:
         t._grow(m)
     n = first.importance.numel()
-    window = torch.stack(windows)
+    if window is None:
+        window = torch.stack(windows)
     if n > m:
         window = torch.cat([window, torch.zeros(len(trackers), n - m, device=window.device)], 1)
     for t, c in zip(trackers, window.to(WINDOW_DTYPE).unbind(0)):

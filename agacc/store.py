@@ -93,11 +93,18 @@ def _runs(block_pos: torch.Tensor) -> list[tuple[int, int]]:
     return [(a, b) for a, b in runs]
 
 
-def _pick(t: torch.Tensor, runs: list[tuple[int, int]], per: int, extra=()) -> torch.Tensor:
+def _pick(t: torch.Tensor, runs: list[tuple[int, int]], per: int, extra=(),
+          pos: torch.Tensor | None = None) -> torch.Tensor:
     """``t[:, :, rows]`` for the rows of the block ``runs`` (``per`` rows a block; dim 2), then the
     tensors ``extra`` appended (dim 2): the same new contiguous tensor as the gather and ``torch.cat``,
-    copied a run at a time (a gather by index is many times slower on the CPU) in one pass."""
-    pieces = [t[:, :, a * per:b * per] for a, b in runs]
+    copied a run at a time (a gather by index is many times slower on the CPU) in one pass; with
+    ``pos`` (the same blocks' positions), many runs are gathered a block at a time instead."""
+    if pos is not None and len(runs) > 4:
+        pieces = [_blocks(t, pos, per)]
+        if not extra:
+            return pieces[0]
+    else:
+        pieces = [t[:, :, a * per:b * per] for a, b in runs]
     pieces += extra
     if len(pieces) > 1:
         return torch.cat(pieces, 2)
@@ -121,7 +128,7 @@ class Segment:
     with the next append (or at ``flush``): a segment that loses and gains blocks in one re-tiering
     is copied once, not twice. Every read flushes first."""
 
-    _keep = None  # block runs a pending drop keeps (None: nothing pending)
+    _keep = None  # (block runs, mask of the blocks dropped) of a pending drop (None: nothing pending)
 
     def __init__(self, block_size: int, device):
         self.block_size = block_size
@@ -191,23 +198,25 @@ class Segment:
             self.select_blocks((~mask).nonzero().squeeze(1))
             return
         self._select_ids(~mask)
-        self._keep = runs
+        self._keep = (runs, mask)
 
     def flush(self) -> None:
         """Carry out a pending ``drop_later``."""
         if self._keep is not None:
-            runs, self._keep = self._keep, None
+            (runs, mask), self._keep = self._keep, None
+            pos = (~mask).nonzero().squeeze(1) if len(runs) > 4 else None
             for name, per in self._data():
-                setattr(self, name, _pick(getattr(self, name), runs, per))
+                setattr(self, name, _pick(getattr(self, name), runs, per, pos=pos))
 
     def _extend(self, new: dict, fresh: bool = True) -> None:
         """Append ``new`` {attribute: [tensors]} along dim 2 (after a pending select, in the same copy).
         ``fresh``: a lone tensor may be kept as it is (else an empty segment copies it)."""
         keep, self._keep = self._keep, None
+        pos = (~keep[1]).nonzero().squeeze(1) if keep is not None and len(keep[0]) > 4 else None
         for name, per in self._data():
             ts, old = new[name], getattr(self, name)
             if keep is not None:
-                t = _pick(old, keep, per, extra=ts)
+                t = _pick(old, keep[0], per, extra=ts, pos=pos)
             elif old is not None:
                 t = torch.cat([old, *ts], 2)
             elif len(ts) > 1:
@@ -334,8 +343,9 @@ class QuantSegment(Segment):
         else:  # a few blocks, as a rule: gathered by index, a block at a time
             B = self.block_size
             kb = B if self.key_per_token else 1  # key scales per token, or per block
-            k, ks, kz = _blocks(self.k, block_pos, B), _blocks(self.k_scale, block_pos, kb), _blocks(self.k_zero, block_pos, kb)
-            v, vs, vz = _blocks(self.v, block_pos, B), _blocks(self.v_scale, block_pos, B), _blocks(self.v_zero, block_pos, B)
+            k, v = _blocks(self.k, block_pos, B), _blocks(self.v, block_pos, B)
+            ks, kz = _blocks(self.k_scale, block_pos, kb), _blocks(self.k_zero, block_pos, kb)
+            vs, vz = _blocks(self.v_scale, block_pos, B), _blocks(self.v_zero, block_pos, B)
         d = v.shape[-1] * 8 // self.container
         return Part(QUANT, k, v, k_scale=ks, k_zero=kz, v_scale=vs, v_zero=vz, container=self.container,
                     key_block=0 if self.key_per_token else self.block_size,
@@ -832,6 +842,55 @@ class LayerStore:
         self.host = {b: (fn(k), fn(v)) for b, (k, v) in self.host.items()}
 
 
+def token_mass_all(stores: list[LayerStore], masses: list[torch.Tensor]) -> torch.Tensor:
+    """``LayerStore.token_mass`` of every layer, stacked [L, seq_len], the same values: where the layers
+    are alike (one cache: the same tokens, block size and hot region, each mass covering its
+    entries) one index_add_ maps every layer's tiered entries, one its markers' shares and one add its
+    hot region (each token receives one value, onto zero, as in ``token_mass``); else layer by layer."""
+    st0 = stores[0]
+    B, seq_len, hot = st0.B, st0.seq_len, st0.hot_start
+    n_ent = [st.n_entries for st in stores]
+    if (any(st.B != B or st.seq_len != seq_len or st.hot_start != hot for st in stores)
+            or any(m.numel() != e for m, e in zip(masses, n_ent))):
+        return torch.stack([st.token_mass(m) for st, m in zip(stores, masses)])
+    L, dev = len(stores), masses[0].device
+    flat = torch.cat(masses).float()  # every layer's entries laid end to end
+    out = torch.zeros(L * seq_len, dtype=torch.float32, device=dev)
+    first = torch.tensor([sum(n_ent[:l]) for l in range(L)], device=dev)  # each layer's first entry in flat
+    base = torch.arange(L, device=dev) * seq_len  # each layer's first token in out
+    ar = torch.arange(B, device=dev)
+    layouts = [st.token_layout() for st in stores]
+    n_tiered = torch.tensor([x.numel() for x in layouts], device=dev)
+    n_t = int(n_tiered.sum())
+    if n_t:  # block i of a layer's layout (block b): entries i*B.. -> tokens b*B..
+        start = torch.cumsum(n_tiered, 0) - n_tiered
+        i = torch.arange(n_t, device=dev) - torch.repeat_interleave(start, n_tiered, output_size=n_t)
+        src = (torch.repeat_interleave(first, n_tiered, output_size=n_t) + i * B)[:, None] + ar
+        dst = (torch.repeat_interleave(base, n_tiered, output_size=n_t) + torch.cat(layouts).long() * B)[:, None] + ar
+        out.index_add_(0, dst.reshape(-1), flat[src.reshape(-1)])
+    n_mark = torch.tensor([st.markers.n for st in stores], device=dev)
+    m = int(n_mark.sum())
+    if m:  # marker j of a layer (after its tiered entries): its mass shared evenly among its span's tokens
+        span = torch.cat([st.markers.span for st in stores]).long()
+        j = torch.arange(m, device=dev) - torch.repeat_interleave(torch.cumsum(n_mark, 0) - n_mark, n_mark,
+                                                                  output_size=m)
+        entry = torch.repeat_interleave(first + n_tiered * B, n_mark, output_size=m) + j
+        n_blk = span[:, 1] - span[:, 0] + 1
+        n_sp = int(n_blk.sum())
+        share = (flat[entry] / (n_blk * B).float()).repeat_interleave(n_blk, output_size=n_sp)  # per spanned block
+        shift = span[:, 0] - (torch.cumsum(n_blk, 0) - n_blk)  # first block of the span - its first slot
+        blk = torch.arange(n_sp, device=dev) + torch.repeat_interleave(shift, n_blk, output_size=n_sp)
+        layer0 = torch.repeat_interleave(base, n_mark, output_size=m)  # each marker's layer's first token
+        token0 = torch.repeat_interleave(layer0, n_blk, output_size=n_sp) + blk * B
+        out.index_add_(0, (token0[:, None] + ar).reshape(-1), share[:, None].expand(-1, B).reshape(-1))
+    out = out.view(L, seq_len)
+    n_hot = seq_len - hot
+    if n_hot:
+        last = first + torch.tensor(n_ent, device=dev)
+        out[:, hot:] += flat[(last - n_hot)[:, None] + torch.arange(n_hot, device=dev)]
+    return out
+
+
 def _changed(tier, bits, keep, old_tier, old_bits, old_keep) -> torch.Tensor:
     """Bool [..., nb]: the blocks a plan moves, those whose tier, bits or (pruned) kept count differ from
     the applied ones [..., n_old], and every new block (beyond n_old). [nb] or stacked layers [L, nb]."""
@@ -890,7 +949,9 @@ def apply_plans(stores: list[LayerStore], tier: torch.Tensor, bits: torch.Tensor
     return tier, bits, keep
 
 
-_BATCH_BLOCKS = 1024  # most blocks _move_layers moves in one go
+# most blocks _move_layers moves in one go: bounds its temporaries (K and V in fp32: 12.6 MB for 512 blocks
+# of the embedded model), no more than one layer of a single 8K-token prefill moved layer by layer
+_BATCH_BLOCKS = 512
 
 
 def _batchable(stores: list[LayerStore]) -> bool:
@@ -1003,7 +1064,8 @@ def _move_layers(group, nz, old_tier, tier, bits, keep, token_weight) -> None:
         if t_code in TIER_CONTAINER:
             _quantize_into(group, TIER_CONTAINER[t_code], kk, vv, ids, ids_l, cnt, lay, code)
             continue
-        for (l, st, _), i_l, k_l, v_l in zip(group, ids_l, kk.split([c * B for c in cnt], 2), vv.split([c * B for c in cnt], 2)):
+        rows = [c * B for c in cnt]
+        for (l, st, _), i_l, k_l, v_l in zip(group, ids_l, kk.split(rows, 2), vv.split(rows, 2)):
             if not i_l.numel():
                 continue
             if t_code == FULL:
@@ -1013,28 +1075,103 @@ def _move_layers(group, nz, old_tier, tier, bits, keep, token_weight) -> None:
     for _, st, _ in group:
         for seg in st.segments:
             seg.flush()  # a segment that lost blocks and gained none
-    # 4) the evicted blocks' means (all at once), the layers' tiers and markers
-    newly: list[list] = [[] for _ in group]
-    means: dict = {}
-    if EVICTED in present:
-        ev = (tm == EVICTED).nonzero().squeeze(1)
-        slots = ev.tolist()
-        layer_slot = [bisect.bisect_right(offs, gi) - 1 for gi in slots]
-        blocks = ids_all[ev].tolist()
-        for j, b in zip(layer_slot, blocks):
-            newly[j].append((b, None, None))
-        if st0.cfg.markers:
-            weights = {}
-            for j in sorted(set(layer_slot)):
-                weights[j] = token_weight(group[j][0])
-            w = torch.stack([weights[j][b * B:(b + 1) * B] for j, b in zip(layer_slot, blocks)])
-            km, vm, ws = weighted_means(_blocks(k, ev, B), _blocks(v, ev, B), w.to(dev))
-            for i, (j, b) in enumerate(zip(layer_slot, blocks)):
-                means[(j, b)] = (km[:, :, i], vm[:, :, i], ws[i])
-    for j, ((l, st, _), ev) in enumerate(zip(group, newly)):
+    # 4) the layers' tiers; the evicted blocks' means and the markers they change, all at once
+    for l, st, _ in group:
         st.block_tier, st.block_bits, st.block_keep = tier[l], bits[l], keep[l]
-        st._rebuild_markers(ev, None, {b: means[(j, b)] for b, _, _ in ev} if means else None)
         st._layout = None
+    ev = (tm == EVICTED).nonzero().squeeze(1) if EVICTED in present else None
+    if ev is None or not st0.cfg.markers:
+        for _, st, _ in group:
+            st._rebuild_markers([], None)  # no evictions (nothing changes) or no markers
+        return
+    slots = [bisect.bisect_right(offs, gi) - 1 for gi in ev.tolist()]  # the group slot of each evicted block
+    blocks = ids_all[ev].tolist()
+    js = sorted(set(slots))
+    nb = tier.shape[-1]
+    weight = torch.stack([token_weight(group[j][0])[: nb * B] for j in js]).view(len(js), nb, B)
+    row = {j: i for i, j in enumerate(js)}
+    w = weight[torch.tensor([row[j] for j in slots], device=dev), ids_all[ev]]  # [n_ev, B]
+    km, vm, ws = weighted_means(_blocks(k, ev, B), _blocks(v, ev, B), w.to(dev))
+    news: dict[int, dict] = {j: {} for j in js}
+    for i, (j, b) in enumerate(zip(slots, blocks)):
+        news[j][b] = (i, ws[i])
+    _rebuild_markers_all([(group[j][1], news[j]) for j in js], km, vm, B)
+
+
+def _rebuild_markers_all(layers, km: torch.Tensor, vm: torch.Tensor, B: int) -> None:
+    """``LayerStore._rebuild_markers`` after evictions, for several layers at once (no host copy, markers
+    on): ``layers`` (store, {newly evicted block: (its index in km / vm, its weight)}), km, vm
+    [Bt, H, n, D] the new blocks' ``weighted_means``. Every run that changed is ``merge_means`` of
+    the runs it swallowed and its new blocks, in the same order: all runs of all layers are summed
+    together, part by part (a run with fewer parts adds zeros: the same numbers)."""
+    plans, merged, old_sel = [], [], []  # merged: (sources, coefficients) per changed run
+    for st, news in layers:
+        m = st.markers
+        runs = evicted_runs(st.block_tier)
+        old = {(f, l): i for i, (f, l) in enumerate(m.span.tolist())}
+        old_w, old_lc = m.weight.tolist(), m.log_count.tolist()
+        items = []
+        for first, last in runs:
+            if (first, last) in old:
+                items.append(old[(first, last)])
+                continue
+            srcs, ws, count, covered = [], [], 0, set()
+            for (f, l), i in old.items():
+                if first <= f and l <= last:  # a run it swallowed (as Markers.run gives it)
+                    srcs.append(("old", len(old_sel)))
+                    old_sel.append((st, i))
+                    ws.append(old_w[i])
+                    count += int(round(math.exp(old_lc[i])))
+                    covered.update(range(f, l + 1))
+            for b in range(first, last + 1):
+                if b in covered:
+                    continue
+                if b not in news:
+                    raise RuntimeError(f"evicted block {b} has no data to rebuild its marker from")
+                g, w = news[b]
+                srcs.append(("new", g))
+                ws.append(w)
+                count += B
+            wsum = sum(ws)
+            items.append(("merged", len(merged)))
+            merged.append((srcs, [w / wsum for w in ws], wsum, count))
+        plans.append((st, runs, items))
+    if merged:
+        bt, h, _, d = km.shape
+        dev = km.device
+        srcs_k, srcs_v = [], []
+        if old_sel:  # the swallowed runs' entries, fp32 (Markers.run)
+            stores = list({id(st): st for st, _ in old_sel}.values())
+            base, at = {}, 0
+            for st in stores:
+                base[id(st)] = at
+                at += st.markers.n
+            idx = torch.tensor([base[id(st)] + i for st, i in old_sel], device=dev)
+            srcs_k.append(torch.cat([st.markers.k for st in stores], 2).index_select(2, idx).float())
+            srcs_v.append(torch.cat([st.markers.v for st in stores], 2).index_select(2, idx).float())
+        n_old = len(old_sel)
+        zero = torch.zeros(bt, h, 1, d, dtype=torch.float32, device=dev)
+        src_k = torch.cat([*srcs_k, km.float(), zero], 2)
+        src_v = torch.cat([*srcs_v, vm.float(), zero], 2)
+        z = src_k.shape[2] - 1
+        n_parts = max(len(s) for s, *_ in merged)
+        index = [[z] * len(merged) for _ in range(n_parts)]
+        coef = [[0.0] * len(merged) for _ in range(n_parts)]
+        for r, (srcs, cs, _, _) in enumerate(merged):
+            for p, ((kind, g), c) in enumerate(zip(srcs, cs)):
+                index[p][r] = g if kind == "old" else n_old + g
+                coef[p][r] = c
+        index_t = torch.tensor(index, device=dev)
+        coef_t = torch.tensor(coef, dtype=torch.float32, device=dev)[:, :, None]
+        acc_k = torch.zeros(bt, h, len(merged), d, dtype=torch.float32, device=dev)
+        acc_v = torch.zeros_like(acc_k)
+        for p in range(n_parts):  # sum(part * (weight / wsum)) from 0, part by part, every run at once
+            acc_k = acc_k + src_k.index_select(2, index_t[p]) * coef_t[p]
+            acc_v = acc_v + src_v.index_select(2, index_t[p]) * coef_t[p]
+    for st, runs, items in plans:  # kept runs by index, changed ones as merged above
+        st.markers.rebuild(runs, [it if isinstance(it, int) else
+                                  (acc_k[:, :, it[1]], acc_v[:, :, it[1]], merged[it[1]][2], merged[it[1]][3])
+                                  for it in items])
 
 
 def _quantize_into(group, container, k, v, ids, ids_l, cnt, lay, code) -> None:

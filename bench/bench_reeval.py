@@ -8,7 +8,9 @@ when one is too short), prefilled in chunks of ``--chunk`` tokens (``logits_to_k
 ``--steps`` greedy decode steps. ``cache.reevaluate`` is wrapped and timed: the prefill's
 re-evaluations (one per chunk) and the decode's (every N_r steps) are reported apart;
 ``ms/token`` = decode re-evaluation time / decode steps (the cost amortised over the tokens), next
-to the mean decode step (re-evaluations included). One torch thread.
+to the mean decode step (re-evaluations included). ``--plain``: the same prefill and decode with the
+model's own ``DynamicCache`` too, for its mean step and the speed ratio (plain step / AGACC step).
+One torch thread.
 """
 from __future__ import annotations
 
@@ -75,12 +77,30 @@ def run(model, tok, cfg, n_ctx: int, steps: int, chunk: int) -> dict:
             "ratio": mem["ratio"], "bytes": mem["bytes"], "tokens": tokens}
 
 
+def plain_step_ms(model, tok, n_ctx: int, steps: int, chunk: int) -> float:
+    """Mean greedy decode step (ms) after the same chunked prefill, with the model's ``DynamicCache``."""
+    from bench.common import make_cache
+
+    cache = make_cache(model, None)
+    ids = context_ids(tok, n_ctx)
+    with torch.inference_mode():
+        for lo in range(0, n_ctx, chunk):
+            out = model(ids[:, lo:lo + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            nxt = out.logits[:, -1:].argmax(-1)
+        return 1e3 * (time.perf_counter() - t0) / steps
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", type=int, nargs="+", default=[2048, 6144])
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--method", default="agacc@4", help="one method (bench.common grammar), default agacc@4")
+    ap.add_argument("--plain", action="store_true", help="also time the decode with the model's DynamicCache")
     ap.add_argument("--json", default=str(ROOT / "out" / "bench_reeval.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -90,14 +110,18 @@ def main(argv=None) -> None:
     for n in args.contexts:
         r = run(model, tok, cfg, n, args.steps, args.chunk)
         r["method"] = label
+        if args.plain:
+            r["plain_step_ms"] = plain_step_ms(model, tok, n, args.steps, args.chunk)
+            r["speed_vs_plain"] = r["plain_step_ms"] / r["decode_step_ms"]
         recs.append(r)
+        dec = r["decode_reeval_ms"]
         rows.append([f"{n}", f"{r['prefill_s']:.1f}", f"{sum(r['prefill_reeval_ms']) / max(1, r['prefill_reevals']):.1f}",
-                     f"{r['decode_reevals']}", f"{r['decode_reeval_mean_ms']:.1f}", f"{min(r['decode_reeval_ms'], default=0):.1f}",
-                     f"{max(r['decode_reeval_ms'], default=0):.1f}", f"{r['reeval_ms_per_token']:.2f}",
-                     f"{r['decode_step_ms']:.1f}", f"{r['ratio']:.2f}"])
+                     f"{r['decode_reevals']}", f"{r['decode_reeval_mean_ms']:.1f}", f"{min(dec, default=0):.1f}",
+                     f"{max(dec, default=0):.1f}", f"{r['reeval_ms_per_token']:.2f}", f"{r['decode_step_ms']:.1f}",
+                     f"{r['ratio']:.2f}"] + ([f"{r['plain_step_ms']:.1f}", f"{r['speed_vs_plain']:.2f}x"] if args.plain else []))
     print(f"method {label}, {args.steps} decode steps, prefill chunks of {args.chunk}, 1 thread")
     print_table(["context", "prefill s", "prefill reeval ms", "decode reevals", "mean ms", "min ms", "max ms",
-                 "reeval ms/token", "step ms", "ratio"], rows)
+                 "reeval ms/token", "step ms", "ratio"] + (["plain step ms", "speed"] if args.plain else []), rows)
     write_json(args.json, {"method": label, "records": recs})
 
 
