@@ -3,7 +3,10 @@
 With a ``CompressedCache`` the cache's ``update`` returns the new K/V tagged with their layer; this
 function then attends over everything that layer stores (a decode step: ``decode.decode_attention``,
 which reads the packed parts on the backend ``kernels.backend`` picks) and hands the attention mass
-each entry received to the layer's tracker. With any other cache (e.g. ``DynamicCache``) it is exactly
+each entry received to the layer's tracker. A later chunk of a prompt attends over the packed store
+with ``chunk_attention`` (key slices at a time), which branches on the backend the same way:
+``kernels.triton_chunk.chunk_parts`` where it is "triton", the PyTorch path here otherwise (there is no
+C++ chunk kernel: "cpp" runs it too). With any other cache (e.g. ``DynamicCache``) it is exactly
 transformers' SDPA path.
 
 Shapes: query [Bt, Hq, q, D]; stored entries [Bt, H, n, D] with Hq = H * g (GQA);
@@ -14,6 +17,7 @@ from __future__ import annotations
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+import kernels
 from agacc.quant import dequantize_part
 from agacc.store import Entries
 from kernels.format import Part, slice_part
@@ -83,7 +87,15 @@ def chunk_attention(query: torch.Tensor, parts: list[Part], scaling: float, n_ne
     attention mass of the last ``n_obs`` queries comes out of the same pass (their logits are kept,
     O(n_obs x n), and normalised once the softmax's sums are known).
 
-    Returns (out [Bt, q, Hq, D] in query's dtype, mass [n_entries] fp32) normalised as ``attend``."""
+    Returns (out [Bt, q, Hq, D] in query's dtype, mass [n_entries] fp32) normalised as ``attend``.
+
+    Branches once on ``kernels.backend(query.device)``: "triton" runs the fused kernel
+    (``kernels.triton_chunk.chunk_parts``: the same result, its own key tiles; ``block`` is this
+    path's); "cpp" and "torch" run the PyTorch path below."""
+    if kernels.backend(query.device) == "triton":
+        from kernels.triton_chunk import chunk_parts
+
+        return chunk_parts(query, parts, scaling, n_new, n_obs)
     bt, hq, q, d = query.shape
     h = parts[0].heads
     g = hq // h
