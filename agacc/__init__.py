@@ -10,6 +10,7 @@ _EXPORTS = {
     "AGACCConfig": "agacc.config", "CompressedCache": "agacc.cache", "enable": "agacc.models",
     "load_model": "agacc.models", "Geometry": "agacc.planner", "fit_threshold_scale": "agacc.planner",
     "fit_thresholds": "agacc.planner", "plan_tiers": "agacc.planner", "planned_bytes": "agacc.planner",
+    "safe_globals": "agacc.cache", "AttentionNotEnabledError": "agacc.cache", "unsupported_reason": "agacc.models",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -24,11 +24,71 @@ from agacc.config import AGACCConfig
 from agacc.decode import decode_attention
 from agacc.importance import WINDOW_ITEMSIZE, ImportanceTracker
 from agacc.planner import Geometry
-from agacc.policy import layer_weights
+from agacc.policy import hold_evictions, layer_weights
 from agacc.store import LayerStore
 from agacc.tiers import HOT, NAMES
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+ENABLE_HINT = ("call agacc.enable(model) (or load it with agacc.load_model) before passing a CompressedCache; "
+               "if you did, this architecture reads the cached K/V outside transformers' attention interface "
+               "and is not supported (see agacc.models.unsupported_reason)")
+
+
+class AttentionNotEnabledError(RuntimeError):
+    """A ``CompressedCache`` was used by an attention that is not the ``agacc`` function."""
+
+
+class _NeedsAgacc(torch.Tensor):
+    """What ``CompressedLayer.update`` hands the model: a view of the *new* tokens' K/V, tagged with
+    its layer for the ``agacc`` attention function, which unwraps it (``as_subclass``, no copy) and
+    attends over everything the layer stores. Any other use -- transformers' sdpa / eager / flash
+    functions, or model code touching the K/V between the cache and the attention -- would attend
+    over the new tokens only (a silent wrong answer), so every torch operation on it raises instead.
+    Cost: one tensor object per layer per forward (~1 us), no data copied, nothing checked per step."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        raise AttentionNotEnabledError(
+            "the attention that ran is not agacc's: a CompressedCache hands the model only the new tokens' K/V, "
+            f"and only the agacc attention function attends over everything it stores. Fix: {ENABLE_HINT}")
+
+
+def unsupported_attention(model_config) -> str | None:
+    """Why a ``CompressedCache`` cannot serve a model of this config (its attention is a variant no
+    path implements), or None. Read from the config only: layer kinds, latent (MLA) caches, logit
+    softcapping, encoder-decoder. Sliding windows are supported by the lossless preset and, while
+    the sequence fits the window, by every preset (``CompressedLayer.update`` checks the length)."""
+    tc = planner.text_config(model_config)
+    if getattr(model_config, "is_encoder_decoder", False):
+        return "encoder-decoder models (cross-attention caches) are not supported"
+    if getattr(tc, "kv_lora_rank", None) is not None:
+        return ("multi-head latent attention (MLA, DeepSeek-V2/V3 family): the cache holds a shared latent "
+                "(kv_lora_rank) that the model expands after the cache, and the compressed paths attend over "
+                "per-head K/V; compressing the latent is not implemented. Use a plain DynamicCache")
+    if getattr(tc, "attn_logit_softcapping", None) is not None:
+        return (f"attention logit softcapping (attn_logit_softcapping={tc.attn_logit_softcapping}): the compressed "
+                "attention paths do not apply it yet (they would give a different answer). Use a plain DynamicCache")
+    if getattr(tc, "attention_chunk_size", None) is not None:
+        return "chunked attention (attention_chunk_size) is not implemented by the compressed attention paths"
+    kinds = set(getattr(tc, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+    if getattr(tc, "kv_sharing_modes", None) is not None:
+        kinds.add("KV sharing across layers (kv_sharing_modes)")
+    if kinds:
+        return f"layer kinds {sorted(kinds)} are not implemented (only full and sliding-window attention)"
+    return None
+
+
+def sliding_windows(model_config) -> list[int | None]:
+    """Per layer: the sliding window in tokens (a query sees itself and the window - 1 tokens before
+    it), or None for a global layer; read as transformers reads it (``layer_types``, else
+    ``sliding_window`` for every layer)."""
+    tc = planner.text_config(model_config)
+    n, w = tc.num_hidden_layers, getattr(tc, "sliding_window", None)
+    types = getattr(tc, "layer_types", None)
+    if types is None:
+        return [w] * n
+    return [w if t == "sliding_attention" else None for t in types[:n]]
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -58,9 +118,16 @@ class CompressedLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        elif self.layer_idx == 0 and key_states.shape[-2] == 1 and self.cache.held is not None:
+            self.cache.end_prefill()  # the first decode step: the prompt is in, its evictions are decided
+        n_after = self.store.seq_len + key_states.shape[-2]
+        if self.cache.min_window is not None and n_after > self.cache.min_window and self.cache.cfg.compress:
+            self.cache.refuse_window(n_after)
         self.store.append(key_states, value_states)
-        key_states._agacc_layer = self  # read by the agacc attention function
-        return key_states, value_states
+        # the new tokens' K/V, readable only by the agacc attention function (which attends over the store)
+        key, value = key_states.as_subclass(_NeedsAgacc), value_states.as_subclass(_NeedsAgacc)
+        key._agacc_layer = self
+        return key, value
 
     def get_seq_length(self) -> int:
         return 0 if self.store is None else self.store.seq_len
@@ -75,9 +142,46 @@ class CompressedLayer(CacheLayerMixin):
         self.store = None
         self.is_initialized = False
         self.tracker = ImportanceTracker(self.cache.cfg, self.cache.layer_weights[self.layer_idx])
+        self.scores = torch.zeros(0)
+
+    @property
+    def is_croppable(self) -> bool:
+        """transformers' flag: ``crop`` restores the cache exactly as it was. True for the lossless
+        preset; a compressing preset crops only its hot region, and its tiers may already reflect the
+        cropped tokens' attention."""
+        return not self.cache.cfg.compress
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("CompressedCache cannot be cropped (tokens may already be compressed)")
+        """Drop the last ``-tokens_to_remove`` tokens (transformers' convention: a negative count; 0 does
+        nothing), as assisted decoding does with rejected draft tokens. Works while every cropped token is
+        still in the hot region (uncompressed, in position order): always for the lossless preset, and for
+        the last ``recent_window`` tokens at least for the others; raises otherwise, changing nothing."""
+        self.check_crop(tokens_to_remove)
+        if tokens_to_remove and self.store is not None:
+            self.truncate(self.store.seq_len + tokens_to_remove)
+
+    def check_crop(self, tokens_to_remove: int) -> None:
+        """Raise (a ValueError naming the fix) unless ``crop(tokens_to_remove)`` can be carried out."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of tokens to remove "
+                             "(transformers' convention; a positive absolute length is not supported)")
+        st, r = self.store, -tokens_to_remove
+        if st is not None and r > st.seq_len - st.hot_start:
+            raise ValueError(
+                f"cannot crop {r} tokens from layer {self.layer_idx}: only the last {st.seq_len - st.hot_start} of its "
+                f"{st.seq_len} tokens are uncompressed, the rest are already stored in tiers (preset "
+                f"{self.cache.cfg.name!r}). Crop fewer tokens, raise recent_window, or use the lossless preset 'full'")
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` tokens (``n >= store.hot_start``: only hot tokens go): the store's hot
+        K/V [Bt, H, n_hot, D] and the tracker's per-token and per-entry state."""
+        st, tr = self.store, self.tracker
+        keep_hot = n - st.hot_start
+        st.hot_k, st.hot_v = st.hot_k[:, :, :keep_hot], st.hot_v[:, :, :keep_hot]
+        st.seq_len = n
+        tr.importance = tr.importance[:n]
+        tr.chunks = [(c[:n], steps) for c, steps in tr.chunks]
+        tr.window = tr.window[: st.n_entries]  # entries are in attention order: the hot ones last
 
     def reorder_cache(self, beam_idx):
         if self.store is not None:
@@ -93,7 +197,9 @@ class CompressedLayer(CacheLayerMixin):
 
     # --- attention -----------------------------------------------------------------------------
     def attend(self, query, key, value, attention_mask, scaling):
-        """query [Bt, Hq, q, D]; key/value: the q new tokens (already stored). -> [Bt, q, Hq, D]."""
+        """query [Bt, Hq, q, D]; key/value: the q new tokens (already stored), as ``update`` returned
+        them. -> [Bt, q, Hq, D]."""
+        key, value = key.as_subclass(torch.Tensor), value.as_subclass(torch.Tensor)  # views, no copy
         cfg, store = self.cache.cfg, self.store
         q = query.shape[2]
         n_prior = store.n_entries - q
@@ -111,6 +217,15 @@ class CompressedLayer(CacheLayerMixin):
                 is_causal=attention_mask is None, scale=scaling, enable_gqa=g > 1,
             ).transpose(1, 2).contiguous()
             self.tracker.init_prefill(observe_prefill(query, key, scaling, cfg.n_q))
+        elif not cfg.compress and attention_mask is not None:
+            # lossless, a later chunk (assisted decoding's draft check, a next turn): every entry is hot and in
+            # position order, so the mask (causal, padding, sliding window) applies as is, as with a plain cache
+            g = query.shape[1] // key.shape[1]
+            out = F.scaled_dot_product_attention(
+                query, store.hot_k.to(query.dtype), store.hot_v.to(query.dtype), attn_mask=attention_mask,
+                scale=scaling, enable_gqa=g > 1).transpose(1, 2).contiguous()
+            _, mass = chunk_attention(query, store.parts(), scaling, n_new=q, n_obs=cfg.n_q)
+            self.tracker.init_prefill(store.token_mass(mass))
         else:  # a later chunk of a prompt: key slices over the packed store, never a dequantised copy
             out, mass = chunk_attention(query, store.parts(), scaling, n_new=q, n_obs=cfg.n_q)
             self.tracker.init_prefill(store.token_mass(mass))
@@ -140,17 +255,47 @@ class CompressedCache(Cache):
     """
 
     def __init__(self, model_config, config: AGACCConfig | None = None, record_history: bool = False):
+        reason = unsupported_attention(model_config)
+        if reason is not None:
+            raise ValueError(f"CompressedCache cannot serve this model: {reason}")
         geo = Geometry.of(model_config)
         self.cfg = config if config is not None else AGACCConfig.preset("agacc")
         self.n_layers, self.n_kv_heads, self.head_dim = geo.n_layers, geo.heads, geo.head_dim
         self.layer_weights = layer_weights(self.cfg, self.n_layers)
         self.record_history = record_history
+        windows = [w for w in sliding_windows(model_config) if w is not None]
+        self.min_window = min(windows) if windows else None  # smallest sliding window, tokens (None: none)
+        self._start()
+        super().__init__(layers=[CompressedLayer(self, i) for i in range(self.n_layers)])
+
+    def _start(self) -> None:
+        """The cache-level state of an empty cache (``__init__`` and ``reset``)."""
         self.history: list[dict] = []
         self.steps = 0           # decode steps since the last prefill
         self.reevaluations = 0
         self.threshold_scale = 1.0
         self.peak_bytes = 0      # the most bytes held at once since creation (or reset_peak)
-        super().__init__(layers=[CompressedLayer(self, i) for i in range(self.n_layers)])
+        self.held = None         # stacked plans whose evictions wait for the prompt's end (hold_evictions)
+
+    def reset(self) -> None:
+        """Empty the cache for a new sequence, as if just created: every layer's store, tracker and
+        scores, and the step count, re-evaluations, threshold scale, peak bytes, history and held plans."""
+        super().reset()
+        self._start()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """``CompressedLayer.crop`` on every layer, once every layer can (else nothing changes)."""
+        for layer in self.layers:
+            layer.check_crop(tokens_to_remove)
+        super().crop(tokens_to_remove)
+
+    def refuse_window(self, n_tokens: int) -> None:
+        """Raise the sliding-window refusal (``CompressedLayer.update``, before anything is stored)."""
+        raise ValueError(
+            f"this model has sliding-window layers ({self.min_window} tokens) and the sequence would reach "
+            f"{n_tokens} tokens: the compressing presets do not implement sliding windows yet (they would attend "
+            f"beyond the window; preset {self.cfg.name!r}). Use the lossless preset AGACCConfig.preset('full'), "
+            f"which is exact with sliding windows, or keep prompt + new tokens within {self.min_window} tokens")
 
     # --- schedule --------------------------------------------------------------------------
     def _step_done(self, q_len: int) -> None:
@@ -197,7 +342,8 @@ class CompressedCache(Cache):
         unplanned = self.unplanned_bytes()
         overhead = unplanned + self.ahead_bytes() + self.headroom_bytes()  # what the ratio fitter adds to its plan
         if self.record_history:
-            self.history.append({"step": self.steps, "seq_len": seq_len, "n_ready": n_ready, "overhead": overhead,
+            self.history.append({"step": self.steps, "seq_len": seq_len, "n_ready": n_ready, "block_size": cfg.block_size,
+                                 "overhead": overhead,
                                  "unplanned": unplanned, "prefill": prefill, "scores": [s.clone() for s in block_scores]})
         if cfg.compress and n_ready > 0:
             geo = self._geometry()
@@ -210,9 +356,33 @@ class CompressedCache(Cache):
             floored = self.threshold_scale in fitted  # the fitter planned (and floored) this scale already
             plans = fitted[self.threshold_scale] if floored else planner.plan_tiers(
                 block_scores, cfg, geo, seq_len, self.threshold_scale, prefill=prefill, stacked=True)
-            apply_plans(stores, *plans, lambda i: layers[i].tracker.raw()[:seq_len], floored=floored)
+            self.held = None
+            if prefill and cfg.hold_evictions and not cfg.host_copy:
+                held = hold_evictions(*plans, cfg, self.head_dim)
+                if held[0] is not plans[0]:  # some blocks would go: held until the prompt ends
+                    self.held, plans, floored = plans, held, False
+            apply_plans(stores, *plans, self._token_weight(layers), floored=floored)
         for l in layers:  # the next window, held (and counted) from now on
             l.tracker.start_window(l.store.n_entries)
+
+    def end_prefill(self) -> None:
+        """Carry out the evictions the last prompt chunk's re-evaluation held (``hold_evictions``): the
+        plan it made with the whole prompt's evidence, applied as made. Called by the first decode
+        step; call it yourself to compress a context before its question arrives (query-agnostic
+        reuse of one compressed context). Nothing held: nothing to do."""
+        if self.held is None:
+            return
+        plans, self.held = self.held, None
+        layers = [l for l in self.layers if l.store is not None]
+        from agacc.store import apply_plans
+
+        apply_plans([l.store for l in layers], *plans, self._token_weight(layers))
+        for l in layers:  # the layout changed before anything was observed in the window
+            l.tracker.start_window(l.store.n_entries)
+
+    def _token_weight(self, layers):
+        seq_len = self.seq_len
+        return lambda i: layers[i].tracker.raw()[:seq_len]
 
     def headroom_bytes(self) -> int:
         """Room the ratio fitter leaves for the tokens that arrive before the next re-evaluation
@@ -308,3 +478,24 @@ class CompressedCache(Cache):
             "token_importance": [round(x, 5) for x in token_importance],
             "tier_names": list(NAMES), "memory": self.memory(), "config": self.cfg.to_dict(),
         }
+
+
+def safe_globals() -> list[type]:
+    """The classes a saved ``CompressedCache`` holds, to load it with ``torch.load(weights_only=True)``:
+
+        torch.save(cache, path)
+        with torch.serialization.safe_globals(agacc.safe_globals()):
+            cache = torch.load(path, weights_only=True)
+
+    (or ``torch.serialization.add_safe_globals(agacc.safe_globals())`` once). Every class defined in
+    the modules whose objects a cache holds (cache, store, importance, config); nothing else is allowed."""
+    import inspect
+
+    from agacc import config, importance, store
+
+    out = []
+    for mod in (importance, store, config, inspect.getmodule(CompressedCache)):
+        for obj in vars(mod).values():
+            if (inspect.isclass(obj) and obj.__module__ == mod.__name__ and not issubclass(obj, (BaseException, torch.Tensor))):
+                out.append(obj)
+    return out

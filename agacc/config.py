@@ -119,6 +119,11 @@ class AGACCConfig:
         n_w: N_w, S_i at a re-evaluation is the mean attention over the last N_w steps (>= n_r).
         host_copy: keep a full-precision host copy of every compressed block so blocks whose
             importance rose are re-promoted exactly (reported as host_bytes).
+        hold_evictions: a block a prompt chunk's re-evaluation would evict is held at the lowest kept
+            tier (b_min bits) until the prompt ends (the first decode step, or ``end_prefill()``),
+            then evicted if the plan made with the whole prompt's evidence still says so: a chunked
+            prefill's later chunks (the question at its end) still read, and can save, the blocks
+            earlier chunks ranked low. Off: evictions happen chunk by chunk (fewer bytes at the peak).
         recent_window: newest tokens always kept at full precision.
         n_sink: first tokens always kept at full precision (their blocks).
     Defaults (= the ``agacc`` preset) were chosen on the embedded model (docs/tuning.md): position
@@ -183,6 +188,7 @@ class AGACCConfig:
     n_w: int = _f(16, "blocks")
     host_copy: bool = _f(False, "blocks", replay=True, ui=("keep a host copy (blocks can be re-promoted)",
                                                            None, None, None, "tracking"))
+    hold_evictions: bool = _f(True, "blocks", replay=True)
     recent_window: int = _f(32, "blocks", ui=("recent window (tokens kept 16-bit)", 0, 512, 16, "tracking"))
     n_sink: int = _f(4, "blocks", replay=True)
     # budget / storage

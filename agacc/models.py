@@ -151,6 +151,42 @@ def _pack_embedded(model) -> None:
     model.agacc_packed_layers = install_packed(model, packed, kernel)
 
 
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def hub_reachable(timeout: float = 1.0) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers one HTTP HEAD request within ``timeout``
+    seconds, DNS and the environment's proxy included (any HTTP status counts: the hub is there);
+    False in offline mode (``HF_HUB_OFFLINE``). One attempt, so an unreachable hub costs ``timeout``
+    instead of the hub client's retries (~25 s)."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return False
+    ok = []
+
+    def probe():
+        try:
+            urllib.request.urlopen(urllib.request.Request(_hub_endpoint(), method="HEAD"), timeout=timeout).close()
+            ok.append(True)
+        except urllib.error.HTTPError:
+            ok.append(True)  # an error status: the hub answered
+        except (OSError, ValueError):
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)  # DNS (getaddrinfo) has no timeout of its own
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+
 def load_model(name: str | None = None, device: str | None = None, dtype=None, trust_remote_code: bool = False,
                packed_weights: bool = False):
     """-> (model, tokenizer), eval mode, attention switched to ``agacc``.
@@ -164,7 +200,11 @@ def load_model(name: str | None = None, device: str | None = None, dtype=None, t
     ~1.8x faster here, logits equal to the dequantised model's at a prefill and within float
     rounding at a decode step. Off by default (every benchmark in the README is of the dequantised
     fp32 weights); the app turns it on. No effect on other models, devices or dtypes, or when the
-    CPU kernels do not build."""
+    CPU kernels do not build.
+    A hub id is looked up once (``hub_reachable``): when the hub does not answer within 1 s (or
+    ``HF_HUB_OFFLINE`` is set) the model loads from the local Hugging Face cache only, and a model not
+    there fails at once with a ValueError saying so. Raises ValueError (``enable``) for a model agacc
+    cannot serve."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -174,15 +214,22 @@ def load_model(name: str | None = None, device: str | None = None, dtype=None, t
     if name is None or name in ("embedded", EMBEDDED_NAME):
         model, tok = _load_embedded(dtype)
     else:
+        # a hub id: check the hub once (<= 1 s); unreachable -> the local HF cache only, no retries
+        offline = not Path(name).exists() and not hub_reachable()
         try:
-            kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+            kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "local_files_only": offline}
             if device == "auto":
                 kwargs["device_map"] = "auto"
             model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-            tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, local_files_only=offline)
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot load model {name!r}: not a local path, or the hub is unreachable / "
-                             f"has no such model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+            why = f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            if offline:
+                raise ValueError(f"cannot load model {name!r}: it is not a local path, not in the local Hugging Face "
+                                 f"cache, and the hub ({_hub_endpoint()}) is unreachable or HF_HUB_OFFLINE is set. "
+                                 f"Download it where the hub is reachable, or pass a local path {why}") from e
+            raise ValueError(f"cannot load model {name!r}: not a local path, and the hub has no such model (or "
+                             f"refused it) {why}") from e
     if device != "auto":
         model = model.to(device)
     if packed_weights and (name is None or name in ("embedded", EMBEDDED_NAME)) and str(device) == "cpu" \
@@ -193,8 +240,39 @@ def load_model(name: str | None = None, device: str | None = None, dtype=None, t
     return enable(model).eval(), tok
 
 
+def unsupported_reason(model) -> str | None:
+    """Why ``enable`` cannot serve ``model`` (a transformers model), or None when it can.
+
+    Refused: models whose attention does not go through transformers' AttentionInterface (Falcon,
+    Bloom, MPT, ...: the agacc function would never run), learned attention sinks (gpt-oss: the
+    compressed paths would drop them), and every config-declared variant no path implements
+    (``cache.unsupported_attention``: MLA, logit softcapping, chunked / linear / KV-shared layers,
+    encoder-decoder)."""
+    from agacc.cache import unsupported_attention
+
+    reason = unsupported_attention(model.config)
+    if reason is not None:
+        return reason
+    can_set = getattr(type(model), "_can_set_attn_implementation", None)
+    if can_set is not None and not can_set():
+        return (f"{type(model).__name__} picks its attention at construction instead of calling transformers' "
+                "AttentionInterface, so the agacc attention function cannot run in it")
+    if any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules()):
+        return "learned attention sinks (gpt-oss style): the compressed attention paths do not apply them yet"
+    return None
+
+
 def enable(model):
-    """Switch a loaded model to the ``agacc`` attention function (SDPA unless the cache is compressed)."""
+    """Switch a loaded model to the ``agacc`` attention function (SDPA unless the cache is compressed).
+
+    Raises ValueError naming the reason when the model is one agacc cannot serve
+    (``unsupported_reason``); then use it as it is, with a plain ``DynamicCache``."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise ValueError(f"agacc.enable: {type(model).__name__} is not supported: {reason}")
     attention.register()
     model.set_attn_implementation(attention.NAME)
+    if model.config._attn_implementation != attention.NAME:
+        raise ValueError(f"agacc.enable: {type(model).__name__} kept the {model.config._attn_implementation!r} "
+                         "attention (transformers would not switch it), so a CompressedCache cannot serve it")
     return model

@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from agacc.quant import CONTAINER_OF
-from agacc.tiers import EVICTED, FULL, PRUNED, TIER_OF_CONTAINER
+from agacc.quant import CONTAINER_OF, container_bits
+from agacc.tiers import CONTAINER_TIER, EVICTED, FULL, PRUNED, TIER_OF_CONTAINER
 
 
 def layer_weights(cfg, n_layers: int) -> list[float]:
@@ -101,6 +101,20 @@ def selection_rule(select):
         tier[ev], bits[ev], keep[ev] = EVICTED, 0, 0
         return tier, bits, keep
     return rule
+
+
+def hold_evictions(tier, bits, keep, cfg, head_dim: int):
+    """The plan with its evictions held: every block it evicts takes the lowest kept tier instead
+    (``b_min`` bits in their container, nothing pruned), so later prompt chunks still read it.
+    Shapes [n] or [L, n]; the caller floors the result against the tiers already applied (a block
+    pruned or evicted before stays so)."""
+    ev = tier == EVICTED
+    if not bool(ev.any()):
+        return tier, bits, keep
+    c = container_bits(cfg.b_min)
+    return (torch.where(ev, CONTAINER_TIER[c], tier).to(tier.dtype),
+            torch.where(ev, c if cfg.fill_container else cfg.b_min, bits).to(bits.dtype),
+            torch.where(ev, head_dim, keep).to(keep.dtype))
 
 
 def fidelity_floor(prev, tier, bits, keep):

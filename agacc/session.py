@@ -307,6 +307,7 @@ class GenerationSession:
         if logits is None or (self.reference is not None and self.reference.ref_logits is None):
             self.stop_reason = "cancelled"  # during the prefill, between two chunks
             return
+        self.cache.end_prefill()  # the prompt is in: the evictions its chunks held are decided now
         n_seen_reeval = 0
         for i in range(self.max_new_tokens):
             cache = self.cache

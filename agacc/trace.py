@@ -21,7 +21,7 @@ import torch
 from agacc import planner
 from agacc.config import AGACCConfig, replayable_fields
 from agacc.importance import WINDOW_ITEMSIZE
-from agacc.policy import fidelity_floor
+from agacc.policy import fidelity_floor, hold_evictions
 from agacc.presets import PRESETS
 from agacc.tiers import HOT, NAMES, evicted_runs
 
@@ -78,8 +78,9 @@ class Trace:
                 e["overhead"] = int(h["overhead"])
             elif overhead is not None and j == len(entries) - 1:
                 e["overhead"] = int(overhead)
-            if h.get("unplanned") is not None:
-                e["unplanned"] = int(h["unplanned"])
+            for key in ("unplanned", "block_size"):
+                if h.get(key) is not None:
+                    e[key] = int(h[key])
             self.history.append(e)
 
     # --- access --------------------------------------------------------------------------------
@@ -191,9 +192,12 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
     current = None  # per layer (tier, bits, keep) as applied
     scale = 1.0
     out = []
-    for h in history[: last + 1]:
+    for i, h in enumerate(history[: last + 1]):
         scores = [s if isinstance(s, torch.Tensor) else torch.tensor(s, dtype=torch.float32) for s in h["scores"]]
         seq_len, n_ready = int(h["seq_len"]), int(h["n_ready"])
+        if int(h.get("block_size", B)) != B or n_ready * B > seq_len:
+            raise ValueError(f"this history was recorded with another block size than {B} tokens (entry {i}: "
+                             f"{n_ready} ready blocks of {seq_len} tokens): the block size needs a re-run")
         prefill = bool(h.get("prefill", False))
         if cfg.compress and n_ready > 0:
             if cfg.target_ratio is not None:
@@ -201,6 +205,11 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
                                                     int(h.get("overhead", 0)), prev=None if cfg.host_copy else current,
                                                     start=scale, prefill=prefill)
             plans = planner.plan_tiers(scores, cfg, geo, seq_len, scale, prefill=prefill)
+            # a prompt chunk followed by another holds its evictions (the cache's hold_evictions); the
+            # last chunk's plan is applied as made when the prompt ends (shown so in its frame)
+            more_prompt = i + 1 < len(history) and bool(history[i + 1].get("prefill", False))
+            if prefill and more_prompt and cfg.hold_evictions and not cfg.host_copy:
+                plans = [hold_evictions(*p, cfg, geo.head_dim) for p in plans]
             if not cfg.host_copy and current is not None:
                 plans = [fidelity_floor(prev, *p) for prev, p in zip(current, plans)]
             current = plans

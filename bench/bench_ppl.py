@@ -28,12 +28,16 @@ DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
 DEFAULT_METHODS = ["agacc", "dynacompress", "attention-sum", "uniform-int8", "uniform-int4", "uniform-int2"]
 
 
-def run(model, ids, prefill, cache):
-    """Prefill, then token-by-token teacher forcing -> (logits [n, V] fp32 predicting ids[prefill:], decode s, steps)."""
+def run(model, ids, prefill, cache, prefill_chunk: int = 0):
+    """Prefill (``prefill_chunk`` tokens a forward; 0: one forward), then token-by-token teacher
+    forcing -> (logits [n, V] fp32 predicting ids[prefill:], decode s, steps)."""
     from agacc.eval.runner import teacher_force
 
+    step = prefill_chunk or prefill
     with torch.inference_mode():
-        first = model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits[0, -1:].float()
+        for lo in range(0, prefill, step):
+            out = model(ids[:, lo:min(prefill, lo + step)], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        first = out.logits[0, -1:].float()
     rest = ids[0, prefill:-1].tolist()
     t0 = time.perf_counter()
     logits = teacher_force(model, cache, rest, chunk=1)
@@ -50,6 +54,8 @@ def main(argv=None):
                     help="more methods (the same as the positional ones)")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--prefill", type=int, default=1024)
+    ap.add_argument("--prefill-chunk", type=int, default=512,
+                    help="prompt tokens a prefill forward (the library's default chunked prefill); 0 = one forward")
     common.add_model_args(ap, text=DEFAULT_TEXT)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -63,7 +69,9 @@ def main(argv=None):
     ids = common.text_ids(tok, args.text, args.tokens)
     targets = ids[0, args.prefill:]
 
-    ref, ref_dt, steps = run(model, ids, args.prefill, common.make_cache(model, None))
+    if args.prefill_chunk < 0:
+        ap.error("--prefill-chunk must be >= 0")
+    ref, ref_dt, steps = run(model, ids, args.prefill, common.make_cache(model, None), args.prefill_chunk)
     ref_st = lm_stats(ref, ref, targets)
     ref_ppl = math.exp(ref_st["nll"] / ref_st["tokens"])
     rows = [{"preset": "plain (DynamicCache)", "ppl": ref_ppl, "ppl_rel": 1.0, "top1": 1.0, "kl": 0.0, "ratio": None,
@@ -71,7 +79,7 @@ def main(argv=None):
     print(f"plain: ppl {ref_ppl:.3f}, {steps / ref_dt:.1f} tok/s", flush=True)
     for label, cfg in methods:
         cache = common.make_cache(model, cfg)
-        logits, dt, _ = run(model, ids, args.prefill, cache)
+        logits, dt, _ = run(model, ids, args.prefill, cache, args.prefill_chunk)
         st = lm_stats(logits, ref, targets)
         mem = cache.memory()
         ppl = math.exp(st["nll"] / st["tokens"])
@@ -85,14 +93,16 @@ def main(argv=None):
               f"ratio {mem['ratio']:.2f}x, {steps / dt:.1f} tok/s ({row['speed_rel']:.2f}x)", flush=True)
         del cache, logits
 
-    print(f"\n{args.tokens} tokens of {os.path.basename(args.text)}, prefill {args.prefill}, "
+    print(f"\n{args.tokens} tokens of {os.path.basename(args.text)}, prefill {args.prefill} "
+          f"({f'chunks of {args.prefill_chunk}' if args.prefill_chunk else 'one forward'}), "
           f"{steps} teacher-forced decode steps, "
           f"{torch.get_num_threads()} torch thread(s)")
     common.print_table(["method", "ppl", "Δppl", "top-1", "KL", "ratio", "MiB", "tok/s", "speed"], [
         [r["preset"], f"{r['ppl']:.3f}", f"{100 * (r['ppl_rel'] - 1):+.2f}%", f"{r['top1']:.3f}", f"{r['kl']:.4f}",
          f"{r['ratio']:.2f}x" if r["ratio"] else "1.00x", f"{r['bytes'] / 2**20:.2f}" if r["bytes"] else "-",
          f"{r['tok_s']:.1f}", f"{r['speed_rel']:.2f}x"] for r in rows])
-    common.write_json(args.json, {"tokens": args.tokens, "prefill": args.prefill, "text": args.text,
+    common.write_json(args.json, {"tokens": args.tokens, "prefill": args.prefill, "prefill_chunk": args.prefill_chunk,
+                                  "text": args.text,
                                   "threads": torch.get_num_threads(), "rows": rows})
 
 

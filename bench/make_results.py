@@ -1,8 +1,9 @@
 """Results page: every preset at ratios 2, 4, 8 on ppl, passkey and needle at 1K, 2K and 4K tokens
 on the embedded model -> docs/results.md (+ the JSON records).
 
-Cheap by design (CPU): one prefill forward per sample shared by every (preset, ratio); passkey and
-needle scored by greedy-match (one teacher-forced pass over the answer, see agacc/eval/runner.py);
+Each (preset, ratio) prefills the sample through its own cache in chunks of --prefill-chunk tokens,
+compressing as it goes (what the library does by default; --prefill-chunk 0: one full-precision
+prefill forward shared by every method, compressed at its end, as before). Passkey and needle scored by greedy-match (one teacher-forced pass over the answer, see agacc/eval/runner.py);
 ppl teacher-forces --decode-tokens tokens in chunks of 8 through the cache. Cells run in the order
 length -> task -> sample, and the run stops starting new samples after --budget-min minutes: what
 did not run is marked as missing. Results are appended to the JSON after every sample, and
@@ -41,7 +42,7 @@ def run(args) -> None:
     text = T.read_text(args.text)
     configs = parse_methods(FIXED + [f"{p}@{r:g}" for r in args.ratios for p in RATIO_PRESETS])  # labels: P, P@R
     done["meta"] = {"command": " ".join([sys.executable.split("/")[-1]] + sys.argv), "text": args.text or "default",
-                    "decode_tokens": args.decode_tokens, "ppl_windows": args.ppl_windows, "depths": args.depths,
+                    "decode_tokens": args.decode_tokens, "prefill_chunk": args.prefill_chunk, "ppl_windows": args.ppl_windows, "depths": args.depths,
                     "ratios": args.ratios,
                     "lengths": args.lengths, "torch_threads": torch.get_num_threads(),
                     "started": done["meta"].get("started") or time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -63,7 +64,8 @@ def run(args) -> None:
                     print(f"budget reached: skipping {task} {n} sample {s.index}", flush=True)
                     continue
                 t0 = time.time()
-                res = runner.evaluate_sample(model, tok, s, todo, scoring="match", chunk=8, log=lambda r: print(
+                res = runner.evaluate_sample(model, tok, s, todo, scoring="match", chunk=8,
+                                             prefill_chunk=args.prefill_chunk or None, log=lambda r: print(
                     f"  {r['preset']}: score {r['score']:.3f} ratio {r['ratio']:.2f} build {r['build_s']:.1f}s decode {r['decode_s']:.1f}s", flush=True))
                 if held is None:
                     done["samples"].append({"task": task, "context_tokens": n, "sample": s.index, "results": res,
@@ -265,6 +267,9 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", nargs="+", default=["ppl", "passkey", "needle"])
     p.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.75])
     p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="each cache's prompt goes in this many tokens a forward, compressed as it goes (the "
+                        "library's default); 0 = one prefill forward shared by every method, compressed at its end")
     p.add_argument("--ppl-windows", type=int, default=3, help="ppl windows per length (their tokens pooled)")
     p.add_argument("--text", default=None)
     p.add_argument("--budget-min", type=float, default=40)

@@ -105,3 +105,59 @@ def test_peak_bytes_are_counted_and_reset(tiny):
     assert mem["peak_bytes"] > mem["bytes"]                  # the prompt before its first compression
     cache.reset_peak()
     assert cache.memory()["peak_bytes"] == cache.held_bytes() == mem["bytes"]
+
+
+def _tiers(cache) -> torch.Tensor:
+    return torch.stack([l.store.block_tier for l in cache.layers])
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_a_chunked_prefill_holds_its_evictions_until_the_prompt_ends(tiny, hold):
+    """With ``hold_evictions`` a chunk's re-evaluation evicts nothing (those blocks wait at b_min
+    bits, readable by later chunks); ``end_prefill`` (the first decode step) applies the last
+    chunk's plan as made, and replaying the recorded history gives the same tiers. Off: blocks
+    go chunk by chunk."""
+    from agacc.tiers import EVICTED
+    from agacc.trace import replay_frames
+
+    ids = torch.randint(3, 256, (1, 640), generator=torch.Generator().manual_seed(3))
+    cfg = AGACCConfig.preset("agacc", target_ratio=6.0, hold_evictions=hold)
+    cache = agacc.CompressedCache(tiny.config, cfg, record_history=True)
+    evicted_early = False
+    with torch.inference_mode():
+        for lo in range(0, 640, 128):
+            tiny(ids[:, lo:lo + 128], past_key_values=cache, use_cache=True)
+            evicted_early |= bool((_tiers(cache) == EVICTED).any())
+    assert evicted_early != hold
+    if hold:
+        planned = cache.held[0].clone()
+        assert (planned == EVICTED).any() and not (_tiers(cache) == EVICTED).any()
+        before = cache.memory()["bytes"]
+        cache.end_prefill()
+        assert cache.held is None and torch.equal(_tiers(cache).cpu(), planned.cpu())
+        assert cache.memory()["bytes"] < before
+    frame = replay_frames(cache.history, cfg, cache._geometry())[-1]
+    assert frame["tier"] == cache.snapshot()["tier"]
+    cache.end_prefill()  # nothing held: nothing changes
+    assert frame["tier"] == cache.snapshot()["tier"]
+
+
+def test_the_first_decode_step_ends_the_prompt(tiny):
+    ids = torch.randint(3, 256, (1, 640), generator=torch.Generator().manual_seed(3))
+    cache = agacc.CompressedCache(tiny.config, AGACCConfig.preset("agacc", target_ratio=6.0))
+    _gen(tiny, ids, cache, chunk=128, n_new=2)
+    from agacc.tiers import EVICTED
+
+    assert cache.held is None and (_tiers(cache) == EVICTED).any()
+
+
+def test_a_replay_refuses_another_block_size(tiny):
+    from agacc.trace import replay_frames
+
+    ids = torch.randint(3, 256, (1, 300), generator=torch.Generator().manual_seed(4))
+    cfg = AGACCConfig.preset("agacc", target_ratio=4.0)
+    cache = agacc.CompressedCache(tiny.config, cfg, record_history=True)
+    _gen(tiny, ids, cache, chunk=128, n_new=2)
+    for b in (8, 32):
+        with pytest.raises(ValueError, match="block size"):
+            replay_frames(cache.history, cfg.with_overrides(block_size=b), cache._geometry())

@@ -114,6 +114,7 @@ def cache_from_capture(model, cap: Capture, cfg: AGACCConfig) -> CompressedCache
         q[:, :, cap.n - q_last.shape[2]:] = q_last
         layer.tracker.init_prefill(observe_prefill(q, k, cap.scaling[i], cfg.n_q))
     cache._step_done(cap.n)  # the end-of-prefill re-evaluation, as after a real prefill
+    cache.end_prefill()  # the prompt is in (its held evictions happen, as at a first decode step)
     _decode_schedule(cache)
     return cache
 
@@ -179,6 +180,7 @@ def chunked_prefill(model, cfg: AGACCConfig, prompt_ids: list[int], prefill_chun
     for lo in range(0, len(prompt_ids), prefill_chunk):
         x = torch.tensor([prompt_ids[lo: lo + prefill_chunk]], device=model.device)
         out = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.end_prefill()
     _decode_schedule(cache)
     return cache, out.logits[0, -1].float()
 

@@ -1,0 +1,207 @@
+"""Architecture matrix (as kvpress tests its presses): tiny random models of every decoder family
+agacc supports (2 layers, hidden 64, head dim 16, built from configs: no downloads) x presets x
+batch shapes, against transformers' plain ``DynamicCache``.
+
+* lossless (``full``): the same greedy tokens as the plain cache, single / equal batch / beams /
+  left-padded batch, and ``memory()`` prices the tokens with the model's real geometry;
+* compressing (``agacc`` and ``h2o`` at target ratio 4, ``uniform-int4``): the first token (from the
+  exact prefill) equals the plain cache's, the ratio is reached, single / equal batch / beams; a
+  padded batch is refused with the current clear error;
+* refused architectures (Falcon, MLA, logit softcapping, attention sinks): ``enable`` says why, and a
+  CompressedCache used without it raises instead of answering wrongly;
+* sliding windows: the lossless preset is exact past the window; compressing presets refuse a
+  sequence longer than the window, saying so (not "padded batch").
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import transformers
+from transformers import DynamicCache
+
+import agacc
+from agacc import tiers as T
+from agacc.cache import AttentionNotEnabledError
+
+transformers.logging.set_verbosity_error()
+
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+MHA = {k: v for k, v in COMMON.items() if k != "num_key_value_heads"}
+MOE = dict(num_local_experts=4, num_experts_per_tok=2)
+
+# name -> (config class, fields): every architecture the lossless preset serves exactly
+SUPPORTED = {
+    "llama": ("LlamaConfig", COMMON),
+    # one KV head of 32 (of 16, the tracker's ~8 bytes a token a layer would cap agacc near 3.5x at 262 tokens)
+    "llama-mqa": ("LlamaConfig", dict(COMMON, num_key_value_heads=1, head_dim=32)),
+    "mistral": ("MistralConfig", COMMON),  # sliding window 4096 (longer than every sequence here)
+    "qwen2": ("Qwen2Config", COMMON),
+    "qwen3": ("Qwen3Config", dict(COMMON, head_dim=16)),
+    "qwen3-moe": ("Qwen3MoeConfig", dict(COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=32)),
+    "gemma": ("GemmaConfig", dict(COMMON, head_dim=16)),
+    "gemma3": ("Gemma3TextConfig", dict(COMMON, head_dim=16)),  # sliding + global layers, window 4096
+    "phi": ("PhiConfig", COMMON),
+    "phi3": ("Phi3Config", COMMON),
+    "stablelm": ("StableLmConfig", COMMON),
+    "starcoder2": ("Starcoder2Config", COMMON),
+    "gpt-neox": ("GPTNeoXConfig", MHA),
+    "olmo2": ("Olmo2Config", COMMON),
+    "cohere": ("CohereConfig", COMMON),
+    "granitemoe": ("GraniteMoeConfig", dict(COMMON, **MOE)),
+    "mixtral": ("MixtralConfig", dict(COMMON, **MOE)),
+    "gpt2": ("GPT2Config", dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=1024, pad_token_id=0,
+                                bos_token_id=1, eos_token_id=2)),
+}
+
+# name -> (config class, fields, what enable() says)
+REFUSED = {
+    "falcon": ("FalconConfig", MHA, "AttentionInterface"),
+    "deepseek-v3": ("DeepseekV3Config", dict(COMMON, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                                             qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+                                             num_experts_per_tok=2, moe_intermediate_size=32, n_group=1,
+                                             topk_group=1), "latent attention"),
+    "gemma2": ("Gemma2Config", dict(COMMON, head_dim=16), "softcapping"),
+    "gpt-oss": ("GptOssConfig", dict(COMMON, head_dim=16, **MOE), "sinks"),
+}
+
+COMPRESSING = {"agacc": dict(target_ratio=4.0), "h2o": dict(target_ratio=4.0), "uniform-int4": {}}
+SHORT, LONG, NEW = 64, 256, 6  # prompt tokens (lossless, compressing) and new tokens
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes: one intra-op thread is ~50x faster than two on a shared CPU (no spin-waiting)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def build(cls_name: str, fields: dict, seed: int = 0):
+    """A tiny random model from its config class, eval mode, output layer scaled x20 so greedy
+    choices are not float-noise ties."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**fields)).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def model(arch: str):
+    return agacc.enable(build(*SUPPORTED[arch]))
+
+
+def prompts(batch: int, n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 256, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def run(m, ids, cache, mask=None, beams=1, n_new=NEW):
+    with torch.inference_mode():
+        return m.generate(input_ids=ids, attention_mask=torch.ones_like(ids) if mask is None else mask,
+                          past_key_values=cache, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                          num_beams=beams, pad_token_id=0)
+
+
+def batch_of(mode: str, n: int):
+    """(ids, mask, beams) of a batch mode: single, equal batch of 2, 2 beams, left-padded batch of 2."""
+    ids = prompts(1 if mode in ("single", "beams") else 2, n)
+    mask = None
+    if mode == "padded":
+        mask = torch.ones_like(ids)
+        mask[1, : n // 4] = 0
+        ids = ids.masked_fill(mask == 0, 0)
+    return ids, mask, 2 if mode == "beams" else 1
+
+
+@pytest.mark.parametrize("mode", ["single", "batch", "beams", "padded"])
+@pytest.mark.parametrize("arch", list(SUPPORTED))
+def test_lossless_equals_plain_cache(arch, mode):
+    m = model(arch)
+    ids, mask, beams = batch_of(mode, SHORT)
+    ref = run(m, ids, DynamicCache(config=m.config), mask, beams)
+    cache = agacc.CompressedCache(m.config, agacc.AGACCConfig.preset("full"))
+    out = run(m, ids, cache, mask, beams)
+    assert torch.equal(out, ref), (out, ref)
+    # memory() prices the tokens with the model's real geometry: the fp32 store is twice the 16-bit bytes
+    held = sum(l.store.hot_k.nbytes + l.store.hot_v.nbytes for l in cache.layers)
+    assert cache.memory()["bytes_fp16"] * 2 == held
+
+
+@pytest.mark.parametrize("mode", ["single", "batch", "beams"])
+@pytest.mark.parametrize("preset", list(COMPRESSING))
+@pytest.mark.parametrize("arch", list(SUPPORTED))
+def test_compressing_preset_reaches_its_ratio(arch, preset, mode):
+    m = model(arch)
+    ids, mask, beams = batch_of(mode, LONG)
+    cfg = agacc.AGACCConfig.preset(preset, **COMPRESSING[preset])
+    cache = agacc.CompressedCache(m.config, cfg)
+    out = run(m, ids, cache, mask, beams)
+    assert out.shape == (ids.shape[0], LONG + NEW)
+    if mode == "single":  # the prefill is exact: the first new token is the plain cache's
+        ref = run(m, ids, DynamicCache(config=m.config), n_new=1)
+        assert torch.equal(out[:, : LONG + 1], ref)
+    ratio = cache.memory()["ratio"]
+    if cfg.target_ratio is not None:
+        assert cfg.target_ratio * 0.95 <= ratio <= cfg.target_ratio * 1.3, ratio
+    else:  # uniform-int4: every block out of the recent window is int4
+        st = cache.layers[0].store
+        assert st.n_blocks == st.n_ready_blocks() > 0 and bool((st.block_tier == T.INT4).all())
+        assert ratio > 1.7, ratio
+
+
+@pytest.mark.parametrize("preset", list(COMPRESSING))
+@pytest.mark.parametrize("arch", list(SUPPORTED))
+def test_compressing_preset_refuses_a_padded_batch(arch, preset):
+    m = model(arch)
+    ids, mask, _ = batch_of("padded", SHORT)
+    cache = agacc.CompressedCache(m.config, agacc.AGACCConfig.preset(preset, **COMPRESSING[preset]))
+    with pytest.raises(ValueError, match="padded batches"):
+        run(m, ids, cache, mask)
+
+
+@pytest.mark.parametrize("arch", list(REFUSED))
+def test_refused_architecture_says_why(arch):
+    cls_name, fields, why = REFUSED[arch]
+    m = build(cls_name, fields)
+    with pytest.raises(ValueError, match=why):
+        agacc.enable(m)
+    assert m.config._attn_implementation != "agacc"
+    # without enable(): refused when the cache is made, or when the model reads it -- never a wrong answer
+    with pytest.raises((ValueError, AttentionNotEnabledError), match="agacc.enable|cannot serve"):
+        run(m, prompts(1, 16), agacc.CompressedCache(m.config, agacc.AGACCConfig.preset("full")), n_new=3)
+
+
+SLIDING = {"mistral-swa": ("MistralConfig", dict(COMMON, sliding_window=32)),
+           "gemma3-swa": ("Gemma3TextConfig", dict(COMMON, head_dim=16, sliding_window=32))}
+
+
+@pytest.mark.parametrize("arch", list(SLIDING))
+def test_sliding_window_lossless_is_exact_past_the_window(arch):
+    m = agacc.enable(build(*SLIDING[arch]))
+    ids = prompts(1, 48)  # longer than the window
+    assert torch.equal(run(m, ids, agacc.CompressedCache(m.config, agacc.AGACCConfig.preset("full"))),
+                       run(m, ids, DynamicCache(config=m.config)))
+    # a second prompt chunk (a next turn, assisted decoding's check) reads the window through the mask
+    with torch.inference_mode():
+        ref = m(ids, past_key_values=DynamicCache(config=m.config)).logits[:, -8:]
+        cache = agacc.CompressedCache(m.config, agacc.AGACCConfig.preset("full"))
+        m(ids[:, :30], past_key_values=cache)
+        out = m(ids[:, 30:], past_key_values=cache).logits[:, -8:]
+    assert torch.allclose(out, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", list(SLIDING))
+def test_sliding_window_refusal_is_accurate(arch):
+    m = agacc.enable(build(*SLIDING[arch]))
+    cfg = agacc.AGACCConfig.preset("agacc", block_size=8, recent_window=8)
+    out = run(m, prompts(1, 24), agacc.CompressedCache(m.config, cfg), n_new=4)  # 28 tokens: inside the window
+    assert out.shape == (1, 28)
+    with pytest.raises(ValueError, match="sliding-window layers \\(32 tokens\\).*preset AGACCConfig.preset\\('full'\\)"):
+        run(m, prompts(1, 40), agacc.CompressedCache(m.config, cfg))  # prompt longer than the window
+    with pytest.raises(ValueError, match="sliding-window"):  # decoding past the window
+        run(m, prompts(1, 24), agacc.CompressedCache(m.config, cfg), n_new=12)
