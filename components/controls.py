@@ -120,15 +120,65 @@ def values_dict(args) -> dict:
     return dict(zip(FIELDS, args))
 
 
+# --- thresholds: moving one never leaves tau_h > tau_l > tau_e >= 0 broken ------------------------
+
+THRESHOLDS = ("tau_h", "tau_l", "tau_e")  # high to low: the order the config demands
+
+
+def _snap(x: float, step: float, lo: float, hi: float, up: bool) -> float:
+    import math
+
+    q = x / step
+    q = math.ceil(q - 1e-9) if up else math.floor(q + 1e-9)
+    return round(min(hi, max(lo, q * step)), 6)
+
+
+def order_thresholds(moved: str, values: dict) -> dict:
+    """The thresholds after the user moved ``moved`` to ``values[moved]``: the other two pushed out of
+    the way (the least, on their sliders' steps and within their ranges) so that tau_h > tau_l > tau_e
+    >= 0 holds. -> {field: new value} for the fields that change (empty: the order holds, or a box is
+    empty). The sliders' ranges are nested (each minimum and maximum below the next threshold's), so a
+    valid push always exists."""
+    try:
+        v = {f: float(values[f]) for f in THRESHOLDS}
+    except (TypeError, ValueError, KeyError):
+        return {}
+    k = {f: knob(f) for f in THRESHOLDS}
+    order = list(THRESHOLDS)
+    i = order.index(moved)
+    for j in range(i - 1, -1, -1):  # the thresholds above the moved one go up
+        hi, lo = order[j], order[j + 1]
+        if v[hi] <= v[lo]:
+            v[hi] = _snap(max(v[lo] * 1.25, v[lo] + k[hi].step), k[hi].step, k[hi].minimum, k[hi].maximum, up=True)
+    for j in range(i + 1, len(order)):  # those below it go down
+        hi, lo = order[j - 1], order[j]
+        if v[lo] >= v[hi]:
+            v[lo] = _snap(v[hi] * 0.5, k[lo].step, k[lo].minimum, k[lo].maximum, up=False)
+    return {f: v[f] for f in THRESHOLDS if f != moved and v[f] != float(values[f])}
+
+
 # --- gradio -------------------------------------------------------------------------------------
 
 def _elem_id(name: str) -> str:
     return f"knob-{name.replace('_', '-')}"
 
 
+def tolerant_slider(**kw):
+    """gr.Slider that takes a cleared box (None to the handler) or a number out of range (clamped)."""
+    from components.tolerant import TolerantSlider
+
+    return TolerantSlider(**kw)
+
+
+def tolerant_number(**kw):
+    from components.tolerant import TolerantNumber
+
+    return TolerantNumber(**kw)
+
+
 def _slider(gr, name: str, k: Knob, value):
-    return gr.Slider(minimum=k.minimum, maximum=k.maximum, step=k.step, value=value, label=k.label,
-                     info=k.info or None, elem_id=_elem_id(name))
+    return tolerant_slider(minimum=k.minimum, maximum=k.maximum, step=k.step, value=value, label=k.label,
+                           info=k.info or None, elem_id=_elem_id(name))
 
 
 def _components(gr, name: str, values: dict) -> dict:

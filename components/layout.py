@@ -33,6 +33,58 @@ def header_html(model_line: str) -> str:
             f"tiers, bits and bytes, live. {model_line}</div></div></div>")
 
 
+# the words the page uses, for the intro and its tooltips (one place)
+GLOSSARY = {
+    "KV cache": "The keys and values of every token seen so far, per layer: what attention reads at each new "
+                "token. It grows with the context; AGACC stores most of it in fewer bits.",
+    "importance": "How much attention a block of tokens receives, averaged over recent steps (an EMA), in units "
+                  "of the layer's mean: 1 = average, 100 = a block the model keeps reading.",
+    "block": "B consecutive tokens (16 by default) that share a tier: the unit the cache compresses.",
+    "tier": "How a block is stored: full (16-bit), int8/int4/int3/int2 (quantised), pruned (small values "
+            "dropped), evicted (gone; a marker keeps their average). hot = the recent window, not yet scored.",
+    "τ_h": "Above τ_h a block stays at full precision.",
+    "τ_l": "Between τ_l and τ_h a block is quantised (more bits the closer it is to τ_h); below τ_l pruned.",
+    "τ_e": "Below τ_e a block is evicted.",
+    "re-evaluation": "Every N_r generated tokens the cache scores its blocks again and moves each to its tier "
+                     "(a block only loses precision, unless a host copy is kept).",
+    "ratio": "Bytes a 16-bit cache would hold / bytes held: 4x = a quarter of the memory.",
+}
+
+
+def _term(word: str, shown: str | None = None) -> str:
+    import html
+
+    return f"<abbr class='gloss' title='{html.escape(GLOSSARY[word], quote=True)}'>{html.escape(shown or word)}</abbr>"
+
+
+def intro_html() -> str:
+    """The short introduction for a class: what the cache is, what the plots show, how to read them,
+    a guided example; the terms carry their glossary entry as a tooltip."""
+    t = _term
+    return f"""<details id='intro-box'><summary><b>What am I looking at?</b> A two-minute introduction
+(hover the dotted words for their meaning)</summary>
+<div class='intro-body'>
+<p>While a language model writes, it keeps the {t('KV cache')} of every token it has read. AGACC measures
+each {t('block')}'s {t('importance')} from the attention the model pays to it, and stores each block in a
+{t('tier')}: the important ones at full precision, the others in fewer bits, the least useful ones evicted.
+At every {t('re-evaluation')} the tiers are decided again.</p>
+<ul>
+<li><b>Importance</b> (layers × blocks): brighter = read more. The colour bar marks the thresholds
+{t('τ_h')}, {t('τ_l')}, {t('τ_e')}.</li>
+<li><b>Tier</b>: the storage each block got, colour by tier (legend under the plot). <b>Bits</b>: the same as
+bits per value (16 = full, 0 = evicted).</li>
+<li><b>KV-cache memory</b>: bytes held (blue) against a 16-bit cache (grey); the green gap is what was saved
+(the {t('ratio')}).</li>
+<li><b>Tokens by tier</b>: the prompt and the output, each token coloured by its block's tier; hover a token
+for its importance and bits; ⟪n evicted⟫ marks evicted text.</li>
+</ul>
+<p><b>Try it in front of a class:</b> press <i>Passkey retrieval</i>, tick <i>compare with the full cache</i>,
+Generate. The block holding the pass key stays at 16 bits (blue in the tier map, bold in the token view)
+while most of the filler text around it is quantised or evicted; the answer still matches the full cache's.
+Then drag τ_l or τ_e after the run: the maps replay the policy at once, without generating.</p>
+</div></details>"""
+
+
 def plot_value(spec: dict):
     """A figure spec as gr.Plot's value without building a plotly Figure (fast path)."""
     from gradio.components.plot import PlotData
@@ -47,7 +99,8 @@ def build_layout(model_choices: list[str], default_model: str, model_line: str, 
 
     ui = SimpleNamespace()
     ui.header = gr.HTML(header_html(model_line), elem_id="header-box")
-    with gr.Row(equal_height=False):
+    ui.intro = gr.HTML(intro_html(), elem_id="intro")
+    with gr.Row(equal_height=False, elem_id="main-row"):
         with gr.Column(scale=4, min_width=340, elem_id="controls"):
             ui.prompt = gr.Textbox(value=default_prompt, label="Prompt", lines=7, max_lines=14, elem_id="prompt",
                                    placeholder="Type a prompt or pick an example")
@@ -66,12 +119,12 @@ def build_layout(model_choices: list[str], default_model: str, model_line: str, 
                 ui.preset = gr.Dropdown(choices=controls.preset_names(), value=default_preset, label="Method preset",
                                         elem_id="preset")
                 with gr.Row():
-                    ui.max_new = gr.Slider(1, 512, value=max_new_tokens, step=1, label="max new tokens",
-                                           elem_id="max-new-tokens")
-                    ui.temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)",
-                                               elem_id="temperature")
+                    ui.max_new = controls.tolerant_slider(minimum=1, maximum=512, value=max_new_tokens, step=1,
+                                                          label="max new tokens", elem_id="max-new-tokens")
+                    ui.temperature = controls.tolerant_slider(minimum=0.0, maximum=2.0, value=0.0, step=0.05,
+                                                              label="temperature (0 = greedy)", elem_id="temperature")
                 with gr.Row():
-                    ui.seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed", min_width=80)
+                    ui.seed = controls.tolerant_number(value=0, precision=0, label="seed", elem_id="seed", min_width=80)
                     ui.compare = gr.Checkbox(value=False, label="compare with the full cache (lockstep)",
                                              elem_id="compare")
                     ui.chat = gr.Checkbox(value=True, label="chat template", elem_id="chat-template")
@@ -89,11 +142,11 @@ def build_layout(model_choices: list[str], default_model: str, model_line: str, 
             ui.stats = gr.Markdown("Ready. Pick an example or type a prompt, then **Generate**.", elem_id="stats")
             ui.output = gr.Textbox(label="Output (compressed cache)", lines=5, max_lines=12, interactive=False,
                                    elem_id="output", autoscroll=True)
-            with gr.Row():
+            with gr.Row(elem_classes=["plot-row"]):
                 ui.importance = gr.Plot(value=plot_value(plots.importance_heatmap(None)), show_label=False,
                                         elem_id="importance-heatmap")
                 ui.tier = gr.Plot(value=plot_value(plots.tier_map(None)), show_label=False, elem_id="tier-map")
-            with gr.Row():
+            with gr.Row(elem_classes=["plot-row"]):
                 ui.bits = gr.Plot(value=plot_value(plots.bits_map(None)), show_label=False, elem_id="bits-map")
                 ui.memory = gr.Plot(value=plot_value(plots.memory_chart(None)), show_label=False, elem_id="memory-chart")
             with gr.Row():

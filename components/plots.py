@@ -77,8 +77,8 @@ def importance_heatmap(snap: dict | None, config: dict | None = None) -> dict:
         ticks.update(dict(marks))
     trace = {"type": "heatmap", "z": z, "x": x, "y": list(range(len(z))), "text": text,
              "colorscale": "Viridis", "zmin": lo, "zmax": hi if hi > lo else lo + 1, "hoverongaps": False,
-             "colorbar": {"title": {"text": "score"}, "tickvals": list(ticks), "ticktext": list(ticks.values()),
-                          "thickness": 12},
+             "colorbar": {"title": {"text": "score", "side": "right"}, "tickvals": list(ticks),
+                          "ticktext": list(ticks.values()), "thickness": 12, "len": 1, "y": 0.5, "yanchor": "middle"},
              "hovertemplate": "layer %{y}, block %{x}<br>importance %{text}<extra></extra>"}
     return {"data": [trace], "layout": _layout(title, xaxis=xaxis, yaxis=yaxis)}
 
@@ -123,10 +123,12 @@ def tier_map(snap: dict | None) -> dict:
         data.append({"type": "scatter", "x": [None], "y": [None], "mode": "markers", "name": TIER_LABELS[code],
                      "marker": {"symbol": "square", "size": 12, "color": TIER_COLORS[code][1]},
                      "showlegend": True, "hoverinfo": "skip"})
-    lay = _layout(title, xaxis=xaxis, yaxis=yaxis,
-                  legend={"orientation": "v", "x": 1.01, "y": 1, "xanchor": "left", "font": {"size": 11},
-                          "itemclick": False, "itemdoubleclick": False})
-    lay["margin"] = dict(_MARGIN, r=150)
+    # the legend under the plot, never beside it: at a narrow width a side legend takes the plot's room
+    # (or covers it); Plotly grows the bottom margin to fit it (margin.autoexpand)
+    lay = _layout(title, xaxis=xaxis, yaxis=yaxis, height=HEIGHT + 80,
+                  legend={"orientation": "h", "x": 0, "xanchor": "left", "yref": "container", "y": 0, "yanchor": "bottom",
+                          "font": {"size": 11}, "itemclick": False, "itemdoubleclick": False})
+    lay["margin"] = dict(_MARGIN, b=120)
     return {"data": data, "layout": lay}
 
 
@@ -143,7 +145,8 @@ def bits_map(snap: dict | None) -> dict:
     trace = {"type": "heatmap", "z": z, "x": x, "y": list(range(len(z))),
              "colorscale": [[0, "#7f1d1d"], [0.0625, "#f59e0b"], [0.25, "#a3e635"], [0.5, "#22c55e"], [1, "#1e3a8a"]],
              "zmin": 0, "zmax": 16, "xgap": 1 if len(x) <= 96 else 0, "ygap": 1,
-             "colorbar": {"title": {"text": "bits"}, "tickvals": [0, 2, 4, 8, 16], "thickness": 12},
+             "colorbar": {"title": {"text": "bits", "side": "right"}, "tickvals": [0, 2, 4, 8, 16], "thickness": 12,
+                          "len": 1, "y": 0.5, "yanchor": "middle"},
              "hovertemplate": "layer %{y}, block %{x}<br>%{z} bits (%{text})<extra></extra>"}
     if text is not None:
         trace["text"] = text
@@ -179,11 +182,11 @@ def memory_chart(steps: list[dict] | None, replayed: list[dict] | None = None, m
                      "name": "replayed policy", "mode": "lines+markers", "line": {"color": "#f97316", "dash": "dash"},
                      "marker": {"size": 5}, "hovertemplate": "step %{x}: %{y:.3f} MiB<extra>replayed</extra>"})
     sub = (f"{last['bytes'] / MIB:.2f} MiB held vs {last['bytes_fp16'] / MIB:.2f} MiB at 16 bits: "
-           f"{saved:.2f} MiB saved ({ratio:.2f}x)")
+           + (f"{saved:.2f} MiB saved" if saved >= 0 else f"{-saved:.2f} MiB more") + f" ({ratio:.2f}x)")
     lay = _layout(f"{title}<br><sup>{sub}</sup>", xaxis={"title": {"text": "generated tokens"}},
                   yaxis={"title": {"text": "MiB"}, "rangemode": "tozero"},
-                  legend={"orientation": "h", "y": -0.3, "x": 0, "yanchor": "top"})
-    lay["margin"] = dict(_MARGIN, b=80, t=56)
+                  legend={"orientation": "h", "x": 0, "yref": "container", "y": 0, "yanchor": "bottom"})
+    lay["margin"] = dict(_MARGIN, b=100, t=56)
     if marker_step is not None:
         lay["shapes"] = [{"type": "line", "x0": marker_step, "x1": marker_step, "y0": 0, "y1": 1, "yref": "paper",
                           "line": {"color": "#0f172a", "width": 1, "dash": "dot"}}]
@@ -212,8 +215,8 @@ def compare_chart(steps: list[dict] | None, diverged_at: int | None = None) -> d
                   yaxis={"title": {"text": "KL (nats)"}, "rangemode": "tozero"},
                   yaxis2={"overlaying": "y", "side": "right", "range": [-0.2, 1.2], "tickvals": [0, 1],
                           "ticktext": ["no", "yes"], "showgrid": False},
-                  legend={"orientation": "h", "y": -0.3, "x": 0, "yanchor": "top"})
-    lay["margin"] = dict(_MARGIN, b=80, r=40, t=56)
+                  legend={"orientation": "h", "x": 0, "yref": "container", "y": 0, "yanchor": "bottom"})
+    lay["margin"] = dict(_MARGIN, b=100, r=40, t=56)
     if diverged_at is not None:
         lay["shapes"] = [{"type": "line", "x0": diverged_at, "x1": diverged_at, "y0": 0, "y1": 1, "yref": "paper",
                           "line": {"color": "#dc2626", "width": 1.5, "dash": "dash"}}]
@@ -233,10 +236,21 @@ def to_json(spec: dict) -> str:
     return json.dumps(spec, allow_nan=False, separators=(",", ":"))
 
 
+def plotly_js() -> str:
+    """plotly.js itself (from the plotly package, about 4.8 MB), to embed in a page that must work offline."""
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs()
+
+
 def figures_html(specs: dict[str, dict], extra_html: str = "", title: str = "AGACC run") -> str:
-    """One standalone HTML page with every figure (plotly.js from the CDN) and optional extra HTML."""
+    """One standalone HTML page with every figure and optional extra HTML. plotly.js is embedded in the
+    page (no CDN): it opens offline, in a classroom or on a laptop."""
+    import html as _html
+
+    title = _html.escape(title)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>",
-             "<script src='https://cdn.plot.ly/plotly-2.35.2.min.js'></script></head><body style='font-family:sans-serif'>",
+             f"<script>{plotly_js()}</script></head><body style='font-family:sans-serif'>",
              f"<h2>{title}</h2>"]
     for i, (name, spec) in enumerate(specs.items()):
         parts.append(f"<div id='fig{i}' style='max-width:1100px'></div>")

@@ -92,10 +92,26 @@ class Models:
                 self._models.popitem(last=False)
             return self._models[key]
 
+    def loaded(self, choice: str | None, trust_remote_code: bool = False) -> bool:
+        """Whether ``choice`` is loaded (without waiting for a load under way)."""
+        name = model_arg(choice)
+        return (name, bool(trust_remote_code) if name else False) in self._models
+
     def hub_ok(self) -> bool:
         if self._hub is None or time.time() - self._hub[1] > 300:
             self._hub = (hub_reachable(), time.time())
         return self._hub[0]
+
+
+class Run:
+    """One Generate / Re-run of a session as the page sees it: its library session and whether the
+    handler that streams it has ended (``done``) after painting its own final state (``painted``).
+    Stop waits for ``done`` so that nothing of the run reaches the page after Stop's final state."""
+
+    def __init__(self, session: GenerationSession | None = None):
+        self.session = session
+        self.done = threading.Event()
+        self.painted = False
 
 
 class UserState:
@@ -104,6 +120,7 @@ class UserState:
     def __init__(self):
         self.lock = threading.Lock()
         self.cancel = threading.Event()
+        self.run: Run | None = None
         self.session: GenerationSession | None = None
         self.trace: Trace | None = None
         self.model_choice: str | None = None

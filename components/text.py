@@ -3,6 +3,7 @@ and the reproduction snippet (Markdown / HTML strings from what the library reco
 from __future__ import annotations
 
 import html
+import os
 
 import kernels
 from agacc.trace import Trace, config_snippet
@@ -11,19 +12,62 @@ MIB = 2 ** 20
 COMPARE_HINT = "Tick *compare with the full cache* (or press **Re-run + compare**) to run a full cache in lockstep."
 
 
+def kernel_label(device) -> str:
+    """The decode kernels that run for ``device``, without waiting for the CPU kernel's build
+    (``kernels.backend`` would: it loads the extension). On the CPU: the fused C++ kernel once built
+    (while it builds, a decode waits for it), the PyTorch reference when it is off or failed."""
+    kind = getattr(device, "type", None) or str(device).split(":")[0]
+    if kind != "cpu" or os.environ.get(kernels.FORCE_TRITON_ENV, "") == "1":
+        return kernels.LABELS[kernels.backend(device)]
+    from kernels import cpu
+
+    state = cpu.status()
+    if state == "ready":
+        return kernels.LABELS["cpp"]
+    if state in ("building", "not built yet"):
+        return f"{kernels.LABELS['cpp']} (building: once per Python environment)"
+    why = "turned off (AGACC_CPU_KERNEL=0)" if state == "disabled" else "the C++ build failed"
+    return f"{kernels.LABELS['torch']} ({why})"
+
+
 def model_line(name: str | None, model, label: str = "SmolLM2-135M-Instruct (embedded)") -> str:
-    """The model, its device and dtype, and the decode kernels that run for it (``kernels.backend``)."""
+    """The model, its device and dtype, and the decode kernels that run for it."""
     dev = str(model.device)
     return (f"Model: <b>{html.escape(name or label)}</b> on {dev}, {str(model.dtype).replace('torch.', '')}; "
-            f"decode kernels: {kernels.LABELS[kernels.backend(model.device)]}.")
+            f"decode kernels: {kernel_label(model.device)}.")
 
 
-def mem_text(mem: dict | None) -> str:
+# why a run holds more than a 16-bit cache would (a "negative saving"), by the config that ran
+def more_than_16_bit(cfg: dict | None, dtype: str | None = None) -> str:
+    """One sentence on why the held bytes exceed a 16-bit cache's (ratio < 1): ``cfg`` the run's config
+    dict, ``dtype`` the model's dtype name."""
+    cfg = cfg or {}
+    if not cfg.get("compress", True) and cfg.get("store_dtype") == "model" and dtype in ("float32", "fp32"):
+        return ("`full` keeps the model's own K/V and this model runs in fp32: 32 bits a value, twice a 16-bit "
+                "cache (the 16-bit line is the reference every method is measured against)")
+    if not cfg.get("compress", True):
+        return "`full` compresses nothing: every entry at full precision"
+    if cfg.get("rule") in ("h2o", "streamingllm", "snapkv", "pyramidkv", "fastkv", "dynamickv") \
+            and cfg.get("target_ratio") is None and (cfg.get("c_max") or 1.0) >= 1.0:
+        return (f"`{cfg.get('rule')}` evicts only to meet a budget: without a target ratio it keeps every token at "
+                "16 bits, and its importance tracker adds a little; tick *use a target memory ratio*")
+    return ("nothing is compressed yet: the prompt fits in the recent window (or no block scored low enough), "
+            "so every token is at 16 bits and the importance tracker adds a little")
+
+
+def mem_text(mem: dict | None, cfg: dict | None = None, dtype: str | None = None) -> str:
+    """The bytes line; a run that holds more than a 16-bit cache says so and why (``more_than_16_bit``)."""
     if not mem:
         return ""
     saved = (mem["bytes_fp16"] - mem["bytes"]) / MIB
-    out = (f"KV {mem['bytes'] / MIB:.2f} MiB held vs {mem['bytes_fp16'] / MIB:.2f} MiB at 16 bits: "
-           f"{saved:.2f} MiB saved ({mem['ratio']:.2f}x)")
+    if saved >= 0:
+        out = (f"KV {mem['bytes'] / MIB:.2f} MiB held vs {mem['bytes_fp16'] / MIB:.2f} MiB at 16 bits: "
+               f"{saved:.2f} MiB saved ({mem['ratio']:.2f}x)")
+    else:
+        out = (f"KV {mem['bytes'] / MIB:.2f} MiB held vs {mem['bytes_fp16'] / MIB:.2f} MiB at 16 bits: "
+               f"{-saved:.2f} MiB more ({mem['ratio']:.2f}x)")
+        if cfg is not None:
+            out += f" <span class='why-more'>(why: {more_than_16_bit(cfg, dtype)})</span>"
     if mem.get("host_bytes"):
         out += f" + host copy {mem['host_bytes'] / MIB:.2f} MiB"
     return out
@@ -40,7 +84,8 @@ def stats_md(state: str, s=None, mem: dict | None = None, reevals: int | None = 
         if rate:
             parts.append(f"{rate:.1f} tokens/s")
     if mem:
-        parts.append(mem_text(mem))
+        parts.append(mem_text(mem, s.cfg.to_dict() if s is not None else None,
+                              str(s.model.dtype).replace("torch.", "") if s is not None else None))
     if reevals is not None:
         parts.append(f"{reevals} re-evaluations")
     return " · ".join(parts) + (f"\n\n{extra}" if extra else "")
@@ -55,7 +100,7 @@ def final_stats(tr: Trace, label: str, mem: dict | None, reevals) -> str:
     if m.get("tokens_per_s"):
         parts.append(f"{m['tokens_per_s']:.1f} tokens/s")
     if mem:
-        parts.append(mem_text(mem))
+        parts.append(mem_text(mem, m.get("config"), m.get("dtype")))
     if reevals is not None:
         parts.append(f"{reevals} re-evaluations")
     return " · ".join(parts)

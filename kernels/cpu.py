@@ -9,16 +9,25 @@ the PyTorch path (``agacc.decode.decode_attention`` on the "torch" backend, its 
 dozen tensor ops per layer and step. ``kernels.backend("cpu")`` is "cpp" once ``load()`` has the
 extension.
 
-Built once per machine (and instruction set) with the C++ compiler through ``torch.utils.cpp_extension`` (about a minute;
-cached under ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). ``AGACC_CPU_KERNEL=0``
-turns it off; without a compiler the build fails once, with a warning, and the PyTorch path runs.
+Built once per Python environment (and instruction set) with the C++ compiler through
+``torch.utils.cpp_extension`` (one to three minutes), cached under
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) in ``agacc/<name>-<key>``: the key hashes
+the interpreter (``sys.prefix``, its version), torch's version and install path, the instruction set,
+the flags and the sources, so two environments on one machine keep a build each instead of rebuilding
+each other's. A build killed halfway leaves torch's ``lock`` file behind (the next build would wait on
+it forever, without a word): ``load()`` finds it, sees from ``agacc-build.pid`` that the process that
+held it is gone, says so and removes it. ``status()`` tells, without waiting, whether the build is done
+(the app's header). ``AGACC_CPU_KERNEL=0`` turns it off; without a compiler the build fails once, with
+a warning, and the PyTorch path runs.
 
   decode_layer(qg [Bt,H,g,D] fp32, parts: list[Part]) -> (out [Bt,H,g,D] fp32, mass [n_entries] fp32)
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -39,8 +48,87 @@ _NO_BIAS = torch.empty(0)
 _ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma", "-mf16c"], "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]}
 
 
+# a lock without a pid file (a build by an older version of this file) counts as stale after this long
+STALE_LOCK_S = 15 * 60
+
+
 def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0"
+
+
+def status() -> str:
+    """"disabled" | "ready" | "failed" | "building" | "not built yet", without waiting for a build."""
+    if not enabled():
+        return "disabled"
+    if "module" in _state:
+        return "ready"
+    if "error" in _state:
+        return "failed"
+    return "building" if _lock.locked() else "not built yet"
+
+
+def _flags(cap: str) -> list[str]:
+    return ["-O3", "-ffast-math", *_ISA_FLAGS.get(cap, [])]
+
+
+def build_dir(cap: str | None = None) -> Path:
+    """Where this environment's build lives: ``$TORCH_EXTENSIONS_DIR/agacc/<name>-<key>`` (see the module doc)."""
+    cap = cap or torch.backends.cpu.get_cpu_capability()
+    h = hashlib.sha256()
+    for part in (sys.prefix, sys.version, torch.__version__, os.path.dirname(torch.__file__), cap, " ".join(_flags(cap))):
+        h.update(part.encode() + b"\0")
+    for src in _SOURCES:
+        h.update(src.read_bytes())
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    return Path(root) / "agacc" / f"{_name(cap)}-{h.hexdigest()[:12]}"
+
+
+def _name(cap: str) -> str:
+    return "agacc_cpu_" + re.sub(r"\W", "_", cap.lower())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clear_stale_lock(directory: Path) -> str | None:
+    """Remove torch's build ``lock`` in ``directory`` when the build that took it is gone (killed
+    halfway): its ``agacc-build.pid`` names a process of this host that no longer runs, or there is no
+    pid file and the lock is older than ``STALE_LOCK_S``. -> a message saying what was done (None: no lock,
+    or a live build holds it, which the caller then waits for)."""
+    lock, pidf = directory / "lock", directory / "agacc-build.pid"
+    if not lock.exists():
+        return None
+    owner = None
+    try:
+        host, pid = pidf.read_text().split()
+        owner = (host, int(pid))
+    except (OSError, ValueError):
+        pass
+    if owner is not None:
+        if owner[0] != socket.gethostname() or _alive(owner[1]):
+            return None
+        why = f"the build that took it (pid {owner[1]}) is gone"
+    else:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:
+            return None
+        if age < STALE_LOCK_S:
+            return None
+        why = f"it is {age / 60:.0f} minutes old and names no running build"
+    for f in (lock, pidf):
+        try:
+            f.unlink()
+        except FileNotFoundError:
+            pass
+    return f"AGACC: removed a stale build lock in {directory} ({why}: a build killed halfway); building again"
 
 
 def load():
@@ -56,9 +144,32 @@ def load():
                 from torch.utils.cpp_extension import load as build
 
                 cap = torch.backends.cpu.get_cpu_capability()  # the build is per instruction set
-                _state["module"] = build(name="agacc_cpu_" + re.sub(r"\W", "_", cap.lower()),
-                                         sources=[str(p) for p in _SOURCES],
-                                         extra_cflags=["-O3", "-ffast-math", *_ISA_FLAGS.get(cap, [])], verbose=False)
+                directory = build_dir(cap)
+                directory.mkdir(parents=True, exist_ok=True)
+                msg = clear_stale_lock(directory)
+                if msg:
+                    print(msg, file=sys.stderr)
+                fresh = not any(directory.glob("*.so"))
+                if fresh:
+                    print(f"AGACC: building the CPU kernels in {directory} (once per Python environment, "
+                          "one to three minutes)", file=sys.stderr)
+                elif (directory / "lock").exists():
+                    print(f"AGACC: another process is building the CPU kernels in {directory}; waiting for it",
+                          file=sys.stderr)
+                pidf = directory / "agacc-build.pid"
+                try:  # who holds torch's lock while this build runs (clear_stale_lock reads it)
+                    fd = os.open(pidf, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                    os.write(fd, f"{socket.gethostname()} {os.getpid()}".encode())
+                    os.close(fd)
+                    mine = True
+                except OSError:
+                    mine = False
+                try:
+                    _state["module"] = build(name=_name(cap), sources=[str(p) for p in _SOURCES],
+                                             extra_cflags=_flags(cap), build_directory=str(directory), verbose=False)
+                finally:
+                    if mine:
+                        pidf.unlink(missing_ok=True)
                 if time.perf_counter() - t0 > 5:
                     print(f"AGACC: built the CPU kernels in {time.perf_counter() - t0:.0f} s "
                           "(cached for later runs)", file=sys.stderr)

@@ -44,6 +44,15 @@ window.__agaccTimer = setInterval(() => {
   const last = window.__agaccLens[window.__agaccLens.length - 1];
   if (!last || last[0] !== rec[0] || last[1] !== rec[1]) window.__agaccLens.push(rec);
 }, 25);"""
+# Stop latency as the page sees it: from the click on #stop (capture phase) to the status line saying
+# "Stopped" (a MutationObserver), in the page's own clock
+JS_STOP_PROBE = """
+window.__stop = {t0: null, t1: null};
+const st = document.querySelector('#stats');
+document.querySelector('#stop').addEventListener('click', () => { if (window.__stop.t0 === null) window.__stop.t0 = performance.now(); }, {capture: true});
+new MutationObserver(() => {
+  if (window.__stop.t0 !== null && window.__stop.t1 === null && st.innerText.includes('Stopped')) window.__stop.t1 = performance.now();
+}).observe(st, {childList: true, subtree: true, characterData: true});"""
 JS_PLOT_Z = """
 const el = document.querySelector('#' + arguments[0] + ' .js-plotly-plot');
 return el && el.data && el.data[0] && el.data[0].z ? JSON.stringify(el.data[0].z) : null;"""
@@ -61,7 +70,7 @@ def _have_browser() -> bool:
 
 def start_app(port: int, log_path: Path, extra_env: dict | None = None) -> subprocess.Popen:
     env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), AGACC_THREADS="1",
-               AGACC_DRAW_INTERVAL="0.2", AGACC_OFFLINE="1", PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False")
+               AGACC_OFFLINE="1", PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False")
     env.update(extra_env or {})
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -143,6 +152,19 @@ class Page:
         self.d.execute_script("arguments[0].scrollIntoView({block: 'center'});", el)
         el.click()
 
+    def js_click(self, elem_id: str) -> None:
+        """Click through the page's own event loop (a WebDriver click also waits for the element to be
+        hit-testable, which a busy page can delay well past the click itself)."""
+        self.d.execute_script("document.querySelector('#' + arguments[0]).click();", elem_id)
+
+    def stop_and_measure(self, timeout: float = 60.0) -> float:
+        """Press Stop and return the seconds, in the page's clock, until the status line says Stopped."""
+        self.d.execute_script(JS_STOP_PROBE)
+        self.js_click("stop")
+        self.wait(lambda: self.d.execute_script("return window.__stop.t1 !== null"), timeout, "the stopped status")
+        t = self.d.execute_script("return window.__stop")
+        return (t["t1"] - t["t0"]) / 1000.0
+
     def set_prompt(self, text: str) -> None:
         from selenium.webdriver.common.keys import Keys
 
@@ -213,11 +235,13 @@ def test_browser_stream_plots_replay_stop(app_url):
         p.click("generate")
         p.wait(lambda: "Generating" in p.stats() and len(p.output()) > 0, 120, "a second run streaming")
         time.sleep(0.5)
-        p.click("stop")
-        p.wait(lambda: "Stopped" in p.stats(), 30, "the stopped status")
+        latency = p.stop_and_measure(60)
+        print(f"stop latency in decode (page clock): {latency:.2f} s")
         text = p.output()
         time.sleep(2.0)
         assert p.output() == text, "the output kept growing after Stop"
+        assert "Stopped" in p.stats(), "something of the run reached the page after Stop"
+        assert latency < 15.0
         assert proc.poll() is None, "the app died"
         driver.save_screenshot(str(shot))
     except Exception:

@@ -1,6 +1,7 @@
 """Several browser sessions at once through gradio_client: outputs are not mixed (each equals the
 same prompt/seed run alone through the library), Stop ends only its own session's run and frees
-its cache, and bad input gets a clear error while the app keeps serving."""
+its cache, and bad input gets one clear message in the status line (no exception, no traceback, one
+log line) while the app keeps serving."""
 from __future__ import annotations
 
 import json
@@ -73,7 +74,7 @@ def test_sessions_do_not_mix(server):
     hashes = {c.session_hash for c in clients}
     assert len(hashes) == 3 and all(h in a.sessions for h in hashes)
     for c, (prompt, *_rest) in zip(clients, runs):  # each session exports its own run
-        files, _snippet = c.predict(api_name="/export")
+        files, _snippet, _stats = c.predict(api_name="/export")
         trace = json.loads(open(files[0]).read())
         assert trace["meta"]["prompt"] == prompt
     assert wall < 240
@@ -102,21 +103,28 @@ def test_stop_ends_only_its_own_session(server):
     assert job_b.result(timeout=240)[0] == ref_b  # the other session ran on, unaffected
 
 
-def test_bad_input_is_reported_and_the_app_keeps_serving(server):
+def test_bad_input_is_reported_and_the_app_keeps_serving(server, caplog):
+    import logging
+    import re
+
     from gradio_client import Client
-    from gradio_client.exceptions import AppError
 
     a, url = server
     c = Client(url, verbose=False)
-    with pytest.raises(AppError, match="prompt is empty"):
-        c.predict(prompt="  ", api_name="/generate", **KNOBS)
-    bad = dict(KNOBS, tau_l=3.0)
-    with pytest.raises(AppError, match="tau_h > tau_l"):
-        c.predict(prompt=PROMPTS[0], api_name="/generate", **bad)
-    with pytest.raises(AppError, match="memory limit|context length"):
-        c.predict(prompt="word " * 5000, max_new_tokens=8, api_name="/generate", **KNOBS)
-    with pytest.raises(AppError, match="cannot load model"):
-        c.predict(prompt=PROMPTS[0], model="agacc-tests/no-such-model-xyz", api_name="/generate", **KNOBS)
+    cases = [(dict(prompt="  "), "prompt is empty"),
+             (dict(prompt=PROMPTS[0], tau_l=3.0), r"tau_h > tau_l"),
+             (dict(prompt="word " * 5000, max_new_tokens=8), "memory limit|context length"),
+             (dict(prompt=PROMPTS[0], model="agacc-tests/no-such-model-xyz"), "cannot load model"),
+             (dict(prompt=PROMPTS[0], seed=1e30), "seed must be between"),
+             (dict(prompt=PROMPTS[0], max_new_tokens=None), "max new tokens is empty"),
+             (dict(prompt=PROMPTS[0], tau_l=None), "τ_l is empty")]
+    with caplog.at_level(logging.WARNING, logger="agacc.app"):
+        for kw, want in cases:
+            caplog.clear()
+            out = c.predict(api_name="/generate", **{**KNOBS, **kw})
+            assert re.search(want, out[1]), (kw, out[1])
+            assert "Traceback" not in out[1] and "preprocess" not in out[1]
+            assert len([r for r in caplog.records if r.name == "agacc.app"]) == 1, caplog.text  # one log line
     out = c.predict(prompt=PROMPTS[0], max_new_tokens=3, api_name="/generate", **KNOBS)
     assert out[0] and "Done" in out[1]
     # after the run, a threshold change replays the recorded importance (no generation)
@@ -152,12 +160,11 @@ def test_endpoints_take_named_inputs(server):
 
 def test_export_then_import_in_another_session(server, tmp_path):
     from gradio_client import Client, handle_file
-    from gradio_client.exceptions import AppError
 
     a, url = server
     c1, c2 = Client(url, verbose=False), Client(url, verbose=False)
     out = c1.predict(prompt=PROMPTS[2], max_new_tokens=6, api_name="/generate", **KNOBS)
-    files, snippet = c1.predict(api_name="/export")
+    files, snippet, _stats = c1.predict(api_name="/export")
     assert any(f.endswith(".html") for f in files) and any(f.endswith(".py") for f in files)
     assert "AGACCConfig.preset('agacc'" in snippet and "recent_window=16" in snippet
     trace_file = next(f for f in files if f.endswith(".json"))
@@ -167,8 +174,9 @@ def test_export_then_import_in_another_session(server, tmp_path):
     assert a.sessions.get(c2.session_hash).trace.meta["prompt"] == PROMPTS[2]
     bad = tmp_path / "bad.json"
     bad.write_text('{"not": "a trace"}')
-    with pytest.raises(AppError, match="not an AGACC trace"):
-        c2.predict(handle_file(str(bad)), api_name="/import_trace")
+    out = c2.predict(handle_file(str(bad)), api_name="/import_trace")
+    assert "not an AGACC trace" in out[1] and "Import failed" in out[1]
+    assert a.sessions.get(c2.session_hash).trace.meta["prompt"] == PROMPTS[2]  # the imported run stays
 
 
 def test_stream_resends_unchanged_values_instead_of_skips(server):
@@ -179,14 +187,15 @@ def test_stream_resends_unchanged_values_instead_of_skips(server):
 
     a, _ = server
     ui = a.ui
-    old = a.draw_interval
+    old, old_update = a.draw_interval, A.UPDATE_INTERVAL
     a.draw_interval = 3600.0  # draw at the first token and at the end only
+    A.UPDATE_INTERVAL = 0.0  # an update per batch of tokens
     try:
         ups = list(a.generate(None, prompt=PROMPTS[0], model=a.default_model, trust_remote_code=False,
                               preset="agacc", max_new_tokens=6, temperature=0.0, seed=0, compare=False,
                               chat_template=True, **KNOBS))
     finally:
-        a.draw_interval = old
+        a.draw_interval, A.UPDATE_INTERVAL = old, old_update
     outs = a.gen_outputs
     pos = {c: i for i, c in enumerate(outs)}
     stream, final = ups[1:-1], ups[-1]
@@ -197,9 +206,40 @@ def test_stream_resends_unchanged_values_instead_of_skips(server):
     texts = [u[pos[ui.output]] for u in stream]
     assert all(texts[i + 1].startswith(texts[i]) for i in range(len(texts) - 1)) and texts[-1] == final[pos[ui.output]]
     middle = stream[1:-1]  # no redraw between the first token and the last
-    for c in (ui.importance, ui.tier, ui.bits, ui.memory, ui.token_view, ui.stats):
+    for c in (ui.importance, ui.tier, ui.bits, ui.memory, ui.token_view):  # (the status line: every STATS_INTERVAL)
         assert all(u[pos[c]] is stream[0][pos[c]] for u in middle), c.elem_id
     assert A.SKIP()["__type__"] == "update"
+
+
+def test_stream_sends_at_most_one_new_figure_per_update(server):
+    """Each figure update is a full Plotly draw on the page's one thread: after the first draw of a run,
+    an update carries at most one new figure (so no update blocks the page, and Stop is served), the
+    figures at least FIGURE_GAP apart; the last update carries every figure of the final state."""
+    import app as A
+
+    a, _ = server
+    ui = a.ui
+    old = a.draw_interval, a.map_interval
+    a.draw_interval, a.map_interval = 0.0, 0.0  # every figure due at every update
+    old_update, A.UPDATE_INTERVAL = A.UPDATE_INTERVAL, 0.0
+    try:
+        ups = list(a.generate(None, prompt=PROMPTS[0], model=a.default_model, trust_remote_code=False,
+                              preset="agacc", max_new_tokens=24, temperature=0.0, seed=0, compare=True,
+                              chat_template=True, **KNOBS))
+    finally:
+        a.draw_interval, a.map_interval = old
+        A.UPDATE_INTERVAL = old_update
+    pos = {c: i for i, c in enumerate(a.gen_outputs)}
+    figs = (ui.importance, ui.tier, ui.bits, ui.memory, ui.token_view, ui.compare_plot)
+    stream = ups[2:-1]  # after the prefilling update and the first token's (which draws everything)
+    assert len(stream) >= 10
+    prev = ups[1]
+    for u in stream:
+        new = [c.elem_id for c in figs if u[pos[c]] is not prev[pos[c]]]
+        assert len(new) <= 1, new
+        prev = u
+    drawn = sum(1 for i in range(1, len(ups) - 1) for c in figs if ups[i + 1][pos[c]] is not ups[i][pos[c]])
+    assert drawn >= 1
 
 
 def test_queue_polls_at_the_app_rate(server):
