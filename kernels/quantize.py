@@ -324,3 +324,98 @@ def _check_bits(bits: int, method: str) -> None:
         raise ValueError(f"unknown quantiser {method!r}: expected 'minmax' or 'meanstd'")
     if method == "meanstd" and bits < 2:
         raise ValueError("meanstd quantiser needs at least 2 bits")
+
+
+# --------------------------------------------------------------------------------------------
+# ahead-of-time compilation (kernels/aot.py): the variants the wrappers above can launch
+# --------------------------------------------------------------------------------------------
+
+AOT_HEAD_DIMS = (64, 96, 128, 256)
+AOT_BLOCK_SIZES = (8, 16, 32, 64, 128)  # AGACCConfig.block_size choices: the key quantiser's B
+AOT_GROUP_SIZES = (8, 24, 64, 128)      # value / per-token key group sizes (multiples of 8; 64 the default)
+_PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+_OPTS = {"num_warps": 4, "enable_fp_fusion": False}  # as launched: no FMA contraction (bit-exactness)
+
+
+def _kernel_c(bits: int) -> int:
+    """The container a kernel packs into for ``bits``-bit codes: 3 runs as one code per byte."""
+    c = container_bits(bits)
+    return 8 if c == 3 else c
+
+
+def _aot_keys(d, block, bits, method="minmax", x="fp32"):
+    """``_quantize_keys_kernel`` as ``_quantize_keys`` launches it for k [.., n, d] (``x``: its dtype;
+    rotated keys and re-tiered blocks arrive as fp32)."""
+    c = _kernel_c(bits)
+    cols = min(_pow2(d // (8 // c)), max(1, 4096 // block))
+    sig = {"x_ptr": _PTR[x], "codes_ptr": "*u8", "scale_ptr": "*fp16", "zero_ptr": "*fp16", "s_outlier": "fp32"}
+    sig.update({n: "i32" for n in ("H", "n", "D", "sxb", "sxh", "sxn")})
+    consts = dict(B=block, COLS=cols, BITS=bits, C=c, METHOD=METHODS[method])
+    return (f"quantize.keys[D={d},B={block},bits={bits},{method},x={x}]", _quantize_keys_kernel, sig, consts, _OPTS)
+
+
+def _aot_values(d, group_size, bits, method="minmax", x="fp32", n=None):
+    """``_quantize_values_kernel`` as ``_quantize_values`` launches it; ``n`` tokens in the call (None:
+    enough for the largest ROWS tile)."""
+    c = _kernel_c(bits)
+    g = value_group(d, group_size)
+    ng_pad, gb_pad = _pow2(d // g), _pow2(g // (8 // c))
+    cap = 4096 // (ng_pad * gb_pad)
+    rows = max(1, min(_pow2(n), cap)) if n else max(1, cap)
+    sig = {"x_ptr": _PTR[x], "codes_ptr": "*u8", "scale_ptr": "*fp16", "zero_ptr": "*fp16", "s_outlier": "fp32"}
+    sig.update({k: "i32" for k in ("H", "n", "D", "G", "sxb", "sxh", "sxn")})
+    consts = dict(ROWS=rows, NG_PAD=ng_pad, GB_PAD=gb_pad, BITS=bits, C=c, METHOD=METHODS[method])
+    return (f"quantize.values[D={d},G={g},bits={bits},{method},rows={rows},x={x}]", _quantize_values_kernel,
+            sig, consts, _OPTS)
+
+
+def _aot_dequant(d, bits, out="fp32"):
+    """``_dequantize_kernel`` at the largest ROWS tile, as ``_dequantize`` launches it."""
+    c = _kernel_c(bits)
+    db_pad = _pow2(d // (8 // c))
+    sig = {"codes_ptr": "*u8", "scale_ptr": "*fp16", "zero_ptr": "*fp16", "out_ptr": _PTR[out]}
+    sig.update({k: "i32" for k in ("n", "D", "ROW_DIV", "COL_DIV")})
+    consts = dict(ROWS=max(1, 4096 // db_pad), DB_PAD=db_pad, C=c)
+    return f"quantize.dequant[D={d},c={c},out={out}]", _dequantize_kernel, sig, consts, _OPTS
+
+
+def aot_specs() -> list:
+    """Every variant the wrappers launch, for ``kernels/aot.py``: (name, kernel, signature,
+    constexprs, options). Constexprs follow the wrappers' own formulas (COLS, ROWS, NG_PAD,
+    GB_PAD, the container of a code width). Coverage:
+
+    * keys: every code width 1..8 (both quantisers; meanstd from 2) at D = 128, B = 16; every head
+      dim x key block size at 4 bits; fp16 / bf16 input.
+    * values (and per-token keys): every code width x quantiser at D = 128, groups of 64; every
+      head dim x group size (8, 24, 64, 128 -> G = gcd) x container (2, 4, 8) at the largest row
+      tile; small row tiles (calls on 1 and 8 tokens); fp16 / bf16 input.
+    * dequantise: every container x head dim into fp32; fp16 / bf16 output.
+    """
+    specs = []
+    for method, lo in (("minmax", 1), ("meanstd", 2)):
+        for bits in range(lo, 9):
+            specs.append(_aot_keys(128, 16, bits, method))
+            specs.append(_aot_values(128, 64, bits, method))
+    for d in AOT_HEAD_DIMS:
+        for block in AOT_BLOCK_SIZES:
+            if (d, block) != (128, 16):
+                specs.append(_aot_keys(d, block, 4))
+    for x in ("fp16", "bf16"):
+        specs.append(_aot_keys(128, 16, 4, x=x))
+        specs.append(_aot_values(128, 64, 4, x=x))
+    seen = {(128, 64, bits) for bits in range(1, 9)}  # the code-width sweep above
+    for d in AOT_HEAD_DIMS:
+        for gs in AOT_GROUP_SIZES:
+            for bits in (2, 4, 8):
+                key = (d, value_group(d, gs), bits)
+                if key not in seen:
+                    seen.add(key)
+                    specs.append(_aot_values(d, gs, bits))
+    for n in (1, 8):
+        specs.append(_aot_values(128, 64, 4, n=n))
+    for d in AOT_HEAD_DIMS:
+        for bits in (2, 4, 8):
+            specs.append(_aot_dequant(d, bits))
+    for out in ("fp16", "bf16"):
+        specs.append(_aot_dequant(128, 4, out))
+    return specs

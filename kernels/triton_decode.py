@@ -588,3 +588,152 @@ def decode_parts(query: torch.Tensor, parts: list[Part], scaling: float, split: 
     if return_lse:
         return out, mass, lse[:, :g].reshape(bt, hq)
     return out, mass
+
+
+# --------------------------------------------------------------------------------------------
+# ahead-of-time compilation (kernels/aot.py): the variants decode_parts can launch
+# --------------------------------------------------------------------------------------------
+
+AOT_HEAD_DIMS = (64, 96, 128, 256)
+AOT_GQA = (1, 2, 4, 8)  # g = Hq / H; g = 3, 5, 6, 7 pad to G_PAD 4 / 8, the same code as 4 / 8
+AOT_BLOCK_SIZES = (8, 16, 32, 64, 128)  # AGACCConfig.block_size choices (the key block)
+_PTR = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+_AOT_SLOTS = ("full", "q8", "q4", "q3", "q2", "mk", "hot")  # the main launch's slots (HAS_FULL, HAS_Q8, ...)
+_AOT_DEFAULT_SLOTS = ("full", "q4", "q3", "mk", "hot")  # the default agacc preset: 3..4-bit codes, markers
+
+
+def _aot_tile(d: int, g: int, key_block: int) -> tuple[int, int, int]:
+    """(G_PAD, D_PAD, BLOCK_N) as ``decode_parts`` derives them (default tile, capped at the key block)."""
+    g_pad, d_pad = _pow2(g), _pow2(d)
+    block_n = _pow2(default_tile(g_pad, d_pad)[0])
+    return g_pad, d_pad, min(block_n, key_block) if key_block else block_n
+
+
+def _aot_partial(d, g, *, key_block=16, rot=True, key_group=64, value_group=64, q="fp16", kv="fp16",
+                 slots=_AOT_SLOTS):
+    """``_partial_kernel`` with the ``slots`` present (default all: full, q8, q4, q3, q2, mk, hot, the
+    union of the code any subset of slots compiles; an absent slot's branch is compiled out). A
+    format as ``LayerStore.parts()`` holds it: key_block 0 = per-token keys (groups of ``key_group``
+    channels), else per-channel keys over blocks of ``key_block`` tokens; ``rot`` Hadamard-rotated
+    codes; ``q`` the query (model) dtype, ``kv`` the dense parts' (store) dtype."""
+    from kernels.format import value_group as vgroup
+
+    g_pad, d_pad, block_n = _aot_tile(d, g, key_block)
+    key_token = key_block == 0
+    sig = {"q_ptr": _PTR[q], "qr_ptr": "*fp32" if rot else _PTR[q], "scaling": "fp32",
+           "logit_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "mk_bias": "*fp32"}
+    for p in _partial_kernel.params:
+        n = p.name
+        if p.is_constexpr or n in sig:
+            continue
+        if n in ("f_k", "f_v", "mk_k", "mk_v", "hot_k", "hot_v"):
+            sig[n] = _PTR[kv]
+        elif n.endswith(("_k", "_v")):
+            sig[n] = "*u8"
+        elif n.endswith(("_ks", "_kz", "_vs", "_vz")):
+            sig[n] = "*fp16"
+        else:
+            sig[n] = "i32"
+    consts = {f"HAS_{s.upper()}": s in slots for s in _AOT_SLOTS}
+    consts.update(B=key_block or block_n, G=vgroup(d, value_group), BLOCK_N=block_n, G_PAD=g_pad, D_PAD=d_pad,
+                  PER_HEAD=True, KEY_TOKEN=key_token, KG=vgroup(d, key_group) if key_token else 1, ROT=rot)
+    keys = f"token/{consts['KG']}" if key_token else f"B{key_block}"
+    which = "all" if set(slots) == set(_AOT_SLOTS) else "+".join(s for s in _AOT_SLOTS if s in slots)
+    name = (f"decode.partial[D={d},g={g},keys={keys},G={consts['G']},{'rot' if rot else 'plain'},"
+            f"q={q},kv={kv},slots={which}]")
+    return name, _partial_kernel, sig, consts, {"num_warps": 4, "enable_fp_fusion": True}
+
+
+def _aot_sparse(d, g, c, keep, *, key_block=16, q="fp16"):
+    g_pad, d_pad, block_n = _aot_tile(d, g, key_block)
+    sig = {n: "*u8" for n in ("km", "k", "vm", "v")}
+    sig.update({n: "*fp16" for n in ("ks", "kz", "vs", "vz")})
+    sig.update({"q_ptr": _PTR[q], "scaling": "fp32", "logit_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
+                "acc_ptr": "*fp32"})
+    sig.update({n: "i32" for n in ("sqb", "sqh", "H", "D", "g", "split", "n_total", "S_total", "ws0", "e0", "n")})
+    consts = dict(KEEP=keep, C=c, BLOCK_N=block_n, G_PAD=g_pad, D_PAD=d_pad, PER_HEAD=True)
+    name = f"decode.sparse[D={d},g={g},c={c},keep={keep},N={block_n},q={q}]"
+    return name, _sparse_partial_kernel, sig, consts, {"num_warps": 4, "enable_fp_fusion": True}
+
+
+def _aot_combine(d, g, sb, rot, out="fp16"):
+    g_pad, d_pad = _pow2(g), _pow2(d)
+    out_t = "*fp32" if rot else _PTR[out]  # with ROT the wrapper's out is fp32 (rotated back after)
+    sig = {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "out_ptr": out_t, "out_rot_ptr": out_t,
+           "lse_ptr": "*fp32"}
+    sig.update({n: "i32" for n in ("S", "H", "D", "g", "sob", "soh", "R0", "R1")})
+    consts = dict(SB=sb, G_PAD=g_pad, D_PAD=d_pad, ROT=rot)
+    name = f"decode.combine[D={d},g={g},SB={sb},{'rot' if rot else 'plain'},out={'fp32' if rot else out}]"
+    return name, _combine_kernel, sig, consts, {"num_warps": 4, "enable_fp_fusion": True}
+
+
+def _aot_mass(g, block_e):
+    sig = {"logit_ptr": "*fp32", "lse_ptr": "*fp32", "mass_ptr": "*fp32", "n_total": "i32", "BH": "i32",
+           "g": "i32", "inv_norm": "fp32"}
+    consts = dict(BLOCK_E=block_e, G_PAD=_pow2(g))
+    return f"decode.mass[g={g},E={block_e}]", _mass_kernel, sig, consts, {"num_warps": 4, "enable_fp_fusion": True}
+
+
+def aot_specs() -> list:
+    """Every variant ``decode_parts`` can launch, as (name, kernel, signature, constexprs, options)
+    for ``kernels/aot.py``. The constexprs follow the wrapper's own derivations (``default_tile``,
+    the cap at the key block, ``value_group``, the SB / BLOCK_E formulas), so a change there moves
+    these too. Coverage:
+
+    * main kernel, every slot compiled in (the union of any slot subset): head dim x GQA group at
+      the default format (key block 16, rotated, per-channel keys, value groups of 64, fp16); the
+      other formats at g = 8 (the most registers) for D = 128 and 256 (96 shares 128's tile): not
+      rotated, per-token keys; the default preset's slots alone at D = 128, g = 4; every key block size (8 moves the tile to 8 rows) at D = 128, g = 4 (Llama-3-8B);
+      non-power-of-two value / key groups (D = 96, groups of 24: the gather path); bf16 model with
+      the fp16 store, bf16 store, fp32 model.
+    * sparse kernel: every container (2, 3, 4, 8 bits) x head dim at g = 4 with the fewest and the
+      most kept elements (8 and 3/4 of D: KEEP only moves byte offsets); every GQA group at D = 128.
+    * combine: every head dim x GQA group, rotated or not, at the largest split tile SB (long
+      contexts) and SB = 1; every SB (1 .. 4096 / (G_PAD * D_PAD)) at D = 128, g = 4.
+    * mass: every BLOCK_E (min(1024, pow2(n)): 1 .. 1024) at g = 4, the largest at every GQA group.
+    """
+    specs = []
+    for d in AOT_HEAD_DIMS:
+        for g in AOT_GQA:
+            specs.append(_aot_partial(d, g))
+    for d in (128, 256):  # the two tile widths (D_PAD) that hold the most registers; 96 is D_PAD 128
+        specs.append(_aot_partial(d, 8, rot=False))
+        specs.append(_aot_partial(d, 8, key_block=0))
+    specs.append(_aot_partial(128, 4, slots=_AOT_DEFAULT_SLOTS))
+    for kb in AOT_BLOCK_SIZES:
+        if kb != 16:
+            specs.append(_aot_partial(128, 4, key_block=kb))
+    specs.append(_aot_partial(96, 4, value_group=24))
+    specs.append(_aot_partial(96, 4, key_block=0, key_group=24, value_group=24))
+    specs.append(_aot_partial(128, 4, q="bf16"))
+    specs.append(_aot_partial(128, 4, q="bf16", kv="bf16"))
+    specs.append(_aot_partial(128, 4, q="fp32", kv="fp32", rot=False))
+
+    for c in (2, 3, 4, 8):
+        for d in AOT_HEAD_DIMS:
+            for keep in sorted({8, d * 3 // 4 // 8 * 8}):
+                specs.append(_aot_sparse(d, 4, c, keep))
+    for g in AOT_GQA:
+        if g != 4:
+            specs.append(_aot_sparse(128, g, 4, 64))
+
+    def sb_max(d, g):
+        return max(1, 4096 // (_pow2(g) * _pow2(d)))
+
+    for d in AOT_HEAD_DIMS:
+        for g in AOT_GQA:
+            for rot in (True, False):
+                for sb in sorted({1, sb_max(d, g)}):
+                    specs.append(_aot_combine(d, g, sb, rot))
+    sb = 2
+    while sb < sb_max(128, 4):
+        specs.append(_aot_combine(128, 4, sb, False))
+        sb *= 2
+    specs.append(_aot_combine(128, 4, sb_max(128, 4), False, out="bf16"))
+
+    for e in (1 << i for i in range(11)):
+        specs.append(_aot_mass(4, e))
+    for g in AOT_GQA:
+        if g != 4:
+            specs.append(_aot_mass(g, 1024))
+    return specs

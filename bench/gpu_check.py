@@ -1,0 +1,699 @@
+"""One prepared device check: the Triton kernels on a CUDA GPU, timed, in one run of <= 8 minutes.
+
+    python -m bench.gpu_check --out OUTDIR [--dry-run] [--sections env,kernels,...] [--budget-s 450]
+    bash bench/gpu_check.sh OUTDIR [--dry-run]            # the same, with a log and a time limit
+
+Sections (each writes its record into OUTDIR/gpu_check.json as soon as it ends, so a run cut short
+keeps what it measured; OUTDIR/summary.md is the readable version):
+
+  env       device, compute capability, memory, torch / triton versions, the peak bandwidth assumed
+  kernels   every Triton kernel against its PyTorch reference on the device: quantise (keys, values;
+            code widths 1..8; minmax bit-exact, meanstd within one code at <= 0.1%), dequantise, decode
+            attention over a store holding every kind of part (fp32 out / mass errors), the
+            chunked-prefill attention (``kernels.triton_chunk``) against ``attend(causal_new, n_obs)``
+  decode    decode attention, Llama-3-8B shapes (32 query / 8 KV heads, D = 128, batch 1, fp16 store)
+            at 8K / 32K / 128K tokens and about 2x / 4x / 8x compression: latency (CUDA events, L2
+            flushed, median), bytes read / time as a fraction of the GPU's peak, against
+            ``F.scaled_dot_product_attention`` over the same tokens in fp16 (flash backend forced
+            when it accepts the call); targets: >= 60% of peak, >= 2x faster than flash at 4x, >= 32K
+  e2e       decode tokens/s of an 8B-shaped random-weight Llama (``--e2e-layers``, default all 32)
+            at 32K tokens: ``agacc.CompressedCache`` (``agacc@4``) vs the plain ``DynamicCache``
+  memory    peak GPU memory (``torch.cuda.max_memory_allocated``) of a 128K-token prompt through an
+            8B-shaped Llama (``--mem-layers``): plain one-forward prefill vs a chunked prefill into
+            the compressed cache (and a chunked prefill into the plain cache, for the split)
+  session   the app's session (``agacc.session.GenerationSession``) generating 64 tokens on the device
+            with the full-cache comparison, then every figure the app draws built from its trace
+            (``components.plots``), written to OUTDIR/session_figures.html
+
+Nothing is downloaded: random weights from ``LlamaConfig``; the session uses the embedded model
+(its GGUF ships in a pip package) when it loads, else a random-weight Llama with a byte tokenizer.
+
+``--dry-run`` runs every section end to end on the CPU with tiny shapes (the Triton kernels under
+``TRITON_INTERPRET=1``): it checks the script, not the GPU; its timings mean nothing and no target
+is judged. ``tests/test_gpu_check.py`` runs it.
+
+Exit status: 0 when every section ran and every kernel matched its reference; 1 otherwise (targets
+missed are reported, not failures).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+SECTIONS = ("env", "kernels", "decode", "session", "memory", "e2e")  # run in this order (e2e, the longest, last)
+HQ, H, D = 32, 8, 128  # Llama-3-8B attention
+# tier mixes per 16 blocks -> about 2x / 4x / 8x fewer bytes than fp16 (the record has the real ratio)
+PATTERNS = {
+    2: ["full"] + ["int8"] * 11 + ["int4"] * 4,
+    4: ["full"] + ["int4"] * 3 + ["int2"] * 3 + ["evicted"] * 3 + ["int4"] * 3 + ["int2"] * 3,
+    8: ["int4"] + ["int2"] * 9 + ["evicted"] * 6,
+}
+# peak DRAM bandwidth (bytes/s) by device name; --peak-tbps overrides
+PEAKS = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.039e12),
+         ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12), ("L40S", 0.864e12), ("A10G", 0.6e12),
+         ("L4", 0.3e12), ("T4", 0.32e12)]
+
+FULL = dict(contexts=(8192, 32768, 131072), ratios=(2, 4, 8), iters=20, e2e_context=32768, e2e_layers=32,
+            e2e_steps=32, mem_prompt=131072, mem_layers=8, mem_chunk=4096, session_tokens=64,
+            heads=(HQ, H, D), kernel_d=128, quant_bits=tuple(range(1, 9)),
+            groups=((4, (True, False)), (1, (True,)), (8, (True,))))  # (GQA g, rotated stores) of the checks
+DRY = dict(contexts=(256,), ratios=(2, 4, 8), iters=0, e2e_context=96, e2e_layers=2, e2e_steps=4,
+           mem_prompt=256, mem_layers=2, mem_chunk=64, session_tokens=24, heads=(4, 2, 64), kernel_d=64,
+           quant_bits=(1, 3, 4, 8), groups=((4, (True, False)),))
+
+
+# ------------------------------------------------------------------------------------------------
+# small helpers
+# ------------------------------------------------------------------------------------------------
+
+class Budget:
+    """Seconds left of the run; a section that needs more than is left is skipped (and says so)."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+def peak_bps(name: str, override_tbps: float | None) -> float | None:
+    if override_tbps:
+        return override_tbps * 1e12
+    for key, bps in PEAKS:
+        if key.lower() in name.lower():
+            return bps
+    return None
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device, iters: int, warmup: int = 3) -> float | None:
+    """Median ms of ``fn()`` (CUDA events, L2 flushed by a 256 MiB write before each call); None on the
+    CPU or with ``iters`` 0 (a dry run times nothing)."""
+    import torch
+
+    if device.type != "cuda" or iters <= 0:
+        fn()
+        return None
+    flush = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device=device)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        flush.zero_()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def free(device) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------
+# stores
+# ------------------------------------------------------------------------------------------------
+
+def build_store(n_tokens: int, h: int, d: int, pattern: list[str], device, *, block: int = 32, seed: int = 0,
+                **cfg):
+    """A ``LayerStore`` of ``n_tokens`` random fp16 tokens [1, h, n, d], its ready blocks tiered by
+    repeating ``pattern`` (names of ``agacc.tiers.NAMES``; "pruned" keeps a quarter of the elements,
+    stored sparse), recent window 64 -> (store, k, v) with k, v the fp16 tokens."""
+    import torch
+
+    from agacc.config import AGACCConfig
+    from agacc.store import LayerStore
+    from agacc.tiers import NAMES
+
+    bits_of = {"full": 16, "int8": 8, "int4": 4, "int3": 3, "int2": 2, "pruned": 2, "evicted": 0}
+    conf = dict(block_size=block, recent_window=64, value_group_size=64, b_min=2)
+    conf.update(cfg)
+    store = LayerStore(AGACCConfig(**conf), device, torch.float16)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    k = torch.randn(1, h, n_tokens, d, device=device, dtype=torch.float16, generator=gen)
+    v = torch.randn(1, h, n_tokens, d, device=device, dtype=torch.float16, generator=gen)
+    store.append(k, v)
+    nb = store.n_ready_blocks()
+    names = [pattern[i % len(pattern)] for i in range(nb)]
+    tier = torch.tensor([NAMES.index(x) for x in names], dtype=torch.int8)
+    bits = torch.tensor([bits_of[x] for x in names], dtype=torch.int8)
+    keep = torch.tensor([d // 4 if x == "pruned" else d for x in names], dtype=torch.int16)
+    store.apply_tiers(tier, bits, keep, torch.ones(n_tokens, device=device))
+    return store, k, v
+
+
+def store_bytes(store, n_query_heads: int) -> tuple[int, int]:
+    """(bytes of every tensor a decode step reads: codes, scales, zeros, bitmaps, markers + bias, the
+    hot window; that + the logits the kernel writes and reads back for the attention mass)."""
+    kv = 0
+    for part in store.parts():
+        for t in (part.k, part.v, part.bias, part.k_scale, part.k_zero, part.v_scale, part.v_zero,
+                  part.k_map, part.v_map):
+            if t is not None:
+                kv += t.nbytes
+    return kv, kv + 2 * store.batch * n_query_heads * store.n_entries * 4
+
+
+# ------------------------------------------------------------------------------------------------
+# sections
+# ------------------------------------------------------------------------------------------------
+
+def section_env(ctx) -> dict:
+    import torch
+
+    dev = ctx["device"]
+    rec = {"device": dev.type, "torch": torch.__version__, "python": platform.python_version(),
+           "dry_run": ctx["dry"], "plan": {k: v for k, v in ctx["plan"].items()}}
+    try:
+        import triton
+
+        rec["triton"] = triton.__version__
+    except ImportError:
+        rec["triton"] = None
+    if dev.type == "cuda":
+        p = torch.cuda.get_device_properties(dev)
+        rec.update(name=p.name, capability=f"sm_{p.major}{p.minor}", sms=p.multi_processor_count,
+                   memory_gib=round(p.total_memory / 2 ** 30, 1), cuda=torch.version.cuda)
+    else:
+        rec.update(name=platform.processor() or platform.machine(), cpus=os.cpu_count())
+    rec["peak_TBps"] = (ctx["peak"] or 0) / 1e12 or None
+    return rec
+
+
+def _quant_checks(device, d: int, widths) -> list[dict]:
+    import torch
+
+    from agacc import quant
+    from kernels import quantize as tq
+
+    out = []
+    gen = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(1, 2, 64, d, device=device, generator=gen) * 3 + 0.5
+    for method, lo in (("minmax", 1), ("meanstd", 2)):
+        for bits in (b for b in widths if b >= lo):
+            for what, fn_t, fn_r, arg in (("keys", tq.quantize_keys, quant.quantize_keys, 16),
+                                          ("values", tq.quantize_values, quant.quantize_values, 32)):
+                got = fn_t(x, bits, arg, method)
+                ref = fn_r(x, bits, arg, method)
+                c = quant.container_bits(bits)
+                codes_t, codes_r = quant.unpack(got[0], c), quant.unpack(ref[0], c)
+                bad_codes = float((codes_t != codes_r).float().mean())
+                bad_scale = float((got[1] != ref[1]).float().mean())
+                bad_zero = float((got[2] != ref[2]).float().mean())
+                limit = 0.0 if method == "minmax" else 1e-3
+                ok = max(bad_codes, bad_scale, bad_zero) <= limit
+                if method == "meanstd":  # a code may differ by one at a rounding tie
+                    ok = ok and int((codes_t.int() - codes_r.int()).abs().max()) <= 1
+                deq = (tq.dequantize_keys(got[0], got[1], got[2], bits, arg) if what == "keys"
+                       else tq.dequantize_values(got[0], got[1], got[2], bits))
+                deq_ref = (quant.dequantize_keys(*got, bits, arg) if what == "keys"
+                           else quant.dequantize_values(*got, bits))
+                deq_err = float((deq - deq_ref).abs().max())
+                ok = ok and deq_err <= 1e-5
+                out.append({"kernel": f"quantize_{what}+dequantize", "bits": bits, "method": method,
+                            "codes_differ": bad_codes, "scales_differ": bad_scale, "zeros_differ": bad_zero,
+                            "dequant_max_err": deq_err, "ok": ok})
+    return out
+
+
+def _decode_check(device, h, d, g, rotations=(True, False)) -> dict:
+    import torch
+
+    from agacc.attention import attend
+    from kernels.triton_decode import decode_parts
+
+    pattern = ["full", "int8", "int4", "int3", "int2", "pruned", "evicted", "evicted"]
+    rec = {"kernel": "decode_parts", "heads": f"{h * g}/{h}", "D": d}
+    for rotate in rotations:
+        store, _, _ = build_store(32 * len(pattern) * 2 + 70, h, d, pattern, device, rotate=rotate, seed=2)
+        q = torch.randn(1, h * g, 1, d, device=device, generator=torch.Generator(device=device).manual_seed(3))
+        out, mass = decode_parts(q, store.parts(), d ** -0.5)
+        ref_out, ref_mass = attend(q, store.attention_entries(torch.float32), d ** -0.5)
+        tag = "rot" if rotate else "plain"
+        rec[f"{tag}_out_err"] = float((out.float() - ref_out).abs().max())
+        rec[f"{tag}_mass_err"] = float((mass - ref_mass).abs().max())
+        rec[f"{tag}_parts"] = [p.kind if p.kind != "quant" else f"q{p.container}" for p in store.parts()]
+    tags = ["rot" if r else "plain" for r in rotations]
+    rec["ok"] = all(rec[f"{t}_out_err"] <= 2e-3 and rec[f"{t}_mass_err"] <= 1e-5 for t in tags)
+    return rec
+
+
+def _chunk_check(device, h, d, g) -> dict:
+    import torch
+
+    try:
+        from kernels.triton_chunk import chunk_parts
+    except ImportError as e:
+        return {"kernel": "chunk_parts", "skipped": f"kernels.triton_chunk: {e}", "ok": True}
+    from agacc.attention import attend
+
+    pattern = ["full", "int8", "int4", "int3", "int2", "pruned", "evicted", "evicted"]
+    store, _, _ = build_store(32 * len(pattern) + 100, h, d, pattern, device, seed=4)
+    n_new, n_obs = 40, 8
+    q = torch.randn(1, h * g, n_new, d, device=device, generator=torch.Generator(device=device).manual_seed(5))
+    out, mass = chunk_parts(q, store.parts(), d ** -0.5, n_new, n_obs)
+    ref_out, ref_mass = attend(q, store.attention_entries(torch.float32), d ** -0.5, causal_new=n_new, n_obs=n_obs)
+    rec = {"kernel": "chunk_parts", "heads": f"{h * g}/{h}", "D": d, "q": n_new,
+           "out_err": float((out.float() - ref_out).abs().max()), "mass_err": float((mass - ref_mass).abs().max())}
+    rec["ok"] = rec["out_err"] <= 2e-3 and rec["mass_err"] <= 1e-5
+    return rec
+
+
+def section_kernels(ctx) -> dict:
+    dev, plan = ctx["device"], ctx["plan"]
+    d = plan["kernel_d"]
+    rows = _quant_checks(dev, d, plan["quant_bits"])
+    for g, rotations in plan["groups"]:
+        rows.append(_decode_check(dev, 2, d, g, rotations))
+        rows.append(_chunk_check(dev, 2, d, g))
+        free(dev)
+    return {"rows": rows, "ok": all(r["ok"] for r in rows), "failed": [r for r in rows if not r["ok"]]}
+
+
+def _sdpa(q, k, v, device):
+    """(call, backend label): flash forced with GQA when torch takes it, else what does."""
+    import torch
+    import torch.nn.functional as F
+
+    attempts = []
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def flash(q=q, k=k, v=v):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        attempts.append((flash, "flash (enable_gqa)"))
+    attempts.append((lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), "default (enable_gqa)"))
+    for fn, label in attempts:
+        try:
+            fn()
+            return fn, label
+        except (RuntimeError, TypeError):
+            continue
+    g = q.shape[1] // k.shape[1]
+    ke, ve = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    return (lambda: F.scaled_dot_product_attention(q, ke, ve)), "default (KV heads expanded)"
+
+
+def section_decode(ctx) -> dict:
+    import torch
+
+    from agacc.attention import attend
+    from kernels.triton_decode import decode_parts
+
+    dev, plan, peak = ctx["device"], ctx["plan"], ctx["peak"]
+    hq, h, d = plan["heads"]
+    rows = []
+    for n in plan["contexts"]:
+        for ratio in plan["ratios"]:
+            if ctx["budget"].left() < 60 and not ctx["dry"]:
+                rows.append({"context": n, "target_ratio": ratio, "skipped": "time budget"})
+                continue
+            store, k, v = build_store(n, h, d, PATTERNS[ratio], dev)
+            q = torch.randn(1, hq, 1, d, device=dev, dtype=torch.float16)
+            parts, scaling = store.parts(), d ** -0.5
+            out, mass = decode_parts(q, parts, scaling)
+            if n <= 32768:  # the reference's dense copy of 128K tokens is large and slow; 32K shows it
+                ref_out, ref_mass = attend(q.float(), store.attention_entries(torch.float32), scaling)
+                err = (float((out.float() - ref_out).abs().max()), float((mass - ref_mass).abs().max()))
+                del ref_out, ref_mass
+            else:
+                err = (None, None)
+            kv_bytes, total_bytes = store_bytes(store, hq)
+            fp16_bytes = k.nbytes + v.nbytes
+            t_k = time_ms(lambda: decode_parts(q, parts, scaling), dev, plan["iters"])
+            sdpa, backend = _sdpa(q, k, v, dev)
+            t_s = time_ms(sdpa, dev, plan["iters"])
+            row = {"context": n, "target_ratio": ratio, "ratio": fp16_bytes / store.nbytes(),
+                   "parts": [p.kind if p.kind != "quant" else f"q{p.container}" for p in parts],
+                   "kernel_ms": t_k, "sdpa_ms": t_s, "sdpa_backend": backend,
+                   "kernel_bytes_kv": kv_bytes, "kernel_bytes_total": total_bytes, "sdpa_bytes": fp16_bytes,
+                   "max_err_out": err[0], "max_err_mass": err[1]}
+            if t_k and t_s:
+                row.update(speedup=t_s / t_k, kernel_TBps=total_bytes / t_k / 1e9, sdpa_TBps=fp16_bytes / t_s / 1e9)
+                if peak:
+                    row.update(kernel_peak_frac=total_bytes / (t_k * 1e-3) / peak,
+                               kernel_kv_peak_frac=kv_bytes / (t_k * 1e-3) / peak,
+                               sdpa_peak_frac=fp16_bytes / (t_s * 1e-3) / peak)
+                    row["target_bandwidth_60pct"] = row["kernel_peak_frac"] >= 0.6
+                if ratio == 4 and n >= 32768:
+                    row["target_2x_vs_flash"] = row["speedup"] >= 2.0
+            rows.append(row)
+            print(f"  decode {n:>6} tokens ~{ratio}x: ratio {row['ratio']:.2f}"
+                  + (f", kernel {t_k:.3f} ms, sdpa {t_s:.3f} ms" if t_k and t_s else ""), flush=True)
+            del store, k, v, parts, q
+            free(dev)
+    return {"rows": rows, "ok": True}
+
+
+def llama(layers: int, dry: bool, device, max_pos: int, vocab: int = 512):
+    """An 8B-shaped Llama (hidden 4096, 32/8 heads of 128, MLP 14336, vocab 128256) with ``layers``
+    layers and random fp16 weights on ``device``; tiny shapes in a dry run (fp32 on the CPU)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import agacc
+
+    if dry:
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                          max_position_embeddings=max(max_pos, 4096))
+        dtype = torch.float32
+    else:
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=HQ, num_key_value_heads=H,
+                          head_dim=D, num_hidden_layers=layers, vocab_size=128256, rope_theta=500000.0,
+                          max_position_embeddings=max(max_pos, 8192), tie_word_embeddings=False)
+        dtype = torch.float16
+    torch.manual_seed(0)
+    with torch.device(device):  # built on the device in its dtype: no fp32 copy of 8B weights on the way
+        model = LlamaForCausalLM._from_config(cfg, dtype=dtype).eval()
+    return agacc.enable(model)
+
+
+def _decode_rate(model, prompt, cache, steps, device, chunk: int | None = None) -> float:
+    """Prefill ``prompt`` into ``cache`` (untimed; ``chunk`` tokens a forward), one warm-up step, then
+    ``steps`` greedy steps timed end to end -> tokens/s."""
+    import torch
+
+    with torch.inference_mode():
+        step = chunk or prompt.shape[1]
+        for lo in range(0, prompt.shape[1], step):
+            out = model(input_ids=prompt[:, lo:lo + step], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if hasattr(cache, "end_prefill"):
+            cache.end_prefill()
+        nxt = out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+        sync(device)
+    return steps / (time.perf_counter() - t0)
+
+
+def section_e2e(ctx) -> dict:
+    import torch
+    from transformers import DynamicCache
+
+    from agacc import CompressedCache
+    from agacc.spec import parse_method
+
+    dev, plan = ctx["device"], ctx["plan"]
+    n, layers, steps = plan["e2e_context"], plan["e2e_layers"], plan["e2e_steps"]
+    model = llama(layers, ctx["dry"], dev, n + steps + 8)
+    prompt = torch.randint(0, model.config.vocab_size, (1, n), device=dev)
+    rec = {"context": n, "layers": layers, "steps": steps, "method": ctx["method"]}
+    rec["plain_tokens_per_s"] = _decode_rate(model, prompt, DynamicCache(config=model.config), steps, dev)
+    free(dev)
+    cache = CompressedCache(model.config, parse_method(ctx["method"]))
+    rec["compressed_tokens_per_s"] = _decode_rate(model, prompt, cache, steps, dev, chunk=plan["mem_chunk"])
+    mem = cache.memory()
+    rec["compressed_ratio"] = mem.get("ratio")
+    rec["compressed_bytes"] = mem.get("bytes")
+    rec["speedup"] = rec["compressed_tokens_per_s"] / rec["plain_tokens_per_s"]
+    if ctx["dry"]:
+        for key in ("plain_tokens_per_s", "compressed_tokens_per_s", "speedup"):
+            rec[key] = None  # a CPU run of a tiny model says nothing about speed
+    del model, cache
+    free(dev)
+    return {**rec, "ok": True}
+
+
+def _peak_prefill(model, prompt, cache, chunk, device) -> dict:
+    """Prefill ``prompt`` (``chunk`` tokens a forward; None: one) into ``cache`` -> peak bytes over the
+    weights, the cache's bytes after, seconds."""
+    import torch
+
+    free(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        step = chunk or prompt.shape[1]
+        for lo in range(0, prompt.shape[1], step):
+            model(input_ids=prompt[:, lo:lo + step], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if hasattr(cache, "end_prefill"):
+            cache.end_prefill()
+    sync(device)
+    rec = {"chunk": chunk, "seconds": time.perf_counter() - t0}
+    if cuda:
+        rec["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        rec["peak_over_weights_bytes"] = rec["peak_bytes"] - base
+        rec["after_bytes"] = torch.cuda.memory_allocated(device) - base
+    if hasattr(cache, "memory"):
+        rec["cache_bytes"] = cache.memory().get("bytes")
+    return rec
+
+
+def section_memory(ctx) -> dict:
+    import torch
+    from transformers import DynamicCache
+
+    from agacc import CompressedCache
+    from agacc.spec import parse_method
+
+    dev, plan = ctx["device"], ctx["plan"]
+    n, layers, chunk = plan["mem_prompt"], plan["mem_layers"], plan["mem_chunk"]
+    model = llama(layers, ctx["dry"], dev, n + 8)
+    prompt = torch.randint(0, model.config.vocab_size, (1, n), device=dev)
+    rec = {"prompt": n, "layers": layers, "method": ctx["method"], "weights_bytes":
+           sum(p.nbytes for p in model.parameters())}
+    rec["plain_one_forward"] = _peak_prefill(model, prompt, DynamicCache(config=model.config), None, dev)
+    rec["plain_chunked"] = _peak_prefill(model, prompt, DynamicCache(config=model.config), chunk, dev)
+    rec["compressed_chunked"] = _peak_prefill(model, prompt, CompressedCache(model.config, parse_method(ctx["method"])),
+                                              chunk, dev)
+    a, b = rec["plain_one_forward"].get("peak_over_weights_bytes"), rec["compressed_chunked"].get("peak_over_weights_bytes")
+    if a and b:
+        rec["peak_reduction"] = a / b
+    del model
+    free(dev)
+    return {**rec, "ok": True}
+
+
+def _byte_tokenizer():
+    """A byte-level tokenizer built here (nothing downloaded): 256 byte tokens + <eos>."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<0x{i:02X}>": i for i in range(256)}
+    vocab["<eos>"] = 256
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+    tok.decoder = decoders.ByteFallback()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def _session_model(ctx):
+    """(model, tokenizer, label): the embedded model (as the app loads it) unless ``--session-model
+    tiny`` or it cannot load; else a random-weight Llama with a byte tokenizer."""
+    import agacc
+
+    dev = ctx["device"]
+    why = "asked" if ctx["session_model"] == "tiny" else None
+    if why is None:
+        try:
+            model, tok = agacc.load_model(device=str(dev))
+            return model, tok, "embedded SmolLM2-135M-Instruct"
+        except Exception as e:  # noqa: BLE001 -- the fallback says why
+            why = f"{type(e).__name__}: {str(e)[:200]}"
+    model = llama(2, True, dev, 4096, vocab=257)
+    return model, _byte_tokenizer(), f"random tiny Llama + byte tokenizer ({why})"
+
+
+def section_session(ctx) -> dict:
+    from agacc.config import AGACCConfig
+    from agacc.session import GenerationSession
+    from components import plots
+
+    dev, out = ctx["device"], ctx["out"]
+    model, tok, label = _session_model(ctx)
+    prompt = ("Read this and answer. The depot opens at 7:45, the passkey is 48213, and the last bus leaves at 23:10. "
+              "What is the passkey? ") * 4
+    s = GenerationSession(model, tok, prompt, AGACCConfig.preset("agacc"), max_new_tokens=ctx["plan"]["session_tokens"],
+                          compare=True, prefill_chunk=64)
+    events = list(s.stream())
+    res = s.result()
+    tr = res["trace"]
+    snap = tr.frames[-1] if tr.frames else None
+    figs = {"importance": plots.importance_heatmap(snap, res["trace"].meta.get("config")),
+            "tiers": plots.tier_map(snap), "bits": plots.bits_map(snap), "memory": plots.memory_chart(tr.steps),
+            "compare": plots.compare_chart(tr.steps, (res.get("compare") or {}).get("diverged_at"))}
+    for name, spec in figs.items():
+        plots.to_json(spec)  # what the app sends: must be valid JSON (no NaN)
+    (out / "session_figures.json").write_text(json.dumps(figs))
+    try:
+        (out / "session_figures.html").write_text(plots.figures_html(figs, title=f"gpu_check session ({label})"))
+    except Exception:  # noqa: BLE001 -- plotly.js missing: the JSON is enough
+        pass
+    rec = {"model": label, "device": str(model.device), "dtype": str(model.dtype), "events": len(events),
+           "new_tokens": res["new_tokens"], "stop_reason": res["stop_reason"], "frames": len(tr.frames),
+           "figures": {k: len(v.get("data", [])) for k, v in figs.items()},
+           "ttft_s": res["ttft"], "tokens_per_s": res["tokens_per_s"], "memory": res["memory"],
+           "agreement": (res.get("compare") or {}).get("agreement"), "text": res["text"][:200]}
+    if ctx["dry"]:
+        rec["ttft_s"] = rec["tokens_per_s"] = None
+    want = ctx["plan"]["session_tokens"]
+    rec["ok"] = (res["new_tokens"] == want or res["stop_reason"] == "eos") and bool(tr.frames) and all(
+        rec["figures"][k] > 0 for k in ("importance", "tiers", "memory"))
+    del model
+    free(dev)
+    return rec
+
+
+RUNNERS = {"env": section_env, "kernels": section_kernels, "decode": section_decode, "e2e": section_e2e,
+           "memory": section_memory, "session": section_session}
+# seconds a section needs at least to start on the GPU (the plan's shapes); skipped below that
+NEEDS = {"env": 0, "kernels": 30, "decode": 60, "session": 20, "memory": 45, "e2e": 60}
+
+
+# ------------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------------
+
+def _f(x, fmt="{:.3f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def summary_md(result: dict) -> str:
+    env = result["sections"].get("env", {})
+    lines = [f"# gpu_check: {env.get('name', '?')} ({env.get('capability', env.get('device', '?'))})", "",
+             f"torch {env.get('torch')}, triton {env.get('triton')}, dry run: {result['dry_run']}, "
+             f"{result['seconds']:.0f} s, command: `{result['command']}`", ""]
+    for name, sec in result["sections"].items():
+        status = sec.get("status", "ok")
+        lines.append(f"- {name}: {status}" + (f" ({sec.get('error', '')})" if status != "ok" else ""))
+    dec = result["sections"].get("decode", {}).get("rows", [])
+    if dec:
+        lines += ["", "## Decode attention (Llama-3-8B shapes, batch 1)", "",
+                  "| context | ratio | kernel ms | SDPA ms | speedup | kernel % peak (kv + logits) | SDPA % peak | SDPA backend | err out |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in dec:
+            if "skipped" in r:
+                lines.append(f"| {r['context']} | ~{r['target_ratio']}x | skipped: {r['skipped']} |||||||")
+                continue
+            pk = r.get("kernel_peak_frac")
+            sp = r.get("sdpa_peak_frac")
+            lines.append(f"| {r['context']} | {r['ratio']:.2f}x | {_f(r['kernel_ms'])} | {_f(r['sdpa_ms'])} | "
+                         f"{_f(r.get('speedup'), '{:.2f}')} | {_f(pk and 100 * pk, '{:.0f}')} | "
+                         f"{_f(sp and 100 * sp, '{:.0f}')} | {r['sdpa_backend']} | {_f(r['max_err_out'], '{:.1e}')} |")
+    e2e = result["sections"].get("e2e", {})
+    if "plain_tokens_per_s" in e2e:
+        lines += ["", f"## Decode tokens/s, 8B-shaped random Llama ({e2e['layers']} layers), {e2e['context']} tokens", "",
+                  f"plain {_f(e2e['plain_tokens_per_s'], '{:.1f}')}, {e2e['method']} "
+                  f"{_f(e2e['compressed_tokens_per_s'], '{:.1f}')} (x{_f(e2e['speedup'], '{:.2f}')}), "
+                  f"cache ratio {_f(e2e.get('compressed_ratio'), '{:.2f}')}"]
+    mem = result["sections"].get("memory", {})
+    if "plain_one_forward" in mem:
+        gib = lambda r: _f(r.get("peak_over_weights_bytes") and r["peak_over_weights_bytes"] / 2 ** 30, "{:.2f}")  # noqa: E731
+        lines += ["", f"## Peak memory over the weights, {mem['prompt']}-token prompt, {mem['layers']} layers", "",
+                  f"plain one forward {gib(mem['plain_one_forward'])} GiB, plain chunked {gib(mem['plain_chunked'])} GiB, "
+                  f"{mem['method']} chunked {gib(mem['compressed_chunked'])} GiB"]
+    ses = result["sections"].get("session", {})
+    if "new_tokens" in ses:
+        lines += ["", f"## Session: {ses['model']} on {ses['device']}: {ses['new_tokens']} tokens, "
+                  f"{ses['frames']} frames, figures {ses['figures']}, {_f(ses['tokens_per_s'], '{:.1f}')} tokens/s"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Writes OUTDIR/gpu_check.json and OUTDIR/summary.md.")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter, no timing claims")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--budget-s", type=float, default=450.0, help="stop starting sections after this (default %(default)s)")
+    ap.add_argument("--method", default="agacc@4", help="the compressed cache of e2e / memory (agacc.spec)")
+    ap.add_argument("--e2e-layers", type=int, help="layers of the 8B-shaped model in e2e (default 32)")
+    ap.add_argument("--mem-layers", type=int, help="layers of the 8B-shaped model in memory (default 8)")
+    ap.add_argument("--peak-tbps", type=float, help="the GPU's peak bandwidth in TB/s (default: by device name)")
+    ap.add_argument("--session-model", choices=("embedded", "tiny"), default=None,
+                    help="session model (default: embedded on the GPU, tiny in a dry run)")
+    args = ap.parse_args(argv)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad:
+        ap.error(f"unknown sections {bad}")
+
+    if args.dry_run:  # before any kernel module is imported: @triton.jit reads it then
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device (use --dry-run for the CPU rehearsal)", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    plan = dict(DRY if args.dry_run else FULL)
+    if args.e2e_layers:
+        plan["e2e_layers"] = args.e2e_layers
+    if args.mem_layers:
+        plan["mem_layers"] = args.mem_layers
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    ctx = {"device": device, "dry": args.dry_run, "plan": plan, "out": out, "method": args.method,
+           "peak": peak_bps(name, args.peak_tbps) if device.type == "cuda" else None,
+           "budget": Budget(args.budget_s), "session_model": args.session_model or ("tiny" if args.dry_run else "embedded")}
+    result = {"command": " ".join(["python -m bench.gpu_check", *(argv if argv is not None else sys.argv[1:])]),
+              "dry_run": args.dry_run, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "sections": {}, "seconds": 0.0}
+    t0 = time.perf_counter()
+    failed = []
+    for sec in sections:
+        if ctx["budget"].left() < NEEDS[sec] and not args.dry_run:
+            result["sections"][sec] = {"status": "skipped", "error": f"time budget ({ctx['budget'].left():.0f} s left)"}
+            failed.append(sec)
+            continue
+        print(f"[gpu_check] {sec} ...", flush=True)
+        ts = time.perf_counter()
+        try:
+            rec = RUNNERS[sec](ctx)
+            rec["status"] = "ok" if rec.pop("ok", True) else "mismatch"
+        except Exception as e:  # noqa: BLE001 -- one section's failure must not lose the others
+            rec = {"status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            if device.type == "cuda":
+                free(device)
+        rec["seconds"] = time.perf_counter() - ts
+        if rec["status"] != "ok":
+            failed.append(sec)
+        print(f"[gpu_check] {sec}: {rec['status']} in {rec['seconds']:.1f} s"
+              + (f" -- {rec.get('error', '')}" if rec["status"] == "error" else ""), flush=True)
+        result["sections"][sec] = rec
+        result["seconds"] = time.perf_counter() - t0
+        (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
+        (out / "summary.md").write_text(summary_md(result))
+    result["seconds"] = time.perf_counter() - t0
+    result["failed"] = failed
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / "summary.md").write_text(summary_md(result))
+    print(summary_md(result))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The device check (bench/gpu_check.sh) rehearsed end to end on the CPU: ``--dry-run`` runs every
+section with tiny shapes and the Triton interpreter, so the script a GPU session runs once is known
+to work before the GPU time is spent. No timing is claimed in a dry run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run(tmp_path):
+    out = tmp_path / "gpu"
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(out), "--dry-run"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "gpu_check.json").read_text())
+    assert res["dry_run"] is True
+    assert {k: v["status"] for k, v in res["sections"].items()} == {
+        s: "ok" for s in ("env", "kernels", "decode", "e2e", "memory", "session")}
+    kernels = res["sections"]["kernels"]["rows"]
+    assert {r["kernel"] for r in kernels} >= {"quantize_keys+dequantize", "quantize_values+dequantize", "decode_parts"}
+    assert all(r["ok"] for r in kernels)
+    dec = res["sections"]["decode"]["rows"]
+    assert [r["target_ratio"] for r in dec] == [2, 4, 8]
+    assert all(r["kernel_ms"] is None and r["sdpa_ms"] is None and r["max_err_out"] < 1e-3 for r in dec)
+    assert res["sections"]["e2e"]["plain_tokens_per_s"] is None  # no speed claims from a CPU rehearsal
+    mem = res["sections"]["memory"]
+    assert mem["compressed_chunked"]["cache_bytes"] > 0
+    ses = res["sections"]["session"]
+    assert ses["new_tokens"] > 0 and ses["frames"] > 0
+    figs = json.loads((out / "session_figures.json").read_text())
+    assert set(figs) == {"importance", "tiers", "bits", "memory", "compare"}
+    assert (out / "summary.md").read_text().startswith("# gpu_check")
+    assert "gpu_check" in (out / "log.txt").read_text()
+
+
+def test_gpu_check_needs_cuda_without_dry_run(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path), "--sections", "env"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
