@@ -133,6 +133,7 @@ def test_preset_switch_replays_sane_numbers(app_url):  # noqa: F811
         p.set_number("max-new-tokens", 24)
         p.js_click("generate")
         p.wait(lambda: "Done" in p.stats(), 300, "the agacc run", poll=0.5)
+        time.sleep(3.0)  # the end of the run moved the replay slider: its replay lands first
         _choose(p, "preset", "uniform-int4")
         # the preset sets a dozen knobs, each a .change: wait for the replay of them all (block size included)
         p.wait(lambda: "Replayed" in p.css("#replay-note").text and "block_size" in p.css("#replay-note").text, 90,
@@ -222,7 +223,7 @@ def test_user_errors_thresholds_and_header(app_url, tmp_path):  # noqa: F811
             p.wait(lambda: _thresholds_ordered(p), 30, f"ordered thresholds after {knob}={value}")
         time.sleep(2.0)
         toasts = d.execute_script(JS_TOASTS)
-        assert len(toasts) == n_toasts, toasts
+        assert len(toasts) <= n_toasts, toasts  # (the import's toast may have timed out meanwhile)
         assert "Inconsistent" not in p.css("#replay-note").text
         p.wait(lambda: "Replayed" in p.css("#replay-note").text, 30, "the replay of the last valid thresholds")
         assert d.execute_script(JS_ERROR_BADGES) == 0

@@ -144,3 +144,29 @@ def test_accelerate_two_processes_equal_one(tiny_model, tmp_path):
     a, b = json.loads(single.read_text()), json.loads(sharded.read_text())
     assert b[0]["world_size"] == 2 and a[0]["world_size"] == 1
     assert _strip(a) == _strip(b)
+
+
+def test_records_are_cut_only_when_asked_or_to_fit_the_model(loaded):
+    """A needle record of ~1,500 tokens stays whole by default (it fits the model's 4,096 positions);
+    --context-tokens cuts it in the middle and the summary says whether the answer survived; a record
+    longer than the model is cut to fit, its answer budget kept."""
+    from agacc.eval import tasks as T
+    from agacc.eval.cli import cut_summary
+
+    _, tok = loaded
+    filler = CORPUS * 6
+    rows = [{"context": "The code is 7291. " + filler, "input": "What is the code?", "answers": ["7291"]},
+            {"context": filler + " The code is 5550.", "input": "What is the code?", "answers": ["5550"]}]
+    whole = T.records_task(tok, rows, "needle", None, None, limit=100_000)
+    n = [s.meta["record_tokens"] for s in whole]
+    assert min(n) > 1200 and not any(s.meta["truncated"] for s in whole) and cut_summary(whole) is None
+    assert [len(s.prompt_ids) for s in whole] == [len(T._bos(tok)) + k for k in n]
+    cut = T.records_task(tok, rows, "needle", 512, None, limit=100_000)
+    assert all(s.meta["truncated"] and len(s.prompt_ids) <= 512 + 1 for s in cut)
+    assert [s.meta["answer_in_prompt"] for s in cut] == [True, True]  # start and end survive a middle cut
+    mid = [{"context": filler + " The code is 8123. " + filler, "input": "What is the code?", "answers": ["8123"]}]
+    (gone,) = T.records_task(tok, mid, "needle", 512, None)
+    assert gone.meta["answer_in_prompt"] is False
+    assert cut_summary(cut + [gone]) == "records cut (middle truncation): 3 of 3; the answer survived the cut in 2 of 3"
+    (fit,) = T.records_task(tok, mid, "needle", None, None, limit=1000)
+    assert fit.meta["truncated"] and len(fit.prompt_ids) + fit.max_new_tokens <= 1000

@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="methods to compare: NAME[@RATIO][,key=value]... (agacc, agacc@4, h2o@4,recent_window=32; "
                         "names in docs/baselines.md)")
     p.add_argument("--ratio", type=float, default=None, help="target memory ratio (16-bit bytes / bytes held) of every compressed preset")
-    p.add_argument("--context-tokens", type=int, nargs="+", default=None, help="prompt length(s) in tokens (needle: the grid's lengths)")
+    p.add_argument("--context-tokens", type=int, nargs="+", default=None, help="prompt length(s) in tokens (needle: the grid's lengths); with --data / longbench / scrolls: "
+                        "cut each record to this many tokens (middle truncation; default: each record whole, "
+                        "cut only to fit the model's context)")
     p.add_argument("--samples", type=int, default=None, help="samples per length (passkey/needle: depths spread 0..1; ppl: windows)")
     p.add_argument("--depths", type=float, nargs="+", default=None, help="needle/passkey depths in 0..1 (overrides --samples)")
     p.add_argument("--data", default=None, help="JSONL records: LongBench {context, input, answers} or SCROLLS {id, input, output}")
@@ -56,28 +58,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_samples(args, tok) -> list:
+def make_samples(args, tok, limit: int | None = None) -> list:
+    """The task's samples; ``limit``: the model's positions (records are cut only to fit them, unless
+    --context-tokens asks)."""
     task = args.task
-    lengths = args.context_tokens or [DEFAULT_LENGTH[task]]
     out = []
     if args.data or task in ("longbench", "scrolls"):
         rows = T.read_jsonl(args.data) if args.data else T.load_hub(task, args.dataset)
-        for n in lengths:
+        for n in args.context_tokens or [None]:
             out += T.records_task(tok, rows, task, n, args.samples, dataset=args.dataset, metric=args.metric,
-                                  max_new_tokens=args.max_new_tokens)
-    else:
-        k = args.samples or (5 if task in ("passkey", "needle") else 1)
-        text = T.read_text(args.text) if (args.text or task in ("ppl", "needle")) else None
-        for n in lengths:
-            if task == "passkey":
-                out += T.passkey(tok, n, k, depths=args.depths, seed=args.seed, max_new_tokens=args.max_new_tokens or 8)
-            elif task == "needle":
-                out += T.needle(tok, n, k, depths=args.depths, text=text, seed=args.seed, max_new_tokens=args.max_new_tokens or 12)
-            else:
-                out += T.ppl(tok, n, k, text=text, decode_tokens=args.decode_tokens)
-    for i, s in enumerate(out):
+                                  max_new_tokens=args.max_new_tokens, limit=limit)
+        return _numbered(out)
+    k = args.samples or (5 if task in ("passkey", "needle") else 1)
+    text = T.read_text(args.text) if (args.text or task in ("ppl", "needle")) else None
+    for n in args.context_tokens or [DEFAULT_LENGTH[task]]:
+        if task == "passkey":
+            out += T.passkey(tok, n, k, depths=args.depths, seed=args.seed, max_new_tokens=args.max_new_tokens or 8)
+        elif task == "needle":
+            out += T.needle(tok, n, k, depths=args.depths, text=text, seed=args.seed, max_new_tokens=args.max_new_tokens or 12)
+        else:
+            out += T.ppl(tok, n, k, text=text, decode_tokens=args.decode_tokens)
+    return _numbered(out)
+
+
+def _numbered(samples: list) -> list:
+    for i, s in enumerate(samples):
         s.index = i
-    return out
+    return samples
+
+
+def cut_summary(samples: list) -> str | None:
+    """One line on the records cut to fit (None when none was): how many, and for needle-style records
+    in how many the answer survived the cut."""
+    cut = [s for s in samples if s.meta.get("truncated")]
+    if not cut:
+        return None
+    line = f"records cut (middle truncation): {len(cut)} of {len(samples)}"
+    kept = [s.meta["answer_in_prompt"] for s in cut if "answer_in_prompt" in s.meta]
+    if kept:
+        line += f"; the answer survived the cut in {sum(kept)} of {len(kept)}"
+    return line
 
 
 def method_configs(specs: list[str], ratio: float | None, sets: dict | None = None) -> list[tuple[str, object]]:
@@ -174,10 +194,10 @@ def _main(args) -> int:
         device = dist_device
     model, tok = agacc.load_model(args.model, device=device, dtype=args.dtype)
     torch.manual_seed(args.seed)
-    samples = runner_samples = make_samples(args, tok)
+    limit = context_limit(model)
+    samples = runner_samples = make_samples(args, tok, limit)
     if not samples:
         raise ValueError("no samples")
-    limit = context_limit(model)
     longest = max(len(s.prompt_ids) + max(len(s.target_ids), len(s.answer_ids), s.max_new_tokens) for s in samples)
     if limit and longest > limit:
         raise ValueError(f"samples need {longest} positions, the model has {limit}")
@@ -197,6 +217,8 @@ def _main(args) -> int:
         r["world_size"] = world
         r["model"] = args.model or "embedded:SmolLM2-135M-Instruct"
     print(format_table(records))
+    if cut_summary(samples):
+        print(cut_summary(samples))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(records, f, indent=1)

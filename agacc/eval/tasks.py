@@ -262,9 +262,14 @@ def _truncate_middle(ids: list[int], n: int | None) -> list[int]:
 
 
 def records_task(tok, rows: list[dict], task: str, context_tokens: int | None, samples: int | None,
-                 dataset: str | None = None, metric: str | None = None, max_new_tokens: int | None = None) -> list[Sample]:
-    """LongBench / SCROLLS / needle-style records -> samples (prompt = template filled, middle-truncated
-    to ``context_tokens``), metric after the dataset (``dataset`` or each record's "dataset")."""
+                 dataset: str | None = None, metric: str | None = None, max_new_tokens: int | None = None,
+                 limit: int | None = None) -> list[Sample]:
+    """LongBench / SCROLLS / needle-style records -> samples (prompt = template filled), metric after the
+    dataset (``dataset`` or each record's "dataset"). A prompt is cut (LongBench's middle truncation)
+    only to ``context_tokens`` when asked, else only when it does not fit ``limit`` (the model's
+    positions) with its answer budget; each sample's meta says whether it was cut ("truncated", the
+    whole "record_tokens") and, for needle-style records, whether an answer survived the cut
+    ("answer_in_prompt")."""
     rows = normalise_records(rows)
     if samples:
         rows = rows[:samples]
@@ -284,10 +289,16 @@ def records_task(tok, rows: list[dict], task: str, context_tokens: int | None, s
             m = metric or "contains"
             mx = max_new_tokens or 16
         prompt = tmpl.format(context=r["context"], input=r.get("input", ""))
-        ids = _bos(tok) + _truncate_middle(_ids(tok, prompt), context_tokens)
-        out.append(Sample(i, "answer", ids, [str(a) for a in r["answers"]], metric=m, max_new_tokens=mx,
-                          all_classes=r.get("all_classes"),
-                          first_line=ds in ("trec", "triviaqa", "samsum", "lsht"),
-                          meta={"dataset": ds, "id": r.get("_id", r.get("id", i)), "prompt_tokens": len(ids),
-                                "context_tokens": context_tokens}))
+        whole = _ids(tok, prompt)
+        cap = context_tokens if context_tokens is not None else (
+            limit - len(_bos(tok)) - mx if limit is not None else None)
+        kept = _truncate_middle(whole, cap)
+        ids = _bos(tok) + kept
+        answers = [str(a) for a in r["answers"]]
+        meta = {"dataset": ds, "id": r.get("_id", r.get("id", i)), "prompt_tokens": len(ids),
+                "context_tokens": context_tokens, "record_tokens": len(whole), "truncated": len(kept) < len(whole)}
+        if task not in ("longbench", "scrolls"):  # extractive: the answer is in the context, or was cut out
+            meta["answer_in_prompt"] = any(a in tok.decode(kept) for a in answers)
+        out.append(Sample(i, "answer", ids, answers, metric=m, max_new_tokens=mx, all_classes=r.get("all_classes"),
+                          first_line=ds in ("trec", "triviaqa", "samsum", "lsht"), meta=meta))
     return out
