@@ -358,8 +358,12 @@ class CompressedCache(Cache):
                 block_scores, cfg, geo, seq_len, self.threshold_scale, prefill=prefill, stacked=True)
             self.held = None
             if prefill and cfg.hold_evictions and not cfg.host_copy:
-                held = hold_evictions(*plans, cfg, self.head_dim)
-                if held[0] is not plans[0]:  # some blocks would go: held until the prompt ends
+                gentle = plans
+                if cfg.prefill_ratio is not None and cfg.target_ratio is not None and cfg.prefill_ratio < cfg.target_ratio:
+                    gentle = planner.fit_plans(block_scores, cfg, geo, seq_len, cfg.prefill_ratio, overhead,
+                                               prev, self.threshold_scale, prefill)
+                held = hold_evictions(*gentle, cfg, self.head_dim)
+                if held[0] is not plans[0]:  # some blocks would go (or keep more bits): held until the prompt ends
                     self.held, plans, floored = plans, held, False
             apply_plans(stores, *plans, self._token_weight(layers), floored=floored)
         for l in layers:  # the next window, held (and counted) from now on

@@ -132,6 +132,11 @@ class AGACCConfig:
     Budget and storage:
         target_ratio: if set, thresholds are refitted at every re-evaluation so that the cache holds
             bytes_fp16 / target_ratio bytes (the ratio fitter); the tau_* keep their proportions.
+        prefill_ratio: with target_ratio and hold_evictions, what a chunked prefill holds until the prompt
+            ends is fitted to this gentler ratio (evictions held at b_min as always); the plan fitted to
+            target_ratio with the whole prompt's evidence is applied at the first decode step. Trades the
+            prefill's peak (about bytes_fp16 / prefill_ratio + one chunk) for fewer early, irreversible
+            bit cuts. None: the held plan is the target's.
         store_dtype: dtype of full-precision entries: "model" (lossless) or a 16-bit type.
         compress: False = keep every entry at full precision (the lossless `full` preset).
     """
@@ -195,6 +200,7 @@ class AGACCConfig:
     target_ratio: float | None = _f(None, "budget", replay=True, ui=(
         "target memory ratio (16-bit bytes / held bytes)", 1.0, 16.0, 0.25, "thresholds",
         "thresholds are scaled to hit this ratio at every re-evaluation"))
+    prefill_ratio: float | None = _f(None, "budget", replay=True)
     store_dtype: str = _f("float16", "budget", choices=STORE_DTYPES)
     compress: bool = _f(True, "budget")
     name: str = _f("custom", "budget")
@@ -247,6 +253,8 @@ class AGACCConfig:
         need(self.recent_window >= 0, f"recent_window must be >= 0, got {self.recent_window}")
         need(self.n_sink >= 0, f"n_sink must be >= 0, got {self.n_sink}")
         need(self.target_ratio is None or self.target_ratio >= 1.0, f"target_ratio must be >= 1 or None, got {self.target_ratio}")
+        need(self.prefill_ratio is None or self.prefill_ratio >= 1.0,
+             f"prefill_ratio must be >= 1 or None, got {self.prefill_ratio}")
         need(self.store_dtype in STORE_DTYPES, f"store_dtype must be one of {STORE_DTYPES}, got {self.store_dtype!r}")
         if self.layer_weights is not None:
             need(all(w > 0 for w in self.layer_weights), "layer_weights (w_l) must all be > 0")

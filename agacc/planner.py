@@ -308,6 +308,16 @@ def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_
     return math.exp(hi)
 
 
+def fit_plans(block_scores, cfg, geo, seq_len, ratio, overhead_bytes: int = 0, prev=None, start: float | None = None,
+              prefill: bool = False):
+    """The stacked plans (tier, bits, keep) [L, n] fitted to ``ratio`` (``fit_threshold_scale``; floored
+    against ``prev`` where the fitter floored them)."""
+    fitted: dict = {}
+    s = fit_threshold_scale(block_scores, cfg, geo, seq_len, ratio, overhead_bytes, prev=prev, start=start,
+                            prefill=prefill, plans_out=fitted)
+    return fitted[s] if s in fitted else plan_tiers(block_scores, cfg, geo, seq_len, s, prefill=prefill, stacked=True)
+
+
 def fit_thresholds(block_scores, cfg, geo: Geometry, seq_len: int, target_ratio: float,
                    overhead_bytes: int = 0, prefill: bool = False):
     """Target ratio -> a config whose thresholds (tau_h, tau_l, tau_e; tau_prune and C_max for the

@@ -209,6 +209,11 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
             # last chunk's plan is applied as made when the prompt ends (shown so in its frame)
             more_prompt = i + 1 < len(history) and bool(history[i + 1].get("prefill", False))
             if prefill and more_prompt and cfg.hold_evictions and not cfg.host_copy:
+                if cfg.prefill_ratio is not None and cfg.target_ratio is not None and cfg.prefill_ratio < cfg.target_ratio:
+                    gentle = planner.fit_threshold_scale(scores, cfg, geo, seq_len, cfg.prefill_ratio,
+                                                         int(h.get("overhead", 0)), prev=current, start=scale,
+                                                         prefill=prefill)
+                    plans = planner.plan_tiers(scores, cfg, geo, seq_len, gentle, prefill=prefill)
                 plans = [hold_evictions(*p, cfg, geo.head_dim) for p in plans]
             if not cfg.host_copy and current is not None:
                 plans = [fidelity_floor(prev, *p) for prev, p in zip(current, plans)]

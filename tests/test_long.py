@@ -111,17 +111,18 @@ def _tiers(cache) -> torch.Tensor:
     return torch.stack([l.store.block_tier for l in cache.layers])
 
 
-@pytest.mark.parametrize("hold", [True, False])
-def test_a_chunked_prefill_holds_its_evictions_until_the_prompt_ends(tiny, hold):
+@pytest.mark.parametrize("hold,prefill_ratio", [(True, None), (False, None), (True, 2.0)])
+def test_a_chunked_prefill_holds_its_evictions_until_the_prompt_ends(tiny, hold, prefill_ratio):
     """With ``hold_evictions`` a chunk's re-evaluation evicts nothing (those blocks wait at b_min
     bits, readable by later chunks); ``end_prefill`` (the first decode step) applies the last
     chunk's plan as made, and replaying the recorded history gives the same tiers. Off: blocks
-    go chunk by chunk."""
+    go chunk by chunk. ``prefill_ratio``: what is held is fitted to that gentler ratio, the target's plan
+    still applied at the end."""
     from agacc.tiers import EVICTED
     from agacc.trace import replay_frames
 
     ids = torch.randint(3, 256, (1, 640), generator=torch.Generator().manual_seed(3))
-    cfg = AGACCConfig.preset("agacc", target_ratio=6.0, hold_evictions=hold)
+    cfg = AGACCConfig.preset("agacc", target_ratio=6.0, hold_evictions=hold, prefill_ratio=prefill_ratio)
     cache = agacc.CompressedCache(tiny.config, cfg, record_history=True)
     evicted_early = False
     with torch.inference_mode():
@@ -136,6 +137,7 @@ def test_a_chunked_prefill_holds_its_evictions_until_the_prompt_ends(tiny, hold)
         cache.end_prefill()
         assert cache.held is None and torch.equal(_tiers(cache).cpu(), planned.cpu())
         assert cache.memory()["bytes"] < before
+        assert cache.memory()["ratio"] > 5.5 and (prefill_ratio is None or before > 2.5 * cache.memory()["bytes"])
     frame = replay_frames(cache.history, cfg, cache._geometry())[-1]
     assert frame["tier"] == cache.snapshot()["tier"]
     cache.end_prefill()  # nothing held: nothing changes
