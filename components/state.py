@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
 import time
 from collections import OrderedDict
@@ -25,15 +24,14 @@ HUB_CHOICES = ["HuggingFaceTB/SmolLM2-360M-Instruct", "HuggingFaceTB/SmolLM2-1.7
 PACKED_WEIGHTS = os.environ.get("AGACC_PACKED_WEIGHTS", "1") != "0"
 
 
-def hub_reachable(timeout: float = 1.5) -> bool:
-    """True when huggingface.co answers on 443 (hub ids are then offered in the model list)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or os.environ.get("AGACC_OFFLINE"):
+def hub_reachable(timeout: float = 1.0) -> bool:
+    """True when the hub answers (``agacc.models.hub_reachable``: one HTTP request, ``timeout`` s); hub
+    ids are then offered in the model list. ``AGACC_OFFLINE`` set: False without asking."""
+    if os.environ.get("AGACC_OFFLINE"):
         return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    from agacc.models import hub_reachable as probe
+
+    return probe(timeout)
 
 
 def hub_cached(name: str) -> bool:
