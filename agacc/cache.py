@@ -359,7 +359,7 @@ class CompressedCache(Cache):
             self.held = None
             if prefill and cfg.hold_evictions and not cfg.host_copy:
                 gentle = plans
-                if cfg.prefill_ratio is not None and cfg.target_ratio is not None and cfg.prefill_ratio < cfg.target_ratio:
+                if cfg.gentle_prefill:
                     gentle = planner.fit_plans(block_scores, cfg, geo, seq_len, cfg.prefill_ratio, overhead,
                                                prev, self.threshold_scale, prefill)
                 held = hold_evictions(*gentle, cfg, self.head_dim)

@@ -271,6 +271,11 @@ class AGACCConfig:
             raise ValueError(f"unknown AGACCConfig field(s): {sorted(unknown)}")
         return cls(**{**table[name][1], **overrides, "name": overrides.get("name", name)})
 
+    @property
+    def gentle_prefill(self) -> bool:
+        """A chunked prefill holds a plan fitted to ``prefill_ratio``, gentler than ``target_ratio``."""
+        return self.prefill_ratio is not None and self.target_ratio is not None and self.prefill_ratio < self.target_ratio
+
     def with_overrides(self, **overrides) -> "AGACCConfig":
         unknown = set(overrides) - {f.name for f in fields(self)}
         if unknown:

@@ -209,7 +209,7 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
             # last chunk's plan is applied as made when the prompt ends (shown so in its frame)
             more_prompt = i + 1 < len(history) and bool(history[i + 1].get("prefill", False))
             if prefill and more_prompt and cfg.hold_evictions and not cfg.host_copy:
-                if cfg.prefill_ratio is not None and cfg.target_ratio is not None and cfg.prefill_ratio < cfg.target_ratio:
+                if cfg.gentle_prefill:
                     gentle = planner.fit_threshold_scale(scores, cfg, geo, seq_len, cfg.prefill_ratio,
                                                          int(h.get("overhead", 0)), prev=current, start=scale,
                                                          prefill=prefill)

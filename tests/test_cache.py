@@ -5,8 +5,11 @@ from transformers import DynamicCache
 import agacc
 from agacc import tiers as T
 from agacc.attention import observe_prefill
+from agacc.importance import WINDOW_ITEMSIZE
 from agacc.config import AGACCConfig
+from agacc import planner
 from agacc.planner import planned_bytes
+from agacc.quant import container_bits
 from agacc.presets import FIXED_RATIO, PRESETS
 from tests.helpers import tiny_model, walk_tensor_bytes
 
@@ -112,11 +115,30 @@ def test_target_ratio_is_reached(tiny):
     cache = agacc.CompressedCache(tiny.config, cfg)
     with torch.inference_mode():
         tiny(ids, past_key_values=cache)
-    held = cache.memory()["ratio"]
+    held = cache.memory()
     cache.end_prefill()  # (the first decode step's doing): the evictions the prefill held happen
     got = cache.memory()["ratio"]
     assert 4.0 * 0.95 <= got <= 4.0 * 1.15, got  # tracker bytes and block granularity on top of the plan
-    assert 1.5 < held < got  # until then the blocks to evict wait at b_min bits
+    # reference: the same prefill evicting at once holds, after end_prefill, the same tiers and bytes;
+    # before it, the held blocks cost exactly their b_min-bit bytes on top
+    ref = agacc.CompressedCache(tiny.config, cfg.with_overrides(hold_evictions=False))
+    with torch.inference_mode():
+        tiny(ids, past_key_values=ref)
+    assert cache.memory()["bytes"] == ref.memory()["bytes"]
+    assert all(torch.equal(a.store.block_tier, b.store.block_tier) for a, b in zip(cache.layers, ref.layers))
+    geo = cache._geometry()
+    extra = sum(planner.block_cost_bytes(int(T.CONTAINER_TIER[container_bits(cfg.b_min)]), container_bits(cfg.b_min),
+                                         geo.head_dim, batch=1, heads=geo.heads, head_dim=geo.head_dim,
+                                         block_size=cfg.block_size, full_itemsize=geo.full_itemsize,
+                                         value_group_size=cfg.value_group_size, b_min=cfg.b_min,
+                                         sparse_threshold=cfg.sparse_threshold, key_quant=cfg.key_quant,
+                                         key_group_size=cfg.key_group_size)
+                for l in ref.layers for _ in range(int((l.store.block_tier == T.EVICTED).sum())))
+    markers = sum(l.store.markers.nbytes() for l in ref.layers)
+    n_held = sum(int((l.store.block_tier == T.EVICTED).sum()) for l in ref.layers)
+    window = n_held * cfg.block_size * WINDOW_ITEMSIZE  # the tracker's slot per held entry
+    want = ref.memory()["bytes"] - markers + extra + window  # (the cost model's per-block metadata: within 1%)
+    assert ref.memory()["bytes"] < held["bytes"] and abs(held["bytes"] - want) <= 0.01 * want, (held["bytes"], want)
 
 
 def test_snapshot_describes_every_block(tiny):
