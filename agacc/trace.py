@@ -306,3 +306,104 @@ def _py(v):
     if isinstance(v, list):
         return repr(tuple(v))
     return repr(v)
+
+
+# --- one block over a run; a sweep of target ratios (the app's drill-down and quality-vs-memory curve) ----
+
+from agacc.tiers import EVICTED, FULL, INT2, INT3, INT4, INT8, PRUNED  # noqa: E402
+
+# the tier classes of ``mass_shares``: tier code -> class
+MASS_CLASSES = ("full", "quantised", "pruned", "evicted")
+_MASS_CLASS = {FULL: "full", INT8: "quantised", INT4: "quantised", INT3: "quantised", INT2: "quantised",
+               PRUNED: "pruned", EVICTED: "evicted"}
+
+
+def block_bytes(frame: dict, layer: int, block: int, cfg: AGACCConfig, geo) -> int:
+    """Bytes block ``block`` of layer ``layer`` holds in ``frame`` (a ``CompressedCache.snapshot()``, a
+    trace frame or a ``replay_frames`` frame) by the planner's cost model (``planner.block_cost_bytes``:
+    K/V codes, scales and per-block metadata). A hot block (not tiered yet) holds its tokens at full
+    precision; an evicted block only its metadata (its run's marker entry is counted once per run, not
+    per block). The tracker's per-entry window is not included."""
+    tier = int(frame["tier"][layer][block])
+    B = int(frame.get("block_size") or cfg.block_size)
+    if tier == HOT:
+        tokens = max(0, min(B, int(frame["seq_len"]) - block * B))
+        return 2 * geo.batch * geo.heads * tokens * geo.head_dim * geo.full_itemsize
+    return planner.block_cost_bytes(
+        tier, int(frame["bits"][layer][block]), int(frame["keep"][layer][block]), batch=geo.batch, heads=geo.heads,
+        head_dim=geo.head_dim, block_size=B, full_itemsize=geo.full_itemsize, value_group_size=cfg.value_group_size,
+        b_min=cfg.b_min, sparse_threshold=cfg.sparse_threshold, key_quant=cfg.key_quant,
+        key_group_size=cfg.key_group_size)
+
+
+def block_history(trace: "Trace", layer: int, block: int) -> dict:
+    """Block ``block`` of layer ``layer`` over a recorded run, from its frames (no replay).
+
+    -> {layer, block, block_size, first, last (token positions), tokens (decoded text of each of its
+    tokens), text, frames: [{frame, step, seq_len, importance (None while hot), tier (code), tier_name,
+    bits, keep}] for every frame that holds the block, bytes (``block_bytes`` in the last frame)}.
+    ValueError (a readable message) when the layer or the block is not in the run."""
+    if not trace.frames:
+        raise ValueError("the run has no frames yet")
+    last = trace.frames[-1]
+    n_layers = len(last["tier"])
+    layer, block = int(layer), int(block)
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} is not in this run (layers 0-{n_layers - 1})")
+    nb = len(last["tier"][layer])
+    if not 0 <= block < nb:
+        raise ValueError(f"block {block} is not in this run (blocks 0-{nb - 1} at the end)")
+    B = int(last.get("block_size") or trace.config.block_size)
+    first, end = block * B, min((block + 1) * B, int(last["seq_len"]))
+    tokens = list(trace.tokens[first:end])
+    rows = []
+    for k, f in enumerate(trace.frames):
+        if block >= len(f["tier"][layer]):
+            continue  # not in the cache yet at this frame
+        t = int(f["tier"][layer][block])
+        imp = f["importance"][layer][block] if block < len(f["importance"][layer]) else None
+        rows.append({"frame": k, "step": int(f["step"]), "seq_len": int(f["seq_len"]), "importance": imp, "tier": t,
+                     "tier_name": "hot" if t == HOT else NAMES[t], "bits": int(f["bits"][layer][block]),
+                     "keep": int(f["keep"][layer][block])})
+    return {"layer": layer, "block": block, "block_size": B, "first": first, "last": end - 1, "tokens": tokens,
+            "text": "".join(tokens), "frames": rows,
+            "bytes": block_bytes(last, layer, block, trace.config, trace.geometry)}
+
+
+def mass_shares(scores, tiers) -> dict:
+    """Share of the block importance (normalised attention mass, summed over layers) on blocks in each
+    class of ``MASS_CLASSES`` (full / quantised / pruned / evicted). ``scores`` [L][n_ready] (a history
+    entry's), ``tiers`` [L][>= n_ready] (tier codes; a block past a layer's scores is not counted)."""
+    tot = dict.fromkeys(MASS_CLASSES, 0.0)
+    for s_row, t_row in zip(scores, tiers):
+        s_row = s_row.tolist() if isinstance(s_row, torch.Tensor) else s_row
+        for s, t in zip(s_row, t_row):
+            if int(t) != HOT:
+                tot[_MASS_CLASS[int(t)]] += max(0.0, float(s))
+    z = sum(tot.values())
+    return {c: (v / z if z > 0 else 0.0) for c, v in tot.items()}
+
+
+SWEEP_RATIOS = (1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
+
+
+def ratio_sweep(history: list[dict], cfg: AGACCConfig, geo, ratios=SWEEP_RATIOS) -> list[dict]:
+    """The policy of ``cfg`` replayed on a recorded importance history (``replay_frames``) at each target
+    ratio of ``ratios`` (no model, no generation): a quality-vs-memory curve from one run.
+
+    -> per ratio {target, ratio (bytes_fp16 / held_bytes at the end, as replayed), held_bytes, bytes_fp16,
+    shares: ``mass_shares`` averaged over the re-evaluations (each entry's importance under the plan
+    replayed at that entry), final_shares: those of the last entry alone}. The quality proxy: the share
+    of the attention mass that falls on blocks kept at 16 bits, quantised, pruned or evicted.
+    ValueError when ``cfg`` does not compress (nothing to sweep) or the history is empty."""
+    if not cfg.compress:
+        raise ValueError(f"the {cfg.name!r} preset does not compress: there is no ratio to sweep")
+    out = []
+    for r in ratios:
+        frames = replay_frames(history, cfg.with_overrides(target_ratio=float(r)), geo)
+        per = [mass_shares(h["scores"], f["tier"]) for h, f in zip(history, frames) if int(h["n_ready"]) > 0]
+        mean = {c: (sum(p[c] for p in per) / len(per) if per else 0.0) for c in MASS_CLASSES}
+        f = frames[-1]
+        out.append({"target": float(r), "ratio": f["ratio"], "held_bytes": int(f["held_bytes"]),
+                    "bytes_fp16": int(f["bytes_fp16"]), "shares": mean, "final_shares": per[-1] if per else mean})
+    return out
