@@ -36,8 +36,9 @@ import torch
 from agacc.planner import text_config
 from agacc.presets import PRESETS
 from agacc.session import GenerationSession, SessionError
-from agacc.trace import Trace, policy_changes, replay_frames
-from components import controls, plots
+from agacc.session import PREFILL_CHUNK
+from agacc.trace import Trace, block_history, policy_changes, ratio_sweep, replay_frames
+from components import controls, drill, gpu, plots
 from components.layout import ASSETS, build_layout, example_text, header_html, plot_value
 from components.state import EMBEDDED_CHOICE, EMBEDDED_LABEL, HUB_CHOICES, Models, Run, Sessions, UserState, hub_reachable
 from components.text import MIB, compare_md, final_stats, model_line, snippet, stats_md
@@ -143,7 +144,8 @@ class AgaccApp:
         cuda = torch.cuda.is_available()
         self.max_context = max_context or _env_int("AGACC_MAX_CONTEXT", 32768 if cuda else 4096)
         offer_hub = hub_reachable() if offer_hub is None else offer_hub
-        self.model_choices = [EMBEDDED_CHOICE] + (HUB_CHOICES if offer_hub else [])
+        # on CUDA the hub models sized for the GPU (components.gpu), on the CPU a few small ones
+        self.model_choices = [EMBEDDED_CHOICE] + ((gpu.gpu_models() if cuda else HUB_CHOICES) if offer_hub else [])
         if default_model not in self.model_choices:
             self.model_choices.append(default_model)
         self.default_prompt = default_prompt if default_prompt is not None else example_text("Document question")
@@ -508,7 +510,101 @@ class AgaccApp:
                 line = "Loading the model (a first start converts it and builds the CPU kernels: a few minutes)…"
         except ValueError:
             pass
-        return header_html(line), gr.update(maximum=self.n_layers - 1)
+        return header_html(line, self._gpu_line(request)), gr.update(maximum=self.n_layers - 1)
+
+    def _gpu_line(self, request: gr.Request = None) -> str:
+        """GPU memory in use and peak beside this session's KV-cache bytes (CUDA only, else "")."""
+        us = self.sessions.get(_hash(request))
+        mem = (us.trace.meta.get("memory") or {}) if us.trace is not None else {}
+        return gpu.gpu_line(mem.get("bytes"))
+
+    def header(self, request: gr.Request = None):
+        """The header with the GPU memory now (after a run; CUDA only)."""
+        if not torch.cuda.is_available():
+            return SKIP()
+        return header_html(self.model_line, self._gpu_line(request))
+
+    # ---- block drill-down, quality vs memory ------------------------------------------------------
+    def block(self, pick: str | None = None, request: gr.Request = None):
+        """The drill-down panel of block "layer, block" of this session's run: its tokens, importance over
+        the run, tier history and bytes now, all from the recorded frames (``agacc.trace.block_history``)."""
+        us = self.sessions.get(_hash(request))
+        outputs = [self.ui.block_panel, self.ui.block_info, self.ui.block_plot]
+        try:
+            tr = us.trace
+            if tr is None or not tr.frames:
+                raise UserError("Generate (or import a trace) first: the drill-down shows a block of a recorded run.",
+                                title="No run")
+            try:
+                layer, blk = drill.parse_pick(pick)
+                h = block_history(tr, layer, blk)
+            except ValueError as e:
+                raise UserError(str(e), title="Pick a block") from None
+        except UserError as e:
+            out = self._error(e, outputs, where=self.ui.block_info)
+            out[0] = gr.update(visible=True)
+            return out
+        return gr.update(visible=True), drill.block_panel_html(h), plot_value(drill.block_importance_chart(h))
+
+    def _curve(self, us: UserState):
+        """The quality-vs-memory figure of this session's run (the sweep cached per trace)."""
+        tr = us.trace
+        if tr is None or not tr.frames:
+            return plot_value(drill.quality_curve(None))
+        if us.running():
+            return SKIP()
+        if us.curve is None or us.curve[0] is not tr:
+            try:
+                sweep = ratio_sweep(tr.history, tr.config, tr.geometry)
+            except ValueError as e:
+                return plot_value(drill.quality_curve(None, message=_esc(e)))
+            us.curve = (tr, sweep)
+        measured = []
+        cmp, mem = tr.compare, tr.meta.get("memory") or {}
+        if cmp and cmp.get("mean_kl") is not None and mem.get("bytes"):
+            measured.append({"ratio": mem["bytes_fp16"] / mem["bytes"], "kl": cmp["mean_kl"], "top1": cmp["agreement"],
+                             "label": f"Re-run + compare ({tr.config.name}, lockstep)"})
+        measured += us.measured_points()
+        run_ratio = mem["bytes_fp16"] / mem["bytes"] if mem.get("bytes") else None
+        return plot_value(drill.quality_curve(us.curve[1], measured, run_ratio))
+
+    def after_run(self, request: gr.Request = None):
+        """After a run (or a stop, an import): the quality-vs-memory curve and the header's GPU memory."""
+        us = self.sessions.get(_hash(request))
+        return self._curve(us), self.header(request)
+
+    def measure(self, request: gr.Request = None, **values):
+        """Measure quality: the run's output teacher-forced through a full cache and through a cache of the
+        current setting (preset + knobs): KL(full || setting) and top-1 agreement (``drill.measure_quality``:
+        the library's ``chunked_prefill``, ``teacher_force`` and ``lm_stats``)."""
+        us = self.sessions.get(_hash(request))
+        outputs = [self.ui.measure_md, self.ui.quality]
+        try:
+            tr = us.trace
+            if tr is None or not tr.frames:
+                raise UserError("Generate (or import a trace) first: Measure quality checks a run's output.",
+                                title="No run")
+            if us.running():
+                raise UserError("A run is going on: measure when it ends (or press Stop).", title="Still generating")
+            cfg = self._cfg(values)
+            ids = list(tr.token_ids)
+            if len(ids) <= tr.n_prompt:
+                raise UserError("The run generated no token to measure.", title="Nothing to measure")
+            try:
+                name, mdl, _ = self.models.get(tr.meta.get("model_arg"), bool(tr.meta.get("trust_remote_code")))
+            except ValueError as e:
+                raise UserError(str(e), title="Model not available") from None
+            label = f"{cfg.name}" + (f"@{cfg.target_ratio:g}" if cfg.target_ratio else "")
+            try:
+                m = drill.measure_quality(mdl, ids[:tr.n_prompt], ids[tr.n_prompt:], cfg, PREFILL_CHUNK, label=label)
+            except ValueError as e:
+                raise UserError(str(e), title="Cannot measure") from None
+        except UserError as e:
+            return self._error(e, outputs, where=self.ui.measure_md)
+        us.measured_points().append(m)
+        log.info("measured %s on %d tokens: KL %.5f, top-1 %.4f, %.2fx", label, m["tokens"], m["kl"], m["top1"],
+                 m["ratio"])
+        return drill.measured_md(m), self._curve(us)
 
     def export(self, request: gr.Request = None):
         us = self.sessions.get(_hash(request))
@@ -588,8 +684,19 @@ class AgaccApp:
                                        show_progress="hidden")  # the status line says it (a spinner per output costs the page)
             rerun_ev = ui.rerun.click(self.rerun, inputs_kwargs=gen_inputs, outputs=self.gen_outputs, api_name="rerun",
                                       concurrency_id="generate", concurrency_limit=CONCURRENCY, show_progress="hidden")
-            ui.stop.click(self.stop, None, self.gen_outputs, api_name="stop", cancels=[gen_ev, rerun_ev],
-                          concurrency_limit=None, show_progress="hidden")
+            stop_ev = ui.stop.click(self.stop, None, self.gen_outputs, api_name="stop", cancels=[gen_ev, rerun_ev],
+                                    concurrency_limit=None, show_progress="hidden")
+            # the end of a run: the quality-vs-memory curve and the header's GPU memory
+            for ev in (gen_ev, rerun_ev, stop_ev):
+                ev.then(self.after_run, None, [ui.quality, ui.header], api_visibility="private", show_progress="hidden")
+            block_out = [ui.block_panel, ui.block_info, ui.block_plot]
+            ui.block_show.click(self.block, ui.block_pick, block_out, api_name="block", show_progress="hidden",
+                                concurrency_limit=None, trigger_mode="always_last")
+            ui.block_pick.submit(self.block, ui.block_pick, block_out, api_visibility="private", show_progress="hidden",
+                                 concurrency_limit=None, trigger_mode="always_last")
+            ui.measure.click(self.measure, inputs_kwargs={"preset": ui.preset, **ui.knobs},
+                             outputs=[ui.measure_md, ui.quality], api_name="measure", concurrency_id="generate",
+                             concurrency_limit=CONCURRENCY)
             gr.on([k.change for k in knobs] + [ui.replay.change, ui.token_layer.change], self.view,
                   inputs_kwargs=view_inputs, outputs=self.view_outputs, api_name="view",
                   trigger_mode="always_last", show_progress="hidden", concurrency_limit=None)
@@ -608,7 +715,9 @@ class AgaccApp:
             demo.load(self.page_load, None, [ui.header, ui.token_layer], api_visibility="private",
                       show_progress="hidden")
             ui.import_file.upload(self.import_trace, ui.import_file,
-                                  self.gen_outputs + [ui.preset, ui.token_layer] + knobs, api_name="import_trace")
+                                  self.gen_outputs + [ui.preset, ui.token_layer] + knobs, api_name="import_trace"
+                                  ).then(self.after_run, None, [ui.quality, ui.header], api_visibility="private",
+                                         show_progress="hidden")
             demo.unload(self.unload)
         demo.queue(default_concurrency_limit=CONCURRENCY, max_size=64)
         slow_queue_polling(demo, QUEUE_POLL)
@@ -629,7 +738,8 @@ def launch_kwargs() -> dict:
     """theme / css / head go to launch() in Gradio 6."""
     css = (ASSETS / "app.css").read_text() + "\n" + token_css()
     return {"theme": gr.themes.Soft(primary_hue="blue", neutral_hue="slate"), "css": css,
-            "head": "<meta name='description' content='AGACC: attention-guided adaptive KV-cache compression, live'>"}
+            "head": "<meta name='description' content='AGACC: attention-guided adaptive KV-cache compression, live'>"
+                    + drill.CLICK_JS}
 
 
 def set_threads() -> int:

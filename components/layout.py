@@ -6,9 +6,13 @@ import base64
 from pathlib import Path
 from types import SimpleNamespace
 
-from components import controls, plots
+from components import controls, drill, plots
 from components.text import COMPARE_HINT
 from components.token_view import render_token_view
+
+QUALITY_HINT = ("The lines replay this run's policy at target ratios 1.5-12x on its recorded importance (no "
+                "generation). <b>Measure quality</b> checks the current setting for real: KL and top-1 agreement "
+                "against the full cache on this run's text; <b>Re-run + compare</b> adds its lockstep numbers.")
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLES = {  # button label -> file in assets/examples
@@ -26,11 +30,13 @@ def logo_data_uri() -> str:
     return "data:image/svg+xml;base64," + base64.b64encode((ASSETS / "logo.svg").read_bytes()).decode()
 
 
-def header_html(model_line: str) -> str:
+def header_html(model_line: str, gpu_line: str = "") -> str:
+    """The page's header; ``gpu_line``: GPU memory in use and peak (``components.gpu.gpu_line``, CUDA only)."""
+    gpu = f"<div class='sub gpu'>{gpu_line}</div>" if gpu_line else ""
     return (f"<div id='header'><img src='{logo_data_uri()}' alt='AGACC logo'/>"
             "<div><h1>AGACC: attention-guided adaptive KV-cache compression</h1>"
             "<div class='sub'>Watch the cache compress itself while the model writes: importance per layer and block, "
-            f"tiers, bits and bytes, live. {model_line}</div></div></div>")
+            f"tiers, bits and bytes, live. {model_line}</div>{gpu}</div></div>")
 
 
 # the words the page uses, for the intro and its tooltips (one place)
@@ -156,7 +162,23 @@ def build_layout(model_choices: list[str], default_model: str, model_line: str, 
                                            label="Token view layer (-1 = most common tier over layers)",
                                            elem_id="token-layer", scale=2)
             ui.replay_note = gr.Markdown("", elem_id="replay-note")
+            with gr.Row(equal_height=True, elem_id="block-pick-row"):
+                ui.block_pick = gr.Textbox(label="Block drill-down: click a cell in a map, or type layer, block and "
+                                                 "press Enter", placeholder="e.g. 3, 12", lines=1, max_lines=1,
+                                           elem_id="block-pick", scale=4)
+                ui.block_show = gr.Button("Show block", size="sm", elem_id="block-show", scale=1, min_width=90)
+            with gr.Column(visible=False, elem_id="block-panel") as ui.block_panel:
+                ui.block_info = gr.HTML("", elem_id="block-info")
+                ui.block_plot = gr.Plot(value=plot_value(drill.block_importance_chart(None)), show_label=False,
+                                        elem_id="block-importance")
             ui.token_view = gr.HTML(render_token_view([], 0, None), elem_id="token-view", label="Tokens by tier")
+            with gr.Accordion("Quality vs memory", open=True, elem_id="quality-panel"):
+                ui.quality = gr.Plot(value=plot_value(drill.quality_curve(None)), show_label=False,
+                                     elem_id="quality-curve")
+                with gr.Row():
+                    ui.measure = gr.Button("Measure quality (teacher-force the output through the full cache and "
+                                           "this setting)", size="sm", elem_id="measure-quality")
+                ui.measure_md = gr.HTML(f"<div class='measure'>{QUALITY_HINT}</div>", elem_id="measure-result")
             with gr.Accordion("Full cache vs compressed", open=True, elem_id="compare-panel"):
                 with gr.Row():
                     ui.output_full = gr.Textbox(label="Output (full cache)", lines=4, max_lines=10, interactive=False,

@@ -125,6 +125,15 @@ class UserState:
         self.replay_cache: OrderedDict = OrderedDict()
         self.tmpdir: str | None = None
         self.touched = time.time()
+        # the quality-vs-memory curve of ``trace`` (trace, sweep) and the measured points of ``trace``
+        self.curve: tuple | None = None
+        self.measured: tuple | None = None  # (trace, [measure_quality results])
+
+    def measured_points(self) -> list:
+        """Measure quality's results for the current trace (a new run or import starts a new list)."""
+        if self.measured is None or self.measured[0] is not self.trace:
+            self.measured = (self.trace, [])
+        return self.measured[1]
 
     def running(self) -> bool:
         """A generation of this session is going on (its trace is still being recorded)."""
@@ -142,6 +151,7 @@ class UserState:
         self.stop_running(timeout=2.0)
         self.session = None
         self.trace = None
+        self.curve = self.measured = None
         self.replay_cache.clear()
         if self.tmpdir:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
