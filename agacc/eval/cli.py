@@ -28,6 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", "--method", dest="preset", nargs="+", default=["full", "agacc"], metavar="METHOD",
                    help="methods to compare: NAME[@RATIO][,key=value]... (agacc, agacc@4, h2o@4,recent_window=32; "
                         "names in docs/baselines.md)")
+    p.add_argument("--protocol", choices=("query-aware", "query-agnostic"), default="query-aware",
+                   help="retrieval tasks: 'query-aware' = the question is in the prefill the cache compresses; "
+                        "'query-agnostic' = the context is prefilled and compressed first, then the question goes in "
+                        "uncompressed and the answer is scored (kvpress's protocol)")
+    p.add_argument("--reuse-questions", type=int, default=None, metavar="Q",
+                   help="needle: Q needles in one context and one question per needle (--samples contexts); with "
+                        "--protocol query-agnostic each method compresses the context once and answers every "
+                        "question on its own copy of that cache")
     p.add_argument("--ratio", type=float, default=None, help="target memory ratio (16-bit bytes / bytes held) of every compressed preset")
     p.add_argument("--context-tokens", type=int, nargs="+", default=None, help="prompt length(s) in tokens (needle: the grid's lengths); with --data / longbench / scrolls: "
                         "cut each record to this many tokens (middle truncation; default: each record whole, "
@@ -63,6 +71,8 @@ def make_samples(args, tok, limit: int | None = None) -> list:
     --context-tokens asks)."""
     task = args.task
     out = []
+    if getattr(args, "reuse_questions", None) and (args.data or task != "needle"):
+        raise ValueError("--reuse-questions makes its own needle contexts: use it with the needle task, without --data")
     if args.data or task in ("longbench", "scrolls"):
         rows = T.read_jsonl(args.data) if args.data else T.load_hub(task, args.dataset)
         for n in args.context_tokens or [None]:
@@ -71,6 +81,11 @@ def make_samples(args, tok, limit: int | None = None) -> list:
         return _numbered(out)
     k = args.samples or (5 if task in ("passkey", "needle") else 1)
     text = T.read_text(args.text) if (args.text or task in ("ppl", "needle")) else None
+    if getattr(args, "reuse_questions", None):
+        for n in args.context_tokens or [DEFAULT_LENGTH[task]]:
+            out += T.needle_reuse(tok, n, args.samples or 1, args.reuse_questions, depths=args.depths, text=text,
+                                  seed=args.seed, max_new_tokens=args.max_new_tokens or 12)
+        return _renumber_groups(_numbered(out))
     for n in args.context_tokens or [DEFAULT_LENGTH[task]]:
         if task == "passkey":
             out += T.passkey(tok, n, k, depths=args.depths, seed=args.seed, max_new_tokens=args.max_new_tokens or 8)
@@ -84,6 +99,15 @@ def make_samples(args, tok, limit: int | None = None) -> list:
 def _numbered(samples: list) -> list:
     for i, s in enumerate(samples):
         s.index = i
+    return samples
+
+
+def _renumber_groups(samples: list) -> list:
+    """Contexts of several lengths: one group number per (length, context)."""
+    ids: dict = {}
+    for s in samples:
+        if s.group is not None:
+            s.group = ids.setdefault((s.meta.get("context_tokens"), s.group), len(ids))
     return samples
 
 
@@ -106,8 +130,17 @@ def method_configs(specs: list[str], ratio: float | None, sets: dict | None = No
     from agacc.eval import runner
     from agacc.spec import method_label, split_method
 
+    from agacc.eval import external
+
     out, seen = [], set()
     for spec in specs:
+        if isinstance(spec, str) and external.is_external_name(spec.strip()):
+            label, method = external.parse_external(spec)
+            if label in seen:
+                raise ValueError(f"method {label!r} is given twice")
+            seen.add(label)
+            out.append((label, method))
+            continue
         name, overrides = split_method(spec)
         label = method_label(spec)
         if label in seen:
@@ -116,7 +149,10 @@ def method_configs(specs: list[str], ratio: float | None, sets: dict | None = No
         try:
             ((_, cfg),) = runner.preset_configs([name], ratio, {**overrides, **(sets or {})})
         except ValueError as e:
-            raise ValueError(f"method {spec!r}: {e}") from None
+            msg = str(e)
+            if msg.startswith("unknown preset"):
+                msg += f"; or an external method: {external.external_names()}"
+            raise ValueError(f"method {spec!r}: {msg}") from None
         out.append((label, cfg))
     return out
 
@@ -124,8 +160,12 @@ def method_configs(specs: list[str], ratio: float | None, sets: dict | None = No
 def format_table(records: list[dict]) -> str:
     ppl = any("ppl" in r for r in records)
     head = ["preset", "ctx", "score", "ratio", "KV MB", "fp16 MB", "tok/s"] + (["ppl", "ppl full", "top1", "KL"] if ppl else [])
-    rows = []
+    rows, notes = [], []
     for r in records:
+        if r.get("skipped"):
+            notes.append(f"{r['preset']}: {r['skipped']}")
+            rows.append([r["preset"], str(r.get("context_tokens") or "-"), "skipped"] + ["-"] * (len(head) - 3))
+            continue
         tps = r.get("tokens_per_s")
         row = [r["preset"], str(r.get("context_tokens") or r.get("prompt_tokens")), f"{r['score']:.3f}", f"{r['ratio']:.2f}x",
                f"{r['kv_mb']:.2f}", f"{r['kv_mb_fp16']:.2f}", f"{tps:.1f}" if tps else "-"]
@@ -134,7 +174,7 @@ def format_table(records: list[dict]) -> str:
         rows.append(row)
     w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(cells))
-    return "\n".join([line(head), line(["-" * x for x in w])] + [line(r) for r in rows])
+    return "\n".join([line(head), line(["-" * x for x in w])] + [line(r) for r in rows] + sorted(set(notes), key=notes.index))
 
 
 def _dist():
@@ -201,12 +241,23 @@ def _main(args) -> int:
     longest = max(len(s.prompt_ids) + max(len(s.target_ids), len(s.answer_ids), s.max_new_tokens) for s in samples)
     if limit and longest > limit:
         raise ValueError(f"samples need {longest} positions, the model has {limit}")
+    if args.protocol == "query-agnostic":
+        if args.task == "ppl":
+            raise ValueError("--protocol query-agnostic needs a question: ppl has none (use it with passkey, needle, "
+                             "longbench or scrolls records)")
+        nosplit = [s.index for s in samples if not s.has_split]
+        if nosplit:
+            raise ValueError(f"--protocol query-agnostic: samples {nosplit[:5]} have no context / question split "
+                             "(their template has no {context} before the question)")
+        longest = max(len(s.context_ids) + len(s.question_ids) + max(len(s.answer_ids), s.max_new_tokens) for s in samples)
+        if limit and longest > limit:
+            raise ValueError(f"samples need {longest} positions, the model has {limit}")
     scoring = args.scoring or ("match" if args.task in ("passkey", "needle") and not args.data else "generate")
     if args.prefill_chunk < 0:
         raise ValueError(f"--prefill-chunk must be >= 1 (0: one prefill), got {args.prefill_chunk}")
     per_sample = runner.run(model, tok, args.task, runner_samples, configs, ratio=args.ratio, scoring=scoring,
                             chunk=args.chunk, rank=rank, world=world, progress=not args.no_progress,
-                            prefill_chunk=args.prefill_chunk or None)
+                            prefill_chunk=args.prefill_chunk or None, protocol=args.protocol)
     if world > 1:
         per_sample = _gather(per_sample, world)
         if rank != 0:
@@ -225,6 +276,6 @@ def _main(args) -> int:
     if args.plot:
         from agacc.eval.plots import write_plot
 
-        write_plot(records, args.plot)
+        write_plot([r for r in records if not r.get("skipped")], args.plot)
     _finish(world)
     return 0

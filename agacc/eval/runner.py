@@ -22,6 +22,7 @@ Memory is ``cache.memory()`` at the end of each sample (bytes held vs a 16-bit c
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -185,56 +186,165 @@ def chunked_prefill(model, cfg: AGACCConfig, prompt_ids: list[int], prefill_chun
     return cache, out.logits[0, -1].float()
 
 
+PROTOCOLS = ("query-aware", "query-agnostic")
+
+
+def is_external(cfg) -> bool:
+    """A method outside the ``CompressedCache`` presets (``agacc.eval.external``: hf-quantized, kvpress)."""
+    return not isinstance(cfg, AGACCConfig)
+
+
+def _n_obs(configs) -> int:
+    return max([cfg.n_q for _, cfg in configs if not is_external(cfg)] or [1])
+
+
+def _memory(cfg, cache) -> dict:
+    return cfg.memory(cache) if is_external(cfg) else cache.memory()
+
+
+@torch.inference_mode()
+def plain_prefill(model, cache, ids: list[int], prefill_chunk: int | None = None) -> torch.Tensor:
+    """``ids`` through any cache (a transformers ``Cache``), ``prefill_chunk`` tokens a forward (all at
+    once when None) -> the logits of the last position [V] (fp32)."""
+    step = prefill_chunk or max(1, len(ids))
+    for lo in range(0, len(ids), step):
+        x = torch.tensor([ids[lo: lo + step]], device=model.device)
+        out = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1].float()
+
+
+@torch.inference_mode()
+def ask(model, cache, question_ids: list[int], prefill_chunk: int | None = None) -> torch.Tensor:
+    """The query-agnostic protocol's second step: ``question_ids`` go into a cache that already holds the
+    compressed context, appended as they are (the hot region, full precision), with no re-evaluation:
+    the plan stays the one made from the context alone. -> the logits after the last question token [V].
+    Decoding afterwards follows the cache's own schedule (a re-evaluation every N_r steps)."""
+    if not isinstance(cache, CompressedCache):
+        return plain_prefill(model, cache, question_ids, prefill_chunk)
+    cache.end_prefill()  # the context's held plan (a chunked prefill) is applied before the question
+    patched = "_step_done" in cache.__dict__
+    saved = cache.__dict__.get("_step_done")
+    cache._step_done = lambda q: None
+    try:
+        return plain_prefill(model, cache, question_ids, prefill_chunk)
+    finally:
+        if patched:
+            cache._step_done = saved
+        else:
+            del cache._step_done
+
+
+def fork_cache(cache):
+    """An independent copy of a cache (``copy.deepcopy``): a question asked on the copy leaves the
+    original as it was. The eval runner's decode schedule (an instance attribute closing over its cache)
+    is installed afresh on the copy, so the copy re-evaluates itself, not the original. A transformers
+    ``QuantizedCache``'s quantised tensors (quanto's subclasses cannot be deep-copied) are shared: its
+    ``update`` replaces them, never writes into them."""
+    memo = {}
+    for layer in getattr(cache, "layers", []):  # QuantizedCache: its quantised tensors are replaced, never
+        for attr in ("_quantized_keys", "_quantized_values"):  # written in place: the copy may share them
+            q = getattr(layer, attr, None)
+            if q is not None:
+                memo[id(q)] = q
+    with torch.inference_mode():
+        twin = copy.deepcopy(cache, memo)
+    if isinstance(cache, CompressedCache) and "_step_done" in cache.__dict__:
+        del twin._step_done
+        _decode_schedule(twin)
+    return twin
+
+
+def _build(model, cfg, cap: Capture | None, ids: list[int], prefill_chunk: int | None):
+    """A fresh cache of method ``cfg`` holding ``ids`` (prefilled, compressed, held evictions applied)
+    -> (cache, logits after the last id)."""
+    if is_external(cfg):
+        cache = cfg.new_cache(model)
+        return cache, plain_prefill(model, cache, ids, prefill_chunk if prefill_chunk and len(ids) > prefill_chunk else None)
+    if prefill_chunk and len(ids) > prefill_chunk:
+        return chunked_prefill(model, cfg, ids, prefill_chunk)
+    return cache_from_capture(model, cap, cfg), cap.logits[0]
+
+
+def _score(model, tok, s: Sample, cache, first: torch.Tensor, scoring: str, chunk: int, r: dict) -> int:
+    """Score answer sample ``s`` from the cache after its prompt (``first``: the logits there) into ``r``;
+    -> the tokens processed after the prompt."""
+    if scoring == "match":
+        ans = s.answer_ids
+        logits = torch.cat([first[None], teacher_force(model, cache, ans[:-1], chunk=max(1, len(ans)))])
+        pred = logits.argmax(-1).tolist()
+        ok = pred == list(ans)
+        # what greedy decoding yields up to its first deviation from the answer
+        first_bad = next((i for i, (a, b) in enumerate(zip(pred, ans)) if a != b), len(ans))
+        r["prediction"] = tok.decode(pred[: first_bad + 1])
+        r["score"] = 1.0 if ok else 0.0
+        return len(ans) - 1
+    eos = {t for t in (getattr(tok, "eos_token_id", None),) if t is not None}
+    stop = None
+    if s.metric == "contains":
+        stop = lambda t: any(a in tok.decode(t) for a in s.answers)
+    toks = greedy(model, cache, first, s.max_new_tokens, eos, stop)
+    text = tok.decode(toks, skip_special_tokens=True)
+    if s.first_line:
+        text = text.lstrip("\n").split("\n")[0]
+    r["prediction"] = text
+    r["score"] = best_score(s.metric, text, s.answers, all_classes=s.all_classes)
+    return len(toks) - 1
+
+
+def _failed(cfg, e: Exception) -> str:
+    """An external method that raised on this sample: said in its row, not a failed run."""
+    return f"skipped: {cfg.name} raised {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def _skipped(s: Sample, name: str, reason: str, protocol: str | None = None) -> dict:
+    r = {"index": s.index, "preset": name, **s.meta, "skipped": reason}
+    if protocol is not None:
+        r["protocol"] = protocol
+    return r
+
+
 def evaluate_sample(model, tok, s: Sample, configs, scoring: str = "match", chunk: int = 8, log=None,
-                    prefill_chunk: int | None = None) -> list[dict]:
+                    prefill_chunk: int | None = None, protocol: str = "query-aware") -> list[dict]:
     """One sample, every preset -> one result dict per preset (deterministic fields + timings).
     ``log(result)`` is called after each preset. ``prefill_chunk``: a prompt longer than this goes
     into each preset's cache through a chunked prefill that compresses as it goes (what a user's
     ``generate(prefill_chunk_size=...)`` does); otherwise (None, or a shorter prompt) the cache is
     built from one full-precision prefill shared by the presets, compressed once at its end. The
-    full-cache reference (ppl, KL) always comes from the one-shot prefill."""
-    n_obs = max(cfg.n_q for _, cfg in configs)
+    full-cache reference (ppl, KL) always comes from the one-shot prefill.
+    ``protocol``: "query-aware" (the whole prompt, question included, is prefilled and compressed) or
+    "query-agnostic" (``evaluate_group``: the context is compressed first, the question follows)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol == "query-agnostic":
+        return evaluate_group(model, tok, [s], configs, scoring=scoring, chunk=chunk, log=log, prefill_chunk=prefill_chunk)
     extra = s.target_ids if s.kind == "lm" else (s.answer_ids[:-1] if scoring == "match" else [])
-    cap = capture_prefill(model, s.prompt_ids, extra, n_obs=n_obs)
-    eos = {t for t in (getattr(tok, "eos_token_id", None),) if t is not None}
+    cap = capture_prefill(model, s.prompt_ids, extra, n_obs=_n_obs(configs))
     results = []
     for name, cfg in configs:
+        why = cfg.unavailable() if is_external(cfg) else None
+        if why:
+            results.append(_skipped(s, name, why))
+            continue
         t0 = time.perf_counter()
-        if prefill_chunk and len(s.prompt_ids) > prefill_chunk:
-            cache, first = chunked_prefill(model, cfg, s.prompt_ids, prefill_chunk)
-        else:
-            cache, first = cache_from_capture(model, cap, cfg), cap.logits[0]
-        t1 = time.perf_counter()
         r = {"index": s.index, "preset": name, **s.meta}
-        if s.kind == "lm":
-            logits = torch.cat([first[None], teacher_force(model, cache, s.target_ids[:-1], chunk)])
-            st = lm_stats(logits, cap.logits[: len(s.target_ids)], torch.tensor(s.target_ids))
-            r.update(st)
-            r["score"] = min(1.0, math.exp((st["nll_full"] - st["nll"]) / st["tokens"]))
-            processed = len(s.target_ids) - 1
-        elif scoring == "match":
-            ans = s.answer_ids
-            logits = torch.cat([first[None], teacher_force(model, cache, ans[:-1], chunk=max(1, len(ans)))])
-            pred = logits.argmax(-1).tolist()
-            ok = pred == list(ans)
-            # what greedy decoding yields up to its first deviation from the answer
-            first_bad = next((i for i, (a, b) in enumerate(zip(pred, ans)) if a != b), len(ans))
-            r["prediction"] = tok.decode(pred[: first_bad + 1])
-            r["score"] = 1.0 if ok else 0.0
-            processed = len(ans) - 1
-        else:
-            stop = None
-            if s.metric == "contains":
-                stop = lambda t: any(a in tok.decode(t) for a in s.answers)
-            toks = greedy(model, cache, first, s.max_new_tokens, eos, stop)
-            text = tok.decode(toks, skip_special_tokens=True)
-            if s.first_line:
-                text = text.lstrip("\n").split("\n")[0]
-            r["prediction"] = text
-            r["score"] = best_score(s.metric, text, s.answers, all_classes=s.all_classes)
-            processed = len(toks) - 1
+        try:
+            cache, first = _build(model, cfg, cap, s.prompt_ids, prefill_chunk)
+            t1 = time.perf_counter()
+            if s.kind == "lm":
+                logits = torch.cat([first[None], teacher_force(model, cache, s.target_ids[:-1], chunk)])
+                st = lm_stats(logits, cap.logits[: len(s.target_ids)], torch.tensor(s.target_ids))
+                r.update(st)
+                r["score"] = min(1.0, math.exp((st["nll_full"] - st["nll"]) / st["tokens"]))
+                processed = len(s.target_ids) - 1
+            else:
+                processed = _score(model, tok, s, cache, first, scoring, chunk, r)
+        except Exception as e:
+            if not is_external(cfg):
+                raise
+            results.append(_skipped(s, name, _failed(cfg, e)))
+            continue
         t2 = time.perf_counter()
-        mem = cache.memory()
+        mem = _memory(cfg, cache)
         r.update(kv_bytes=int(mem["bytes"]), kv_bytes_fp16=int(mem["bytes_fp16"]),
                  ratio=mem["bytes_fp16"] / mem["bytes"] if mem["bytes"] else 1.0,
                  host_bytes=int(mem["host_bytes"]), decoded_tokens=processed,
@@ -243,6 +353,72 @@ def evaluate_sample(model, tok, s: Sample, configs, scoring: str = "match", chun
         if log is not None:
             log(r)
         del cache
+    return results
+
+
+def evaluate_group(model, tok, group: list[Sample], configs, scoring: str = "match", chunk: int = 8, log=None,
+                   prefill_chunk: int | None = None) -> list[dict]:
+    """The query-agnostic protocol: samples sharing one context (``context_ids``; one sample, or the
+    questions of ``tasks.needle_reuse``). Per method, the context is prefilled and compressed once
+    (``end_prefill``: a chunked prefill's held plan is applied); each question is then asked on its own
+    copy of that cache (``fork_cache``; the last question on the cache itself), appended uncompressed
+    (``ask``), and its answer scored. Results as ``evaluate_sample``'s, with ``protocol``,
+    ``question_tokens`` and ``reuse`` (questions answered from this one compressed context); ``kv_bytes``
+    / ``kv_bytes_fp16`` / ``ratio`` are those of the compressed context (what is kept for the questions),
+    ``kv_bytes_end`` / ``kv_bytes_fp16_end`` those held after the question and the answer."""
+    if not group:
+        return []
+    for s in group:
+        if s.kind != "answer" or not s.has_split:
+            raise ValueError(f"the query-agnostic protocol needs answer samples with a context / question split; "
+                             f"sample {s.index} has none (ppl has no question; use --protocol query-aware)")
+        if s.context_ids != group[0].context_ids:
+            raise ValueError(f"samples {group[0].index} and {s.index} do not share their context")
+    ctx = group[0].context_ids
+    cap = capture_prefill(model, ctx, [], n_obs=_n_obs(configs))
+    results = []
+    for name, cfg in configs:
+        why = cfg.unavailable() if is_external(cfg) else None
+        if why:
+            results += [_skipped(s, name, why, "query-agnostic") for s in group]
+            continue
+        t0 = time.perf_counter()
+        try:
+            base, _ = _build(model, cfg, cap, ctx, prefill_chunk)
+        except Exception as e:
+            if not is_external(cfg):
+                raise
+            results += [_skipped(s, name, _failed(cfg, e), "query-agnostic") for s in group]
+            continue
+        if isinstance(base, CompressedCache):
+            base.end_prefill()
+        build_s = time.perf_counter() - t0
+        held = _memory(cfg, base)  # the compressed context, what is kept and reused across questions
+        for j, s in enumerate(group):
+            t1 = time.perf_counter()
+            r = {"index": s.index, "preset": name, **s.meta, "protocol": "query-agnostic", "reuse": len(group)}
+            try:
+                cache = base if j == len(group) - 1 else fork_cache(base)
+                first = ask(model, cache, s.question_ids, prefill_chunk)
+                processed = _score(model, tok, s, cache, first, scoring, chunk, r)
+            except Exception as e:
+                if not is_external(cfg):
+                    raise
+                results.append(_skipped(s, name, _failed(cfg, e), "query-agnostic"))
+                continue
+            t2 = time.perf_counter()
+            mem = _memory(cfg, cache)
+            r.update(kv_bytes=int(held["bytes"]), kv_bytes_fp16=int(held["bytes_fp16"]),
+                     ratio=held["bytes_fp16"] / held["bytes"] if held["bytes"] else 1.0,
+                     kv_bytes_end=int(mem["bytes"]), kv_bytes_fp16_end=int(mem["bytes_fp16"]),
+                     host_bytes=int(mem["host_bytes"]), decoded_tokens=processed + len(s.question_ids),
+                     build_s=build_s / len(group), decode_s=t2 - t1, prefill_s=cap.seconds / len(group),
+                     prompt_tokens=cap.n + len(s.question_ids))
+            results.append(r)
+            if log is not None:
+                log(r)
+            del cache
+        del base
     return results
 
 
@@ -258,6 +434,12 @@ def aggregate(task: str, per_sample: list[dict], configs, ratio_target, scoring:
             if not rs:
                 continue
             k = len(rs)
+            if any("skipped" in r for r in rs):  # a method that cannot run here: said, never a failed run
+                out.append({"task": task, "preset": name, "samples": k, "context_tokens": n or None,
+                            "skipped": next(r["skipped"] for r in rs if "skipped" in r), "score": None,
+                            "ratio_requested": ratio_target, "config": cfg.to_dict(),
+                            **({"protocol": rs[0]["protocol"]} if "protocol" in rs[0] else {})})
+                continue
             kv = sum(r["kv_bytes"] for r in rs)
             kv16 = sum(r["kv_bytes_fp16"] for r in rs)
             dec = sum(r["decoded_tokens"] for r in rs)
@@ -283,8 +465,12 @@ def aggregate(task: str, per_sample: list[dict], configs, ratio_target, scoring:
                 rec.update(ppl=perplexity(nll, toks), ppl_full=perplexity(nll_full, toks),
                            top1_agreement=sum(r["top1"] for r in rs) / toks, kl=sum(r["kl"] for r in rs) / toks,
                            score=min(1.0, math.exp((nll_full - nll) / toks)), tokens=toks)
+            if "protocol" in rs[0]:
+                rec["protocol"] = rs[0]["protocol"]
+                rec["reuse"] = rs[0].get("reuse", 1)
             rec["per_sample"] = [{kk: r.get(kk) for kk in ("index", "depth", "context_tokens", "score", "ratio",
-                                                           "kv_bytes", "prediction", "dataset", "id", "offset")
+                                                           "kv_bytes", "prediction", "dataset", "id", "offset",
+                                                           "context", "question", "key")
                                   if r.get(kk) is not None} for r in rs]
             rec["config"] = cfg.to_dict()
             out.append(rec)
@@ -292,22 +478,35 @@ def aggregate(task: str, per_sample: list[dict], configs, ratio_target, scoring:
 
 
 def run(model, tok, task: str, samples: list[Sample], configs, ratio=None, scoring: str = "match", chunk: int = 8,
-        rank: int = 0, world: int = 1, progress: bool = True, prefill_chunk: int | None = None) -> list[dict]:
+        rank: int = 0, world: int = 1, progress: bool = True, prefill_chunk: int | None = None,
+        protocol: str = "query-aware") -> list[dict]:
     """This process's share of the samples (``samples[rank::world]``) -> per-sample results
-    (``prefill_chunk``: see ``evaluate_sample``)."""
-    mine = samples[rank::world]
+    (``prefill_chunk``, ``protocol``: see ``evaluate_sample``). Query-agnostic: the samples sharing a
+    context (``Sample.group``) are one unit, evaluated on one compressed context (``evaluate_group``)
+    and sharded together."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol == "query-agnostic":
+        units: dict = {}
+        for s in samples:
+            units.setdefault(("g", s.group) if s.group is not None else ("s", s.index), []).append(s)
+        mine_units = list(units.values())[rank::world]
+    else:
+        mine_units = [[s] for s in samples[rank::world]]
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(mine) * len(configs), desc=f"{task}", unit="run", dynamic_ncols=True)
+        bar = tqdm(total=sum(len(u) for u in mine_units) * len(configs), desc=f"{task}", unit="run", dynamic_ncols=True)
     out = []
-    for s in mine:
-        res = evaluate_sample(model, tok, s, configs, scoring=scoring, chunk=chunk, prefill_chunk=prefill_chunk)
-        out += res
+    for unit in mine_units:
+        if protocol == "query-agnostic":
+            out += evaluate_group(model, tok, unit, configs, scoring=scoring, chunk=chunk, prefill_chunk=prefill_chunk)
+        else:
+            out += evaluate_sample(model, tok, unit[0], configs, scoring=scoring, chunk=chunk, prefill_chunk=prefill_chunk)
         if bar is not None:
-            bar.update(len(configs))
-            bar.set_postfix(sample=s.index, ctx=s.meta.get("context_tokens"))
+            bar.update(len(unit) * len(configs))
+            bar.set_postfix(sample=unit[0].index, ctx=unit[0].meta.get("context_tokens"))
     if bar is not None:
         bar.close()
     return out

@@ -12,6 +12,12 @@ preset.
 
 Sample kinds: ``answer`` (the prompt is prefilled, the answer is decoded) and ``lm`` (prefix
 prefilled, continuation teacher-forced).
+
+Answer samples of the retrieval tasks also carry their prompt split in two, ``context_ids`` (BOS +
+instructions + document) and ``question_ids`` (the question and the answer prefix), for the
+query-agnostic protocol (``--protocol query-agnostic``: the context is compressed before the question
+is read). ``needle_reuse`` makes one context with several needles and one sample per question, the
+samples of a context sharing ``group`` (one compressed context answers every question).
 """
 from __future__ import annotations
 
@@ -46,6 +52,16 @@ class Sample:
     meta: dict = field(default_factory=dict)
     all_classes: list[str] | None = None
     first_line: bool = False
+    # the prompt split for the query-agnostic protocol: context (compressed first), then the question
+    # (+ answer prefix). ``context_ids + question_ids == prompt_ids`` when ``meta["split_exact"]``;
+    # otherwise (the joint tokenisation merged tokens across the boundary) they are tokenised apart.
+    context_ids: list[int] | None = None
+    question_ids: list[int] | None = None
+    group: int | None = None  # samples with the same group share one context (needle_reuse)
+
+    @property
+    def has_split(self) -> bool:
+        return self.context_ids is not None and self.question_ids is not None
 
 
 def default_text() -> str:
@@ -99,9 +115,27 @@ def _bos(tok) -> list[int]:
     return [tok.bos_token_id] if getattr(tok, "bos_token_id", None) is not None and tok.bos_token_id != tok.eos_token_id else []
 
 
-def _hide(tok, hay_ids: list[int], insert: str, prefix: str, suffix: str, answer: str, length: int, depth: float):
+def _split(tok, prompt_ids: list[int], context_text: str, question_text: str) -> tuple[list[int], list[int], bool]:
+    """``prompt_ids`` (BOS + tokens of ``context_text + question_text``) -> (context ids, question ids,
+    exact): cut where the joint tokenisation has the context's own tokens; when a token straddles the
+    boundary the two parts are tokenised apart (exact = False)."""
+    ctx = _bos(tok) + _ids(tok, context_text)
+    if prompt_ids[: len(ctx)] == ctx and len(ctx) < len(prompt_ids):
+        return ctx, list(prompt_ids[len(ctx):]), True
+    return ctx, _ids(tok, question_text), False
+
+
+def _with_split(sample: Sample, tok, context_text: str, question_text: str) -> Sample:
+    sample.context_ids, sample.question_ids, exact = _split(tok, sample.prompt_ids, context_text, question_text)
+    sample.meta.update(split_exact=exact, question_tokens=len(sample.question_ids))
+    return sample
+
+
+def _hide(tok, hay_ids: list[int], insert: str, prefix: str, suffix: str, answer: str, length: int, depth: float,
+          context: bool = False):
     """Haystack cut so the whole prompt is ``length`` tokens, ``insert`` placed at ``depth`` (0..1),
-    at a sentence boundary where one is near."""
+    at a sentence boundary where one is near. -> (prompt ids, answer ids[, context text]): with
+    ``context``, also the text before ``suffix`` (the context of the query-agnostic split)."""
     pre, suf, ins = _ids(tok, prefix), _ids(tok, suffix), _ids(tok, " " + insert + " ")
     n_hay = max(16, length - len(pre) - len(suf) - len(ins) - len(_bos(tok)))
     hay = _fit_tokens(tok, hay_ids, n_hay)
@@ -113,7 +147,14 @@ def _hide(tok, hay_ids: list[int], insert: str, prefix: str, suffix: str, answer
             break
     body = tok.decode(hay[:at]) + " " + insert + " " + tok.decode(hay[at:])
     p, a = _with_answer(tok, prefix + body + suffix, answer)
-    return _bos(tok) + p, a
+    return (_bos(tok) + p, a, prefix + body) if context else (_bos(tok) + p, a)
+
+
+def _sentence_start(tok, hay: list[int], at: int) -> int:
+    for back in range(0, min(40, at)):
+        if tok.decode(hay[at - back - 1: at - back]).strip().endswith("."):
+            return at - back
+    return at
 
 
 def passkey(tok, context_tokens: int, samples: int, depths=None, seed: int = 0, max_new_tokens: int = 8) -> list[Sample]:
@@ -126,9 +167,10 @@ def passkey(tok, context_tokens: int, samples: int, depths=None, seed: int = 0, 
         insert = f"The pass key is {key}. Remember it. {key} is the pass key."
         prefix = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
         suffix = " What is the pass key? The pass key is"
-        p, a = _hide(tok, hay, insert, prefix, suffix, " " + key, context_tokens, d)
-        out.append(Sample(i, "answer", p, [key], a, metric="contains", max_new_tokens=max_new_tokens,
-                          meta={"depth": round(d, 4), "context_tokens": context_tokens, "prompt_tokens": len(p)}))
+        p, a, ctx = _hide(tok, hay, insert, prefix, suffix, " " + key, context_tokens, d, context=True)
+        out.append(_with_split(Sample(i, "answer", p, [key], a, metric="contains", max_new_tokens=max_new_tokens,
+                                      meta={"depth": round(d, 4), "context_tokens": context_tokens, "prompt_tokens": len(p)}),
+                               tok, ctx, suffix))
     return out
 
 
@@ -145,9 +187,66 @@ def needle(tok, context_tokens: int, samples: int, depths=None, text: str | None
         insert = f"The special magic number for {key} is: {val}."
         prefix = "Some special magic numbers are hidden within the following text. Make sure to memorize them.\n"
         suffix = f"\nWhat is the special magic number for {key} mentioned in the provided text? The special magic number for {key} mentioned in the provided text is"
-        p, a = _hide(tok, hay, insert, prefix, suffix, " " + val, context_tokens, d)
-        out.append(Sample(i, "answer", p, [val], a, metric="contains", max_new_tokens=max_new_tokens,
-                          meta={"depth": round(d, 4), "context_tokens": context_tokens, "prompt_tokens": len(p)}))
+        p, a, ctx = _hide(tok, hay, insert, prefix, suffix, " " + val, context_tokens, d, context=True)
+        out.append(_with_split(Sample(i, "answer", p, [val], a, metric="contains", max_new_tokens=max_new_tokens,
+                                      meta={"depth": round(d, 4), "context_tokens": context_tokens, "prompt_tokens": len(p)}),
+                               tok, ctx, suffix))
+    return out
+
+
+NEEDLE_PREFIX = "Some special magic numbers are hidden within the following text. Make sure to memorize them.\n"
+
+
+def _needle_question(key: str) -> str:
+    return (f"\nWhat is the special magic number for {key} mentioned in the provided text? "
+            f"The special magic number for {key} mentioned in the provided text is")
+
+
+def needle_reuse(tok, context_tokens: int, contexts: int, questions: int = 5, depths=None, text: str | None = None,
+                 seed: int = 0, max_new_tokens: int = 12) -> list[Sample]:
+    """One context, several questions (reuse of one compressed context): ``questions`` needles with
+    distinct keys at depths spread over the haystack (``depths``, one per question), one sample per
+    needle asking for it. The samples of a context share ``group`` and ``context_ids``; each prompt is
+    ``context + question`` (about ``context_tokens`` tokens), so the query-aware protocol answers the
+    same questions from a prompt of its own."""
+    if questions < 1 or questions > len(NEEDLE_KEYS):
+        raise ValueError(f"--reuse-questions must be 1..{len(NEEDLE_KEYS)}, got {questions}")
+    ds = _depths(depths, questions)
+    if len(ds) != questions:
+        raise ValueError(f"--depths gives {len(ds)} depths for {questions} questions per context: give one per question")
+    rng = random.Random(seed + 2)
+    hay_ids = _ids(tok, text if text is not None else default_text())
+    pre = _ids(tok, NEEDLE_PREFIX)
+    out = []
+    for c in range(contexts):
+        keys = rng.sample(NEEDLE_KEYS, questions)
+        vals = [str(rng.randint(1000000, 9999999)) for _ in keys]
+        inserts = [f"The special magic number for {k} is: {v}." for k, v in zip(keys, vals)]
+        q_len = max(len(_ids(tok, _needle_question(k))) for k in keys)
+        n_ins = sum(len(_ids(tok, " " + x + " ")) for x in inserts)
+        n_hay = max(16, context_tokens - len(pre) - q_len - n_ins - len(_bos(tok)))
+        hay = _fit_tokens(tok, hay_ids[(c * 997) % max(1, len(hay_ids)):] or hay_ids, n_hay)
+        ats = [_sentence_start(tok, hay, int(round(d * n_hay))) for d in ds]
+        order = sorted(range(questions), key=lambda j: ats[j])
+        body, last = "", 0
+        for j in order:
+            body += tok.decode(hay[last: ats[j]]) + " " + inserts[j] + " "
+            last = ats[j]
+        body += tok.decode(hay[last:])
+        ctx_text = NEEDLE_PREFIX + body
+        for j, (k, v) in enumerate(zip(keys, vals)):
+            q = _needle_question(k)
+            p, a = _with_answer(tok, ctx_text + q, " " + v)
+            p = _bos(tok) + p
+            s = Sample(0, "answer", p, [v], a, metric="contains", max_new_tokens=max_new_tokens, group=c,
+                       meta={"depth": round(ds[j], 4), "context_tokens": context_tokens, "prompt_tokens": len(p),
+                             "context": c, "question": j, "key": k})
+            out.append(_with_split(s, tok, ctx_text, q))
+        shared = out[-questions].context_ids  # one list for the group (the same tokens by construction)
+        for s in out[-questions:]:
+            if s.context_ids != shared:
+                raise RuntimeError("needle_reuse: the questions of one context split it differently")
+            s.context_ids = shared
     return out
 
 
@@ -299,6 +398,25 @@ def records_task(tok, rows: list[dict], task: str, context_tokens: int | None, s
                 "context_tokens": context_tokens, "record_tokens": len(whole), "truncated": len(kept) < len(whole)}
         if task not in ("longbench", "scrolls"):  # extractive: the answer is in the context, or was cut out
             meta["answer_in_prompt"] = any(a in tok.decode(kept) for a in answers)
-        out.append(Sample(i, "answer", ids, answers, metric=m, max_new_tokens=mx, all_classes=r.get("all_classes"),
-                          first_line=ds in ("trec", "triviaqa", "samsum", "lsht"), meta=meta))
+        smp = Sample(i, "answer", ids, answers, metric=m, max_new_tokens=mx, all_classes=r.get("all_classes"),
+                     first_line=ds in ("trec", "triviaqa", "samsum", "lsht"), meta=meta)
+        _record_split(smp, tok, tmpl, r)
+        out.append(smp)
     return out
+
+
+def _record_split(s: Sample, tok, tmpl: str, r: dict) -> None:
+    """The query-agnostic split of a record's prompt: the context is the template up to and including
+    ``{context}``, the question the rest (``{input}`` and the answer cue). The question's tokens are
+    the last ones of the (possibly cut) prompt when the joint tokenisation ends with them
+    (``split_exact``); a template without ``{context}`` before ``{input}`` has no split."""
+    if "{context}" not in tmpl or tmpl.find("{input}") < tmpl.find("{context}") and "{input}" in tmpl:
+        return
+    tail = tmpl.split("{context}", 1)[1]
+    q_text = tail.replace("{input}", r.get("input", "") or "")
+    q = _ids(tok, q_text)
+    if not q or len(q) >= len(s.prompt_ids):
+        return
+    exact = s.prompt_ids[-len(q):] == q
+    s.context_ids, s.question_ids = list(s.prompt_ids[: len(s.prompt_ids) - len(q)]), q
+    s.meta.update(split_exact=exact, question_tokens=len(q))
