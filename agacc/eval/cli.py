@@ -135,7 +135,7 @@ def method_configs(specs: list[str], ratio: float | None, sets: dict | None = No
     out, seen = [], set()
     for spec in specs:
         if isinstance(spec, str) and external.is_external_name(spec.strip()):
-            label, method = external.parse_external(spec)
+            label, method = external.parse_external(spec, ratio)
             if label in seen:
                 raise ValueError(f"method {label!r} is given twice")
             seen.add(label)

@@ -7,6 +7,8 @@
   (``q_group_size=64``, ``residual_length=128``, ``axis_key=axis_value=0``) unless the spec sets them:
   ``hf-quantized:quanto-4,residual_length=32,q_group_size=32``. A fixed-bit method: ``--ratio`` does
   not move it.
+* ``kvpress:<press>``: NVIDIA kvpress's presses, run in their own environment
+  (``agacc/eval/kvpress_adapter.py``).
 
 Bytes are counted from what the cache holds (``quantized_cache_bytes``): every plain tensor reachable
 from each layer's quantised keys and values (quanto: packed codes, scales, shifts; HQQ: packed codes,
@@ -29,11 +31,15 @@ HF_KEYS = ("q_group_size", "residual_length", "axis_key", "axis_value")
 
 def external_names() -> list[str]:
     """Every external method name the CLI accepts."""
-    return [HF_PREFIX + v for v in HF_VARIANTS]
+    from agacc.eval.kvpress_adapter import KV_PREFIX, PRESSES
+
+    return [HF_PREFIX + v for v in HF_VARIANTS] + [KV_PREFIX + p for p in PRESSES]
 
 
 def is_external_name(name: str) -> bool:
-    return name.startswith(HF_PREFIX)
+    from agacc.eval.kvpress_adapter import KV_PREFIX
+
+    return name.startswith(HF_PREFIX) or name.startswith(KV_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -81,9 +87,18 @@ class HFQuantized:
         return {"name": self.name, "library": "transformers.QuantizedCache", **asdict(self)}
 
 
-def parse_external(spec: str) -> tuple[str, object]:
-    """``hf-quantized:VARIANT[,key=value]...`` -> (label, method). A bad name or setting raises a
-    ValueError listing what is valid."""
+def parse_external(spec: str, ratio: float | None = None) -> tuple[str, object]:
+    """``hf-quantized:VARIANT[,key=value]...`` or ``kvpress:PRESS[@R][,key=value]...`` -> (label, method);
+    ``ratio`` (``--ratio``) applies to the kvpress methods without their own. A bad name or setting
+    raises a ValueError listing what is valid."""
+    from agacc.eval.kvpress_adapter import KV_PREFIX, parse_kvpress
+
+    if spec.strip().startswith(KV_PREFIX):
+        label, method = parse_kvpress(spec.strip())
+        method = method.with_ratio(ratio)
+        if method.ratio is None and method.compression_ratio is None:
+            raise ValueError(f"method {spec!r} needs a ratio: {method.name}@4, --ratio 4, or compression_ratio=0.75")
+        return label, method
     head, *items = [x.strip() for x in spec.split(",")]
     name, at, _ = head.partition("@")
     name = name.strip()

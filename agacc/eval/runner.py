@@ -317,6 +317,12 @@ def evaluate_sample(model, tok, s: Sample, configs, scoring: str = "match", chun
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if protocol == "query-agnostic":
         return evaluate_group(model, tok, [s], configs, scoring=scoring, chunk=chunk, log=log, prefill_chunk=prefill_chunk)
+    configs, remote = _local_and_worker(configs)
+    if remote:
+        from agacc.eval.kvpress_adapter import run_worker
+
+        local = evaluate_sample(model, tok, s, configs, scoring, chunk, log, prefill_chunk) if configs else []
+        return local + run_worker(model, tok, [s], remote, protocol, scoring)
     extra = s.target_ids if s.kind == "lm" else (s.answer_ids[:-1] if scoring == "match" else [])
     cap = capture_prefill(model, s.prompt_ids, extra, n_obs=_n_obs(configs))
     results = []
@@ -374,6 +380,12 @@ def evaluate_group(model, tok, group: list[Sample], configs, scoring: str = "mat
                              f"sample {s.index} has none (ppl has no question; use --protocol query-aware)")
         if s.context_ids != group[0].context_ids:
             raise ValueError(f"samples {group[0].index} and {s.index} do not share their context")
+    configs, remote = _local_and_worker(configs)
+    if remote:
+        from agacc.eval.kvpress_adapter import run_worker
+
+        local = evaluate_group(model, tok, group, configs, scoring, chunk, log, prefill_chunk) if configs else []
+        return local + run_worker(model, tok, group, remote, "query-agnostic", scoring)
     ctx = group[0].context_ids
     cap = capture_prefill(model, ctx, [], n_obs=_n_obs(configs))
     results = []
@@ -486,6 +498,7 @@ def run(model, tok, task: str, samples: list[Sample], configs, ratio=None, scori
     and sharded together."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    configs, remote = _local_and_worker(configs)
     if protocol == "query-agnostic":
         units: dict = {}
         for s in samples:
@@ -497,9 +510,9 @@ def run(model, tok, task: str, samples: list[Sample], configs, ratio=None, scori
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=sum(len(u) for u in mine_units) * len(configs), desc=f"{task}", unit="run", dynamic_ncols=True)
+        bar = tqdm(total=sum(len(u) for u in mine_units) * (len(configs) + len(remote)), desc=f"{task}", unit="run", dynamic_ncols=True)
     out = []
-    for unit in mine_units:
+    for unit in mine_units if configs else []:
         if protocol == "query-agnostic":
             out += evaluate_group(model, tok, unit, configs, scoring=scoring, chunk=chunk, prefill_chunk=prefill_chunk)
         else:
@@ -507,6 +520,18 @@ def run(model, tok, task: str, samples: list[Sample], configs, ratio=None, scori
         if bar is not None:
             bar.update(len(unit) * len(configs))
             bar.set_postfix(sample=unit[0].index, ctx=unit[0].meta.get("context_tokens"))
+    if remote:  # kvpress: every sample of this process through one worker process
+        from agacc.eval.kvpress_adapter import run_worker
+
+        out += run_worker(model, tok, [s for u in mine_units for s in u], remote, protocol, scoring)
+        if bar is not None:
+            bar.update(sum(len(u) for u in mine_units) * len(remote))
     if bar is not None:
         bar.close()
     return out
+
+
+def _local_and_worker(configs):
+    """(methods run in this process, methods run by a worker process: kvpress)."""
+    return ([(n, c) for n, c in configs if not getattr(c, "in_worker", False)],
+            [(n, c) for n, c in configs if getattr(c, "in_worker", False)])
