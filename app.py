@@ -40,7 +40,8 @@ from agacc.session import PREFILL_CHUNK
 from agacc.trace import Trace, block_history, policy_changes, ratio_sweep, replay_frames
 from components import controls, drill, gpu, plots
 from components.layout import ASSETS, build_layout, example_text, header_html, plot_value
-from components.state import EMBEDDED_CHOICE, EMBEDDED_LABEL, HUB_CHOICES, Models, Run, Sessions, UserState, hub_reachable
+from components.state import (EMBEDDED_CHOICE, EMBEDDED_LABEL, HUB_CHOICES, Models, Run, Sessions, StoppableSession,
+                              UserState, freeze_gc, hub_reachable)
 from components.text import MIB, compare_md, final_stats, model_line, snippet, stats_md
 from components.token_view import css as token_css
 from components.token_view import render_token_view
@@ -310,7 +311,7 @@ class AgaccApp:
             except ValueError as e:
                 raise UserError(str(e), title="Model not available") from None
             try:
-                s = GenerationSession(mdl, tok, v["prompt"], cfg, max_new_tokens=max_new, temperature=temp, seed=seed,
+                s = StoppableSession(mdl, tok, v["prompt"], cfg, max_new_tokens=max_new, temperature=temp, seed=seed,
                                       compare=compare, chat_template=bool(v["chat_template"]), cancel=cancel,
                                       max_context=self.max_context, model_name=name or EMBEDDED_LABEL)
             except SessionError as e:
@@ -366,6 +367,8 @@ class AgaccApp:
             for batch in batches:
                 ev = batch[-1]
                 live[ui.output] = ev.text
+                if s.cancel.is_set():
+                    continue  # Stopped: Stop paints the page from here on (no "Generating" after its "Stopped")
                 for e in batch:
                     if e.frame is not None:
                         frame, frame_dirty = e.frame, True
@@ -444,8 +447,23 @@ class AgaccApp:
         if not was_running and run.painted:
             yield [SKIP()] * n  # it ended before the click and painted its final state
             return
+        t_stop = time.perf_counter()
         us.cancel.set()
         s.cancel.set()
+        # the loop ends before its next forward (StoppableSession); then the session frees its caches (a
+        # last frame, a garbage collection: a few hundred ms). The page hears "Stopped" as soon as the loop
+        # has ended, the final figures once the caches are gone.
+        deadline = time.monotonic() + STOP_WAIT
+        while s.stop_reason is None and not s.finished.is_set() and time.monotonic() < deadline:
+            s.finished.wait(0.005)
+        if s.stop_reason is not None and not s.finished.is_set():
+            quick = [SKIP()] * n
+            c = s.cache
+            quick[self.gen_outputs.index(self.ui.output)] = s.text
+            quick[self.gen_outputs.index(self.ui.stats)] = stats_md(
+                "Stopped: generation ended, freeing the cache", s, s.last_memory,
+                c.reevaluations if c is not None else None)
+            yield quick
         if not s.finished.wait(STOP_WAIT):  # inside a long forward: it ends right after it
             out = [SKIP()] * n
             out[self.gen_outputs.index(self.ui.stats)] = (
@@ -455,6 +473,7 @@ class AgaccApp:
             return
         run.done.wait(5.0)  # the streaming handler ended (cancelled by the page, or it painted its own final)
         final = self._final(us, s.tokenizer, state="Stopped")
+        log.info("stop: the run ended and freed its caches %.3f s after Stop", time.perf_counter() - t_stop)
         # the status line and the text first, alone: the page shows "Stopped" at once, before the
         # final figures' Plotly draws (the next update) take its thread
         quick = [SKIP()] * n
@@ -764,6 +783,7 @@ def main():
     # the server answers at once; the model loads (and the CPU kernel builds) on threads meanwhile
     app = AgaccApp(preload="background" if os.environ.get("AGACC_PRELOAD", "1") != "0" else False)
     demo = app.build()
+    freeze_gc()  # the imports and the page: out of the garbage collector's way (the model: when it loads)
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                 server_port=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), show_error=True, **launch_kwargs())
 

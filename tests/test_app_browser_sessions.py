@@ -1,7 +1,7 @@
 """Real browser (headless Chromium) checks of issue 21 against ``python app.py``:
 
 - two browser sessions pressing Re-run + compare at once stay apart and both finish; Stop during one
-  Re-run settles that page (and only that one: the other runs on); Stop latency measured in the page,
+  Re-run settles that page within 1 s (and only that one: the other runs on); Stop latency measured in the page,
   in decode and during a chunked prefill;
 - a preset switch after a run replays sane numbers (held bytes > 0, the recorded block size, a ratio
   within 5% of a real run of that preset);
@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_app_browser import ROOT, Page, make_driver, app_url  # noqa: F401  (app_url: the module's app)
+from tests.test_app_browser_stop import JS_LOG as JS_STATUS_LOG
 
 OUT = ROOT / "out"
 LONG_PROMPTS = ["Write a long story about a dragon who learns to bake bread in a small mountain village.",
@@ -79,7 +80,9 @@ def test_two_sessions_rerun_apart_and_stop(app_url):  # noqa: F811
         pages[1].js_click("rerun")
         pages[1].wait(lambda: "Generating" in pages[1].stats(), 300, "page 1 streaming")
         time.sleep(1.0)
+        drivers[0].execute_script(JS_STATUS_LOG)
         latency = pages[0].stop_and_measure(60)
+        status_log = drivers[0].execute_script("return window.__slog")
         print(f"stop latency during a re-run, decode (page clock): {latency:.2f} s")
         text = pages[0].output()
         time.sleep(3.0)
@@ -87,7 +90,7 @@ def test_two_sessions_rerun_apart_and_stop(app_url):  # noqa: F811
         assert "Generating" not in pages[0].stats()
         pages[1].wait(lambda: "Done" in pages[1].stats(), 400, "page 1's re-run to finish", poll=0.5)
         assert "Stopped" not in pages[1].stats()
-        assert latency < 15.0
+        assert latency < 1.0, status_log  # what the status line said when, from the click on
         drivers[0].save_screenshot(str(OUT / "test_app_rerun_stopped.png"))
     except Exception:
         for i, d in enumerate(drivers):
