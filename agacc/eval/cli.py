@@ -3,6 +3,9 @@
 Each M is a method in the grammar of ``agacc.spec``: ``NAME[@RATIO][,key=value]...`` (``agacc``,
 ``agacc@4``, ``h2o@4,recent_window=32``); ``--set KEY=VALUE`` and ``--ratio R`` apply on top of every
 method (``--ratio`` only to the methods whose ratio can move, not ``full`` or ``uniform-int*``).
+External methods are named the same way: ``hf-quantized:quanto-4`` (transformers' QuantizedCache),
+``kvpress:snapkv@4`` (kvpress, run in .venv-kvpress); ``--protocol query-agnostic`` compresses the
+context before the question is read, ``--reuse-questions Q`` asks Q questions of one context.
 
 Writes one record per preset (and per context length when several are given) with task, preset,
 samples, score (0..1), ratio (measured vs a 16-bit cache), kv_bytes, kv_bytes_fp16, tokens_per_s,

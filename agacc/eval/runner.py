@@ -19,6 +19,14 @@ After the prefill:
   reference logits come from the same forward as the capture.
 
 Memory is ``cache.memory()`` at the end of each sample (bytes held vs a 16-bit cache of the same tokens).
+
+Protocols (``evaluate_sample(protocol=...)``, ``run(protocol=...)``): "query-aware" is the above (the
+question is part of the prompt the cache compresses); "query-agnostic" (``evaluate_group``) compresses
+the context alone, then appends the question uncompressed (``ask``) and scores the answer; samples
+sharing a context (``Sample.group``) answer from one compressed context, each on its own copy
+(``fork_cache``). External methods (``agacc.eval.external``: transformers' QuantizedCache;
+``agacc.eval.kvpress_adapter``: kvpress in its own environment) run beside the presets; one that
+cannot run here yields "skipped" rows.
 """
 from __future__ import annotations
 
