@@ -147,8 +147,9 @@ def quality_curve(sweep: list[dict] | None, measured: list[dict] | None = None, 
                      "hovertemplate": "%{text}: %{x:.2f}x, top-1 %{customdata:.1%}<extra></extra>",
                      "customdata": [m["top1"] for m in measured]})
     sub = "lines: % of the recorded attention mass by tier (replayed policy)<br>◆ ✕: measured vs the full cache"
-    lay = _layout(f"{QUALITY_TITLE}<br><sup>{sub}</sup>", height=380,
-                  xaxis={"title": {"text": "ratio vs a 16-bit cache (higher = less memory)", "standoff": 6}, "type": "log",
+    lay = _layout(f"{QUALITY_TITLE}<br><sup>{sub}</sup>", height=400,
+                  xaxis={"title": {"text": "ratio vs a 16-bit cache (higher = less memory)", "standoff": 8}, "type": "log",
+                         "automargin": True,
                          "range": [math.log10(1.2), math.log10(16)], "tickvals": [1.5, 2, 3, 4, 6, 8, 12, 16],
                          "ticktext": ["1.5x", "2x", "3x", "4x", "6x", "8x", "12x", "16x"], "tickangle": 0,
                          "ticks": "outside"},

@@ -256,8 +256,6 @@ def test_quality_curve_equals_replay_and_measure_equals_library(run):
             assert trace["y"][i] == pytest.approx(100 * sum(s[key] for s in per) / len(per), abs=1e-3), (r, key)
     # the more memory is saved, the less attention mass stays at 16 bits
     assert full["y"][0] > full["y"][-1] and ev["y"][-1] >= ev["y"][0]
-    time.sleep(0.5)
-    _shot(p.css("#quality-panel"), "app_quality_before.png")
 
     # Measure quality with the run's own setting
     p.d.execute_script("document.querySelector('#measure-quality').scrollIntoView({block: 'center'});"
@@ -282,6 +280,43 @@ def test_quality_curve_equals_replay_and_measure_equals_library(run):
     pts = next(t for t in _data(p, "quality-curve") if "measured KL" in t["name"])
     assert pts["y"][-1] == pytest.approx(kl_page, rel=1e-9)
     assert pts["x"][-1] == pytest.approx(ref["ratio"], rel=0.02)  # the same cache, counted by memory()
-    time.sleep(1.0)
-    _shot(p.css("#quality-panel"), "app_quality.png")
     assert re.search(r"top-1 agreement [\d.]+%", p.css("#measure-result").text)
+
+
+def test_rerun_compare_and_a_second_setting_are_marked_on_the_curve(run):
+    """Re-run + compare puts its lockstep KL and top-1 on the curve (== the exported trace's comparison);
+    Measure quality with a target ratio of 6 adds a second point (== the numbers it reports)."""
+    p, _, log = run
+    p.js_click("rerun")
+    p.wait(lambda: "Generating" in p.stats() or "Prefilling" in p.stats(), 60, "the re-run")
+    p.wait(lambda: "Done" in p.stats(), 400, "the re-run to end", poll=0.5)
+    p.wait(lambda: any("measured KL" in (t["name"] or "") for t in _data(p, "quality-curve")), 120,
+           "the lockstep point on the curve")
+    _open_accordion(p, "Export / import")
+    tr = _export_trace(p, None)
+    assert tr.compare and tr.compare["mean_kl"] is not None
+    mem = tr.meta["memory"]
+    kl_pts = next(t for t in _data(p, "quality-curve") if "measured KL" in t["name"])
+    top_pts = next(t for t in _data(p, "quality-curve") if "top-1" in t["name"])
+    assert len(kl_pts["x"]) == 1  # the new run's measurements only
+    assert kl_pts["x"][0] == pytest.approx(mem["bytes_fp16"] / mem["bytes"], abs=1e-4)  # (4 decimals in the plot)
+    assert kl_pts["y"][0] == pytest.approx(tr.compare["mean_kl"], rel=1e-9)
+    assert top_pts["y"][0] == pytest.approx(1 - tr.compare["agreement"], rel=1e-9)
+    # a second setting: a target ratio of 6, measured on the same text
+    box = p.css("#knob-use-target input[type=checkbox]")
+    p.d.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
+    if not box.is_selected():
+        box.click()
+    p.set_number("knob-target-ratio", 6)
+    time.sleep(2.0)
+    p.d.execute_script("document.querySelector('#measure-quality').scrollIntoView({block: 'center'});"
+                       "document.querySelector('#measure-quality').click();")
+    p.wait(lambda: "agacc@6" in p.css("#measure-result").text, 300, "the measurement at 6x", poll=0.5)
+    kl6 = float(p.css("#measured-kl").get_attribute("data-kl"))
+    p.wait(lambda: len(next(t for t in _data(p, "quality-curve") if "measured KL" in t["name"])["x"]) == 2, 30,
+           "the second measured point")
+    kl_pts = next(t for t in _data(p, "quality-curve") if "measured KL" in t["name"])
+    assert kl_pts["y"][1] == pytest.approx(kl6, rel=1e-9) and kl_pts["x"][1] > kl_pts["x"][0]
+    time.sleep(1.5)
+    _shot(p.css("#quality-panel"), "app_quality.png")
+    assert "Traceback" not in Path(log).read_text()
