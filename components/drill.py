@@ -161,12 +161,17 @@ def quality_curve(sweep: list[dict] | None, measured: list[dict] | None = None, 
         lay["yaxis2"] = {"overlaying": "y", "side": "right", "title": {"text": "KL (nats) · 1 − top-1"},
                          "range": [0, 1.15 * top], "showgrid": False, "rangemode": "tozero"}
     lay["margin"] = {"l": 56, "r": 64 if measured else 16, "t": 78, "b": 130}
+    if max(x) < 1.01 * min(x):  # a fixed-bit policy (uniform-int4 ...): the target ratio does not move it
+        lay.setdefault("annotations", []).append(
+            {"x": 0.5, "y": 0.5, "xref": "paper", "yref": "paper", "showarrow": False, "font": {"size": 11},
+             "text": f"this policy's ratio does not follow a target: {min(x):.2f}x at every target",
+             "bgcolor": "rgba(255,255,255,0.85)"})
     if run_ratio:
         lay["shapes"] = [{"type": "line", "x0": run_ratio, "x1": run_ratio, "y0": 0, "y1": 1, "yref": "paper",
                           "line": {"color": "#0f172a", "width": 1, "dash": "dot"}}]
-        lay["annotations"] = [{"x": math.log10(run_ratio), "y": 0.99, "yref": "paper", "text": f" this run {run_ratio:.2f}x",
+        lay.setdefault("annotations", []).append({"x": math.log10(run_ratio), "y": 0.99, "yref": "paper", "text": f" this run {run_ratio:.2f}x",
                                "showarrow": False, "yanchor": "top", "xanchor": "left", "font": {"size": 10},
-                               "bgcolor": "rgba(255,255,255,0.8)"}]
+                               "bgcolor": "rgba(255,255,255,0.8)"})
     return {"data": data, "layout": lay}
 
 

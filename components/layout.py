@@ -83,6 +83,11 @@ bits per value (16 = full, 0 = evicted).</li>
 (the {t('ratio')}).</li>
 <li><b>Tokens by tier</b>: the prompt and the output, each token coloured by its block's tier; hover a token
 for its importance and bits; ⟪n evicted⟫ marks evicted text.</li>
+<li><b>Click a block</b> in any of the three maps (or type <i>layer, block</i> under them): its tokens, its
+importance at every {t('re-evaluation')}, the tiers it went through and the bytes it holds now.</li>
+<li><b>Quality vs memory</b>: this run's policy replayed at target ratios 1.5-12x: how much of the attention
+lands on 16-bit, quantised and evicted blocks at each {t('ratio')}; <i>Measure quality</i> checks a setting for
+real (KL and top-1 agreement against the full cache on the run's text).</li>
 </ul>
 <p><b>Try it in front of a class:</b> press <i>Passkey retrieval</i>, tick <i>compare with the full cache</i>,
 Generate. The block holding the pass key stays at 16 bits (blue in the tier map, bold in the token view)
