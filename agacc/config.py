@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields, replace
 
 from agacc import methods
 
+PROMPT_EVIDENCE = ("max", "fold", "last")  # how a chunked prefill's windows combine (docs/long_context.md)
 SCORINGS = ("ema", "decay", "sum")             # 000 §2.3 EMA / 001 decay-weighted / 002 attention sum
 BIT_INTERPS = ("log", "linear")
 POSITION_NORMS = ("none", "power", "log")      # forms of P(t - i), 000 §2.3
@@ -53,6 +54,13 @@ class AGACCConfig:
         scoring: "ema" (000), "decay" (001: A_i = sum_t e^{-beta(T-t)} w_l sum_j alpha_ij / T) or
             "sum" (002: the accumulated attention sum).
         beta: beta > 0, per-step decay of the DynaCompress history.
+        prompt_evidence: how the observation windows of a chunked prefill's chunks combine (EMA scoring;
+            the first chunk, and a one-shot prefill, start from their window S_i in every rule):
+            "max" I_i = max(S_i, (1-alpha) I_i): a token keeps what any chunk's last N_q queries paid it,
+            earlier evidence fading by (1-alpha) a chunk, so the question at the end of a prompt still
+            decides (docs/long_context.md: needle 8x 0.6 -> 1.0 vs "fold", perplexity equal);
+            "fold" I_i = alpha*S_i + (1-alpha)*I_i (the decode-step EMA); "last" I_i = S_i (only the
+            latest chunk's window, as a one-shot prefill sees it).
         layer_weights: w_l, one weight per layer for the DynaCompress aggregation and layer budgets;
             None = linearly rising with depth (001: deeper layers keep more).
         share_across_layers: S_i averaged over all L layers as written in 000 §2.2 (one score per
@@ -146,6 +154,7 @@ class AGACCConfig:
     alpha: float = _f(0.5, "tracking", ui=("α: EMA weight of new attention", 0.01, 1.0, 0.01, "tracking"))
     scoring: str = _f("ema", "tracking", choices=SCORINGS)
     beta: float = _f(0.05, "tracking")
+    prompt_evidence: str = _f("max", "tracking", choices=PROMPT_EVIDENCE)
     layer_weights: tuple[float, ...] | None = _f(None, "tracking")
     share_across_layers: bool = _f(False, "tracking")
     attention_sum_beta: float = _f(1.0, "tracking")

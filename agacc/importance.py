@@ -69,7 +69,13 @@ class ImportanceTracker:
         if self.cfg.scoring == "ema":
             fresh = self.importance[:n] == 0
             a = self.cfg.alpha
-            self.importance[:n] = torch.where(fresh, mass, a * mass + (1 - a) * self.importance[:n])
+            ev = self.cfg.prompt_evidence
+            if ev == "last":
+                self.importance[:n] = mass
+            elif ev == "max":
+                self.importance[:n] = torch.maximum(mass, (1 - a) * self.importance[:n])
+            else:
+                self.importance[:n] = torch.where(fresh, mass, a * mass + (1 - a) * self.importance[:n])
         else:
             self.importance[:n] += mass * self.cfg.n_q
 

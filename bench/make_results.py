@@ -41,11 +41,12 @@ def run(args) -> None:
     model, tok = agacc.load_model()
     text = T.read_text(args.text)
     configs = parse_methods(FIXED + [f"{p}@{r:g}" for r in args.ratios for p in RATIO_PRESETS])  # labels: P, P@R
-    done["meta"] = {"command": " ".join([sys.executable.split("/")[-1]] + sys.argv), "text": args.text or "default",
-                    "decode_tokens": args.decode_tokens, "prefill_chunk": args.prefill_chunk, "ppl_windows": args.ppl_windows, "depths": args.depths,
-                    "ratios": args.ratios,
-                    "lengths": args.lengths, "torch_threads": torch.get_num_threads(),
-                    "started": done["meta"].get("started") or time.strftime("%Y-%m-%d %H:%M:%S")}
+    runs = done["meta"].get("runs") or ([_run_of(done["meta"])] if done["meta"] else [])
+    this = {"command": " ".join([sys.executable.split("/")[-1]] + sys.argv), "lengths": args.lengths,
+            "prefill_chunk": args.prefill_chunk, "torch_threads": torch.get_num_threads(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    done["meta"] = {"text": args.text or "default", "decode_tokens": args.decode_tokens, "ppl_windows": args.ppl_windows,
+                    "depths": args.depths, "ratios": args.ratios, "runs": runs + [this]}
     t_start = time.time()
     for n in args.lengths:
         for task in args.tasks:
@@ -67,6 +68,8 @@ def run(args) -> None:
                 res = runner.evaluate_sample(model, tok, s, todo, scoring="match", chunk=8,
                                              prefill_chunk=args.prefill_chunk or None, log=lambda r: print(
                     f"  {r['preset']}: score {r['score']:.3f} ratio {r['ratio']:.2f} build {r['build_s']:.1f}s decode {r['decode_s']:.1f}s", flush=True))
+                for r in res:
+                    r["prefill_chunk"] = args.prefill_chunk  # 0: one prefill forward shared by every method
                 if held is None:
                     done["samples"].append({"task": task, "context_tokens": n, "sample": s.index, "results": res,
                                             "seconds": time.time() - t0})
@@ -75,9 +78,29 @@ def run(args) -> None:
                     held["results"] = [r for r in held["results"] if r["preset"] not in redone] + res
                 out_json.write_text(json.dumps(done, indent=0))
                 print(f"{task} {n} sample {s.index}: {time.time() - t0:.0f}s (total {(time.time() - t_start) / 60:.1f} min)", flush=True)
-    done["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    done["meta"]["minutes"] = round((time.time() - t_start) / 60, 1)
+    this["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    this["minutes"] = round((time.time() - t_start) / 60, 1)
     out_json.write_text(json.dumps(done, indent=0))
+
+
+def _run_of(meta: dict) -> dict:
+    """A run's entry from the flat meta that pages written before the run list held (one prefill forward)."""
+    return {k: meta.get(k) for k in ("command", "lengths", "torch_threads", "started", "finished", "minutes")} | {
+        "prefill_chunk": meta.get("prefill_chunk", 0)}
+
+
+def prefill_note(data, task: str, n: int) -> str:
+    """How the prompts of one table went in, from the results' recorded prefill chunk (records written
+    before it was recorded: one forward), naming the presets of each kind when a table mixes them."""
+    by_chunk: dict = {}
+    for s in data["samples"]:
+        if s["task"] == task and s["context_tokens"] == n:
+            for r in s["results"]:
+                by_chunk.setdefault(r.get("prefill_chunk", 0), set()).add(r["preset"].partition("@")[0])
+    say = {0: "one prefill forward shared by every method, compressed at its end"}
+    parts = [say.get(c, f"chunks of {c} tokens, each method compressing as it goes")
+             + (f" ({', '.join(sorted(ps))})" if len(by_chunk) > 1 else "") for c, ps in sorted(by_chunk.items())]
+    return "Prefill: " + "; ".join(parts) + "."
 
 
 def cells(data) -> dict:
@@ -117,9 +140,11 @@ def render(data, ratios, lengths, tasks) -> str:
              "(embedded, fp32, CPU). Every method is a preset of the same compressed store; memory is "
              "`cache.memory()` at the end of each sample (bytes actually held, tracker included) and the "
              "ratio is measured: 16-bit bytes of the same tokens / bytes held.\n")
-    L.append(f"Command: `{m.get('command')}`  \nStarted {m.get('started')}, finished {m.get('finished', 'not finished')}"
-             f" ({m.get('minutes', '?')} min), torch threads {m.get('torch_threads')}. The machine is a shared 2-core CPU: "
-             "tokens/s are indicative only.\n")
+    for run in m.get("runs") or [_run_of(m)]:
+        L.append(f"Command: `{run.get('command')}`  \nStarted {run.get('started')}, finished {run.get('finished', 'not finished')}"
+                 f" ({run.get('minutes', '?')} min), torch threads {run.get('torch_threads')}.\n")
+    L.append("The machine is a shared 2-core CPU: tokens/s are indicative only. Each table says how its prompts "
+             "went in (one prefill forward, or chunks compressed as they go: the library's default).\n")
     L.append("## How to read\n")
     windows = m.get("ppl_windows", 1)
     L.append(f"- **ppl**: {windows} window{'s' if windows > 1 else ''} of the text (`--text`, default the GPL-3 text of the OS) "
@@ -141,6 +166,7 @@ def render(data, ratios, lengths, tasks) -> str:
                 L.append(f"\n### {task} @ {n} tokens: not run (time budget)\n")
                 continue
             L.append(f"\n### {task} @ {n} tokens\n")
+            L.append(prefill_note(data, task, n) + "\n")
             head = "| preset | " + " | ".join(f"ratio {r:g}" for r in ratios) + " | fixed |"
             L.append(head)
             L.append("|" + "---|" * (len(ratios) + 2))

@@ -272,3 +272,21 @@ def test_ema_means_the_last_n_w_steps_and_holds_only_what_the_next_mean_needs():
         torch.testing.assert_close(tr.importance, want)
         assert len(tr.chunks) == 1 and tr.chunks[0][1] == 2
     assert tr.nbytes() == 2 * 4 + 2 * 2  # fp32 importance + one bf16 two-step sum per token
+
+
+@pytest.mark.parametrize("evidence", ["fold", "last", "max"])
+def test_prompt_chunks_combine_their_evidence_by_hand(evidence):
+    """Two prompt chunks' observation windows, S = a (4 tokens) then b (6 tokens), by hand:
+    fold = alpha * b + (1 - alpha) * a on the old tokens and b on the new ones; last = b;
+    max = the elementwise max of b and (1 - alpha) * a (a padded with zeros)."""
+    from agacc.importance import ImportanceTracker
+
+    tr = ImportanceTracker(AGACCConfig(scoring="ema", alpha=0.25, prompt_evidence=evidence))
+    a = torch.tensor([0.5, 0.1, 0.2, 0.2])
+    b = torch.tensor([0.05, 0.3, 0.1, 0.05, 0.3, 0.2])
+    tr.init_prefill(a)
+    torch.testing.assert_close(tr.importance, a)  # the first chunk: every rule starts from its window
+    tr.init_prefill(b)
+    a6 = torch.cat([a, torch.zeros(2)])
+    want = {"fold": torch.cat([0.25 * b[:4] + 0.75 * a, b[4:]]), "last": b, "max": torch.maximum(0.75 * a6, b)}[evidence]
+    torch.testing.assert_close(tr.importance, want)
