@@ -11,6 +11,8 @@ re-evaluates tiers (after every prefill, and every N_r decode steps): tracker ->
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import dataclass
 
@@ -276,6 +278,7 @@ class CompressedCache(Cache):
         self.threshold_scale = 1.0
         self.peak_bytes = 0      # the most bytes held at once since creation (or reset_peak)
         self.held = None         # stacked plans whose evictions wait for the prompt's end (hold_evictions)
+        self.paused = 0          # > 0 inside ``no_reevaluation()``
 
     def reset(self) -> None:
         """Empty the cache for a new sequence, as if just created: every layer's store, tracker and
@@ -298,10 +301,23 @@ class CompressedCache(Cache):
             f"which is exact with sliding windows, or keep prompt + new tokens within {self.min_window} tokens")
 
     # --- schedule --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def no_reevaluation(self):
+        """Tokens forwarded inside this block are stored (hot, full precision) and observed, but no
+        re-evaluation runs: the tiers stay as planned before it. The query-agnostic protocol asks its
+        question so, after ``end_prefill()``, keeping the plan the context alone made."""
+        self.paused += 1
+        try:
+            yield self
+        finally:
+            self.paused -= 1
+
     def _step_done(self, q_len: int) -> None:
         """After the last layer of a forward: every layer holds its new tokens, none is compressed yet,
         so this is when the bytes held peak; then the schedule's re-evaluation."""
         self.peak_bytes = max(self.peak_bytes, self.held_bytes())
+        if self.paused:
+            return
         if q_len > 1:
             self.reevaluate(prefill=True)
             return

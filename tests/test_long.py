@@ -163,3 +163,29 @@ def test_a_replay_refuses_another_block_size(tiny):
     for b in (8, 32):
         with pytest.raises(ValueError, match="block size"):
             replay_frames(cache.history, cfg.with_overrides(block_size=b), cache._geometry())
+
+
+def test_no_reevaluation_keeps_the_plan_while_tokens_go_in(tiny):
+    """Inside ``no_reevaluation()`` a forward stores and counts its tokens (hot, peak counted) but the
+    tiers stay the context's plan; the same forward outside re-plans with the new queries."""
+    ids = torch.randint(3, 256, (1, 640), generator=torch.Generator().manual_seed(5))
+    question = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(6))
+    cfg = AGACCConfig.preset("agacc", target_ratio=4.0)
+    caches = []
+    for paused in (True, False):
+        cache = agacc.CompressedCache(tiny.config, cfg)
+        with torch.inference_mode():
+            for lo in range(0, 640, 128):
+                tiny(ids[:, lo:lo + 128], past_key_values=cache, use_cache=True)
+            cache.end_prefill()
+            tiers, n = _tiers(cache).clone(), cache.reevaluations
+            if paused:
+                with cache.no_reevaluation():
+                    tiny(question, past_key_values=cache, use_cache=True)
+                assert cache.paused == 0 and cache.reevaluations == n and torch.equal(_tiers(cache)[:, :tiers.shape[1]], tiers)
+            else:
+                tiny(question, past_key_values=cache, use_cache=True)
+                assert cache.reevaluations == n + 1
+        assert cache.seq_len == 680 and cache.peak_bytes >= cache.held_bytes()
+        caches.append(cache)
+    assert not torch.equal(_tiers(caches[0]), _tiers(caches[1]))  # the question's queries moved the plan
