@@ -572,6 +572,9 @@ class AgaccApp:
             return plot_value(drill.quality_curve(None))
         if us.running():
             return SKIP()
+        if not any(int(h.get("n_ready", 0)) for h in tr.history):
+            return plot_value(drill.quality_curve(None, message="nothing to sweep: no block of this run left the recent "
+                                                  "window (a longer prompt has blocks to tier)"))
         if us.curve is None or us.curve[0] is not tr:
             try:
                 sweep = ratio_sweep(tr.history, tr.config, tr.geometry)
