@@ -134,6 +134,9 @@ def _decode_schedule(cache: CompressedCache) -> None:
     n_r = cache.cfg.n_r
 
     def step_done(q: int) -> None:
+        if getattr(cache, "paused", 0):  # inside cache.no_reevaluation(): tokens in, no re-planning
+            cache.peak_bytes = max(cache.peak_bytes, cache.held_bytes())
+            return
         before = cache.steps
         cache.steps += q
         if cache.steps // n_r > before // n_r:
@@ -230,16 +233,8 @@ def ask(model, cache, question_ids: list[int], prefill_chunk: int | None = None)
     if not isinstance(cache, CompressedCache):
         return plain_prefill(model, cache, question_ids, prefill_chunk)
     cache.end_prefill()  # the context's held plan (a chunked prefill) is applied before the question
-    patched = "_step_done" in cache.__dict__
-    saved = cache.__dict__.get("_step_done")
-    cache._step_done = lambda q: None
-    try:
+    with cache.no_reevaluation():  # stored hot and observed, the tiers as the context alone planned them
         return plain_prefill(model, cache, question_ids, prefill_chunk)
-    finally:
-        if patched:
-            cache._step_done = saved
-        else:
-            del cache._step_done
 
 
 def fork_cache(cache):
