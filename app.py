@@ -39,7 +39,7 @@ from agacc.session import PREFILL_CHUNK, GenerationSession, SessionError
 from agacc.trace import Trace, block_history, policy_changes, ratio_sweep, replay_frames
 from components import controls, drill, gpu, plots
 from components.layout import ASSETS, build_layout, example_text, header_html, plot_value
-from components.state import (EMBEDDED_CHOICE, EMBEDDED_LABEL, HUB_CHOICES, Models, Run, Sessions, StoppableSession,
+from components.state import (EMBEDDED_CHOICE, EMBEDDED_LABEL, HUB_CHOICES, Models, Run, Sessions,
                               UserState, freeze_gc, hub_reachable)
 from components.text import MIB, compare_md, final_stats, model_line, snippet, stats_md
 from components.token_view import css as token_css
@@ -310,7 +310,7 @@ class AgaccApp:
             except ValueError as e:
                 raise UserError(str(e), title="Model not available") from None
             try:
-                s = StoppableSession(mdl, tok, v["prompt"], cfg, max_new_tokens=max_new, temperature=temp, seed=seed,
+                s = GenerationSession(mdl, tok, v["prompt"], cfg, max_new_tokens=max_new, temperature=temp, seed=seed,
                                       compare=compare, chat_template=bool(v["chat_template"]), cancel=cancel,
                                       max_context=self.max_context, model_name=name or EMBEDDED_LABEL)
             except SessionError as e:
@@ -449,8 +449,9 @@ class AgaccApp:
         t_stop = time.perf_counter()
         us.cancel.set()
         s.cancel.set()
-        # the loop ends before its next forward (StoppableSession); then the session frees its caches (a
-        # last frame, a garbage collection: ~1 ms after freeze_gc, 0.3-0.7 s before). The page hears
+        # the loop ends before its next forward (the session checks Stop before every forward, the
+        # full-cache comparison's included); then the session frees its caches (a last frame, a
+        # garbage collection: ~1 ms after freeze_gc, 0.3-0.7 s before). The page hears
         # "Stopped" as soon as the loop has ended, the final figures once the caches are gone.
         deadline = time.monotonic() + STOP_WAIT
         while s.stop_reason is None and not s.finished.is_set() and time.monotonic() < deadline:

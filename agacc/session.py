@@ -268,14 +268,15 @@ class GenerationSession:
     # --- the loop ----------------------------------------------------------------------------
     def _forward(self, cache, token_ids: torch.Tensor, what: str) -> torch.Tensor | None:
         """The last position's logits after feeding ``token_ids`` (a prompt longer than the prefill
-        chunk goes in chunk by chunk); None when ``cancel`` was set between two chunks."""
+        chunk goes in chunk by chunk); None when ``cancel`` is set before a forward (any forward: the
+        prompt's chunks, a decode step, the full-cache comparison's), so Stop waits for one forward."""
         step = self.prefill_chunk or token_ids.shape[1]
         try:
             # inference mode per call, never across a yield: the consumer may resume the generator on
             # another thread (gradio does), and grad mode is thread-local
             with torch.inference_mode():
                 for lo in range(0, token_ids.shape[1], step):
-                    if lo and self.cancel.is_set():
+                    if self.cancel.is_set():
                         return None
                     out = self.model(input_ids=token_ids[:, lo:lo + step].to(self.model.device), past_key_values=cache,
                                      use_cache=True, **self._last_logits_only)

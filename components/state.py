@@ -113,18 +113,6 @@ class Models:
         return self._hub[0]
 
 
-class StoppableSession(GenerationSession):
-    """A ``GenerationSession`` whose cancel flag is checked before every forward pass: the compressed
-    cache's and the lockstep full cache's (``compare=True``: up to three forwards a token). A forward
-    asked after Stop returns None, as the library's own chunked prefill does between two chunks, and the
-    loop ends at its next check; so Stop during Re-run + compare waits for at most one forward."""
-
-    def _forward(self, cache, token_ids, what):
-        if self.cancel.is_set():
-            return None
-        return super()._forward(cache, token_ids, what)
-
-
 class Run:
     """One Generate / Re-run of a session as the page sees it: its library session and whether the
     handler that streams it has ended (``done``) after painting its own final state (``painted``).

@@ -242,6 +242,30 @@ def test_cancel_from_another_thread_is_prompt(mt):
     assert s.stop_reason == "cancelled" and s.cache is None
 
 
+@pytest.mark.parametrize("compare", [False, True])
+def test_stop_during_a_forward_runs_no_further_forward(mt, compare):
+    """Stop pressed while a forward runs (here: from inside the 5th forward, as another thread would):
+    that forward ends, no other starts. With the comparison the 5th is the compressed cache's decode
+    step of token 1 (prefill, full prefill, then decode + full decode per token), which the full
+    cache's forward follows before the loop looks again: the session itself must refuse it."""
+    model, tok = mt
+    s = GenerationSession(model, tok, PROMPT, agacc.AGACCConfig.preset("agacc", **SMALL), max_new_tokens=40,
+                          compare=compare)
+    calls = []
+
+    def hook(module, args):
+        calls.append(s.cancel.is_set())
+        if len(calls) == 5:
+            s.stop()
+
+    h = model.register_forward_pre_hook(hook)
+    try:
+        list(s.stream())
+    finally:
+        h.remove()
+    assert s.stop_reason == "cancelled" and len(calls) == 5 and not any(calls)
+
+
 def test_resumed_on_other_threads(mt):
     """Gradio resumes sync generators on worker threads: no inference mode may leak across."""
     model, tok = mt
