@@ -7,17 +7,17 @@ import torch
 
 GIB = 2 ** 30
 # hub id -> parameters (billions): instruction-tuned models of the architectures the library serves,
-# small to mid size (a Spaces GPU: T4 16 GB, A10G 24 GB, L4 24 GB, A100 40/80 GB, H100 80 GB)
+# small to mid size (a Spaces GPU: T4 16 GB, A10G 24 GB, L4 24 GB, A100 40/80 GB, H100 80 GB); none
+# gated, so a Space loads them without a token (meta-llama's need one: type the id to use them)
 GPU_MODELS = {
     "HuggingFaceTB/SmolLM2-360M-Instruct": 0.36,
     "Qwen/Qwen2.5-0.5B-Instruct": 0.49,
-    "meta-llama/Llama-3.2-1B-Instruct": 1.24,
     "Qwen/Qwen2.5-1.5B-Instruct": 1.54,
     "HuggingFaceTB/SmolLM2-1.7B-Instruct": 1.71,
     "Qwen/Qwen2.5-3B-Instruct": 3.09,
-    "meta-llama/Llama-3.2-3B-Instruct": 3.21,
+    "microsoft/Phi-3.5-mini-instruct": 3.82,
+    "allenai/OLMo-2-1124-7B-Instruct": 7.30,
     "Qwen/Qwen2.5-7B-Instruct": 7.62,
-    "meta-llama/Llama-3.1-8B-Instruct": 8.03,
 }
 # the weights in bf16 (2 bytes a parameter) take at most this share of the GPU: the rest is for the
 # KV cache of a long prompt (a full-cache comparison doubles it), activations and the CUDA context
