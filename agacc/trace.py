@@ -23,7 +23,7 @@ from agacc.config import AGACCConfig, replayable_fields
 from agacc.importance import WINDOW_ITEMSIZE
 from agacc.policy import fidelity_floor, hold_evictions
 from agacc.presets import PRESETS
-from agacc.tiers import HOT, NAMES, evicted_runs
+from agacc.tiers import EVICTED, FULL, HOT, INT2, INT3, INT4, INT8, NAMES, PRUNED, evicted_runs
 
 TRACE_FORMAT = "agacc-trace"
 TRACE_VERSION = 2  # 2: the int3 tier (tier codes of int2 and below moved up by one)
@@ -309,8 +309,6 @@ def _py(v):
 
 
 # --- one block over a run; a sweep of target ratios (the app's drill-down and quality-vs-memory curve) ----
-
-from agacc.tiers import EVICTED, FULL, INT2, INT3, INT4, INT8, PRUNED  # noqa: E402
 
 # the tier classes of ``mass_shares``: tier code -> class
 MASS_CLASSES = ("full", "quantised", "pruned", "evicted")
