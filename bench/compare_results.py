@@ -1,6 +1,6 @@
 """Two results pages' JSON, cell by cell: did a change move any cell beyond noise?
 
-Noise comes from the repeats each cell already has (ppl windows, retrieval samples): the paired
+Only cells the new JSON re-ran are compared (records that differ). Noise comes from the repeats each cell already has (ppl windows, retrieval samples): the paired
 difference per sample d_k (retrieval: score new - score old, 0/1 per sample; ppl: the window's
 log-perplexity old - new, so a positive d is better), its mean and its standard error
 std(d) / sqrt(k). A cell moved beyond noise if |mean| > 2 SE (about a 95% interval; with identical
@@ -19,14 +19,18 @@ import sys
 from pathlib import Path
 
 
-def per_sample(data: dict) -> dict:
-    """(task, length, preset label) -> {sample index: quality}: retrieval score, or ppl's log-ppl."""
+def records(data: dict) -> dict:
+    """(task, length, preset label) -> {sample index: result record}."""
     out: dict = {}
     for s in data["samples"]:
         for r in s["results"]:
-            q = -r["nll"] / r["tokens"] if "nll" in r else r["score"]  # higher is better in both
-            out.setdefault((s["task"], s["context_tokens"], r["preset"]), {})[s["sample"]] = q
+            out.setdefault((s["task"], s["context_tokens"], r["preset"]), {})[s["sample"]] = r
     return out
+
+
+def quality(r: dict) -> float:
+    """A record's quality, higher is better: the retrieval score, or ppl's log-perplexity negated."""
+    return -r["nll"] / r["tokens"] if "nll" in r else r["score"]
 
 
 def paired(old: dict, new: dict) -> tuple[float, float, int]:
@@ -41,10 +45,16 @@ def paired(old: dict, new: dict) -> tuple[float, float, int]:
 
 
 def compare(old_data: dict, new_data: dict) -> list[dict]:
-    old, new = per_sample(old_data), per_sample(new_data)
+    """One row per cell that ``new`` re-ran: the samples whose record differs from ``old``'s (a re-run
+    differs at least in its timings; a record carried over unchanged, e.g. by ``make_results --redo``
+    of other presets, is not a repeat and is left out)."""
+    old, new = records(old_data), records(new_data)
     rows = []
     for key in sorted(set(old) & set(new), key=str):
-        mean, se, k = paired(old[key], new[key])
+        both = [i for i in set(old[key]) & set(new[key]) if old[key][i] != new[key][i]]
+        if not both:
+            continue
+        mean, se, k = paired({i: quality(old[key][i]) for i in both}, {i: quality(new[key][i]) for i in both})
         task, n, preset = key
         rows.append({"task": task, "length": n, "preset": preset, "mean": mean, "se": se, "k": k,
                      "beyond_noise": bool(k > 1 and abs(mean) > 2 * se and mean != 0)})
