@@ -350,18 +350,27 @@ def _make(tok, task: str, i: int, r: _Render, context_tokens: int, slack: int = 
     return _with_split(s, tok, r.context, r.question)
 
 
-def _generate(tok, task: str, context_tokens: int, samples: int, seed: int, render, guess: int, slack: int = 8):
+def _generate(tok, task: str, context_tokens: int, samples: int, seed: int, render, guess: int, slack: int = 8,
+              pad: bool = False):
     """``render(rng, n, i) -> _Render``: sample i at size n, fitted per sample (its rng re-seeded for every
-    size tried, so only the size changes while fitting)."""
+    size tried, so only the size changes while fitting). With ``pad``, ``render(rng, n, i, p)`` also takes
+    a padding p, fitted second (n first, at p = 0): for a size whose steps are coarse."""
     out = []
     for i in range(samples):
-        def at(n, i=i):
-            return render(_rng(task, seed, context_tokens, i), n, i)
+        def at(n, p=0, i=i):
+            return render(_rng(task, seed, context_tokens, i), n, i, p) if pad else render(
+                _rng(task, seed, context_tokens, i), n, i)
 
         n = _fit(lambda m: _n_tokens(tok, at(m)), context_tokens, guess, task)
-        guess = n
-        r = at(n)
+        guess, p = n, 0
+        if pad:
+            r = at(n)
+            p = _fit(lambda m: _n_tokens(tok, at(n, m - 1)), context_tokens,
+                     1 + context_tokens - _n_tokens(tok, r), task) - 1
+        r = at(n, p)
         r.meta["size"] = n
+        if pad:
+            r.meta["pad"] = p
         out.append(_make(tok, task, i, r, context_tokens, slack))
     return out
 
@@ -545,14 +554,14 @@ def _zeta(a: float, terms: int = 1000) -> float:
 def fwe(tok, context_tokens: int, samples: int, seed: int = 0, alpha: float = 2.0, vocab_size: int | None = None,
         word_len: int = 6) -> list[Sample]:
     """Frequent words extraction: ``vocab_size`` (default context_tokens // 50, as RULER) random
-    ``word_len``-letter words; the word of rank k appears int(n k^-alpha / zeta(alpha)) times, rank 1
-    being the noise "..."; the text is the shuffled words, n as large as fits. Return ranks 2-4 (the
-    three most frequent words)."""
+    ``word_len``-letter words; the word of rank k appears int(N k^-alpha / zeta(alpha)) times, rank 1
+    being the noise "..."; the text is the shuffled words, N as large as fits (``meta["size"]``), the
+    tokens left filled with more "..." (``meta["pad"]``). Return ranks 2-4 (the three most frequent words)."""
     vs = vocab_size if vocab_size is not None else max(8, context_tokens // 50)
     z = _zeta(alpha)
     weights = [k ** -alpha / z for k in range(1, vs + 1)]
 
-    def render(rng: random.Random, n: int, i: int) -> _Render:
+    def render(rng: random.Random, n: int, i: int, pad: int) -> _Render:
         vocab: list[str] = []
         seen: set = set()
         while len(vocab) < vs:
@@ -562,12 +571,13 @@ def fwe(tok, context_tokens: int, samples: int, seed: int = 0, alpha: float = 2.
                 vocab.append(w)
         vocab[0] = "..."
         counts = [int(n * w) for w in weights]
+        counts[0] += pad  # the fitted Zipf size's steps can add several words at once: more noise fills up
         words = [w for w, c in zip(vocab, counts) for _ in range(c)]
         rng.shuffle(words)
         return _Render(FWE_INTRO + " ".join(words), FWE_QUESTION, vocab[1:4], " " + ", ".join(vocab[1:4]) + ".",
                        meta={"alpha": alpha, "vocab_size": vs, "counts": counts[:5], "words": len(words)})
 
-    out = _generate(tok, "fwe", context_tokens, samples, seed, render, max(1, context_tokens // 4))
+    out = _generate(tok, "fwe", context_tokens, samples, seed, render, max(1, context_tokens // 4), pad=True)
     for s in out:
         c = s.meta["counts"]
         if not c[3] > c[4] > -1 or c[3] == 0:
