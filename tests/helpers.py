@@ -3,6 +3,14 @@ from __future__ import annotations
 
 import torch
 
+# a short story with a question: every session / trace test's prompt
+PROMPT = ("Mara kept the parcel behind the counter for three days. On the fourth day the lighthouse went dark, "
+          "the harbour flooded and the fishermen gathered at the post office asking what Tobias had left for them. "
+          "She cut the tarred string and unfolded the oilcloth: inside was a brass key, a chart of the reef and a "
+          "letter addressed to nobody. The letter said that the lamp had never been electric, that a flame had "
+          "burned there for a hundred and forty years, and that whoever held the key must climb the tower before "
+          "the tide turned. What did Mara find in the parcel, and what did the letter ask?")
+
 
 def tiny_model(layers: int = 2, seed: int = 0):
     """A random-weight Llama (2 layers, 4 query / 2 KV heads, head dim 32), switched to agacc."""

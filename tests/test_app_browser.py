@@ -105,6 +105,21 @@ class Page:
     def __init__(self, driver):
         self.d = driver
 
+    def open(self, url: str) -> "Page":
+        """Load the app and wait for its prompt box."""
+        self.d.get(url)
+        self.wait(lambda: self.css("#prompt textarea"), 120, "the prompt box")
+        return self
+
+    def open_accordion(self, title: str) -> None:
+        """Open the accordion whose label contains ``title`` (left open if it is)."""
+        for b in self.d.find_elements("css selector", "button.label-wrap"):
+            if title in b.text:
+                if "open" not in (b.get_attribute("class") or ""):
+                    self.d.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click();", b)
+                time.sleep(0.5)
+                return
+
     def wait(self, cond, timeout=60.0, what="condition", poll=0.1):
         deadline = time.time() + timeout
         last = None

@@ -89,15 +89,6 @@ def _export_trace(p: Page, url: str):
         return Trace.from_json(r.read())
 
 
-def _open_accordion(p: Page, title: str) -> None:
-    for b in p.d.find_elements("css selector", "button.label-wrap"):
-        if title in b.text:
-            if "open" not in (b.get_attribute("class") or ""):
-                p.d.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click();", b)
-            time.sleep(0.5)
-            return
-
-
 @pytest.fixture(scope="module")
 def run(app_url):  # noqa: F811
     """One browser page after a run of the document example (24 new tokens), and that run's trace."""
@@ -105,8 +96,7 @@ def run(app_url):  # noqa: F811
     d = make_driver(1200, 2400)
     p = Page(d)
     try:
-        d.get(url)
-        p.wait(lambda: p.css("#prompt textarea"), 120, "the prompt box")
+        p.open(url)
         # the intro, opened, for docs/app.md
         d.execute_script("document.querySelector('#intro-box').open = true;")
         time.sleep(0.5)
@@ -118,7 +108,7 @@ def run(app_url):  # noqa: F811
         p.js_click("generate")
         p.wait(lambda: "Done" in p.stats(), 400, "the run", poll=0.5)
         p.wait(lambda: (_data(p, "quality-curve") or [{}])[0].get("x"), 120, "the quality-vs-memory curve")
-        _open_accordion(p, "Export / import")
+        p.open_accordion("Export / import")
         tr = _export_trace(p, url)
         yield p, tr, log
     except Exception:
@@ -292,7 +282,7 @@ def test_rerun_compare_and_a_second_setting_are_marked_on_the_curve(run):
     p.wait(lambda: "Done" in p.stats(), 400, "the re-run to end", poll=0.5)
     p.wait(lambda: any("measured KL" in (t["name"] or "") for t in _data(p, "quality-curve")), 120,
            "the lockstep point on the curve")
-    _open_accordion(p, "Export / import")
+    p.open_accordion("Export / import")
     tr = _export_trace(p, None)
     assert tr.compare and tr.compare["mean_kl"] is not None
     mem = tr.meta["memory"]

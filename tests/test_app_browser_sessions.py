@@ -35,13 +35,6 @@ return [...document.querySelectorAll('.error, [data-testid=\"status-tracker\"] .
 JS_TOASTS = "return [...document.querySelectorAll('.toast-body')].map(t => t.innerText)"
 
 
-def _open(driver, url) -> Page:
-    p = Page(driver)
-    driver.get(url)
-    p.wait(lambda: p.css("#prompt textarea"), 120, "the prompt box")
-    return p
-
-
 def _ratio(text: str) -> float:
     m = re.search(r"\(([\d.]+)x", text)
     assert m, text
@@ -52,7 +45,7 @@ def test_two_sessions_rerun_apart_and_stop(app_url):  # noqa: F811
     url, proc, log = app_url
     drivers = [make_driver(1400, 2000) for _ in range(2)]
     try:
-        pages = [_open(d, url) for d in drivers]
+        pages = [Page(d).open(url) for d in drivers]
         for p, prompt in zip(pages, LONG_PROMPTS):
             p.set_prompt(prompt)
             p.set_number("max-new-tokens", 24)
@@ -107,7 +100,7 @@ def test_stop_during_prefill_settles_within_a_chunk(app_url):  # noqa: F811
     url, proc, log = app_url
     d = make_driver(1400, 2000)
     try:
-        p = _open(d, url)
+        p = Page(d).open(url)
         p.click("ex-passkey")  # ~1.8K prompt tokens: four prefill chunks of 512
         p.wait(lambda: len(p.css("#prompt textarea").get_attribute("value") or "") > 5000, 30, "the passkey prompt")
         p.set_number("max-new-tokens", 64)
@@ -130,7 +123,7 @@ def test_preset_switch_replays_sane_numbers(app_url):  # noqa: F811
     url, proc, log = app_url
     d = make_driver(1600, 2400)
     try:
-        p = _open(d, url)
+        p = Page(d).open(url)
         p.click("ex-document")
         p.wait(lambda: "leak" in (p.css("#prompt textarea").get_attribute("value") or ""), 30, "the document prompt")
         p.set_number("max-new-tokens", 24)
@@ -179,7 +172,7 @@ def test_user_errors_thresholds_and_header(app_url, tmp_path):  # noqa: F811
     url, proc, log = app_url
     d = make_driver(1600, 2400)
     try:
-        p = _open(d, url)
+        p = Page(d).open(url)
         # the header names the kernel that runs (the C++ kernel on this CPU, once built)
         p.wait(lambda: "decode kernels: fused C++ kernel" in p.css("#header-box").text, 400, "the kernel in the header")
         # a cleared slider box: one clean message, no badge
@@ -201,7 +194,7 @@ def test_user_errors_thresholds_and_header(app_url, tmp_path):  # noqa: F811
         # a failed import: a message, no badges over the knobs and plots
         bad = tmp_path / "bad.json"
         bad.write_text('{"not": "a trace"}')
-        _open_accordion(p, "Export / import")
+        p.open_accordion("Export / import")
         p.css("#import-trace input[type=file]").send_keys(str(bad))
         p.wait(lambda: "Import failed" in p.stats(), 60, "the import message")
         assert d.execute_script(JS_ERROR_BADGES) == 0
@@ -235,15 +228,6 @@ def test_user_errors_thresholds_and_header(app_url, tmp_path):  # noqa: F811
     text = Path(log).read_text()
     assert "Traceback" not in text, text[-3000:]
     assert len(re.findall(r"agacc\.app WARNING", text)) >= 3  # one line per user error
-
-
-def _open_accordion(p: Page, title: str) -> None:
-    for b in p.d.find_elements("css selector", "button.label-wrap"):
-        if title in b.text:
-            if "open" not in (b.get_attribute("class") or ""):
-                p.d.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click();", b)
-            time.sleep(0.5)
-            return
 
 
 def _new_toasts(d, before: list[str]) -> list[str]:
@@ -290,7 +274,7 @@ def test_layout_has_no_overlapping_boxes(app_url, width):  # noqa: F811
     url, proc, log = app_url
     d = make_driver(width, 2600)
     try:
-        p = _open(d, url)
+        p = Page(d).open(url)
         p.set_prompt("Name three rivers of Europe and one fact about each.")
         p.set_number("max-new-tokens", 16)
         p.js_click("rerun")

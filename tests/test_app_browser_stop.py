@@ -26,8 +26,7 @@ def test_stop_during_rerun_compare_within_a_second(app_url):  # noqa: F811
     d = make_driver(1400, 2000)
     p = Page(d)
     try:
-        d.get(url)
-        p.wait(lambda: p.css("#prompt textarea"), 120, "the prompt box")
+        p.open(url)
         p.set_prompt(PROMPT)
         p.set_number("max-new-tokens", 400)
         latencies, logs = [], []

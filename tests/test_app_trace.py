@@ -12,13 +12,7 @@ from agacc.importance import WINDOW_ITEMSIZE
 from agacc.session import GenerationSession
 from agacc.tiers import EVICTED, FULL, HOT, NAMES, PRUNED
 from agacc.trace import SWEEP_RATIOS, Trace, block_bytes, block_history, mass_shares, ratio_sweep, replay_frames
-
-PROMPT = ("Mara kept the parcel behind the counter for three days. On the fourth day the lighthouse went dark, "
-          "the harbour flooded and the fishermen gathered at the post office asking what Tobias had left for them. "
-          "She cut the tarred string and unfolded the oilcloth: inside was a brass key, a chart of the reef and a "
-          "letter addressed to nobody. The letter said that the lamp had never been electric, that a flame had "
-          "burned there for a hundred and forty years, and that whoever held the key must climb the tower before "
-          "the tide turned. What did Mara find in the parcel, and what did the letter ask?")
+from tests.helpers import PROMPT
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,8 @@ from agacc import tiers as T
 from agacc.session import GenerationSession, SessionError, encode_prompt, generate
 from agacc.tiers import evicted_runs
 from agacc.trace import Trace, config_snippet, policy_changes, replay, replay_frames
+from tests.helpers import PROMPT
 
-PROMPT = ("Mara kept the parcel behind the counter for three days. On the fourth day the lighthouse went dark, "
-          "the harbour flooded and the fishermen gathered at the post office asking what Tobias had left for them. "
-          "She cut the tarred string and unfolded the oilcloth: inside was a brass key, a chart of the reef and a "
-          "letter addressed to nobody. The letter said that the lamp had never been electric, that a flame had "
-          "burned there for a hundred and forty years, and that whoever held the key must climb the tower before "
-          "the tide turned. What did Mara find in the parcel, and what did the letter ask?")
 # small blocks and window so a short prompt has blocks to tier, frequent re-evaluation
 SMALL = dict(block_size=16, recent_window=32, n_r=4, n_w=8)
 
