@@ -220,6 +220,43 @@ def test_same_seed_same_samples_other_seed_other_samples(tok, made):
         assert again[0].answers != again[1].answers, name  # samples of one run differ too
 
 
+_HASH = """
+import hashlib, json, sys
+from transformers import AutoTokenizer
+from agacc.eval import ruler as R
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+suite = R.ruler_suite(tok, [1024], 2, seed=5)
+print(hashlib.sha1(json.dumps({k: [(s.prompt_ids, s.answers, s.answer_ids, s.question_ids) for s in v]
+                               for k, v in suite.items()}).encode()).hexdigest())
+"""
+
+
+def test_same_samples_in_another_process(tok):
+    """Another interpreter, another string-hash seed: the very same samples."""
+    import hashlib
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if not getattr(tok, "name_or_path", ""):
+        pytest.skip("the in-memory BPE tokenizer cannot be loaded by another process")
+    env = dict(os.environ, PYTHONHASHSEED="123")
+    got = subprocess.run([sys.executable, "-c", _HASH, tok.name_or_path], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()[-1]
+    suite = R.ruler_suite(tok, [1024], 2, seed=5)
+    here = hashlib.sha1(json.dumps({k: [(s.prompt_ids, s.answers, s.answer_ids, s.question_ids) for s in v]
+                                    for k, v in suite.items()}).encode()).hexdigest()
+    assert got == here
+
+
+def test_vocabulary_extension():
+    words = R._vocabulary(1500)
+    assert len(words) == 1500 and len(set(words)) == 1500 and words[: len(R.WORDS)] == R.WORDS
+    assert not any(a != b and a in b for a in words for b in words)  # no word credits another by substring
+    assert R._vocabulary(10) == R.WORDS
+
+
 def test_depths_and_noise_haystack(tok):
     ss = R.niah_single(tok, 1024, 3, depths=[0.0, 0.5, 1.0], haystack="noise")
     for s, d in zip(ss, (0.0, 0.5, 1.0)):

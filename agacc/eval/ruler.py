@@ -140,7 +140,8 @@ def _pseudo_words(n: int, exclude) -> list[str]:
     out, seen = [], set(exclude)
     while len(out) < n:
         w = "".join(rng.choice(cons) + rng.choice(vows) for _ in range(rng.choice((3, 4))))
-        if w not in seen and not any(x in w for x in exclude if len(x) <= len(w)):
+        if w not in seen and not any(x in w for x in exclude if len(x) <= len(w)) and not any(
+                w in o or o in w for o in out):
             seen.add(w)
             out.append(w)
     return out
@@ -403,7 +404,8 @@ def _niah(tok, task: str, context_tokens: int, samples: int, seed: int, keys: in
         intro = NIAH_INTRO[1 if single else 2]
         return _Render(intro + body, NIAH_QUESTION[1 if single else 2].format(query=query), answers,
                        " " + ", ".join(answers) + ".", [(a + len(intro), b + len(intro)) for a, b in spans],
-                       {"keys": q_keys, "needle_keys": [nd[0] for nd in needles],
+                       {**({"depth": actual[0]} if len(actual) == 1 else {}),
+                        "keys": q_keys, "needle_keys": [nd[0] for nd in needles],
                         "needle_values": [nd[1] for nd in needles], "depths": actual, "haystack": haystack})
 
     return _generate(tok, task, context_tokens, samples, seed, render, max(16, context_tokens - 120))
