@@ -37,7 +37,6 @@ indices) and its depth.
 """
 from __future__ import annotations
 
-import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -507,8 +506,9 @@ def cwe(tok, context_tokens: int, samples: int, seed: int = 0, num_cw: int = 10,
         freq_ucw: int | None = None, example: bool = True) -> list[Sample]:
     """Common words extraction: a numbered list of words in random order where ``num_cw`` words appear
     ``freq_cw`` times each and every other word ``freq_ucw`` times (RULER: 30 / 3 from 4K tokens, 6 / 1
-    below; the last word fewer times where only that fits), as many entries as fit; return the ``num_cw`` common ones. With ``example``, one worked example
-    (20 words at 3 / 1 below 4K, 40 at 10 / 3 from 4K) comes first."""
+    below; the last word fewer times where only that fits), as many entries as fit; return the ``num_cw``
+    common ones. With ``example``, one worked example (20 words at 3 / 1 below 4K, 40 at 10 / 3 from 4K)
+    comes first."""
     big = context_tokens >= 4096
     fc = freq_cw if freq_cw is not None else (30 if big else 6)
     fu = freq_ucw if freq_ucw is not None else (3 if big else 1)
