@@ -58,16 +58,6 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    # the runner scores with metrics.best_score (best single reference); RULER's metric scores all of them
-    plain_best = RN.best_score
-
-    def best_score(metric, prediction, answers, **kw):
-        if metric in RU.METRICS:
-            return RU.METRICS[metric](prediction, answers)
-        return plain_best(metric, prediction, answers, **kw)
-
-    RN.best_score = best_score
-
     model, tok = agacc.load_model(args.model)
     configs = RN.preset_configs(["full"], None)
     suite = RU.ruler_suite(tok, args.lengths, args.samples, seed=args.seed, tasks=args.tasks)

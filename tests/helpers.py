@@ -12,14 +12,14 @@ PROMPT = ("Mara kept the parcel behind the counter for three days. On the fourth
           "the tide turned. What did Mara find in the parcel, and what did the letter ask?")
 
 
-def tiny_model(layers: int = 2, seed: int = 0):
+def tiny_model(layers: int = 2, seed: int = 0, vocab_size: int = 256):
     """A random-weight Llama (2 layers, 4 query / 2 KV heads, head dim 32), switched to agacc."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import agacc
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # peaked next-token distributions, so greedy choices are not float-noise ties

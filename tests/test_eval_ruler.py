@@ -296,3 +296,30 @@ def test_metric_hand_worked():
 
     s = Sample(0, "answer", [1], answers=four, metric="string_match_all")
     assert R.score(s, "1111111 2222222 3333333") == 0.75
+
+
+@pytest.mark.parametrize("found", [0, 1, 2])
+def test_the_runner_scores_ruler_samples_with_their_metric(monkeypatch, found):
+    """``python -m agacc eval niah_multivalue``: the CLI makes the RULER samples and the runner scores the
+    greedy output with ``string_match_all`` (the share of every answer found), stopping once all are in.
+    The decoding is replaced by an output holding ``found`` of the sample's answers."""
+    from agacc.eval import cli, runner
+    from tests.helpers import tiny_model
+
+    tok = _bpe_tokenizer()
+    args = cli.build_parser().parse_args(["niah_multivalue", "--samples", "1", "--context-tokens", "256"])
+    (s,) = cli.make_samples(args, tok)
+    assert s.metric == "string_match_all" and len(s.answers) >= 2
+    want = " ".join(s.answers[:found]) or "nothing"
+    seen = {}
+
+    def greedy(model, cache, first, max_new, eos, stop=None):
+        ids = tok(want, add_special_tokens=False)["input_ids"]
+        seen["stop"] = stop(ids)
+        return ids
+
+    monkeypatch.setattr(runner, "greedy", greedy)
+    model = tiny_model(layers=1, vocab_size=len(tok))
+    (r,) = runner.evaluate_sample(model, tok, s, runner.preset_configs(["full"], None), scoring="generate")
+    assert r["score"] == pytest.approx(found / len(s.answers))
+    assert seen["stop"] == (found == len(s.answers))

@@ -20,6 +20,7 @@ import json
 import os
 import sys
 
+from agacc.eval import ruler
 from agacc.eval import tasks as T
 
 DEFAULT_LENGTH = {"passkey": 1024, "needle": 1024, "ppl": 1024, "longbench": None, "scrolls": None}
@@ -27,7 +28,8 @@ DEFAULT_LENGTH = {"passkey": 1024, "needle": 1024, "ppl": 1024, "longbench": Non
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m agacc eval", description="compare KV-cache presets on a task")
-    p.add_argument("task", choices=T.TASKS)
+    p.add_argument("task", choices=T.TASKS + tuple(ruler.TASKS),
+                   help="passkey, needle, ppl, longbench, scrolls, or a RULER-style task (agacc/eval/ruler.py)")
     p.add_argument("--preset", "--method", dest="preset", nargs="+", default=["full", "agacc"], metavar="METHOD",
                    help="methods to compare: NAME[@RATIO][,key=value]... (agacc, agacc@4, h2o@4,recent_window=32; "
                         "names in docs/baselines.md)")
@@ -89,8 +91,10 @@ def make_samples(args, tok, limit: int | None = None) -> list:
             out += T.needle_reuse(tok, n, args.samples or 1, args.reuse_questions, depths=args.depths, text=text,
                                   seed=args.seed, max_new_tokens=args.max_new_tokens or 12)
         return _renumber_groups(_numbered(out))
-    for n in args.context_tokens or [DEFAULT_LENGTH[task]]:
-        if task == "passkey":
+    for n in args.context_tokens or [DEFAULT_LENGTH.get(task, 1024)]:
+        if task in ruler.TASKS:
+            out += ruler.TASKS[task](tok, n, k, seed=args.seed)
+        elif task == "passkey":
             out += T.passkey(tok, n, k, depths=args.depths, seed=args.seed, max_new_tokens=args.max_new_tokens or 8)
         elif task == "needle":
             out += T.needle(tok, n, k, depths=args.depths, text=text, seed=args.seed, max_new_tokens=args.max_new_tokens or 12)

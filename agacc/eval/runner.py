@@ -41,6 +41,7 @@ from agacc.attention import observe_prefill
 from agacc.cache import CompressedCache
 from agacc.planner import text_config
 from agacc.config import AGACCConfig
+from agacc.eval import ruler
 from agacc.eval.metrics import best_score, lm_stats, perplexity
 from agacc.eval.tasks import Sample
 
@@ -285,12 +286,15 @@ def _score(model, tok, s: Sample, cache, first: torch.Tensor, scoring: str, chun
     stop = None
     if s.metric == "contains":
         stop = lambda t: any(a in tok.decode(t) for a in s.answers)
+    elif s.metric in ruler.METRICS:  # every answer found: nothing more to decode
+        stop = lambda t: ruler.score(s, tok.decode(t)) >= 1.0
     toks = greedy(model, cache, first, s.max_new_tokens, eos, stop)
     text = tok.decode(toks, skip_special_tokens=True)
     if s.first_line:
         text = text.lstrip("\n").split("\n")[0]
     r["prediction"] = text
-    r["score"] = best_score(s.metric, text, s.answers, all_classes=s.all_classes)
+    r["score"] = (ruler.score(s, text) if s.metric in ruler.METRICS  # RULER: the share of all answers found
+                  else best_score(s.metric, text, s.answers, all_classes=s.all_classes))
     return len(toks) - 1
 
 
