@@ -4,7 +4,8 @@ Only cells the new JSON re-ran are compared (records that differ). Noise comes f
 difference per sample d_k (retrieval: score new - score old, 0/1 per sample; ppl: the window's
 log-perplexity old - new, so a positive d is better), its mean and its standard error
 std(d) / sqrt(k). A cell moved beyond noise if |mean| > 2 SE (about a 95% interval; with identical
-differences on every sample SE = 0 and any move counts). On 5 retrieval samples one or two samples
+differences on every sample SE = 0 and any move counts, down to ``RESOLUTION``: a perplexity change under
+0.01% is float rounding). On 5 retrieval samples one or two samples
 flipped are within noise; three flipped the same way are not.
 
     git show ed35754:docs/results.json > /tmp/one_prefill.json
@@ -17,6 +18,10 @@ import json
 import math
 import sys
 from pathlib import Path
+
+
+# below this a paired difference is float rounding, not a change: 0.01% of perplexity (log-ppl per token)
+RESOLUTION = {"ppl": 1e-4}
 
 
 def records(data: dict) -> dict:
@@ -57,7 +62,7 @@ def compare(old_data: dict, new_data: dict) -> list[dict]:
         mean, se, k = paired({i: quality(old[key][i]) for i in both}, {i: quality(new[key][i]) for i in both})
         task, n, preset = key
         rows.append({"task": task, "length": n, "preset": preset, "mean": mean, "se": se, "k": k,
-                     "beyond_noise": bool(k > 1 and abs(mean) > 2 * se and mean != 0)})
+                     "beyond_noise": bool(k > 1 and abs(mean) > max(2 * se, RESOLUTION.get(task, 0.0)))})
     return rows
 
 

@@ -142,7 +142,8 @@ def render(data, ratios, lengths, tasks) -> str:
              "ratio is measured: 16-bit bytes of the same tokens / bytes held.\n")
     for run in m.get("runs") or [_run_of(m)]:
         L.append(f"Command: `{run.get('command')}`  \nStarted {run.get('started')}, finished {run.get('finished', 'not finished')}"
-                 f" ({run.get('minutes', '?')} min), torch threads {run.get('torch_threads')}.\n")
+                 f" ({run.get('minutes', '?')} min), torch threads {run.get('torch_threads')}."
+                 + (f" {run['note'][0].upper()}{run['note'][1:]}." if run.get("note") else "") + "\n")
     L.append("The machine is a shared 2-core CPU: tokens/s are indicative only. Each table says how its prompts "
              "went in (one prefill forward, or chunks compressed as they go: the library's default).\n")
     L.append("## How to read\n")
@@ -274,6 +275,9 @@ def render(data, ratios, lengths, tasks) -> str:
              + (f" A baseline holding more memory than the ratio allows scored higher in: {', '.join(more_mem)}."
                 if more_mem else "")
              + (f" By KL on ppl: at least as good in {kl_wins} of {kl_wins + kl_losses}." if kl_wins + kl_losses else "") + "\n")
+    if any(";" in prefill_note(data, t, n) for t in tasks for n in lengths):
+        L.append("Where a table mixes prefills (its Prefill line), these comparisons set a method that compressed "
+                 "chunk by chunk against baselines that compressed after one prefill of the whole prompt.\n")
     return "\n".join(L) + "\n"
 
 

@@ -40,3 +40,9 @@ def test_ppl_is_paired_log_ppl_and_reported_in_percent():
     half = _data("ppl", [1, 1, 1], nll=[30.3, 31.0, 32.0])  # only window 0 re-ran (and moved)
     r = compare(old, half)[0]
     assert r["k"] == 1 and math.isclose(r["mean"], -0.03)
+
+
+def test_float_rounding_is_not_a_change():
+    old = _data("ppl", [1, 1, 1], nll=[30.0, 31.0, 32.0])
+    new = _data("ppl", [1, 1, 1], nll=[30.00001, 31.00001, 32.00001], run=1)  # 1e-6 nats/token, SE 0
+    assert not compare(old, new)[0]["beyond_noise"]
