@@ -33,6 +33,7 @@ from pathlib import Path
 import gradio as gr
 import torch
 
+from agacc.compare import measure_quality
 from agacc.planner import text_config
 from agacc.presets import PRESETS
 from agacc.session import PREFILL_CHUNK, GenerationSession, SessionError
@@ -597,7 +598,7 @@ class AgaccApp:
 
     def measure(self, request: gr.Request = None, **values):
         """Measure quality: the run's output teacher-forced through a full cache and through a cache of the
-        current setting (preset + knobs): KL(full || setting) and top-1 agreement (``drill.measure_quality``:
+        current setting (preset + knobs): KL(full || setting) and top-1 agreement (``agacc.compare.measure_quality``:
         the library's ``chunked_prefill``, ``teacher_force`` and ``lm_stats``)."""
         us = self.sessions.get(_hash(request))
         outputs = [self.ui.measure_md, self.ui.quality]
@@ -618,7 +619,7 @@ class AgaccApp:
                 raise UserError(str(e), title="Model not available") from None
             label = f"{cfg.name}" + (f"@{cfg.target_ratio:g}" if cfg.target_ratio else "")
             try:
-                m = drill.measure_quality(mdl, ids[:tr.n_prompt], ids[tr.n_prompt:], cfg, PREFILL_CHUNK, label=label)
+                m = measure_quality(mdl, ids[:tr.n_prompt], ids[tr.n_prompt:], cfg, PREFILL_CHUNK, label=label)
             except ValueError as e:
                 raise UserError(str(e), title="Cannot measure") from None
         except UserError as e:

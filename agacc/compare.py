@@ -15,7 +15,9 @@ measuring the cache and not the difference of two texts.
                       ref.advance(token)                      # the full caches' forwards
     ref.summary()      # {ref_text, ref_token_ids, diverged_at, agreement, mean_kl}
 
-``agacc.session.GenerationSession(compare=True)`` drives it. No gradio here.
+``agacc.session.GenerationSession(compare=True)`` drives it. ``measure_quality`` is the same question
+after a run, for any setting: the run's text teacher-forced through a full cache and a cache of that
+setting (the app's Measure quality). No gradio here.
 """
 from __future__ import annotations
 
@@ -128,3 +130,45 @@ class FullCacheComparison:
             had = self.ref is not None or self.tf is not None
             self.ref = self.tf = None
         return had
+
+
+def measure_quality(model, prompt_ids: list[int], gen_ids: list[int], cfg, prefill_chunk: int = 512,
+                    label: str = "") -> dict:
+    """Teacher-force ``gen_ids`` (a run's output) after ``prompt_ids`` through a full cache (transformers'
+    ``DynamicCache``) and through a ``CompressedCache`` of ``cfg`` built as the app's run builds it (the
+    prompt in chunks of ``prefill_chunk``, ``agacc.eval.runner.chunked_prefill``; then token by token,
+    ``teacher_force``) and compare the next-token distributions with ``agacc.eval.metrics.lm_stats``.
+
+    -> {label, tokens, kl (mean KL(full || setting), nats/token), top1 (share), top1_count, ppl, ppl_full,
+    ratio, bytes, bytes_fp16, seconds}. ValueError when there is nothing to measure."""
+    import time
+
+    import torch
+    from transformers import DynamicCache
+
+    from agacc.eval.metrics import lm_stats, perplexity
+    from agacc.eval.runner import chunked_prefill, teacher_force
+
+    if not prompt_ids or not gen_ids:
+        raise ValueError("the run has no generated tokens to measure")
+    if not cfg.compress:
+        raise ValueError(f"the {cfg.name!r} preset does not compress: it equals the full cache")
+    t0 = time.perf_counter()
+    chunk = max(1, min(int(prefill_chunk or len(prompt_ids)), len(prompt_ids)))
+    with torch.inference_mode():
+        full = DynamicCache(config=model.config)
+        for lo in range(0, len(prompt_ids), chunk):
+            x = torch.tensor([prompt_ids[lo: lo + chunk]], device=model.device)
+            first_full = model(input_ids=x, past_key_values=full, use_cache=True, logits_to_keep=1).logits[0, -1].float()
+        ref = torch.cat([first_full[None], teacher_force(model, full, list(gen_ids[:-1]), chunk=64)])
+        del full
+        cache, first = chunked_prefill(model, cfg, list(prompt_ids), chunk)
+        logits = torch.cat([first[None], teacher_force(model, cache, list(gen_ids[:-1]), chunk=1)])
+        st = lm_stats(logits, ref, torch.tensor(list(gen_ids)))
+        mem = cache.memory()
+        del cache
+    n = st["tokens"]
+    return {"label": label or cfg.name, "tokens": n, "kl": st["kl"] / n, "top1": st["top1"] / n,
+            "top1_count": st["top1"], "ppl": perplexity(st["nll"], n), "ppl_full": perplexity(st["nll_full"], n),
+            "ratio": mem["bytes_fp16"] / max(1, mem["bytes"]), "bytes": int(mem["bytes"]),
+            "bytes_fp16": int(mem["bytes_fp16"]), "seconds": time.perf_counter() - t0}
