@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +188,12 @@ def hub_reachable(timeout: float = 1.0) -> bool:
     return bool(ok)
 
 
+# transformers builds a model under process-wide state (the meta-device init context, the default
+# dtype): two loads at once on two threads (the app's background preload and another load) can leave
+# one of them with meta tensors. Loads are serialised.
+_LOAD_LOCK = threading.Lock()
+
+
 def load_model(name: str | None = None, device: str | None = None, dtype=None, trust_remote_code: bool = False,
                packed_weights: bool = False):
     """-> (model, tokenizer), eval mode, attention switched to ``agacc``.
@@ -204,7 +211,15 @@ def load_model(name: str | None = None, device: str | None = None, dtype=None, t
     A hub id is looked up once (``hub_reachable``): when the hub does not answer within 1 s (or
     ``HF_HUB_OFFLINE`` is set) the model loads from the local Hugging Face cache only, and a model not
     there fails at once with a ValueError saying so. Raises ValueError (``enable``) for a model agacc
-    cannot serve."""
+    cannot serve.
+    One load at a time in a process (``_LOAD_LOCK``)."""
+    with _LOAD_LOCK:
+        return _load_model(name, device, dtype, trust_remote_code, packed_weights)
+
+
+def _load_model(name: str | None = None, device: str | None = None, dtype=None, trust_remote_code: bool = False,
+                packed_weights: bool = False):
+    """``load_model`` under its lock."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import torch
+
 from kernels import cpu
 
 
@@ -75,3 +77,36 @@ def test_app_answers_before_the_model_is_loaded(monkeypatch):
     header, _ = a.page_load()
     assert "Loading the model" in header
     gate.set()
+    # the preload thread goes on loading the model: wait for it, so it never overlaps another test's load
+    for t in threading.enumerate():
+        if t.name == "agacc-preload":
+            t.join(300)
+            assert not t.is_alive()
+
+
+def test_loads_on_two_threads_at_once_give_two_whole_models():
+    """transformers builds a model under process-wide state (the meta-device init context): two
+    ``load_model`` calls at once (the app's background preload and a test or a second model) used to
+    leave one with meta tensors. Loads are serialised: both models are whole and equal."""
+    import threading
+
+    import agacc
+
+    out, errors = [], []
+
+    def load():
+        try:
+            out.append(agacc.load_model(device="cpu")[0])
+        except Exception as e:  # (the failure this test is about)
+            errors.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors and len(out) == 2
+    for m in out:
+        assert not any(p.is_meta for p in m.parameters())
+    a, b = (dict(m.named_parameters()) for m in out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
