@@ -82,9 +82,13 @@ def _export_trace(p: Page, url: str):
     """The session's run as the library recorded it: Export, then download the trace the page offers."""
     from agacc.trace import Trace
 
+    def links():
+        return [h for h in (a.get_attribute("href") or "" for a in p.d.find_elements("css selector", "#export-files a"))
+                if h.endswith(".json")]
+
+    before = set(links())  # an earlier export's link stays on the page until the new one replaces it
     p.d.execute_script("document.querySelector('#export').click();")
-    link = p.wait(lambda: [a.get_attribute("href") for a in p.d.find_elements("css selector", "#export-files a")
-                           if (a.get_attribute("href") or "").endswith(".json")], 60, "the exported trace link")[0]
+    link = p.wait(lambda: [h for h in links() if h not in before], 60, "the new exported trace link")[0]
     with urllib.request.urlopen(link, timeout=30) as r:
         return Trace.from_json(r.read())
 
