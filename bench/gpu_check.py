@@ -8,7 +8,7 @@ keeps what it measured; OUTDIR/summary.md is the readable version):
 
   env       device, compute capability, memory, torch / triton versions, the peak bandwidth assumed
   kernels   every Triton kernel against its PyTorch reference on the device: quantise (keys, values;
-            code widths 1..8; minmax bit-exact, meanstd within one code at <= 0.1%), dequantise, decode
+            code widths 1, 2, 3, 4, 8 -- one per container; minmax bit-exact, meanstd within one code at <= 0.1%), dequantise, decode
             attention over a store holding every kind of part (fp32 out / mass errors), the
             chunked-prefill attention (``kernels.triton_chunk``) against ``attend(causal_new, n_obs)``
   decode    decode attention, Llama-3-8B shapes (32 query / 8 KV heads, D = 128, batch 1, fp16 store)
@@ -16,6 +16,8 @@ keeps what it measured; OUTDIR/summary.md is the readable version):
             flushed, median), bytes read / time as a fraction of the GPU's peak, against
             ``F.scaled_dot_product_attention`` over the same tokens in fp16 (flash backend forced
             when it accepts the call); targets: >= 60% of peak, >= 2x faster than flash at 4x, >= 32K
+  sweep     ``decode_parts``'s knobs (block_n, num_warps, per_head, split) at ~4x, 32K and 128K tokens,
+            timed as ``decode``, each config's output against the default's; capped at 60 s
   e2e       decode tokens/s of an 8B-shaped random-weight Llama (``--e2e-layers``, default all 32)
             at 32K tokens: ``agacc.CompressedCache`` (``agacc@4``) vs the plain ``DynamicCache``
   memory    peak GPU memory (``torch.cuda.max_memory_allocated``) of a 128K-token prompt through an
@@ -48,7 +50,7 @@ import time
 import traceback
 from pathlib import Path
 
-SECTIONS = ("env", "kernels", "decode", "session", "memory", "e2e")  # run in this order (e2e, the longest, last)
+SECTIONS = ("env", "kernels", "decode", "sweep", "session", "memory", "e2e")  # run in this order (e2e, the longest, last)
 HQ, H, D = 32, 8, 128  # Llama-3-8B attention
 # tier mixes per 16 blocks -> about 2x / 4x / 8x fewer bytes than fp16 (the record has the real ratio)
 PATTERNS = {
@@ -61,11 +63,11 @@ PEAKS = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4
          ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12), ("L40S", 0.864e12), ("A10G", 0.6e12),
          ("L4", 0.3e12), ("T4", 0.32e12)]
 
-FULL = dict(contexts=(8192, 32768, 131072), ratios=(2, 4, 8), iters=20, e2e_context=32768, e2e_layers=32,
+FULL = dict(contexts=(8192, 32768, 131072), ratios=(2, 4, 8), iters=20, sweep_contexts=(32768, 131072), e2e_context=32768, e2e_layers=32,
             e2e_steps=32, mem_prompt=131072, mem_layers=8, mem_chunk=4096, session_tokens=64,
-            heads=(HQ, H, D), kernel_d=128, quant_bits=tuple(range(1, 9)),
+            heads=(HQ, H, D), kernel_d=128, quant_bits=(1, 2, 3, 4, 8),  # one width per container (3: its own)
             groups=((4, (True, False)), (1, (True,)), (8, (True,))))  # (GQA g, rotated stores) of the checks
-DRY = dict(contexts=(256,), ratios=(2, 4, 8), iters=0, e2e_context=96, e2e_layers=2, e2e_steps=4,
+DRY = dict(contexts=(256,), ratios=(2, 4, 8), iters=0, sweep_contexts=(256,), e2e_context=96, e2e_layers=2, e2e_steps=4,
            mem_prompt=256, mem_layers=2, mem_chunk=64, session_tokens=24, heads=(4, 2, 64), kernel_d=64,
            quant_bits=(1, 3, 4, 8), groups=((4, (True, False)),))
 
@@ -369,6 +371,52 @@ def section_decode(ctx) -> dict:
     return {"rows": rows, "ok": True}
 
 
+# decode_parts knobs tried by the sweep, (block_n, num_warps, per_head, split), the default first
+SWEEP = [(None, None, True, None), (16, 2, True, None), (16, 8, True, None), (32, 4, True, None),
+         (32, 8, True, None), (16, 4, False, None), (32, 8, False, None), (16, 4, True, 256),
+         (16, 4, True, 1024), (16, 4, True, 2048), (32, 8, True, 1024), (8, 4, True, None)]
+
+
+def section_sweep(ctx) -> dict:
+    """``decode_parts``'s tuning knobs (block_n, num_warps, per_head, split) at the decode section's
+    ~4x store, 32K and 128K tokens: the data for choosing defaults (docs/kernels.md asked for it).
+    Each config's output is checked against the default config's (same math, another order)."""
+    import torch
+
+    from kernels.triton_decode import decode_parts
+
+    dev, plan, peak = ctx["device"], ctx["plan"], ctx["peak"]
+    hq, h, d = plan["heads"]
+    stop = time.monotonic() + (1e9 if ctx["dry"] else min(SWEEP_CAP_S, ctx["budget"].left() - SWEEP_LEAVE_S))
+    rows = []
+    for n in plan["sweep_contexts"]:
+        store, k, v = build_store(n, h, d, PATTERNS[4], dev)
+        q = torch.randn(1, hq, 1, d, device=dev, dtype=torch.float16)
+        parts, scaling = store.parts(), d ** -0.5
+        _, total = store_bytes(store, hq)
+        ref, _ = decode_parts(q, parts, scaling)
+        for bn, nw, per_head, split in (SWEEP[:2] if ctx["dry"] else SWEEP):
+            row = {"context": n, "block_n": bn, "num_warps": nw, "per_head": per_head, "split": split}
+            if time.monotonic() > stop:
+                rows.append({**row, "skipped": "time cap"})
+                continue
+            fn = lambda: decode_parts(q, parts, scaling, split=split, block_n=bn, num_warps=nw, per_head=per_head)  # noqa: E731
+            try:
+                out, _ = fn()
+                row["max_diff_vs_default"] = float((out.float() - ref.float()).abs().max())
+                row["ms"] = time_ms(fn, dev, plan["iters"])
+            except Exception as e:  # noqa: BLE001 -- a config the compiler rejects is a result too
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            if row.get("ms") and peak:
+                row["peak_frac"] = total / (row["ms"] * 1e-3) / peak
+            rows.append(row)
+            print(f"  sweep {n} {bn}/{nw}/{per_head}/{split}: {row.get('ms')} ms {row.get('error', '')}", flush=True)
+        del store, k, v, parts, q
+        free(dev)
+    ok = all(r.get("max_diff_vs_default", 0) <= 2e-3 for r in rows if "error" not in r)
+    return {"rows": rows, "ok": ok}
+
+
 def llama(layers: int, dry: bool, device, max_pos: int, vocab: int = 512):
     """An 8B-shaped Llama (hidden 4096, 32/8 heads of 128, MLP 14336, vocab 128256) with ``layers``
     layers and random fp16 weights on ``device``; tiny shapes in a dry run (fp32 on the CPU)."""
@@ -393,18 +441,15 @@ def llama(layers: int, dry: bool, device, max_pos: int, vocab: int = 512):
     return agacc.enable(model)
 
 
-def _decode_rate(model, prompt, cache, steps, device, chunk: int | None = None) -> float:
-    """Prefill ``prompt`` into ``cache`` (untimed; ``chunk`` tokens a forward), one warm-up step, then
-    ``steps`` greedy steps timed end to end -> tokens/s."""
+def _decode_rate(model, prompt, cache, steps, device, chunk: int | None = None, deadline: float | None = None):
+    """Prefill ``prompt`` into ``cache`` (untimed; ``chunk`` tokens a forward, cut as ``_peak_prefill``
+    cuts it at ``deadline``), one warm-up step, then ``steps`` greedy steps timed end to end ->
+    (tokens/s, tokens prefilled)."""
     import torch
 
+    pre = _peak_prefill(model, prompt, cache, chunk, device, deadline)
     with torch.inference_mode():
-        step = chunk or prompt.shape[1]
-        for lo in range(0, prompt.shape[1], step):
-            out = model(input_ids=prompt[:, lo:lo + step], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        if hasattr(cache, "end_prefill"):
-            cache.end_prefill()
-        nxt = out.logits[:, -1:].argmax(-1)
+        nxt = torch.zeros(prompt.shape[0], 1, dtype=prompt.dtype, device=device)
         out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         sync(device)
@@ -413,10 +458,12 @@ def _decode_rate(model, prompt, cache, steps, device, chunk: int | None = None) 
             out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
         sync(device)
-    return steps / (time.perf_counter() - t0)
+    return steps / (time.perf_counter() - t0), pre["tokens"]
 
 
 def section_e2e(ctx) -> dict:
+    """The compressed cache first (its chunked prefill cut where the budget would run out, 20 s kept
+    for the plain run), then the plain cache over the same tokens in one forward."""
     import torch
     from transformers import DynamicCache
 
@@ -428,25 +475,30 @@ def section_e2e(ctx) -> dict:
     model = llama(layers, ctx["dry"], dev, n + steps + 8)
     prompt = torch.randint(0, model.config.vocab_size, (1, n), device=dev)
     rec = {"context": n, "layers": layers, "steps": steps, "method": ctx["method"]}
-    rec["plain_tokens_per_s"] = _decode_rate(model, prompt, DynamicCache(config=model.config), steps, dev)
-    free(dev)
+    deadline = None if ctx["dry"] else time.monotonic() + max(20.0, ctx["budget"].left() - 20)
     cache = CompressedCache(model.config, parse_method(ctx["method"]))
-    rec["compressed_tokens_per_s"] = _decode_rate(model, prompt, cache, steps, dev, chunk=plan["mem_chunk"])
+    rec["compressed_tokens_per_s"], n = _decode_rate(model, prompt, cache, steps, dev, plan["mem_chunk"], deadline)
+    rec["context_asked"], rec["context"] = rec["context"], n
     mem = cache.memory()
     rec["compressed_ratio"] = mem.get("ratio")
     rec["compressed_bytes"] = mem.get("bytes")
+    del cache
+    free(dev)
+    rec["plain_tokens_per_s"], _ = _decode_rate(model, prompt[:, :n], DynamicCache(config=model.config), steps, dev)
     rec["speedup"] = rec["compressed_tokens_per_s"] / rec["plain_tokens_per_s"]
     if ctx["dry"]:
         for key in ("plain_tokens_per_s", "compressed_tokens_per_s", "speedup"):
             rec[key] = None  # a CPU run of a tiny model says nothing about speed
-    del model, cache
+    del model
     free(dev)
     return {**rec, "ok": True}
 
 
-def _peak_prefill(model, prompt, cache, chunk, device) -> dict:
+def _peak_prefill(model, prompt, cache, chunk, device, deadline: float | None = None) -> dict:
     """Prefill ``prompt`` (``chunk`` tokens a forward; None: one) into ``cache`` -> peak bytes over the
-    weights, the cache's bytes after, seconds."""
+    weights, the cache's bytes after, seconds, and ``tokens`` prefilled: a chunked prefill stops
+    before a chunk that would end past ``deadline`` (``time.monotonic()``; the next chunk is assumed
+    to take as long as the last one took, times its share of the keys) and says so in ``cut``."""
     import torch
 
     free(device)
@@ -455,14 +507,22 @@ def _peak_prefill(model, prompt, cache, chunk, device) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     t0 = time.perf_counter()
+    done, cut = 0, False
     with torch.inference_mode():
         step = chunk or prompt.shape[1]
         for lo in range(0, prompt.shape[1], step):
+            t = time.monotonic()
             model(input_ids=prompt[:, lo:lo + step], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            sync(device)
+            done = min(prompt.shape[1], lo + step)
+            took = time.monotonic() - t
+            if deadline is not None and done < prompt.shape[1] and time.monotonic() + took * (done + step) / done > deadline:
+                cut = True
+                break
         if hasattr(cache, "end_prefill"):
             cache.end_prefill()
     sync(device)
-    rec = {"chunk": chunk, "seconds": time.perf_counter() - t0}
+    rec = {"chunk": chunk, "tokens": done, "cut": cut, "seconds": time.perf_counter() - t0}
     if cuda:
         rec["peak_bytes"] = torch.cuda.max_memory_allocated(device)
         rec["peak_over_weights_bytes"] = rec["peak_bytes"] - base
@@ -473,6 +533,9 @@ def _peak_prefill(model, prompt, cache, chunk, device) -> dict:
 
 
 def section_memory(ctx) -> dict:
+    """The compressed chunked prefill runs first, stopping where the time budget would run out (all
+    but ``E2E_RESERVE_S`` for the e2e section and ~30 s for the plain runs); the plain runs then take
+    the same tokens, so the three peaks always compare the same prompt."""
     import torch
     from transformers import DynamicCache
 
@@ -485,10 +548,13 @@ def section_memory(ctx) -> dict:
     prompt = torch.randint(0, model.config.vocab_size, (1, n), device=dev)
     rec = {"prompt": n, "layers": layers, "method": ctx["method"], "weights_bytes":
            sum(p.nbytes for p in model.parameters())}
-    rec["plain_one_forward"] = _peak_prefill(model, prompt, DynamicCache(config=model.config), None, dev)
-    rec["plain_chunked"] = _peak_prefill(model, prompt, DynamicCache(config=model.config), chunk, dev)
+    deadline = None if ctx["dry"] else time.monotonic() + max(30.0, ctx["budget"].left() - E2E_RESERVE_S - 30)
     rec["compressed_chunked"] = _peak_prefill(model, prompt, CompressedCache(model.config, parse_method(ctx["method"])),
-                                              chunk, dev)
+                                              chunk, dev, deadline)
+    rec["prompt_asked"] = n
+    n = rec["prompt"] = rec["compressed_chunked"]["tokens"]
+    rec["plain_one_forward"] = _peak_prefill(model, prompt[:, :n], DynamicCache(config=model.config), None, dev)
+    rec["plain_chunked"] = _peak_prefill(model, prompt[:, :n], DynamicCache(config=model.config), chunk, dev)
     a, b = rec["plain_one_forward"].get("peak_over_weights_bytes"), rec["compressed_chunked"].get("peak_over_weights_bytes")
     if a and b:
         rec["peak_reduction"] = a / b
@@ -512,6 +578,8 @@ def _byte_tokenizer():
 def _session_model(ctx):
     """(model, tokenizer, label): the embedded model (as the app loads it) unless ``--session-model
     tiny`` or it cannot load; else a random-weight Llama with a byte tokenizer."""
+    import torch
+
     import agacc
 
     dev = ctx["device"]
@@ -522,8 +590,19 @@ def _session_model(ctx):
             return model, tok, "embedded SmolLM2-135M-Instruct"
         except Exception as e:  # noqa: BLE001 -- the fallback says why
             why = f"{type(e).__name__}: {str(e)[:200]}"
-    model = llama(2, True, dev, 4096, vocab=257)
-    return model, _byte_tokenizer(), f"random tiny Llama + byte tokenizer ({why})"
+    if ctx["dry"]:
+        return llama(2, True, dev, 4096, vocab=257), _byte_tokenizer(), f"random tiny Llama + byte tokenizer ({why})"
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # the embedded model's shapes (SmolLM2-135M: 30 layers, 9 / 3 heads of 64), random bf16 weights
+    cfg = LlamaConfig(vocab_size=257, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                      rope_theta=100000.0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
+    return (agacc.enable(model), _byte_tokenizer(),
+            f"random Llama of SmolLM2-135M's shapes (bf16) + byte tokenizer ({why})")
 
 
 def section_session(ctx) -> dict:
@@ -566,10 +645,12 @@ def section_session(ctx) -> dict:
     return rec
 
 
-RUNNERS = {"env": section_env, "kernels": section_kernels, "decode": section_decode, "e2e": section_e2e,
+RUNNERS = {"env": section_env, "kernels": section_kernels, "decode": section_decode, "sweep": section_sweep, "e2e": section_e2e,
            "memory": section_memory, "session": section_session}
 # seconds a section needs at least to start on the GPU (the plan's shapes); skipped below that
-NEEDS = {"env": 0, "kernels": 30, "decode": 60, "session": 20, "memory": 45, "e2e": 60}
+SWEEP_CAP_S, SWEEP_LEAVE_S = 60, 200  # the sweep stops after 60 s, or earlier to leave 200 s for the rest
+E2E_RESERVE_S = 100  # what the e2e section (last) is left by the memory section's cut
+NEEDS = {"env": 0, "kernels": 30, "decode": 60, "sweep": 30, "session": 20, "memory": 45, "e2e": 60}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -602,16 +683,25 @@ def summary_md(result: dict) -> str:
             lines.append(f"| {r['context']} | {r['ratio']:.2f}x | {_f(r['kernel_ms'])} | {_f(r['sdpa_ms'])} | "
                          f"{_f(r.get('speedup'), '{:.2f}')} | {_f(pk and 100 * pk, '{:.0f}')} | "
                          f"{_f(sp and 100 * sp, '{:.0f}')} | {r['sdpa_backend']} | {_f(r['max_err_out'], '{:.1e}')} |")
+    sweep = [r for r in result["sections"].get("sweep", {}).get("rows", []) if r.get("ms")]
+    if sweep:
+        lines += ["", "## decode_parts knobs, ~4x store (default first)", "",
+                  "| context | block_n | num_warps | per_head | split | ms | % peak |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['context']} | {r['block_n'] or 'auto'} | {r['num_warps'] or 'auto'} | {r['per_head']} | "
+                  f"{r['split'] or 'auto'} | {r['ms']:.3f} | {_f(r.get('peak_frac') and 100 * r['peak_frac'], '{:.0f}')} |"
+                  for r in sweep]
     e2e = result["sections"].get("e2e", {})
     if "plain_tokens_per_s" in e2e:
-        lines += ["", f"## Decode tokens/s, 8B-shaped random Llama ({e2e['layers']} layers), {e2e['context']} tokens", "",
+        lines += ["", f"## Decode tokens/s, 8B-shaped random Llama ({e2e['layers']} layers), {e2e['context']} tokens"
+                  + (f" (cut from {e2e['context_asked']} by the time budget)" if e2e.get("context_asked", e2e["context"]) != e2e["context"] else ""), "",
                   f"plain {_f(e2e['plain_tokens_per_s'], '{:.1f}')}, {e2e['method']} "
                   f"{_f(e2e['compressed_tokens_per_s'], '{:.1f}')} (x{_f(e2e['speedup'], '{:.2f}')}), "
                   f"cache ratio {_f(e2e.get('compressed_ratio'), '{:.2f}')}"]
     mem = result["sections"].get("memory", {})
     if "plain_one_forward" in mem:
         gib = lambda r: _f(r.get("peak_over_weights_bytes") and r["peak_over_weights_bytes"] / 2 ** 30, "{:.2f}")  # noqa: E731
-        lines += ["", f"## Peak memory over the weights, {mem['prompt']}-token prompt, {mem['layers']} layers", "",
+        lines += ["", f"## Peak memory over the weights, {mem['prompt']}-token prompt, {mem['layers']} layers"
+                  + (f" (cut from {mem['prompt_asked']} by the time budget)" if mem.get("prompt_asked", mem["prompt"]) != mem["prompt"] else ""), "",
                   f"plain one forward {gib(mem['plain_one_forward'])} GiB, plain chunked {gib(mem['plain_chunked'])} GiB, "
                   f"{mem['method']} chunked {gib(mem['compressed_chunked'])} GiB"]
     ses = result["sections"].get("session", {})

@@ -21,7 +21,9 @@ def test_gpu_check_dry_run(tmp_path):
     res = json.loads((out / "gpu_check.json").read_text())
     assert res["dry_run"] is True
     assert {k: v["status"] for k, v in res["sections"].items()} == {
-        s: "ok" for s in ("env", "kernels", "decode", "e2e", "memory", "session")}
+        s: "ok" for s in ("env", "kernels", "decode", "sweep", "e2e", "memory", "session")}
+    sweep = res["sections"]["sweep"]["rows"]
+    assert len(sweep) == 2 and all(r["ms"] is None and r["max_diff_vs_default"] <= 2e-3 for r in sweep)
     kernels = res["sections"]["kernels"]["rows"]
     assert {r["kernel"] for r in kernels} >= {"quantize_keys+dequantize", "quantize_values+dequantize", "decode_parts"}
     assert all(r["ok"] for r in kernels)
@@ -47,3 +49,24 @@ def test_gpu_check_needs_cuda_without_dry_run(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path), "--sections", "env"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+
+
+def test_prefill_cut_at_the_deadline_keeps_a_whole_chunk_and_says_so():
+    """A chunked prefill whose next chunk would end past the deadline stops there (the memory and e2e
+    sections then give the plain cache the same tokens); without a deadline it runs to the end."""
+    import time
+
+    import torch
+    from transformers import DynamicCache
+
+    from bench import gpu_check
+
+    dev = torch.device("cpu")
+    model = gpu_check.llama(1, True, dev, 256)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 96), device=dev)
+    cut = gpu_check._peak_prefill(model, prompt, DynamicCache(config=model.config), 32, dev, time.monotonic() - 1)
+    assert (cut["tokens"], cut["cut"]) == (32, True)
+    whole = gpu_check._peak_prefill(model, prompt, DynamicCache(config=model.config), 32, dev)
+    assert (whole["tokens"], whole["cut"]) == (96, False)
+    rate, n = gpu_check._decode_rate(model, prompt, DynamicCache(config=model.config), 2, dev, 32, time.monotonic() - 1)
+    assert n == 32 and rate > 0
