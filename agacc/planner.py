@@ -261,7 +261,8 @@ def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_
     stacked=True)``) and floored to ``prev`` when given, so the caller need not plan the returned
     scale again."""
     budget = geo.bytes_fp16(seq_len) / target_ratio - overhead_bytes
-    prev_stacked = tuple(torch.stack(x) for x in zip(*prev)) if prev else None  # [L, n_old] each
+    # [L, n_old] each, where the plans are made (block scores are on the CPU; a store's tiers on its device)
+    prev_stacked = tuple(torch.stack(x).to(block_scores[0].device) for x in zip(*prev)) if prev else None
     seen: dict[float, int] = {}
 
     def bytes_at(log_s):

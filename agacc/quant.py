@@ -40,7 +40,9 @@ def quantize(x: torch.Tensor, bits: int, dim: int, method: str = "minmax", s: fl
         lo = xf.amin(dim, keepdim=True)
         hi = xf.amax(dim, keepdim=True)
         levels = (1 << bits) - 1
-        scale = ((hi - lo) / levels).clamp_min(1e-6).to(SCALE_DTYPE).float()
+        # a tensor divisor: CUDA divides by a Python number as a * (1/b), one ulp off IEEE division
+        # (the Triton kernel's div_rn) -- measured on an H200, 1 scale in 1024 differed
+        scale = ((hi - lo) / torch.full_like(hi, levels)).clamp_min(1e-6).to(SCALE_DTYPE).float()
         zero = lo.to(SCALE_DTYPE).float()
         codes = torch.round((xf - zero) / scale).clamp_(0, levels)
     elif method == "meanstd":
@@ -49,7 +51,7 @@ def quantize(x: torch.Tensor, bits: int, dim: int, method: str = "minmax", s: fl
         half = (1 << (bits - 1)) - 1  # symmetric signed levels -half..half
         mu = xf.mean(dim, keepdim=True)
         sigma = xf.std(dim, keepdim=True, unbiased=False)
-        scale = (s * sigma / half).clamp_min(1e-6).to(SCALE_DTYPE).float()
+        scale = (s * sigma / torch.full_like(sigma, half)).clamp_min(1e-6).to(SCALE_DTYPE).float()
         zero = (mu - half * scale).to(SCALE_DTYPE).float()
         codes = torch.round((xf - zero) / scale).clamp_(0, 2 * half)
     else:

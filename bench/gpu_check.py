@@ -18,6 +18,9 @@ keeps what it measured; OUTDIR/summary.md is the readable version):
             when it accepts the call); targets: >= 60% of peak, >= 2x faster than flash at 4x, >= 32K
   sweep     ``decode_parts``'s knobs (block_n, num_warps, per_head, split) at ~4x, 32K and 128K tokens,
             timed as ``decode``, each config's output against the default's; capped at 60 s
+  profile   where a decode step's time goes: decode_parts's kernels (torch.profiler), its host time,
+            the packed PyTorch path on the same store; a cProfile of compressed decode steps in a
+            30-layer model of the embedded model's shapes (OUTDIR/profile_step.txt)
   e2e       decode tokens/s of an 8B-shaped random-weight Llama (``--e2e-layers``, default all 32)
             at 32K tokens: ``agacc.CompressedCache`` (``agacc@4``) vs the plain ``DynamicCache``
   memory    peak GPU memory (``torch.cuda.max_memory_allocated``) of a 128K-token prompt through an
@@ -50,7 +53,7 @@ import time
 import traceback
 from pathlib import Path
 
-SECTIONS = ("env", "kernels", "decode", "sweep", "session", "memory", "e2e")  # run in this order (e2e, the longest, last)
+SECTIONS = ("env", "kernels", "decode", "sweep", "session", "memory", "e2e", "profile")  # run in this order (e2e, the longest, last)
 HQ, H, D = 32, 8, 128  # Llama-3-8B attention
 # tier mixes per 16 blocks -> about 2x / 4x / 8x fewer bytes than fp16 (the record has the real ratio)
 PATTERNS = {
@@ -417,6 +420,96 @@ def section_sweep(ctx) -> dict:
     return {"rows": rows, "ok": ok}
 
 
+def section_profile(ctx) -> dict:
+    """Where a decode step's time goes, for the next round of kernel tuning: at ~4x, 32K and 128K
+    tokens, (1) ``decode_parts``'s kernels by CUDA time (torch.profiler), (2) its host time per call
+    (launches not waited for), (3) the packed PyTorch path (``agacc.decode._decode_parts``) on the same
+    store, timed and checked against the kernel; then (4) a cProfile of decode steps of a
+    ``CompressedCache`` (``--method``) in a model of the embedded model's shapes (30 layers) on the
+    device: the Python time of a step, which the session section's tokens/s includes."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    from agacc.decode import _decode_parts
+    from kernels.triton_decode import decode_parts
+
+    dev, plan = ctx["device"], ctx["plan"]
+    hq, h, d = plan["heads"]
+    rows = []
+    for n in plan["sweep_contexts"]:
+        store, k, v = build_store(n, h, d, PATTERNS[4], dev)
+        q = torch.randn(1, hq, 1, d, device=dev, dtype=torch.float16)
+        parts, scaling = store.parts(), d ** -0.5
+        out, mass = decode_parts(q, parts, scaling)
+        qg = q.reshape(1, h, hq // h, d).float() * scaling
+        tout, tmass = _decode_parts(qg, parts, None)
+        row = {"context": n, "torch_path_err_out": float((tout.reshape(1, hq, 1, d).transpose(1, 2) - out.float()).abs().max()),
+               "torch_path_err_mass": float((tmass - mass).abs().max())}
+        row["kernel_ms"] = time_ms(lambda: decode_parts(q, parts, scaling), dev, plan["iters"])
+        row["torch_path_ms"] = time_ms(lambda: _decode_parts(qg, parts, None), dev, plan["iters"])
+        sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            decode_parts(q, parts, scaling)
+        row["host_ms_per_call"] = (time.perf_counter() - t0) / 20 * 1e3
+        sync(dev)
+        if dev.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    decode_parts(q, parts, scaling)
+                sync(dev)
+            ev = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+            ev.sort(key=lambda e: -e.device_time_total)
+            row["cuda_kernels"] = [{"name": e.key[:80], "calls": e.count // 5, "us_per_step": e.device_time_total / 5}
+                                   for e in ev[:10]]
+        rows.append(row)
+        del store, k, v, parts, q
+        free(dev)
+    # (4) the Python side of a compressed decode step in a 30-layer model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import agacc
+    from agacc import CompressedCache
+    from agacc.spec import parse_method
+
+    cfg = LlamaConfig(vocab_size=257, hidden_size=576, intermediate_size=1536, num_hidden_layers=2 if ctx["dry"] else 30,
+                      num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = agacc.enable(LlamaForCausalLM._from_config(cfg, dtype=torch.float32 if ctx["dry"] else torch.bfloat16).eval())
+    n_ctx = 256 if ctx["dry"] else 4096
+    prompt = torch.randint(0, 257, (1, n_ctx), device=dev)
+    cache = CompressedCache(model.config, parse_method(ctx["method"]))
+    steps = 4 if ctx["dry"] else 16
+    _peak_prefill(model, prompt, cache, 512, dev)
+    with torch.inference_mode():
+        nxt = prompt[:, -1:]
+        model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        sync(dev)
+        pr = cProfile.Profile()
+        t0 = time.perf_counter()
+        pr.enable()
+        for _ in range(steps):
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+        sync(dev)
+        pr.disable()
+        wall = time.perf_counter() - t0
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(30)
+    (ctx["out"] / "profile_step.txt").write_text(buf.getvalue())
+    step = {"layers": cfg.num_hidden_layers, "context": n_ctx, "method": ctx["method"], "steps": steps,
+            "ms_per_step": wall / steps * 1e3, "reevaluations": cache.reevaluations}
+    del model, cache
+    free(dev)
+    return {"rows": rows, "step": step, "ok": all(r["torch_path_err_out"] <= 2e-3 for r in rows)}
+
+
 def llama(layers: int, dry: bool, device, max_pos: int, vocab: int = 512):
     """An 8B-shaped Llama (hidden 4096, 32/8 heads of 128, MLP 14336, vocab 128256) with ``layers``
     layers and random fp16 weights on ``device``; tiny shapes in a dry run (fp32 on the CPU)."""
@@ -645,12 +738,12 @@ def section_session(ctx) -> dict:
     return rec
 
 
-RUNNERS = {"env": section_env, "kernels": section_kernels, "decode": section_decode, "sweep": section_sweep, "e2e": section_e2e,
+RUNNERS = {"env": section_env, "kernels": section_kernels, "decode": section_decode, "sweep": section_sweep, "profile": section_profile, "e2e": section_e2e,
            "memory": section_memory, "session": section_session}
 # seconds a section needs at least to start on the GPU (the plan's shapes); skipped below that
 SWEEP_CAP_S, SWEEP_LEAVE_S = 60, 200  # the sweep stops after 60 s, or earlier to leave 200 s for the rest
 E2E_RESERVE_S = 100  # what the e2e section (last) is left by the memory section's cut
-NEEDS = {"env": 0, "kernels": 30, "decode": 60, "sweep": 30, "session": 20, "memory": 45, "e2e": 60}
+NEEDS = {"env": 0, "kernels": 30, "decode": 60, "sweep": 30, "profile": 30, "session": 20, "memory": 45, "e2e": 60}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -690,6 +783,17 @@ def summary_md(result: dict) -> str:
         lines += [f"| {r['context']} | {r['block_n'] or 'auto'} | {r['num_warps'] or 'auto'} | {r['per_head']} | "
                   f"{r['split'] or 'auto'} | {r['ms']:.3f} | {_f(r.get('peak_frac') and 100 * r['peak_frac'], '{:.0f}')} |"
                   for r in sweep]
+    prof = result["sections"].get("profile", {})
+    if prof.get("rows"):
+        lines += ["", "## Where a decode step goes (~4x store)", "",
+                  "| context | kernel ms | PyTorch path ms | host ms / call | top CUDA kernels (us / step) |", "|---|---|---|---|---|"]
+        for r in prof["rows"]:
+            top = ", ".join(f"{k['name'][:40]} x{k['calls']} {k['us_per_step']:.0f}" for k in r.get("cuda_kernels", [])[:4])
+            lines.append(f"| {r['context']} | {_f(r['kernel_ms'])} | {_f(r['torch_path_ms'])} | {r['host_ms_per_call']:.3f} | {top} |")
+        st = prof.get("step", {})
+        if st:
+            lines += ["", f"Compressed decode step ({st['method']}, {st['layers']} layers of SmolLM2-135M's shapes, "
+                      f"{st['context']} tokens): {st['ms_per_step']:.1f} ms a step (cProfile: profile_step.txt)"]
     e2e = result["sections"].get("e2e", {})
     if "plain_tokens_per_s" in e2e:
         lines += ["", f"## Decode tokens/s, 8B-shaped random Llama ({e2e['layers']} layers), {e2e['context']} tokens"

@@ -21,7 +21,7 @@ def test_gpu_check_dry_run(tmp_path):
     res = json.loads((out / "gpu_check.json").read_text())
     assert res["dry_run"] is True
     assert {k: v["status"] for k, v in res["sections"].items()} == {
-        s: "ok" for s in ("env", "kernels", "decode", "sweep", "e2e", "memory", "session")}
+        s: "ok" for s in ("env", "kernels", "decode", "sweep", "e2e", "memory", "session", "profile")}
     sweep = res["sections"]["sweep"]["rows"]
     assert len(sweep) == 2 and all(r["ms"] is None and r["max_diff_vs_default"] <= 2e-3 for r in sweep)
     kernels = res["sections"]["kernels"]["rows"]
