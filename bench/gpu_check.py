@@ -534,24 +534,31 @@ def llama(layers: int, dry: bool, device, max_pos: int, vocab: int = 512):
     return agacc.enable(model)
 
 
-def _decode_rate(model, prompt, cache, steps, device, chunk: int | None = None, deadline: float | None = None):
+def _decode_rate(model, prompt, cache, steps, device, chunk: int | None = None, deadline: float | None = None,
+                 warm_steps: int = 1):
     """Prefill ``prompt`` into ``cache`` (untimed; ``chunk`` tokens a forward, cut as ``_peak_prefill``
-    cuts it at ``deadline``), one warm-up step, then ``steps`` greedy steps timed end to end ->
-    (tokens/s, tokens prefilled)."""
+    cuts it at ``deadline``), ``warm_steps`` untimed steps, then ``steps`` greedy steps timed end to
+    end -> (tokens/s, tokens prefilled, tokens/s of the warm-up steps). The warm-up is where Triton
+    compiles the decode kernel's variants (one per combination of parts a layer holds; the first H200
+    run timed them: 18 compiles in 16 steps)."""
     import torch
 
     pre = _peak_prefill(model, prompt, cache, chunk, device, deadline)
-    with torch.inference_mode():
-        nxt = torch.zeros(prompt.shape[0], 1, dtype=prompt.dtype, device=device)
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
+
+    def run(n):
+        nonlocal nxt
         sync(device)
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(n):
             out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
         sync(device)
-    return steps / (time.perf_counter() - t0), pre["tokens"]
+        return n / (time.perf_counter() - t0)
+
+    with torch.inference_mode():
+        nxt = torch.zeros(prompt.shape[0], 1, dtype=prompt.dtype, device=device)
+        cold = run(warm_steps)
+        return run(steps), pre["tokens"], cold
 
 
 def section_e2e(ctx) -> dict:
@@ -570,17 +577,20 @@ def section_e2e(ctx) -> dict:
     rec = {"context": n, "layers": layers, "steps": steps, "method": ctx["method"]}
     deadline = None if ctx["dry"] else time.monotonic() + max(20.0, ctx["budget"].left() - 20)
     cache = CompressedCache(model.config, parse_method(ctx["method"]))
-    rec["compressed_tokens_per_s"], n = _decode_rate(model, prompt, cache, steps, dev, plan["mem_chunk"], deadline)
+    rec["compressed_tokens_per_s"], n, rec["compressed_warmup_tokens_per_s"] = _decode_rate(
+        model, prompt, cache, steps, dev, plan["mem_chunk"], deadline, warm_steps=steps)
     rec["context_asked"], rec["context"] = rec["context"], n
     mem = cache.memory()
     rec["compressed_ratio"] = mem.get("ratio")
     rec["compressed_bytes"] = mem.get("bytes")
     del cache
     free(dev)
-    rec["plain_tokens_per_s"], _ = _decode_rate(model, prompt[:, :n], DynamicCache(config=model.config), steps, dev)
+    rec["plain_tokens_per_s"], _, rec["plain_warmup_tokens_per_s"] = _decode_rate(
+        model, prompt[:, :n], DynamicCache(config=model.config), steps, dev, warm_steps=4)
     rec["speedup"] = rec["compressed_tokens_per_s"] / rec["plain_tokens_per_s"]
     if ctx["dry"]:
-        for key in ("plain_tokens_per_s", "compressed_tokens_per_s", "speedup"):
+        for key in ("plain_tokens_per_s", "compressed_tokens_per_s", "speedup", "plain_warmup_tokens_per_s",
+                    "compressed_warmup_tokens_per_s"):
             rec[key] = None  # a CPU run of a tiny model says nothing about speed
     del model
     free(dev)
@@ -800,7 +810,9 @@ def summary_md(result: dict) -> str:
                   + (f" (cut from {e2e['context_asked']} by the time budget)" if e2e.get("context_asked", e2e["context"]) != e2e["context"] else ""), "",
                   f"plain {_f(e2e['plain_tokens_per_s'], '{:.1f}')}, {e2e['method']} "
                   f"{_f(e2e['compressed_tokens_per_s'], '{:.1f}')} (x{_f(e2e['speedup'], '{:.2f}')}), "
-                  f"cache ratio {_f(e2e.get('compressed_ratio'), '{:.2f}')}"]
+                  f"cache ratio {_f(e2e.get('compressed_ratio'), '{:.2f}')}; the untimed warm-up steps before: plain "
+                  f"{_f(e2e.get('plain_warmup_tokens_per_s'), '{:.1f}')}, {e2e['method']} "
+                  f"{_f(e2e.get('compressed_warmup_tokens_per_s'), '{:.1f}')} (Triton compiles there)"]
     mem = result["sections"].get("memory", {})
     if "plain_one_forward" in mem:
         gib = lambda r: _f(r.get("peak_over_weights_bytes") and r["peak_over_weights_bytes"] / 2 ** 30, "{:.2f}")  # noqa: E731

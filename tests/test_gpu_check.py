@@ -68,5 +68,6 @@ def test_prefill_cut_at_the_deadline_keeps_a_whole_chunk_and_says_so():
     assert (cut["tokens"], cut["cut"]) == (32, True)
     whole = gpu_check._peak_prefill(model, prompt, DynamicCache(config=model.config), 32, dev)
     assert (whole["tokens"], whole["cut"]) == (96, False)
-    rate, n = gpu_check._decode_rate(model, prompt, DynamicCache(config=model.config), 2, dev, 32, time.monotonic() - 1)
-    assert n == 32 and rate > 0
+    rate, n, cold = gpu_check._decode_rate(model, prompt, DynamicCache(config=model.config), 2, dev, 32,
+                                           time.monotonic() - 1, warm_steps=2)
+    assert n == 32 and rate > 0 and cold > 0
