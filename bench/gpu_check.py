@@ -255,14 +255,15 @@ def _decode_check(device, h, d, g, rotations=(True, False)) -> dict:
     for rotate in rotations:
         store, _, _ = build_store(32 * len(pattern) * 2 + 70, h, d, pattern, device, rotate=rotate, seed=2)
         q = torch.randn(1, h * g, 1, d, device=device, generator=torch.Generator(device=device).manual_seed(3))
-        out, mass = decode_parts(q, store.parts(), d ** -0.5)
         ref_out, ref_mass = attend(q, store.attention_entries(torch.float32), d ** -0.5)
         tag = "rot" if rotate else "plain"
-        rec[f"{tag}_out_err"] = float((out.float() - ref_out).abs().max())
-        rec[f"{tag}_mass_err"] = float((mass - ref_mass).abs().max())
+        for form, kw in (("", {}), ("dot_", {"dot": True})):  # the elementwise and the tensor-core form
+            out, mass = decode_parts(q, store.parts(), d ** -0.5, **kw)
+            rec[f"{tag}_{form}out_err"] = float((out.float() - ref_out).abs().max())
+            rec[f"{tag}_{form}mass_err"] = float((mass - ref_mass).abs().max())
         rec[f"{tag}_parts"] = [p.kind if p.kind != "quant" else f"q{p.container}" for p in store.parts()]
     tags = ["rot" if r else "plain" for r in rotations]
-    rec["ok"] = all(rec[f"{t}_out_err"] <= 2e-3 and rec[f"{t}_mass_err"] <= 1e-5 for t in tags)
+    rec["ok"] = all(rec[f"{t}_{f}out_err"] <= 2e-3 and rec[f"{t}_{f}mass_err"] <= 1e-5 for t in tags for f in ("", "dot_"))
     return rec
 
 
@@ -350,11 +351,14 @@ def section_decode(ctx) -> dict:
             kv_bytes, total_bytes = store_bytes(store, hq)
             fp16_bytes = k.nbytes + v.nbytes
             t_k = time_ms(lambda: decode_parts(q, parts, scaling), dev, plan["iters"])
+            dot_out, _ = decode_parts(q, parts, scaling, dot=True)
+            t_dot = time_ms(lambda: decode_parts(q, parts, scaling, dot=True), dev, plan["iters"])
             sdpa, backend = _sdpa(q, k, v, dev)
             t_s = time_ms(sdpa, dev, plan["iters"])
             row = {"context": n, "target_ratio": ratio, "ratio": fp16_bytes / store.nbytes(),
                    "parts": [p.kind if p.kind != "quant" else f"q{p.container}" for p in parts],
-                   "kernel_ms": t_k, "sdpa_ms": t_s, "sdpa_backend": backend,
+                   "kernel_ms": t_k, "kernel_dot_ms": t_dot, "dot_max_diff": float((dot_out.float() - out.float()).abs().max()),
+                   "sdpa_ms": t_s, "sdpa_backend": backend,
                    "kernel_bytes_kv": kv_bytes, "kernel_bytes_total": total_bytes, "sdpa_bytes": fp16_bytes,
                    "max_err_out": err[0], "max_err_mass": err[1]}
             if t_k and t_s:
@@ -366,6 +370,10 @@ def section_decode(ctx) -> dict:
                     row["target_bandwidth_60pct"] = row["kernel_peak_frac"] >= 0.6
                 if ratio == 4 and n >= 32768:
                     row["target_2x_vs_flash"] = row["speedup"] >= 2.0
+            if t_dot and t_s:
+                row["dot_speedup"] = t_s / t_dot
+                if peak:
+                    row["dot_peak_frac"] = total_bytes / (t_dot * 1e-3) / peak
             rows.append(row)
             print(f"  decode {n:>6} tokens ~{ratio}x: ratio {row['ratio']:.2f}"
                   + (f", kernel {t_k:.3f} ms, sdpa {t_s:.3f} ms" if t_k and t_s else ""), flush=True)
@@ -374,15 +382,17 @@ def section_decode(ctx) -> dict:
     return {"rows": rows, "ok": True}
 
 
-# decode_parts knobs tried by the sweep, (block_n, num_warps, per_head, split), the default first
-SWEEP = [(None, None, True, None), (16, 2, True, None), (16, 8, True, None), (32, 4, True, None),
-         (32, 8, True, None), (16, 4, False, None), (32, 8, False, None), (16, 4, True, 256),
-         (16, 4, True, 1024), (16, 4, True, 2048), (32, 8, True, 1024), (8, 4, True, None)]
+# decode_parts knobs tried by the sweep (keyword arguments), the default first; the tensor-core form
+# (dot=True) right after it: the first H200 run measured only the elementwise form (0-4% of peak)
+SWEEP = [{}, {"dot": True}, {"dot": True, "num_warps": 8}, {"dot": True, "block_n": 16},
+         {"dot": True, "split": 256}, {"dot": True, "split": 1024}, {"dot": True, "split": 4096},
+         {"block_n": 16, "num_warps": 2}, {"block_n": 32, "num_warps": 4}, {"split": 256},
+         {"block_n": 32, "num_warps": 8, "split": 1024}, {"per_head": False}]
 
 
 def section_sweep(ctx) -> dict:
-    """``decode_parts``'s tuning knobs (block_n, num_warps, per_head, split) at the decode section's
-    ~4x store, 32K and 128K tokens: the data for choosing defaults (docs/kernels.md asked for it).
+    """``decode_parts``'s tuning knobs (block_n, num_warps, per_head, split, the tensor-core form ``dot``)
+    at the decode section's ~4x store, 32K and 128K tokens: the data for choosing defaults.
     Each config's output is checked against the default config's (same math, another order)."""
     import torch
 
@@ -398,12 +408,12 @@ def section_sweep(ctx) -> dict:
         parts, scaling = store.parts(), d ** -0.5
         _, total = store_bytes(store, hq)
         ref, _ = decode_parts(q, parts, scaling)
-        for bn, nw, per_head, split in (SWEEP[:2] if ctx["dry"] else SWEEP):
-            row = {"context": n, "block_n": bn, "num_warps": nw, "per_head": per_head, "split": split}
+        for kw in (SWEEP[:2] if ctx["dry"] else SWEEP):
+            row = {"context": n, **{k: kw.get(k) for k in ("block_n", "num_warps", "per_head", "split", "dot")}}
             if time.monotonic() > stop:
                 rows.append({**row, "skipped": "time cap"})
                 continue
-            fn = lambda: decode_parts(q, parts, scaling, split=split, block_n=bn, num_warps=nw, per_head=per_head)  # noqa: E731
+            fn = lambda kw=kw: decode_parts(q, parts, scaling, **kw)  # noqa: E731
             try:
                 out, _ = fn()
                 row["max_diff_vs_default"] = float((out.float() - ref.float()).abs().max())
@@ -413,7 +423,7 @@ def section_sweep(ctx) -> dict:
             if row.get("ms") and peak:
                 row["peak_frac"] = total / (row["ms"] * 1e-3) / peak
             rows.append(row)
-            print(f"  sweep {n} {bn}/{nw}/{per_head}/{split}: {row.get('ms')} ms {row.get('error', '')}", flush=True)
+            print(f"  sweep {n} {kw}: {row.get('ms')} ms {row.get('error', '')}", flush=True)
         del store, k, v, parts, q
         free(dev)
     ok = all(r.get("max_diff_vs_default", 0) <= 2e-3 for r in rows if "error" not in r)
@@ -775,24 +785,27 @@ def summary_md(result: dict) -> str:
     dec = result["sections"].get("decode", {}).get("rows", [])
     if dec:
         lines += ["", "## Decode attention (Llama-3-8B shapes, batch 1)", "",
-                  "| context | ratio | kernel ms | SDPA ms | speedup | kernel % peak (kv + logits) | SDPA % peak | SDPA backend | err out |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| context | ratio | kernel ms | dot form ms | SDPA ms | speedup | dot speedup | kernel % peak (kv + logits) "
+                  "| dot % peak | SDPA % peak | SDPA backend | err out |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in dec:
             if "skipped" in r:
-                lines.append(f"| {r['context']} | ~{r['target_ratio']}x | skipped: {r['skipped']} |||||||")
+                lines.append(f"| {r['context']} | ~{r['target_ratio']}x | skipped: {r['skipped']} ||||||||||")
                 continue
             pk = r.get("kernel_peak_frac")
             sp = r.get("sdpa_peak_frac")
-            lines.append(f"| {r['context']} | {r['ratio']:.2f}x | {_f(r['kernel_ms'])} | {_f(r['sdpa_ms'])} | "
-                         f"{_f(r.get('speedup'), '{:.2f}')} | {_f(pk and 100 * pk, '{:.0f}')} | "
+            dp = r.get("dot_peak_frac")
+            lines.append(f"| {r['context']} | {r['ratio']:.2f}x | {_f(r['kernel_ms'])} | {_f(r.get('kernel_dot_ms'))} | "
+                         f"{_f(r['sdpa_ms'])} | {_f(r.get('speedup'), '{:.2f}')} | {_f(r.get('dot_speedup'), '{:.2f}')} | "
+                         f"{_f(pk and 100 * pk, '{:.0f}')} | {_f(dp and 100 * dp, '{:.0f}')} | "
                          f"{_f(sp and 100 * sp, '{:.0f}')} | {r['sdpa_backend']} | {_f(r['max_err_out'], '{:.1e}')} |")
     sweep = [r for r in result["sections"].get("sweep", {}).get("rows", []) if r.get("ms")]
     if sweep:
         lines += ["", "## decode_parts knobs, ~4x store (default first)", "",
-                  "| context | block_n | num_warps | per_head | split | ms | % peak |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['context']} | {r['block_n'] or 'auto'} | {r['num_warps'] or 'auto'} | {r['per_head']} | "
-                  f"{r['split'] or 'auto'} | {r['ms']:.3f} | {_f(r.get('peak_frac') and 100 * r['peak_frac'], '{:.0f}')} |"
-                  for r in sweep]
+                  "| context | dot | block_n | num_warps | per_head | split | ms | % peak |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['context']} | {bool(r.get('dot'))} | {r['block_n'] or 'auto'} | {r['num_warps'] or 'auto'} | "
+                  f"{r['per_head'] is not False} | {r['split'] or 'auto'} | {r['ms']:.3f} | "
+                  f"{_f(r.get('peak_frac') and 100 * r['peak_frac'], '{:.0f}')} |" for r in sweep]
     prof = result["sections"].get("profile", {})
     if prof.get("rows"):
         lines += ["", "## Where a decode step goes (~4x store)", "",

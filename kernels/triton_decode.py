@@ -181,7 +181,9 @@ def _split_partial(
                 k = _load_quant_keys(k_ptr, ks_ptr, kz_ptr, bh, n, t, rows, rmask, offs_d, dmask, D, B, C, BLOCK_N, D_PAD)
         else:
             k = _load_sparse(km_ptr, k_ptr, ks_ptr, kz_ptr, bh, n, rows, rmask, offs_d, dmask, D, KEEP, C, BLOCK_N, D_PAD)
-        if PER_HEAD:
+        if PER_HEAD == 2:  # tensor cores (G_PAD, BLOCK_N >= 16); three TF32 products, about fp32 exact
+            s = tl.dot(q, tl.trans(k), input_precision="tf32x3") * scaling
+        elif PER_HEAD:
             s = tl.zeros([G_PAD, BLOCK_N], tl.float32)
             for j in tl.static_range(G_PAD):
                 qj = tl.sum(tl.where(offs_g[:, None] == j, q, 0.0), axis=0)  # [D_PAD]
@@ -206,7 +208,9 @@ def _split_partial(
         else:
             v = _load_sparse(vm_ptr, v_ptr, vs_ptr, vz_ptr, bh, n, rows, rmask, offs_d, dmask, D, KEEP, C, BLOCK_N, D_PAD)
         acc = acc * alpha[:, None]
-        if PER_HEAD:
+        if PER_HEAD == 2:
+            acc = acc + tl.dot(p, v, input_precision="tf32x3")
+        elif PER_HEAD:
             for j in tl.static_range(G_PAD):
                 pj = tl.sum(tl.where(offs_g[:, None] == j, p, 0.0), axis=0)  # [BLOCK_N]
                 oj = tl.sum(pj[:, None] * v, axis=0)  # [D_PAD]
@@ -473,7 +477,7 @@ def _slots(parts: list[Part]):
 
 def decode_parts(query: torch.Tensor, parts: list[Part], scaling: float, split: int | None = None,
                  block_n: int | None = None, num_warps: int | None = None, per_head: bool = True,
-                 return_lse: bool = False):
+                 return_lse: bool = False, dot: bool = False):
     """Triton decode attention over a layer's ``parts`` (``kernels.format.Part``, attention order) for
     one query step.
 
@@ -483,7 +487,10 @@ def decode_parts(query: torch.Tensor, parts: list[Part], scaling: float, split: 
     ``split`` entries per split (rounded up to a multiple of the tile), ``block_n`` entries per tile
     (at most the key block, so a tile never straddles two key blocks), ``num_warps``, ``per_head``
     (loop over the g query heads on [BLOCK_N, D] tiles instead of one [g, BLOCK_N, D] product: fewer
-    registers)."""
+    registers), ``dot`` (scores and the value product as ``tl.dot`` on tensor cores, the g query heads
+    padded to 16 rows, tiles of at least 16 entries, TF32x3 -- about fp32 exact; needs a key block of
+    >= 16 entries and sm_80+; an experiment for the GPU: the elementwise form ran at 0-4% of an H200's
+    bandwidth, docs/kernels.md)."""
     bt, hq, qlen, d = query.shape
     if qlen != 1:
         raise ValueError(f"decode_parts handles one query step, got q={qlen}")
@@ -499,9 +506,15 @@ def decode_parts(query: torch.Tensor, parts: list[Part], scaling: float, split: 
     bh = bt * h
     g_pad, d_pad = _pow2(g), _pow2(d)
     auto_n, auto_w = default_tile(g_pad, d_pad)
+    if dot:
+        if key_block and key_block < 16:
+            raise ValueError(f"decode_parts(dot=True) needs tiles of >= 16 entries; the key block is {key_block}")
+        g_pad, auto_n = max(16, g_pad), max(32, auto_n)
     block_n = _pow2(block_n or auto_n)
     if key_block:
         block_n = min(block_n, key_block)  # block_n | key block | split: one key block per tile
+    if dot:
+        block_n = max(16, block_n)
     num_warps = num_warps or auto_w
 
     # the split ranges: main launch first (full, int8, int4, int3, int2, markers, hot), then each sparse part
@@ -530,7 +543,7 @@ def decode_parts(query: torch.Tensor, parts: list[Part], scaling: float, split: 
     lse = torch.empty(bh, g_pad, dtype=torch.float32, device=dev)
     mass = torch.empty(n_total, dtype=torch.float32, device=dev)
     common = (qc, qc.stride(0), qc.stride(1), h, d, g, float(scaling), split, n_total, S_total)
-    meta = dict(BLOCK_N=block_n, G_PAD=g_pad, D_PAD=d_pad, PER_HEAD=per_head, num_warps=num_warps,
+    meta = dict(BLOCK_N=block_n, G_PAD=g_pad, D_PAD=d_pad, PER_HEAD=2 if dot else per_head, num_warps=num_warps,
                 enable_fp_fusion=True)
     dummy = logits  # pointer for absent slots: their code is compiled out
     for name in ("full", *_QUANT_NAMES, "markers", "hot"):
@@ -602,15 +615,19 @@ _AOT_SLOTS = ("full", "q8", "q4", "q3", "q2", "mk", "hot")  # the main launch's 
 _AOT_DEFAULT_SLOTS = ("full", "q4", "q3", "mk", "hot")  # the default agacc preset: 3..4-bit codes, markers
 
 
-def _aot_tile(d: int, g: int, key_block: int) -> tuple[int, int, int]:
-    """(G_PAD, D_PAD, BLOCK_N) as ``decode_parts`` derives them (default tile, capped at the key block)."""
+def _aot_tile(d: int, g: int, key_block: int, dot: bool = False) -> tuple[int, int, int]:
+    """(G_PAD, D_PAD, BLOCK_N) as ``decode_parts`` derives them (default tile, capped at the key block;
+    ``dot``: g padded to 16 rows, tiles of 32 capped at the key block, at least 16)."""
     g_pad, d_pad = _pow2(g), _pow2(d)
     block_n = _pow2(default_tile(g_pad, d_pad)[0])
-    return g_pad, d_pad, min(block_n, key_block) if key_block else block_n
+    if dot:
+        g_pad, block_n = max(16, g_pad), max(32, block_n)
+    block_n = min(block_n, key_block) if key_block else block_n
+    return g_pad, d_pad, max(16, block_n) if dot else block_n
 
 
 def _aot_partial(d, g, *, key_block=16, rot=True, key_group=64, value_group=64, q="fp16", kv="fp16",
-                 slots=_AOT_SLOTS):
+                 slots=_AOT_SLOTS, dot=False):
     """``_partial_kernel`` with the ``slots`` present (default all: full, q8, q4, q3, q2, mk, hot, the
     union of the code any subset of slots compiles; an absent slot's branch is compiled out). A
     format as ``LayerStore.parts()`` holds it: key_block 0 = per-token keys (groups of ``key_group``
@@ -618,7 +635,7 @@ def _aot_partial(d, g, *, key_block=16, rot=True, key_group=64, value_group=64, 
     codes; ``q`` the query (model) dtype, ``kv`` the dense parts' (store) dtype."""
     from kernels.format import value_group as vgroup
 
-    g_pad, d_pad, block_n = _aot_tile(d, g, key_block)
+    g_pad, d_pad, block_n = _aot_tile(d, g, key_block, dot)
     key_token = key_block == 0
     sig = {"q_ptr": _PTR[q], "qr_ptr": "*fp32" if rot else _PTR[q], "scaling": "fp32",
            "logit_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "mk_bias": "*fp32"}
@@ -636,23 +653,23 @@ def _aot_partial(d, g, *, key_block=16, rot=True, key_group=64, value_group=64, 
             sig[n] = "i32"
     consts = {f"HAS_{s.upper()}": s in slots for s in _AOT_SLOTS}
     consts.update(B=key_block or block_n, G=vgroup(d, value_group), BLOCK_N=block_n, G_PAD=g_pad, D_PAD=d_pad,
-                  PER_HEAD=True, KEY_TOKEN=key_token, KG=vgroup(d, key_group) if key_token else 1, ROT=rot)
+                  PER_HEAD=2 if dot else True, KEY_TOKEN=key_token, KG=vgroup(d, key_group) if key_token else 1, ROT=rot)
     keys = f"token/{consts['KG']}" if key_token else f"B{key_block}"
     which = "all" if set(slots) == set(_AOT_SLOTS) else "+".join(s for s in _AOT_SLOTS if s in slots)
     name = (f"decode.partial[D={d},g={g},keys={keys},G={consts['G']},{'rot' if rot else 'plain'},"
-            f"q={q},kv={kv},slots={which}]")
+            f"q={q},kv={kv},slots={which}{',dot' if dot else ''}]")
     return name, _partial_kernel, sig, consts, {"num_warps": 4, "enable_fp_fusion": True}
 
 
-def _aot_sparse(d, g, c, keep, *, key_block=16, q="fp16"):
-    g_pad, d_pad, block_n = _aot_tile(d, g, key_block)
+def _aot_sparse(d, g, c, keep, *, key_block=16, q="fp16", dot=False):
+    g_pad, d_pad, block_n = _aot_tile(d, g, key_block, dot)
     sig = {n: "*u8" for n in ("km", "k", "vm", "v")}
     sig.update({n: "*fp16" for n in ("ks", "kz", "vs", "vz")})
     sig.update({"q_ptr": _PTR[q], "scaling": "fp32", "logit_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
                 "acc_ptr": "*fp32"})
     sig.update({n: "i32" for n in ("sqb", "sqh", "H", "D", "g", "split", "n_total", "S_total", "ws0", "e0", "n")})
-    consts = dict(KEEP=keep, C=c, BLOCK_N=block_n, G_PAD=g_pad, D_PAD=d_pad, PER_HEAD=True)
-    name = f"decode.sparse[D={d},g={g},c={c},keep={keep},N={block_n},q={q}]"
+    consts = dict(KEEP=keep, C=c, BLOCK_N=block_n, G_PAD=g_pad, D_PAD=d_pad, PER_HEAD=2 if dot else True)
+    name = f"decode.sparse[D={d},g={g},c={c},keep={keep},N={block_n},q={q}{',dot' if dot else ''}]"
     return name, _sparse_partial_kernel, sig, consts, {"num_warps": 4, "enable_fp_fusion": True}
 
 
@@ -708,6 +725,10 @@ def aot_specs() -> list:
     specs.append(_aot_partial(128, 4, q="bf16"))
     specs.append(_aot_partial(128, 4, q="bf16", kv="bf16"))
     specs.append(_aot_partial(128, 4, q="fp32", kv="fp32", rot=False))
+    # dot=True (tensor cores, G_PAD 16): the experiment's shapes (key blocks 16 / 32, D 128 / 64)
+    specs.append(_aot_partial(128, 4, dot=True))
+    specs.append(_aot_partial(128, 4, key_block=32, dot=True))
+    specs.append(_aot_partial(64, 4, key_block=32, q="bf16", kv="bf16", dot=True))
 
     for c in (2, 3, 4, 8):
         for d in AOT_HEAD_DIMS:
@@ -716,6 +737,7 @@ def aot_specs() -> list:
     for g in AOT_GQA:
         if g != 4:
             specs.append(_aot_sparse(128, g, 4, 64))
+    specs.append(_aot_sparse(128, 4, 2, 8, key_block=32, dot=True))
 
     def sb_max(d, g):
         return max(1, 4096 // (_pow2(g) * _pow2(d)))
@@ -730,10 +752,13 @@ def aot_specs() -> list:
         specs.append(_aot_combine(128, 4, sb, False))
         sb *= 2
     specs.append(_aot_combine(128, 4, sb_max(128, 4), False, out="bf16"))
+    for rot in (True, False):  # dot=True pads g to 16: G_PAD 16 (named g=16)
+        specs.append(_aot_combine(128, 16, sb_max(128, 16), rot))
 
     for e in (1 << i for i in range(11)):
         specs.append(_aot_mass(4, e))
     for g in AOT_GQA:
         if g != 4:
             specs.append(_aot_mass(g, 1024))
+    specs.append(_aot_mass(16, 1024))  # dot=True's G_PAD
     return specs

@@ -24,12 +24,15 @@ def test_gpu_check_dry_run(tmp_path):
         s: "ok" for s in ("env", "kernels", "decode", "sweep", "e2e", "memory", "session", "profile")}
     sweep = res["sections"]["sweep"]["rows"]
     assert len(sweep) == 2 and all(r["ms"] is None and r["max_diff_vs_default"] <= 2e-3 for r in sweep)
+    assert sweep[1]["dot"] is True  # the tensor-core form is in the sweep, checked against the default
     kernels = res["sections"]["kernels"]["rows"]
     assert {r["kernel"] for r in kernels} >= {"quantize_keys+dequantize", "quantize_values+dequantize", "decode_parts"}
     assert all(r["ok"] for r in kernels)
     dec = res["sections"]["decode"]["rows"]
     assert [r["target_ratio"] for r in dec] == [2, 4, 8]
     assert all(r["kernel_ms"] is None and r["sdpa_ms"] is None and r["max_err_out"] < 1e-3 for r in dec)
+    assert all(r["dot_max_diff"] < 1e-3 for r in dec)
+    assert all("rot_dot_out_err" in r for r in kernels if r["kernel"] == "decode_parts")
     assert res["sections"]["e2e"]["plain_tokens_per_s"] is None  # no speed claims from a CPU rehearsal
     mem = res["sections"]["memory"]
     assert mem["compressed_chunked"]["cache_bytes"] > 0

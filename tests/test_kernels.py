@@ -196,6 +196,19 @@ def test_decode_every_tier_gqa3_batch2(key_quant, rotate):
     torch.testing.assert_close(mass2, mass, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("key_quant,rotate", [("token", True), ("channel", False)])
+def test_decode_tensor_core_form_every_tier(key_quant, rotate):
+    """``dot=True`` (scores and values as ``tl.dot``, g padded to 16 rows): the same store as above
+    against ``attend``, at its default tile and at 16 entries, with a split that cuts tiles; a key
+    block under 16 entries is refused by name."""
+    store = make_store(2, 2, 64, 16 * 11 + 16 + 5, key_quant=key_quant, key_group_size=16, rotate=rotate, **MIX)
+    check_decode(store, g=3, split=40, dot=True)
+    check_decode(store, g=3, block_n=16, dot=True)
+    small = make_store(1, 2, 64, 8 * 4 + 16 + 3, block_size=8, tiers=[INT4, INT2, FULL, INT8], bits=[4, 2, 8, 8])
+    with pytest.raises(ValueError, match="dot=True.*key block is 8"):
+        triton_decode(_query(small, 2), small, 0.125, dot=True)
+
+
 def _query(store, g, seed=1):
     bt, h, _, d = store.hot_k.shape
     return torch.randn(bt, h * g, 1, d, generator=torch.Generator().manual_seed(seed))
