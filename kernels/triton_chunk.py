@@ -135,7 +135,12 @@ def _load_q_rows(q_ptr, sqb, sqh, sqi, b, h, g, j, i, rvalid, offs_d, dmask, sca
 # kernels
 # --------------------------------------------------------------------------------------------
 
-@triton.jit
+# integer arguments that change from chunk to chunk (query strides and length, part lengths and offsets,
+# the strides of parts that grow): not specialised, so a new pattern of "== 1" / "% 16" is no new compile
+_CHUNK_RUNTIME = ("sqb", "sqh", "sqi", "q_len", "new0", "n", "sb", "sh", "keep")
+
+
+@triton.jit(do_not_specialize=_CHUNK_RUNTIME)
 def _chunk_kernel(
     q_ptr, sqb, sqh, sqi, H, D, g, q_len, scaling, new0, n,
     k_ptr, ks_ptr, kz_ptr, km_ptr, v_ptr, vs_ptr, vz_ptr, vm_ptr, bias_ptr, sb, sh, B, keep,
@@ -188,7 +193,7 @@ def _chunk_kernel(
     tl.store(ap, acc, mask=rvalid[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_CHUNK_RUNTIME + ("n_obs", "entry0", "n_total"))
 def _mass_kernel(
     q_ptr, sqb, sqh, sqi, H, D, g, q_len, n_obs, scaling, new0, n, entry0, n_total,
     k_ptr, ks_ptr, kz_ptr, km_ptr, bias_ptr, sb, sh, B, keep,

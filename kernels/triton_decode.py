@@ -231,7 +231,16 @@ def _load_q(q_ptr, sqb, sqh, b, h, g, offs_g, offs_d, D):
     return tl.load(qp, mask=(offs_g[:, None] < g) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
 
 
-@triton.jit
+# Integer arguments that change from step to step (lengths, offsets, split starts, the strides of
+# parts that grow): Triton would specialise each on "== 1" and "% 16 == 0", and every new pattern is
+# a compile in the middle of a generation (the first H200 run: 18 compiles in 16 decode steps).
+# Not specialised, a cache config compiles once per set of slots it holds.
+_PARTIAL_RUNTIME = ("split", "n_total", "S_total", "s_q8", "s_q4", "s_q3", "s_q2", "s_mk", "s_hot",
+                    "e_full", "e_q8", "e_q4", "e_q3", "e_q2", "e_mk", "e_hot", "f_sb", "f_sh", "f_n",
+                    "q8_n", "q4_n", "q3_n", "q2_n", "mk_sb", "mk_sh", "mk_n", "hot_sb", "hot_sh", "hot_n")
+
+
+@triton.jit(do_not_specialize=_PARTIAL_RUNTIME)
 def _partial_kernel(
     q_ptr, qr_ptr, sqb, sqh, H, D, g, scaling, split, n_total, S_total,
     logit_ptr, m_ptr, l_ptr, acc_ptr,
@@ -317,7 +326,7 @@ def _partial_kernel(
                            0, 8, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, False, 1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("split", "n_total", "S_total", "ws0", "e0", "n"))
 def _sparse_partial_kernel(
     q_ptr, sqb, sqh, H, D, g, scaling, split, n_total, S_total, ws0, e0,
     logit_ptr, m_ptr, l_ptr, acc_ptr,
@@ -345,7 +354,7 @@ def _sparse_partial_kernel(
 # combine splits, then attention mass per entry
 # --------------------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=("S", "R0", "R1"))
 def _combine_kernel(
     m_ptr, l_ptr, acc_ptr, out_ptr, out_rot_ptr, lse_ptr, S, H, D, g, sob, soh, R0, R1,
     SB: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, ROT: tl.constexpr,
@@ -392,7 +401,7 @@ def _combine_kernel(
     tl.store(lse_ptr + bh * G_PAD + offs_g, M + tl.log(L))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("n_total",))
 def _mass_kernel(logit_ptr, lse_ptr, mass_ptr, n_total, BH, g, inv_norm,
                  BLOCK_E: tl.constexpr, G_PAD: tl.constexpr):
     """Grid (cdiv(n, BLOCK_E),). mass[i] = inv_norm * sum_{bh, j<g} exp(logit[bh*g+j, i] - lse[bh, j])."""

@@ -359,3 +359,53 @@ def test_decode_rejects_multi_query():
         decode.decode_attention(torch.randn(1, 1, 2, 64), store, 0.125)
     with pytest.raises(ValueError):
         decode_parts(torch.randn(1, 1, 2, 64), store.parts(), 0.125)
+
+
+def test_a_generation_compiles_each_kernel_once_per_constexpr_set(monkeypatch):
+    """Triton specialises an integer argument on "== 1" and "% 16 == 0" unless the kernel says not to,
+    so a generation's changing lengths and offsets compile new variants mid-run (the first H200 run:
+    18 compiles in 16 decode steps). Over a forced-Triton generation with a chunked prefill, the key
+    Triton computes for every launch of the decode and chunk kernels (``native_specialize_impl``, as
+    its launcher does) differs only where the constexprs do. Without ``do_not_specialize`` the decode
+    kernel alone has three keys here (``hot_n``, ``n_total``), the chunk kernel two (``q_len``)."""
+    import collections
+    import inspect
+
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    import agacc
+    import kernels.triton_chunk as kc
+    import kernels.triton_decode as kd
+    from agacc import CompressedCache
+    from agacc.spec import parse_method
+    from tests.helpers import tiny_model
+
+    monkeypatch.setenv(kernels.FORCE_TRITON_ENV, "1")
+    keys = collections.defaultdict(set)
+
+    def spy(mod, name):
+        k = getattr(mod, name)
+        args_of = [n for n, p in inspect.signature(k.fn).parameters.items() if "constexpr" not in str(p.annotation)]
+        fixed = k.kwargs.get("do_not_specialize") or ()
+
+        class Spy:
+            def __getitem__(self, grid):
+                def run(*args, **meta):
+                    keys[(mod.__name__, name, tuple(sorted(meta.items())))].add(tuple(
+                        native_specialize_impl(BaseBackend, a, False, n not in fixed, True) for n, a in zip(args_of, args)))
+                    return k[grid](*args, **meta)
+                return run
+        monkeypatch.setattr(mod, name, Spy())
+
+    for name in ("_partial_kernel", "_sparse_partial_kernel", "_combine_kernel", "_mass_kernel"):
+        spy(kd, name)
+    for name in ("_chunk_kernel", "_mass_kernel"):
+        spy(kc, name)
+    model = agacc.enable(tiny_model())
+    ids = torch.randint(0, model.config.vocab_size, (1, 150), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model.generate(ids, past_key_values=CompressedCache(model.config, parse_method("agacc@4")), max_new_tokens=24,
+                       do_sample=False, prefill_chunk_size=64)
+    assert {k[1] for k in keys} >= {"_partial_kernel", "_chunk_kernel", "_combine_kernel", "_mass_kernel"}
+    assert {k: len(v) for k, v in keys.items() if len(v) > 1} == {}
