@@ -8,7 +8,9 @@ ppl teacher-forces --decode-tokens tokens in chunks of 8 through the cache. Cell
 length -> task -> sample, and the run stops starting new samples after --budget-min minutes: what
 did not run is marked as missing. Results are appended to the JSON after every sample, and
 --resume skips what it already holds; with --redo P [P ...] it re-runs those presets (every ratio)
-on the samples it holds and keeps the other presets' results (after a change to one method).
+on the samples it holds and keeps the other presets' results (after a change to one method);
+--redo-missing-only makes such a run skip what it already redid with this --prefill-chunk, so a
+--redo run cut by --budget-min continues where it stopped.
 
     python bench/make_results.py --budget-min 40          # run + write docs/results.md
     python bench/make_results.py --render-only            # rewrite the page from the JSON
@@ -58,7 +60,7 @@ def run(args) -> None:
                 samples = T.needle(tok, n, len(args.depths), depths=args.depths, text=text)
             for s in samples:
                 held = have.get((task, n, s.index))
-                todo = [(name, c) for name, c in configs if held is None or name.partition("@")[0] in args.redo]
+                todo = to_run(configs, held, args.redo, args.prefill_chunk if args.redo_missing_only else None)
                 if not todo:
                     continue
                 if (time.time() - t_start) / 60 > args.budget_min:
@@ -81,6 +83,17 @@ def run(args) -> None:
     this["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     this["minutes"] = round((time.time() - t_start) / 60, 1)
     out_json.write_text(json.dumps(done, indent=0))
+
+
+def to_run(configs: list, held: dict | None, redo, same_prefill: int | None = None) -> list:
+    """The (label, config) pairs to run on one sample: all of them when nothing is held for it, else
+    those of the ``redo`` presets -- skipping, when ``same_prefill`` is given (``--redo-missing-only``),
+    every label whose held result was already made with that prefill chunk (a cut ``--redo`` run
+    continues where it stopped instead of starting over)."""
+    if held is None:
+        return list(configs)
+    done = {r["preset"] for r in held["results"] if same_prefill is not None and r.get("prefill_chunk", 0) == same_prefill}
+    return [(name, c) for name, c in configs if name.partition("@")[0] in redo and name not in done]
 
 
 def _run_of(meta: dict) -> dict:
@@ -308,11 +321,15 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--redo", nargs="+", default=[], metavar="PRESET",
                    help="with --resume: re-run these presets on the samples held, keep the others' results")
+    p.add_argument("--redo-missing-only", action="store_true",
+                   help="with --redo: skip results already made with this --prefill-chunk (continue a cut --redo run)")
     p.add_argument("--render-only", action="store_true")
     args = p.parse_args(argv)
     unknown = set(args.redo) - set(RATIO_PRESETS + FIXED)
     if unknown or (args.redo and not args.resume):
         p.error(f"--redo needs --resume and presets of this page (unknown: {sorted(unknown)})")
+    if args.redo_missing_only and not args.redo:
+        p.error("--redo-missing-only goes with --redo")
     if not args.render_only:
         run(args)
     data = json.loads(Path(args.json).read_text())
