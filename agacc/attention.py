@@ -15,6 +15,7 @@ the output is [Bt, q, Hq, D] like every transformers attention function.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import kernels
@@ -25,13 +26,42 @@ from kernels.format import Part, slice_part
 NAME = "agacc"
 
 
-def attend(query: torch.Tensor, entries: list[Entries], scaling: float, causal_new: int = 0, n_obs: int | None = None):
+def cap_logits(s: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Logit softcapping (Gemma2's ``attn_logit_softcapping``) on scaled logits ``s``: c * tanh(s / c),
+    in transformers' order of operations; applied before any bias or mask. ``softcap`` None or 0: ``s``."""
+    return s if not softcap else torch.tanh(s / softcap) * softcap
+
+
+def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                    scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """Attention of query [Bt, Hq, q, D] over dense key/value [Bt, H, n, D] whose last q entries are the
+    queries' own tokens. ``mask``: None (causal) or [Bt, 1, q, n] (bool: True = visible, or additive).
+    SDPA; with ``softcap`` (which SDPA cannot apply) the eager form of transformers' own softcapping
+    models (Gemma2): logits, cap, mask, fp32 softmax. -> [Bt, q, Hq, D] in query's dtype."""
+    g = query.shape[1] // key.shape[1]
+    key, value = key.to(query.dtype), value.to(query.dtype)
+    if not softcap:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None,
+                                              scale=scaling, enable_gqa=g > 1).transpose(1, 2).contiguous()
+    if g > 1:
+        key, value = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
+    s = cap_logits(torch.matmul(query, key.transpose(-1, -2)) * scaling, softcap)      # [Bt, Hq, q, n]
+    q, n = s.shape[-2:]
+    if mask is None:  # causal, the queries being the last q keys
+        mask = torch.arange(n, device=s.device)[None, :] <= torch.arange(n - q, n, device=s.device)[:, None]
+    s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(p, value).transpose(1, 2).contiguous()
+
+
+def attend(query: torch.Tensor, entries: list[Entries], scaling: float, causal_new: int = 0, n_obs: int | None = None,
+           softcap: float | None = None):
     """Reference attention over stored entries (the PyTorch reference of every decode backend).
 
     query [Bt, Hq, q, D]; entries as ``LayerStore.attention_entries``; ``causal_new`` = how many of the
     last entries are the q new tokens themselves (causal among them; 0 for q == 1 when they are
     included and visible). ``n_obs`` = how many of the last queries report attention mass
-    (default: all).
+    (default: all). ``softcap``: logit softcapping (``cap_logits``), before the entries' bias.
 
     Returns (out [Bt, q, Hq, D], mass [n_entries] fp32): mass is the softmax probability each
     entry received, summed over query heads and observed queries, averaged over batch, divided by
@@ -44,7 +74,7 @@ def attend(query: torch.Tensor, entries: list[Entries], scaling: float, causal_n
     k = torch.cat([e.k for e in entries], 2) if len(entries) > 1 else entries[0].k
     v = torch.cat([e.v for e in entries], 2) if len(entries) > 1 else entries[0].v
     n = k.shape[2]
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scaling  # [Bt, H, g*q, n]
+    scores = cap_logits(torch.matmul(qg, k.transpose(-1, -2)).float() * scaling, softcap)  # [Bt, H, g*q, n]
     bias = _bias(entries, n, query.device)
     if bias is not None:
         scores = scores + bias
@@ -77,7 +107,7 @@ def part_slices(part: Part, block: int):
 
 
 def chunk_attention(query: torch.Tensor, parts: list[Part], scaling: float, n_new: int, n_obs: int,
-                    block: int = 256):
+                    block: int = 256, softcap: float | None = None):
     """Attention of a chunk of ``q`` queries over everything a layer holds, key slices at a time.
 
     query [Bt, Hq, q, D]; ``parts`` = ``LayerStore.parts()`` whose last ``n_new`` entries are the q new
@@ -85,7 +115,8 @@ def chunk_attention(query: torch.Tensor, parts: list[Part], scaling: float, n_ne
     slice by slice, with an online softmax (running max and sum per query row, as flash attention):
     temporaries are O(q x block), never a dequantised copy of the store nor a q x n matrix. The
     attention mass of the last ``n_obs`` queries comes out of the same pass (their logits are kept,
-    O(n_obs x n), and normalised once the softmax's sums are known).
+    O(n_obs x n), and normalised once the softmax's sums are known). ``softcap``: logit softcapping
+    (``cap_logits``), before the parts' bias and the causal mask.
 
     Returns (out [Bt, q, Hq, D] in query's dtype, mass [n_entries] fp32) normalised as ``attend``.
 
@@ -95,7 +126,7 @@ def chunk_attention(query: torch.Tensor, parts: list[Part], scaling: float, n_ne
     if kernels.backend(query.device) == "triton":
         from kernels.triton_chunk import chunk_parts
 
-        return chunk_parts(query, parts, scaling, n_new, n_obs)
+        return chunk_parts(query, parts, scaling, n_new, n_obs, softcap=softcap)
     bt, hq, q, d = query.shape
     h = parts[0].heads
     g = hq // h
@@ -111,7 +142,7 @@ def chunk_attention(query: torch.Tensor, parts: list[Part], scaling: float, n_ne
     base = 0
     for part in parts:
         for lo, hi, k, v, bias in part_slices(part, block):
-            s = torch.matmul(qg, k.transpose(-1, -2))                              # [Bt, H, g*q, hi-lo]
+            s = cap_logits(torch.matmul(qg, k.transpose(-1, -2)), softcap)         # [Bt, H, g*q, hi-lo]
             if bias is not None:
                 s = s + bias
             first_new = n - n_new - (base + lo)                                    # slice column of new entry 0
@@ -139,11 +170,13 @@ def _bias(entries: list[Entries], n: int, device) -> torch.Tensor | None:
     return torch.cat(parts).to(device)
 
 
-def observe_prefill(query: torch.Tensor, key: torch.Tensor, scaling: float, n_obs: int, chunk: int = 4096):
+def observe_prefill(query: torch.Tensor, key: torch.Tensor, scaling: float, n_obs: int, chunk: int = 4096,
+                    softcap: float | None = None):
     """Initial importance at prefill: mean attention the last ``n_obs`` queries give each key.
 
     query [Bt, Hq, q, D] and key [Bt, H, q, D] are the prompt's (keys = the new tokens, causal).
-    Computed over key chunks with a two-pass softmax so memory stays O(n_obs x chunk).
+    Computed over key chunks with a two-pass softmax so memory stays O(n_obs x chunk). ``softcap``:
+    logit softcapping (``cap_logits``).
     Returns mass [q] fp32 (same normalisation as ``attend``)."""
     bt, hq, q, d = query.shape
     h = key.shape[1]
@@ -153,7 +186,7 @@ def observe_prefill(query: torch.Tensor, key: torch.Tensor, scaling: float, n_ob
     qpos = torch.arange(q - n_obs, q, device=query.device).repeat(g)  # absolute position of each row
 
     def chunk_scores(lo, hi):
-        s = torch.matmul(qo, key[:, :, lo:hi].float().transpose(-1, -2)) * scaling
+        s = cap_logits(torch.matmul(qo, key[:, :, lo:hi].float().transpose(-1, -2)) * scaling, softcap)
         kpos = torch.arange(lo, hi, device=query.device)
         return s.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
 
@@ -173,13 +206,23 @@ def observe_prefill(query: torch.Tensor, key: torch.Tensor, scaling: float, n_ob
 
 
 def agacc_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: compressed path when ``key`` carries its cache layer."""
+    """transformers attention function: compressed path when ``key`` carries its cache layer; else SDPA,
+    or with ``softcap`` (Gemma2) the eager form (``dense_attention``), as transformers' eager path."""
     layer = getattr(key, "_agacc_layer", None)
-    if layer is None:
+    softcap = kwargs.pop("softcap", None)
+    if kwargs.get("s_aux") is not None:  # gpt-oss's learned sinks: an extra softmax column no path adds
+        raise ValueError(f"{type(module).__name__} passes attention sinks (s_aux), which the agacc attention paths do "
+                         "not implement (the answer would differ); use this model without agacc.enable, with a "
+                         "plain DynamicCache")
+    if layer is None and not softcap:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    return layer.attend(query, key, value, attention_mask, scaling), None
+    if layer is None:
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, :, :, : key.shape[-2]]
+        return dense_attention(query, key, value, attention_mask, scaling, softcap), None
+    return layer.attend(query, key, value, attention_mask, scaling, softcap), None
 
 
 def register() -> None:

@@ -33,6 +33,7 @@ import torch
 
 import kernels
 from agacc import quant
+from agacc.attention import cap_logits
 from agacc.quant import DENSE, QUANT, Part
 
 _SHIFTS: dict = {}
@@ -100,14 +101,17 @@ def _value_out(p, seg: Part):
     return (out + zero.unsqueeze(-1)).reshape(bt, h, g, d)
 
 
-def decode_attention(query: torch.Tensor, store, scaling: float, mask: torch.Tensor | None = None):
+def decode_attention(query: torch.Tensor, store, scaling: float, mask: torch.Tensor | None = None,
+                     softcap: float | None = None):
     """One decode step over everything ``store`` (a ``LayerStore``) holds.
 
     query [Bt, Hq, 1, D] -> (out [Bt, 1, Hq, D] in query dtype, mass [n_entries] fp32) with entries in
     ``LayerStore.parts`` order and mass normalised as in ``attention.attend`` (probability per entry
     summed over query heads, averaged over batch, / Hq).
     mask: optional [Bt, 1, 1, n_entries] (bool: True = visible, or additive float), for stores whose
-    entries are in position order (the lossless preset with padded batches); it runs the PyTorch path."""
+    entries are in position order (the lossless preset with padded batches); it runs the PyTorch path.
+    softcap: logit softcapping (``attention.cap_logits``: c * tanh(z / c) on the scaled logits, before
+    the parts' bias), in every backend."""
     if query.dim() != 4 or query.shape[2] != 1:
         raise ValueError(f"decode_attention expects query [Bt, Hq, 1, D], got {tuple(query.shape)}")
     parts = store.parts()
@@ -115,21 +119,22 @@ def decode_attention(query: torch.Tensor, store, scaling: float, mask: torch.Ten
     if backend == "triton":
         from kernels.triton_decode import decode_parts
 
-        return decode_parts(query, parts, scaling)
+        return decode_parts(query, parts, scaling, softcap=softcap)
     bt, hq, _, d = query.shape
     h = parts[0].heads
     qg = query.reshape(bt, h, hq // h, d).float() * scaling
     if backend == "cpp":
         from kernels import cpu
 
-        out, mass = cpu.decode_layer(qg, parts)
+        out, mass = cpu.decode_layer(qg, parts, softcap=softcap)
     else:
-        out, mass = _decode_parts(qg, parts, mask)
+        out, mass = _decode_parts(qg, parts, mask, softcap)
     return out.reshape(bt, hq, 1, d).transpose(1, 2).to(query.dtype), mass
 
 
-def _decode_parts(qg: torch.Tensor, parts: list[Part], mask: torch.Tensor | None):
-    """The PyTorch path: qg [Bt,H,g,D] fp32 (scaled) -> (out [Bt,H,g,D] fp32, mass [n_entries] fp32)."""
+def _decode_parts(qg: torch.Tensor, parts: list[Part], mask: torch.Tensor | None, softcap: float | None = None):
+    """The PyTorch path: qg [Bt,H,g,D] fp32 (scaled) -> (out [Bt,H,g,D] fp32, mass [n_entries] fp32);
+    ``softcap`` caps each part's logits before its bias."""
     bt, h, g, _ = qg.shape
     qr = None  # the rotated query, made when a rotated part needs it (none in the lossless preset)
     terms = []  # (scores, value_fn, output rotated?)
@@ -137,13 +142,14 @@ def _decode_parts(qg: torch.Tensor, parts: list[Part], mask: torch.Tensor | None
         if p.kind == QUANT:
             if p.rotated and qr is None:
                 qr = quant.rotate(qg)
-            terms.append((_key_scores(qr if p.rotated else qg, p), lambda w, p=p: _value_out(w, p), p.rotated))
+            terms.append((cap_logits(_key_scores(qr if p.rotated else qg, p), softcap), lambda w, p=p: _value_out(w, p),
+                          p.rotated))
             continue
         if p.kind == DENSE:
             k, v = p.k.float(), p.v.float()
         else:  # sparse (pruned): decoded densely
             k, v = quant.dequantize_part(p, torch.float32)
-        s = torch.matmul(qg, k.transpose(-1, -2))
+        s = cap_logits(torch.matmul(qg, k.transpose(-1, -2)), softcap)
         terms.append((s + p.bias if p.bias is not None else s, lambda w, v=v: torch.matmul(w, v), False))
     scores = torch.cat([s for s, _, _ in terms], -1)
     if mask is not None:

@@ -261,7 +261,7 @@ def unsupported_reason(model) -> str | None:
     Refused: models whose attention does not go through transformers' AttentionInterface (Falcon,
     Bloom, MPT, ...: the agacc function would never run), learned attention sinks (gpt-oss: the
     compressed paths would drop them), and every config-declared variant no path implements
-    (``cache.unsupported_attention``: MLA, logit softcapping, chunked / linear / KV-shared layers,
+    (``cache.unsupported_attention``: MLA, chunked / linear / KV-shared layers,
     encoder-decoder)."""
     from agacc.cache import unsupported_attention
 

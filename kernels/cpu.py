@@ -20,11 +20,13 @@ held it is gone, says so and removes it. ``status()`` tells, without waiting, wh
 (the app's header). ``AGACC_CPU_KERNEL=0`` turns it off; without a compiler the build fails once, with
 a warning, and the PyTorch path runs.
 
-  decode_layer(qg [Bt,H,g,D] fp32, parts: list[Part]) -> (out [Bt,H,g,D] fp32, mass [n_entries] fp32)
+  decode_layer(qg [Bt,H,g,D] fp32, parts: list[Part], softcap: float | None = None)
+      -> (out [Bt,H,g,D] fp32, mass [n_entries] fp32)
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import socket
@@ -189,14 +191,22 @@ def load_in_background() -> threading.Thread:
     return t
 
 
-def decode_layer(qg: torch.Tensor, parts: list[Part]):
+def decode_layer(qg: torch.Tensor, parts: list[Part], softcap: float | None = None):
     """One decode step over a layer's ``parts`` (``kernels.format.Part``, attention order), in one call.
 
     qg [Bt, H, g, D] fp32, the query already scaled -> (out [Bt, H, g, D] fp32, mass [n_entries] fp32),
     entries in ``parts`` order, normalised as ``agacc.decode.decode_attention``. Quantised parts are
     read packed, their scales as stored; sparse parts are decoded here (``format.sparse_decode``; the
     kernel reads them as dense parts); rotated parts meet the rotated query inside the kernel, which
-    rotates their share of the output back once. Needs the built extension (``load()``)."""
+    rotates their share of the output back once. Needs the built extension (``load()``).
+
+    softcap: logit softcapping (Gemma2's ``attn_logit_softcapping``; ``agacc.attention.cap_logits``),
+    None or 0 = off. With c = softcap every logit z = qg . k (k as dequantised) becomes c * tanh(z / c),
+    and only then is the part's ``bias`` (the eviction markers' log-count) added: softmax, output and
+    mass all use c * tanh(z / c) + bias, as ``agacc.decode._decode_parts`` does. The cap is a pass of
+    the kernel's own over the scores, so off, its results are the same bits as with no cap at all."""
+    if softcap is not None and not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be a finite number > 0 (or None / 0: off), got {softcap!r}")
     bt, h, g, d = qg.shape
     tensors, meta = [], []
     for p in parts:
@@ -211,5 +221,6 @@ def decode_layer(qg: torch.Tensor, parts: list[Part]):
             k, v = p.k, p.v
         tensors += [k, v, p.bias if p.bias is not None else _NO_BIAS]
         meta += [0, 0, 0, 0]
-    out, mass = _state["module"].decode_layer(qg.reshape(bt * h, g, d).contiguous(), tensors, meta)
+    out, mass = _state["module"].decode_layer(qg.reshape(bt * h, g, d).contiguous(), tensors, meta,
+                                              float(softcap or 0.0))
     return out.view(bt, h, g, d), mass

@@ -246,6 +246,20 @@ void part_scores(const Part& P, int64_t bh, const float* qh, int64_t g, int64_t 
   }
 }
 
+// Logit softcapping (Gemma2's attn_logit_softcapping, agacc.attention.cap_logits) of part `P`'s scores,
+// computed by part_scores without the part's bias: S[j * ld + t] <- c * tanh(S / c) (+ bias_t), the bias
+// added after the cap, as agacc.decode does. A pass of its own, so part_scores (the uncapped path) is
+// what it was: under -ffast-math a cap inside its loops changed how they compiled, and their sums.
+void cap_scores(const Part& P, int64_t g, float* S, int64_t ld, float c) {
+  for (int64_t j = 0; j < g; ++j) {
+    float* row = S + j * ld;
+    if (P.bias)
+      for (int64_t t = 0; t < P.n; ++t) row[t] = std::tanh(row[t] / c) * c + P.bias[t];
+    else
+      for (int64_t t = 0; t < P.n; ++t) row[t] = std::tanh(row[t] / c) * c;
+  }
+}
+
 // out_j += sum_t p_j,t v_t over part `P` for batch x head `bh` (values per token, R groups when quantised)
 void part_values(const Part& P, int64_t bh, const float* ph, int64_t g, int64_t D, int64_t ld, float* oh,
                  float* codes, float* meta) {
@@ -299,14 +313,20 @@ void hadamard_rows(float* x, int64_t rows, int64_t D) {
 //            empty tensor), a quantised part 6 (k codes, k scale, k zero, v codes, v scale, v zero)
 //   meta     4 ints per part: quantised (0/1), container, block (keys per channel per block of this many
 //            tokens; 0: per token), rotated (0/1)
+//   softcap  logit softcapping c (0: off): every logit z = q . k becomes c * tanh(z / c), then the part's
+//            bias is added (agacc.decode's order: cap, then bias); softmax, output and mass use the result
 // -> [out [BH, g, D], mass [N]]: softmax over all N entries; mass_t = sum over bh, j of p / (BH * g)
 //    (agacc.decode's normalisation). Rotated parts (Hadamard runs of D & -D channels, agacc.quant.rotate)
 //    meet the rotated query, and their share of the output is rotated back once: (P V H) H = P V.
-std::vector<torch::Tensor> decode_layer(torch::Tensor q, std::vector<torch::Tensor> tensors, std::vector<int64_t> meta) {
+std::vector<torch::Tensor> decode_layer(torch::Tensor q, std::vector<torch::Tensor> tensors, std::vector<int64_t> meta,
+                                        double softcap) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat && q.is_contiguous() && q.dim() == 3, "q: fp32 [BH, g, D]");
   TORCH_CHECK(meta.size() % 4 == 0, "meta: 4 ints per part");
   const int64_t BH = q.size(0), g = q.size(1), D = q.size(2);
   TORCH_CHECK(D % 8 == 0, "head dim must be a multiple of 8");
+  TORCH_CHECK(softcap >= 0, "softcap: c > 0, or 0 for none");  // (NaN, inf: kernels/cpu.py rejects them)
+  const bool capped = softcap != 0;
+  const float cap = (float)softcap;
   std::vector<Part> parts(meta.size() / 4);
   std::vector<torch::Tensor> held;  // contiguous copies live until the end
   size_t ti = 0;
@@ -361,6 +381,12 @@ std::vector<torch::Tensor> decode_layer(torch::Tensor q, std::vector<torch::Tens
     N += P.n;
   }
   TORCH_CHECK(ti == tensors.size(), "more tensors than the parts take");
+  std::vector<Part> unbiased;  // capped: the parts scored without their bias (cap_scores adds it after the cap)
+  if (capped) {
+    unbiased = parts;
+    for (Part& P : unbiased) P.bias = nullptr;
+  }
+  const std::vector<Part>& scored = capped ? unbiased : parts;
   auto probs = torch::empty({BH, g, N}, q.options());
   auto out = torch::zeros({BH, g, D}, q.options());
   const float* qp = q.data_ptr<float>();
@@ -379,9 +405,16 @@ std::vector<torch::Tensor> decode_layer(torch::Tensor q, std::vector<torch::Tens
       }
       float* S = pp + bh * g * N;
       int64_t off = 0;
-      for (const Part& P : parts) {
+      for (const Part& P : scored) {
         part_scores(P, bh, P.rotated ? q_rot.data() : qh, g, D, S + off, N, codes.data(), qs.data(), meta_buf.data());
         off += P.n;
+      }
+      if (capped) {
+        off = 0;
+        for (const Part& P : parts) {
+          cap_scores(P, g, S + off, N, cap);
+          off += P.n;
+        }
       }
       for (int64_t j = 0; j < g; ++j) {  // softmax over all N entries
         float* row = S + j * N;

@@ -34,7 +34,9 @@ All arithmetic is fp32; the two products run as ``tl.dot`` with input precision 
 TF32 MMAs, about fp32 accurate) -- the interpreter computes them in fp32. Specialisations
 (``aot_specs``): D_PAD (head dim rounded up to a power of two) and its tile, the part's format and
 container, the dense dtype, a logit bias, keys per token or per channel, the value (and per-token
-key) group; GQA group size, kept count of a sparse part, key block size and lengths are runtime.
+key) group, logit softcapping (SOFTCAP: Gemma2's c * tanh(z / c) on the scaled logits, before the
+bias and the causal mask); GQA group size, kept count of a sparse part, key block size, lengths and the
+cap itself are runtime.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ import triton
 import triton.language as tl
 
 from kernels.format import DENSE, QUANT, SPARSE, Part, rotate
-from kernels.triton_decode import _dense_strides, _load_dense, _load_quant_values, _pow2, _unpack_codes, _unpack_rows
+from kernels.triton_decode import (_cap, _dense_strides, _load_dense, _load_quant_values, _pow2, _unpack_codes,
+                                   _unpack_rows)
 
 # FMT codes: 0 dense rows, 1 packed quantised codes, 2 sparse (bitmap + kept codes)
 _FMT = {DENSE: 0, QUANT: 1, SPARSE: 2}
@@ -137,21 +140,21 @@ def _load_q_rows(q_ptr, sqb, sqh, sqi, b, h, g, j, i, rvalid, offs_d, dmask, sca
 
 # integer arguments that change from chunk to chunk (query strides and length, part lengths and offsets,
 # the strides of parts that grow): not specialised, so a new pattern of "== 1" / "% 16" is no new compile
-_CHUNK_RUNTIME = ("sqb", "sqh", "sqi", "q_len", "new0", "n", "sb", "sh", "keep")
+_CHUNK_RUNTIME = ("sqb", "sqh", "sqi", "q_len", "softcap", "new0", "n", "sb", "sh", "keep")
 
 
 @triton.jit(do_not_specialize=_CHUNK_RUNTIME)
 def _chunk_kernel(
-    q_ptr, sqb, sqh, sqi, H, D, g, q_len, scaling, new0, n,
+    q_ptr, sqb, sqh, sqi, H, D, g, q_len, scaling, softcap, new0, n,
     k_ptr, ks_ptr, kz_ptr, km_ptr, v_ptr, vs_ptr, vz_ptr, vm_ptr, bias_ptr, sb, sh, B, keep,
     m_ptr, l_ptr, acc_ptr,
     FMT: tl.constexpr, C: tl.constexpr, HAS_BIAS: tl.constexpr, KEY_TOKEN: tl.constexpr, KG: tl.constexpr,
-    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+    G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Grid (cdiv(g*q_len, BLOCK_M), Bt*H). Continues the online softmax of rows r = j*q_len + i over
     the ``n`` entries of one part; ``new0`` = the part-local index of new entry 0 (row i sees part rows
     <= new0 + i; >= n when the part holds none). State m, l [Bt*H, g*q_len], acc [Bt*H, g*q_len, D_PAD]
-    fp32, updated in place."""
+    fp32, updated in place. SOFTCAP: the scaled logits are capped by ``softcap`` before the bias and mask."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -176,6 +179,8 @@ def _chunk_kernel(
         k = _load_k(k_ptr, ks_ptr, kz_ptr, km_ptr, sb, sh, b, h, bh, n, rows, rmask, offs_d, dmask, D, B, keep,
                     FMT, C, KEY_TOKEN, KG, BLOCK_N, D_PAD)
         s = tl.dot(qt, tl.trans(k), input_precision="tf32x3")  # [BLOCK_M, BLOCK_N]
+        if SOFTCAP:
+            s = _cap(s, softcap)
         if HAS_BIAS:
             s += tl.load(bias_ptr + rows, mask=rmask, other=0.0)[None, :]
         s = tl.where(rmask[None, :] & (rows[None, :] <= last[:, None]), s, float("-inf"))
@@ -195,11 +200,11 @@ def _chunk_kernel(
 
 @triton.jit(do_not_specialize=_CHUNK_RUNTIME + ("n_obs", "entry0", "n_total"))
 def _mass_kernel(
-    q_ptr, sqb, sqh, sqi, H, D, g, q_len, n_obs, scaling, new0, n, entry0, n_total,
+    q_ptr, sqb, sqh, sqi, H, D, g, q_len, n_obs, scaling, softcap, new0, n, entry0, n_total,
     k_ptr, ks_ptr, kz_ptr, km_ptr, bias_ptr, sb, sh, B, keep,
     lse_ptr, mass_ptr,
     FMT: tl.constexpr, C: tl.constexpr, HAS_BIAS: tl.constexpr, KEY_TOKEN: tl.constexpr, KG: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Grid (cdiv(n, BLOCK_N), Bt*H). For the part's entries [t, t+BLOCK_N) of one KV head:
     mass[bh, entry0 + e] = sum over the g*n_obs observed rows (j, q_len - n_obs + o) of
@@ -227,6 +232,8 @@ def _mass_kernel(
         qt = _load_q_rows(q_ptr, sqb, sqh, sqi, b, h, g, j, i, rvalid, offs_d, dmask, scaling)
         lse = tl.load(lse_ptr + bh * g * q_len + j * q_len + i, mask=rvalid, other=0.0)
         s = tl.dot(qt, tl.trans(k), input_precision="tf32x3")
+        if SOFTCAP:
+            s = _cap(s, softcap)
         if HAS_BIAS:
             s += bias[None, :]
         seen = rvalid[:, None] & rmask[None, :] & (rows[None, :] <= (new0 + i)[:, None])
@@ -258,18 +265,18 @@ _TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32
 
 
 def _constexprs(kind: str, d_pad: int, container: int = 8, bias: bool = False, key_token: bool = False,
-                key_group: int = 1, value_group: int = 1) -> dict:
+                key_group: int = 1, value_group: int = 1, softcap: bool = False) -> dict:
     """The constexprs of ``_chunk_kernel`` for a part (canonical values for what a format does not read)."""
     bm, bn, _ = TILES[d_pad][0]
     quant = kind == QUANT
     return dict(FMT=_FMT[kind], C=container if kind != DENSE else 8, HAS_BIAS=bool(bias),
                 KEY_TOKEN=bool(quant and key_token), KG=key_group if quant and key_token else 1,
-                G=value_group if quant else 1, BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad)
+                G=value_group if quant else 1, BLOCK_M=bm, BLOCK_N=bn, D_PAD=d_pad, SOFTCAP=bool(softcap))
 
 
-def _part_constexprs(p: Part, d_pad: int) -> dict:
+def _part_constexprs(p: Part, d_pad: int, softcap: bool = False) -> dict:
     return _constexprs(p.kind, d_pad, p.container, p.bias is not None, p.key_block == 0, p.key_group or 1,
-                       p.value_group or 1)
+                       p.value_group or 1, softcap)
 
 
 def _mass_constexprs(main: dict) -> dict:
@@ -289,22 +296,22 @@ def _signatures(kind: str, dtype: str = "fp16") -> tuple[dict, dict]:
             QUANT: dict(k="u8", ks="fp16", kz="fp16", km="fp32", v="u8", vs="fp16", vz="fp16", vm="fp32"),
             SPARSE: dict(k="u8", ks="fp16", kz="fp16", km="u8", v="u8", vs="fp16", vz="fp16", vm="u8")}[kind]
     tail = {"bias_ptr": "*fp32", "sb": "i32", "sh": "i32", "B": "i32", "keep": "i32"}
-    main = {**_SIG_HEAD, "scaling": "fp32", "new0": "i32", "n": "i32",
+    main = {**_SIG_HEAD, "scaling": "fp32", "softcap": "fp32", "new0": "i32", "n": "i32",
             **{f"{name}_ptr": "*" + t for name, t in ptrs.items()}, **tail,
             "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32"}
-    mass = {**_SIG_HEAD, "n_obs": "i32", "scaling": "fp32", "new0": "i32", "n": "i32", "entry0": "i32",
-            "n_total": "i32", **{f"{name}_ptr": "*" + ptrs[name] for name in ("k", "ks", "kz", "km")}, **tail,
-            "lse_ptr": "*fp32", "mass_ptr": "*fp32"}
+    mass = {**_SIG_HEAD, "n_obs": "i32", "scaling": "fp32", "softcap": "fp32", "new0": "i32", "n": "i32",
+            "entry0": "i32", "n_total": "i32", **{f"{name}_ptr": "*" + ptrs[name] for name in ("k", "ks", "kz", "km")},
+            **tail, "lse_ptr": "*fp32", "mass_ptr": "*fp32"}
     return main, mass
 
 
-def part_specs(query: torch.Tensor, parts: list[Part]) -> list[tuple[str, dict, dict]]:
+def part_specs(query: torch.Tensor, parts: list[Part], softcap: float | None = None) -> list[tuple[str, dict, dict]]:
     """(kernel name, signature, constexprs) of every launch ``chunk_parts`` makes for these inputs."""
     d_pad = max(16, _pow2(query.shape[-1]))
     out = []
     for p in parts:
         main_sig, mass_sig = _signatures(p.kind, _TORCH_TO_TRITON.get(p.k.dtype, "u8"))
-        ce = _part_constexprs(p, d_pad)
+        ce = _part_constexprs(p, d_pad, bool(softcap))
         out += [("_chunk_kernel", main_sig, ce), ("_mass_kernel", mass_sig, _mass_constexprs(ce))]
     return out
 
@@ -320,7 +327,7 @@ def _variant(kind: str, dtype: str, ce: dict) -> str:
             QUANT: f"quant,c{ce['C']},keys=" + (f"token/{ce['KG']}" if ce["KEY_TOKEN"] else "channel")
             + (f",G={ce['G']}" if "G" in ce else ""),
             SPARSE: f"sparse,c{ce['C']}"}[kind]
-    return f"D{ce['D_PAD']},{what},M{ce['BLOCK_M']},N{ce['BLOCK_N']}"
+    return f"D{ce['D_PAD']},{what},M{ce['BLOCK_M']},N{ce['BLOCK_N']}" + (",softcap" if ce.get("SOFTCAP") else "")
 
 
 def aot_specs() -> list[tuple[str, triton.JITFunction, dict, dict, dict]]:
@@ -332,8 +339,9 @@ def aot_specs() -> list[tuple[str, triton.JITFunction, dict, dict, dict]]:
     quantised parts in containers 8/4/3/2 with keys per channel per block, or per token in groups of
     the value group, value groups gcd(D, s) for s in ``AOT_GROUP_SIZES``; sparse parts in the four
     containers. Each for ``_chunk_kernel`` and ``_mass_kernel`` (which has no value group). Rotation
-    needs no specialisation (a rotated part is the same kernel on the rotated query). A config outside
-    this set (key and value groups of different sizes, a group of 256) compiles on first use."""
+    needs no specialisation (a rotated part is the same kernel on the rotated query). All without logit
+    softcapping (SOFTCAP=False). A config outside this set (key and value groups of different sizes, a
+    group of 256, a softcapped model's SOFTCAP=True) compiles on first use."""
     cases = []
     for d in AOT_HEAD_DIMS:
         d_pad = _pow2(d)
@@ -379,14 +387,17 @@ def _part_args(p: Part, dev, dummy):
     return ts[0], ts[1], ts[2], km, ts[3], ts[4], ts[5], vm, bias, 0, 0, 1, p.keep
 
 
-def chunk_parts(query: torch.Tensor, parts: list[Part], scaling: float, n_new: int, n_obs: int):
+def chunk_parts(query: torch.Tensor, parts: list[Part], scaling: float, n_new: int, n_obs: int,
+                softcap: float | None = None):
     """Triton attention of a chunk of q queries over a layer's ``parts`` (``kernels.format.Part``,
     attention order), the last ``n_new`` entries being the chunk's own tokens (causal among them).
 
     query [Bt, Hq, q, D] (any float dtype; math in fp32). Returns (out [Bt, q, Hq, D] in query.dtype,
     mass [n_entries] fp32) like ``agacc.attention.chunk_attention``: mass is the softmax probability
     each entry received from the last ``n_obs`` queries (at most q), summed over query heads and those
-    queries, averaged over batch, divided by Hq * n_obs."""
+    queries, averaged over batch, divided by Hq * n_obs. ``softcap`` (None / 0: none): logit softcapping
+    c * tanh(z / c) of the scaled logits z, before the parts' bias and the causal mask (as
+    ``chunk_attention``'s ``softcap``), in the output and the mass alike."""
     bt, hq, q_len, d = query.shape
     parts = [p for p in parts if p.n]
     if not parts:
@@ -417,15 +428,16 @@ def chunk_parts(query: torch.Tensor, parts: list[Part], scaling: float, n_new: i
 
     launches, e0 = [], 0
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
+    sc = (float(scaling), float(softcap or 0.0))
     for p in parts:
         rotated = p.kind == QUANT and p.rotated
         qq = qr if rotated else qf
         qa = (qq, qq.stride(0), qq.stride(1), qq.stride(2), h, d, g, q_len)
         pa = _part_args(p, dev, dummy)
-        ce = _part_constexprs(p, d_pad)
+        ce = _part_constexprs(p, d_pad, bool(softcap))
         new0 = new_first - e0
         launches.append((qa, new0, e0, p.n, pa, ce))
-        _chunk_kernel[(triton.cdiv(M, block_m), bh)](*qa, float(scaling), new0, p.n, *pa, *state(rotated),
+        _chunk_kernel[(triton.cdiv(M, block_m), bh)](*qa, *sc, new0, p.n, *pa, *state(rotated),
                                                      **ce, **launch_options("main", d_pad))
         e0 += p.n
 
@@ -448,7 +460,7 @@ def chunk_parts(query: torch.Tensor, parts: list[Part], scaling: float, n_new: i
     lse = (m + torch.log(l)).contiguous()  # [Bt*H, g*q]
     part_mass = torch.empty(bh, n_total, dtype=torch.float32, device=dev)
     for qa, new0, e0, n, pa, ce in launches:
-        _mass_kernel[(triton.cdiv(n, block_n), bh)](*qa, n_obs, float(scaling), new0, n, e0, n_total,
+        _mass_kernel[(triton.cdiv(n, block_n), bh)](*qa, n_obs, *sc, new0, n, e0, n_total,
                                                    *pa[:4], *pa[8:], lse, part_mass, **_mass_constexprs(ce),
                                                    **launch_options("mass", d_pad))
     return out, part_mass.sum(0) / (bt * hq * n_obs)

@@ -15,9 +15,10 @@ Three launches (+1 per sparse part); K and V are read exactly once:
    accumulator ``acc`` [g, D]). Quantised slots stored Hadamard-rotated (ROT) meet the rotated
    query and leave rotated accumulators.
    It writes the partials and every entry's raw logit ``q.k * scaling + bias`` (fp32,
-   [Bt*H*g, n]). Parts are slots of the one launch (a dense "full" slot, int8, int4, int3, int2, a
-   dense slot with a logit bias "markers", a dense "hot" slot); a program picks its slot by comparing
-   its split index with the slot starts, and writes its logits at its part's entry offset.
+   [Bt*H*g, n]; with logit softcapping, SOFTCAP, ``c * tanh(q.k * scaling / c) + bias``). Parts are
+   slots of the one launch (a dense "full" slot, int8, int4, int3, int2, a dense slot with a logit
+   bias "markers", a dense "hot" slot); a program picks its slot by comparing its split index with the
+   slot starts, and writes its logits at its part's entry offset.
    ``_sparse_partial_kernel`` does the same for one sparse part (bitmap + kept codes), one
    launch per part, into the same workspace.
 2. ``_combine_kernel``, grid (Bt*H,): merges the splits -> output and log-sum-exp per query head;
@@ -42,6 +43,27 @@ from kernels.format import QUANT, SPARSE, Part, rotate
 
 def _pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in fp32 from ``tl.exp`` only (the interpreter and sm_80 / sm_90 alike), within a few ulp of
+    ``torch.tanh``: an odd Taylor polynomial to x^9 for |x| < 0.25 (its remainder < 1e-8 relative), else
+    (1 - e) / (1 + e) with e = exp(-2|x|) in (0, 1] (no overflow, no cancellation worse than 1/2)."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    t = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    p = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (-0.05396825396825397
+                                                                                 + x2 * 0.021869488536155203))))
+    return tl.where(a < 0.25, p, tl.where(x < 0, -t, t))
+
+
+@triton.jit
+def _cap(s, softcap):
+    """Logit softcapping (Gemma2's ``attn_logit_softcapping``) of scaled logits: c * tanh(s / c), as
+    ``agacc.attention.cap_logits``; the wrappers apply it (SOFTCAP) before a part's bias and the mask."""
+    return softcap * _tanh(s / softcap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,16 +176,17 @@ def _load_sparse(map_ptr, codes_ptr, sc_ptr, zr_ptr, bh, n, rows, rmask, offs_d,
 
 @triton.jit
 def _split_partial(
-    q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, local_split, ws_split,
+    q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, softcap, split, local_split, ws_split,
     n, entry0, n_total, S_total,
     k_ptr, ks_ptr, kz_ptr, km_ptr, v_ptr, vs_ptr, vz_ptr, vm_ptr, bias_ptr, sb, sh, B: tl.constexpr, G: tl.constexpr,
     logit_ptr, m_ptr, l_ptr, acc_ptr,
     FMT: tl.constexpr, C: tl.constexpr, KEEP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, PER_HEAD: tl.constexpr,
-    KEY_TOKEN: tl.constexpr, KG: tl.constexpr,
+    KEY_TOKEN: tl.constexpr, KG: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Online softmax over entries [local_split*split, +split) of one part for the g query heads
-    q [G_PAD, D_PAD]; writes raw logits and the split's (m, l, acc) at workspace index ws_split."""
+    q [G_PAD, D_PAD]; writes raw logits and the split's (m, l, acc) at workspace index ws_split.
+    SOFTCAP: the scaled logits are capped (``_cap``, by ``softcap``) before the bias."""
     start = local_split * split
     stop = tl.minimum(start + split, n)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -192,6 +215,8 @@ def _split_partial(
             s = s * scaling
         else:
             s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scaling  # [G_PAD, BLOCK_N]
+        if SOFTCAP:
+            s = _cap(s, softcap)
         if HAS_BIAS:
             s += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
         s = tl.where(rmask[None, :], s, float("-inf"))
@@ -235,14 +260,14 @@ def _load_q(q_ptr, sqb, sqh, b, h, g, offs_g, offs_d, D):
 # parts that grow): Triton would specialise each on "== 1" and "% 16 == 0", and every new pattern is
 # a compile in the middle of a generation (the first H200 run: 18 compiles in 16 decode steps).
 # Not specialised, a cache config compiles once per set of slots it holds.
-_PARTIAL_RUNTIME = ("split", "n_total", "S_total", "s_q8", "s_q4", "s_q3", "s_q2", "s_mk", "s_hot",
+_PARTIAL_RUNTIME = ("softcap", "split", "n_total", "S_total", "s_q8", "s_q4", "s_q3", "s_q2", "s_mk", "s_hot",
                     "e_full", "e_q8", "e_q4", "e_q3", "e_q2", "e_mk", "e_hot", "f_sb", "f_sh", "f_n",
                     "q8_n", "q4_n", "q3_n", "q2_n", "mk_sb", "mk_sh", "mk_n", "hot_sb", "hot_sh", "hot_n")
 
 
 @triton.jit(do_not_specialize=_PARTIAL_RUNTIME)
 def _partial_kernel(
-    q_ptr, qr_ptr, sqb, sqh, H, D, g, scaling, split, n_total, S_total,
+    q_ptr, qr_ptr, sqb, sqh, H, D, g, scaling, softcap, split, n_total, S_total,
     logit_ptr, m_ptr, l_ptr, acc_ptr,
     # first split (workspace index) and first entry of each slot; the full slot starts at split 0
     s_q8, s_q4, s_q3, s_q2, s_mk, s_hot,
@@ -257,7 +282,7 @@ def _partial_kernel(
     HAS_FULL: tl.constexpr, HAS_Q8: tl.constexpr, HAS_Q4: tl.constexpr, HAS_Q3: tl.constexpr, HAS_Q2: tl.constexpr,
     HAS_MK: tl.constexpr, HAS_HOT: tl.constexpr, B: tl.constexpr, G: tl.constexpr,
     BLOCK_N: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, PER_HEAD: tl.constexpr,
-    KEY_TOKEN: tl.constexpr, KG: tl.constexpr, ROT: tl.constexpr,
+    KEY_TOKEN: tl.constexpr, KG: tl.constexpr, ROT: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Grid (splits of the full, int8, int4, int3, int2, marker and hot slots, Bt*H): a program finds its
     slot by comparing its split index with the slot starts. Quantised slots meet the rotated query
@@ -277,62 +302,63 @@ def _partial_kernel(
         qq = q
     if sid < s_q8:
         if HAS_FULL:
-            _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid, sid,
+            _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, softcap, split, sid, sid,
                            f_n, e_full, n_total, S_total,
                            f_k, f_k, f_k, f_k, f_v, f_v, f_v, f_v, f_k, f_sb, f_sh, B, G,
                            logit_ptr, m_ptr, l_ptr, acc_ptr,
-                           0, 8, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, False, 1)
+                           0, 8, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, False, 1, SOFTCAP)
     elif sid < s_q4:
         if HAS_Q8:
-            _split_partial(qq, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_q8, sid,
+            _split_partial(qq, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, softcap, split, sid - s_q8, sid,
                            q8_n, e_q8, n_total, S_total,
                            q8_k, q8_ks, q8_kz, q8_k, q8_v, q8_vs, q8_vz, q8_v, q8_k, 0, 0, B, G,
                            logit_ptr, m_ptr, l_ptr, acc_ptr,
-                           1, 8, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, KEY_TOKEN, KG)
+                           1, 8, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, KEY_TOKEN, KG, SOFTCAP)
     elif sid < s_q3:
         if HAS_Q4:
-            _split_partial(qq, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_q4, sid,
+            _split_partial(qq, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, softcap, split, sid - s_q4, sid,
                            q4_n, e_q4, n_total, S_total,
                            q4_k, q4_ks, q4_kz, q4_k, q4_v, q4_vs, q4_vz, q4_v, q4_k, 0, 0, B, G,
                            logit_ptr, m_ptr, l_ptr, acc_ptr,
-                           1, 4, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, KEY_TOKEN, KG)
+                           1, 4, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, KEY_TOKEN, KG, SOFTCAP)
     elif sid < s_q2:
         if HAS_Q3:
-            _split_partial(qq, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_q3, sid,
+            _split_partial(qq, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, softcap, split, sid - s_q3, sid,
                            q3_n, e_q3, n_total, S_total,
                            q3_k, q3_ks, q3_kz, q3_k, q3_v, q3_vs, q3_vz, q3_v, q3_k, 0, 0, B, G,
                            logit_ptr, m_ptr, l_ptr, acc_ptr,
-                           1, 3, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, KEY_TOKEN, KG)
+                           1, 3, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, KEY_TOKEN, KG, SOFTCAP)
     elif sid < s_mk:
         if HAS_Q2:
-            _split_partial(qq, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_q2, sid,
+            _split_partial(qq, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, softcap, split, sid - s_q2, sid,
                            q2_n, e_q2, n_total, S_total,
                            q2_k, q2_ks, q2_kz, q2_k, q2_v, q2_vs, q2_vz, q2_v, q2_k, 0, 0, B, G,
                            logit_ptr, m_ptr, l_ptr, acc_ptr,
-                           1, 2, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, KEY_TOKEN, KG)
+                           1, 2, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, KEY_TOKEN, KG, SOFTCAP)
     elif sid < s_hot:
         if HAS_MK:
-            _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_mk, sid,
+            _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, softcap, split, sid - s_mk, sid,
                            mk_n, e_mk, n_total, S_total,
                            mk_k, mk_k, mk_k, mk_k, mk_v, mk_v, mk_v, mk_v, mk_bias, mk_sb, mk_sh, B, G,
                            logit_ptr, m_ptr, l_ptr, acc_ptr,
-                           0, 8, 8, True, BLOCK_N, G_PAD, D_PAD, PER_HEAD, False, 1)
+                           0, 8, 8, True, BLOCK_N, G_PAD, D_PAD, PER_HEAD, False, 1, SOFTCAP)
     else:
         if HAS_HOT:
-            _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, split, sid - s_hot, sid,
+            _split_partial(q, offs_g, gmask, offs_d, dmask, b, h, bh, D, g, scaling, softcap, split, sid - s_hot, sid,
                            hot_n, e_hot, n_total, S_total,
                            hot_k, hot_k, hot_k, hot_k, hot_v, hot_v, hot_v, hot_v, hot_k, hot_sb, hot_sh, B, G,
                            logit_ptr, m_ptr, l_ptr, acc_ptr,
-                           0, 8, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, False, 1)
+                           0, 8, 8, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, False, 1, SOFTCAP)
 
 
-@triton.jit(do_not_specialize=("split", "n_total", "S_total", "ws0", "e0", "n"))
+@triton.jit(do_not_specialize=("softcap", "split", "n_total", "S_total", "ws0", "e0", "n"))
 def _sparse_partial_kernel(
-    q_ptr, sqb, sqh, H, D, g, scaling, split, n_total, S_total, ws0, e0,
+    q_ptr, sqb, sqh, H, D, g, scaling, softcap, split, n_total, S_total, ws0, e0,
     logit_ptr, m_ptr, l_ptr, acc_ptr,
     km, k, ks, kz, vm, v, vs, vz, n,
     KEEP: tl.constexpr, C: tl.constexpr,
     BLOCK_N: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, PER_HEAD: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """Grid (splits of one sparse part, Bt*H); workspace split = ws0 + program_id(0), entries from e0.
     A kernel of its own: the bitmap prefix count costs registers the other formats should not pay."""
@@ -343,11 +369,11 @@ def _sparse_partial_kernel(
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D_PAD)
     q = _load_q(q_ptr, sqb, sqh, b, h, g, offs_g, offs_d, D)
-    _split_partial(q, offs_g, offs_g < g, offs_d, offs_d < D, b, h, bh, D, g, scaling, split, sid, ws0 + sid,
+    _split_partial(q, offs_g, offs_g < g, offs_d, offs_d < D, b, h, bh, D, g, scaling, softcap, split, sid, ws0 + sid,
                    n, e0, n_total, S_total,
                    k, ks, kz, km, v, vs, vz, vm, k, 0, 0, 1, 1,
                    logit_ptr, m_ptr, l_ptr, acc_ptr,
-                   2, C, KEEP, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, False, 1)
+                   2, C, KEEP, False, BLOCK_N, G_PAD, D_PAD, PER_HEAD, False, 1, SOFTCAP)
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,13 +512,15 @@ def _slots(parts: list[Part]):
 
 def decode_parts(query: torch.Tensor, parts: list[Part], scaling: float, split: int | None = None,
                  block_n: int | None = None, num_warps: int | None = None, per_head: bool = True,
-                 return_lse: bool = False, dot: bool = False):
+                 return_lse: bool = False, dot: bool = False, softcap: float | None = None):
     """Triton decode attention over a layer's ``parts`` (``kernels.format.Part``, attention order) for
     one query step.
 
     query [Bt, Hq, 1, D] (any float dtype; math in fp32). Returns (out [Bt, 1, Hq, D] in
     query.dtype, mass [n_entries] fp32) like ``agacc.attention.attend``, entries in ``parts`` order,
-    and with ``return_lse`` also the log-sum-exp [Bt, Hq] of the scaled logits. Tuning knobs:
+    and with ``return_lse`` also the log-sum-exp [Bt, Hq] of the scaled logits. ``softcap`` (None / 0:
+    none): logit softcapping c * tanh(z / c) of the scaled logits z, before a part's bias (``attend``'s
+    ``softcap``); out, mass and lse all see the capped logits. Tuning knobs:
     ``split`` entries per split (rounded up to a multiple of the tile), ``block_n`` entries per tile
     (at most the key block, so a tile never straddles two key blocks), ``num_warps``, ``per_head``
     (loop over the g query heads on [BLOCK_N, D] tiles instead of one [g, BLOCK_N, D] product: fewer
@@ -551,9 +579,10 @@ def decode_parts(query: torch.Tensor, parts: list[Part], scaling: float, split: 
     acc_ws = torch.empty(bh, S_total, g_pad, d_pad, dtype=torch.float32, device=dev)
     lse = torch.empty(bh, g_pad, dtype=torch.float32, device=dev)
     mass = torch.empty(n_total, dtype=torch.float32, device=dev)
-    common = (qc, qc.stride(0), qc.stride(1), h, d, g, float(scaling), split, n_total, S_total)
-    meta = dict(BLOCK_N=block_n, G_PAD=g_pad, D_PAD=d_pad, PER_HEAD=2 if dot else per_head, num_warps=num_warps,
-                enable_fp_fusion=True)
+    common = (qc, qc.stride(0), qc.stride(1), h, d, g, float(scaling), float(softcap or 0.0), split, n_total,
+              S_total)
+    meta = dict(BLOCK_N=block_n, G_PAD=g_pad, D_PAD=d_pad, PER_HEAD=2 if dot else per_head, SOFTCAP=bool(softcap),
+                num_warps=num_warps, enable_fp_fusion=True)
     dummy = logits  # pointer for absent slots: their code is compiled out
     for name in ("full", *_QUANT_NAMES, "markers", "hot"):
         entry0.setdefault(name, 0)  # absent slots: any start (compiled out)
@@ -636,17 +665,18 @@ def _aot_tile(d: int, g: int, key_block: int, dot: bool = False) -> tuple[int, i
 
 
 def _aot_partial(d, g, *, key_block=16, rot=True, key_group=64, value_group=64, q="fp16", kv="fp16",
-                 slots=_AOT_SLOTS, dot=False):
+                 slots=_AOT_SLOTS, dot=False, softcap=False):
     """``_partial_kernel`` with the ``slots`` present (default all: full, q8, q4, q3, q2, mk, hot, the
     union of the code any subset of slots compiles; an absent slot's branch is compiled out). A
     format as ``LayerStore.parts()`` holds it: key_block 0 = per-token keys (groups of ``key_group``
     channels), else per-channel keys over blocks of ``key_block`` tokens; ``rot`` Hadamard-rotated
-    codes; ``q`` the query (model) dtype, ``kv`` the dense parts' (store) dtype."""
+    codes; ``q`` the query (model) dtype, ``kv`` the dense parts' (store) dtype; ``softcap`` the SOFTCAP
+    variant (logit softcapping: not in ``aot_specs``, which compiles the models without it)."""
     from kernels.format import value_group as vgroup
 
     g_pad, d_pad, block_n = _aot_tile(d, g, key_block, dot)
     key_token = key_block == 0
-    sig = {"q_ptr": _PTR[q], "qr_ptr": "*fp32" if rot else _PTR[q], "scaling": "fp32",
+    sig = {"q_ptr": _PTR[q], "qr_ptr": "*fp32" if rot else _PTR[q], "scaling": "fp32", "softcap": "fp32",
            "logit_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "mk_bias": "*fp32"}
     for p in _partial_kernel.params:
         n = p.name
@@ -662,23 +692,26 @@ def _aot_partial(d, g, *, key_block=16, rot=True, key_group=64, value_group=64, 
             sig[n] = "i32"
     consts = {f"HAS_{s.upper()}": s in slots for s in _AOT_SLOTS}
     consts.update(B=key_block or block_n, G=vgroup(d, value_group), BLOCK_N=block_n, G_PAD=g_pad, D_PAD=d_pad,
-                  PER_HEAD=2 if dot else True, KEY_TOKEN=key_token, KG=vgroup(d, key_group) if key_token else 1, ROT=rot)
+                  PER_HEAD=2 if dot else True, KEY_TOKEN=key_token, KG=vgroup(d, key_group) if key_token else 1,
+                  ROT=rot, SOFTCAP=softcap)
     keys = f"token/{consts['KG']}" if key_token else f"B{key_block}"
     which = "all" if set(slots) == set(_AOT_SLOTS) else "+".join(s for s in _AOT_SLOTS if s in slots)
     name = (f"decode.partial[D={d},g={g},keys={keys},G={consts['G']},{'rot' if rot else 'plain'},"
-            f"q={q},kv={kv},slots={which}{',dot' if dot else ''}]")
+            f"q={q},kv={kv},slots={which}{',dot' if dot else ''}{',softcap' if softcap else ''}]")
     return name, _partial_kernel, sig, consts, {"num_warps": 4, "enable_fp_fusion": True}
 
 
-def _aot_sparse(d, g, c, keep, *, key_block=16, q="fp16", dot=False):
+def _aot_sparse(d, g, c, keep, *, key_block=16, q="fp16", dot=False, softcap=False):
     g_pad, d_pad, block_n = _aot_tile(d, g, key_block, dot)
     sig = {n: "*u8" for n in ("km", "k", "vm", "v")}
     sig.update({n: "*fp16" for n in ("ks", "kz", "vs", "vz")})
-    sig.update({"q_ptr": _PTR[q], "scaling": "fp32", "logit_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
-                "acc_ptr": "*fp32"})
+    sig.update({"q_ptr": _PTR[q], "scaling": "fp32", "softcap": "fp32", "logit_ptr": "*fp32", "m_ptr": "*fp32",
+                "l_ptr": "*fp32", "acc_ptr": "*fp32"})
     sig.update({n: "i32" for n in ("sqb", "sqh", "H", "D", "g", "split", "n_total", "S_total", "ws0", "e0", "n")})
-    consts = dict(KEEP=keep, C=c, BLOCK_N=block_n, G_PAD=g_pad, D_PAD=d_pad, PER_HEAD=2 if dot else True)
-    name = f"decode.sparse[D={d},g={g},c={c},keep={keep},N={block_n},q={q}{',dot' if dot else ''}]"
+    consts = dict(KEEP=keep, C=c, BLOCK_N=block_n, G_PAD=g_pad, D_PAD=d_pad, PER_HEAD=2 if dot else True,
+                  SOFTCAP=softcap)
+    name = f"decode.sparse[D={d},g={g},c={c},keep={keep},N={block_n},q={q}{',dot' if dot else ''}" \
+           f"{',softcap' if softcap else ''}]"
     return name, _sparse_partial_kernel, sig, consts, {"num_warps": 4, "enable_fp_fusion": True}
 
 
@@ -704,7 +737,8 @@ def aot_specs() -> list:
     """Every variant ``decode_parts`` can launch, as (name, kernel, signature, constexprs, options)
     for ``kernels/aot.py``. The constexprs follow the wrapper's own derivations (``default_tile``,
     the cap at the key block, ``value_group``, the SB / BLOCK_E formulas), so a change there moves
-    these too. Coverage:
+    these too. Every variant is compiled without logit softcapping (SOFTCAP=False; a softcapped model's
+    variants, ``softcap=True`` of ``_aot_partial`` / ``_aot_sparse``, compile on first use). Coverage:
 
     * main kernel, every slot compiled in (the union of any slot subset): head dim x GQA group at
       the default format (key block 16, rotated, per-channel keys, value groups of 64, fp16); the

@@ -1,6 +1,8 @@
 """The fused CPU decode kernel (kernels/cpu_decode.cpp, ``kernels.cpu.decode_layer(qg, store.parts())``)
 against its PyTorch reference (agacc.decode's decode_attention on the "torch" backend: AGACC_CPU_KERNEL=0)
-on stores holding every kind of part, and a hand-worked case.
+on stores holding every kind of part, and hand-worked cases; with logit softcapping (Gemma2's
+``attn_logit_softcapping``: c * tanh(z / c), then the parts' bias) against the PyTorch path and a
+reference written out here over the dequantised parts.
 
 The kernel is built on first use. The README's test command (scripts/test.sh -> setup.sh) installs its
 toolchain (g++, ninja, Python's headers), so these tests never skip: a missing piece fails them with
@@ -8,6 +10,7 @@ its name, and so does a build that does not compile."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import shutil
 import sysconfig
 from pathlib import Path
@@ -18,8 +21,9 @@ import torch
 import kernels
 from agacc import quant
 from agacc.config import AGACCConfig
-from agacc.decode import decode_attention
+from agacc.decode import _decode_parts, decode_attention
 from kernels import cpu
+from kernels.format import DENSE, Part
 from tests.helpers import every_part_store
 
 _missing = [name for name, ok in (
@@ -93,3 +97,93 @@ def test_kernel_hand_worked_three_bit_codes():
     out, mass = cpu.decode_layer(qg, store.parts())
     assert torch.allclose(out, torch.full((1, 1, 1, d), 13.0))
     assert torch.allclose(mass, torch.full((B,), 1 / B))
+
+
+def _capped_reference(qg, parts, softcap):
+    """Softcapped decode written out over the dequantised (un-rotated) parts: logits z = qg . k, then
+    c * tanh(z / c), then the part's bias; softmax over all entries; mass averaged over Bt x H x g."""
+    scores, values = [], []
+    for p in parts:
+        k, v = quant.dequantize_part(p, torch.float32)
+        z = qg @ k.transpose(-1, -2)
+        if softcap:
+            z = softcap * torch.tanh(z / softcap)
+        scores.append(z + p.bias if p.bias is not None else z)
+        values.append(v)
+    probs = torch.softmax(torch.cat(scores, -1), -1)
+    out, off = torch.zeros_like(qg), 0
+    for v in values:
+        out += probs[..., off:off + v.shape[2]] @ v
+        off += v.shape[2]
+    bt, h, g, _ = qg.shape
+    return out, probs.sum((0, 1, 2)) / (bt * h * g)
+
+
+@pytest.mark.parametrize("softcap", [None, 0.5, 2.0])
+@pytest.mark.parametrize("key_quant,group,rotate", [("channel", 64, True), ("channel", 16, False),
+                                                    ("token", 64, False), ("token", 16, True)])
+def test_kernel_softcap_equals_the_pytorch_path(key_quant, group, rotate, softcap):
+    """Every part kind in one store (full, int8..int2 per channel or per token, rotated or not, pruned,
+    the markers' log-count bias, hot), two batch rows: the fused step with ``softcap`` ==
+    ``_decode_parts(..., softcap)`` and the reference above. Capped, the queries are 4x larger, so the
+    logits run to tens of units and a cap moves the answer far from the uncapped one (so the comparison
+    can fail); uncapped (None), they are as in the test above (logits that large put the uncapped fp32
+    sums ~2e-5 apart), and None, 0 and no argument give the same bits."""
+    store = _store(key_quant, group, rotate, bt=2)
+    parts = store.parts()
+    assert {p.kind for p in parts} == {"dense", "quant", "sparse"} and any(p.bias is not None for p in parts)
+    assert any(p.rotated for p in parts) == rotate
+    qg = torch.randn(2, 3, 3, 64, generator=torch.Generator().manual_seed(1)) * (4 if softcap else 1) * 0.125
+    out, mass = cpu.decode_layer(qg, parts, softcap=softcap)
+    for ref_out, ref_mass in (_decode_parts(qg, parts, None, softcap=softcap), _capped_reference(qg, parts, softcap)):
+        torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(mass, ref_mass, rtol=1e-4, atol=1e-7)
+    assert mass.shape == (store.n_entries,) and abs(float(mass.sum()) - 1) < 1e-5
+    free_out, free_mass = cpu.decode_layer(qg, parts)
+    if softcap is None:  # off: the uncapped kernel, bit for bit, whichever way it is said
+        for off in (None, 0.0):
+            o, m = cpu.decode_layer(qg, parts, softcap=off)
+            assert torch.equal(o, free_out) and torch.equal(m, free_mass)
+        assert torch.equal(out, free_out) and torch.equal(mass, free_mass)
+    else:
+        assert (out - free_out).abs().max() > 0.1 and (mass - free_mass).abs().max() > 0.01
+
+
+@pytest.mark.parametrize("softcap", [0.5, 2.0])
+def test_kernel_softcap_through_decode_attention(monkeypatch, softcap):
+    """``decode_attention(..., softcap=c)`` on the "cpp" backend == on the "torch" backend (the kernel is
+    handed the cap), and differs from the uncapped step."""
+    store = _store("token", 16, True, bt=2)
+    q = torch.randn(2, 9, 1, 64, generator=torch.Generator().manual_seed(2)) * 4
+    monkeypatch.delenv(kernels.FORCE_TRITON_ENV, raising=False)
+    assert kernels.backend(q.device) == "cpp"
+    out, mass = decode_attention(q, store, 0.125, softcap=softcap)
+    free, _ = decode_attention(q, store, 0.125)
+    monkeypatch.setenv(cpu.ENV, "0")
+    assert kernels.backend(q.device) == "torch"
+    ref_out, ref_mass = decode_attention(q, store, 0.125, softcap=softcap)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mass, ref_mass, rtol=1e-4, atol=1e-7)
+    assert (out - free).abs().max() > 0.1
+
+
+def test_kernel_softcap_hand_worked_cap_then_bias():
+    """One dense part, q = e_0, keys 4 e_0 and 0, biases 0 and 3, cap 2: logits 2 tanh(4 / 2) + 0 = 1.928
+    and 2 tanh(0) + 3 = 3 (the bias after the cap; before it, the second would be 2 tanh(3 / 2) = 1.81),
+    so p = softmax(1.928, 3) = (0.255, 0.745) (bias first: (0.53, 0.47)); values e_0 and e_1 make the
+    output (p_0, p_1). Without the cap the logits are (4, 3)."""
+    d = 8
+    q = torch.zeros(1, 1, 1, d)
+    q[..., 0] = 1
+    k, v = torch.zeros(1, 1, 2, d), torch.zeros(1, 1, 2, d)
+    k[0, 0, 0, 0], v[0, 0, 0, 0], v[0, 0, 1, 1] = 4, 1, 1
+    part = Part(DENSE, k, v, bias=torch.tensor([0.0, 3.0]))
+    z = torch.tensor([2 * math.tanh(2.0), 3.0])
+    p = torch.softmax(z, 0)
+    out, mass = cpu.decode_layer(q, [part], softcap=2.0)
+    torch.testing.assert_close(mass, p)
+    torch.testing.assert_close(out[0, 0, 0, :2], p)
+    free, _ = cpu.decode_layer(q, [part])
+    torch.testing.assert_close(free[0, 0, 0, :2], torch.softmax(torch.tensor([4.0, 3.0]), 0))
+    with pytest.raises(ValueError):
+        cpu.decode_layer(q, [part], softcap=float("nan"))

@@ -13,7 +13,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from agacc import quant as Q  # noqa: E402
-from agacc.attention import attend  # noqa: E402
+from agacc.attention import attend, cap_logits  # noqa: E402
 from agacc.config import AGACCConfig  # noqa: E402
 from agacc.store import LayerStore  # noqa: E402
 from agacc.tiers import EVICTED, FULL, INT2, INT3, INT4, INT8, PRUNED  # noqa: E402
@@ -158,14 +158,15 @@ def make_store(bt, h, d, n, tiers=(), bits=None, keep=None, dtype=torch.float32,
     return store
 
 
-def check_decode(store, g, qdtype=torch.float32, seed=1, **kw):
-    """Triton decode vs ``attend`` over the same store (fp32 reference) -> (out, mass)."""
+def check_decode(store, g, qdtype=torch.float32, seed=1, softcap=None, qscale=1.0, **kw):
+    """Triton decode vs ``attend`` over the same store (fp32 reference) -> (out, mass); ``softcap``:
+    logit softcapping in both, ``qscale`` scales the query (logits of several units for a cap to bite)."""
     bt, h, _, d = (store.hot_k if store.hot_k is not None else store.markers.k).shape
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(bt, h * g, 1, d, generator=gen).to(qdtype)
+    q = (torch.randn(bt, h * g, 1, d, generator=gen) * qscale).to(qdtype)
     scaling = d ** -0.5
-    out, mass = triton_decode(q, store, scaling, **kw)
-    ref_out, ref_mass = attend(q.float(), store.attention_entries(torch.float32), scaling)
+    out, mass = triton_decode(q, store, scaling, softcap=softcap, **kw)
+    ref_out, ref_mass = attend(q.float(), store.attention_entries(torch.float32), scaling, softcap=softcap)
     assert out.shape == (bt, 1, h * g, d) and out.dtype == qdtype
     assert mass.shape == (store.n_entries,) and mass.dtype == torch.float32
     tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[qdtype]
@@ -212,6 +213,51 @@ def test_decode_tensor_core_form_every_tier(key_quant, rotate):
 def _query(store, g, seed=1):
     bt, h, _, d = store.hot_k.shape
     return torch.randn(bt, h * g, 1, d, generator=torch.Generator().manual_seed(seed))
+
+
+def _ref_lse(q, entries, scaling, softcap=None):
+    """The log-sum-exp [Bt, Hq] of ``attend``'s logits for a one-step query: scaled, capped, plus bias."""
+    bt, hq, _, d = q.shape
+    k = torch.cat([e.k.float() for e in entries], 2)
+    h = k.shape[1]
+    s = cap_logits(torch.einsum("bhgd,bhnd->bhgn", q.float().reshape(bt, h, hq // h, d), k) * scaling, softcap)
+    bias = torch.cat([e.bias.float() if e.bias is not None else torch.zeros(e.k.shape[2]) for e in entries])
+    return (s + bias).logsumexp(-1).reshape(bt, hq)
+
+
+@pytest.mark.parametrize("softcap", [0.5, 2.0])
+@pytest.mark.parametrize("key_quant,rotate", [("token", True), ("channel", False), ("channel", True), ("token", False)])
+def test_decode_softcap_every_tier(key_quant, rotate, softcap):
+    """Logit softcapping (Gemma2's ``attn_logit_softcapping``: c * tanh(z / c) on the scaled logits z,
+    then the markers' log-count bias) over every part kind: full, int8/4/3/2 with keys per token or per
+    channel, rotated or not, two sparse parts, a marker, hot. Out and mass against ``attend(softcap=c)``
+    at the uncapped test's tolerances (per-head loops and the [g, N, D] product), and the returned lse
+    against the capped logits'; the uncapped answer is far off, so each comparison can fail."""
+    store = make_store(2, 2, 64, 16 * 11 + 16 + 5, key_quant=key_quant, key_group_size=16, rotate=rotate, **MIX)
+    assert store.sparse and store.markers.n == 1
+    out, mass = check_decode(store, g=3, split=40, block_n=16, softcap=softcap, qscale=4.0)
+    q = _query(store, 3) * 4.0  # check_decode's query
+    entries = store.attention_entries(torch.float32)
+    free_out, free_mass = attend(q, entries, 0.125)
+    assert (free_out - out).abs().max() > 0.1 and (free_mass - mass).abs().max() > 0.01
+    out2, mass2, lse = triton_decode(q, store, 0.125, split=512, block_n=8, per_head=False, softcap=softcap,
+                                     return_lse=True)
+    torch.testing.assert_close(out2, out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(mass2, mass, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(lse, _ref_lse(q, entries, 0.125, softcap), rtol=1e-5, atol=1e-5)
+    assert (lse - _ref_lse(q, entries, 0.125)).abs().min() > 0.1
+
+
+@pytest.mark.parametrize("key_quant,rotate,softcap", [("token", True, 0.5), ("channel", False, 2.0)])
+def test_decode_tensor_core_form_softcap(key_quant, rotate, softcap):
+    """``dot=True`` with logit softcapping: every part kind against ``attend(softcap=c)``, and the lse."""
+    store = make_store(2, 2, 64, 16 * 11 + 16 + 5, key_quant=key_quant, key_group_size=16, rotate=rotate, **MIX)
+    out, mass = check_decode(store, g=3, split=40, dot=True, softcap=softcap, qscale=4.0)
+    q = _query(store, 3) * 4.0
+    entries = store.attention_entries(torch.float32)
+    assert (attend(q, entries, 0.125)[0] - out).abs().max() > 0.1
+    _, _, lse = triton_decode(q, store, 0.125, dot=True, softcap=softcap, return_lse=True)
+    torch.testing.assert_close(lse, _ref_lse(q, entries, 0.125, softcap), rtol=1e-5, atol=1e-5)
 
 
 def test_decode_fp16_store_head128_gqa4_sparse_8bit():
@@ -361,27 +407,16 @@ def test_decode_rejects_multi_query():
         decode_parts(torch.randn(1, 1, 2, 64), store.parts(), 0.125)
 
 
-def test_a_generation_compiles_each_kernel_once_per_constexpr_set(monkeypatch):
-    """Triton specialises an integer argument on "== 1" and "% 16 == 0" unless the kernel says not to,
-    so a generation's changing lengths and offsets compile new variants mid-run (the first H200 run:
-    18 compiles in 16 decode steps). Over a forced-Triton generation with a chunked prefill, the key
-    Triton computes for every launch of the decode and chunk kernels (``native_specialize_impl``, as
-    its launcher does) differs only where the constexprs do. Without ``do_not_specialize`` the decode
-    kernel alone has three keys here (``hot_n``, ``n_total``), the chunk kernel two (``q_len``)."""
+def _spy_launch_keys(monkeypatch, kernels_of):
+    """Replace the kernels ``kernels_of`` ({module: names}) with spies that record, per (module, kernel,
+    launch constexprs and options), the specialisation key Triton computes for the runtime arguments
+    (``native_specialize_impl``, as its launcher does, honouring ``do_not_specialize``); -> that dict."""
     import collections
     import inspect
 
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
 
-    import agacc
-    import kernels.triton_chunk as kc
-    import kernels.triton_decode as kd
-    from agacc import CompressedCache
-    from agacc.spec import parse_method
-    from tests.helpers import tiny_model
-
-    monkeypatch.setenv(kernels.FORCE_TRITON_ENV, "1")
     keys = collections.defaultdict(set)
 
     def spy(mod, name):
@@ -392,16 +427,98 @@ def test_a_generation_compiles_each_kernel_once_per_constexpr_set(monkeypatch):
         class Spy:
             def __getitem__(self, grid):
                 def run(*args, **meta):
+                    assert len(args) == len(args_of), (name, len(args), len(args_of))
                     keys[(mod.__name__, name, tuple(sorted(meta.items())))].add(tuple(
                         native_specialize_impl(BaseBackend, a, False, n not in fixed, True) for n, a in zip(args_of, args)))
                     return k[grid](*args, **meta)
                 return run
         monkeypatch.setattr(mod, name, Spy())
 
-    for name in ("_partial_kernel", "_sparse_partial_kernel", "_combine_kernel", "_mass_kernel"):
-        spy(kd, name)
-    for name in ("_chunk_kernel", "_mass_kernel"):
-        spy(kc, name)
+    for mod, names in kernels_of.items():
+        for name in names:
+            spy(mod, name)
+    return keys
+
+
+def test_softcap_is_a_runtime_value(monkeypatch):
+    """The cap is a runtime fp32 argument, not specialised (in each kernel's ``do_not_specialize``), behind
+    one constexpr SOFTCAP: decode and chunk launches with caps 1.0 and 3.0 (and none) make one
+    specialisation key per constexpr set, SOFTCAP True and False; the value reaches the kernel."""
+    import inspect
+
+    import kernels.triton_chunk as kc
+    import kernels.triton_decode as kd
+
+    for k in (kd._partial_kernel, kd._sparse_partial_kernel, kc._chunk_kernel, kc._mass_kernel):
+        params = inspect.signature(k.fn).parameters
+        assert "softcap" in k.kwargs["do_not_specialize"] and "constexpr" not in str(params["softcap"].annotation)
+        assert "constexpr" in str(params["SOFTCAP"].annotation)
+    keys = _spy_launch_keys(monkeypatch, {kd: ("_partial_kernel", "_sparse_partial_kernel", "_combine_kernel",
+                                               "_mass_kernel"), kc: ("_chunk_kernel", "_mass_kernel")})
+    store = make_store(1, 2, 64, 16 * 3 + 16 + 3, tiers=[PRUNED, INT4, EVICTED], bits=[2, 4, 4], keep=[16, 64, 64])
+    q = _query(store, 2) * 4.0
+    outs = [kd.decode_parts(q, store.parts(), 0.125, softcap=c) for c in (1.0, 3.0, None)]
+    outs += [kc.chunk_parts(q, store.parts(), 0.125, 1, 1, softcap=c) for c in (1.0, 3.0)]
+    assert (outs[0][0] - outs[1][0]).abs().max() > 0.01 and (outs[1][0] - outs[2][0]).abs().max() > 0.01
+    torch.testing.assert_close(outs[3][0], outs[0][0], rtol=0, atol=1e-5)
+    assert {k: len(v) for k, v in keys.items() if len(v) > 1} == {}
+    for name in ("_partial_kernel", "_sparse_partial_kernel", "_chunk_kernel"):
+        caps = {dict(m)["SOFTCAP"] for _, n, m in keys if n == name}
+        assert caps == ({True, False} if name != "_chunk_kernel" else {True}), (name, caps)
+
+
+_COMPILE_SOFTCAP = """
+import triton
+from kernels import aot
+from kernels import triton_decode as TD
+
+specs = [TD._aot_partial(128, 4, slots=("q4", "mk", "hot"), softcap=True),
+         TD._aot_partial(128, 4, slots=("q4", "mk"), dot=True, softcap=True),
+         TD._aot_sparse(128, 4, 3, 96, softcap=True)]
+for entry in specs:
+    assert entry[3]["SOFTCAP"] is True
+    spec = aot._normalise("kernels.triton_decode", entry, triton)
+    for cc in (90, 80):
+        row = aot.compile_spec(spec, cc)
+        assert row.ok, (row.variant, cc, row.error)
+        print("ok", row.variant, f"sm_{cc}", row.regs, row.spills, flush=True)
+"""
+
+
+def test_decode_softcap_variants_compile_for_sm90_and_sm80():
+    """The SOFTCAP=True decode kernels (not in ``aot_specs``: a softcapped model compiles them on first
+    use) go through Triton's GPU pipeline and ptxas (``kernels.aot.compile_spec``) for sm_90 and sm_80: the
+    main kernel per-head (a quantised slot, the markers' bias, hot) and in the ``dot`` form, the sparse
+    kernel. In a subprocess: the GPU compiler needs TRITON_INTERPRET unset."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SOFTCAP], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("ok ") == 6
+
+
+def test_a_generation_compiles_each_kernel_once_per_constexpr_set(monkeypatch):
+    """Triton specialises an integer argument on "== 1" and "% 16 == 0" unless the kernel says not to,
+    so a generation's changing lengths and offsets compile new variants mid-run (the first H200 run:
+    18 compiles in 16 decode steps). Over a forced-Triton generation with a chunked prefill, the key
+    Triton computes for every launch of the decode and chunk kernels (``native_specialize_impl``, as
+    its launcher does) differs only where the constexprs do. Without ``do_not_specialize`` the decode
+    kernel alone has three keys here (``hot_n``, ``n_total``), the chunk kernel two (``q_len``)."""
+    import agacc
+    import kernels.triton_chunk as kc
+    import kernels.triton_decode as kd
+    from agacc import CompressedCache
+    from agacc.spec import parse_method
+    from tests.helpers import tiny_model
+
+    monkeypatch.setenv(kernels.FORCE_TRITON_ENV, "1")
+    keys = _spy_launch_keys(monkeypatch, {kd: ("_partial_kernel", "_sparse_partial_kernel", "_combine_kernel",
+                                               "_mass_kernel"), kc: ("_chunk_kernel", "_mass_kernel")})
     model = agacc.enable(tiny_model())
     ids = torch.randint(0, model.config.vocab_size, (1, 150), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

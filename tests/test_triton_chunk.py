@@ -12,6 +12,7 @@ subprocess (the GPU compiler needs TRITON_INTERPRET unset); the full sweep of ``
 ``python -m kernels.aot --module kernels.triton_chunk``'s job."""
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -47,21 +48,23 @@ def chunk_store(key_quant="channel", rotate=True, *, q=37, bt=1, h=2, d=64, dtyp
     return st
 
 
-def check(st, g, q, n_new=None, n_obs=16, qdtype=torch.float32, seed=5, transposed=False):
+def check(st, g, q, n_new=None, n_obs=16, qdtype=torch.float32, seed=5, transposed=False, softcap=None, qscale=1.0):
     """chunk_parts vs chunk_attention's PyTorch path and vs attend over the dequantised entries.
-    ``transposed``: the query a [Bt, q, Hq, D] tensor's transpose, as transformers hands it over."""
+    ``transposed``: the query a [Bt, q, Hq, D] tensor's transpose, as transformers hands it over;
+    ``softcap``: logit softcapping in all three; ``qscale`` scales the query (so that a cap bites)."""
     n_new = q if n_new is None else n_new
     parts = st.parts()
     bt, h, d = parts[0].k.shape[0], parts[0].heads, st.hot_k.shape[-1]
     gen = torch.Generator().manual_seed(seed)
     if transposed:
-        query = torch.randn(bt, q, h * g, d, generator=gen).to(qdtype).transpose(1, 2)
+        query = (torch.randn(bt, q, h * g, d, generator=gen) * qscale).to(qdtype).transpose(1, 2)
     else:
-        query = torch.randn(bt, h * g, q, d, generator=gen).to(qdtype)
+        query = (torch.randn(bt, h * g, q, d, generator=gen) * qscale).to(qdtype)
     assert kernels.backend("cpu") == "torch"
-    got, mass = chunk_parts(query, parts, 0.125, n_new, n_obs)
-    want, want_mass = chunk_attention(query, parts, 0.125, n_new=n_new, n_obs=n_obs)
-    ref, ref_mass = attend(query.float(), st.attention_entries(torch.float32), 0.125, causal_new=n_new, n_obs=n_obs)
+    got, mass = chunk_parts(query, parts, 0.125, n_new, n_obs, softcap=softcap)
+    want, want_mass = chunk_attention(query, parts, 0.125, n_new=n_new, n_obs=n_obs, softcap=softcap)
+    ref, ref_mass = attend(query.float(), st.attention_entries(torch.float32), 0.125, causal_new=n_new, n_obs=n_obs,
+                           softcap=softcap)
     assert got.shape == (bt, q, h * g, d) and got.dtype == qdtype
     assert mass.shape == (st.n_entries,) and mass.dtype == torch.float32
     tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[qdtype]  # fp32: 1e-5; half: an ulp
@@ -82,6 +85,40 @@ def test_every_part(key_quant, rotate, g):
     assert {p.kind for p in st.parts()} == {"dense", "quant", "sparse"} and st.markers.n > 0
     assert {p.container for p in st.parts() if p.kind == "quant"} == {8, 4, 3, 2}
     check(st, g, 37)
+
+
+def _uncapped_gap(st, g, q, n_new, n_obs, got, mass, qscale, seed=5):
+    """How far ``attend`` without the cap is from (got, mass): (max |out difference|, max |mass difference|)."""
+    bt, h, d = st.parts()[0].k.shape[0], st.parts()[0].heads, st.hot_k.shape[-1]
+    query = torch.randn(bt, h * g, q, d, generator=torch.Generator().manual_seed(seed)) * qscale  # check's
+    free, free_mass = attend(query, st.attention_entries(torch.float32), 0.125, causal_new=n_new, n_obs=n_obs)
+    return float((free - got.float()).abs().max()), float((free_mass - mass).abs().max())
+
+
+@pytest.mark.parametrize("softcap", [0.5, 2.0])
+@pytest.mark.parametrize("key_quant,rotate,g", [("channel", True, 3), ("token", False, 2)])
+def test_every_part_softcap(key_quant, rotate, g, softcap):
+    """Logit softcapping (Gemma2: c * tanh(z / c) on the scaled logits, then the markers' bias, then the
+    causal mask of the 37 new tokens) over every kind of part (full, int8/4/3/2 with keys per channel,
+    rotated, or per token, not rotated; sparse; a marker; hot) against both references, output and mass
+    at the uncapped test's tolerances; the uncapped answer is far off, so the comparison can fail."""
+    st = chunk_store(key_quant, rotate)
+    assert {p.kind for p in st.parts()} == {"dense", "quant", "sparse"} and st.markers.n > 0
+    got, mass = check(st, g, 37, softcap=softcap, qscale=3.0)
+    gap_out, gap_mass = _uncapped_gap(st, g, 37, 37, 16, got, mass, 3.0)
+    assert gap_out > 0.1 and gap_mass > 0.01, (gap_out, gap_mass)
+
+
+def test_softcap_causal_run_crossing_parts_bf16():
+    """Softcapping with 9 queries and n_new = q + 25 (the causal run starts in the sparse part and crosses
+    the markers into hot; new entries past the queries get no mass), then a bf16 store and query (a
+    transposed view), D = 96, batch 2, g = 4."""
+    st = chunk_store("channel", True, q=9, tail=20)
+    got, mass = check(st, 3, 9, n_new=9 + 25, softcap=1.0, qscale=3.0)
+    assert float(mass[st.n_entries - 25:].abs().max()) == 0.0
+    assert _uncapped_gap(st, 3, 9, 34, 16, got, mass, 3.0)[0] > 0.1
+    st = chunk_store("token", True, q=5, bt=2, d=96, dtype=torch.bfloat16, group=24, tail=8)
+    check(st, 4, 5, qdtype=torch.bfloat16, transposed=True, softcap=1.0, qscale=3.0)
 
 
 def test_head96_bf16_batch2_gqa4_odd_chunk():
@@ -185,18 +222,32 @@ def test_aot_specs_cover_the_launches(d, group, key_quant, dtype):
         assert _key(name, sig, ce) in have, (name, ce)
         kernel = "main" if name == "_chunk_kernel" else "mass"
         assert have[_key(name, sig, ce)] == TC.launch_options(kernel, ce["D_PAD"])
+    # logit softcapping: the same launches with SOFTCAP=True (its cap a runtime fp32), which the AOT list
+    # leaves to first use (all its specs are SOFTCAP=False); signature and constexprs still name exactly
+    # the kernel's runtime and constexpr arguments (what kernels.aot checks of a spec)
+    assert all(ce["SOFTCAP"] is False for _, _, _, ce, _ in specs)
+    capped = TC.part_specs(query, st.parts(), softcap=30.0)
+    assert [(n, s) for n, s, _ in capped] == [(n, s) for n, s, _ in launched]
+    for (name, sig, ce), (_, _, ce0) in zip(capped, launched):
+        assert ce == {**ce0, "SOFTCAP": True} and _key(name, sig, ce) not in have and sig["softcap"] == "fp32"
+        params = inspect.signature(getattr(TC, name).fn).parameters
+        assert {n for n, p in params.items() if "constexpr" in str(p.annotation)} == set(ce)
+        assert [n for n, p in params.items() if "constexpr" not in str(p.annotation)] == list(sig)
 
 
 # one specialisation per distinct code path: the main kernel on a biased dense part, on 3-bit planes
 # with per-token keys (D 128) and on a 2-bit sparse part (D 64) for sm_90; D 256 (the largest shared
 # memory) for sm_80, whose limit is the tighter one: the main kernel on 8-bit per-channel keys, the
-# mass kernel on a 3-bit sparse part.
+# mass kernel on a 3-bit sparse part. "+softcap": the same with SOFTCAP=True (logit softcapping, not in
+# aot_specs): the main kernel on a biased dense part for sm_90, the mass kernel on a 4-bit part for sm_80.
 COMPILE_SUBSET = [
     (r"chunk\.main\[D128,dense,fp16,bias,", "90"),
     (r"chunk\.main\[D128,quant,c3,keys=token/64,G=64,", "90"),
     (r"chunk\.main\[D64,sparse,c2,", "90"),
     (r"chunk\.main\[D256,quant,c8,keys=channel,G=64,", "80"),
     (r"chunk\.mass\[D256,sparse,c3,", "80"),
+    (r"chunk\.main\[D128,dense,fp16,bias,", "90+softcap"),
+    (r"chunk\.mass\[D128,quant,c4,keys=channel,", "80+softcap"),
 ]
 
 _COMPILE = textwrap.dedent("""
@@ -210,9 +261,13 @@ _COMPILE = textwrap.dedent("""
     specs = aot_specs()
     for arg in sys.argv[1:]:
         pat, ccs = arg.split("@")
+        ccs, _, cap = ccs.partition("+")
         hits = [s for s in specs if re.match(pat, s[0])]
         assert len(hits) == 1, (pat, [s[0] for s in hits])
         name, fn, sig, ce, opts = hits[0]
+        if cap:
+            assert ce["SOFTCAP"] is False
+            name, ce = name + "+softcap", {**ce, "SOFTCAP": True}
         full = {p.name: "constexpr" if p.name in ce else sig[p.name] for p in fn.params}
         attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if full[p.name].startswith("*")}
         for cc in map(int, ccs.split(",")):
@@ -231,4 +286,4 @@ def test_aot_subset_compiles_for_sm90_and_sm80():
     r = subprocess.run([sys.executable, "-c", _COMPILE, *args], cwd=root, env=env, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert r.stdout.count("ok ") == sum(len(ccs.split(",")) for _, ccs in COMPILE_SUBSET)
+    assert r.stdout.count("ok ") == sum(len(ccs.split("+")[0].split(",")) for _, ccs in COMPILE_SUBSET)
