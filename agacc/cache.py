@@ -12,16 +12,15 @@ re-evaluates tiers (after every prefill, and every N_r decode steps): tracker ->
 from __future__ import annotations
 
 import contextlib
-
+import copy
 import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from agacc import planner
-from agacc.attention import chunk_attention, observe_prefill
+from agacc.attention import chunk_attention, dense_attention, observe_prefill
 from agacc.config import AGACCConfig
 from agacc.decode import decode_attention
 from agacc.importance import WINDOW_ITEMSIZE, ImportanceTracker
@@ -58,9 +57,10 @@ class _NeedsAgacc(torch.Tensor):
 
 def unsupported_attention(model_config) -> str | None:
     """Why a ``CompressedCache`` cannot serve a model of this config (its attention is a variant no
-    path implements), or None. Read from the config only: layer kinds, latent (MLA) caches, logit
-    softcapping, encoder-decoder. Sliding windows are supported by the lossless preset and, while
-    the sequence fits the window, by every preset (``CompressedLayer.update`` checks the length)."""
+    path implements), or None. Read from the config only: layer kinds, latent (MLA) caches,
+    encoder-decoder (logit softcapping is applied by every path). Sliding windows are supported by the
+    lossless preset and, while the sequence fits the window, by every preset (``CompressedLayer.update``
+    checks the length)."""
     tc = planner.text_config(model_config)
     if getattr(model_config, "is_encoder_decoder", False):
         return "encoder-decoder models (cross-attention caches) are not supported"
@@ -68,9 +68,6 @@ def unsupported_attention(model_config) -> str | None:
         return ("multi-head latent attention (MLA, DeepSeek-V2/V3 family): the cache holds a shared latent "
                 "(kv_lora_rank) that the model expands after the cache, and the compressed paths attend over "
                 "per-head K/V; compressing the latent is not implemented. Use a plain DynamicCache")
-    if getattr(tc, "attn_logit_softcapping", None) is not None:
-        return (f"attention logit softcapping (attn_logit_softcapping={tc.attn_logit_softcapping}): the compressed "
-                "attention paths do not apply it yet (they would give a different answer). Use a plain DynamicCache")
     if getattr(tc, "attention_chunk_size", None) is not None:
         return "chunked attention (attention_chunk_size) is not implemented by the compressed attention paths"
     kinds = set(getattr(tc, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
@@ -118,6 +115,8 @@ class CompressedLayer(CacheLayerMixin):
 
     # --- transformers cache-layer API -------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.cache.rows is not None:  # a padded batch: each row's own cache stores its tokens (``attend``)
+            return self._tagged(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         elif self.layer_idx == 0 and key_states.shape[-2] == 1 and self.cache.held is not None:
@@ -126,16 +125,24 @@ class CompressedLayer(CacheLayerMixin):
         if self.cache.min_window is not None and n_after > self.cache.min_window and self.cache.cfg.compress:
             self.cache.refuse_window(n_after)
         self.store.append(key_states, value_states)
-        # the new tokens' K/V, readable only by the agacc attention function (which attends over the store)
+        return self._tagged(key_states, value_states)
+
+    def _tagged(self, key_states, value_states):
+        """The new tokens' K/V, readable only by the agacc attention function (which attends over the store)."""
         key, value = key_states.as_subclass(_NeedsAgacc), value_states.as_subclass(_NeedsAgacc)
         key._agacc_layer = self
         return key, value
 
     def get_seq_length(self) -> int:
+        if self.cache.rows is not None:
+            return self.cache.padded_len
         return 0 if self.store is None else self.store.seq_len
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return (0 if self.store is None else self.store.n_entries) + query_length, 0
+        """The mask's (kv_length, kv_offset): one column per position (padding included), the new tokens
+        last. The lossless preset applies it to its entries (one per position); the compressing presets
+        read only which new tokens are padding (``_pad_counts``)."""
+        return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
@@ -198,52 +205,74 @@ class CompressedLayer(CacheLayerMixin):
             self.store.map_batch(lambda t: t[indices])
 
     # --- attention -----------------------------------------------------------------------------
-    def attend(self, query, key, value, attention_mask, scaling):
+    def attend(self, query, key, value, attention_mask, scaling, softcap=None):
         """query [Bt, Hq, q, D]; key/value: the q new tokens (already stored), as ``update`` returned
-        them. -> [Bt, q, Hq, D]."""
+        them; ``softcap``: the model's logit softcapping (Gemma2), in every path. -> [Bt, q, Hq, D]."""
         key, value = key.as_subclass(torch.Tensor), value.as_subclass(torch.Tensor)  # views, no copy
         cfg, store = self.cache.cfg, self.store
         q = query.shape[2]
+        pads = _pad_counts(attention_mask, q, query.shape[0]) if cfg.compress else None
+        if pads is not None and (self.cache.rows is not None or any(pads)):
+            return self.attend_rows(query, key, value, pads, scaling, softcap)
         n_prior = store.n_entries - q
-        if q > 1:
-            _check_no_padding(attention_mask, cfg)
         if q == 1:
             # the lossless preset keeps entries in position order, so a padding mask applies as is
             mask = attention_mask if (attention_mask is not None and not cfg.compress) else None
-            out, mass = decode_attention(query, store, scaling, mask)  # the backend is chosen there
+            out, mass = decode_attention(query, store, scaling, mask, softcap)  # the backend is chosen there
             self.tracker.observe(mass)  # per entry; mapped to tokens at the re-evaluation
         elif n_prior == 0:
-            g = query.shape[1] // key.shape[1]
-            out = F.scaled_dot_product_attention(
-                query, key.to(query.dtype), value.to(query.dtype), attn_mask=attention_mask,
-                is_causal=attention_mask is None, scale=scaling, enable_gqa=g > 1,
-            ).transpose(1, 2).contiguous()
-            self.tracker.init_prefill(observe_prefill(query, key, scaling, cfg.n_q))
+            out = dense_attention(query, key, value, attention_mask, scaling, softcap)
+            self.tracker.init_prefill(observe_prefill(query, key, scaling, cfg.n_q, softcap=softcap))
         elif not cfg.compress and attention_mask is not None:
             # lossless, a later chunk (assisted decoding's draft check, a next turn): every entry is hot and in
             # position order, so the mask (causal, padding, sliding window) applies as is, as with a plain cache
-            g = query.shape[1] // key.shape[1]
-            out = F.scaled_dot_product_attention(
-                query, store.hot_k.to(query.dtype), store.hot_v.to(query.dtype), attn_mask=attention_mask,
-                scale=scaling, enable_gqa=g > 1).transpose(1, 2).contiguous()
-            _, mass = chunk_attention(query, store.parts(), scaling, n_new=q, n_obs=cfg.n_q)
+            out = dense_attention(query, store.hot_k, store.hot_v, attention_mask, scaling, softcap)
+            _, mass = chunk_attention(query, store.parts(), scaling, n_new=q, n_obs=cfg.n_q, softcap=softcap)
             self.tracker.init_prefill(store.token_mass(mass))
         else:  # a later chunk of a prompt: key slices over the packed store, never a dequantised copy
-            out, mass = chunk_attention(query, store.parts(), scaling, n_new=q, n_obs=cfg.n_q)
+            out, mass = chunk_attention(query, store.parts(), scaling, n_new=q, n_obs=cfg.n_q, softcap=softcap)
             self.tracker.init_prefill(store.token_mass(mass))
         if self.layer_idx == self.cache.n_layers - 1:
             self.cache._step_done(q)
         return out
 
 
-def _check_no_padding(mask, cfg):
-    """Compressed storage shares one tier layout across the batch: padded rows are not supported."""
-    if mask is None or not cfg.compress:
-        return
-    last = mask[..., -1, :]
-    ok = last.all() if last.dtype == torch.bool else (last == 0).all()
-    if not bool(ok):
-        raise ValueError("CompressedCache does not support padded batches; use batch size 1 or equal-length prompts")
+    def attend_rows(self, query, key, value, pads, scaling, softcap):
+        """A padded batch under a compressing preset: every row has a cache of its own
+        (``CompressedCache.rows``, made at the first forward) that stores, scores and tiers only that
+        row's tokens, as if it ran alone; padding is never stored. Row by row: its real new tokens are
+        appended to its layer and attended (``attend``), the outputs are laid back in the batch (zeros
+        at padding). query [Bt, Hq, q, D]; key/value [Bt, H, q, D], the forward's new tokens; ``pads``:
+        per row, how many of them are padding (``_pad_counts``)."""
+        cache, q = self.cache, query.shape[2]
+        if cache.rows is None:
+            if self.layer_idx != 0 or self.store.n_entries != q:
+                raise ValueError(
+                    "a padded batch reached a CompressedCache that already holds tokens: padding can only start "
+                    f"with the first prompt (preset {cache.cfg.name!r}). Start a new cache for a padded batch")
+            cache.split_rows(query.shape[0])
+        if self.store is not None:  # the first forward's K/V, stored before the padding showed: the rows take them
+            self.reset()
+        out = torch.zeros(query.shape[0], q, query.shape[1], query.shape[3], dtype=query.dtype, device=query.device)
+        for r, (row, p) in enumerate(zip(cache.rows, pads)):
+            if p == q:  # nothing but padding in this forward
+                continue
+            layer = row.layers[self.layer_idx]
+            k, v = layer.update(key[r:r + 1, :, p:], value[r:r + 1, :, p:])
+            out[r:r + 1, p:] = layer.attend(query[r:r + 1, :, p:], k, v, None, scaling, softcap)
+        if self.layer_idx == cache.n_layers - 1:
+            cache.padded_len += q
+        return out
+
+
+def _pad_counts(mask, q: int, batch: int) -> list[int]:
+    """Per row, how many of a forward's q new tokens are padding: keys its 4D mask [Bt, 1, q, kv] (bool:
+    True = visible, or additive; the new tokens' columns last, ``get_mask_sizes``) hides from every query
+    of the row (a token always sees itself, with or without a sliding window). No mask: none."""
+    if mask is None:
+        return [0] * batch
+    seen = mask.any(-2) if mask.dtype == torch.bool else (mask == 0).any(-2)   # [Bt, 1, kv]
+    return (~seen[:, 0, -q:]).sum(-1).tolist()
 
 
 class CompressedCache(Cache):
@@ -279,6 +308,8 @@ class CompressedCache(Cache):
         self.peak_bytes = 0      # the most bytes held at once since creation (or reset_peak)
         self.held = None         # stacked plans whose evictions wait for the prompt's end (hold_evictions)
         self.paused = 0          # > 0 inside ``no_reevaluation()``
+        self.rows: list[CompressedCache] | None = None  # a padded batch: one cache per row (``split_rows``)
+        self.padded_len = 0      # with rows: positions so far, padding included (what a plain cache holds)
 
     def reset(self) -> None:
         """Empty the cache for a new sequence, as if just created: every layer's store, tracker and
@@ -286,11 +317,46 @@ class CompressedCache(Cache):
         super().reset()
         self._start()
 
+    def split_rows(self, batch: int) -> None:
+        """Give each of ``batch`` rows an empty cache of its own (``rows``), of this one's settings: a
+        padded batch, whose rows hold different numbers of tokens (``CompressedLayer.attend_rows``)."""
+        self.rows = []
+        for _ in range(batch):
+            row = CompressedCache.__new__(CompressedCache)
+            for name in ("cfg", "n_layers", "n_kv_heads", "head_dim", "layer_weights", "record_history", "min_window"):
+                setattr(row, name, getattr(self, name))
+            row._start()
+            Cache.__init__(row, layers=[CompressedLayer(row, i) for i in range(self.n_layers)])
+            self.rows.append(row)
+
     def crop(self, tokens_to_remove: int) -> None:
         """``CompressedLayer.crop`` on every layer, once every layer can (else nothing changes)."""
+        if self.rows is not None:
+            raise ValueError("crop() of a padded batch is not supported (transformers' assisted decoding runs one "
+                             "row); crop each row's cache (cache.rows[i]) or run the rows one at a time")
         for layer in self.layers:
             layer.check_crop(tokens_to_remove)
         super().crop(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: reorder the batch (a padded batch: its rows' caches, copied where a row repeats)."""
+        if self.rows is None:
+            return super().reorder_cache(beam_idx)
+        used, rows = set(), []
+        for i in beam_idx.tolist():
+            rows.append(copy.deepcopy(self.rows[i]) if i in used else self.rows[i])
+            used.add(i)
+        self.rows = rows
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.rows is None:
+            return super().batch_repeat_interleave(repeats)
+        self.rows = [r if j == 0 else copy.deepcopy(r) for r in self.rows for j in range(repeats)]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.rows is None:
+            return super().batch_select_indices(indices)
+        self.rows = [self.rows[i] for i in indices.tolist()]
 
     def refuse_window(self, n_tokens: int) -> None:
         """Raise the sliding-window refusal (``CompressedLayer.update``, before anything is stored)."""
@@ -306,11 +372,14 @@ class CompressedCache(Cache):
         """Tokens forwarded inside this block are stored (hot, full precision) and observed, but no
         re-evaluation runs: the tiers stay as planned before it. The query-agnostic protocol asks its
         question so, after ``end_prefill()``, keeping the plan the context alone made."""
-        self.paused += 1
-        try:
-            yield self
-        finally:
-            self.paused -= 1
+        with contextlib.ExitStack() as rows:
+            for row in self.rows or ():
+                rows.enter_context(row.no_reevaluation())
+            self.paused += 1
+            try:
+                yield self
+            finally:
+                self.paused -= 1
 
     def _step_done(self, q_len: int) -> None:
         """After the last layer of a forward: every layer holds its new tokens, none is compressed yet,
@@ -379,7 +448,7 @@ class CompressedCache(Cache):
                     gentle = planner.fit_plans(block_scores, cfg, geo, seq_len, cfg.prefill_ratio, overhead,
                                                prev, self.threshold_scale, prefill)
                 held = hold_evictions(*gentle, cfg, self.head_dim)
-                if held[0] is not plans[0]:  # some blocks would go (or keep more bits): held until the prompt ends
+                if any(a is not b for a, b in zip(held, plans)):  # blocks would go or lose bits: held till the prompt ends
                     self.held, plans, floored = plans, held, False
             apply_plans(stores, *plans, self._token_weight(layers), floored=floored)
         for l in layers:  # the next window, held (and counted) from now on
@@ -390,6 +459,8 @@ class CompressedCache(Cache):
         plan it made with the whole prompt's evidence, applied as made. Called by the first decode
         step; call it yourself to compress a context before its question arrives (query-agnostic
         reuse of one compressed context). Nothing held: nothing to do."""
+        for row in self.rows or ():
+            row.end_prefill()
         if self.held is None:
             return
         plans, self.held = self.held, None
@@ -429,16 +500,33 @@ class CompressedCache(Cache):
     # --- reporting -------------------------------------------------------------------------
     def held_bytes(self) -> int:
         """``memory()["bytes"]``: the store's tensors and the tracker's, counted once."""
+        if self.rows is not None:
+            return sum(row.held_bytes() for row in self.rows)
         return sum(l.store.nbytes() + l.tracker.nbytes() + l.scores.nbytes for l in self.layers if l.store is not None)
 
     def reset_peak(self) -> None:
         """Start ``memory()["peak_bytes"]`` again from what is held now."""
+        for row in self.rows or ():
+            row.reset_peak()
         self.peak_bytes = self.held_bytes()
 
     def memory(self) -> dict:
         """Bytes actually held (``nbytes`` of every tensor) vs a 16-bit cache of the same tokens;
         ``peak_bytes``: the most held at once since the cache was created (or ``reset_peak``), measured
-        after every forward, before the re-evaluation compresses (a forward only adds tokens)."""
+        after every forward, before the re-evaluation compresses (a forward only adds tokens).
+        A padded batch: the sums over its rows' caches (each row's tokens only, never padding; the rows
+        forward and compress together, so their peaks add); ``tokens``: positions, padding included."""
+        if self.rows is not None:
+            rows = [row.memory() for row in self.rows]
+            total, fp16 = sum(m["bytes"] for m in rows), sum(m["bytes_fp16"] for m in rows)
+            by_tier: dict[str, int] = {}
+            for m in rows:
+                for k, v in m["by_tier"].items():
+                    by_tier[k] = by_tier.get(k, 0) + v
+            return {"bytes": total, "peak_bytes": sum(m["peak_bytes"] for m in rows),
+                    "host_bytes": sum(m["host_bytes"] for m in rows), "bytes_fp16": fp16,
+                    "ratio": fp16 / total if total else 1.0, "by_tier": by_tier, "tokens": self.padded_len,
+                    "entries": sum(m["entries"] for m in rows)}
         layers = [l for l in self.layers if l.store is not None]
         store_bytes = sum(l.store.nbytes() for l in layers)
         tracker_bytes = sum(l.tracker.nbytes() + l.scores.nbytes for l in layers)
@@ -467,7 +555,10 @@ class CompressedCache(Cache):
         tier [L][nb]: tier code (-1 hot, 0 full, 1 int8, 2 int4, 3 int3, 4 int2, 5 pruned, 6 evicted);
         bits [L][nb]: code bits (16 full/hot, 0 evicted); keep [L][nb]: kept elements per vector;
         markers [L]: evicted runs as [first_block, last_block]; token_importance [seq_len]: mean over
-        layers of the normalised per-token score; memory: ``memory()``."""
+        layers of the normalised per-token score; memory: ``memory()``. A padded batch has one per row:
+        ``cache.rows[i].snapshot()``."""
+        if self.rows is not None:
+            raise ValueError("a padded batch's cache has one snapshot per row: cache.rows[i].snapshot()")
         B = self.cfg.block_size
         seq_len = self.seq_len
         nb = -(-seq_len // B)

@@ -5,9 +5,9 @@ batch shapes, against transformers' plain ``DynamicCache``.
 * lossless (``full``): the same greedy tokens as the plain cache, single / equal batch / beams /
   left-padded batch, and ``memory()`` prices the tokens with the model's real geometry;
 * compressing (``agacc`` and ``h2o`` at target ratio 4, ``uniform-int4``): the first token (from the
-  exact prefill) equals the plain cache's, the ratio is reached, single / equal batch / beams; a
-  padded batch is refused with the current clear error;
-* refused architectures (Falcon, MLA, logit softcapping, attention sinks): ``enable`` says why, and a
+  exact prefill) equals the plain cache's, the ratio is reached, single / equal batch / beams; in a
+  left-padded batch every row gets the tokens, tiers and bytes it gets alone;
+* refused architectures (Falcon, MLA, attention sinks): ``enable`` says why, and a
   CompressedCache used without it raises instead of answering wrongly;
 * sliding windows: the lossless preset is exact past the window; compressing presets refuse a
   sequence longer than the window, saying so (not "padded batch").
@@ -43,6 +43,7 @@ SUPPORTED = {
     "qwen3-moe": ("Qwen3MoeConfig", dict(COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2,
                                          moe_intermediate_size=32)),
     "gemma": ("GemmaConfig", dict(COMMON, head_dim=16)),
+    "gemma2": ("Gemma2Config", dict(COMMON, head_dim=16)),  # logit softcapping 50, sliding + global layers
     "gemma3": ("Gemma3TextConfig", dict(COMMON, head_dim=16)),  # sliding + global layers, window 4096
     "phi": ("PhiConfig", COMMON),
     "phi3": ("Phi3Config", COMMON),
@@ -64,7 +65,6 @@ REFUSED = {
                                              qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4,
                                              num_experts_per_tok=2, moe_intermediate_size=32, n_group=1,
                                              topk_group=1), "latent attention"),
-    "gemma2": ("Gemma2Config", dict(COMMON, head_dim=16), "softcapping"),
     "gpt-oss": ("GptOssConfig", dict(COMMON, head_dim=16, **MOE), "sinks"),
 }
 
@@ -156,12 +156,65 @@ def test_compressing_preset_reaches_its_ratio(arch, preset, mode):
 
 @pytest.mark.parametrize("preset", list(COMPRESSING))
 @pytest.mark.parametrize("arch", list(SUPPORTED))
-def test_compressing_preset_refuses_a_padded_batch(arch, preset):
+def test_compressing_preset_serves_a_padded_batch_row_by_row(arch, preset):
+    """A left-padded batch: each row gets the tokens, tiers and bytes it gets alone (a cache of its own,
+    padding never stored, scored or counted); the batch's memory is the rows' sum."""
     m = model(arch)
-    ids, mask, _ = batch_of("padded", SHORT)
-    cache = agacc.CompressedCache(m.config, agacc.AGACCConfig.preset(preset, **COMPRESSING[preset]))
-    with pytest.raises(ValueError, match="padded batches"):
-        run(m, ids, cache, mask)
+    ids, mask, _ = batch_of("padded", LONG)
+    cfg = agacc.AGACCConfig.preset(preset, **COMPRESSING[preset])
+    cache = agacc.CompressedCache(m.config, cfg)
+    out = run(m, ids, cache, mask)
+    assert cache.get_seq_length() == LONG + NEW - 1 and len(cache.rows) == 2
+    for r in range(2):
+        alone = agacc.CompressedCache(m.config, cfg)
+        ref = run(m, ids[r:r + 1, mask[r].bool()], alone)
+        assert torch.equal(out[r, -NEW:], ref[0, -NEW:])
+        row = cache.rows[r]
+        assert row.seq_len == alone.seq_len == int(mask[r].sum()) + NEW - 1
+        for a, b in zip(row.layers, alone.layers):
+            assert torch.equal(a.store.block_tier, b.store.block_tier) and torch.equal(a.store.block_bits, b.store.block_bits)
+        assert row.memory()["bytes"] == alone.memory()["bytes"]
+    mem = cache.memory()
+    assert mem["bytes"] == sum(r.memory()["bytes"] for r in cache.rows)
+    assert mem["bytes_fp16"] == sum(r.memory()["bytes_fp16"] for r in cache.rows)
+
+
+@pytest.mark.parametrize("beams,chunk", [(2, None), (1, 32)])
+def test_a_padded_batch_with_beams_or_a_chunked_prefill(beams, chunk):
+    """Beam search over a padded batch (the rows' caches reordered and copied with their beams), and a
+    chunked prefill whose first chunks hold nothing but a row's padding: each row as alone."""
+    m = model("llama")
+    ids, mask, _ = batch_of("padded", LONG)  # row 1: 64 tokens of padding, two whole chunks of 32
+    cfg = agacc.AGACCConfig.preset("agacc", target_ratio=4.0)
+
+    def gen(ids, mask, cache):
+        with torch.inference_mode():
+            return m.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW,
+                              min_new_tokens=NEW, do_sample=False, num_beams=beams, pad_token_id=0,
+                              prefill_chunk_size=chunk)
+
+    cache = agacc.CompressedCache(m.config, cfg)
+    out = gen(ids, mask, cache)
+    assert len(cache.rows) == 2 * beams
+    for r in range(2):
+        real = ids[r:r + 1, mask[r].bool()]
+        alone = agacc.CompressedCache(m.config, cfg)
+        assert torch.equal(out[r, -NEW:], gen(real, torch.ones_like(real), alone)[0, -NEW:])
+        if beams == 1:
+            for a, b in zip(cache.rows[r].layers, alone.layers):
+                assert torch.equal(a.store.block_tier, b.store.block_tier)
+
+
+def test_padding_after_the_first_prompt_is_refused():
+    m = model("llama")
+    cache = agacc.CompressedCache(m.config, agacc.AGACCConfig.preset("agacc", target_ratio=4.0))
+    ids = prompts(2, LONG)
+    run(m, ids, cache)  # an equal batch: one shared layout
+    n = cache.get_seq_length()
+    mask = torch.ones(2, n + 8, dtype=torch.long)
+    mask[1, n:n + 4] = 0  # padding in a second turn
+    with pytest.raises(ValueError, match="padded batch.*already holds tokens"), torch.inference_mode():
+        m(prompts(2, 8), attention_mask=mask, past_key_values=cache)
 
 
 @pytest.mark.parametrize("arch", list(REFUSED))

@@ -156,13 +156,22 @@ def test_snapshot_describes_every_block(tiny):
     assert len(cache.history) == cache.reevaluations and cache.history[0]["step"] == 0
 
 
-def test_padded_batch_is_refused_with_a_clear_error(tiny):
+def test_a_padded_batch_never_stores_its_padding(tiny):
+    """Under a compressing preset each row of a left-padded batch has a cache of its own: the padded
+    row's logits are those of its 54 tokens alone, and the bytes priced are 64 + 54 tokens' (tests
+    over every architecture: test_arch_matrix.py)."""
     ids = tokens(64).repeat(2, 1)
     mask = torch.ones_like(ids)
     mask[1, :10] = 0
-    with pytest.raises(ValueError, match="padded batches"):
-        with torch.inference_mode():
-            tiny(ids, attention_mask=mask, past_key_values=agacc.CompressedCache(tiny.config))
+    cache, alone, whole = (agacc.CompressedCache(tiny.config) for _ in range(3))
+    with torch.inference_mode():
+        logits = tiny(ids, attention_mask=mask, past_key_values=cache).logits
+        ref = tiny(ids[1:, 10:], past_key_values=alone).logits
+        tiny(ids[:1], past_key_values=whole)
+    torch.testing.assert_close(logits[1, 10:], ref[0], rtol=0, atol=1e-4)  # batched vs alone: float noise
+    assert [r.seq_len for r in cache.rows] == [64, 54] and cache.get_seq_length() == 64
+    assert cache.memory()["bytes_fp16"] == whole.memory()["bytes_fp16"] + alone.memory()["bytes_fp16"]
+    assert cache.memory()["bytes"] == whole.memory()["bytes"] + alone.memory()["bytes"]
 
 
 def test_full_preset_honours_padding(tiny):
