@@ -132,6 +132,10 @@ class AGACCConfig:
             then evicted if the plan made with the whole prompt's evidence still says so: a chunked
             prefill's later chunks (the question at its end) still read, and can save, the blocks
             earlier chunks ranked low. Off: evictions happen chunk by chunk (fewer bytes at the peak).
+        prefill_bits: with hold_evictions, quantised blocks are held at >= this many bits until the
+            prompt ends, then cut to their planned bits: a chunked prefill's later chunks do not read
+            (and build on) keys and values cut to fewer bits (KIVI's int2 lost +8-11% perplexity so,
+            docs/results_chunked_vs_one.md). Costs prefill peak. None: held at their planned bits.
         recent_window: newest tokens always kept at full precision.
         n_sink: first tokens always kept at full precision (their blocks).
     Defaults (= the ``agacc`` preset) were chosen on the embedded model (docs/tuning.md): position
@@ -203,6 +207,7 @@ class AGACCConfig:
     host_copy: bool = _f(False, "blocks", replay=True, ui=("keep a host copy (blocks can be re-promoted)",
                                                            None, None, None, "tracking"))
     hold_evictions: bool = _f(True, "blocks", replay=True)
+    prefill_bits: int | None = _f(None, "blocks", replay=True)
     recent_window: int = _f(32, "blocks", ui=("recent window (tokens kept 16-bit)", 0, 512, 16, "tracking"))
     n_sink: int = _f(4, "blocks", replay=True)
     # budget / storage
@@ -264,6 +269,8 @@ class AGACCConfig:
         need(self.target_ratio is None or self.target_ratio >= 1.0, f"target_ratio must be >= 1 or None, got {self.target_ratio}")
         need(self.prefill_ratio is None or self.prefill_ratio >= 1.0,
              f"prefill_ratio must be >= 1 or None, got {self.prefill_ratio}")
+        need(self.prefill_bits is None or 1 <= self.prefill_bits <= 8,
+             f"prefill_bits must be in 1..8 or None, got {self.prefill_bits}")
         need(self.store_dtype in STORE_DTYPES, f"store_dtype must be one of {STORE_DTYPES}, got {self.store_dtype!r}")
         if self.layer_weights is not None:
             need(all(w > 0 for w in self.layer_weights), "layer_weights (w_l) must all be > 0")

@@ -104,17 +104,20 @@ def selection_rule(select):
 
 
 def hold_evictions(tier, bits, keep, cfg, head_dim: int):
-    """The plan with its evictions held: every block it evicts takes the lowest kept tier instead
-    (``b_min`` bits in their container, nothing pruned), so later prompt chunks still read it.
-    Shapes [n] or [L, n]; the caller floors the result against the tiers already applied (a block
-    pruned or evicted before stays so)."""
-    ev = tier == EVICTED
-    if not bool(ev.any()):
+    """The plan as a prompt chunk holds it until the prompt ends: every block it evicts takes the lowest
+    kept tier instead (``b_min`` bits in their container, nothing pruned), so later prompt chunks still
+    read it; with ``cfg.prefill_bits`` every quantised block, held or planned, keeps at least that many
+    bits, so later chunks do not read (and build on) keys and values cut to fewer. Shapes [n] or [L, n];
+    nothing to hold: the inputs themselves. The caller floors the result against the tiers already
+    applied (a block pruned or evicted before stays so)."""
+    floor = max(cfg.b_min, cfg.prefill_bits or 0)
+    raise_ = (tier == EVICTED) | ((tier > FULL) & (tier < PRUNED) & (bits < floor))
+    if not bool(raise_.any()):
         return tier, bits, keep
-    c = container_bits(cfg.b_min)
-    return (torch.where(ev, CONTAINER_TIER[c], tier).to(tier.dtype),
-            torch.where(ev, c if cfg.fill_container else cfg.b_min, bits).to(bits.dtype),
-            torch.where(ev, head_dim, keep).to(keep.dtype))
+    c = container_bits(floor)
+    return (torch.where(raise_, CONTAINER_TIER[c], tier).to(tier.dtype),
+            torch.where(raise_, c if cfg.fill_container else floor, bits).to(bits.dtype),
+            torch.where(tier == EVICTED, head_dim, keep).to(keep.dtype))
 
 
 def fidelity_floor(prev, tier, bits, keep):

@@ -144,6 +144,43 @@ def test_a_chunked_prefill_holds_its_evictions_until_the_prompt_ends(tiny, hold,
     assert frame["tier"] == cache.snapshot()["tier"]
 
 
+@pytest.mark.parametrize("prefill_bits", [4, None])
+def test_prefill_bits_hold_quantised_blocks_until_the_prompt_ends(tiny, prefill_bits):
+    """``uniform-int2`` through a chunked prefill: with ``prefill_bits=4`` (its preset) every ready
+    block waits at 4 bits while prompt chunks go in (later chunks read 4-bit keys), then ``end_prefill``
+    cuts them to the planned 2 bits; the cache then holds exactly what the same prompt holds without
+    the hold, and replaying the history gives the same tiers. None: 2 bits from the first chunk."""
+    from agacc.tiers import INT2, INT4
+    from agacc.trace import replay_frames
+
+    ids = torch.randint(3, 256, (1, 640), generator=torch.Generator().manual_seed(7))
+    cfg = AGACCConfig.preset("uniform-int2", prefill_bits=prefill_bits)
+    assert AGACCConfig.preset("uniform-int2").prefill_bits == 4
+    cache = agacc.CompressedCache(tiny.config, cfg, record_history=True)
+    with torch.inference_mode():
+        for lo in range(0, 640, 128):
+            tiny(ids[:, lo:lo + 128], past_key_values=cache, use_cache=True)
+            bits = torch.stack([l.store.block_bits for l in cache.layers])
+            assert bits.numel() and bool((bits == (prefill_bits or 2)).all())
+    assert bool((_tiers(cache) == (INT4 if prefill_bits else INT2)).all())
+    held_bytes = cache.memory()["bytes"]
+    cache.end_prefill()
+    assert bool((_tiers(cache) == INT2).all()) and cache.held is None
+    bare, int4 = (agacc.CompressedCache(tiny.config, c) for c in (cfg.with_overrides(prefill_bits=None),
+                                                                   AGACCConfig.preset("uniform-int4")))
+    with torch.inference_mode():
+        for lo in range(0, 640, 128):
+            tiny(ids[:, lo:lo + 128], past_key_values=bare, use_cache=True)
+            tiny(ids[:, lo:lo + 128], past_key_values=int4, use_cache=True)
+    assert cache.memory()["bytes"] == bare.memory()["bytes"]  # the same cache once the prompt is in
+    if prefill_bits:  # while it went in, it held what uniform-int4 holds
+        assert held_bytes == int4.memory()["bytes"] > cache.memory()["bytes"]
+    else:
+        assert held_bytes == cache.memory()["bytes"]
+    frame = replay_frames(cache.history, cfg, cache._geometry())[-1]
+    assert frame["tier"] == cache.snapshot()["tier"]
+
+
 def test_the_first_decode_step_ends_the_prompt(tiny):
     ids = torch.randint(3, 256, (1, 640), generator=torch.Generator().manual_seed(3))
     cache = agacc.CompressedCache(tiny.config, AGACCConfig.preset("agacc", target_ratio=6.0))

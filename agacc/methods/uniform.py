@@ -2,7 +2,8 @@
 Quantization for KV Cache", arXiv:2402.02750): keys quantised per channel over groups of 32 tokens
 (one block), values per token in groups of 32 channels, asymmetric min-max, the newest tokens kept at
 full precision (the paper's residual; here the common 64-token recent window). No rotation (KIVI has
-none). Every other token at ``b_max`` bits: the ratio is fixed by the bit width, a target ratio
+none). KIVI quantises a prompt once, after its whole prefill; through a chunked prefill blocks are
+held at >= 4 bits until the prompt ends (``prefill_bits``), so later chunks never build on 2-bit keys. Every other token at ``b_max`` bits: the ratio is fixed by the bit width, a target ratio
 cannot move it."""
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def uniform_rule(scores, cfg, head_dim, layer=0, scale=1.0, spill=0.0):
 
 def _kivi(bits: int) -> dict:
     return dict(b_min=bits, b_max=bits, quantizer="minmax", block_size=32, key_quant="channel", rotate=False,
-                value_group_size=32, recent_window=64, n_sink=0, markers=False, scoring="sum", position_norm="none")
+                value_group_size=32, recent_window=64, n_sink=0, markers=False, scoring="sum", position_norm="none",
+                prefill_bits=4)
 
 
 register(Method(
