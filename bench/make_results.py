@@ -13,7 +13,10 @@ on the samples it holds and keeps the other presets' results (after a change to 
 --redo run cut by --budget-min continues where it stopped.
 
     python bench/make_results.py --budget-min 40          # run + write docs/results.md
-    python bench/make_results.py --render-only            # rewrite the page from the JSON
+    python bench/make_results.py --render-only            # rewrite the page (and its plots) from the JSON
+
+The page opens with a Pareto plot per task (bench/pareto.py): score vs measured ratio of every
+method, written as pareto_<task>.png next to the page (needs matplotlib; without it, no PNG and a note).
 """
 from __future__ import annotations
 
@@ -144,7 +147,10 @@ def cells(data) -> dict:
     return out
 
 
-def render(data, ratios, lengths, tasks) -> str:
+def render(data, ratios, lengths, tasks, plot_dir=None) -> str:
+    """The page's markdown; with ``plot_dir`` also its Pareto plots, ``plot_dir/pareto_<task>.png``."""
+    from bench.pareto import render_section
+
     cs = cells(data)
     m = data["meta"]
     L = []
@@ -173,6 +179,7 @@ def render(data, ratios, lengths, tasks) -> str:
              "- Each cell: `score (measured ratio)`. `full` stores the model's fp32 (ratio 0.5: lossless reference). "
              "The uniform presets have a fixed ratio (their bit width), shown once per length; `--ratio` cannot move them.\n"
              "- `—` = not run (time budget). A method meets a ratio column if its measured ratio is >= 95% of the target.\n")
+    L += render_section(data, tasks, lengths, plot_dir)
     for task in tasks:
         L.append(f"\n## {task}\n")
         for n in lengths:
@@ -333,7 +340,7 @@ def main(argv=None) -> int:
     if not args.render_only:
         run(args)
     data = json.loads(Path(args.json).read_text())
-    Path(args.out).write_text(render(data, args.ratios, args.lengths, args.tasks))
+    Path(args.out).write_text(render(data, args.ratios, args.lengths, args.tasks, plot_dir=Path(args.out).parent))
     print(f"wrote {args.out}")
     return 0
 
