@@ -90,3 +90,47 @@ def test_record_formats():
 def test_truncate_middle():
     assert T._truncate_middle(list(range(10)), 4) == [0, 1, 8, 9]
     assert T._truncate_middle(list(range(3)), 4) == [0, 1, 2]
+
+
+def test_wilson_interval_hand_worked():
+    from agacc.eval.metrics import wilson_interval
+
+    lo, hi = wilson_interval([1.0] * 10)   # 10 of 10: (1 + z^2/20) / (1 + z^2/10) -/+ ...
+    assert abs(lo - 0.7225) < 1e-3 and abs(hi - 1.0) < 1e-12
+    lo, hi = wilson_interval([1.0] * 5 + [0.0] * 5)
+    assert abs(lo - 0.2366) < 1e-3 and abs(hi - 0.7634) < 1e-3
+    assert wilson_interval([]) == (0.0, 1.0)
+
+
+def test_paired_difference_hand_worked():
+    from agacc.eval.metrics import paired_difference
+
+    d, hw = paired_difference([1, 1, 0, 0], [1, 0, 0, 1])  # differences 0, -1, 0, 1: sd sqrt(2/3)
+    assert d == 0.0 and abs(hw - 1.959964 * (2 / 3) ** 0.5 / 2) < 1e-9
+    assert paired_difference([1, 0, 1], [1, 0, 1]) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="equal"):
+        paired_difference([1], [1, 0])
+
+
+def test_the_table_shows_intervals_and_paired_comparisons():
+    """Hand-made records: a 95% interval column, and every method paired with the first on the samples
+    both ran (beyond noise when the difference exceeds its half-width); skipped rows stay skipped."""
+    from agacc.eval.cli import add_paired, format_table
+
+    def rec(name, scores):
+        from agacc.eval.metrics import wilson_interval
+
+        return {"preset": name, "context_tokens": 1024, "score": sum(scores) / len(scores), "ratio": 4.0,
+                "kv_mb": 1.0, "kv_mb_fp16": 4.0, "tokens_per_s": None, "ci95": list(wilson_interval(scores)),
+                "per_sample": [{"index": i, "score": s} for i, s in enumerate(scores)]}
+
+    records = [rec("agacc@4", [1.0] * 8), rec("snapkv@4", [0.0] * 6 + [1.0] * 2), rec("h2o@4", [1.0] * 7 + [0.0]),
+               {"preset": "kvpress:tova@4", "context_tokens": 1024, "skipped": "run bash scripts/setup_kvpress.sh"}]
+    add_paired(records)
+    assert "paired" not in records[0] and records[1]["paired"]["vs"] == "agacc@4"
+    assert records[1]["paired"]["diff"] == -0.75 and records[2]["paired"]["diff"] == -0.125
+    text = format_table(records)
+    assert "95% CI" in text.splitlines()[0] and "0.68-1.00" in text  # 8 of 8
+    assert "snapkv@4 -0.750 +- " in text and "(beyond noise)" in text
+    assert "h2o@4 -0.125 +- 0.245 (within noise)" in text
+    assert "kvpress:tova@4: run bash scripts/setup_kvpress.sh" in text

@@ -164,9 +164,45 @@ def method_configs(specs: list[str], ratio: float | None, sets: dict | None = No
     return out
 
 
+def add_paired(records: list[dict]) -> None:
+    """Each record with per-sample scores gets ``paired``: its score minus the first listed method's on
+    the same samples (same context length), with the 95% half-width (``metrics.paired_difference``)."""
+    from agacc.eval.metrics import paired_difference
+
+    base: dict = {}
+    for r in records:
+        if r.get("skipped") or "ci95" not in r:
+            continue
+        key = (r.get("context_tokens"), r.get("protocol"))
+        scores = {(s["index"], s.get("context_tokens")): s["score"] for s in r["per_sample"]}
+        if key not in base:
+            base[key] = (r["preset"], scores)
+            continue
+        name, ref = base[key]
+        common = [i for i in ref if i in scores]
+        if common:
+            d, hw = paired_difference([ref[i] for i in common], [scores[i] for i in common])
+            r["paired"] = {"vs": name, "samples": len(common), "diff": d, "half_width": hw}
+
+
+def paired_lines(records: list[dict]) -> list[str]:
+    out = []
+    for r in records:
+        p = r.get("paired")
+        if p:
+            verdict = "beyond noise" if abs(p["diff"]) > p["half_width"] else "within noise"
+            out.append(f"paired vs {p['vs']} ({p['samples']} samples, ctx {r.get('context_tokens')}): {r['preset']} "
+                       f"{p['diff']:+.3f} +- {p['half_width']:.3f} ({verdict})")
+    return out
+
+
 def format_table(records: list[dict]) -> str:
+    """The records as a text table (a 95% interval column when scores are per sample), the paired
+    comparisons with the first method under it, then the skipped methods' reasons."""
     ppl = any("ppl" in r for r in records)
-    head = ["preset", "ctx", "score", "ratio", "KV MB", "fp16 MB", "tok/s"] + (["ppl", "ppl full", "top1", "KL"] if ppl else [])
+    ci = any("ci95" in r for r in records)
+    head = (["preset", "ctx", "score"] + (["95% CI"] if ci else []) + ["ratio", "KV MB", "fp16 MB", "tok/s"]
+            + (["ppl", "ppl full", "top1", "KL"] if ppl else []))
     rows, notes = [], []
     for r in records:
         if r.get("skipped"):
@@ -174,14 +210,17 @@ def format_table(records: list[dict]) -> str:
             rows.append([r["preset"], str(r.get("context_tokens") or "-"), "skipped"] + ["-"] * (len(head) - 3))
             continue
         tps = r.get("tokens_per_s")
-        row = [r["preset"], str(r.get("context_tokens") or r.get("prompt_tokens")), f"{r['score']:.3f}", f"{r['ratio']:.2f}x",
-               f"{r['kv_mb']:.2f}", f"{r['kv_mb_fp16']:.2f}", f"{tps:.1f}" if tps else "-"]
+        row = [r["preset"], str(r.get("context_tokens") or r.get("prompt_tokens")), f"{r['score']:.3f}"]
+        if ci:
+            row.append("{:.2f}-{:.2f}".format(*r["ci95"]) if "ci95" in r else "-")
+        row += [f"{r['ratio']:.2f}x", f"{r['kv_mb']:.2f}", f"{r['kv_mb_fp16']:.2f}", f"{tps:.1f}" if tps else "-"]
         if ppl:
             row += [f"{r['ppl']:.3f}", f"{r['ppl_full']:.3f}", f"{r['top1_agreement']:.3f}", f"{r['kl']:.4f}"]
         rows.append(row)
     w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(cells))
-    return "\n".join([line(head), line(["-" * x for x in w])] + [line(r) for r in rows] + sorted(set(notes), key=notes.index))
+    return "\n".join([line(head), line(["-" * x for x in w])] + [line(r) for r in rows] + paired_lines(records)
+                     + sorted(set(notes), key=notes.index))
 
 
 def _dist():
@@ -271,6 +310,7 @@ def _main(args) -> int:
             _finish(world)
             return 0
     records = runner.aggregate(args.task, per_sample, configs, args.ratio, scoring)
+    add_paired(records)
     for r in records:
         r["world_size"] = world
         r["model"] = args.model or "embedded:SmolLM2-135M-Instruct"

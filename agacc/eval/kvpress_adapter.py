@@ -8,7 +8,8 @@ K/V tensors its cache holds. This side scores them with the task's metric and tu
 runner's per-sample results. No venv: every kvpress row says "skipped: run bash scripts/setup_kvpress.sh".
 
 Names: ``kvpress:snapkv``, ``kvpress:expected_attention``, ``kvpress:streaming_llm``, ``kvpress:knorm``,
-``kvpress:tova``, ``kvpress:observed_attention`` (eager attention), each with ``@R`` or ``--ratio R``:
+``kvpress:tova``, ``kvpress:observed_attention`` (eager attention), ``kvpress:kvzip`` (context
+reconstruction: 2-3 extra prefill passes), each with ``@R`` or ``--ratio R``:
 R is this project's ratio, bytes of a 16-bit cache / bytes held, so the press's
 ``compression_ratio`` (the fraction of tokens it removes) is set for equal bytes with the model's K/V
 dtype: ``1 - 2 / (itemsize x R)`` (fp32 on CPU: @4 removes 87.5%, the kept tokens being held in
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("kvpress_worker.py")
 KV_PREFIX = "kvpress:"
 # the presses the worker knows (kvpress_worker.PRESSES), kept here so this side imports nothing of it
-PRESSES = ("snapkv", "expected_attention", "streaming_llm", "knorm", "tova", "observed_attention")
+PRESSES = ("snapkv", "expected_attention", "streaming_llm", "knorm", "tova", "observed_attention", "kvzip")
 SETUP = "run bash scripts/setup_kvpress.sh"
 
 

@@ -38,6 +38,9 @@ PRESSES = {
     "knorm": "KnormPress",
     "tova": "TOVAPress",
     "observed_attention": "ObservedAttentionPress",  # needs attn_implementation="eager"
+    # query-agnostic by design: scores each entry by how well the model reconstructs the context from the
+    # cache (2-3 extra prefill passes after the prefill, when the press's block ends)
+    "kvzip": "KVzipPress",
 }
 EAGER = {"observed_attention"}
 

@@ -163,3 +163,32 @@ def lm_stats(logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tens
 
 def perplexity(nll_sum: float, tokens: int) -> float:
     return math.exp(nll_sum / tokens) if tokens else float("nan")
+
+
+Z95 = 1.959964  # two-sided 95% quantile of the normal distribution
+
+
+def wilson_interval(scores: list[float], z: float = Z95) -> tuple[float, float]:
+    """95% interval of a mean score over n samples, each in [0, 1]: the Wilson score interval of p = the
+    mean with n trials (exact in form for 0/1 scores such as a needle found or not; for partial scores,
+    RULER's string_match_all, an approximation). Never degenerate: 10 of 10 gives [0.72, 1]."""
+    n = len(scores)
+    if n == 0:
+        return 0.0, 1.0
+    p = sum(scores) / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_difference(a: list[float], b: list[float], z: float = Z95) -> tuple[float, float]:
+    """(mean of b_i - a_i, 95% half-width) over samples scored by two methods (the same samples, in the
+    same order): normal approximation, half-width z * sd / sqrt(n) of the differences; 0 when every
+    sample gave both the same score."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_difference needs two equal, non-empty lists, got {len(a)} and {len(b)}")
+    d = [y - x for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+    return mean, z * math.sqrt(var / n)

@@ -42,7 +42,7 @@ from agacc.cache import CompressedCache
 from agacc.planner import text_config
 from agacc.config import AGACCConfig
 from agacc.eval import ruler
-from agacc.eval.metrics import best_score, lm_stats, perplexity
+from agacc.eval.metrics import best_score, lm_stats, perplexity, wilson_interval
 from agacc.eval.tasks import Sample
 
 CAPTURE = "agacc_capture"
@@ -484,6 +484,8 @@ def aggregate(task: str, per_sample: list[dict], configs, ratio_target, scoring:
                 rec.update(ppl=perplexity(nll, toks), ppl_full=perplexity(nll_full, toks),
                            top1_agreement=sum(r["top1"] for r in rs) / toks, kl=sum(r["kl"] for r in rs) / toks,
                            score=min(1.0, math.exp((nll_full - nll) / toks)), tokens=toks)
+            else:  # a score per sample: its 95% interval (ppl's score is one ratio over the pooled tokens)
+                rec["ci95"] = list(wilson_interval([r["score"] for r in rs]))
             if "protocol" in rs[0]:
                 rec["protocol"] = rs[0]["protocol"]
                 rec["reuse"] = rs[0].get("reuse", 1)
