@@ -271,8 +271,9 @@ def _pad_counts(mask, q: int, batch: int) -> list[int]:
     of the row (a token always sees itself, with or without a sliding window). No mask: none."""
     if mask is None:
         return [0] * batch
-    seen = mask.any(-2) if mask.dtype == torch.bool else (mask == 0).any(-2)   # [Bt, 1, kv]
-    return (~seen[:, 0, -q:]).sum(-1).tolist()
+    new = mask[..., -q:]  # the new tokens' columns [Bt, 1, q, q]: O(q^2), whatever the context
+    seen = new.any(-2) if new.dtype == torch.bool else (new == 0).any(-2)
+    return (~seen[:, 0]).sum(-1).tolist()
 
 
 class CompressedCache(Cache):
