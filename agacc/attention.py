@@ -107,7 +107,8 @@ def part_slices(part: Part, block: int):
 
 
 def chunk_attention(query: torch.Tensor, parts: list[Part], scaling: float, n_new: int, n_obs: int,
-                    block: int = 256, softcap: float | None = None):
+                    block: int = 256, softcap: float | None = None, window: int | None = None,
+                    positions: torch.Tensor | None = None, q_start: int = 0):
     """Attention of a chunk of ``q`` queries over everything a layer holds, key slices at a time.
 
     query [Bt, Hq, q, D]; ``parts`` = ``LayerStore.parts()`` whose last ``n_new`` entries are the q new
@@ -116,14 +117,17 @@ def chunk_attention(query: torch.Tensor, parts: list[Part], scaling: float, n_ne
     temporaries are O(q x block), never a dequantised copy of the store nor a q x n matrix. The
     attention mass of the last ``n_obs`` queries comes out of the same pass (their logits are kept,
     O(n_obs x n), and normalised once the softmax's sums are known). ``softcap``: logit softcapping
-    (``cap_logits``), before the parts' bias and the causal mask.
+    (``cap_logits``), before the parts' bias and the causal mask. ``window`` (a sliding layer past its
+    window): query i, at position ``q_start`` + i, sees only entries whose ``positions`` (int64
+    [n_entries], ``LayerStore.entry_positions``) are within the window - 1 before it; the PyTorch
+    path runs it, whatever the backend.
 
     Returns (out [Bt, q, Hq, D] in query's dtype, mass [n_entries] fp32) normalised as ``attend``.
 
     Branches once on ``kernels.backend(query.device)``: "triton" runs the fused kernel
     (``kernels.triton_chunk.chunk_parts``: the same result, its own key tiles; ``block`` is this
     path's); "cpp" and "torch" run the PyTorch path below."""
-    if kernels.backend(query.device) == "triton":
+    if window is None and kernels.backend(query.device) == "triton":
         from kernels.triton_chunk import chunk_parts
 
         return chunk_parts(query, parts, scaling, n_new, n_obs, softcap=softcap)
@@ -149,10 +153,16 @@ def chunk_attention(query: torch.Tensor, parts: list[Part], scaling: float, n_ne
             if first_new < hi - lo:                                                # query i sees new entries 0..i
                 col = torch.arange(hi - lo, device=query.device) - first_new
                 s = s.masked_fill(col[None, :] > qi[:, None], float("-inf"))
+            if window is not None:                                                 # and the window - 1 before it
+                pos = positions[base + lo:base + hi]
+                s = s.masked_fill(pos[None, :] <= (q_start + qi)[:, None] - window, float("-inf"))
             obs_logits.append(s[:, :, obs_rows])
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))
-            p = torch.exp(s - m_new)
-            shrink = torch.exp(m - m_new)
+            m_exp = m_new  # a row with nothing visible yet (a window) keeps -inf: exp against 0, not -inf - -inf
+            if window is not None:
+                m_exp = m_new.masked_fill(m_new == float("-inf"), 0.0)
+            p = torch.exp(s - m_exp)
+            shrink = torch.exp(m - m_exp)
             z = z * shrink + p.sum(-1, keepdim=True)
             acc = acc * shrink + torch.matmul(p, v)
             m = m_new
@@ -171,12 +181,13 @@ def _bias(entries: list[Entries], n: int, device) -> torch.Tensor | None:
 
 
 def observe_prefill(query: torch.Tensor, key: torch.Tensor, scaling: float, n_obs: int, chunk: int = 4096,
-                    softcap: float | None = None):
+                    softcap: float | None = None, window: int | None = None):
     """Initial importance at prefill: mean attention the last ``n_obs`` queries give each key.
 
     query [Bt, Hq, q, D] and key [Bt, H, q, D] are the prompt's (keys = the new tokens, causal).
     Computed over key chunks with a two-pass softmax so memory stays O(n_obs x chunk). ``softcap``:
-    logit softcapping (``cap_logits``).
+    logit softcapping (``cap_logits``); ``window``: a sliding window (a query sees itself and the
+    window - 1 keys before it).
     Returns mass [q] fp32 (same normalisation as ``attend``)."""
     bt, hq, q, d = query.shape
     h = key.shape[1]
@@ -188,14 +199,18 @@ def observe_prefill(query: torch.Tensor, key: torch.Tensor, scaling: float, n_ob
     def chunk_scores(lo, hi):
         s = cap_logits(torch.matmul(qo, key[:, :, lo:hi].float().transpose(-1, -2)) * scaling, softcap)
         kpos = torch.arange(lo, hi, device=query.device)
-        return s.masked_fill(kpos[None, :] > qpos[:, None], float("-inf"))
+        hidden = kpos[None, :] > qpos[:, None]
+        if window is not None:
+            hidden |= kpos[None, :] <= qpos[:, None] - window
+        return s.masked_fill(hidden, float("-inf"))
 
     m = torch.full((bt, h, g * n_obs, 1), float("-inf"), device=query.device)
     z = torch.zeros_like(m)
     for lo in range(0, q, chunk):  # pass 1: running max and normaliser
         s = chunk_scores(lo, min(q, lo + chunk))
         m_new = torch.maximum(m, s.amax(-1, keepdim=True))
-        z = z * torch.exp(m - m_new) + torch.exp(s - m_new).sum(-1, keepdim=True)
+        m_exp = m_new.masked_fill(m_new == float("-inf"), 0.0) if window is not None else m_new  # as chunk_attention
+        z = z * torch.exp(m - m_exp) + torch.exp(s - m_exp).sum(-1, keepdim=True)
         m = m_new
     mass = torch.empty(q, device=query.device)
     for lo in range(0, q, chunk):  # pass 2: probabilities, summed

@@ -58,9 +58,8 @@ class _NeedsAgacc(torch.Tensor):
 def unsupported_attention(model_config) -> str | None:
     """Why a ``CompressedCache`` cannot serve a model of this config (its attention is a variant no
     path implements), or None. Read from the config only: layer kinds, latent (MLA) caches,
-    encoder-decoder (logit softcapping is applied by every path). Sliding windows are supported by the
-    lossless preset and, while the sequence fits the window, by every preset (``CompressedLayer.update``
-    checks the length)."""
+    encoder-decoder (logit softcapping is applied by every path; sliding windows by every preset:
+    ``CompressedLayer.attend``, ``CompressedCache.dropped_blocks``)."""
     tc = planner.text_config(model_config)
     if getattr(model_config, "is_encoder_decoder", False):
         return "encoder-decoder models (cross-attention caches) are not supported"
@@ -99,6 +98,7 @@ class CompressedLayer(CacheLayerMixin):
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
+        self.window = cache.windows[layer_idx]  # sliding window in tokens, None for a global layer
         self.store: LayerStore | None = None
         self.tracker = ImportanceTracker(cache.cfg, cache.layer_weights[layer_idx])
         self.scores = torch.zeros(0)  # latest normalised block scores (snapshot)
@@ -107,6 +107,8 @@ class CompressedLayer(CacheLayerMixin):
         cfg = self.cache.cfg
         self.dtype, self.device = key_states.dtype, key_states.device
         store_dtype = self.dtype if (cfg.store_dtype == "model" or not cfg.compress) else _DTYPES[cfg.store_dtype]
+        if self.window is not None and cfg.markers:  # what a sliding layer evicts, its window has passed: no marker
+            cfg = cfg.with_overrides(markers=False)
         self.store = LayerStore(cfg, self.device, store_dtype)
         self.tracker.device = self.device
         self.tracker.importance = self.tracker.importance.to(self.device)
@@ -121,9 +123,6 @@ class CompressedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         elif self.layer_idx == 0 and key_states.shape[-2] == 1 and self.cache.held is not None:
             self.cache.end_prefill()  # the first decode step: the prompt is in, its evictions are decided
-        n_after = self.store.seq_len + key_states.shape[-2]
-        if self.cache.min_window is not None and n_after > self.cache.min_window and self.cache.cfg.compress:
-            self.cache.refuse_window(n_after)
         self.store.append(key_states, value_states)
         return self._tagged(key_states, value_states)
 
@@ -215,14 +214,19 @@ class CompressedLayer(CacheLayerMixin):
         if pads is not None and (self.cache.rows is not None or any(pads)):
             return self.attend_rows(query, key, value, pads, scaling, softcap)
         n_prior = store.n_entries - q
+        # a sliding layer past its window (compressing presets: entries are not in position order, so the
+        # window is applied by position; the lossless preset's mask carries it)
+        window = self.window if (cfg.compress and self.window is not None and store.seq_len > self.window) else None
         if q == 1:
             # the lossless preset keeps entries in position order, so a padding mask applies as is
             mask = attention_mask if (attention_mask is not None and not cfg.compress) else None
+            if window is not None:  # the PyTorch path, masked by position
+                mask = (store.entry_positions() > store.seq_len - 1 - window).view(1, 1, 1, -1)
             out, mass = decode_attention(query, store, scaling, mask, softcap)  # the backend is chosen there
             self.tracker.observe(mass)  # per entry; mapped to tokens at the re-evaluation
         elif n_prior == 0:
             out = dense_attention(query, key, value, attention_mask, scaling, softcap)
-            self.tracker.init_prefill(observe_prefill(query, key, scaling, cfg.n_q, softcap=softcap))
+            self.tracker.init_prefill(observe_prefill(query, key, scaling, cfg.n_q, softcap=softcap, window=window))
         elif not cfg.compress and attention_mask is not None:
             # lossless, a later chunk (assisted decoding's draft check, a next turn): every entry is hot and in
             # position order, so the mask (causal, padding, sliding window) applies as is, as with a plain cache
@@ -230,7 +234,8 @@ class CompressedLayer(CacheLayerMixin):
             _, mass = chunk_attention(query, store.parts(), scaling, n_new=q, n_obs=cfg.n_q, softcap=softcap)
             self.tracker.init_prefill(store.token_mass(mass))
         else:  # a later chunk of a prompt: key slices over the packed store, never a dequantised copy
-            out, mass = chunk_attention(query, store.parts(), scaling, n_new=q, n_obs=cfg.n_q, softcap=softcap)
+            pos = dict(window=window, positions=store.entry_positions(), q_start=store.seq_len - q) if window else {}
+            out, mass = chunk_attention(query, store.parts(), scaling, n_new=q, n_obs=cfg.n_q, softcap=softcap, **pos)
             self.tracker.init_prefill(store.token_mass(mass))
         if self.layer_idx == self.cache.n_layers - 1:
             self.cache._step_done(q)
@@ -295,8 +300,7 @@ class CompressedCache(Cache):
         self.n_layers, self.n_kv_heads, self.head_dim = geo.n_layers, geo.heads, geo.head_dim
         self.layer_weights = layer_weights(self.cfg, self.n_layers)
         self.record_history = record_history
-        windows = [w for w in sliding_windows(model_config) if w is not None]
-        self.min_window = min(windows) if windows else None  # smallest sliding window, tokens (None: none)
+        self.windows = sliding_windows(model_config)  # per layer: its sliding window (tokens) or None
         self._start()
         super().__init__(layers=[CompressedLayer(self, i) for i in range(self.n_layers)])
 
@@ -324,7 +328,7 @@ class CompressedCache(Cache):
         self.rows = []
         for _ in range(batch):
             row = CompressedCache.__new__(CompressedCache)
-            for name in ("cfg", "n_layers", "n_kv_heads", "head_dim", "layer_weights", "record_history", "min_window"):
+            for name in ("cfg", "n_layers", "n_kv_heads", "head_dim", "layer_weights", "record_history", "windows"):
                 setattr(row, name, getattr(self, name))
             row._start()
             Cache.__init__(row, layers=[CompressedLayer(row, i) for i in range(self.n_layers)])
@@ -359,13 +363,19 @@ class CompressedCache(Cache):
             return super().batch_select_indices(indices)
         self.rows = [self.rows[i] for i in indices.tolist()]
 
-    def refuse_window(self, n_tokens: int) -> None:
-        """Raise the sliding-window refusal (``CompressedLayer.update``, before anything is stored)."""
-        raise ValueError(
-            f"this model has sliding-window layers ({self.min_window} tokens) and the sequence would reach "
-            f"{n_tokens} tokens: the compressing presets do not implement sliding windows yet (they would attend "
-            f"beyond the window; preset {self.cfg.name!r}). Use the lossless preset AGACCConfig.preset('full'), "
-            f"which is exact with sliding windows, or keep prompt + new tokens within {self.min_window} tokens")
+    def plain_tokens(self, layer: int, seq_len: int | None = None) -> int:
+        """Tokens transformers' own cache holds for ``layer`` after ``seq_len`` (default: now): all of
+        them, or on a sliding layer the last window - 1 (the next query brings the window's last)."""
+        n = self.seq_len if seq_len is None else seq_len
+        w = self.windows[layer]
+        return n if w is None else min(n, w - 1)
+
+    def dropped_blocks(self, n_ready: int) -> list[int] | None:
+        """Per layer, the first blocks whose tokens every later query's window has passed (a sliding
+        layer; at most the ``n_ready`` planned ones), or None when no layer has any."""
+        B, n = self.cfg.block_size, self.seq_len
+        out = [0 if w is None else min(n_ready, max(0, n - w + 1) // B) for w in self.windows]
+        return out if any(out) else None
 
     # --- schedule --------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -427,28 +437,31 @@ class CompressedCache(Cache):
         self.reevaluations += 1
         unplanned = self.unplanned_bytes()
         overhead = unplanned + self.ahead_bytes() + self.headroom_bytes()  # what the ratio fitter adds to its plan
+        dropped = self.dropped_blocks(n_ready)
+        reference = self.reference_bytes()
         if self.record_history:
             self.history.append({"step": self.steps, "seq_len": seq_len, "n_ready": n_ready, "block_size": cfg.block_size,
-                                 "overhead": overhead,
+                                 "overhead": overhead, "dropped": dropped, "bytes_fp16": reference,
                                  "unplanned": unplanned, "prefill": prefill, "scores": [s.clone() for s in block_scores]})
         if cfg.compress and n_ready > 0:
             geo = self._geometry()
             fitted: dict = {}  # scale -> the plans (stacked, floored) of every scale the fitter tried
+            window = dict(dropped=dropped, reference_bytes=reference)  # sliding layers: their windows
             if cfg.target_ratio is not None:
                 prev = None if cfg.host_copy else [(l.store.block_tier, l.store.block_bits, l.store.block_keep) for l in layers]
                 self.threshold_scale = planner.fit_threshold_scale(block_scores, cfg, geo, seq_len, cfg.target_ratio,
                                                                    overhead, prev=prev, start=self.threshold_scale,
-                                                                   prefill=prefill, plans_out=fitted)
+                                                                   prefill=prefill, plans_out=fitted, **window)
             floored = self.threshold_scale in fitted  # the fitter planned (and floored) this scale already
             plans = fitted[self.threshold_scale] if floored else planner.plan_tiers(
-                block_scores, cfg, geo, seq_len, self.threshold_scale, prefill=prefill, stacked=True)
+                block_scores, cfg, geo, seq_len, self.threshold_scale, prefill=prefill, stacked=True, dropped=dropped)
             self.held = None
             if prefill and cfg.hold_evictions and not cfg.host_copy:
                 gentle = plans
                 if cfg.gentle_prefill:
                     gentle = planner.fit_plans(block_scores, cfg, geo, seq_len, cfg.prefill_ratio, overhead,
-                                               prev, self.threshold_scale, prefill)
-                held = hold_evictions(*gentle, cfg, self.head_dim)
+                                               prev, self.threshold_scale, prefill, **window)
+                held = planner.drop_blocks(*hold_evictions(*gentle, cfg, self.head_dim), dropped)
                 if any(a is not b for a, b in zip(held, plans)):  # blocks would go or lose bits: held till the prompt ends
                     self.held, plans, floored = plans, held, False
             apply_plans(stores, *plans, self._token_weight(layers), floored=floored)
@@ -505,6 +518,13 @@ class CompressedCache(Cache):
             return sum(row.held_bytes() for row in self.rows)
         return sum(l.store.nbytes() + l.tracker.nbytes() + l.scores.nbytes for l in self.layers if l.store is not None)
 
+    def reference_bytes(self) -> int:
+        """``memory()["bytes_fp16"]``: what a 16-bit cache of the same tokens holds, as transformers' own
+        cache holds them (every token; on a sliding layer its window, ``plain_tokens``)."""
+        layers = [l for l in self.layers if l.store is not None]
+        return sum(Geometry(1, self.n_kv_heads, self.head_dim, l.store.batch).bytes_fp16(
+            self.plain_tokens(l.layer_idx, l.store.seq_len)) for l in layers)
+
     def reset_peak(self) -> None:
         """Start ``memory()["peak_bytes"]`` again from what is held now."""
         for row in self.rows or ():
@@ -537,7 +557,7 @@ class CompressedCache(Cache):
                 by_tier[k] = by_tier.get(k, 0) + v
         by_tier["tracker"] = tracker_bytes
         total = store_bytes + tracker_bytes
-        fp16 = sum(Geometry(1, self.n_kv_heads, self.head_dim, l.store.batch).bytes_fp16(l.store.seq_len) for l in layers)
+        fp16 = self.reference_bytes()
         return {
             "bytes": total,
             "peak_bytes": max(self.peak_bytes, total),

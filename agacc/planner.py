@@ -120,11 +120,36 @@ def apply_layer_budget(tier, bits, keep, scores, budget_blocks: int):
 # --- plans ----------------------------------------------------------------------------------------
 
 def plan_tiers(block_scores: list[torch.Tensor], cfg, geo: Geometry, seq_len: int, scale: float = 1.0,
-               prefill: bool = False, stacked: bool = False):
+               prefill: bool = False, stacked: bool = False, dropped: list[int] | None = None):
     """Per layer (tier, bits, keep) for the ready blocks under the rule of the method ``cfg.rule``;
     sinks stay full; the C_max budget applies. ``prefill``: the re-evaluation ends a prefill, so the
     eviction guard (``cfg.spill``) applies. ``stacked``: the same plans as (tier, bits, keep) [L, n]
-    (None without layers), not a list per layer."""
+    (None without layers), not a list per layer. ``dropped``: per layer, how many first blocks are
+    evicted whatever their scores (``drop_blocks``: a sliding-window layer's blocks every later query is
+    past)."""
+    drop = bool(dropped) and any(dropped)
+    plans = _plan_rule(block_scores, cfg, geo, seq_len, scale, prefill, stacked or drop)
+    if not drop or plans is None:
+        return plans
+    plans = drop_blocks(*plans, dropped)
+    return plans if stacked else list(zip(*(x.unbind(0) for x in plans)))
+
+
+def drop_blocks(tier: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor, dropped: list[int] | None):
+    """Stacked plans [L, n] with the first ``dropped[l]`` blocks of layer l evicted (a sliding-window
+    layer drops what its window has passed, as transformers' own sliding layers do; its store keeps
+    no marker for them). None or all 0: the plans themselves."""
+    if not dropped or not any(dropped):
+        return tier, bits, keep
+    tier, bits, keep = tier.clone(), bits.clone(), keep.clone()
+    for layer, k in enumerate(dropped):
+        if k:
+            tier[layer, :k], bits[layer, :k], keep[layer, :k] = EVICTED, 0, 0
+    return tier, bits, keep
+
+
+def _plan_rule(block_scores, cfg, geo: Geometry, seq_len: int, scale: float, prefill: bool, stacked: bool):
+    """``plan_tiers`` before ``dropped``."""
     B = cfg.block_size
     sink_blocks = -(-cfg.n_sink // B) if cfg.n_sink else 0
     budgets = None
@@ -242,7 +267,8 @@ def stacked_bytes(tier: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor, cf
 
 def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_bytes: int = 0,
                         tol: float = 1e-3, prev=None, start: float | None = None, byte_tol: float = 0.01,
-                        prefill: bool = False, plans_out: dict | None = None) -> float:
+                        prefill: bool = False, plans_out: dict | None = None, dropped: list[int] | None = None,
+                        reference_bytes: int | None = None) -> float:
     """Scale s for (tau_h, tau_l, tau_e) * s so the planned bytes (+ ``overhead_bytes`` the plan does
     not cover) are just under bytes_fp16 / target: the library's target-ratio -> thresholds map.
     ``prev``: per layer (tier, bits, keep) already applied, when blocks cannot regain fidelity (no
@@ -259,8 +285,10 @@ def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_
 
     ``plans_out``: a dict that receives, per scale planned, its plans stacked (``plan_tiers(...,
     stacked=True)``) and floored to ``prev`` when given, so the caller need not plan the returned
-    scale again."""
-    budget = geo.bytes_fp16(seq_len) / target_ratio - overhead_bytes
+    scale again. ``dropped``: as ``plan_tiers``; ``reference_bytes``: what a 16-bit cache of the same
+    tokens holds (default ``geo.bytes_fp16(seq_len)``; sliding-window layers hold only their window)."""
+    reference = geo.bytes_fp16(seq_len) if reference_bytes is None else reference_bytes
+    budget = reference / target_ratio - overhead_bytes
     # [L, n_old] each, where the plans are made (block scores are on the CPU; a store's tiers on its device)
     prev_stacked = tuple(torch.stack(x).to(block_scores[0].device) for x in zip(*prev)) if prev else None
     seen: dict[float, int] = {}
@@ -268,7 +296,8 @@ def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_
     def bytes_at(log_s):
         if log_s not in seen:
             scale = math.exp(log_s)
-            plans = plan_tiers(block_scores, cfg, geo, seq_len, scale, prefill=prefill, stacked=True)  # [L, n] each
+            plans = plan_tiers(block_scores, cfg, geo, seq_len, scale, prefill=prefill, stacked=True,
+                               dropped=dropped)  # [L, n] each
             if plans is None:  # no layers
                 seen[log_s] = 0
                 return 0
@@ -310,13 +339,14 @@ def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_
 
 
 def fit_plans(block_scores, cfg, geo, seq_len, ratio, overhead_bytes: int = 0, prev=None, start: float | None = None,
-              prefill: bool = False):
+              prefill: bool = False, dropped: list[int] | None = None, reference_bytes: int | None = None):
     """The stacked plans (tier, bits, keep) [L, n] fitted to ``ratio`` (``fit_threshold_scale``; floored
     against ``prev`` where the fitter floored them)."""
     fitted: dict = {}
     s = fit_threshold_scale(block_scores, cfg, geo, seq_len, ratio, overhead_bytes, prev=prev, start=start,
-                            prefill=prefill, plans_out=fitted)
-    return fitted[s] if s in fitted else plan_tiers(block_scores, cfg, geo, seq_len, s, prefill=prefill, stacked=True)
+                            prefill=prefill, plans_out=fitted, dropped=dropped, reference_bytes=reference_bytes)
+    return fitted[s] if s in fitted else plan_tiers(block_scores, cfg, geo, seq_len, s, prefill=prefill, stacked=True,
+                                                    dropped=dropped)
 
 
 def fit_thresholds(block_scores, cfg, geo: Geometry, seq_len: int, target_ratio: float,

@@ -594,6 +594,15 @@ class LayerStore:
             self._layout = torch.cat(ids).to(torch.int32) if ids else torch.empty(0, dtype=torch.int32, device=self.device)
         return self._layout
 
+    def entry_positions(self) -> torch.Tensor:
+        """The token position of every entry, in attention order: int64 [n_entries] (tiered blocks by
+        their ids, then the hot region). For stores without markers (a sliding layer's: a marker stands
+        for a run of positions)."""
+        if self.markers.n:
+            raise ValueError("entry_positions: a marker has no single position (sliding layers keep none)")
+        tiered = (self.token_layout().long()[:, None] * self.B + torch.arange(self.B, device=self.device)).reshape(-1)
+        return torch.cat([tiered, torch.arange(self.hot_start, self.seq_len, device=self.device)])
+
     def token_mass(self, mass: torch.Tensor) -> torch.Tensor:
         """Entry mass [m <= n_entries] (attention order) -> token mass [seq_len]; a marker's mass is
         shared evenly among the tokens of its span; entries appended since (m < n_entries) get 0."""

@@ -199,12 +199,14 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
             raise ValueError(f"this history was recorded with another block size than {B} tokens (entry {i}: "
                              f"{n_ready} ready blocks of {seq_len} tokens): the block size needs a re-run")
         prefill = bool(h.get("prefill", False))
+        # sliding-window layers (recorded): the blocks their windows passed, and the 16-bit reference
+        window = dict(dropped=h.get("dropped"), reference_bytes=h.get("bytes_fp16"))
         if cfg.compress and n_ready > 0:
             if cfg.target_ratio is not None:
                 scale = planner.fit_threshold_scale(scores, cfg, geo, seq_len, cfg.target_ratio,
                                                     int(h.get("overhead", 0)), prev=None if cfg.host_copy else current,
-                                                    start=scale, prefill=prefill)
-            plans = planner.plan_tiers(scores, cfg, geo, seq_len, scale, prefill=prefill)
+                                                    start=scale, prefill=prefill, **window)
+            plans = planner.plan_tiers(scores, cfg, geo, seq_len, scale, prefill=prefill, dropped=window["dropped"])
             # a prompt chunk followed by another holds its evictions (the cache's hold_evictions); the
             # last chunk's plan is applied as made when the prompt ends (shown so in its frame)
             more_prompt = i + 1 < len(history) and bool(history[i + 1].get("prefill", False))
@@ -212,9 +214,13 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
                 if cfg.gentle_prefill:
                     gentle = planner.fit_threshold_scale(scores, cfg, geo, seq_len, cfg.prefill_ratio,
                                                          int(h.get("overhead", 0)), prev=current, start=scale,
-                                                         prefill=prefill)
-                    plans = planner.plan_tiers(scores, cfg, geo, seq_len, gentle, prefill=prefill)
+                                                         prefill=prefill, **window)
+                    plans = planner.plan_tiers(scores, cfg, geo, seq_len, gentle, prefill=prefill,
+                                               dropped=window["dropped"])
                 plans = [hold_evictions(*p, cfg, geo.head_dim) for p in plans]
+                if window["dropped"]:  # what a window passed is dropped, not held
+                    plans = list(zip(*(x.unbind(0) for x in planner.drop_blocks(
+                        *(torch.stack(x) for x in zip(*plans)), window["dropped"]))))
             if not cfg.host_copy and current is not None:
                 plans = [fidelity_floor(prev, *p) for prev, p in zip(current, plans)]
             current = plans
@@ -232,7 +238,7 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
                            if (current is not None and cfg.markers) else [])
         planned = planner.planned_bytes(current, cfg, geo, seq_len)
         held = planned + _unplanned(h, cfg, geo)
-        fp16 = geo.bytes_fp16(seq_len)
+        fp16 = int(h["bytes_fp16"]) if h.get("bytes_fp16") is not None else geo.bytes_fp16(seq_len)
         out.append({"step": int(h["step"]), "seq_len": seq_len, "block_size": B, "n_layers": geo.n_layers,
                     "threshold_scale": scale, "importance": imp, "tier": tiers, "bits": bits, "keep": keeps,
                     "markers": markers, "tier_names": list(NAMES), "planned_bytes": planned, "held_bytes": held,

@@ -9,8 +9,10 @@ batch shapes, against transformers' plain ``DynamicCache``.
   left-padded batch every row gets the tokens, tiers and bytes it gets alone;
 * refused architectures (Falcon, MLA, attention sinks): ``enable`` says why, and a
   CompressedCache used without it raises instead of answering wrongly;
-* sliding windows: the lossless preset is exact past the window; compressing presets refuse a
-  sequence longer than the window, saying so (not "padded batch").
+* sliding windows: the lossless preset is exact past the window; a compressing sliding layer keeps
+  its window (blocks the window passed are dropped, the rest masked by position): with every block
+  kept at full precision it gives the plain cache's tokens, one prefill or chunked; every compressing
+  preset runs past the window, priced against transformers' own cache.
 """
 from __future__ import annotations
 
@@ -230,12 +232,18 @@ def test_refused_architecture_says_why(arch):
 
 
 SLIDING = {"mistral-swa": ("MistralConfig", dict(COMMON, sliding_window=32)),
-           "gemma3-swa": ("Gemma3TextConfig", dict(COMMON, head_dim=16, sliding_window=32))}
+           "gemma3-swa": ("Gemma3TextConfig", dict(COMMON, head_dim=16, sliding_window=32)),
+           "gemma2-swa": ("Gemma2Config", dict(COMMON, head_dim=16, sliding_window=32))}  # sliding + global
+
+
+@functools.lru_cache(maxsize=None)
+def sliding(arch: str):
+    return agacc.enable(build(*SLIDING[arch]))
 
 
 @pytest.mark.parametrize("arch", list(SLIDING))
 def test_sliding_window_lossless_is_exact_past_the_window(arch):
-    m = agacc.enable(build(*SLIDING[arch]))
+    m = sliding(arch)
     ids = prompts(1, 48)  # longer than the window
     assert torch.equal(run(m, ids, agacc.CompressedCache(m.config, agacc.AGACCConfig.preset("full"))),
                        run(m, ids, DynamicCache(config=m.config)))
@@ -248,13 +256,59 @@ def test_sliding_window_lossless_is_exact_past_the_window(arch):
     assert torch.allclose(out, ref, atol=1e-4, rtol=0)
 
 
+# a compressing preset whose thresholds keep every block at full precision: lossless except for what a
+# sliding layer's window has passed, which it drops (no marker) -- so it must give the plain cache's tokens
+ALL_FULL = dict(tau_h=1e-9, tau_l=5e-10, tau_e=0.0, block_size=8, recent_window=8)
+
+
+@pytest.mark.parametrize("chunk", [None, 24])
 @pytest.mark.parametrize("arch", list(SLIDING))
-def test_sliding_window_refusal_is_accurate(arch):
-    m = agacc.enable(build(*SLIDING[arch]))
-    cfg = agacc.AGACCConfig.preset("agacc", block_size=8, recent_window=8)
-    out = run(m, prompts(1, 24), agacc.CompressedCache(m.config, cfg), n_new=4)  # 28 tokens: inside the window
-    assert out.shape == (1, 28)
-    with pytest.raises(ValueError, match="sliding-window layers \\(32 tokens\\).*preset AGACCConfig.preset\\('full'\\)"):
-        run(m, prompts(1, 40), agacc.CompressedCache(m.config, cfg))  # prompt longer than the window
-    with pytest.raises(ValueError, match="sliding-window"):  # decoding past the window
-        run(m, prompts(1, 24), agacc.CompressedCache(m.config, cfg), n_new=12)
+def test_a_compressing_sliding_layer_keeps_exactly_its_window(arch, chunk):
+    """Past the window (100-token prompt, window 32), one prefill or chunks of 24: the plain cache's
+    tokens, a sliding layer holding at most its window + a block + the recent window, and a 16-bit
+    reference priced as transformers' own cache holds the tokens (a sliding layer: its last window - 1)."""
+    m = sliding(arch)
+    ids = prompts(1, 100)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+              pad_token_id=0, prefill_chunk_size=chunk)
+    with torch.inference_mode():
+        plain = DynamicCache(config=m.config)
+        ref = m.generate(ids, past_key_values=plain, **kw)
+        cache = agacc.CompressedCache(m.config, agacc.AGACCConfig.preset("agacc", **ALL_FULL))
+        out = m.generate(ids, past_key_values=cache, **kw)
+    assert torch.equal(out, ref)
+    windows = agacc.cache.sliding_windows(m.config)
+    for layer, w in zip(cache.layers, windows):
+        if w is not None:
+            assert layer.store.n_entries <= w + 8 + 8 and layer.store.markers.n == 0
+    assert any(w is not None for w in windows)
+    assert cache.memory()["bytes_fp16"] == sum(l.keys.numel() * 2 * 2 for l in plain.layers)
+
+
+@pytest.mark.parametrize("preset", list(COMPRESSING))
+@pytest.mark.parametrize("arch", list(SLIDING))
+def test_compressing_presets_run_past_the_window(arch, preset):
+    """Every compressing preset past the window (window 256, 600-token prompt): the exact prefill's first
+    token, the bytes reference of transformers' own cache (its sliding layers hold their window), sliding
+    layers bounded, the target ratio (within 10%: a sliding layer's recent window is a fifth of it here)
+    or, uniform-int4, compression, and a replay of the history that gives the cache's tiers."""
+    from agacc.trace import replay_frames
+
+    cls_name, fields = SLIDING[arch]
+    m = agacc.enable(build(cls_name, dict(fields, sliding_window=256)))
+    ids = prompts(1, 600)
+    cfg = agacc.AGACCConfig.preset(preset, **COMPRESSING[preset])
+    cache = agacc.CompressedCache(m.config, cfg, record_history=True)
+    plain = DynamicCache(config=m.config)
+    out, ref = run(m, ids, cache), run(m, ids, plain)
+    assert torch.equal(out[:, :601], ref[:, :601])
+    windows = agacc.cache.sliding_windows(m.config)
+    for layer, w in zip(cache.layers, windows):
+        if w is not None:
+            assert layer.store.n_entries <= w + cfg.block_size + cfg.recent_window
+    mem = cache.memory()
+    assert mem["bytes_fp16"] == sum(l.keys.numel() * 2 * 2 for l in plain.layers)
+    assert mem["ratio"] >= (0.9 * cfg.target_ratio if cfg.target_ratio else 1.3), mem["ratio"]
+    frame = replay_frames(cache.history, cfg, cache._geometry())[-1]  # tokens since are hot in the snapshot
+    assert frame["tier"] == [t[:len(f)] for t, f in zip(cache.snapshot()["tier"], frame["tier"])]
+    assert frame["bytes_fp16"] == cache.history[-1]["bytes_fp16"]

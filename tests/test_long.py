@@ -226,3 +226,51 @@ def test_no_reevaluation_keeps_the_plan_while_tokens_go_in(tiny):
         assert cache.seq_len == 680 and cache.peak_bytes >= cache.held_bytes()
         caches.append(cache)
     assert not torch.equal(_tiers(caches[0]), _tiers(caches[1]))  # the question's queries moved the plan
+
+
+def _windowed_reference(query, k, v, kpos, qpos, window, scaling, n_obs):
+    """Attention by hand where query i (position qpos[i]) sees keys at positions in (qpos - window, qpos]:
+    -> (out [Bt, q, Hq, D], mass of the last n_obs queries [n], normalised as ``attend``)."""
+    bt, hq, q, d = query.shape
+    h = k.shape[1]
+    kk, vv = k.repeat_interleave(hq // h, 1), v.repeat_interleave(hq // h, 1)
+    s = torch.matmul(query, kk.transpose(-1, -2)) * scaling                       # [Bt, Hq, q, n]
+    hidden = (kpos[None, :] > qpos[:, None]) | (kpos[None, :] <= qpos[:, None] - window)
+    p = s.masked_fill(hidden, float("-inf")).softmax(-1)
+    out = torch.matmul(p, vv).transpose(1, 2)
+    return out, p[:, :, q - n_obs:].sum(dim=(1, 2)).mean(0) / (hq * n_obs)
+
+
+def test_chunk_attention_and_observe_prefill_with_a_window():
+    """A sliding layer past its window: the chunk path masks by entry position (every part kind but
+    markers, which sliding layers do not keep) and the prompt's observation masks by window, against
+    attention by hand; the window changes the answer."""
+    from agacc.attention import observe_prefill
+    from agacc.tiers import EVICTED, FULL, INT2, INT4, PRUNED
+
+    cfg = AGACCConfig(block_size=8, recent_window=8, b_min=1, markers=False, key_group_size=8, value_group_size=32)
+    st = LayerStore(cfg, "cpu", torch.float16)
+    g = torch.Generator().manual_seed(3)
+    st.append(torch.randn(1, H, 96, D, generator=g), torch.randn(1, H, 96, D, generator=g))
+    tiers = [EVICTED, EVICTED, FULL, INT4, INT2, PRUNED, INT4, FULL, INT2, INT4, FULL]
+    st.apply_tiers(torch.tensor(tiers), torch.tensor([0, 0, 16, 4, 2, 2, 4, 16, 1, 4, 16]),
+                   torch.tensor([0, 0, D, D, D, 16, D, D, D, D, D]), torch.rand(96))
+    q, window = 21, 40
+    st.append(torch.randn(1, H, q, D, generator=g), torch.randn(1, H, q, D, generator=g))
+    assert {p.kind for p in st.parts()} == {"dense", "quant", "sparse"} and st.markers.n == 0
+    query = torch.randn(1, 3 * H, q, D, generator=g)
+    pos = st.entry_positions()
+    assert sorted(pos.tolist()) == list(range(16, 96 + q))  # every kept token once; blocks 0-1 dropped
+    ents = st.attention_entries(torch.float32)
+    k, v = torch.cat([e.k for e in ents], 2), torch.cat([e.v for e in ents], 2)
+    want, want_mass = _windowed_reference(query, k, v, pos, torch.arange(96, 96 + q), window, 0.125, 8)
+    got, mass = chunk_attention(query, st.parts(), 0.125, n_new=q, n_obs=8, block=16, window=window, positions=pos,
+                                q_start=96)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(mass, want_mass, rtol=1e-5, atol=1e-8)
+    assert (chunk_attention(query, st.parts(), 0.125, n_new=q, n_obs=8)[0] - want).abs().max() > 1e-2
+
+    prompt_q, prompt_k = query, torch.randn(1, H, q, D, generator=g)
+    _, want_mass = _windowed_reference(prompt_q, prompt_k, prompt_k, torch.arange(q), torch.arange(q), 6, 0.125, 8)
+    torch.testing.assert_close(observe_prefill(prompt_q, prompt_k, 0.125, 8, chunk=5, window=6), want_mass,
+                               rtol=1e-5, atol=1e-7)
