@@ -49,7 +49,9 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     q, n = s.shape[-2:]
     if mask is None:  # causal, the queries being the last q keys
         mask = torch.arange(n, device=s.device)[None, :] <= torch.arange(n - q, n, device=s.device)[:, None]
-    s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    # the dtype's lowest, not -inf (as transformers' eager masks): a padded query row that sees nothing stays
+    # finite, so its K/V (masked everywhere) cannot turn others' outputs into nan (0 x nan)
+    s = s.masked_fill(~mask, torch.finfo(s.dtype).min) if mask.dtype == torch.bool else s + mask
     p = torch.softmax(s, dim=-1, dtype=torch.float32).to(query.dtype)
     return torch.matmul(p, value).transpose(1, 2).contiguous()
 

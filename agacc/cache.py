@@ -210,13 +210,14 @@ class CompressedLayer(CacheLayerMixin):
         key, value = key.as_subclass(torch.Tensor), value.as_subclass(torch.Tensor)  # views, no copy
         cfg, store = self.cache.cfg, self.store
         q = query.shape[2]
-        pads = _pad_counts(attention_mask, q, query.shape[0]) if cfg.compress else None
-        if pads is not None and (self.cache.rows is not None or any(pads)):
+        pads = _pad_counts(attention_mask, q, query.shape[0])
+        if self.cache.rows is not None or any(pads):
             return self.attend_rows(query, key, value, pads, scaling, softcap)
         n_prior = store.n_entries - q
-        # a sliding layer past its window (compressing presets: entries are not in position order, so the
-        # window is applied by position; the lossless preset's mask carries it)
-        window = self.window if (cfg.compress and self.window is not None and store.seq_len > self.window) else None
+        # a sliding layer past its window, applied by position (compressing presets: entries are not in
+        # position order; the lossless preset: when no mask carries it, a padded batch's row)
+        past = self.window is not None and store.seq_len > self.window
+        window = self.window if past and (cfg.compress or attention_mask is None) else None
         if q == 1:
             # the lossless preset keeps entries in position order, so a padding mask applies as is
             mask = attention_mask if (attention_mask is not None and not cfg.compress) else None
@@ -225,6 +226,9 @@ class CompressedLayer(CacheLayerMixin):
             out, mass = decode_attention(query, store, scaling, mask, softcap)  # the backend is chosen there
             self.tracker.observe(mass)  # per entry; mapped to tokens at the re-evaluation
         elif n_prior == 0:
+            if window is not None and attention_mask is None:  # causal within the window
+                i = torch.arange(q, device=query.device)
+                attention_mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
             out = dense_attention(query, key, value, attention_mask, scaling, softcap)
             self.tracker.init_prefill(observe_prefill(query, key, scaling, cfg.n_q, softcap=softcap, window=window))
         elif not cfg.compress and attention_mask is not None:
@@ -243,7 +247,7 @@ class CompressedLayer(CacheLayerMixin):
 
 
     def attend_rows(self, query, key, value, pads, scaling, softcap):
-        """A padded batch under a compressing preset: every row has a cache of its own
+        """A padded batch: every row has a cache of its own
         (``CompressedCache.rows``, made at the first forward) that stores, scores and tiers only that
         row's tokens, as if it ran alone; padding is never stored. Row by row: its real new tokens are
         appended to its layer and attended (``attend``), the outputs are laid back in the batch (zeros

@@ -3,7 +3,8 @@ agacc supports (2 layers, hidden 64, head dim 16, built from configs: no downloa
 batch shapes, against transformers' plain ``DynamicCache``.
 
 * lossless (``full``): the same greedy tokens as the plain cache, single / equal batch / beams /
-  left-padded batch, and ``memory()`` prices the tokens with the model's real geometry;
+  left-padded batch (each row its own cache, padding never stored), and ``memory()`` prices the
+  tokens with the model's real geometry;
 * compressing (``agacc`` and ``h2o`` at target ratio 4, ``uniform-int4``): the first token (from the
   exact prefill) equals the plain cache's, the ratio is reached, single / equal batch / beams; in a
   left-padded batch every row gets the tokens, tiers and bytes it gets alone;
@@ -129,9 +130,13 @@ def test_lossless_equals_plain_cache(arch, mode):
     cache = agacc.CompressedCache(m.config, agacc.AGACCConfig.preset("full"))
     out = run(m, ids, cache, mask, beams)
     assert torch.equal(out, ref), (out, ref)
-    # memory() prices the tokens with the model's real geometry: the fp32 store is twice the 16-bit bytes
-    held = sum(l.store.hot_k.nbytes + l.store.hot_v.nbytes for l in cache.layers)
+    # memory() prices the tokens with the model's real geometry: the fp32 store is twice the 16-bit bytes;
+    # a padded batch's rows hold their own tokens only (no padding)
+    caches = cache.rows if mode == "padded" else [cache]
+    held = sum(l.store.hot_k.nbytes + l.store.hot_v.nbytes for c in caches for l in c.layers)
     assert cache.memory()["bytes_fp16"] * 2 == held
+    if mode == "padded":
+        assert [c.seq_len for c in caches] == [int(n) + NEW - 1 for n in mask.sum(1)]
 
 
 @pytest.mark.parametrize("mode", ["single", "batch", "beams"])

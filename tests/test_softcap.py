@@ -84,6 +84,9 @@ def test_dense_paths_equal_transformers_eager():
                                              scaling=0.125, softcap=CAP)
     torch.testing.assert_close(dense_attention(query, key, value, None, 0.125, CAP), want_causal, rtol=1e-6, atol=1e-6)
     assert (dense_attention(query, key, value, None, 0.125) - want_causal).abs().max() > 0.1
+    blind = mask.clone()
+    blind[1, :, 0] = False  # a padding query that sees nothing: finite, as transformers' eager masks keep it
+    assert torch.isfinite(dense_attention(query, key, value, blind, 0.125, CAP)).all()
 
     qp, kp = query[:, :, -8:], key[:, :, -8:]  # a prompt of 8 tokens: what its last 4 queries give each key
     entries = [Entries(kp, value[:, :, -8:])]
