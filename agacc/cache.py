@@ -25,7 +25,7 @@ from agacc.config import AGACCConfig
 from agacc.decode import decode_attention
 from agacc.importance import WINDOW_ITEMSIZE, ImportanceTracker
 from agacc.planner import Geometry
-from agacc.policy import hold_evictions, layer_weights
+from agacc.policy import layer_weights
 from agacc.store import LayerStore
 from agacc.tiers import HOT, NAMES
 
@@ -210,7 +210,9 @@ class CompressedLayer(CacheLayerMixin):
         key, value = key.as_subclass(torch.Tensor), value.as_subclass(torch.Tensor)  # views, no copy
         cfg, store = self.cache.cfg, self.store
         q = query.shape[2]
-        pads = _pad_counts(attention_mask, q, query.shape[0])
+        if self.layer_idx == 0:  # padding is the forward's, the same in every layer: read its mask once
+            self.cache.forward_pads = _pad_counts(attention_mask, q, query.shape[0])
+        pads = self.cache.forward_pads
         if self.cache.rows is not None or any(pads):
             return self.attend_rows(query, key, value, pads, scaling, softcap)
         n_prior = store.n_entries - q
@@ -274,6 +276,15 @@ class CompressedLayer(CacheLayerMixin):
         return out
 
 
+def _add_counts(dicts) -> dict[str, int]:
+    """Key-wise sums of {name: count} dicts (bytes by tier over layers, or over a padded batch's rows)."""
+    out: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
 def _pad_counts(mask, q: int, batch: int) -> list[int]:
     """Per row, how many of a forward's q new tokens are padding: keys its 4D mask [Bt, 1, q, kv] (bool:
     True = visible, or additive; the new tokens' columns last, ``get_mask_sizes``) hides from every query
@@ -319,6 +330,7 @@ class CompressedCache(Cache):
         self.paused = 0          # > 0 inside ``no_reevaluation()``
         self.rows: list[CompressedCache] | None = None  # a padded batch: one cache per row (``split_rows``)
         self.padded_len = 0      # with rows: positions so far, padding included (what a plain cache holds)
+        self.forward_pads: list[int] = []  # per row, the padding among this forward's tokens (layer 0 reads it)
 
     def reset(self) -> None:
         """Empty the cache for a new sequence, as if just created: every layer's store, tracker and
@@ -329,14 +341,13 @@ class CompressedCache(Cache):
     def split_rows(self, batch: int) -> None:
         """Give each of ``batch`` rows an empty cache of its own (``rows``), of this one's settings: a
         padded batch, whose rows hold different numbers of tokens (``CompressedLayer.attend_rows``)."""
-        self.rows = []
+        rows = []
         for _ in range(batch):
-            row = CompressedCache.__new__(CompressedCache)
-            for name in ("cfg", "n_layers", "n_kv_heads", "head_dim", "layer_weights", "record_history", "windows"):
-                setattr(row, name, getattr(self, name))
+            row = copy.copy(self)  # the settings (config, geometry, windows), shared; then a fresh state
             row._start()
             Cache.__init__(row, layers=[CompressedLayer(row, i) for i in range(self.n_layers)])
-            self.rows.append(row)
+            rows.append(row)
+        self.rows = rows
 
     def crop(self, tokens_to_remove: int) -> None:
         """``CompressedLayer.crop`` on every layer, once every layer can (else nothing changes)."""
@@ -367,12 +378,11 @@ class CompressedCache(Cache):
             return super().batch_select_indices(indices)
         self.rows = [self.rows[i] for i in indices.tolist()]
 
-    def plain_tokens(self, layer: int, seq_len: int | None = None) -> int:
-        """Tokens transformers' own cache holds for ``layer`` after ``seq_len`` (default: now): all of
-        them, or on a sliding layer the last window - 1 (the next query brings the window's last)."""
-        n = self.seq_len if seq_len is None else seq_len
+    def plain_tokens(self, layer: int, seq_len: int) -> int:
+        """Tokens transformers' own cache holds for ``layer`` after ``seq_len``: all of them, or on a
+        sliding layer the last window - 1 (the next query brings the window's last)."""
         w = self.windows[layer]
-        return n if w is None else min(n, w - 1)
+        return seq_len if w is None else min(seq_len, w - 1)
 
     def dropped_blocks(self, n_ready: int) -> list[int] | None:
         """Per layer, the first blocks whose tokens every later query's window has passed (a sliding
@@ -465,7 +475,7 @@ class CompressedCache(Cache):
                 if cfg.gentle_prefill:
                     gentle = planner.fit_plans(block_scores, cfg, geo, seq_len, cfg.prefill_ratio, overhead,
                                                prev, self.threshold_scale, prefill, **window)
-                held = planner.drop_blocks(*hold_evictions(*gentle, cfg, self.head_dim), dropped)
+                held = planner.held_plans(*gentle, cfg, self.head_dim, dropped)
                 if any(a is not b for a, b in zip(held, plans)):  # blocks would go or lose bits: held till the prompt ends
                     self.held, plans, floored = plans, held, False
             apply_plans(stores, *plans, self._token_weight(layers), floored=floored)
@@ -544,21 +554,15 @@ class CompressedCache(Cache):
         if self.rows is not None:
             rows = [row.memory() for row in self.rows]
             total, fp16 = sum(m["bytes"] for m in rows), sum(m["bytes_fp16"] for m in rows)
-            by_tier: dict[str, int] = {}
-            for m in rows:
-                for k, v in m["by_tier"].items():
-                    by_tier[k] = by_tier.get(k, 0) + v
             return {"bytes": total, "peak_bytes": sum(m["peak_bytes"] for m in rows),
                     "host_bytes": sum(m["host_bytes"] for m in rows), "bytes_fp16": fp16,
-                    "ratio": fp16 / total if total else 1.0, "by_tier": by_tier, "tokens": self.padded_len,
+                    "ratio": fp16 / total if total else 1.0, "by_tier": _add_counts(m["by_tier"] for m in rows),
+                    "tokens": self.padded_len,
                     "entries": sum(m["entries"] for m in rows)}
         layers = [l for l in self.layers if l.store is not None]
         store_bytes = sum(l.store.nbytes() for l in layers)
         tracker_bytes = sum(l.tracker.nbytes() + l.scores.nbytes for l in layers)
-        by_tier: dict[str, int] = {}
-        for l in layers:
-            for k, v in l.store.bytes_by_tier().items():
-                by_tier[k] = by_tier.get(k, 0) + v
+        by_tier = _add_counts(l.store.bytes_by_tier() for l in layers)
         by_tier["tracker"] = tracker_bytes
         total = store_bytes + tracker_bytes
         fp16 = self.reference_bytes()

@@ -19,7 +19,7 @@ import torch
 
 from agacc import methods
 from agacc.importance import WINDOW_ITEMSIZE, block_max, max_pool
-from agacc.policy import fidelity_floor, layer_weights
+from agacc.policy import fidelity_floor, hold_evictions, layer_weights
 from agacc.quant import container_bits, value_group
 from agacc.tiers import EVICTED, FULL, PRUNED, TIER_CONTAINER
 
@@ -146,6 +146,13 @@ def drop_blocks(tier: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor, drop
         if k:
             tier[layer, :k], bits[layer, :k], keep[layer, :k] = EVICTED, 0, 0
     return tier, bits, keep
+
+
+def held_plans(tier: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor, cfg, head_dim: int,
+               dropped: list[int] | None):
+    """What a prompt chunk holds until the prompt ends (``policy.hold_evictions``), stacked [L, n]: the
+    blocks a sliding window passed stay dropped, not held. The cache and its replay both use it."""
+    return drop_blocks(*hold_evictions(tier, bits, keep, cfg, head_dim), dropped)
 
 
 def _plan_rule(block_scores, cfg, geo: Geometry, seq_len: int, scale: float, prefill: bool, stacked: bool):

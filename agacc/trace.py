@@ -21,7 +21,7 @@ import torch
 from agacc import planner
 from agacc.config import AGACCConfig, replayable_fields
 from agacc.importance import WINDOW_ITEMSIZE
-from agacc.policy import fidelity_floor, hold_evictions
+from agacc.policy import fidelity_floor
 from agacc.presets import PRESETS
 from agacc.tiers import EVICTED, FULL, HOT, INT2, INT3, INT4, INT8, NAMES, PRUNED, evicted_runs
 
@@ -206,7 +206,8 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
                 scale = planner.fit_threshold_scale(scores, cfg, geo, seq_len, cfg.target_ratio,
                                                     int(h.get("overhead", 0)), prev=None if cfg.host_copy else current,
                                                     start=scale, prefill=prefill, **window)
-            plans = planner.plan_tiers(scores, cfg, geo, seq_len, scale, prefill=prefill, dropped=window["dropped"])
+            plans = planner.plan_tiers(scores, cfg, geo, seq_len, scale, prefill=prefill, stacked=True,
+                                       dropped=window["dropped"])
             # a prompt chunk followed by another holds its evictions (the cache's hold_evictions); the
             # last chunk's plan is applied as made when the prompt ends (shown so in its frame)
             more_prompt = i + 1 < len(history) and bool(history[i + 1].get("prefill", False))
@@ -215,12 +216,10 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
                     gentle = planner.fit_threshold_scale(scores, cfg, geo, seq_len, cfg.prefill_ratio,
                                                          int(h.get("overhead", 0)), prev=current, start=scale,
                                                          prefill=prefill, **window)
-                    plans = planner.plan_tiers(scores, cfg, geo, seq_len, gentle, prefill=prefill,
+                    plans = planner.plan_tiers(scores, cfg, geo, seq_len, gentle, prefill=prefill, stacked=True,
                                                dropped=window["dropped"])
-                plans = [hold_evictions(*p, cfg, geo.head_dim) for p in plans]
-                if window["dropped"]:  # what a window passed is dropped, not held
-                    plans = list(zip(*(x.unbind(0) for x in planner.drop_blocks(
-                        *(torch.stack(x) for x in zip(*plans)), window["dropped"]))))
+                plans = planner.held_plans(*plans, cfg, geo.head_dim, window["dropped"])
+            plans = list(zip(*(x.unbind(0) for x in plans)))  # per layer
             if not cfg.host_copy and current is not None:
                 plans = [fidelity_floor(prev, *p) for prev, p in zip(current, plans)]
             current = plans

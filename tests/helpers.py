@@ -1,4 +1,4 @@
-"""Shared test fixtures: a tiny random Llama and an independent byte count."""
+"""Shared test fixtures: a tiny random Llama, tiny random models of any architecture, an independent byte count."""
 from __future__ import annotations
 
 import torch
@@ -25,6 +25,23 @@ def tiny_model(layers: int = 2, seed: int = 0, vocab_size: int = 256):
     with torch.no_grad():  # peaked next-token distributions, so greedy choices are not float-noise ties
         model.lm_head.weight.mul_(40.0)
     return agacc.enable(model)
+
+
+# the fields every tiny random model of the architecture matrix shares (2 layers, hidden 64, 4 / 2 heads)
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def build(cls_name: str, fields: dict, seed: int = 0):
+    """A tiny random model from its transformers config class (``cls_name``, ``fields``), eval mode,
+    output layer scaled x20 so greedy choices are not float-noise ties."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**fields)).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)
+    return model
 
 
 def walk_tensor_bytes(obj, seen=None) -> int:

@@ -27,11 +27,10 @@ from transformers import DynamicCache
 import agacc
 from agacc import tiers as T
 from agacc.cache import AttentionNotEnabledError
+from tests.helpers import COMMON, build
 
 transformers.logging.set_verbosity_error()
 
-COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MHA = {k: v for k, v in COMMON.items() if k != "num_key_value_heads"}
 MOE = dict(num_local_experts=4, num_experts_per_tok=2)
 
@@ -82,16 +81,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def build(cls_name: str, fields: dict, seed: int = 0):
-    """A tiny random model from its config class, eval mode, output layer scaled x20 so greedy
-    choices are not float-noise ties."""
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**fields)).eval()
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(20.0)
-    return model
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import transformers
 from transformers import DynamicCache
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
@@ -15,7 +14,7 @@ import agacc
 from agacc.attention import attend, cap_logits, chunk_attention, dense_attention, observe_prefill
 from agacc.decode import decode_attention
 from agacc.store import Entries
-from tests.helpers import every_part_store
+from tests.helpers import COMMON, build, every_part_store
 
 D, H, CAP = 64, 2, 1.5
 
@@ -94,19 +93,11 @@ def test_dense_paths_equal_transformers_eager():
     torch.testing.assert_close(observe_prefill(qp, kp, 0.125, 4, chunk=3, softcap=CAP), want_mass, rtol=1e-5, atol=1e-7)
 
 
-COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1,
-              eos_token_id=2)
-
-
 def gemma2(cap):
     """A tiny random Gemma2 in transformers' eager attention; q/k projections x30 so the logits are
     several units and a cap of 1 changes the answer."""
-    torch.manual_seed(0)
-    cfg = transformers.Gemma2Config(**COMMON, attn_logit_softcapping=cap, attn_implementation="eager")
-    m = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    m = build("Gemma2Config", dict(COMMON, head_dim=16, attn_logit_softcapping=cap, attn_implementation="eager"))
     with torch.no_grad():
-        m.get_output_embeddings().weight.mul_(20.0)
         for layer in m.model.layers:
             layer.self_attn.q_proj.weight.mul_(30.0)
             layer.self_attn.k_proj.weight.mul_(30.0)
