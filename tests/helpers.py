@@ -44,6 +44,20 @@ def build(cls_name: str, fields: dict, seed: int = 0):
     return model
 
 
+def two_chunk_logits(model, ids, split: int = 30, n: int = 8):
+    """(got, want): the last ``n`` logits of ``ids`` sent through the lossless preset in two forwards (a
+    next turn, assisted decoding's check: the second reads the first through the mask) and through a
+    plain cache in one."""
+    import agacc
+    from transformers import DynamicCache
+
+    with torch.inference_mode():
+        want = model(ids, past_key_values=DynamicCache(config=model.config)).logits[:, -n:]
+        cache = agacc.CompressedCache(model.config, agacc.AGACCConfig.preset("full"))
+        model(ids[:, :split], past_key_values=cache)
+        return model(ids[:, split:], past_key_values=cache).logits[:, -n:], want
+
+
 def walk_tensor_bytes(obj, seen=None) -> int:
     """Sum ``nbytes`` of every distinct tensor reachable from ``obj`` through attributes, dicts,
     lists and tuples: an independent count to check ``memory()`` against."""

@@ -27,7 +27,7 @@ from transformers import DynamicCache
 import agacc
 from agacc import tiers as T
 from agacc.cache import AttentionNotEnabledError
-from tests.helpers import COMMON, build
+from tests.helpers import COMMON, build, two_chunk_logits
 
 transformers.logging.set_verbosity_error()
 
@@ -241,12 +241,7 @@ def test_sliding_window_lossless_is_exact_past_the_window(arch):
     ids = prompts(1, 48)  # longer than the window
     assert torch.equal(run(m, ids, agacc.CompressedCache(m.config, agacc.AGACCConfig.preset("full"))),
                        run(m, ids, DynamicCache(config=m.config)))
-    # a second prompt chunk (a next turn, assisted decoding's check) reads the window through the mask
-    with torch.inference_mode():
-        ref = m(ids, past_key_values=DynamicCache(config=m.config)).logits[:, -8:]
-        cache = agacc.CompressedCache(m.config, agacc.AGACCConfig.preset("full"))
-        m(ids[:, :30], past_key_values=cache)
-        out = m(ids[:, 30:], past_key_values=cache).logits[:, -8:]
+    out, ref = two_chunk_logits(m, ids)  # the second chunk reads the window through the mask
     assert torch.allclose(out, ref, atol=1e-4, rtol=0)
 
 

@@ -14,7 +14,7 @@ import agacc
 from agacc.attention import attend, cap_logits, chunk_attention, dense_attention, observe_prefill
 from agacc.decode import decode_attention
 from agacc.store import Entries
-from tests.helpers import COMMON, build, every_part_store
+from tests.helpers import COMMON, build, every_part_store, two_chunk_logits
 
 D, H, CAP = 64, 2, 1.5
 
@@ -130,11 +130,7 @@ def test_gemma2_softcapping_end_to_end(monkeypatch):
     full = agacc.CompressedCache(m.config, agacc.AGACCConfig.preset("full"))
     out_ids, out = generate(m, ids, full)
     assert torch.equal(out_ids, ref_ids) and torch.allclose(out, ref, atol=1e-4, rtol=0)
-    with torch.inference_mode():
-        want = m(ids, past_key_values=DynamicCache(config=m.config)).logits[:, -8:]
-        cache = agacc.CompressedCache(m.config, agacc.AGACCConfig.preset("full"))
-        m(ids[:, :30], past_key_values=cache)
-        got = m(ids[:, 30:], past_key_values=cache).logits[:, -8:]
+    got, want = two_chunk_logits(m, ids)
     assert torch.allclose(got, want, atol=1e-4, rtol=0)
 
     ids = torch.randint(3, 256, (1, 200), generator=torch.Generator().manual_seed(1))
