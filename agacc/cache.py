@@ -112,6 +112,7 @@ class CompressedLayer(CacheLayerMixin):
         self.store = LayerStore(cfg, self.device, store_dtype)
         self.tracker.device = self.device
         self.tracker.importance = self.tracker.importance.to(self.device)
+        self.tracker.value_norm = self.tracker.value_norm.to(self.device)
         self.tracker.window = self.tracker.window.to(self.device)
         self.is_initialized = True
 
@@ -124,6 +125,7 @@ class CompressedLayer(CacheLayerMixin):
         elif self.layer_idx == 0 and key_states.shape[-2] == 1 and self.cache.held is not None:
             self.cache.end_prefill()  # the first decode step: the prompt is in, its evictions are decided
         self.store.append(key_states, value_states)
+        self.tracker.add_values(value_states)
         return self._tagged(key_states, value_states)
 
     def _tagged(self, key_states, value_states):
@@ -188,6 +190,7 @@ class CompressedLayer(CacheLayerMixin):
         st.hot_k, st.hot_v = st.hot_k[:, :, :keep_hot], st.hot_v[:, :, :keep_hot]
         st.seq_len = n
         tr.importance = tr.importance[:n]
+        tr.value_norm = tr.value_norm[:n]
         tr.chunks = [(c[:n], steps) for c, steps in tr.chunks]
         tr.window = tr.window[: st.n_entries]  # entries are in attention order: the hot ones last
 
@@ -311,7 +314,9 @@ class CompressedCache(Cache):
         if reason is not None:
             raise ValueError(f"CompressedCache cannot serve this model: {reason}")
         geo = Geometry.of(model_config)
-        self.cfg = config if config is not None else AGACCConfig.preset("agacc")
+        from agacc.calibrate import resolve
+
+        self.cfg = resolve(config if config is not None else AGACCConfig.preset("agacc"), model_config)
         self.n_layers, self.n_kv_heads, self.head_dim = geo.n_layers, geo.heads, geo.head_dim
         self.layer_weights = layer_weights(self.cfg, self.n_layers)
         self.record_history = record_history
@@ -456,6 +461,7 @@ class CompressedCache(Cache):
         if self.record_history:
             self.history.append({"step": self.steps, "seq_len": seq_len, "n_ready": n_ready, "block_size": cfg.block_size,
                                  "overhead": overhead, "dropped": dropped, "bytes_fp16": reference,
+                                 "layer_scale": cfg.layer_scale,
                                  "unplanned": unplanned, "prefill": prefill, "scores": [s.clone() for s in block_scores]})
         if cfg.compress and n_ready > 0:
             geo = self._geometry()

@@ -1,4 +1,4 @@
-"""Command line: ``python -m agacc generate ...`` and ``python -m agacc eval ...``."""
+"""Command line: ``python -m agacc generate ...``, ``python -m agacc calibrate ...`` and ``python -m agacc eval ...``."""
 from __future__ import annotations
 
 import argparse
@@ -50,6 +50,43 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    """Per-layer sensitivity of a model to its cache's error (``agacc.calibrate``): printed, and with
+    ``--save`` filed where ``layer_calibration="auto"`` (the agacc preset) finds it."""
+    import torch
+
+    import agacc
+    from agacc import calibrate
+    from agacc.config import AGACCConfig
+    from agacc.eval.tasks import read_text
+
+    if args.tokens < 64:
+        raise ValueError(f"--tokens must be >= 64, got {args.tokens}")
+    model, tok = agacc.load_model(args.model, device=args.device)
+    cfg = AGACCConfig.preset("agacc")
+    per_text = []
+    for path in args.text or [None]:
+        ids = tok(read_text(path), return_tensors="pt").input_ids[:, :args.tokens]
+        if ids.shape[1] < args.tokens:
+            raise ValueError(f"{path or 'the default text'} has {ids.shape[1]} tokens, --tokens {args.tokens} needed")
+        with torch.inference_mode():
+            per_text.append(calibrate.layer_sensitivity(model, ids, cfg, bits=args.bits))
+    sens = [sum(col) / len(col) for col in zip(*per_text)]
+    scale = calibrate.layer_scale(sens, calibrate.default_gamma(cfg.with_overrides(target_ratio=4.0)))
+    result = {"model": calibrate.model_key(model.config), "texts": args.text or ["(default)"], "tokens": args.tokens,
+              "bits": args.bits or cfg.b_min, "sensitivity": sens, "layer_scale": list(scale)}
+    if args.save:
+        result["saved"] = str(calibrate.save_sensitivity(model.config, sens))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['model']}: KL per token (nats) with one layer's cache at {result['bits']} bits, then layer_scale")
+        for i, (s, f) in enumerate(zip(sens, scale)):
+            print(f"layer {i:3d}  {s:.3g}  x{f:.3f}")
+        print(f"saved: {result['saved']}" if args.save else "(--save files it for layer_calibration=auto)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m agacc", description="Attention-guided adaptive KV-cache compression")
     sub = p.add_subparsers(dest="command", required=True)
@@ -69,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--json", action="store_true", help="print a JSON record instead of text")
     g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("calibrate", help="measure each layer's sensitivity to its cache's error (layer_scale)")
+    c.add_argument("--text", nargs="+", default=None, help="text files, sensitivities averaged (default: a licence text)")
+    c.add_argument("--tokens", type=int, default=1536, help="tokens a text: the first 5/6 cached, the rest scored")
+    c.add_argument("--bits", type=int, default=None, help="bits of the layer under test (default: the preset's b_min)")
+    c.add_argument("--model", default=None, help="hub id or local path (default: the embedded SmolLM2-135M-Instruct)")
+    c.add_argument("--device", default=None)
+    c.add_argument("--save", action="store_true", help="file it for layer_calibration=auto (under $AGACC_CACHE)")
+    c.add_argument("--json", action="store_true", help="print a JSON record")
+    c.set_defaults(func=cmd_calibrate)
     sub.add_parser("eval", help="evaluate methods on a task (see `python -m agacc eval -h`)", add_help=False)
     return p
 

@@ -18,6 +18,7 @@ BIT_INTERPS = ("log", "linear")
 POSITION_NORMS = ("none", "power", "log")      # forms of P(t - i), 000 §2.3
 QUANTIZERS = ("minmax", "meanstd")
 KEY_QUANTS = ("token", "channel")
+LAYER_CALIBRATIONS = ("none", "auto")         # where layer_scale comes from (agacc.calibrate)
 STORE_DTYPES = ("model", "float16", "bfloat16")
 # rule / budget names before every method had its own file (old traces and scripts still use them)
 LEGACY_NAMES = {"rule": {"thresholds": "agacc", "topk": "snapkv", "recent": "streamingllm", "keep": "pyramidkv"},
@@ -70,6 +71,9 @@ class AGACCConfig:
         position_norm: form of P(t-i) in I^_i = I_i / P(t-i): "none" (P=1), "power" ((1+d)^-gamma),
             "log" (1/log(e+d)).
         position_gamma: gamma of the power-law P.
+        value_weight: v, value-aware importance: I^_i times (||v_i|| / mean ||v||)^v, ||v_i|| the norm
+            of token i's value (mean over KV heads) relative to the layer's mean; a token's share of
+            the attention output, and of its error, grows with its value's norm. 0: attention alone.
     Tiers, bits, pruning, eviction (000 §2.4):
         tau_h, tau_l, tau_e: thresholds on normalised block importance; tau_h > tau_l > tau_e >= 0.
             > tau_h: full precision; (tau_l, tau_h]: quantised; [tau_e, tau_l]: pruned; < tau_e: evicted.
@@ -97,6 +101,17 @@ class AGACCConfig:
             otherwise dense in the b_min container with the pruned elements zeroed.
         markers: evicted spans leave one marker entry (importance-weighted mean K/V + log(count)
             attention bias) per contiguous run; False drops them outright.
+        layer_scale: one factor per layer multiplying its block scores before the thresholds (and the
+            ratio fitter) see them: a layer that is more sensitive to the error of its cache gets
+            more bits at the same threshold scale (KVTuner-style, measured once per model:
+            ``agacc.calibrate.layer_scale``). None: every layer alike (or the calibration's).
+        layer_calibration: "auto" (the agacc preset): a cache without ``layer_scale`` takes it from
+            the model's measured sensitivity, if there is one (shipped for the embedded model, or
+            saved by ``python -m agacc calibrate --save``), as (s_l / geometric mean)^layer_gamma;
+            "none": no calibration.
+        layer_gamma: the exponent of that map; None: 1 at target ratios up to 4, else 0.5 (and
+            unfitted): the factors move evictions to the insensitive layers, which pays at 4x
+            and costs at 8x unless damped (docs/tuning.md round 6).
         spill: rho in [0, 1], eviction guard of the thresholds rule at the re-evaluation that ends a
             prefill: a block below tau_e is kept (at the lowest kept tier) while rho * the score of
             the block before it reaches tau_e. The prompt's importance comes from the last N_q
@@ -164,6 +179,7 @@ class AGACCConfig:
     attention_sum_beta: float = _f(1.0, "tracking")
     position_norm: str = _f("none", "tracking", choices=POSITION_NORMS)
     position_gamma: float = _f(0.3, "tracking")
+    value_weight: float = _f(0.0, "tracking")
     # tiers
     tau_h: float = _f(200.0, "tiers", replay=True, ui=(
         "τ_h: full precision above", 0.05, 1000.0, 0.05, "thresholds",
@@ -186,6 +202,9 @@ class AGACCConfig:
     p_max: float = _f(0.0, "tiers", replay=True, ui=("p_max: largest pruning rate", 0.0, 0.95, 0.05, "bits"))
     sparse_threshold: float = _f(0.25, "tiers", replay=True)
     markers: bool = _f(True, "tiers", replay=True)
+    layer_scale: tuple[float, ...] | None = _f(None, "tiers", replay=True)
+    layer_calibration: str = _f("none", "tiers", choices=LAYER_CALIBRATIONS)
+    layer_gamma: float | None = _f(None, "tiers")
     spill: float = _f(0.2, "tiers", replay=True, ui=(
         "ρ: eviction guard after attended blocks", 0.0, 1.0, 0.05, "thresholds",
         "at the prefill, a block below τ_e stays (lowest tier) while ρ × the score of the block before it reaches τ_e"))
@@ -231,6 +250,7 @@ class AGACCConfig:
                 raise ValueError(f"AGACCConfig: {msg}")
 
         need(self.n_q >= 1, f"n_q (N_q) must be >= 1, got {self.n_q}")
+        need(0.0 <= self.value_weight <= 4.0, f"value_weight must be in [0, 4], got {self.value_weight}")
         need(0.0 < self.alpha <= 1.0, f"alpha must be in (0, 1], got {self.alpha}")
         need(self.scoring in SCORINGS, f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
         rules, shapes = methods.rule_names(), ("weights", *methods.budget_names())
@@ -274,6 +294,12 @@ class AGACCConfig:
         need(self.store_dtype in STORE_DTYPES, f"store_dtype must be one of {STORE_DTYPES}, got {self.store_dtype!r}")
         if self.layer_weights is not None:
             need(all(w > 0 for w in self.layer_weights), "layer_weights (w_l) must all be > 0")
+        if self.layer_scale is not None:
+            need(all(w > 0 for w in self.layer_scale), "layer_scale must all be > 0")
+        need(self.layer_calibration in LAYER_CALIBRATIONS,
+             f"layer_calibration must be one of {LAYER_CALIBRATIONS}, got {self.layer_calibration!r}")
+        need(self.layer_gamma is None or 0.0 <= self.layer_gamma <= 4.0,
+             f"layer_gamma must be in [0, 4] or None, got {self.layer_gamma}")
 
     # --- presets ---------------------------------------------------------------------------
     @classmethod
@@ -304,8 +330,9 @@ class AGACCConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "AGACCConfig":
         d = dict(d)
-        if d.get("layer_weights") is not None:
-            d["layer_weights"] = tuple(d["layer_weights"])
+        for key in ("layer_weights", "layer_scale"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
         return cls(**d)
 
 

@@ -56,6 +56,7 @@ class ImportanceTracker:
         self.window_steps = 0
         self.chunks: list[tuple[torch.Tensor, int]] = []  # last N_w steps as (bf16 per-token sum, steps) chunks
         self.steps = 0                                    # T: decode steps seen
+        self.value_norm = torch.zeros(0, device=device)   # ||v_i|| per token (fp32), with cfg.value_weight only
 
     def _grow(self, n: int) -> None:
         if self.importance.numel() < n:
@@ -78,6 +79,24 @@ class ImportanceTracker:
                 self.importance[:n] = torch.where(fresh, mass, a * mass + (1 - a) * self.importance[:n])
         else:
             self.importance[:n] += mass * self.cfg.n_q
+
+    def add_values(self, value_states: torch.Tensor) -> None:
+        """value_states [B, H, q, D] of q new tokens -> their ||v|| (mean over rows and heads), kept
+        per token when ``cfg.value_weight`` asks for value-aware scores."""
+        if self.cfg.value_weight:
+            norm = value_states.float().norm(dim=-1).mean((0, 1)).to(self.value_norm.device)
+            self.value_norm = torch.cat([self.value_norm, norm])
+
+    def value_factor(self, seq_len: int, ready_tokens: int) -> torch.Tensor | None:
+        """(||v_i|| / mean over the first ``ready_tokens``)^value_weight [seq_len]; None without it."""
+        if not self.cfg.value_weight or self.value_norm.numel() == 0:
+            return None
+        vn = self.value_norm[:seq_len]
+        ref = vn[:ready_tokens] if ready_tokens > 0 else vn
+        f = (vn / ref.mean().clamp_min(1e-12)).clamp_min(1e-6) ** self.cfg.value_weight
+        if f.numel() < seq_len:  # (tokens whose values were not seen: neutral)
+            f = torch.cat([f, f.new_ones(seq_len - f.numel())])
+        return f
 
     def observe(self, mass: torch.Tensor) -> None:
         """mass [n] attention of one decode step (mean over heads), per store entry or per token; the
@@ -141,12 +160,16 @@ class ImportanceTracker:
         t = seq_len - 1
         dist = t - torch.arange(seq_len, device=self.device)
         i_hat = self.raw()[:seq_len] / position_norm(dist, self.cfg.position_norm, self.cfg.position_gamma)
+        factor = self.value_factor(seq_len, ready_tokens)
+        if factor is not None:
+            i_hat = i_hat * factor
         ref = i_hat[:ready_tokens] if ready_tokens > 0 else i_hat
         mean = ref.mean().clamp_min(1e-12)
         return i_hat / mean
 
     def nbytes(self) -> int:
-        return self.importance.nbytes + self.window.nbytes + sum(c.nbytes for c, _ in self.chunks)
+        return (self.importance.nbytes + self.window.nbytes + self.value_norm.nbytes
+                + sum(c.nbytes for c, _ in self.chunks))
 
 
 def block_max(token_scores: torch.Tensor, block_size: int, n_blocks: int) -> torch.Tensor:
@@ -234,6 +257,10 @@ def scores_all(trackers: list[ImportanceTracker], seq_len: int, ready_tokens: in
     t_last = seq_len - 1
     dist = t_last - torch.arange(seq_len, device=first.device)
     i_hat = torch.stack([t.raw()[:seq_len] for t in trackers]) / position_norm(dist, cfg.position_norm, cfg.position_gamma)
+    if cfg.value_weight:
+        factors = [t.value_factor(seq_len, ready_tokens) for t in trackers]
+        if all(f is not None for f in factors):
+            i_hat = i_hat * torch.stack(factors)
     out = torch.empty_like(i_hat)
     for i in range(len(trackers)):
         ref = i_hat[i, :ready_tokens] if ready_tokens > 0 else i_hat[i]

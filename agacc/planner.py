@@ -155,6 +155,22 @@ def held_plans(tier: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor, cfg, 
     return drop_blocks(*hold_evictions(tier, bits, keep, cfg, head_dim), dropped)
 
 
+def _layer_scaled(rule, cfg, n_layers: int):
+    """The rule with each layer's block scores times ``cfg.layer_scale[l]`` (a layer's sensitivity to
+    its cache's error, ``agacc.calibrate``): under one threshold scale a sensitive layer keeps more
+    bits and evicts less, an insensitive one gives them up. (Steering bits only, evictions by the
+    unscaled scores, lost the gain at 4x: docs/tuning.md round 6.)"""
+    if len(cfg.layer_scale) != n_layers:
+        raise ValueError(f"layer_scale has {len(cfg.layer_scale)} entries, the model has {n_layers} layers: "
+                         "calibrate it for this model (python -m agacc calibrate --save) or set layer_scale=none")
+
+    def scaled(scores, cfg, head_dim, layer=0, scale=1.0, spill=0.0):
+        f = (torch.tensor(cfg.layer_scale, dtype=scores.dtype, device=scores.device)[:, None] if scores.dim() == 2
+             else cfg.layer_scale[layer])
+        return rule(scores * f, cfg, head_dim, layer, scale, spill)
+    return scaled
+
+
 def _plan_rule(block_scores, cfg, geo: Geometry, seq_len: int, scale: float, prefill: bool, stacked: bool):
     """``plan_tiers`` before ``dropped``."""
     B = cfg.block_size
@@ -165,9 +181,10 @@ def _plan_rule(block_scores, cfg, geo: Geometry, seq_len: int, scale: float, pre
         budgets = layer_budgets(cfg, budget_weights(cfg, block_scores), seq_len, B,
                                 [sink_blocks + hot_blocks] * len(block_scores), scale)
     m = methods.rule(cfg.rule)
+    rule = m.rule if cfg.layer_scale is None else _layer_scaled(m.rule, cfg, len(block_scores))
     spill = cfg.spill if prefill else 0.0
     if m.elementwise and len(block_scores):  # all layers in one call; the sinks of all layers at once
-        all_layers = m.rule(block_scores if isinstance(block_scores, torch.Tensor) else torch.stack(block_scores),
+        all_layers = rule(block_scores if isinstance(block_scores, torch.Tensor) else torch.stack(block_scores),
                             cfg, geo.head_dim, 0, scale, spill)
         tier, bits, keep = all_layers
         n_sink = min(sink_blocks, tier.shape[-1])
@@ -178,7 +195,7 @@ def _plan_rule(block_scores, cfg, geo: Geometry, seq_len: int, scale: float, pre
         raw = list(zip(tier.unbind(0), bits.unbind(0), keep.unbind(0)))  # views: the budgets write through
     else:
         all_layers = None
-        raw = [m.rule(s, cfg, geo.head_dim, layer, scale, spill) for layer, s in enumerate(block_scores)]
+        raw = [rule(s, cfg, geo.head_dim, layer, scale, spill) for layer, s in enumerate(block_scores)]
     out = []
     for layer, (s, (tier, bits, keep)) in enumerate(zip(block_scores, raw)):
         n_sink = min(sink_blocks, s.numel())

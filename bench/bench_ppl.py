@@ -9,6 +9,15 @@ first comes from a decode step over the compressed store). Reports perplexity vs
     python bench/bench_ppl.py --tokens 2048 --prefill 1024 --threads 1 --json out/bench_ppl.json \\
         agacc agacc@4 uniform-int4 h2o@4,recent_window=32
 
+With ``--suite tuning|heldout|all`` it runs every text of ``bench/corpus.py`` instead (a licence,
+documentation prose, code, a story, a chat transcript; one tuning and one held-out text of each
+kind) and prints one table per split and target ratio, every text a row, with the mean and the
+worst text: defaults are chosen on the tuning texts, results are reported on the held-out ones
+(docs/tuning.md):
+
+    python bench/bench_ppl.py --suite heldout --threads 1 --json out/ppl_heldout.json \
+        agacc@4 agacc@8 uniform-int4 uniform-int2 h2o@4 snapkv@4
+
 Each method is ``NAME[@RATIO][,key=value]...`` (``agacc.spec``). ``--threads`` sets torch's
 intra-op threads for the plain and the compressed runs alike (on the 2-core CPU this was measured
 on, one thread is faster for both: decode steps are many small ops).
@@ -16,15 +25,18 @@ on, one thread is faster for both: decode steps are many small ops).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import time
+from pathlib import Path
 
 import torch
 
 from bench import common
 
 DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
+PLAIN = "plain (DynamicCache)"
 DEFAULT_METHODS = ["agacc", "dynacompress", "attention-sum", "uniform-int8", "uniform-int4", "uniform-int2"]
 
 
@@ -45,8 +57,95 @@ def run(model, ids, prefill, cache, prefill_chunk: int = 0):
     return torch.cat([first, logits]), dt, len(rest)
 
 
-def main(argv=None):
+def reference(model, ids, prefill: int, prefill_chunk: int, cache_dir: str | None):
+    """The plain cache's (logits, decode s, steps), from ``cache_dir`` when a run of the same model,
+    tokens and prefill left it there (``--ref-cache``: the plain run is the same every time)."""
+    path = None
+    if cache_dir:
+        key = hashlib.sha1(repr((model.config.to_json_string(), ids.tolist(), prefill, prefill_chunk)).encode())
+        path = Path(cache_dir) / f"ref_{key.hexdigest()[:16]}.pt"
+        if path.exists():
+            return torch.load(path)
+    out = run(model, ids, prefill, common.make_cache(model, None), prefill_chunk)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, path)
+    return out
+
+
+def measure(model, ids, methods, prefill: int, prefill_chunk: int, ref_cache: str | None = None) -> list[dict]:
+    """The plain cache's row, then one row per method: perplexity vs plain, top-1, KL, bytes, speed."""
     from agacc.eval.metrics import lm_stats
+
+    targets = ids[0, prefill:]
+    ref, ref_dt, steps = reference(model, ids, prefill, prefill_chunk, ref_cache)
+    ref_st = lm_stats(ref, ref, targets)
+    ref_ppl = math.exp(ref_st["nll"] / ref_st["tokens"])
+    rows = [{"preset": PLAIN, "ppl": ref_ppl, "ppl_rel": 1.0, "top1": 1.0, "kl": 0.0, "ratio": None,
+             "bytes": None, "bytes_fp16": None, "tok_s": steps / ref_dt, "speed_rel": 1.0}]
+    print(f"  plain: ppl {ref_ppl:.3f}, {steps / ref_dt:.1f} tok/s", flush=True)
+    for label, cfg in methods:
+        cache = common.make_cache(model, cfg)
+        logits, dt, _ = run(model, ids, prefill, cache, prefill_chunk)
+        st = lm_stats(logits, ref, targets)
+        mem = cache.memory()
+        ppl = math.exp(st["nll"] / st["tokens"])
+        top1, kl = st["top1"] / st["tokens"], st["kl"] / st["tokens"]
+        row = {"preset": label, "ppl": ppl, "ppl_rel": ppl / ref_ppl, "top1": top1, "kl": kl, "ratio": mem["ratio"],
+               "bytes": mem["bytes"], "bytes_fp16": mem["bytes_fp16"], "tok_s": steps / dt,
+               "speed_rel": (steps / dt) / (steps / ref_dt), "by_tier": mem["by_tier"],
+               "target_ratio": cfg.target_ratio, "overrides": common.method_overrides(label)}
+        rows.append(row)
+        print(f"  {label}: ppl {ppl:.3f} ({100 * (ppl / ref_ppl - 1):+.2f}%), top1 {top1:.3f}, KL {kl:.4f}, "
+              f"ratio {mem['ratio']:.2f}x, {steps / dt:.1f} tok/s ({row['speed_rel']:.2f}x)", flush=True)
+        del cache, logits
+    return rows
+
+
+def method_table(rows: list[dict]) -> None:
+    """One text: every method a row."""
+    common.print_table(["method", "ppl", "Δppl", "top-1", "KL", "ratio", "MiB", "tok/s", "speed"], [
+        [r["preset"], f"{r['ppl']:.3f}", f"{100 * (r['ppl_rel'] - 1):+.2f}%", f"{r['top1']:.3f}", f"{r['kl']:.4f}",
+         f"{r['ratio']:.2f}x" if r["ratio"] else "1.00x", f"{r['bytes'] / 2**20:.2f}" if r["bytes"] else "-",
+         f"{r['tok_s']:.1f}", f"{r['speed_rel']:.2f}x"] for r in rows])
+
+
+def suite_tables(texts: list[dict]) -> list[dict]:
+    """A suite of texts: one table per split and target ratio (every text a row, every method a
+    column: Δppl, KL and the measured ratio), with the mean and the worst text; -> the summary rows
+    ``{"split", "method", "target_ratio", "mean_dppl", "max_dppl", "mean_kl", "mean_ratio", "texts"}``."""
+    summary = []
+    for split in dict.fromkeys(t["split"] for t in texts):
+        group = [t for t in texts if t["split"] == split]
+        methods = [r for r in group[0]["rows"] if r["preset"] != PLAIN]
+        by_ratio = {}
+        for r in methods:
+            by_ratio.setdefault(r.get("target_ratio"), []).append(r["preset"])
+        for target, labels in by_ratio.items():
+            print(f"\n{split} texts, {f'fitted to {target:g}x' if target else 'unfitted (the ratio each setting gives)'}: "
+                  "Δppl vs the plain cache (KL nats/token, ratio)")
+            cells = {(t["name"], r["preset"]): r for t in group for r in t["rows"]}
+            table = [[t["name"]] + [_cell(cells[t["name"], m]) for m in labels] for t in group]
+            stats = []
+            for m in labels:
+                rs = [cells[t["name"], m] for t in group]
+                d = [100 * (r["ppl_rel"] - 1) for r in rs]
+                stats.append({"split": split, "method": m, "target_ratio": target, "mean_dppl": sum(d) / len(d),
+                              "max_dppl": max(d), "mean_kl": sum(r["kl"] for r in rs) / len(rs),
+                              "mean_ratio": sum(r["ratio"] for r in rs) / len(rs), "texts": len(rs)})
+            table.append(["mean"] + [f"{s['mean_dppl']:+.2f}% ({s['mean_kl']:.4f}, {s['mean_ratio']:.2f}x)" for s in stats])
+            table.append(["worst"] + [f"{s['max_dppl']:+.2f}%" for s in stats])
+            common.print_table(["text"] + [m if len(m) <= 40 else m[:37] + "..." for m in labels], table)
+            summary += stats
+    return summary
+
+
+def _cell(r: dict) -> str:
+    return f"{100 * (r['ppl_rel'] - 1):+.2f}% ({r['kl']:.4f}, {r['ratio']:.2f}x)"
+
+
+def main(argv=None):
+    from bench import corpus
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("methods", nargs="*", metavar="METHOD", help=common.METHOD_HELP + f" (default: {' '.join(DEFAULT_METHODS)})")
@@ -56,54 +155,58 @@ def main(argv=None):
     ap.add_argument("--prefill", type=int, default=1024)
     ap.add_argument("--prefill-chunk", type=int, default=512,
                     help="prompt tokens a prefill forward (the library's default chunked prefill); 0 = one forward")
+    ap.add_argument("--suite", choices=("tuning", "heldout", "all"), default=None,
+                    help="the texts of bench/corpus.py instead of --text: every kind's tuning text, held-out text, or both")
+    ap.add_argument("--texts", nargs="+", default=None, metavar="NAME",
+                    help=f"only these texts of the suite ({', '.join(corpus.TEXTS)})")
+    ap.add_argument("--ref-cache", default=None, metavar="DIR",
+                    help="keep the plain cache's logits per text here and reuse them (speeds then compare with "
+                         "the run that left them)")
     common.add_model_args(ap, text=DEFAULT_TEXT)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     methods = common.parse_methods((args.methods + args.more_methods) or DEFAULT_METHODS)
     if not 0 < args.prefill < args.tokens - 1:
         ap.error("need 0 < --prefill < --tokens - 1")
+    if args.prefill_chunk < 0:
+        ap.error("--prefill-chunk must be >= 0")
+    if args.texts and not args.suite:
+        ap.error("--texts selects inside a --suite")
+    unknown = set(args.texts or ()) - set(corpus.TEXTS)
+    if unknown:
+        ap.error(f"unknown text(s) {', '.join(sorted(unknown))}: one of {', '.join(corpus.TEXTS)}")
     common.set_threads(args.threads)
 
     torch.manual_seed(0)
     model, tok = common.load_model(args.model)
-    ids = common.text_ids(tok, args.text, args.tokens)
-    targets = ids[0, args.prefill:]
+    if args.suite:
+        chosen = [t for t in corpus.suite(args.suite) if not args.texts or t.name in args.texts]
+        sources = [(t.name, t.kind, t.split, str(t.path), tok(corpus.read(t, tok), return_tensors="pt").input_ids)
+                   for t in chosen]
+    else:
+        sources = [(os.path.basename(args.text), "file", "-", args.text, common.text_ids(tok, args.text, args.tokens))]
+    texts = []
+    for name, kind, split, path, ids in sources:
+        if ids.shape[1] < args.tokens:
+            raise SystemExit(f"error: {path} has {ids.shape[1]} tokens, {args.tokens} needed")
+        print(f"{name} ({path})", flush=True)
+        rows = measure(model, ids[:, :args.tokens], methods, args.prefill, args.prefill_chunk, args.ref_cache)
+        texts.append({"name": name, "kind": kind, "split": split, "path": path, "rows": rows})
 
-    if args.prefill_chunk < 0:
-        ap.error("--prefill-chunk must be >= 0")
-    ref, ref_dt, steps = run(model, ids, args.prefill, common.make_cache(model, None), args.prefill_chunk)
-    ref_st = lm_stats(ref, ref, targets)
-    ref_ppl = math.exp(ref_st["nll"] / ref_st["tokens"])
-    rows = [{"preset": "plain (DynamicCache)", "ppl": ref_ppl, "ppl_rel": 1.0, "top1": 1.0, "kl": 0.0, "ratio": None,
-             "bytes": None, "bytes_fp16": None, "tok_s": steps / ref_dt, "speed_rel": 1.0}]
-    print(f"plain: ppl {ref_ppl:.3f}, {steps / ref_dt:.1f} tok/s", flush=True)
-    for label, cfg in methods:
-        cache = common.make_cache(model, cfg)
-        logits, dt, _ = run(model, ids, args.prefill, cache, args.prefill_chunk)
-        st = lm_stats(logits, ref, targets)
-        mem = cache.memory()
-        ppl = math.exp(st["nll"] / st["tokens"])
-        top1, kl = st["top1"] / st["tokens"], st["kl"] / st["tokens"]
-        row = {"preset": label, "ppl": ppl, "ppl_rel": ppl / ref_ppl, "top1": top1, "kl": kl, "ratio": mem["ratio"],
-               "bytes": mem["bytes"], "bytes_fp16": mem["bytes_fp16"], "tok_s": steps / dt,
-               "speed_rel": (steps / dt) / (steps / ref_dt), "by_tier": mem["by_tier"],
-               "overrides": common.method_overrides(label)}
-        rows.append(row)
-        print(f"{label}: ppl {ppl:.3f} ({100 * (ppl / ref_ppl - 1):+.2f}%), top1 {top1:.3f}, KL {kl:.4f}, "
-              f"ratio {mem['ratio']:.2f}x, {steps / dt:.1f} tok/s ({row['speed_rel']:.2f}x)", flush=True)
-        del cache, logits
-
-    print(f"\n{args.tokens} tokens of {os.path.basename(args.text)}, prefill {args.prefill} "
+    steps = args.tokens - args.prefill - 1
+    print(f"\n{args.tokens} tokens a text, prefill {args.prefill} "
           f"({f'chunks of {args.prefill_chunk}' if args.prefill_chunk else 'one forward'}), "
-          f"{steps} teacher-forced decode steps, "
-          f"{torch.get_num_threads()} torch thread(s)")
-    common.print_table(["method", "ppl", "Δppl", "top-1", "KL", "ratio", "MiB", "tok/s", "speed"], [
-        [r["preset"], f"{r['ppl']:.3f}", f"{100 * (r['ppl_rel'] - 1):+.2f}%", f"{r['top1']:.3f}", f"{r['kl']:.4f}",
-         f"{r['ratio']:.2f}x" if r["ratio"] else "1.00x", f"{r['bytes'] / 2**20:.2f}" if r["bytes"] else "-",
-         f"{r['tok_s']:.1f}", f"{r['speed_rel']:.2f}x"] for r in rows])
-    common.write_json(args.json, {"tokens": args.tokens, "prefill": args.prefill, "prefill_chunk": args.prefill_chunk,
-                                  "text": args.text,
-                                  "threads": torch.get_num_threads(), "rows": rows})
+          f"{steps} teacher-forced decode steps, {torch.get_num_threads()} torch thread(s)")
+    summary = []
+    if args.suite:
+        summary = suite_tables(texts)
+    else:
+        method_table(texts[0]["rows"])
+    record = {"tokens": args.tokens, "prefill": args.prefill, "prefill_chunk": args.prefill_chunk,
+              "threads": torch.get_num_threads(), "suite": args.suite, "texts": texts, "summary": summary}
+    if not args.suite:  # one text: its rows at the top level as before
+        record.update(text=args.text, rows=texts[0]["rows"])
+    common.write_json(args.json, record)
 
 
 if __name__ == "__main__":

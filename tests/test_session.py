@@ -169,6 +169,10 @@ def test_replay_under_new_thresholds(run_floor):
     assert r["markers"] == [[list(x) for x in evicted_runs(torch.tensor(row))] for row in r["tier"]]
     assert policy_changes(cfg, c) == (["tau_e"], [])
     assert policy_changes(cfg, cfg.with_overrides(alpha=0.3)) == ([], ["alpha"])
+    # a run whose cache resolved its layer calibration, against the preset the app's controls build
+    ran = cfg.with_overrides(layer_calibration="auto", layer_scale=(0.5, 2.0))
+    assert policy_changes(ran, cfg.with_overrides(layer_calibration="auto")) == ([], [])
+    assert policy_changes(ran, cfg.with_overrides(layer_calibration="auto", layer_scale=(1.0, 1.0))) == (["layer_scale"], [])
 
 
 def test_replay_target_ratio_equals_real_run(mt):

@@ -290,3 +290,48 @@ def test_prompt_chunks_combine_their_evidence_by_hand(evidence):
     a6 = torch.cat([a, torch.zeros(2)])
     want = {"fold": torch.cat([0.25 * b[:4] + 0.75 * a, b[4:]]), "last": b, "max": torch.maximum(0.75 * a6, b)}[evidence]
     torch.testing.assert_close(tr.importance, want)
+
+
+def test_value_weight_scales_importance_by_the_value_norm_by_hand():
+    """I^_i x (||v_i|| / mean ||v||)^v, then divided by its mean; v = 0 leaves attention alone."""
+    from agacc.importance import ImportanceTracker, scores_all
+
+    mass = torch.tensor([0.4, 0.1, 0.3, 0.2])
+    v = torch.zeros(1, 2, 4, 3)
+    v[0, 0, :, 0] = torch.tensor([1.0, 2.0, 3.0, 2.0])  # head 0's norms; head 1 has the same, on another channel
+    v[0, 1, :, 2] = torch.tensor([-1.0, 2.0, 3.0, -2.0])
+    trackers = []
+    for weight in (1.0, 0.5, 0.0):
+        tr = ImportanceTracker(AGACCConfig(value_weight=weight))
+        tr.init_prefill(mass)
+        tr.add_values(v)
+        trackers.append(tr)
+    norms = torch.tensor([1.0, 2.0, 3.0, 2.0])
+    for tr, weight in zip(trackers, (1.0, 0.5, 0.0)):
+        raw = mass * (norms / norms.mean()) ** weight
+        assert torch.allclose(tr.scores(4, 4), raw / raw.mean())
+    # by hand at v = 1: mass x norm / 2 = [0.2, 0.1, 0.45, 0.2], mean 0.2375
+    assert torch.allclose(trackers[0].scores(4, 4), torch.tensor([0.2, 0.1, 0.45, 0.2]) / 0.2375)
+    same = [ImportanceTracker(trackers[0].cfg) for _ in range(2)]
+    for tr, m in zip(same, (mass, mass.flip(0))):
+        tr.init_prefill(m)
+        tr.add_values(v)
+    assert torch.allclose(scores_all(same, 4, 4), torch.stack([t.scores(4, 4) for t in same]))
+    assert trackers[0].nbytes() == trackers[2].nbytes() + 4 * 4  # the norms are counted
+
+
+def test_value_weight_in_the_cache_counts_its_norms_and_survives_a_crop():
+    from transformers import LlamaConfig
+
+    from agacc import CompressedCache
+
+    config = LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, hidden_size=32,
+                         head_dim=16)
+    cache = CompressedCache(config, AGACCConfig(value_weight=1.0))
+    k = torch.randn(1, 1, 40, 16)
+    for layer in range(2):
+        cache.update(k, 3 * k, layer)
+    tr = cache.layers[0].tracker
+    assert torch.allclose(tr.value_norm, (3 * k)[0, 0].norm(dim=-1))
+    cache.layers[0].truncate(36)
+    assert tr.value_norm.numel() == 36

@@ -3,6 +3,9 @@
     > tau_h: full precision;  (tau_l, tau_h]: b = b_min + floor(x (b_max - b_min + 1)) bits, x the
     position of the score inside (tau_l, tau_h] (on its log by default);  [tau_e, tau_l]: b_min bits,
     pruned at p = p_max (1 - min(1, s / tau_l));  < tau_e: evicted behind a marker.
+
+The preset scores each layer by its measured sensitivity first (``layer_calibration="auto"``:
+``agacc.calibrate``, ``planner._layer_scaled``; docs/tuning.md round 6).
 """
 from __future__ import annotations
 
@@ -52,6 +55,6 @@ def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, layer: int = 0, sc
 
 
 register(Method(
-    "agacc", presets={"agacc": {}}, kind="adaptive", order=0, rule=thresholds_rule, elementwise=True,
+    "agacc", presets={"agacc": {"layer_calibration": "auto"}}, kind="adaptive", order=0, rule=thresholds_rule, elementwise=True,
     citation="AGACC, seed 000: EMA importance, thresholds, bits, pruning, markers (shared/seeds/000)",
 ))

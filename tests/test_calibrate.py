@@ -1,0 +1,103 @@
+"""Per-layer sensitivity (agacc.calibrate) and the layer_scale it sets (agacc.planner.scale_layers)."""
+import pytest
+import torch
+
+from agacc import calibrate, planner
+from agacc import tiers as T
+from agacc.config import AGACCConfig
+from tests.helpers import COMMON, build
+
+
+@pytest.mark.parametrize("key_quant,rotate", [("channel", True), ("channel", False), ("token", True)])
+def test_calibration_quantises_as_the_store_does(key_quant, rotate):
+    """The K/V a layer is measured with are what the store reads back at the same bits."""
+    from agacc.store import LayerStore
+
+    cfg = AGACCConfig(block_size=16, recent_window=16, key_quant=key_quant, rotate=rotate)
+    st = LayerStore(cfg, "cpu", torch.float32)
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 3, 16 * 6, 64), torch.randn(1, 3, 16 * 6, 64) * 2
+    st.append(k, v)
+    n = st.n_ready_blocks()
+    st.apply_tiers(torch.full((n,), T.INT3, dtype=torch.int8), torch.full((n,), 3, dtype=torch.int8),
+                   torch.full((n,), 64, dtype=torch.int16), torch.ones(st.seq_len))
+    k3, v3 = st.quant[3].read_blocks(torch.arange(n))
+    m = n * 16
+    assert torch.allclose(calibrate._store_format(k, 3, cfg, keys=True)[:, :, :m], k3, atol=1e-5)
+    assert torch.allclose(calibrate._store_format(v, 3, cfg, keys=False)[:, :, :m], v3, atol=1e-5)
+    assert not torch.allclose(k3, k[:, :, :m], atol=1e-2)  # (the test can fail: 3 bits is lossy)
+
+
+def test_layer_sensitivity_falls_with_bits():
+    model = build("LlamaConfig", dict(COMMON, num_hidden_layers=3))
+    ids = torch.randint(0, model.config.vocab_size, (1, 96))
+    s2 = calibrate.layer_sensitivity(model, ids, AGACCConfig(block_size=16), bits=2)
+    s8 = calibrate.layer_sensitivity(model, ids, AGACCConfig(block_size=16), bits=8)
+    assert len(s2) == 3 and all(a > 10 * b >= 0 for a, b in zip(s2, s8))
+
+
+def test_layer_scale_by_hand():
+    assert calibrate.layer_scale([1.0, 4.0]) == pytest.approx((0.5, 2.0))  # geometric mean 2
+    assert calibrate.layer_scale([1.0, 4.0], gamma=0.5) == pytest.approx((2 ** -0.5, 2 ** 0.5))
+    assert calibrate.layer_scale([0.0, 1.0], floor=0.01) == pytest.approx((0.1, 10.0))
+    assert calibrate.layer_scale([0.0, 0.0]) == (1.0, 1.0)
+
+
+def test_layer_scale_gives_a_sensitive_layer_more_bits_at_one_threshold_scale():
+    cfg = AGACCConfig(n_sink=0, layer_scale=(1.0, 50.0))
+    geo = planner.Geometry(2, 1, 64)
+    scores = torch.tensor([[0.2, 1.0, 5.0, 300.0], [0.2, 1.0, 5.0, 300.0]])
+    tier, bits, _ = planner.plan_tiers(scores, cfg, geo, 80, stacked=True)
+    plain = planner.plan_tiers(scores * torch.tensor([[1.0], [50.0]]), cfg.with_overrides(layer_scale=None), geo, 80,
+                               stacked=True)
+    assert torch.equal(tier, plain[0]) and torch.equal(bits, plain[1])  # the same as scaling the scores by hand
+    assert tier[0, 0] == T.EVICTED and tier[1, 0] != T.EVICTED and bits[1, 2] == 16 > bits[0, 2]
+    with pytest.raises(ValueError, match="layer_scale has 2 entries, the model has 3 layers"):
+        planner.plan_tiers(torch.ones(3, 4), cfg, planner.Geometry(3, 1, 64), 80)
+
+
+def _llama_config(layers=30, hidden=576, heads=9, kv=3, vocab=49152):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                       num_key_value_heads=kv, vocab_size=vocab, intermediate_size=64)
+
+
+def test_auto_calibration_uses_the_shipped_table_for_the_embedded_model(tmp_path, monkeypatch):
+    from agacc import CompressedCache
+
+    monkeypatch.setenv("AGACC_CACHE", str(tmp_path))  # no saved calibration here
+    config = _llama_config()
+    assert calibrate.model_key(config) == "llama/30/576/9/3/49152"
+    cache = CompressedCache(config, AGACCConfig(layer_calibration="auto", layer_gamma=0.5))
+    assert cache.cfg.layer_scale == pytest.approx(calibrate.layer_scale(list(calibrate.KNOWN[calibrate.model_key(config)]), 0.5))
+    # the most sensitive layer of the table (18) gets the largest factor, above 1; the first layers below 1
+    assert max(range(30), key=lambda i: cache.cfg.layer_scale[i]) == 18 and cache.cfg.layer_scale[0] < 1
+    explicit = tuple([2.0] * 30)
+    assert CompressedCache(config, AGACCConfig(layer_calibration="auto", layer_scale=explicit)).cfg.layer_scale == explicit
+    assert CompressedCache(config, AGACCConfig(layer_calibration="none")).cfg.layer_scale is None
+    other = _llama_config(layers=2, hidden=64, heads=4, kv=2, vocab=256)  # no calibration known: every layer alike
+    assert CompressedCache(other, AGACCConfig(layer_calibration="auto")).cfg.layer_scale is None
+
+
+def test_a_saved_calibration_is_found_and_a_wrong_one_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("AGACC_CACHE", str(tmp_path))
+    config = _llama_config(layers=2, hidden=64, heads=4, kv=2, vocab=256)
+    path = calibrate.save_sensitivity(config, [1.0, 4.0])
+    assert path.is_relative_to(tmp_path)
+    assert calibrate.resolve(AGACCConfig(layer_calibration="auto", layer_gamma=1.0), config).layer_scale == pytest.approx((0.5, 2.0))
+    calibrate.save_sensitivity(config, [1.0, 4.0, 2.0])
+    with pytest.raises(ValueError, match="re-run python -m agacc calibrate --save"):
+        calibrate.resolve(AGACCConfig(layer_calibration="auto"), config)
+
+
+def test_default_gamma_is_1_up_to_4x_and_half_above():
+    sens = list(calibrate.KNOWN["llama/30/576/9/3/49152"])
+    config = _llama_config()
+    for ratio, gamma in ((2.0, 1.0), (4.0, 1.0), (8.0, 0.5), (None, 0.5)):
+        cfg = calibrate.resolve(AGACCConfig.preset("agacc", target_ratio=ratio), config)
+        assert cfg.layer_scale == pytest.approx(calibrate.layer_scale(sens, gamma)), ratio
+    cfg = calibrate.resolve(AGACCConfig.preset("agacc", target_ratio=8.0, layer_gamma=1.0), config)
+    assert cfg.layer_scale == pytest.approx(calibrate.layer_scale(sens, 1.0))
+    assert AGACCConfig.preset("agacc").layer_calibration == "auto"
+    assert AGACCConfig.preset("h2o").layer_calibration == "none"  # baselines stay as published
