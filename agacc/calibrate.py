@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from agacc import quant
+from agacc.config import cache_dir
 
 # Measured with ``python -m agacc calibrate --text /usr/share/common-licenses/GPL-3
 # bench/texts/narrative_tuning.txt bench/texts/code_tuning.py.txt`` (three tuning texts, the first 1536
@@ -113,8 +114,6 @@ def model_key(model_config) -> str:
 
 
 def _saved_path(model_config) -> Path:
-    from agacc.models import cache_dir
-
     return cache_dir() / "layer_sensitivity" / (model_key(model_config).replace("/", "_") + ".json")
 
 

@@ -8,7 +8,9 @@ block, so the thresholds mean the same at any context length.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 from agacc import methods
 
@@ -23,6 +25,12 @@ STORE_DTYPES = ("model", "float16", "bfloat16")
 # rule / budget names before every method had its own file (old traces and scripts still use them)
 LEGACY_NAMES = {"rule": {"thresholds": "agacc", "topk": "snapkv", "recent": "streamingllm", "keep": "pyramidkv"},
                 "budget_shape": {"pyramid": "pyramidkv", "dynamic": "dynamickv"}}
+
+
+def cache_dir() -> Path:
+    """Where agacc files what it computes once (converted models, layer calibrations):
+    $AGACC_CACHE or ~/.cache/agacc."""
+    return Path(os.environ.get("AGACC_CACHE", Path.home() / ".cache" / "agacc"))
 
 
 @dataclass(frozen=True)

