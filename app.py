@@ -517,20 +517,24 @@ class AgaccApp:
 
     def page_load(self, request: gr.Request = None):
         """The header as it is now (the model may have loaded and the CPU kernel built since the page was
-        made) and the token-view layer slider's range."""
-        line = self.model_line
+        made), the token-view layer slider's range, and the header's timer: it ticks (this handler again,
+        once a second) while the model loads or the CPU kernel builds, and stops once both are settled."""
+        line, settled = self.model_line, True
         try:
             if self.models.loaded(self.default_model):
                 name, model, _ = self.models.get(self.default_model)
                 line = self.model_line = model_line(name, model, EMBEDDED_LABEL)
                 self.n_layers = text_config(model.config).num_hidden_layers
+                settled = "(building" not in line
             elif self.load_error:
                 line = f"<span class='agacc-error'>The default model did not load</span>: {_esc(self.load_error)}"
             else:
                 line = "Loading the model (a first start converts it and builds the CPU kernels: a few minutes)…"
+                settled = False
         except ValueError:
             pass
-        return header_html(line, self._gpu_line(request)), gr.update(maximum=self.n_layers - 1)
+        return (header_html(line, self._gpu_line(request)), gr.update(maximum=self.n_layers - 1),
+                gr.Timer(active=not settled))
 
     def _gpu_line(self, request: gr.Request = None) -> str:
         """GPU memory in use and peak beside this session's KV-cache bytes (CUDA only, else "")."""
@@ -735,8 +739,11 @@ class AgaccApp:
                                   [ui.knobs[g] for g in controls.THRESHOLDS if g != f], api_visibility="private",
                                   show_progress="hidden", concurrency_limit=None, trigger_mode="always_last")
             ui.export.click(self.export, None, [ui.files, ui.snippet, ui.stats], api_name="export")
-            demo.load(self.page_load, None, [ui.header, ui.token_layer], api_visibility="private",
+            header_timer = gr.Timer(1.0, active=False)  # page_load starts it while the model loads
+            demo.load(self.page_load, None, [ui.header, ui.token_layer, header_timer], api_visibility="private",
                       show_progress="hidden")
+            header_timer.tick(self.page_load, None, [ui.header, ui.token_layer, header_timer], api_visibility="private",
+                              show_progress="hidden", concurrency_limit=None)
             ui.import_file.upload(self.import_trace, ui.import_file,
                                   self.gen_outputs + [ui.preset, ui.token_layer] + knobs, api_name="import_trace"
                                   ).then(self.after_run, None, [ui.quality, ui.header], api_visibility="private",

@@ -187,8 +187,13 @@ def test_user_errors_thresholds_and_header(app_url, tmp_path):  # noqa: F811
         p.set_number("max-new-tokens", 8)
         # seed 1e30: one message, the status line does not stay at Prefilling
         p.set_number("seed", "1e30")
+        time.sleep(0.5)  # let the page commit the typed value before the click reads it
         p.js_click("generate")
-        p.wait(lambda: "seed" in p.stats().lower() and "between" in p.stats(), 60, "the seed message")
+        try:
+            p.wait(lambda: "seed" in p.stats().lower() and "between" in p.stats(), 60, "the seed message")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; the status line: {p.stats()!r}; the seed box: "
+                                 f"{p.css('#seed input').get_attribute('value')!r}") from None
         assert "Overflow" not in p.stats() and d.execute_script(JS_ERROR_BADGES) == 0
         p.set_number("seed", 0)
         # a failed import: a message, no badges over the knobs and plots

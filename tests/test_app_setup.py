@@ -74,14 +74,20 @@ def test_app_answers_before_the_model_is_loaded(monkeypatch):
     a = A.AgaccApp(models=SlowModels(), preload="background", offer_hub=False)
     a.build()
     assert time.perf_counter() - t0 < 20
-    header, _ = a.page_load()
-    assert "Loading the model" in header
+    header, _, timer = a.page_load()
+    assert "Loading the model" in header and timer.active  # the header's timer asks again each second
     gate.set()
     # the preload thread goes on loading the model: wait for it, so it never overlaps another test's load
     for t in threading.enumerate():
         if t.name == "agacc-preload":
             t.join(300)
             assert not t.is_alive()
+    monkeypatch.setattr(cpu, "status", lambda: "building")
+    header, _, timer = a.page_load()  # the model is in; the kernel still builds: the timer goes on
+    assert "SmolLM2" in header and "building" in header and timer.active
+    monkeypatch.setattr(cpu, "status", lambda: "ready")
+    header, _, timer = a.page_load()  # both settled: the header names the kernel and the timer stops
+    assert "decode kernels: fused C++ kernel" in header and not timer.active
 
 
 def test_loads_on_two_threads_at_once_give_two_whole_models():
