@@ -91,10 +91,10 @@ def test_a_saved_calibration_is_found_and_a_wrong_one_refused(tmp_path, monkeypa
         calibrate.resolve(AGACCConfig(layer_calibration="auto"), config)
 
 
-def test_default_gamma_is_1_up_to_4x_and_half_above():
+def test_default_gamma_is_half_above_4x_and_1_otherwise():
     sens = list(calibrate.KNOWN["llama/30/576/9/3/49152"])
     config = _llama_config()
-    for ratio, gamma in ((2.0, 1.0), (4.0, 1.0), (8.0, 0.5), (None, 0.5)):
+    for ratio, gamma in ((2.0, 1.0), (4.0, 1.0), (8.0, 0.5), (None, 1.0)):
         cfg = calibrate.resolve(AGACCConfig.preset("agacc", target_ratio=ratio), config)
         assert cfg.layer_scale == pytest.approx(calibrate.layer_scale(sens, gamma)), ratio
     cfg = calibrate.resolve(AGACCConfig.preset("agacc", target_ratio=8.0, layer_gamma=1.0), config)

@@ -5,7 +5,8 @@
     pruned at p = p_max (1 - min(1, s / tau_l));  < tau_e: evicted behind a marker.
 
 The preset scores each layer by its measured sensitivity first (``layer_calibration="auto"``:
-``agacc.calibrate``, ``planner._layer_scaled``; docs/tuning.md round 6).
+``agacc.calibrate``, ``planner._layer_scaled``; docs/tuning.md round 6) and sets the thresholds where
+the tuning texts held about 4x after a 2K-token run (round 7): the default operating point.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, layer: int = 0, sc
 
 
 register(Method(
-    "agacc", presets={"agacc": {"layer_calibration": "auto"}}, kind="adaptive", order=0, rule=thresholds_rule, elementwise=True,
+    "agacc", presets={"agacc": dict(layer_calibration="auto", tau_h=50.0, tau_l=0.15, tau_e=0.075)}, kind="adaptive",
+    order=0, rule=thresholds_rule, elementwise=True,
     citation="AGACC, seed 000: EMA importance, thresholds, bits, pruning, markers (shared/seeds/000)",
 ))

@@ -23,7 +23,8 @@ def cases():
             ("agacc-token-pmax", "agacc", dict(key_quant="token", p_max=0.6, tau_l=2.0, rotate=False)),
             ("agacc-host", "agacc", dict(host_copy=True, target_ratio=3.0, position_norm="power")),
             ("dynacompress-cmax", "dynacompress", dict(c_max=0.5, block_size=8)),
-            ("agacc-share", "agacc", dict(share_across_layers=True, pool_kernel=3, b_min=2, b_max=8)),
+            ("agacc-share", "agacc", dict(share_across_layers=True, pool_kernel=3, b_min=2, b_max=8,
+                                           tau_h=200.0, tau_l=0.6, tau_e=0.3)),  # the thresholds it was recorded with
             ("agacc@4-nohold", "agacc", dict(target_ratio=4.0, hold_evictions=False))]
     return out
 
