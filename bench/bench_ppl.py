@@ -92,12 +92,14 @@ def measure(model, ids, methods, prefill: int, prefill_chunk: int, ref_cache: st
         ppl = math.exp(st["nll"] / st["tokens"])
         top1, kl = st["top1"] / st["tokens"], st["kl"] / st["tokens"]
         row = {"preset": label, "ppl": ppl, "ppl_rel": ppl / ref_ppl, "top1": top1, "kl": kl, "ratio": mem["ratio"],
-               "bytes": mem["bytes"], "bytes_fp16": mem["bytes_fp16"], "peak_bytes": mem["peak_bytes"], "tok_s": steps / dt,
+               "bytes": mem["bytes"], "bytes_fp16": mem["bytes_fp16"], "peak_bytes": mem["peak_bytes"],
+               "tok_s": steps / dt,
                "speed_rel": (steps / dt) / (steps / ref_dt), "by_tier": mem["by_tier"],
                "target_ratio": cfg.target_ratio, "overrides": common.method_overrides(label)}
         rows.append(row)
         print(f"  {label}: ppl {ppl:.3f} ({100 * (ppl / ref_ppl - 1):+.2f}%), top1 {top1:.3f}, KL {kl:.4f}, "
-              f"ratio {mem['ratio']:.2f}x (peak {mem['bytes_fp16'] / mem['peak_bytes']:.2f}x), {steps / dt:.1f} tok/s ({row['speed_rel']:.2f}x)", flush=True)
+              f"ratio {mem['ratio']:.2f}x (peak {mem['bytes_fp16'] / mem['peak_bytes']:.2f}x), "
+              f"{steps / dt:.1f} tok/s ({row['speed_rel']:.2f}x)", flush=True)
         del cache, logits
     return rows
 
