@@ -42,7 +42,7 @@ from components import controls, drill, gpu, plots
 from components.layout import ASSETS, build_layout, example_text, header_html, plot_value
 from components.state import (EMBEDDED_CHOICE, EMBEDDED_LABEL, HUB_CHOICES, Models, Run, Sessions,
                               UserState, freeze_gc, hub_reachable)
-from components.text import MIB, compare_md, final_stats, model_line, snippet, stats_md
+from components.text import MIB, compare_md, final_stats, kernel_building, model_line, snippet, stats_md
 from components.token_view import css as token_css
 from components.token_view import render_token_view
 
@@ -525,7 +525,7 @@ class AgaccApp:
                 name, model, _ = self.models.get(self.default_model)
                 line = self.model_line = model_line(name, model, EMBEDDED_LABEL)
                 self.n_layers = text_config(model.config).num_hidden_layers
-                settled = "(building" not in line
+                settled = not kernel_building(model.device)
             elif self.load_error:
                 line = f"<span class='agacc-error'>The default model did not load</span>: {_esc(self.load_error)}"
             else:

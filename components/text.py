@@ -12,19 +12,34 @@ MIB = 2 ** 20
 COMPARE_HINT = "Tick *compare with the full cache* (or press **Re-run + compare**) to run a full cache in lockstep."
 
 
+_BUILDING = ("building", "not built yet")  # kernels.cpu.status() while the CPU kernel is still to come
+
+
+def _cpu_kernel_state(device) -> str | None:
+    """``kernels.cpu.status()`` when the CPU kernel decides what decodes on ``device``, else None."""
+    kind = getattr(device, "type", None) or str(device).split(":")[0]
+    if kind != "cpu" or os.environ.get(kernels.FORCE_TRITON_ENV, "") == "1":
+        return None
+    from kernels import cpu
+
+    return cpu.status()
+
+
+def kernel_building(device) -> bool:
+    """Whether the CPU kernel for ``device`` is still to be built (the header says so until it is)."""
+    return _cpu_kernel_state(device) in _BUILDING
+
+
 def kernel_label(device) -> str:
     """The decode kernels that run for ``device``, without waiting for the CPU kernel's build
     (``kernels.backend`` would: it loads the extension). On the CPU: the fused C++ kernel once built
     (while it builds, a decode waits for it), the PyTorch reference when it is off or failed."""
-    kind = getattr(device, "type", None) or str(device).split(":")[0]
-    if kind != "cpu" or os.environ.get(kernels.FORCE_TRITON_ENV, "") == "1":
+    state = _cpu_kernel_state(device)
+    if state is None:
         return kernels.LABELS[kernels.backend(device)]
-    from kernels import cpu
-
-    state = cpu.status()
     if state == "ready":
         return kernels.LABELS["cpp"]
-    if state in ("building", "not built yet"):
+    if state in _BUILDING:
         return f"{kernels.LABELS['cpp']} (building: once per Python environment)"
     why = "turned off (AGACC_CPU_KERNEL=0)" if state == "disabled" else "the C++ build failed"
     return f"{kernels.LABELS['torch']} ({why})"
