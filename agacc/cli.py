@@ -1,9 +1,11 @@
-"""Command line: ``python -m agacc generate ...``, ``python -m agacc calibrate ...`` and ``python -m agacc eval ...``."""
+"""Command line: ``python -m agacc generate ...``, ``calibrate ...``, ``distill ...`` and ``eval ...``."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
+from pathlib import Path
 
 
 def _config_from_args(args):
@@ -87,6 +89,46 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _tuning_texts(tok) -> list[str]:
+    """The tuning split of the repo's text suite (bench/corpus.py), as text; a ValueError when the
+    repo's bench/ folder is not importable (an installed package: pass --text)."""
+    try:
+        from bench import corpus
+    except ImportError:
+        raise ValueError("the tuning texts live in the repository's bench/ folder; run from the repository root "
+                         "or pass --text FILE...") from None
+    return [corpus.read(t, tok) for t in corpus.suite("tuning")]
+
+
+def cmd_distill(args) -> int:
+    """Train KV-Distill's selector and adapter for a model (``agacc.kv_distill``) and file them where
+    ``python -m agacc eval --preset kv-distill@R`` finds them."""
+    import torch
+
+    import agacc
+    from agacc import kv_distill
+    from agacc.eval.tasks import read_text
+
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = agacc.load_model(args.model, device=args.device)
+    texts = [read_text(p) for p in args.text] if args.text else _tuning_texts(tok)
+    ids = [tok(t).input_ids for t in texts]
+    ratios = tuple(float(r) for r in args.ratios)
+    t0 = time.perf_counter()
+    distill = kv_distill.train(model, ids, args.steps, n_ctx=args.context, n_cont=args.continuation, ratios=ratios,
+                               lr=args.lr, seed=args.seed, minutes=args.minutes)
+    path = Path(args.out) if args.out else kv_distill.weights_path(model)
+    meta = {"model": getattr(model.config, "_name_or_path", ""), "texts": args.text or ["bench/corpus tuning split"],
+            "steps": distill.steps_done, "context": args.context, "continuation": args.continuation,
+            "ratios": list(ratios), "lr": args.lr, "seed": args.seed, "seconds": round(time.perf_counter() - t0, 1)}
+    kv_distill.save(distill, path, meta)
+    print(f"saved {path} ({path.stat().st_size / 2**20:.1f} MiB, {distill.steps_done} steps, {meta['seconds']:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m agacc", description="Attention-guided adaptive KV-cache compression")
     sub = p.add_subparsers(dest="command", required=True)
@@ -115,6 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--save", action="store_true", help="file it for layer_calibration=auto (under $AGACC_CACHE)")
     c.add_argument("--json", action="store_true", help="print a JSON record")
     c.set_defaults(func=cmd_calibrate)
+    d = sub.add_parser("distill", help="train KV-Distill's token selector and adapter (the kv-distill@R baseline)")
+    d.add_argument("--text", nargs="+", default=None, help="training text files (default: the repo's tuning texts)")
+    d.add_argument("--steps", type=int, default=600, help="training windows, one a step")
+    d.add_argument("--minutes", type=float, default=45.0, help="stop after this long even if steps remain")
+    d.add_argument("--context", type=int, default=384, help="context tokens a window (compressed)")
+    d.add_argument("--continuation", type=int, default=48, help="tokens after the context the KL is taken over")
+    d.add_argument("--ratios", nargs="+", default=["2", "4", "8"], help="compression ratios drawn per step")
+    d.add_argument("--lr", type=float, default=2e-3)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    d.add_argument("--out", default=None, help="weights file (default: under $AGACC_CACHE, where eval finds it)")
+    d.add_argument("--model", default=None, help="hub id or local path (default: the embedded SmolLM2-135M-Instruct)")
+    d.add_argument("--device", default=None)
+    d.set_defaults(func=cmd_distill)
     sub.add_parser("eval", help="evaluate methods on a task (see `python -m agacc eval -h`)", add_help=False)
     return p
 

@@ -28,7 +28,9 @@ from pathlib import Path
 
 from bench.common import ROOT, parse_methods
 
-RATIO_PRESETS = ["agacc", "dynacompress", "attention-sum", "h2o", "streamingllm", "snapkv", "pyramidkv", "fastkv", "dynamickv"]
+# kv-distill: its own cache (agacc.kv_distill), trained by `python -m agacc distill`; "skipped" rows until then
+RATIO_PRESETS = ["agacc", "dynacompress", "attention-sum", "h2o", "streamingllm", "snapkv", "pyramidkv", "fastkv", "dynamickv",
+                 "kv-distill"]
 FIXED = ["full", "uniform-int8", "uniform-int4", "uniform-int2"]
 ADAPTIVE = "agacc"
 
@@ -45,7 +47,8 @@ def run(args) -> None:
     have = {(s["task"], s["context_tokens"], s["sample"]): s for s in done["samples"]}
     model, tok = agacc.load_model()
     text = T.read_text(args.text)
-    configs = parse_methods(FIXED + [f"{p}@{r:g}" for r in args.ratios for p in RATIO_PRESETS])  # labels: P, P@R
+    configs = _configs(FIXED + [f"{p}@{r:g}" for r in args.ratios for p in RATIO_PRESETS])  # labels: P, P@R
+    by_label = dict(configs)
     runs = done["meta"].get("runs") or ([_run_of(done["meta"])] if done["meta"] else [])
     this = {"command": " ".join([sys.executable.split("/")[-1]] + sys.argv), "lengths": args.lengths,
             "prefill_chunk": args.prefill_chunk, "torch_threads": torch.get_num_threads(),
@@ -73,8 +76,8 @@ def run(args) -> None:
                 res = runner.evaluate_sample(model, tok, s, todo, scoring="match", chunk=8,
                                              prefill_chunk=args.prefill_chunk or None, log=lambda r: print(
                     f"  {r['preset']}: score {r['score']:.3f} ratio {r['ratio']:.2f} build {r['build_s']:.1f}s decode {r['decode_s']:.1f}s", flush=True))
-                for r in res:
-                    r["prefill_chunk"] = args.prefill_chunk  # 0: one prefill forward shared by every method
+                for r in res:  # 0: one prefill forward (shared by the store's presets; kv-distill's own always)
+                    r["prefill_chunk"] = 0 if hasattr(by_label[r["preset"]], "build") else args.prefill_chunk
                 if held is None:
                     done["samples"].append({"task": task, "context_tokens": n, "sample": s.index, "results": res,
                                             "seconds": time.time() - t0})
@@ -86,6 +89,13 @@ def run(args) -> None:
     this["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     this["minutes"] = round((time.time() - t_start) / 60, 1)
     out_json.write_text(json.dumps(done, indent=0))
+
+
+def _configs(specs: list[str]) -> list:
+    """(label, config) per spec: the store's presets (``parse_methods``) and kv-distill (``agacc.eval.external``)."""
+    from agacc.eval.external import is_external_name, parse_external
+
+    return [parse_external(s) if is_external_name(s) else parse_methods([s])[0] for s in specs]
 
 
 def to_run(configs: list, held: dict | None, redo, same_prefill: int | None = None) -> list:
@@ -113,7 +123,7 @@ def prefill_note(data, task: str, n: int) -> str:
         if s["task"] == task and s["context_tokens"] == n:
             for r in s["results"]:
                 by_chunk.setdefault(r.get("prefill_chunk", 0), set()).add(r["preset"].partition("@")[0])
-    say = {0: "one prefill forward shared by every method, compressed at its end"}
+    say = {0: "one prefill forward, compressed at its end"}
     parts = [say.get(c, f"chunks of {c} tokens, each method compressing as it goes")
              + (f" ({', '.join(sorted(ps))})" if len(by_chunk) > 1 else "") for c, ps in sorted(by_chunk.items())]
     return "Prefill: " + "; ".join(parts) + "."
@@ -126,6 +136,8 @@ def cells(data) -> dict:
     acc: dict = {}
     for s in data["samples"]:
         for r in s["results"]:
+            if r.get("skipped"):  # a method that could not run here (kv-distill without weights)
+                continue
             name = r["preset"]
             preset, _, rt = name.partition("@")
             key = (s["task"], s["context_tokens"], preset, float(rt) if rt else None)
@@ -156,7 +168,9 @@ def render(data, ratios, lengths, tasks, plot_dir=None) -> str:
     L = []
     L.append("# Results: AGACC vs baselines on the embedded model\n")
     L.append("Produced by `bench/make_results.py` (do not edit by hand). Model: SmolLM2-135M-Instruct "
-             "(embedded, fp32, CPU). Every method is a preset of the same compressed store; memory is "
+             "(embedded, fp32, CPU). Every method is a preset of the same compressed store but `kv-distill` (its "
+             "own cache of the kept tokens at 16 bits, its selector and adapter trained here: `python -m agacc distill`, "
+             "docs/baselines.md); memory is "
              "`cache.memory()` at the end of each sample (bytes actually held, tracker included) and the "
              "ratio is measured: 16-bit bytes of the same tokens / bytes held.\n")
     for run in m.get("runs") or [_run_of(m)]:

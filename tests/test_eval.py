@@ -118,7 +118,33 @@ def test_cli_ppl_and_data_formats(tiny_model, tmp_path):
                      "--json", str(out), "--no-progress"]) == 0
         (rec,) = json.loads(out.read_text())
         assert rec["samples"] == (3 if task == "longbench" else 2) and rec["task"] == task
-    assert main(["passkey", "--model", tiny_model, "--preset", "kv-distill"]) == 2  # not available, says why
+    assert main(["passkey", "--model", tiny_model, "--preset", "kv-distill"]) == 2  # no ratio: says how to give one
+
+
+def test_cli_kv_distill_trains_and_evaluates(tiny_model, tmp_path, monkeypatch, capsys):
+    """``python -m agacc distill`` builds weights; ``eval --preset kv-distill@4`` runs on them (its bytes
+    ratio at the context's end is 4), and reports "skipped: ..." where there are none."""
+    from agacc.cli import main as agacc_main
+    from agacc.eval.cli import main
+
+    monkeypatch.setenv("AGACC_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "t.txt"
+    text.write_text(CORPUS * 3)
+    out = tmp_path / "none.json"
+    assert main(["passkey", "--model", tiny_model, "--preset", "full", "kv-distill@4", "--context-tokens", "256",
+                 "--samples", "1", "--json", str(out), "--no-progress"]) == 0
+    assert json.loads(out.read_text())[1]["skipped"].startswith("skipped: no trained KV-Distill weights")
+    assert agacc_main(["distill", "--model", tiny_model, "--text", str(text), "--steps", "3", "--context", "64",
+                       "--continuation", "8", "--threads", "1"]) == 0  # filed under $AGACC_CACHE
+    assert "saved" in capsys.readouterr().out
+    for protocol in ("query-aware", "query-agnostic"):
+        out = tmp_path / f"{protocol}.json"
+        assert main(["passkey", "--model", tiny_model, "--preset", "full", "kv-distill@4", "--context-tokens", "256",
+                     "--samples", "2", "--protocol", protocol, "--json", str(out), "--no-progress"]) == 0
+        full, kvd = json.loads(out.read_text())
+        assert not kvd.get("skipped") and kvd["preset"] == "kv-distill@4" and 0.0 <= kvd["score"] <= 1.0
+        # query-agnostic: the ratio of the compressed context alone; query-aware: after the answer too
+        assert (kvd["ratio"] == pytest.approx(4.0, rel=0.02)) if protocol == "query-agnostic" else (2.5 < kvd["ratio"] < 4.0)
 
 
 def test_accelerate_two_processes_equal_one(tiny_model, tmp_path):

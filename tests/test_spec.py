@@ -94,8 +94,9 @@ def test_eval_cli_methods_with_set_and_ratio_on_top():
     got = dict(method_configs(["full", "agacc@4", "uniform-int4", "h2o"], ratio=3.0))
     assert got["agacc@4"].target_ratio == 3.0 and got["h2o"].target_ratio == 3.0
     assert got["full"] == AGACCConfig.preset("full") and got["uniform-int4"] == AGACCConfig.preset("uniform-int4")
-    with pytest.raises(ValueError, match="kv-distill"):
+    with pytest.raises(ValueError, match="kv-distill@4 or --ratio 4"):
         method_configs(["kv-distill"], None)
+    assert method_configs(["kv-distill"], 3.0)[0][1].ratio == 3.0
     with pytest.raises(ValueError, match="given twice"):
         method_configs(["agacc@4", "agacc@4.0"], None)
 

@@ -9,6 +9,9 @@
   not move it.
 * ``kvpress:<press>``: NVIDIA kvpress's presses, run in their own environment
   (``agacc/eval/kvpress_adapter.py``).
+* ``kv-distill@R``: KV-Distill (``agacc.kv_distill``), its selector and adapter trained here by
+  ``python -m agacc distill``; "skipped: ..." until they are. R = tokens in the context / tokens kept
+  (its cache holds the kept tokens at 16 bits: R is its bytes ratio at the prompt's end).
 
 Bytes are counted from what the cache holds (``quantized_cache_bytes``): every plain tensor reachable
 from each layer's quantised keys and values (quanto: packed codes, scales, shifts; HQQ: packed codes,
@@ -33,13 +36,14 @@ def external_names() -> list[str]:
     """Every external method name the CLI accepts."""
     from agacc.eval.kvpress_adapter import KV_PREFIX, PRESSES
 
-    return [HF_PREFIX + v for v in HF_VARIANTS] + [KV_PREFIX + p for p in PRESSES]
+    return [HF_PREFIX + v for v in HF_VARIANTS] + [KV_PREFIX + p for p in PRESSES] + [KV_DISTILL]
 
 
 def is_external_name(name: str) -> bool:
     from agacc.eval.kvpress_adapter import KV_PREFIX
 
-    return name.startswith(HF_PREFIX) or name.startswith(KV_PREFIX)
+    head = name.split(",")[0].split("@")[0].strip()
+    return name.startswith(HF_PREFIX) or name.startswith(KV_PREFIX) or head == KV_DISTILL
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class HFQuantized:
     def name(self) -> str:
         return HF_PREFIX + self.variant
 
-    def unavailable(self) -> str | None:
+    def unavailable(self, model=None) -> str | None:
         """None when the backend's package imports; else why not, naming the install command."""
         module, pin = HF_PACKAGES[self.backend]
         try:
@@ -87,9 +91,72 @@ class HFQuantized:
         return {"name": self.name, "library": "transformers.QuantizedCache", **asdict(self)}
 
 
+KV_DISTILL = "kv-distill"
+_DISTILLED: dict = {}  # weights path -> the loaded KVDistill (one load per process)
+
+
+@dataclass(frozen=True)
+class KVDistillMethod:
+    """KV-Distill (``agacc.kv_distill``) as an eval method: the prompt goes in one forward through the
+    selector and adapter, the cache keeps 1/``ratio`` of its tokens; later tokens are kept whole."""
+    ratio: float
+    weights: str | None = None  # a weights file (default: ``kv_distill.weights_path(model)``)
+
+    n_q = 0
+    compress = True
+
+    @property
+    def target_ratio(self):
+        return self.ratio
+
+    @property
+    def name(self) -> str:
+        return f"{KV_DISTILL}@{self.ratio:g}"
+
+    def _path(self, model):
+        from pathlib import Path
+
+        from agacc import kv_distill
+
+        return Path(self.weights) if self.weights else kv_distill.weights_path(model)
+
+    def unavailable(self, model=None) -> str | None:
+        """None when trained weights are there (checked against ``model`` when given); else why not."""
+        if model is None:
+            return None
+        path = self._path(model)
+        if not path.exists():
+            return f"skipped: no trained KV-Distill weights at {path} (train them: python -m agacc distill)"
+        return None
+
+    def distill(self, model):
+        from agacc import kv_distill
+
+        path = self._path(model)
+        if str(path) not in _DISTILLED:
+            _DISTILLED[str(path)] = kv_distill.load(model, path)
+        return _DISTILLED[str(path)]
+
+    def build(self, model, ids: list[int], prefill_chunk: int | None = None):
+        """-> (cache holding the compressed ``ids``, logits after the last id [V] fp32). One forward
+        whatever ``prefill_chunk`` (the selector ranks the whole context at once)."""
+        from agacc import kv_distill
+
+        with torch.inference_mode():
+            return kv_distill.compress(model, self.distill(model), ids, self.ratio)
+
+    def memory(self, cache) -> dict:
+        return cache.memory()
+
+    def to_dict(self) -> dict:
+        meta = next(iter(_DISTILLED.values())).meta if len(_DISTILLED) == 1 else {}
+        return {"name": self.name, "library": "agacc.kv_distill (trained here)", "ratio": self.ratio, "training": meta}
+
+
 def parse_external(spec: str, ratio: float | None = None) -> tuple[str, object]:
-    """``hf-quantized:VARIANT[,key=value]...`` or ``kvpress:PRESS[@R][,key=value]...`` -> (label, method);
-    ``ratio`` (``--ratio``) applies to the kvpress methods without their own. A bad name or setting
+    """``hf-quantized:VARIANT[,key=value]...``, ``kvpress:PRESS[@R][,key=value]...`` or
+    ``kv-distill[@R][,weights=FILE]`` -> (label, method); ``ratio`` (``--ratio``) applies to the kvpress
+    and kv-distill methods without their own. A bad name or setting
     raises a ValueError listing what is valid."""
     from agacc.eval.kvpress_adapter import KV_PREFIX, parse_kvpress
 
@@ -100,8 +167,23 @@ def parse_external(spec: str, ratio: float | None = None) -> tuple[str, object]:
             raise ValueError(f"method {spec!r} needs a ratio: {method.name}@4, --ratio 4, or compression_ratio=0.75")
         return label, method
     head, *items = [x.strip() for x in spec.split(",")]
-    name, at, _ = head.partition("@")
+    name, at, r = head.partition("@")
     name = name.strip()
+    if name == KV_DISTILL:
+        try:
+            value = float(r) if at else ratio
+        except ValueError:
+            raise ValueError(f"method {spec!r}: the ratio after '@' must be a number") from None
+        if value is None or not value >= 1:
+            raise ValueError(f"method {spec!r} needs a ratio >= 1: {KV_DISTILL}@4 or --ratio 4")
+        kw = {}
+        for item in items:
+            key, eq, raw = item.partition("=")
+            if not eq or key.strip() != "weights":
+                raise ValueError(f"method {spec!r}: expected weights=FILE, got {item!r}")
+            kw["weights"] = raw.strip()
+        method = KVDistillMethod(value, **kw)
+        return method.name + (f",weights={kw['weights']}" if kw else ""), method
     if name.startswith(HF_PREFIX):
         variant = name[len(HF_PREFIX):]
         if variant not in HF_VARIANTS:

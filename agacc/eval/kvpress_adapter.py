@@ -58,7 +58,7 @@ class KVPressMethod:
     def target_ratio(self):
         return self.ratio
 
-    def unavailable(self) -> str | None:
+    def unavailable(self, model=None) -> str | None:
         if not venv_python().exists():
             return (f"skipped: {SETUP} (kvpress pins transformers<5.3: it runs in its own environment, "
                     f"{venv_python().parent.parent.name} is missing)")

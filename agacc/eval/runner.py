@@ -202,7 +202,8 @@ PROTOCOLS = ("query-aware", "query-agnostic")
 
 
 def is_external(cfg) -> bool:
-    """A method outside the ``CompressedCache`` presets (``agacc.eval.external``: hf-quantized, kvpress)."""
+    """A method outside the ``CompressedCache`` presets (``agacc.eval.external``: hf-quantized, kvpress,
+    kv-distill)."""
     return not isinstance(cfg, AGACCConfig)
 
 
@@ -261,6 +262,8 @@ def fork_cache(cache):
 def _build(model, cfg, cap: Capture | None, ids: list[int], prefill_chunk: int | None):
     """A fresh cache of method ``cfg`` holding ``ids`` (prefilled, compressed, held evictions applied)
     -> (cache, logits after the last id)."""
+    if hasattr(cfg, "build"):  # a method that prefills its own way (kv-distill)
+        return cfg.build(model, ids, prefill_chunk)
     if is_external(cfg):
         cache = cfg.new_cache(model)
         return cache, plain_prefill(model, cache, ids, prefill_chunk if prefill_chunk and len(ids) > prefill_chunk else None)
@@ -334,7 +337,7 @@ def evaluate_sample(model, tok, s: Sample, configs, scoring: str = "match", chun
     cap = capture_prefill(model, s.prompt_ids, extra, n_obs=_n_obs(configs))
     results = []
     for name, cfg in configs:
-        why = cfg.unavailable() if is_external(cfg) else None
+        why = cfg.unavailable(model) if is_external(cfg) else None
         if why:
             results.append(_skipped(s, name, why))
             continue
@@ -397,7 +400,7 @@ def evaluate_group(model, tok, group: list[Sample], configs, scoring: str = "mat
     cap = capture_prefill(model, ctx, [], n_obs=_n_obs(configs))
     results = []
     for name, cfg in configs:
-        why = cfg.unavailable() if is_external(cfg) else None
+        why = cfg.unavailable(model) if is_external(cfg) else None
         if why:
             results += [_skipped(s, name, why, "query-agnostic") for s in group]
             continue
