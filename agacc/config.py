@@ -108,7 +108,8 @@ class AGACCConfig:
         sparse_threshold: pruned blocks are stored sparse (bitmap + kept values) when p_i >= this,
             otherwise dense in the b_min container with the pruned elements zeroed.
         markers: evicted spans leave one marker entry (importance-weighted mean K/V + log(count)
-            attention bias) per contiguous run; False drops them outright.
+            attention bias) per contiguous run; False drops them outright (the ``agacc`` preset:
+            they did not earn their bytes, docs/tuning.md round 8).
         layer_scale: one factor per layer multiplying its block scores before the thresholds (and the
             ratio fitter) see them: a layer that is more sensitive to the error of its cache gets
             more bits at the same threshold scale (KVTuner-style, measured once per model:

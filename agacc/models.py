@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -29,6 +30,18 @@ def embedded_gguf() -> Path:
     return path
 
 
+def publish(tmp: Path, target: Path) -> None:
+    """Rename a finished conversion into place (atomic: a half-written one is never picked up). Two
+    processes converting at once (the app and a benchmark on a fresh machine): the second to finish
+    finds ``target`` taken, keeps the first one's copy and deletes its own."""
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _load_embedded(dtype):
     """Dequantise the GGUF once into $AGACC_CACHE/SmolLM2-135M-Instruct (safetensors); later loads read that."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -48,7 +61,7 @@ def _load_embedded(dtype):
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        tmp.rename(target)  # atomic: a half-written conversion is never picked up
+        publish(tmp, target)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(target)
     return model, tok

@@ -78,7 +78,7 @@ def block_panel_html(h: dict) -> str:
             f"{h['first']}-{h['last']} ({h['block_size']} a block) · now {now} · "
             f"<span id='block-bytes' data-bytes='{h['bytes']}'><b>{h['bytes']:,} bytes</b> held</span> "
             f"<span class='bp-note'>(K and V of every KV head, the planner's cost model; an evicted block's "
-            f"marker is shared by its run)</span></div>"
+            f"marker, with markers on, is shared by its run)</span></div>"
             f"<div class='bp-tokens' id='block-tokens'>{toks}</div>"
             "<table class='bp-table' id='block-tiers'><thead><tr><th>frame</th><th>after decode step</th>"
             "<th>importance</th><th>tier</th><th>bits</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>")

@@ -39,8 +39,8 @@ def header_html(model_line: str, gpu_line: str = "") -> str:
             f"tiers, bits and bytes, live. {model_line}</div>{gpu}</div></div>")
 
 
-# which point the default is (docs/tuning.md round 7: held-out texts, 2,048 tokens, token by token)
-PRESET_INFO = ("agacc, the default: thresholds that held 3.6-4.4x at +1.2% perplexity on average on text they "
+# which point the default is (docs/tuning.md rounds 7-8: held-out texts, 2,048 tokens, token by token)
+PRESET_INFO = ("agacc, the default: thresholds that held 3.7-4.5x at +1.15% perplexity on average on text they "
                "were not tuned on; tick *use a target memory ratio* for a fixed budget")
 
 # the words the page uses, for the intro and its tooltips (one place)
@@ -51,7 +51,7 @@ GLOSSARY = {
                   "of the layer's mean: 1 = average, 100 = a block the model keeps reading.",
     "block": "B consecutive tokens (16 by default) that share a tier: the unit the cache compresses.",
     "tier": "How a block is stored: full (16-bit), int8/int4/int3/int2 (quantised), pruned (small values "
-            "dropped), evicted (gone; a marker keeps their average). hot = the recent window, not yet scored.",
+            "dropped), evicted (gone; with markers on, a marker keeps their average). hot = the recent window, not yet scored.",
     "τ_h": "Above τ_h a block stays at full precision.",
     "τ_l": "Between τ_l and τ_h a block is quantised (more bits the closer it is to τ_h); below τ_l pruned.",
     "τ_e": "Below τ_e a block is evicted.",

@@ -70,3 +70,26 @@ def test_cli_generate_json_and_errors():
     assert rec["new_tokens"] <= 8 and rec["memory"]["bytes"] > 0 and rec["text"]
     bad = subprocess.run(cmd[:-1] + ["--set", "tau_l=500"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "tau_h > tau_l" in bad.stderr
+
+
+
+def test_two_processes_converting_at_once_both_load(tmp_path):
+    """Two fresh starts at once both convert the GGUF: the second to finish keeps the first one's
+    copy (``models.publish``) instead of failing with 'Directory not empty'; a rename that fails for
+    another reason still raises."""
+    from agacc.models import publish
+
+    def converted(name, text):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(text)
+        return d
+
+    target = tmp_path / "model"
+    publish(converted("model.tmp1", "first"), target)
+    publish(converted("model.tmp2", "second"), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (target / "config.json").read_text() == "first"
+    (target / "config.json").rename(target / "half")  # not a finished conversion: not ours to keep
+    with pytest.raises(OSError):
+        publish(converted("model.tmp3", "third"), target)

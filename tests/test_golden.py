@@ -1,7 +1,9 @@
 """Golden outputs recorded before the redesign (tests/golden/record.py): every preset and the variants
 that reach the other code paths give the same greedy tokens, the same bytes held and the same tiers.
 Re-recorded since, one case each, for a deliberate change: uniform-int2's tokens when its preset began
-holding blocks at 4 bits until the prompt ends (``prefill_bits=4``; its bytes and tiers unchanged)."""
+holding blocks at 4 bits until the prompt ends (``prefill_bits=4``; its bytes and tiers unchanged);
+``agacc@4`` and ``agacc@8`` when the preset dropped markers (docs/tuning.md round 8): the recording
+with markers is ``agacc@4-markers``, and the other cases that evict pin ``markers=True``."""
 import json
 from pathlib import Path
 

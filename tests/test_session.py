@@ -42,8 +42,8 @@ def _run(mt, cfg, n=12, **kw):
 
 @pytest.fixture(scope="module")
 def run_floor(mt):
-    """A run without host copy (blocks only lose fidelity), with evictions and pruning."""
-    cfg = agacc.AGACCConfig.preset("agacc", tau_h=1.6, tau_l=0.9, tau_e=0.5, **SMALL)
+    """A run without host copy (blocks only lose fidelity), with evictions (behind markers) and pruning."""
+    cfg = agacc.AGACCConfig.preset("agacc", tau_h=1.6, tau_l=0.9, tau_e=0.5, markers=True, **SMALL)
     return cfg, *_run(mt, cfg, n=14)
 
 
@@ -168,6 +168,9 @@ def test_replay_under_new_thresholds(run_floor):
     assert r["tier"] != tr.frames[len(tr.history) - 1]["tier"]
     assert r["markers"] == [[list(x) for x in evicted_runs(torch.tensor(row))] for row in r["tier"]]
     assert policy_changes(cfg, c) == (["tau_e"], [])
+    bare = replay(tr.history, c.with_overrides(markers=False), tr.geometry)  # the preset's default: no markers
+    assert bare["tier"] == r["tier"] and bare["markers"] == [[] for _ in r["tier"]]
+    assert bare["planned_bytes"] < r["planned_bytes"]
     assert policy_changes(cfg, cfg.with_overrides(alpha=0.3)) == ([], ["alpha"])
     # a run whose cache resolved its layer calibration, against the preset the app's controls build
     ran = cfg.with_overrides(layer_calibration="auto", layer_scale=(0.5, 2.0))

@@ -2,7 +2,8 @@
 
     > tau_h: full precision;  (tau_l, tau_h]: b = b_min + floor(x (b_max - b_min + 1)) bits, x the
     position of the score inside (tau_l, tau_h] (on its log by default);  [tau_e, tau_l]: b_min bits,
-    pruned at p = p_max (1 - min(1, s / tau_l));  < tau_e: evicted behind a marker.
+    pruned at p = p_max (1 - min(1, s / tau_l));  < tau_e: evicted (behind a marker with
+    ``markers=true``; the preset drops evicted spans, which measured better: docs/tuning.md round 8).
 
 The preset scores each layer by its measured sensitivity first (``layer_calibration="auto"``:
 ``agacc.calibrate``, ``planner._layer_scaled``; docs/tuning.md round 6) and sets the thresholds where
@@ -56,7 +57,7 @@ def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, layer: int = 0, sc
 
 
 register(Method(
-    "agacc", presets={"agacc": dict(layer_calibration="auto", tau_h=50.0, tau_l=0.15, tau_e=0.075)}, kind="adaptive",
+    "agacc", presets={"agacc": dict(layer_calibration="auto", tau_h=50.0, tau_l=0.15, tau_e=0.075, markers=False)}, kind="adaptive",
     order=0, rule=thresholds_rule, elementwise=True,
     citation="AGACC, seed 000: EMA importance, thresholds, bits, pruning, markers (shared/seeds/000)",
 ))

@@ -21,11 +21,12 @@ def cases():
             ("pyramidkv@4", "pyramidkv", dict(target_ratio=4.0)), ("fastkv@4", "fastkv", dict(target_ratio=4.0, tsp_layer=1)),
             ("dynamickv@4", "dynamickv", dict(target_ratio=4.0)), ("dynacompress@4", "dynacompress", dict(target_ratio=4.0)),
             ("agacc-token-pmax", "agacc", dict(key_quant="token", p_max=0.6, tau_l=2.0, rotate=False)),
-            ("agacc-host", "agacc", dict(host_copy=True, target_ratio=3.0, position_norm="power")),
+            ("agacc-host", "agacc", dict(host_copy=True, target_ratio=3.0, position_norm="power", markers=True)),
             ("dynacompress-cmax", "dynacompress", dict(c_max=0.5, block_size=8)),
             ("agacc-share", "agacc", dict(share_across_layers=True, pool_kernel=3, b_min=2, b_max=8,
                                            tau_h=200.0, tau_l=0.6, tau_e=0.3)),  # the thresholds it was recorded with
-            ("agacc@4-nohold", "agacc", dict(target_ratio=4.0, hold_evictions=False))]
+            ("agacc@4-nohold", "agacc", dict(target_ratio=4.0, hold_evictions=False, markers=True)),
+            ("agacc@4-markers", "agacc", dict(target_ratio=4.0, markers=True))]  # the preset before round 8
     return out
 
 
