@@ -72,7 +72,6 @@ def test_cli_generate_json_and_errors():
     assert bad.returncode == 2 and "tau_h > tau_l" in bad.stderr
 
 
-
 def test_two_processes_converting_at_once_both_load(tmp_path):
     """Two fresh starts at once both convert the GGUF: the second to finish keeps the first one's
     copy (``models.publish``) instead of failing with 'Directory not empty'; a rename that fails for
