@@ -186,17 +186,18 @@ def observe_prefill(query: torch.Tensor, key: torch.Tensor, scaling: float, n_ob
                     softcap: float | None = None, window: int | None = None):
     """Initial importance at prefill: mean attention the last ``n_obs`` queries give each key.
 
-    query [Bt, Hq, q, D] and key [Bt, H, q, D] are the prompt's (keys = the new tokens, causal).
-    Computed over key chunks with a two-pass softmax so memory stays O(n_obs x chunk). ``softcap``:
-    logit softcapping (``cap_logits``); ``window``: a sliding window (a query sees itself and the
-    window - 1 keys before it).
-    Returns mass [q] fp32 (same normalisation as ``attend``)."""
+    query [Bt, Hq, q, D] are the last q of the n positions of key [Bt, H, n, D], in position order
+    (causal; the prompt's first forward: n == q; a later chunk of the lossless preset: every key it
+    holds). Computed over key chunks with a two-pass softmax so memory stays O(n_obs x chunk).
+    ``softcap``: logit softcapping (``cap_logits``); ``window``: a sliding window (a query sees itself
+    and the window - 1 keys before it).
+    Returns mass [n] fp32 (same normalisation as ``attend``)."""
     bt, hq, q, d = query.shape
-    h = key.shape[1]
+    h, n = key.shape[1], key.shape[2]
     g = hq // h
     n_obs = min(n_obs, q)
     qo = query[:, :, q - n_obs:].reshape(bt, h, g * n_obs, d).float()
-    qpos = torch.arange(q - n_obs, q, device=query.device).repeat(g)  # absolute position of each row
+    qpos = torch.arange(n - n_obs, n, device=query.device).repeat(g)  # absolute position of each row
 
     def chunk_scores(lo, hi):
         s = cap_logits(torch.matmul(qo, key[:, :, lo:hi].float().transpose(-1, -2)) * scaling, softcap)
@@ -208,15 +209,15 @@ def observe_prefill(query: torch.Tensor, key: torch.Tensor, scaling: float, n_ob
 
     m = torch.full((bt, h, g * n_obs, 1), float("-inf"), device=query.device)
     z = torch.zeros_like(m)
-    for lo in range(0, q, chunk):  # pass 1: running max and normaliser
-        s = chunk_scores(lo, min(q, lo + chunk))
+    for lo in range(0, n, chunk):  # pass 1: running max and normaliser
+        s = chunk_scores(lo, min(n, lo + chunk))
         m_new = torch.maximum(m, s.amax(-1, keepdim=True))
         m_exp = m_new.masked_fill(m_new == float("-inf"), 0.0) if window is not None else m_new  # as chunk_attention
         z = z * torch.exp(m - m_exp) + torch.exp(s - m_exp).sum(-1, keepdim=True)
         m = m_new
-    mass = torch.empty(q, device=query.device)
-    for lo in range(0, q, chunk):  # pass 2: probabilities, summed
-        hi = min(q, lo + chunk)
+    mass = torch.empty(n, device=query.device)
+    for lo in range(0, n, chunk):  # pass 2: probabilities, summed
+        hi = min(n, lo + chunk)
         p = torch.exp(chunk_scores(lo, hi) - m) / z
         mass[lo:hi] = p.sum(dim=(1, 2)).mean(0)
     return mass / (hq * n_obs)

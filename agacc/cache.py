@@ -240,8 +240,9 @@ class CompressedLayer(CacheLayerMixin):
             # lossless, a later chunk (assisted decoding's draft check, a next turn): every entry is hot and in
             # position order, so the mask (causal, padding, sliding window) applies as is, as with a plain cache
             out = dense_attention(query, store.hot_k, store.hot_v, attention_mask, scaling, softcap)
-            _, mass = chunk_attention(query, store.parts(), scaling, n_new=q, n_obs=cfg.n_q, softcap=softcap)
-            self.tracker.init_prefill(store.token_mass(mass))
+            # the observation window's mass alone (n_q queries), not a second pass of every query
+            self.tracker.init_prefill(observe_prefill(query, store.hot_k, scaling, cfg.n_q, softcap=softcap,
+                                                      window=self.window if past else None))
         else:  # a later chunk of a prompt: key slices over the packed store, never a dequantised copy
             pos = dict(window=window, positions=store.entry_positions(), q_start=store.seq_len - q) if window else {}
             out, mass = chunk_attention(query, store.parts(), scaling, n_new=q, n_obs=cfg.n_q, softcap=softcap, **pos)
@@ -333,6 +334,7 @@ class CompressedCache(Cache):
         self.peak_bytes = 0      # the most bytes held at once since creation (or reset_peak)
         self.held = None         # stacked plans whose evictions wait for the prompt's end (hold_evictions)
         self.paused = 0          # > 0 inside ``no_reevaluation()``
+        self.teacher_forced = False  # a forward of q > 1 tokens counts as q decode steps (``teacher_forcing()``)
         self.rows: list[CompressedCache] | None = None  # a padded batch: one cache per row (``split_rows``)
         self.padded_len = 0      # with rows: positions so far, padding included (what a plain cache holds)
         self.forward_pads: list[int] = []  # per row, the padding among this forward's tokens (layer 0 reads it)
@@ -411,17 +413,23 @@ class CompressedCache(Cache):
             finally:
                 self.paused -= 1
 
+    def teacher_forcing(self) -> None:
+        """From now on a forward of q tokens counts as q decode steps (a re-evaluation whenever a multiple
+        of N_r is crossed) instead of a prompt chunk: teacher-forced evaluation in chunks after the prompt
+        keeps the schedule of one token a forward. Copies (``copy.deepcopy``) keep it; ``reset`` clears it."""
+        self.teacher_forced = True
+
     def _step_done(self, q_len: int) -> None:
         """After the last layer of a forward: every layer holds its new tokens, none is compressed yet,
         so this is when the bytes held peak; then the schedule's re-evaluation."""
         self.peak_bytes = max(self.peak_bytes, self.held_bytes())
         if self.paused:
             return
-        if q_len > 1:
+        if q_len > 1 and not self.teacher_forced:
             self.reevaluate(prefill=True)
             return
-        self.steps += 1
-        if self.steps % self.cfg.n_r == 0:
+        before, self.steps = self.steps, self.steps + q_len
+        if self.steps // self.cfg.n_r > before // self.cfg.n_r:
             self.reevaluate()
 
     @property

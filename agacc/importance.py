@@ -68,14 +68,14 @@ class ImportanceTracker:
         n = mass.numel()
         self._grow(n)
         if self.cfg.scoring == "ema":
-            fresh = self.importance[:n] == 0
             a = self.cfg.alpha
             ev = self.cfg.prompt_evidence
             if ev == "last":
                 self.importance[:n] = mass
             elif ev == "max":
                 self.importance[:n] = torch.maximum(mass, (1 - a) * self.importance[:n])
-            else:
+            else:  # fold: new tokens (no evidence yet) take the mass as it is
+                fresh = self.importance[:n] == 0
                 self.importance[:n] = torch.where(fresh, mass, a * mass + (1 - a) * self.importance[:n])
         else:
             self.importance[:n] += mass * self.cfg.n_q

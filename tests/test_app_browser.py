@@ -190,21 +190,6 @@ class Page:
         box.send_keys(text)
 
 
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    if not _have_browser():
-        pytest.fail(f"needs Debian chromium + chromedriver ({CHROMIUM}, {CHROMEDRIVER}); scripts/setup.sh installs them")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("app") / "app.log"
-    proc = start_app(port, log)
-    yield f"http://127.0.0.1:{port}/", proc, log
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 def test_browser_stream_plots_replay_stop(app_url):
     url, proc, log = app_url
     driver = make_driver()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_app_browser import ROOT, Page, make_driver, app_url  # noqa: F401  (app_url: the module's app)
+from tests.test_app_browser import ROOT, Page, make_driver
 
 OUT = ROOT / "out"
 DOCS = ROOT / "docs"
@@ -94,7 +94,7 @@ def _export_trace(p: Page, url: str):
 
 
 @pytest.fixture(scope="module")
-def run(app_url):  # noqa: F811
+def run(app_url):
     """One browser page after a run of the document example (24 new tokens), and that run's trace."""
     url, proc, log = app_url
     d = make_driver(1200, 2400)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_app_browser import ROOT, Page, make_driver, app_url  # noqa: F401  (app_url: the module's app)
+from tests.test_app_browser import ROOT, Page, make_driver
 from tests.test_app_browser_stop import JS_LOG as JS_STATUS_LOG
 
 OUT = ROOT / "out"
@@ -41,7 +41,7 @@ def _ratio(text: str) -> float:
     return float(m.group(1))
 
 
-def test_two_sessions_rerun_apart_and_stop(app_url):  # noqa: F811
+def test_two_sessions_rerun_apart_and_stop(app_url):
     url, proc, log = app_url
     drivers = [make_driver(1400, 2000) for _ in range(2)]
     try:
@@ -96,7 +96,7 @@ def test_two_sessions_rerun_apart_and_stop(app_url):  # noqa: F811
     assert proc.poll() is None
 
 
-def test_stop_during_prefill_settles_within_a_chunk(app_url):  # noqa: F811
+def test_stop_during_prefill_settles_within_a_chunk(app_url):
     url, proc, log = app_url
     d = make_driver(1400, 2000)
     try:
@@ -117,7 +117,7 @@ def test_stop_during_prefill_settles_within_a_chunk(app_url):  # noqa: F811
         d.quit()
 
 
-def test_preset_switch_replays_sane_numbers(app_url):  # noqa: F811
+def test_preset_switch_replays_sane_numbers(app_url):
     from selenium.webdriver.support.ui import Select  # noqa: F401
 
     url, proc, log = app_url
@@ -166,7 +166,7 @@ def _choose(p: Page, elem_id: str, value: str) -> None:
     time.sleep(0.5)
 
 
-def test_user_errors_thresholds_and_header(app_url, tmp_path):  # noqa: F811
+def test_user_errors_thresholds_and_header(app_url, tmp_path):
     from selenium.webdriver.common.keys import Keys
 
     url, proc, log = app_url
@@ -275,7 +275,7 @@ def _overlap(a, b, slack=1.0) -> bool:
 
 
 @pytest.mark.parametrize("width", [1600, 800])
-def test_layout_has_no_overlapping_boxes(app_url, width):  # noqa: F811
+def test_layout_has_no_overlapping_boxes(app_url, width):
     url, proc, log = app_url
     d = make_driver(width, 2600)
     try:
@@ -318,7 +318,7 @@ def test_layout_has_no_overlapping_boxes(app_url, width):  # noqa: F811
 
 # --- export ----------------------------------------------------------------------------------------
 
-def test_exported_figures_render_offline(app_url, tmp_path):  # noqa: F811
+def test_exported_figures_render_offline(app_url, tmp_path):
     from gradio_client import Client
 
     url, proc, log = app_url

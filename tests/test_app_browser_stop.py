@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.test_app_browser import ROOT, Page, make_driver, app_url  # noqa: F401  (app_url: the module's app)
+from tests.test_app_browser import ROOT, Page, make_driver
 
 OUT = ROOT / "out"
 PROMPT = "Write a long story about a dragon who learns to bake bread in a small mountain village."
@@ -21,7 +21,7 @@ new MutationObserver(() => window.__slog.push([st.innerText.slice(0, 30), Date.n
 """
 
 
-def test_stop_during_rerun_compare_within_a_second(app_url):  # noqa: F811
+def test_stop_during_rerun_compare_within_a_second(app_url):
     url, proc, log = app_url
     d = make_driver(1400, 2000)
     p = Page(d)

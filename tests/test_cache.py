@@ -107,6 +107,27 @@ def test_observation_window_importance_equals_direct_softmax():
     s = s.masked_fill(torch.ones(300, 300, dtype=torch.bool).triu(1), float("-inf"))
     direct = s.softmax(-1)[:, :, -16:].sum(dim=(1, 2)).mean(0) / (6 * 16)
     assert torch.allclose(mass, direct, atol=1e-6)
+    # a later chunk (the lossless preset's): the last 40 queries over all 300 keys, causal at their offset
+    late = observe_prefill(q[:, :, -40:], k, 32 ** -0.5, n_obs=16, chunk=64)
+    assert late.shape == (300,) and torch.allclose(late, direct, atol=1e-6)
+    assert not torch.allclose(observe_prefill(q[:, :, -40:], k[:, :, -40:], 32 ** -0.5, n_obs=16)[-40:], direct[-40:])
+
+
+def test_lossless_later_chunk_observes_as_the_packed_pass(tiny):
+    """The lossless preset's later prompt chunks observe the last n_q queries' mass over its (hot, in
+    order) keys without a second pass of every query; it equals the packed store pass's mass."""
+    from agacc.attention import chunk_attention
+
+    cache = agacc.CompressedCache(tiny.config, AGACCConfig.preset("full"))
+    with torch.inference_mode():
+        tiny(tokens(150), past_key_values=cache)
+        layer = cache.layers[1]
+        q = torch.randn(1, 4, 40, 32, generator=torch.Generator().manual_seed(3))
+        k, v = torch.randn(2, 1, 2, 40, 32, generator=torch.Generator().manual_seed(4))
+        layer.update(k, v)
+        _, packed = chunk_attention(q, layer.store.parts(), 32 ** -0.5, n_new=40, n_obs=cache.cfg.n_q)
+        fast = observe_prefill(q, layer.store.hot_k, 32 ** -0.5, cache.cfg.n_q)
+    assert torch.allclose(layer.store.token_mass(packed), fast, atol=1e-6)
 
 
 def test_target_ratio_is_reached(tiny):
@@ -359,6 +380,38 @@ def test_reset_resets_everything(tiny):
     assert cache.get_seq_length() == 0 and all(l.store is None and not l.scores.numel() for l in cache.layers)
     again = greedy(tiny, ids, cache, 12)  # the same run as on a new cache
     assert torch.equal(first, again) and cache.memory() == fresh_mem
+
+
+def test_teacher_forcing_counts_a_chunk_as_its_decode_steps(tiny):
+    """After ``teacher_forcing()`` a forward of q tokens is q decode steps: chunks of 5 re-evaluate at the
+    same step counts as one token a forward (N_r = 4: at steps 4, 8, ... crossed), and hold the same tiers
+    at the next common step. Without it each chunk is a prompt chunk (one prefill re-evaluation each).
+    A deep copy keeps the schedule; ``reset`` clears it."""
+    import copy
+
+    cfg = AGACCConfig.preset("agacc", target_ratio=4.0, block_size=16, recent_window=32, n_r=4)
+    ids = tokens(200)
+    runs = {}
+    for name, step in (("one", 1), ("chunks", 5), ("prompt-chunks", 5)):
+        cache = agacc.CompressedCache(tiny.config, cfg)
+        with torch.inference_mode():
+            tiny(ids[:, :160], past_key_values=cache)
+            cache.end_prefill()
+            if name != "prompt-chunks":
+                cache.teacher_forcing()
+            after_prefill = cache.reevaluations
+            for lo in range(160, 200, step):
+                tiny(ids[:, lo:lo + step], past_key_values=cache)
+        runs[name] = (cache.steps, cache.reevaluations - after_prefill,
+                      [l.store.block_tier.clone() for l in cache.layers], cache)
+    assert runs["one"][:2] == (40, 10) and runs["chunks"][:2] == (40, 8)  # 5-token chunks cross 4, 8, ... 8 times
+    assert runs["prompt-chunks"][:2] == (0, 8)  # each chunk a prompt chunk: a prefill re-evaluation, no steps
+    # the same steps re-planned at 20 and 40 in both: the last plan was made on the same tokens
+    assert all(torch.equal(a, b) for a, b in zip(runs["one"][2], runs["chunks"][2]))
+    twin = copy.deepcopy(runs["chunks"][3])
+    assert twin.teacher_forced
+    twin.reset()
+    assert not twin.teacher_forced
 
 
 def test_unreachable_hub_fails_fast_with_a_clear_message(monkeypatch):

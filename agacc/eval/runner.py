@@ -119,31 +119,11 @@ def cache_from_capture(model, cap: Capture, cfg: AGACCConfig) -> CompressedCache
         layer.update(k.clone(), v.clone())
         if cfg.n_q > q_last.shape[2] and q_last.shape[2] < cap.n:
             raise ValueError(f"n_q={cfg.n_q} exceeds the {q_last.shape[2]} captured queries; capture with n_obs >= n_q")
-        # observe_prefill reads the last n_q rows of a [Bt, Hq, n, D] query: pad the front
-        q = q_last.new_zeros(q_last.shape[0], q_last.shape[1], cap.n, q_last.shape[3])
-        q[:, :, cap.n - q_last.shape[2]:] = q_last
-        layer.tracker.init_prefill(observe_prefill(q, k, cap.scaling[i], cfg.n_q))
+        layer.tracker.init_prefill(observe_prefill(q_last, k, cap.scaling[i], cfg.n_q))  # the last queries
     cache._step_done(cap.n)  # the end-of-prefill re-evaluation, as after a real prefill
     cache.end_prefill()  # the prompt is in (its held evictions happen, as at a first decode step)
-    _decode_schedule(cache)
+    cache.teacher_forcing()  # teacher-forced chunks from here on count as decode steps
     return cache
-
-
-def _decode_schedule(cache: CompressedCache) -> None:
-    """Count a teacher-forced chunk of q tokens as q decode steps (re-evaluate when a multiple of N_r
-    is crossed) instead of as a new prefill. For q == 1 this is the cache's own schedule."""
-    n_r = cache.cfg.n_r
-
-    def step_done(q: int) -> None:
-        if getattr(cache, "paused", 0):  # inside cache.no_reevaluation(): tokens in, no re-planning
-            cache.peak_bytes = max(cache.peak_bytes, cache.held_bytes())
-            return
-        before = cache.steps
-        cache.steps += q
-        if cache.steps // n_r > before // n_r:
-            cache.reevaluate()
-
-    cache._step_done = step_done
 
 
 @torch.inference_mode()
@@ -194,7 +174,7 @@ def chunked_prefill(model, cfg: AGACCConfig, prompt_ids: list[int], prefill_chun
         x = torch.tensor([prompt_ids[lo: lo + prefill_chunk]], device=model.device)
         out = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache.end_prefill()
-    _decode_schedule(cache)
+    cache.teacher_forcing()  # teacher-forced chunks from here on count as decode steps
     return cache, out.logits[0, -1].float()
 
 
@@ -241,8 +221,7 @@ def ask(model, cache, question_ids: list[int], prefill_chunk: int | None = None)
 
 def fork_cache(cache):
     """An independent copy of a cache (``copy.deepcopy``): a question asked on the copy leaves the
-    original as it was. The eval runner's decode schedule (an instance attribute closing over its cache)
-    is installed afresh on the copy, so the copy re-evaluates itself, not the original. A transformers
+    original as it was (the copy keeps its decode schedule, ``teacher_forcing``). A transformers
     ``QuantizedCache``'s quantised tensors (quanto's subclasses cannot be deep-copied) are shared: its
     ``update`` replaces them, never writes into them."""
     memo = {}
@@ -252,11 +231,7 @@ def fork_cache(cache):
             if q is not None:
                 memo[id(q)] = q
     with torch.inference_mode():
-        twin = copy.deepcopy(cache, memo)
-    if isinstance(cache, CompressedCache) and "_step_done" in cache.__dict__:
-        del twin._step_done
-        _decode_schedule(twin)
-    return twin
+        return copy.deepcopy(cache, memo)
 
 
 def _build(model, cfg, cap: Capture | None, ids: list[int], prefill_chunk: int | None):
