@@ -114,8 +114,10 @@ def test_observation_window_importance_equals_direct_softmax():
 
 
 def test_lossless_later_chunk_observes_as_the_packed_pass(tiny):
-    """The lossless preset's later prompt chunks observe the last n_q queries' mass over its (hot, in
-    order) keys without a second pass of every query; it equals the packed store pass's mass."""
+    """What the lossless preset's later prompt chunks now compute for their observation (``observe_prefill``
+    of the last n_q queries over the layer's hot keys, in position order) equals what they computed
+    before (``chunk_attention``'s mass over the packed store, every query), on a real lossless store
+    holding an earlier prompt and the new chunk."""
     from agacc.attention import chunk_attention
 
     cache = agacc.CompressedCache(tiny.config, AGACCConfig.preset("full"))
