@@ -60,7 +60,7 @@ def _codes_t(packed: torch.Tensor, container: int) -> torch.Tensor:
     if container == 3:
         lo = pt.shape[-2] * 2 // 3
         high = _split(pt[..., lo:, :], 1)                                     # [..., D/8, 8, n]
-        codes = _split(pt[..., :lo, :], 2).view(high.shape) | (high << 2)
+        codes = _split(pt[..., :lo, :], 2).reshape(high.shape) | (high << 2)
     else:
         codes = _split(pt, container)
     return codes.flatten(-3, -2).float()

@@ -1,10 +1,19 @@
-"""CPU decode step of the embedded model, by part: the linear layers (fp32 weights vs the GGUF's own
+"""CPU decode step of the embedded model, by part: one layer's decode attention (the C++ kernel over a
+packed store vs SDPA over the plain cache's tensors), the linear layers (fp32 weights vs the GGUF's own
 blocks in ``kernels/cpu_linear.cpp``) and whole decode steps (plain ``DynamicCache`` vs the AGACC
 cache, fp32 vs packed weights).
 
     python bench/bench_cpu.py [--steps 48] [--reps 3] [--prompt story] [--method agacc] [--json out/bench_cpu.json]
+    python bench/bench_cpu.py --attention-only --contexts 2048 6000     # the kernel rows alone (no model)
 
 Rows:
+  attention <n>         one layer's decode attention over n cached tokens, the embedded model's shape (3 KV
+                        heads, 9 query heads, head dim 64), microseconds a call: ``kernels.cpu.decode_layer``
+                        over a store as ``agacc@4`` holds one (a fifth of the tokens int4, the rest int3,
+                        keys per 16-token block, rotated; the last 64 tokens fp32) vs
+                        ``F.scaled_dot_product_attention`` over the same tokens as the plain cache holds them
+                        (fp32 K/V, ``enable_gqa`` as transformers' SDPA path calls it for one unmasked row);
+                        ``packed MB`` is what the kernel reads, MB/s that over the time
   linear <shape>        one layer's product for a decode (1 row of x), x @ W^T: ``F.linear`` on the
                         fp32 weight vs ``PackedLinear`` (Q4_1 / Q8_0 blocks), microseconds a call;
                         ``all 211 layers`` sums them over the model's layers (cold: each layer's
@@ -37,6 +46,41 @@ def best_of(fn, reps: int, n: int) -> float:
             fn()
         best = min(best, (time.perf_counter() - t0) / n)
     return best
+
+
+def attention_rows(contexts: list[int], reps: int, hot: int = 64) -> list[dict]:
+    from agacc import quant
+    from kernels import cpu
+    from kernels.format import DENSE, QUANT, Part
+
+    gen = torch.Generator().manual_seed(0)
+    h, g, d = 3, 3, 64
+    rows = []
+    for n in contexts:
+        n4 = (n - hot) // 5 // 16 * 16
+        parts = []
+        for bits, m in ((4, n4), (3, (n - hot - n4) // 16 * 16)):
+            k, v = torch.randn(1, h, m, d, generator=gen), torch.randn(1, h, m, d, generator=gen)
+            pk, ks, kz = quant.quantize_keys(quant.rotate(k), bits, 16)
+            pv, vs, vz = quant.quantize_values(quant.rotate(v), bits, 64)
+            parts.append(Part(QUANT, pk, pv, k_scale=ks, k_zero=kz, v_scale=vs, v_zero=vz, container=bits,
+                              key_block=16, value_group=64, rotated=True))
+        parts.append(Part(DENSE, torch.randn(1, h, hot, d, generator=gen), torch.randn(1, h, hot, d, generator=gen)))
+        held = sum(p.n for p in parts)
+        q = torch.randn(1, h, g, d, generator=gen) * d ** -0.5
+        kf, vf = torch.randn(1, h, held, d, generator=gen), torch.randn(1, h, held, d, generator=gen)
+        qf = q.reshape(1, h * g, 1, d)
+
+        def sdpa():
+            return torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, enable_gqa=True)
+
+        read = sum(t.nbytes for p in parts for t in (p.k, p.v, p.k_scale, p.k_zero, p.v_scale, p.v_zero) if t is not None)
+        with torch.inference_mode():
+            t_kernel = best_of(lambda: cpu.decode_layer(q, parts), reps, 50)
+            t_sdpa = best_of(sdpa, reps, 50)
+        rows.append({"part": f"attention {held}", "tokens": held, "kernel_us": t_kernel * 1e6, "sdpa_us": t_sdpa * 1e6,
+                     "packed_mb": read / 1e6, "kernel_mb_s": read / 1e6 / t_kernel})
+    return rows
 
 
 def linear_rows(packed_model, fp32_model, reps: int) -> list[dict]:
@@ -86,6 +130,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--prompt", default="story", choices=["story", "document", "passkey"])
     p.add_argument("--method", default="agacc", help="the compressed cache of the decode-step rows: " + METHOD_HELP)
+    p.add_argument("--contexts", type=int, nargs="+", default=[2048, 6000], help="cached tokens of the attention rows")
+    p.add_argument("--attention-only", action="store_true", help="only the attention rows (no model is loaded)")
     p.add_argument("--json", default=str(ROOT / "out" / "bench_cpu.json"))
     args = p.parse_args(argv)
     ((label, cfg),) = parse_methods([args.method])
@@ -96,6 +142,16 @@ def main(argv=None) -> int:
 
     if cpu.load() is None:
         print("the CPU kernels are not built (AGACC_CPU_KERNEL=0 or no compiler): nothing to compare")
+        return 0
+    att = attention_rows(args.contexts, args.reps)
+    print("\n| one layer's decode attention | C++ kernel (agacc@4-like store) | SDPA (plain cache, fp32) | speed-up | packed MB read | MB/s |"
+          "\n|---|---|---|---|---|---|")
+    for r in att:
+        print(f"| {r['tokens']} tokens | {r['kernel_us']:.0f} us | {r['sdpa_us']:.0f} us | {r['sdpa_us'] / r['kernel_us']:.2f}x | "
+              f"{r['packed_mb']:.2f} | {r['kernel_mb_s']:.0f} |")
+    if args.attention_only:
+        write_json(args.json, {"attention": att, "reps": args.reps, "threads": torch.get_num_threads()}, indent=1)
+        print(f"\nwrote {args.json}")
         return 0
     fp32_model, tok = agacc.load_model()
     packed_model, _ = agacc.load_model(packed_weights=True)
@@ -118,7 +174,7 @@ def main(argv=None) -> int:
         ms = {s["weights"]: s["ms"] for s in steps if s["cache"] == kind}
         name = "plain DynamicCache" if kind == "plain" else f"CompressedCache ({kind})"
         print(f"| {name} | {ms['fp32']:.1f} ms ({1e3 / ms['fp32']:.1f} tok/s) | {ms['packed']:.1f} ms ({1e3 / ms['packed']:.1f} tok/s) |")
-    out = {"linear": lin, "decode_step": steps, "prompt": args.prompt, "steps": args.steps, "reps": args.reps,
+    out = {"attention": att, "linear": lin, "decode_step": steps, "prompt": args.prompt, "steps": args.steps, "reps": args.reps,
            "threads": torch.get_num_threads()}
     write_json(args.json, out, indent=1)
     print(f"\nwrote {args.json}")

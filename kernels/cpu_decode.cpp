@@ -1,7 +1,10 @@
 // Fused CPU decode step of one layer: scores over every stored part (full-precision entries, packed
 // quantised blocks: unpack + dequantise + dot product in one pass, with no float copy of a segment),
 // one softmax, the weighted values and the attention mass per entry, in one call from Python
-// (agacc/decode.py's PyTorch path is the reference).
+// (agacc/decode.py's PyTorch path is the reference). With AVX2 a packed row's codes are unpacked eight
+// channels at a time into registers and meet the g query heads of their KV head there: keys two tokens
+// at a time, values eight channels at a time down all of a part's tokens (their zero points' share
+// summed once per group); the scalar loops serve other CPUs and query groups over 8.
 //
 // Layouts (agacc/store.py, agacc/quant.py):
 //   packed  uint8 [BH, n, m]: one row of m = D * c / 8 bytes per token, container c in {2, 3, 4, 8};
@@ -84,6 +87,61 @@ inline void unpack_row_avx2(const uint8_t* row, int c, int D, float* out) {
     default:
       TORCH_CHECK(false, "unknown container ", c);
   }
+}
+
+// Codes of channels d..d+7 of a packed row (container c; D % 8 == 0) as eight floats.
+inline __m256 codes_at(const uint8_t* row, int c, int D, int d) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  switch (c) {
+    case 8:
+      return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d))));
+    case 4: {
+      uint32_t bits;
+      std::memcpy(&bits, row + d / 2, 4);
+      return codes8(bits, _mm256_slli_epi32(lane, 2), _mm256_set1_epi32(15));
+    }
+    case 2: {
+      uint16_t bits;
+      std::memcpy(&bits, row + d / 4, 2);
+      return codes8(bits, _mm256_slli_epi32(lane, 1), _mm256_set1_epi32(3));
+    }
+    default: {  // 3: two low-plane bytes and one high-plane byte
+      uint16_t lo;
+      std::memcpy(&lo, row + d / 4, 2);
+      const __m256i v = _mm256_set1_epi32((int)(lo | ((uint32_t)row[D / 4 + d / 8] << 16)));
+      const __m256i code = _mm256_or_si256(
+          _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_slli_epi32(lane, 1)), _mm256_set1_epi32(3)),
+          _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(v, _mm256_add_epi32(lane, _mm256_set1_epi32(16))),
+                                             _mm256_set1_epi32(1)), 2));
+      return _mm256_cvtepi32_ps(code);
+    }
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp(x) for eight lanes (Cephes' expf: range reduction by ln 2, degree-5 polynomial; rel. error ~2e-7),
+// x <= 0 here (scores minus their max); below -87 it flushes to 0.
+inline __m256 exp8(__m256 x) {
+  const __m256 kept = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), kept);
 }
 #endif
 
@@ -191,6 +249,119 @@ struct Part {
   bool rotated = false;
 };
 
+#if defined(__AVX2__)
+// Scores of one key block's tokens (keys per channel: the block's scales already folded into qs [g, D],
+// its zero points into bias [g]): each token's codes meet the G queries in registers.
+template <int G>
+void block_scores_g(const Part& P, int64_t bh, int64_t blk, int64_t D, const float* qs, const float* bias, float* S,
+                    int64_t ld) {
+  const int c = (int)P.container;
+  int64_t t = blk * P.block;
+  const int64_t end = (blk + 1) * P.block;
+  for (; t + 2 <= end; t += 2) {  // two tokens at a time: 2G independent sums in flight
+    const uint8_t* row0 = P.pk + (bh * P.n + t) * P.m;
+    const uint8_t* row1 = row0 + P.m;
+    __m256 a0[G], a1[G];
+    for (int j = 0; j < G; ++j) a0[j] = a1[j] = _mm256_setzero_ps();
+    for (int d = 0; d < D; d += 8) {
+      const __m256 c0 = codes_at(row0, c, (int)D, d), c1 = codes_at(row1, c, (int)D, d);
+      for (int j = 0; j < G; ++j) {
+        const __m256 qv = _mm256_loadu_ps(qs + j * D + d);
+        a0[j] = _mm256_fmadd_ps(qv, c0, a0[j]);
+        a1[j] = _mm256_fmadd_ps(qv, c1, a1[j]);
+      }
+    }
+    for (int j = 0; j < G; ++j) {
+      S[j * ld + t] = hsum(a0[j]) + bias[j];
+      S[j * ld + t + 1] = hsum(a1[j]) + bias[j];
+    }
+  }
+  for (; t < end; ++t) {
+    const uint8_t* row = P.pk + (bh * P.n + t) * P.m;
+    __m256 acc[G];
+    for (int j = 0; j < G; ++j) acc[j] = _mm256_setzero_ps();
+    for (int d = 0; d < D; d += 8) {
+      const __m256 cv = codes_at(row, c, (int)D, d);
+      for (int j = 0; j < G; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + j * D + d), cv, acc[j]);
+    }
+    for (int j = 0; j < G; ++j) S[j * ld + t] = hsum(acc[j]) + bias[j];
+  }
+}
+
+bool block_scores(const Part& P, int64_t bh, int64_t blk, int64_t g, int64_t D, const float* qs, const float* bias,
+                  float* S, int64_t ld) {
+  switch (g) {
+    case 1: block_scores_g<1>(P, bh, blk, D, qs, bias, S, ld); return true;
+    case 2: block_scores_g<2>(P, bh, blk, D, qs, bias, S, ld); return true;
+    case 3: block_scores_g<3>(P, bh, blk, D, qs, bias, S, ld); return true;
+    case 4: block_scores_g<4>(P, bh, blk, D, qs, bias, S, ld); return true;
+    case 5: block_scores_g<5>(P, bh, blk, D, qs, bias, S, ld); return true;
+    case 6: block_scores_g<6>(P, bh, blk, D, qs, bias, S, ld); return true;
+    case 7: block_scores_g<7>(P, bh, blk, D, qs, bias, S, ld); return true;
+    case 8: block_scores_g<8>(P, bh, blk, D, qs, bias, S, ld); return true;
+    default: return false;
+  }
+}
+
+// out_j += sum_t p_jt (s_tr codes_t + z_tr) over a quantised part's values (R groups of D / R channels):
+// the zeros' share is one sum per group, sum_t p_jt z_tr; the codes' share runs eight channels at a
+// time over all tokens with G accumulators in registers, the weights w_jrt = p_jt s_tr computed once.
+template <int G>
+void quant_values_g(const Part& P, int64_t bh, const float* ph, int64_t D, int64_t ld, float* oh) {
+  const int64_t n = P.n, R = P.rv, gs = D / R;
+  const int c = (int)P.container;
+  thread_local std::vector<float> buf;
+  buf.resize(2 * n * R + G * R * n);
+  float* sv = buf.data();
+  float* zv = sv + n * R;
+  float* w = zv + n * R;
+  P.vs.row(bh * n * R, n * R, sv);
+  P.vz.row(bh * n * R, n * R, zv);
+  float zsum[G * 8] = {};  // R <= 8 (D / R >= 8)
+  for (int j = 0; j < G; ++j) {
+    const float* p = ph + j * ld;
+    for (int64_t r = 0; r < R; ++r) {
+      float* wr = w + (j * R + r) * n;
+      float zs = 0.f;
+      for (int64_t t = 0; t < n; ++t) {
+        wr[t] = p[t] * sv[t * R + r];
+        zs += p[t] * zv[t * R + r];
+      }
+      zsum[j * R + r] = zs;
+    }
+  }
+  const uint8_t* rows = P.pv + bh * n * P.m;
+  for (int d = 0; d < D; d += 8) {
+    const int64_t r = d / gs;
+    __m256 acc[G];
+    for (int j = 0; j < G; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n; ++t) {
+      const __m256 cv = codes_at(rows + t * P.m, c, (int)D, d);
+      for (int j = 0; j < G; ++j) acc[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + (j * R + r) * n + t), cv, acc[j]);
+    }
+    for (int j = 0; j < G; ++j) {
+      float* o = oh + j * D + d;
+      _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_add_ps(acc[j], _mm256_set1_ps(zsum[j * R + r]))));
+    }
+  }
+}
+
+bool quant_values(const Part& P, int64_t bh, const float* ph, int64_t g, int64_t D, int64_t ld, float* oh) {
+  if (P.rv > 8) return false;
+  switch (g) {
+    case 1: quant_values_g<1>(P, bh, ph, D, ld, oh); return true;
+    case 2: quant_values_g<2>(P, bh, ph, D, ld, oh); return true;
+    case 3: quant_values_g<3>(P, bh, ph, D, ld, oh); return true;
+    case 4: quant_values_g<4>(P, bh, ph, D, ld, oh); return true;
+    case 5: quant_values_g<5>(P, bh, ph, D, ld, oh); return true;
+    case 6: quant_values_g<6>(P, bh, ph, D, ld, oh); return true;
+    case 7: quant_values_g<7>(P, bh, ph, D, ld, oh); return true;
+    case 8: quant_values_g<8>(P, bh, ph, D, ld, oh); return true;
+    default: return false;
+  }
+}
+#endif
+
 // scores of part `P` for batch x head `bh`: S[j * ld + t] = q_j . k_t (+ bias_t), j < g, t < P.n.
 // Scratch: codes [D], qs [g * max(D, R)], meta [2 * max(D, R) + g].
 void part_scores(const Part& P, int64_t bh, const float* qh, int64_t g, int64_t D, float* S, int64_t ld,
@@ -219,6 +390,9 @@ void part_scores(const Part& P, int64_t bh, const float* qh, int64_t g, int64_t 
         }
         bias[j] = acc;
       }
+#if defined(__AVX2__)
+      if (block_scores(P, bh, blk, g, D, qs, bias, S, ld)) continue;
+#endif
       for (int64_t t = blk * P.block; t < (blk + 1) * P.block; ++t) {
         unpack_row(P.pk + (bh * P.n + t) * P.m, c, (int)D, codes);
         for (int64_t j = 0; j < g; ++j) S[j * ld + t] = dot(qs + j * D, codes, D) + bias[j];
@@ -266,6 +440,9 @@ void part_values(const Part& P, int64_t bh, const float* ph, int64_t g, int64_t 
   const int64_t R = P.quantised ? P.rv : 1, gs = D / R;
   float* s = meta;
   float* z = meta + R;
+#if defined(__AVX2__)
+  if (P.quantised && quant_values(P, bh, ph, g, D, ld, oh)) return;
+#endif
   for (int64_t t = 0; t < P.n; ++t) {
     if (P.quantised) {
       unpack_row(P.pv + (bh * P.n + t) * P.m, (int)P.container, (int)D, codes);
@@ -420,7 +597,17 @@ std::vector<torch::Tensor> decode_layer(torch::Tensor q, std::vector<torch::Tens
         float* row = S + j * N;
         float mx = -INFINITY, sum = 0.f;
         for (int64_t t = 0; t < N; ++t) mx = std::max(mx, row[t]);
-        for (int64_t t = 0; t < N; ++t) sum += (row[t] = std::exp(row[t] - mx));
+        int64_t t0 = 0;
+#if defined(__AVX2__)
+        __m256 vsum = _mm256_setzero_ps();
+        for (; t0 + 8 <= N; t0 += 8) {
+          const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + t0), _mm256_set1_ps(mx)));
+          _mm256_storeu_ps(row + t0, e);
+          vsum = _mm256_add_ps(vsum, e);
+        }
+        sum = hsum(vsum);
+#endif
+        for (int64_t t = t0; t < N; ++t) sum += (row[t] = std::exp(row[t] - mx));
         const float inv = 1.f / sum;
         for (int64_t t = 0; t < N; ++t) row[t] *= inv;
       }

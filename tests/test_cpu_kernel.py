@@ -187,3 +187,14 @@ def test_kernel_softcap_hand_worked_cap_then_bias():
     torch.testing.assert_close(free[0, 0, 0, :2], torch.softmax(torch.tensor([4.0, 3.0]), 0))
     with pytest.raises(ValueError):
         cpu.decode_layer(q, [part], softcap=float("nan"))
+
+
+@pytest.mark.parametrize("h,g,B", [(4, 1, 16), (2, 8, 16), (1, 12, 16), (3, 3, 1)])
+def test_kernel_query_groups_and_block_sizes(monkeypatch, h, g, B):
+    """The vector paths are specialised per query-group size g (1..8; 12 takes the generic loops) and read
+    key blocks two tokens at a time (B = 1: the one-token tail): each == the PyTorch path."""
+    store = _store("channel", 64, True, h=h, B=B)
+    q = torch.randn(1, h * g, 1, 64, generator=torch.Generator().manual_seed(2))
+    out, mass, ref_out, ref_mass = _with_and_without_kernel(monkeypatch, q, store)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mass, ref_mass, rtol=1e-4, atol=1e-7)
