@@ -33,11 +33,36 @@ def rotated(fmt):
     return lambda x, b: quant.rotate(fmt(quant.rotate(x), b))
 
 
+def per_channel_coded(scale_step: float, int_zero: bool, block: int = 16):
+    """Keys per channel per block with cheaper metadata than fp16 scale + zero (docs/tuning.md round 9),
+    simulated in fp32: the scale on a log2 grid of ``scale_step`` (8 bits hold 256 steps; the grid is
+    not bounded here, a stored form needs a per-block reference), and either the zero an fp16 block
+    minimum (exact extremes) or an integer in units of the scale (8 bits: the grid shifts by up to half
+    a step, so a block's min and max are no longer exact)."""
+    def fmt(x, b):
+        bt, h, n, d = x.shape
+        xb = x.float().reshape(bt, h, n // block, block, d)
+        lo, hi = xb.amin(3, keepdim=True), xb.amax(3, keepdim=True)
+        levels = (1 << b) - 1
+        s = ((hi - lo) / levels).clamp_min(1e-6)
+        if int_zero:  # scale rounded up so the range still fits; zero = round(lo / s) as an int8
+            s = torch.exp2(torch.ceil(torch.log2(torch.maximum(s, lo.abs() / 127.5)) / scale_step) * scale_step)
+            z = torch.round(lo / s).clamp(-128, 127)
+            return ((torch.round(xb / s - z).clamp(0, levels) + z) * s).reshape(x.shape)
+        s = torch.exp2(torch.round(torch.log2(s) / scale_step) * scale_step)
+        lo = lo.half().float()
+        return (torch.round((xb - lo) / s).clamp(0, levels) * s + lo).reshape(x.shape)
+    return fmt
+
+
 FORMATS = {  # name -> (quantise-dequantise, extra bits per element for scales and zeros at head dim 64)
     "per channel, 16-token blocks": (per_channel, 2.0),
     "per channel, rotated": (rotated(per_channel), 2.0),
     "per token, 64 channels": (per_token, 0.5),
     "per token, rotated": (rotated(per_token), 0.5),
+    "per channel, rotated, 32-token blocks": (rotated(lambda x, b: per_channel(x, b, 32)), 1.0),
+    "per channel, rotated, 8-bit log scale (1/32) + fp16 zero": (rotated(per_channel_coded(1 / 32, False)), 1.5),
+    "per channel, rotated, 8-bit log scale (1/16) + int8 zero": (rotated(per_channel_coded(1 / 16, True)), 1.0),
 }
 
 
@@ -61,6 +86,8 @@ def main(argv=None):
     ap.add_argument("--quantised", type=int, default=1280)
     ap.add_argument("--queries", type=int, default=256)
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
+    ap.add_argument("--formats", nargs="+", default=None, metavar="TEXT",
+                    help="only the formats whose name contains one of these (default: all)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     common.set_threads(args.threads)
@@ -71,6 +98,8 @@ def main(argv=None):
     nq = args.quantised
     rows = []
     for name, (fmt, extra) in FORMATS.items():
+        if args.formats and not any(f in name for f in args.formats):
+            continue
         for b in args.bits:
             kl = k_err = v_err = 0.0
             for q, k, v, sc in captured:
