@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -43,69 +44,27 @@ struct Luts {
 const Luts kLuts;
 
 #if defined(__AVX2__)
-// Eight codes of channels 8i..8i+7 as floats: `bits` holds their packed fields (code l at bit
-// `shift[l]`, width `mask`); the 3-bit container adds its high plane's bits (bit 16 + l) times 4.
-inline __m256 codes8(uint32_t bits, __m256i shift, __m256i mask) {
-  return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)bits), shift), mask));
-}
-
-// unpack_row's vector form for D % 8 == 0: the fields of eight channels shifted into eight lanes
-// at once instead of looked up one byte at a time.
-inline void unpack_row_avx2(const uint8_t* row, int c, int D, float* out) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  switch (c) {
-    case 8:
-      for (int d = 0; d < D; d += 8) {
-        const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d));
-        _mm256_storeu_ps(out + d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)));
-      }
-      break;
-    case 4:
-    case 2: {  // eight channels in c bytes: channel l at bit c * l
-      const __m256i shift = _mm256_mullo_epi32(lane, _mm256_set1_epi32(c)), mask = _mm256_set1_epi32((1 << c) - 1);
-      for (int d = 0; d < D; d += 8) {
-        uint32_t bits = 0;
-        std::memcpy(&bits, row + d * c / 8, c);
-        _mm256_storeu_ps(out + d, codes8(bits, shift, mask));
-      }
-      break;
-    }
-    case 3: {  // two low-plane bytes and one high-plane byte per eight channels
-      const __m256i lo_shift = _mm256_slli_epi32(lane, 1), hi_shift = _mm256_add_epi32(lane, _mm256_set1_epi32(16));
-      const __m256i three = _mm256_set1_epi32(3), one = _mm256_set1_epi32(1);
-      const uint8_t* hi = row + D / 4;
-      for (int d = 0; d < D; d += 8) {
-        uint16_t lo;
-        std::memcpy(&lo, row + d / 4, 2);
-        const __m256i v = _mm256_set1_epi32((int)(lo | ((uint32_t)hi[d / 8] << 16)));
-        const __m256i code = _mm256_or_si256(_mm256_and_si256(_mm256_srlv_epi32(v, lo_shift), three),
-                                             _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(v, hi_shift), one), 2));
-        _mm256_storeu_ps(out + d, _mm256_cvtepi32_ps(code));
-      }
-      break;
-    }
-    default:
-      TORCH_CHECK(false, "unknown container ", c);
-  }
-}
-
-// Codes of channels d..d+7 of a packed row (container c; D % 8 == 0) as eight floats.
+// Codes of channels d..d+7 of a packed row (container c; D % 8 == 0) as eight floats: their packed
+// fields shifted into eight lanes at once (the 3-bit container: two low-plane bytes and one high-plane
+// byte, low two bits + 4 x high bit).
 inline __m256 codes_at(const uint8_t* row, int c, int D, int d) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   switch (c) {
     case 8:
       return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d))));
-    case 4: {
+    case 4: {  // eight channels in c bytes: channel l at bit c * l
       uint32_t bits;
       std::memcpy(&bits, row + d / 2, 4);
-      return codes8(bits, _mm256_slli_epi32(lane, 2), _mm256_set1_epi32(15));
+      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)bits), _mm256_slli_epi32(lane, 2)),
+                                                 _mm256_set1_epi32(15)));
     }
     case 2: {
       uint16_t bits;
       std::memcpy(&bits, row + d / 4, 2);
-      return codes8(bits, _mm256_slli_epi32(lane, 1), _mm256_set1_epi32(3));
+      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)bits), _mm256_slli_epi32(lane, 1)),
+                                                 _mm256_set1_epi32(3)));
     }
-    default: {  // 3: two low-plane bytes and one high-plane byte
+    case 3: {
       uint16_t lo;
       std::memcpy(&lo, row + d / 4, 2);
       const __m256i v = _mm256_set1_epi32((int)(lo | ((uint32_t)row[D / 4 + d / 8] << 16)));
@@ -115,7 +74,14 @@ inline __m256 codes_at(const uint8_t* row, int c, int D, int d) {
                                              _mm256_set1_epi32(1)), 2));
       return _mm256_cvtepi32_ps(code);
     }
+    default:
+      TORCH_CHECK(false, "unknown container ", c);
   }
+}
+
+// unpack_row's vector form for D % 8 == 0.
+inline void unpack_row_avx2(const uint8_t* row, int c, int D, float* out) {
+  for (int d = 0; d < D; d += 8) _mm256_storeu_ps(out + d, codes_at(row, c, D, d));
 }
 
 inline float hsum(__m256 v) {
@@ -250,64 +216,59 @@ struct Part {
 };
 
 #if defined(__AVX2__)
-// Scores of one key block's tokens (keys per channel: the block's scales already folded into qs [g, D],
-// its zero points into bias [g]): each token's codes meet the G queries in registers.
-template <int G>
-void block_scores_g(const Part& P, int64_t bh, int64_t blk, int64_t D, const float* qs, const float* bias, float* S,
-                    int64_t ld) {
-  const int c = (int)P.container;
-  int64_t t = blk * P.block;
-  const int64_t end = (blk + 1) * P.block;
-  for (; t + 2 <= end; t += 2) {  // two tokens at a time: 2G independent sums in flight
-    const uint8_t* row0 = P.pk + (bh * P.n + t) * P.m;
-    const uint8_t* row1 = row0 + P.m;
-    __m256 a0[G], a1[G];
-    for (int j = 0; j < G; ++j) a0[j] = a1[j] = _mm256_setzero_ps();
-    for (int d = 0; d < D; d += 8) {
-      const __m256 c0 = codes_at(row0, c, (int)D, d), c1 = codes_at(row1, c, (int)D, d);
-      for (int j = 0; j < G; ++j) {
-        const __m256 qv = _mm256_loadu_ps(qs + j * D + d);
-        a0[j] = _mm256_fmadd_ps(qv, c0, a0[j]);
-        a1[j] = _mm256_fmadd_ps(qv, c1, a1[j]);
-      }
-    }
-    for (int j = 0; j < G; ++j) {
-      S[j * ld + t] = hsum(a0[j]) + bias[j];
-      S[j * ld + t + 1] = hsum(a1[j]) + bias[j];
-    }
-  }
-  for (; t < end; ++t) {
-    const uint8_t* row = P.pk + (bh * P.n + t) * P.m;
-    __m256 acc[G];
-    for (int j = 0; j < G; ++j) acc[j] = _mm256_setzero_ps();
-    for (int d = 0; d < D; d += 8) {
-      const __m256 cv = codes_at(row, c, (int)D, d);
-      for (int j = 0; j < G; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + j * D + d), cv, acc[j]);
-    }
-    for (int j = 0; j < G; ++j) S[j * ld + t] = hsum(acc[j]) + bias[j];
+// f(std::integral_constant<int, G>) for the query-group size g = G in 1..8 (the vector paths keep G
+// accumulators per token in registers); false for larger groups, which take the scalar loops.
+template <class F>
+bool with_group(int64_t g, F&& f) {
+  switch (g) {
+    case 1: f(std::integral_constant<int, 1>{}); return true;
+    case 2: f(std::integral_constant<int, 2>{}); return true;
+    case 3: f(std::integral_constant<int, 3>{}); return true;
+    case 4: f(std::integral_constant<int, 4>{}); return true;
+    case 5: f(std::integral_constant<int, 5>{}); return true;
+    case 6: f(std::integral_constant<int, 6>{}); return true;
+    case 7: f(std::integral_constant<int, 7>{}); return true;
+    case 8: f(std::integral_constant<int, 8>{}); return true;
+    default: return false;
   }
 }
 
-bool block_scores(const Part& P, int64_t bh, int64_t blk, int64_t g, int64_t D, const float* qs, const float* bias,
-                  float* S, int64_t ld) {
-  switch (g) {
-    case 1: block_scores_g<1>(P, bh, blk, D, qs, bias, S, ld); return true;
-    case 2: block_scores_g<2>(P, bh, blk, D, qs, bias, S, ld); return true;
-    case 3: block_scores_g<3>(P, bh, blk, D, qs, bias, S, ld); return true;
-    case 4: block_scores_g<4>(P, bh, blk, D, qs, bias, S, ld); return true;
-    case 5: block_scores_g<5>(P, bh, blk, D, qs, bias, S, ld); return true;
-    case 6: block_scores_g<6>(P, bh, blk, D, qs, bias, S, ld); return true;
-    case 7: block_scores_g<7>(P, bh, blk, D, qs, bias, S, ld); return true;
-    case 8: block_scores_g<8>(P, bh, blk, D, qs, bias, S, ld); return true;
-    default: return false;
+// Scores of T consecutive tokens from t (keys per channel: the block's scales already folded into qs
+// [G, D], its zero points into bias [G]): each token's codes meet the G queries in registers.
+template <int G, int T>
+inline void token_scores(const Part& P, int64_t bh, int64_t t, int64_t D, const float* qs, const float* bias, float* S,
+                         int64_t ld) {
+  const uint8_t* row = P.pk + (bh * P.n + t) * P.m;
+  __m256 acc[T][G];
+  for (int i = 0; i < T; ++i)
+    for (int j = 0; j < G; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int d = 0; d < D; d += 8) {
+    __m256 cv[T];
+    for (int i = 0; i < T; ++i) cv[i] = codes_at(row + i * P.m, (int)P.container, (int)D, d);
+    for (int j = 0; j < G; ++j) {
+      const __m256 qv = _mm256_loadu_ps(qs + j * D + d);
+      for (int i = 0; i < T; ++i) acc[i][j] = _mm256_fmadd_ps(qv, cv[i], acc[i][j]);
+    }
   }
+  for (int i = 0; i < T; ++i)
+    for (int j = 0; j < G; ++j) S[j * ld + t + i] = hsum(acc[i][j]) + bias[j];
+}
+
+// One key block's scores, two tokens at a time (2G independent sums in flight), then the odd one.
+template <int G>
+void block_scores(const Part& P, int64_t bh, int64_t blk, int64_t D, const float* qs, const float* bias, float* S,
+                  int64_t ld) {
+  int64_t t = blk * P.block;
+  const int64_t end = (blk + 1) * P.block;
+  for (; t + 2 <= end; t += 2) token_scores<G, 2>(P, bh, t, D, qs, bias, S, ld);
+  if (t < end) token_scores<G, 1>(P, bh, t, D, qs, bias, S, ld);
 }
 
 // out_j += sum_t p_jt (s_tr codes_t + z_tr) over a quantised part's values (R groups of D / R channels):
 // the zeros' share is one sum per group, sum_t p_jt z_tr; the codes' share runs eight channels at a
 // time over all tokens with G accumulators in registers, the weights w_jrt = p_jt s_tr computed once.
 template <int G>
-void quant_values_g(const Part& P, int64_t bh, const float* ph, int64_t D, int64_t ld, float* oh) {
+void quant_values(const Part& P, int64_t bh, const float* ph, int64_t D, int64_t ld, float* oh) {
   const int64_t n = P.n, R = P.rv, gs = D / R;
   const int c = (int)P.container;
   thread_local std::vector<float> buf;
@@ -317,7 +278,7 @@ void quant_values_g(const Part& P, int64_t bh, const float* ph, int64_t D, int64
   float* w = zv + n * R;
   P.vs.row(bh * n * R, n * R, sv);
   P.vz.row(bh * n * R, n * R, zv);
-  float zsum[G * 8] = {};  // R <= 8 (D / R >= 8)
+  float zsum[G * 8] = {};  // R <= 8: the caller takes larger R to the scalar loops
   for (int j = 0; j < G; ++j) {
     const float* p = ph + j * ld;
     for (int64_t r = 0; r < R; ++r) {
@@ -346,20 +307,6 @@ void quant_values_g(const Part& P, int64_t bh, const float* ph, int64_t D, int64
   }
 }
 
-bool quant_values(const Part& P, int64_t bh, const float* ph, int64_t g, int64_t D, int64_t ld, float* oh) {
-  if (P.rv > 8) return false;
-  switch (g) {
-    case 1: quant_values_g<1>(P, bh, ph, D, ld, oh); return true;
-    case 2: quant_values_g<2>(P, bh, ph, D, ld, oh); return true;
-    case 3: quant_values_g<3>(P, bh, ph, D, ld, oh); return true;
-    case 4: quant_values_g<4>(P, bh, ph, D, ld, oh); return true;
-    case 5: quant_values_g<5>(P, bh, ph, D, ld, oh); return true;
-    case 6: quant_values_g<6>(P, bh, ph, D, ld, oh); return true;
-    case 7: quant_values_g<7>(P, bh, ph, D, ld, oh); return true;
-    case 8: quant_values_g<8>(P, bh, ph, D, ld, oh); return true;
-    default: return false;
-  }
-}
 #endif
 
 // scores of part `P` for batch x head `bh`: S[j * ld + t] = q_j . k_t (+ bias_t), j < g, t < P.n.
@@ -391,7 +338,7 @@ void part_scores(const Part& P, int64_t bh, const float* qh, int64_t g, int64_t 
         bias[j] = acc;
       }
 #if defined(__AVX2__)
-      if (block_scores(P, bh, blk, g, D, qs, bias, S, ld)) continue;
+      if (with_group(g, [&](auto G) { block_scores<decltype(G)::value>(P, bh, blk, D, qs, bias, S, ld); })) continue;
 #endif
       for (int64_t t = blk * P.block; t < (blk + 1) * P.block; ++t) {
         unpack_row(P.pk + (bh * P.n + t) * P.m, c, (int)D, codes);
@@ -441,7 +388,7 @@ void part_values(const Part& P, int64_t bh, const float* ph, int64_t g, int64_t 
   float* s = meta;
   float* z = meta + R;
 #if defined(__AVX2__)
-  if (P.quantised && quant_values(P, bh, ph, g, D, ld, oh)) return;
+  if (P.quantised && P.rv <= 8 && with_group(g, [&](auto G) { quant_values<decltype(G)::value>(P, bh, ph, D, ld, oh); })) return;
 #endif
   for (int64_t t = 0; t < P.n; ++t) {
     if (P.quantised) {
