@@ -150,23 +150,23 @@ def chunk_attention(query: torch.Tensor, parts: list[Part], scaling: float, n_ne
         for lo, hi, k, v, bias in part_slices(part, block):
             s = cap_logits(torch.matmul(qg, k.transpose(-1, -2)), softcap)         # [Bt, H, g*q, hi-lo]
             if bias is not None:
-                s = s + bias
+                s += bias
             first_new = n - n_new - (base + lo)                                    # slice column of new entry 0
             if first_new < hi - lo:                                                # query i sees new entries 0..i
                 col = torch.arange(hi - lo, device=query.device) - first_new
-                s = s.masked_fill(col[None, :] > qi[:, None], float("-inf"))
+                s.masked_fill_(col[None, :] > qi[:, None], float("-inf"))
             if window is not None:                                                 # and the window - 1 before it
                 pos = positions[base + lo:base + hi]
-                s = s.masked_fill(pos[None, :] <= (q_start + qi)[:, None] - window, float("-inf"))
+                s.masked_fill_(pos[None, :] <= (q_start + qi)[:, None] - window, float("-inf"))
             obs_logits.append(s[:, :, obs_rows])
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))
             m_exp = m_new  # a row with nothing visible yet (a window) keeps -inf: exp against 0, not -inf - -inf
             if window is not None:
                 m_exp = m_new.masked_fill(m_new == float("-inf"), 0.0)
-            p = torch.exp(s - m_exp)
+            p = s.sub_(m_exp).exp_()                                               # in place: s is a slice's own
             shrink = torch.exp(m - m_exp)
             z = z * shrink + p.sum(-1, keepdim=True)
-            acc = acc * shrink + torch.matmul(p, v)
+            acc.mul_(shrink).add_(torch.matmul(p, v))
             m = m_new
         base += part.n
     out = (acc / z).reshape(bt, hq, q, d).transpose(1, 2).to(query.dtype).contiguous()

@@ -469,7 +469,7 @@ class CompressedCache(Cache):
         if self.record_history:
             self.history.append({"step": self.steps, "seq_len": seq_len, "n_ready": n_ready, "block_size": cfg.block_size,
                                  "overhead": overhead, "dropped": dropped, "bytes_fp16": reference,
-                                 "layer_scale": cfg.layer_scale,
+                                 "layer_scale": cfg.layer_scale, "evict_scale": cfg.evict_scale,
                                  "unplanned": unplanned, "prefill": prefill, "scores": [s.clone() for s in block_scores]})
         if cfg.compress and n_ready > 0:
             geo = self._geometry()

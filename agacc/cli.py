@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -72,7 +73,23 @@ def cmd_calibrate(args) -> int:
         if ids.shape[1] < args.tokens:
             raise ValueError(f"{path or 'the default text'} has {ids.shape[1]} tokens, --tokens {args.tokens} needed")
         with torch.inference_mode():
-            per_text.append(calibrate.layer_sensitivity(model, ids, cfg, bits=args.bits))
+            if args.evict:  # [fraction][layer]
+                per_text.append([calibrate.eviction_sensitivity(model, ids, f, cfg.block_size) for f in args.evict])
+            else:
+                per_text.append(calibrate.layer_sensitivity(model, ids, cfg, bits=args.bits))
+    if args.evict:  # the mean over the texts, then the geometric mean over the fractions
+        means = [[sum(col) / len(col) for col in zip(*(t[i] for t in per_text))] for i in range(len(args.evict))]
+        sens = [math.prod(col) ** (1 / len(col)) for col in zip(*means)]
+        scale = calibrate.layer_scale(sens, 1.0)
+        result = {"model": calibrate.model_key(model.config), "texts": args.text or ["(default)"], "tokens": args.tokens,
+                  "evict": args.evict, "sensitivity": sens, "evict_scale": list(scale)}
+        if args.save:
+            result["saved"] = str(calibrate.save_sensitivity(model.config, sens, "evict"))
+        print(json.dumps(result, indent=2) if args.json else "\n".join(
+            [f"{result['model']}: KL per token (nats) with one layer evicting {args.evict} of its blocks, then "
+             "evict_scale"] + [f"layer {i:3d}  {x:.3g}  x{f:.3f}" for i, (x, f) in enumerate(zip(sens, scale))]
+            + [f"saved: {result['saved']}" if args.save else "(--save files it for layer_calibration=auto)"]))
+        return 0
     sens = [sum(col) / len(col) for col in zip(*per_text)]
     scale = calibrate.layer_scale(sens, calibrate.default_gamma(cfg.with_overrides(target_ratio=4.0)))
     result = {"model": calibrate.model_key(model.config), "texts": args.text or ["(default)"], "tokens": args.tokens,
@@ -152,9 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--text", nargs="+", default=None, help="text files, sensitivities averaged (default: a licence text)")
     c.add_argument("--tokens", type=int, default=1536, help="tokens a text: the first 5/6 cached, the rest scored")
     c.add_argument("--bits", type=int, default=None, help="bits of the layer under test (default: the preset's b_min)")
+    c.add_argument("--evict", type=float, nargs="+", default=None, metavar="FRACTION",
+                   help="measure eviction instead: the layer under test loses these fractions of its blocks "
+                        "(least attended first; geometric mean over them) -> evict_scale (docs/tuning.md round 10)")
     c.add_argument("--model", default=None, help="hub id or local path (default: the embedded SmolLM2-135M-Instruct)")
     c.add_argument("--device", default=None)
-    c.add_argument("--save", action="store_true", help="file it for layer_calibration=auto (under $AGACC_CACHE)")
+    c.add_argument("--save", action="store_true", help="file it for layer_calibration=auto (under $AGACC_CACHE; with "
+                   "--evict the eviction table)")
     c.add_argument("--json", action="store_true", help="print a JSON record")
     c.set_defaults(func=cmd_calibrate)
     d = sub.add_parser("distill", help="train KV-Distill's token selector and adapter (the kv-distill@R baseline)")

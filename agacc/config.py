@@ -114,10 +114,15 @@ class AGACCConfig:
             ratio fitter) see them: a layer that is more sensitive to the error of its cache gets
             more bits at the same threshold scale (KVTuner-style, measured once per model:
             ``agacc.calibrate.layer_scale``). None: every layer alike (or the calibration's).
+        evict_scale: like ``layer_scale``, for the eviction decision alone: a block is evicted where
+            its score times this layer's factor falls below tau_e (bits still follow ``layer_scale``).
+            A layer's sensitivity to eviction differs from its sensitivity to quantisation
+            (``agacc.calibrate``, docs/tuning.md round 10). None: evictions follow ``layer_scale``.
         layer_calibration: "auto" (the agacc preset): a cache without ``layer_scale`` takes it from
             the model's measured sensitivity, if there is one (shipped for the embedded model, or
             saved by ``python -m agacc calibrate --save``), as (s_l / geometric mean)^layer_gamma;
-            "none": no calibration.
+            one without ``evict_scale`` from its measured eviction sensitivity the same way, gamma 1
+            (``calibrate --evict 0.5 0.75 --save``); "none": no calibration.
         layer_gamma: the exponent of that map; None: 1 at target ratios up to 4, else 0.5 (and
             unfitted): the factors move evictions to the insensitive layers, which pays at 4x
             and costs at 8x unless damped (docs/tuning.md round 6).
@@ -212,6 +217,7 @@ class AGACCConfig:
     sparse_threshold: float = _f(0.25, "tiers", replay=True)
     markers: bool = _f(True, "tiers", replay=True)
     layer_scale: tuple[float, ...] | None = _f(None, "tiers", replay=True)
+    evict_scale: tuple[float, ...] | None = _f(None, "tiers", replay=True)
     layer_calibration: str = _f("none", "tiers", choices=LAYER_CALIBRATIONS)
     layer_gamma: float | None = _f(None, "tiers")
     spill: float = _f(0.2, "tiers", replay=True, ui=(
@@ -303,8 +309,9 @@ class AGACCConfig:
         need(self.store_dtype in STORE_DTYPES, f"store_dtype must be one of {STORE_DTYPES}, got {self.store_dtype!r}")
         if self.layer_weights is not None:
             need(all(w > 0 for w in self.layer_weights), "layer_weights (w_l) must all be > 0")
-        if self.layer_scale is not None:
-            need(all(w > 0 for w in self.layer_scale), "layer_scale must all be > 0")
+        for name in ("layer_scale", "evict_scale"):
+            if getattr(self, name) is not None:
+                need(all(w > 0 for w in getattr(self, name)), f"{name} must all be > 0")
         need(self.layer_calibration in LAYER_CALIBRATIONS,
              f"layer_calibration must be one of {LAYER_CALIBRATIONS}, got {self.layer_calibration!r}")
         need(self.layer_gamma is None or 0.0 <= self.layer_gamma <= 4.0,
@@ -339,7 +346,7 @@ class AGACCConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "AGACCConfig":
         d = dict(d)
-        for key in ("layer_weights", "layer_scale"):
+        for key in ("layer_weights", "layer_scale", "evict_scale"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
         return cls(**d)

@@ -159,15 +159,30 @@ def _layer_scaled(rule, cfg, n_layers: int):
     """The rule with each layer's block scores times ``cfg.layer_scale[l]`` (a layer's sensitivity to
     its cache's error, ``agacc.calibrate``): under one threshold scale a sensitive layer keeps more
     bits and evicts less, an insensitive one gives them up. (Steering bits only, evictions by the
-    unscaled scores, lost the gain at 4x: docs/tuning.md round 6.)"""
-    if len(cfg.layer_scale) != n_layers:
-        raise ValueError(f"layer_scale has {len(cfg.layer_scale)} entries, the model has {n_layers} layers: "
-                         "calibrate it for this model (python -m agacc calibrate --save) or set layer_scale=none")
+    unscaled scores, lost the gain at 4x: docs/tuning.md round 6.) With ``cfg.evict_scale`` (a layer's
+    sensitivity to eviction) the rule runs twice, and a block is evicted exactly where the run on
+    the scores times ``evict_scale`` evicts it; a block only the ``layer_scale`` run would evict
+    takes the tier the other run gave it (round 10)."""
+    for name in ("layer_scale", "evict_scale"):
+        if getattr(cfg, name) is not None and len(getattr(cfg, name)) != n_layers:
+            flag = " --evict 0.5 0.75" if name == "evict_scale" else ""
+            raise ValueError(f"{name} has {len(getattr(cfg, name))} entries, the model has {n_layers} layers: "
+                             f"calibrate it for this model (python -m agacc calibrate{flag} --save) or set {name}=none")
+
+    def times(scores, factors, layer):
+        if factors is None:
+            return scores
+        f = (torch.tensor(factors, dtype=scores.dtype, device=scores.device)[:, None] if scores.dim() == 2
+             else factors[layer])
+        return scores * f
 
     def scaled(scores, cfg, head_dim, layer=0, scale=1.0, spill=0.0):
-        f = (torch.tensor(cfg.layer_scale, dtype=scores.dtype, device=scores.device)[:, None] if scores.dim() == 2
-             else cfg.layer_scale[layer])
-        return rule(scores * f, cfg, head_dim, layer, scale, spill)
+        plan = rule(times(scores, cfg.layer_scale, layer), cfg, head_dim, layer, scale, spill)
+        if cfg.evict_scale is None:
+            return plan
+        by_e = rule(times(scores, cfg.evict_scale, layer), cfg, head_dim, layer, scale, spill)
+        use = (plan[0] == EVICTED) | (by_e[0] == EVICTED)
+        return tuple(torch.where(use, b, a) for a, b in zip(plan, by_e))
     return scaled
 
 
@@ -181,7 +196,8 @@ def _plan_rule(block_scores, cfg, geo: Geometry, seq_len: int, scale: float, pre
         budgets = layer_budgets(cfg, budget_weights(cfg, block_scores), seq_len, B,
                                 [sink_blocks + hot_blocks] * len(block_scores), scale)
     m = methods.rule(cfg.rule)
-    rule = m.rule if cfg.layer_scale is None else _layer_scaled(m.rule, cfg, len(block_scores))
+    scaled = cfg.layer_scale is not None or cfg.evict_scale is not None
+    rule = _layer_scaled(m.rule, cfg, len(block_scores)) if scaled else m.rule
     spill = cfg.spill if prefill else 0.0
     if m.elementwise and len(block_scores):  # all layers in one call; the sinks of all layers at once
         all_layers = rule(block_scores if isinstance(block_scores, torch.Tensor) else torch.stack(block_scores),

@@ -36,6 +36,18 @@ def test_layer_sensitivity_falls_with_bits():
     assert len(s2) == 3 and all(a > 10 * b >= 0 for a, b in zip(s2, s8))
 
 
+def test_eviction_sensitivity_grows_with_the_fraction_evicted():
+    model = build("LlamaConfig", dict(COMMON, num_hidden_layers=3))
+    before = model.config._attn_implementation
+    ids = torch.randint(0, model.config.vocab_size, (1, 192))
+    light = calibrate.eviction_sensitivity(model, ids, fraction=0.2, n_obs=16, recent=16)
+    heavy = calibrate.eviction_sensitivity(model, ids, fraction=0.9, n_obs=16, recent=16)
+    assert len(light) == 3 and all(h > l > 0 for h, l in zip(heavy, light))
+    assert model.config._attn_implementation == before  # the probe's attention function is gone
+    with pytest.raises(ValueError, match="0 < fraction < 1"):
+        calibrate.eviction_sensitivity(model, ids, fraction=1.0)
+
+
 def test_layer_scale_by_hand():
     assert calibrate.layer_scale([1.0, 4.0]) == pytest.approx((0.5, 2.0))  # geometric mean 2
     assert calibrate.layer_scale([1.0, 4.0], gamma=0.5) == pytest.approx((2 ** -0.5, 2 ** 0.5))
@@ -56,6 +68,25 @@ def test_layer_scale_gives_a_sensitive_layer_more_bits_at_one_threshold_scale():
         planner.plan_tiers(torch.ones(3, 4), cfg, planner.Geometry(3, 1, 64), 80)
 
 
+def test_evict_scale_decides_evictions_and_layer_scale_the_bits():
+    """Round 10: a layer's eviction factor moves only which blocks go; a block both runs keep has the
+    ``layer_scale`` run's tier and bits, one only that run evicts the eviction run's tier."""
+    cfg = AGACCConfig(n_sink=0, layer_scale=(1.0, 2.0), evict_scale=(8.0, 0.125))
+    geo = planner.Geometry(2, 1, 64)
+    scores = torch.tensor([[0.005, 0.02, 0.05, 1.0, 5.0], [0.005, 0.02, 0.05, 1.0, 5.0]])
+    tier, bits, keep = planner.plan_tiers(scores, cfg, geo, 80, stacked=True)
+    plain = cfg.with_overrides(layer_scale=None, evict_scale=None)
+    by_q = planner.plan_tiers(scores * torch.tensor([[1.0], [2.0]]), plain, geo, 80, stacked=True)
+    by_e = planner.plan_tiers(scores * torch.tensor([[8.0], [0.125]]), plain, geo, 80, stacked=True)
+    ev_q, ev_e = by_q[0] == T.EVICTED, by_e[0] == T.EVICTED
+    assert torch.equal(tier == T.EVICTED, ev_e)
+    assert (ev_q & ~ev_e).any() and (ev_e & ~ev_q).any()  # the factors moved evictions both ways here
+    for got, q, e in zip((tier, bits, keep), by_q, by_e):
+        assert torch.equal(got[~ev_q & ~ev_e], q[~ev_q & ~ev_e]) and torch.equal(got[ev_q & ~ev_e], e[ev_q & ~ev_e])
+    with pytest.raises(ValueError, match="evict_scale has 2 entries, the model has 3 layers"):
+        planner.plan_tiers(torch.ones(3, 4), cfg.with_overrides(layer_scale=None), planner.Geometry(3, 1, 64), 80)
+
+
 def _llama_config(layers=30, hidden=576, heads=9, kv=3, vocab=49152):
     from transformers import LlamaConfig
 
@@ -73,11 +104,15 @@ def test_auto_calibration_uses_the_shipped_table_for_the_embedded_model(tmp_path
     assert cache.cfg.layer_scale == pytest.approx(calibrate.layer_scale(list(calibrate.KNOWN[calibrate.model_key(config)]), 0.5))
     # the most sensitive layer of the table (18) gets the largest factor, above 1; the first layers below 1
     assert max(range(30), key=lambda i: cache.cfg.layer_scale[i]) == 18 and cache.cfg.layer_scale[0] < 1
+    # eviction: its own table, gamma 1; layer 7 loses most to eviction, layer 25 least
+    assert cache.cfg.evict_scale == pytest.approx(calibrate.layer_scale(list(calibrate.KNOWN_EVICT[calibrate.model_key(config)])))
+    assert max(range(30), key=lambda i: cache.cfg.evict_scale[i]) == 7 and min(range(30), key=lambda i: cache.cfg.evict_scale[i]) == 25
     explicit = tuple([2.0] * 30)
     assert CompressedCache(config, AGACCConfig(layer_calibration="auto", layer_scale=explicit)).cfg.layer_scale == explicit
     assert CompressedCache(config, AGACCConfig(layer_calibration="none")).cfg.layer_scale is None
     other = _llama_config(layers=2, hidden=64, heads=4, kv=2, vocab=256)  # no calibration known: every layer alike
     assert CompressedCache(other, AGACCConfig(layer_calibration="auto")).cfg.layer_scale is None
+    assert CompressedCache(other, AGACCConfig(layer_calibration="auto")).cfg.evict_scale is None
 
 
 def test_a_saved_calibration_is_found_and_a_wrong_one_refused(tmp_path, monkeypatch):

@@ -196,3 +196,28 @@ def test_records_are_cut_only_when_asked_or_to_fit_the_model(loaded):
     assert cut_summary(cut + [gone]) == "records cut (middle truncation): 3 of 3; the answer survived the cut in 2 of 3"
     (fit,) = T.records_task(tok, mid, "needle", None, None, limit=1000)
     assert fit.meta["truncated"] and len(fit.prompt_ids) + fit.max_new_tokens <= 1000
+
+
+def test_cli_calibrate_evict_measures_and_files_the_eviction_table(tiny_model, tmp_path, monkeypatch, capsys):
+    """``python -m agacc calibrate --evict``: one sensitivity a layer (the geometric mean over the
+    fractions of the mean over the texts) and the evict_scale it gives; --save files it where
+    layer_calibration=auto finds it (bits table and eviction table apart)."""
+    from transformers import AutoConfig
+
+    from agacc import calibrate
+    from agacc.cli import main as agacc_main
+    from agacc.config import AGACCConfig
+
+    monkeypatch.setenv("AGACC_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "t.txt"
+    text.write_text(CORPUS * 20)
+    assert agacc_main(["calibrate", "--model", tiny_model, "--text", str(text), "--tokens", "192",
+                       "--evict", "0.25", "0.75", "--json", "--save"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert len(rec["sensitivity"]) == len(rec["evict_scale"]) == 2 and all(s > 0 for s in rec["sensitivity"])
+    assert rec["evict_scale"] == pytest.approx(calibrate.layer_scale(rec["sensitivity"], 1.0))
+    config = AutoConfig.from_pretrained(tiny_model)
+    assert calibrate.known_sensitivity(config, "evict") == pytest.approx(rec["sensitivity"])
+    assert calibrate.known_sensitivity(config) is None  # the bits table was not measured
+    cfg = calibrate.resolve(AGACCConfig(layer_calibration="auto"), config)
+    assert cfg.evict_scale == pytest.approx(rec["evict_scale"]) and cfg.layer_scale is None
