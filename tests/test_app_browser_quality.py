@@ -39,7 +39,7 @@ const r = gd.querySelector('.nsewdrag').getBoundingClientRect();
 return [r.left + xa.l2p(arguments[2]), r.top + ya.l2p(arguments[1])];"""
 JS_DATA = """
 const gd = document.querySelector('#' + arguments[0] + ' .js-plotly-plot');
-return gd && gd.data ? JSON.stringify(gd.data.map(t => ({name: t.name, x: t.x, y: t.y}))) : null;"""
+return gd && gd.data ? JSON.stringify(gd.data.map(t => ({name: t.name, x: t.x, y: t.y, text: t.text}))) : null;"""
 
 
 def _shot(el_or_driver, name: str) -> Path:
@@ -284,8 +284,9 @@ def test_rerun_compare_and_a_second_setting_are_marked_on_the_curve(run):
     p.js_click("rerun")
     p.wait(lambda: "Generating" in p.stats() or "Prefilling" in p.stats(), 60, "the re-run")
     p.wait(lambda: "Done" in p.stats(), 400, "the re-run to end", poll=0.5)
-    p.wait(lambda: any("measured KL" in (t["name"] or "") for t in _data(p, "quality-curve")), 120,
-           "the lockstep point on the curve")
+    # the lockstep point itself (the curve redraws after the run; until then it shows the last run's points)
+    p.wait(lambda: any("measured KL" in (t["name"] or "") and any("lockstep" in s for s in t.get("text") or [])
+                       for t in _data(p, "quality-curve")), 120, "the lockstep point on the curve")
     p.open_accordion("Export / import")
     tr = _export_trace(p, None)
     assert tr.compare and tr.compare["mean_kl"] is not None
