@@ -114,6 +114,10 @@ def _probe_attention(module, query, key, value, attention_mask, scaling=None, dr
     key gets from the queries (summed over heads and queries), or one layer's keys hidden."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if kwargs.get("softcap") or kwargs.get("s_aux") is not None:
+        raise ValueError(f"{type(module).__name__} softcaps its logits or adds attention sinks, which the SDPA path "
+                         "eviction_sensitivity measures through does not: calibrate --evict cannot measure this model "
+                         "(layer_scale alone, calibrate without --evict, still applies)")
     layer, (q, n) = module.layer_idx, (query.shape[-2], key.shape[-2])
     causal = torch.arange(n, device=query.device)[None, :] <= torch.arange(n - q, n, device=query.device)[:, None]
     if "capture" in _probe:
@@ -147,6 +151,13 @@ def eviction_sensitivity(model, ids: torch.Tensor, fraction: float = 0.5, block_
     if not 0 < fraction < 1 or not n_obs < prefix < T or nb < 2 + -(-recent // block_size):
         raise ValueError(f"need 0 < fraction < 1 and {n_obs} < prefix < {T} with blocks to evict, got fraction "
                          f"{fraction}, prefix {prefix}")
+    from agacc.cache import sliding_windows
+
+    short = [w for w in sliding_windows(model.config) if w is not None and w < T]
+    if short:
+        raise ValueError(f"the model's sliding windows ({min(short)} tokens) are shorter than the {T} tokens "
+                         "measured, which the masks eviction_sensitivity builds do not apply: measure fewer tokens "
+                         f"(--tokens {min(short)})")
     AttentionInterface.register(_PROBE, _probe_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(_PROBE, sdpa_mask)
     before = model.config._attn_implementation

@@ -46,6 +46,14 @@ def test_eviction_sensitivity_grows_with_the_fraction_evicted():
     assert model.config._attn_implementation == before  # the probe's attention function is gone
     with pytest.raises(ValueError, match="0 < fraction < 1"):
         calibrate.eviction_sensitivity(model, ids, fraction=1.0)
+    swa = build("MistralConfig", dict(COMMON, num_hidden_layers=2, sliding_window=32))
+    with pytest.raises(ValueError, match="sliding windows \\(32 tokens\\) are shorter than the 192 tokens"):
+        calibrate.eviction_sensitivity(swa, ids, n_obs=16, recent=16)
+    gemma2 = build("Gemma2Config", dict(COMMON, num_hidden_layers=2, head_dim=16))  # logit softcapping
+    own = gemma2.config._attn_implementation
+    with pytest.raises(ValueError, match="softcaps its logits"):
+        calibrate.eviction_sensitivity(gemma2, ids, n_obs=16, recent=16)
+    assert gemma2.config._attn_implementation == own
 
 
 def test_layer_scale_by_hand():
