@@ -24,7 +24,7 @@ from agacc.attention import chunk_attention, dense_attention, observe_prefill
 from agacc.config import AGACCConfig
 from agacc.decode import decode_attention
 from agacc.importance import WINDOW_ITEMSIZE, ImportanceTracker
-from agacc.planner import Geometry
+from agacc.planner import Geometry, sliding_windows
 from agacc.policy import layer_weights
 from agacc.store import LayerStore
 from agacc.tiers import HOT, NAMES
@@ -75,18 +75,6 @@ def unsupported_attention(model_config) -> str | None:
     if kinds:
         return f"layer kinds {sorted(kinds)} are not implemented (only full and sliding-window attention)"
     return None
-
-
-def sliding_windows(model_config) -> list[int | None]:
-    """Per layer: the sliding window in tokens (a query sees itself and the window - 1 tokens before
-    it), or None for a global layer; read as transformers reads it (``layer_types``, else
-    ``sliding_window`` for every layer)."""
-    tc = planner.text_config(model_config)
-    n, w = tc.num_hidden_layers, getattr(tc, "sliding_window", None)
-    types = getattr(tc, "layer_types", None)
-    if types is None:
-        return [w] * n
-    return [w if t == "sliding_attention" else None for t in types[:n]]
 
 
 class CompressedLayer(CacheLayerMixin):

@@ -151,7 +151,7 @@ def eviction_sensitivity(model, ids: torch.Tensor, fraction: float = 0.5, block_
     if not 0 < fraction < 1 or not n_obs < prefix < T or nb < 2 + -(-recent // block_size):
         raise ValueError(f"need 0 < fraction < 1 and {n_obs} < prefix < {T} with blocks to evict, got fraction "
                          f"{fraction}, prefix {prefix}")
-    from agacc.cache import sliding_windows
+    from agacc.planner import sliding_windows
 
     short = [w for w in sliding_windows(model.config) if w is not None and w < T]
     if short:

@@ -67,42 +67,29 @@ def cmd_calibrate(args) -> int:
         raise ValueError(f"--tokens must be >= 64, got {args.tokens}")
     model, tok = agacc.load_model(args.model, device=args.device)
     cfg = AGACCConfig.preset("agacc")
-    per_text = []
+    per_text = []  # per text: one run per --evict fraction (eviction), or the one 3-bit run
     for path in args.text or [None]:
         ids = tok(read_text(path), return_tensors="pt").input_ids[:, :args.tokens]
         if ids.shape[1] < args.tokens:
             raise ValueError(f"{path or 'the default text'} has {ids.shape[1]} tokens, --tokens {args.tokens} needed")
         with torch.inference_mode():
-            if args.evict:  # [fraction][layer]
-                per_text.append([calibrate.eviction_sensitivity(model, ids, f, cfg.block_size) for f in args.evict])
-            else:
-                per_text.append(calibrate.layer_sensitivity(model, ids, cfg, bits=args.bits))
-    if args.evict:  # the mean over the texts, then the geometric mean over the fractions
-        means = [[sum(col) / len(col) for col in zip(*(t[i] for t in per_text))] for i in range(len(args.evict))]
-        sens = [math.prod(col) ** (1 / len(col)) for col in zip(*means)]
-        scale = calibrate.layer_scale(sens, 1.0)
-        result = {"model": calibrate.model_key(model.config), "texts": args.text or ["(default)"], "tokens": args.tokens,
-                  "evict": args.evict, "sensitivity": sens, "evict_scale": list(scale)}
-        if args.save:
-            result["saved"] = str(calibrate.save_sensitivity(model.config, sens, "evict"))
-        print(json.dumps(result, indent=2) if args.json else "\n".join(
-            [f"{result['model']}: KL per token (nats) with one layer evicting {args.evict} of its blocks, then "
-             "evict_scale"] + [f"layer {i:3d}  {x:.3g}  x{f:.3f}" for i, (x, f) in enumerate(zip(sens, scale))]
-            + [f"saved: {result['saved']}" if args.save else "(--save files it for layer_calibration=auto)"]))
-        return 0
-    sens = [sum(col) / len(col) for col in zip(*per_text)]
-    scale = calibrate.layer_scale(sens, calibrate.default_gamma(cfg.with_overrides(target_ratio=4.0)))
+            per_text.append([calibrate.eviction_sensitivity(model, ids, f, cfg.block_size) for f in args.evict]
+                            if args.evict else [calibrate.layer_sensitivity(model, ids, cfg, bits=args.bits)])
+    # the mean over the texts, then the geometric mean over the runs
+    means = [[sum(col) / len(col) for col in zip(*(t[i] for t in per_text))] for i in range(len(per_text[0]))]
+    sens = [math.prod(col) ** (1 / len(col)) for col in zip(*means)]
+    kind, field = ("evict", "evict_scale") if args.evict else ("bits", "layer_scale")
+    gamma = 1.0 if args.evict else calibrate.default_gamma(cfg.with_overrides(target_ratio=4.0))
+    scale = calibrate.layer_scale(sens, gamma)
+    what = f"evicting {args.evict} of its blocks" if args.evict else f"at {args.bits or cfg.b_min} bits"
     result = {"model": calibrate.model_key(model.config), "texts": args.text or ["(default)"], "tokens": args.tokens,
-              "bits": args.bits or cfg.b_min, "sensitivity": sens, "layer_scale": list(scale)}
+              kind: args.evict or args.bits or cfg.b_min, "sensitivity": sens, field: list(scale)}
     if args.save:
-        result["saved"] = str(calibrate.save_sensitivity(model.config, sens))
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"{result['model']}: KL per token (nats) with one layer's cache at {result['bits']} bits, then layer_scale")
-        for i, (s, f) in enumerate(zip(sens, scale)):
-            print(f"layer {i:3d}  {s:.3g}  x{f:.3f}")
-        print(f"saved: {result['saved']}" if args.save else "(--save files it for layer_calibration=auto)")
+        result["saved"] = str(calibrate.save_sensitivity(model.config, sens, kind))
+    print(json.dumps(result, indent=2) if args.json else "\n".join(
+        [f"{result['model']}: KL per token (nats) with one layer's cache {what}, then {field}"]
+        + [f"layer {i:3d}  {x:.3g}  x{f:.3f}" for i, (x, f) in enumerate(zip(sens, scale))]
+        + [f"saved: {result['saved']}" if args.save else "(--save files it for layer_calibration=auto)"]))
     return 0
 
 

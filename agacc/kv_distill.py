@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from agacc.cache import sliding_windows
+from agacc.planner import sliding_windows
 from agacc.config import cache_dir
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")

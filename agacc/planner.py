@@ -29,6 +29,18 @@ def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def sliding_windows(model_config) -> list[int | None]:
+    """Per layer: the sliding window in tokens (a query sees itself and the window - 1 tokens before
+    it), or None for a global layer; read as transformers reads it (``layer_types``, else
+    ``sliding_window`` for every layer)."""
+    tc = text_config(model_config)
+    n, w = tc.num_hidden_layers, getattr(tc, "sliding_window", None)
+    types = getattr(tc, "layer_types", None)
+    if types is None:
+        return [w] * n
+    return [w if t == "sliding_attention" else None for t in types[:n]]
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Shape facts the cost model needs: layers, KV heads, head dim, batch, bytes per full-precision element."""

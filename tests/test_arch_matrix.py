@@ -269,7 +269,7 @@ def test_a_compressing_sliding_layer_keeps_exactly_its_window(arch, chunk):
         cache = agacc.CompressedCache(m.config, agacc.AGACCConfig.preset("agacc", **ALL_FULL))
         out = m.generate(ids, past_key_values=cache, **kw)
     assert torch.equal(out, ref)
-    windows = agacc.cache.sliding_windows(m.config)
+    windows = agacc.planner.sliding_windows(m.config)
     for layer, w in zip(cache.layers, windows):
         if w is not None:
             assert layer.store.n_entries <= w + 8 + 8 and layer.store.markers.n == 0
@@ -294,7 +294,7 @@ def test_compressing_presets_run_past_the_window(arch, preset):
     plain = DynamicCache(config=m.config)
     out, ref = run(m, ids, cache), run(m, ids, plain)
     assert torch.equal(out[:, :601], ref[:, :601])
-    windows = agacc.cache.sliding_windows(m.config)
+    windows = agacc.planner.sliding_windows(m.config)
     for layer, w in zip(cache.layers, windows):
         if w is not None:
             assert layer.store.n_entries <= w + cfg.block_size + cfg.recent_window

@@ -221,3 +221,9 @@ def test_cli_calibrate_evict_measures_and_files_the_eviction_table(tiny_model, t
     assert calibrate.known_sensitivity(config) is None  # the bits table was not measured
     cfg = calibrate.resolve(AGACCConfig(layer_calibration="auto"), config)
     assert cfg.evict_scale == pytest.approx(rec["evict_scale"]) and cfg.layer_scale is None
+    assert agacc_main(["calibrate", "--model", tiny_model, "--text", str(text), "--tokens", "192", "--bits", "2",
+                       "--json", "--save"]) == 0  # the bits table, filed apart
+    bits = json.loads(capsys.readouterr().out)
+    assert bits["bits"] == 2 and len(bits["layer_scale"]) == 2
+    assert calibrate.known_sensitivity(config) == pytest.approx(bits["sensitivity"])
+    assert calibrate.known_sensitivity(config, "evict") == pytest.approx(rec["sensitivity"])
