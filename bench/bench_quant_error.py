@@ -55,11 +55,47 @@ def per_channel_coded(scale_step: float, int_zero: bool, block: int = 16):
     return fmt
 
 
+def clipped(dim_of, factors=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)):
+    """Min-max groups whose range is shrunk about its centre by the factor (of ``factors``) that gives
+    the group the least squared error (codes saturate beyond it): same bytes as min-max.
+    ``dim_of(x)`` -> (x viewed as groups, the dim reduced over)."""
+    def fmt(x, b):
+        xg, dim = dim_of(x.float())
+        lo, hi = xg.amin(dim, keepdim=True), xg.amax(dim, keepdim=True)
+        mid, half = (lo + hi) / 2, (hi - lo) / 2
+        levels = (1 << b) - 1
+        best = err = None
+        for f in factors:
+            l = (mid - f * half).half().float()
+            s = (2 * f * half / levels).clamp_min(1e-6).half().float()
+            y = torch.round((xg - l) / s).clamp(0, levels) * s + l
+            e = ((y - xg) ** 2).sum(dim, keepdim=True)
+            if best is None:
+                best, err = y, e
+            else:
+                better = e < err
+                best, err = torch.where(better, y, best), torch.minimum(e, err)
+        return best.reshape(x.shape)
+    return fmt
+
+
+def _key_blocks(x, block=16):
+    bt, h, n, d = x.shape
+    return x.reshape(bt, h, n // block, block, d), 3
+
+
+def _value_groups(x, group=64):
+    bt, h, n, d = x.shape
+    return x.reshape(bt, h, n, d // group, group), 4
+
+
 FORMATS = {  # name -> (quantise-dequantise, extra bits per element for scales and zeros at head dim 64)
     "per channel, 16-token blocks": (per_channel, 2.0),
     "per channel, rotated": (rotated(per_channel), 2.0),
     "per token, 64 channels": (per_token, 0.5),
     "per token, rotated": (rotated(per_token), 0.5),
+    "per channel, rotated, MSE-clipped": (rotated(clipped(_key_blocks)), 2.0),
+    "per token, rotated, MSE-clipped": (rotated(clipped(_value_groups)), 0.5),
     "per channel, rotated, 32-token blocks": (rotated(lambda x, b: per_channel(x, b, 32)), 1.0),
     "per channel, rotated, 8-bit log scale (1/32) + fp16 zero": (rotated(per_channel_coded(1 / 32, False)), 1.5),
     "per channel, rotated, 8-bit log scale (1/16) + int8 zero": (rotated(per_channel_coded(1 / 16, True)), 1.0),

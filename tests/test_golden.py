@@ -3,7 +3,10 @@ that reach the other code paths give the same greedy tokens, the same bytes held
 Re-recorded since, one case each, for a deliberate change: uniform-int2's tokens when its preset began
 holding blocks at 4 bits until the prompt ends (``prefill_bits=4``; its bytes and tiers unchanged);
 ``agacc@4`` and ``agacc@8`` when the preset dropped markers (docs/tuning.md round 8): the recording
-with markers is ``agacc@4-markers``, and the other cases that evict pin ``markers=True``."""
+with markers is ``agacc@4-markers``, and the other cases that evict pin ``markers=True``; ``agacc``,
+``agacc@4`` and ``agacc@8`` when the preset's recent window went from 32 to 16 tokens (docs/tuning.md
+round 11): the recording with 32 is ``agacc@4-rw32``, and the other ``agacc`` variants pin
+``recent_window=32``."""
 import json
 from pathlib import Path
 
