@@ -17,7 +17,7 @@ PROMPTS = [
     "Explain in two sentences what a pass key is and why someone would hide it inside a long text.",
 ]
 KNOBS = dict(tau_h=2.0, tau_l=0.6, tau_e=0.15, use_target=False, target_ratio=4.0, b_min=2, b_max=8, p_max=0.5,
-             alpha=0.5, block_size=8, n_r=4, recent_window=16, host_copy=False, rotate=True)
+             alpha=0.5, block_size=8, n_r=4, recent_window=32, host_copy=False, rotate=True)
 
 
 def _free_port() -> int:
@@ -166,7 +166,7 @@ def test_export_then_import_in_another_session(server, tmp_path):
     out = c1.predict(prompt=PROMPTS[2], max_new_tokens=6, api_name="/generate", **KNOBS)
     files, snippet, _stats = c1.predict(api_name="/export")
     assert any(f.endswith(".html") for f in files) and any(f.endswith(".py") for f in files)
-    assert "AGACCConfig.preset('agacc'" in snippet and "recent_window=16" in snippet
+    assert "AGACCConfig.preset('agacc'" in snippet and "recent_window=32" in snippet  # a knob off the preset's default (16)
     trace_file = next(f for f in files if f.endswith(".json"))
     imported = c2.predict(handle_file(trace_file), api_name="/import_trace")
     assert imported[0] == out[0]  # the imported run's output, in the other session
