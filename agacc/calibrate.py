@@ -31,6 +31,7 @@ import torch
 
 from agacc import quant
 from agacc.config import cache_dir
+from agacc.planner import sliding_windows, text_config
 
 # Measured with ``python -m agacc calibrate --text /usr/share/common-licenses/GPL-3
 # bench/texts/narrative_tuning.txt bench/texts/code_tuning.py.txt`` (three tuning texts, the first 1536
@@ -151,8 +152,6 @@ def eviction_sensitivity(model, ids: torch.Tensor, fraction: float = 0.5, block_
     if not 0 < fraction < 1 or not n_obs < prefix < T or nb < 2 + -(-recent // block_size):
         raise ValueError(f"need 0 < fraction < 1 and {n_obs} < prefix < {T} with blocks to evict, got fraction "
                          f"{fraction}, prefix {prefix}")
-    from agacc.planner import sliding_windows
-
     short = [w for w in sliding_windows(model.config) if w is not None and w < T]
     if short:
         raise ValueError(f"the model's sliding windows ({min(short)} tokens) are shorter than the {T} tokens "
@@ -204,8 +203,6 @@ def layer_scale(sensitivity: list[float], gamma: float = 1.0, floor: float = 1e-
 def model_key(model_config) -> str:
     """What a calibration is filed under: model type / layers / hidden size / query heads / KV heads /
     vocabulary (the shapes of one model family and size, e.g. ``llama/30/576/9/3/49152``)."""
-    from agacc.planner import text_config
-
     tc = text_config(model_config)
     heads = tc.num_attention_heads
     return "/".join(str(x) for x in (tc.model_type, tc.num_hidden_layers, tc.hidden_size, heads,
@@ -241,8 +238,6 @@ def resolve(cfg, model_config):
     gamma 1 (docs/tuning.md round 10); none known: left None."""
     if cfg.layer_calibration != "auto":
         return cfg
-    from agacc.planner import text_config
-
     n_layers = text_config(model_config).num_hidden_layers
     found = {}
     for field, kind, gamma in (("layer_scale", "bits", default_gamma(cfg)), ("evict_scale", "evict", 1.0)):

@@ -64,17 +64,13 @@ def clipped(dim_of, factors=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)):
         lo, hi = xg.amin(dim, keepdim=True), xg.amax(dim, keepdim=True)
         mid, half = (lo + hi) / 2, (hi - lo) / 2
         levels = (1 << b) - 1
-        best = err = None
+        best, err = xg, torch.full_like(lo, float("inf"))
         for f in factors:
             l = (mid - f * half).half().float()
             s = (2 * f * half / levels).clamp_min(1e-6).half().float()
             y = torch.round((xg - l) / s).clamp(0, levels) * s + l
             e = ((y - xg) ** 2).sum(dim, keepdim=True)
-            if best is None:
-                best, err = y, e
-            else:
-                better = e < err
-                best, err = torch.where(better, y, best), torch.minimum(e, err)
+            best, err = torch.where(e < err, y, best), torch.minimum(e, err)
         return best.reshape(x.shape)
     return fmt
 
