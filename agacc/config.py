@@ -166,7 +166,8 @@ class AGACCConfig:
             (and build on) keys and values cut to fewer bits (KIVI's int2 lost +8-11% perplexity so,
             docs/results_chunked_vs_one.md). Costs prefill peak. None: held at their planned bits.
         recent_window: newest tokens always kept at full precision.
-        n_sink: first tokens always kept at full precision (their blocks).
+        n_sink: first tokens always kept (their blocks), at ``sink_bits``.
+        sink_bits: the sink blocks' precision: 16 (full) or a container's code width (8, 4, 3).
     Defaults (= the ``agacc`` preset) were chosen on the embedded model (docs/tuning.md): position
     normalisation and pruning cost more perplexity than they save there, so both are off by default
     and one setting away (position_norm="power", p_max=0.5).
@@ -244,6 +245,7 @@ class AGACCConfig:
     prefill_bits: int | None = _f(None, "blocks", replay=True)
     recent_window: int = _f(32, "blocks", ui=("recent window (tokens kept 16-bit)", 0, 512, 16, "tracking"))
     n_sink: int = _f(4, "blocks", replay=True)
+    sink_bits: int = _f(16, "blocks", replay=True, choices=(16, 8, 4, 3))
     # budget / storage
     target_ratio: float | None = _f(None, "budget", replay=True, ui=(
         "target memory ratio (16-bit bytes / held bytes)", 1.0, 16.0, 0.25, "thresholds",
@@ -301,6 +303,7 @@ class AGACCConfig:
         need(self.n_w >= self.n_r, f"n_w (N_w) must be >= n_r, got n_w={self.n_w}, n_r={self.n_r}")
         need(self.recent_window >= 0, f"recent_window must be >= 0, got {self.recent_window}")
         need(self.n_sink >= 0, f"n_sink must be >= 0, got {self.n_sink}")
+        need(self.sink_bits in (16, 8, 4, 3), f"sink_bits must be 16, 8, 4 or 3, got {self.sink_bits}")
         need(self.target_ratio is None or self.target_ratio >= 1.0, f"target_ratio must be >= 1 or None, got {self.target_ratio}")
         need(self.prefill_ratio is None or self.prefill_ratio >= 1.0,
              f"prefill_ratio must be >= 1 or None, got {self.prefill_ratio}")

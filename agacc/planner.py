@@ -21,7 +21,7 @@ from agacc import methods
 from agacc.importance import WINDOW_ITEMSIZE, block_max, max_pool
 from agacc.policy import fidelity_floor, hold_evictions, layer_weights
 from agacc.quant import container_bits, value_group
-from agacc.tiers import EVICTED, FULL, PRUNED, TIER_CONTAINER
+from agacc.tiers import CONTAINER_TIER, EVICTED, FULL, PRUNED, TIER_CONTAINER
 
 
 def text_config(config):
@@ -134,11 +134,11 @@ def apply_layer_budget(tier, bits, keep, scores, budget_blocks: int):
 def plan_tiers(block_scores: list[torch.Tensor], cfg, geo: Geometry, seq_len: int, scale: float = 1.0,
                prefill: bool = False, stacked: bool = False, dropped: list[int] | None = None):
     """Per layer (tier, bits, keep) for the ready blocks under the rule of the method ``cfg.rule``;
-    sinks stay full; the C_max budget applies. ``prefill``: the re-evaluation ends a prefill, so the
-    eviction guard (``cfg.spill``) applies. ``stacked``: the same plans as (tier, bits, keep) [L, n]
-    (None without layers), not a list per layer. ``dropped``: per layer, how many first blocks are
-    evicted whatever their scores (``drop_blocks``: a sliding-window layer's blocks every later query is
-    past)."""
+    the sink blocks at ``cfg.sink_bits`` (16: full); the C_max budget applies. ``prefill``: the
+    re-evaluation ends a prefill, so the eviction guard (``cfg.spill``) applies. ``stacked``: the same
+    plans as (tier, bits, keep) [L, n] (None without layers), not a list per layer. ``dropped``: per
+    layer, how many first blocks are evicted whatever their scores (``drop_blocks``: a sliding-window
+    layer's blocks every later query is past)."""
     drop = bool(dropped) and any(dropped)
     plans = _plan_rule(block_scores, cfg, geo, seq_len, scale, prefill, stacked or drop)
     if not drop or plans is None:
@@ -202,6 +202,7 @@ def _plan_rule(block_scores, cfg, geo: Geometry, seq_len: int, scale: float, pre
     """``plan_tiers`` before ``dropped``."""
     B = cfg.block_size
     sink_blocks = -(-cfg.n_sink // B) if cfg.n_sink else 0
+    sink = (FULL if cfg.sink_bits == 16 else CONTAINER_TIER[cfg.sink_bits], cfg.sink_bits, geo.head_dim)
     budgets = None
     if cfg.c_max is not None:
         hot_blocks = -(-(seq_len - (block_scores[0].numel() * B)) // B)
@@ -217,7 +218,7 @@ def _plan_rule(block_scores, cfg, geo: Geometry, seq_len: int, scale: float, pre
         tier, bits, keep = all_layers
         n_sink = min(sink_blocks, tier.shape[-1])
         if n_sink:
-            tier[:, :n_sink], bits[:, :n_sink], keep[:, :n_sink] = FULL, 16, geo.head_dim
+            tier[:, :n_sink], bits[:, :n_sink], keep[:, :n_sink] = sink
         if budgets is None:
             return all_layers if stacked else list(zip(tier.unbind(0), bits.unbind(0), keep.unbind(0)))
         raw = list(zip(tier.unbind(0), bits.unbind(0), keep.unbind(0)))  # views: the budgets write through
@@ -228,7 +229,7 @@ def _plan_rule(block_scores, cfg, geo: Geometry, seq_len: int, scale: float, pre
     for layer, (s, (tier, bits, keep)) in enumerate(zip(block_scores, raw)):
         n_sink = min(sink_blocks, s.numel())
         if all_layers is None:
-            tier[:n_sink], bits[:n_sink], keep[:n_sink] = FULL, 16, geo.head_dim
+            tier[:n_sink], bits[:n_sink], keep[:n_sink] = sink
         if budgets is not None:
             rest = slice(n_sink, None)
             tier[rest], bits[rest], keep[rest] = apply_layer_budget(tier[rest], bits[rest], keep[rest], s[rest],

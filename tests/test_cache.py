@@ -70,6 +70,25 @@ def test_compressed_cache_holds_fewer_bytes_and_memory_is_honest(tiny):
     assert cache.get_seq_length() == 619 and cache.layers[0].store.n_entries <= 619
 
 
+def test_sink_blocks_are_held_at_sink_bits(tiny):
+    """sink_bits=8: the first block of every layer is held as int8 codes (every other block full), so
+    the cache holds exactly one 16-bit block a layer fewer at full precision, and reads back close."""
+    ids = tokens(300)
+    cfg = AGACCConfig.preset("agacc", layer_calibration="none", tau_h=1e-6, tau_l=1e-7, tau_e=0.0,
+                             block_size=16, recent_window=16)
+    mems, logits = [], []
+    for bits in (16, 8):
+        cache = agacc.CompressedCache(tiny.config, cfg.with_overrides(sink_bits=bits))
+        logits.append(teacher_forced_logits(tiny, ids, cache, 280))
+        mems.append(cache.memory())
+    (m16, m8), heads, dim = mems, tiny.config.num_key_value_heads, tiny.config.head_dim
+    assert m16["by_tier"]["int8"] == 0 < m8["by_tier"]["int8"]
+    # layers x (K/V x one block at 2 bytes + its int32 block id)
+    assert m16["by_tier"]["full"] - m8["by_tier"]["full"] == 2 * (2 * heads * 16 * dim * 2 + 4)
+    assert m8["bytes"] < m16["bytes"]
+    assert (logits[0] - logits[1]).abs().max() < 0.05 * logits[0].abs().max()
+
+
 def test_prefill_then_decode_logits_close_to_full_at_8_bits(tiny):
     ids = tokens(400)
     cfg = AGACCConfig.preset("agacc", tau_h=1e6, tau_l=1e-6, tau_e=0.0, b_min=8, b_max=8, block_size=16,
@@ -78,7 +97,7 @@ def test_prefill_then_decode_logits_close_to_full_at_8_bits(tiny):
         ref_cache, cache = DynamicCache(config=tiny.config), agacc.CompressedCache(tiny.config, cfg)
         tiny(ids[:, :300], past_key_values=ref_cache)
         tiny(ids[:, :300], past_key_values=cache)
-        assert int((cache.layers[0].store.block_tier == T.INT8).sum()) == (300 - 16) // 16 - 1  # - sink block
+        assert int((cache.layers[0].store.block_tier == T.INT8).sum()) == (300 - 16) // 16  # sinks too: sink_bits=8
         for t in range(300, 320):
             a = tiny(ids[:, t:t + 1], past_key_values=ref_cache).logits
             b = tiny(ids[:, t:t + 1], past_key_values=cache).logits

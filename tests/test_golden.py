@@ -6,7 +6,8 @@ holding blocks at 4 bits until the prompt ends (``prefill_bits=4``; its bytes an
 with markers is ``agacc@4-markers``, and the other cases that evict pin ``markers=True``; ``agacc``,
 ``agacc@4`` and ``agacc@8`` when the preset's recent window went from 32 to 16 tokens (docs/tuning.md
 round 11): the recording with 32 is ``agacc@4-rw32``, and the other ``agacc`` variants pin
-``recent_window=32``."""
+``recent_window=32``; the same three when its sink blocks went to 8 bits (round 12): the recording at 16
+is ``agacc@4-sink16``, and the other ``agacc`` variants pin ``sink_bits=16``."""
 import json
 from pathlib import Path
 

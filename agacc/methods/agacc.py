@@ -10,7 +10,8 @@ The preset scores each layer by its measured sensitivity first (``layer_calibrat
 the tuning texts held about 4x after a 2K-token run (rounds 7 and 11): the default operating point.
 Its recent window is 16 tokens, not the config's 32 (round 11: the bytes of the 16 full-precision tokens
 it frees pay for fewer evictions, most at 8x; the thresholds went from 0.25x to 0.2x of round 6's so
-that the default's ratio stayed where it was).
+that the default's ratio stayed where it was), and its sink blocks are held at 8 bits, not 16 (round 12:
+the attention sinks read back within 8-bit error, and the bytes pay for fewer evictions).
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, layer: int = 0, sc
 
 register(Method(
     "agacc", presets={"agacc": dict(layer_calibration="auto", tau_h=40.0, tau_l=0.12, tau_e=0.06, markers=False,
-                            recent_window=16)}, kind="adaptive",
+                            recent_window=16, sink_bits=8)}, kind="adaptive",
     order=0, rule=thresholds_rule, elementwise=True,
     citation="AGACC, seed 000: EMA importance, thresholds, bits, pruning, markers (shared/seeds/000)",
 ))
