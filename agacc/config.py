@@ -20,6 +20,7 @@ BIT_INTERPS = ("log", "linear")
 POSITION_NORMS = ("none", "power", "log")      # forms of P(t - i), 000 §2.3
 QUANTIZERS = ("minmax", "meanstd")
 KEY_QUANTS = ("token", "channel")
+SINK_BITS = (16, 8, 4, 3)                      # the sink blocks: full, or a container's code width
 LAYER_CALIBRATIONS = ("none", "auto")         # where layer_scale comes from (agacc.calibrate)
 STORE_DTYPES = ("model", "float16", "bfloat16")
 # rule / budget names before every method had its own file (old traces and scripts still use them)
@@ -245,7 +246,7 @@ class AGACCConfig:
     prefill_bits: int | None = _f(None, "blocks", replay=True)
     recent_window: int = _f(32, "blocks", ui=("recent window (tokens kept 16-bit)", 0, 512, 16, "tracking"))
     n_sink: int = _f(4, "blocks", replay=True)
-    sink_bits: int = _f(16, "blocks", replay=True, choices=(16, 8, 4, 3))
+    sink_bits: int = _f(16, "blocks", replay=True, choices=SINK_BITS)
     # budget / storage
     target_ratio: float | None = _f(None, "budget", replay=True, ui=(
         "target memory ratio (16-bit bytes / held bytes)", 1.0, 16.0, 0.25, "thresholds",
@@ -303,7 +304,7 @@ class AGACCConfig:
         need(self.n_w >= self.n_r, f"n_w (N_w) must be >= n_r, got n_w={self.n_w}, n_r={self.n_r}")
         need(self.recent_window >= 0, f"recent_window must be >= 0, got {self.recent_window}")
         need(self.n_sink >= 0, f"n_sink must be >= 0, got {self.n_sink}")
-        need(self.sink_bits in (16, 8, 4, 3), f"sink_bits must be 16, 8, 4 or 3, got {self.sink_bits}")
+        need(self.sink_bits in SINK_BITS, f"sink_bits must be one of {SINK_BITS}, got {self.sink_bits}")
         need(self.target_ratio is None or self.target_ratio >= 1.0, f"target_ratio must be >= 1 or None, got {self.target_ratio}")
         need(self.prefill_ratio is None or self.prefill_ratio >= 1.0,
              f"prefill_ratio must be >= 1 or None, got {self.prefill_ratio}")

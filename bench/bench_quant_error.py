@@ -33,6 +33,16 @@ def rotated(fmt):
     return lambda x, b: quant.rotate(fmt(quant.rotate(x), b))
 
 
+def _key_blocks(x, block=16):
+    bt, h, n, d = x.shape
+    return x.reshape(bt, h, n // block, block, d), 3
+
+
+def _value_groups(x, group=64):
+    bt, h, n, d = x.shape
+    return x.reshape(bt, h, n, d // group, group), 4
+
+
 def per_channel_coded(scale_step: float, int_zero: bool, block: int = 16):
     """Keys per channel per block with cheaper metadata than fp16 scale + zero (docs/tuning.md round 9),
     simulated in fp32: the scale on a log2 grid of ``scale_step`` (8 bits hold 256 steps; the grid is
@@ -40,9 +50,8 @@ def per_channel_coded(scale_step: float, int_zero: bool, block: int = 16):
     minimum (exact extremes) or an integer in units of the scale (8 bits: the grid shifts by up to half
     a step, so a block's min and max are no longer exact)."""
     def fmt(x, b):
-        bt, h, n, d = x.shape
-        xb = x.float().reshape(bt, h, n // block, block, d)
-        lo, hi = xb.amin(3, keepdim=True), xb.amax(3, keepdim=True)
+        xb, dim = _key_blocks(x.float(), block)
+        lo, hi = xb.amin(dim, keepdim=True), xb.amax(dim, keepdim=True)
         levels = (1 << b) - 1
         s = ((hi - lo) / levels).clamp_min(1e-6)
         if int_zero:  # scale rounded up so the range still fits; zero = round(lo / s) as an int8
@@ -73,16 +82,6 @@ def clipped(dim_of, factors=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)):
             best, err = torch.where(e < err, y, best), torch.minimum(e, err)
         return best.reshape(x.shape)
     return fmt
-
-
-def _key_blocks(x, block=16):
-    bt, h, n, d = x.shape
-    return x.reshape(bt, h, n // block, block, d), 3
-
-
-def _value_groups(x, group=64):
-    bt, h, n, d = x.shape
-    return x.reshape(bt, h, n, d // group, group), 4
 
 
 FORMATS = {  # name -> (quantise-dequantise, extra bits per element for scales and zeros at head dim 64)

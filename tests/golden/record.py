@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+# the ``agacc`` preset's fields as its variants below were recorded (before rounds 11 and 12 changed them)
+RECORDED = dict(recent_window=32, sink_bits=16)
 
 
 def cases():
@@ -20,14 +22,14 @@ def cases():
             ("h2o@4", "h2o", dict(target_ratio=4.0)), ("snapkv@4", "snapkv", dict(target_ratio=4.0)),
             ("pyramidkv@4", "pyramidkv", dict(target_ratio=4.0)), ("fastkv@4", "fastkv", dict(target_ratio=4.0, tsp_layer=1)),
             ("dynamickv@4", "dynamickv", dict(target_ratio=4.0)), ("dynacompress@4", "dynacompress", dict(target_ratio=4.0)),
-            ("agacc-token-pmax", "agacc", dict(recent_window=32, sink_bits=16, key_quant="token", p_max=0.6, tau_l=2.0, rotate=False)),
-            ("agacc-host", "agacc", dict(recent_window=32, sink_bits=16, host_copy=True, target_ratio=3.0, position_norm="power", markers=True)),
+            ("agacc-token-pmax", "agacc", dict(RECORDED, key_quant="token", p_max=0.6, tau_l=2.0, rotate=False)),
+            ("agacc-host", "agacc", dict(RECORDED, host_copy=True, target_ratio=3.0, position_norm="power", markers=True)),
             ("dynacompress-cmax", "dynacompress", dict(c_max=0.5, block_size=8)),
-            ("agacc-share", "agacc", dict(recent_window=32, sink_bits=16, share_across_layers=True, pool_kernel=3, b_min=2, b_max=8,
+            ("agacc-share", "agacc", dict(RECORDED, share_across_layers=True, pool_kernel=3, b_min=2, b_max=8,
                                            tau_h=200.0, tau_l=0.6, tau_e=0.3)),  # the thresholds it was recorded with
-            ("agacc@4-nohold", "agacc", dict(recent_window=32, sink_bits=16, target_ratio=4.0, hold_evictions=False, markers=True)),
-            ("agacc@4-markers", "agacc", dict(recent_window=32, sink_bits=16, target_ratio=4.0, markers=True)),  # the preset before round 8
-            ("agacc@4-rw32", "agacc", dict(target_ratio=4.0, recent_window=32, sink_bits=16)),  # before round 11
+            ("agacc@4-nohold", "agacc", dict(RECORDED, target_ratio=4.0, hold_evictions=False, markers=True)),
+            ("agacc@4-markers", "agacc", dict(RECORDED, target_ratio=4.0, markers=True)),  # the preset before round 8
+            ("agacc@4-rw32", "agacc", dict(RECORDED, target_ratio=4.0)),  # before round 11
             ("agacc@4-sink16", "agacc", dict(target_ratio=4.0, sink_bits=16))]  # before round 12
     return out
 
