@@ -6,7 +6,8 @@ values (after RoPE, as the cache stores them: ``agacc.eval.runner.capture_prefil
 last ``--queries`` queries is compared with exact K/V: for keys the attention KL(exact ||
 quantised) per query (nats), for values the relative error of the attention output. Bits per
 element include the fp16 scale and zero of each group (keys per channel over 16-token blocks: +2;
-per token over 64 channels: +0.5).
+per token over 64 channels: +0.5). The pre-RoPE rows (KVQuant) are key formats: RoPE undone per
+position, quantised, redone.
 
     python bench/bench_quant_error.py --text /usr/share/common-licenses/GFDL-1.3 --json out/quant_error.json
 """
@@ -31,6 +32,22 @@ def per_token(x, b, group=64):
 
 def rotated(fmt):
     return lambda x, b: quant.rotate(fmt(quant.rotate(x), b))
+
+
+def pre_rope(fmt, cos, sin, block: int = 0):
+    """KVQuant's pre-RoPE keys: each position's RoPE rotation undone (it is orthonormal: the inverse
+    rotates by -theta), the keys quantised with ``fmt``, the rotation applied again. cos / sin
+    [1, 1, n, D] of the positions 0..n-1 (the model's rotary embedding). ``block`` > 0: only the
+    rotation relative to the key's block of ``block`` tokens is undone (offsets 0..block-1, so every
+    block is read with the same ``block`` rows of cos / sin, whatever its position)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    def f(x, b):
+        pos = torch.arange(x.shape[2]) % block if block else torch.arange(x.shape[2])
+        c, s = cos[:, :, pos], sin[:, :, pos]
+        y = fmt(x * c - rotate_half(x) * s, b)
+        return y * c + rotate_half(y) * s
+    return f
 
 
 def _key_blocks(x, block=16):
@@ -97,6 +114,21 @@ FORMATS = {  # name -> (quantise-dequantise, extra bits per element for scales a
 }
 
 
+def rope_formats(model, n):
+    """The pre-RoPE key formats (they need the model's rotation of positions 0..n-1, rotate_half pairs as
+    Llama's): name -> (fmt, bits); none for a model without a ``model.rotary_emb``."""
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is None:
+        return {}
+    cos, sin = rotary(torch.zeros(1), torch.arange(n)[None])
+    cos, sin = cos.float()[:, None], sin.float()[:, None]
+    return {"per channel, pre-RoPE, rotated": (pre_rope(rotated(per_channel), cos, sin), 2.0),
+            "per channel, pre-RoPE, not rotated": (pre_rope(per_channel, cos, sin), 2.0),
+            "per channel, pre-RoPE, rotated, 32-token blocks": (
+                pre_rope(rotated(lambda x, b: per_channel(x, b, 32)), cos, sin), 1.0),
+            "per channel, pre-RoPE within the block, rotated": (pre_rope(rotated(per_channel), cos, sin, 16), 2.0)}
+
+
 def attention(q, k, v, scaling):
     """q [Bt,Hq,m,D] (the last m positions), k/v [Bt,H,n,D] -> (probs, out), causal, GQA."""
     g = q.shape[1] // k.shape[1]
@@ -128,25 +160,27 @@ def main(argv=None):
     captured = [(q.float(), k.float(), v.float(), sc) for q, k, v, sc in zip(cap.queries, cap.keys, cap.values, cap.scaling)]
     nq = args.quantised
     rows = []
-    for name, (fmt, extra) in FORMATS.items():
+    rope = rope_formats(model, ids.shape[1])  # keys only: values carry no RoPE
+    for name, (fmt, extra) in {**FORMATS, **rope}.items():
         if args.formats and not any(f in name for f in args.formats):
             continue
         for b in args.bits:
-            kl = k_err = v_err = 0.0
+            kl = v_err = 0.0
             for q, k, v, sc in captured:
                 p0, o0 = attention(q, k, v, sc)
                 p1, _ = attention(q, torch.cat([fmt(k[:, :, :nq], b), k[:, :, nq:]], 2), v, sc)
                 kl += float((p0 * (p0.clamp_min(1e-30).log() - p1.clamp_min(1e-30).log())).sum(-1).mean())
-                _, o2 = attention(q, k, torch.cat([fmt(v[:, :, :nq], b), v[:, :, nq:]], 2), sc)
-                v_err += float((o2 - o0).norm() / o0.norm())
+                if name not in rope:
+                    _, o2 = attention(q, k, torch.cat([fmt(v[:, :, :nq], b), v[:, :, nq:]], 2), sc)
+                    v_err += float((o2 - o0).norm() / o0.norm())
             n = len(captured)
-            rows.append({"format": name, "bits": b, "bits_per_element": b + extra,
-                         "key_attention_kl": kl / n, "value_output_rel_err": v_err / n})
+            rows.append({"format": name, "bits": b, "bits_per_element": b + extra, "key_attention_kl": kl / n,
+                         "value_output_rel_err": None if name in rope else v_err / n})
     print(f"{len(captured)} layers, {ids.shape[1]} tokens of {os.path.basename(args.text)}, first {nq} quantised, "
           f"last {args.queries} queries")
     common.print_table(["format", "bits", "bits/elem", "key attn KL", "value rel err"], [
         [r["format"], str(r["bits"]), f"{r['bits_per_element']:.1f}", f"{r['key_attention_kl']:.5f}",
-         f"{r['value_output_rel_err']:.4f}"] for r in rows])
+         "-" if r["value_output_rel_err"] is None else f"{r['value_output_rel_err']:.4f}"] for r in rows])
     common.write_json(args.json, {"text": args.text, "tokens": int(ids.shape[1]), "quantised": nq, "rows": rows}, indent=1)
 
 
