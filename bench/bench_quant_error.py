@@ -14,6 +14,7 @@ position, quantised, redone.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 
 import torch
@@ -24,6 +25,9 @@ from bench import common
 
 def per_channel(x, b, block=16):
     return quant.dequantize_keys(*quant.quantize_keys(x, b, block), b, block)
+
+
+per_channel_32 = functools.partial(per_channel, block=32)
 
 
 def per_token(x, b, group=64):
@@ -108,7 +112,7 @@ FORMATS = {  # name -> (quantise-dequantise, extra bits per element for scales a
     "per token, rotated": (rotated(per_token), 0.5),
     "per channel, rotated, MSE-clipped": (rotated(clipped(_key_blocks)), 2.0),
     "per token, rotated, MSE-clipped": (rotated(clipped(_value_groups)), 0.5),
-    "per channel, rotated, 32-token blocks": (rotated(lambda x, b: per_channel(x, b, 32)), 1.0),
+    "per channel, rotated, 32-token blocks": (rotated(per_channel_32), 1.0),
     "per channel, rotated, 8-bit log scale (1/32) + fp16 zero": (rotated(per_channel_coded(1 / 32, False)), 1.5),
     "per channel, rotated, 8-bit log scale (1/16) + int8 zero": (rotated(per_channel_coded(1 / 16, True)), 1.0),
 }
@@ -125,7 +129,7 @@ def rope_formats(model, n):
     return {"per channel, pre-RoPE, rotated": (pre_rope(rotated(per_channel), cos, sin), 2.0),
             "per channel, pre-RoPE, not rotated": (pre_rope(per_channel, cos, sin), 2.0),
             "per channel, pre-RoPE, rotated, 32-token blocks": (
-                pre_rope(rotated(lambda x, b: per_channel(x, b, 32)), cos, sin), 1.0),
+                pre_rope(rotated(per_channel_32), cos, sin), 1.0),
             "per channel, pre-RoPE within the block, rotated": (pre_rope(rotated(per_channel), cos, sin, 16), 2.0)}
 
 
@@ -160,22 +164,23 @@ def main(argv=None):
     captured = [(q.float(), k.float(), v.float(), sc) for q, k, v, sc in zip(cap.queries, cap.keys, cap.values, cap.scaling)]
     nq = args.quantised
     rows = []
+    exact = [attention(q, k, v, sc) for q, k, v, sc in captured]  # (probs, out) per layer, exact K/V
     rope = rope_formats(model, ids.shape[1])  # keys only: values carry no RoPE
     for name, (fmt, extra) in {**FORMATS, **rope}.items():
         if args.formats and not any(f in name for f in args.formats):
             continue
+        keys_only = name in rope
         for b in args.bits:
             kl = v_err = 0.0
-            for q, k, v, sc in captured:
-                p0, o0 = attention(q, k, v, sc)
+            for (q, k, v, sc), (p0, o0) in zip(captured, exact):
                 p1, _ = attention(q, torch.cat([fmt(k[:, :, :nq], b), k[:, :, nq:]], 2), v, sc)
                 kl += float((p0 * (p0.clamp_min(1e-30).log() - p1.clamp_min(1e-30).log())).sum(-1).mean())
-                if name not in rope:
+                if not keys_only:
                     _, o2 = attention(q, k, torch.cat([fmt(v[:, :, :nq], b), v[:, :, nq:]], 2), sc)
                     v_err += float((o2 - o0).norm() / o0.norm())
             n = len(captured)
             rows.append({"format": name, "bits": b, "bits_per_element": b + extra, "key_attention_kl": kl / n,
-                         "value_output_rel_err": None if name in rope else v_err / n})
+                         "value_output_rel_err": None if keys_only else v_err / n})
     print(f"{len(captured)} layers, {ids.shape[1]} tokens of {os.path.basename(args.text)}, first {nq} quantised, "
           f"last {args.queries} queries")
     common.print_table(["format", "bits", "bits/elem", "key attn KL", "value rel err"], [

@@ -81,10 +81,11 @@ def test_sink_blocks_are_held_at_sink_bits(tiny):
         cache = agacc.CompressedCache(tiny.config, cfg.with_overrides(sink_bits=bits))
         logits.append(teacher_forced_logits(tiny, ids, cache, 280))
         mems.append(cache.memory())
-    (m16, m8), heads, dim = mems, tiny.config.num_key_value_heads, tiny.config.head_dim
+    (m16, m8), c = mems, tiny.config
     assert m16["by_tier"]["int8"] == 0 < m8["by_tier"]["int8"]
-    # layers x (K/V x one block at 2 bytes + its int32 block id)
-    assert m16["by_tier"]["full"] - m8["by_tier"]["full"] == 2 * (2 * heads * 16 * dim * 2 + 4)
+    # layers x (K/V x one block of 16 tokens at 2 bytes + its int32 block id)
+    one_block = 2 * c.num_key_value_heads * 16 * c.head_dim * 2 + 4
+    assert m16["by_tier"]["full"] - m8["by_tier"]["full"] == c.num_hidden_layers * one_block
     assert m8["bytes"] < m16["bytes"]
     assert (logits[0] - logits[1]).abs().max() < 0.05 * logits[0].abs().max()
 

@@ -138,17 +138,18 @@ def test_bad_bits():
 def test_bench_pre_rope_keys_quantise_the_unrotated_keys():
     """bench_quant_error's pre-RoPE format (KVQuant): keys whose pre-RoPE channels are constant over
     positions come back exactly at 2 bits (each channel's range is 0), while quantising the same keys
-    after RoPE errs (RoPE spreads each channel over the block), and so do they with only the rotation
-within each block undone; the identity format returns the keys."""
+        after RoPE errs (RoPE spreads each channel over the block), and so do they with only the rotation
+    within each block undone; the identity format returns the keys. RoPE itself by transformers'
+    ``apply_rotary_pos_emb``, not the bench's inverse."""
     from bench.bench_quant_error import per_channel, pre_rope
-    from transformers.models.llama.modeling_llama import rotate_half
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     n, d = 32, 8
     inv = 1.0 / (100.0 ** (torch.arange(0, d, 2).float() / d))
     ang = torch.arange(n).float()[:, None] * inv[None]
     cos, sin = torch.cat([ang, ang], -1).cos()[None, None], torch.cat([ang, ang], -1).sin()[None, None]
     pre = torch.randn(1, 2, 1, d).expand(1, 2, n, d)
-    k = pre * cos + rotate_half(pre) * sin  # RoPE at positions 0..n-1
+    k, _ = apply_rotary_pos_emb(pre, pre, cos[:, 0], sin[:, 0])  # RoPE at positions 0..n-1
     assert torch.allclose(pre_rope(lambda x, b: x, cos, sin)(k, 2), k, atol=1e-6)
     assert (pre_rope(per_channel, cos, sin)(k, 2) - k).abs().max() < 5e-3  # (the fp16 zero point)
     # within each 16-token block: key t in block b is R(16 b) pre after its offset is undone, constant too
