@@ -19,6 +19,6 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in ("models", "cache", "config", "planner", "trace", "session", "methods", "presets"):
+    if name in ("models", "cache", "config", "planner", "trace", "session", "methods", "presets", "probe"):
         return importlib.import_module(f"agacc.{name}")
     raise AttributeError(f"module 'agacc' has no attribute {name!r}")

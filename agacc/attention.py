@@ -57,7 +57,7 @@ def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 def attend(query: torch.Tensor, entries: list[Entries], scaling: float, causal_new: int = 0, n_obs: int | None = None,
-           softcap: float | None = None):
+           softcap: float | None = None, reduce: str = "mean"):
     """Reference attention over stored entries (the PyTorch reference of every decode backend).
 
     query [Bt, Hq, q, D]; entries as ``LayerStore.attention_entries``; ``causal_new`` = how many of the
@@ -67,7 +67,8 @@ def attend(query: torch.Tensor, entries: list[Entries], scaling: float, causal_n
 
     Returns (out [Bt, q, Hq, D], mass [n_entries] fp32): mass is the softmax probability each
     entry received, summed over query heads and observed queries, averaged over batch, divided by
-    (Hq * n_obs) -- the mean attention it received (S_i of seed 000 §2.2, one layer).
+    (Hq * n_obs) -- the mean attention it received (S_i of seed 000 §2.2, one layer); ``reduce="max"``:
+    the most any query head of any observed query paid it (averaged over batch).
     """
     bt, hq, q, d = query.shape
     h = entries[0].k.shape[1]
@@ -91,7 +92,10 @@ def attend(query: torch.Tensor, entries: list[Entries], scaling: float, causal_n
     out = out.reshape(bt, hq, q, d).transpose(1, 2)
     n_obs = q if n_obs is None else min(n_obs, q)
     obs = probs.reshape(bt, h, g, q, n)[:, :, :, q - n_obs:]
-    mass = obs.sum(dim=(1, 2, 3)).mean(0) / (hq * n_obs)
+    if reduce == "max":
+        mass = obs.amax(dim=(1, 2, 3)).mean(0)
+    else:
+        mass = obs.sum(dim=(1, 2, 3)).mean(0) / (hq * n_obs)
     return out.contiguous(), mass
 
 
@@ -110,7 +114,7 @@ def part_slices(part: Part, block: int):
 
 def chunk_attention(query: torch.Tensor, parts: list[Part], scaling: float, n_new: int, n_obs: int,
                     block: int = 256, softcap: float | None = None, window: int | None = None,
-                    positions: torch.Tensor | None = None, q_start: int = 0):
+                    positions: torch.Tensor | None = None, q_start: int = 0, reduce: str = "mean"):
     """Attention of a chunk of ``q`` queries over everything a layer holds, key slices at a time.
 
     query [Bt, Hq, q, D]; ``parts`` = ``LayerStore.parts()`` whose last ``n_new`` entries are the q new
@@ -122,14 +126,18 @@ def chunk_attention(query: torch.Tensor, parts: list[Part], scaling: float, n_ne
     (``cap_logits``), before the parts' bias and the causal mask. ``window`` (a sliding layer past its
     window): query i, at position ``q_start`` + i, sees only entries whose ``positions`` (int64
     [n_entries], ``LayerStore.entry_positions``) are within the window - 1 before it; the PyTorch
-    path runs it, whatever the backend.
+    path runs it, whatever the backend. ``reduce``: how the observed queries' attention becomes one
+    mass per entry: "mean" over heads and queries (the tracker's S_i), or "max" (the most any head of
+    any observed query paid it: ``agacc.probe``'s reconstruction signal; the PyTorch path).
 
     Returns (out [Bt, q, Hq, D] in query's dtype, mass [n_entries] fp32) normalised as ``attend``.
 
     Branches once on ``kernels.backend(query.device)``: "triton" runs the fused kernel
     (``kernels.triton_chunk.chunk_parts``: the same result, its own key tiles; ``block`` is this
     path's); "cpp" and "torch" run the PyTorch path below."""
-    if window is None and kernels.backend(query.device) == "triton":
+    if reduce not in ("mean", "max"):
+        raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
+    if window is None and reduce == "mean" and kernels.backend(query.device) == "triton":
         from kernels.triton_chunk import chunk_parts
 
         return chunk_parts(query, parts, scaling, n_new, n_obs, softcap=softcap)
@@ -171,7 +179,10 @@ def chunk_attention(query: torch.Tensor, parts: list[Part], scaling: float, n_ne
         base += part.n
     out = (acc / z).reshape(bt, hq, q, d).transpose(1, 2).to(query.dtype).contiguous()
     lse = (m + torch.log(z))[:, :, obs_rows]                                       # [Bt, H, g*n_obs, 1]
-    mass = torch.cat([torch.exp(s - lse).sum(dim=(1, 2)).mean(0) for s in obs_logits]) / (hq * n_obs)
+    if reduce == "max":
+        mass = torch.cat([torch.exp(s - lse).amax(dim=(1, 2)).mean(0) for s in obs_logits])
+    else:
+        mass = torch.cat([torch.exp(s - lse).sum(dim=(1, 2)).mean(0) for s in obs_logits]) / (hq * n_obs)
     return out, mass
 
 

@@ -233,8 +233,14 @@ class CompressedLayer(CacheLayerMixin):
                                                       window=self.window if past else None))
         else:  # a later chunk of a prompt: key slices over the packed store, never a dequantised copy
             pos = dict(window=window, positions=store.entry_positions(), q_start=store.seq_len - q) if window else {}
-            out, mass = chunk_attention(query, store.parts(), scaling, n_new=q, n_obs=cfg.n_q, softcap=softcap, **pos)
-            self.tracker.init_prefill(store.token_mass(mass))
+            probe = self.cache.probe
+            if probe is None:
+                out, mass = chunk_attention(query, store.parts(), scaling, n_new=q, n_obs=cfg.n_q, softcap=softcap, **pos)
+                self.tracker.init_prefill(store.token_mass(mass))
+            else:  # a context probe's chunk (agacc.probe): the most its queries pay each token, kept aside
+                out, mass = chunk_attention(query, store.parts(), scaling, n_new=q, n_obs=probe.n_obs, softcap=softcap,
+                                            reduce="max", **pos)
+                probe.observe(self.layer_idx, store.token_mass(mass))
         if self.layer_idx == self.cache.n_layers - 1:
             self.cache._step_done(q)
         return out
@@ -326,6 +332,7 @@ class CompressedCache(Cache):
         self.rows: list[CompressedCache] | None = None  # a padded batch: one cache per row (``split_rows``)
         self.padded_len = 0      # with rows: positions so far, padding included (what a plain cache holds)
         self.forward_pads: list[int] = []  # per row, the padding among this forward's tokens (layer 0 reads it)
+        self.probe = None        # an ``agacc.probe.Probe`` while a context probe's chunks go in
 
     def reset(self) -> None:
         """Empty the cache for a new sequence, as if just created: every layer's store, tracker and
@@ -500,6 +507,22 @@ class CompressedCache(Cache):
         apply_plans([l.store for l in layers], *plans, self._token_weight(layers))
         for l in layers:  # the layout changed before anything was observed in the window
             l.tracker.start_window(l.store.n_entries)
+
+    def rescore_prompt(self, token_scores: list[torch.Tensor]) -> None:
+        """Replace the importance of the tokens held (per layer, [n <= seq_len] fp32: their first n) and
+        re-make the prompt's plan from it, as the re-evaluation that ends a prefill would (the held
+        evictions included, applied by ``end_prefill``). For a context scored another way before its
+        question is known (``agacc.probe``). Blocks already cut to fewer bits or evicted stay so."""
+        if self.rows is not None:
+            raise ValueError("rescore_prompt() of a padded batch is not supported: rescore each row's cache (cache.rows[i])")
+        layers = [l for l in self.layers if l.store is not None]
+        if len(token_scores) != len(layers):
+            raise ValueError(f"rescore_prompt() needs one score tensor per layer ({len(layers)}), got {len(token_scores)}")
+        for l, s in zip(layers, token_scores):
+            tr = l.tracker
+            tr._grow(s.numel())
+            tr.importance = torch.cat([s.to(tr.importance.device, torch.float32), tr.importance[s.numel():]])
+        self.reevaluate(prefill=True)
 
     def _token_weight(self, layers):
         seq_len = self.seq_len

@@ -15,6 +15,7 @@ from pathlib import Path
 from agacc import methods
 
 PROMPT_EVIDENCE = ("max", "fold", "last")  # how a chunked prefill's windows combine (docs/long_context.md)
+CONTEXT_PROBES = ("none", "reconstruct")       # how a context compressed before its question is scored (agacc.probe)
 SCORINGS = ("ema", "decay", "sum")             # 000 §2.3 EMA / 001 decay-weighted / 002 attention sum
 BIT_INTERPS = ("log", "linear")
 POSITION_NORMS = ("none", "power", "log")      # forms of P(t - i), 000 §2.3
@@ -83,6 +84,11 @@ class AGACCConfig:
         value_weight: v, value-aware importance: I^_i times (||v_i|| / mean ||v||)^v, ||v_i|| the norm
             of token i's value (mean over KV heads) relative to the layer's mean; a token's share of
             the attention output, and of its error, grows with its value's norm. 0: attention alone.
+        context_probe: how a context compressed before its question is known is scored (query-agnostic):
+            "none" (its chunks' observation windows, as any prompt) or "reconstruct" (``agacc.probe``:
+            the most attention any query of a pass that repeats the context pays each token, KVzip's
+            signal; one extra pass over the context). Run by ``agacc.probe.reconstruct`` and the eval's
+            query-agnostic protocol; a prompt with its question inside (query-aware) is not probed.
     Tiers, bits, pruning, eviction (000 §2.4):
         tau_h, tau_l, tau_e: thresholds on normalised block importance; tau_h > tau_l > tau_e >= 0.
             > tau_h: full precision; (tau_l, tau_h]: quantised; [tau_e, tau_l]: pruned; < tau_e: evicted.
@@ -196,6 +202,7 @@ class AGACCConfig:
     position_norm: str = _f("none", "tracking", choices=POSITION_NORMS)
     position_gamma: float = _f(0.3, "tracking")
     value_weight: float = _f(0.0, "tracking")
+    context_probe: str = _f("none", "tracking", choices=CONTEXT_PROBES)
     # tiers
     tau_h: float = _f(200.0, "tiers", replay=True, ui=(
         "τ_h: full precision above", 0.05, 1000.0, 0.05, "thresholds",
@@ -282,6 +289,7 @@ class AGACCConfig:
         need(self.position_gamma >= 0, f"position_gamma must be >= 0, got {self.position_gamma}")
         need(self.tau_h > self.tau_l > self.tau_e >= 0,
              f"thresholds must satisfy tau_h > tau_l > tau_e >= 0, got tau_h={self.tau_h}, tau_l={self.tau_l}, tau_e={self.tau_e}")
+        need(self.context_probe in CONTEXT_PROBES, f"context_probe must be one of {CONTEXT_PROBES}, got {self.context_probe!r}")
         need(self.bit_interp in BIT_INTERPS, f"bit_interp must be one of {BIT_INTERPS}, got {self.bit_interp!r}")
         need(1 <= self.b_min <= self.b_max <= 8, f"bits must satisfy 1 <= b_min <= b_max <= 8, got b_min={self.b_min}, b_max={self.b_max}")
         need(self.quantizer in QUANTIZERS, f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")

@@ -40,6 +40,7 @@ import torch
 from agacc.attention import observe_prefill
 from agacc.cache import CompressedCache
 from agacc.planner import text_config
+from agacc.probe import REPEAT, reconstruct
 from agacc.config import AGACCConfig
 from agacc.eval import ruler
 from agacc.eval.metrics import best_score, lm_stats, perplexity, wilson_interval
@@ -111,8 +112,9 @@ def capture_prefill(model, prompt_ids: list[int], extra_ids: list[int] | None = 
 
 
 @torch.inference_mode()
-def cache_from_capture(model, cap: Capture, cfg: AGACCConfig) -> CompressedCache:
-    """The cache a real prefill of the captured prompt would leave, built without a forward."""
+def cache_from_capture(model, cap: Capture, cfg: AGACCConfig, before_end=None) -> CompressedCache:
+    """The cache a real prefill of the captured prompt would leave, built without a forward.
+    ``before_end(cache)``: runs after the prompt, before its held evictions happen (a context probe)."""
     cache = CompressedCache(model.config, cfg)
     for i, layer in enumerate(cache.layers):
         k, v, q_last = cap.keys[i], cap.values[i], cap.queries[i]
@@ -121,6 +123,8 @@ def cache_from_capture(model, cap: Capture, cfg: AGACCConfig) -> CompressedCache
             raise ValueError(f"n_q={cfg.n_q} exceeds the {q_last.shape[2]} captured queries; capture with n_obs >= n_q")
         layer.tracker.init_prefill(observe_prefill(q_last, k, cap.scaling[i], cfg.n_q))  # the last queries
     cache._step_done(cap.n)  # the end-of-prefill re-evaluation, as after a real prefill
+    if before_end is not None:
+        before_end(cache)
     cache.end_prefill()  # the prompt is in (its held evictions happen, as at a first decode step)
     cache.teacher_forcing()  # teacher-forced chunks from here on count as decode steps
     return cache
@@ -163,16 +167,19 @@ def preset_configs(presets: list[str], ratio: float | None, sets: dict | None = 
 
 
 @torch.inference_mode()
-def chunked_prefill(model, cfg: AGACCConfig, prompt_ids: list[int], prefill_chunk: int):
+def chunked_prefill(model, cfg: AGACCConfig, prompt_ids: list[int], prefill_chunk: int, before_end=None):
     """A real prefill of ``prompt_ids`` through a new cache, ``prefill_chunk`` tokens a forward (as
     ``generate(prefill_chunk_size=...)``: the cache compresses after every chunk) -> (cache, logits of
-    the last prompt position [V] fp32); afterwards teacher-forced chunks count as decode steps."""
+    the last prompt position [V] fp32); afterwards teacher-forced chunks count as decode steps.
+    ``before_end(cache)``: runs after the prompt, before its held evictions happen (a context probe)."""
     if prefill_chunk < 1:
         raise ValueError(f"prefill chunk must be >= 1 token, got {prefill_chunk}")
     cache = CompressedCache(model.config, cfg)
     for lo in range(0, len(prompt_ids), prefill_chunk):
         x = torch.tensor([prompt_ids[lo: lo + prefill_chunk]], device=model.device)
         out = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    if before_end is not None:
+        before_end(cache)
     cache.end_prefill()
     cache.teacher_forcing()  # teacher-forced chunks from here on count as decode steps
     return cache, out.logits[0, -1].float()
@@ -234,17 +241,17 @@ def fork_cache(cache):
         return copy.deepcopy(cache, memo)
 
 
-def _build(model, cfg, cap: Capture | None, ids: list[int], prefill_chunk: int | None):
-    """A fresh cache of method ``cfg`` holding ``ids`` (prefilled, compressed, held evictions applied)
-    -> (cache, logits after the last id)."""
+def _build(model, cfg, cap: Capture | None, ids: list[int], prefill_chunk: int | None, before_end=None):
+    """A fresh cache of method ``cfg`` holding ``ids`` (prefilled, compressed, held evictions applied;
+    ``before_end(cache)`` before they are) -> (cache, logits after the last id)."""
     if hasattr(cfg, "build"):  # a method that prefills its own way (kv-distill)
         return cfg.build(model, ids, prefill_chunk)
     if is_external(cfg):
         cache = cfg.new_cache(model)
         return cache, plain_prefill(model, cache, ids, prefill_chunk if prefill_chunk and len(ids) > prefill_chunk else None)
     if prefill_chunk and len(ids) > prefill_chunk:
-        return chunked_prefill(model, cfg, ids, prefill_chunk)
-    return cache_from_capture(model, cap, cfg), cap.logits[0]
+        return chunked_prefill(model, cfg, ids, prefill_chunk, before_end)
+    return cache_from_capture(model, cap, cfg, before_end), cap.logits[0]
 
 
 def _score(model, tok, s: Sample, cache, first: torch.Tensor, scoring: str, chunk: int, r: dict) -> int:
@@ -380,8 +387,12 @@ def evaluate_group(model, tok, group: list[Sample], configs, scoring: str = "mat
             results += [_skipped(s, name, why, "query-agnostic") for s in group]
             continue
         t0 = time.perf_counter()
+        probe = None
+        if not is_external(cfg) and cfg.context_probe == "reconstruct":  # scored by repeating it (agacc.probe)
+            rep = tok(REPEAT, add_special_tokens=False)["input_ids"]
+            probe = lambda c: reconstruct(model, c, ctx, rep, prefill_chunk or len(ctx))
         try:
-            base, _ = _build(model, cfg, cap, ctx, prefill_chunk)
+            base, _ = _build(model, cfg, cap, ctx, prefill_chunk, before_end=probe)
         except Exception as e:
             if not is_external(cfg):
                 raise
