@@ -92,11 +92,14 @@ def attend(query: torch.Tensor, entries: list[Entries], scaling: float, causal_n
     out = out.reshape(bt, hq, q, d).transpose(1, 2)
     n_obs = q if n_obs is None else min(n_obs, q)
     obs = probs.reshape(bt, h, g, q, n)[:, :, :, q - n_obs:]
-    if reduce == "max":
-        mass = obs.amax(dim=(1, 2, 3)).mean(0)
-    else:
-        mass = obs.sum(dim=(1, 2, 3)).mean(0) / (hq * n_obs)
-    return out.contiguous(), mass
+    return out.contiguous(), observed_mass(obs, (1, 2, 3), reduce, hq * n_obs)
+
+
+def observed_mass(probs: torch.Tensor, dims: tuple, reduce: str, count: int) -> torch.Tensor:
+    """Observed queries' probabilities [Bt, ...] -> one mass per entry, averaged over batch: summed over
+    ``dims`` (heads, queries) and divided by ``count`` (their number: the mean), or their max."""
+    red = probs.amax(dim=dims) if reduce == "max" else probs.sum(dim=dims) / count
+    return red.mean(0)
 
 
 def part_slices(part: Part, block: int):
@@ -179,11 +182,7 @@ def chunk_attention(query: torch.Tensor, parts: list[Part], scaling: float, n_ne
         base += part.n
     out = (acc / z).reshape(bt, hq, q, d).transpose(1, 2).to(query.dtype).contiguous()
     lse = (m + torch.log(z))[:, :, obs_rows]                                       # [Bt, H, g*n_obs, 1]
-    if reduce == "max":
-        mass = torch.cat([torch.exp(s - lse).amax(dim=(1, 2)).mean(0) for s in obs_logits])
-    else:
-        mass = torch.cat([torch.exp(s - lse).sum(dim=(1, 2)).mean(0) for s in obs_logits]) / (hq * n_obs)
-    return out, mass
+    return out, torch.cat([observed_mass(torch.exp(s - lse), (1, 2), reduce, hq * n_obs) for s in obs_logits])
 
 
 def _bias(entries: list[Entries], n: int, device) -> torch.Tensor | None:

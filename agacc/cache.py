@@ -233,13 +233,12 @@ class CompressedLayer(CacheLayerMixin):
                                                       window=self.window if past else None))
         else:  # a later chunk of a prompt: key slices over the packed store, never a dequantised copy
             pos = dict(window=window, positions=store.entry_positions(), q_start=store.seq_len - q) if window else {}
-            probe = self.cache.probe
+            probe = self.cache.probe  # a context probe's chunk (agacc.probe): the most its queries pay, kept aside
+            out, mass = chunk_attention(query, store.parts(), scaling, n_new=q, n_obs=probe.n_obs if probe else cfg.n_q,
+                                        softcap=softcap, reduce="max" if probe else "mean", **pos)
             if probe is None:
-                out, mass = chunk_attention(query, store.parts(), scaling, n_new=q, n_obs=cfg.n_q, softcap=softcap, **pos)
                 self.tracker.init_prefill(store.token_mass(mass))
-            else:  # a context probe's chunk (agacc.probe): the most its queries pay each token, kept aside
-                out, mass = chunk_attention(query, store.parts(), scaling, n_new=q, n_obs=probe.n_obs, softcap=softcap,
-                                            reduce="max", **pos)
+            else:
                 probe.observe(self.layer_idx, store.token_mass(mass))
         if self.layer_idx == self.cache.n_layers - 1:
             self.cache._step_done(q)
@@ -520,7 +519,6 @@ class CompressedCache(Cache):
             raise ValueError(f"rescore_prompt() needs one score tensor per layer ({len(layers)}), got {len(token_scores)}")
         for l, s in zip(layers, token_scores):
             tr = l.tracker
-            tr._grow(s.numel())
             tr.importance = torch.cat([s.to(tr.importance.device, torch.float32), tr.importance[s.numel():]])
         self.reevaluate(prefill=True)
 

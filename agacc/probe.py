@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from agacc.cache import CompressedCache
+
 REPEAT = "\n\nRepeat the previous context exactly.\n\n"
 
 
@@ -45,8 +47,6 @@ def reconstruct(model, cache, context_ids: list[int], prompt_ids: list[int], chu
     after the context; its tokens are stored hot (no re-evaluation) and cropped off afterwards, so
     the cache ends holding the context alone, its peak bytes counting one probe chunk at full
     precision. Returns the per-layer scores [len(context_ids)] fp32 it planned with."""
-    from agacc.cache import CompressedCache
-
     if not isinstance(cache, CompressedCache):
         raise TypeError(f"reconstruct() probes a CompressedCache, got {type(cache).__name__}")
     if cache.rows is not None:

@@ -138,7 +138,7 @@ def test_bad_bits():
 def test_bench_pre_rope_keys_quantise_the_unrotated_keys():
     """bench_quant_error's pre-RoPE format (KVQuant): keys whose pre-RoPE channels are constant over
     positions come back exactly at 2 bits (each channel's range is 0), while quantising the same keys
-        after RoPE errs (RoPE spreads each channel over the block), and so do they with only the rotation
+    after RoPE errs (RoPE spreads each channel over the block), and so do they with only the rotation
     within each block undone; the identity format returns the keys. RoPE itself by transformers'
     ``apply_rotary_pos_emb``, not the bench's inverse."""
     from bench.bench_quant_error import per_channel, pre_rope
