@@ -156,8 +156,8 @@ def load():
                     print(f"AGACC: building the CPU kernels in {directory} (once per Python environment, "
                           "one to three minutes)", file=sys.stderr)
                 elif (directory / "lock").exists():
-                    print(f"AGACC: another process is building the CPU kernels in {directory}; waiting for it",
-                          file=sys.stderr)
+                    print(f"AGACC: another process holds the CPU kernels' build lock in {directory} (building or "
+                          "checking them); waiting for it", file=sys.stderr)
                 pidf = directory / "agacc-build.pid"
                 try:  # who holds torch's lock while this build runs (clear_stale_lock reads it)
                     fd = os.open(pidf, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
