@@ -109,6 +109,24 @@ def to_run(configs: list, held: dict | None, redo, same_prefill: int | None = No
     return [(name, c) for name, c in configs if name.partition("@")[0] in redo and name not in done]
 
 
+def merge(done: dict, src: dict, redo, tasks, lengths) -> int:
+    """Take into ``done`` the ``redo`` presets' results of ``src`` (a page's JSON written by another
+    process, e.g. one ``--tasks`` share of a split run) for the samples of ``tasks`` x ``lengths`` both
+    hold, and the runs ``src`` adds. -> the number of results taken."""
+    have = {(s["task"], s["context_tokens"], s["sample"]): s for s in done["samples"]}
+    taken = 0
+    for s in src["samples"]:
+        held = have.get((s["task"], s["context_tokens"], s["sample"]))
+        if held is None or s["task"] not in tasks or s["context_tokens"] not in lengths:
+            continue
+        new = [r for r in s["results"] if r["preset"].partition("@")[0] in redo]
+        names = {r["preset"] for r in new}
+        held["results"] = [r for r in held["results"] if r["preset"] not in names] + new
+        taken += len(new)
+    done["meta"]["runs"] += [r for r in src["meta"].get("runs", []) if r not in done["meta"]["runs"]]
+    return taken
+
+
 def _run_of(meta: dict) -> dict:
     """A run's entry from the flat meta that pages written before the run list held (one prefill forward)."""
     return {k: meta.get(k) for k in ("command", "lengths", "torch_threads", "started", "finished", "minutes")} | {
@@ -345,13 +363,23 @@ def main(argv=None) -> int:
     p.add_argument("--redo-missing-only", action="store_true",
                    help="with --redo: skip results already made with this --prefill-chunk (continue a cut --redo run)")
     p.add_argument("--render-only", action="store_true")
+    p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                   help="with --redo: take those presets' results at --tasks x --lengths from these pages' JSON "
+                        "(each written by a process of a split run) into --json, then render")
     args = p.parse_args(argv)
     unknown = set(args.redo) - set(RATIO_PRESETS + FIXED)
-    if unknown or (args.redo and not args.resume):
-        p.error(f"--redo needs --resume and presets of this page (unknown: {sorted(unknown)})")
+    if unknown or (args.redo and not (args.resume or args.merge)):
+        p.error(f"--redo needs --resume (or --merge) and presets of this page (unknown: {sorted(unknown)})")
     if args.redo_missing_only and not args.redo:
         p.error("--redo-missing-only goes with --redo")
-    if not args.render_only:
+    if args.merge and not args.redo:
+        p.error("--merge goes with --redo (the presets to take)")
+    if args.merge:
+        data = json.loads(Path(args.json).read_text())
+        for src in args.merge:
+            print(f"{src}: {merge(data, json.loads(Path(src).read_text()), args.redo, args.tasks, args.lengths)} results")
+        Path(args.json).write_text(json.dumps(data, indent=0))
+    elif not args.render_only:
         run(args)
     data = json.loads(Path(args.json).read_text())
     Path(args.out).write_text(render(data, args.ratios, args.lengths, args.tasks, plot_dir=Path(args.out).parent))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.make_results import main, to_run
+from bench.make_results import main, merge, to_run
 
 CONFIGS = [("full", None), ("h2o@2", None), ("h2o@4", None), ("snapkv@2", None), ("agacc@2", None)]
 
@@ -40,3 +40,28 @@ def test_missing_only_needs_redo(capsys):
     with pytest.raises(SystemExit):
         main(["--resume", "--redo-missing-only"])
     assert "--redo-missing-only goes with --redo" in capsys.readouterr().err
+
+
+def test_merge_takes_only_the_redo_presets_at_the_tasks_and_lengths_asked():
+    """A split run's share: h2o's 4K passkey results come over, its 1K ones, snapkv's and the needle
+    sample stay as held; the share's run is added once."""
+    def sample(task, n, i, **scores):
+        return {"task": task, "context_tokens": n, "sample": i,
+                "results": [{"preset": p.replace("_", "@"), "score": v} for p, v in scores.items()]}
+    done = {"meta": {"runs": [{"command": "a"}]}, "samples": [
+        sample("passkey", 4096, 0, h2o_2=0.0, snapkv_2=0.0), sample("passkey", 1024, 0, h2o_2=0.0),
+        sample("needle", 4096, 0, h2o_2=0.0)]}
+    src = {"meta": {"runs": [{"command": "a"}, {"command": "b"}]}, "samples": [
+        sample("passkey", 4096, 0, h2o_2=1.0, snapkv_2=1.0), sample("passkey", 1024, 0, h2o_2=1.0),
+        sample("needle", 4096, 0, h2o_2=1.0), sample("passkey", 4096, 9, h2o_2=1.0)]}
+    assert merge(done, src, ["h2o"], ["passkey"], [4096]) == 1
+    scores = {(s["task"], s["context_tokens"], r["preset"]): r["score"] for s in done["samples"] for r in s["results"]}
+    assert scores == {("passkey", 4096, "h2o@2"): 1.0, ("passkey", 4096, "snapkv@2"): 0.0,
+                      ("passkey", 1024, "h2o@2"): 0.0, ("needle", 4096, "h2o@2"): 0.0}
+    assert done["meta"]["runs"] == [{"command": "a"}, {"command": "b"}]
+
+
+def test_merge_needs_redo(capsys):
+    with pytest.raises(SystemExit):
+        main(["--merge", "x.json"])
+    assert "--merge goes with --redo" in capsys.readouterr().err
