@@ -15,6 +15,13 @@ on the samples it holds and keeps the other presets' results (after a change to 
     python bench/make_results.py --budget-min 40          # run + write docs/results.md
     python bench/make_results.py --render-only            # rewrite the page (and its plots) from the JSON
 
+The field's own implementations run beside the presets (agacc.eval.external): kvpress's presses in their
+own environment (`bash scripts/setup_kvpress.sh`; fitted to each ratio at equal bytes, one prefill
+forward as kvpress's pipeline does) and transformers' QuantizedCache (fixed bits); where one cannot run,
+its row says "skipped: why". --protocol query-agnostic runs the retrieval tasks with the context
+compressed before the question is known (ppl has no question): its tables sit beside the query-aware
+ones, e.g. `--resume --protocol query-agnostic --redo agacc full kvpress:snapkv` on the samples held.
+
 The page opens with a Pareto plot per task (bench/pareto.py): score vs measured ratio of every
 method, written as pareto_<task>.png next to the page (needs matplotlib; without it, no PNG and a note).
 """
@@ -32,7 +39,23 @@ from bench.common import ROOT, parse_methods
 RATIO_PRESETS = ["agacc", "dynacompress", "attention-sum", "h2o", "streamingllm", "snapkv", "pyramidkv", "fastkv", "dynamickv",
                  "kv-distill"]
 FIXED = ["full", "uniform-int8", "uniform-int4", "uniform-int2"]
+# the field's implementations (docs/baselines.md): kvpress presses at each ratio, QuantizedCache at its bits
+EXTERNAL_RATIO = ["kvpress:snapkv", "kvpress:tova", "kvpress:expected_attention", "kvpress:knorm", "kvpress:streaming_llm"]
+EXTERNAL_FIXED = ["hf-quantized:quanto-4", "hf-quantized:hqq-4", "hf-quantized:quanto-2", "hf-quantized:hqq-2"]
+OWN = FIXED + RATIO_PRESETS
+ROWS = FIXED[:1] + RATIO_PRESETS + EXTERNAL_RATIO + FIXED[1:] + EXTERNAL_FIXED  # table order
+QUERY_AWARE, PROTOCOLS = "query-aware", ("query-aware", "query-agnostic")
 ADAPTIVE = "agacc"
+
+
+def protocol_of(r: dict) -> str:
+    """A result's protocol (records without one are query-aware, the runner's default)."""
+    return r.get("protocol") or QUERY_AWARE
+
+
+def base(label: str) -> str:
+    """A result label's method: ``agacc@4`` -> ``agacc``, ``kvpress:snapkv@4`` -> ``kvpress:snapkv``."""
+    return label.partition("@")[0]
 
 
 def run(args) -> None:
@@ -47,17 +70,21 @@ def run(args) -> None:
     have = {(s["task"], s["context_tokens"], s["sample"]): s for s in done["samples"]}
     model, tok = agacc.load_model()
     text = T.read_text(args.text)
-    configs = _configs(FIXED + [f"{p}@{r:g}" for r in args.ratios for p in RATIO_PRESETS])  # labels: P, P@R
+    configs = _configs(FIXED + EXTERNAL_FIXED + [f"{p}@{r:g}" for r in args.ratios
+                                                 for p in RATIO_PRESETS + EXTERNAL_RATIO])  # labels: P, P@R
     by_label = dict(configs)
     runs = done["meta"].get("runs") or ([_run_of(done["meta"])] if done["meta"] else [])
     this = {"command": " ".join([sys.executable.split("/")[-1]] + sys.argv), "lengths": args.lengths,
-            "prefill_chunk": args.prefill_chunk, "torch_threads": torch.get_num_threads(),
+            "prefill_chunk": args.prefill_chunk, "protocol": args.protocol, "torch_threads": torch.get_num_threads(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     done["meta"] = {"text": args.text or "default", "decode_tokens": args.decode_tokens, "ppl_windows": args.ppl_windows,
                     "depths": args.depths, "ratios": args.ratios, "runs": runs + [this]}
     t_start = time.time()
     for n in args.lengths:
         for task in args.tasks:
+            if task == "ppl" and args.protocol != QUERY_AWARE:
+                print(f"ppl has no question: skipped under --protocol {args.protocol}", flush=True)
+                continue
             if task == "ppl":
                 samples = T.ppl(tok, n, args.ppl_windows, text=text, decode_tokens=args.decode_tokens)
             elif task == "passkey":
@@ -66,24 +93,25 @@ def run(args) -> None:
                 samples = T.needle(tok, n, len(args.depths), depths=args.depths, text=text)
             for s in samples:
                 held = have.get((task, n, s.index))
-                todo = to_run(configs, held, args.redo, args.prefill_chunk if args.redo_missing_only else None)
+                todo = to_run(configs, held, args.redo, args.prefill_chunk if args.redo_missing_only else None,
+                              args.protocol)
                 if not todo:
                     continue
                 if (time.time() - t_start) / 60 > args.budget_min:
                     print(f"budget reached: skipping {task} {n} sample {s.index}", flush=True)
                     continue
                 t0 = time.time()
-                res = runner.evaluate_sample(model, tok, s, todo, scoring="match", chunk=8,
+                res = runner.evaluate_sample(model, tok, s, todo, scoring="match", chunk=8, protocol=args.protocol,
                                              prefill_chunk=args.prefill_chunk or None, log=lambda r: print(
                     f"  {r['preset']}: score {r['score']:.3f} ratio {r['ratio']:.2f} build {r['build_s']:.1f}s decode {r['decode_s']:.1f}s", flush=True))
-                for r in res:  # 0: one prefill forward (shared by the store's presets; kv-distill's own always)
-                    r["prefill_chunk"] = 0 if hasattr(by_label[r["preset"]], "build") else args.prefill_chunk
+                for r in res:  # 0: one prefill forward (shared by the store's presets; kv-distill's and kvpress's always)
+                    cfg = by_label[r["preset"]]
+                    r["prefill_chunk"] = 0 if hasattr(cfg, "build") or getattr(cfg, "in_worker", False) else args.prefill_chunk
                 if held is None:
                     done["samples"].append({"task": task, "context_tokens": n, "sample": s.index, "results": res,
                                             "seconds": time.time() - t0})
-                else:  # --redo: replace those presets' results, keep the rest
-                    redone = {r["preset"] for r in res}
-                    held["results"] = [r for r in held["results"] if r["preset"] not in redone] + res
+                else:  # --redo (or another protocol): replace those presets' results in this protocol, keep the rest
+                    replace(held, res)
                 out_json.write_text(json.dumps(done, indent=0))
                 print(f"{task} {n} sample {s.index}: {time.time() - t0:.0f}s (total {(time.time() - t_start) / 60:.1f} min)", flush=True)
     this["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -98,15 +126,25 @@ def _configs(specs: list[str]) -> list:
     return [parse_external(s) if is_external_name(s) else parse_methods([s])[0] for s in specs]
 
 
-def to_run(configs: list, held: dict | None, redo, same_prefill: int | None = None) -> list:
-    """The (label, config) pairs to run on one sample: all of them when nothing is held for it, else
-    those of the ``redo`` presets -- skipping, when ``same_prefill`` is given (``--redo-missing-only``),
-    every label whose held result was already made with that prefill chunk (a cut ``--redo`` run
-    continues where it stopped instead of starting over)."""
+def to_run(configs: list, held: dict | None, redo, same_prefill: int | None = None, protocol: str = QUERY_AWARE) -> list:
+    """The (label, config) pairs to run on one sample under ``protocol``: all of them when nothing is held
+    for it (or, without ``redo``, nothing in this protocol), else those of the ``redo`` presets --
+    skipping, when ``same_prefill`` is given (``--redo-missing-only``), every label whose held result in
+    this protocol was already made with that prefill chunk (a cut ``--redo`` run continues where it
+    stopped instead of starting over)."""
     if held is None:
         return list(configs)
-    done = {r["preset"] for r in held["results"] if same_prefill is not None and r.get("prefill_chunk", 0) == same_prefill}
-    return [(name, c) for name, c in configs if name.partition("@")[0] in redo and name not in done]
+    mine = [r for r in held["results"] if protocol_of(r) == protocol]
+    if not mine and not redo:
+        return list(configs)
+    done = {r["preset"] for r in mine if same_prefill is not None and r.get("prefill_chunk", 0) == same_prefill}
+    return [(name, c) for name, c in configs if base(name) in redo and name not in done]
+
+
+def replace(held: dict, new: list) -> None:
+    """Put results ``new`` into a held sample, each replacing the held result of its label and protocol."""
+    keys = {(r["preset"], protocol_of(r)) for r in new}
+    held["results"] = [r for r in held["results"] if (r["preset"], protocol_of(r)) not in keys] + new
 
 
 def merge(done: dict, src: dict, redo, tasks, lengths) -> int:
@@ -119,9 +157,8 @@ def merge(done: dict, src: dict, redo, tasks, lengths) -> int:
         held = have.get((s["task"], s["context_tokens"], s["sample"]))
         if held is None or s["task"] not in tasks or s["context_tokens"] not in lengths:
             continue
-        new = [r for r in s["results"] if r["preset"].partition("@")[0] in redo]
-        names = {r["preset"] for r in new}
-        held["results"] = [r for r in held["results"] if r["preset"] not in names] + new
+        new = [r for r in s["results"] if base(r["preset"]) in redo]
+        replace(held, new)
         taken += len(new)
     done["meta"]["runs"] += [r for r in src["meta"].get("runs", []) if r not in done["meta"]["runs"]]
     return taken
@@ -133,38 +170,56 @@ def _run_of(meta: dict) -> dict:
         "prefill_chunk": meta.get("prefill_chunk", 0)}
 
 
-def prefill_note(data, task: str, n: int) -> str:
+def prefill_note(data, task: str, n: int, protocol: str = QUERY_AWARE) -> str:
     """How the prompts of one table went in, from the results' recorded prefill chunk (records written
     before it was recorded: one forward), naming the presets of each kind when a table mixes them."""
     by_chunk: dict = {}
     for s in data["samples"]:
         if s["task"] == task and s["context_tokens"] == n:
             for r in s["results"]:
-                by_chunk.setdefault(r.get("prefill_chunk", 0), set()).add(r["preset"].partition("@")[0])
+                if not r.get("skipped") and protocol_of(r) == protocol:
+                    by_chunk.setdefault(r.get("prefill_chunk", 0), set()).add(base(r["preset"]))
     say = {0: "one prefill forward, compressed at its end"}
     parts = [say.get(c, f"chunks of {c} tokens, each method compressing as it goes")
              + (f" ({', '.join(sorted(ps))})" if len(by_chunk) > 1 else "") for c, ps in sorted(by_chunk.items())]
     return "Prefill: " + "; ".join(parts) + "."
 
 
-def cells(data) -> dict:
-    """(task, length, preset, ratio) -> aggregate over samples (score, ratio, MB, tok/s, ppl...)."""
+def _key(s: dict, r: dict) -> tuple:
+    preset, _, rt = r["preset"].partition("@")
+    return s["task"], s["context_tokens"], preset, float(rt) if rt else None
+
+
+def skips(data, protocol: str = QUERY_AWARE) -> dict:
+    """(task, length, preset, ratio) -> why the method could not run there ("skipped: ..."), where no
+    sample ran it (a method without its package, kvpress on ppl, kv-distill without weights)."""
+    why: dict = {}
+    for s in data["samples"]:
+        for r in s["results"]:
+            if r.get("skipped") and protocol_of(r) == protocol:
+                why.setdefault(_key(s, r), r["skipped"])
+    ran = cells(data, protocol)
+    return {k: v for k, v in why.items() if k not in ran}
+
+
+def cells(data, protocol: str = QUERY_AWARE) -> dict:
+    """(task, length, preset, ratio) -> aggregate over the samples run under ``protocol`` (score, ratio,
+    MB, tok/s, ppl...; ``by_sample``: each sample's score, for paired comparisons)."""
     import math
 
     acc: dict = {}
     for s in data["samples"]:
         for r in s["results"]:
-            if r.get("skipped"):  # a method that could not run here (kv-distill without weights)
+            if r.get("skipped") or protocol_of(r) != protocol:  # skipped: a method that could not run here
                 continue
-            name = r["preset"]
-            preset, _, rt = name.partition("@")
-            key = (s["task"], s["context_tokens"], preset, float(rt) if rt else None)
-            acc.setdefault(key, []).append(r)
+            acc.setdefault(_key(s, r), []).append((s["sample"], r))
     out = {}
-    for key, rs in acc.items():
+    for key, srs in acc.items():
+        rs = [r for _, r in srs]
         k = len(rs)
         kv, kv16 = sum(r["kv_bytes"] for r in rs), sum(r["kv_bytes_fp16"] for r in rs)
         c = {"n": k, "score": sum(r["score"] for r in rs) / k, "ratio": kv16 / kv, "mb": kv / k / 1e6,
+             "by_sample": {i: r["score"] for i, r in srs},
              "mb16": kv16 / k / 1e6,
              "tps": sum(r["decoded_tokens"] for r in rs) / max(1e-9, sum(r["decode_s"] for r in rs)),
              "build_s": sum(r["build_s"] for r in rs) / k}
@@ -188,9 +243,12 @@ def render(data, ratios, lengths, tasks, plot_dir=None) -> str:
     L.append("Produced by `bench/make_results.py` (do not edit by hand). Model: SmolLM2-135M-Instruct "
              "(embedded, fp32, CPU). Every method is a preset of the same compressed store but `kv-distill` (its "
              "own cache of the kept tokens at 16 bits, its selector and adapter trained here: `python -m agacc distill`, "
-             "docs/baselines.md); memory is "
-             "`cache.memory()` at the end of each sample (bytes actually held, tracker included) and the "
-             "ratio is measured: 16-bit bytes of the same tokens / bytes held.\n")
+             "docs/baselines.md) and the field's own implementations: `kvpress:*` (NVIDIA kvpress 0.5.5's presses in "
+             "their own environment, `bash scripts/setup_kvpress.sh`; fitted to each ratio at equal bytes, so in fp32 "
+             "`@4` keeps 1/8 of the tokens) and `hf-quantized:*` (transformers' `QuantizedCache`, quanto and HQQ). "
+             "Memory is the bytes each cache actually holds at the end of each sample (`cache.memory()`, tracker "
+             "included; the external methods' tensors walked, each storage once; query-agnostic: the compressed "
+             "context) and the ratio is measured: 16-bit bytes of the same tokens / bytes held.\n")
     for run in m.get("runs") or [_run_of(m)]:
         L.append(f"Command: `{run.get('command')}`  \nStarted {run.get('started')}, finished {run.get('finished', 'not finished')}"
                  f" ({run.get('minutes', '?')} min), torch threads {run.get('torch_threads')}."
@@ -212,30 +270,26 @@ def render(data, ratios, lengths, tasks, plot_dir=None) -> str:
              "The uniform presets have a fixed ratio (their bit width), shown once per length; `--ratio` cannot move them.\n"
              "- `—` = not run (time budget). A method meets a ratio column if its measured ratio is >= 95% of the target.\n")
     L += render_section(data, tasks, lengths, plot_dir)
+    protocols = [p for p in PROTOCOLS if any(protocol_of(r) == p for s in data["samples"] for r in s["results"])]
     for task in tasks:
         L.append(f"\n## {task}\n")
-        for n in lengths:
-            if not any(k[0] == task and k[1] == n for k in cs):
-                L.append(f"\n### {task} @ {n} tokens: not run (time budget)\n")
-                continue
-            L.append(f"\n### {task} @ {n} tokens\n")
-            L.append(prefill_note(data, task, n) + "\n")
-            head = "| preset | " + " | ".join(f"ratio {r:g}" for r in ratios) + " | fixed |"
-            L.append(head)
-            L.append("|" + "---|" * (len(ratios) + 2))
-            for p in FIXED[:1] + RATIO_PRESETS + FIXED[1:]:
-                row = [p]
-                for r in ratios:
-                    c = cs.get((task, n, p, float(r)))
-                    row.append("—" if c is None or p in FIXED else _fmt(c, task))
-                c = cs.get((task, n, p, None))
-                row.append(_fmt(c, task) if c else "")
-                L.append("| " + " | ".join(row) + " |")
-            full = cs.get((task, n, "full", None))
-            if full:
-                extra = f", ppl {full['ppl']:.3f}" if "ppl" in full else ""
-                L.append(f"\nfull cache: score {full['score']:.3f}{extra}, {full['mb16']:.2f} MB at 16 bits "
-                         f"({full['mb']:.2f} MB held in fp32).\n")
+        for proto in protocols:
+            cs, sk = cells(data, proto), skips(data, proto)
+            for n in lengths:
+                title = f"{task} @ {n} tokens" + ("" if proto == QUERY_AWARE else f", {proto}")
+                if not any(k[0] == task and k[1] == n for k in cs):
+                    if proto == QUERY_AWARE:
+                        L.append(f"\n### {title}: not run (time budget)\n")
+                    continue
+                L.append(f"\n### {title}\n")
+                L.append(prefill_note(data, task, n, proto) + "\n")
+                L += _table(cs, sk, task, n, ratios, proto)
+                full = cs.get((task, n, "full", None))
+                if full:
+                    extra = f", ppl {full['ppl']:.3f}" if "ppl" in full else ""
+                    L.append(f"\nfull cache: score {full['score']:.3f}{extra}, {full['mb16']:.2f} MB at 16 bits "
+                             f"({full['mb']:.2f} MB held in fp32).\n")
+    cs = cells(data)
     # memory table
     L.append("\n## Memory (MB held) and speed at each context length\n")
     L.append("KV-cache MB held (mean over the samples of the ppl task, else passkey) per preset and ratio; "
@@ -257,13 +311,13 @@ def render(data, ratios, lengths, tasks, plot_dir=None) -> str:
         c = pick("full", None, n)
         ref += [f"{c['mb16']:.2f}" if c else "—", "", ""]
     L.append("| " + " | ".join(ref) + " |")
-    for p in FIXED:
+    for p in FIXED + [p for p in EXTERNAL_FIXED if any(k[2] == p for k in cs)]:
         row = [p, "fixed"]
         for n in lengths:
             c = pick(p, None, n)
             row += [f"{c['mb']:.2f} ({c['ratio']:.2f}x)", f"{c['tps']:.1f}", f"{c['build_s']:.1f}"] if c else ["—"] * 3
         L.append("| " + " | ".join(row) + " |")
-    for p in RATIO_PRESETS:
+    for p in RATIO_PRESETS + [p for p in EXTERNAL_RATIO if any(k[2] == p for k in cs)]:
         for r in ratios:
             row = [p, f"{r:g}"]
             for n in lengths:
@@ -277,24 +331,67 @@ def render(data, ratios, lengths, tasks, plot_dir=None) -> str:
              "the ratio and still scored higher is named in the verdict. Ties count as 'at least as good'. "
              "For ppl the score (ppl_full / ppl, capped at 1) "
              "saturates and is noisy over few tokens, so a second verdict compares KL(full || method) per token "
-             "(lower is better) against the lowest baseline KL.\n")
-    L.append("| task | ctx | ratio | agacc | best baseline | verdict | ppl: best baseline KL | verdict by KL |")
-    L.append("|---|---|---|---|---|---|---|---|")
+             "(lower is better) against the lowest baseline KL. The external methods (kvpress's presses, "
+             "transformers' QuantizedCache) get their own verdict: the best of them at equal memory against AGACC, "
+             "by the 95% interval of the paired per-sample difference (AGACC minus it; 'better' when the interval "
+             "is above 0, 'yes' when it holds 0, **no** when it is below), by KL on ppl.\n")
+    for proto in protocols:
+        L += _verdicts(cells(data, proto), tasks, lengths, ratios, proto, len(protocols) > 1)
+    if any(";" in prefill_note(data, t, n) for t in tasks for n in lengths):
+        L.append("Where a table mixes prefills (its Prefill line), these comparisons set a method that compressed "
+                 "chunk by chunk against baselines that compressed after one prefill of the whole prompt (kvpress's "
+                 "presses always prefill in one forward, as its pipeline does).\n")
+    return "\n".join(L) + "\n"
+
+
+def _table(cs: dict, sk: dict, task: str, n: int, ratios, proto: str) -> list[str]:
+    """One task x length x protocol table: a row per method that ran or was skipped there (the store's
+    presets always, query-aware), a column per ratio and one for the fixed-ratio methods."""
+    fixed = FIXED + EXTERNAL_FIXED
+    L = ["| preset | " + " | ".join(f"ratio {r:g}" for r in ratios) + " | fixed |", "|" + "---|" * (len(ratios) + 2)]
+    for p in ROWS:
+        keys = [(task, n, p, float(r)) for r in ratios] + [(task, n, p, None)]
+        if not any(k in cs or k in sk for k in keys) and not (p in OWN and proto == QUERY_AWARE):
+            continue
+        row = [p] + ["—" if p in fixed else _fmt(cs.get(k), task) if k in cs or k not in sk else sk[k] for k in keys[:-1]]
+        k = keys[-1]
+        row.append(_fmt(cs[k], task) if k in cs else sk.get(k, ""))
+        L.append("| " + " | ".join(row) + " |")
+    return L
+
+
+def _verdicts(cs: dict, tasks, lengths, ratios, proto: str, say_protocol: bool) -> list[str]:
+    """The dominance table of one protocol: AGACC against the best of the store's baselines and against the
+    best external method at equal memory, per task x length x ratio, and the counts."""
+    from agacc.eval.metrics import paired_difference
+
+    L = [f"\n### {proto}\n"] if say_protocol else []
+    L.append("| task | ctx | ratio | agacc | best baseline | verdict | ppl: best baseline KL | verdict by KL "
+             "| best external | vs external |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
     wins = losses = kl_wins = kl_losses = 0
-    lost, more_mem = [], []
+    ext = {"yes": 0, "better": 0, "no": 0}
+    lost, more_mem, ext_lost = [], [], []
     for task in tasks:
         for n in lengths:
             for r in ratios:
                 a = cs.get((task, n, "agacc", float(r)))
                 if a is None:
-                    L.append(f"| {task} | {n} | {r:g} | — | — | not run | | |")
+                    if any(k[0] == task and k[1] == n for k in cs):
+                        L.append(f"| {task} | {n} | {r:g} | — | — | not run | | | | |")
                     continue
                 ran = [(p, cs.get((task, n, p, float(r)))) for p in RATIO_PRESETS[3:]]  # fitted to this target
                 ran += [(p, cs.get((task, n, p, None))) for p in FIXED[1:]]
                 equal = [(p, c) for p, c in ran if c and c["ratio"] >= 0.95 * r]  # at equal memory
                 more = [(p, c) for p, c in ran if c and c["ratio"] < 0.95 * r and p in RATIO_PRESETS]  # could not get there
+                ext_cols = _vs_external(cs, a, task, n, r, paired_difference)
+                if ext_cols[1] in ext:
+                    ext[ext_cols[1]] += 1
+                    if ext_cols[1] == "no":
+                        ext_lost.append(f"{task} {n} @ {r:g}")
+                ext_txt = f" | {ext_cols[0]} | {ext_cols[2]} |"
                 if not equal:
-                    L.append(f"| {task} | {n} | {r:g} | {_fmt(a, task)} | none ran | — | | |")
+                    L.append(f"| {task} | {n} | {r:g} | {_fmt(a, task)} | none ran | — | |" + ext_txt)
                     continue
                 bname, best = max(equal, key=lambda pc: pc[1]["score"])
                 oname, over = max(more, key=lambda pc: pc[1]["score"]) if more else (None, None)
@@ -315,22 +412,50 @@ def render(data, ratios, lengths, tasks, plot_dir=None) -> str:
                     kl_wins += ok_kl
                     kl_losses += not ok_kl
                     kl_cols = f" | {kp}: {kb:.4f} (agacc {a['kl']:.4f}) | {'yes' if ok_kl else '**no**'} |"
-                L.append(f"| {task} | {n} | {r:g} | {_fmt(a, task)} | {bname}: {_fmt(best, task)} | {verdict}" + kl_cols)
+                L.append(f"| {task} | {n} | {r:g} | {_fmt(a, task)} | {bname}: {_fmt(best, task)} | {verdict}"
+                         + kl_cols + ext_txt[2:])
     misses = [f"{p} {t} {n} @ {r:g}: {c['ratio']:.2f}x" for (t, n, p, r), c in sorted(cs.items(), key=lambda kv: str(kv[0]))
               if r is not None and c["ratio"] < 0.95 * r]
     if misses:
         L.append("\nMeasured ratio below 95% of the target (the method could not get there: full-precision "
                  "recent window and sinks, tracker state, or generated tokens a compress-once method keeps): "
                  + "; ".join(misses) + ".\n")
-    L.append(f"\nAGACC at least as good as the best baseline in {wins} of {wins + losses} cells that ran."
+    L.append((f"\nAGACC at least as good as the best baseline in {wins} of {wins + losses} cells that ran." if wins + losses
+              else "\n")
              + (f" It does **not** dominate in: {', '.join(lost)}." if lost else "")
              + (f" A baseline holding more memory than the ratio allows scored higher in: {', '.join(more_mem)}."
                 if more_mem else "")
-             + (f" By KL on ppl: at least as good in {kl_wins} of {kl_wins + kl_losses}." if kl_wins + kl_losses else "") + "\n")
-    if any(";" in prefill_note(data, t, n) for t in tasks for n in lengths):
-        L.append("Where a table mixes prefills (its Prefill line), these comparisons set a method that compressed "
-                 "chunk by chunk against baselines that compressed after one prefill of the whole prompt.\n")
-    return "\n".join(L) + "\n"
+             + (f" By KL on ppl: at least as good in {kl_wins} of {kl_wins + kl_losses}." if kl_wins + kl_losses else "")
+             + (f" Against the best external method at equal memory: at least as good in {ext['yes'] + ext['better']} "
+                f"of {sum(ext.values())} cells, better beyond the interval in {ext['better']}"
+                + (f"; behind in: {', '.join(ext_lost)}" if ext_lost else "") + "." if sum(ext.values()) else "") + "\n")
+    return L
+
+
+def _vs_external(cs: dict, a: dict, task: str, n: int, r: float, paired_difference) -> tuple[str, str, str]:
+    """(the best external method at equal memory, verdict key, verdict text) for AGACC's cell ``a``:
+    retrieval tasks by the paired per-sample difference's 95% interval, ppl by KL (lower is better).
+    Where no external method got down to the ratio, the best fitted one that holds more memory: AGACC
+    ahead of it counts; behind it is said and not counted (key "")."""
+    ran = [(p, cs.get((task, n, p, float(r)))) for p in EXTERNAL_RATIO] + [(p, cs.get((task, n, p, None))) for p in EXTERNAL_FIXED]
+    equal = [(p, c) for p, c in ran if c and c["ratio"] >= 0.95 * r]
+    more = [(p, c) for p, c in ran if c and c["ratio"] < 0.95 * r and p in EXTERNAL_RATIO]  # fitted, missed the ratio
+    if not equal and not more:
+        return "none ran", "", "—"
+    pool = equal or more  # none at equal memory: the ones holding more, which AGACC can only beat, never trail
+    if "kl" in a:
+        bp, bc = min(pool, key=lambda pc: pc[1]["kl"])
+        v, best, diff = ("yes" if a["kl"] <= bc["kl"] + 1e-12 else "no"), f"{bp}: KL {bc['kl']:.4f} (agacc {a['kl']:.4f})", ""
+    else:
+        bp, bc = max(pool, key=lambda pc: pc[1]["score"])
+        both = sorted(set(a["by_sample"]) & set(bc["by_sample"]))
+        d, h = paired_difference([bc["by_sample"][i] for i in both], [a["by_sample"][i] for i in both])
+        v = "better" if d - h > 1e-12 else "yes" if d + h >= -1e-12 else "no"
+        best, diff = f"{bp}: {_fmt(bc, task)}", f"{d:+.2f} ± {h:.2f} ({len(both)} samples): "
+    if not equal:
+        best += f", holding more memory ({bc['ratio']:.2f}x)"
+        v = "" if v == "no" else v  # behind a method that holds more: not a comparison at equal memory
+    return best, v, diff + {"better": "better", "yes": "yes", "no": "**no**", "": "behind it, not at equal memory"}[v]
 
 
 def _fmt(c, task) -> str:
@@ -362,12 +487,15 @@ def main(argv=None) -> int:
                    help="with --resume: re-run these presets on the samples held, keep the others' results")
     p.add_argument("--redo-missing-only", action="store_true",
                    help="with --redo: skip results already made with this --prefill-chunk (continue a cut --redo run)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default=QUERY_AWARE,
+                   help="retrieval tasks: the question in the compressed prefill (query-aware) or asked after the "
+                        "context was compressed (query-agnostic; ppl is skipped)")
     p.add_argument("--render-only", action="store_true")
     p.add_argument("--merge", nargs="+", default=[], metavar="JSON",
                    help="with --redo: take those presets' results at --tasks x --lengths from these pages' JSON "
                         "(each written by a process of a split run) into --json, then render")
     args = p.parse_args(argv)
-    unknown = set(args.redo) - set(RATIO_PRESETS + FIXED)
+    unknown = set(args.redo) - set(ROWS)
     if unknown or (args.redo and not (args.resume or args.merge)):
         p.error(f"--redo needs --resume (or --merge) and presets of this page (unknown: {sorted(unknown)})")
     if args.redo_missing_only and not args.redo:

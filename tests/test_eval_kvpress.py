@@ -3,6 +3,7 @@ a pruned kvpress cache, its run on the tiny Llama with a stand-in press (kvpress
 each layer's cache after the prefill), the JSON request and the scoring of recorded worker lines, the
 "skipped" row when the venv is missing. A live run through .venv-kvpress when it exists."""
 import json
+import math
 import sys
 import types
 from contextlib import contextmanager
@@ -78,8 +79,10 @@ def _fake_kvpress(monkeypatch, seen):
 @pytest.mark.parametrize("protocol", ["query-aware", "query-agnostic"])
 def test_worker_and_adapter_on_the_tiny_model(loaded, tiny_model, tmp_path, monkeypatch, protocol):
     """The worker in this process with the stand-in press: compression 0 predicts what the plain model
-    predicts (the answer positions after the whole prompt); compression 0.75 holds a quarter of the
-    prefilled tokens (hand count) and its later tokens take the uncompressed positions."""
+    predicts (the answer positions after the whole prompt); @2 removes 75% of the context
+    (query-agnostic: half a 16-bit cache of the context) or, query-aware, enough that the cache holds half
+    a 16-bit cache once the answer's tokens joined it (hand count); later tokens take the uncompressed
+    positions."""
     from agacc.eval import kvpress_worker as W
     from agacc.eval import tasks as T
     from agacc.eval.kvpress_adapter import make_request, parse_kvpress, results_from_lines
@@ -96,7 +99,10 @@ def test_worker_and_adapter_on_the_tiny_model(loaded, tiny_model, tmp_path, monk
     rq.write_text(json.dumps(req))
     assert W.main([str(rq), str(rs)]) == 0
     lines = rs.read_text().splitlines()
-    assert len(lines) == 4 and seen[1] == (0.75, {"window_size": 4})
+    assert len(lines) == 4 and seen[1][1] == {"window_size": 4}
+    a0 = len(samples[0].answer_ids) - 1
+    assert seen[1][0] == (0.75 if protocol == "query-agnostic" else  # fitted: 1/2 of a 16-bit cache at the end
+                          1 - (0.25 * (len(samples[0].prompt_ids) + a0) - a0) / len(samples[0].prompt_ids))
     res = results_from_lines(lines, samples, methods, tok, protocol, "match")
     for s in samples:
         with torch.inference_mode():
@@ -106,7 +112,8 @@ def test_worker_and_adapter_on_the_tiny_model(loaded, tiny_model, tmp_path, monk
         assert w["pred_ids"] == ref.tolist() and lossless["score"] == float(ref.tolist() == s.answer_ids)
         pressed = next(r for r in res if r["index"] == s.index and r["preset"] == methods[1][0])
         n = len(s.context_ids) if protocol == "query-agnostic" else len(s.prompt_ids)
-        keep = n - int(n * 0.75)
+        a = 0 if protocol == "query-agnostic" else len(s.answer_ids) - 1  # teacher-forced after the prefill
+        keep = n - int(n * (1 - (0.25 * (n + a) - a) / n))
         if protocol == "query-agnostic":  # the compressed context
             assert pressed["kv_bytes"] == LAYERS * 2 * HEADS * keep * HEAD_DIM * 4
             assert pressed["kv_bytes_fp16"] == LAYERS * 2 * HEADS * n * HEAD_DIM * 2
@@ -115,6 +122,41 @@ def test_worker_and_adapter_on_the_tiny_model(loaded, tiny_model, tmp_path, monk
         assert pressed["kv_bytes_end"] == LAYERS * 2 * HEADS * end * HEAD_DIM * 4
         assert pressed["kept_tokens"] == keep
         assert pressed["ratio"] == pressed["kv_bytes_fp16"] / pressed["kv_bytes"]
+        assert pressed["ratio"] == pytest.approx(2.0, rel=0.03)  # equal bytes (@2) where counted, to a token
+
+
+def test_worker_perplexity_against_the_full_cache(loaded, tiny_model, tmp_path, monkeypatch):
+    """ppl through the worker (stand-in press): compression 0 gives the full cache's NLL and KL 0 (the
+    same model, teacher-forced in chunks of 8 after the prefill); @2 holds half a 16-bit cache at the end
+    (in fp32, the forced tokens included: the press fitted to them) and scores the same tokens worse.
+    The adapter turns the lines into the runner's ppl fields (score = ppl_full / ppl, capped at 1)."""
+    from agacc.eval import kvpress_worker as W
+    from agacc.eval import tasks as T
+    from agacc.eval.kvpress_adapter import full_logits, make_request, parse_kvpress, results_from_lines
+
+    model, tok = loaded
+    _fake_kvpress(monkeypatch, [])
+    (s,) = T.ppl(tok, 256, 1, text=CORPUS * 8, decode_tokens=24)
+    methods = [parse_kvpress("kvpress:snapkv,compression_ratio=0"), parse_kvpress("kvpress:knorm@2")]
+    ref = full_logits(model, s)
+    assert ref.shape == (len(s.target_ids), model.config.vocab_size)
+    torch.save(ref, tmp_path / "ref.pt")
+    req = make_request([s], methods, "query-aware", "match", tiny_model, itemsize=4, refs={s.index: tmp_path / "ref.pt"})
+    assert req["samples"][0]["target_ids"] == s.target_ids and "answer_ids" not in req["samples"][0]
+    rq, rs = tmp_path / "rq.json", tmp_path / "rs.jsonl"
+    rq.write_text(json.dumps(req))
+    assert W.main([str(rq), str(rs)]) == 0
+    zero, pressed = results_from_lines(rs.read_text().splitlines(), [s], methods, tok, "query-aware", "match")
+    assert zero["tokens"] == pressed["tokens"] == len(s.target_ids) == 24
+    assert zero["kl"] < 1e-5 and zero["nll"] == pytest.approx(zero["nll_full"], rel=1e-5)
+    assert zero["score"] == pytest.approx(1.0) and zero["top1"] == 24
+    assert pressed["kl"] > 1e-3 and pressed["nll_full"] == pytest.approx(zero["nll_full"], rel=1e-6)
+    assert pressed["score"] == min(1.0, math.exp((pressed["nll_full"] - pressed["nll"]) / 24))
+    n = len(s.prompt_ids)
+    assert pressed["kept_tokens"] == n - int(n * (1 - (0.25 * (n + 23) - 23) / n))  # fitted for the 23 forced tokens
+    assert pressed["kv_bytes"] == LAYERS * 2 * HEADS * (pressed["kept_tokens"] + 23) * HEAD_DIM * 4
+    assert pressed["kv_bytes_fp16"] == LAYERS * 2 * HEADS * (n + 23) * HEAD_DIM * 2
+    assert pressed["ratio"] == pytest.approx(2.0, rel=0.03)  # @2: equal bytes at the end, to a token
 
 
 def test_recorded_lines_are_scored_with_the_task_metric(loaded):
@@ -138,6 +180,30 @@ def test_recorded_lines_are_scored_with_the_task_metric(loaded):
     gen = dict(good, pred_ids=tok(" the key " + s.answers[0], add_special_tokens=False)["input_ids"])
     (t,) = results_from_lines([json.dumps(gen)], [s], methods, tok, "query-aware", "generate")
     assert t["score"] == 1.0 and s.answers[0] in t["prediction"]
+
+
+def test_ruler_lines_are_scored_and_stopped_as_the_runner_does(loaded):
+    """RULER samples through the adapter: the share of all answers found (case-insensitive), as
+    runner._score gives; the request tells the worker to stop once every answer is in the text."""
+    from agacc.eval import ruler
+    from agacc.eval.kvpress_adapter import make_request, parse_kvpress, results_from_lines
+    from agacc.eval.kvpress_worker import answered
+
+    _, tok = loaded
+    (s,) = ruler.niah_multivalue(tok, 512, 1, values=4)
+    a = list(s.answers)
+    assert len(a) == 4 and s.metric == "string_match_all"
+    methods = [parse_kvpress("kvpress:snapkv@4")]
+    text = f"They are {a[0]}, {a[2].upper()} and more."
+    line = {"index": s.index, "label": "kvpress:snapkv@4", "pred_ids": tok(text, add_special_tokens=False)["input_ids"],
+            "kv_bytes": 1000, "kv_bytes_fp16": 4000, "kv_bytes_end": 1000, "kv_bytes_fp16_end": 4000,
+            "kept_tokens": 60, "prompt_tokens": 500, "build_s": 0.1, "decode_s": 0.2, "decoded_tokens": 9}
+    (r,) = results_from_lines([json.dumps(line)], [s], methods, tok, "query-agnostic", "generate")
+    assert r["score"] == 0.5 == ruler.score(s, text)
+    (req,) = make_request([s], methods, "query-agnostic", "generate", "m", 4)["samples"]
+    assert req["answers"] == a and req["stop_all"] is True
+    assert not answered(text, req) and answered(" ".join(x.upper() for x in a), req)
+    assert answered("x " + a[1], dict(req, stop_all=False)) and not answered("x", dict(req, stop_all=False))
 
 
 def test_missing_venv_is_a_skipped_row(tiny_model, tmp_path, capsys, monkeypatch):
@@ -172,3 +238,7 @@ def test_live_kvpress_keeps_everything_at_compression_zero(tiny_model, tmp_path)
     assert [s["prediction"] for s in zero["per_sample"]] == [s["prediction"] for s in full["per_sample"]]
     assert zero["ratio"] == pytest.approx(0.5)
     assert snap["ratio"] == pytest.approx(4.0, rel=0.05)
+    assert main(["ppl", "--model", tiny_model, "--preset", "kvpress:knorm,compression_ratio=0", "--context-tokens",
+                 "256", "--samples", "1", "--decode-tokens", "16", "--json", str(out), "--no-progress"]) == 0
+    (zero,) = json.loads(out.read_text())
+    assert zero["kl"] < 1e-6 and zero["ppl"] == pytest.approx(zero["ppl_full"], rel=1e-5)  # nothing removed

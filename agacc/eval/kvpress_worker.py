@@ -8,7 +8,9 @@ adapter (``agacc/eval/kvpress_adapter.py``) writes the request and scores what c
 Request (JSON): ``{"model": path, "dtype": "float32", "threads": n|null, "protocol":
 "query-aware"|"query-agnostic", "scoring": "match"|"generate", "eos": [ids], "methods": [{"label",
 "press", "compression_ratio", "kwargs"}], "samples": [{"index", "context_ids", "question_ids",
-"answer_ids", "answers", "max_new_tokens"}]}``.
+"answer_ids", "answers", "max_new_tokens", "stop_all", "compression"} or, for perplexity, {"index",
+"context_ids", "target_ids", "ref_logits", "compression"}]}``; a sample's ``compression`` (label ->
+compression_ratio: the adapter's fit for equal bytes at the end) overrides the method's.
 
 Per sample and method, kvpress's protocol (its ``KVPressTextGenerationPipeline``): the press hooks the
 attention layers during a prefill and prunes the cache (a ``DynamicCache``); later tokens take the
@@ -16,7 +18,12 @@ positions after the *uncompressed* sequence. query-agnostic: the context is pref
 then the question (no press), then the answer; query-aware: context + question prefilled under the
 press, then the answer. ``match`` scoring teacher-forces the answer in one forward and returns the
 argmax at each answer position; ``generate`` decodes greedily (stopping at EOS, at ``max_new_tokens``,
-or once the text contains an answer).
+or once the text contains an answer; ``stop_all``: all of them, case-insensitive, as RULER's metric).
+
+Perplexity (a sample with ``target_ids``): the context prefilled under the press, then the target tokens
+teacher-forced through the pruned cache in chunks of 8 (as the adapter's other methods), compared with the
+full cache's logits the adapter saved (``ref_logits``: a ``torch.save``d [T, V] fp32 tensor): ``nll``,
+``nll_full``, ``top1``, ``kl``, ``tokens`` added to the line.
 
 One JSON line per (sample, method): ``{"index", "label", "pred_ids", "kv_bytes", "kv_bytes_fp16",
 "kv_bytes_end", "kv_bytes_fp16_end", "kept_tokens", "prompt_tokens", "build_s", "decode_s",
@@ -111,7 +118,7 @@ def run_one(model, tok, press, sample: dict, protocol: str, scoring: str, eos) -
             pred = [int(first.argmax())]
             while len(pred) < sample["max_new_tokens"] and pred[-1] not in eos:
                 text = tok.decode(pred, skip_special_tokens=True)
-                if any(a in text for a in sample.get("answers") or []):
+                if answered(text, sample):
                     break
                 pred.append(int(_forward(model, [pred[-1]], cache, pos + len(pred) - 1, logits_to_keep=1)[-1].argmax()))
             processed = len(pred) - 1
@@ -129,13 +136,60 @@ def run_one(model, tok, press, sample: dict, protocol: str, scoring: str, eos) -
     return r
 
 
-def make_press(method: dict):
+def answered(text: str, sample: dict) -> bool:
+    """Generation can stop: the text holds an answer (``stop_all``: every answer, case-insensitive)."""
+    answers = [str(a) for a in sample.get("answers") or []]
+    if sample.get("stop_all"):
+        return bool(answers) and all(a.lower() in text.lower() for a in answers)
+    return any(a in text for a in answers)
+
+
+def lm_stats(logits, ref_logits, targets) -> dict:
+    """agacc.eval.metrics.lm_stats restated (this worker imports nothing from agacc): sums over the T
+    positions of the NLL under the method and the full cache, argmax agreement, KL(full || method)."""
+    import torch
+
+    lp, lq = torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1)
+    idx = targets.long()[:, None]
+    return {"nll": float(-lp.gather(1, idx).sum()), "nll_full": float(-lq.gather(1, idx).sum()),
+            "top1": int((logits.argmax(-1) == ref_logits.argmax(-1)).sum()),
+            "kl": float((lq.exp() * (lq - lp)).sum(-1).clamp_min(0).sum()), "tokens": int(targets.numel())}
+
+
+def run_lm(model, press, sample: dict, chunk: int = 8) -> dict:
+    """Perplexity: the context under the press, the targets teacher-forced after it (see the module doc)."""
+    import torch
+    from transformers import DynamicCache
+
+    ctx, tgt = sample["context_ids"], sample["target_ids"]
+    ref = torch.load(sample["ref_logits"])
+    cache = DynamicCache()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        with press(model):
+            first = _forward(model, ctx, cache, 0, logits_to_keep=1)[-1]
+        kept = int(cache.get_seq_length())
+        t1 = time.perf_counter()
+        forced = tgt[:-1]
+        rest = [_forward(model, forced[lo: lo + chunk], cache, len(ctx) + lo) for lo in range(0, len(forced), chunk)]
+        logits = torch.cat([first[None]] + rest)
+        t2 = time.perf_counter()
+    end = layers_kv(cache)
+    held, fp16 = cache_bytes(end), fp16_bytes(end, len(ctx) + len(forced))
+    return {"index": sample["index"], "pred_ids": [], "kept_tokens": kept, "prompt_tokens": len(ctx),
+            "kv_bytes": held, "kv_bytes_fp16": fp16, "kv_bytes_end": held, "kv_bytes_fp16_end": fp16,
+            "build_s": t1 - t0, "decode_s": t2 - t1, "decoded_tokens": len(forced),
+            **lm_stats(logits, ref, torch.tensor(tgt))}
+
+
+def make_press(method: dict, compression: float | None = None):
     import kvpress
 
     name = method["press"]
     if name not in PRESSES:
         raise ValueError(f"unknown press {name!r}; choose from {sorted(PRESSES)}")
-    return getattr(kvpress, PRESSES[name])(compression_ratio=float(method["compression_ratio"]), **method.get("kwargs", {}))
+    cr = method["compression_ratio"] if compression is None else compression
+    return getattr(kvpress, PRESSES[name])(compression_ratio=float(cr), **method.get("kwargs", {}))
 
 
 def main(argv=None) -> int:
@@ -164,8 +218,10 @@ def main(argv=None) -> int:
         for sample in req["samples"]:
             for method in req["methods"]:
                 try:
-                    r = run_one(model_for(method["press"]), tok, make_press(method), sample, req["protocol"],
-                                req["scoring"], eos)
+                    press = make_press(method, (sample.get("compression") or {}).get(method["label"]))
+                    model = model_for(method["press"])
+                    r = (run_lm(model, press, sample) if "target_ids" in sample else
+                         run_one(model, tok, press, sample, req["protocol"], req["scoring"], eos))
                 except Exception as e:  # one method failing on one sample: said in its row
                     r = {"index": sample["index"], "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
                 r["label"] = method["label"]

@@ -274,13 +274,18 @@ def _score(model, tok, s: Sample, cache, first: torch.Tensor, scoring: str, chun
     elif s.metric in ruler.METRICS:  # every answer found: nothing more to decode
         stop = lambda t: ruler.score(s, tok.decode(t)) >= 1.0
     toks = greedy(model, cache, first, s.max_new_tokens, eos, stop)
-    text = tok.decode(toks, skip_special_tokens=True)
+    r["prediction"], r["score"] = text_score(s, tok.decode(toks, skip_special_tokens=True))
+    return len(toks) - 1
+
+
+def text_score(s: Sample, text: str) -> tuple[str, float]:
+    """A generated answer of sample ``s`` -> (the prediction scored, its score): the first line where the
+    task asks for it, then the task's metric (RULER's: the share of all answers found)."""
     if s.first_line:
         text = text.lstrip("\n").split("\n")[0]
-    r["prediction"] = text
-    r["score"] = (ruler.score(s, text) if s.metric in ruler.METRICS  # RULER: the share of all answers found
-                  else best_score(s.metric, text, s.answers, all_classes=s.all_classes))
-    return len(toks) - 1
+    if s.metric in ruler.METRICS:
+        return text, ruler.score(s, text)
+    return text, best_score(s.metric, text, s.answers, all_classes=s.all_classes)
 
 
 def _failed(cfg, e: Exception) -> str:
