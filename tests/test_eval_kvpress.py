@@ -242,3 +242,35 @@ def test_live_kvpress_keeps_everything_at_compression_zero(tiny_model, tmp_path)
                  "256", "--samples", "1", "--decode-tokens", "16", "--json", str(out), "--no-progress"]) == 0
     (zero,) = json.loads(out.read_text())
     assert zero["kl"] < 1e-6 and zero["ppl"] == pytest.approx(zero["ppl_full"], rel=1e-5)  # nothing removed
+
+
+def test_worker_ends_when_its_parent_is_killed(tmp_path):
+    """An evaluation killed mid-run leaves no worker behind: a process that starts a watched child and
+    dies at once (as a killed adapter) -> the child, asleep for a minute, is gone within seconds."""
+    import os
+    import subprocess
+    import time
+
+    worker = Path(__file__).resolve().parents[1] / "agacc" / "eval" / "kvpress_worker.py"
+    child = ("import importlib.util, time; spec = importlib.util.spec_from_file_location('w', {w!r}); "
+             "w = importlib.util.module_from_spec(spec); spec.loader.exec_module(w); "  # as the worker runs: no agacc
+             "w.exit_with_parent(0.05); print('watching', flush=True); time.sleep(60)").format(w=str(worker))
+    parent = (f"import subprocess, sys, os; p = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE, "
+              "stderr=subprocess.DEVNULL); p.stdout.readline(); print(p.pid, flush=True); os._exit(0)")
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=30)
+    pid = int(out.stdout.split()[0])
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        # a zombie (exited, not yet reaped by init) counts as gone
+        try:
+            if open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    raise AssertionError("the worker outlived its parent")

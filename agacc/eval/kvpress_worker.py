@@ -230,5 +230,22 @@ def main(argv=None) -> int:
     return 0
 
 
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """End this process once its parent is gone: an evaluation killed mid-run (the adapter's process)
+    must not leave its worker computing for nobody. A daemon thread watches for the re-parenting."""
+    import os
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 if __name__ == "__main__":
+    exit_with_parent()
     sys.exit(main())
