@@ -10,8 +10,9 @@
   run here) are left out; results without a ``protocol`` are query-aware (the runner's default).
 * ``plot_task(...)``: one PNG per task, a panel per context length: each method's curve (its points
   at every target ratio; the fixed-bit presets of one family, e.g. uniform-int8/int4/int2, as one
-  curve), AGACC highlighted, the front as a step line, protocols by line style, the uncompressed
-  reference (``full`` / ``plain``) as a horizontal line. matplotlib (requirements-dev.txt), Agg.
+  curve), AGACC highlighted, the external libraries' methods with hollow markers, the front as a step
+  line, protocols by line style, the uncompressed reference (``full`` / ``plain``) as a horizontal line.
+  matplotlib (requirements-dev.txt), Agg.
 * ``render_section(data, tasks, lengths, plot_dir)``: the markdown of the page's "Pareto plots"
   section (writes ``plot_dir/pareto_<task>.png``; without matplotlib it says so and writes no PNG).
 """
@@ -112,6 +113,11 @@ def front_line(task: str, pts: list) -> str:
     return ", ".join(f"{p.label} ({p.ratio:.2f}x, {_fmt_score(task, p.score)})" for p in front)
 
 
+def _face(family: str, color):
+    """Marker face: hollow for the external libraries' methods (``kvpress:*``, ``hf-quantized:*``)."""
+    return "white" if ":" in family else color
+
+
 def _styles(families: list) -> dict:
     """family -> (color, marker); AGACC red with stars, the others from tab10 minus red."""
     import matplotlib
@@ -173,7 +179,8 @@ def plot_task(points: dict, reference: dict, task: str, lengths: list, path) -> 
                 color, marker = style[f]
                 hi = f == HIGHLIGHT
                 ax.plot([p.ratio for p in fp], [p.score for p in fp], linestyle=ls, marker=marker, color=color,
-                        lw=2.6 if hi else 1.1, ms=11 if hi else 5, alpha=1.0 if hi else 0.8, zorder=5 if hi else 3)
+                        mfc=_face(f, color), lw=2.6 if hi else 1.1, ms=11 if hi else 5, alpha=1.0 if hi else 0.8,
+                        zorder=5 if hi else 3)
                 for p in fp:  # a fixed-bit family's points: name the bit width
                     rest = p.label.partition(",")[0].partition("@")[0][len(f):].lstrip("-")
                     if rest:
@@ -202,7 +209,7 @@ def plot_task(points: dict, reference: dict, task: str, lengths: list, path) -> 
         ax0.yaxis.set_major_locator(FixedLocator(ticks))
         ax0.yaxis.set_minor_locator(NullLocator())
         ax0.set_yticklabels([f"{t:+d}%" if t else "0%" for t in ticks])
-    handles = [Line2D([], [], color=style[f][0], marker=style[f][1], lw=2.6 if f == HIGHLIGHT else 1.1,
+    handles = [Line2D([], [], color=style[f][0], marker=style[f][1], mfc=_face(f, style[f][0]), lw=2.6 if f == HIGHLIGHT else 1.1,
                       ms=11 if f == HIGHLIGHT else 5, label=f.upper() if f == HIGHLIGHT else f) for f in families]
     handles.append(Line2D([], [], color="black", lw=7, alpha=0.2, marker="o", ms=9, mfc="none", mec="black",
                           label="Pareto front"))
@@ -211,10 +218,12 @@ def plot_task(points: dict, reference: dict, task: str, lengths: list, path) -> 
         handles += [Line2D([], [], color="gray", linestyle=PROTOCOL_STYLE.get(pr, ":"), label=pr) for pr in protocols]
     fig.suptitle(f"{task}: {score_name(task).split(',')[0]} vs measured KV bytes ratio"
                  + (f" ({protocols[0]})" if len(protocols) == 1 else " (line style = protocol)"), fontsize=12)
-    ncol = min(len(handles), int(width / 1.7))  # 7 legend entries across three panels
+    longest = max(len(h.get_label()) for h in handles)  # at fontsize 9: ~0.075 in a character + the marker
+    ncol = max(1, min(len(handles), int(width / (0.55 + 0.075 * longest))))
     fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
     rows = math.ceil(len(handles) / ncol)
-    fig.tight_layout(rect=(0, 0.06 + 0.05 * rows, 1, 1))
+    fig.set_figheight(4.4 + 0.2 * rows)
+    fig.tight_layout(rect=(0, (0.25 + 0.2 * rows) / (4.4 + 0.2 * rows), 1, 1))
     _save_small(fig, path)
     plt.close(fig)
 
