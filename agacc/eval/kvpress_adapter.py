@@ -6,7 +6,8 @@ imports nothing from agacc, reads the samples as JSON (token ids: the same token
 method) and writes one JSON line per (sample, method): the predicted token ids and the bytes of the
 K/V tensors its cache holds. This side scores them with the task's metric and turns them into the
 runner's per-sample results. Perplexity (query-aware: the context under the press, the targets
-teacher-forced after it) is scored in the worker against the full cache's logits computed here. No venv: every kvpress row says "skipped: run bash scripts/setup_kvpress.sh".
+teacher-forced after it) is scored in the worker against the full cache's logits computed here. No
+venv: every kvpress row says "skipped: run bash scripts/setup_kvpress.sh".
 
 Names: ``kvpress:snapkv``, ``kvpress:expected_attention``, ``kvpress:streaming_llm``, ``kvpress:knorm``,
 ``kvpress:tova``, ``kvpress:observed_attention`` (eager attention), ``kvpress:kvzip`` (context
