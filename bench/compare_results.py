@@ -25,11 +25,13 @@ RESOLUTION = {"ppl": 1e-4}
 
 
 def records(data: dict) -> dict:
-    """(task, length, preset label) -> {sample index: result record}."""
+    """(task, length, preset label) -> {sample index: result record}; a query-agnostic result's label
+    carries its protocol (``agacc@4 (query-agnostic)``), so the two protocols never mix."""
     out: dict = {}
     for s in data["samples"]:
         for r in s["results"]:
-            out.setdefault((s["task"], s["context_tokens"], r["preset"]), {})[s["sample"]] = r
+            label = r["preset"] + (f" ({r['protocol']})" if r.get("protocol", "query-aware") != "query-aware" else "")
+            out.setdefault((s["task"], s["context_tokens"], label), {})[s["sample"]] = r
     return out
 
 

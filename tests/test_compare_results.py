@@ -46,3 +46,14 @@ def test_float_rounding_is_not_a_change():
     old = _data("ppl", [1, 1, 1], nll=[30.0, 31.0, 32.0])
     new = _data("ppl", [1, 1, 1], nll=[30.00001, 31.00001, 32.00001], run=1)  # 1e-6 nats/token, SE 0
     assert not compare(old, new)[0]["beyond_noise"]
+
+
+def test_protocols_are_kept_apart():
+    """A query-agnostic result of the same label is another record, never the query-aware one's."""
+    from bench.compare_results import records
+
+    data = {"samples": [{"task": "needle", "context_tokens": 1024, "sample": 0, "results": [
+        {"preset": "agacc@4", "score": 1.0}, {"preset": "agacc@4", "score": 0.0, "protocol": "query-agnostic"}]}]}
+    recs = records(data)
+    assert recs[("needle", 1024, "agacc@4")][0]["score"] == 1.0
+    assert recs[("needle", 1024, "agacc@4 (query-agnostic)")][0]["score"] == 0.0
