@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from agacc.eval import ruler
+from agacc.eval.scoring import text_score
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("kvpress_worker.py")
@@ -174,8 +175,6 @@ def fitted(methods, itemsize: int, prefill: int, added: int) -> dict:
 
 def results_from_lines(lines, samples, methods, tok, protocol: str, scoring: str, group_size=None) -> list[dict]:
     """The worker's JSON lines -> the runner's per-sample results (scored here with the task's metric)."""
-    from agacc.eval.runner import text_score
-
     by_index = {s.index: s for s in samples}
     cfg = dict(methods)
     out = []

@@ -43,7 +43,8 @@ from agacc.planner import text_config
 from agacc.probe import REPEAT, reconstruct
 from agacc.config import AGACCConfig
 from agacc.eval import ruler
-from agacc.eval.metrics import best_score, lm_stats, perplexity, wilson_interval
+from agacc.eval.metrics import lm_stats, perplexity, wilson_interval
+from agacc.eval.scoring import text_score
 from agacc.eval.tasks import Sample
 
 CAPTURE = "agacc_capture"
@@ -276,16 +277,6 @@ def _score(model, tok, s: Sample, cache, first: torch.Tensor, scoring: str, chun
     toks = greedy(model, cache, first, s.max_new_tokens, eos, stop)
     r["prediction"], r["score"] = text_score(s, tok.decode(toks, skip_special_tokens=True))
     return len(toks) - 1
-
-
-def text_score(s: Sample, text: str) -> tuple[str, float]:
-    """A generated answer of sample ``s`` -> (the prediction scored, its score): the first line where the
-    task asks for it, then the task's metric (RULER's: the share of all answers found)."""
-    if s.first_line:
-        text = text.lstrip("\n").split("\n")[0]
-    if s.metric in ruler.METRICS:
-        return text, ruler.score(s, text)
-    return text, best_score(s.metric, text, s.answers, all_classes=s.all_classes)
 
 
 def _failed(cfg, e: Exception) -> str:
