@@ -244,8 +244,10 @@ def render(data, ratios, lengths, tasks, plot_dir=None) -> str:
              "(embedded, fp32, CPU). Every method is a preset of the same compressed store but `kv-distill` (its "
              "own cache of the kept tokens at 16 bits, its selector and adapter trained here: `python -m agacc distill`, "
              "docs/baselines.md) and the field's own implementations: `kvpress:*` (NVIDIA kvpress 0.5.5's presses in "
-             "their own environment, `bash scripts/setup_kvpress.sh`; fitted to each ratio at equal bytes, so in fp32 "
-             "`@4` keeps 1/8 of the tokens) and `hf-quantized:*` (transformers' `QuantizedCache`, quanto and HQQ). "
+             "their own environment, `bash scripts/setup_kvpress.sh`: transformers 5.2, the same torch 2.13 CPU build; "
+             "fitted to each ratio at equal bytes, so in fp32 `@4` keeps 1/8 of the tokens) and `hf-quantized:*` "
+             "(transformers 5.23's `QuantizedCache` with optimum-quanto 0.2.7 and hqq 0.2.8.post1, groups of 64, "
+             "the last 128 tokens at full precision). "
              "Memory is the bytes each cache actually holds at the end of each sample (`cache.memory()`, tracker "
              "included; the external methods' tensors walked, each storage once; query-agnostic: the compressed "
              "context) and the ratio is measured: 16-bit bytes of the same tokens / bytes held.\n")
