@@ -19,6 +19,8 @@ import math
 import sys
 from pathlib import Path
 
+from bench.pareto import PROTOCOL_DEFAULT, protocol_of
+
 
 # below this a paired difference is float rounding, not a change: 0.01% of perplexity (log-ppl per token)
 RESOLUTION = {"ppl": 1e-4}
@@ -30,7 +32,7 @@ def records(data: dict) -> dict:
     out: dict = {}
     for s in data["samples"]:
         for r in s["results"]:
-            label = r["preset"] + (f" ({r['protocol']})" if r.get("protocol", "query-aware") != "query-aware" else "")
+            label = r["preset"] + ("" if protocol_of(r) == PROTOCOL_DEFAULT else f" ({protocol_of(r)})")
             out.setdefault((s["task"], s["context_tokens"], label), {})[s["sample"]] = r
     return out
 

@@ -33,7 +33,9 @@ import sys
 import time
 from pathlib import Path
 
+from agacc.eval.runner import PROTOCOLS
 from bench.common import ROOT, parse_methods
+from bench.pareto import PROTOCOL_DEFAULT as QUERY_AWARE, protocol_of
 
 # kv-distill: its own cache (agacc.kv_distill), trained by `python -m agacc distill`; "skipped" rows until then
 RATIO_PRESETS = ["agacc", "dynacompress", "attention-sum", "h2o", "streamingllm", "snapkv", "pyramidkv", "fastkv", "dynamickv",
@@ -44,13 +46,7 @@ EXTERNAL_RATIO = ["kvpress:snapkv", "kvpress:tova", "kvpress:expected_attention"
 EXTERNAL_FIXED = ["hf-quantized:quanto-4", "hf-quantized:hqq-4", "hf-quantized:quanto-2", "hf-quantized:hqq-2"]
 OWN = FIXED + RATIO_PRESETS
 ROWS = FIXED[:1] + RATIO_PRESETS + EXTERNAL_RATIO + FIXED[1:] + EXTERNAL_FIXED  # table order
-QUERY_AWARE, PROTOCOLS = "query-aware", ("query-aware", "query-agnostic")
 ADAPTIVE = "agacc"
-
-
-def protocol_of(r: dict) -> str:
-    """A result's protocol (records without one are query-aware, the runner's default)."""
-    return r.get("protocol") or QUERY_AWARE
 
 
 def base(label: str) -> str:
@@ -191,15 +187,14 @@ def _key(s: dict, r: dict) -> tuple:
 
 
 def skips(data, protocol: str = QUERY_AWARE) -> dict:
-    """(task, length, preset, ratio) -> why the method could not run there ("skipped: ..."), where no
-    sample ran it (a method without its package, kvpress on ppl, kv-distill without weights)."""
+    """(task, length, preset, ratio) -> why the method could not run there ("skipped: ..."): a method
+    without its package, kv-distill without weights (a cell with results shows those instead)."""
     why: dict = {}
     for s in data["samples"]:
         for r in s["results"]:
             if r.get("skipped") and protocol_of(r) == protocol:
                 why.setdefault(_key(s, r), r["skipped"])
-    ran = cells(data, protocol)
-    return {k: v for k, v in why.items() if k not in ran}
+    return why
 
 
 def cells(data, protocol: str = QUERY_AWARE) -> dict:
@@ -236,7 +231,6 @@ def render(data, ratios, lengths, tasks, plot_dir=None) -> str:
     """The page's markdown; with ``plot_dir`` also its Pareto plots, ``plot_dir/pareto_<task>.png``."""
     from bench.pareto import render_section
 
-    cs = cells(data)
     m = data["meta"]
     L = []
     L.append("# Results: AGACC vs baselines on the embedded model\n")
@@ -273,10 +267,11 @@ def render(data, ratios, lengths, tasks, plot_dir=None) -> str:
              "- `—` = not run (time budget). A method meets a ratio column if its measured ratio is >= 95% of the target.\n")
     L += render_section(data, tasks, lengths, plot_dir)
     protocols = [p for p in PROTOCOLS if any(protocol_of(r) == p for s in data["samples"] for r in s["results"])]
+    by_protocol = {p: cells(data, p) for p in protocols}
     for task in tasks:
         L.append(f"\n## {task}\n")
         for proto in protocols:
-            cs, sk = cells(data, proto), skips(data, proto)
+            cs, sk = by_protocol[proto], skips(data, proto)
             for n in lengths:
                 title = f"{task} @ {n} tokens" + ("" if proto == QUERY_AWARE else f", {proto}")
                 if not any(k[0] == task and k[1] == n for k in cs):
@@ -291,7 +286,7 @@ def render(data, ratios, lengths, tasks, plot_dir=None) -> str:
                     extra = f", ppl {full['ppl']:.3f}" if "ppl" in full else ""
                     L.append(f"\nfull cache: score {full['score']:.3f}{extra}, {full['mb16']:.2f} MB at 16 bits "
                              f"({full['mb']:.2f} MB held in fp32).\n")
-    cs = cells(data)
+    cs = by_protocol.get(QUERY_AWARE, {})
     # memory table
     L.append("\n## Memory (MB held) and speed at each context length\n")
     L.append("KV-cache MB held (mean over the samples of the ppl task, else passkey) per preset and ratio; "
@@ -338,7 +333,7 @@ def render(data, ratios, lengths, tasks, plot_dir=None) -> str:
              "by the 95% interval of the paired per-sample difference (AGACC minus it; 'better' when the interval "
              "is above 0, 'yes' when it holds 0, **no** when it is below), by KL on ppl.\n")
     for proto in protocols:
-        L += _verdicts(cells(data, proto), tasks, lengths, ratios, proto, len(protocols) > 1)
+        L += _verdicts(by_protocol[proto], tasks, lengths, ratios, proto, len(protocols) > 1)
     if any(";" in prefill_note(data, t, n) for t in tasks for n in lengths):
         L.append("Where a table mixes prefills (its Prefill line), these comparisons set a method that compressed "
                  "chunk by chunk against baselines that compressed after one prefill of the whole prompt (kvpress's "
@@ -355,9 +350,8 @@ def _table(cs: dict, sk: dict, task: str, n: int, ratios, proto: str) -> list[st
         keys = [(task, n, p, float(r)) for r in ratios] + [(task, n, p, None)]
         if not any(k in cs or k in sk for k in keys) and not (p in OWN and proto == QUERY_AWARE):
             continue
-        row = [p] + ["—" if p in fixed else _fmt(cs.get(k), task) if k in cs or k not in sk else sk[k] for k in keys[:-1]]
-        k = keys[-1]
-        row.append(_fmt(cs[k], task) if k in cs else sk.get(k, ""))
+        cell = lambda k, empty: _fmt(cs[k], task) if k in cs else sk.get(k, empty)  # results, else why not
+        row = [p] + ["—" if p in fixed else cell(k, "—") for k in keys[:-1]] + [cell(keys[-1], "")]
         L.append("| " + " | ".join(row) + " |")
     return L
 
@@ -382,10 +376,7 @@ def _verdicts(cs: dict, tasks, lengths, ratios, proto: str, say_protocol: bool) 
                     if any(k[0] == task and k[1] == n for k in cs):
                         L.append(f"| {task} | {n} | {r:g} | — | — | not run | | | | |")
                     continue
-                ran = [(p, cs.get((task, n, p, float(r)))) for p in RATIO_PRESETS[3:]]  # fitted to this target
-                ran += [(p, cs.get((task, n, p, None))) for p in FIXED[1:]]
-                equal = [(p, c) for p, c in ran if c and c["ratio"] >= 0.95 * r]  # at equal memory
-                more = [(p, c) for p, c in ran if c and c["ratio"] < 0.95 * r and p in RATIO_PRESETS]  # could not get there
+                equal, more = _at_ratio(cs, task, n, r, RATIO_PRESETS[3:], FIXED[1:])
                 ext_cols = _vs_external(cs, a, task, n, r, paired_difference)
                 if ext_cols[1] in ext:
                     ext[ext_cols[1]] += 1
@@ -434,14 +425,21 @@ def _verdicts(cs: dict, tasks, lengths, ratios, proto: str, say_protocol: bool) 
     return L
 
 
+def _at_ratio(cs: dict, task: str, n: int, r: float, fitted: list, fixed: list) -> tuple[list, list]:
+    """The (method, cell) pairs that ran for target ratio ``r``: (those at equal memory -- a measured
+    ratio >= 95% of ``r``: the ``fitted`` methods run at ``r``, the ``fixed``-bit ones that reach it --,
+    the fitted ones that could not get down to it, holding more memory)."""
+    ran = [(p, cs.get((task, n, p, float(r)))) for p in fitted] + [(p, cs.get((task, n, p, None))) for p in fixed]
+    return ([(p, c) for p, c in ran if c and c["ratio"] >= 0.95 * r],
+            [(p, c) for p, c in ran if c and c["ratio"] < 0.95 * r and p in fitted])
+
+
 def _vs_external(cs: dict, a: dict, task: str, n: int, r: float, paired_difference) -> tuple[str, str, str]:
     """(the best external method at equal memory, verdict key, verdict text) for AGACC's cell ``a``:
     retrieval tasks by the paired per-sample difference's 95% interval, ppl by KL (lower is better).
     Where no external method got down to the ratio, the best fitted one that holds more memory: AGACC
     ahead of it counts; behind it is said and not counted (key "")."""
-    ran = [(p, cs.get((task, n, p, float(r)))) for p in EXTERNAL_RATIO] + [(p, cs.get((task, n, p, None))) for p in EXTERNAL_FIXED]
-    equal = [(p, c) for p, c in ran if c and c["ratio"] >= 0.95 * r]
-    more = [(p, c) for p, c in ran if c and c["ratio"] < 0.95 * r and p in EXTERNAL_RATIO]  # fitted, missed the ratio
+    equal, more = _at_ratio(cs, task, n, r, EXTERNAL_RATIO, EXTERNAL_FIXED)
     if not equal and not more:
         return "none ran", "", "—"
     pool = equal or more  # none at equal memory: the ones holding more, which AGACC can only beat, never trail

@@ -30,6 +30,11 @@ PROTOCOL_STYLE = {"query-aware": "-", "query-agnostic": "--"}
 HIGHLIGHT = "agacc"
 
 
+def protocol_of(r: dict) -> str:
+    """A result's protocol (records without one are query-aware, the runner's default)."""
+    return r.get("protocol") or PROTOCOL_DEFAULT
+
+
 class Point(NamedTuple):
     ratio: float
     score: float
@@ -81,7 +86,7 @@ def task_points(data) -> tuple[dict, dict]:
         for r in s["results"]:
             if "skipped" in r or r.get("score") is None or not r.get("kv_bytes"):
                 continue
-            key = (s["task"], s["context_tokens"], r.get("protocol") or PROTOCOL_DEFAULT, r["preset"])
+            key = (s["task"], s["context_tokens"], protocol_of(r), r["preset"])
             acc.setdefault(key, []).append(r)
     points: dict = {}
     reference: dict = {}

@@ -34,6 +34,7 @@ of the same tokens (all of them, uncompressed).
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -144,16 +145,22 @@ def answered(text: str, sample: dict) -> bool:
     return any(a in text for a in answers)
 
 
-def lm_stats(logits, ref_logits, targets) -> dict:
-    """agacc.eval.metrics.lm_stats restated (this worker imports nothing from agacc): sums over the T
-    positions of the NLL under the method and the full cache, argmax agreement, KL(full || method)."""
-    import torch
+@functools.cache
+def _metrics():
+    """agacc/eval/metrics.py, loaded once from its file beside this one: it needs only torch, and this
+    worker imports no agacc package (its environment has kvpress's transformers)."""
+    import importlib.util
+    from pathlib import Path
 
-    lp, lq = torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1)
-    idx = targets.long()[:, None]
-    return {"nll": float(-lp.gather(1, idx).sum()), "nll_full": float(-lq.gather(1, idx).sum()),
-            "top1": int((logits.argmax(-1) == ref_logits.argmax(-1)).sum()),
-            "kl": float((lq.exp() * (lq - lp)).sum(-1).clamp_min(0).sum()), "tokens": int(targets.numel())}
+    spec = importlib.util.spec_from_file_location("agacc_eval_metrics", Path(__file__).with_name("metrics.py"))
+    metrics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(metrics)
+    return metrics
+
+
+def lm_stats(logits, ref_logits, targets) -> dict:
+    """The runner's ``agacc.eval.metrics.lm_stats`` on the worker's logits."""
+    return _metrics().lm_stats(logits, ref_logits, targets)
 
 
 def run_lm(model, press, sample: dict, chunk: int = 8) -> dict:
