@@ -1,0 +1,141 @@
+"""Where a compressed cache's loss comes from: the evictions or the quantised blocks.
+
+Runs ``bench/bench_ppl.py`` (token by token) with the store's applied plan changed after the planner
+made it, so one kind of loss is removed and the other kept exactly as planned:
+
+    --mode evictions  every quantised, pruned or 8-bit block is held at 16 bits instead; the
+                      evictions are the planned ones (only the evictions' loss remains)
+    --mode quantised  every evicted block is held at 16 bits instead; the quantised blocks are the
+                      planned ones (only the quantisation's loss remains)
+    --mode keys       as ``quantised``, and every quantised block's values read exact: only the
+                      quantised keys' loss remains
+    --mode values     as ``quantised``, and every quantised block's keys read exact: only the
+                      quantised values' loss remains
+    --mode none       the plan as made (the method itself: the reference row)
+
+The planner, its ratio fitter and the fidelity floor see the plan as made (a shadow of the planned
+tiers stands in for the store's applied ones), so every mode makes the same decisions up to what the
+changed attention observes afterwards. A block whose eviction a prompt chunk holds until the prompt
+ends (it waits at the lowest kept tier) waits at 16 bits in the modes without evictions. The bytes a
+run reports are the changed store's, not the method's: compare KL between modes, not ratios.
+(docs/tuning.md round 14.)
+
+    python bench/attribute_loss.py --mode evictions --suite tuning --threads 1 --ref-cache out/ref agacc@4 agacc@8
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import agacc.store as store  # noqa: E402
+from agacc import planner, quant  # noqa: E402
+from agacc.policy import fidelity_floor  # noqa: E402
+from agacc.tiers import EVICTED, FULL  # noqa: E402
+from kernels.format import DENSE, QUANT, Part  # noqa: E402
+
+MODES = ("none", "evictions", "quantised", "keys", "values")
+
+
+def held_as(mode: str, tier: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor, head_dim: int):
+    """The plan (tier, bits, keep [L, n]) with one kind of loss removed: those blocks at 16 bits."""
+    if mode == "none":
+        return tier, bits, keep
+    to_full = (tier != FULL) & (tier != EVICTED) if mode == "evictions" else tier == EVICTED
+    return (torch.where(to_full, torch.full_like(tier, FULL), tier), torch.where(to_full, torch.full_like(bits, 16), bits),
+            torch.where(to_full, torch.full_like(keep, head_dim), keep))
+
+
+def install(mode: str) -> None:
+    """Patch the store's ``apply_plans``, the fitter's view of the applied tiers and, for ``keys`` /
+    ``values``, the store's reads (one live cache at a time, as bench_ppl runs them)."""
+    if mode == "none":
+        return
+    shadow: dict[str, object] = {}
+    apply_plans, fit_scale, fit_plans = store.apply_plans, planner.fit_threshold_scale, planner.fit_plans
+    held_plans = planner.held_plans
+
+    def current(stores_tiers) -> tuple | None:
+        """The shadow plan if it is this cache's: as many blocks as the store has tiered (else a new cache)."""
+        s = shadow.get("plan")
+        if s is None or s[0].shape != stores_tiers:
+            return None
+        return s
+
+    def planned(prev):
+        s = None if prev is None else current(torch.Size([len(prev), prev[0][0].numel()]))
+        return prev if s is None else [tuple(x[l] for x in s) for l in range(s[0].shape[0])]
+
+    def patched_apply(stores, tier, bits, keep, token_weight, floored=False):
+        if not stores:
+            return tier, bits, keep
+        tier, bits, keep = (x.to(torch.int8 if i < 2 else torch.int16).cpu() for i, x in enumerate((tier, bits, keep)))
+        tier, bits, keep = fidelity_floor(current(torch.Size([len(stores), stores[0].block_tier.numel()])), tier, bits, keep)
+        shadow["plan"] = (tier, bits, keep)
+        waiting = shadow.pop("waiting", None)  # set by the prompt chunk's held_plans just before
+        as_planned = tier  # no evictions: a block waiting for its eviction waits at 16 bits
+        if mode != "evictions" and waiting is not None:
+            as_planned = torch.where(waiting, torch.full_like(tier, EVICTED), tier)
+        head_dim = int(keep.max())  # a plan keeps head_dim elements of every block it does not evict
+        apply_plans(stores, *held_as(mode, as_planned, bits, keep, head_dim), token_weight)
+        return tier, bits, keep
+
+    def patched_fit_scale(*a, prev=None, **kw):
+        return fit_scale(*a, prev=planned(prev), **kw)
+
+    def patched_fit_plans(block_scores, cfg, geo, seq_len, ratio, overhead_bytes=0, prev=None, *a, **kw):
+        return fit_plans(block_scores, cfg, geo, seq_len, ratio, overhead_bytes, planned(prev), *a, **kw)
+
+    def patched_held_plans(tier, bits, keep, *a, **kw):
+        out = held_plans(tier, bits, keep, *a, **kw)
+        shadow["waiting"] = ((tier == EVICTED) & (out[0] != EVICTED)).cpu()
+        return out
+
+    store.apply_plans = patched_apply
+    planner.fit_threshold_scale, planner.fit_plans = patched_fit_scale, patched_fit_plans
+    planner.held_plans = patched_held_plans
+    if mode in ("keys", "values"):
+        exact_reads(keys=mode == "values")
+
+
+def exact_reads(keys: bool) -> None:
+    """Every attention read (``LayerStore.parts``: decode, prompt chunks, the tracker's mass) sees the
+    quantised blocks dequantised, with their keys (``keys``) or values exact: the store keeps every
+    appended token's K/V (fp32) beside its own."""
+    append, parts = store.LayerStore.append, store.LayerStore.parts
+
+    def patched_append(self, k, v):
+        self._exact = [torch.cat([x, y.float()], 2) if hasattr(self, "_exact") else y.float().clone()
+                       for x, y in zip(getattr(self, "_exact", (None, None)), (k, v))]
+        append(self, k, v)
+
+    def patched_parts(self):
+        out = parts(self)
+        segs = [seg for seg in self.segments if seg.n_blocks]  # parts() lists them first, in this order
+        for i, seg in enumerate(segs):
+            if out[i].kind != QUANT:
+                continue
+            k, v = quant.dequantize_part(out[i], self.dtype)
+            pos = (seg.block_ids.long()[:, None] * self.B + torch.arange(self.B)).reshape(-1)
+            exact = [x[:, :, pos].to(self.dtype) for x in self._exact]
+            out[i] = Part(DENSE, exact[0], v) if keys else Part(DENSE, k, exact[1])
+        return out
+
+    store.LayerStore.append, store.LayerStore.parts = patched_append, patched_parts
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    ap.add_argument("--mode", choices=MODES, required=True)
+    args, rest = ap.parse_known_args(argv)
+    install(args.mode)
+    import bench_ppl
+    bench_ppl.main(rest)
+
+
+if __name__ == "__main__":
+    main()
