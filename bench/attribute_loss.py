@@ -105,24 +105,32 @@ def install(mode: str) -> None:
 def exact_reads(keys: bool) -> None:
     """Every attention read (``LayerStore.parts``: decode, prompt chunks, the tracker's mass) sees the
     quantised blocks dequantised, with their keys (``keys``) or values exact: the store keeps every
-    appended token's K/V (fp32) beside its own."""
+    appended token's K/V (fp32) beside its own. The dense stand-ins are built once per layout (the
+    store's ``token_layout`` changes whenever blocks move) and reused by every step until then."""
     append, parts = store.LayerStore.append, store.LayerStore.parts
 
     def patched_append(self, k, v):
-        self._exact = [torch.cat([x, y.float()], 2) if hasattr(self, "_exact") else y.float().clone()
-                       for x, y in zip(getattr(self, "_exact", (None, None)), (k, v))]
+        old = getattr(self, "_exact", None)
+        self._exact = (k.float(), v.float()) if old is None else (torch.cat([old[0], k.float()], 2),
+                                                                  torch.cat([old[1], v.float()], 2))
         append(self, k, v)
 
     def patched_parts(self):
         out = parts(self)
-        segs = [seg for seg in self.segments if seg.n_blocks]  # parts() lists them first, in this order
-        for i, seg in enumerate(segs):
-            if out[i].kind != QUANT:
-                continue
-            k, v = quant.dequantize_part(out[i], self.dtype)
-            pos = (seg.block_ids.long()[:, None] * self.B + torch.arange(self.B)).reshape(-1)
-            exact = [x[:, :, pos].to(self.dtype) for x in self._exact]
-            out[i] = Part(DENSE, exact[0], v) if keys else Part(DENSE, k, exact[1])
+        layout = self.token_layout()
+        cached = getattr(self, "_exact_parts", None)
+        if cached is None or cached[0] is not layout:
+            pos, at, dense = self.entry_positions(), 0, {}
+            for i, seg in enumerate(seg for seg in self.segments if seg.n_blocks):  # parts() lists these first
+                n = seg.n_blocks * self.B
+                if out[i].kind == QUANT:
+                    k, v = quant.dequantize_part(out[i], self.dtype)
+                    exact = [x[:, :, pos[at:at + n]].to(self.dtype) for x in self._exact]
+                    dense[i] = Part(DENSE, exact[0], v) if keys else Part(DENSE, k, exact[1])
+                at += n
+            self._exact_parts = cached = (layout, dense)
+        for i, p in cached[1].items():
+            out[i] = p
         return out
 
     store.LayerStore.append, store.LayerStore.parts = patched_append, patched_parts

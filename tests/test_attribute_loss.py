@@ -32,8 +32,7 @@ def _tiers_after_prefill(model, mode, monkeypatch):
         with torch.inference_mode():
             model(ids, past_key_values=cache)
         cache.end_prefill()
-    _tiers_after_prefill.last = cache
-    return torch.stack([l.store.block_tier for l in cache.layers]), cache.memory()["ratio"]
+    return torch.stack([l.store.block_tier for l in cache.layers]), cache.memory()["ratio"], cache
 
 
 def test_held_as_by_hand():
@@ -50,25 +49,23 @@ def test_held_as_by_hand():
 
 
 def test_each_mode_keeps_the_plan_of_the_other_kind(tiny, monkeypatch):
-    ref, ref_ratio = _tiers_after_prefill(tiny, "none", monkeypatch)
+    ref, ref_ratio, _ = _tiers_after_prefill(tiny, "none", monkeypatch)
     evicted = ref == T.EVICTED
     quantised = (ref != T.FULL) & ~evicted
     assert evicted.any() and quantised.any() and ref_ratio > 7  # the plan has both kinds to remove
-    ev, ev_ratio = _tiers_after_prefill(tiny, "evictions", monkeypatch)
+    ev, ev_ratio, _ = _tiers_after_prefill(tiny, "evictions", monkeypatch)
     assert torch.equal(ev == T.EVICTED, evicted) and bool((ev[~evicted] == T.FULL).all())
-    q, q_ratio = _tiers_after_prefill(tiny, "quantised", monkeypatch)
+    q, q_ratio, _ = _tiers_after_prefill(tiny, "quantised", monkeypatch)
     assert torch.equal(q[~evicted], ref[~evicted]) and bool((q[evicted] == T.FULL).all())
     assert ev_ratio < ref_ratio and q_ratio < ref_ratio  # the removed kind is held at 16 bits
 
 
 @pytest.mark.parametrize("mode", ["keys", "values"])
 def test_exact_reads_put_each_tokens_own_key_or_value_in_place(tiny, monkeypatch, mode):
-    import agacc.store as st_mod
     for name in ("append", "parts"):
-        monkeypatch.setattr(st_mod.LayerStore, name, getattr(st_mod.LayerStore, name))
-    ref, _ = _tiers_after_prefill(tiny, mode, monkeypatch)
+        monkeypatch.setattr(store.LayerStore, name, getattr(store.LayerStore, name))
+    ref, _, cache = _tiers_after_prefill(tiny, mode, monkeypatch)
     assert ((ref != T.FULL) & (ref != T.EVICTED)).any() and not (ref == T.EVICTED).any()  # quantised, none evicted
-    cache = _tiers_after_prefill.last
     for layer in cache.layers:
         s = layer.store
         pos = s.entry_positions()
