@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from agacc import planner
 from agacc.attention import chunk_attention, dense_attention, observe_prefill
-from agacc.config import AGACCConfig
+from agacc.config import CALIBRATED, AGACCConfig
 from agacc.decode import decode_attention
 from agacc.importance import WINDOW_ITEMSIZE, ImportanceTracker
 from agacc.planner import Geometry, sliding_windows
@@ -463,7 +463,7 @@ class CompressedCache(Cache):
         if self.record_history:
             self.history.append({"step": self.steps, "seq_len": seq_len, "n_ready": n_ready, "block_size": cfg.block_size,
                                  "overhead": overhead, "dropped": dropped, "bytes_fp16": reference,
-                                 "layer_scale": cfg.layer_scale, "evict_scale": cfg.evict_scale,
+                                 **{k: getattr(cfg, k) for k in CALIBRATED},
                                  "unplanned": unplanned, "prefill": prefill, "scores": [s.clone() for s in block_scores]})
         if cfg.compress and n_ready > 0:
             geo = self._geometry()

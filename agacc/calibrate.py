@@ -7,10 +7,11 @@
     ev = eviction_sensitivity(model, ids, 0.5)    # one layer losing half its blocks
     save_sensitivity(model.config, ev, "evict")
 
-``resolve(cfg, model_config)``: the ``layer_scale`` and ``evict_scale`` a cache uses: the config's
-own, or with ``layer_calibration="auto"`` the model's measured sensitivities (files
+``resolve(cfg, model_config)``: the ``layer_scale``, ``evict_scale`` and ``layer_floor`` a cache uses:
+the config's own, or with ``layer_calibration="auto"`` the model's measured sensitivities (files
 ``save_sensitivity`` wrote, else ``KNOWN`` / ``KNOWN_EVICT``, measured for the embedded model) ->
-``layer_scale(sens, gamma)``; none known: every layer alike.
+``layer_scale(sens, gamma)``, and b_max bits as the floor of the layers whose 3-bit sensitivity is at
+least ``floor_trade`` times their eviction sensitivity; none known: every layer alike.
 
 ``layer_sensitivity``: one prefill of the first ``prefix`` tokens into the model's own cache; then,
 for one layer at a time, that layer's cached keys and values are replaced by what the store would
@@ -249,7 +250,22 @@ def resolve(cfg, model_config):
             raise ValueError(f"the saved layer sensitivity ({kind}) has {len(sens)} layers, the model {n_layers}: "
                              f"re-run python -m agacc calibrate{flag} --save")
         found[field] = layer_scale(list(sens), gamma)
+    trade = default_floor_trade(cfg)
+    if trade is not None and cfg.layer_floor is None:
+        bits, ev = known_sensitivity(model_config, "bits"), known_sensitivity(model_config, "evict")
+        if bits is not None and ev is not None and len(bits) == len(ev) == n_layers:
+            found["layer_floor"] = tuple(float(cfg.b_max) if b >= trade * e else 0.0 for b, e in zip(bits, ev))
     return cfg.with_overrides(**found) if found else cfg
+
+
+def default_floor_trade(cfg) -> float | None:
+    """``cfg.floor_trade``, or when None 0.25 at a fitted target ratio up to 4 and no floor otherwise
+    (docs/tuning.md round 15: at 4x the floor cut the held-out KL on every text, at 8x, where the
+    evictions are the loss, it cost a little; the default's unfitted thresholds were not measured
+    with it). ``inf``: no floor at any ratio."""
+    if cfg.floor_trade is not None:
+        return None if math.isinf(cfg.floor_trade) else cfg.floor_trade
+    return 0.25 if cfg.target_ratio is not None and cfg.target_ratio <= 4.0 else None
 
 
 def default_gamma(cfg) -> float:

@@ -23,6 +23,7 @@ QUANTIZERS = ("minmax", "meanstd")
 KEY_QUANTS = ("token", "channel")
 SINK_BITS = (16, 8, 4, 3)                      # the sink blocks: full, or a container's code width
 LAYER_CALIBRATIONS = ("none", "auto")         # where layer_scale comes from (agacc.calibrate)
+CALIBRATED = ("layer_scale", "evict_scale", "layer_floor")  # what layer_calibration="auto" resolves per model
 STORE_DTYPES = ("model", "float16", "bfloat16")
 # rule / budget names before every method had its own file (old traces and scripts still use them)
 LEGACY_NAMES = {"rule": {"thresholds": "agacc", "topk": "snapkv", "recent": "streamingllm", "keep": "pyramidkv"},
@@ -125,6 +126,15 @@ class AGACCConfig:
             its score times this layer's factor falls below tau_e (bits still follow ``layer_scale``).
             A layer's sensitivity to eviction differs from its sensitivity to quantisation
             (``agacc.calibrate``, docs/tuning.md round 10). None: evictions follow ``layer_scale``.
+        layer_floor: one bit width per layer (0: none): a quantised block of that layer below it is held
+            at it instead (4: every kept block of the layer at 4 bits or more); the ratio fitter evicts
+            what the budget then needs. None: no floor (or the calibration's, with ``floor_trade``).
+        floor_trade: with ``layer_calibration="auto"``, the ``layer_floor`` a cache without one takes: b_max
+            bits in the layers whose measured 3-bit sensitivity is at least ``floor_trade`` times their
+            eviction sensitivity, none elsewhere: the layers eviction hurts most keep their 3-bit
+            blocks, the others hold 4 bits and evict what the budget needs (docs/tuning.md round 15).
+            None: 0.25 at a fitted target ratio up to 4, no floor otherwise
+            (``calibrate.default_floor_trade``); ``inf``: no floor.
         layer_calibration: "auto" (the agacc preset): a cache without ``layer_scale`` takes it from
             the model's measured sensitivity, if there is one (shipped for the embedded model, or
             saved by ``python -m agacc calibrate --save``), as (s_l / geometric mean)^layer_gamma;
@@ -227,6 +237,8 @@ class AGACCConfig:
     markers: bool = _f(True, "tiers", replay=True)
     layer_scale: tuple[float, ...] | None = _f(None, "tiers", replay=True)
     evict_scale: tuple[float, ...] | None = _f(None, "tiers", replay=True)
+    layer_floor: tuple[float, ...] | None = _f(None, "tiers", replay=True)
+    floor_trade: float | None = _f(None, "tiers")
     layer_calibration: str = _f("none", "tiers", choices=LAYER_CALIBRATIONS)
     layer_gamma: float | None = _f(None, "tiers")
     spill: float = _f(0.2, "tiers", replay=True, ui=(
@@ -324,6 +336,9 @@ class AGACCConfig:
         for name in ("layer_scale", "evict_scale"):
             if getattr(self, name) is not None:
                 need(all(w > 0 for w in getattr(self, name)), f"{name} must all be > 0")
+        if self.layer_floor is not None:
+            need(all(b in (0, 2, 3, 4, 8) for b in self.layer_floor), "layer_floor entries must be 0 (none), 2, 3, 4 or 8 bits")
+        need(self.floor_trade is None or self.floor_trade > 0, f"floor_trade must be > 0 or None, got {self.floor_trade}")
         need(self.layer_calibration in LAYER_CALIBRATIONS,
              f"layer_calibration must be one of {LAYER_CALIBRATIONS}, got {self.layer_calibration!r}")
         need(self.layer_gamma is None or 0.0 <= self.layer_gamma <= 4.0,
@@ -358,7 +373,7 @@ class AGACCConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "AGACCConfig":
         d = dict(d)
-        for key in ("layer_weights", "layer_scale", "evict_scale"):
+        for key in ("layer_weights",) + CALIBRATED:
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
         return cls(**d)

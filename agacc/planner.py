@@ -19,9 +19,9 @@ import torch
 
 from agacc import methods
 from agacc.importance import WINDOW_ITEMSIZE, block_max, max_pool
-from agacc.policy import fidelity_floor, hold_evictions, layer_weights
+from agacc.policy import fidelity_floor, hold_evictions, layer_weights, quant_tier
 from agacc.quant import container_bits, value_group
-from agacc.tiers import CONTAINER_TIER, EVICTED, FULL, PRUNED, TIER_CONTAINER
+from agacc.tiers import CONTAINER_OF_TIER, CONTAINER_TIER, EVICTED, FULL, PRUNED, TIER_CONTAINER
 
 
 def text_config(config):
@@ -175,7 +175,7 @@ def _layer_scaled(rule, cfg, n_layers: int):
     sensitivity to eviction) the rule runs twice, and a block is evicted exactly where the run on
     the scores times ``evict_scale`` evicts it; a block only the ``layer_scale`` run would evict
     takes the tier the other run gave it (round 10)."""
-    for name in ("layer_scale", "evict_scale"):
+    for name in ("layer_scale", "evict_scale", "layer_floor"):
         if getattr(cfg, name) is not None and len(getattr(cfg, name)) != n_layers:
             flag = " --evict 0.5 0.75" if name == "evict_scale" else ""
             raise ValueError(f"{name} has {len(getattr(cfg, name))} entries, the model has {n_layers} layers: "
@@ -190,12 +190,25 @@ def _layer_scaled(rule, cfg, n_layers: int):
 
     def scaled(scores, cfg, head_dim, layer=0, scale=1.0, spill=0.0):
         plan = rule(times(scores, cfg.layer_scale, layer), cfg, head_dim, layer, scale, spill)
-        if cfg.evict_scale is None:
-            return plan
-        by_e = rule(times(scores, cfg.evict_scale, layer), cfg, head_dim, layer, scale, spill)
-        use = (plan[0] == EVICTED) | (by_e[0] == EVICTED)
-        return tuple(torch.where(use, b, a) for a, b in zip(plan, by_e))
+        if cfg.evict_scale is not None:
+            by_e = rule(times(scores, cfg.evict_scale, layer), cfg, head_dim, layer, scale, spill)
+            use = (plan[0] == EVICTED) | (by_e[0] == EVICTED)
+            plan = tuple(torch.where(use, b, a) for a, b in zip(plan, by_e))
+        return plan if cfg.layer_floor is None else floored(plan, cfg.layer_floor, layer)
     return scaled
+
+
+def floored(plan, layer_floor, layer: int = 0):
+    """(tier, bits, keep) [n] (layer ``layer``) or [L, n] with each layer's quantised blocks below its
+    ``layer_floor`` bits raised to it (0: no floor); full, pruned and evicted blocks unchanged."""
+    tier, bits, keep = plan
+    f = torch.tensor(layer_floor, dtype=torch.int8)
+    f = f[:, None] if tier.dim() == 2 else f[layer]
+    low = (CONTAINER_OF_TIER[tier.long()] > 0) & (bits < f)
+    if not bool(low.any()):
+        return plan
+    nb = torch.where(low, f, bits)
+    return torch.where(low, quant_tier(torch.where(low, nb, 0)), tier), nb, keep
 
 
 def _plan_rule(block_scores, cfg, geo: Geometry, seq_len: int, scale: float, prefill: bool, stacked: bool):
@@ -209,7 +222,7 @@ def _plan_rule(block_scores, cfg, geo: Geometry, seq_len: int, scale: float, pre
         budgets = layer_budgets(cfg, budget_weights(cfg, block_scores), seq_len, B,
                                 [sink_blocks + hot_blocks] * len(block_scores), scale)
     m = methods.rule(cfg.rule)
-    scaled = cfg.layer_scale is not None or cfg.evict_scale is not None
+    scaled = cfg.layer_scale is not None or cfg.evict_scale is not None or cfg.layer_floor is not None
     rule = _layer_scaled(m.rule, cfg, len(block_scores)) if scaled else m.rule
     spill = cfg.spill if prefill else 0.0
     if m.elementwise and len(block_scores):  # all layers in one call; the sinks of all layers at once

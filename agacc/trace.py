@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from agacc import planner
-from agacc.config import AGACCConfig, replayable_fields
+from agacc.config import CALIBRATED, AGACCConfig, replayable_fields
 from agacc.importance import WINDOW_ITEMSIZE
 from agacc.policy import fidelity_floor
 from agacc.presets import PRESETS
@@ -81,7 +81,7 @@ class Trace:
             for key in ("unplanned", "block_size"):
                 if h.get(key) is not None:
                     e[key] = int(h[key])
-            for key in ("layer_scale", "evict_scale"):
+            for key in CALIBRATED:
                 if h.get(key) is not None:
                     e[key] = list(h[key])
             self.history.append(e)
@@ -182,8 +182,8 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
     history: ``Trace.history`` (lists) or ``CompressedCache.history`` (tensors).
     upto: replay entries 0..upto (default: all). Without ``cfg.host_copy`` blocks only lose
     fidelity over time, as in the store, so the entries are applied in order. A ``cfg`` whose layer
-    calibration is unresolved (``layer_calibration="auto"``, no ``layer_scale`` / ``evict_scale``)
-    takes what the run recorded.
+    calibration is unresolved (``layer_calibration="auto"``, none of ``config.CALIBRATED``) takes what
+    the run recorded.
 
     Returns one snapshot-like dict per entry (importance, tier, bits, keep, markers, seq_len,
     block_size, step, threshold_scale, planned_bytes = store bytes under the plan without the
@@ -193,7 +193,7 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
     if not history:
         raise ValueError("nothing to replay: the run recorded no importance history")
     if cfg.layer_calibration == "auto":  # what the config leaves unresolved, as the run resolved it
-        cfg = cfg.with_overrides(**{k: tuple(history[0][k]) for k in ("layer_scale", "evict_scale")
+        cfg = cfg.with_overrides(**{k: tuple(history[0][k]) for k in CALIBRATED
                                     if getattr(cfg, k) is None and history[0].get(k) is not None})
     last = len(history) - 1 if upto is None else max(0, min(int(upto), len(history) - 1))
     B = cfg.block_size
@@ -271,10 +271,10 @@ def _unplanned(h: dict, cfg: AGACCConfig, geo) -> int:
 
 def policy_changes(run_cfg: AGACCConfig, new_cfg: AGACCConfig) -> tuple[list[str], list[str]]:
     """-> (replayable changed fields, fields that need a re-run). A ``new_cfg`` whose layer calibration
-    is still to be resolved (``layer_calibration="auto"``, no ``layer_scale`` / ``evict_scale``: a
+    is still to be resolved (``layer_calibration="auto"``, none of ``config.CALIBRATED``: a
     preset as the app's controls build it) takes the run's resolved ones (the same model, the same gamma)."""
     a, b = run_cfg.to_dict(), new_cfg.to_dict()
-    for key in ("layer_scale", "evict_scale"):
+    for key in CALIBRATED:
         if b[key] is None and b["layer_calibration"] == "auto" == a["layer_calibration"]:
             b[key] = a[key]
     changed = [k for k in a if k != "name" and a[k] != b.get(k)]

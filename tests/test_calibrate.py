@@ -144,3 +144,34 @@ def test_default_gamma_is_half_above_4x_and_1_otherwise():
     assert cfg.layer_scale == pytest.approx(calibrate.layer_scale(sens, 1.0))
     assert AGACCConfig.preset("agacc").layer_calibration == "auto"
     assert AGACCConfig.preset("h2o").layer_calibration == "none"  # baselines stay as published
+
+
+def test_layer_floor_raises_a_layers_quantised_blocks_and_nothing_else():
+    """Round 15: ``layer_floor`` lifts the quantised blocks of a floored layer to its bits (tier of the
+    new container), the same plan otherwise; ``floor_trade`` floors the layers whose 3-bit sensitivity
+    is at least that many times their eviction sensitivity."""
+    geo = planner.Geometry(2, 1, 64)
+    scores = torch.tensor([[0.005, 0.2, 0.5, 30.0, 500.0]] * 2)
+    cfg = AGACCConfig(n_sink=0, tau_h=100.0, tau_l=0.3, tau_e=0.1, b_min=3, b_max=4)
+    plain = planner.plan_tiers(scores, cfg, geo, 80, stacked=True)
+    tier, bits, keep = planner.plan_tiers(scores, cfg.with_overrides(layer_floor=(0.0, 4.0)), geo, 80, stacked=True)
+    assert torch.equal(tier[0], plain[0][0]) and torch.equal(bits[0], plain[1][0])  # layer 0: no floor
+    assert plain[1][1].tolist() == [0, 3, 3, 4, 16]  # evicted, two 3-bit blocks, one 4-bit, one full
+    assert bits[1].tolist() == [0, 4, 4, 4, 16] and tier[1].tolist() == [T.EVICTED, T.INT4, T.INT4, T.INT4, T.FULL]
+    assert torch.equal(keep, plain[2])
+    with pytest.raises(ValueError, match="layer_floor has 2 entries, the model has 3 layers"):
+        planner.plan_tiers(torch.ones(3, 4), cfg.with_overrides(layer_floor=(0.0, 4.0)), planner.Geometry(3, 1, 64), 80)
+    with pytest.raises(ValueError, match="layer_floor entries"):
+        AGACCConfig(layer_floor=(5.0,))
+    config = _llama_config()
+    key = calibrate.model_key(config)
+    b, e = calibrate.KNOWN[key], calibrate.KNOWN_EVICT[key]
+    resolved = calibrate.resolve(AGACCConfig(layer_calibration="auto", floor_trade=0.5), config).layer_floor
+    assert resolved == tuple(4.0 if b[i] >= 0.5 * e[i] else 0.0 for i in range(30))
+    # the default: 0.25 at fitted ratios up to 4, leaving the layers eviction hurts most at 3 bits
+    at4 = calibrate.resolve(AGACCConfig(layer_calibration="auto", target_ratio=4.0), config).layer_floor
+    assert [i for i in range(30) if at4[i] == 0] == [1, 7, 8, 17]
+    for cfg in (AGACCConfig(layer_calibration="auto"), AGACCConfig(layer_calibration="auto", target_ratio=8.0),
+                AGACCConfig(layer_calibration="auto", target_ratio=4.0, floor_trade=float("inf")),
+                AGACCConfig(layer_calibration="none", target_ratio=4.0)):
+        assert calibrate.resolve(cfg, config).layer_floor is None

@@ -11,7 +11,9 @@ the tuning texts held about 4x after a 2K-token run (rounds 7 and 11): the defau
 Its recent window is 16 tokens, not the config's 32 (round 11: the bytes of the 16 full-precision tokens
 it frees pay for fewer evictions, most at 8x; the thresholds went from 0.25x to 0.2x of round 6's so
 that the default's ratio stayed where it was), and its sink blocks are held at 8 bits, not 16 (round 12:
-the attention sinks read back within 8-bit error, and the bytes pay for fewer evictions).
+the attention sinks read back within 8-bit error, and the bytes pay for fewer evictions). Fitted to
+a ratio up to 4, every layer but the four that eviction hurts most holds its kept blocks at 4 bits or
+more (``floor_trade``, ``planner.floored``; round 15: the fitter evicts a little more where that is cheap).
 """
 from __future__ import annotations
 
