@@ -254,7 +254,8 @@ def resolve(cfg, model_config):
     if trade is not None and cfg.layer_floor is None:
         bits, ev = known_sensitivity(model_config, "bits"), known_sensitivity(model_config, "evict")
         if bits is not None and ev is not None and len(bits) == len(ev) == n_layers:
-            found["layer_floor"] = tuple(float(cfg.b_max) if b >= trade * e else 0.0 for b, e in zip(bits, ev))
+            top = float(quant.container_bits(cfg.b_max))  # the widest code the preset uses, as stored
+            found["layer_floor"] = tuple(top if b >= trade * e else 0.0 for b, e in zip(bits, ev))
     return cfg.with_overrides(**found) if found else cfg
 
 

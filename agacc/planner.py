@@ -174,7 +174,8 @@ def _layer_scaled(rule, cfg, n_layers: int):
     unscaled scores, lost the gain at 4x: docs/tuning.md round 6.) With ``cfg.evict_scale`` (a layer's
     sensitivity to eviction) the rule runs twice, and a block is evicted exactly where the run on
     the scores times ``evict_scale`` evicts it; a block only the ``layer_scale`` run would evict
-    takes the tier the other run gave it (round 10)."""
+    takes the tier the other run gave it (round 10). With ``cfg.layer_floor`` the plan's quantised blocks
+    are then raised to their layer's floor (``floored``; round 15)."""
     for name in ("layer_scale", "evict_scale", "layer_floor"):
         if getattr(cfg, name) is not None and len(getattr(cfg, name)) != n_layers:
             flag = " --evict 0.5 0.75" if name == "evict_scale" else ""
