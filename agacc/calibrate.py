@@ -233,30 +233,35 @@ def known_sensitivity(model_config, kind: str = "bits") -> tuple[float, ...] | N
 
 
 def resolve(cfg, model_config):
-    """``cfg`` with the ``layer_scale`` and ``evict_scale`` its cache uses (see the module docstring):
-    with ``layer_calibration="auto"`` each one the config leaves None is made from the model's
-    measured sensitivity of its kind, bits as (s_l / geometric mean)^``default_gamma``, eviction with
-    gamma 1 (docs/tuning.md round 10); none known: left None."""
+    """``cfg`` with the ``layer_scale``, ``evict_scale`` and ``layer_floor`` its cache uses (see the module
+    docstring): with ``layer_calibration="auto"`` each one the config leaves None is made from the
+    model's measured sensitivities, bits as (s_l / geometric mean)^``default_gamma``, eviction with
+    gamma 1 (docs/tuning.md round 10), the floor from both (``default_floor_trade``, round 15); none
+    known: left None."""
     if cfg.layer_calibration != "auto":
         return cfg
     n_layers = text_config(model_config).num_hidden_layers
+    trade = default_floor_trade(cfg) if cfg.layer_floor is None else None
+    wanted = {"bits": cfg.layer_scale is None or trade is not None, "evict": cfg.evict_scale is None or trade is not None}
+    tables = {kind: _sensitivity_of(model_config, kind, n_layers) for kind, want in wanted.items() if want}
     found = {}
     for field, kind, gamma in (("layer_scale", "bits", default_gamma(cfg)), ("evict_scale", "evict", 1.0)):
-        sens = None if getattr(cfg, field) is not None else known_sensitivity(model_config, kind)
-        if sens is None:
-            continue
-        if len(sens) != n_layers:
-            flag = "" if kind == "bits" else " --evict 0.5 0.75"
-            raise ValueError(f"the saved layer sensitivity ({kind}) has {len(sens)} layers, the model {n_layers}: "
-                             f"re-run python -m agacc calibrate{flag} --save")
-        found[field] = layer_scale(list(sens), gamma)
-    trade = default_floor_trade(cfg)
-    if trade is not None and cfg.layer_floor is None:
-        bits, ev = known_sensitivity(model_config, "bits"), known_sensitivity(model_config, "evict")
-        if bits is not None and ev is not None and len(bits) == len(ev) == n_layers:
-            top = float(quant.container_bits(cfg.b_max))  # the widest code the preset uses, as stored
-            found["layer_floor"] = tuple(top if b >= trade * e else 0.0 for b, e in zip(bits, ev))
+        if getattr(cfg, field) is None and tables.get(kind) is not None:
+            found[field] = layer_scale(list(tables[kind]), gamma)
+    if trade is not None and tables["bits"] is not None and tables["evict"] is not None:
+        top = float(quant.container_bits(cfg.b_max))  # the widest code the preset uses, as stored
+        found["layer_floor"] = tuple(top if b >= trade * e else 0.0 for b, e in zip(tables["bits"], tables["evict"]))
     return cfg.with_overrides(**found) if found else cfg
+
+
+def _sensitivity_of(model_config, kind: str, n_layers: int) -> tuple[float, ...] | None:
+    """``known_sensitivity``, refused when it was measured on another number of layers."""
+    sens = known_sensitivity(model_config, kind)
+    if sens is not None and len(sens) != n_layers:
+        flag = "" if kind == "bits" else " --evict 0.5 0.75"
+        raise ValueError(f"the saved layer sensitivity ({kind}) has {len(sens)} layers, the model {n_layers}: "
+                         f"re-run python -m agacc calibrate{flag} --save")
+    return sens
 
 
 def default_floor_trade(cfg) -> float | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from agacc import methods
+from agacc.tiers import CONTAINER_TIER
 
 PROMPT_EVIDENCE = ("max", "fold", "last")  # how a chunked prefill's windows combine (docs/long_context.md)
 CONTEXT_PROBES = ("none", "reconstruct")       # how a context compressed before its question is scored (agacc.probe)
@@ -337,7 +338,8 @@ class AGACCConfig:
             if getattr(self, name) is not None:
                 need(all(w > 0 for w in getattr(self, name)), f"{name} must all be > 0")
         if self.layer_floor is not None:
-            need(all(b in (0, 2, 3, 4, 8) for b in self.layer_floor), "layer_floor entries must be 0 (none), 2, 3, 4 or 8 bits")
+            widths = (0, *sorted(CONTAINER_TIER))
+            need(all(b in widths for b in self.layer_floor), f"layer_floor entries must be 0 (none) or a container width {widths[1:]}")
         need(self.floor_trade is None or self.floor_trade > 0, f"floor_trade must be > 0 or None, got {self.floor_trade}")
         need(self.layer_calibration in LAYER_CALIBRATIONS,
              f"layer_calibration must be one of {LAYER_CALIBRATIONS}, got {self.layer_calibration!r}")

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from agacc import methods
+from agacc.config import CALIBRATED
 from agacc.importance import WINDOW_ITEMSIZE, block_max, max_pool
-from agacc.policy import fidelity_floor, hold_evictions, layer_weights, quant_tier
+from agacc.policy import fidelity_floor, hold_evictions, layer_weights
 from agacc.quant import container_bits, value_group
-from agacc.tiers import CONTAINER_OF_TIER, CONTAINER_TIER, EVICTED, FULL, PRUNED, TIER_CONTAINER
+from agacc.tiers import CONTAINER_OF_TIER, CONTAINER_TIER, EVICTED, FULL, PRUNED, TIER_CONTAINER, TIER_OF_CONTAINER
 
 
 def text_config(config):
@@ -176,7 +177,7 @@ def _layer_scaled(rule, cfg, n_layers: int):
     the scores times ``evict_scale`` evicts it; a block only the ``layer_scale`` run would evict
     takes the tier the other run gave it (round 10). With ``cfg.layer_floor`` the plan's quantised blocks
     are then raised to their layer's floor (``floored``; round 15)."""
-    for name in ("layer_scale", "evict_scale", "layer_floor"):
+    for name in CALIBRATED:
         if getattr(cfg, name) is not None and len(getattr(cfg, name)) != n_layers:
             flag = " --evict 0.5 0.75" if name == "evict_scale" else ""
             raise ValueError(f"{name} has {len(getattr(cfg, name))} entries, the model has {n_layers} layers: "
@@ -201,15 +202,14 @@ def _layer_scaled(rule, cfg, n_layers: int):
 
 def floored(plan, layer_floor, layer: int = 0):
     """(tier, bits, keep) [n] (layer ``layer``) or [L, n] with each layer's quantised blocks below its
-    ``layer_floor`` bits raised to it (0: no floor); full, pruned and evicted blocks unchanged."""
+    ``layer_floor`` bits (a container width; 0: none) raised to it; full, pruned and evicted blocks unchanged."""
     tier, bits, keep = plan
     f = torch.tensor(layer_floor, dtype=torch.int8)
-    f = f[:, None] if tier.dim() == 2 else f[layer]
+    f = (f[:, None] if tier.dim() == 2 else f[layer]).expand_as(bits)
     low = (CONTAINER_OF_TIER[tier.long()] > 0) & (bits < f)
     if not bool(low.any()):
         return plan
-    nb = torch.where(low, f, bits)
-    return torch.where(low, quant_tier(torch.where(low, nb, 0)), tier), nb, keep
+    return torch.where(low, TIER_OF_CONTAINER[f.long()], tier), torch.where(low, f, bits), keep
 
 
 def _plan_rule(block_scores, cfg, geo: Geometry, seq_len: int, scale: float, prefill: bool, stacked: bool):
@@ -223,7 +223,7 @@ def _plan_rule(block_scores, cfg, geo: Geometry, seq_len: int, scale: float, pre
         budgets = layer_budgets(cfg, budget_weights(cfg, block_scores), seq_len, B,
                                 [sink_blocks + hot_blocks] * len(block_scores), scale)
     m = methods.rule(cfg.rule)
-    scaled = cfg.layer_scale is not None or cfg.evict_scale is not None or cfg.layer_floor is not None
+    scaled = any(getattr(cfg, name) is not None for name in CALIBRATED)
     rule = _layer_scaled(m.rule, cfg, len(block_scores)) if scaled else m.rule
     spill = cfg.spill if prefill else 0.0
     if m.elementwise and len(block_scores):  # all layers in one call; the sinks of all layers at once
