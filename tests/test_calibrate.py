@@ -175,3 +175,18 @@ def test_layer_floor_raises_a_layers_quantised_blocks_and_nothing_else():
                 AGACCConfig(layer_calibration="auto", target_ratio=4.0, floor_trade=float("inf")),
                 AGACCConfig(layer_calibration="none", target_ratio=4.0)):
         assert calibrate.resolve(cfg, config).layer_floor is None
+
+
+def test_the_floor_refuses_a_sensitivity_of_another_model(tmp_path, monkeypatch):
+    """The floor reads both tables even where layer_scale / evict_scale are given: a wrong-sized one is an error."""
+    monkeypatch.setenv("AGACC_CACHE", str(tmp_path))
+    config = _llama_config(layers=2, hidden=64, heads=4, kv=2, vocab=256)
+    calibrate.save_sensitivity(config, [1.0, 4.0])
+    calibrate.save_sensitivity(config, [1.0, 2.0, 3.0], "evict")
+    given = AGACCConfig(layer_calibration="auto", target_ratio=4.0, layer_scale=(1.0, 1.0), evict_scale=(1.0, 1.0))
+    with pytest.raises(ValueError, match="re-run python -m agacc calibrate --evict 0.5 0.75 --save"):
+        calibrate.resolve(given, config)
+    assert calibrate.resolve(given.with_overrides(floor_trade=float("inf")), config).layer_floor is None  # not read
+    calibrate.save_sensitivity(config, [2.0, 1.0], "evict")
+    calibrate.save_sensitivity(config, [1.0, 0.1])  # layer 1: 0.1 < 0.25 x 1, evicting hurts it more
+    assert calibrate.resolve(given, config).layer_floor == (4.0, 0.0)  # layer 0: 1 >= 0.25 x 2
