@@ -10,6 +10,7 @@ re-evaluation, instead of at every step (all of it counted in memory()).
   seed 000 §2.2  S_i: mean attention token i receives (over heads, and over the N_q observation
                  queries at prefill / the decode steps of the last N_w window at re-evaluation)
   seed 000 §2.3  I_i(t) = alpha*S_i + (1-alpha)*I_i(t-1)                      scoring="ema"
+                 or I_i(t) = max(S_i, 2^(-k/h) I_i(t-1)), k = the window's steps   decode_evidence="max"
                  I^_i(t) = I_i(t) / P(t-i)
   seed 001 §2.1  A_i = (1/T) sum_t e^{-beta(T-t)} w_l sum_j alpha_ij          scoring="decay"
   seed 002       C_j = alpha*sum_i A_ij + (1-alpha)*beta*sum_i A_ij           scoring="sum"
@@ -24,6 +25,14 @@ import torch
 
 WINDOW_DTYPE = torch.bfloat16  # per-entry attention window (sums of at most N_r steps)
 WINDOW_ITEMSIZE = 2
+
+
+def fold_decode(cfg, s_i: torch.Tensor, importance: torch.Tensor, steps: int) -> torch.Tensor:
+    """I_i after a re-evaluation (EMA scoring): the window's mean S_i over ``steps`` decode steps folded
+    into the previous I_i (same shape), by ``cfg.decode_evidence``."""
+    if cfg.decode_evidence == "max":
+        return torch.maximum(s_i, importance * 0.5 ** (steps / cfg.evidence_half_life))
+    return cfg.alpha * s_i + (1 - cfg.alpha) * importance
 
 
 def position_norm(distance: torch.Tensor, form: str, gamma: float) -> torch.Tensor:
@@ -129,7 +138,7 @@ class ImportanceTracker:
             for c, _ in self.chunks:
                 total[: c.numel()] += c.float()
             s_i = total / sum(s for _, s in self.chunks)
-            self.importance = cfg.alpha * s_i + (1 - cfg.alpha) * self.importance
+            self.importance = fold_decode(cfg, s_i, self.importance, self.window_steps)
             while self.chunks and sum(s for _, s in self.chunks) > cfg.n_w - cfg.n_r:
                 self.chunks.pop(0)  # the next mean adds N_r new steps: only the last N_w - N_r are needed
         elif cfg.scoring == "decay":
@@ -232,7 +241,7 @@ def update_all(trackers: list[ImportanceTracker], to_tokens: list, to_tokens_all
         k = c.numel()
         total[:, :k] += torch.stack([t.chunks[j][0] for t in trackers]).float()
     s_i = total / sum(s for _, s in first.chunks)
-    importance = cfg.alpha * s_i + (1 - cfg.alpha) * torch.stack([t.importance for t in trackers])
+    importance = fold_decode(cfg, s_i, torch.stack([t.importance for t in trackers]), steps)
     n_pop = 0
     while len(chunks) - n_pop and sum(s for _, s in chunks[n_pop:]) > cfg.n_w - cfg.n_r:
         n_pop += 1

@@ -7,7 +7,9 @@ with markers is ``agacc@4-markers``, and the other cases that evict pin ``marker
 ``agacc@4`` and ``agacc@8`` when the preset's recent window went from 32 to 16 tokens (docs/tuning.md
 round 11): the recording with 32 is ``agacc@4-rw32``, and the other ``agacc`` variants pin
 ``recent_window=32``; the same three when its sink blocks went to 8 bits (round 12): the recording at 16
-is ``agacc@4-sink16``, and the other ``agacc`` variants pin ``sink_bits=16``."""
+is ``agacc@4-sink16``, and the other ``agacc`` variants pin ``sink_bits=16``; ``agacc@4`` when its decode
+evidence became a decaying maximum (round 16; ``agacc`` and ``agacc@8`` came out the same on this short run):
+the recording with the EMA is ``agacc@4-ema``, and the other ``agacc`` variants pin ``decode_evidence="ema"``."""
 import json
 from pathlib import Path
 

@@ -274,6 +274,55 @@ def test_ema_means_the_last_n_w_steps_and_holds_only_what_the_next_mean_needs():
     assert tr.nbytes() == 2 * 4 + 2 * 2  # fp32 importance + one bf16 two-step sum per token
 
 
+def test_decode_max_keeps_the_strongest_window_fading_by_its_half_life_by_hand():
+    """decode_evidence="max", half-life 4 steps, N_r 2, N_w 4, windows a, b, c of two steps each: I after
+    each re-evaluation is max(mean over the last 4 steps, 2^(-2/4) I) (a window of two steps fades I by
+    2^-0.5), by hand; an infinite half-life keeps the running maximum."""
+    from agacc.importance import ImportanceTracker
+
+    a, b, c = torch.tensor([0.5, 0.25]), torch.tensor([0.125, 0.625]), torch.tensor([0.0, 0.0])
+    for half_life, fade in ((4.0, 2 ** -0.5), (float("inf"), 1.0)):
+        tr = ImportanceTracker(AGACCConfig(scoring="ema", decode_evidence="max", evidence_half_life=half_life,
+                                           n_r=2, n_w=4))
+        want = torch.zeros(2)
+        for m, s in [(a, a), (b, (a + b) / 2), (c, (b + c) / 2)]:
+            tr.observe(m)
+            tr.observe(m)
+            tr.update()
+            want = torch.maximum(s, fade * want)
+            torch.testing.assert_close(tr.importance, want)
+    # the running maximum: a = [0.5, 0.25], then (a + b) / 2 = [0.3125, 0.4375], then (b + c) / 2 =
+    # [0.0625, 0.3125]: [0.5, 0.4375] (the EMA with alpha 0.5 would leave [0.1719, 0.2969])
+    torch.testing.assert_close(tr.importance, torch.tensor([0.5, 0.4375]))
+    with pytest.raises(ValueError, match="evidence_half_life must be > 0"):
+        AGACCConfig(evidence_half_life=0.0)
+    with pytest.raises(ValueError, match="decode_evidence must be one of"):
+        AGACCConfig(decode_evidence="sum")
+
+
+@pytest.mark.parametrize("evidence", ["ema", "max"])
+def test_update_all_folds_every_layer_as_update_does(evidence):
+    """``update_all`` (all layers at once) leaves every tracker as its own ``update`` would, for both rules."""
+    from agacc.importance import ImportanceTracker, update_all
+
+    cfg = AGACCConfig(scoring="ema", decode_evidence=evidence, evidence_half_life=6.0, n_r=3, n_w=6)
+    g = torch.Generator().manual_seed(3)
+    batched = [ImportanceTracker(cfg) for _ in range(3)]
+    single = [ImportanceTracker(cfg) for _ in range(3)]
+    for window in range(4):
+        n = 5 + window
+        for tb, ts in zip(batched, single):
+            for _ in range(3):
+                m = torch.rand(n, generator=g).to(torch.bfloat16).float()
+                tb.observe(m)
+                ts.observe(m)
+        update_all(batched, [None] * 3)
+        for ts in single:
+            ts.update()
+        for tb, ts in zip(batched, single):
+            torch.testing.assert_close(tb.importance, ts.importance)
+
+
 @pytest.mark.parametrize("evidence", ["fold", "last", "max"])
 def test_prompt_chunks_combine_their_evidence_by_hand(evidence):
     """Two prompt chunks' observation windows, S = a (4 tokens) then b (6 tokens), by hand:
