@@ -184,7 +184,9 @@ def test_ratio_fitter_reaches_target(target):
 
 @pytest.mark.parametrize("start", [1e-6, 0.05, 1.0, 3.0, 1e5])
 def test_ratio_fitter_warm_start_lands_where_the_cold_search_does(start):
-    """Walking out from the previous scale finds the same plan boundary as bisecting [-12, 12]."""
+    """Walking out from the previous scale finds the same plan boundary as bisecting [-12, 12], unless
+    the previous scale's plan already spends 99-100% of the budget: then it is kept as is
+    (``test_ratio_fitter_keeps_a_scale_that_still_fills_the_budget``)."""
     cfg = AGACCConfig.preset("agacc", block_size=32)
     geo = Geometry(n_layers=4, heads=2, head_dim=64, batch=1, full_itemsize=2)
     torch.manual_seed(2)
@@ -192,9 +194,11 @@ def test_ratio_fitter_warm_start_lands_where_the_cold_search_does(start):
     for target in (2.0, 4.0, 6.0, 1e4):  # 1e4: out of reach -> the largest scale
         cold = fit_threshold_scale(scores, cfg, geo, 4096, target)
         warm = fit_threshold_scale(scores, cfg, geo, 4096, target, start=start)
-        assert math.isclose(warm, cold, rel_tol=2e-3), (target, warm, cold)
         plan = planned_bytes(plan_tiers(scores, cfg, geo, 4096, warm), cfg, geo, 4096)
-        assert target >= 1e4 or plan <= 2 * 2 * 4096 * 64 * 2 * 4 / target
+        budget = 2 * 2 * 4096 * 64 * 2 * 4 / target
+        if not math.isclose(warm, cold, rel_tol=2e-3):
+            assert warm == start and 0.99 * budget <= plan <= budget, (target, warm, cold, plan / budget)
+        assert target >= 1e4 or plan <= budget
 
 
 def test_ratio_fitter_uses_the_budget_when_block_scores_are_nearly_equal():
