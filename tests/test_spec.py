@@ -113,3 +113,16 @@ def test_generate_cli_method_preset_and_set():
         "agacc", target_ratio=4.0, markers=False, tau_h=6.0)
     with pytest.raises(ValueError, match="not both"):
         cfg("--method", "agacc", "--preset", "agacc")
+
+
+def test_every_closed_choice_field_refuses_a_value_outside_it():
+    """A field declared with ``choices`` takes only those values (one clean error naming the field and
+    them); block_size's choices are the app's options, and any power of two up to 512 still runs."""
+    from dataclasses import fields
+
+    closed = [f for f in fields(AGACCConfig) if f.metadata.get("choices") and f.name != "block_size"]
+    assert {"scoring", "prompt_evidence", "decode_evidence", "sink_bits", "store_dtype"} <= {f.name for f in closed}
+    for f in closed:
+        with pytest.raises(ValueError, match=f"{f.name} must be one of"):
+            AGACCConfig(**{f.name: "no-such-value"})
+    assert AGACCConfig(block_size=256).block_size == 256
