@@ -1,0 +1,92 @@
+"""bench/evict_sim.py: the kept units by hand, the scores by hand, and the masked forward against a
+reference (keeping everything is the plain forward; the prompt's own logits never change)."""
+import torch
+from transformers import AttentionInterface
+
+from bench import evict_sim
+from tests.helpers import tiny_model
+
+
+def test_keep_mask_by_hand():
+    t = 64
+    s = torch.zeros(1, t)
+    s[0, 20], s[0, 41], s[0, 42] = 5.0, 3.0, 4.0  # the first and last 16 are always kept
+    m = evict_sim.keep_mask(s, 48 / 64, 16)[0]   # 3 blocks of 16 of 4: the protected two and 16-31 (5 > 4)
+    assert m.tolist() == [True] * 32 + [False] * 16 + [True] * 16
+    m = evict_sim.keep_mask(s, 35 / 64, 1)[0]    # token level: 32 protected + the 3 best
+    assert m.nonzero().squeeze(1).tolist() == list(range(16)) + [20, 41, 42] + list(range(48, 64))
+    m = evict_sim.keep_mask(s, 37 / 64, 1, pool=3)[0]  # ranked by the 3-max: 19-21 and 40-43 score > 0
+    kept = set(m.nonzero().squeeze(1).tolist()) - set(range(16)) - set(range(48, 64))
+    assert len(kept) == 5 and kept <= {19, 20, 21, 40, 41, 42, 43}
+
+
+def test_scores_by_hand():
+    probs = torch.tensor([[[1.0, 0, 0, 0], [0.4, 0.6, 0, 0], [0.5, 0.3, 0.2, 0], [0.1, 0.6, 0.2, 0.1]]])
+    q = k = torch.zeros(1, 4, 2)
+    torch.testing.assert_close(evict_sim.score_of("oracle", q, k, probs, 2), torch.tensor([[0.5, 0.6]]))
+    torch.testing.assert_close(evict_sim.score_of("last2", q, k, probs, 2), torch.tensor([[0.7, 0.3]]))
+    torch.testing.assert_close(evict_sim.score_of("last2max", q, k, probs, 2), torch.tensor([[1.0, 0.6]]))
+    # expected attention: one query, no spread -> the softmax of its logits
+    q = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    k = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    want = (torch.tensor([0.0, 2.0]) * 2 ** -0.5).softmax(-1)[None]
+    torch.testing.assert_close(evict_sim.score_of("ea1", q, k, probs, 2), want)
+
+
+def test_masked_forward_keeps_everything_or_hides_the_dropped_tokens_from_decode_only():
+    model = tiny_model(layers=2)
+    ids = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(0))
+    t = 64
+    with torch.inference_mode():
+        model.set_attn_implementation("sdpa")
+        want = model(ids, use_cache=False).logits
+        rec = evict_sim.Recorder(t)
+        AttentionInterface.register("agacc_evict_sim", rec)
+        model.set_attn_implementation("agacc_evict_sim")
+        rec.keep = {i: torch.ones(1, t, dtype=torch.bool) for i in range(2)}
+        torch.testing.assert_close(model(ids, use_cache=False).logits, want, atol=1e-4, rtol=0)
+        keep = torch.ones(2, t, dtype=torch.bool)
+        keep[:, 20:40] = False
+        rec.keep = {i: keep for i in range(2)}
+        got = model(ids, use_cache=False).logits
+        # the same forward by hand: the decode tokens alone, over a cache without the dropped tokens
+        from transformers import DynamicCache
+        model.set_attn_implementation("sdpa")
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :t], past_key_values=cache)
+        for layer in cache.layers:
+            layer.keys = torch.cat([layer.keys[:, :, :20], layer.keys[:, :, 40:]], 2)
+            layer.values = torch.cat([layer.values[:, :, :20], layer.values[:, :, 40:]], 2)
+        pos = torch.arange(t, 96)[None]
+        ref = model(ids[:, t:], past_key_values=cache, position_ids=pos,
+                    cache_position=torch.arange(t - 20, 96 - 20)).logits
+    torch.testing.assert_close(got[:, :t], want[:, :t], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got[:, t:], ref, atol=1e-4, rtol=0)
+    assert float((got[:, t:] - want[:, t:]).abs().max()) > 1e-2
+
+
+def test_band_mask_keeps_whole_blocks_of_the_band_order():
+    t = 64
+    s = torch.zeros(1, t)
+    s[0, 20], s[0, 30] = 5.0, 4.0   # pooled: 19-21 and 29-31 score; the rest 0
+    m = evict_sim.band_mask(s, 48 / 64, 2)[0]   # 32 rows between the protected: bands of 16
+    # band 0: the 6 scored tokens and the first 10 zero-scored ones in position order... by the stable sort:
+    # ranks 0-5 are 19, 20, 21 (5) and 29, 30, 31 (4); ranks 6-15 the zeros 16, 17, 18, 22, ... 28
+    band0 = {19, 20, 21, 29, 30, 31, 16, 17, 18, 22, 23, 24, 25, 26, 27, 28}
+    assert set(m.nonzero().squeeze(1).tolist()) == set(range(16)) | band0 | set(range(48, 64))
+
+
+def test_key_error_grows_when_blocks_mix_distant_rows():
+    """Keys drifting slowly with position: blocks of neighbours have narrow per-channel ranges, blocks of
+    scattered rows wide ones; 8-bit keys are nearly exact. The order is undone before the attention."""
+    torch.manual_seed(0)
+    t, d = 256, 64
+    k = (torch.linspace(-3, 3, t)[:, None] * torch.randn(1, d) + 0.05 * torch.randn(t, d))[None]
+    q = torch.randn(2, t, d)
+    contiguous = evict_sim.key_error(q, k, torch.arange(t))
+    scattered = evict_sim.key_error(q, k, torch.randperm(t))
+    assert scattered > 3 * contiguous
+    assert evict_sim.key_error(q, k, torch.randperm(t), bits=8) < 0.05 * scattered
+    assert evict_sim.grouping_order("contiguous", torch.rand(t)).tolist() == list(range(t))
+    s = torch.rand(t)
+    assert sorted(evict_sim.grouping_order("bands4", s).tolist()) == list(range(t))
