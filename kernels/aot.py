@@ -17,7 +17,8 @@ constexprs, options)``:
     signature   {arg: Triton type} for the runtime arguments ("*fp16", "*u8", "i32", "fp32", ...);
                 constexpr arguments may be left out (they are filled in as "constexpr")
     constexprs  {arg: value} for every ``tl.constexpr`` argument
-    options     optional {"num_warps": 4, "num_stages": 3, "enable_fp_fusion": bool} as launched
+    options     optional {"num_warps": 4, "num_stages": 3, "enable_fp_fusion": bool} as launched, or a
+                callable of the compute capability (75, 80, 90) returning them: options per target
 
 Pointer arguments are compiled 16-byte aligned (``tt.divisibility = 16``), as the runtime
 specialises a freshly allocated tensor. A module whose ``aot_specs`` is missing is reported as a
@@ -53,6 +54,7 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 KERNELS_DIR = Path(__file__).resolve().parent
 DEFAULT_TARGETS = "sm_80,sm_90"
@@ -102,7 +104,7 @@ class Spec:
     fn: object
     signature: dict
     constexprs: dict
-    options: dict = field(default_factory=dict)
+    options: dict | Callable[[int], dict] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +176,7 @@ def _normalise(mod_name: str, entry, triton) -> Spec:
     if not isinstance(entry, (tuple, list)) or len(entry) not in (4, 5):
         raise TypeError("expected (name, fn, signature, constexprs[, options])")
     name, fn, sig, consts = entry[:4]
-    opts = dict(entry[4]) if len(entry) == 5 and entry[4] else {}
+    opts = entry[4] if len(entry) == 5 and callable(entry[4]) else dict(entry[4]) if len(entry) == 5 and entry[4] else {}
     if not isinstance(fn, triton.runtime.jit.JITFunction):
         raise TypeError(f"{name}: fn is {type(fn).__name__}, not a JITFunction (is TRITON_INTERPRET=1 set? "
                         "kernels.aot must import the kernels with it unset)")
@@ -201,8 +203,11 @@ _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def _options(spec: Spec) -> dict:
-    return {"num_warps": 4, "num_stages": 3, "enable_fp_fusion": True, **spec.options}
+def _options(spec: Spec, cc: int) -> dict:
+    """The compile options of ``spec`` for sm_``cc``: its options, or what its callable gives for ``cc``
+    (a kernel whose launch options depend on the target, e.g. fewer stages where shared memory is small)."""
+    opts = spec.options(cc) if callable(spec.options) else spec.options
+    return {"num_warps": 4, "num_stages": 3, "enable_fp_fusion": True, **opts}
 
 
 def cache_key(spec: Spec, cc: int) -> str:
@@ -213,7 +218,7 @@ def cache_key(spec: Spec, cc: int) -> str:
     payload = json.dumps({
         "v": CACHE_VERSION, "triton": triton.__version__, "cc": cc, "fn": spec.fn.cache_key,
         "name": spec.fn.__name__, "sig": spec.signature, "constexprs": {k: repr(v) for k, v in spec.constexprs.items()},
-        "options": _options(spec),
+        "options": _options(spec, cc),
     }, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -240,7 +245,7 @@ def compile_spec(spec: Spec, cc: int, fail_on_spill: bool = False) -> Row:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    opts = _options(spec)
+    opts = _options(spec, cc)
     row = Row(spec.module, spec.fn.__name__, spec.name, f"sm_{cc}", num_warps=opts["num_warps"], key=cache_key(spec, cc))
     knobs.nvidia.dump_ptxas_log = True      # ptxas -v output, printed to stdout: captured below
     knobs.compilation.always_compile = True  # a Triton cache hit would skip ptxas and its log

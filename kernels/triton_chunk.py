@@ -253,12 +253,27 @@ def _mass_kernel(
 TILES = {16: ((32, 32, 4), (32, 32, 4)), 32: ((32, 32, 4), (32, 32, 4)), 64: ((32, 32, 4), (32, 32, 4)),
          128: ((32, 32, 8), (16, 32, 4)), 256: ((16, 16, 4), (16, 16, 4))}
 STAGES = {"main": 3, "mass": 1}
+# Turing (sm_75) gives a block 64 KiB of shared memory; the main kernel's three stages at D 256 take 69,760 B
+# there (docs/kernels.md), so below sm_80 it pipelines two.
+SMALL_SHARED_BELOW, SMALL_SHARED_STAGES = 80, {256: 2}
 
 
-def launch_options(kernel: str, d_pad: int) -> dict:
-    """The launch options of ``kernel`` ("main" | "mass") for a padded head dim (what aot_specs compiles)."""
+def launch_options(kernel: str, d_pad: int, cc: int = 90) -> dict:
+    """The launch options of ``kernel`` ("main" | "mass") for a padded head dim on compute capability ``cc``
+    (e.g. 75 for sm_75; what aot_specs compiles for that target)."""
     warps = TILES[d_pad][kernel == "mass"][2]
-    return {"num_warps": warps, "num_stages": STAGES[kernel], "enable_fp_fusion": True}
+    stages = STAGES[kernel]
+    if kernel == "main" and cc < SMALL_SHARED_BELOW:
+        stages = SMALL_SHARED_STAGES.get(d_pad, stages)
+    return {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True}
+
+
+def device_cc(dev: torch.device) -> int:
+    """Compute capability of a CUDA device as one number (sm_75 -> 75); 90 elsewhere (the interpreter)."""
+    if dev.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(dev)
+    return 10 * major + minor
 
 
 _TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -355,17 +370,20 @@ def aot_specs() -> list[tuple[str, triton.JITFunction, dict, dict, dict]]:
                 cases.append((QUANT, "u8", _constexprs(QUANT, d_pad, c, key_token=True, key_group=grp,
                                                        value_group=grp)))
             cases.append((SPARSE, "u8", _constexprs(SPARSE, d_pad, c)))
+    from functools import partial  # (here: an import above the kernels would move their lines, so their cache keys)
+
     specs, seen = [], set()
     for kind, dt, ce in cases:
         main_sig, mass_sig = _signatures(kind, dt)
         mass_ce, d_pad = _mass_constexprs(ce), ce["D_PAD"]
         for name, fn, sig, cx, opts in (
-                (f"chunk.main[{_variant(kind, dt, ce)}]", _chunk_kernel, main_sig, ce, launch_options("main", d_pad)),
+                (f"chunk.main[{_variant(kind, dt, ce)}]", _chunk_kernel, main_sig, ce,
+                 partial(launch_options, "main", d_pad)),
                 (f"chunk.mass[{_variant(kind, dt, mass_ce)}]", _mass_kernel, mass_sig, mass_ce,
-                 launch_options("mass", d_pad))):
+                 partial(launch_options, "mass", d_pad))):
             if name not in seen:
                 seen.add(name)
-                specs.append((name, fn, sig, cx, dict(opts)))
+                specs.append((name, fn, sig, cx, opts))
     return specs
 
 
@@ -411,6 +429,7 @@ def chunk_parts(query: torch.Tensor, parts: list[Part], scaling: float, n_new: i
     new_first = n_total - n_new  # entry index of new entry 0
     d_pad = max(16, _pow2(d))
     block_m, block_n = TILES[d_pad][0][0], TILES[d_pad][1][1]  # the main kernel's rows, the mass kernel's keys
+    cc = device_cc(dev)
     M = g * q_len
 
     qf = query.to(torch.float32)
@@ -438,7 +457,7 @@ def chunk_parts(query: torch.Tensor, parts: list[Part], scaling: float, n_new: i
         new0 = new_first - e0
         launches.append((qa, new0, e0, p.n, pa, ce))
         _chunk_kernel[(triton.cdiv(M, block_m), bh)](*qa, *sc, new0, p.n, *pa, *state(rotated),
-                                                     **ce, **launch_options("main", d_pad))
+                                                     **ce, **launch_options("main", d_pad, cc))
         e0 += p.n
 
     m, l, acc = states.get(False, (None, None, None))
@@ -462,5 +481,5 @@ def chunk_parts(query: torch.Tensor, parts: list[Part], scaling: float, n_new: i
     for qa, new0, e0, n, pa, ce in launches:
         _mass_kernel[(triton.cdiv(n, block_n), bh)](*qa, n_obs, *sc, new0, n, e0, n_total,
                                                    *pa[:4], *pa[8:], lse, part_mass, **_mass_constexprs(ce),
-                                                   **launch_options("mass", d_pad))
+                                                   **launch_options("mass", d_pad, cc))
     return out, part_mass.sum(0) / (bt * hq * n_obs)

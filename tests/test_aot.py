@@ -126,3 +126,21 @@ def test_targets_parse():
     assert parse_targets("sm_75, 90, sm90a") == [75, 90, 90]
     with pytest.raises(ValueError):
         parse_targets("gfx90a")
+
+
+def test_chunk_kernel_at_head_dim_256_fits_sm75_shared_memory(tmp_path):
+    """Three stages of the chunk kernel's D = 256 tile took 69,760 B of shared memory on sm_75, over Turing's
+    64 KiB a block (it would not launch on a T4): below sm_80 it is compiled, and launched, with two. The
+    options of sm_80 / sm_90 stay what docs/aot.json holds (a change would recompile them in CI)."""
+    from kernels import triton_chunk
+
+    assert triton_chunk.launch_options("main", 256, 75)["num_stages"] == 2
+    assert triton_chunk.launch_options("main", 256, 80) == triton_chunk.launch_options("main", 256) == {
+        "num_warps": 4, "num_stages": 3, "enable_fp_fusion": True}
+    assert triton_chunk.launch_options("main", 128, 75)["num_stages"] == 3
+    out = tmp_path / "rows.json"
+    p = run_aot("--targets", "sm_75", "--filter", r"^chunk\.main\[D256,dense,fp16,M", "--cache-dir", str(tmp_path / "c"),
+                "--module", "kernels.triton_chunk", "--json", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["ok"] and row["target"] == "sm_75" and 0 < row["shared"] <= 65536

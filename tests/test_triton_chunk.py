@@ -221,7 +221,8 @@ def test_aot_specs_cover_the_launches(d, group, key_quant, dtype):
     for name, sig, ce in launched:
         assert _key(name, sig, ce) in have, (name, ce)
         kernel = "main" if name == "_chunk_kernel" else "mass"
-        assert have[_key(name, sig, ce)] == TC.launch_options(kernel, ce["D_PAD"])
+        for cc in (75, 80, 90):  # the options of every target: what the wrapper launches with on that device
+            assert have[_key(name, sig, ce)](cc) == TC.launch_options(kernel, ce["D_PAD"], cc)
     # logit softcapping: the same launches with SOFTCAP=True (its cap a runtime fp32), which the AOT list
     # leaves to first use (all its specs are SOFTCAP=False); signature and constexprs still name exactly
     # the kernel's runtime and constexpr arguments (what kernels.aot checks of a spec)
@@ -272,7 +273,7 @@ _COMPILE = textwrap.dedent("""
         attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if full[p.name].startswith("*")}
         for cc in map(int, ccs.split(",")):
             k = triton.compile(ASTSource(fn=fn, signature=full, constexprs=ce, attrs=attrs),
-                               target=GPUTarget("cuda", cc, 32), options=opts)
+                               target=GPUTarget("cuda", cc, 32), options=opts(cc))
             assert "cubin" in k.asm and k.metadata.shared <= LIMIT[cc], (name, cc, k.metadata.shared)
             print("ok", name, f"sm_{cc}", k.metadata.shared, flush=True)
 """)
