@@ -176,7 +176,8 @@ def _normalise(mod_name: str, entry, triton) -> Spec:
     if not isinstance(entry, (tuple, list)) or len(entry) not in (4, 5):
         raise TypeError("expected (name, fn, signature, constexprs[, options])")
     name, fn, sig, consts = entry[:4]
-    opts = entry[4] if len(entry) == 5 and callable(entry[4]) else dict(entry[4]) if len(entry) == 5 and entry[4] else {}
+    opts = entry[4] if len(entry) == 5 else None
+    opts = opts if callable(opts) else dict(opts or {})
     if not isinstance(fn, triton.runtime.jit.JITFunction):
         raise TypeError(f"{name}: fn is {type(fn).__name__}, not a JITFunction (is TRITON_INTERPRET=1 set? "
                         "kernels.aot must import the kernels with it unset)")

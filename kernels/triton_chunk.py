@@ -345,10 +345,10 @@ def _variant(kind: str, dtype: str, ce: dict) -> str:
     return f"D{ce['D_PAD']},{what},M{ce['BLOCK_M']},N{ce['BLOCK_N']}" + (",softcap" if ce.get("SOFTCAP") else "")
 
 
-def aot_specs() -> list[tuple[str, triton.JITFunction, dict, dict, dict]]:
+def aot_specs() -> list[tuple[str, triton.JITFunction, dict, dict, object]]:
     """Every specialisation ``chunk_parts`` launches for head dims 64/96/128/256 (any GQA group, kept
-    count, key block size and length: runtime values): (name, fn, signature, constexprs, options),
-    for ``kernels/aot.py``.
+    count, key block size and length: runtime values): (name, fn, signature, constexprs, options), the
+    options a callable of the target's compute capability (``launch_options``), for ``kernels/aot.py``.
 
     Per padded head dim (its one tile): dense parts in fp16/bf16/fp32, with or without a logit bias;
     quantised parts in containers 8/4/3/2 with keys per channel per block, or per token in groups of
