@@ -23,7 +23,7 @@ from agacc import planner
 from agacc.attention import chunk_attention, dense_attention, observe_prefill
 from agacc.config import CALIBRATED, AGACCConfig
 from agacc.decode import decode_attention
-from agacc.importance import WINDOW_ITEMSIZE, ImportanceTracker
+from agacc.importance import WINDOW_ITEMSIZE, ImportanceTracker, max_pool
 from agacc.planner import Geometry, sliding_windows
 from agacc.policy import layer_weights
 from agacc.store import LayerStore
@@ -277,7 +277,7 @@ def band_order(scores: torch.Tensor, bands: int) -> torch.Tensor:
     """scores [L, n] -> order [L, n] int64: per row, the positions of band 0 (the n / bands best scores,
     max-pooled over 3 neighbours first), then band 1, ..., each band in position order (``block_bands``)."""
     n = scores.shape[1]
-    key = torch.nn.functional.max_pool1d(scores[:, None].float(), 3, stride=1, padding=1)[:, 0, :n]
+    key = max_pool(scores.float(), 3)
     rank = torch.empty_like(key, dtype=torch.long)
     rank.scatter_(1, key.argsort(dim=1, descending=True, stable=True), torch.arange(n).expand_as(rank).contiguous())
     return (rank * bands // n * n + torch.arange(n)).argsort(dim=1)
@@ -294,16 +294,15 @@ def band_leaving(layers, token_scores: torch.Tensor, n_ready: int, cfg) -> torch
     starts = {l.store.hot_start for l in layers}
     assert len(starts) == 1, "layers with different hot regions"
     hot_start = starts.pop()
-    a = max(hot_start, -(-cfg.n_sink // B) * B if cfg.n_sink else 0)
+    a = max(hot_start, -(-cfg.n_sink // B) * B)  # after the sink blocks
     b = n_ready * B
     if b - a < 2 * B:
         return token_scores
-    scores = torch.stack(list(token_scores)) if not isinstance(token_scores, torch.Tensor) else token_scores
-    order = band_order(scores[:, a:b].cpu(), cfg.block_bands)  # [L, b - a]
+    order = band_order(token_scores[:, a:b].cpu(), cfg.block_bands)  # [L, b - a]
     for layer, o in zip(layers, order.unbind(0)):
         layer.store.permute_hot(a - hot_start, o)
         layer.tracker.permute(a, o)
-    scores = scores.clone()
+    scores = token_scores.clone()
     scores[:, a:b] = scores[:, a:b].gather(1, order.to(scores.device))
     return scores
 
@@ -350,7 +349,7 @@ class CompressedCache(Cache):
         self.layer_weights = layer_weights(self.cfg, self.n_layers)
         self.record_history = record_history
         self.windows = sliding_windows(model_config)  # per layer: its sliding window (tokens) or None
-        if self.cfg.block_bands > 1 and self.cfg.compress and any(w is not None for w in self.windows):
+        if self.cfg.banded and any(w is not None for w in self.windows):
             raise ValueError("block_bands groups tokens by score, but this model has sliding-window layers, whose "
                              "window applies by position; use it with block_bands=0")
         self._start()
@@ -490,7 +489,7 @@ class CompressedCache(Cache):
         seq_len = self.seq_len
         n_ready = layers[0].store.n_ready_blocks()
         token_scores = scores_all(trackers, seq_len, n_ready * cfg.block_size)  # [L, seq_len]
-        if cfg.block_bands > 1 and cfg.compress:
+        if cfg.banded:
             token_scores = band_leaving(layers, token_scores, n_ready, cfg)
         block_scores = planner.block_scores(token_scores, cfg, n_ready)
         for l, s in zip(layers, block_scores):
@@ -554,7 +553,7 @@ class CompressedCache(Cache):
         question is known (``agacc.probe``). Blocks already cut to fewer bits or evicted stay so."""
         if self.rows is not None:
             raise ValueError("rescore_prompt() of a padded batch is not supported: rescore each row's cache (cache.rows[i])")
-        if self.cfg.block_bands > 1:
+        if self.cfg.banded:
             raise ValueError("rescore_prompt() takes scores by token position, but this cache groups tokens by score "
                              f"(block_bands={self.cfg.block_bands}); use block_bands=0")
         layers = [l for l in self.layers if l.store is not None]
@@ -654,7 +653,7 @@ class CompressedCache(Cache):
         ``cache.rows[i].snapshot()``."""
         if self.rows is not None:
             raise ValueError("a padded batch's cache has one snapshot per row: cache.rows[i].snapshot()")
-        if self.cfg.block_bands > 1 and self.cfg.compress:
+        if self.cfg.banded:
             raise ValueError(f"snapshot() places block j at tokens [jB, (j+1)B), but this cache groups tokens by score "
                              f"(block_bands={self.cfg.block_bands}); use block_bands=0 to draw or trace a run")
         B = self.cfg.block_size

@@ -296,6 +296,11 @@ class AGACCConfig:
     compress: bool = _f(True, "budget")
     name: str = _f("custom", "budget")
 
+    @property
+    def banded(self) -> bool:
+        """Blocks are cut from score bands (``block_bands`` > 1 on a compressing cache): not position spans."""
+        return self.block_bands > 1 and self.compress
+
     def __post_init__(self):
         for key, old in LEGACY_NAMES.items():
             if getattr(self, key) in old:

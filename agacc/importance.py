@@ -206,9 +206,10 @@ def block_max(token_scores: torch.Tensor, block_size: int, n_blocks: int) -> tor
 
 
 def max_pool(token_scores: torch.Tensor, kernel: int) -> torch.Tensor:
-    """1-D max pooling over neighbouring tokens (same length), as SnapKV pools its votes."""
-    x = token_scores.view(1, 1, -1)
-    return torch.nn.functional.max_pool1d(x, kernel, stride=1, padding=kernel // 2)[0, 0, : token_scores.numel()]
+    """Max pooling over neighbouring tokens along the last dim (same shape), as SnapKV pools its votes."""
+    n = token_scores.shape[-1]
+    x = token_scores.reshape(-1, 1, n)
+    return torch.nn.functional.max_pool1d(x, kernel, stride=1, padding=kernel // 2)[:, 0, :n].reshape(token_scores.shape)
 
 
 def update_all(trackers: list[ImportanceTracker], to_tokens: list, to_tokens_all=None) -> None:

@@ -134,7 +134,7 @@ class Trace:
         for key in ("config", "geometry"):
             if key not in d["meta"]:
                 raise ValueError(f"trace meta is missing {key!r}")
-        if AGACCConfig.from_dict(d["meta"]["config"]).block_bands > 1:  # validates
+        if AGACCConfig.from_dict(d["meta"]["config"]).banded:  # validates
             raise ValueError("this trace's cache grouped tokens by score (block_bands > 1): the views place a block's "
                              "tokens by position; record it with block_bands=0")
         frames = [_current_tier_codes(f) for f in d["frames"]]

@@ -40,6 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import corpus  # noqa: E402
 
+from agacc.attention import observe_prefill  # noqa: E402
+from agacc.importance import max_pool  # noqa: E402
+
 UNITS = {"block16": (16, 1), "block4": (4, 1), "sorted": (1, 3), "token": (1, 1)}  # (block, pool before ranking)
 BANDS = {"bands2": 2, "bands4": 4, "bands8": 8}  # blocks of 16 cut from score bands (``agacc.cache.band_order``)
 PROTECT = 16
@@ -50,9 +53,7 @@ def keep_mask(score: torch.Tensor, keep: float, block: int, pool: int = 1) -> to
     units (``block`` neighbours, scored by their max; ``pool`` > 1: tokens ranked by their score
     max-pooled over ``pool`` neighbours) up to ``round(keep * t / block)`` units."""
     h, t = score.shape
-    s = score.float().clone()
-    if pool > 1:
-        s = torch.nn.functional.max_pool1d(s[:, None], pool, 1, pool // 2)[:, 0, :t]
+    s = max_pool(score.float(), pool) if pool > 1 else score.float().clone()
     s[:, :PROTECT] = s[:, t - PROTECT:] = float("inf")
     s = s.view(h, t // block, block).amax(-1)
     idx = s.topk(min(s.shape[1], max(1, round(keep * t / block))), -1).indices
@@ -75,11 +76,9 @@ def key_error(q: torch.Tensor, k: torch.Tensor, order: torch.Tensor, bits: int =
     """KL (nats, mean over the last ``n_q`` queries and the query heads) of the attention of q [Hq, t, D] over
     k [H, t, D] against the same keys quantised per channel over blocks of 16 rows taken in ``order`` [t]."""
     from agacc import quant
-    from kernels.format import hadamard, rotation_size
 
     h, t, d = k.shape
-    rot = torch.block_diag(*[hadamard(rotation_size(d))] * (d // rotation_size(d)))
-    kr, qr = k @ rot, q[:, t - n_q:] @ rot
+    kr, qr = quant.rotate(k), quant.rotate(q[:, t - n_q:])  # as the store holds quantised keys
     packed, scale, zero = quant.quantize_keys(kr[:, order][None], bits, 16)
     kq = torch.empty_like(kr)
     kq[:, order] = quant.dequantize_keys(packed, scale, zero, bits, 16)[0]
@@ -100,7 +99,7 @@ def grouping_order(name: str, score: torch.Tensor) -> torch.Tensor:
     if name == "random":
         return torch.randperm(t, generator=torch.Generator().manual_seed(0))
     if name == "sorted":
-        return torch.nn.functional.max_pool1d(score[None, None], 3, 1, 1)[0, 0, :t].argsort(descending=True, stable=True)
+        return max_pool(score, 3).argsort(descending=True, stable=True)
     return band_order(score[None], BANDS[name])[0]
 
 
@@ -190,11 +189,8 @@ def main(argv=None):
             groups = ("contiguous", "bands2", "bands4", "bands8", "sorted", "random")
             err = {gname: [] for gname in groups}
             for layer, (q, k) in rec.qk.items():
-                g = q.shape[0] // k.shape[0]
-                kr = k.repeat_interleave(g, 0)
-                logit = q[:, t - 32:t] @ kr[:, :t].transpose(-1, -2) * q.shape[-1] ** -0.5
-                hidden = torch.arange(t)[None, :] > torch.arange(t - 32, t)[:, None]
-                score = logit.masked_fill(hidden, float("-inf")).softmax(-1).mean((0, 1))      # last32, shared
+                # last32, shared by the heads: the tracker's prefill evidence
+                score = observe_prefill(q[None, :, :t], k[None, :, :t], q.shape[-1] ** -0.5, 32)
                 for gname in groups:
                     err[gname].append(key_error(q[:, :t], k[:, :t], grouping_order(gname, score)))
             row = {gname: sum(v) / len(v) for gname, v in err.items()}
