@@ -18,7 +18,9 @@ worst text: defaults are chosen on the tuning texts, results are reported on the
     python bench/bench_ppl.py --suite heldout --threads 1 --json out/ppl_heldout.json \
         agacc@4 agacc@8 uniform-int4 uniform-int2 h2o@4 snapkv@4
 
-Each method is ``NAME[@RATIO][,key=value]...`` (``agacc.spec``). ``--threads`` sets torch's
+Each method is ``NAME[@RATIO][,key=value]...`` (``agacc.spec``), or transformers' own ``QuantizedCache``
+(``hf-quantized:quanto-4`` ..., ``agacc.eval.external``; its bytes counted from the tensors it holds, the
+residual window at the model's precision). ``--threads`` sets torch's
 intra-op threads for the plain and the compressed runs alike (on the 2-core CPU this was measured
 on, one thread is faster for both: decode steps are many small ops).
 """
@@ -85,21 +87,26 @@ def measure(model, ids, methods, prefill: int, prefill_chunk: int, ref_cache: st
              "bytes": None, "bytes_fp16": None, "tok_s": steps / ref_dt, "speed_rel": 1.0}]
     print(f"  plain: ppl {ref_ppl:.3f}, {steps / ref_dt:.1f} tok/s", flush=True)
     for label, cfg in methods:
-        cache = common.make_cache(model, cfg)
+        external = hasattr(cfg, "new_cache")  # transformers' QuantizedCache (agacc.eval.external.HFQuantized)
+        cache = cfg.new_cache(model) if external else common.make_cache(model, cfg)
         logits, dt, _ = run(model, ids, prefill, cache, prefill_chunk)
         st = lm_stats(logits, ref, targets)
-        mem = cache.memory()
+        if external:  # the bytes it holds at the end; no peak or tiers of its own
+            mem = dict(cfg.memory(cache), peak_bytes=None, by_tier=None)
+            mem["ratio"] = mem["bytes_fp16"] / mem["bytes"]
+        else:
+            mem = cache.memory()
         ppl = math.exp(st["nll"] / st["tokens"])
         top1, kl = st["top1"] / st["tokens"], st["kl"] / st["tokens"]
         row = {"preset": label, "ppl": ppl, "ppl_rel": ppl / ref_ppl, "top1": top1, "kl": kl, "ratio": mem["ratio"],
                "bytes": mem["bytes"], "bytes_fp16": mem["bytes_fp16"], "peak_bytes": mem["peak_bytes"],
                "tok_s": steps / dt,
                "speed_rel": (steps / dt) / (steps / ref_dt), "by_tier": mem["by_tier"],
-               "target_ratio": cfg.target_ratio, "overrides": common.method_overrides(label)}
+               "target_ratio": cfg.target_ratio, "overrides": {} if external else common.method_overrides(label)}
         rows.append(row)
+        peak = f" (peak {mem['bytes_fp16'] / mem['peak_bytes']:.2f}x)" if mem["peak_bytes"] else ""
         print(f"  {label}: ppl {ppl:.3f} ({100 * (ppl / ref_ppl - 1):+.2f}%), top1 {top1:.3f}, KL {kl:.4f}, "
-              f"ratio {mem['ratio']:.2f}x (peak {mem['bytes_fp16'] / mem['peak_bytes']:.2f}x), "
-              f"{steps / dt:.1f} tok/s ({row['speed_rel']:.2f}x)", flush=True)
+              f"ratio {mem['ratio']:.2f}x{peak}, {steps / dt:.1f} tok/s ({row['speed_rel']:.2f}x)", flush=True)
         del cache, logits
     return rows
 
@@ -146,6 +153,32 @@ def _cell(r: dict) -> str:
     return f"{100 * (r['ppl_rel'] - 1):+.2f}% ({r['kl']:.4f}, {r['ratio']:.2f}x)"
 
 
+def parse_methods(specs) -> list[tuple[str, object]]:
+    """``common.parse_methods``, and ``hf-quantized:*`` as ``agacc.eval.external.HFQuantized``; any other
+    external method (kvpress, kv-distill: their own prefill) ends the script naming ``python -m agacc eval``."""
+    from agacc.eval.external import HF_PREFIX, is_external_name, parse_external
+
+    out = []
+    for spec in specs:
+        if not is_external_name(spec):
+            out += common.parse_methods([spec])
+            continue
+        if not spec.strip().startswith(HF_PREFIX):
+            raise SystemExit(f"error: {spec!r} prefills the prompt its own way; compare it with python -m agacc eval ppl")
+        try:
+            label, method = parse_external(spec)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        if reason := method.unavailable():
+            raise SystemExit(f"error: {label}: {reason}")
+        out.append((label, method))
+    labels = [label for label, _ in out]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise SystemExit(f"error: method {label!r} is given twice")
+    return out
+
+
 def main(argv=None):
     from bench import corpus
 
@@ -167,7 +200,7 @@ def main(argv=None):
     common.add_model_args(ap, text=DEFAULT_TEXT)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    methods = common.parse_methods((args.methods + args.more_methods) or DEFAULT_METHODS)
+    methods = parse_methods((args.methods + args.more_methods) or DEFAULT_METHODS)
     if not 0 < args.prefill < args.tokens - 1:
         ap.error("need 0 < --prefill < --tokens - 1")
     if args.prefill_chunk < 0:

@@ -11,6 +11,10 @@ the eviction half of the method, not its result (docs/tuning.md round 17). Per l
     ea<N>        expected attention (kvpress's ExpectedAttentionPress, without its RoPE shift): softmax of
                  s mu.k + s^2 k'Sigma k / 2 over the keys, mu and Sigma the last N queries' mean and covariance
     oracle       the largest attention any decode query pays the token (the future, exactly)
+    S+Fx<w>      a forecast from the tokens themselves added to score S (divided by its mean): w times
+                 F = ``self2`` (the token's id occurs twice or more in the prompt), ``prev2`` (the id of the
+                 token before it does: what an induction head attends to when the id comes again) or
+                 ``prevfew`` (2 to 8 times: repeated but not common), e.g. ``last32+prev2x1``
 
 in units of: ``block16`` / ``block4`` (neighbours, a block's score its tokens' max), ``sorted`` (tokens
 ranked by their score max-pooled over 3 neighbours), ``token``, ``bands2/4/8`` (blocks of 16 cut from that
@@ -103,14 +107,33 @@ def grouping_order(name: str, score: torch.Tensor) -> torch.Tensor:
     return band_order(score[None], BANDS[name])[0]
 
 
-def score_of(name: str, q: torch.Tensor, k: torch.Tensor, probs: torch.Tensor, t: int) -> torch.Tensor:
+def repeats(name: str, ids: torch.Tensor) -> torch.Tensor:
+    """The prompt's token ids [t] -> fp32 [t]: 1 where the token (``self2``) or the one before it (``prev2``,
+    ``prevfew``) has an id the prompt holds twice or more (``prevfew``: at most 8 times), else 0."""
+    count = torch.bincount(ids)[ids]
+    if name != "self2":
+        count = torch.cat([count.new_zeros(1), count[:-1]])
+    hit = count >= 2
+    if name == "prevfew":
+        hit &= count <= 8
+    elif name not in ("self2", "prev2"):
+        raise SystemExit(f"error: unknown forecast {name!r}: self2, prev2, prevfew")
+    return hit.float()
+
+
+def score_of(name: str, q: torch.Tensor, k: torch.Tensor, probs: torch.Tensor, t: int, ids: torch.Tensor | None = None) -> torch.Tensor:
     """Per query head [Hq, t]: ``name``'s score of the first t keys. q [Hq, T, D], k [Hq, T, D] (repeated
-    to the query heads), probs [Hq, T, T] the causal attention."""
+    to the query heads), probs [Hq, T, T] the causal attention, ids [T] the token ids."""
+    m = re.fullmatch(r"(.+)\+(\w+)x([\d.]+)", name)
+    if m:
+        base = score_of(m.group(1), q, k, probs, t, ids)
+        base = base / base[:, PROTECT:t - PROTECT].mean(-1, keepdim=True)
+        return base + float(m.group(3)) * repeats(m.group(2), ids[:t])
     if name == "oracle":
         return probs[:, t:, :t].amax(1)
     m = re.fullmatch(r"(last|ea)(\d+)(max)?", name)
     if not m:
-        raise SystemExit(f"error: unknown score {name!r}: last<N>, last<N>max, ea<N>, oracle")
+        raise SystemExit(f"error: unknown score {name!r}: last<N>, last<N>max, ea<N>, oracle, S+Fx<w>")
     n = int(m.group(2))
     if m.group(1) == "last":
         p = probs[:, t - n:t, :t]
@@ -204,7 +227,7 @@ def main(argv=None):
             kr = k.repeat_interleave(g, 0)
             logit = q @ kr.transpose(-1, -2) * q.shape[-1] ** -0.5
             probs = logit.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
-            per_layer[layer] = {s: score_of(s, q, kr, probs, t).view(k.shape[0], g, t).mean(1) for s in args.scores}
+            per_layer[layer] = {s: score_of(s, q, kr, probs, t, ids[0]).view(k.shape[0], g, t).mean(1) for s in args.scores}
         print(f"{name}: keep {args.keep} of {t} prompt tokens, {T - t} decode tokens, ppl {math.exp(nll_ref):.3f}", flush=True)
         for s in args.scores:
             for unit in args.units:

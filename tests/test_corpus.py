@@ -82,3 +82,39 @@ def test_bench_ppl_suite_end_to_end_against_one_plain_forward(tmp_path):
         assert [r["preset"] for r in t["rows"][1:]] == ["agacc@4", "uniform-int4"]
     assert {(s["method"], s["split"]) for s in rec["summary"]} == {("agacc@4", "heldout"), ("uniform-int4", "heldout")}
     assert len(list((tmp_path / "ref").glob("ref_*.pt"))) == 2  # the plain runs kept for the next sweep
+
+
+def test_bench_ppl_runs_transformers_quantized_cache_in_the_same_loop(tmp_path):
+    """``hf-quantized:*`` in bench_ppl: the row's bytes are the byte walk of a QuantizedCache fed the same
+    tokens by hand, its error is real (2 bits lose more than 4, neither is the plain cache), and methods
+    with a prefill of their own are refused naming the harness that runs them."""
+    import json
+
+    import torch
+
+    import agacc
+    from agacc.eval.external import parse_external
+
+    out = tmp_path / "ppl.json"
+    bench_ppl.main(["--suite", "heldout", "--texts", "narrative-heldout", "--tokens", "64", "--prefill", "40",
+                    "--threads", "1", "--json", str(out), "hf-quantized:quanto-4,residual_length=16",
+                    "hf-quantized:quanto-2,residual_length=16"])
+    rows = {r["preset"]: r for r in json.loads(out.read_text())["texts"][0]["rows"]}
+    q4, q2 = rows["hf-quantized:quanto-4,residual_length=16"], rows["hf-quantized:quanto-2,residual_length=16"]
+    assert 0 < q4["kl"] < q2["kl"] and q4["target_ratio"] is None and q4["by_tier"] is None
+    model, tok = agacc.load_model()
+    ids = tok(corpus.read(corpus.TEXTS["narrative-heldout"], tok), return_tensors="pt").input_ids[:, :64]
+    _, method = parse_external("hf-quantized:quanto-4,residual_length=16")
+    cache = method.new_cache(model)
+    with torch.inference_mode():
+        model(ids[:, :40], past_key_values=cache)
+        for i in range(40, 63):
+            model(ids[:, i:i + 1], past_key_values=cache)
+    mem = method.memory(cache)
+    assert (q4["bytes"], q4["bytes_fp16"]) == (mem["bytes"], mem["bytes_fp16"])
+    assert q4["ratio"] == pytest.approx(mem["bytes_fp16"] / mem["bytes"])
+    for spec in ("kvpress:snapkv@4", "kv-distill@4"):
+        with pytest.raises(SystemExit, match="agacc eval ppl"):
+            bench_ppl.parse_methods([spec])
+    with pytest.raises(SystemExit, match="given twice"):
+        bench_ppl.parse_methods(["hf-quantized:quanto-4", "hf-quantized:quanto-4"])

@@ -33,6 +33,23 @@ def test_scores_by_hand():
     torch.testing.assert_close(evict_sim.score_of("ea1", q, k, probs, 2), want)
 
 
+def test_token_forecasts_by_hand():
+    ids = torch.tensor([5, 7, 5, 9, 7, 3])                  # 5 and 7 twice, 9 and 3 once
+    assert evict_sim.repeats("self2", ids).tolist() == [1, 1, 1, 0, 1, 0]
+    assert evict_sim.repeats("prev2", ids).tolist() == [0, 1, 1, 1, 0, 1]
+    ids = torch.tensor([4] * 9 + [6, 6, 1])                # 4 nine times: repeated, but common
+    assert evict_sim.repeats("prevfew", ids).tolist() == [0] * 10 + [1, 1]
+    assert evict_sim.repeats("prev2", ids).tolist() == [0] + [1] * 11
+    # the forecast is added to the base score divided by its mean over the unprotected tokens
+    t, T = 40, 41
+    probs = torch.rand(1, T, T, generator=torch.Generator().manual_seed(0)).tril()
+    q = k = torch.zeros(1, T, 2)
+    ids = torch.arange(T) % 30                              # ids 0..10 twice in the first 40
+    base = evict_sim.score_of("last4", q, k, probs, t)
+    want = base / base[:, 16:24].mean() + 0.5 * evict_sim.repeats("prev2", ids[:t])
+    torch.testing.assert_close(evict_sim.score_of("last4+prev2x0.5", q, k, probs, t, ids), want)
+
+
 def test_masked_forward_keeps_everything_or_hides_the_dropped_tokens_from_decode_only():
     model = tiny_model(layers=2)
     ids = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(0))
