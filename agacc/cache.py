@@ -23,7 +23,7 @@ from agacc import planner
 from agacc.attention import chunk_attention, dense_attention, observe_prefill
 from agacc.config import CALIBRATED, AGACCConfig
 from agacc.decode import decode_attention
-from agacc.importance import WINDOW_ITEMSIZE, ImportanceTracker, max_pool
+from agacc.importance import WINDOW_ITEMSIZE, ImportanceTracker
 from agacc.planner import Geometry, sliding_windows
 from agacc.policy import layer_weights
 from agacc.store import LayerStore
@@ -273,40 +273,6 @@ class CompressedLayer(CacheLayerMixin):
         return out
 
 
-def band_order(scores: torch.Tensor, bands: int) -> torch.Tensor:
-    """scores [L, n] -> order [L, n] int64: per row, the positions of band 0 (the n / bands best scores,
-    max-pooled over 3 neighbours first), then band 1, ..., each band in position order (``block_bands``)."""
-    n = scores.shape[1]
-    key = max_pool(scores.float(), 3)
-    rank = torch.empty_like(key, dtype=torch.long)
-    rank.scatter_(1, key.argsort(dim=1, descending=True, stable=True), torch.arange(n).expand_as(rank).contiguous())
-    return (rank * bands // n * n + torch.arange(n)).argsort(dim=1)
-
-
-def band_leaving(layers, token_scores: torch.Tensor, n_ready: int, cfg) -> torch.Tensor:
-    """``block_bands``: regroup the tokens about to leave the hot region (the rows [a, n_ready B) of every
-    layer, after the sink blocks; two blocks or more, else nothing) by ``band_order`` of their scores, a
-    layer at a time, so that each block is cut from tokens scored alike. The order is applied to the hot
-    keys and values (``LayerStore.permute_hot``), to the tracker's per-token state
-    (``ImportanceTracker.permute``) and to the scores returned; from then on a "token" of the store and
-    the tracker is a row. token_scores [L, seq_len] fp32 -> the same."""
-    B = cfg.block_size
-    starts = {l.store.hot_start for l in layers}
-    assert len(starts) == 1, "layers with different hot regions"
-    hot_start = starts.pop()
-    a = max(hot_start, -(-cfg.n_sink // B) * B)  # after the sink blocks
-    b = n_ready * B
-    if b - a < 2 * B:
-        return token_scores
-    order = band_order(token_scores[:, a:b].cpu(), cfg.block_bands)  # [L, b - a]
-    for layer, o in zip(layers, order.unbind(0)):
-        layer.store.permute_hot(a - hot_start, o)
-        layer.tracker.permute(a, o)
-    scores = token_scores.clone()
-    scores[:, a:b] = scores[:, a:b].gather(1, order.to(scores.device))
-    return scores
-
-
 def _add_counts(dicts) -> dict[str, int]:
     """Key-wise sums of {name: count} dicts (bytes by tier over layers, or over a padded batch's rows)."""
     out: dict[str, int] = {}
@@ -349,9 +315,6 @@ class CompressedCache(Cache):
         self.layer_weights = layer_weights(self.cfg, self.n_layers)
         self.record_history = record_history
         self.windows = sliding_windows(model_config)  # per layer: its sliding window (tokens) or None
-        if self.cfg.banded and any(w is not None for w in self.windows):
-            raise ValueError("block_bands groups tokens by score, but this model has sliding-window layers, whose "
-                             "window applies by position; use it with block_bands=0")
         self._start()
         super().__init__(layers=[CompressedLayer(self, i) for i in range(self.n_layers)])
 
@@ -489,8 +452,6 @@ class CompressedCache(Cache):
         seq_len = self.seq_len
         n_ready = layers[0].store.n_ready_blocks()
         token_scores = scores_all(trackers, seq_len, n_ready * cfg.block_size)  # [L, seq_len]
-        if cfg.banded:
-            token_scores = band_leaving(layers, token_scores, n_ready, cfg)
         block_scores = planner.block_scores(token_scores, cfg, n_ready)
         for l, s in zip(layers, block_scores):
             l.scores = s
@@ -553,9 +514,6 @@ class CompressedCache(Cache):
         question is known (``agacc.probe``). Blocks already cut to fewer bits or evicted stay so."""
         if self.rows is not None:
             raise ValueError("rescore_prompt() of a padded batch is not supported: rescore each row's cache (cache.rows[i])")
-        if self.cfg.banded:
-            raise ValueError("rescore_prompt() takes scores by token position, but this cache groups tokens by score "
-                             f"(block_bands={self.cfg.block_bands}); use block_bands=0")
         layers = [l for l in self.layers if l.store is not None]
         if len(token_scores) != len(layers):
             raise ValueError(f"rescore_prompt() needs one score tensor per layer ({len(layers)}), got {len(token_scores)}")
@@ -653,9 +611,6 @@ class CompressedCache(Cache):
         ``cache.rows[i].snapshot()``."""
         if self.rows is not None:
             raise ValueError("a padded batch's cache has one snapshot per row: cache.rows[i].snapshot()")
-        if self.cfg.banded:
-            raise ValueError(f"snapshot() places block j at tokens [jB, (j+1)B), but this cache groups tokens by score "
-                             f"(block_bands={self.cfg.block_bands}); use block_bands=0 to draw or trace a run")
         B = self.cfg.block_size
         seq_len = self.seq_len
         nb = -(-seq_len // B)

@@ -194,15 +194,6 @@ class AGACCConfig:
         recent_window: newest tokens always kept at full precision.
         n_sink: first tokens always kept (their blocks), at ``sink_bits``.
         sink_bits: the sink blocks' precision: 16 (full) or a container's code width (8, 4, 3).
-        block_bands: where two or more blocks' worth of tokens leave the hot region at once (a prompt's
-            chunk), split them into this many bands by score (their score max-pooled over 3 neighbours,
-            equal-count quantiles) and cut the blocks from each band in position order, best band first:
-            a block then holds tokens scored alike, so it is tiered and evicted with them, while its
-            tokens stay close enough for per-channel key scales (a full sort, one band a token, costs
-            40% more 3-bit key error; docs/tuning.md round 17). Attention does not depend on entry order
-            after RoPE. A block then stands for a set of tokens, not a span: the store, the tracker and
-            the history hold such blocks in the order made. 0 or 1: blocks of neighbours. Needs
-            position-free scoring (position_norm "none", no context probe) and no sliding-window layer.
     Defaults (= the ``agacc`` preset) were chosen on the embedded model (docs/tuning.md): position
     normalisation and pruning cost more perplexity than they save there, so both are off by default
     and one setting away (position_norm="power", p_max=0.5).
@@ -286,7 +277,6 @@ class AGACCConfig:
     recent_window: int = _f(32, "blocks", ui=("recent window (tokens kept 16-bit)", 0, 512, 16, "tracking"))
     n_sink: int = _f(4, "blocks", replay=True)
     sink_bits: int = _f(16, "blocks", replay=True, choices=SINK_BITS)
-    block_bands: int = _f(0, "blocks")
     # budget / storage
     target_ratio: float | None = _f(None, "budget", replay=True, ui=(
         "target memory ratio (16-bit bytes / held bytes)", 1.0, 16.0, 0.25, "thresholds",
@@ -295,11 +285,6 @@ class AGACCConfig:
     store_dtype: str = _f("float16", "budget", choices=STORE_DTYPES)
     compress: bool = _f(True, "budget")
     name: str = _f("custom", "budget")
-
-    @property
-    def banded(self) -> bool:
-        """Blocks are cut from score bands (``block_bands`` > 1 on a compressing cache): not position spans."""
-        return self.block_bands > 1 and self.compress
 
     def __post_init__(self):
         for key, old in LEGACY_NAMES.items():
@@ -351,10 +336,6 @@ class AGACCConfig:
         need(self.n_w >= self.n_r, f"n_w (N_w) must be >= n_r, got n_w={self.n_w}, n_r={self.n_r}")
         need(self.recent_window >= 0, f"recent_window must be >= 0, got {self.recent_window}")
         need(self.n_sink >= 0, f"n_sink must be >= 0, got {self.n_sink}")
-        need(0 <= self.block_bands <= 64, f"block_bands must be in 0..64, got {self.block_bands}")
-        need(self.block_bands <= 1 or (self.position_norm == "none" and self.context_probe == "none"),
-             f"block_bands groups tokens by score, not position: it needs position_norm='none' and "
-             f"context_probe='none' (got {self.position_norm!r}, {self.context_probe!r}); set block_bands=0 to use them")
         need(self.target_ratio is None or self.target_ratio >= 1.0, f"target_ratio must be >= 1 or None, got {self.target_ratio}")
         need(self.prefill_ratio is None or self.prefill_ratio >= 1.0,
              f"prefill_ratio must be >= 1 or None, got {self.prefill_ratio}")

@@ -148,25 +148,6 @@ class ImportanceTracker:
         self.window = torch.zeros(0, dtype=WINDOW_DTYPE, device=self.device)
         self.window_steps = 0
 
-    def permute(self, start: int, order: torch.Tensor) -> None:
-        """Token i of [start, start + len(order)) takes the state of token start + order[i] (the store's rows
-        were reordered so, ``block_bands``). Only between windows: the window is per entry."""
-        assert self.window_steps == 0, "permute() inside an observation window"
-        idx = start + order.to(self.device)
-        end = start + order.numel()
-
-        def moved(t: torch.Tensor) -> torch.Tensor:
-            if t.numel() < end:
-                t = torch.cat([t, t.new_zeros(end - t.numel())])
-            t = t.clone()
-            t[start:end] = t[idx]
-            return t
-
-        self.importance = moved(self.importance)
-        self.chunks = [(moved(c), s) for c, s in self.chunks]
-        if self.value_norm.numel():
-            self.value_norm = moved(self.value_norm)
-
     def start_window(self, n: int) -> None:
         """Allocate the next window for ``n`` entries (after the tiers changed the layout)."""
         if self.window_steps == 0:

@@ -545,14 +545,6 @@ class LayerStore:
         self.hot_v = _cat(self.hot_v, v.to(self.dtype), 2)
         self.seq_len += k.shape[2]
 
-    def permute_hot(self, start: int, order: torch.Tensor) -> None:
-        """Reorder the hot rows [start, start + len(order)) (offsets from ``hot_start``): row start + i takes
-        the row start + order[i] (``block_bands``; attention does not depend on entry order)."""
-        rows = start + order.to(self.device)
-        n = order.numel()
-        self.hot_k[:, :, start:start + n] = self.hot_k.index_select(2, rows)
-        self.hot_v[:, :, start:start + n] = self.hot_v.index_select(2, rows)
-
     @property
     def n_blocks(self) -> int:
         return int(self.block_tier.numel())

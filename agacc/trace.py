@@ -134,9 +134,7 @@ class Trace:
         for key in ("config", "geometry"):
             if key not in d["meta"]:
                 raise ValueError(f"trace meta is missing {key!r}")
-        if AGACCConfig.from_dict(d["meta"]["config"]).banded:  # validates
-            raise ValueError("this trace's cache grouped tokens by score (block_bands > 1): the views place a block's "
-                             "tokens by position; record it with block_bands=0")
+        AGACCConfig.from_dict(d["meta"]["config"])  # validates
         frames = [_current_tier_codes(f) for f in d["frames"]]
         return cls(meta=d["meta"], tokens=d.get("tokens", []), token_ids=d.get("token_ids", []),
                    n_prompt=int(d.get("n_prompt", 0)), steps=d.get("steps", []), frames=frames,

@@ -105,8 +105,6 @@ def main(argv=None):
     ap.add_argument("--heads", choices=("mean", "max"), default="mean")
     ap.add_argument("--when", choices=("future", "past"), default="future")
     args, rest = ap.parse_known_args(argv)
-    if any("block_bands" in a for a in rest):
-        raise SystemExit("error: the bounds score tokens by position; block_bands regroups them (use block_bands=0)")
     if args.mode == "oracle":
         install_oracle(args.reduce, args.heads, args.when)
     else:

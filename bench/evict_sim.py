@@ -18,7 +18,7 @@ the eviction half of the method, not its result (docs/tuning.md round 17). Per l
 
 in units of: ``block16`` / ``block4`` (neighbours, a block's score its tokens' max), ``sorted`` (tokens
 ranked by their score max-pooled over 3 neighbours), ``token``, ``bands2/4/8`` (blocks of 16 cut from that
-many score bands, each in position order: what ``block_bands`` stores, ``agacc.cache.band_order``); the
+many score bands, each in position order: ``band_order``); the
 selection is ``shared`` by a layer's KV heads (their mean score; what the store does) or per ``head``.
 Prints Δppl and KL per decode token against the full cache.
 
@@ -48,7 +48,7 @@ from agacc.attention import observe_prefill  # noqa: E402
 from agacc.importance import max_pool  # noqa: E402
 
 UNITS = {"block16": (16, 1), "block4": (4, 1), "sorted": (1, 3), "token": (1, 1)}  # (block, pool before ranking)
-BANDS = {"bands2": 2, "bands4": 4, "bands8": 8}  # blocks of 16 cut from score bands (``agacc.cache.band_order``)
+BANDS = {"bands2": 2, "bands4": 4, "bands8": 8}  # blocks of 16 cut from score bands (``band_order``)
 PROTECT = 16
 
 
@@ -65,10 +65,18 @@ def keep_mask(score: torch.Tensor, keep: float, block: int, pool: int = 1) -> to
     return m.repeat_interleave(block, -1)
 
 
+def band_order(scores: torch.Tensor, bands: int) -> torch.Tensor:
+    """scores [L, n] -> order [L, n] int64: per row, the positions of band 0 (the n / bands best scores,
+    max-pooled over 3 neighbours first), then band 1, ..., each band in position order."""
+    n = scores.shape[1]
+    key = max_pool(scores.float(), 3)
+    rank = torch.empty_like(key, dtype=torch.long)
+    rank.scatter_(1, key.argsort(dim=1, descending=True, stable=True), torch.arange(n).expand_as(rank).contiguous())
+    return (rank * bands // n * n + torch.arange(n)).argsort(dim=1)
+
+
 def band_mask(score: torch.Tensor, keep: float, bands: int, block: int = 16) -> torch.Tensor:
     """As ``keep_mask`` for blocks of ``block`` rows of ``band_order`` (the protected tokens stay in place)."""
-    from agacc.cache import band_order
-
     h, t = score.shape
     inner = band_order(score[:, PROTECT:t - PROTECT], bands) + PROTECT          # [h, t - 2 PROTECT]
     order = torch.cat([torch.arange(PROTECT).expand(h, -1), inner, torch.arange(t - PROTECT, t).expand(h, -1)], 1)
@@ -95,8 +103,6 @@ def key_error(q: torch.Tensor, k: torch.Tensor, order: torch.Tensor, bits: int =
 
 def grouping_order(name: str, score: torch.Tensor) -> torch.Tensor:
     """The row order [t] of a grouping for one layer's shared score [t]."""
-    from agacc.cache import band_order
-
     t = score.numel()
     if name == "contiguous":
         return torch.arange(t)

@@ -82,6 +82,13 @@ def test_masked_forward_keeps_everything_or_hides_the_dropped_tokens_from_decode
     assert float((got[:, t:] - want[:, t:]).abs().max()) > 1e-2
 
 
+def test_band_order_by_hand():
+    s = torch.tensor([[0.0, 5, 0, 0, 0, 0, 0, 3]])  # max-pooled over 3: 5 5 5 0 0 0 3 3
+    assert evict_sim.band_order(s, 2).tolist() == [[0, 1, 2, 6, 3, 4, 5, 7]]  # best four (0, 1, 2, 6), then the rest
+    assert evict_sim.band_order(s, 8).tolist() == [[0, 1, 2, 6, 7, 3, 4, 5]]  # one band a token: a full sort (stable)
+    assert evict_sim.band_order(s, 1).tolist() == [list(range(8))]
+
+
 def test_band_mask_keeps_whole_blocks_of_the_band_order():
     t = 64
     s = torch.zeros(1, t)
