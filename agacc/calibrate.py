@@ -33,6 +33,7 @@ import torch
 from agacc import quant
 from agacc.config import cache_dir
 from agacc.planner import sliding_windows, text_config
+from agacc.policy import key_grouping
 
 # Measured with ``python -m agacc calibrate --text /usr/share/common-licenses/GPL-3
 # bench/texts/narrative_tuning.txt bench/texts/code_tuning.py.txt`` (three tuning texts, the first 1536
@@ -60,7 +61,7 @@ def _store_format(x: torch.Tensor, bits: int, cfg, keys: bool) -> torch.Tensor:
     """K or V [B, H, n, D] -> what the store gives back at ``bits`` (the first n // block_size blocks
     for keys; the rest exact)."""
     x32 = quant.rotate(x.float()) if cfg.rotate else x.float()
-    if keys and cfg.key_quant == "token":
+    if keys and key_grouping(cfg, x.shape[-1]) == "token":
         q = quant.dequantize_values(*quant.quantize_values(x32, bits, cfg.key_group_size, cfg.quantizer, cfg.s), bits)
     elif keys:
         n = x.shape[2] // cfg.block_size * cfg.block_size

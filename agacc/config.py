@@ -127,6 +127,13 @@ class AGACCConfig:
         markers: evicted spans leave one marker entry (importance-weighted mean K/V + log(count)
             attention bias) per contiguous run; False drops them outright (the ``agacc`` preset:
             they did not earn their bytes, docs/tuning.md round 8).
+        keep_all: at a target ratio up to this (and up to what 4-bit blocks reach, ``policy.keep_all_reach``:
+            3.56x at head dim 64 with groups of 64), the thresholds rule keeps every token: each block at
+            16 bits (above tau_h), 8, or 4 (below tau_e / 1000), none evicted or pruned, keys per token;
+            b_min, b_max, tau_l, p_max and key_quant give way. Where 8-bit blocks reach the target
+            (1.88x) that is uniform int8's format with a 16-bit top; above, an 8/4-bit split. 0: never. The
+            ``agacc`` preset: 2.5 (docs/tuning.md round 19: below it the 3-4-bit tiers paid for 16-bit blocks
+            with evictions, and lost to uniform int8 by 12-45x in KL at its 1.69x).
         layer_scale: one factor per layer multiplying its block scores before the thresholds (and the
             ratio fitter) see them: a layer that is more sensitive to the error of its cache gets
             more bits at the same threshold scale (KVTuner-style, measured once per model:
@@ -246,6 +253,7 @@ class AGACCConfig:
     p_max: float = _f(0.0, "tiers", replay=True, ui=("p_max: largest pruning rate", 0.0, 0.95, 0.05, "bits"))
     sparse_threshold: float = _f(0.25, "tiers", replay=True)
     markers: bool = _f(True, "tiers", replay=True)
+    keep_all: float = _f(0.0, "tiers", replay=True)
     layer_scale: tuple[float, ...] | None = _f(None, "tiers", replay=True)
     evict_scale: tuple[float, ...] | None = _f(None, "tiers", replay=True)
     layer_floor: tuple[float, ...] | None = _f(None, "tiers", replay=True)
@@ -324,6 +332,7 @@ class AGACCConfig:
              f"key_group_size must be a positive multiple of 8, got {self.key_group_size}")
         need(self.value_group_size >= 8 and self.value_group_size % 8 == 0,
              f"value_group_size must be a positive multiple of 8, got {self.value_group_size}")
+        need(self.keep_all >= 0, f"keep_all must be >= 0 (a target ratio; 0: never), got {self.keep_all}")
         need(0.0 <= self.p_max < 1.0, f"p_max must be in [0, 1), got {self.p_max}")
         need(0.0 <= self.spill <= 1.0, f"spill (rho) must be in [0, 1], got {self.spill}")
         need(0.0 <= self.sparse_threshold <= 1.0, f"sparse_threshold must be in [0, 1], got {self.sparse_threshold}")

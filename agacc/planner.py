@@ -20,7 +20,7 @@ import torch
 from agacc import methods
 from agacc.config import CALIBRATED
 from agacc.importance import WINDOW_ITEMSIZE, block_max, max_pool
-from agacc.policy import fidelity_floor, hold_evictions, layer_weights
+from agacc.policy import fidelity_floor, hold_evictions, key_grouping, layer_weights
 from agacc.quant import container_bits, value_group
 from agacc.tiers import CONTAINER_OF_TIER, CONTAINER_TIER, EVICTED, FULL, PRUNED, TIER_CONTAINER, TIER_OF_CONTAINER
 
@@ -310,7 +310,7 @@ def stacked_bytes(tier: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor, cf
     hot_tokens = seq_len - n * B
     kw = dict(batch=geo.batch, heads=geo.heads, head_dim=geo.head_dim, block_size=B, full_itemsize=geo.full_itemsize,
               value_group_size=cfg.value_group_size, b_min=cfg.b_min, sparse_threshold=cfg.sparse_threshold,
-              key_quant=cfg.key_quant, key_group_size=cfg.key_group_size)
+              key_quant=key_grouping(cfg, geo.head_dim), key_group_size=cfg.key_group_size)
     key = tuple(kw.values())
     total = n_layers * 2 * geo.batch * geo.heads * hot_tokens * geo.head_dim * geo.full_itemsize
     # one code per (tier, bits, keep); int32 holds it for any int8 tier / bits and int16 keep

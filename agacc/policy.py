@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from agacc.quant import CONTAINER_OF, container_bits
+from agacc.quant import CONTAINER_OF, container_bits, value_group
 from agacc.tiers import CONTAINER_TIER, EVICTED, FULL, PRUNED, TIER_OF_CONTAINER
 
 
@@ -48,6 +48,37 @@ def quant_tier(b: torch.Tensor) -> torch.Tensor:
 def code_bits(b: torch.Tensor, cfg) -> torch.Tensor:
     """The code width actually used for seed bits ``b`` (int8): the container's with ``fill_container``."""
     return CONTAINER_OF[b.long()] if cfg.fill_container else b
+
+
+# --- keeping every token (``cfg.keep_all``) --------------------------------------------------------
+# Where ``keeps_all``, a block scoring below this fraction of tau_e is held at KEEP_ALL_LOW_BITS instead
+# of being evicted: the threshold scale that meets the budget gives up the 16-bit blocks (above tau_h)
+# long before it cuts 8-bit ones to 4 bits, lowest scores first.
+KEEP_ALL_LOW = 1e-3
+KEEP_ALL_LOW_BITS = 4
+
+
+def keep_all_reach(cfg, head_dim: int, bits: int = KEEP_ALL_LOW_BITS) -> float:
+    """16-bit bytes / bytes of the same tokens as ``bits``-bit codes, keys and values per token with one
+    fp16 (scale, zero) per group of channels (``key_group_size``, ``value_group_size``): what blocks alone
+    reach in ``keep_all``'s format (no hot tail, no tracker). Head dim 64, groups of 64: 32 / 9 = 3.56 at
+    4 bits, 32 / 17 = 1.88 at 8."""
+    def per_element(group: int) -> float:  # the code + 2 x 16 bits per group
+        return bits + 32 / value_group(head_dim, group)
+    return 32 / (per_element(cfg.key_group_size) + per_element(cfg.value_group_size))
+
+
+def keeps_all(cfg, head_dim: int) -> bool:
+    """A target ratio up to ``cfg.keep_all`` (and within ``keep_all_reach``): the thresholds rule then
+    keeps every token, each block at 16, 8 or 4 bits, none evicted or pruned (b_min, b_max, tau_l and
+    p_max give way), keys per token (docs/tuning.md round 19)."""
+    r = cfg.target_ratio
+    return r is not None and r <= cfg.keep_all and r <= keep_all_reach(cfg, head_dim)
+
+
+def key_grouping(cfg, head_dim: int) -> str:
+    """How keys are grouped in the store: per token where ``keeps_all``, else ``cfg.key_quant``."""
+    return "token" if keeps_all(cfg, head_dim) else cfg.key_quant
 
 
 def full_plan(n: int, head_dim: int):

@@ -35,7 +35,7 @@ import torch
 import kernels
 from agacc import quant
 from agacc.quant import DENSE, QUANT, SPARSE, Part
-from agacc.policy import fidelity_floor
+from agacc.policy import fidelity_floor, key_grouping
 from agacc.tiers import CONTAINER_OF_TIER, EVICTED, FULL, INT2, INT3, INT4, INT8, NAMES, PRUNED, TIER_CONTAINER, evicted_runs
 
 
@@ -262,7 +262,9 @@ class FullSegment(Segment):
 
 class QuantSegment(Segment):
     """Blocks quantised to codes of <= ``container`` bits (per block code bits in ``bits``). Keys are
-    grouped per channel per block or per token (``cfg.key_quant == "token"``); with ``cfg.rotate``
+    grouped per channel per block or per token (``key_per_token``: ``cfg.key_quant``; a ``LayerStore``
+    sets it from the head dim at its first append, per token where ``cfg.keep_all`` applies,
+    ``policy.key_grouping``); with ``cfg.rotate``
     keys and values are stored Hadamard-rotated (``rotated``), and ``read_blocks`` rotates them back."""
 
     def __init__(self, block_size, device, container, cfg):
@@ -271,10 +273,7 @@ class QuantSegment(Segment):
         self.cfg = cfg
         self.bits = torch.empty(0, dtype=torch.int8, device=device)
         self.k = self.k_scale = self.k_zero = self.v = self.v_scale = self.v_zero = None
-
-    @property
-    def key_per_token(self) -> bool:
-        return self.cfg.key_quant == "token"
+        self.key_per_token = cfg.key_quant == "token"  # a LayerStore sets it from the head dim (key_grouping)
 
     @property
     def rotated(self) -> bool:
@@ -541,6 +540,10 @@ class LayerStore:
     # ---- appending -------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [Bt, H, n, D] new tokens (after RoPE)."""
+        if self.hot_k is None and self.seq_len == 0:  # the head dim is known: how keys will be grouped
+            per_token = key_grouping(self.cfg, k.shape[-1]) == "token"
+            for seg in self.quant.values():
+                seg.key_per_token = per_token
         self.hot_k = _cat(self.hot_k, k.to(self.dtype), 2)
         self.hot_v = _cat(self.hot_v, v.to(self.dtype), 2)
         self.seq_len += k.shape[2]

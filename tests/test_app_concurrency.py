@@ -137,6 +137,15 @@ def test_bad_input_is_reported_and_the_app_keeps_serving(server, caplog):
     tr = a.sessions.get(c.session_hash).trace
     frames = replay_frames(tr.history, controls.config_from_values("agacc", dict(KNOBS, tau_e=0.5)), tr.geometry)
     assert f"{frames[tr.history_for_frame(0)]['held_bytes'] / 2 ** 20:.2f} MiB held" in view[5]
+    # a target ratio 8-bit blocks reach replays keep_all (every token at 16, 8 or 4 bits) and says so
+    low_knobs = dict(KNOBS, use_target=True, target_ratio=1.5)
+    low = c.predict(replay=0, token_layer=-1, preset="agacc", api_name="/view", **low_knobs)
+    assert "keeps every token" in low[5] and "keeps every token" not in view[5]
+    from agacc import tiers as T
+
+    f_low = replay_frames(tr.history, controls.config_from_values("agacc", low_knobs), tr.geometry)[tr.history_for_frame(0)]
+    assert {t for row in f_low["tier"] for t in row} <= {T.FULL, T.INT8, T.INT4, T.HOT}
+    assert f"{f_low['held_bytes'] / 2 ** 20:.2f} MiB held" in low[5]
 
 
 def test_endpoints_take_named_inputs(server):

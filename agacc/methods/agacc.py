@@ -18,6 +18,9 @@ Its decode steps' attention folds into the importance by a decaying maximum, not
 (``decode_evidence="max"``, half-life 182 steps; round 16: a token attended strongly once keeps its
 score for a few hundred steps instead of halving at every re-evaluation); tokens then score higher, so
 the thresholds went back to 0.25x of round 6's, where the tuning texts hold about 4x again.
+Fitted to a ratio up to 2.5 it keeps every token (``keep_all``, round 19): each block at 16, 8 or 4 bits
+with keys per token, none evicted: at uniform int8's 1.69x the 3-4-bit tiers paid for 16-bit blocks with
+evictions and lost to int8 by 12-45x in KL; up to 2.5 the 8/4-bit split beat them on every tuning text.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import math
 import torch
 
 from agacc.methods import Method, register
-from agacc.policy import code_bits, quant_tier, spill_scores
+from agacc.policy import KEEP_ALL_LOW, KEEP_ALL_LOW_BITS, code_bits, keeps_all, quant_tier, spill_scores
 from agacc.quant import container_bits, kept_counts
 from agacc.tiers import CONTAINER_TIER, EVICTED, FULL, PRUNED
 
@@ -37,7 +40,15 @@ def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, layer: int = 0, sc
     ``scale`` multiplies all three thresholds (the ratio fitter moves it). ``spill`` (rho, the
     config's ``spill`` at a prefill's re-evaluation): a block below tau_e is evicted unless
     ``spill_scores(scores, rho)`` lifts it to tau_e (it follows a strongly attended block); then it
-    takes the lowest kept tier (b_min bits, pruned at its own score's rate)."""
+    takes the lowest kept tier (b_min bits, pruned at its own score's rate). Where ``keeps_all`` (a
+    target ratio up to ``cfg.keep_all``) nothing is evicted or pruned: above tau_h 16 bits, down to
+    ``KEEP_ALL_LOW`` x tau_e 8 bits, below it 4."""
+    if keeps_all(cfg, head_dim):
+        s = scores.float().cpu()
+        bits = torch.where(s > cfg.tau_h * scale, 16, torch.where(s >= cfg.tau_e * scale * KEEP_ALL_LOW, 8,
+                                                                   KEEP_ALL_LOW_BITS)).to(torch.int8)
+        tier = torch.where(bits == 16, FULL, quant_tier(bits.clamp(max=8))).to(torch.int8)
+        return tier, bits, torch.full(s.shape, head_dim, dtype=torch.int16)
     tau_h, tau_l, tau_e = cfg.tau_h * scale, cfg.tau_l * scale, cfg.tau_e * scale
     shape = scores.shape  # elementwise: [n] for one layer or [L, n] for all at once
     tier = torch.full(shape, FULL, dtype=torch.int8)
@@ -68,7 +79,7 @@ def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, layer: int = 0, sc
 
 register(Method(
     "agacc", presets={"agacc": dict(layer_calibration="auto", tau_h=50.0, tau_l=0.15, tau_e=0.075, markers=False,
-                            recent_window=16, sink_bits=8, decode_evidence="max")}, kind="adaptive",
+                            recent_window=16, sink_bits=8, decode_evidence="max", keep_all=2.5)}, kind="adaptive",
     order=0, rule=thresholds_rule, elementwise=True,
     citation="AGACC, seed 000: EMA importance, thresholds, bits, pruning, markers (shared/seeds/000)",
 ))
