@@ -35,7 +35,7 @@ import torch
 
 from agacc.compare import measure_quality
 from agacc.planner import text_config
-from agacc.policy import keep_all_reach, keeps_all
+from agacc.policy import keep_all_upto, keeps_all
 from agacc.presets import PRESETS
 from agacc.session import PREFILL_CHUNK, GenerationSession, SessionError
 from agacc.trace import Trace, block_history, policy_changes, ratio_sweep, replay_frames
@@ -285,7 +285,7 @@ class AgaccApp:
                         f"(no generation): {snap['held_bytes'] / MIB:.2f} MiB held{recorded} "
                         f"({snap['ratio']:.2f}x vs 16 bits). Press **Re-run + compare** to check the quality.")
         if shown_cfg.compress and keeps_all(shown_cfg, tr.geometry.head_dim):
-            upto = min(shown_cfg.keep_all, keep_all_reach(shown_cfg, tr.geometry.head_dim))
+            upto = keep_all_upto(shown_cfg, tr.geometry.head_dim)
             note.append(f"At a target ratio up to {upto:.2f}x the preset keeps every token (`keep_all`): blocks at 16, "
                         "8 or 4 bits, keys per token, none evicted; b_min, b_max, τ_l and p_max do not apply there.")
         if rerun:

@@ -68,12 +68,16 @@ def keep_all_reach(cfg, head_dim: int, bits: int = KEEP_ALL_LOW_BITS) -> float:
     return 32 / (per_element(cfg.key_group_size) + per_element(cfg.value_group_size))
 
 
+def keep_all_upto(cfg, head_dim: int) -> float:
+    """The largest target ratio at which ``keeps_all``: ``cfg.keep_all``, never beyond ``keep_all_reach``."""
+    return min(cfg.keep_all, keep_all_reach(cfg, head_dim))
+
+
 def keeps_all(cfg, head_dim: int) -> bool:
-    """A target ratio up to ``cfg.keep_all`` (and within ``keep_all_reach``): the thresholds rule then
-    keeps every token, each block at 16, 8 or 4 bits, none evicted or pruned (b_min, b_max, tau_l and
-    p_max give way), keys per token (docs/tuning.md round 19)."""
-    r = cfg.target_ratio
-    return r is not None and r <= cfg.keep_all and r <= keep_all_reach(cfg, head_dim)
+    """A target ratio up to ``keep_all_upto``: the thresholds rule then keeps every token, each block at
+    16, 8 or 4 bits, none evicted or pruned (b_min, b_max, tau_l and p_max give way), keys per token
+    (docs/tuning.md round 19)."""
+    return cfg.target_ratio is not None and cfg.target_ratio <= keep_all_upto(cfg, head_dim)
 
 
 def key_grouping(cfg, head_dim: int) -> str:

@@ -540,7 +540,7 @@ class LayerStore:
     # ---- appending -------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [Bt, H, n, D] new tokens (after RoPE)."""
-        if self.hot_k is None and self.seq_len == 0:  # the head dim is known: how keys will be grouped
+        if self.seq_len == 0:  # the head dim is known: how keys will be grouped
             per_token = key_grouping(self.cfg, k.shape[-1]) == "token"
             for seg in self.quant.values():
                 seg.key_per_token = per_token

@@ -10,8 +10,8 @@ from agacc.config import AGACCConfig
 from agacc.eval.metrics import lm_stats
 from agacc.eval.runner import teacher_force
 from agacc.methods.agacc import thresholds_rule
-from agacc.planner import planned_bytes
-from agacc.policy import KEEP_ALL_LOW, keep_all_reach, key_grouping, keeps_all
+from agacc.planner import block_cost_bytes, planned_bytes
+from agacc.policy import KEEP_ALL_LOW, keep_all_reach, keep_all_upto, key_grouping, keeps_all
 from agacc.trace import replay_frames
 from tests.helpers import tiny_model, walk_tensor_bytes
 
@@ -29,10 +29,17 @@ def test_keep_all_reach_by_hand():
     assert keep_all_reach(cfg, 64, bits=8) == pytest.approx(32 / (2 * (8 + 32 / 64)))  # 1.88
     assert keep_all_reach(cfg, 96, bits=8) == pytest.approx(32 / (2 * (8 + 32 / 32)))  # groups of gcd(96, 64) = 32
     assert keep_all_reach(cfg.with_overrides(key_group_size=32), 64) == pytest.approx(32 / (4 + 1 + 4 + 0.5))
+    # the store's cost model agrees (a block of 4096 tokens: its 9 bytes of metadata do not count)
+    kw = dict(batch=1, heads=1, head_dim=64, block_size=4096, full_itemsize=2, value_group_size=64, b_min=3,
+              sparse_threshold=0.25, key_quant="token", key_group_size=64)
+    for bits, tier in ((4, T.INT4), (8, T.INT8)):
+        priced = block_cost_bytes(T.FULL, 16, 64, **kw) / block_cost_bytes(tier, bits, 64, **kw)
+        assert keep_all_reach(cfg, 64, bits=bits) == pytest.approx(priced, rel=1e-3)
     assert keeps_all(cfg.with_overrides(target_ratio=2.5), 64) and not keeps_all(cfg.with_overrides(target_ratio=2.51), 64)
     assert not keeps_all(cfg, 64)  # no target: thresholds as set
     assert not keeps_all(cfg.with_overrides(target_ratio=1.5, keep_all=0.0), 64)
     # never beyond what 4-bit blocks reach: head dim 16 (groups of 16: 4 + 2 bits) reaches 2.67x
+    assert keep_all_upto(cfg.with_overrides(keep_all=3.0), 16) == pytest.approx(32 / 12)
     assert keeps_all(cfg.with_overrides(target_ratio=2.6, keep_all=3.0), 16)
     assert not keeps_all(cfg.with_overrides(target_ratio=2.7, keep_all=3.0), 16)
     assert key_grouping(cfg.with_overrides(target_ratio=1.5), 64) == "token"
@@ -70,6 +77,14 @@ def test_keep_all_fidelity_is_monotone_in_importance():
         assert set(bits.tolist()) <= {4, 8, 16} and (keep == 64).all()
 
 
+def _unheld(cache) -> int:
+    """What the planner prices and the store does not hold (as test_cache's pricing test): 4 bytes a ready
+    block reserved for the attention-order layout and an evicted block's id, less the layout held."""
+    reserved = sum(4 * l.store.n_ready_blocks() for l in cache.layers)
+    reserved += sum(4 * int((l.store.block_tier == T.EVICTED).sum()) for l in cache.layers)
+    return reserved - sum(l.store._layout.nbytes for l in cache.layers if l.store._layout is not None)
+
+
 def _tiered(cache):
     return torch.cat([l.store.block_tier.cpu() for l in cache.layers])
 
@@ -97,11 +112,8 @@ def test_keep_all_cache_holds_what_it_plans_and_reaches_the_ratio(tiny, target):
     mem = cache.memory()
     assert mem["bytes"] == walk_tensor_bytes(cache.layers)
     plans = [(l.store.block_tier.cpu(), l.store.block_bits.cpu(), l.store.block_keep.cpu()) for l in cache.layers]
-    reserved = sum(4 * l.store.n_ready_blocks() for l in cache.layers)  # as test_cache's pricing test
-    reserved += sum(4 * int((l.store.block_tier == T.EVICTED).sum()) for l in cache.layers)
-    layout = sum(l.store._layout.nbytes for l in cache.layers if l.store._layout is not None)
     geo = cache._geometry()
-    assert planned_bytes(plans, cfg, geo, cache.seq_len) + cache.unplanned_bytes() - reserved + layout == mem["bytes"]
+    assert planned_bytes(plans, cfg, geo, cache.seq_len) + cache.unplanned_bytes() - _unheld(cache) == mem["bytes"]
     ratio = geo.bytes_fp16(cache.seq_len) / mem["bytes"]
     assert target <= ratio <= target * 1.03
 
@@ -128,19 +140,39 @@ def test_keep_all_is_closer_to_the_plain_cache_than_the_3_4_bit_tiers_at_the_sam
     assert 0 < kl_all < kl_tiers * (0.25 if target < 1.78 else 0.9)
 
 
-def test_replay_plans_keep_all_at_a_low_ratio_from_a_run_at_4x(tiny):
-    """The app's what-if: a run recorded at 4x replayed at 1.7x plans every block at 8 or 16 bits and
-    prices keys per token; replayed back at 4x it gives the run's own tiers."""
-    cfg = AGACCConfig.preset("agacc", target_ratio=4.0)
+def _recorded(tiny, target):
+    """A run of 700 tokens (600 prefilled, 100 teacher-forced) at ``target``, history recorded, re-evaluated at the end."""
+    cfg = AGACCConfig.preset("agacc", target_ratio=target)
     cache = agacc.CompressedCache(tiny.config, cfg, record_history=True)
     ids = torch.randint(0, 256, (700,), generator=torch.Generator().manual_seed(7)).tolist()
     with torch.inference_mode():
         teacher_force(tiny, cache, ids[:600], chunk=600)
         teacher_force(tiny, cache, ids[600:], chunk=1)
+    cache.reevaluate()
+    return cfg, cache
+
+
+@pytest.mark.parametrize("target", [1.7, 2.2])
+def test_replay_of_a_keep_all_run_is_the_run(tiny, target):
+    """The app's replay of a run that kept every token gives the cache's own tiers, bits and kept elements,
+    and its bytes (keys priced per token, as the store holds them) are what the cache holds."""
+    cfg, cache = _recorded(tiny, target)
+    rep = replay_frames(cache.history, cfg, cache._geometry())[-1]
+    snap = cache.snapshot()
+    assert (rep["tier"], rep["bits"], rep["keep"]) == (snap["tier"], snap["bits"], snap["keep"])
+    assert {t for row in snap["tier"] for t in row} <= {T.FULL, T.INT8, T.INT4, T.HOT}
+    assert rep["held_bytes"] - _unheld(cache) == cache.memory()["bytes"]
+
+
+def test_replay_at_a_low_ratio_of_a_run_at_4x(tiny):
+    """The app's what-if: a run recorded at 4x replayed at 1.7x plans every block at 16, 8 or 4 bits;
+    replayed at 4x it is the run itself."""
+    cfg, cache = _recorded(tiny, 4.0)
     geo = cache._geometry()
-    low = replay_frames(cache.history, cfg.with_overrides(target_ratio=1.7), geo)[-1]
-    assert {t for row in low["tier"] for t in row} <= {T.FULL, T.INT8, T.INT4, T.HOT}
-    assert 1.6 <= low["ratio"] <= 1.78
     back = replay_frames(cache.history, cfg, geo)[-1]
-    assert {t for row in back["tier"] for t in row} & {T.INT3, T.INT4}
-    assert back["ratio"] > 3.0
+    assert back["tier"] == cache.snapshot()["tier"]
+    assert back["held_bytes"] - _unheld(cache) == cache.memory()["bytes"]
+    assert {t for row in back["tier"] for t in row} & {T.INT3, T.EVICTED}  # the tiers: 3 bits, evictions
+    low = replay_frames(cache.history, cfg.with_overrides(target_ratio=1.7), geo)[-1]
+    tiers = {t for row in low["tier"] for t in row}
+    assert tiers <= {T.FULL, T.INT8, T.INT4, T.HOT} and T.INT8 in tiers
