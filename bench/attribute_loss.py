@@ -104,9 +104,22 @@ def install(mode: str) -> None:
 
 def exact_reads(keys: bool) -> None:
     """Every attention read (``LayerStore.parts``: decode, prompt chunks, the tracker's mass) sees the
-    quantised blocks dequantised, with their keys (``keys``) or values exact: the store keeps every
-    appended token's K/V (fp32) beside its own. The dense stand-ins are built once per layout (the
-    store's ``token_layout`` changes whenever blocks move) and reused by every step until then."""
+    quantised blocks dequantised, with their keys (``keys``) or values exact."""
+    def read(store_, part, exact_k, exact_v, where):
+        if part.kind != QUANT:
+            return None
+        k, v = quant.dequantize_part(part, store_.dtype)
+        return Part(DENSE, exact_k.to(store_.dtype), v) if keys else Part(DENSE, k, exact_v.to(store_.dtype))
+
+    substitute_reads(read)
+
+
+def substitute_reads(read) -> None:
+    """Every attention read (``LayerStore.parts``) sees ``read(store, part, exact_k, exact_v, where)`` in place
+    of each tiered part it returns a ``Part`` for (``None``: the part as held): exact_k / exact_v fp32 [Bt, H,
+    n, D] the part's tokens' own K/V, which the store keeps beside its own from every append, ``where`` [n]
+    their positions. The stand-ins are built once per layout (the store's ``token_layout`` changes whenever
+    blocks move) and reused by every step until then."""
     append, parts = store.LayerStore.append, store.LayerStore.parts
 
     def patched_append(self, k, v):
@@ -118,17 +131,16 @@ def exact_reads(keys: bool) -> None:
     def patched_parts(self):
         out = parts(self)
         layout = self.token_layout()
-        cached = getattr(self, "_exact_parts", None)
+        cached = getattr(self, "_substituted", None)
         if cached is None or cached[0] is not layout:
-            pos, at, dense = self.entry_positions(), 0, {}
+            pos, at, new = self.entry_positions(), 0, {}
             for i, seg in enumerate(seg for seg in self.segments if seg.n_blocks):  # parts() lists these first
-                n = seg.n_blocks * self.B
-                if out[i].kind == QUANT:
-                    k, v = quant.dequantize_part(out[i], self.dtype)
-                    exact = [x[:, :, pos[at:at + n]].to(self.dtype) for x in self._exact]
-                    dense[i] = Part(DENSE, exact[0], v) if keys else Part(DENSE, k, exact[1])
-                at += n
-            self._exact_parts = cached = (layout, dense)
+                where = pos[at:at + seg.n_blocks * self.B]
+                part = read(self, out[i], self._exact[0][:, :, where], self._exact[1][:, :, where], where)
+                if part is not None:
+                    new[i] = part
+                at += len(where)
+            self._substituted = cached = (layout, new)
         for i, p in cached[1].items():
             out[i] = p
         return out

@@ -7,7 +7,9 @@ last ``--queries`` queries is compared with exact K/V: for keys the attention KL
 quantised) per query (nats), for values the relative error of the attention output. Bits per
 element include the fp16 scale and zero of each group (keys per channel over 16-token blocks: +2;
 per token over 64 channels: +0.5). The pre-RoPE rows (KVQuant) are key formats: RoPE undone per
-position, quantised, redone.
+position, quantised, redone. The "allocated" rows are key formats too: per channel per block with each
+KV head's channels at their own code widths (``bench/bounds.py``'s ``allocate_key_bits``: the bits on
+average, given by the 64 queries before the scored ones, the prompt's last queries of a real cache).
 
     python bench/bench_quant_error.py --text /usr/share/common-licenses/GFDL-1.3 --json out/quant_error.json
 """
@@ -20,7 +22,7 @@ import os
 import torch
 
 from agacc import quant
-from bench import common
+from bench import bounds, common
 
 
 def per_channel(x, b, block=16):
@@ -105,6 +107,12 @@ def clipped(dim_of, factors=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)):
     return fmt
 
 
+def allocated(x, b, q):
+    """Keys per channel per 16-token block, un-rotated, each channel at its own width (``b`` on average)."""
+    return bounds.quantize_allocated(x, bounds.allocate_key_bits(q, x, b))
+
+
+STATS = 64  # queries before the scored ones that weigh the "allocated" formats' channels
 FORMATS = {  # name -> (quantise-dequantise, extra bits per element for scales and zeros at head dim 64)
     "per channel, 16-token blocks": (per_channel, 2.0),
     "per channel, rotated": (rotated(per_channel), 2.0),
@@ -115,6 +123,7 @@ FORMATS = {  # name -> (quantise-dequantise, extra bits per element for scales a
     "per channel, rotated, 32-token blocks": (rotated(per_channel_32), 1.0),
     "per channel, rotated, 8-bit log scale (1/32) + fp16 zero": (rotated(per_channel_coded(1 / 32, False)), 1.5),
     "per channel, rotated, 8-bit log scale (1/16) + int8 zero": (rotated(per_channel_coded(1 / 16, True)), 1.0),
+    "allocated": (allocated, 2.0),  # a 0-bit channel keeps its mid-range (1 bit): at most 2
 }
 
 
@@ -130,7 +139,21 @@ def rope_formats(model, n):
             "per channel, pre-RoPE, not rotated": (pre_rope(per_channel, cos, sin), 2.0),
             "per channel, pre-RoPE, rotated, 32-token blocks": (
                 pre_rope(rotated(per_channel_32), cos, sin), 1.0),
-            "per channel, pre-RoPE within the block, rotated": (pre_rope(rotated(per_channel), cos, sin, 16), 2.0)}
+            "per channel, pre-RoPE within the block, rotated": (pre_rope(rotated(per_channel), cos, sin, 16), 2.0),
+            "allocated, pre-RoPE": (allocated_pre_rope(cos, sin), 2.0)}
+
+
+def allocated_pre_rope(cos, sin):
+    """``allocated`` on the keys and the queries with RoPE undone (queries at the positions before the
+    scored ones: their last rows of cos / sin are the scored queries' own)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    def f(x, b, q, q_end):
+        kp = x * cos[:, :, :x.shape[2]] - rotate_half(x) * sin[:, :, :x.shape[2]]
+        c, s = cos[:, :, q_end - q.shape[2]:q_end], sin[:, :, q_end - q.shape[2]:q_end]
+        y = allocated(kp, b, q * c - rotate_half(q) * s)
+        return y * cos[:, :, :x.shape[2]] + rotate_half(y) * sin[:, :, :x.shape[2]]
+    return f
 
 
 def attention(q, k, v, scaling):
@@ -159,9 +182,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     common.set_threads(args.threads)
     model, tok = common.load_model(args.model)
-    ids = common.text_ids(tok, args.text, args.tokens, need=max(args.quantised, args.queries) + 1)
-    cap = capture_prefill(model, ids[0].tolist(), n_obs=args.queries)
-    captured = [(q.float(), k.float(), v.float(), sc) for q, k, v, sc in zip(cap.queries, cap.keys, cap.values, cap.scaling)]
+    ids = common.text_ids(tok, args.text, args.tokens, need=max(args.quantised, args.queries + STATS) + 1)
+    cap = capture_prefill(model, ids[0].tolist(), n_obs=args.queries + STATS)
+    captured = [(q.float()[:, :, STATS:], k.float(), v.float(), sc)
+                for q, k, v, sc in zip(cap.queries, cap.keys, cap.values, cap.scaling)]
+    stats = [q.float()[:, :, :STATS] for q in cap.queries]  # the "allocated" formats' weights
     nq = args.quantised
     rows = []
     exact = [attention(q, k, v, sc) for q, k, v, sc in captured]  # (probs, out) per layer, exact K/V
@@ -169,11 +194,17 @@ def main(argv=None):
     for name, (fmt, extra) in {**FORMATS, **rope}.items():
         if args.formats and not any(f in name for f in args.formats):
             continue
-        keys_only = name in rope
+        keys_only = name in rope or name.startswith("allocated")
         for b in args.bits:
             kl = v_err = 0.0
-            for (q, k, v, sc), (p0, o0) in zip(captured, exact):
-                p1, _ = attention(q, torch.cat([fmt(k[:, :, :nq], b), k[:, :, nq:]], 2), v, sc)
+            for (q, k, v, sc), (p0, o0), qs in zip(captured, exact, stats):
+                if name == "allocated":
+                    kq = fmt(k[:, :, :nq], b, qs)
+                elif name.startswith("allocated"):
+                    kq = fmt(k[:, :, :nq], b, qs, ids.shape[1] - args.queries)
+                else:
+                    kq = fmt(k[:, :, :nq], b)
+                p1, _ = attention(q, torch.cat([kq, k[:, :, nq:]], 2), v, sc)
                 kl += float((p0 * (p0.clamp_min(1e-30).log() - p1.clamp_min(1e-30).log())).sum(-1).mean())
                 if not keys_only:
                     _, o2 = attention(q, k, torch.cat([fmt(v[:, :, :nq], b), v[:, :, nq:]], 2), sc)

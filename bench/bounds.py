@@ -15,6 +15,16 @@ Runs ``bench/bench_ppl.py`` (token by token) with one part of the method replace
                         the cost model prices the codes at 2 bits, so the fitter plans what a K3V2
                         format would hold at the same bytes. The bytes the run reports are the 3-bit
                         container's: compare KL, not ratios.
+    --mode keys-allocated
+                        every quantised block of 2, 3 or 4 bits is read with its keys in another format
+                        at the same bytes: per channel per block, un-rotated, each KV head's channels given
+                        their own code widths (0 to 8 bits, the block's bits on average) by greedy
+                        water-filling on (the prompt's last 64 queries' RMS x the keys' block range RMS)^2,
+                        from one plain forward over the prompt (what a cache sees at its prefill); a 0-bit
+                        channel reads its block's mid-range. The plan, the bytes and the values are the
+                        method's (docs/tuning.md round 20). With ``--pre-rope`` the keys (and the queries
+                        that weigh them) are taken before RoPE (KVQuant): each key's rotation undone at its
+                        position, quantised so, and redone.
 
     python bench/bounds.py --mode oracle --reduce max --suite tuning --threads 1 --ref-cache out/ref agacc@8
 """
@@ -33,7 +43,7 @@ import agacc.store as store  # noqa: E402
 from agacc import planner, quant  # noqa: E402
 from agacc.tiers import INT3  # noqa: E402
 
-MODES = ("oracle", "values-2bit")
+MODES = ("oracle", "values-2bit", "keys-allocated")
 
 
 def attention_of(model, ids: torch.Tensor, heads: str = "mean") -> torch.Tensor:
@@ -98,17 +108,105 @@ def install_values_2bit() -> None:
     store.QuantSegment.quantize = patched_quantize
 
 
+def allocate_key_bits(q: torch.Tensor, k: torch.Tensor, avg_bits: int, block: int = 16) -> torch.Tensor:
+    """Code widths [H, D] int64 (0..8, mean ``avg_bits`` per head) for keys k [1, H, n, D] (n a multiple of
+    ``block``) read by queries q [1, Hq, m, D]: greedy water-filling, each bit to the channel with the
+    largest (q RMS x block range RMS)^2 / 4^bits (a bit quarters a channel's squared error)."""
+    h, d = k.shape[1], k.shape[-1]
+    q_rms = q.float().reshape(h, -1, d).pow(2).mean(1).sqrt()
+    kb = k.float()[0].reshape(h, -1, block, d)
+    k_range = (kb.amax(2) - kb.amin(2)).pow(2).mean(1).sqrt()
+    err = (q_rms * k_range).pow(2)
+    bits = torch.zeros(h, d, dtype=torch.long)
+    for _ in range(avg_bits * d):
+        j = err.argmax(1)
+        bits[torch.arange(h), j] += 1
+        err[torch.arange(h), j] = torch.where(bits[torch.arange(h), j] == 8, -1.0, err[torch.arange(h), j] / 4)
+    return bits
+
+
+def quantize_allocated(k: torch.Tensor, bits: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """k [Bt, H, n, D] quantised and read back per channel per ``block`` tokens with channel widths ``bits``
+    [H, D] (fp16 scale and zero, min-max; a 0-bit channel reads its block's mid-range) -> fp32 like k."""
+    bt, h, n, d = k.shape
+    kb = k.float().reshape(bt, h, n // block, block, d)
+    lo, hi = kb.amin(3, keepdim=True), kb.amax(3, keepdim=True)
+    levels = ((1 << bits) - 1).float()[None, :, None, None, :]
+    scale = ((hi - lo) / levels.clamp_min(1)).clamp_min(1e-6).half().float()
+    zero = lo.half().float()
+    out = (torch.round((kb - zero) / scale).clamp(min=torch.zeros_like(levels), max=levels) * scale + zero)
+    out = torch.where(levels == 0, ((lo + hi) / 2).half().float(), out)
+    return out.reshape(k.shape)
+
+
+def install_keys_allocated(pre_rope: bool = False):
+    """The store's reads of 2/3/4-bit key blocks replaced by ``quantize_allocated`` of the exact keys (kept
+    beside the store), the widths from ``allocate_key_bits`` on the prompt (one live cache at a time, as
+    bench_ppl runs them; through ``attribute_loss.substitute_reads``); ``pre_rope``: the keys and queries with
+    RoPE undone (Llama's ``rotate_half`` pairs). Returns ``prompt(model, ids [1, T], prefill)``, which sets the
+    widths from the text's prompt (bench_ppl's ``measure`` calls it first) and returns them, {layer: {bits: [H, D]}}."""
+    import attribute_loss
+    import bench_ppl
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    from agacc.cache import CompressedLayer
+    from agacc.eval.runner import capture_prefill
+    from kernels.format import DENSE, QUANT, Part
+
+    widths: dict[int, dict[int, torch.Tensor]] = {}
+    rope: dict[str, torch.Tensor] = {}
+    measure, init = bench_ppl.measure, CompressedLayer.lazy_initialization
+
+    def turn(x: torch.Tensor, pos: torch.Tensor, sign: int) -> torch.Tensor:
+        """x [Bt, H, n, D] at positions pos [n]: RoPE applied (sign 1) or undone (-1); as is without pre_rope."""
+        if not pre_rope:
+            return x
+        return x * rope["cos"][pos] + sign * rotate_half(x) * rope["sin"][pos]
+
+    def prompt(model, ids, prefill):
+        cap = capture_prefill(model, ids[0, :prefill].tolist(), n_obs=64)
+        cos, sin = model.model.rotary_emb(torch.zeros(1), torch.arange(ids.shape[1])[None])
+        rope.update(cos=cos[0].float(), sin=sin[0].float())
+        pos = torch.arange(prefill)
+        widths.clear()
+        widths.update({layer: {b: allocate_key_bits(turn(q.float(), pos[-q.shape[2]:], -1), turn(k.float(), pos, -1), b)
+                               for b in (2, 3, 4)}
+                       for layer, (q, k) in enumerate(zip(cap.queries, cap.keys))})
+        return widths
+
+    def patched_measure(model, ids, methods, prefill, *a, **kw):
+        prompt(model, ids, prefill)
+        return measure(model, ids, methods, prefill, *a, **kw)
+
+    def patched_init(self, key_states, value_states):
+        init(self, key_states, value_states)
+        self.store.layer_idx = self.layer_idx
+
+    def read(store_, part, exact_k, exact_v, where):
+        if part.kind != QUANT or not part.key_block or part.container not in (2, 3, 4):
+            return None
+        k = quantize_allocated(turn(exact_k, where, -1), widths[store_.layer_idx][part.container], part.key_block)
+        return Part(DENSE, turn(k, where, 1).to(store_.dtype), quant.dequantize_part(part, store_.dtype)[1])
+
+    bench_ppl.measure, CompressedLayer.lazy_initialization = patched_measure, patched_init
+    attribute_loss.substitute_reads(read)
+    return prompt
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
     ap.add_argument("--mode", choices=MODES, required=True)
     ap.add_argument("--reduce", choices=("mean", "max"), default="max")
     ap.add_argument("--heads", choices=("mean", "max"), default="mean")
     ap.add_argument("--when", choices=("future", "past"), default="future")
+    ap.add_argument("--pre-rope", action="store_true", help="keys-allocated: the keys taken before RoPE")
     args, rest = ap.parse_known_args(argv)
     if args.mode == "oracle":
         install_oracle(args.reduce, args.heads, args.when)
-    else:
+    elif args.mode == "values-2bit":
         install_values_2bit()
+    else:
+        install_keys_allocated(args.pre_rope)
     import bench_ppl
     bench_ppl.main(rest)
 

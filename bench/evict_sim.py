@@ -8,6 +8,9 @@ the eviction half of the method, not its result (docs/tuning.md round 17). Per l
 
     last<N>      the mean attention of the prompt's last N queries (the tracker's prefill evidence, N = n_q)
     last<N>max   their largest attention
+    last<N>v     value-aware (VATP): their mean attention times the value's norm |v_i|
+    last<N>vd    their mean of a_qi |v_i - o_q| (o_q the query's output: what evicting i moves it by, to
+                 first order); ``last<N>vo`` the same through the head's slice of o_proj
     ea<N>        expected attention (kvpress's ExpectedAttentionPress, without its RoPE shift): softmax of
                  s mu.k + s^2 k'Sigma k / 2 over the keys, mu and Sigma the last N queries' mean and covariance
     oracle       the largest attention any decode query pays the token (the future, exactly)
@@ -127,19 +130,36 @@ def repeats(name: str, ids: torch.Tensor) -> torch.Tensor:
     return hit.float()
 
 
-def score_of(name: str, q: torch.Tensor, k: torch.Tensor, probs: torch.Tensor, t: int, ids: torch.Tensor | None = None) -> torch.Tensor:
+def score_of(name: str, q: torch.Tensor, k: torch.Tensor, probs: torch.Tensor, t: int, ids: torch.Tensor | None = None,
+             vals=None) -> torch.Tensor:
     """Per query head [Hq, t]: ``name``'s score of the first t keys. q [Hq, T, D], k [Hq, T, D] (repeated
-    to the query heads), probs [Hq, T, T] the causal attention, ids [T] the token ids."""
+    to the query heads), probs [Hq, T, T] the causal attention, ids [T] the token ids, vals (v [Hq, T, D]
+    repeated to the query heads, the layer's o_proj weight [hidden, Hq * D]) for the value-aware scores."""
     m = re.fullmatch(r"(.+)\+(\w+)x([\d.]+)", name)
     if m:
-        base = score_of(m.group(1), q, k, probs, t, ids)
+        base = score_of(m.group(1), q, k, probs, t, ids, vals)
         base = base / base[:, PROTECT:t - PROTECT].mean(-1, keepdim=True)
         return base + float(m.group(3)) * repeats(m.group(2), ids[:t])
     if name == "oracle":
         return probs[:, t:, :t].amax(1)
+    m = re.fullmatch(r"last(\d+)(v|vd|vo)", name)
+    if m:  # value-aware: attention times the value's norm / its distance from each query's output
+        n = int(m.group(1))
+        p = probs[:, t - n:t, :t]
+        if m.group(2) == "v":
+            return p.mean(1) * vals[0][:, :t].norm(dim=-1)
+        o = p @ vals[0][:, :t]  # [Hq, n, D]
+        out = []
+        for h in range(p.shape[0]):
+            dev = vals[0][h, None, :t] - o[h, :, None]  # [n, t, D]
+            if m.group(2) == "vo":
+                d = q.shape[-1]
+                dev = dev @ vals[1][:, h * d:(h + 1) * d].T
+            out.append((p[h] * dev.norm(dim=-1)).mean(0))
+        return torch.stack(out)
     m = re.fullmatch(r"(last|ea)(\d+)(max)?", name)
     if not m:
-        raise SystemExit(f"error: unknown score {name!r}: last<N>, last<N>max, ea<N>, oracle, S+Fx<w>")
+        raise SystemExit(f"error: unknown score {name!r}: last<N>, last<N>max, last<N>v/vd/vo, ea<N>, oracle, S+Fx<w>")
     n = int(m.group(2))
     if m.group(1) == "last":
         p = probs[:, t - n:t, :t]
@@ -155,17 +175,18 @@ def score_of(name: str, q: torch.Tensor, k: torch.Tensor, probs: torch.Tensor, t
 
 class Recorder:
     """An attention function (``transformers.AttentionInterface``): records every layer's query and key
-    (after RoPE) in ``record`` mode; with ``keep`` set ({layer: bool [H or 1, t]}), hides the dropped prompt
-    keys from the decode queries."""
+    (after RoPE), value and o_proj weight in ``record`` mode; with ``keep`` set ({layer: bool [H or 1, t]}),
+    hides the dropped prompt keys from the decode queries."""
 
     def __init__(self, t: int):
-        self.t, self.keep, self.qk = t, None, {}
+        self.t, self.keep, self.qk, self.v = t, None, {}, {}
 
     def __call__(self, module, query, key, value, attention_mask, **kw):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         if self.keep is None:
             self.qk[module.layer_idx] = (query.detach()[0].float(), key.detach()[0].float())
+            self.v[module.layer_idx] = (value.detach()[0].float(), module.o_proj.weight.detach().float())
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
         keep = self.keep[module.layer_idx]
         hq, n, t = query.shape[1], query.shape[2], self.t
@@ -233,7 +254,10 @@ def main(argv=None):
             kr = k.repeat_interleave(g, 0)
             logit = q @ kr.transpose(-1, -2) * q.shape[-1] ** -0.5
             probs = logit.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
-            per_layer[layer] = {s: score_of(s, q, kr, probs, t, ids[0]).view(k.shape[0], g, t).mean(1) for s in args.scores}
+            v, wo = rec.v[layer]
+            vals = (v.repeat_interleave(g, 0), wo)
+            per_layer[layer] = {s: score_of(s, q, kr, probs, t, ids[0], vals).view(k.shape[0], g, t).mean(1)
+                                for s in args.scores}
         print(f"{name}: keep {args.keep} of {t} prompt tokens, {T - t} decode tokens, ppl {math.exp(nll_ref):.3f}", flush=True)
         for s in args.scores:
             for unit in args.units:

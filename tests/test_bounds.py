@@ -1,12 +1,15 @@
 """bench/bounds.py: the oracle's scores by hand, and the K3V2 simulation's codes and prices."""
+import pytest
 import torch
 
+import agacc
 import agacc.importance as importance
 import agacc.store as store
 from agacc import planner, quant
 from agacc import tiers as T
 from agacc.config import AGACCConfig
 from bench import bounds
+from tests.helpers import tiny_model
 
 
 def test_oracle_scores_are_the_later_queries_attention_by_hand():
@@ -43,3 +46,86 @@ def test_values_2bit_prices_and_holds_2bit_values_in_3bit_blocks(monkeypatch):
     assert int(codes.max()) == 3  # 2-bit codes
     v2 = quant.quantize_values(v, 2, 64)
     torch.testing.assert_close(quant.dequantize_values(pv, vs, vz, 3), quant.dequantize_values(*v2, 2))
+
+
+def test_allocated_key_widths_by_hand():
+    """One head, four channels, one block: (q RMS x range)^2 = 64, 16, 4, 1 (q 2,1,1,1 and ranges 4,4,2,1).
+    Eight bits by greedy water-filling (a bit quarters a channel's error, ties to the first): 4, 3, 1, 0.
+    A channel never takes more than 8 bits."""
+    k = torch.zeros(1, 1, 16, 4)
+    k[0, 0, 5] = torch.tensor([4.0, 4.0, 2.0, 1.0])
+    q = torch.tensor([2.0, 1.0, 1.0, 1.0]).view(1, 1, 1, 4)
+    assert bounds.allocate_key_bits(q, k, 2).tolist() == [[4, 3, 1, 0]]
+    k2, q2 = torch.zeros(1, 1, 16, 2), torch.tensor([1e4, 1.0]).view(1, 1, 1, 2)
+    k2[0, 0, 0] = 1.0
+    assert bounds.allocate_key_bits(q2, k2, 8).tolist() == [[8, 8]]
+
+
+def test_allocated_keys_read_as_the_store_format_channel_by_channel():
+    """Equal widths are the store's per-channel keys (quant.quantize_keys, un-rotated) exactly; mixed widths
+    are each channel at its own width; a 0-bit channel reads its block's mid-range."""
+    torch.manual_seed(0)
+    k = torch.randn(1, 2, 32, 8)
+    for b in (2, 3, 4):
+        want = quant.dequantize_keys(*quant.quantize_keys(k, b, 16), b, 16)
+        torch.testing.assert_close(bounds.quantize_allocated(k, torch.full((2, 8), b)), want)
+    bits = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 8]] * 2)
+    got = bounds.quantize_allocated(k, bits)
+    for j, b in enumerate(bits[0].tolist()):
+        kb = k[..., j].reshape(1, 2, 2, 16)  # the channel's two blocks
+        if b:
+            codes, scale, zero = quant.quantize(kb, b, dim=-1)
+            want = codes.float() * scale.float() + zero.float()
+        else:
+            want = ((kb.amin(-1, keepdim=True) + kb.amax(-1, keepdim=True)) / 2).half().float().expand(-1, -1, -1, 16)
+        torch.testing.assert_close(got[..., j], want.reshape(1, 2, 32))
+
+
+@pytest.mark.parametrize("pre_rope", [False, True])
+def test_keys_allocated_reads_each_quantised_blocks_keys_in_the_allocated_format(monkeypatch, pre_rope):
+    """A cache at 4x on the tiny model, its prompt's widths set: every 2/3/4-bit block reads its own tokens'
+    exact keys quantised with its layer's widths at its bits (RoPE undone first and redone with ``pre_rope``),
+    its values as the store holds them; every other part as the store holds it."""
+    import bench_ppl
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    from agacc.cache import CompressedLayer
+    from kernels.format import QUANT
+
+    monkeypatch.setattr(bench_ppl, "measure", bench_ppl.measure)  # restored after the test
+    monkeypatch.setattr(CompressedLayer, "lazy_initialization", CompressedLayer.lazy_initialization)
+    for name in ("append", "parts"):
+        monkeypatch.setattr(store.LayerStore, name, getattr(store.LayerStore, name))
+    model = tiny_model()
+    torch.manual_seed(2)
+    ids = torch.randint(3, 256, (1, 640))
+    unpatched_parts = store.LayerStore.parts
+    prompt = bounds.install_keys_allocated(pre_rope)
+    widths = prompt(model, ids, 640)
+    cache = agacc.CompressedCache(model.config, AGACCConfig.preset("agacc", target_ratio=4.0))
+    with torch.inference_mode():
+        model(ids, past_key_values=cache)
+    cache.end_prefill()
+    cos, sin = model.model.rotary_emb(torch.zeros(1), torch.arange(640)[None])
+    seen = set()
+    for layer in cache.layers:
+        s = layer.store
+        pos = s.entry_positions()
+        at = 0
+        for held, read in zip(unpatched_parts(s), s.parts()):
+            n = held.k.shape[2]  # tokens (packed codes keep them on dim 2 too)
+            if held.kind == QUANT and held.key_block and held.container in (2, 3, 4):
+                k = s._exact[0][:, :, pos[at:at + n]]
+                c, sn = cos[0, pos[at:at + n]], sin[0, pos[at:at + n]]
+                if pre_rope:
+                    k = k * c - rotate_half(k) * sn
+                want = bounds.quantize_allocated(k, widths[layer.layer_idx][held.container], held.key_block)
+                if pre_rope:
+                    want = want * c + rotate_half(want) * sn
+                torch.testing.assert_close(read.k.float(), want.to(s.dtype).float())
+                torch.testing.assert_close(read.v.float(), quant.dequantize_part(held)[1].to(s.dtype).float())
+                seen.add(held.container)
+            else:
+                assert read.kind == held.kind and torch.equal(read.k, held.k) and torch.equal(read.v, held.v)
+            at += n
+    assert seen  # quantised blocks were read so

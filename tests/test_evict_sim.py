@@ -33,6 +33,19 @@ def test_scores_by_hand():
     torch.testing.assert_close(evict_sim.score_of("ea1", q, k, probs, 2), want)
 
 
+def test_value_aware_scores_by_hand():
+    """last2 over rows 0-1 (attention (1, 0) and (0.4, 0.6) on tokens 0-1), values 3 and -4: ``v`` is the mean
+    attention x |v| = (0.7 * 3, 0.3 * 4); ``vd`` the mean of attention x |v - that query's output| (outputs 3 and
+    -1.2): token 0 (1 * 0 + 0.4 * 4.2) / 2, token 1 (0 * 7 + 0.6 * 2.8) / 2; ``vo`` the same through o_proj (x2)."""
+    probs = torch.tensor([[[1.0, 0, 0, 0], [0.4, 0.6, 0, 0], [0.5, 0.3, 0.2, 0], [0.1, 0.6, 0.2, 0.1]]])
+    q = k = torch.zeros(1, 4, 1)
+    vals = (torch.tensor([[[3.0], [-4.0], [1.0], [1.0]]]), torch.tensor([[2.0]]))
+    score = lambda name: evict_sim.score_of(name, q, k, probs, 2, None, vals)  # noqa: E731
+    torch.testing.assert_close(score("last2v"), torch.tensor([[2.1, 1.2]]))
+    torch.testing.assert_close(score("last2vd"), torch.tensor([[0.84, 0.84]]))
+    torch.testing.assert_close(score("last2vo"), torch.tensor([[1.68, 1.68]]))
+
+
 def test_token_forecasts_by_hand():
     ids = torch.tensor([5, 7, 5, 9, 7, 3])                  # 5 and 7 twice, 9 and 3 once
     assert evict_sim.repeats("self2", ids).tolist() == [1, 1, 1, 0, 1, 0]

@@ -141,7 +141,7 @@ def test_bench_pre_rope_keys_quantise_the_unrotated_keys():
     after RoPE errs (RoPE spreads each channel over the block), and so do they with only the rotation
     within each block undone; the identity format returns the keys. RoPE itself by transformers'
     ``apply_rotary_pos_emb``, not the bench's inverse."""
-    from bench.bench_quant_error import per_channel, pre_rope
+    from bench.bench_quant_error import allocated_pre_rope, per_channel, pre_rope
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     n, d = 32, 8
@@ -154,4 +154,7 @@ def test_bench_pre_rope_keys_quantise_the_unrotated_keys():
     assert (pre_rope(per_channel, cos, sin)(k, 2) - k).abs().max() < 5e-3  # (the fp16 zero point)
     # within each 16-token block: key t in block b is R(16 b) pre after its offset is undone, constant too
     assert (pre_rope(per_channel, cos, sin, block=16)(k, 2) - k).abs().max() < 5e-3
+    # the allocated format before RoPE (the queries' RoPE undone at their positions 28..31) alike
+    q = torch.randn(1, 2, 4, d)
+    assert (allocated_pre_rope(cos, sin)(k, 2, q, n) - k).abs().max() < 5e-3
     assert (per_channel(k, 2) - k).abs().max() > 0.05
