@@ -109,7 +109,7 @@ def clipped(dim_of, factors=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)):
 
 def allocated(x, b, q):
     """Keys per channel per 16-token block, un-rotated, each channel at its own width (``b`` on average)."""
-    return bounds.quantize_allocated(x, bounds.allocate_key_bits(q, x, b))
+    return bounds.quantize_allocated(x, bounds.allocate_key_bits(bounds.key_channel_cost(q, x), b))
 
 
 STATS = 64  # queries before the scored ones that weigh the "allocated" formats' channels

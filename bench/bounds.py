@@ -24,7 +24,8 @@ Runs ``bench/bench_ppl.py`` (token by token) with one part of the method replace
                         channel reads its block's mid-range. The plan, the bytes and the values are the
                         method's (docs/tuning.md round 20). With ``--pre-rope`` the keys (and the queries
                         that weigh them) are taken before RoPE (KVQuant): each key's rotation undone at its
-                        position, quantised so, and redone.
+                        position, quantised so, and redone. ``--widths-from TEXT ...`` (names of
+                        bench/corpus.py): one table of widths from those texts' prompts for every text.
 
     python bench/bounds.py --mode oracle --reduce max --suite tuning --threads 1 --ref-cache out/ref agacc@8
 """
@@ -108,20 +109,27 @@ def install_values_2bit() -> None:
     store.QuantSegment.quantize = patched_quantize
 
 
-def allocate_key_bits(q: torch.Tensor, k: torch.Tensor, avg_bits: int, block: int = 16) -> torch.Tensor:
-    """Code widths [H, D] int64 (0..8, mean ``avg_bits`` per head) for keys k [1, H, n, D] (n a multiple of
-    ``block``) read by queries q [1, Hq, m, D]: greedy water-filling, each bit to the channel with the
-    largest (q RMS x block range RMS)^2 / 4^bits (a bit quarters a channel's squared error)."""
+def key_channel_cost(q: torch.Tensor, k: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """What each key channel's quantisation error costs the logits, [H, D] fp32: (the RMS of queries q [1, Hq,
+    m, D] in that channel, over a KV head's group) x (the RMS over blocks of ``block`` tokens of the keys k [1,
+    H, n, D]'s range there), squared; n a multiple of ``block``."""
     h, d = k.shape[1], k.shape[-1]
     q_rms = q.float().reshape(h, -1, d).pow(2).mean(1).sqrt()
     kb = k.float()[0].reshape(h, -1, block, d)
     k_range = (kb.amax(2) - kb.amin(2)).pow(2).mean(1).sqrt()
-    err = (q_rms * k_range).pow(2)
-    bits = torch.zeros(h, d, dtype=torch.long)
+    return (q_rms * k_range).pow(2)
+
+
+def allocate_key_bits(cost: torch.Tensor, avg_bits: int) -> torch.Tensor:
+    """Code widths [H, D] int64 (0..8, mean ``avg_bits`` per head) for channel costs [H, D]
+    (``key_channel_cost``): greedy water-filling, each bit to the channel with the largest cost / 4^bits (a bit
+    quarters a channel's squared error)."""
+    h, d = cost.shape
+    err, bits, rows = cost.clone(), torch.zeros(h, d, dtype=torch.long), torch.arange(h)
     for _ in range(avg_bits * d):
         j = err.argmax(1)
-        bits[torch.arange(h), j] += 1
-        err[torch.arange(h), j] = torch.where(bits[torch.arange(h), j] == 8, -1.0, err[torch.arange(h), j] / 4)
+        bits[rows, j] += 1
+        err[rows, j] = torch.where(bits[rows, j] == 8, -1.0, err[rows, j] / 4)
     return bits
 
 
@@ -139,14 +147,18 @@ def quantize_allocated(k: torch.Tensor, bits: torch.Tensor, block: int = 16) -> 
     return out.reshape(k.shape)
 
 
-def install_keys_allocated(pre_rope: bool = False):
+def install_keys_allocated(pre_rope: bool = False, widths_from: list[str] | None = None):
     """The store's reads of 2/3/4-bit key blocks replaced by ``quantize_allocated`` of the exact keys (kept
     beside the store), the widths from ``allocate_key_bits`` on the prompt (one live cache at a time, as
     bench_ppl runs them; through ``attribute_loss.substitute_reads``); ``pre_rope``: the keys and queries with
-    RoPE undone (Llama's ``rotate_half`` pairs). Returns ``prompt(model, ids [1, T], prefill)``, which sets the
-    widths from the text's prompt (bench_ppl's ``measure`` calls it first) and returns them, {layer: {bits: [H, D]}}."""
+    RoPE undone (Llama's ``rotate_half`` pairs); ``widths_from``: names of ``bench/corpus.py`` texts whose
+    prompts' channel costs, averaged, give one table of widths for every text measured. Returns ``prompt(model,
+    ids [1, T], prefill, tok=None)``, which sets the widths (bench_ppl's ``measure`` calls it first; ``tok``
+    reads the ``widths_from`` texts, by default the tokenizer bench_ppl loaded) and returns them,
+    {layer: {bits: [H, D]}}."""
     import attribute_loss
     import bench_ppl
+    import corpus
     from transformers.models.llama.modeling_llama import rotate_half
 
     from agacc.cache import CompressedLayer
@@ -155,7 +167,8 @@ def install_keys_allocated(pre_rope: bool = False):
 
     widths: dict[int, dict[int, torch.Tensor]] = {}
     rope: dict[str, torch.Tensor] = {}
-    measure, init = bench_ppl.measure, CompressedLayer.lazy_initialization
+    loaded: dict[str, object] = {}  # the tokenizer bench_ppl loads
+    measure, init, load = bench_ppl.measure, CompressedLayer.lazy_initialization, bench_ppl.common.load_model
 
     def turn(x: torch.Tensor, pos: torch.Tensor, sign: int) -> torch.Tensor:
         """x [Bt, H, n, D] at positions pos [n]: RoPE applied (sign 1) or undone (-1); as is without pre_rope."""
@@ -163,16 +176,30 @@ def install_keys_allocated(pre_rope: bool = False):
             return x
         return x * rope["cos"][pos] + sign * rotate_half(x) * rope["sin"][pos]
 
-    def prompt(model, ids, prefill):
+    def costs(model, ids, prefill):
+        """Per layer, the channel costs of the first ``prefill`` tokens of ids [1, >= prefill]."""
         cap = capture_prefill(model, ids[0, :prefill].tolist(), n_obs=64)
+        pos = torch.arange(prefill)
+        return [key_channel_cost(turn(q.float(), pos[-q.shape[2]:], -1), turn(k.float(), pos, -1))
+                for q, k in zip(cap.queries, cap.keys)]
+
+    def prompt(model, ids, prefill, tok=None):
         cos, sin = model.model.rotary_emb(torch.zeros(1), torch.arange(ids.shape[1])[None])
         rope.update(cos=cos[0].float(), sin=sin[0].float())
-        pos = torch.arange(prefill)
+        if widths_from:
+            tok = tok or loaded["tok"]
+            per_text = [costs(model, tok(corpus.read(corpus.TEXTS[name], tok), return_tensors="pt").input_ids, prefill)
+                        for name in widths_from]
+            layer_costs = [torch.stack(c).mean(0) for c in zip(*per_text)]
+        else:
+            layer_costs = costs(model, ids, prefill)
         widths.clear()
-        widths.update({layer: {b: allocate_key_bits(turn(q.float(), pos[-q.shape[2]:], -1), turn(k.float(), pos, -1), b)
-                               for b in (2, 3, 4)}
-                       for layer, (q, k) in enumerate(zip(cap.queries, cap.keys))})
+        widths.update({layer: {b: allocate_key_bits(c, b) for b in (2, 3, 4)} for layer, c in enumerate(layer_costs)})
         return widths
+
+    def patched_load(*a, **kw):
+        model, loaded["tok"] = load(*a, **kw)
+        return model, loaded["tok"]
 
     def patched_measure(model, ids, methods, prefill, *a, **kw):
         prompt(model, ids, prefill)
@@ -188,7 +215,8 @@ def install_keys_allocated(pre_rope: bool = False):
         k = quantize_allocated(turn(exact_k, where, -1), widths[store_.layer_idx][part.container], part.key_block)
         return Part(DENSE, turn(k, where, 1).to(store_.dtype), quant.dequantize_part(part, store_.dtype)[1])
 
-    bench_ppl.measure, CompressedLayer.lazy_initialization = patched_measure, patched_init
+    bench_ppl.measure, bench_ppl.common.load_model = patched_measure, patched_load
+    CompressedLayer.lazy_initialization = patched_init
     attribute_loss.substitute_reads(read)
     return prompt
 
@@ -200,13 +228,15 @@ def main(argv=None):
     ap.add_argument("--heads", choices=("mean", "max"), default="mean")
     ap.add_argument("--when", choices=("future", "past"), default="future")
     ap.add_argument("--pre-rope", action="store_true", help="keys-allocated: the keys taken before RoPE")
+    ap.add_argument("--widths-from", nargs="+", default=None, metavar="TEXT",
+                    help="keys-allocated: one table of widths from these texts of bench/corpus.py for every text")
     args, rest = ap.parse_known_args(argv)
     if args.mode == "oracle":
         install_oracle(args.reduce, args.heads, args.when)
     elif args.mode == "values-2bit":
         install_values_2bit()
     else:
-        install_keys_allocated(args.pre_rope)
+        install_keys_allocated(args.pre_rope, args.widths_from)
     import bench_ppl
     bench_ppl.main(rest)
 

@@ -55,10 +55,10 @@ def test_allocated_key_widths_by_hand():
     k = torch.zeros(1, 1, 16, 4)
     k[0, 0, 5] = torch.tensor([4.0, 4.0, 2.0, 1.0])
     q = torch.tensor([2.0, 1.0, 1.0, 1.0]).view(1, 1, 1, 4)
-    assert bounds.allocate_key_bits(q, k, 2).tolist() == [[4, 3, 1, 0]]
-    k2, q2 = torch.zeros(1, 1, 16, 2), torch.tensor([1e4, 1.0]).view(1, 1, 1, 2)
-    k2[0, 0, 0] = 1.0
-    assert bounds.allocate_key_bits(q2, k2, 8).tolist() == [[8, 8]]
+    cost = bounds.key_channel_cost(q, k)
+    torch.testing.assert_close(cost, torch.tensor([[64.0, 16.0, 4.0, 1.0]]))
+    assert bounds.allocate_key_bits(cost, 2).tolist() == [[4, 3, 1, 0]]
+    assert bounds.allocate_key_bits(torch.tensor([[1e8, 1.0]]), 8).tolist() == [[8, 8]]
 
 
 def test_allocated_keys_read_as_the_store_format_channel_by_channel():
@@ -81,21 +81,29 @@ def test_allocated_keys_read_as_the_store_format_channel_by_channel():
         torch.testing.assert_close(got[..., j], want.reshape(1, 2, 32))
 
 
+def _restored_after_the_test(monkeypatch):
+    """What ``install_keys_allocated`` patches, set back when the test ends."""
+    import bench_ppl
+
+    from agacc.cache import CompressedLayer
+
+    monkeypatch.setattr(bench_ppl, "measure", bench_ppl.measure)
+    monkeypatch.setattr(bench_ppl.common, "load_model", bench_ppl.common.load_model)
+    monkeypatch.setattr(CompressedLayer, "lazy_initialization", CompressedLayer.lazy_initialization)
+    for name in ("append", "parts"):
+        monkeypatch.setattr(store.LayerStore, name, getattr(store.LayerStore, name))
+
+
 @pytest.mark.parametrize("pre_rope", [False, True])
 def test_keys_allocated_reads_each_quantised_blocks_keys_in_the_allocated_format(monkeypatch, pre_rope):
     """A cache at 4x on the tiny model, its prompt's widths set: every 2/3/4-bit block reads its own tokens'
     exact keys quantised with its layer's widths at its bits (RoPE undone first and redone with ``pre_rope``),
     its values as the store holds them; every other part as the store holds it."""
-    import bench_ppl
     from transformers.models.llama.modeling_llama import rotate_half
 
-    from agacc.cache import CompressedLayer
     from kernels.format import QUANT
 
-    monkeypatch.setattr(bench_ppl, "measure", bench_ppl.measure)  # restored after the test
-    monkeypatch.setattr(CompressedLayer, "lazy_initialization", CompressedLayer.lazy_initialization)
-    for name in ("append", "parts"):
-        monkeypatch.setattr(store.LayerStore, name, getattr(store.LayerStore, name))
+    _restored_after_the_test(monkeypatch)
     model = tiny_model()
     torch.manual_seed(2)
     ids = torch.randint(3, 256, (1, 640))
@@ -129,3 +137,26 @@ def test_keys_allocated_reads_each_quantised_blocks_keys_in_the_allocated_format
                 assert read.kind == held.kind and torch.equal(read.k, held.k) and torch.equal(read.v, held.v)
             at += n
     assert seen  # quantised blocks were read so
+
+
+def test_keys_allocated_widths_from_other_texts_average_their_costs(monkeypatch):
+    """``widths_from``: one table for every text, the water-filling of the named texts' channel costs averaged
+    (their prompts read through the tokenizer); the measured text's own prompt plays no part."""
+    from types import SimpleNamespace
+
+    from agacc.eval.runner import capture_prefill
+    from bench import corpus
+
+    _restored_after_the_test(monkeypatch)
+    model = tiny_model()
+    torch.manual_seed(3)
+    texts = {"licence-tuning": torch.randint(3, 256, (1, 320)), "narrative-tuning": torch.randint(3, 256, (1, 320))}
+    by_text = {corpus.read(corpus.TEXTS[n]): ids for n, ids in texts.items()}
+    tok = lambda text, return_tensors: SimpleNamespace(input_ids=by_text[text])  # noqa: E731
+    prompt = bounds.install_keys_allocated(False, list(texts))
+    widths = prompt(model, torch.randint(3, 256, (1, 320)), 320, tok)
+    caps = [capture_prefill(model, ids[0].tolist(), n_obs=64) for ids in texts.values()]
+    for layer in range(len(caps[0].keys)):
+        cost = torch.stack([bounds.key_channel_cost(c.queries[layer], c.keys[layer]) for c in caps]).mean(0)
+        for b in (2, 3, 4):
+            assert torch.equal(widths[layer][b], bounds.allocate_key_bits(cost, b))
