@@ -1,4 +1,5 @@
-"""bench/bounds.py: the oracle's scores by hand, and the K3V2 simulation's codes and prices."""
+"""bench/bounds.py: the oracle's scores by hand, the K3V2 simulation's codes and prices, and the allocated
+keys' widths and reads (by hand, and against a recomputation on the tiny model)."""
 import pytest
 import torch
 
