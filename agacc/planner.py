@@ -300,6 +300,15 @@ def planned_bytes(plans, cfg, geo: Geometry, seq_len: int) -> int:
     return stacked_bytes(*(torch.stack([p[i] for p in plans]) for i in range(3)), cfg, geo, seq_len)
 
 
+def cost_settings(cfg, geo: Geometry, block_size: int | None = None) -> dict:
+    """``block_cost_bytes``'s keyword settings for a config on a geometry (blocks of ``block_size``
+    tokens, default the config's; keys grouped as the store groups them, ``policy.key_grouping``)."""
+    return dict(batch=geo.batch, heads=geo.heads, head_dim=geo.head_dim, block_size=block_size or cfg.block_size,
+                full_itemsize=geo.full_itemsize, value_group_size=cfg.value_group_size, b_min=cfg.b_min,
+                sparse_threshold=cfg.sparse_threshold, key_quant=key_grouping(cfg, geo.head_dim),
+                key_group_size=cfg.key_group_size)
+
+
 _COSTS: dict = {}  # (cost-model settings, code) -> block_cost_bytes
 
 
@@ -308,9 +317,7 @@ def stacked_bytes(tier: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor, cf
     B = cfg.block_size
     n_layers, n = tier.shape
     hot_tokens = seq_len - n * B
-    kw = dict(batch=geo.batch, heads=geo.heads, head_dim=geo.head_dim, block_size=B, full_itemsize=geo.full_itemsize,
-              value_group_size=cfg.value_group_size, b_min=cfg.b_min, sparse_threshold=cfg.sparse_threshold,
-              key_quant=key_grouping(cfg, geo.head_dim), key_group_size=cfg.key_group_size)
+    kw = cost_settings(cfg, geo)
     key = tuple(kw.values())
     total = n_layers * 2 * geo.batch * geo.heads * hot_tokens * geo.head_dim * geo.full_itemsize
     # one code per (tier, bits, keep); int32 holds it for any int8 tier / bits and int16 keep

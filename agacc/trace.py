@@ -21,7 +21,7 @@ import torch
 from agacc import planner
 from agacc.config import CALIBRATED, AGACCConfig, replayable_fields
 from agacc.importance import WINDOW_ITEMSIZE
-from agacc.policy import fidelity_floor, key_grouping
+from agacc.policy import fidelity_floor
 from agacc.presets import PRESETS
 from agacc.tiers import EVICTED, FULL, HOT, INT2, INT3, INT4, INT8, NAMES, PRUNED, evicted_runs
 
@@ -345,11 +345,8 @@ def block_bytes(frame: dict, layer: int, block: int, cfg: AGACCConfig, geo) -> i
     if tier == HOT:
         tokens = max(0, min(B, int(frame["seq_len"]) - block * B))
         return 2 * geo.batch * geo.heads * tokens * geo.head_dim * geo.full_itemsize
-    return planner.block_cost_bytes(
-        tier, int(frame["bits"][layer][block]), int(frame["keep"][layer][block]), batch=geo.batch, heads=geo.heads,
-        head_dim=geo.head_dim, block_size=B, full_itemsize=geo.full_itemsize, value_group_size=cfg.value_group_size,
-        b_min=cfg.b_min, sparse_threshold=cfg.sparse_threshold, key_quant=key_grouping(cfg, geo.head_dim),
-        key_group_size=cfg.key_group_size)
+    return planner.block_cost_bytes(tier, int(frame["bits"][layer][block]), int(frame["keep"][layer][block]),
+                                    **planner.cost_settings(cfg, geo, B))
 
 
 def block_history(trace: "Trace", layer: int, block: int) -> dict:

@@ -46,13 +46,10 @@ def pre_rope(fmt, cos, sin, block: int = 0):
     [1, 1, n, D] of the positions 0..n-1 (the model's rotary embedding). ``block`` > 0: only the
     rotation relative to the key's block of ``block`` tokens is undone (offsets 0..block-1, so every
     block is read with the same ``block`` rows of cos / sin, whatever its position)."""
-    from transformers.models.llama.modeling_llama import rotate_half
-
     def f(x, b):
         pos = torch.arange(x.shape[2]) % block if block else torch.arange(x.shape[2])
         c, s = cos[:, :, pos], sin[:, :, pos]
-        y = fmt(x * c - rotate_half(x) * s, b)
-        return y * c + rotate_half(y) * s
+        return bounds.rope_turn(fmt(bounds.rope_turn(x, c, s, -1), b), c, s, 1)
     return f
 
 
@@ -107,12 +104,14 @@ def clipped(dim_of, factors=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)):
     return fmt
 
 
-def allocated(x, b, q):
-    """Keys per channel per 16-token block, un-rotated, each channel at its own width (``b`` on average)."""
+def allocated(x, b, q, q_end=None):
+    """Keys per channel per 16-token block, un-rotated, each channel at its own width (``b`` on average),
+    weighed by the queries q (``QUERY_FORMATS``' signature: ``q_end`` unused here)."""
     return bounds.quantize_allocated(x, bounds.allocate_key_bits(bounds.key_channel_cost(q, x), b))
 
 
-STATS = 64  # queries before the scored ones that weigh the "allocated" formats' channels
+STATS = 64  # queries before the scored ones that weigh the query-aware formats' channels
+QUERY_FORMATS = ("allocated", "allocated, pre-RoPE")  # key formats called fmt(x, bits, queries, their end)
 FORMATS = {  # name -> (quantise-dequantise, extra bits per element for scales and zeros at head dim 64)
     "per channel, 16-token blocks": (per_channel, 2.0),
     "per channel, rotated": (rotated(per_channel), 2.0),
@@ -144,15 +143,12 @@ def rope_formats(model, n):
 
 
 def allocated_pre_rope(cos, sin):
-    """``allocated`` on the keys and the queries with RoPE undone (queries at the positions before the
-    scored ones: their last rows of cos / sin are the scored queries' own)."""
-    from transformers.models.llama.modeling_llama import rotate_half
-
+    """``allocated`` on the keys and the queries with RoPE undone (``pre_rope``; the queries end at position
+    ``q_end``, before the scored ones)."""
     def f(x, b, q, q_end):
-        kp = x * cos[:, :, :x.shape[2]] - rotate_half(x) * sin[:, :, :x.shape[2]]
-        c, s = cos[:, :, q_end - q.shape[2]:q_end], sin[:, :, q_end - q.shape[2]:q_end]
-        y = allocated(kp, b, q * c - rotate_half(q) * s)
-        return y * cos[:, :, :x.shape[2]] + rotate_half(y) * sin[:, :, :x.shape[2]]
+        at = slice(q_end - q.shape[2], q_end)
+        q_pre = bounds.rope_turn(q, cos[:, :, at], sin[:, :, at], -1)
+        return pre_rope(lambda kp, bits: allocated(kp, bits, q_pre), cos, sin)(x, b)
     return f
 
 
@@ -194,13 +190,11 @@ def main(argv=None):
     for name, (fmt, extra) in {**FORMATS, **rope}.items():
         if args.formats and not any(f in name for f in args.formats):
             continue
-        keys_only = name in rope or name.startswith("allocated")
+        keys_only = name in rope or name in QUERY_FORMATS
         for b in args.bits:
             kl = v_err = 0.0
             for (q, k, v, sc), (p0, o0), qs in zip(captured, exact, stats):
-                if name == "allocated":
-                    kq = fmt(k[:, :, :nq], b, qs)
-                elif name.startswith("allocated"):
+                if name in QUERY_FORMATS:
                     kq = fmt(k[:, :, :nq], b, qs, ids.shape[1] - args.queries)
                 else:
                     kq = fmt(k[:, :, :nq], b)

@@ -75,18 +75,23 @@ def oracle_scores(attn: torch.Tensor, seq_len: int, ready_tokens: int, reduce: s
     return s / ref.mean(1, keepdim=True).clamp_min(1e-12)
 
 
-def install_oracle(reduce: str, heads: str, when: str = "future") -> None:
-    """Every cache's planner reads ``oracle_scores`` of the text ``bench_ppl.measure`` is measuring."""
+def before_each_text(fn) -> None:
+    """``fn(model, ids [1, T], prefill)`` runs before ``bench_ppl.measure`` measures each text."""
     import bench_ppl
 
-    seen: dict[str, torch.Tensor] = {}
     measure = bench_ppl.measure
 
-    def patched_measure(model, ids, *a, **kw):
-        seen["attn"] = attention_of(model, ids, heads)
-        return measure(model, ids, *a, **kw)
+    def patched_measure(model, ids, methods, prefill, *a, **kw):
+        fn(model, ids, prefill)
+        return measure(model, ids, methods, prefill, *a, **kw)
 
     bench_ppl.measure = patched_measure
+
+
+def install_oracle(reduce: str, heads: str, when: str = "future") -> None:
+    """Every cache's planner reads ``oracle_scores`` of the text ``bench_ppl.measure`` is measuring."""
+    seen: dict[str, torch.Tensor] = {}
+    before_each_text(lambda model, ids, prefill: seen.update(attn=attention_of(model, ids, heads)))
     importance.scores_all = lambda trackers, seq_len, ready: oracle_scores(seen["attn"], seq_len, ready, reduce, when)
 
 
@@ -107,6 +112,14 @@ def install_values_2bit() -> None:
 
     planner.block_cost_bytes = block_cost_bytes
     store.QuantSegment.quantize = patched_quantize
+
+
+def rope_turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int) -> torch.Tensor:
+    """x [..., n, D] with its positions' cos / sin (broadcast to x; Llama's ``rotate_half`` pairs): RoPE
+    applied (``sign`` 1) or undone (-1: the rotation is orthonormal, its inverse turns by -theta)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    return x * cos + sign * rotate_half(x) * sin
 
 
 def key_channel_cost(q: torch.Tensor, k: torch.Tensor, block: int = 16) -> torch.Tensor:
@@ -153,13 +166,12 @@ def install_keys_allocated(pre_rope: bool = False, widths_from: list[str] | None
     bench_ppl runs them; through ``attribute_loss.substitute_reads``); ``pre_rope``: the keys and queries with
     RoPE undone (Llama's ``rotate_half`` pairs); ``widths_from``: names of ``bench/corpus.py`` texts whose
     prompts' channel costs, averaged, give one table of widths for every text measured. Returns ``prompt(model,
-    ids [1, T], prefill, tok=None)``, which sets the widths (bench_ppl's ``measure`` calls it first; ``tok``
-    reads the ``widths_from`` texts, by default the tokenizer bench_ppl loaded) and returns them,
-    {layer: {bits: [H, D]}}."""
+    ids [1, T], prefill, tok=None)``, which sets the widths (before each text bench_ppl measures; ``tok``
+    reads the ``widths_from`` texts, by default the tokenizer bench_ppl loaded, and their table is found at
+    the first call only) and returns them, {layer: {bits: [H, D]}}."""
     import attribute_loss
     import bench_ppl
     import corpus
-    from transformers.models.llama.modeling_llama import rotate_half
 
     from agacc.cache import CompressedLayer
     from agacc.eval.runner import capture_prefill
@@ -168,13 +180,13 @@ def install_keys_allocated(pre_rope: bool = False, widths_from: list[str] | None
     widths: dict[int, dict[int, torch.Tensor]] = {}
     rope: dict[str, torch.Tensor] = {}
     loaded: dict[str, object] = {}  # the tokenizer bench_ppl loads
-    measure, init, load = bench_ppl.measure, CompressedLayer.lazy_initialization, bench_ppl.common.load_model
+    init, load = CompressedLayer.lazy_initialization, bench_ppl.common.load_model
 
     def turn(x: torch.Tensor, pos: torch.Tensor, sign: int) -> torch.Tensor:
         """x [Bt, H, n, D] at positions pos [n]: RoPE applied (sign 1) or undone (-1); as is without pre_rope."""
         if not pre_rope:
             return x
-        return x * rope["cos"][pos] + sign * rotate_half(x) * rope["sin"][pos]
+        return rope_turn(x, rope["cos"][pos], rope["sin"][pos], sign)
 
     def costs(model, ids, prefill):
         """Per layer, the channel costs of the first ``prefill`` tokens of ids [1, >= prefill]."""
@@ -186,6 +198,8 @@ def install_keys_allocated(pre_rope: bool = False, widths_from: list[str] | None
     def prompt(model, ids, prefill, tok=None):
         cos, sin = model.model.rotary_emb(torch.zeros(1), torch.arange(ids.shape[1])[None])
         rope.update(cos=cos[0].float(), sin=sin[0].float())
+        if widths and widths_from:
+            return widths  # one table for every text, found once
         if widths_from:
             tok = tok or loaded["tok"]
             per_text = [costs(model, tok(corpus.read(corpus.TEXTS[name], tok), return_tensors="pt").input_ids, prefill)
@@ -201,10 +215,6 @@ def install_keys_allocated(pre_rope: bool = False, widths_from: list[str] | None
         model, loaded["tok"] = load(*a, **kw)
         return model, loaded["tok"]
 
-    def patched_measure(model, ids, methods, prefill, *a, **kw):
-        prompt(model, ids, prefill)
-        return measure(model, ids, methods, prefill, *a, **kw)
-
     def patched_init(self, key_states, value_states):
         init(self, key_states, value_states)
         self.store.layer_idx = self.layer_idx
@@ -215,7 +225,8 @@ def install_keys_allocated(pre_rope: bool = False, widths_from: list[str] | None
         k = quantize_allocated(turn(exact_k, where, -1), widths[store_.layer_idx][part.container], part.key_block)
         return Part(DENSE, turn(k, where, 1).to(store_.dtype), quant.dequantize_part(part, store_.dtype)[1])
 
-    bench_ppl.measure, bench_ppl.common.load_model = patched_measure, patched_load
+    before_each_text(prompt)
+    bench_ppl.common.load_model = patched_load
     CompressedLayer.lazy_initialization = patched_init
     attribute_loss.substitute_reads(read)
     return prompt

@@ -161,3 +161,14 @@ def test_keys_allocated_widths_from_other_texts_average_their_costs(monkeypatch)
         cost = torch.stack([bounds.key_channel_cost(c.queries[layer], c.keys[layer]) for c in caps]).mean(0)
         for b in (2, 3, 4):
             assert torch.equal(widths[layer][b], bounds.allocate_key_bits(cost, b))
+    assert prompt(model, torch.randint(3, 256, (1, 320)), 320) is widths  # found once: no tokenizer needed again
+
+
+def test_before_each_text_runs_first_with_the_text_and_passes_everything_on(monkeypatch):
+    import bench_ppl
+
+    calls = []
+    monkeypatch.setattr(bench_ppl, "measure", lambda *a, **kw: calls.append(("measure", a, kw)) or "rows")
+    bounds.before_each_text(lambda model, ids, prefill: calls.append(("fn", model, ids, prefill)))
+    assert bench_ppl.measure("m", "ids", ["x"], 1024, 512, ref_cache="r") == "rows"
+    assert calls == [("fn", "m", "ids", 1024), ("measure", ("m", "ids", ["x"], 1024, 512), {"ref_cache": "r"})]
