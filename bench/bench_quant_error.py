@@ -9,7 +9,10 @@ element include the fp16 scale and zero of each group (keys per channel over 16-
 per token over 64 channels: +0.5). The pre-RoPE rows (KVQuant) are key formats: RoPE undone per
 position, quantised, redone. The "allocated" rows are key formats too: per channel per block with each
 KV head's channels at their own code widths (``bench/bounds.py``'s ``allocate_key_bits``: the bits on
-average, given by the 64 queries before the scored ones, the prompt's last queries of a real cache).
+average, given by the 64 queries before the scored ones, the prompt's last queries of a real cache). The
+"basis" rows are keys before RoPE in each layer's basis calibrated on the ``--basis-from`` texts' first
+``--tokens`` tokens (``bounds.calibrate_key_basis``), each coefficient at its own width: ``--bits`` are then
+bits per element with the metadata (round 21).
 
     python bench/bench_quant_error.py --text /usr/share/common-licenses/GFDL-1.3 --json out/quant_error.json
 """
@@ -104,14 +107,15 @@ def clipped(dim_of, factors=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)):
     return fmt
 
 
-def allocated(x, b, q, q_end=None):
+def allocated(x, b, ctx):
     """Keys per channel per 16-token block, un-rotated, each channel at its own width (``b`` on average),
-    weighed by the queries q (``QUERY_FORMATS``' signature: ``q_end`` unused here)."""
-    return bounds.quantize_allocated(x, bounds.allocate_key_bits(bounds.key_channel_cost(q, x), b))
+    weighed by the queries ``ctx["queries"]`` (``CONTEXT_FORMATS``' signature)."""
+    return bounds.quantize_allocated(x, bounds.allocate_key_bits(bounds.key_channel_cost(ctx["queries"], x), b))
 
 
 STATS = 64  # queries before the scored ones that weigh the query-aware formats' channels
-QUERY_FORMATS = ("allocated", "allocated, pre-RoPE")  # key formats called fmt(x, bits, queries, their end)
+# key formats called fmt(x, bits, ctx): ctx {"queries": the STATS queries, "q_end": their end, "layer": index}
+CONTEXT_FORMATS = ("allocated", "allocated, pre-RoPE", "basis")
 FORMATS = {  # name -> (quantise-dequantise, extra bits per element for scales and zeros at head dim 64)
     "per channel, 16-token blocks": (per_channel, 2.0),
     "per channel, rotated": (rotated(per_channel), 2.0),
@@ -126,9 +130,10 @@ FORMATS = {  # name -> (quantise-dequantise, extra bits per element for scales a
 }
 
 
-def rope_formats(model, n):
+def rope_formats(model, n, bases=None):
     """The pre-RoPE key formats (they need the model's rotation of positions 0..n-1, rotate_half pairs as
-    Llama's): name -> (fmt, bits); none for a model without a ``model.rotary_emb``."""
+    Llama's): name -> (fmt, bits); none for a model without a ``model.rotary_emb``. ``bases``: the "basis"
+    format's calibrated bases, one per layer (its bits an element include the metadata)."""
     rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
     if rotary is None:
         return {}
@@ -139,16 +144,28 @@ def rope_formats(model, n):
             "per channel, pre-RoPE, rotated, 32-token blocks": (
                 pre_rope(rotated(per_channel_32), cos, sin), 1.0),
             "per channel, pre-RoPE within the block, rotated": (pre_rope(rotated(per_channel), cos, sin, 16), 2.0),
-            "allocated, pre-RoPE": (allocated_pre_rope(cos, sin), 2.0)}
+            "allocated, pre-RoPE": (allocated_pre_rope(cos, sin), 2.0),
+            **({"basis": (in_basis(bases, cos, sin), 0.0)} if bases else {})}
 
 
 def allocated_pre_rope(cos, sin):
     """``allocated`` on the keys and the queries with RoPE undone (``pre_rope``; the queries end at position
-    ``q_end``, before the scored ones)."""
-    def f(x, b, q, q_end):
-        at = slice(q_end - q.shape[2], q_end)
+    ``ctx["q_end"]``, before the scored ones)."""
+    def f(x, b, ctx):
+        q = ctx["queries"]
+        at = slice(ctx["q_end"] - q.shape[2], ctx["q_end"])
         q_pre = bounds.rope_turn(q, cos[:, :, at], sin[:, :, at], -1)
-        return pre_rope(lambda kp, bits: allocated(kp, bits, q_pre), cos, sin)(x, b)
+        return pre_rope(lambda kp, bits: allocated(kp, bits, {"queries": q_pre}), cos, sin)(x, b)
+    return f
+
+
+def in_basis(bases, cos, sin):
+    """Keys in each layer's calibrated basis (``bounds.calibrate_key_basis``, before RoPE) at ``b`` bits an
+    element, metadata included (``bounds.basis_bits``; round 21)."""
+    def f(x, b, ctx):
+        basis = bases[ctx["layer"]]
+        widths = bounds.basis_bits(basis["energy"], basis["range_sq"], b)
+        return pre_rope(lambda kp, bits: bounds.quantize_in_basis(kp, basis, widths), cos, sin)(x, b)
     return f
 
 
@@ -174,6 +191,8 @@ def main(argv=None):
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--formats", nargs="+", default=None, metavar="TEXT",
                     help="only the formats whose name contains one of these (default: all)")
+    ap.add_argument("--basis-from", nargs="+", default=["licence-tuning", "narrative-tuning", "code-tuning"],
+                    metavar="TEXT", help="the bench/corpus.py texts whose prompts calibrate the basis format")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     common.set_threads(args.threads)
@@ -186,16 +205,20 @@ def main(argv=None):
     nq = args.quantised
     rows = []
     exact = [attention(q, k, v, sc) for q, k, v, sc in captured]  # (probs, out) per layer, exact K/V
-    rope = rope_formats(model, ids.shape[1])  # keys only: values carry no RoPE
+    bases = None
+    if not args.formats or any(f in "basis" for f in args.formats):
+        caps = bounds._calibration_prompts(model, args.basis_from, tok, args.tokens)
+        bases = bounds.calibrate_key_basis(model, caps)
+    rope = rope_formats(model, ids.shape[1], bases)  # keys only: values carry no RoPE
     for name, (fmt, extra) in {**FORMATS, **rope}.items():
         if args.formats and not any(f in name for f in args.formats):
             continue
-        keys_only = name in rope or name in QUERY_FORMATS
+        keys_only = name in rope or name in CONTEXT_FORMATS
         for b in args.bits:
             kl = v_err = 0.0
-            for (q, k, v, sc), (p0, o0), qs in zip(captured, exact, stats):
-                if name in QUERY_FORMATS:
-                    kq = fmt(k[:, :, :nq], b, qs, ids.shape[1] - args.queries)
+            for layer, ((q, k, v, sc), (p0, o0), qs) in enumerate(zip(captured, exact, stats)):
+                if name in CONTEXT_FORMATS:
+                    kq = fmt(k[:, :, :nq], b, {"queries": qs, "q_end": ids.shape[1] - args.queries, "layer": layer})
                 else:
                     kq = fmt(k[:, :, :nq], b)
                 p1, _ = attention(q, torch.cat([kq, k[:, :, nq:]], 2), v, sc)

@@ -26,6 +26,15 @@ Runs ``bench/bench_ppl.py`` (token by token) with one part of the method replace
                         that weigh them) are taken before RoPE (KVQuant): each key's rotation undone at its
                         position, quantised so, and redone. ``--widths-from TEXT ...`` (names of
                         bench/corpus.py): one table of widths from those texts' prompts for every text.
+    --mode keys-basis   every quantised block of a container named in ``--key-bits`` (default 2=1.5,3=3,4=4.5)
+                        holds its keys in a calibrated basis at that many bits an element, metadata included:
+                        RoPE undone, each channel weighed by the queries' energy (a rotate_half pair shares
+                        one weight), projected on the principal axes of the weighed keys of the
+                        ``--basis-from`` texts' prompts (default licence-tuning narrative-tuning
+                        code-tuning: each layer's basis and widths found once, fixed before any text), each
+                        coefficient at its own width (0 to 8 bits; 0: dropped) per block, fp16 scale and zero.
+                        The cost model and the bytes held price those keys so: the fitter keeps more at the
+                        same ratio, and the ratio reported is the format's (docs/tuning.md round 21).
 
     python bench/bounds.py --mode oracle --reduce max --suite tuning --threads 1 --ref-cache out/ref agacc@8
 """
@@ -44,7 +53,7 @@ import agacc.store as store  # noqa: E402
 from agacc import planner, quant  # noqa: E402
 from agacc.tiers import INT3  # noqa: E402
 
-MODES = ("oracle", "values-2bit", "keys-allocated")
+MODES = ("oracle", "values-2bit", "keys-allocated", "keys-basis")
 
 
 def attention_of(model, ids: torch.Tensor, heads: str = "mean") -> torch.Tensor:
@@ -160,6 +169,57 @@ def quantize_allocated(k: torch.Tensor, bits: torch.Tensor, block: int = 16) -> 
     return out.reshape(k.shape)
 
 
+def _install_key_reads(prompt, key_read) -> tuple:
+    """The hooks both key-format simulations share: bench_ppl's tokenizer kept (``state["tok"]``), each store
+    told its layer, ``run(model, ids [1, T], prefill, tok=None)`` before each text: the text's RoPE tables set
+    (``state["cos"]``, ``state["sin"]`` [T, D]), then ``prompt(model, ids, prefill, tok)``; and the reads of every quantised block whose keys are per
+    channel per block replaced: ``key_read(layer, k [Bt, H, n, D] fp32 exact, where [n], container, block)`` ->
+    the keys read (None: as held); the values as held. Returns (state, run)."""
+    import attribute_loss
+    import bench_ppl
+
+    from agacc.cache import CompressedLayer
+    from kernels.format import DENSE, QUANT, Part
+
+    state: dict = {}
+    init, load = CompressedLayer.lazy_initialization, bench_ppl.common.load_model
+
+    def run(model, ids, prefill, tok=None):
+        cos, sin = model.model.rotary_emb(torch.zeros(1), torch.arange(ids.shape[1])[None])
+        state.update(cos=cos[0].float(), sin=sin[0].float())
+        return prompt(model, ids, prefill, tok)
+
+    def patched_load(*a, **kw):
+        model, state["tok"] = load(*a, **kw)
+        return model, state["tok"]
+
+    def patched_init(self, key_states, value_states):
+        init(self, key_states, value_states)
+        self.store.layer_idx = self.layer_idx
+
+    def read(store_, part, exact_k, exact_v, where):
+        if part.kind != QUANT or not part.key_block:
+            return None
+        k = key_read(store_.layer_idx, exact_k, where, part.container, part.key_block)
+        return None if k is None else Part(DENSE, k.to(store_.dtype), quant.dequantize_part(part, store_.dtype)[1])
+
+    before_each_text(run)
+    bench_ppl.common.load_model = patched_load
+    CompressedLayer.lazy_initialization = patched_init
+    attribute_loss.substitute_reads(read)
+    return state, run
+
+
+def _calibration_prompts(model, names: list[str], tok, prefill: int) -> list:
+    """``capture_prefill`` (last 64 queries) of the first ``prefill`` tokens of each named bench/corpus.py text."""
+    import corpus
+
+    from agacc.eval.runner import capture_prefill
+
+    ids = [tok(corpus.read(corpus.TEXTS[name], tok), return_tensors="pt").input_ids[0, :prefill] for name in names]
+    return [capture_prefill(model, i.tolist(), n_obs=64) for i in ids]
+
+
 def install_keys_allocated(pre_rope: bool = False, widths_from: list[str] | None = None):
     """The store's reads of 2/3/4-bit key blocks replaced by ``quantize_allocated`` of the exact keys (kept
     beside the store), the widths from ``allocate_key_bits`` on the prompt (one live cache at a time, as
@@ -169,67 +229,181 @@ def install_keys_allocated(pre_rope: bool = False, widths_from: list[str] | None
     ids [1, T], prefill, tok=None)``, which sets the widths (before each text bench_ppl measures; ``tok``
     reads the ``widths_from`` texts, by default the tokenizer bench_ppl loaded, and their table is found at
     the first call only) and returns them, {layer: {bits: [H, D]}}."""
-    import attribute_loss
-    import bench_ppl
-    import corpus
-
-    from agacc.cache import CompressedLayer
     from agacc.eval.runner import capture_prefill
-    from kernels.format import DENSE, QUANT, Part
 
     widths: dict[int, dict[int, torch.Tensor]] = {}
-    rope: dict[str, torch.Tensor] = {}
-    loaded: dict[str, object] = {}  # the tokenizer bench_ppl loads
-    init, load = CompressedLayer.lazy_initialization, bench_ppl.common.load_model
 
     def turn(x: torch.Tensor, pos: torch.Tensor, sign: int) -> torch.Tensor:
         """x [Bt, H, n, D] at positions pos [n]: RoPE applied (sign 1) or undone (-1); as is without pre_rope."""
         if not pre_rope:
             return x
-        return rope_turn(x, rope["cos"][pos], rope["sin"][pos], sign)
+        return rope_turn(x, state["cos"][pos], state["sin"][pos], sign)
 
-    def costs(model, ids, prefill):
-        """Per layer, the channel costs of the first ``prefill`` tokens of ids [1, >= prefill]."""
-        cap = capture_prefill(model, ids[0, :prefill].tolist(), n_obs=64)
-        pos = torch.arange(prefill)
-        return [key_channel_cost(turn(q.float(), pos[-q.shape[2]:], -1), turn(k.float(), pos, -1))
-                for q, k in zip(cap.queries, cap.keys)]
+    def costs(caps) -> list[torch.Tensor]:
+        """Per layer, the channel costs of captured prompts (``capture_prefill``), averaged over them."""
+        per_cap = []
+        for cap in caps:
+            pos = torch.arange(cap.n)
+            per_cap.append([key_channel_cost(turn(q.float(), pos[-q.shape[2]:], -1), turn(k.float(), pos, -1))
+                            for q, k in zip(cap.queries, cap.keys)])
+        return [torch.stack(c).mean(0) for c in zip(*per_cap)]
 
     def prompt(model, ids, prefill, tok=None):
-        cos, sin = model.model.rotary_emb(torch.zeros(1), torch.arange(ids.shape[1])[None])
-        rope.update(cos=cos[0].float(), sin=sin[0].float())
         if widths and widths_from:
             return widths  # one table for every text, found once
         if widths_from:
-            tok = tok or loaded["tok"]
-            per_text = [costs(model, tok(corpus.read(corpus.TEXTS[name], tok), return_tensors="pt").input_ids, prefill)
-                        for name in widths_from]
-            layer_costs = [torch.stack(c).mean(0) for c in zip(*per_text)]
+            caps = _calibration_prompts(model, widths_from, tok or state["tok"], prefill)
         else:
-            layer_costs = costs(model, ids, prefill)
+            caps = [capture_prefill(model, ids[0, :prefill].tolist(), n_obs=64)]
         widths.clear()
-        widths.update({layer: {b: allocate_key_bits(c, b) for b in (2, 3, 4)} for layer, c in enumerate(layer_costs)})
+        widths.update({layer: {b: allocate_key_bits(c, b) for b in (2, 3, 4)} for layer, c in enumerate(costs(caps))})
         return widths
 
-    def patched_load(*a, **kw):
-        model, loaded["tok"] = load(*a, **kw)
-        return model, loaded["tok"]
-
-    def patched_init(self, key_states, value_states):
-        init(self, key_states, value_states)
-        self.store.layer_idx = self.layer_idx
-
-    def read(store_, part, exact_k, exact_v, where):
-        if part.kind != QUANT or not part.key_block or part.container not in (2, 3, 4):
+    def key_read(layer, k, where, container, block):
+        if container not in (2, 3, 4):
             return None
-        k = quantize_allocated(turn(exact_k, where, -1), widths[store_.layer_idx][part.container], part.key_block)
-        return Part(DENSE, turn(k, where, 1).to(store_.dtype), quant.dequantize_part(part, store_.dtype)[1])
+        return turn(quantize_allocated(turn(k, where, -1), widths[layer][container], block), where, 1)
 
-    before_each_text(prompt)
-    bench_ppl.common.load_model = patched_load
-    CompressedLayer.lazy_initialization = patched_init
-    attribute_loss.substitute_reads(read)
-    return prompt
+    state, run = _install_key_reads(prompt, key_read)
+    return run
+
+
+# --- keys in a calibrated basis (round 21) -----------------------------------------------------------------
+
+def key_basis(queries: list[torch.Tensor], keys: list[torch.Tensor], block: int = 16) -> dict:
+    """A basis for one layer's keys before RoPE, from calibration prompts (RoPE undone on both): queries
+    [1, Hq, m, D] and keys [1, H, n, D], one of each per prompt -> {w, V, energy, range_sq}:
+    w [H, D] the square root of the KV head's query energy per channel (mean over its query heads and the
+    prompts), each ``rotate_half`` pair's two channels averaged (RoPE turns them into each other, whatever the
+    distance), so that an error e in k * w costs the logits |e|^2 on average; V [H, D, D] the eigenvectors of
+    the summed second moments of k * w, columns by decreasing eigenvalue; energy [H, D] the mean square of each
+    coefficient (k * w) @ V, range_sq [H, D] the mean over blocks of ``block`` tokens of its squared range,
+    both averaged over the prompts. fp32."""
+    h, d = keys[0].shape[1], keys[0].shape[-1]
+    q_energy = torch.stack([q.float()[0].reshape(h, -1, q.shape[2], d).pow(2).mean((1, 2)) for q in queries]).mean(0)
+    half = d // 2
+    pair = (q_energy[:, :half] + q_energy[:, half:]) / 2
+    w = torch.cat([pair, pair], -1).sqrt()
+    kw = [k.float()[0] * w[:, None] for k in keys]  # [H, n, D] each
+    V = torch.linalg.eigh(sum(x.transpose(1, 2) @ x for x in kw))[1].flip(-1)
+    energy, range_sq = [], []
+    for x in kw:
+        c = x @ V
+        cb = c[:, :c.shape[1] // block * block].reshape(h, -1, block, d)
+        energy.append(c.pow(2).mean(1))
+        range_sq.append((cb.amax(2) - cb.amin(2)).pow(2).mean(1))
+    return dict(w=w, V=V, energy=torch.stack(energy).mean(0), range_sq=torch.stack(range_sq).mean(0))
+
+
+def calibrate_key_basis(model, caps) -> list[dict]:
+    """``key_basis`` per layer from captured prompts (``capture_prefill``: their keys and last queries), RoPE
+    undone on both at their positions (the model's ``rotary_emb``, Llama's rotate_half pairs)."""
+    n = max(c.n for c in caps)
+    cos, sin = (t.float() for t in model.model.rotary_emb(torch.zeros(1), torch.arange(n)[None]))
+    out = []
+    for layer in range(len(caps[0].keys)):
+        qs = [rope_turn(c.queries[layer].float(), cos[:, c.n - c.queries[layer].shape[2]:c.n],
+                        sin[:, c.n - c.queries[layer].shape[2]:c.n], -1) for c in caps]
+        ks = [rope_turn(c.keys[layer].float(), cos[:, :c.n], sin[:, :c.n], -1) for c in caps]
+        out.append(key_basis(qs, ks))
+    return out
+
+
+def basis_bits(energy: torch.Tensor, range_sq: torch.Tensor, budget: float, meta: float = 2.0) -> torch.Tensor:
+    """Code widths [H, D] int64 (0..8) of a basis' coefficients (``key_basis``: energy, range_sq [H, D]) for
+    ``budget`` bits per key element, counting each coded coefficient's ``meta`` bits an element (fp16 scale and
+    zero per block of 16 tokens: 2): greedy on the error removed per bit spent, a coefficient's expected squared
+    error its energy at 0 bits (dropped: read as 0, nothing stored) and range_sq / (12 (2^w - 1)^2) at w bits. From
+    0 bits a step may go to 1-4 bits at once (a min-max code's first bit alone removes little)."""
+    h, d = energy.shape
+
+    def err(w):
+        return torch.where(w == 0, energy, range_sq / (12 * (2.0 ** w - 1).clamp_min(1) ** 2))
+
+    w, spent, rows = torch.zeros(h, d), torch.zeros(h), torch.arange(h)
+    while True:
+        steps = torch.stack([torch.where(w == 0, float(s), 1.0) for s in (1, 2, 3, 4)])  # [4, H, D]
+        cost = torch.where(w == 0, steps + meta, steps)
+        gain = (err(w) - err(w + steps)) / cost
+        gain = torch.where((w + steps > 8) | (spent[:, None] + cost > budget * d), -1.0, gain)
+        best, pick = gain.max(0)  # the best step per coefficient, [H, D]
+        j = best.argmax(1)
+        ok = best[rows, j] > 0
+        if not ok.any():
+            return w.long()
+        r, j = rows[ok], j[ok]
+        spent[r] += cost[pick[r, j], r, j]
+        w[r, j] += steps[pick[r, j], r, j]
+
+
+def quantize_in_basis(k: torch.Tensor, basis: dict, widths: torch.Tensor, block: int = 16) -> torch.Tensor:
+    """k [Bt, H, n, D] (before RoPE) -> its coefficients (k * w) @ V (``key_basis``) quantised per coefficient
+    per block of ``block`` tokens at ``widths`` [H, D] (``quantize_allocated``; 0 bits: dropped, read as 0) and
+    turned back -> fp32 like k."""
+    w, V = basis["w"][:, None], basis["V"]
+    c = quantize_allocated((k.float() * w) @ V, widths.clamp_min(1), block)
+    c = torch.where(widths[:, None] == 0, 0.0, c)
+    return (c @ V.transpose(-1, -2)) / w
+
+
+def key_bytes_in_basis(budget: float, container: int, *, batch: int, heads: int, head_dim: int, block_size: int) -> int:
+    """Bytes a block's keys lose when held in a basis at ``budget`` bits an element instead of the store's
+    per-channel codes of ``container`` bits with their fp16 scale and zero per channel (can be negative)."""
+    vecs = batch * heads * block_size
+    held = vecs * head_dim * container // 8 + 2 * batch * heads * head_dim * 2
+    return held - int(budget * vecs * head_dim / 8)
+
+
+def install_keys_basis(key_bits: dict[int, float], basis_from: list[str]):
+    """Quantised blocks whose container is a key of ``key_bits`` (2/3/4) hold their keys in a basis at that
+    many bits an element, everything else as the store holds it: reads from ``quantize_in_basis`` of the exact
+    keys (RoPE undone at their positions, and redone), each layer's basis and widths (``key_basis``,
+    ``basis_bits``) calibrated once on the prompts of the ``basis_from`` texts of bench/corpus.py; the cost
+    model (so the fitter plans with them) and the store's held bytes (so the ratio reported is the format's)
+    price those keys at ``key_bits`` (``key_bytes_in_basis``). Returns ``prompt(model, ids [1, T], prefill,
+    tok=None)`` (bench_ppl runs it before each text), which calibrates at its first call and returns
+    {layer: {"basis": key_basis, container: widths [H, D]}}."""
+    from agacc.tiers import TIER_CONTAINER
+
+    table: dict[int, dict] = {}
+
+    def prompt(model, ids, prefill, tok=None):
+        if not table:
+            caps = _calibration_prompts(model, basis_from, tok or state["tok"], prefill)
+            for layer, basis in enumerate(calibrate_key_basis(model, caps)):
+                table[layer] = {"basis": basis, **{c: basis_bits(basis["energy"], basis["range_sq"], b)
+                                                   for c, b in key_bits.items()}}
+        return table
+
+    def key_read(layer, k, where, container, block):
+        if container not in key_bits:
+            return None
+        cos, sin = state["cos"][where], state["sin"][where]
+        return rope_turn(quantize_in_basis(rope_turn(k, cos, sin, -1), table[layer]["basis"],
+                                           table[layer][container], block), cos, sin, 1)
+
+    cost, seg_bytes, layer_bytes = planner.block_cost_bytes, store.QuantSegment.nbytes, store.LayerStore.nbytes
+
+    def block_cost_bytes(tier, bits, keep, **kw):
+        full = cost(tier, bits, keep, **kw)
+        if tier not in TIER_CONTAINER or kw["key_quant"] == "token" or quant.container_bits(bits) not in key_bits:
+            return full
+        c = quant.container_bits(bits)
+        return full - key_bytes_in_basis(key_bits[c], c, **{n: kw[n] for n in ("batch", "heads", "head_dim", "block_size")})
+
+    def saved(seg) -> int:
+        """What a quantised segment's keys weigh less in the basis."""
+        if seg.key_per_token or seg.container not in key_bits or not seg.n_blocks:
+            return 0
+        bt, h, _, packed = seg.v.shape
+        return seg.n_blocks * key_bytes_in_basis(key_bits[seg.container], seg.container, batch=bt, heads=h,
+                                                 head_dim=packed * 8 // seg.container, block_size=seg.block_size)
+
+    planner.block_cost_bytes = block_cost_bytes
+    store.QuantSegment.nbytes = lambda self: seg_bytes(self) - saved(self)
+    store.LayerStore.nbytes = lambda self: layer_bytes(self) - sum(saved(seg) for seg in self.quant.values())
+    state, run = _install_key_reads(prompt, key_read)
+    return run
 
 
 def main(argv=None):
@@ -241,13 +415,20 @@ def main(argv=None):
     ap.add_argument("--pre-rope", action="store_true", help="keys-allocated: the keys taken before RoPE")
     ap.add_argument("--widths-from", nargs="+", default=None, metavar="TEXT",
                     help="keys-allocated: one table of widths from these texts of bench/corpus.py for every text")
+    ap.add_argument("--key-bits", default="2=1.5,3=3,4=4.5", metavar="C=BITS,...",
+                    help="keys-basis: the containers whose keys the basis holds, and its bits an element for each")
+    ap.add_argument("--basis-from", nargs="+", default=["licence-tuning", "narrative-tuning", "code-tuning"],
+                    metavar="TEXT", help="keys-basis: the bench/corpus.py texts the basis is calibrated on")
     args, rest = ap.parse_known_args(argv)
     if args.mode == "oracle":
         install_oracle(args.reduce, args.heads, args.when)
     elif args.mode == "values-2bit":
         install_values_2bit()
-    else:
+    elif args.mode == "keys-allocated":
         install_keys_allocated(args.pre_rope, args.widths_from)
+    else:
+        key_bits = {int(c): float(b) for c, b in (item.split("=") for item in args.key_bits.split(","))}
+        install_keys_basis(key_bits, args.basis_from)
     import bench_ppl
     bench_ppl.main(rest)
 

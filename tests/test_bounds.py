@@ -1,5 +1,6 @@
-"""bench/bounds.py: the oracle's scores by hand, the K3V2 simulation's codes and prices, and the allocated
-keys' widths and reads (by hand, and against a recomputation on the tiny model)."""
+"""bench/bounds.py: the oracle's scores by hand, the K3V2 simulation's codes and prices, the allocated
+keys' widths and reads, and the keys in a calibrated basis: its widths and prices by hand, its basis against an
+SVD, its reads and held bytes against a recomputation on the tiny model."""
 import pytest
 import torch
 
@@ -83,7 +84,7 @@ def test_allocated_keys_read_as_the_store_format_channel_by_channel():
 
 
 def _restored_after_the_test(monkeypatch):
-    """What ``install_keys_allocated`` patches, set back when the test ends."""
+    """What ``install_keys_allocated`` and ``install_keys_basis`` patch, set back when the test ends."""
     import bench_ppl
 
     from agacc.cache import CompressedLayer
@@ -91,8 +92,10 @@ def _restored_after_the_test(monkeypatch):
     monkeypatch.setattr(bench_ppl, "measure", bench_ppl.measure)
     monkeypatch.setattr(bench_ppl.common, "load_model", bench_ppl.common.load_model)
     monkeypatch.setattr(CompressedLayer, "lazy_initialization", CompressedLayer.lazy_initialization)
-    for name in ("append", "parts"):
+    for name in ("append", "parts", "nbytes"):
         monkeypatch.setattr(store.LayerStore, name, getattr(store.LayerStore, name))
+    monkeypatch.setattr(store.QuantSegment, "nbytes", store.QuantSegment.nbytes)
+    monkeypatch.setattr(planner, "block_cost_bytes", planner.block_cost_bytes)
 
 
 @pytest.mark.parametrize("pre_rope", [False, True])
@@ -172,3 +175,137 @@ def test_before_each_text_runs_first_with_the_text_and_passes_everything_on(monk
     bounds.before_each_text(lambda model, ids, prefill: calls.append(("fn", model, ids, prefill)))
     assert bench_ppl.measure("m", "ids", ["x"], 1024, 512, ref_cache="r") == "rows"
     assert calls == [("fn", "m", "ids", 1024), ("measure", ("m", "ids", ["x"], 1024, 512), {"ref_cache": "r"})]
+
+
+def test_basis_widths_by_hand():
+    """Two coefficients, range_sq = 12 x energy, so one bit removes nothing (err E, E/9, E/49, E/225 at 1-4 bits)
+    and 2 bits of metadata per coded coefficient. Energy 64 and 1, 3 bits an element (6 in all): the first
+    coefficient to 2 bits (58.9 removed / 4 bits spent, against 62.7 / 5 for 3 bits), then 3, then 4 bits, spent 6;
+    the second never. At 5 bits an element (10): the second takes 2 bits (0.889 / 4 = 0.222) before the first's
+    fifth (0.284 - 64/961 = 0.218). The 8-bit cap holds."""
+    energy = torch.tensor([[64.0, 1.0]])
+    assert bounds.basis_bits(energy, 12 * energy, 3).tolist() == [[4, 0]]
+    assert bounds.basis_bits(energy, 12 * energy, 5).tolist() == [[4, 2]]
+    assert bounds.basis_bits(torch.tensor([[1e8, 1e8]]), torch.tensor([[1e8, 1e8]]), 20).tolist() == [[8, 8]]
+
+
+def test_key_basis_is_the_weighed_keys_principal_axes():
+    """w: the square root of the query energy per channel (a KV head's query heads and the prompts averaged),
+    equal across each rotate_half pair; V: the right singular vectors of the weighed keys of every prompt
+    stacked; energy: each coefficient's mean square (the squared singular values / tokens, prompts of equal
+    length); range_sq by a recomputation."""
+    torch.manual_seed(4)
+    keys = [torch.randn(1, 2, 32, 4) * torch.tensor([3.0, 1.0, 0.5, 0.2]) for _ in range(2)]
+    queries = [torch.randn(1, 4, 8, 4) for _ in range(2)]
+    basis = bounds.key_basis(queries, keys)
+    q_energy = torch.cat([q[0] for q in queries], 1).reshape(2, 2, 16, 4).pow(2).mean((1, 2))  # [H, D]
+    pair = (q_energy[:, :2] + q_energy[:, 2:]) / 2
+    torch.testing.assert_close(basis["w"], torch.cat([pair, pair], -1).sqrt())
+    for h in range(2):
+        kw = torch.cat([k[0, h] for k in keys]) * basis["w"][h]  # [64, D]
+        _, sv, vt = torch.linalg.svd(kw, full_matrices=False)
+        torch.testing.assert_close((basis["V"][h].T @ vt.T).abs(), torch.eye(4), atol=1e-4, rtol=0)
+        torch.testing.assert_close(basis["energy"][h], sv ** 2 / 64, rtol=1e-4, atol=1e-6)
+        c = [(k[0, h] * basis["w"][h]) @ basis["V"][h] for k in keys]
+        rs = torch.stack([(x.reshape(2, 16, 4).amax(1) - x.reshape(2, 16, 4).amin(1)).pow(2).mean(0) for x in c]).mean(0)
+        torch.testing.assert_close(basis["range_sq"][h], rs)
+
+
+def test_keys_in_a_basis_read_per_coefficient_per_block():
+    """The identity basis at equal widths is the store's per-channel keys; any basis is the coefficients
+    (k * w) @ V quantised per channel per block and turned back; a 0-bit coefficient is gone from the read."""
+    torch.manual_seed(5)
+    k = torch.randn(1, 2, 32, 8)
+    ident = {"w": torch.ones(2, 8), "V": torch.eye(8).expand(2, 8, 8)}
+    for b in (2, 3, 4):
+        want = quant.dequantize_keys(*quant.quantize_keys(k, b, 16), b, 16)
+        torch.testing.assert_close(bounds.quantize_in_basis(k, ident, torch.full((2, 8), b)), want)
+    basis = {"w": torch.rand(2, 8) + 0.5, "V": torch.linalg.qr(torch.randn(2, 8, 8))[0]}
+    c = (k * basis["w"][:, None]) @ basis["V"]
+    want = quant.dequantize_keys(*quant.quantize_keys(c, 3, 16), 3, 16) @ basis["V"].transpose(-1, -2) / basis["w"][:, None]
+    torch.testing.assert_close(bounds.quantize_in_basis(k, basis, torch.full((2, 8), 3)), want)
+    widths = torch.full((2, 8), 4)
+    widths[:, 5] = 0
+    got = (bounds.quantize_in_basis(k, basis, widths) * basis["w"][:, None]) @ basis["V"]
+    assert got[..., 5].abs().max() < 1e-5 and got[..., 4].abs().max() > 0.1
+
+
+def test_keys_basis_prices_keys_at_its_bits_by_hand(monkeypatch):
+    """One block of 16 tokens, 3 KV heads, head dim 64: 3-bit keys hold 48 x 64 x 3 / 8 = 1152 code bytes and
+    3 x 64 fp16 scales and zeros (768); in a basis at 3 bits an element, 1152 in all (768 less). At 4.5 bits
+    against 4: 1536 + 768 - 1728 = 576 less. Other tiers as before."""
+    _restored_after_the_test(monkeypatch)
+    kw = dict(batch=1, heads=3, head_dim=64, block_size=16, full_itemsize=2, value_group_size=64, b_min=3,
+              sparse_threshold=0.25, key_quant="channel", key_group_size=64)
+    geo = {n: kw[n] for n in ("batch", "heads", "head_dim", "block_size")}
+    assert bounds.key_bytes_in_basis(3.0, 3, **geo) == 768 and bounds.key_bytes_in_basis(4.5, 4, **geo) == 576
+    tiers = ((T.INT3, 3), (T.INT4, 4), (T.INT8, 8), (T.FULL, 16))
+    before = {t: planner.block_cost_bytes(t, b, 64, **kw) for t, b in tiers}
+    per_token = planner.block_cost_bytes(T.INT3, 3, 64, **{**kw, "key_quant": "token"})
+    bounds.install_keys_basis({3: 3.0, 4: 4.5}, ["licence-tuning"])
+    after = {t: planner.block_cost_bytes(t, b, 64, **kw) for t, b in tiers}
+    assert before[T.INT3] - after[T.INT3] == 768 and before[T.INT4] - after[T.INT4] == 576
+    assert after[T.INT8] == before[T.INT8] and after[T.FULL] == before[T.FULL]
+    assert planner.block_cost_bytes(T.INT3, 3, 64, **{**kw, "key_quant": "token"}) == per_token
+
+
+def test_keys_basis_reads_and_holds_each_quantised_blocks_keys_in_the_calibrated_basis(monkeypatch):
+    """The tiny model at 8x, its basis calibrated on two other prompts (read through the tokenizer): each
+    layer's basis is ``key_basis`` of those prompts' queries and keys with RoPE undone, its widths
+    ``basis_bits`` at each container's bits; every 3/4-bit block reads its own tokens' exact keys so (RoPE
+    undone, quantised in the basis, redone), its values as held; every other part as held; and the bytes held
+    are the store's less what its 3/4-bit keys weigh less in the basis, segment by segment."""
+    from types import SimpleNamespace
+
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    from agacc.eval.runner import capture_prefill
+    from bench import corpus
+    from kernels.format import QUANT
+
+    _restored_after_the_test(monkeypatch)
+    model = tiny_model()
+    torch.manual_seed(6)
+    texts = {"licence-tuning": torch.randint(3, 256, (1, 320)), "code-tuning": torch.randint(3, 256, (1, 320))}
+    by_text = {corpus.read(corpus.TEXTS[n]): ids for n, ids in texts.items()}
+    tok = lambda text, return_tensors: SimpleNamespace(input_ids=by_text[text])  # noqa: E731
+    unpatched_parts, unpatched_bytes = store.LayerStore.parts, store.LayerStore.nbytes
+    key_bits = {3: 2.5, 4: 3.5}
+    prompt = bounds.install_keys_basis(key_bits, list(texts))
+    ids = torch.randint(3, 256, (1, 640))
+    table = prompt(model, ids, 320, tok)
+    cos, sin = model.model.rotary_emb(torch.zeros(1), torch.arange(640)[None])
+    turn = lambda x, at, sign: x * cos[0, at] + sign * rotate_half(x) * sin[0, at]  # noqa: E731
+    caps = [capture_prefill(model, i[0].tolist(), n_obs=64) for i in texts.values()]
+    for layer, entry in table.items():
+        want = bounds.key_basis([turn(c.queries[layer], torch.arange(256, 320), -1) for c in caps],
+                                [turn(c.keys[layer], torch.arange(320), -1) for c in caps])
+        for name in ("w", "V", "energy", "range_sq"):
+            torch.testing.assert_close(entry["basis"][name], want[name])
+        for c, b in key_bits.items():
+            assert torch.equal(entry[c], bounds.basis_bits(want["energy"], want["range_sq"], b))
+    cache = agacc.CompressedCache(model.config, AGACCConfig.preset("agacc", target_ratio=8.0))
+    with torch.inference_mode():
+        model(ids, past_key_values=cache)
+    cache.end_prefill()
+    seen, saved = set(), 0
+    for layer in cache.layers:
+        s = layer.store
+        pos, at = s.entry_positions(), 0
+        for held, read in zip(unpatched_parts(s), s.parts()):
+            n = held.k.shape[2]
+            if held.kind == QUANT and held.key_block and held.container in key_bits:
+                where = pos[at:at + n]
+                entry = table[layer.layer_idx]
+                want = turn(bounds.quantize_in_basis(turn(s._exact[0][:, :, where], where, -1), entry["basis"],
+                                                     entry[held.container], held.key_block), where, 1)
+                torch.testing.assert_close(read.k.float(), want.to(s.dtype).float())
+                torch.testing.assert_close(read.v.float(), quant.dequantize_part(held)[1].to(s.dtype).float())
+                seen.add(held.container)
+                saved += n // 16 * bounds.key_bytes_in_basis(key_bits[held.container], held.container, batch=1,
+                                                             heads=2, head_dim=32, block_size=16)
+            else:
+                assert read.kind == held.kind and torch.equal(read.k, held.k) and torch.equal(read.v, held.v)
+            at += n
+    assert seen and saved > 0
+    assert sum(unpatched_bytes(layer.store) - layer.store.nbytes() for layer in cache.layers) == saved

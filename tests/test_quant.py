@@ -139,9 +139,10 @@ def test_bench_pre_rope_keys_quantise_the_unrotated_keys():
     """bench_quant_error's pre-RoPE format (KVQuant): keys whose pre-RoPE channels are constant over
     positions come back exactly at 2 bits (each channel's range is 0), while quantising the same keys
     after RoPE errs (RoPE spreads each channel over the block), and so do they with only the rotation
-    within each block undone; the identity format returns the keys. RoPE itself by transformers'
-    ``apply_rotary_pos_emb``, not the bench's inverse."""
-    from bench.bench_quant_error import allocated_pre_rope, per_channel, pre_rope
+    within each block undone; the identity format returns the keys; so do the allocated format before RoPE and
+    the keys in a basis before RoPE. RoPE itself by transformers' ``apply_rotary_pos_emb``, not the bench's
+    inverse."""
+    from bench.bench_quant_error import allocated_pre_rope, in_basis, per_channel, pre_rope
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     n, d = 32, 8
@@ -156,5 +157,9 @@ def test_bench_pre_rope_keys_quantise_the_unrotated_keys():
     assert (pre_rope(per_channel, cos, sin, block=16)(k, 2) - k).abs().max() < 5e-3
     # the allocated format before RoPE (the queries' RoPE undone at their positions 28..31) alike
     q = torch.randn(1, 2, 4, d)
-    assert (allocated_pre_rope(cos, sin)(k, 2, q, n) - k).abs().max() < 5e-3
+    assert (allocated_pre_rope(cos, sin)(k, 2, {"queries": q, "q_end": n}) - k).abs().max() < 5e-3
+    # and the keys in a basis before RoPE (here the identity, every coefficient coded at 8 bits an element)
+    ident = {"w": torch.ones(2, d), "V": torch.eye(d).expand(2, d, d), "energy": torch.ones(2, d),
+             "range_sq": torch.ones(2, d)}
+    assert (in_basis([ident], cos, sin)(k, 8, {"layer": 0}) - k).abs().max() < 5e-3
     assert (per_channel(k, 2) - k).abs().max() > 0.05
