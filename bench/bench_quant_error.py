@@ -207,7 +207,7 @@ def main(argv=None):
     exact = [attention(q, k, v, sc) for q, k, v, sc in captured]  # (probs, out) per layer, exact K/V
     bases = None
     if not args.formats or any(f in "basis" for f in args.formats):
-        caps = bounds._calibration_prompts(model, args.basis_from, tok, args.tokens)
+        caps = bounds.calibration_prompts(model, args.basis_from, tok, args.tokens)
         bases = bounds.calibrate_key_basis(model, caps)
     rope = rope_formats(model, ids.shape[1], bases)  # keys only: values carry no RoPE
     for name, (fmt, extra) in {**FORMATS, **rope}.items():

@@ -171,10 +171,10 @@ def quantize_allocated(k: torch.Tensor, bits: torch.Tensor, block: int = 16) -> 
 
 def _install_key_reads(prompt, key_read) -> tuple:
     """The hooks both key-format simulations share: bench_ppl's tokenizer kept (``state["tok"]``), each store
-    told its layer, ``run(model, ids [1, T], prefill, tok=None)`` before each text: the text's RoPE tables set
-    (``state["cos"]``, ``state["sin"]`` [T, D]), then ``prompt(model, ids, prefill, tok)``; and the reads of every quantised block whose keys are per
-    channel per block replaced: ``key_read(layer, k [Bt, H, n, D] fp32 exact, where [n], container, block)`` ->
-    the keys read (None: as held); the values as held. Returns (state, run)."""
+    told its layer, ``run(model, ids [1, T], prefill, tok=None)`` before each text (the text's RoPE tables set,
+    ``state["cos"]``, ``state["sin"]`` [T, D], then ``prompt(model, ids, prefill, tok)``), and the reads of every
+    quantised block whose keys are per channel per block replaced: ``key_read(layer, k [Bt, H, n, D] fp32 exact,
+    where [n], container, block)`` -> the keys read (None: as held); the values as held. Returns (state, run)."""
     import attribute_loss
     import bench_ppl
 
@@ -210,7 +210,7 @@ def _install_key_reads(prompt, key_read) -> tuple:
     return state, run
 
 
-def _calibration_prompts(model, names: list[str], tok, prefill: int) -> list:
+def calibration_prompts(model, names: list[str], tok, prefill: int) -> list:
     """``capture_prefill`` (last 64 queries) of the first ``prefill`` tokens of each named bench/corpus.py text."""
     import corpus
 
@@ -252,7 +252,7 @@ def install_keys_allocated(pre_rope: bool = False, widths_from: list[str] | None
         if widths and widths_from:
             return widths  # one table for every text, found once
         if widths_from:
-            caps = _calibration_prompts(model, widths_from, tok or state["tok"], prefill)
+            caps = calibration_prompts(model, widths_from, tok or state["tok"], prefill)
         else:
             caps = [capture_prefill(model, ids[0, :prefill].tolist(), n_obs=64)]
         widths.clear()
@@ -369,7 +369,7 @@ def install_keys_basis(key_bits: dict[int, float], basis_from: list[str]):
 
     def prompt(model, ids, prefill, tok=None):
         if not table:
-            caps = _calibration_prompts(model, basis_from, tok or state["tok"], prefill)
+            caps = calibration_prompts(model, basis_from, tok or state["tok"], prefill)
             for layer, basis in enumerate(calibrate_key_basis(model, caps)):
                 table[layer] = {"basis": basis, **{c: basis_bits(basis["energy"], basis["range_sq"], b)
                                                    for c, b in key_bits.items()}}
@@ -386,10 +386,11 @@ def install_keys_basis(key_bits: dict[int, float], basis_from: list[str]):
 
     def block_cost_bytes(tier, bits, keep, **kw):
         full = cost(tier, bits, keep, **kw)
-        if tier not in TIER_CONTAINER or kw["key_quant"] == "token" or quant.container_bits(bits) not in key_bits:
+        c = quant.container_bits(bits) if tier in TIER_CONTAINER else 0
+        if c not in key_bits or kw["key_quant"] == "token":
             return full
-        c = quant.container_bits(bits)
-        return full - key_bytes_in_basis(key_bits[c], c, **{n: kw[n] for n in ("batch", "heads", "head_dim", "block_size")})
+        geo = {n: kw[n] for n in ("batch", "heads", "head_dim", "block_size")}
+        return full - key_bytes_in_basis(key_bits[c], c, **geo)
 
     def saved(seg) -> int:
         """What a quantised segment's keys weigh less in the basis."""

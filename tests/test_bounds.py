@@ -143,20 +143,27 @@ def test_keys_allocated_reads_each_quantised_blocks_keys_in_the_allocated_format
     assert seen  # quantised blocks were read so
 
 
+def _calibration_texts(names, seed):
+    """Random prompts of 320 tokens standing in for the named bench/corpus.py texts, and a tokenizer that reads
+    each text as its prompt."""
+    from types import SimpleNamespace
+
+    from bench import corpus
+
+    torch.manual_seed(seed)
+    texts = {name: torch.randint(3, 256, (1, 320)) for name in names}
+    by_text = {corpus.read(corpus.TEXTS[n]): ids for n, ids in texts.items()}
+    return texts, lambda text, return_tensors: SimpleNamespace(input_ids=by_text[text])
+
+
 def test_keys_allocated_widths_from_other_texts_average_their_costs(monkeypatch):
     """``widths_from``: one table for every text, the water-filling of the named texts' channel costs averaged
     (their prompts read through the tokenizer); the measured text's own prompt plays no part."""
-    from types import SimpleNamespace
-
     from agacc.eval.runner import capture_prefill
-    from bench import corpus
 
     _restored_after_the_test(monkeypatch)
     model = tiny_model()
-    torch.manual_seed(3)
-    texts = {"licence-tuning": torch.randint(3, 256, (1, 320)), "narrative-tuning": torch.randint(3, 256, (1, 320))}
-    by_text = {corpus.read(corpus.TEXTS[n]): ids for n, ids in texts.items()}
-    tok = lambda text, return_tensors: SimpleNamespace(input_ids=by_text[text])  # noqa: E731
+    texts, tok = _calibration_texts(["licence-tuning", "narrative-tuning"], 3)
     prompt = bounds.install_keys_allocated(False, list(texts))
     widths = prompt(model, torch.randint(3, 256, (1, 320)), 320, tok)
     caps = [capture_prefill(model, ids[0].tolist(), n_obs=64) for ids in texts.values()]
@@ -207,7 +214,8 @@ def test_key_basis_is_the_weighed_keys_principal_axes():
         torch.testing.assert_close((basis["V"][h].T @ vt.T).abs(), torch.eye(4), atol=1e-4, rtol=0)
         torch.testing.assert_close(basis["energy"][h], sv ** 2 / 64, rtol=1e-4, atol=1e-6)
         c = [(k[0, h] * basis["w"][h]) @ basis["V"][h] for k in keys]
-        rs = torch.stack([(x.reshape(2, 16, 4).amax(1) - x.reshape(2, 16, 4).amin(1)).pow(2).mean(0) for x in c]).mean(0)
+        blocks = [x.reshape(2, 16, 4) for x in c]
+        rs = torch.stack([(x.amax(1) - x.amin(1)).pow(2).mean(0) for x in blocks]).mean(0)
         torch.testing.assert_close(basis["range_sq"][h], rs)
 
 
@@ -222,7 +230,8 @@ def test_keys_in_a_basis_read_per_coefficient_per_block():
         torch.testing.assert_close(bounds.quantize_in_basis(k, ident, torch.full((2, 8), b)), want)
     basis = {"w": torch.rand(2, 8) + 0.5, "V": torch.linalg.qr(torch.randn(2, 8, 8))[0]}
     c = (k * basis["w"][:, None]) @ basis["V"]
-    want = quant.dequantize_keys(*quant.quantize_keys(c, 3, 16), 3, 16) @ basis["V"].transpose(-1, -2) / basis["w"][:, None]
+    want = quant.dequantize_keys(*quant.quantize_keys(c, 3, 16), 3, 16) @ basis["V"].transpose(-1, -2)
+    want = want / basis["w"][:, None]
     torch.testing.assert_close(bounds.quantize_in_basis(k, basis, torch.full((2, 8), 3)), want)
     widths = torch.full((2, 8), 4)
     widths[:, 5] = 0
@@ -255,20 +264,14 @@ def test_keys_basis_reads_and_holds_each_quantised_blocks_keys_in_the_calibrated
     ``basis_bits`` at each container's bits; every 3/4-bit block reads its own tokens' exact keys so (RoPE
     undone, quantised in the basis, redone), its values as held; every other part as held; and the bytes held
     are the store's less what its 3/4-bit keys weigh less in the basis, segment by segment."""
-    from types import SimpleNamespace
-
     from transformers.models.llama.modeling_llama import rotate_half
 
     from agacc.eval.runner import capture_prefill
-    from bench import corpus
     from kernels.format import QUANT
 
     _restored_after_the_test(monkeypatch)
     model = tiny_model()
-    torch.manual_seed(6)
-    texts = {"licence-tuning": torch.randint(3, 256, (1, 320)), "code-tuning": torch.randint(3, 256, (1, 320))}
-    by_text = {corpus.read(corpus.TEXTS[n]): ids for n, ids in texts.items()}
-    tok = lambda text, return_tensors: SimpleNamespace(input_ids=by_text[text])  # noqa: E731
+    texts, tok = _calibration_texts(["licence-tuning", "code-tuning"], 6)
     unpatched_parts, unpatched_bytes = store.LayerStore.parts, store.LayerStore.nbytes
     key_bits = {3: 2.5, 4: 3.5}
     prompt = bounds.install_keys_basis(key_bits, list(texts))
