@@ -309,20 +309,24 @@ def calibrate_key_basis(model, caps) -> list[dict]:
     return out
 
 
-def basis_bits(energy: torch.Tensor, range_sq: torch.Tensor, budget: float, meta: float = 2.0) -> torch.Tensor:
-    """Code widths [H, D] int64 (0..8) of a basis' coefficients (``key_basis``: energy, range_sq [H, D]) for
-    ``budget`` bits per key element, counting each coded coefficient's ``meta`` bits an element (fp16 scale and
-    zero per block of 16 tokens: 2): greedy on the error removed per bit spent, a coefficient's expected squared
-    error its energy at 0 bits (dropped: read as 0, nothing stored) and range_sq / (12 (2^w - 1)^2) at w bits. From
-    0 bits a step may go to 1-4 bits at once (a min-max code's first bit alone removes little)."""
+def basis_bits(energy: torch.Tensor, range_sq: torch.Tensor, budget: float, meta: float = 2.0,
+               allowed: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)) -> torch.Tensor:
+    """Code widths [H, D] int64 (0 or one of ``allowed``, at most 8) of a basis' coefficients (``key_basis``:
+    energy, range_sq [H, D]) for ``budget`` bits per key element, counting each coded coefficient's ``meta`` bits
+    an element (fp16 scale and zero per block of 16 tokens: 2): greedy on the error removed per bit spent, a
+    coefficient's expected squared error its energy at 0 bits (dropped: read as 0, nothing stored) and range_sq /
+    (12 (2^w - 1)^2) at w bits. From 0 bits a step may go to any allowed width up to 4 at once (a min-max code's
+    first bit alone removes little), from w to the next allowed width."""
     h, d = energy.shape
+    above = torch.tensor([min([a for a in allowed if a > b], default=99) for b in range(9)], dtype=torch.float32)
 
     def err(w):
         return torch.where(w == 0, energy, range_sq / (12 * (2.0 ** w - 1).clamp_min(1) ** 2))
 
     w, spent, rows = torch.zeros(h, d), torch.zeros(h), torch.arange(h)
     while True:
-        steps = torch.stack([torch.where(w == 0, float(s), 1.0) for s in (1, 2, 3, 4)])  # [4, H, D]
+        nxt = above[w.long()] - w
+        steps = torch.stack([torch.where(w == 0, float(s), nxt) for s in allowed if s <= 4])  # [<= 4, H, D]
         cost = torch.where(w == 0, steps + meta, steps)
         gain = (err(w) - err(w + steps)) / cost
         gain = torch.where((w + steps > 8) | (spent[:, None] + cost > budget * d), -1.0, gain)
@@ -354,15 +358,16 @@ def key_bytes_in_basis(budget: float, container: int, *, batch: int, heads: int,
     return held - int(budget * vecs * head_dim / 8)
 
 
-def install_keys_basis(key_bits: dict[int, float], basis_from: list[str]):
+def install_keys_basis(key_bits: dict[int, float], basis_from: list[str],
+                       allowed: tuple[int, ...] = tuple(range(1, 9))):
     """Quantised blocks whose container is a key of ``key_bits`` (2/3/4) hold their keys in a basis at that
     many bits an element, everything else as the store holds it: reads from ``quantize_in_basis`` of the exact
     keys (RoPE undone at their positions, and redone), each layer's basis and widths (``key_basis``,
     ``basis_bits``) calibrated once on the prompts of the ``basis_from`` texts of bench/corpus.py; the cost
     model (so the fitter plans with them) and the store's held bytes (so the ratio reported is the format's)
-    price those keys at ``key_bits`` (``key_bytes_in_basis``). Returns ``prompt(model, ids [1, T], prefill,
-    tok=None)`` (bench_ppl runs it before each text), which calibrates at its first call and returns
-    {layer: {"basis": key_basis, container: widths [H, D]}}."""
+    price those keys at ``key_bits`` (``key_bytes_in_basis``); ``allowed``: the code widths (``basis_bits``).
+    Returns ``prompt(model, ids [1, T], prefill, tok=None)`` (bench_ppl runs it before each text), which
+    calibrates at its first call and returns {layer: {"basis": key_basis, container: widths [H, D]}}."""
     from agacc.tiers import TIER_CONTAINER
 
     table: dict[int, dict] = {}
@@ -371,7 +376,7 @@ def install_keys_basis(key_bits: dict[int, float], basis_from: list[str]):
         if not table:
             caps = calibration_prompts(model, basis_from, tok or state["tok"], prefill)
             for layer, basis in enumerate(calibrate_key_basis(model, caps)):
-                table[layer] = {"basis": basis, **{c: basis_bits(basis["energy"], basis["range_sq"], b)
+                table[layer] = {"basis": basis, **{c: basis_bits(basis["energy"], basis["range_sq"], b, allowed=allowed)
                                                    for c, b in key_bits.items()}}
         return table
 
@@ -420,6 +425,8 @@ def main(argv=None):
                     help="keys-basis: the containers whose keys the basis holds, and its bits an element for each")
     ap.add_argument("--basis-from", nargs="+", default=["licence-tuning", "narrative-tuning", "code-tuning"],
                     metavar="TEXT", help="keys-basis: the bench/corpus.py texts the basis is calibrated on")
+    ap.add_argument("--key-widths", default="1,2,3,4,5,6,7,8", metavar="W,...",
+                    help="keys-basis: the code widths a coefficient may take (besides 0)")
     args, rest = ap.parse_known_args(argv)
     if args.mode == "oracle":
         install_oracle(args.reduce, args.heads, args.when)
@@ -429,7 +436,7 @@ def main(argv=None):
         install_keys_allocated(args.pre_rope, args.widths_from)
     else:
         key_bits = {int(c): float(b) for c, b in (item.split("=") for item in args.key_bits.split(","))}
-        install_keys_basis(key_bits, args.basis_from)
+        install_keys_basis(key_bits, args.basis_from, tuple(int(w) for w in args.key_widths.split(",")))
     import bench_ppl
     bench_ppl.main(rest)
 

@@ -189,11 +189,16 @@ def test_basis_widths_by_hand():
     and 2 bits of metadata per coded coefficient. Energy 64 and 1, 3 bits an element (6 in all): the first
     coefficient to 2 bits (58.9 removed / 4 bits spent, against 62.7 / 5 for 3 bits), then 3, then 4 bits, spent 6;
     the second never. At 5 bits an element (10): the second takes 2 bits (0.889 / 4 = 0.222) before the first's
-    fifth (0.284 - 64/961 = 0.218). The 8-bit cap holds."""
+    fifth (0.284 - 64/961 = 0.218). The 8-bit cap holds; widths limited to a set step to the next one in it."""
     energy = torch.tensor([[64.0, 1.0]])
     assert bounds.basis_bits(energy, 12 * energy, 3).tolist() == [[4, 0]]
     assert bounds.basis_bits(energy, 12 * energy, 5).tolist() == [[4, 2]]
     assert bounds.basis_bits(torch.tensor([[1e8, 1e8]]), torch.tensor([[1e8, 1e8]]), 20).tolist() == [[8, 8]]
+    # widths limited to the store's containers: from 4 bits the next is 8 (4 bits more), taken when it fits
+    one, rng = torch.tensor([[64.0]]), torch.tensor([[768.0]])
+    assert bounds.basis_bits(one, rng, 9).tolist() == [[7]]  # 2 (+2 metadata), then 3, 4, 5, 6, 7
+    assert bounds.basis_bits(one, rng, 9, allowed=(2, 3, 4, 8)).tolist() == [[4]]
+    assert bounds.basis_bits(one, rng, 10, allowed=(2, 3, 4, 8)).tolist() == [[8]]
 
 
 def test_key_basis_is_the_weighed_keys_principal_axes():
