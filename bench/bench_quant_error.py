@@ -205,8 +205,9 @@ def main(argv=None):
     nq = args.quantised
     rows = []
     exact = [attention(q, k, v, sc) for q, k, v, sc in captured]  # (probs, out) per layer, exact K/V
-    bases = None
-    if not args.formats or any(f in "basis" for f in args.formats):
+    bases = None  # the "basis" rows' calibration (a model with RoPE, the rows asked for)
+    has_rope = getattr(getattr(model, "model", None), "rotary_emb", None) is not None
+    if has_rope and (not args.formats or any(f in "basis" for f in args.formats)):
         caps = bounds.calibration_prompts(model, args.basis_from, tok, args.tokens)
         bases = bounds.calibrate_key_basis(model, caps)
     rope = rope_formats(model, ids.shape[1], bases)  # keys only: values carry no RoPE
