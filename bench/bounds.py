@@ -155,15 +155,22 @@ def allocate_key_bits(cost: torch.Tensor, avg_bits: int) -> torch.Tensor:
     return bits
 
 
-def quantize_allocated(k: torch.Tensor, bits: torch.Tensor, block: int = 16) -> torch.Tensor:
+def quantize_allocated(k: torch.Tensor, bits: torch.Tensor, block: int = 16, scale_step: float = 0.0) -> torch.Tensor:
     """k [Bt, H, n, D] quantised and read back per channel per ``block`` tokens with channel widths ``bits``
-    [H, D] (fp16 scale and zero, min-max; a 0-bit channel reads its block's mid-range) -> fp32 like k."""
+    [H, D] (fp16 scale and zero, min-max; a 0-bit channel reads its block's mid-range) -> fp32 like k.
+    ``scale_step`` > 0: 8-bit metadata instead (round 9's coded form): the scale rounded up to a log2 grid of that
+    step, the zero an int8 in units of the scale."""
     bt, h, n, d = k.shape
     kb = k.float().reshape(bt, h, n // block, block, d)
     lo, hi = kb.amin(3, keepdim=True), kb.amax(3, keepdim=True)
     levels = ((1 << bits) - 1).float()[None, :, None, None, :]
-    scale = ((hi - lo) / levels.clamp_min(1)).clamp_min(1e-6).half().float()
-    zero = lo.half().float()
+    if scale_step:
+        scale = ((hi - lo) / levels.clamp_min(1)).clamp_min(1e-6)
+        scale = torch.exp2(torch.ceil(torch.log2(torch.maximum(scale, lo.abs() / 127.5)) / scale_step) * scale_step)
+        zero = torch.round(lo / scale).clamp(-128, 127) * scale
+    else:
+        scale = ((hi - lo) / levels.clamp_min(1)).clamp_min(1e-6).half().float()
+        zero = lo.half().float()
     out = (torch.round((kb - zero) / scale).clamp(min=torch.zeros_like(levels), max=levels) * scale + zero)
     out = torch.where(levels == 0, ((lo + hi) / 2).half().float(), out)
     return out.reshape(k.shape)
@@ -270,6 +277,9 @@ def install_keys_allocated(pre_rope: bool = False, widths_from: list[str] | None
 
 # --- keys in a calibrated basis (round 21) -----------------------------------------------------------------
 
+META8_STEP = 1 / 16  # the log2 grid of an 8-bit scale (``quantize_allocated``'s scale_step)
+
+
 def key_basis(queries: list[torch.Tensor], keys: list[torch.Tensor], block: int = 16) -> dict:
     """A basis for one layer's keys before RoPE, from calibration prompts (RoPE undone on both): queries
     [1, Hq, m, D] and keys [1, H, n, D], one of each per prompt -> {w, V, energy, range_sq}:
@@ -340,12 +350,13 @@ def basis_bits(energy: torch.Tensor, range_sq: torch.Tensor, budget: float, meta
         w[r, j] += steps[pick[r, j], r, j]
 
 
-def quantize_in_basis(k: torch.Tensor, basis: dict, widths: torch.Tensor, block: int = 16) -> torch.Tensor:
+def quantize_in_basis(k: torch.Tensor, basis: dict, widths: torch.Tensor, block: int = 16,
+                      scale_step: float = 0.0) -> torch.Tensor:
     """k [Bt, H, n, D] (before RoPE) -> its coefficients (k * w) @ V (``key_basis``) quantised per coefficient
-    per block of ``block`` tokens at ``widths`` [H, D] (``quantize_allocated``; 0 bits: dropped, read as 0) and
-    turned back -> fp32 like k."""
+    per block of ``block`` tokens at ``widths`` [H, D] (``quantize_allocated``, its ``scale_step``; 0 bits:
+    dropped, read as 0) and turned back -> fp32 like k."""
     w, V = basis["w"][:, None], basis["V"]
-    c = quantize_allocated((k.float() * w) @ V, widths.clamp_min(1), block)
+    c = quantize_allocated((k.float() * w) @ V, widths.clamp_min(1), block, scale_step)
     c = torch.where(widths[:, None] == 0, 0.0, c)
     return (c @ V.transpose(-1, -2)) / w
 
@@ -359,13 +370,15 @@ def key_bytes_in_basis(budget: float, container: int, *, batch: int, heads: int,
 
 
 def install_keys_basis(key_bits: dict[int, float], basis_from: list[str],
-                       allowed: tuple[int, ...] = tuple(range(1, 9))):
+                       allowed: tuple[int, ...] = tuple(range(1, 9)), meta8: bool = False):
     """Quantised blocks whose container is a key of ``key_bits`` (2/3/4) hold their keys in a basis at that
     many bits an element, everything else as the store holds it: reads from ``quantize_in_basis`` of the exact
     keys (RoPE undone at their positions, and redone), each layer's basis and widths (``key_basis``,
     ``basis_bits``) calibrated once on the prompts of the ``basis_from`` texts of bench/corpus.py; the cost
     model (so the fitter plans with them) and the store's held bytes (so the ratio reported is the format's)
-    price those keys at ``key_bits`` (``key_bytes_in_basis``); ``allowed``: the code widths (``basis_bits``).
+    price those keys at ``key_bits`` (``key_bytes_in_basis``); ``allowed``: the code widths (``basis_bits``);
+    ``meta8``: each coded coefficient's scale and zero in 8 bits each (``quantize_allocated``'s log2 grid of 1/16),
+    1 bit an element of metadata instead of 2.
     Returns ``prompt(model, ids [1, T], prefill, tok=None)`` (bench_ppl runs it before each text), which
     calibrates at its first call and returns {layer: {"basis": key_basis, container: widths [H, D]}}."""
     from agacc.tiers import TIER_CONTAINER
@@ -376,7 +389,8 @@ def install_keys_basis(key_bits: dict[int, float], basis_from: list[str],
         if not table:
             caps = calibration_prompts(model, basis_from, tok or state["tok"], prefill)
             for layer, basis in enumerate(calibrate_key_basis(model, caps)):
-                table[layer] = {"basis": basis, **{c: basis_bits(basis["energy"], basis["range_sq"], b, allowed=allowed)
+                table[layer] = {"basis": basis, **{c: basis_bits(basis["energy"], basis["range_sq"], b,
+                                                                 1.0 if meta8 else 2.0, allowed)
                                                    for c, b in key_bits.items()}}
         return table
 
@@ -385,7 +399,7 @@ def install_keys_basis(key_bits: dict[int, float], basis_from: list[str],
             return None
         cos, sin = state["cos"][where], state["sin"][where]
         return rope_turn(quantize_in_basis(rope_turn(k, cos, sin, -1), table[layer]["basis"],
-                                           table[layer][container], block), cos, sin, 1)
+                                           table[layer][container], block, META8_STEP if meta8 else 0.0), cos, sin, 1)
 
     cost, seg_bytes, layer_bytes = planner.block_cost_bytes, store.QuantSegment.nbytes, store.LayerStore.nbytes
 
@@ -427,6 +441,8 @@ def main(argv=None):
                     metavar="TEXT", help="keys-basis: the bench/corpus.py texts the basis is calibrated on")
     ap.add_argument("--key-widths", default="1,2,3,4,5,6,7,8", metavar="W,...",
                     help="keys-basis: the code widths a coefficient may take (besides 0)")
+    ap.add_argument("--key-meta", choices=("fp16", "8bit"), default="fp16",
+                    help="keys-basis: each coded coefficient's scale and zero per block in fp16 or in 8 bits each")
     args, rest = ap.parse_known_args(argv)
     if args.mode == "oracle":
         install_oracle(args.reduce, args.heads, args.when)
@@ -436,7 +452,8 @@ def main(argv=None):
         install_keys_allocated(args.pre_rope, args.widths_from)
     else:
         key_bits = {int(c): float(b) for c, b in (item.split("=") for item in args.key_bits.split(","))}
-        install_keys_basis(key_bits, args.basis_from, tuple(int(w) for w in args.key_widths.split(",")))
+        install_keys_basis(key_bits, args.basis_from, tuple(int(w) for w in args.key_widths.split(",")),
+                           args.key_meta == "8bit")
     import bench_ppl
     bench_ppl.main(rest)
 

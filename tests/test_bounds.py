@@ -224,6 +224,21 @@ def test_key_basis_is_the_weighed_keys_principal_axes():
         torch.testing.assert_close(basis["range_sq"][h], rs)
 
 
+def test_allocated_keys_with_8bit_metadata_are_round_9s_coded_form():
+    """``scale_step``: at equal widths the same as bench_quant_error's 8-bit log scale + int8 zero format (round 9,
+    written apart), and the basis reads through it when asked."""
+    from bench.bench_quant_error import per_channel_coded
+
+    torch.manual_seed(7)
+    k = torch.randn(1, 2, 32, 8) * 3
+    for b in (2, 3, 4):
+        want = per_channel_coded(1 / 16, True)(k, b)
+        torch.testing.assert_close(bounds.quantize_allocated(k, torch.full((2, 8), b), scale_step=1 / 16), want)
+    ident = {"w": torch.ones(2, 8), "V": torch.eye(8).expand(2, 8, 8)}
+    torch.testing.assert_close(bounds.quantize_in_basis(k, ident, torch.full((2, 8), 3), scale_step=1 / 16),
+                               per_channel_coded(1 / 16, True)(k, 3))
+
+
 def test_keys_in_a_basis_read_per_coefficient_per_block():
     """The identity basis at equal widths is the store's per-channel keys; any basis is the coefficients
     (k * w) @ V quantised per channel per block and turned back; a 0-bit coefficient is gone from the read."""
@@ -263,12 +278,14 @@ def test_keys_basis_prices_keys_at_its_bits_by_hand(monkeypatch):
     assert planner.block_cost_bytes(T.INT3, 3, 64, **{**kw, "key_quant": "token"}) == per_token
 
 
-def test_keys_basis_reads_and_holds_each_quantised_blocks_keys_in_the_calibrated_basis(monkeypatch):
+@pytest.mark.parametrize("meta8", [False, True])
+def test_keys_basis_reads_and_holds_each_quantised_blocks_keys_in_the_calibrated_basis(monkeypatch, meta8):
     """The tiny model at 8x, its basis calibrated on two other prompts (read through the tokenizer): each
     layer's basis is ``key_basis`` of those prompts' queries and keys with RoPE undone, its widths
     ``basis_bits`` at each container's bits; every 3/4-bit block reads its own tokens' exact keys so (RoPE
     undone, quantised in the basis, redone), its values as held; every other part as held; and the bytes held
-    are the store's less what its 3/4-bit keys weigh less in the basis, segment by segment."""
+    are the store's less what its 3/4-bit keys weigh less in the basis, segment by segment. ``meta8``: the widths
+    for 1 bit an element of metadata, the coefficients read with 8-bit scales and zeros."""
     from transformers.models.llama.modeling_llama import rotate_half
 
     from agacc.eval.runner import capture_prefill
@@ -279,7 +296,7 @@ def test_keys_basis_reads_and_holds_each_quantised_blocks_keys_in_the_calibrated
     texts, tok = _calibration_texts(["licence-tuning", "code-tuning"], 6)
     unpatched_parts, unpatched_bytes = store.LayerStore.parts, store.LayerStore.nbytes
     key_bits = {3: 2.5, 4: 3.5}
-    prompt = bounds.install_keys_basis(key_bits, list(texts))
+    prompt = bounds.install_keys_basis(key_bits, list(texts), meta8=meta8)
     ids = torch.randint(3, 256, (1, 640))
     table = prompt(model, ids, 320, tok)
     cos, sin = model.model.rotary_emb(torch.zeros(1), torch.arange(640)[None])
@@ -291,7 +308,7 @@ def test_keys_basis_reads_and_holds_each_quantised_blocks_keys_in_the_calibrated
         for name in ("w", "V", "energy", "range_sq"):
             torch.testing.assert_close(entry["basis"][name], want[name])
         for c, b in key_bits.items():
-            assert torch.equal(entry[c], bounds.basis_bits(want["energy"], want["range_sq"], b))
+            assert torch.equal(entry[c], bounds.basis_bits(want["energy"], want["range_sq"], b, 1.0 if meta8 else 2.0))
     cache = agacc.CompressedCache(model.config, AGACCConfig.preset("agacc", target_ratio=8.0))
     with torch.inference_mode():
         model(ids, past_key_values=cache)
@@ -306,7 +323,8 @@ def test_keys_basis_reads_and_holds_each_quantised_blocks_keys_in_the_calibrated
                 where = pos[at:at + n]
                 entry = table[layer.layer_idx]
                 want = turn(bounds.quantize_in_basis(turn(s._exact[0][:, :, where], where, -1), entry["basis"],
-                                                     entry[held.container], held.key_block), where, 1)
+                                                     entry[held.container], held.key_block,
+                                                     1 / 16 if meta8 else 0.0), where, 1)
                 torch.testing.assert_close(read.k.float(), want.to(s.dtype).float())
                 torch.testing.assert_close(read.v.float(), quant.dequantize_part(held)[1].to(s.dtype).float())
                 seen.add(held.container)
