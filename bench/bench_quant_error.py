@@ -11,8 +11,8 @@ position, quantised, redone. The "allocated" rows are key formats too: per chann
 KV head's channels at their own code widths (``bench/bounds.py``'s ``allocate_key_bits``: the bits on
 average, given by the 64 queries before the scored ones, the prompt's last queries of a real cache). The
 "basis" rows are keys before RoPE in each layer's basis calibrated on the ``--basis-from`` texts' first
-``--tokens`` tokens (``bounds.calibrate_key_basis``), each coefficient at its own width: ``--bits`` are then
-bits per element with the metadata (round 21).
+``--tokens`` tokens (``bounds.calibrate_key_basis``), each coefficient at its own width (with 8-bit scales and
+zeros: "basis, 8-bit scales"): ``--bits`` are then bits per element with the metadata (round 21).
 
     python bench/bench_quant_error.py --text /usr/share/common-licenses/GFDL-1.3 --json out/quant_error.json
 """
@@ -115,7 +115,7 @@ def allocated(x, b, ctx):
 
 STATS = 64  # queries before the scored ones that weigh the query-aware formats' channels
 # key formats called fmt(x, bits, ctx): ctx {"queries": the STATS queries, "q_end": their end, "layer": index}
-CONTEXT_FORMATS = ("allocated", "allocated, pre-RoPE", "basis")
+CONTEXT_FORMATS = ("allocated", "allocated, pre-RoPE", "basis", "basis, 8-bit scales")
 FORMATS = {  # name -> (quantise-dequantise, extra bits per element for scales and zeros at head dim 64)
     "per channel, 16-token blocks": (per_channel, 2.0),
     "per channel, rotated": (rotated(per_channel), 2.0),
@@ -145,7 +145,8 @@ def rope_formats(model, n, bases=None):
                 pre_rope(rotated(per_channel_32), cos, sin), 1.0),
             "per channel, pre-RoPE within the block, rotated": (pre_rope(rotated(per_channel), cos, sin, 16), 2.0),
             "allocated, pre-RoPE": (allocated_pre_rope(cos, sin), 2.0),
-            **({"basis": (in_basis(bases, cos, sin), 0.0)} if bases else {})}
+            **({"basis": (in_basis(bases, cos, sin), 0.0),
+                "basis, 8-bit scales": (in_basis(bases, cos, sin, meta8=True), 0.0)} if bases else {})}
 
 
 def allocated_pre_rope(cos, sin):
@@ -159,13 +160,15 @@ def allocated_pre_rope(cos, sin):
     return f
 
 
-def in_basis(bases, cos, sin):
+def in_basis(bases, cos, sin, meta8: bool = False):
     """Keys in each layer's calibrated basis (``bounds.calibrate_key_basis``, before RoPE) at ``b`` bits an
-    element, metadata included (``bounds.basis_bits``; round 21)."""
+    element, metadata included (``bounds.basis_bits``; round 21); ``meta8``: 8-bit scales and zeros."""
+    step = bounds.META8_STEP if meta8 else 0.0
+
     def f(x, b, ctx):
         basis = bases[ctx["layer"]]
-        widths = bounds.basis_bits(basis["energy"], basis["range_sq"], b)
-        return pre_rope(lambda kp, bits: bounds.quantize_in_basis(kp, basis, widths), cos, sin)(x, b)
+        widths = bounds.basis_bits(basis["energy"], basis["range_sq"], b, 1.0 if meta8 else 2.0)
+        return pre_rope(lambda kp, bits: bounds.quantize_in_basis(kp, basis, widths, 16, step), cos, sin)(x, b)
     return f
 
 
