@@ -35,6 +35,8 @@ Runs ``bench/bench_ppl.py`` (token by token) with one part of the method replace
                         coefficient at its own width (0 to 8 bits; 0: dropped) per block, fp16 scale and zero.
                         The cost model and the bytes held price those keys so: the fitter keeps more at the
                         same ratio, and the ratio reported is the format's (docs/tuning.md round 21).
+                        ``--key-widths 2,3,4,8``: the widths limited to those; ``--key-meta 8bit``: each
+                        scale and zero in 8 bits (a log2 grid of 1/16, an int8 zero).
 
     python bench/bounds.py --mode oracle --reduce max --suite tuning --threads 1 --ref-cache out/ref agacc@8
 """
