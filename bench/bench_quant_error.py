@@ -73,14 +73,12 @@ def per_channel_coded(scale_step: float, int_zero: bool, block: int = 16):
     minimum (exact extremes) or an integer in units of the scale (8 bits: the grid shifts by up to half
     a step, so a block's min and max are no longer exact)."""
     def fmt(x, b):
+        if int_zero:  # scale rounded up so the range still fits; zero = round(lo / s) as an int8
+            return bounds.quantize_allocated(x, torch.full((x.shape[1], x.shape[-1]), b), block, scale_step)
         xb, dim = _key_blocks(x.float(), block)
         lo, hi = xb.amin(dim, keepdim=True), xb.amax(dim, keepdim=True)
         levels = (1 << b) - 1
         s = ((hi - lo) / levels).clamp_min(1e-6)
-        if int_zero:  # scale rounded up so the range still fits; zero = round(lo / s) as an int8
-            s = torch.exp2(torch.ceil(torch.log2(torch.maximum(s, lo.abs() / 127.5)) / scale_step) * scale_step)
-            z = torch.round(lo / s).clamp(-128, 127)
-            return ((torch.round(xb / s - z).clamp(0, levels) + z) * s).reshape(x.shape)
         s = torch.exp2(torch.round(torch.log2(s) / scale_step) * scale_step)
         lo = lo.half().float()
         return (torch.round((xb - lo) / s).clamp(0, levels) * s + lo).reshape(x.shape)
@@ -208,14 +206,16 @@ def main(argv=None):
     nq = args.quantised
     rows = []
     exact = [attention(q, k, v, sc) for q, k, v, sc in captured]  # (probs, out) per layer, exact K/V
+    def wanted(name: str) -> bool:
+        return not args.formats or any(f in name for f in args.formats)
+
     bases = None  # the "basis" rows' calibration (a model with RoPE, the rows asked for)
-    has_rope = getattr(getattr(model, "model", None), "rotary_emb", None) is not None
-    if has_rope and (not args.formats or any(f in "basis" for f in args.formats)):
+    if getattr(getattr(model, "model", None), "rotary_emb", None) is not None and wanted("basis"):
         caps = bounds.calibration_prompts(model, args.basis_from, tok, args.tokens)
         bases = bounds.calibrate_key_basis(model, caps)
     rope = rope_formats(model, ids.shape[1], bases)  # keys only: values carry no RoPE
     for name, (fmt, extra) in {**FORMATS, **rope}.items():
-        if args.formats and not any(f in name for f in args.formats):
+        if not wanted(name):
             continue
         keys_only = name in rope or name in CONTEXT_FORMATS
         for b in args.bits:

@@ -133,13 +133,18 @@ def rope_turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int) 
     return x * cos + sign * rotate_half(x) * sin
 
 
+def query_energy(q: torch.Tensor, heads: int) -> torch.Tensor:
+    """The mean square of queries q [1, Hq, m, D] per channel over each KV head's group of ``heads`` -> [H, D] fp32."""
+    return q.float().reshape(heads, -1, q.shape[-1]).pow(2).mean(1)
+
+
 def key_channel_cost(q: torch.Tensor, k: torch.Tensor, block: int = 16) -> torch.Tensor:
     """What each key channel's quantisation error costs the logits, [H, D] fp32: (the RMS of queries q [1, Hq,
     m, D] in that channel, over a KV head's group) x (the RMS over blocks of ``block`` tokens of the keys k [1,
     H, n, D]'s range there), squared; n a multiple of ``block``."""
-    h, d = k.shape[1], k.shape[-1]
-    q_rms = q.float().reshape(h, -1, d).pow(2).mean(1).sqrt()
-    kb = k.float()[0].reshape(h, -1, block, d)
+    h = k.shape[1]
+    q_rms = query_energy(q, h).sqrt()
+    kb = k.float()[0].reshape(h, -1, block, k.shape[-1])
     k_range = (kb.amax(2) - kb.amin(2)).pow(2).mean(1).sqrt()
     return (q_rms * k_range).pow(2)
 
@@ -292,7 +297,7 @@ def key_basis(queries: list[torch.Tensor], keys: list[torch.Tensor], block: int 
     coefficient (k * w) @ V, range_sq [H, D] the mean over blocks of ``block`` tokens of its squared range,
     both averaged over the prompts. fp32."""
     h, d = keys[0].shape[1], keys[0].shape[-1]
-    q_energy = torch.stack([q.float()[0].reshape(h, -1, q.shape[2], d).pow(2).mean((1, 2)) for q in queries]).mean(0)
+    q_energy = torch.stack([query_energy(q, h) for q in queries]).mean(0)
     half = d // 2
     pair = (q_energy[:, :half] + q_energy[:, half:]) / 2
     w = torch.cat([pair, pair], -1).sqrt()

@@ -225,18 +225,25 @@ def test_key_basis_is_the_weighed_keys_principal_axes():
 
 
 def test_allocated_keys_with_8bit_metadata_are_round_9s_coded_form():
-    """``scale_step``: at equal widths the same as bench_quant_error's 8-bit log scale + int8 zero format (round 9,
-    written apart), and the basis reads through it when asked."""
-    from bench.bench_quant_error import per_channel_coded
+    """``scale_step``: at equal widths round 9's 8-bit log scale + int8 zero format (recomputed here: per channel
+    per 16-token block, the scale rounded up on a log2 grid of 1/16 so the range and the zero fit, the zero an
+    int8 in units of the scale), and the basis reads through it when asked."""
+    def coded(x, b, step=1 / 16):
+        xb = x.reshape(1, 2, 2, 16, 8)
+        lo, hi = xb.amin(3, keepdim=True), xb.amax(3, keepdim=True)
+        levels = (1 << b) - 1
+        s = ((hi - lo) / levels).clamp_min(1e-6)
+        s = torch.exp2(torch.ceil(torch.log2(torch.maximum(s, lo.abs() / 127.5)) / step) * step)
+        z = torch.round(lo / s).clamp(-128, 127)
+        return ((torch.round(xb / s - z).clamp(0, levels) + z) * s).reshape(x.shape)
 
     torch.manual_seed(7)
     k = torch.randn(1, 2, 32, 8) * 3
     for b in (2, 3, 4):
-        want = per_channel_coded(1 / 16, True)(k, b)
-        torch.testing.assert_close(bounds.quantize_allocated(k, torch.full((2, 8), b), scale_step=1 / 16), want)
+        torch.testing.assert_close(bounds.quantize_allocated(k, torch.full((2, 8), b), scale_step=1 / 16), coded(k, b))
     ident = {"w": torch.ones(2, 8), "V": torch.eye(8).expand(2, 8, 8)}
     torch.testing.assert_close(bounds.quantize_in_basis(k, ident, torch.full((2, 8), 3), scale_step=1 / 16),
-                               per_channel_coded(1 / 16, True)(k, 3))
+                               coded(k, 3))
 
 
 def test_keys_in_a_basis_read_per_coefficient_per_block():
