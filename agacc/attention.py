@@ -137,10 +137,11 @@ def chunk_attention(query: torch.Tensor, parts: list[Part], scaling: float, n_ne
 
     Branches once on ``kernels.backend(query.device)``: "triton" runs the fused kernel
     (``kernels.triton_chunk.chunk_parts``: the same result, its own key tiles; ``block`` is this
-    path's); "cpp" and "torch" run the PyTorch path below."""
+    path's; not for keys held in a basis); "cpp" and "torch" run the PyTorch path below."""
     if reduce not in ("mean", "max"):
         raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
-    if window is None and reduce == "mean" and kernels.backend(query.device) == "triton":
+    if (window is None and reduce == "mean" and kernels.backend(query.device) == "triton"
+            and all(p.basis is None for p in parts)):  # keys in a basis: the PyTorch path (kernels/__init__.py)
         from kernels.triton_chunk import chunk_parts
 
         return chunk_parts(query, parts, scaling, n_new, n_obs, softcap=softcap)

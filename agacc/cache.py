@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +24,7 @@ from agacc.config import CALIBRATED, AGACCConfig
 from agacc.decode import decode_attention
 from agacc.importance import WINDOW_ITEMSIZE, ImportanceTracker
 from agacc.planner import Geometry, sliding_windows
-from agacc.policy import layer_weights
+from agacc.policy import basis_layouts, layer_weights
 from agacc.store import LayerStore
 from agacc.tiers import HOT, NAMES
 
@@ -97,7 +96,9 @@ class CompressedLayer(CacheLayerMixin):
         store_dtype = self.dtype if (cfg.store_dtype == "model" or not cfg.compress) else _DTYPES[cfg.store_dtype]
         if self.window is not None and cfg.markers:  # what a sliding layer evicts, its window has passed: no marker
             cfg = cfg.with_overrides(markers=False)
-        self.store = LayerStore(cfg, self.device, store_dtype)
+        basis = self.cache.key_basis
+        self.store = LayerStore(cfg, self.device, store_dtype, key_basis=None if basis is None else
+                                tuple(t.to(self.device) for t in basis[self.layer_idx]))
         self.tracker.device = self.device
         self.tracker.importance = self.tracker.importance.to(self.device)
         self.tracker.value_norm = self.tracker.value_norm.to(self.device)
@@ -315,6 +316,18 @@ class CompressedCache(Cache):
         self.layer_weights = layer_weights(self.cfg, self.n_layers)
         self.record_history = record_history
         self.windows = sliding_windows(model_config)  # per layer: its sliding window (tokens) or None
+        self.key_basis = None  # per layer, its key basis (agacc.basis) where keys may be held in one
+        if self.cfg.key_quant == "basis":
+            from agacc import basis
+
+            table = basis.require(model_config)
+            if tuple(table.V.shape[:3]) != (geo.n_layers, geo.heads, geo.head_dim):
+                raise ValueError(f"the key basis filed for this model has {tuple(table.V.shape[:3])} (layers, KV "
+                                 f"heads, head dim), the model {(geo.n_layers, geo.heads, geo.head_dim)}: re-run "
+                                 "python -m agacc calibrate --key-basis --save")
+            # the most coefficients a block keeps: the axes held (none where keys are per token: keep_all)
+            r = max((sum(n for _, n in lay) for lay in basis_layouts(self.cfg, geo.head_dim)), default=0)
+            self.key_basis = [table.layer(i, r) for i in range(geo.n_layers)] if r else None
         self._start()
         super().__init__(layers=[CompressedLayer(self, i) for i in range(self.n_layers)])
 
@@ -536,12 +549,13 @@ class CompressedCache(Cache):
 
     def unplanned_bytes(self) -> int:
         """Bytes held that the tier plan does not cover (tracker state, block scores, the int32 block
-        layout of the attention order): ``planned_bytes`` + these = what the cache holds under a plan
+        layout of the attention order, the key basis): ``planned_bytes`` + these = what the cache holds under a plan
         (the window held now is the plan's: one slot per entry). Recorded with the history, so a
         replay reports bytes held."""
         layers = [l for l in self.layers if l.store is not None]
         tracker = sum(l.tracker.nbytes() - l.tracker.window.nbytes for l in layers)  # the window is in the plan
-        return tracker + sum(l.scores.nbytes + 4 * l.store.n_ready_blocks() for l in layers)
+        basis = sum(t.nbytes for l in layers for t in l.store.basis_tensors())  # a fixed cost per layer
+        return tracker + basis + sum(l.scores.nbytes + 4 * l.store.n_ready_blocks() for l in layers)
 
     def ahead_bytes(self) -> int:
         """Window slots of the tokens that arrive before the next re-evaluation (the ratio fitter

@@ -66,6 +66,8 @@ def cmd_calibrate(args) -> int:
     if args.tokens < 64:
         raise ValueError(f"--tokens must be >= 64, got {args.tokens}")
     model, tok = agacc.load_model(args.model, device=args.device)
+    if args.key_basis:
+        return _calibrate_key_basis(args, model, tok)
     cfg = AGACCConfig.preset("agacc")
     per_text = []  # per text: one run per --evict fraction (eviction), or the one 3-bit run
     for path in args.text or [None]:
@@ -90,6 +92,33 @@ def cmd_calibrate(args) -> int:
         [f"{result['model']}: KL per token (nats) with one layer's cache {what}, then {field}"]
         + [f"layer {i:3d}  {x:.3g}  x{f:.3f}" for i, (x, f) in enumerate(zip(sens, scale))]
         + [f"saved: {result['saved']}" if args.save else "(--save files it for layer_calibration=auto)"]))
+    return 0
+
+
+def _calibrate_key_basis(args, model, tok) -> int:
+    """``calibrate --key-basis``: the model's key basis (``agacc.basis``) from the first ``--tokens`` tokens of
+    each text (default: the repo's tuning texts), and with ``--save`` filed where key_quant="basis" finds it."""
+    import torch
+
+    from agacc import basis
+    from agacc.config import AGACCConfig
+    from agacc.eval.runner import capture_prefill
+    from agacc.eval.tasks import read_text
+    from agacc.policy import basis_layouts
+
+    texts = [read_text(p) for p in args.text] if args.text else _tuning_texts(tok)
+    ids = [tok(t, return_tensors="pt").input_ids[0, :args.tokens].tolist() for t in texts]
+    with torch.inference_mode():
+        table = basis.calibrate(model, [capture_prefill(model, i) for i in ids])
+    layouts = basis_layouts(AGACCConfig.preset("agacc", key_quant="basis", keep_all=0.0), table.V.shape[-1])
+    result = {"model": table.model, "texts": args.text or ["(the tuning texts)"], "tokens": [len(i) for i in ids],
+              "layouts": {c: [list(g) for g in lay] for c, lay in zip((2, 3, 4), layouts)}}
+    if args.save:
+        result["saved"] = str(basis.save(model.config, table))
+    print(json.dumps(result, indent=2) if args.json else "\n".join(
+        [f"{table.model}: key basis of {table.V.shape[0]} layers x {table.V.shape[1]} KV heads, head dim "
+         f"{table.V.shape[-1]}; 2/3/4-bit blocks' keys as (bits, coefficients): {result['layouts']}",
+         f"saved: {result['saved']}" if args.save else "(--save files it for key_quant=basis)"]))
     return 0
 
 
@@ -159,10 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--evict", type=float, nargs="+", default=None, metavar="FRACTION",
                    help="measure eviction instead: the layer under test loses these fractions of its blocks "
                         "(least attended first; geometric mean over them) -> evict_scale (docs/tuning.md round 10)")
+    c.add_argument("--key-basis", action="store_true",
+                   help="calibrate the model's key basis instead (key_quant=basis; agacc.basis; default texts: the "
+                        "repo's tuning texts)")
     c.add_argument("--model", default=None, help="hub id or local path (default: the embedded SmolLM2-135M-Instruct)")
     c.add_argument("--device", default=None)
     c.add_argument("--save", action="store_true", help="file it for layer_calibration=auto (under $AGACC_CACHE; with "
-                   "--evict the eviction table)")
+                   "--evict the eviction table; with --key-basis for key_quant=basis)")
     c.add_argument("--json", action="store_true", help="print a JSON record")
     c.set_defaults(func=cmd_calibrate)
     d = sub.add_parser("distill", help="train KV-Distill's token selector and adapter (the kv-distill@R baseline)")

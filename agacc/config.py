@@ -22,7 +22,7 @@ SCORINGS = ("ema", "decay", "sum")             # 000 §2.3 EMA / 001 decay-weigh
 BIT_INTERPS = ("log", "linear")
 POSITION_NORMS = ("none", "power", "log")      # forms of P(t - i), 000 §2.3
 QUANTIZERS = ("minmax", "meanstd")
-KEY_QUANTS = ("token", "channel")
+KEY_QUANTS = ("token", "channel", "basis")
 SINK_BITS = (16, 8, 4, 3)                      # the sink blocks: full, or a container's code width
 LAYER_CALIBRATIONS = ("none", "auto")         # where layer_scale comes from (agacc.calibrate)
 CALIBRATED = ("layer_scale", "evict_scale", "layer_floor")  # what layer_calibration="auto" resolves per model
@@ -115,7 +115,14 @@ class AGACCConfig:
         s: outlier scale s of the mean/std quantiser.
         key_quant: how keys are grouped: "channel" (KIVI, the default: one (scale, zero) per channel
             over a block's B tokens) or "token" (one per token per group of key_group_size channels).
-            Values are always per token. docs/tuning.md round 4 compares them at equal bytes.
+            Values are always per token. docs/tuning.md round 4 compares them at equal bytes. "basis": the
+            2/3/4-bit blocks hold their keys as coefficients in the model's calibrated basis
+            (``agacc.basis``: the query-weighed principal axes of the keys before RoPE, rebuilt and turned
+            back at read), per coefficient over a block's B tokens; 8-bit blocks per channel.
+        basis_layout: with key_quant="basis", the coefficients 2-, 3- and 4-bit blocks keep at 8, 4, 3 and 2
+            bits (four counts a container, for head dim 64; ``policy.basis_layouts`` scales them to others),
+            the widest on the axes of most energy: 1.5, 3.125 and 4.41 bits a key element with the scales
+            (docs/tuning.md round 22).
         key_group_size: channels per (scale, zero) group of the per-token key quantiser.
         value_group_size: channels per (scale, zero) group of the per-token value quantiser.
         rotate: store quantised keys and values Hadamard-rotated (``agacc.quant.rotate``): outlier
@@ -246,6 +253,7 @@ class AGACCConfig:
     quantizer: str = _f("minmax", "tiers", choices=QUANTIZERS)
     s: float = _f(3.0, "tiers")
     key_quant: str = _f("channel", "tiers", replay=True, choices=KEY_QUANTS)
+    basis_layout: tuple[float, ...] = _f((0, 4, 8, 8, 2, 6, 16, 16, 3, 14, 24, 12), "tiers", replay=True)
     key_group_size: int = _f(64, "tiers", replay=True)
     value_group_size: int = _f(64, "tiers", replay=True)
     rotate: bool = _f(True, "tiers", ui=("store quantised blocks Hadamard-rotated (less error; needs a re-run)",
@@ -332,6 +340,11 @@ class AGACCConfig:
              f"key_group_size must be a positive multiple of 8, got {self.key_group_size}")
         need(self.value_group_size >= 8 and self.value_group_size % 8 == 0,
              f"value_group_size must be a positive multiple of 8, got {self.value_group_size}")
+        lay = self.basis_layout
+        need(len(lay) == 12 and all(n >= 0 and n == int(n) for n in lay)
+             and all(0 < sum(lay[i:i + 4]) <= 64 for i in (0, 4, 8)),
+             "basis_layout must be 12 whole counts (coefficients at 8, 4, 3, 2 bits for 2-, 3-, 4-bit blocks, "
+             f"head dim 64), 1 to 64 a container, got {lay}")
         need(self.keep_all >= 0, f"keep_all must be >= 0 (a target ratio; 0: never), got {self.keep_all}")
         need(0.0 <= self.p_max < 1.0, f"p_max must be in [0, 1), got {self.p_max}")
         need(0.0 <= self.spill <= 1.0, f"spill (rho) must be in [0, 1], got {self.spill}")

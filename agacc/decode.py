@@ -7,7 +7,8 @@ once on ``kernels.backend(query.device)``:
     "triton"  the fused Triton kernel (``kernels.triton_decode.decode_parts``)
     "cpp"     the fused C++ kernel (``kernels.cpu.decode_layer``)
     "torch"   the packed PyTorch path below
-    with a mask (the lossless preset's padded batches): the PyTorch path, whatever the backend.
+    with a mask (the lossless preset's padded batches): the PyTorch path, whatever the backend;
+    keys held in a basis (``key_quant="basis"``) on Triton: the PyTorch path, with one warning.
 
 All three are checked against ``attention.attend`` over ``store.attention_entries`` (dequantised).
 
@@ -21,6 +22,9 @@ part is a transient one inside the step, never held:
   + zero_tr sum(q_r); keys per channel per block: q.k = q . (scale * codes) + q . zero, the zero
   point one bias per block;
 * values (scale/zero per token per channel group): p.v = sum_t (p_t*scale_t) codes_t + sum_t p_t*zero_t.
+
+Keys held in a basis (``Part.basis``) are rebuilt from their dequantised coefficients
+(``quant.basis_keys``: a transient [n, D] copy a part) and meet the query as it is.
 
 Rotated parts (``cfg.rotate``) meet the rotated query (``q H . k H = q . k``), and their share
 of the output is summed apart and rotated back once (``(P V H) H = P V``).
@@ -69,6 +73,9 @@ def _codes_t(packed: torch.Tensor, container: int) -> torch.Tensor:
 def _key_scores(qg, seg: Part):
     """qg [Bt,H,g,D] fp32 (rotated when the part is) -> scores [Bt,H,g,n] over a quantised part."""
     bt, h, g, d = qg.shape
+    if seg.basis is not None:  # coefficients per block -> keys rebuilt at their positions
+        k = quant.basis_keys(quant.dequantize_coeffs(seg), seg.basis, seg.inv_freq, seg.pos)
+        return torch.matmul(qg, k.transpose(-1, -2))
     codes = _codes_t(seg.k, seg.container)                               # [Bt,H,D,n]
     n = codes.shape[-1]
     if not seg.key_block:  # keys per token: q.k_t = sum_r scale_tr (q_r . codes_tr) + zero_tr sum(q_r), r the groups
@@ -116,6 +123,10 @@ def decode_attention(query: torch.Tensor, store, scaling: float, mask: torch.Ten
         raise ValueError(f"decode_attention expects query [Bt, Hq, 1, D], got {tuple(query.shape)}")
     parts = store.parts()
     backend = "torch" if mask is not None else kernels.backend(query.device)
+    if backend == "triton" and any(p.basis is not None for p in parts):
+        kernels.warn_once("basis", "AGACC: the Triton kernels do not read keys held in a basis yet; the "
+                                   "PyTorch reference runs (key_quant='channel' keeps them)")
+        backend = "torch"
     if backend == "triton":
         from kernels.triton_decode import decode_parts
 
@@ -140,9 +151,10 @@ def _decode_parts(qg: torch.Tensor, parts: list[Part], mask: torch.Tensor | None
     terms = []  # (scores, value_fn, output rotated?)
     for p in parts:
         if p.kind == QUANT:
-            if p.rotated and qr is None:
+            turned = p.rotated and p.basis is None  # keys in a basis are never rotated (their values may be)
+            if turned and qr is None:
                 qr = quant.rotate(qg)
-            terms.append((cap_logits(_key_scores(qr if p.rotated else qg, p), softcap), lambda w, p=p: _value_out(w, p),
+            terms.append((cap_logits(_key_scores(qr if turned else qg, p), softcap), lambda w, p=p: _value_out(w, p),
                           p.rotated))
             continue
         if p.kind == DENSE:

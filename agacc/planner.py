@@ -20,7 +20,7 @@ import torch
 from agacc import methods
 from agacc.config import CALIBRATED
 from agacc.importance import WINDOW_ITEMSIZE, block_max, max_pool
-from agacc.policy import fidelity_floor, hold_evictions, key_grouping, layer_weights
+from agacc.policy import basis_layouts, fidelity_floor, hold_evictions, key_grouping, layer_weights
 from agacc.quant import container_bits, value_group
 from agacc.tiers import CONTAINER_OF_TIER, CONTAINER_TIER, EVICTED, FULL, PRUNED, TIER_CONTAINER, TIER_OF_CONTAINER
 
@@ -260,21 +260,26 @@ def _plan_rule(block_scores, cfg, geo: Geometry, seq_len: int, scale: float, pre
 
 def block_cost_bytes(tier: int, bits: int, keep: int, *, batch: int, heads: int, head_dim: int,
                      block_size: int, full_itemsize: int, value_group_size: int, b_min: int,
-                     sparse_threshold: float, key_quant: str, key_group_size: int) -> int:
+                     sparse_threshold: float, key_quant: str, key_group_size: int,
+                     key_layouts: tuple = ()) -> int:
     """Bytes one block of ``block_size`` tokens occupies in ``tier`` (K and V, scales, ids, per-block
     metadata). For planning only; ``memory()`` counts ``nbytes`` of what is held (a test checks the
-    two agree). Evicted blocks cost nothing here (markers are counted per run)."""
+    two agree). Evicted blocks cost nothing here (markers are counted per run). ``key_layouts``: the layouts of
+    2-, 3- and 4-bit blocks' keys held in a basis (``policy.basis_layouts``; (): per channel)."""
     vecs = batch * heads * block_size
     meta = 1 + 1 + 2 + 4  # tier, bits, keep, block id
     if tier == FULL:
         return 2 * vecs * head_dim * full_itemsize + meta
     if tier in TIER_CONTAINER or (tier == PRUNED and (keep >= head_dim or 1 - keep / head_dim < sparse_threshold)):
         c = container_bits(bits if tier != PRUNED else b_min)
-        codes = 2 * vecs * head_dim * c // 8
+        layout = dict(zip((2, 3, 4), key_layouts)).get(c)  # keys in a basis: its coefficients, else channels
+        k_dim = sum(n for _, n in layout) if layout else head_dim
+        k_codes = vecs * sum(n * w for w, n in layout) // 8 if layout else vecs * head_dim * c // 8
+        codes = k_codes + vecs * head_dim * c // 8
         if key_quant == "token":
             k_scales = 2 * vecs * (head_dim // value_group(head_dim, key_group_size)) * 2
         else:
-            k_scales = 2 * batch * heads * head_dim * 2
+            k_scales = 2 * batch * heads * k_dim * 2
         v_scales = 2 * vecs * (head_dim // value_group(head_dim, value_group_size)) * 2
         return codes + k_scales + v_scales + 1 + meta
     if tier == PRUNED:
@@ -306,7 +311,7 @@ def cost_settings(cfg, geo: Geometry, block_size: int | None = None) -> dict:
     return dict(batch=geo.batch, heads=geo.heads, head_dim=geo.head_dim, block_size=block_size or cfg.block_size,
                 full_itemsize=geo.full_itemsize, value_group_size=cfg.value_group_size, b_min=cfg.b_min,
                 sparse_threshold=cfg.sparse_threshold, key_quant=key_grouping(cfg, geo.head_dim),
-                key_group_size=cfg.key_group_size)
+                key_group_size=cfg.key_group_size, key_layouts=basis_layouts(cfg, geo.head_dim))
 
 
 _COSTS: dict = {}  # (cost-model settings, code) -> block_cost_bytes

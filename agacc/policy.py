@@ -85,6 +85,30 @@ def key_grouping(cfg, head_dim: int) -> str:
     return "token" if keeps_all(cfg, head_dim) else cfg.key_quant
 
 
+BASIS_WIDTHS = (8, 4, 3, 2)  # the code widths of ``cfg.basis_layout``'s counts, widest first
+PACK_UNIT = {8: 1, 4: 2, 3: 8, 2: 4}  # codes a width packs whole bytes of (``quant.pack``)
+
+
+def basis_layouts(cfg, head_dim: int) -> tuple:
+    """Where keys are held in a basis (``key_grouping`` "basis"): for 2-, 3- and 4-bit blocks, their keys'
+    layout ((width, coefficients), ...), widest first along the axes (``kernels.format.Part.key_groups``):
+    ``cfg.basis_layout``'s counts times head_dim / 64, each rounded (half up) to whole bytes of its width, at most
+    head_dim in all. Else ()."""
+    if key_grouping(cfg, head_dim) != "basis":
+        return ()
+    out = []
+    for i in range(3):
+        groups, left = [], head_dim
+        for w, n in zip(BASIS_WIDTHS, cfg.basis_layout[4 * i:4 * i + 4]):
+            u = PACK_UNIT[w]
+            n = min(math.floor(n * head_dim / 64 / u + 0.5) * u, left // u * u)
+            if n:
+                groups.append((w, n))
+                left -= n
+        out.append(tuple(groups))
+    return tuple(out)
+
+
 def full_plan(n: int, head_dim: int):
     """(tier, bits, keep) [n] of ``n`` blocks at full precision."""
     return (torch.full((n,), FULL, dtype=torch.int8), torch.full((n,), 16, dtype=torch.int8),

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 
 from kernels.format import (  # noqa: F401  (re-exported: agacc.quant's public names)
-    CONTAINER_OF, CONTAINERS, DENSE, QUANT, SCALE_DTYPE, SPARSE, Part, container_bits, dequantize, hadamard, pack,
-    pack_bitmap, rotate, rotation_size, sparse_decode, unpack, unpack_bitmap, value_group,
+    CONTAINER_OF, CONTAINERS, DENSE, QUANT, SCALE_DTYPE, SPARSE, Part, basis_axes, basis_coeffs, basis_keys,
+    container_bits, dequantize, frame, hadamard, pack, pack_bitmap, pack_groups, rotate, rotation_size, sparse_decode,
+    unpack, unpack_bitmap, unpack_groups, value_group,
 )
 
 
@@ -102,6 +103,28 @@ def dequantize_values(packed, scale, zero, bits: int, dtype=torch.float32):
     return x.reshape(bt, h, n, d)
 
 
+# --- keys in a basis (kernels/format.py): coefficients per block in groups of their own widths ---
+
+def quantize_coeffs(c: torch.Tensor, groups, block_size: int, method: str = "minmax", s: float = 3.0):
+    """Coefficients ``[Bt, H, n, r]`` -> ``(packed [Bt,H,n,sum(count*width)/8] uint8, scale [Bt,H,n/B,r],
+    zero)``: each group ((width, count), ...) of coefficients per coefficient per block at its width
+    (``quantize_keys``), packed by ``pack_groups``."""
+    out, at = [], 0
+    for w, n in groups:
+        out.append(quantize_keys(c[..., at:at + n], w, block_size, method, s))
+        at += n
+    return tuple(torch.cat(ts, -1) for ts in zip(*out))
+
+
+def dequantize_coeffs(part: Part, dtype=torch.float32) -> torch.Tensor:
+    """A basis part's coefficients -> ``[Bt, H, n, r]`` in ``dtype`` (inverse of ``quantize_coeffs``)."""
+    codes = unpack_groups(part.k, part.key_groups)
+    bt, h, n, r = codes.shape
+    B = part.key_block
+    x = dequantize(codes.reshape(bt, h, n // B, B, r), part.k_scale.unsqueeze(3), part.k_zero.unsqueeze(3), dtype)
+    return x.reshape(bt, h, n, r)
+
+
 # --- magnitude pruning (seed 000 §2.4.2) and its sparse format ---
 
 def kept_count(head_dim: int, rate: float) -> int:
@@ -146,11 +169,17 @@ def dequantize_part(part: Part, dtype=torch.float32):
         k = sparse_decode(part.k_map, part.k, part.k_scale, part.k_zero, part.code_bits)
         v = sparse_decode(part.v_map, part.v, part.v_scale, part.v_zero, part.code_bits)
         return k.to(dtype), v.to(dtype)
-    if part.key_block:
+    if part.basis is not None:
+        k = dequantize_coeffs(part)
+    elif part.key_block:
         k = dequantize_keys(part.k, part.k_scale, part.k_zero, part.container, part.key_block)
     else:
         k = dequantize_values(part.k, part.k_scale, part.k_zero, part.container)
     v = dequantize_values(part.v, part.v_scale, part.v_zero, part.container)
     if part.rotated:
-        k, v = rotate(k), rotate(v)
+        v = rotate(v)
+    if part.basis is not None:  # keys held as coefficients in a basis (never rotated)
+        k = basis_keys(k, part.basis, part.inv_freq, part.pos)
+    elif part.rotated:
+        k = rotate(k)
     return k.to(dtype), v.to(dtype)

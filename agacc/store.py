@@ -10,6 +10,9 @@ blocks out of the hot region and between segments:
                                           or [Bt, H, n, D/Gk]   fp16, per token per group (key_quant="token")
                               v_scale/zero   [Bt, H, n, D/G]    fp16, per token per group
                               with cfg.rotate, the codes are of K H and V H (``quant.rotate``)
+                              key_quant="basis": 2/3/4-bit keys as r coefficients in the layer's basis
+                              (``agacc.basis``) in groups of their own widths (``policy.basis_layouts``):
+                              codes [Bt, H, n, sum(count*width)/8], k_scale/zero [Bt, H, n/B, r]
   pruned   SparseSegment(keep)k, v bitmap    [Bt, H, n, D/8]    uint8
                               k, v codes     [Bt, H, n, keep*c/8] uint8 (c = container of b_min)
                               scale/zero     [Bt, H, n, 1]      fp16, per vector
@@ -35,7 +38,7 @@ import torch
 import kernels
 from agacc import quant
 from agacc.quant import DENSE, QUANT, SPARSE, Part
-from agacc.policy import fidelity_floor, key_grouping
+from agacc.policy import basis_layouts, fidelity_floor, key_grouping
 from agacc.tiers import CONTAINER_OF_TIER, EVICTED, FULL, INT2, INT3, INT4, INT8, NAMES, PRUNED, TIER_CONTAINER, evicted_runs
 
 
@@ -265,7 +268,9 @@ class QuantSegment(Segment):
     grouped per channel per block or per token (``key_per_token``: ``cfg.key_quant``; a ``LayerStore``
     sets it from the head dim at its first append, per token where ``cfg.keep_all`` applies,
     ``policy.key_grouping``); with ``cfg.rotate``
-    keys and values are stored Hadamard-rotated (``rotated``), and ``read_blocks`` rotates them back."""
+    keys and values are stored Hadamard-rotated (``rotated``), and ``read_blocks`` rotates them back. ``basis``:
+    (w, V, V_scale, inv_freq, groups) where the keys are held as coefficients in the layer's basis, in ``groups``
+    ((width, count), ...; a ``LayerStore`` sets it: key_quant "basis"), never rotated."""
 
     def __init__(self, block_size, device, container, cfg):
         super().__init__(block_size, device)
@@ -274,10 +279,16 @@ class QuantSegment(Segment):
         self.bits = torch.empty(0, dtype=torch.int8, device=device)
         self.k = self.k_scale = self.k_zero = self.v = self.v_scale = self.v_zero = None
         self.key_per_token = cfg.key_quant == "token"  # a LayerStore sets it from the head dim (key_grouping)
+        self.basis = None
 
     @property
     def rotated(self) -> bool:
         return self.cfg.rotate
+
+    def _axes(self) -> torch.Tensor:
+        """The basis' first r axes [H, r, D] fp32 (``quant.basis_axes``), made per use."""
+        w, V, V_scale, _, groups = self.basis
+        return quant.basis_axes(w, V, sum(n for _, n in groups), V_scale)
 
     def tensors(self):
         self.flush()
@@ -294,7 +305,7 @@ class QuantSegment(Segment):
     def add(self, block_ids, k, v, bits, **_):
         """k, v: [Bt, H, nb*B, D] float; bits: [nb] code bits (<= container)."""
         if self.rotated:
-            k, v = quant.rotate(k), quant.rotate(v)
+            k, v = k if self.basis is not None else quant.rotate(k), quant.rotate(v)
         # quantise runs of equal code bits together (usually one or two runs)
         groups = sorted(set(bits.tolist()))
         out = []
@@ -305,16 +316,19 @@ class QuantSegment(Segment):
                 sel = (bits == b).nonzero().squeeze(1)
                 r = _rows(sel, self.block_size)
                 kb, vb, ids_b = k[:, :, r], v[:, :, r], block_ids[sel]
-            out.append((ids_b, b, self.quantize(kb, vb, b)))
+            out.append((ids_b, b, self.quantize(kb, vb, b, _rows(ids_b.long(), self.block_size))))
         self.append(out)
 
-    def quantize(self, k, v, b: int) -> tuple:
+    def quantize(self, k, v, b: int, pos: torch.Tensor | None = None) -> tuple:
         """(already rotated) k, v [Bt, H, n*B, D] -> the six tensors a group of ``b``-bit blocks holds
         (k codes, k_scale, k_zero, v codes, v_scale, v_zero). Per block / per token: blocks quantise
-        alike whichever others share the call."""
+        alike whichever others share the call. ``pos`` [n*B]: the tokens' positions (keys in a basis)."""
         cfg, B = self.cfg, self.block_size
         ops = _quant_ops(k.device)
-        if self.key_per_token:
+        if self.basis is not None:  # the coefficients, per coefficient per block (the PyTorch quantiser: any r)
+            k = quant.basis_coeffs(k, torch.linalg.pinv(self._axes()), self.basis[3], pos)
+            pk, ks, kz = quant.quantize_coeffs(k, self.basis[4], B, cfg.quantizer, cfg.s)
+        elif self.key_per_token:
             pk, ks, kz = ops.quantize_values(k, b, cfg.key_group_size, cfg.quantizer, cfg.s)
         else:
             pk, ks, kz = ops.quantize_keys(k, b, B, cfg.quantizer, cfg.s)
@@ -346,10 +360,15 @@ class QuantSegment(Segment):
             ks, kz = _blocks(self.k_scale, block_pos, kb), _blocks(self.k_zero, block_pos, kb)
             vs, vz = _blocks(self.v_scale, block_pos, B), _blocks(self.v_zero, block_pos, B)
         d = v.shape[-1] * 8 // self.container
+        basis = {}
+        if self.basis is not None:
+            ids = self.block_ids if block_pos is None else self.block_ids[block_pos]
+            basis = dict(basis=self._axes(), key_groups=self.basis[4], inv_freq=self.basis[3],
+                         pos=_rows(ids.long(), self.block_size).to(torch.int32))
         return Part(QUANT, k, v, k_scale=ks, k_zero=kz, v_scale=vs, v_zero=vz, container=self.container,
                     key_block=0 if self.key_per_token else self.block_size,
                     key_group=d // ks.shape[-1] if self.key_per_token else 0, value_group=d // vs.shape[-1],
-                    rotated=self.rotated)
+                    rotated=self.rotated, **basis)
 
     def read_blocks(self, block_pos):
         """Dequantised, un-rotated (k, v) fp32 of the given block positions."""
@@ -519,8 +538,12 @@ class LayerStore:
     """All K/V of one layer. ``seq_len`` is the logical number of tokens seen (for RoPE / positions);
     ``n_entries`` the number of attention entries held."""
 
-    def __init__(self, cfg, device, dtype):
+    def __init__(self, cfg, device, dtype, key_basis: tuple | None = None):
+        """``key_basis``: this layer's (w [H, D] fp32, V [H, D, r] int8, V_scale [H, 1, r] fp16, inv_freq [D/2]
+        fp32) (``agacc.basis.KeyBasis.layer``: its first r axes, r at least what a block keeps), held (and
+        counted) where keys are grouped "basis"."""
         self.cfg = cfg
+        self.key_basis = key_basis
         self.B = cfg.block_size
         self.device = device
         self.dtype = dtype  # full-precision storage dtype
@@ -541,12 +564,29 @@ class LayerStore:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [Bt, H, n, D] new tokens (after RoPE)."""
         if self.seq_len == 0:  # the head dim is known: how keys will be grouped
-            per_token = key_grouping(self.cfg, k.shape[-1]) == "token"
-            for seg in self.quant.values():
-                seg.key_per_token = per_token
+            self._group_keys(k.shape[1], k.shape[-1])
         self.hot_k = _cat(self.hot_k, k.to(self.dtype), 2)
         self.hot_v = _cat(self.hot_v, v.to(self.dtype), 2)
         self.seq_len += k.shape[2]
+
+    def _group_keys(self, heads: int, head_dim: int) -> None:
+        grouping = key_grouping(self.cfg, head_dim)
+        for seg in self.quant.values():
+            seg.key_per_token = grouping == "token"
+        if grouping != "basis":
+            self.key_basis = None  # not held
+            return
+        if self.key_basis is None:
+            raise ValueError("key_quant='basis' needs the model's key basis (agacc.basis): a CompressedCache loads it; "
+                             "a LayerStore on its own takes key_basis=")
+        w, V, V_scale, inv_freq = self.key_basis
+        groups = basis_layouts(self.cfg, head_dim)
+        if (tuple(V.shape[:2]) != (heads, head_dim) or inv_freq.numel() * 2 != head_dim
+                or V.shape[2] < max(sum(n for _, n in g) for g in groups)):
+            raise ValueError(f"the key basis holds {V.shape[2]} axes for {V.shape[0]} KV heads of dim {V.shape[1]}, the "
+                             f"layer has {heads} of {head_dim}: re-run python -m agacc calibrate --key-basis --save")
+        for c, g in zip((2, 3, 4), groups):
+            self.quant[c].basis = (w, V, V_scale, inv_freq, g)
 
     @property
     def n_blocks(self) -> int:
@@ -821,7 +861,11 @@ class LayerStore:
         ts += self.markers.tensors()
         if self._layout is not None:
             ts.append(self._layout)
-        return [t for t in ts if t is not None]
+        return [t for t in ts if t is not None] + self.basis_tensors()
+
+    def basis_tensors(self) -> list[torch.Tensor]:
+        """The layer's key basis where its keys are held in it (counted: read at every step)."""
+        return list(self.key_basis) if self.quant[2].basis is not None else []
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors())
@@ -840,6 +884,7 @@ class LayerStore:
             "int2": self.quant[2].nbytes(),
             "pruned": sum(s.nbytes() for s in self.sparse.values()),
             "markers": self.markers.nbytes(),
+            "basis": sum(t.nbytes for t in self.basis_tensors()),
             "meta": self.block_tier.nbytes + self.block_bits.nbytes + self.block_keep.nbytes
             + (self._layout.nbytes if self._layout is not None else 0),
         }
@@ -969,10 +1014,11 @@ _BATCH_BLOCKS = 512
 def _batchable(stores: list[LayerStore]) -> bool:
     """Whether ``_move_layers`` may move these layers' blocks together: the PyTorch quantisers on the
     CPU (per block and per row, whatever else shares the call: min-max groups, elementwise steps, the
-    rotation a product row by row), no host copy, one geometry."""
+    rotation a product row by row), no host copy, one geometry, keys not in a basis (each layer its own)."""
     st = stores[0]
     cfg = st.cfg
-    if cfg.host_copy or cfg.quantizer != "minmax" or st.device.type != "cpu" or _quant_ops(st.device) is not quant:
+    if (st.quant[2].basis is not None or cfg.host_copy or cfg.quantizer != "minmax" or st.device.type != "cpu"
+            or _quant_ops(st.device) is not quant):
         return False
     if st.hot_k is None:
         return False

@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import agacc.importance as importance  # noqa: E402
 import agacc.store as store  # noqa: E402
 from agacc import planner, quant  # noqa: E402
+from agacc.basis import layer_basis, query_energy  # noqa: E402
 from agacc.tiers import INT3  # noqa: E402
 
 MODES = ("oracle", "values-2bit", "keys-allocated", "keys-basis")
@@ -114,11 +115,11 @@ def install_values_2bit() -> None:
         saved = kw["batch"] * kw["heads"] * kw["block_size"] * kw["head_dim"] // 8 if tier == INT3 else 0
         return cost(tier, bits, keep, **kw) - saved  # one bit less per value element
 
-    def patched_quantize(self, k, v, b):
-        out = quantize(self, k, v, b)
+    def patched_quantize(self, k, v, b, pos=None):
+        out = quantize(self, k, v, b, pos)
         if self.container != 3:
             return out
-        pv, vs, vz = quantize(self, k, v, 2)[3:]
+        pv, vs, vz = quantize(self, k, v, 2, pos)[3:]
         return (*out[:3], quant.pack(quant.unpack(pv, 2), 3), vs, vz)
 
     planner.block_cost_bytes = block_cost_bytes
@@ -131,11 +132,6 @@ def rope_turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int) 
     from transformers.models.llama.modeling_llama import rotate_half
 
     return x * cos + sign * rotate_half(x) * sin
-
-
-def query_energy(q: torch.Tensor, heads: int) -> torch.Tensor:
-    """The mean square of queries q [1, Hq, m, D] per channel over each KV head's group of ``heads`` -> [H, D] fp32."""
-    return q.float().reshape(heads, -1, q.shape[-1]).pow(2).mean(1)
 
 
 def key_channel_cost(q: torch.Tensor, k: torch.Tensor, block: int = 16) -> torch.Tensor:
@@ -290,19 +286,14 @@ META8_STEP = 1 / 16  # the log2 grid of an 8-bit scale (``quantize_allocated``'s
 def key_basis(queries: list[torch.Tensor], keys: list[torch.Tensor], block: int = 16) -> dict:
     """A basis for one layer's keys before RoPE, from calibration prompts (RoPE undone on both): queries
     [1, Hq, m, D] and keys [1, H, n, D], one of each per prompt -> {w, V, energy, range_sq}:
-    w [H, D] the square root of the KV head's query energy per channel (mean over its query heads and the
-    prompts), each ``rotate_half`` pair's two channels averaged (RoPE turns them into each other, whatever the
-    distance), so that an error e in k * w costs the logits |e|^2 on average; V [H, D, D] the eigenvectors of
-    the summed second moments of k * w, columns by decreasing eigenvalue; energy [H, D] the mean square of each
+    w [H, D] and V [H, D, D] the library's (``agacc.basis.layer_basis``: the pair-averaged query RMS per
+    channel, the eigenvectors of the weighed keys' second moments by decreasing eigenvalue); energy [H, D]
+    the mean square of each
     coefficient (k * w) @ V, range_sq [H, D] the mean over blocks of ``block`` tokens of its squared range,
     both averaged over the prompts. fp32."""
     h, d = keys[0].shape[1], keys[0].shape[-1]
-    q_energy = torch.stack([query_energy(q, h) for q in queries]).mean(0)
-    half = d // 2
-    pair = (q_energy[:, :half] + q_energy[:, half:]) / 2
-    w = torch.cat([pair, pair], -1).sqrt()
+    w, V = layer_basis(queries, keys)
     kw = [k.float()[0] * w[:, None] for k in keys]  # [H, n, D] each
-    V = torch.linalg.eigh(sum(x.transpose(1, 2) @ x for x in kw))[1].flip(-1)
     energy, range_sq = [], []
     for x in kw:
         c = x @ V
@@ -376,16 +367,26 @@ def key_bytes_in_basis(budget: float, container: int, *, batch: int, heads: int,
     return held - int(budget * vecs * head_dim / 8)
 
 
+def layout_widths(layout: dict[int, int], head_dim: int) -> torch.Tensor:
+    """Code widths [D] int64 of a fixed layout {width: coefficients}: the widest first, along the axes' order
+    (by energy), the rest dropped (0)."""
+    w = [b for b in sorted(layout, reverse=True) for _ in range(layout[b])]
+    return torch.tensor(w + [0] * (head_dim - len(w)), dtype=torch.long)
+
+
 def install_keys_basis(key_bits: dict[int, float], basis_from: list[str],
-                       allowed: tuple[int, ...] = tuple(range(1, 9)), meta8: bool = False):
+                       allowed: tuple[int, ...] | None = tuple(range(1, 9)), meta8: bool = False,
+                       layouts: dict[int, dict[int, int]] | None = None):
     """Quantised blocks whose container is a key of ``key_bits`` (2/3/4) hold their keys in a basis at that
     many bits an element, everything else as the store holds it: reads from ``quantize_in_basis`` of the exact
     keys (RoPE undone at their positions, and redone), each layer's basis and widths (``key_basis``,
     ``basis_bits``) calibrated once on the prompts of the ``basis_from`` texts of bench/corpus.py; the cost
     model (so the fitter plans with them) and the store's held bytes (so the ratio reported is the format's)
-    price those keys at ``key_bits`` (``key_bytes_in_basis``); ``allowed``: the code widths (``basis_bits``);
+    price those keys at ``key_bits`` (``key_bytes_in_basis``); ``allowed``: the code widths (``basis_bits``; None:
+    each container's own width only, a fixed rank at one width);
     ``meta8``: each coded coefficient's scale and zero in 8 bits each (``quantize_allocated``'s log2 grid of 1/16),
-    1 bit an element of metadata instead of 2.
+    1 bit an element of metadata instead of 2; ``layouts``: {container: {width: coefficients}}, one fixed
+    layout for every layer and head (``layout_widths``) instead of the greedy's widths.
     Returns ``prompt(model, ids [1, T], prefill, tok=None)`` (bench_ppl runs it before each text), which
     calibrates at its first call and returns {layer: {"basis": key_basis, container: widths [H, D]}}."""
     from agacc.tiers import TIER_CONTAINER
@@ -397,8 +398,10 @@ def install_keys_basis(key_bits: dict[int, float], basis_from: list[str],
             caps = calibration_prompts(model, basis_from, tok or state["tok"], prefill)
             for layer, basis in enumerate(calibrate_key_basis(model, caps)):
                 table[layer] = {"basis": basis, **{c: basis_bits(basis["energy"], basis["range_sq"], b,
-                                                                 1.0 if meta8 else 2.0, allowed)
+                                                                 1.0 if meta8 else 2.0, allowed or (c,))
                                                    for c, b in key_bits.items()}}
+                for c, lay in (layouts or {}).items():
+                    table[layer][c] = layout_widths(lay, basis["V"].shape[-1]).expand_as(table[layer][c])
         return table
 
     def key_read(layer, k, where, container, block):
@@ -447,7 +450,9 @@ def main(argv=None):
     ap.add_argument("--basis-from", nargs="+", default=["licence-tuning", "narrative-tuning", "code-tuning"],
                     metavar="TEXT", help="keys-basis: the bench/corpus.py texts the basis is calibrated on")
     ap.add_argument("--key-widths", default="1,2,3,4,5,6,7,8", metavar="W,...",
-                    help="keys-basis: the code widths a coefficient may take (besides 0)")
+                    help="keys-basis: the code widths a coefficient may take (besides 0); own: the container's only")
+    ap.add_argument("--key-layout", default=None, metavar="C=W:N,...;...",
+                    help="keys-basis: a fixed layout per container, e.g. 2=4:4,3:8,2:8 (N coefficients at W bits)")
     ap.add_argument("--key-meta", choices=("fp16", "8bit"), default="fp16",
                     help="keys-basis: each coded coefficient's scale and zero per block in fp16 or in 8 bits each")
     args, rest = ap.parse_known_args(argv)
@@ -459,8 +464,10 @@ def main(argv=None):
         install_keys_allocated(args.pre_rope, args.widths_from)
     else:
         key_bits = {int(c): float(b) for c, b in (item.split("=") for item in args.key_bits.split(","))}
-        install_keys_basis(key_bits, args.basis_from, tuple(int(w) for w in args.key_widths.split(",")),
-                           args.key_meta == "8bit")
+        widths = None if args.key_widths == "own" else tuple(int(w) for w in args.key_widths.split(","))
+        layouts = {int(c): {int(w): int(n) for w, n in (g.split(":") for g in lay.split(","))}
+                   for c, lay in (item.split("=") for item in args.key_layout.split(";"))} if args.key_layout else None
+        install_keys_basis(key_bits, args.basis_from, widths, args.key_meta == "8bit", layouts)
     import bench_ppl
     bench_ppl.main(rest)
 

@@ -9,7 +9,8 @@ here imports ``agacc``; the PyTorch references live in ``agacc`` and the tests c
     "torch"   everything else: the library's PyTorch reference path (MPS, CUDA without Triton, a CPU
               without a compiler)
 
-One fallback story: when a backend cannot run, the PyTorch reference runs, with one warning that says why.
+One fallback story: when a backend cannot run, the PyTorch reference runs, with one warning that says why
+(``warn_once``): the Triton kernels do not read keys held in a basis (``kernels.format.basis_keys``) yet.
 
 Its users: ``agacc.decode.decode_attention`` (a decode step: ``kernels.triton_decode.decode_parts``,
 ``kernels.cpu.decode_layer`` or the packed PyTorch path, all reading ``LayerStore.parts()``, a list of
@@ -28,7 +29,7 @@ LABELS = {"triton": "Triton kernels", "cpp": "fused C++ kernel", "torch": "PyTor
 _warned: set = set()
 
 
-def _warn_once(key: str, msg: str) -> None:
+def warn_once(key: str, msg: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
@@ -41,7 +42,8 @@ def backend(device) -> str:
         if importlib.util.find_spec("triton") is not None:
             return "triton"
         if kind == "cuda":
-            _warn_once("triton", "AGACC: Triton is not installed; the PyTorch reference runs on CUDA (pip install triton)")
+            warn_once("triton", "AGACC: Triton is not installed; the PyTorch reference runs on CUDA "
+                                "(pip install triton)")
     if kind == "cpu":
         from kernels import cpu
 

@@ -45,6 +45,10 @@ _SOURCES = [Path(__file__).with_name(f) for f in ("cpu_decode.cpp", "cpu_linear.
 _lock = threading.Lock()
 _state: dict = {}  # "module" once built, "error" once failed
 _NO_BIAS = torch.empty(0)
+# decode_layer's meta, per part (cpu_decode.cpp's decode_layer reads the same): quantised (0/1), container,
+# key_block, rotated (0/1), then META_GROUPS pairs (width, count): a basis part's key_groups, unused pairs (0, 0)
+META_GROUPS = 4
+META_INTS = 4 + 2 * META_GROUPS
 # compiler flags per instruction set torch detected (not -march=native: a cached build must not
 # outlive a move to an older CPU)
 _ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma", "-mf16c"], "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]}
@@ -198,7 +202,10 @@ def decode_layer(qg: torch.Tensor, parts: list[Part], softcap: float | None = No
     entries in ``parts`` order, normalised as ``agacc.decode.decode_attention``. Quantised parts are
     read packed, their scales as stored; sparse parts are decoded here (``format.sparse_decode``; the
     kernel reads them as dense parts); rotated parts meet the rotated query inside the kernel, which
-    rotates their share of the output back once. Needs the built extension (``load()``).
+    rotates their share of the output back once. Keys held in a basis (``Part.basis``) are rebuilt in
+    the kernel a block at a time (coefficients dequantised, ``c @ axes``, turned by ``format.frame`` at
+    ``Part.pos``) and meet the query as it is; their values, if rotated, as above. Needs the built
+    extension (``load()``).
 
     softcap: logit softcapping (Gemma2's ``attn_logit_softcapping``; ``agacc.attention.cap_logits``),
     None or 0 = off. With c = softcap every logit z = qg . k (k as dequantised) becomes c * tanh(z / c),
@@ -213,6 +220,14 @@ def decode_layer(qg: torch.Tensor, parts: list[Part], softcap: float | None = No
         if p.kind == QUANT:
             tensors += [p.k, p.k_scale, p.k_zero, p.v, p.v_scale, p.v_zero]
             meta += [1, p.container, p.key_block, int(p.rotated)]
+            groups = []
+            if p.basis is not None:  # keys in a basis: axes, inv_freq, pos and the key groups (width, count)
+                if len(p.key_groups) > META_GROUPS:
+                    raise ValueError(f"a basis part of {len(p.key_groups)} key groups; the kernel reads {META_GROUPS}")
+                tensors += [p.basis.float().contiguous(), p.inv_freq.float().contiguous(),
+                            p.pos.to(torch.int32).contiguous()]
+                groups = [int(x) for wn in p.key_groups for x in wn]
+            meta += groups + [0] * (2 * META_GROUPS - len(groups))
             continue
         if p.kind == SPARSE:
             k = sparse_decode(p.k_map, p.k, p.k_scale, p.k_zero, p.code_bits)
@@ -220,7 +235,7 @@ def decode_layer(qg: torch.Tensor, parts: list[Part], softcap: float | None = No
         else:
             k, v = p.k, p.v
         tensors += [k, v, p.bias if p.bias is not None else _NO_BIAS]
-        meta += [0, 0, 0, 0]
+        meta += [0] * META_INTS
     out, mass = _state["module"].decode_layer(qg.reshape(bt * h, g, d).contiguous(), tensors, meta,
                                               float(softcap or 0.0))
     return out.view(bt, h, g, d), mass

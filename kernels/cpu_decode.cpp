@@ -14,6 +14,12 @@
 //           R groups of D / R channels); values per token (scale/zero [BH, n, R]).
 //   x = code * scale + zero.
 //   scales and zero points are read as stored (fp16, bf16 or fp32); arithmetic is fp32.
+//   keys in a basis (kernels/format.py's Part.basis; always per channel per block of B tokens): a key
+//           row holds r coefficients in groups ((width, count), ...), each group packed as above with
+//           count in place of D, the groups' bytes one after the other (format.pack_groups); scale/zero
+//           [BH, n / B, r] per coefficient per block. The key is frame(c @ axes[head], pos, inv_freq, +1):
+//           axes [H, r, D] fp32, inv_freq [D / 2] fp32, pos [n] int32; frame turns the rotate_half pairs
+//           (channel i, i + D/2) by the angle pos * inv_freq[i] (format.frame). Never Hadamard-rotated.
 // BH = batch x KV heads; g query heads share a KV head (GQA).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -212,7 +218,13 @@ struct Part {
   const uint8_t* pv = nullptr;
   FloatData ks, kz, vs, vz;     // scales / zero points (see the layouts at the top)
   int64_t m = 0, container = 0, block = 0, rk = 0, rv = 0;
-  bool rotated = false;
+  int64_t mk = 0;               // quantised: key row bytes (m, or the basis coefficients' bytes)
+  bool rotated = false;         // the codes are of K H and V H; a basis part: V H alone
+  // keys in a basis (quantised, per channel per block): rank r coefficients in groups (width, count)
+  int64_t rank = 0, heads = 0, ngroups = 0, gwidth[4] = {}, gcount[4] = {};
+  const float* axes = nullptr;      // [heads, rank, D]
+  const float* inv_freq = nullptr;  // [D / 2]
+  const int32_t* pos = nullptr;     // [n]
 };
 
 #if defined(__AVX2__)
@@ -238,13 +250,13 @@ bool with_group(int64_t g, F&& f) {
 template <int G, int T>
 inline void token_scores(const Part& P, int64_t bh, int64_t t, int64_t D, const float* qs, const float* bias, float* S,
                          int64_t ld) {
-  const uint8_t* row = P.pk + (bh * P.n + t) * P.m;
+  const uint8_t* row = P.pk + (bh * P.n + t) * P.mk;
   __m256 acc[T][G];
   for (int i = 0; i < T; ++i)
     for (int j = 0; j < G; ++j) acc[i][j] = _mm256_setzero_ps();
   for (int d = 0; d < D; d += 8) {
     __m256 cv[T];
-    for (int i = 0; i < T; ++i) cv[i] = codes_at(row + i * P.m, (int)P.container, (int)D, d);
+    for (int i = 0; i < T; ++i) cv[i] = codes_at(row + i * P.mk, (int)P.container, (int)D, d);
     for (int j = 0; j < G; ++j) {
       const __m256 qv = _mm256_loadu_ps(qs + j * D + d);
       for (int i = 0; i < T; ++i) acc[i][j] = _mm256_fmadd_ps(qv, cv[i], acc[i][j]);
@@ -309,6 +321,127 @@ void quant_values(const Part& P, int64_t bh, const float* ph, int64_t D, int64_t
 
 #endif
 
+// K [T, D] = C [T, r] @ A [r, D]: T keys rebuilt from their coefficients (rows r apart), 16 channels at
+// a time with 2T accumulators in registers (each axis row loaded once for the T tokens), then 8; with
+// AVX-512, 32 channels at a time first (2T 16-lane accumulators).
+#if defined(__AVX2__)
+template <int T>
+inline void rebuild_keys(const float* C, int64_t r, const float* A, int64_t D, float* K) {
+  int64_t d0 = 0;
+#if defined(__AVX512F__)
+  for (; d0 + 32 <= D; d0 += 32) {
+    __m512 acc[T][2];
+    for (int i = 0; i < T; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < r; ++k) {
+      const __m512 a0 = _mm512_loadu_ps(A + k * D + d0), a1 = _mm512_loadu_ps(A + k * D + d0 + 16);
+      for (int i = 0; i < T; ++i) {
+        const __m512 c = _mm512_set1_ps(C[i * r + k]);
+        acc[i][0] = _mm512_fmadd_ps(c, a0, acc[i][0]);
+        acc[i][1] = _mm512_fmadd_ps(c, a1, acc[i][1]);
+      }
+    }
+    for (int i = 0; i < T; ++i) {
+      _mm512_storeu_ps(K + i * D + d0, acc[i][0]);
+      _mm512_storeu_ps(K + i * D + d0 + 16, acc[i][1]);
+    }
+  }
+#endif
+  for (; d0 + 16 <= D; d0 += 16) {
+    __m256 acc[T][2];
+    for (int i = 0; i < T; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < r; ++k) {
+      const __m256 a0 = _mm256_loadu_ps(A + k * D + d0), a1 = _mm256_loadu_ps(A + k * D + d0 + 8);
+      for (int i = 0; i < T; ++i) {
+        const __m256 c = _mm256_broadcast_ss(C + i * r + k);
+        acc[i][0] = _mm256_fmadd_ps(c, a0, acc[i][0]);
+        acc[i][1] = _mm256_fmadd_ps(c, a1, acc[i][1]);
+      }
+    }
+    for (int i = 0; i < T; ++i) {
+      _mm256_storeu_ps(K + i * D + d0, acc[i][0]);
+      _mm256_storeu_ps(K + i * D + d0 + 8, acc[i][1]);
+    }
+  }
+  if (d0 < D) {  // 8 channels left
+    __m256 acc[T];
+    for (int i = 0; i < T; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < r; ++k) {
+      const __m256 a = _mm256_loadu_ps(A + k * D + d0);
+      for (int i = 0; i < T; ++i) acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(C + i * r + k), a, acc[i]);
+    }
+    for (int i = 0; i < T; ++i) _mm256_storeu_ps(K + i * D + d0, acc[i]);
+  }
+}
+#else
+template <int T>
+inline void rebuild_keys(const float* C, int64_t r, const float* A, int64_t D, float* K) {
+  for (int i = 0; i < T; ++i) {
+    float* __restrict k = K + i * D;
+    for (int64_t d = 0; d < D; ++d) k[d] = 0.f;
+    for (int64_t j = 0; j < r; ++j) {
+      const float c = C[i * r + j];
+      const float* __restrict a = A + j * D;
+      for (int64_t d = 0; d < D; ++d) k[d] += c * a[d];
+    }
+  }
+}
+#endif
+
+// Scores of a part whose keys are held in a basis (see the layouts at the top), for batch x head bh:
+// per block of B tokens, the r coefficients of each token dequantised (the block's scale and zero per
+// coefficient), the B keys rebuilt (c @ axes[bh % H]), each turned by its position's angles
+// (format.frame, sign +1: out_i = a cos - b sin, out_{i+D/2} = b cos + a sin, a = x_i, b = x_{i+D/2},
+// angle pos * inv_freq[i] in fp32) and dotted with the g queries as they are (never rotated).
+void basis_scores(const Part& P, int64_t bh, const float* qh, int64_t g, int64_t D, float* S, int64_t ld) {
+  const int64_t B = P.block, nb = P.n / B, r = P.rank, half = D / 2;
+  const float* A = P.axes + (bh % P.heads) * r * D;
+  thread_local std::vector<float> buf;
+  buf.resize(2 * r + B * r + B * D + 3 * B * half);
+  float* sc = buf.data();
+  float* zr = sc + r;
+  float* coef = zr + r;       // [B, r]
+  float* keys = coef + B * r; // [B, D]
+  float* ang = keys + B * D;  // [B, D/2]
+  float* cs = ang + B * half;
+  float* sn = cs + B * half;
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const int64_t t0 = blk * B;
+    P.ks.row((bh * nb + blk) * r, r, sc);
+    P.kz.row((bh * nb + blk) * r, r, zr);
+    for (int64_t t = 0; t < B; ++t) {
+      const uint8_t* row = P.pk + (bh * P.n + t0 + t) * P.mk;
+      float* ct = coef + t * r;
+      for (int64_t i = 0, at = 0; i < P.ngroups; ++i) {  // each group's codes as unpack_row reads a row
+        unpack_row(row, (int)P.gwidth[i], (int)P.gcount[i], ct + at);
+        row += P.gcount[i] * P.gwidth[i] / 8;
+        at += P.gcount[i];
+      }
+      for (int64_t j = 0; j < r; ++j) ct[j] = ct[j] * sc[j] + zr[j];
+    }
+    for (int64_t t = 0; t < B; ++t) {
+      const float p = (float)P.pos[t0 + t];
+      for (int64_t i = 0; i < half; ++i) ang[t * half + i] = p * P.inv_freq[i];
+    }
+    // two loops of their own, so the compiler can call its vector cosf / sinf (not one sincosf each)
+    for (int64_t i = 0; i < B * half; ++i) cs[i] = std::cos(ang[i]);
+    for (int64_t i = 0; i < B * half; ++i) sn[i] = std::sin(ang[i]);
+    int64_t t = 0;
+    for (; t + 4 <= B; t += 4) rebuild_keys<4>(coef + t * r, r, A, D, keys + t * D);
+    for (; t < B; ++t) rebuild_keys<1>(coef + t * r, r, A, D, keys + t * D);
+    for (t = 0; t < B; ++t) {
+      float* __restrict k = keys + t * D;
+      const float* __restrict c = cs + t * half;
+      const float* __restrict s = sn + t * half;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = k[i], b = k[i + half];
+        k[i] = a * c[i] - b * s[i];
+        k[i + half] = b * c[i] + a * s[i];
+      }
+      for (int64_t j = 0; j < g; ++j) S[j * ld + t0 + t] = dot(qh + j * D, k, D);
+    }
+  }
+}
+
 // scores of part `P` for batch x head `bh`: S[j * ld + t] = q_j . k_t (+ bias_t), j < g, t < P.n.
 // Scratch: codes [D], qs [g * max(D, R)], meta [2 * max(D, R) + g].
 void part_scores(const Part& P, int64_t bh, const float* qh, int64_t g, int64_t D, float* S, int64_t ld,
@@ -321,6 +454,7 @@ void part_scores(const Part& P, int64_t bh, const float* qh, int64_t g, int64_t 
     }
     return;
   }
+  if (P.rank > 0) return basis_scores(P, bh, qh, g, D, S, ld);
   const int c = (int)P.container;
   if (P.block > 0) {  // keys per channel per block: fold the block's scales into q, its zeros into a bias
     const int64_t nb = P.n / P.block;
@@ -341,7 +475,7 @@ void part_scores(const Part& P, int64_t bh, const float* qh, int64_t g, int64_t 
       if (with_group(g, [&](auto G) { block_scores<decltype(G)::value>(P, bh, blk, D, qs, bias, S, ld); })) continue;
 #endif
       for (int64_t t = blk * P.block; t < (blk + 1) * P.block; ++t) {
-        unpack_row(P.pk + (bh * P.n + t) * P.m, c, (int)D, codes);
+        unpack_row(P.pk + (bh * P.n + t) * P.mk, c, (int)D, codes);
         for (int64_t j = 0; j < g; ++j) S[j * ld + t] = dot(qs + j * D, codes, D) + bias[j];
       }
     }
@@ -355,7 +489,7 @@ void part_scores(const Part& P, int64_t bh, const float* qh, int64_t g, int64_t 
   float* s = meta;
   float* z = meta + R;
   for (int64_t t = 0; t < P.n; ++t) {
-    unpack_row(P.pk + (bh * P.n + t) * P.m, c, (int)D, codes);
+    unpack_row(P.pk + (bh * P.n + t) * P.mk, c, (int)D, codes);
     P.ks.row((bh * P.n + t) * R, R, s);
     P.kz.row((bh * P.n + t) * R, R, z);
     for (int64_t j = 0; j < g; ++j) {
@@ -434,9 +568,14 @@ void hadamard_rows(float* x, int64_t rows, int64_t D) {
 // One decode step of one layer over every part it stores.
 //   q        [BH, g, D] fp32: the scaled query
 //   tensors  the parts' tensors in order: a dense part takes 3 (k [Bt,H,n,D], v, bias [n] fp32 or an
-//            empty tensor), a quantised part 6 (k codes, k scale, k zero, v codes, v scale, v zero)
-//   meta     4 ints per part: quantised (0/1), container, block (keys per channel per block of this many
-//            tokens; 0: per token), rotated (0/1)
+//            empty tensor), a quantised part 6 (k codes, k scale, k zero, v codes, v scale, v zero), a
+//            quantised part with keys in a basis 9 (those 6, then axes [H, r, D] fp32, inv_freq [D/2] fp32,
+//            pos [n] int32)
+//   meta     kMeta = 12 ints per part: quantised (0/1), container (the values'; the keys' too outside a
+//            basis), block (keys per channel per block of this many tokens; 0: per token), rotated (0/1;
+//            a basis part: its values alone), then kGroups = 4 pairs (width, count): the key groups of a
+//            basis part (Part.key_groups, in row order; r = the counts' sum), unused pairs (0, 0); all
+//            four unused: no basis
 //   softcap  logit softcapping c (0: off): every logit z = q . k becomes c * tanh(z / c), then the part's
 //            bias is added (agacc.decode's order: cap, then bias); softmax, output and mass use the result
 // -> [out [BH, g, D], mass [N]]: softmax over all N entries; mass_t = sum over bh, j of p / (BH * g)
@@ -445,13 +584,14 @@ void hadamard_rows(float* x, int64_t rows, int64_t D) {
 std::vector<torch::Tensor> decode_layer(torch::Tensor q, std::vector<torch::Tensor> tensors, std::vector<int64_t> meta,
                                         double softcap) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat && q.is_contiguous() && q.dim() == 3, "q: fp32 [BH, g, D]");
-  TORCH_CHECK(meta.size() % 4 == 0, "meta: 4 ints per part");
+  constexpr size_t kMeta = 12, kGroups = 4;
+  TORCH_CHECK(meta.size() % kMeta == 0, "meta: ", kMeta, " ints per part");
   const int64_t BH = q.size(0), g = q.size(1), D = q.size(2);
   TORCH_CHECK(D % 8 == 0, "head dim must be a multiple of 8");
   TORCH_CHECK(softcap >= 0, "softcap: c > 0, or 0 for none");  // (NaN, inf: kernels/cpu.py rejects them)
   const bool capped = softcap != 0;
   const float cap = (float)softcap;
-  std::vector<Part> parts(meta.size() / 4);
+  std::vector<Part> parts(meta.size() / kMeta);
   std::vector<torch::Tensor> held;  // contiguous copies live until the end
   size_t ti = 0;
   auto next = [&](const char* what) {
@@ -463,11 +603,23 @@ std::vector<torch::Tensor> decode_layer(torch::Tensor q, std::vector<torch::Tens
   bool rotated = false;
   for (size_t i = 0; i < parts.size(); ++i) {
     Part& P = parts[i];
-    P.quantised = meta[4 * i] != 0;
-    P.container = meta[4 * i + 1];
-    P.block = meta[4 * i + 2];
-    P.rotated = meta[4 * i + 3] != 0;
+    const int64_t* mi = meta.data() + kMeta * i;
+    P.quantised = mi[0] != 0;
+    P.container = mi[1];
+    P.block = mi[2];
+    P.rotated = mi[3] != 0;
     rotated |= P.rotated;
+    int64_t key_bits = 0;  // a basis part's key row, in bits
+    for (size_t j = 0; j < kGroups; ++j) {
+      const int64_t w = mi[4 + 2 * j], cnt = mi[5 + 2 * j];
+      if (cnt == 0) continue;
+      TORCH_CHECK(P.quantised && cnt > 0 && (w == 2 || w == 3 || w == 4 || w == 8) && cnt % (w == 3 ? 8 : 8 / w) == 0,
+                  "basis key group (", w, ", ", cnt, "): width 2, 3, 4 or 8, whole bytes of codes, a quantised part");
+      P.gwidth[P.ngroups] = w;
+      P.gcount[P.ngroups++] = cnt;
+      P.rank += cnt;
+      key_bits += w * cnt;
+    }
     if (!P.quantised) {
       auto k = next("k"), v = next("v"), b = next("bias");
       TORCH_CHECK(k.dim() == 4 && k.size(0) * k.size(1) == BH && k.size(3) == D && v.sizes() == k.sizes(),
@@ -483,17 +635,36 @@ std::vector<torch::Tensor> decode_layer(torch::Tensor q, std::vector<torch::Tens
       auto pk = next("k codes"), ks = next("k scale"), kz = next("k zero");
       auto pv = next("v codes"), vs = next("v scale"), vz = next("v zero");
       const int c = (int)P.container;
-      check_codes(pk, c, D);
-      TORCH_CHECK(pk.size(0) * pk.size(1) == BH && pv.sizes() == pk.sizes() && pv.scalar_type() == torch::kUInt8,
+      check_codes(pv, c, D);
+      TORCH_CHECK(pk.scalar_type() == torch::kUInt8 && pk.dim() == 4 && pk.size(0) * pk.size(1) == BH &&
+                      pk.sizes().slice(0, 3) == pv.sizes().slice(0, 3),
                   "k, v codes: uint8 [Bt, H, n, m], batch x heads as q");
+      if (P.rank == 0) {
+        check_codes(pk, c, D);
+      } else {
+        TORCH_CHECK(pk.size(3) * 8 == key_bits, "basis key rows: ", pk.size(3), " bytes, the groups' ", key_bits / 8);
+      }
       P.n = pk.size(2);
-      P.m = pk.size(3);
+      P.m = pv.size(3);
+      P.mk = pk.size(3);
       P.pk = pk.data_ptr<uint8_t>();
       P.pv = pv.data_ptr<uint8_t>();
       P.ks = FloatData(ks), P.kz = FloatData(kz), P.vs = FloatData(vs), P.vz = FloatData(vz);
       TORCH_CHECK(kz.sizes() == ks.sizes() && vz.sizes() == vs.sizes() && vs.size(2) == P.n && D % vs.size(3) == 0,
                   "scales / zeros: same shapes; values [Bt, H, n, R]");
-      if (P.block > 0) {
+      if (P.rank > 0) {
+        TORCH_CHECK(P.block > 0 && P.n % P.block == 0 && ks.size(2) == P.n / P.block && ks.size(3) == P.rank,
+                    "basis key scales: [Bt, H, n/B, r], keys per coefficient per block");
+        auto axes = next("axes"), inv_freq = next("inv_freq"), pos = next("pos");
+        TORCH_CHECK(axes.scalar_type() == torch::kFloat && axes.dim() == 3 && axes.size(0) == pk.size(1) &&
+                        axes.size(1) == P.rank && axes.size(2) == D, "basis axes: fp32 [H, r, D]");
+        TORCH_CHECK(inv_freq.scalar_type() == torch::kFloat && inv_freq.numel() == D / 2, "inv_freq: fp32 [D/2]");
+        TORCH_CHECK(pos.scalar_type() == torch::kInt && pos.numel() == P.n, "pos: int32 [n]");
+        P.heads = axes.size(0);
+        P.axes = axes.data_ptr<float>();
+        P.inv_freq = inv_freq.data_ptr<float>();
+        P.pos = pos.data_ptr<int32_t>();
+      } else if (P.block > 0) {
         TORCH_CHECK(P.n % P.block == 0 && ks.size(2) == P.n / P.block && ks.size(3) == D, "channel key scales: [Bt, H, n/B, D]");
       } else {
         TORCH_CHECK(ks.size(2) == P.n && D % ks.size(3) == 0, "token key scales: [Bt, H, n, R]");
@@ -530,7 +701,8 @@ std::vector<torch::Tensor> decode_layer(torch::Tensor q, std::vector<torch::Tens
       float* S = pp + bh * g * N;
       int64_t off = 0;
       for (const Part& P : scored) {
-        part_scores(P, bh, P.rotated ? q_rot.data() : qh, g, D, S + off, N, codes.data(), qs.data(), meta_buf.data());
+        const bool turned = P.rotated && P.rank == 0;  // keys in a basis are never rotated (their values may be)
+        part_scores(P, bh, turned ? q_rot.data() : qh, g, D, S + off, N, codes.data(), qs.data(), meta_buf.data());
         off += P.n;
       }
       if (capped) {

@@ -24,6 +24,18 @@ dividing D). H is symmetric and orthogonal, so ``rotate`` is its own inverse and
 an attention kernel rotates the query once instead of un-rotating every key (QuaRot, Ashkboos et al.,
 2024, arXiv:2404.00456).
 
+Keys in a basis (``key_quant="basis"``, docs/tuning.md rounds 21-22): a quantised key vector may be
+held as ``r`` coefficients ``c = frame(k, p, -1) @ proj`` (``proj`` [D, r], its KV head's, calibrated once
+per model: the query-weighed principal axes of the keys before RoPE), quantised per coefficient per
+block as keys are per channel, in groups of their own widths, the widest first (``key_groups``
+((width, count), ...); each group's codes packed as ``pack`` packs them, the groups' bytes one after
+the other in a row: ``pack_groups``). ``frame(x, p, sign)`` turns x by the rotary angles ``p * inv_freq`` on
+Llama's ``rotate_half`` pairs (channel i with i + D/2): by the model's own ``inv_freq`` it undoes RoPE
+(sign -1) and redoes it (+1), and whatever ``inv_freq`` is, redoing undoes undoing exactly, so a key
+reads back ``basis_keys(c, axes, inv_freq, p) = frame(c @ axes, p, +1)`` (axes [r, D], proj's
+pseudo-inverse) for any positions ``p`` the store gives both ways. A kernel rebuilds each key from its
+coefficients before the dot with the query (a position's rotation cannot be moved to the query once).
+
 ``Part``: one stretch of a layer's attention entries as it is held (``agacc.store.LayerStore.parts``
 lists them in attention order); every decode backend reads a list of parts.
 """
@@ -84,6 +96,25 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     mask = (1 << bits) - 1
     codes = (packed.unsqueeze(-1) >> shifts) & mask
     return codes.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))
+
+
+def pack_groups(codes: torch.Tensor, groups) -> torch.Tensor:
+    """uint8 codes [..., r] in groups ((width, count), ...), r their counts' sum -> each group's ``pack`` at its
+    width, joined along the last dim: [..., sum(count * width) / 8]."""
+    out, at = [], 0
+    for w, n in groups:
+        out.append(pack(codes[..., at:at + n], w))
+        at += n
+    return torch.cat(out, -1)
+
+
+def unpack_groups(packed: torch.Tensor, groups) -> torch.Tensor:
+    """Inverse of ``pack_groups`` -> uint8 codes [..., r]."""
+    out, at = [], 0
+    for w, n in groups:
+        out.append(unpack(packed[..., at:at + n * w // 8], w))
+        at += n * w // 8
+    return torch.cat(out, -1)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype=torch.float32):
@@ -148,6 +179,38 @@ def rotate(x: torch.Tensor) -> torch.Tensor:
     return (x.float().reshape(*x.shape[:-1], d // r, r) @ h).reshape(x.shape)
 
 
+def frame(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, sign: int) -> torch.Tensor:
+    """x [..., n, D] -> fp32 x turned by the angles ``pos`` [n] x ``inv_freq`` [D/2] on ``rotate_half`` pairs
+    (channel i with i + D/2): RoPE applied (``sign`` 1) or undone (-1), each the other's inverse."""
+    ang = pos.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]       # [n, D/2]
+    cos, sin = ang.cos(), ang.sin() * sign
+    x = x.float()
+    a, b = x.chunk(2, -1)
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+
+
+def basis_keys(coeffs: torch.Tensor, axes: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Keys read back from their coefficients: coeffs [Bt, H, n, r], axes [H, r, D] -> fp32 [Bt, H, n, D]
+    (``frame(coeffs @ axes, pos, inv_freq, +1)``)."""
+    return frame(coeffs.float() @ axes.float(), pos, inv_freq, 1)
+
+
+def basis_coeffs(k: torch.Tensor, proj: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Keys k [Bt, H, n, D] at positions pos [n] -> fp32 coefficients [Bt, H, n, r] (proj [H, D, r]):
+    ``frame(k, pos, inv_freq, -1) @ proj``."""
+    return frame(k, pos, inv_freq, -1) @ proj.float()
+
+
+def basis_axes(w: torch.Tensor, V: torch.Tensor, r: int, V_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """A basis' first ``r`` axes, [H, r, D] fp32 = (V / w)^T, from the query weights w [H, D] and the axes
+    V [H, D, >= r] (columns by decreasing energy; int8 codes times ``V_scale`` [H, 1, >= r] where given).
+    Coefficients are taken with their pseudo-inverse ``torch.linalg.pinv(axes)`` [H, D, r] (= V * w for an
+    orthonormal V), so that they read back exactly whatever the rounding of V (``basis_coeffs`` then
+    ``basis_keys``: the key projected on the axes' span)."""
+    v = V[:, :, :r].float() if V_scale is None else V[:, :, :r].float() * V_scale[:, :, :r].float()
+    return (v / w.float()[:, :, None]).transpose(1, 2).contiguous()
+
+
 @dataclass(frozen=True)
 class Part:
     """One stretch of attention entries as it is held; shapes [Bt, H, n, ...], n = ``self.n`` entries.
@@ -162,7 +225,12 @@ class Part:
         output back.
     kind ``"sparse"``: k_map, v_map bitmaps [Bt, H, n, D/8]; k, v the ``keep`` kept values per vector as
         ``code_bits``-bit codes in ``container`` c, [Bt, H, n, keep*c/8]; scales/zeros fp16 [Bt, H, n, 1]
-        (``sparse_decode``)."""
+        (``sparse_decode``).
+    ``basis`` (kind "quant", keys per channel per block): axes [H, r, D] fp32; the key codes and scales
+        are of the r coefficients in ``key_groups`` ((width, count), ...; ``pack_groups``: [Bt, H, n,
+        sum(count*width)/8]; scales [Bt, H, n/key_block, r]), read back by ``basis_keys`` with ``inv_freq``
+        [D/2] fp32 at ``pos`` [n] int32 (the entries' positions); ``rotated`` then means the values alone;
+        ``container`` the values'."""
 
     kind: str
     k: torch.Tensor
@@ -181,6 +249,10 @@ class Part:
     rotated: bool = False
     keep: int = 0
     code_bits: int = 0
+    basis: torch.Tensor | None = None
+    key_groups: tuple = ()
+    inv_freq: torch.Tensor | None = None
+    pos: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -194,7 +266,8 @@ class Part:
     def __repr__(self) -> str:
         shape = "x".join(map(str, self.k.shape))
         extra = {QUANT: f" container={self.container} key_block={self.key_block} key_group={self.key_group} "
-                        f"value_group={self.value_group} rotated={self.rotated}",
+                        f"value_group={self.value_group} rotated={self.rotated}"
+                        + ("" if self.basis is None else f" basis={self.key_groups}"),
                  SPARSE: f" container={self.container} keep={self.keep} code_bits={self.code_bits}",
                  DENSE: f" {self.k.dtype} bias={self.bias is not None}"}.get(self.kind, "")
         return f"Part({self.kind} k[{shape}]{extra})"
@@ -208,6 +281,8 @@ def slice_part(part: Part, lo: int, hi: int) -> Part:
         raise ValueError(f"slice_part: lo={lo} is not a multiple of the key block {kb}")
     rows = {name: getattr(part, name)[:, :, lo:hi] for name in ("k", "v", "v_scale", "v_zero", "k_map", "v_map")
             if getattr(part, name) is not None}
+    if part.pos is not None:
+        rows["pos"] = part.pos[lo:hi]
     if part.k_scale is not None:
         kr = slice(lo // kb, -(-hi // kb)) if kb else slice(lo, hi)
         rows.update(k_scale=part.k_scale[:, :, kr], k_zero=part.k_zero[:, :, kr])

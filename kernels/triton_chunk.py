@@ -420,6 +420,9 @@ def chunk_parts(query: torch.Tensor, parts: list[Part], scaling: float, n_new: i
     parts = [p for p in parts if p.n]
     if not parts:
         raise ValueError("chunk_parts: no entries to attend over")
+    if any(p.basis is not None for p in parts):
+        raise ValueError("chunk_parts does not read keys held in a basis; agacc.attention.chunk_attention runs the "
+                         "PyTorch path for them")
     h = parts[0].heads
     if hq % h:
         raise ValueError(f"query heads {hq} not a multiple of KV heads {h}")

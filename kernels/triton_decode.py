@@ -533,6 +533,9 @@ def decode_parts(query: torch.Tensor, parts: list[Part], scaling: float, split: 
         raise ValueError(f"decode_parts handles one query step, got q={qlen}")
     if not parts:
         raise ValueError("decode_parts: no entries to attend over")
+    if any(p.basis is not None for p in parts):
+        raise ValueError("decode_parts does not read keys held in a basis; agacc.decode.decode_attention runs the "
+                         "PyTorch path for them")
     dev = query.device
     slots, sparse, entry0, n_total, (rot, key_block, key_group, val_group) = _slots(parts)
     key_token = key_block == 0 and any(name in slots for name in _QUANT_NAMES)

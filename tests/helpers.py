@@ -80,15 +80,17 @@ def every_part_store(key_quant: str = "channel", rotate: bool = True, *, group: 
                      bt: int = 1, h: int = 2, d: int = 64, B: int = 16, dtype=torch.float16, tail: int = 20, seed: int = 0):
     """A layer store holding every kind of part: full, int8 (8 and 5 code bits), int4, int3, int2 (2 and
     1), pruned (``keep`` of ``d`` elements kept, default a quarter), evicted (a marker for two blocks)
-    and ``tail`` hot tokens; keys with per-channel offsets."""
+    and ``tail`` hot tokens; keys with per-channel offsets. ``key_quant="basis"``: a random basis
+    (``random_basis``), the 4/3/2-bit blocks' keys held in it."""
     from agacc.config import AGACCConfig
     from agacc.store import LayerStore
     from agacc.tiers import EVICTED, FULL, INT2, INT3, INT4, INT8, PRUNED
 
     cfg = AGACCConfig(block_size=B, recent_window=B, b_min=1, rotate=rotate, key_quant=key_quant,
                       key_group_size=group, value_group_size=group)
-    store = LayerStore(cfg, torch.device("cpu"), dtype)
     gen = torch.Generator().manual_seed(seed)
+    basis = random_basis(h, d, gen) if key_quant == "basis" else None
+    store = LayerStore(cfg, torch.device("cpu"), dtype, key_basis=basis)
     tiers = [FULL, INT8, INT8, INT4, INT3, INT2, INT2, PRUNED, EVICTED, EVICTED]
     n = B * len(tiers) + tail
     k = torch.randn(bt, h, n, d, generator=gen) * 2 + torch.randn(d, generator=gen)
@@ -97,3 +99,13 @@ def every_part_store(key_quant: str = "channel", rotate: bool = True, *, group: 
                       torch.full((len(tiers),), keep if keep is not None else d // 4),
                       torch.rand(store.seq_len, generator=gen) + 0.1)
     return store
+
+
+def random_basis(h: int, d: int, gen: torch.Generator) -> tuple:
+    """A layer's key basis as a store holds it (``agacc.basis.KeyBasis.layer``): w [H, D] fp32 in [0.5, 2],
+    V [H, D, D] random orthonormal in int8 codes and scales, inv_freq [D/2] fp32 (RoPE's 10000^(-2i/D))."""
+    from agacc.basis import KeyBasis
+
+    w = torch.rand(1, h, d, generator=gen) * 1.5 + 0.5
+    V = torch.linalg.qr(torch.randn(1, h, d, d, generator=gen))[0]
+    return KeyBasis(w, V, 10000.0 ** (-torch.arange(0, d, 2).float() / d), "random").layer(0, d)

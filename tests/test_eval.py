@@ -227,3 +227,53 @@ def test_cli_calibrate_evict_measures_and_files_the_eviction_table(tiny_model, t
     assert bits["bits"] == 2 and len(bits["layer_scale"]) == 2
     assert calibrate.known_sensitivity(config) == pytest.approx(bits["sensitivity"])
     assert calibrate.known_sensitivity(config, "evict") == pytest.approx(rec["sensitivity"])
+
+
+def test_cli_calibrate_key_basis_files_the_table_a_basis_cache_reads(tiny_model, tmp_path, monkeypatch, capsys):
+    """``python -m agacc calibrate --key-basis --save``: the table ``agacc.basis.calibrate`` makes from the same
+    texts' first tokens, filed where a cache with key_quant="basis" finds it (before: a clear error)."""
+    import torch
+    from transformers import AutoConfig
+
+    import agacc
+    from agacc import basis
+    from agacc.cli import main as agacc_main
+    from agacc.config import AGACCConfig
+    from agacc.eval.runner import capture_prefill
+
+    monkeypatch.setenv("AGACC_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "t.txt"
+    text.write_text(CORPUS * 20)
+    config = AutoConfig.from_pretrained(tiny_model)
+    cfg = AGACCConfig.preset("agacc", target_ratio=4, key_quant="basis")
+    with pytest.raises(ValueError, match="calibrate --key-basis"):
+        agacc.CompressedCache(config, cfg)
+    assert agacc_main(["calibrate", "--model", tiny_model, "--text", str(text), "--tokens", "192", "--key-basis",
+                       "--json", "--save"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    from agacc.policy import basis_layouts
+
+    d = config.head_dim
+    assert rec["tokens"] == [192] and rec["layouts"]["3"] == [list(g) for g in basis_layouts(cfg, d)[1]]
+    model, tok = agacc.load_model(tiny_model, device="cpu")
+    with torch.inference_mode():
+        want = basis.calibrate(model, [capture_prefill(model, tok(CORPUS * 20).input_ids[:192])])
+    got = basis.require(config)
+    torch.testing.assert_close(got.w, want.w)
+    torch.testing.assert_close(got.V.float(), want.V.half().float())
+    assert agacc.CompressedCache(config, cfg).key_basis is not None
+
+
+def test_the_embedded_model_ships_its_key_basis(tmp_path, monkeypatch):
+    from transformers import LlamaConfig
+
+    from agacc import basis
+
+    monkeypatch.setenv("AGACC_CACHE", str(tmp_path))  # nothing saved: the shipped table
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64)
+    table = basis.require(config)
+    assert table.model == "llama/30/576/9/3/49152" and table.V.shape == (30, 3, 64, 64) and table.w.shape == (30, 3, 64)
+    V = table.V.float()
+    assert (V.transpose(-1, -2) @ V - torch.eye(64)).abs().max() < 5e-3  # orthonormal axes, fp16
+    assert (table.inv_freq[0], table.inv_freq.numel()) == (1.0, 32)

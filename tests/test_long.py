@@ -21,7 +21,7 @@ def store_with_every_part(key_quant, rotate, q=37, seed=0):
     return st
 
 
-@pytest.mark.parametrize("key_quant,rotate", [("channel", True), ("token", True), ("channel", False)])
+@pytest.mark.parametrize("key_quant,rotate", [("channel", True), ("token", True), ("channel", False), ("basis", True)])
 @pytest.mark.parametrize("block", [5, 16, 64, 4096])
 @pytest.mark.parametrize("groups", [1, 3])
 def test_chunk_attention_equals_the_reference(key_quant, rotate, block, groups):

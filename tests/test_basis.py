@@ -1,0 +1,220 @@
+"""Keys held in a calibrated basis (``key_quant="basis"``, ``agacc.basis``, ``kernels.format.basis_keys``):
+the frame against transformers' RoPE, the layouts, the coefficient codes by hand, the store's reads against a
+recomputation from the exact keys, its bytes against the cost model and an independent walk, the table against
+an SVD, and the errors a model without a table or without RoPE meets."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agacc import basis, quant
+from agacc.config import AGACCConfig
+from agacc.planner import Geometry, block_cost_bytes, cost_settings
+from agacc.policy import basis_layouts
+from agacc.store import LayerStore
+from agacc.tiers import FULL, INT2, INT3, INT4
+from kernels.format import basis_axes, basis_coeffs, basis_keys, frame, pack, pack_groups, unpack_groups
+from tests.helpers import random_basis, tiny_model, walk_tensor_bytes
+
+INV_FREQ = 10000.0 ** (-torch.arange(0, 16, 2).float() / 16)
+
+
+def test_frame_is_the_models_rope_and_undoes_it():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = tiny_model()
+    x = torch.randn(1, 2, 7, 32)
+    pos = torch.tensor([0, 1, 5, 17, 100, 1000, 4000])
+    cos, sin = model.model.rotary_emb(x, pos[None])
+    want = apply_rotary_pos_emb(x, x, cos, sin)[0]
+    inv_freq = basis.rotary_inv_freq(model)
+    torch.testing.assert_close(frame(x, pos, inv_freq, 1), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(frame(frame(x, pos, inv_freq, 1), pos, inv_freq, -1), x, rtol=0, atol=1e-5)
+
+
+def test_layouts_default_scaled_and_whole_bytes():
+    cfg = AGACCConfig(key_quant="basis")
+    assert basis_layouts(cfg, 64) == (((4, 4), (3, 8), (2, 8)), ((8, 2), (4, 6), (3, 16), (2, 16)),
+                                      ((8, 3), (4, 14), (3, 24), (2, 12)))
+    assert basis_layouts(cfg, 128)[1] == ((8, 4), (4, 12), (3, 32), (2, 32))
+    # head dim 32: halves, each rounded half up to whole bytes of its width (3-bit: 8 codes, 2-bit: 4,
+    # 4-bit: 2), the last cut to the head dim (4-bit blocks: 2 + 8 + 16 of 32 leave 6: one 2-bit byte's 4)
+    assert basis_layouts(cfg, 32) == (((4, 2), (3, 8), (2, 4)), ((8, 1), (4, 4), (3, 8), (2, 8)),
+                                      ((8, 2), (4, 8), (3, 16), (2, 4)))
+    assert basis_layouts(AGACCConfig(key_quant="channel"), 64) == ()
+    for lay in basis_layouts(AGACCConfig(key_quant="basis", basis_layout=(64, 0, 0, 0) * 3), 32):
+        assert lay == ((8, 32),)  # never more coefficients than the head dim
+    with pytest.raises(ValueError, match="basis_layout"):
+        AGACCConfig(key_quant="basis", basis_layout=(1, 2, 3))
+
+
+def test_groups_pack_one_after_another():
+    groups = ((8, 3), (4, 6), (3, 8), (2, 4))
+    codes = torch.cat([torch.randint(0, 1 << w, (2, 5, n), dtype=torch.uint8) for w, n in groups], -1)
+    packed = pack_groups(codes, groups)
+    assert packed.shape[-1] == 3 + 3 + 3 + 1
+    assert torch.equal(packed[..., 3:6], pack(codes[..., 3:9], 4)) and torch.equal(packed[..., 9:], pack(codes[..., 17:], 2))
+    assert torch.equal(unpack_groups(packed, groups), codes)
+
+
+def test_coefficients_quantise_per_coefficient_per_block_at_their_width():
+    """Each group's coefficients by hand: min-max over a block's B tokens at the group's width."""
+    B, groups = 4, ((8, 2), (3, 8), (2, 4))
+    c = torch.randn(1, 2, 3 * B, 14) * torch.linspace(3, 0.1, 14)
+    packed, scale, zero = quant.quantize_coeffs(c, groups, B)
+    part = quant.Part("quant", packed, packed, k_scale=scale, k_zero=zero, key_block=B, key_groups=groups)
+    got = quant.dequantize_coeffs(part)
+    widths = torch.tensor([8] * 2 + [3] * 8 + [2] * 4)
+    blocks = c.reshape(1, 2, 3, B, 14)
+    lo, hi = blocks.amin(3, keepdim=True), blocks.amax(3, keepdim=True)
+    step = ((hi - lo) / (2.0 ** widths - 1)).half().float()
+    want = (torch.round((blocks - lo.half().float()) / step) * step + lo.half().float()).reshape(c.shape)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * float(step.max()))
+    assert float((got - c).abs().amax(2)[..., :2].max()) < float((got - c).abs().amax(2)[..., 2:].max())
+
+
+def test_full_basis_gives_the_keys_back_at_any_positions():
+    """With every axis, int8-rounded axes (as a store holds them) included, a key comes back exactly: the
+    coefficients are taken with the axes' pseudo-inverse (V * w would be off by V's rounding)."""
+    w, V, V_scale, inv_freq = random_basis(2, 16, torch.Generator().manual_seed(0))
+    k = torch.randn(1, 2, 6, 16)
+    pos = torch.tensor([3, 4, 5, 40, 41, 900])
+    axes = basis_axes(w, V, 16, V_scale)
+    back = basis_keys(basis_coeffs(k, torch.linalg.pinv(axes), inv_freq, pos), axes, inv_freq, pos)
+    torch.testing.assert_close(back, k, rtol=0, atol=1e-4)
+    Vf = V.float() * V_scale.float()
+    naive = basis_keys(basis_coeffs(k, Vf * w[:, :, None], inv_freq, pos), axes, inv_freq, pos)
+    assert float((naive - k).abs().max()) > 10 * float((back - k).abs().max())
+    exact = torch.linalg.qr(Vf)[0]  # an orthonormal V: the pseudo-inverse is V * w
+    torch.testing.assert_close(torch.linalg.pinv(basis_axes(w, exact, 16)), exact * w[:, :, None], rtol=0, atol=1e-4)
+
+
+def test_layer_basis_by_hand():
+    """w: the rotate_half pairs' averaged query RMS; V: the right singular vectors of the weighed keys."""
+    h, d = 2, 8
+    q = torch.randn(1, 2 * h, 10, d) * torch.arange(1, d + 1).float()
+    k = torch.randn(1, h, 50, d) @ torch.randn(d, d)
+    w, V = basis.layer_basis([q], [k])
+    e = q.reshape(h, -1, d).pow(2).mean(1)
+    torch.testing.assert_close(w, ((e[:, :4] + e[:, 4:]) / 2).repeat(1, 2).sqrt())
+    for hh in range(h):
+        vh = torch.linalg.svd(k[0, hh] * w[hh])[2].T  # columns by decreasing singular value
+        torch.testing.assert_close((V[hh].T @ vh).abs(), torch.eye(d), rtol=0, atol=1e-3)
+
+
+def _store(key_quant: str, seed: int = 0):
+    """A store of 4 blocks of 16 tokens (full, int4 at 4 bits, int3, int2) and a hot tail; the exact K/V."""
+    gen = torch.Generator().manual_seed(seed)
+    h, d, B = 2, 32, 16
+    cfg = AGACCConfig(block_size=B, recent_window=B, b_min=2, key_quant=key_quant, rotate=True)
+    st = LayerStore(cfg, torch.device("cpu"), torch.float32, key_basis=random_basis(h, d, gen))
+    k = torch.randn(1, h, 5 * B + 3, d, generator=gen) * torch.linspace(4, 0.2, d)
+    v = torch.randn(1, h, 5 * B + 3, d, generator=gen)
+    st.append(k, v)
+    st.apply_tiers(torch.tensor([FULL, INT4, INT3, INT2]), torch.tensor([16, 4, 3, 2]),
+                   torch.full((4,), d), torch.ones(st.seq_len))
+    return st, k, v
+
+
+def test_store_reads_each_block_from_its_coefficients():
+    """Every 4/3/2-bit block's keys = the frame of its exact keys' coefficients, quantised by hand per
+    coefficient per block at the layout's widths, and turned back at the block's positions; its values are
+    the per-channel store's."""
+    st, k, v = _store("basis")
+    ref, _, _ = _store("channel")
+    w, V8, V_scale, inv_freq = st.key_basis
+    V = V8.float() * V_scale.float()  # the int8 axes as held
+    B = 16
+    got = {p.container: p for p in st.parts() if p.kind == "quant"}
+    for block, c in ((1, 4), (2, 3), (3, 2)):
+        groups = dict(zip((2, 3, 4), basis_layouts(st.cfg, 32)))[c]
+        r = sum(n for _, n in groups)
+        pos = torch.arange(block * B, (block + 1) * B)
+        axes = (V[:, :, :r] / w[:, :, None]).transpose(1, 2)
+        coef = frame(k[:, :, pos], pos, inv_freq, -1) @ torch.linalg.pinv(axes)
+        lo, hi = coef.amin(2, keepdim=True), coef.amax(2, keepdim=True)
+        widths = torch.tensor([b for b, n in groups for _ in range(n)])
+        step = ((hi - lo) / (2.0 ** widths - 1)).half().float()
+        q = torch.round((coef - lo.half().float()) / step) * step + lo.half().float()
+        want = frame(q @ axes, pos, inv_freq, 1)
+        kk, vv = quant.dequantize_part(got[c])
+        torch.testing.assert_close(kk, want, rtol=0, atol=2e-3)
+        assert float((kk - k[:, :, pos]).abs().mean()) < float(k[:, :, pos].abs().mean())  # and near the keys
+        ref_part = [p for p in ref.parts() if p.kind == "quant" and p.container == c][0]
+        torch.testing.assert_close(vv, quant.dequantize_part(ref_part)[1], rtol=0, atol=0)
+        assert got[c].key_groups == groups and torch.equal(got[c].pos, pos.int())
+
+
+def test_bytes_held_are_the_cost_models_and_the_walks():
+    st, _, _ = _store("basis")
+    ref, _, _ = _store("channel")
+    kw = cost_settings(st.cfg, Geometry(n_layers=1, heads=2, head_dim=32, batch=1, full_itemsize=4))
+    for tier, c in ((INT4, 4), (INT3, 3), (INT2, 2)):  # one block each; its tier, bits, keep: 4 bytes held apart
+        assert st.quant[c].nbytes() + 4 == block_cost_bytes(tier, c, 32, **kw), c
+        assert st.quant[c].nbytes() < ref.quant[c].nbytes()  # cheaper keys, the same values
+    w, V, V_scale, f = st.key_basis
+    assert V.dtype == torch.int8 and st.bytes_by_tier()["basis"] == w.nbytes + V.nbytes + V_scale.nbytes + f.nbytes
+    assert st.nbytes() == walk_tensor_bytes(st) == sum(st.bytes_by_tier().values())
+    assert ref.bytes_by_tier()["basis"] == 0 and ref.key_basis is None  # not held where keys are per channel
+    assert st.quant[8].basis is None
+
+
+def test_cache_on_a_model_calibrates_saves_and_counts(tmp_path, monkeypatch):
+    """End to end on the tiny Llama: a table calibrated and filed, a cache holding its keys in it (every
+    decode step through the PyTorch reference and the backend chosen alike), bytes counted once."""
+    import agacc
+    from agacc import decode
+    from agacc.eval.runner import capture_prefill
+
+    monkeypatch.setenv("AGACC_CACHE", str(tmp_path))
+    model = tiny_model()
+    cfg = AGACCConfig.preset("agacc", target_ratio=3, key_quant="basis")
+    with pytest.raises(ValueError, match="python -m agacc calibrate --key-basis"):
+        agacc.CompressedCache(model.config, cfg)
+    ids = [torch.randint(3, 256, (200,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(2)]
+    with torch.inference_mode():
+        table = basis.calibrate(model, [capture_prefill(model, i) for i in ids])
+    assert table.V.shape == (2, 2, 32, 32) and table.w.shape == (2, 2, 32)
+    basis.save(model.config, table)
+    loaded = basis.require(model.config)
+    torch.testing.assert_close(loaded.V.float(), table.V.float(), rtol=0, atol=1e-3)
+    x = torch.randint(3, 256, (1, 580), generator=torch.Generator().manual_seed(9))
+    cache = agacc.CompressedCache(model.config, cfg)
+    seen = []
+    real = decode.decode_attention
+
+    def both(query, store, scaling, mask=None, softcap=None):
+        out, mass = real(query, store, scaling, mask, softcap)
+        entries = store.attention_entries(torch.float32)
+        ref_out, ref_mass = agacc.attention.attend(query.float(), entries, scaling)
+        seen.append(any(p.basis is not None for p in store.parts()))
+        torch.testing.assert_close(out.float(), ref_out, rtol=0, atol=1e-4)
+        torch.testing.assert_close(mass, ref_mass, rtol=1e-4, atol=1e-6)
+        return out, mass
+
+    monkeypatch.setattr(agacc.cache, "decode_attention", both)
+    with torch.inference_mode():
+        model(x[:, :560], past_key_values=cache)
+        for i in range(560, 580):
+            model(x[:, i:i + 1], past_key_values=cache)
+    assert any(seen)
+    m = cache.memory()
+    r = max(sum(n for _, n in g) for g in basis_layouts(cfg, 32))  # the axes a block may use
+    held = table.w.nbytes + table.V[..., :r].numel() + table.V[:, :, :1, :r].half().nbytes + 2 * table.inv_freq.nbytes
+    assert m["by_tier"]["basis"] == held  # V in int8 codes and fp16 column scales
+    assert m["bytes"] == walk_tensor_bytes(cache)
+    assert m["by_tier"]["int3"] > 0 and m["ratio"] > 2.9
+
+
+def test_a_table_for_other_shapes_and_a_model_without_whole_rope_are_refused(tmp_path, monkeypatch):
+    import agacc
+    from tests.helpers import COMMON, build
+
+    monkeypatch.setenv("AGACC_CACHE", str(tmp_path))
+    model = tiny_model()
+    basis.save(model.config, basis.KeyBasis(torch.ones(3, 2, 32), torch.eye(32).repeat(3, 2, 1, 1), INV_FREQ, "x"))
+    with pytest.raises(ValueError, match="re-run python -m agacc calibrate --key-basis"):
+        agacc.CompressedCache(model.config, AGACCConfig.preset("agacc", key_quant="basis"))
+    phi = build("PhiConfig", {**COMMON, "partial_rotary_factor": 0.5})
+    with pytest.raises(ValueError, match="key_quant='channel'"):
+        basis.rotary_inv_freq(phi)
