@@ -585,12 +585,13 @@ class AgaccApp:
         if not any(int(h.get("n_ready", 0)) for h in tr.history):
             return plot_value(drill.quality_curve(None, message="nothing to sweep: no block of this run left the recent "
                                                   "window (a longer prompt has blocks to tier)"))
-        if us.curve is None or us.curve[0] is not tr:
+        curve = us.curve  # read once: a new run clears it from another thread (state.py)
+        if curve is None or curve[0] is not tr:
             try:
                 sweep = ratio_sweep(tr.history, tr.config, tr.geometry)
             except ValueError as e:
                 return plot_value(drill.quality_curve(None, message=_esc(e)))
-            us.curve = (tr, sweep)
+            curve = us.curve = (tr, sweep)
         measured = []
         cmp, mem = tr.compare, tr.meta.get("memory") or {}
         if cmp and cmp.get("mean_kl") is not None and mem.get("bytes"):
@@ -598,7 +599,7 @@ class AgaccApp:
                              "label": f"Re-run + compare ({tr.config.name}, lockstep)"})
         measured += us.measured_points()
         run_ratio = mem["bytes_fp16"] / mem["bytes"] if mem.get("bytes") else None
-        return plot_value(drill.quality_curve(us.curve[1], measured, run_ratio))
+        return plot_value(drill.quality_curve(curve[1], measured, run_ratio))
 
     def after_run(self, request: gr.Request = None):
         """After a run (or a stop, an import): the quality-vs-memory curve and the header's GPU memory."""

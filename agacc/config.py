@@ -404,9 +404,9 @@ class AGACCConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "AGACCConfig":
         d = dict(d)
-        for key in ("layer_weights",) + CALIBRATED:
-            if d.get(key) is not None:
-                d[key] = tuple(d[key])
+        for f in fields(cls):  # JSON gives lists where the fields hold tuples
+            if str(f.type).startswith("tuple") and d.get(f.name) is not None:
+                d[f.name] = tuple(d[f.name])
         return cls(**d)
 
 

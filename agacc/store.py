@@ -874,8 +874,9 @@ class LayerStore:
         return sum(k.nbytes + v.nbytes for k, v in self.host.values())
 
     def bytes_by_tier(self) -> dict[str, int]:
+        """Bytes held by part of the store; "basis" (the key basis) only where keys are held in one."""
         hot = sum(t.nbytes for t in (self.hot_k, self.hot_v) if t is not None)
-        return {
+        out = {
             "hot": hot,
             "full": self.full.nbytes(),
             "int8": self.quant[8].nbytes(),
@@ -884,10 +885,11 @@ class LayerStore:
             "int2": self.quant[2].nbytes(),
             "pruned": sum(s.nbytes() for s in self.sparse.values()),
             "markers": self.markers.nbytes(),
-            "basis": sum(t.nbytes for t in self.basis_tensors()),
             "meta": self.block_tier.nbytes + self.block_bits.nbytes + self.block_keep.nbytes
             + (self._layout.nbytes if self._layout is not None else 0),
         }
+        basis = sum(t.nbytes for t in self.basis_tensors())
+        return {**out, "basis": basis} if basis else out
 
     def map_batch(self, fn) -> None:
         """Reorder / repeat the batch dimension of everything held (beam search)."""

@@ -143,9 +143,10 @@ class UserState:
 
     def measured_points(self) -> list:
         """Measure quality's results for the current trace (a new run or import starts a new list)."""
-        if self.measured is None or self.measured[0] is not self.trace:
-            self.measured = (self.trace, [])
-        return self.measured[1]
+        m = self.measured  # read once: cleanup clears it from another thread
+        if m is None or m[0] is not self.trace:
+            m = self.measured = (self.trace, [])
+        return m[1]
 
     def running(self) -> bool:
         """A generation of this session is going on (its trace is still being recorded)."""
