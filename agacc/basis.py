@@ -133,6 +133,7 @@ def require(model_config) -> KeyBasis:
     if table is None:
         from agacc.calibrate import model_key
 
-        raise ValueError(f"key_quant='basis' needs the model's key basis, and none is filed for {model_key(model_config)}: "
-                         "run python -m agacc calibrate --key-basis --model MODEL --save (a minute on a CPU)")
+        raise ValueError(f"key_quant='basis' needs the model's key basis, and none is filed for "
+                         f"{model_key(model_config)}: run python -m agacc calibrate --key-basis --model MODEL --save "
+                         "(a minute on a CPU)")
     return table

@@ -583,8 +583,8 @@ class LayerStore:
         groups = basis_layouts(self.cfg, head_dim)
         if (tuple(V.shape[:2]) != (heads, head_dim) or inv_freq.numel() * 2 != head_dim
                 or V.shape[2] < max(sum(n for _, n in g) for g in groups)):
-            raise ValueError(f"the key basis holds {V.shape[2]} axes for {V.shape[0]} KV heads of dim {V.shape[1]}, the "
-                             f"layer has {heads} of {head_dim}: re-run python -m agacc calibrate --key-basis --save")
+            raise ValueError(f"the key basis holds {V.shape[2]} axes for {V.shape[0]} KV heads of dim {V.shape[1]}, "
+                             f"the layer {heads} of {head_dim}: re-run python -m agacc calibrate --key-basis --save")
         for c, g in zip((2, 3, 4), groups):
             self.quant[c].basis = (w, V, V_scale, inv_freq, g)
 

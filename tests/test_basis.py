@@ -53,7 +53,8 @@ def test_groups_pack_one_after_another():
     codes = torch.cat([torch.randint(0, 1 << w, (2, 5, n), dtype=torch.uint8) for w, n in groups], -1)
     packed = pack_groups(codes, groups)
     assert packed.shape[-1] == 3 + 3 + 3 + 1
-    assert torch.equal(packed[..., 3:6], pack(codes[..., 3:9], 4)) and torch.equal(packed[..., 9:], pack(codes[..., 17:], 2))
+    assert torch.equal(packed[..., 3:6], pack(codes[..., 3:9], 4))
+    assert torch.equal(packed[..., 9:], pack(codes[..., 17:], 2))
     assert torch.equal(unpack_groups(packed, groups), codes)
 
 
