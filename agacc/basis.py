@@ -83,22 +83,25 @@ def rotary_inv_freq(model) -> torch.Tensor:
     return inv_freq.detach().float().cpu()
 
 
-def calibrate(model, caps) -> KeyBasis:
-    """The model's table from a few texts' forwards (``agacc.eval.runner.capture_prefill``: every key, the
-    last queries), RoPE undone on both at their positions."""
-    from agacc.calibrate import model_key
-
-    inv_freq = rotary_inv_freq(model)
-    ws, Vs = [], []
+def turned_prompts(caps, inv_freq: torch.Tensor):
+    """Per layer, (queries, keys) of captured prompts (``agacc.eval.runner.capture_prefill``: every key, the
+    last queries; one of each per prompt) with RoPE undone at their positions (``frame`` at ``inv_freq``)."""
     for layer in range(len(caps[0].keys)):
         qs, ks = [], []
         for c in caps:
             q, k = c.queries[layer].cpu(), c.keys[layer].cpu()
             qs.append(frame(q, torch.arange(c.n - q.shape[2], c.n), inv_freq, -1))
             ks.append(frame(k, torch.arange(c.n), inv_freq, -1))
-        w, V = layer_basis(qs, ks)
-        ws.append(w)
-        Vs.append(V)
+        yield qs, ks
+
+
+def calibrate(model, caps) -> KeyBasis:
+    """The model's table from a few texts' forwards (``agacc.eval.runner.capture_prefill``), RoPE undone
+    (``turned_prompts``)."""
+    from agacc.calibrate import model_key
+
+    inv_freq = rotary_inv_freq(model)
+    ws, Vs = zip(*(layer_basis(qs, ks) for qs, ks in turned_prompts(caps, inv_freq)))
     return KeyBasis(torch.stack(ws), torch.stack(Vs), inv_freq, model_key(model.config))
 
 

@@ -24,7 +24,7 @@ from agacc.config import CALIBRATED, AGACCConfig
 from agacc.decode import decode_attention
 from agacc.importance import WINDOW_ITEMSIZE, ImportanceTracker
 from agacc.planner import Geometry, sliding_windows
-from agacc.policy import basis_layouts, layer_weights
+from agacc.policy import basis_layouts, basis_rank, layer_weights
 from agacc.store import LayerStore
 from agacc.tiers import HOT, NAMES
 
@@ -326,7 +326,7 @@ class CompressedCache(Cache):
                                  f"heads, head dim), the model {(geo.n_layers, geo.heads, geo.head_dim)}: re-run "
                                  "python -m agacc calibrate --key-basis --save")
             # the most coefficients a block keeps: the axes held (none where keys are per token: keep_all)
-            r = max((sum(n for _, n in lay) for lay in basis_layouts(self.cfg, geo.head_dim)), default=0)
+            r = basis_rank(basis_layouts(self.cfg, geo.head_dim))
             self.key_basis = [table.layer(i, r) for i in range(geo.n_layers)] if r else None
         self._start()
         super().__init__(layers=[CompressedLayer(self, i) for i in range(self.n_layers)])

@@ -20,7 +20,7 @@ import torch
 from agacc import methods
 from agacc.config import CALIBRATED
 from agacc.importance import WINDOW_ITEMSIZE, block_max, max_pool
-from agacc.policy import basis_layouts, fidelity_floor, hold_evictions, key_grouping, layer_weights
+from agacc.policy import basis_layouts, basis_rank, fidelity_floor, hold_evictions, key_grouping, layer_weights
 from agacc.quant import container_bits, value_group
 from agacc.tiers import CONTAINER_OF_TIER, CONTAINER_TIER, EVICTED, FULL, PRUNED, TIER_CONTAINER, TIER_OF_CONTAINER
 
@@ -273,7 +273,7 @@ def block_cost_bytes(tier: int, bits: int, keep: int, *, batch: int, heads: int,
     if tier in TIER_CONTAINER or (tier == PRUNED and (keep >= head_dim or 1 - keep / head_dim < sparse_threshold)):
         c = container_bits(bits if tier != PRUNED else b_min)
         layout = dict(zip((2, 3, 4), key_layouts)).get(c)  # keys in a basis: its coefficients, else channels
-        k_dim = sum(n for _, n in layout) if layout else head_dim
+        k_dim = basis_rank((layout,)) if layout else head_dim
         k_codes = vecs * sum(n * w for w, n in layout) // 8 if layout else vecs * head_dim * c // 8
         codes = k_codes + vecs * head_dim * c // 8
         if key_quant == "token":

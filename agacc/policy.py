@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from agacc.quant import CONTAINER_OF, container_bits, value_group
+from agacc.quant import CONTAINER_OF, container_bits, pack_unit, value_group
 from agacc.tiers import CONTAINER_TIER, EVICTED, FULL, PRUNED, TIER_OF_CONTAINER
 
 
@@ -86,7 +86,6 @@ def key_grouping(cfg, head_dim: int) -> str:
 
 
 BASIS_WIDTHS = (8, 4, 3, 2)  # the code widths of ``cfg.basis_layout``'s counts, widest first
-PACK_UNIT = {8: 1, 4: 2, 3: 8, 2: 4}  # codes a width packs whole bytes of (``quant.pack``)
 
 
 def basis_layouts(cfg, head_dim: int) -> tuple:
@@ -100,13 +99,18 @@ def basis_layouts(cfg, head_dim: int) -> tuple:
     for i in range(3):
         groups, left = [], head_dim
         for w, n in zip(BASIS_WIDTHS, cfg.basis_layout[4 * i:4 * i + 4]):
-            u = PACK_UNIT[w]
+            u = pack_unit(w)
             n = min(math.floor(n * head_dim / 64 / u + 0.5) * u, left // u * u)
             if n:
                 groups.append((w, n))
                 left -= n
         out.append(tuple(groups))
     return tuple(out)
+
+
+def basis_rank(layouts) -> int:
+    """The most coefficients a block keeps under ``basis_layouts`` (the axes a store holds), 0 for none."""
+    return max((sum(n for _, n in lay) for lay in layouts), default=0)
 
 
 def full_plan(n: int, head_dim: int):

@@ -18,8 +18,8 @@ import torch
 
 from kernels.format import (  # noqa: F401  (re-exported: agacc.quant's public names)
     CONTAINER_OF, CONTAINERS, DENSE, QUANT, SCALE_DTYPE, SPARSE, Part, basis_axes, basis_coeffs, basis_keys,
-    container_bits, dequantize, frame, hadamard, pack, pack_bitmap, pack_groups, rotate, rotation_size, sparse_decode,
-    unpack, unpack_bitmap, unpack_groups, value_group,
+    container_bits, dequantize, frame, hadamard, pack, pack_bitmap, pack_groups, pack_unit, rotate, rotation_size,
+    sparse_decode, unpack, unpack_bitmap, unpack_groups, value_group,
 )
 
 

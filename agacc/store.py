@@ -38,7 +38,7 @@ import torch
 import kernels
 from agacc import quant
 from agacc.quant import DENSE, QUANT, SPARSE, Part
-from agacc.policy import basis_layouts, fidelity_floor, key_grouping
+from agacc.policy import basis_layouts, basis_rank, fidelity_floor, key_grouping
 from agacc.tiers import CONTAINER_OF_TIER, EVICTED, FULL, INT2, INT3, INT4, INT8, NAMES, PRUNED, TIER_CONTAINER, evicted_runs
 
 
@@ -258,7 +258,7 @@ class FullSegment(Segment):
         B = self.block_size
         return _blocks(self.k, block_pos, B).float(), _blocks(self.v, block_pos, B).float()
 
-    def part(self) -> Part:
+    def part(self, **_) -> Part:
         self.flush()
         return Part(DENSE, self.k, self.v)
 
@@ -285,10 +285,12 @@ class QuantSegment(Segment):
     def rotated(self) -> bool:
         return self.cfg.rotate
 
-    def _axes(self) -> torch.Tensor:
-        """The basis' first r axes [H, r, D] fp32 (``quant.basis_axes``), made per use."""
+    def _axes(self, axes: torch.Tensor | None = None) -> torch.Tensor:
+        """The basis' first r axes [H, r, D] fp32: the first r of ``axes`` (the layer's, made once per read by
+        ``LayerStore.parts``), else made here (``quant.basis_axes``)."""
         w, V, V_scale, _, groups = self.basis
-        return quant.basis_axes(w, V, sum(n for _, n in groups), V_scale)
+        r = basis_rank((groups,))
+        return axes[:, :r] if axes is not None else quant.basis_axes(w, V, r, V_scale)
 
     def tensors(self):
         self.flush()
@@ -348,8 +350,8 @@ class QuantSegment(Segment):
         self.block_ids, self.bits = torch.cat(ids), torch.cat(code_bits)
         self._extend(parts, fresh)
 
-    def part(self, block_pos=None) -> Part:
-        """The held blocks at ``block_pos`` (None: all) as a quantised ``Part``."""
+    def part(self, block_pos=None, axes: torch.Tensor | None = None) -> Part:
+        """The held blocks at ``block_pos`` (None: all) as a quantised ``Part``; ``axes``: see ``_axes``."""
         self.flush()
         if block_pos is None:
             k, ks, kz, v, vs, vz = self.k, self.k_scale, self.k_zero, self.v, self.v_scale, self.v_zero
@@ -363,7 +365,7 @@ class QuantSegment(Segment):
         basis = {}
         if self.basis is not None:
             ids = self.block_ids if block_pos is None else self.block_ids[block_pos]
-            basis = dict(basis=self._axes(), key_groups=self.basis[4], inv_freq=self.basis[3],
+            basis = dict(basis=self._axes(axes), key_groups=self.basis[4], inv_freq=self.basis[3],
                          pos=_rows(ids.long(), self.block_size).to(torch.int32))
         return Part(QUANT, k, v, k_scale=ks, k_zero=kz, v_scale=vs, v_zero=vz, container=self.container,
                     key_block=0 if self.key_per_token else self.block_size,
@@ -399,7 +401,7 @@ class SparseSegment(Segment):
         self._extend({name: [t] for name, t in zip(("k_map", "k", "k_scale", "k_zero", "v_map", "v", "v_scale", "v_zero"),
                                                    (km, kq, ks, kz, vm, vq, vs, vz))})
 
-    def part(self, block_pos=None) -> Part:
+    def part(self, block_pos=None, **_) -> Part:
         """The held blocks at ``block_pos`` (None: all) as a sparse ``Part``."""
         self.flush()
         sel = (lambda t: t) if block_pos is None else (lambda t: _blocks(t, block_pos, self.block_size))
@@ -582,7 +584,7 @@ class LayerStore:
         w, V, V_scale, inv_freq = self.key_basis
         groups = basis_layouts(self.cfg, head_dim)
         if (tuple(V.shape[:2]) != (heads, head_dim) or inv_freq.numel() * 2 != head_dim
-                or V.shape[2] < max(sum(n for _, n in g) for g in groups)):
+                or V.shape[2] < basis_rank(groups)):
             raise ValueError(f"the key basis holds {V.shape[2]} axes for {V.shape[0]} KV heads of dim {V.shape[1]}, "
                              f"the layer {heads} of {head_dim}: re-run python -m agacc calibrate --key-basis --save")
         for c, g in zip((2, 3, 4), groups):
@@ -614,7 +616,11 @@ class LayerStore:
         """Everything held, as it is held, in attention order: full, int8, int4, int3, int2, sparse (by
         keep), markers (dense, with their log-count bias), hot. Empty parts are left out. Every decode
         backend reads this list; entry i of the attention mass is entry i of the parts laid end to end."""
-        out = [seg.part() for seg in self.segments if seg.n_blocks]
+        axes = None  # keys in a basis: its axes, made once for every container's part (the decode step reads them)
+        if self.quant[2].basis is not None and any(self.quant[c].n_blocks for c in (2, 3, 4)):
+            w, V, V_scale, _ = self.key_basis
+            axes = quant.basis_axes(w, V, V.shape[2], V_scale)
+        out = [seg.part(axes=axes) for seg in self.segments if seg.n_blocks]
         if self.markers.n:
             m = self.markers
             out.append(Part(DENSE, m.k, m.v, bias=m.log_count))

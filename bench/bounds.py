@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import agacc.importance as importance  # noqa: E402
 import agacc.store as store  # noqa: E402
 from agacc import planner, quant  # noqa: E402
-from agacc.basis import layer_basis, query_energy  # noqa: E402
+from agacc.basis import layer_basis, query_energy, rotary_inv_freq, turned_prompts  # noqa: E402
 from agacc.tiers import INT3  # noqa: E402
 
 MODES = ("oracle", "values-2bit", "keys-allocated", "keys-basis")
@@ -305,16 +305,8 @@ def key_basis(queries: list[torch.Tensor], keys: list[torch.Tensor], block: int 
 
 def calibrate_key_basis(model, caps) -> list[dict]:
     """``key_basis`` per layer from captured prompts (``capture_prefill``: their keys and last queries), RoPE
-    undone on both at their positions (the model's ``rotary_emb``, Llama's rotate_half pairs)."""
-    n = max(c.n for c in caps)
-    cos, sin = (t.float() for t in model.model.rotary_emb(torch.zeros(1), torch.arange(n)[None]))
-    out = []
-    for layer in range(len(caps[0].keys)):
-        qs = [rope_turn(c.queries[layer].float(), cos[:, c.n - c.queries[layer].shape[2]:c.n],
-                        sin[:, c.n - c.queries[layer].shape[2]:c.n], -1) for c in caps]
-        ks = [rope_turn(c.keys[layer].float(), cos[:, :c.n], sin[:, :c.n], -1) for c in caps]
-        out.append(key_basis(qs, ks))
-    return out
+    undone on both at their positions (the library's ``agacc.basis.turned_prompts``)."""
+    return [key_basis(qs, ks) for qs, ks in turned_prompts(caps, rotary_inv_freq(model))]
 
 
 def basis_bits(energy: torch.Tensor, range_sq: torch.Tensor, budget: float, meta: float = 2.0,

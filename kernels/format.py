@@ -69,6 +69,12 @@ def value_group(head_dim: int, group_size: int) -> int:
     return math.gcd(head_dim, group_size)
 
 
+def pack_unit(bits: int) -> int:
+    """Codes of a container of ``bits`` (2, 3, 4, 8) that fill whole bytes: ``pack`` needs a multiple of it
+    (3 bits: 8, the two planes' bytes)."""
+    return 8 // math.gcd(8, bits)
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 codes ``[..., D]`` (values < 2**bits) into ``[..., D * bits // 8]`` bytes."""
     if bits == 8:
