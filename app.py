@@ -585,7 +585,7 @@ class AgaccApp:
         if not any(int(h.get("n_ready", 0)) for h in tr.history):
             return plot_value(drill.quality_curve(None, message="nothing to sweep: no block of this run left the recent "
                                                   "window (a longer prompt has blocks to tier)"))
-        curve = us.curve  # read once: a new run clears it from another thread (state.py)
+        curve = us.curve  # read once: a cleanup clears it from another thread (state.py)
         if curve is None or curve[0] is not tr:
             try:
                 sweep = ratio_sweep(tr.history, tr.config, tr.geometry)
