@@ -26,7 +26,7 @@ from agacc.importance import WINDOW_ITEMSIZE, ImportanceTracker
 from agacc.planner import Geometry, sliding_windows
 from agacc.policy import basis_layouts, basis_rank, layer_weights
 from agacc.store import LayerStore
-from agacc.tiers import HOT, NAMES
+from agacc.tiers import EVICTED, HOT, NAMES
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -99,10 +99,7 @@ class CompressedLayer(CacheLayerMixin):
         basis = self.cache.key_basis
         self.store = LayerStore(cfg, self.device, store_dtype, key_basis=None if basis is None else
                                 tuple(t.to(self.device) for t in basis[self.layer_idx]))
-        self.tracker.device = self.device
-        self.tracker.importance = self.tracker.importance.to(self.device)
-        self.tracker.value_norm = self.tracker.value_norm.to(self.device)
-        self.tracker.window = self.tracker.window.to(self.device)
+        self.tracker.to(self.device)
         self.is_initialized = True
 
     # --- transformers cache-layer API -------------------------------------------------------
@@ -178,9 +175,7 @@ class CompressedLayer(CacheLayerMixin):
         keep_hot = n - st.hot_start
         st.hot_k, st.hot_v = st.hot_k[:, :, :keep_hot], st.hot_v[:, :, :keep_hot]
         st.seq_len = n
-        tr.importance = tr.importance[:n]
-        tr.value_norm = tr.value_norm[:n]
-        tr.chunks = [(c[:n], steps) for c, steps in tr.chunks]
+        tr.truncate(n)
         tr.window = tr.window[: st.n_entries]  # entries are in attention order: the hot ones last
 
     def reorder_cache(self, beam_idx):
@@ -462,6 +457,7 @@ class CompressedCache(Cache):
         stores = [l.store for l in layers]
         # the windows to tokens, before the tiers change the entry layout
         update_all(trackers, [st.token_mass for st in stores], lambda ws: token_mass_all(stores, ws))
+        _forget_evicted(layers)  # the blocks evicted a re-evaluation ago: their attention is folded in now
         seq_len = self.seq_len
         n_ready = layers[0].store.n_ready_blocks()
         token_scores = scores_all(trackers, seq_len, n_ready * cfg.block_size)  # [L, seq_len]
@@ -471,13 +467,15 @@ class CompressedCache(Cache):
         self.reevaluations += 1
         unplanned = self.unplanned_bytes()
         overhead = unplanned + self.ahead_bytes() + self.headroom_bytes()  # what the ratio fitter adds to its plan
+        prices = self.tracker_prices()  # the tracker state a plan holds (its blocks' tokens, its evictions)
         dropped = self.dropped_blocks(n_ready)
         reference = self.reference_bytes()
         if self.record_history:
             self.history.append({"step": self.steps, "seq_len": seq_len, "n_ready": n_ready, "block_size": cfg.block_size,
                                  "overhead": overhead, "dropped": dropped, "bytes_fp16": reference,
                                  **{k: getattr(cfg, k) for k in CALIBRATED},
-                                 "unplanned": unplanned, "prefill": prefill, "scores": [s.clone() for s in block_scores]})
+                                 "unplanned": unplanned, "tracker_prices": prices, "prefill": prefill,
+                                 "scores": [s.clone() for s in block_scores]})
         if cfg.compress and n_ready > 0:
             geo = self._geometry()
             fitted: dict = {}  # scale -> the plans (stacked, floored) of every scale the fitter tried
@@ -486,7 +484,8 @@ class CompressedCache(Cache):
                 prev = None if cfg.host_copy else [(l.store.block_tier, l.store.block_bits, l.store.block_keep) for l in layers]
                 self.threshold_scale = planner.fit_threshold_scale(block_scores, cfg, geo, seq_len, cfg.target_ratio,
                                                                    overhead, prev=prev, start=self.threshold_scale,
-                                                                   prefill=prefill, plans_out=fitted, **window)
+                                                                   prefill=prefill, plans_out=fitted, tracker=prices,
+                                                                   **window)
             floored = self.threshold_scale in fitted  # the fitter planned (and floored) this scale already
             plans = fitted[self.threshold_scale] if floored else planner.plan_tiers(
                 block_scores, cfg, geo, seq_len, self.threshold_scale, prefill=prefill, stacked=True, dropped=dropped)
@@ -495,11 +494,12 @@ class CompressedCache(Cache):
                 gentle = plans
                 if cfg.gentle_prefill:
                     gentle = planner.fit_plans(block_scores, cfg, geo, seq_len, cfg.prefill_ratio, overhead,
-                                               prev, self.threshold_scale, prefill, **window)
+                                               prev, self.threshold_scale, prefill, tracker=prices, **window)
                 held = planner.held_plans(*gentle, cfg, self.head_dim, dropped)
                 if any(a is not b for a, b in zip(held, plans)):  # blocks would go or lose bits: held till the prompt ends
                     self.held, plans, floored = plans, held, False
             apply_plans(stores, *plans, self._token_weight(layers), floored=floored)
+            _forget_evicted(layers)
         for l in layers:  # the next window, held (and counted) from now on
             l.tracker.start_window(l.store.n_entries)
 
@@ -517,6 +517,7 @@ class CompressedCache(Cache):
         from agacc.store import apply_plans
 
         apply_plans([l.store for l in layers], *plans, self._token_weight(layers))
+        _forget_evicted(layers)
         for l in layers:  # the layout changed before anything was observed in the window
             l.tracker.start_window(l.store.n_entries)
 
@@ -531,11 +532,12 @@ class CompressedCache(Cache):
         if len(token_scores) != len(layers):
             raise ValueError(f"rescore_prompt() needs one score tensor per layer ({len(layers)}), got {len(token_scores)}")
         for l, s in zip(layers, token_scores):
-            tr = l.tracker
-            tr.importance = torch.cat([s.to(tr.importance.device, torch.float32), tr.importance[s.numel():]])
+            l.tracker.set_raw(s)
         self.reevaluate(prefill=True)
 
     def _token_weight(self, layers):
+        if not self.cfg.markers:  # (only a marker weighs its tokens)
+            return lambda i: None
         seq_len = self.seq_len
         return lambda i: layers[i].tracker.raw()[:seq_len]
 
@@ -548,14 +550,24 @@ class CompressedCache(Cache):
         return min(self.cfg.n_r, self.cfg.block_size) * per_token
 
     def unplanned_bytes(self) -> int:
-        """Bytes held that the tier plan does not cover (tracker state, block scores, the int32 block
-        layout of the attention order, the key basis): ``planned_bytes`` + these = what the cache holds under a plan
+        """Bytes held that the tier plan does not cover (tracker state but the ready blocks' (a plan prices
+        it: ``tracker_prices``), block scores, the int32 block layout of the attention order, the key basis):
+        ``planned_bytes(..., tracker=tracker_prices())`` + these = what the cache holds under a plan
         (the window held now is the plan's: one slot per entry). Recorded with the history, so a
         replay reports bytes held."""
         layers = [l for l in self.layers if l.store is not None]
         tracker = sum(l.tracker.nbytes() - l.tracker.window.nbytes for l in layers)  # the window is in the plan
+        per_token, per_evicted = self.tracker_prices()
+        evicted = torch.stack([(l.store.block_tier == EVICTED).sum() for l in layers]).tolist() if layers else []
+        for l, ev in zip(layers, evicted):  # what a plan of the ready blocks prices (see tracker_prices)
+            tracker -= per_token * (l.store.n_ready_blocks() - ev) * self.cfg.block_size + per_evicted * ev
         basis = sum(t.nbytes for l in layers for t in l.store.basis_tensors())  # a fixed cost per layer
         return tracker + basis + sum(l.scores.nbytes + 4 * l.store.n_ready_blocks() for l in layers)
+
+    def tracker_prices(self) -> tuple[int, int]:
+        """``planner.tracker_prices`` of this cache's trackers now (the window sums they hold)."""
+        chunks = next((len(l.tracker.chunks) for l in self.layers if l.store is not None), 0)
+        return planner.tracker_prices(self.cfg, chunks)
 
     def ahead_bytes(self) -> int:
         """Window slots of the tokens that arrive before the next re-evaluation (the ratio fitter
@@ -655,6 +667,14 @@ class CompressedCache(Cache):
             "token_importance": [round(x, 5) for x in token_importance],
             "tier_names": list(NAMES), "memory": self.memory(), "config": self.cfg.to_dict(),
         }
+
+
+def _forget_evicted(layers) -> None:
+    """Each layer's tracker forgets the blocks its store holds evicted (``ImportanceTracker.forget``)."""
+    tiers = [l.store.block_tier for l in layers]
+    evicted = (torch.cat(tiers) == EVICTED).cpu().split([t.numel() for t in tiers])  # one copy off the device
+    for l, e in zip(layers, evicted):
+        l.tracker.forget(e.nonzero().squeeze(1))
 
 
 def safe_globals() -> list[type]:

@@ -1,11 +1,16 @@
 """Importance tracker: attention mass per cached token -> S_i -> I_i(t) -> normalised block scores.
 
-One tracker per layer. Per-token state: I_i fp32 [seq_len] (bf16 would tie near-equal blocks, and
-the ratio fitter needs them apart) and the sums of the last N_w - N_r steps (bf16: all the next
-re-evaluation's mean needs besides its own window); the
+One tracker per layer. Per-token state: I_i fp32 (bf16 would tie near-equal blocks, and the ratio
+fitter needs them apart) and the sums of the last N_w - N_r steps (bf16: all the next
+re-evaluation's mean needs besides its own window), both for the tokens still held only; the
 current window is kept per attention *entry* (bf16 [n_entries]: at most N_r steps are summed, and
 bf16 keeps fp32's range, so tiny masses do not flush to zero) and mapped to tokens once, at the
 re-evaluation, instead of at every step (all of it counted in memory()).
+
+An evicted block's tokens receive no attention again (without markers or a host copy), so their I_i
+only decay, each by the same factor: once no window sum holds their attention from before, the
+tracker ``forget``s them, keeping the block's largest I_i and their sum (fp32 each): what its block
+score and the scores' mean need, 12 bytes a block instead of 6 a token (docs/tuning.md round 23).
 
   seed 000 §2.2  S_i: mean attention token i receives (over heads, and over the N_q observation
                  queries at prefill / the decode steps of the last N_w window at re-evaluation)
@@ -25,6 +30,8 @@ import torch
 
 WINDOW_DTYPE = torch.bfloat16  # per-entry attention window (sums of at most N_r steps)
 WINDOW_ITEMSIZE = 2
+STATE_ITEMSIZE = 4  # I_i, fp32 a token held
+GONE_ITEMSIZE = 12  # a forgotten block: its id (int32), largest and summed I_i (fp32)
 
 
 def fold_decode(cfg, s_i: torch.Tensor, importance: torch.Tensor, steps: int) -> torch.Tensor:
@@ -33,6 +40,23 @@ def fold_decode(cfg, s_i: torch.Tensor, importance: torch.Tensor, steps: int) ->
     if cfg.decode_evidence == "max":
         return torch.maximum(s_i, importance * 0.5 ** (steps / cfg.evidence_half_life))
     return cfg.alpha * s_i + (1 - cfg.alpha) * importance
+
+
+def decay_factor(cfg, steps: int) -> float:
+    """What a re-evaluation after ``steps`` decode steps multiplies a token's I_i by when the token got
+    no attention (S_i = 0), by the scoring rule: every rule is linear there."""
+    if cfg.scoring == "decay":
+        return math.exp(-cfg.beta * steps)
+    if cfg.scoring == "sum":
+        return 1.0
+    return 0.5 ** (steps / cfg.evidence_half_life) if cfg.decode_evidence == "max" else 1 - cfg.alpha
+
+
+def prompt_factor(cfg) -> float:
+    """The same for a prompt chunk's observation (``init_prefill``) of a token it paid no attention."""
+    if cfg.scoring != "ema":
+        return 1.0
+    return 0.0 if cfg.prompt_evidence == "last" else 1 - cfg.alpha
 
 
 def position_norm(distance: torch.Tensor, form: str, gamma: float) -> torch.Tensor:
@@ -54,28 +78,60 @@ class ImportanceTracker:
     ``init_prefill(mass)``: S_i of the prompt from the observation window (per token);
     ``update(to_tokens)``: at a re-evaluation, map the window to tokens (the store's ``token_mass``;
         the entry layout only changes when tiers are applied, after this) and fold it into I;
-    ``scores(seq_len)``: I^ per token (position-normalised, relative to the mean)."""
+    ``scores(seq_len)``: I^ per token (position-normalised, relative to the mean);
+    ``forget(blocks)``: the store evicted these blocks for good: their tokens' state folds into the
+        block's (``gone``) once no window sum holds their attention. ``importance`` and the chunks hold
+        the other tokens, in position order; ``raw()`` lays them out per token again."""
 
     def __init__(self, cfg, layer_weight: float = 1.0, device="cpu"):
         self.cfg = cfg
         self.w_l = layer_weight
         self.device = device
-        self.importance = torch.zeros(0, device=device)   # I_i (ema) or A_i numerator (decay / sum)
+        self.importance = torch.zeros(0, device=device)   # I_i (ema) or A_i numerator (decay / sum), tokens held
         self.window = torch.zeros(0, dtype=WINDOW_DTYPE, device=device)  # attention summed since the last update, per entry
         self.window_steps = 0
         self.chunks: list[tuple[torch.Tensor, int]] = []  # last N_w steps as (bf16 per-token sum, steps) chunks
         self.steps = 0                                    # T: decode steps seen
         self.value_norm = torch.zeros(0, device=device)   # ||v_i|| per token (fp32), with cfg.value_weight only
+        self.gone = torch.zeros(0, dtype=torch.int32, device=device)  # forgotten blocks, ascending
+        self.gone_max = torch.zeros(0, device=device)     # their tokens' largest I_i (fp32 [n_gone])
+        self.gone_sum = torch.zeros(0, device=device)     # and the sum of their I_i
+        self.pending: list[tuple[int, int]] = []          # (block, steps when evicted): to forget
+
+    def to(self, device) -> None:
+        self.device = device
+        for name in ("importance", "window", "value_norm", "gone", "gone_max", "gone_sum"):
+            setattr(self, name, getattr(self, name).to(device))
+        self.chunks = [(c.to(device), k) for c, k in self.chunks]
+
+    def _held(self, n: int) -> torch.Tensor | None:
+        """Positions [n_held] int64 of the tokens among the first ``n`` whose state is held (all but the
+        forgotten blocks'), ascending; None when nothing is forgotten."""
+        if not self.gone.numel():
+            return None
+        B = self.cfg.block_size
+        keep = torch.ones(max(n, 0), dtype=torch.bool, device=self.device)
+        keep[: n // B * B].view(-1, B)[self.gone[self.gone < n // B].long()] = False
+        return keep.nonzero().squeeze(1)
+
+    def held_part(self, per_token: torch.Tensor) -> torch.Tensor:
+        """A per-token tensor [n] -> its held tokens' entries (all of it when nothing is forgotten)."""
+        idx = self._held(per_token.numel())
+        return per_token if idx is None else per_token[idx]
 
     def _grow(self, n: int) -> None:
+        """Hold state for the first ``n`` tokens (zeros for new ones)."""
+        n = n - self.cfg.block_size * self.gone.numel()
         if self.importance.numel() < n:
             self.importance = torch.cat([self.importance, torch.zeros(n - self.importance.numel(), device=self.device)])
 
     def init_prefill(self, mass: torch.Tensor) -> None:
         """mass [n] = S_i over the observation window of a prompt chunk (new tokens get it, older
         tokens get it folded in as one observation)."""
+        self._grow(mass.numel())
+        self._decay_gone(prompt_factor(self.cfg))
+        mass = self.held_part(mass)
         n = mass.numel()
-        self._grow(n)
         if self.cfg.scoring == "ema":
             a = self.cfg.alpha
             ev = self.cfg.prompt_evidence
@@ -128,7 +184,9 @@ class ImportanceTracker:
         cfg = self.cfg
         window = to_tokens(self.window.float()) if to_tokens is not None else self.window.float()
         self._grow(window.numel())
+        window = self.held_part(window)
         window = torch.cat([window, torch.zeros(self.importance.numel() - window.numel(), device=self.device)])
+        self._decay_gone(decay_factor(cfg, self.window_steps))
         if cfg.scoring == "ema":
             self.chunks.append((window.to(WINDOW_DTYPE), self.window_steps))
             while sum(s for _, s in self.chunks) > cfg.n_w and len(self.chunks) > 1:
@@ -154,13 +212,77 @@ class ImportanceTracker:
             self.window = torch.zeros(n, dtype=WINDOW_DTYPE, device=self.device)
 
     def raw(self) -> torch.Tensor:
-        """I_i (ema) or the seed's A_i / C_j (decay, sum) per token, before position normalisation."""
+        """I_i (ema) or the seed's A_i / C_j (decay, sum) per token [n_tokens], before position
+        normalisation; a forgotten block's first token holds its largest value and the others share
+        the rest of its sum alike (its block score and the scores' mean are as if held)."""
         cfg = self.cfg
+        imp = self._per_token()
         if cfg.scoring == "decay":
-            return self.w_l * self.importance / max(1, self.steps + cfg.n_q)
+            return self.w_l * imp / max(1, self.steps + cfg.n_q)
         if cfg.scoring == "sum":
-            return (cfg.alpha + (1 - cfg.alpha) * cfg.attention_sum_beta) * self.importance
-        return self.importance
+            return (cfg.alpha + (1 - cfg.alpha) * cfg.attention_sum_beta) * imp
+        return imp
+
+    def _per_token(self) -> torch.Tensor:
+        if not self.gone.numel():
+            return self.importance
+        B = self.cfg.block_size
+        n = self.importance.numel() + B * self.gone.numel()
+        out = torch.empty(n, device=self.device)
+        out[self._held(n)] = self.importance
+        vals = ((self.gone_sum - self.gone_max) / max(1, B - 1))[:, None].repeat(1, B)
+        vals[:, 0] = self.gone_max
+        out[(self.gone.long()[:, None] * B + torch.arange(B, device=self.device)).reshape(-1)] = vals.reshape(-1)
+        return out
+
+    def _decay_gone(self, factor: float) -> None:
+        if factor != 1.0 and self.gone.numel():
+            self.gone_max = self.gone_max * factor  # (not in place: the tensors may be inference tensors)
+            self.gone_sum = self.gone_sum * factor
+
+    def forget(self, blocks: torch.Tensor) -> None:
+        """``blocks``: every block the store holds evicted (int, any order; known ones included). Their
+        tokens will receive no attention again (no markers, no host copy: else nothing is forgotten),
+        so each I_i only decays, by ``decay_factor``; once the window sums held (``chunks``) postdate
+        the eviction, the blocks' tokens leave ``importance`` and the chunks (their entries there
+        are zero), leaving the block's largest I_i and their sum in ``gone``, decayed alike."""
+        if self.cfg.markers or self.cfg.host_copy or (blocks.numel() == self.gone.numel() and not self.pending):
+            return  # (evictions are for good: as many as forgotten, and none pending, means these)
+        known = set(self.gone.tolist()) | {b for b, _ in self.pending}
+        self.pending += [(b, self.steps) for b in sorted(set(blocks.tolist())) if b not in known]
+        held_steps = sum(k for _, k in self.chunks)
+        ready = [b for b, s in self.pending if self.steps - s >= held_steps]
+        if not ready:
+            return
+        self.pending = [(b, s) for b, s in self.pending if self.steps - s < held_steps]
+        B, dev = self.cfg.block_size, self.device
+        self._grow((max(ready) + 1) * B)
+        n = self.importance.numel() + B * self.gone.numel()
+        held = self._held(n)
+        tok = (torch.tensor(ready, device=dev)[:, None] * B + torch.arange(B, device=dev)).reshape(-1)
+        pos = tok if held is None else torch.searchsorted(held, tok)  # their places in the held state
+        vals = self.importance[pos].view(len(ready), B)
+        keep = torch.ones(self.importance.numel(), dtype=torch.bool, device=dev)
+        keep[pos] = False
+        self.importance = self.importance[keep]
+        self.chunks = [(c[keep[: c.numel()]], k) for c, k in self.chunks]
+        gone = torch.cat([self.gone, torch.tensor(ready, dtype=torch.int32, device=dev)])
+        order = gone.argsort()
+        self.gone = gone[order]
+        self.gone_max = torch.cat([self.gone_max, vals.amax(1)])[order]
+        self.gone_sum = torch.cat([self.gone_sum, vals.sum(1)])[order]
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` tokens' state (only tokens after every forgotten block go)."""
+        m = n - self.cfg.block_size * self.gone.numel()
+        self.importance = self.importance[:m]
+        self.value_norm = self.value_norm[:n]
+        self.chunks = [(c[:m], k) for c, k in self.chunks]
+
+    def set_raw(self, importance: torch.Tensor) -> None:
+        """Replace I_i of the first n tokens by ``importance`` [n] (forgotten blocks stay so)."""
+        s = self.held_part(importance.to(self.device, torch.float32))
+        self.importance = torch.cat([s, self.importance[s.numel():]])
 
     def scores(self, seq_len: int, ready_tokens: int) -> torch.Tensor:
         """I^_i = I_i / P(t - i), divided by its mean over the first ``ready_tokens`` tokens.
@@ -178,7 +300,8 @@ class ImportanceTracker:
 
     def nbytes(self) -> int:
         return (self.importance.nbytes + self.window.nbytes + self.value_norm.nbytes
-                + sum(c.nbytes for c, _ in self.chunks))
+                + sum(c.nbytes for c, _ in self.chunks) + self.gone.nbytes + self.gone_max.nbytes
+                + self.gone_sum.nbytes)
 
 
 def block_max(token_scores: torch.Tensor, block_size: int, n_blocks: int) -> torch.Tensor:
@@ -195,60 +318,56 @@ def max_pool(token_scores: torch.Tensor, kernel: int) -> torch.Tensor:
 
 def update_all(trackers: list[ImportanceTracker], to_tokens: list, to_tokens_all=None) -> None:
     """``tracker.update(to_tokens[i])`` for every tracker, with the same results: where the trackers
-    are alike (EMA scoring, one config, the same steps and lengths: the layers of one cache) the
-    windows are folded in for all layers at once ([L, n] tensors, each tracker keeping its row), the
-    same elementwise steps in the same order; otherwise one by one. ``to_tokens_all``: maps the
-    windows of all trackers at once ([L, seq_len], as ``to_tokens`` would one by one)."""
+    are alike (EMA scoring, one config, the same steps and window sums: the layers of one cache) the
+    windows are folded in for all layers at once ([L, n] tensors, each tracker's held tokens first in
+    its row, zeros after them; each keeps its part), the same elementwise steps in the same order;
+    otherwise one by one. ``to_tokens_all``: maps the windows of all trackers at once ([L, seq_len],
+    as ``to_tokens`` would one by one)."""
     if not trackers:
         return
     first = trackers[0]
     cfg, steps = first.cfg, first.window_steps
-    n = first.importance.numel()
-    shape = [(c.numel(), s) for c, s in first.chunks]
+    shape = [s for _, s in first.chunks]
     if (steps == 0 or cfg.scoring != "ema"
-            or any(t.cfg is not cfg or t.window_steps != steps or t.importance.numel() != n
-                   or [(c.numel(), s) for c, s in t.chunks] != shape for t in trackers)):
+            or any(t.cfg is not cfg or t.window_steps != steps or [s for _, s in t.chunks] != shape for t in trackers)):
         for t, f in zip(trackers, to_tokens):
             t.update(f)
         return
     if to_tokens_all is not None:
-        window = to_tokens_all([t.window.float() for t in trackers])  # [L, m]
-        windows = window.unbind(0)
+        windows = to_tokens_all([t.window.float() for t in trackers]).unbind(0)  # [L, seq_len]
     else:
         windows = [f(t.window.float()) if f is not None else t.window.float() for t, f in zip(trackers, to_tokens)]
-        window = None
-    m = windows[0].numel()
-    if any(w.numel() != m for w in windows):
-        for t, w in zip(trackers, windows):  # (the windows are mapped already: fold them in as they are)
-            t.update(lambda _, w=w: w)
-        return
-    for t in trackers:
-        t._grow(m)
-    n = first.importance.numel()
-    if window is None:
-        window = torch.stack(windows)
-    if n > m:
-        window = torch.cat([window, torch.zeros(len(trackers), n - m, device=window.device)], 1)
-    for t, c in zip(trackers, window.to(WINDOW_DTYPE).unbind(0)):
-        t.chunks.append((c, steps))
-    chunks = first.chunks  # every tracker's chunks have the same steps and lengths: pop alike
+    for t, w in zip(trackers, windows):
+        t._grow(w.numel())
+        t._decay_gone(decay_factor(cfg, steps))
+    windows = [t.held_part(w) for t, w in zip(trackers, windows)]
+    sizes = [t.importance.numel() for t in trackers]
+    n, dev = max(sizes), first.importance.device
+
+    def rows(xs):  # [L, n]: each tensor first in its row, zeros after it
+        out = torch.nn.utils.rnn.pad_sequence(list(xs), batch_first=True)
+        return torch.nn.functional.pad(out, (0, n - out.shape[1]))
+
+    # (each tracker's part copied out of the [L, n] rows: a view would hold the others' padding uncounted)
+    for t, c, k in zip(trackers, rows(windows).to(WINDOW_DTYPE).unbind(0), sizes):
+        t.chunks.append((c[:k].clone(), steps))
+    chunks = first.chunks  # every tracker's chunks have the same steps: pop alike
     n_pop = 0
     while sum(s for _, s in chunks[n_pop:]) > cfg.n_w and len(chunks) - n_pop > 1:
         n_pop += 1
     for t in trackers:
         del t.chunks[:n_pop]
-    total = torch.zeros(len(trackers), n, device=window.device)
-    for j, (c, _) in enumerate(first.chunks):
-        k = c.numel()
-        total[:, :k] += torch.stack([t.chunks[j][0] for t in trackers]).float()
+    total = torch.zeros(len(trackers), n, device=dev)
+    for j in range(len(first.chunks)):
+        total += rows([t.chunks[j][0] for t in trackers]).float()
     s_i = total / sum(s for _, s in first.chunks)
-    importance = fold_decode(cfg, s_i, torch.stack([t.importance for t in trackers]), steps)
+    importance = fold_decode(cfg, s_i, rows([t.importance for t in trackers]), steps)
     n_pop = 0
     while len(chunks) - n_pop and sum(s for _, s in chunks[n_pop:]) > cfg.n_w - cfg.n_r:
         n_pop += 1
-    for t, row in zip(trackers, importance.unbind(0)):
+    for t, row, k in zip(trackers, importance.unbind(0), sizes):
         del t.chunks[:n_pop]  # the next mean adds N_r new steps: only the last N_w - N_r are needed
-        t.importance = row
+        t.importance = row[:k].clone()
         t.window = torch.zeros(0, dtype=WINDOW_DTYPE, device=t.device)
         t.window_steps = 0
 

@@ -19,7 +19,7 @@ import torch
 
 from agacc import methods
 from agacc.config import CALIBRATED
-from agacc.importance import WINDOW_ITEMSIZE, block_max, max_pool
+from agacc.importance import GONE_ITEMSIZE, STATE_ITEMSIZE, WINDOW_ITEMSIZE, block_max, max_pool
 from agacc.policy import basis_layouts, basis_rank, fidelity_floor, hold_evictions, key_grouping, layer_weights
 from agacc.quant import container_bits, value_group
 from agacc.tiers import CONTAINER_OF_TIER, CONTAINER_TIER, EVICTED, FULL, PRUNED, TIER_CONTAINER, TIER_OF_CONTAINER
@@ -294,15 +294,27 @@ def marker_cost_bytes(*, batch: int, heads: int, head_dim: int, full_itemsize: i
     return 2 * batch * heads * head_dim * full_itemsize + 4 + 4 + 8
 
 
-def planned_bytes(plans, cfg, geo: Geometry, seq_len: int) -> int:
+def tracker_prices(cfg, chunks: int) -> tuple[int, int]:
+    """(bytes of tracker state a token of a tiered block holds, bytes an evicted block leaves): fp32 I_i
+    and a bf16 sum per window held (``chunks``: the trackers' ``len(chunks)``); an evicted block's tokens
+    are forgotten (``ImportanceTracker.forget``: its id and its largest and summed I_i, 12 bytes)
+    unless markers or a host copy keep them in play (then they hold their state too). A block evicted
+    in decoding is forgotten at the next re-evaluation, once its window sums are folded in: until then
+    it holds ``per_token`` bytes a token more than priced (a block of 16 with one sum: 84 bytes)."""
+    per_token = STATE_ITEMSIZE + WINDOW_ITEMSIZE * chunks
+    return per_token, (per_token * cfg.block_size if cfg.markers or cfg.host_copy else GONE_ITEMSIZE)
+
+
+def planned_bytes(plans, cfg, geo: Geometry, seq_len: int, tracker: tuple[int, int] = (0, 0)) -> int:
     """Bytes the plans would hold, hot region included, plus the tracker's attention window (one bf16
-    slot per entry the plan leaves); the rest of the tracker excluded. ``plans`` None: nothing tiered
-    yet, every token at full precision."""
+    slot per entry the plan leaves) and, by ``tracker`` (``tracker_prices``), its state of the tiered
+    blocks' tokens; the rest of the tracker excluded. ``plans`` None: nothing tiered yet, every token
+    at full precision."""
     if plans is None:
         return geo.bytes_full(seq_len)
     if not plans:
         return 0
-    return stacked_bytes(*(torch.stack([p[i] for p in plans]) for i in range(3)), cfg, geo, seq_len)
+    return stacked_bytes(*(torch.stack([p[i] for p in plans]) for i in range(3)), cfg, geo, seq_len, tracker)
 
 
 def cost_settings(cfg, geo: Geometry, block_size: int | None = None) -> dict:
@@ -317,7 +329,8 @@ def cost_settings(cfg, geo: Geometry, block_size: int | None = None) -> dict:
 _COSTS: dict = {}  # (cost-model settings, code) -> block_cost_bytes
 
 
-def stacked_bytes(tier: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor, cfg, geo: Geometry, seq_len: int) -> int:
+def stacked_bytes(tier: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor, cfg, geo: Geometry, seq_len: int,
+                  tracker: tuple[int, int] = (0, 0)) -> int:
     """``planned_bytes`` of plans stacked over layers: tier, bits, keep [L, n]."""
     B = cfg.block_size
     n_layers, n = tier.shape
@@ -339,7 +352,8 @@ def stacked_bytes(tier: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor, cf
     total += runs * marker_cost_bytes(batch=geo.batch, heads=geo.heads, head_dim=geo.head_dim,
                                       full_itemsize=geo.full_itemsize)
     entries = (n_layers * n - n_evicted) * B + runs + n_layers * hot_tokens
-    return total + WINDOW_ITEMSIZE * entries
+    state = tracker[0] * (n_layers * n - n_evicted) * B + tracker[1] * n_evicted
+    return total + WINDOW_ITEMSIZE * entries + state
 
 
 # --- the ratio fitter -----------------------------------------------------------------------------
@@ -347,7 +361,7 @@ def stacked_bytes(tier: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor, cf
 def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_bytes: int = 0,
                         tol: float = 1e-3, prev=None, start: float | None = None, byte_tol: float = 0.01,
                         prefill: bool = False, plans_out: dict | None = None, dropped: list[int] | None = None,
-                        reference_bytes: int | None = None) -> float:
+                        reference_bytes: int | None = None, tracker: tuple[int, int] = (0, 0)) -> float:
     """Scale s for (tau_h, tau_l, tau_e) * s so the planned bytes (+ ``overhead_bytes`` the plan does
     not cover) are just under bytes_fp16 / target: the library's target-ratio -> thresholds map.
     ``prev``: per layer (tier, bits, keep) already applied, when blocks cannot regain fidelity (no
@@ -365,7 +379,8 @@ def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_
     ``plans_out``: a dict that receives, per scale planned, its plans stacked (``plan_tiers(...,
     stacked=True)``) and floored to ``prev`` when given, so the caller need not plan the returned
     scale again. ``dropped``: as ``plan_tiers``; ``reference_bytes``: what a 16-bit cache of the same
-    tokens holds (default ``geo.bytes_fp16(seq_len)``; sliding-window layers hold only their window)."""
+    tokens holds (default ``geo.bytes_fp16(seq_len)``; sliding-window layers hold only their window);
+    ``tracker``: the tracker state each plan holds (``tracker_prices``; ``overhead_bytes`` has the rest)."""
     reference = geo.bytes_fp16(seq_len) if reference_bytes is None else reference_bytes
     budget = reference / target_ratio - overhead_bytes
     # [L, n_old] each, where the plans are made (block scores are on the CPU; a store's tiers on its device)
@@ -382,7 +397,7 @@ def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_
                 return 0
             if prev_stacked is not None:  # one floor over all layers at once
                 plans = fidelity_floor(prev_stacked, *plans)
-            seen[log_s] = stacked_bytes(*plans, cfg, geo, seq_len)
+            seen[log_s] = stacked_bytes(*plans, cfg, geo, seq_len, tracker)
             if plans_out is not None:
                 plans_out[scale] = plans
         return seen[log_s]
@@ -418,12 +433,14 @@ def fit_threshold_scale(block_scores, cfg, geo, seq_len, target_ratio, overhead_
 
 
 def fit_plans(block_scores, cfg, geo, seq_len, ratio, overhead_bytes: int = 0, prev=None, start: float | None = None,
-              prefill: bool = False, dropped: list[int] | None = None, reference_bytes: int | None = None):
+              prefill: bool = False, dropped: list[int] | None = None, reference_bytes: int | None = None,
+              tracker: tuple[int, int] = (0, 0)):
     """The stacked plans (tier, bits, keep) [L, n] fitted to ``ratio`` (``fit_threshold_scale``; floored
     against ``prev`` where the fitter floored them)."""
     fitted: dict = {}
     s = fit_threshold_scale(block_scores, cfg, geo, seq_len, ratio, overhead_bytes, prev=prev, start=start,
-                            prefill=prefill, plans_out=fitted, dropped=dropped, reference_bytes=reference_bytes)
+                            prefill=prefill, plans_out=fitted, dropped=dropped, reference_bytes=reference_bytes,
+                            tracker=tracker)
     return fitted[s] if s in fitted else plan_tiers(block_scores, cfg, geo, seq_len, s, prefill=prefill, stacked=True,
                                                     dropped=dropped)
 

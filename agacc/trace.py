@@ -81,6 +81,8 @@ class Trace:
             for key in ("unplanned", "block_size"):
                 if h.get(key) is not None:
                     e[key] = int(h[key])
+            if h.get("tracker_prices") is not None:
+                e["tracker_prices"] = [int(x) for x in h["tracker_prices"]]
             for key in CALIBRATED:
                 if h.get(key) is not None:
                     e[key] = list(h[key])
@@ -187,8 +189,8 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
 
     Returns one snapshot-like dict per entry (importance, tier, bits, keep, markers, seq_len,
     block_size, step, threshold_scale, planned_bytes = store bytes under the plan without the
-    tracker, held_bytes = what the cache would hold (the plan + the tracker and bookkeeping the run
-    recorded), bytes_fp16, ratio = bytes_fp16 / held_bytes), the same keys as
+    tracker, held_bytes = what the cache would hold (the plan, the tracker state of its blocks' tokens and
+    the bookkeeping the run recorded), bytes_fp16, ratio = bytes_fp16 / held_bytes), the same keys as
     ``CompressedCache.snapshot()`` where they exist."""
     if not history:
         raise ValueError("nothing to replay: the run recorded no importance history")
@@ -209,11 +211,12 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
         prefill = bool(h.get("prefill", False))
         # sliding-window layers (recorded): the blocks their windows passed, and the 16-bit reference
         window = dict(dropped=h.get("dropped"), reference_bytes=h.get("bytes_fp16"))
+        prices = tuple(h.get("tracker_prices") or (0, 0))  # (a trace recorded before: in its unplanned bytes)
         if cfg.compress and n_ready > 0:
             if cfg.target_ratio is not None:
                 scale = planner.fit_threshold_scale(scores, cfg, geo, seq_len, cfg.target_ratio,
                                                     int(h.get("overhead", 0)), prev=None if cfg.host_copy else current,
-                                                    start=scale, prefill=prefill, **window)
+                                                    start=scale, prefill=prefill, tracker=prices, **window)
             plans = planner.plan_tiers(scores, cfg, geo, seq_len, scale, prefill=prefill, stacked=True,
                                        dropped=window["dropped"])
             # a prompt chunk followed by another holds its evictions (the cache's hold_evictions); the
@@ -223,7 +226,7 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
                 if cfg.gentle_prefill:
                     gentle = planner.fit_threshold_scale(scores, cfg, geo, seq_len, cfg.prefill_ratio,
                                                          int(h.get("overhead", 0)), prev=current, start=scale,
-                                                         prefill=prefill, **window)
+                                                         prefill=prefill, tracker=prices, **window)
                     plans = planner.plan_tiers(scores, cfg, geo, seq_len, gentle, prefill=prefill, stacked=True,
                                                dropped=window["dropped"])
                 plans = planner.held_plans(*plans, cfg, geo.head_dim, window["dropped"])
@@ -244,7 +247,7 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
             markers.append([list(r) for r in evicted_runs(current[layer][0])]
                            if (current is not None and cfg.markers) else [])
         planned = planner.planned_bytes(current, cfg, geo, seq_len)
-        held = planned + _unplanned(h, cfg, geo)
+        held = planner.planned_bytes(current, cfg, geo, seq_len, prices) + _unplanned(h, cfg, geo)
         fp16 = int(h["bytes_fp16"]) if h.get("bytes_fp16") is not None else geo.bytes_fp16(seq_len)
         out.append({"step": int(h["step"]), "seq_len": seq_len, "block_size": B, "n_layers": geo.n_layers,
                     "threshold_scale": scale, "importance": imp, "tier": tiers, "bits": bits, "keep": keeps,

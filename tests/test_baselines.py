@@ -169,7 +169,8 @@ def test_ratio_fitter_reaches_target_within_5_percent(preset):
         assert 0.95 * target <= measured <= 1.15 * target, (preset, target, measured)
         geo, scores = cache._geometry(), [l.scores for l in cache.layers]
         overhead = cache.unplanned_bytes() + cache.ahead_bytes() + cache.headroom_bytes()
-        planned = planned_bytes(plan_tiers(scores, cache.cfg, geo, n, cache.threshold_scale), cache.cfg, geo, n)
+        planned = planned_bytes(plan_tiers(scores, cache.cfg, geo, n, cache.threshold_scale), cache.cfg, geo, n,
+                                cache.tracker_prices())
         budget = cache.memory()["bytes_fp16"] / target
         low = 0.90 if preset == "dynacompress" else 0.95  # its bit rule moves in coarse steps
         assert low * budget <= planned + overhead <= budget * 1.0001, (preset, target, planned + overhead, budget)

@@ -180,7 +180,9 @@ def test_target_ratio_is_reached(tiny):
     markers = sum(l.store.markers.nbytes() for l in ref.layers)
     n_held = sum(int((l.store.block_tier == T.EVICTED).sum()) for l in ref.layers)
     window = n_held * cfg.block_size * WINDOW_ITEMSIZE  # the tracker's slot per held entry
-    want = ref.memory()["bytes"] - markers + extra + window  # (the cost model's per-block metadata: within 1%)
+    # the reference's trackers forgot its evicted blocks' tokens (fp32 each; 12 bytes a block kept instead)
+    forgotten = sum(l.tracker.gone.numel() for l in ref.layers) * (cfg.block_size * 4 - 12)
+    want = ref.memory()["bytes"] - markers + extra + window + forgotten  # (the cost model's metadata: within 1%)
     assert ref.memory()["bytes"] < held["bytes"] and abs(held["bytes"] - want) <= 0.01 * want, (held["bytes"], want)
 
 
@@ -283,7 +285,56 @@ def test_every_preset_counts_what_it_holds_and_the_planner_prices_it(tiny, prese
     reserved = sum(4 * l.store.n_ready_blocks() for l in cache.layers)
     reserved += sum(4 * int((l.store.block_tier == T.EVICTED).sum()) for l in cache.layers)
     layout = sum(l.store._layout.nbytes for l in cache.layers if l.store._layout is not None)
-    assert planned_bytes(plans, cfg, geo, cache.seq_len) + cache.unplanned_bytes() - reserved + layout == mem["bytes"]
+    prices = cache.tracker_prices()  # the tracker state the plan holds
+    planned = planned_bytes(plans, cfg, geo, cache.seq_len, prices)
+    assert planned + cache.unplanned_bytes() - reserved + layout == mem["bytes"]
+
+
+@pytest.mark.parametrize("preset,overrides", [
+    ("agacc", dict(tau_l=1.5, tau_e=1.2)), ("agacc", dict(tau_l=1.2, tau_e=1.0)),
+    ("agacc", dict(tau_l=1.5, tau_e=1.2, decode_evidence="ema", n_w=32, n_r=8)), ("pyramidkv", {})])
+def test_forgetting_evicted_tokens_changes_only_the_bytes(tiny, preset, overrides, monkeypatch):
+    """(Evictions at the prefill; ``tau_e=1.0``: one in decoding, forgotten a re-evaluation later, when the
+    window sums no longer hold its attention.) The trackers forget evicted blocks' tokens (round 23):
+    against trackers that keep every token's state (``forget`` a no-op), the same tokens out, the same tiers, block
+    scores within float error (a forgotten block's largest score is placed on its first token: within 5% there), and
+    the bytes held less by exactly the state forgotten: 4 bytes a token and 2 per window sum held, less 12 a block."""
+    cfg = AGACCConfig.preset(preset, **overrides)
+    ids = tokens(300, seed=3)
+    cache = agacc.CompressedCache(tiny.config, cfg)
+    out = greedy(tiny, ids, cache, 40)
+    with monkeypatch.context() as m:
+        m.setattr(agacc.importance.ImportanceTracker, "forget", lambda self, blocks: None)
+        ref = agacc.CompressedCache(tiny.config, cfg)
+        want = greedy(tiny, ids, ref, 40)
+    assert torch.equal(out, want)
+    gone = 0
+    for a, b in zip(cache.layers, ref.layers):
+        assert torch.equal(a.store.block_tier, b.store.block_tier)
+        ev = b.store.block_tier == T.EVICTED
+        assert a.tracker.gone.tolist() == ev.nonzero().squeeze(1).tolist()[: a.tracker.gone.numel()]
+        torch.testing.assert_close(a.scores[~ev], b.scores[~ev], rtol=1e-5, atol=0)
+        torch.testing.assert_close(a.scores[ev], b.scores[ev], rtol=0.05, atol=0)
+        n = a.tracker.gone.numel()
+        gone += n * (cfg.block_size * (4 + 2 * len(a.tracker.chunks)) - 12)
+        assert a.tracker.nbytes() == b.tracker.nbytes() - n * (cfg.block_size * (4 + 2 * len(a.tracker.chunks)) - 12)
+    assert gone > 0  # (the case forgets something)
+    assert cache.memory()["bytes"] == ref.memory()["bytes"] - gone == walk_tensor_bytes(cache.layers)
+
+
+def test_a_plan_prices_its_blocks_tracker_state_by_hand():
+    """``planner.tracker_prices``: a tiered block's tokens hold fp32 I_i and a bf16 sum per window held,
+    an evicted block 12 bytes once forgotten, or its tokens' state with markers or a host copy; the plan's
+    bytes add them to the store's: one layer, blocks of 16, three kept and one evicted, one window sum."""
+    cfg = AGACCConfig(block_size=16, markers=False)
+    geo = planner.Geometry(1, 2, 64, 1, 2)
+    plan = [(torch.tensor([T.FULL, T.INT8, T.EVICTED, T.INT4], dtype=torch.int8),
+             torch.tensor([16, 8, 0, 4], dtype=torch.int8), torch.full((4,), 64, dtype=torch.int16))]
+    assert planner.tracker_prices(cfg, 1) == (6, 12) and planner.tracker_prices(cfg, 0) == (4, 12)
+    assert planner.tracker_prices(cfg.with_overrides(markers=True), 1) == (6, 96)
+    assert planner.tracker_prices(cfg.with_overrides(host_copy=True), 2) == (8, 128)
+    store = planned_bytes(plan, cfg, geo, 80)
+    assert planned_bytes(plan, cfg, geo, 80, (6, 12)) == store + 3 * 16 * 6 + 12
 
 
 # --- never a silent wrong answer (issue 19, item 1) ---------------------------------------------------

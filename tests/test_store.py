@@ -274,6 +274,73 @@ def test_ema_means_the_last_n_w_steps_and_holds_only_what_the_next_mean_needs():
     assert tr.nbytes() == 2 * 4 + 2 * 2  # fp32 importance + one bf16 two-step sum per token
 
 
+@pytest.mark.parametrize("rule", [
+    dict(scoring="ema", decode_evidence="max", evidence_half_life=6.0), dict(scoring="ema", prompt_evidence="max"),
+    dict(scoring="ema", prompt_evidence="last"), dict(scoring="ema", prompt_evidence="fold"), dict(scoring="decay"),
+    dict(scoring="sum")])
+def test_a_forgotten_blocks_largest_and_summed_importance_decay_as_its_tokens_would(rule):
+    """Two trackers see the same prompt chunks and decode windows, one forgetting blocks 1 and 3 (evicted
+    after the first chunk: no attention since), one keeping every token's state. Once the window sums
+    postdate the eviction the blocks are forgotten (4 bytes a token and 2 a window sum fewer, 12 a block
+    more), and at every step the kept tokens' I_i are the same, as are each forgotten block's largest I_i
+    and its sum; the first token holds the largest; ``truncate`` and ``set_raw`` keep the layout (``set_raw``
+    leaves forgotten blocks as they are)."""
+    from agacc.importance import ImportanceTracker
+
+    B = 4
+    cfg = AGACCConfig(block_size=B, n_r=2, n_w=4, markers=False, **rule)
+    tr, ref = ImportanceTracker(cfg), ImportanceTracker(cfg)
+    g = torch.Generator().manual_seed(0)
+    gone = torch.zeros(24, dtype=torch.bool)
+    gone[B:2 * B] = gone[3 * B:4 * B] = True
+
+    def same():
+        got, want = tr.raw(), ref.raw()
+        assert got.numel() == want.numel()
+        torch.testing.assert_close(got[~gone[: got.numel()]], want[~gone[: got.numel()]], rtol=1e-6, atol=0)
+        for b in (1, 3):
+            blk_got, blk_want = got[b * B:(b + 1) * B], want[b * B:(b + 1) * B]
+            torch.testing.assert_close(blk_got.sum(), blk_want.sum(), rtol=1e-5, atol=1e-12)
+            if b in tr.gone.tolist():
+                torch.testing.assert_close(blk_got[0], blk_want.max(), rtol=1e-6, atol=0)
+
+    def both(fn):
+        fn(tr)
+        fn(ref)
+        same()
+
+    first = torch.rand(16, generator=g) + 0.1
+    both(lambda t: t.init_prefill(first))
+    tr.forget(torch.tensor([1, 3]))
+    assert tr.gone.tolist() == [1, 3] and tr.pending == []  # no window sum held: forgotten at once
+    for n, steps in [(20, 0), (20, 2), (22, 2), (24, 2)]:
+        if steps == 0:  # a prompt chunk: the evicted tokens get no attention
+            mass = (torch.rand(n, generator=g) + 0.1) * ~gone[:n]
+            both(lambda t: t.init_prefill(mass))
+            continue
+        for _ in range(steps):
+            mass = (torch.rand(n, generator=g) + 0.1) * ~gone[:n]
+            tr.observe(mass)  # per token (every token's slot: ``update()`` maps it to the held ones)
+            ref.observe(mass)
+        both(lambda t: t.update())
+        tr.forget(torch.tensor([1, 3]))
+    held = 24 - 2 * B
+    assert tr.importance.numel() == held and all(c.numel() <= held for c, _ in tr.chunks)
+    chunk_bytes = sum(c.nbytes for c, _ in ref.chunks) - sum(c.nbytes for c, _ in tr.chunks)
+    assert ref.nbytes() - tr.nbytes() == 2 * B * 4 + chunk_bytes - 2 * 12
+    if cfg.scoring == "ema":
+        assert chunk_bytes == 2 * B * 2 * len(tr.chunks)
+    tr.truncate(22)
+    ref.truncate(22)
+    gone = gone[:22]
+    same()
+    before, s = tr.raw(), torch.rand(18, generator=g)
+    tr.set_raw(s)
+    ref.set_raw(s)
+    got = tr.raw()
+    assert torch.equal(got[~gone], ref.raw()[~gone]) and torch.equal(got[gone], before[gone])  # (forgotten: stay so)
+
+
 def test_decode_max_keeps_the_strongest_window_fading_by_its_half_life_by_hand():
     """decode_evidence="max", half-life 4 steps, N_r 2, N_w 4, windows a, b, c of two steps each: I after
     each re-evaluation is max(mean over the last 4 steps, 2^(-2/4) I) (a window of two steps fades I by
