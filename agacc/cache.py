@@ -457,7 +457,6 @@ class CompressedCache(Cache):
         stores = [l.store for l in layers]
         # the windows to tokens, before the tiers change the entry layout
         update_all(trackers, [st.token_mass for st in stores], lambda ws: token_mass_all(stores, ws))
-        _forget_evicted(layers)  # the blocks evicted a re-evaluation ago: their attention is folded in now
         seq_len = self.seq_len
         n_ready = layers[0].store.n_ready_blocks()
         token_scores = scores_all(trackers, seq_len, n_ready * cfg.block_size)  # [L, seq_len]
@@ -558,8 +557,8 @@ class CompressedCache(Cache):
         layers = [l for l in self.layers if l.store is not None]
         tracker = sum(l.tracker.nbytes() - l.tracker.window.nbytes for l in layers)  # the window is in the plan
         per_token, per_evicted = self.tracker_prices()
-        evicted = torch.stack([(l.store.block_tier == EVICTED).sum() for l in layers]).tolist() if layers else []
-        for l, ev in zip(layers, evicted):  # what a plan of the ready blocks prices (see tracker_prices)
+        for l in layers:  # what a plan of the ready blocks prices (see tracker_prices; without forgetting the
+            ev = l.tracker.n_evicted  # tracker counts none, and an evicted block is priced as a kept one)
             tracker -= per_token * (l.store.n_ready_blocks() - ev) * self.cfg.block_size + per_evicted * ev
         basis = sum(t.nbytes for l in layers for t in l.store.basis_tensors())  # a fixed cost per layer
         return tracker + basis + sum(l.scores.nbytes + 4 * l.store.n_ready_blocks() for l in layers)

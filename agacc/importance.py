@@ -42,21 +42,27 @@ def fold_decode(cfg, s_i: torch.Tensor, importance: torch.Tensor, steps: int) ->
     return cfg.alpha * s_i + (1 - cfg.alpha) * importance
 
 
-def decay_factor(cfg, steps: int) -> float:
-    """What a re-evaluation after ``steps`` decode steps multiplies a token's I_i by when the token got
-    no attention (S_i = 0), by the scoring rule: every rule is linear there."""
+def fade(cfg, importance: torch.Tensor, steps: int) -> torch.Tensor:
+    """I_i after a re-evaluation of ``steps`` decode steps that paid the tokens no attention (S_i = 0),
+    by the scoring rule (``update`` adds the window to it for ``decay`` and ``sum``)."""
     if cfg.scoring == "decay":
-        return math.exp(-cfg.beta * steps)
+        return importance * math.exp(-cfg.beta * steps)
     if cfg.scoring == "sum":
-        return 1.0
-    return 0.5 ** (steps / cfg.evidence_half_life) if cfg.decode_evidence == "max" else 1 - cfg.alpha
+        return importance
+    return fold_decode(cfg, torch.zeros_like(importance), importance, steps)
 
 
-def prompt_factor(cfg) -> float:
-    """The same for a prompt chunk's observation (``init_prefill``) of a token it paid no attention."""
+def fold_prompt(cfg, mass: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+    """I_i after a prompt chunk's observation ``mass`` (same shape as ``importance``), by
+    ``cfg.prompt_evidence`` (EMA scoring) or summed over the N_q queries (``decay``, ``sum``)."""
     if cfg.scoring != "ema":
-        return 1.0
-    return 0.0 if cfg.prompt_evidence == "last" else 1 - cfg.alpha
+        return importance + mass * cfg.n_q
+    a, ev = cfg.alpha, cfg.prompt_evidence
+    if ev == "last":
+        return mass.clone()
+    if ev == "max":
+        return torch.maximum(mass, (1 - a) * importance)
+    return torch.where(importance == 0, mass, a * mass + (1 - a) * importance)  # fold: new tokens take the mass
 
 
 def position_norm(distance: torch.Tensor, form: str, gamma: float) -> torch.Tensor:
@@ -129,21 +135,12 @@ class ImportanceTracker:
         """mass [n] = S_i over the observation window of a prompt chunk (new tokens get it, older
         tokens get it folded in as one observation)."""
         self._grow(mass.numel())
-        self._decay_gone(prompt_factor(self.cfg))
         mass = self.held_part(mass)
         n = mass.numel()
-        if self.cfg.scoring == "ema":
-            a = self.cfg.alpha
-            ev = self.cfg.prompt_evidence
-            if ev == "last":
-                self.importance[:n] = mass
-            elif ev == "max":
-                self.importance[:n] = torch.maximum(mass, (1 - a) * self.importance[:n])
-            else:  # fold: new tokens (no evidence yet) take the mass as it is
-                fresh = self.importance[:n] == 0
-                self.importance[:n] = torch.where(fresh, mass, a * mass + (1 - a) * self.importance[:n])
-        else:
-            self.importance[:n] += mass * self.cfg.n_q
+        self.importance[:n] = fold_prompt(self.cfg, mass, self.importance[:n])
+        if self.gone.numel():  # (no attention: the rule with no mass)
+            self.gone_max, self.gone_sum = (fold_prompt(self.cfg, torch.zeros_like(x), x)
+                                            for x in (self.gone_max, self.gone_sum))
 
     def add_values(self, value_states: torch.Tensor) -> None:
         """value_states [B, H, q, D] of q new tokens -> their ||v|| (mean over rows and heads), kept
@@ -186,7 +183,7 @@ class ImportanceTracker:
         self._grow(window.numel())
         window = self.held_part(window)
         window = torch.cat([window, torch.zeros(self.importance.numel() - window.numel(), device=self.device)])
-        self._decay_gone(decay_factor(cfg, self.window_steps))
+        self._fade_gone(self.window_steps)
         if cfg.scoring == "ema":
             self.chunks.append((window.to(WINDOW_DTYPE), self.window_steps))
             while sum(s for _, s in self.chunks) > cfg.n_w and len(self.chunks) > 1:
@@ -199,12 +196,11 @@ class ImportanceTracker:
             self.importance = fold_decode(cfg, s_i, self.importance, self.window_steps)
             while self.chunks and sum(s for _, s in self.chunks) > cfg.n_w - cfg.n_r:
                 self.chunks.pop(0)  # the next mean adds N_r new steps: only the last N_w - N_r are needed
-        elif cfg.scoring == "decay":
-            self.importance = self.importance * math.exp(-cfg.beta * self.window_steps) + window
-        else:  # sum
-            self.importance = self.importance + window
+        else:  # decay, sum
+            self.importance = fade(cfg, self.importance, self.window_steps) + window
         self.window = torch.zeros(0, dtype=WINDOW_DTYPE, device=self.device)
         self.window_steps = 0
+        self._forget_ready()
 
     def start_window(self, n: int) -> None:
         """Allocate the next window for ``n`` entries (after the tiers changed the layout)."""
@@ -235,21 +231,30 @@ class ImportanceTracker:
         out[(self.gone.long()[:, None] * B + torch.arange(B, device=self.device)).reshape(-1)] = vals.reshape(-1)
         return out
 
-    def _decay_gone(self, factor: float) -> None:
-        if factor != 1.0 and self.gone.numel():
-            self.gone_max = self.gone_max * factor  # (not in place: the tensors may be inference tensors)
-            self.gone_sum = self.gone_sum * factor
+    def _fade_gone(self, steps: int) -> None:
+        if self.gone.numel():  # (no attention since they were forgotten)
+            self.gone_max, self.gone_sum = (fade(self.cfg, x, steps) for x in (self.gone_max, self.gone_sum))
+
+    @property
+    def n_evicted(self) -> int:
+        """Evicted blocks the tracker was told of (``forget``): forgotten or waiting to be."""
+        return self.gone.numel() + len(self.pending)
 
     def forget(self, blocks: torch.Tensor) -> None:
         """``blocks``: every block the store holds evicted (int, any order; known ones included). Their
         tokens will receive no attention again (no markers, no host copy: else nothing is forgotten),
-        so each I_i only decays, by ``decay_factor``; once the window sums held (``chunks``) postdate
-        the eviction, the blocks' tokens leave ``importance`` and the chunks (their entries there
-        are zero), leaving the block's largest I_i and their sum in ``gone``, decayed alike."""
-        if self.cfg.markers or self.cfg.host_copy or (blocks.numel() == self.gone.numel() and not self.pending):
-            return  # (evictions are for good: as many as forgotten, and none pending, means these)
+        so each I_i only fades (``fade``); once the window sums held (``chunks``) postdate the eviction
+        (at once before any decoding; else at the next ``update``, which folds them in), the blocks'
+        tokens leave ``importance`` and the chunks (their entries there are zero), leaving the block's
+        largest I_i and their sum in ``gone``, faded alike."""
+        if self.cfg.markers or self.cfg.host_copy or blocks.numel() == self.n_evicted:
+            return  # (evictions are for good: as many as known means these)
         known = set(self.gone.tolist()) | {b for b, _ in self.pending}
         self.pending += [(b, self.steps) for b in sorted(set(blocks.tolist())) if b not in known]
+        self._forget_ready()
+
+    def _forget_ready(self) -> None:
+        """Forget the pending blocks whose attention no window sum held holds any more."""
         held_steps = sum(k for _, k in self.chunks)
         ready = [b for b, s in self.pending if self.steps - s >= held_steps]
         if not ready:
@@ -257,16 +262,15 @@ class ImportanceTracker:
         self.pending = [(b, s) for b, s in self.pending if self.steps - s < held_steps]
         B, dev = self.cfg.block_size, self.device
         self._grow((max(ready) + 1) * B)
-        n = self.importance.numel() + B * self.gone.numel()
-        held = self._held(n)
-        tok = (torch.tensor(ready, device=dev)[:, None] * B + torch.arange(B, device=dev)).reshape(-1)
-        pos = tok if held is None else torch.searchsorted(held, tok)  # their places in the held state
+        blocks = torch.tensor(ready, device=dev)
+        first = (blocks - torch.searchsorted(self.gone, blocks.to(torch.int32))) * B  # held tokens before each
+        pos = (first[:, None] + torch.arange(B, device=dev)).reshape(-1)  # their places in the held state
         vals = self.importance[pos].view(len(ready), B)
         keep = torch.ones(self.importance.numel(), dtype=torch.bool, device=dev)
         keep[pos] = False
         self.importance = self.importance[keep]
         self.chunks = [(c[keep[: c.numel()]], k) for c, k in self.chunks]
-        gone = torch.cat([self.gone, torch.tensor(ready, dtype=torch.int32, device=dev)])
+        gone = torch.cat([self.gone, blocks.to(torch.int32)])
         order = gone.argsort()
         self.gone = gone[order]
         self.gone_max = torch.cat([self.gone_max, vals.amax(1)])[order]
@@ -339,7 +343,7 @@ def update_all(trackers: list[ImportanceTracker], to_tokens: list, to_tokens_all
         windows = [f(t.window.float()) if f is not None else t.window.float() for t, f in zip(trackers, to_tokens)]
     for t, w in zip(trackers, windows):
         t._grow(w.numel())
-        t._decay_gone(decay_factor(cfg, steps))
+        t._fade_gone(steps)
     windows = [t.held_part(w) for t, w in zip(trackers, windows)]
     sizes = [t.importance.numel() for t in trackers]
     n, dev = max(sizes), first.importance.device
@@ -370,6 +374,7 @@ def update_all(trackers: list[ImportanceTracker], to_tokens: list, to_tokens_all
         t.importance = row[:k].clone()
         t.window = torch.zeros(0, dtype=WINDOW_DTYPE, device=t.device)
         t.window_steps = 0
+        t._forget_ready()
 
 
 def scores_all(trackers: list[ImportanceTracker], seq_len: int, ready_tokens: int) -> torch.Tensor:
