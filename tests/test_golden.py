@@ -9,7 +9,9 @@ round 11): the recording with 32 is ``agacc@4-rw32``, and the other ``agacc`` va
 ``recent_window=32``; the same three when its sink blocks went to 8 bits (round 12): the recording at 16
 is ``agacc@4-sink16``, and the other ``agacc`` variants pin ``sink_bits=16``; ``agacc@4`` when its decode
 evidence became a decaying maximum (round 16; ``agacc`` and ``agacc@8`` came out the same on this short run):
-the recording with the EMA is ``agacc@4-ema``, and the other ``agacc`` variants pin ``decode_evidence="ema"``.
+the recording with the EMA is ``agacc@4-ema``, and the other ``agacc`` variants pin ``decode_evidence="ema"``;
+``agacc``, ``agacc@4`` and ``agacc@8`` when its decode evidence became the mean of the last 8 steps instead of 16
+(``n_w=8``, round 24): the recording with 16 is ``agacc@4-nw16``, and the other ``agacc`` variants pin ``n_w=16``.
 The trackers keep every token's state here, all of it outside the plan, as when these were recorded (since
 round 23 they forget evicted blocks' tokens and the plan prices the state of its blocks' tokens: fewer bytes,
 so other plans at a target ratio; ``tests/test_cache.py`` checks that forgetting changes nothing else)."""
