@@ -120,14 +120,24 @@ def save(model_config, table: KeyBasis) -> Path:
     return path
 
 
+def _filed_path(model_config) -> Path | None:
+    """Where ``load`` finds the model's table: the saved one, else the shipped one, else None."""
+    return next((p for p in (_path(model_config, root) for root in (cache_dir() / "key_basis", SHIPPED))
+                 if p.exists()), None)
+
+
+def filed(model_config) -> bool:
+    """Whether a table is filed for the model (what ``key_quant="auto"`` asks; nothing is read)."""
+    return _filed_path(model_config) is not None
+
+
 def load(model_config) -> KeyBasis | None:
     """The model's saved table, else the shipped one, else None."""
-    for root in (cache_dir() / "key_basis", SHIPPED):
-        path = _path(model_config, root)
-        if path.exists():
-            d = torch.load(path, map_location="cpu", weights_only=True)
-            return KeyBasis(d["w"], d["V"], d["inv_freq"], d["model"])
-    return None
+    path = _filed_path(model_config)
+    if path is None:
+        return None
+    d = torch.load(path, map_location="cpu", weights_only=True)
+    return KeyBasis(d["w"], d["V"], d["inv_freq"], d["model"])
 
 
 def require(model_config) -> KeyBasis:

@@ -22,7 +22,7 @@ SCORINGS = ("ema", "decay", "sum")             # 000 §2.3 EMA / 001 decay-weigh
 BIT_INTERPS = ("log", "linear")
 POSITION_NORMS = ("none", "power", "log")      # forms of P(t - i), 000 §2.3
 QUANTIZERS = ("minmax", "meanstd")
-KEY_QUANTS = ("token", "channel", "basis")
+KEY_QUANTS = ("token", "channel", "basis", "auto")
 SINK_BITS = (16, 8, 4, 3)                      # the sink blocks: full, or a container's code width
 LAYER_CALIBRATIONS = ("none", "auto")         # where layer_scale comes from (agacc.calibrate)
 CALIBRATED = ("layer_scale", "evict_scale", "layer_floor")  # what layer_calibration="auto" resolves per model
@@ -118,7 +118,10 @@ class AGACCConfig:
             Values are always per token. docs/tuning.md round 4 compares them at equal bytes. "basis": the
             2/3/4-bit blocks hold their keys as coefficients in the model's calibrated basis
             (``agacc.basis``: the query-weighed principal axes of the keys before RoPE, rebuilt and turned
-            back at read), per coefficient over a block's B tokens; 8-bit blocks per channel.
+            back at read), per coefficient over a block's B tokens; 8-bit blocks per channel. "auto" (the
+            ``agacc`` preset): "basis" at a fitted target ratio above 4 where a key basis is filed for the
+            model (shipped for the embedded model), else "channel" (``calibrate.default_key_quant``;
+            docs/tuning.md round 25).
         basis_layout: with key_quant="basis", the coefficients 2-, 3- and 4-bit blocks keep at 8, 4, 3 and 2
             bits (four counts a container, for head dim 64; ``policy.basis_layouts`` scales them to others),
             the widest on the axes of most energy: 1.5, 3.125 and 4.41 bits a key element with the scales

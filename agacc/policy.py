@@ -81,8 +81,9 @@ def keeps_all(cfg, head_dim: int) -> bool:
 
 
 def key_grouping(cfg, head_dim: int) -> str:
-    """How keys are grouped in the store: per token where ``keeps_all``, else ``cfg.key_quant``."""
-    return "token" if keeps_all(cfg, head_dim) else cfg.key_quant
+    """How keys are grouped in the store: per token where ``keeps_all``, else ``cfg.key_quant`` ("auto" not
+    yet resolved for a model, ``calibrate.resolve``: "channel", as without a key basis)."""
+    return "token" if keeps_all(cfg, head_dim) else "channel" if cfg.key_quant == "auto" else cfg.key_quant
 
 
 BASIS_WIDTHS = (8, 4, 3, 2)  # the code widths of ``cfg.basis_layout``'s counts, widest first

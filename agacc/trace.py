@@ -275,11 +275,14 @@ def _unplanned(h: dict, cfg: AGACCConfig, geo) -> int:
 def policy_changes(run_cfg: AGACCConfig, new_cfg: AGACCConfig) -> tuple[list[str], list[str]]:
     """-> (replayable changed fields, fields that need a re-run). A ``new_cfg`` whose layer calibration
     is still to be resolved (``layer_calibration="auto"``, none of ``config.CALIBRATED``: a
-    preset as the app's controls build it) takes the run's resolved ones (the same model, the same gamma)."""
+    preset as the app's controls build it) takes the run's resolved ones (the same model, the same gamma),
+    and ``key_quant="auto"`` the run's keys' format (the store's, which a replay prices)."""
     a, b = run_cfg.to_dict(), new_cfg.to_dict()
     for key in CALIBRATED:
         if b[key] is None and b["layer_calibration"] == "auto" == a["layer_calibration"]:
             b[key] = a[key]
+    if b["key_quant"] == "auto":
+        b["key_quant"] = a["key_quant"]
     changed = [k for k in a if k != "name" and a[k] != b.get(k)]
     return [k for k in changed if k in POLICY_FIELDS], [k for k in changed if k not in POLICY_FIELDS]
 

@@ -219,3 +219,49 @@ def test_a_table_for_other_shapes_and_a_model_without_whole_rope_are_refused(tmp
     phi = build("PhiConfig", {**COMMON, "partial_rotary_factor": 0.5})
     with pytest.raises(ValueError, match="key_quant='channel'"):
         basis.rotary_inv_freq(phi)
+
+
+def test_auto_holds_keys_in_a_basis_above_4x_where_a_table_is_filed(tmp_path, monkeypatch):
+    """``key_quant="auto"`` (the agacc preset; round 25): "basis" at fitted ratios above 4 where a table is filed
+    for the model (the embedded model's shipped one included), "channel" otherwise, an explicit format kept; its
+    cache is the explicit ``key_quant="basis"`` one logit for logit and byte for byte; unresolved, it groups keys
+    per channel; the app's replay takes the run's format for it."""
+    import agacc
+    from agacc import calibrate
+    from agacc.policy import key_grouping
+    from agacc.trace import policy_changes
+    from transformers import LlamaConfig
+
+    monkeypatch.setenv("AGACC_CACHE", str(tmp_path))
+    model = tiny_model()
+    preset = AGACCConfig.preset("agacc")
+    assert preset.key_quant == "auto" and key_grouping(preset.with_overrides(target_ratio=8.0), 32) == "channel"
+
+    def resolved(config, ratio, **kw):
+        return calibrate.resolve(preset.with_overrides(target_ratio=ratio, **kw), config).key_quant
+
+    assert [resolved(model.config, r) for r in (None, 3.0, 4.0, 6.0, 8.0)] == ["channel"] * 5  # none filed
+    embedded = LlamaConfig(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                           vocab_size=49152, intermediate_size=64)
+    assert [resolved(embedded, r) for r in (None, 4.0, 4.5, 8.0)] == ["channel", "channel", "basis", "basis"]
+    gen = torch.Generator().manual_seed(0)
+    V = torch.linalg.qr(torch.randn(2, 2, 32, 32, generator=gen))[0]
+    inv_freq = basis.rotary_inv_freq(model)
+    basis.save(model.config, basis.KeyBasis(torch.rand(2, 2, 32, generator=gen) + 0.5, V, inv_freq, "tiny"))
+    assert [resolved(model.config, r) for r in (None, 4.0, 4.5, 8.0)] == ["channel", "channel", "basis", "basis"]
+    assert resolved(model.config, 8.0, key_quant="channel") == "channel"
+    assert resolved(model.config, 8.0, key_quant="token") == "token"
+
+    x = torch.randint(3, 256, (1, 300), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for kq in ("auto", "basis"):
+        cache = agacc.CompressedCache(model.config, preset.with_overrides(target_ratio=6.0, key_quant=kq))
+        with torch.inference_mode():
+            logits = [model(x[:, :280], past_key_values=cache).logits[:, -1]]
+            logits += [model(x[:, i:i + 1], past_key_values=cache).logits[:, -1] for i in range(280, 300)]
+        runs.append((cache, torch.cat(logits)))
+    (auto, a), (explicit, b) = runs
+    assert auto.cfg == explicit.cfg and auto.cfg.key_quant == "basis"
+    assert torch.equal(a, b) and auto.memory() == explicit.memory()
+    assert auto.memory()["by_tier"]["basis"] > 0 and auto.memory()["bytes"] == walk_tensor_bytes(auto)
+    assert policy_changes(auto.cfg, preset.with_overrides(target_ratio=6.0)) == ([], [])

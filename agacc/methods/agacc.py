@@ -23,6 +23,8 @@ with keys per token, none evicted: at uniform int8's 1.69x the 3-4-bit tiers pai
 evictions and lost to int8 by 12-45x in KL; up to 2.5 the 8/4-bit split beat them on every tuning text.
 Its decode evidence is the mean attention over the last 8 steps (``n_w=8`` = ``n_r``, not the config's 16;
 round 24): the tracker holds no window sum between re-evaluations, 4 bytes a kept token instead of 6.
+Fitted to a ratio above 4, on a model with a key basis filed (shipped for the embedded model), its 2-4-bit
+blocks hold their keys in that basis (``key_quant="auto"``, ``calibrate.default_key_quant``; round 25).
 """
 from __future__ import annotations
 
@@ -81,7 +83,8 @@ def thresholds_rule(scores: torch.Tensor, cfg, head_dim: int, layer: int = 0, sc
 
 register(Method(
     "agacc", presets={"agacc": dict(layer_calibration="auto", tau_h=50.0, tau_l=0.15, tau_e=0.075, markers=False,
-                            recent_window=16, sink_bits=8, decode_evidence="max", keep_all=2.5, n_w=8)},
+                            recent_window=16, sink_bits=8, decode_evidence="max", keep_all=2.5, n_w=8,
+                            key_quant="auto")},
     kind="adaptive",
     order=0, rule=thresholds_rule, elementwise=True,
     citation="AGACC, seed 000: EMA importance, thresholds, bits, pruning, markers (shared/seeds/000)",
