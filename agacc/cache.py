@@ -304,17 +304,18 @@ class CompressedCache(Cache):
         if reason is not None:
             raise ValueError(f"CompressedCache cannot serve this model: {reason}")
         geo = Geometry.of(model_config)
+        from agacc import basis
         from agacc.calibrate import resolve
 
-        self.cfg = resolve(config if config is not None else AGACCConfig.preset("agacc"), model_config)
+        cfg = config if config is not None else AGACCConfig.preset("agacc")
+        # the model's own: its keys' format (agacc.basis) and its layers' calibration (agacc.calibrate)
+        self.cfg = resolve(cfg.with_overrides(key_quant=basis.default_key_quant(cfg, model_config)), model_config)
         self.n_layers, self.n_kv_heads, self.head_dim = geo.n_layers, geo.heads, geo.head_dim
         self.layer_weights = layer_weights(self.cfg, self.n_layers)
         self.record_history = record_history
         self.windows = sliding_windows(model_config)  # per layer: its sliding window (tokens) or None
         self.key_basis = None  # per layer, its key basis (agacc.basis) where keys may be held in one
         if self.cfg.key_quant == "basis":
-            from agacc import basis
-
             table = basis.require(model_config)
             if tuple(table.V.shape[:3]) != (geo.n_layers, geo.heads, geo.head_dim):
                 raise ValueError(f"the key basis filed for this model has {tuple(table.V.shape[:3])} (layers, KV "

@@ -11,8 +11,7 @@
 the config's own, or with ``layer_calibration="auto"`` the model's measured sensitivities (files
 ``save_sensitivity`` wrote, else ``KNOWN`` / ``KNOWN_EVICT``, measured for the embedded model) ->
 ``layer_scale(sens, gamma)``, and b_max bits as the floor of the layers whose 3-bit sensitivity is at
-least ``floor_trade`` times their eviction sensitivity; none known: every layer alike. With
-``key_quant="auto"`` it also picks the keys' format (``default_key_quant``).
+least ``floor_trade`` times their eviction sensitivity; none known: every layer alike.
 
 ``layer_sensitivity``: one prefill of the first ``prefix`` tokens into the model's own cache; then,
 for one layer at a time, that layer's cached keys and values are replaced by what the store would
@@ -239,9 +238,7 @@ def resolve(cfg, model_config):
     docstring): with ``layer_calibration="auto"`` each one the config leaves None is made from the
     model's measured sensitivities, bits as (s_l / geometric mean)^``default_gamma``, eviction with
     gamma 1 (docs/tuning.md round 10), the floor from both (``default_floor_trade``, round 15); none
-    known: left None. ``key_quant="auto"`` becomes ``default_key_quant``'s."""
-    if cfg.key_quant == "auto":
-        cfg = cfg.with_overrides(key_quant=default_key_quant(cfg, model_config))
+    known: left None."""
     if cfg.layer_calibration != "auto":
         return cfg
     n_layers = text_config(model_config).num_hidden_layers
@@ -276,22 +273,6 @@ def default_floor_trade(cfg) -> float | None:
     if cfg.floor_trade is not None:
         return None if math.isinf(cfg.floor_trade) else cfg.floor_trade
     return 0.25 if cfg.target_ratio is not None and cfg.target_ratio <= 4.0 else None
-
-
-BASIS_ABOVE = 4.0  # the fitted target ratios above which key_quant="auto" holds keys in a basis
-
-
-def default_key_quant(cfg, model_config) -> str:
-    """``cfg.key_quant``, or for "auto" "basis" at a fitted target ratio above ``BASIS_ABOVE`` where a key basis
-    is filed for the model (``agacc.basis.filed``) and "channel" otherwise (docs/tuning.md round 25: on the
-    tuning texts the basis cut the KL by 30% at 5x and 14% at 8x, lower on every text, and raised it 9% at 4x,
-    where most kept blocks are 4-bit and the basis saves least)."""
-    if cfg.key_quant != "auto":
-        return cfg.key_quant
-    from agacc import basis
-
-    above = cfg.target_ratio is not None and cfg.target_ratio > BASIS_ABOVE
-    return "basis" if above and basis.filed(model_config) else "channel"
 
 
 def default_gamma(cfg) -> float:

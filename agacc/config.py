@@ -120,7 +120,7 @@ class AGACCConfig:
             (``agacc.basis``: the query-weighed principal axes of the keys before RoPE, rebuilt and turned
             back at read), per coefficient over a block's B tokens; 8-bit blocks per channel. "auto" (the
             ``agacc`` preset): "basis" at a fitted target ratio above 4 where a key basis is filed for the
-            model (shipped for the embedded model), else "channel" (``calibrate.default_key_quant``;
+            model (shipped for the embedded model), else "channel" (``basis.default_key_quant``;
             docs/tuning.md round 25).
         basis_layout: with key_quant="basis", the coefficients 2-, 3- and 4-bit blocks keep at 8, 4, 3 and 2
             bits (four counts a container, for head dim 64; ``policy.basis_layouts`` scales them to others),

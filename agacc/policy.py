@@ -82,7 +82,7 @@ def keeps_all(cfg, head_dim: int) -> bool:
 
 def key_grouping(cfg, head_dim: int) -> str:
     """How keys are grouped in the store: per token where ``keeps_all``, else ``cfg.key_quant`` ("auto" not
-    yet resolved for a model, ``calibrate.resolve``: "channel", as without a key basis)."""
+    yet resolved for a model, ``basis.default_key_quant``: "channel", as without a key basis)."""
     return "token" if keeps_all(cfg, head_dim) else "channel" if cfg.key_quant == "auto" else cfg.key_quant
 
 

@@ -227,7 +227,6 @@ def test_auto_holds_keys_in_a_basis_above_4x_where_a_table_is_filed(tmp_path, mo
     cache is the explicit ``key_quant="basis"`` one logit for logit and byte for byte; unresolved, it groups keys
     per channel; the app's replay takes the run's format for it."""
     import agacc
-    from agacc import calibrate
     from agacc.policy import key_grouping
     from agacc.trace import policy_changes
     from transformers import LlamaConfig
@@ -238,7 +237,7 @@ def test_auto_holds_keys_in_a_basis_above_4x_where_a_table_is_filed(tmp_path, mo
     assert preset.key_quant == "auto" and key_grouping(preset.with_overrides(target_ratio=8.0), 32) == "channel"
 
     def resolved(config, ratio, **kw):
-        return calibrate.resolve(preset.with_overrides(target_ratio=ratio, **kw), config).key_quant
+        return basis.default_key_quant(preset.with_overrides(target_ratio=ratio, **kw), config)
 
     assert [resolved(model.config, r) for r in (None, 3.0, 4.0, 6.0, 8.0)] == ["channel"] * 5  # none filed
     embedded = LlamaConfig(num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,

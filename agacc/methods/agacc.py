@@ -24,7 +24,7 @@ evictions and lost to int8 by 12-45x in KL; up to 2.5 the 8/4-bit split beat the
 Its decode evidence is the mean attention over the last 8 steps (``n_w=8`` = ``n_r``, not the config's 16;
 round 24): the tracker holds no window sum between re-evaluations, 4 bytes a kept token instead of 6.
 Fitted to a ratio above 4, on a model with a key basis filed (shipped for the embedded model), its 2-4-bit
-blocks hold their keys in that basis (``key_quant="auto"``, ``calibrate.default_key_quant``; round 25).
+blocks hold their keys in that basis (``key_quant="auto"``, ``basis.default_key_quant``; round 25).
 """
 from __future__ import annotations
 
