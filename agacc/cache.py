@@ -97,8 +97,9 @@ class CompressedLayer(CacheLayerMixin):
         if self.window is not None and cfg.markers:  # what a sliding layer evicts, its window has passed: no marker
             cfg = cfg.with_overrides(markers=False)
         basis = self.cache.key_basis
-        self.store = LayerStore(cfg, self.device, store_dtype, key_basis=None if basis is None else
-                                tuple(t.to(self.device) for t in basis[self.layer_idx]))
+        if basis is not None:  # this layer's table moves to the layer's device: the cache keeps that copy alone
+            basis[self.layer_idx] = tuple(t.to(self.device) for t in basis[self.layer_idx])
+        self.store = LayerStore(cfg, self.device, store_dtype, key_basis=None if basis is None else basis[self.layer_idx])
         self.tracker.to(self.device)
         self.is_initialized = True
 

@@ -23,6 +23,9 @@ keeps what it measured; OUTDIR/summary.md is the readable version):
             30-layer model of the embedded model's shapes (OUTDIR/profile_step.txt)
   e2e       decode tokens/s of an 8B-shaped random-weight Llama (``--e2e-layers``, default all 32)
             at 32K tokens: ``agacc.CompressedCache`` (``agacc@4``) vs the plain ``DynamicCache``
+  basis     keys held in a calibrated basis (the preset above 4x): a table calibrated on the device for a random
+            Llama of the embedded model's shapes, every decode step of agacc@8 against attention over the
+            dequantised entries, bytes against a walk; decode tokens/s basis vs per channel vs plain at 4K / 8K
   memory    peak GPU memory (``torch.cuda.max_memory_allocated``) of a 128K-token prompt through an
             8B-shaped Llama (``--mem-layers``): plain one-forward prefill vs a chunked prefill into
             the compressed cache (and a chunked prefill into the plain cache, for the split)
@@ -53,7 +56,7 @@ import time
 import traceback
 from pathlib import Path
 
-SECTIONS = ("env", "kernels", "decode", "sweep", "session", "memory", "e2e", "profile")  # run in this order (e2e, the longest, last)
+SECTIONS = ("env", "kernels", "decode", "sweep", "session", "basis", "memory", "e2e", "profile")  # run in this order (e2e, the longest, last)
 HQ, H, D = 32, 8, 128  # Llama-3-8B attention
 # tier mixes per 16 blocks -> about 2x / 4x / 8x fewer bytes than fp16 (the record has the real ratio)
 PATTERNS = {
@@ -69,10 +72,13 @@ PEAKS = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4
 FULL = dict(contexts=(8192, 32768, 131072), ratios=(2, 4, 8), iters=20, sweep_contexts=(32768, 131072), e2e_context=32768, e2e_layers=32,
             e2e_steps=32, mem_prompt=131072, mem_layers=8, mem_chunk=4096, session_tokens=64,
             heads=(HQ, H, D), kernel_d=128, quant_bits=(1, 2, 3, 4, 8),  # one width per container (3: its own)
-            groups=((4, (True, False)), (1, (True,)), (8, (True,))))  # (GQA g, rotated stores) of the checks
+            groups=((4, (True, False)), (1, (True,)), (8, (True,))),  # (GQA g, rotated stores) of the checks
+            basis_calib=1024, basis_context=2048, basis_steps=32, basis_chunk=512, basis_speed_contexts=(4096, 8000, 4096),
+            basis_speed_steps=32)  # (GQA g, rotated stores) of the checks
 DRY = dict(contexts=(256,), ratios=(2, 4, 8), iters=0, sweep_contexts=(256,), e2e_context=96, e2e_layers=2, e2e_steps=4,
            mem_prompt=256, mem_layers=2, mem_chunk=64, session_tokens=24, heads=(4, 2, 64), kernel_d=64,
-           quant_bits=(1, 3, 4, 8), groups=((4, (True, False)),))
+           quant_bits=(1, 3, 4, 8), groups=((4, (True, False)),), basis_calib=128, basis_context=512, basis_steps=12,
+           basis_chunk=128, basis_speed_contexts=(), basis_speed_steps=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -690,6 +696,102 @@ def section_memory(ctx) -> dict:
     return {**rec, "ok": True}
 
 
+def section_basis(ctx) -> dict:
+    """Keys held in a calibrated basis (``key_quant="auto"`` above 4x, the preset's since round 25) on the
+    device, on a random Llama of the embedded model's shapes: a table calibrated there and filed (in OUTDIR),
+    then (1) every decode step of ``agacc@8`` against attention over the store's dequantised entries (fp32;
+    the Triton kernels do not read the format, so the PyTorch path runs, with one warning), its bytes
+    against an independent walk; (2) decode tokens/s (bf16) of ``agacc@8`` in the basis, per channel (the
+    Triton kernels) and the plain cache, at the contexts of ``bench/bench_long.py``'s CPU runs (4K again last:
+    the first rows of a process pay the Triton kernels' compiles, one a combination of parts a layer holds)."""
+    import warnings
+
+    import torch
+    from transformers import DynamicCache
+
+    import agacc
+    from agacc import basis, decode
+    from agacc.eval.runner import capture_prefill
+    from agacc.spec import parse_method
+    from tests.helpers import walk_tensor_bytes
+
+    dev, plan, dry = ctx["device"], ctx["plan"], ctx["dry"]
+    old_env = os.environ.get("AGACC_CACHE")
+    os.environ["AGACC_CACHE"] = str(ctx["out"] / "agacc_cache")
+    real = decode.decode_attention
+    try:
+        layers = 2 if dry else 30
+        model = llama(2, True, dev, 4096, vocab=257) if dry else smollm_shaped(layers, dev, torch.float32)
+        gen = torch.Generator().manual_seed(0)
+        n_cal, n, steps = plan["basis_calib"], plan["basis_context"], plan["basis_steps"]
+        with torch.inference_mode():
+            caps = [capture_prefill(model, torch.randint(3, 257, (n_cal,), generator=gen).tolist()) for _ in range(2)]
+            path = basis.save(model.config, basis.calibrate(model, caps))
+        del caps
+        cfg = parse_method("agacc@8")
+        rec = {"table": str(path.name), "layers": layers, "context": n, "steps": steps,
+               "resolved": basis.default_key_quant(cfg, model.config)}
+        errs, seen = [], []
+
+        def both(query, store, scaling, mask=None, softcap=None):
+            out, mass = real(query, store, scaling, mask, softcap)
+            ref_out, ref_mass = agacc.attention.attend(query.float(), store.attention_entries(torch.float32), scaling)
+            errs.append(((out.float() - ref_out).abs().max().item(),
+                         ((mass - ref_mass).abs() / ref_mass.abs().clamp_min(1e-6)).max().item()))
+            seen.append(any(p.basis is not None for p in store.parts()))
+            return out, mass
+
+        x = torch.randint(3, 257, (1, n + steps), generator=gen).to(dev)
+        cache = agacc.CompressedCache(model.config, cfg)
+        with warnings.catch_warnings(record=True) as caught, torch.inference_mode():
+            warnings.simplefilter("always")
+            agacc.cache.decode_attention = both
+            for lo in range(0, n, plan["basis_chunk"]):
+                model(x[:, lo:min(n, lo + plan["basis_chunk"])], past_key_values=cache)
+            for i in range(n, n + steps):
+                model(x[:, i:i + 1], past_key_values=cache)
+            agacc.cache.decode_attention = real
+        m = cache.memory()
+        rec.update(key_quant=cache.cfg.key_quant, decode_calls=len(errs), calls_with_basis=sum(seen),
+                   max_err_out=max(e for e, _ in errs), max_rel_err_mass=max(e for _, e in errs),
+                   ratio=m["ratio"], bytes=m["bytes"], walk_bytes=walk_tensor_bytes(cache),
+                   basis_bytes=m["by_tier"].get("basis"),
+                   warnings=sorted({str(w.message)[:90] for w in caught if "basis" in str(w.message)}))
+        del cache, model
+        free(dev)
+        rows = []
+        if not dry:
+            model = smollm_shaped(layers, dev, torch.bfloat16)
+            for ctx_len in plan["basis_speed_contexts"]:
+                prompt = torch.randint(3, 257, (1, ctx_len), generator=gen).to(dev)
+                for method in ("plain", "agacc@8", "agacc@8,key_quant=channel"):
+                    if ctx["budget"].left() < 25:
+                        rows.append({"context": ctx_len, "method": method, "skipped": "time budget"})
+                        continue
+                    c = (DynamicCache(config=model.config) if method == "plain"
+                         else agacc.CompressedCache(model.config, parse_method(method)))
+                    tps, done, cold = _decode_rate(model, prompt, c, plan["basis_speed_steps"], dev, 2048, warm_steps=16)
+                    rows.append({"context": done, "method": method, "tokens_per_s": tps, "warmup_tokens_per_s": cold,
+                                 "key_quant": getattr(getattr(c, "cfg", None), "key_quant", None),
+                                 "ratio": c.memory()["ratio"] if hasattr(c, "memory") else 1.0})
+                    del c
+                    free(dev)
+            del model
+            free(dev)
+        rec["rows"] = rows
+        tol = 1e-3
+        rec["ok"] = (rec["key_quant"] == rec["resolved"] == "basis" and rec["calls_with_basis"] > 0
+                     and rec["max_err_out"] <= tol and rec["max_rel_err_mass"] <= tol and rec["bytes"] == rec["walk_bytes"]
+                     and (dry or len(rec["warnings"]) == 1))
+        return rec
+    finally:
+        agacc.cache.decode_attention = real
+        if old_env is None:
+            os.environ.pop("AGACC_CACHE", None)
+        else:
+            os.environ["AGACC_CACHE"] = old_env
+
+
 def _byte_tokenizer():
     """A byte-level tokenizer built here (nothing downloaded): 256 byte tokens + <eos>."""
     from tokenizers import Tokenizer, decoders, models
@@ -764,11 +866,11 @@ def section_session(ctx) -> dict:
 
 
 RUNNERS = {"env": section_env, "kernels": section_kernels, "decode": section_decode, "sweep": section_sweep, "profile": section_profile, "e2e": section_e2e,
-           "memory": section_memory, "session": section_session}
+           "memory": section_memory, "session": section_session, "basis": section_basis}
 # seconds a section needs at least to start on the GPU (the plan's shapes); skipped below that
 SWEEP_CAP_S, SWEEP_LEAVE_S = 60, 200  # the sweep stops after 60 s, or earlier to leave 200 s for the rest
 E2E_RESERVE_S = 100  # what the e2e section (last) is left by the memory section's cut
-NEEDS = {"env": 0, "kernels": 30, "decode": 60, "sweep": 30, "profile": 30, "session": 20, "memory": 45, "e2e": 60}
+NEEDS = {"env": 0, "kernels": 30, "decode": 60, "sweep": 30, "profile": 30, "session": 20, "basis": 40, "memory": 45, "e2e": 60}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -839,6 +941,17 @@ def summary_md(result: dict) -> str:
                   + (f" (cut from {mem['prompt_asked']} by the time budget)" if mem.get("prompt_asked", mem["prompt"]) != mem["prompt"] else ""), "",
                   f"plain one forward {gib(mem['plain_one_forward'])} GiB, plain chunked {gib(mem['plain_chunked'])} GiB, "
                   f"{mem['method']} chunked {gib(mem['compressed_chunked'])} GiB"]
+    bas = result["sections"].get("basis", {})
+    if "max_err_out" in bas:
+        lines += ["", f"## Keys in a basis ({bas['layers']} layers of SmolLM2-135M's shapes, agacc@8 -> {bas['key_quant']})",
+                  "", f"{bas['decode_calls']} decode calls ({bas['calls_with_basis']} reading basis blocks) against "
+                  f"attention over the dequantised entries: out err {bas['max_err_out']:.1e}, mass rel err "
+                  f"{bas['max_rel_err_mass']:.1e}; ratio {bas['ratio']:.2f}, bytes {bas['bytes']} (walk "
+                  f"{bas['walk_bytes']}); warnings {bas['warnings']}"]
+        if bas.get("rows"):
+            lines += ["", "| context | method | key_quant | tokens/s | warm-up tokens/s | ratio |", "|---|---|---|---|---|---|"]
+            lines += [f"| {r['context']} | {r['method']} | {r.get('key_quant') or '-'} | {_f(r.get('tokens_per_s'), '{:.1f}')} "
+                      f"| {_f(r.get('warmup_tokens_per_s'), '{:.1f}')} | {_f(r.get('ratio'), '{:.2f}')} |" for r in bas["rows"]]
     ses = result["sections"].get("session", {})
     if "new_tokens" in ses:
         lines += ["", f"## Session: {ses['model']} on {ses['device']}: {ses['new_tokens']} tokens, "

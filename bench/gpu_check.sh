@@ -2,7 +2,8 @@
 # The prepared device check (bench/gpu_check.py): kernels vs their PyTorch references on CUDA, decode
 # attention latency / bandwidth at 8K / 32K / 128K tokens (Llama-3-8B shapes, ~2x / 4x / 8x) vs fp16
 # flash SDPA, 8B-shaped decode tokens/s compressed vs plain at 32K, peak memory of a 128K prompt
-# (chunked vs plain), the app's session generating 64 tokens with its figures. Nothing is downloaded.
+# (chunked vs plain), the app's session generating 64 tokens with its figures, keys held in a basis (the
+# preset above 4x) against their reference and its decode speed. Nothing is downloaded.
 #
 #   bash bench/gpu_check.sh OUTDIR [--dry-run] [more bench/gpu_check.py flags]
 #

@@ -264,3 +264,25 @@ def test_auto_holds_keys_in_a_basis_above_4x_where_a_table_is_filed(tmp_path, mo
     assert torch.equal(a, b) and auto.memory() == explicit.memory()
     assert auto.memory()["by_tier"]["basis"] > 0 and auto.memory()["bytes"] == walk_tensor_bytes(auto)
     assert policy_changes(auto.cfg, preset.with_overrides(target_ratio=6.0)) == ([], [])
+
+
+def test_a_layer_holds_its_table_on_its_device_alone(tmp_path, monkeypatch):
+    """A layer on another device than the table's (CUDA; here "meta") takes its part of the table there and the
+    cache keeps that copy alone: the H200 check (round 26) found the host copy held beside the device's, 0.34 MB
+    that memory() did not count and the walk did."""
+    import agacc
+
+    monkeypatch.setenv("AGACC_CACHE", str(tmp_path))
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(0)
+    V = torch.linalg.qr(torch.randn(2, 2, 32, 32, generator=gen))[0]
+    basis.save(model.config, basis.KeyBasis(torch.rand(2, 2, 32, generator=gen) + 0.5, V, basis.rotary_inv_freq(model),
+                                            "tiny"))
+    cache = agacc.CompressedCache(model.config, AGACCConfig.preset("agacc", target_ratio=6.0))
+    assert cache.cfg.key_quant == "basis"
+    layer = cache.layers[0]
+    k = torch.empty(1, 2, 0, 32, device="meta")
+    layer.lazy_initialization(k, k)
+    assert [t.device.type for t in cache.key_basis[0]] == ["meta"] * 4
+    assert all(a is b for a, b in zip(cache.key_basis[0], layer.store.key_basis))
+    assert all(t.device.type == "cpu" for t in cache.key_basis[1])  # a layer not yet started keeps the loaded table

@@ -21,7 +21,10 @@ def test_gpu_check_dry_run(tmp_path):
     res = json.loads((out / "gpu_check.json").read_text())
     assert res["dry_run"] is True
     assert {k: v["status"] for k, v in res["sections"].items()} == {
-        s: "ok" for s in ("env", "kernels", "decode", "sweep", "e2e", "memory", "session", "profile")}
+        s: "ok" for s in ("env", "kernels", "decode", "sweep", "e2e", "memory", "session", "basis", "profile")}
+    bas = res["sections"]["basis"]  # keys in a basis: every decode step against the dequantised entries
+    assert bas["key_quant"] == "basis" and bas["calls_with_basis"] > 0 and bas["max_err_out"] < 1e-3
+    assert bas["bytes"] == bas["walk_bytes"] and bas["rows"] == []
     sweep = res["sections"]["sweep"]["rows"]
     assert len(sweep) == 2 and all(r["ms"] is None and r["max_diff_vs_default"] <= 2e-3 for r in sweep)
     assert sweep[1]["dot"] is True  # the tensor-core form is in the sweep, checked against the default
