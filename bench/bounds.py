@@ -38,6 +38,12 @@ Runs ``bench/bench_ppl.py`` (token by token) with one part of the method replace
                         ``--key-widths 2,3,4,8``: the widths limited to those; ``--key-meta 8bit``: each
                         scale and zero in 8 bits (a log2 grid of 1/16, an int8 zero).
 
+    --mode lookahead    at the prompt's end (before its held evictions are carried out) the prompt's importance is
+                        the mean attention of ``--look K`` pseudo queries: the plain model's own greedy
+                        continuation of the prompt (nothing of the text after it read; Lookahead Q-Cache's
+                        idea), head-averaged; ``--combine max``: the larger of that and the tracker's prompt
+                        evidence, each over its mean. Decode then runs the tracker as ever (docs/tuning.md round 26).
+
     python bench/bounds.py --mode oracle --reduce max --suite tuning --threads 1 --ref-cache out/ref agacc@8
 """
 from __future__ import annotations
@@ -55,8 +61,9 @@ import agacc.store as store  # noqa: E402
 from agacc import planner, quant  # noqa: E402
 from agacc.basis import layer_basis, query_energy, rotary_inv_freq, turned_prompts  # noqa: E402
 from agacc.tiers import INT3  # noqa: E402
+import common  # noqa: E402
 
-MODES = ("oracle", "values-2bit", "keys-allocated", "keys-basis")
+MODES = ("oracle", "values-2bit", "keys-allocated", "keys-basis", "lookahead")
 
 
 def attention_of(model, ids: torch.Tensor, heads: str = "mean") -> torch.Tensor:
@@ -105,6 +112,38 @@ def install_oracle(reduce: str, heads: str, when: str = "future") -> None:
     seen: dict[str, torch.Tensor] = {}
     before_each_text(lambda model, ids, prefill: seen.update(attn=attention_of(model, ids, heads)))
     importance.scores_all = lambda trackers, seq_len, ready: oracle_scores(seen["attn"], seq_len, ready, reduce, when)
+
+
+def lookahead_attention(model, prompt: torch.Tensor, k: int) -> torch.Tensor:
+    """[L, t]: the mean attention (over query heads and the k pseudo queries) the plain model's greedy
+    continuation of ``prompt`` [1, t] pays each prompt token."""
+    t = prompt.shape[1]
+    return attention_of(model, common.greedy_continuation(model, prompt, k))[:, t:, :t].mean(1)
+
+
+def install_lookahead(k: int, combine: str) -> None:
+    """Every cache's prompt importance is replaced (or, ``combine="max"``, joined) by ``lookahead_attention`` of the
+    text being measured, by ``rescore_prompt`` just before its held evictions are carried out."""
+    from agacc.cache import CompressedCache
+
+    seen: dict = {}
+    before_each_text(lambda model, ids, prefill: seen.update(look=lookahead_attention(model, ids[:, :prefill], k)))
+    end = CompressedCache.end_prefill
+
+    def end_prefill(self):
+        if self.held is not None and self.seq_len == seen["look"].shape[1]:
+            layers = [l for l in self.layers if l.store is not None]
+            scores = []
+            for l, look in zip(layers, seen["look"]):
+                s = look.to(l.tracker.raw().device)
+                if combine == "max":
+                    raw = l.tracker.raw()[: s.shape[0]].float()
+                    s = torch.maximum(raw / raw.mean().clamp_min(1e-12), s / s.mean().clamp_min(1e-12)) * raw.mean()
+                scores.append(s)
+            self.rescore_prompt(scores)
+        end(self)
+
+    CompressedCache.end_prefill = end_prefill
 
 
 def install_values_2bit() -> None:
@@ -434,6 +473,8 @@ def main(argv=None):
     ap.add_argument("--reduce", choices=("mean", "max"), default="max")
     ap.add_argument("--heads", choices=("mean", "max"), default="mean")
     ap.add_argument("--when", choices=("future", "past"), default="future")
+    ap.add_argument("--look", type=int, default=8, help="lookahead: pseudo queries (greedy tokens)")
+    ap.add_argument("--combine", choices=("replace", "max"), default="replace", help="lookahead: with the tracker's")
     ap.add_argument("--pre-rope", action="store_true", help="keys-allocated: the keys taken before RoPE")
     ap.add_argument("--widths-from", nargs="+", default=None, metavar="TEXT",
                     help="keys-allocated: one table of widths from these texts of bench/corpus.py for every text")
@@ -450,6 +491,8 @@ def main(argv=None):
     args, rest = ap.parse_known_args(argv)
     if args.mode == "oracle":
         install_oracle(args.reduce, args.heads, args.when)
+    elif args.mode == "lookahead":
+        install_lookahead(args.look, args.combine)
     elif args.mode == "values-2bit":
         install_values_2bit()
     elif args.mode == "keys-allocated":

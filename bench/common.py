@@ -89,6 +89,18 @@ def load_model(name: str | None = None, **kwargs):
     return agacc.load_model(name, **kwargs)
 
 
+def greedy_continuation(model, prompt, k: int):
+    """``prompt`` [1, t] followed by the model's own greedy continuation of it, k tokens -> [1, t + k] (no cache:
+    k forwards over the whole sequence; lookahead's pseudo queries, bench/evict_sim.py and bench/bounds.py)."""
+    import torch
+
+    ids = prompt
+    with torch.inference_mode():
+        for _ in range(k):
+            ids = torch.cat([ids, model(ids, use_cache=False, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids
+
+
 def read_text(path: str | None) -> str:
     """The text of ``path``; None = the default licence text of the OS (``agacc.eval.tasks``)."""
     from agacc.eval.tasks import read_text as _read

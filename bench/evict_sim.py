@@ -14,6 +14,10 @@ the eviction half of the method, not its result (docs/tuning.md round 17). Per l
     ea<N>        expected attention (kvpress's ExpectedAttentionPress, without its RoPE shift): softmax of
                  s mu.k + s^2 k'Sigma k / 2 over the keys, mu and Sigma the last N queries' mean and covariance
     oracle       the largest attention any decode query pays the token (the future, exactly)
+    look<K>      lookahead: the mean attention of K pseudo queries, the model's own greedy continuation of the
+                 prompt (K tokens generated over the full prompt, nothing of the text after it read; Lookahead
+                 Q-Cache's idea); ``last<N>look<K>`` the N last prompt queries and the K pseudo ones together,
+                 ``look<K>max`` their largest attention
     S+Fx<w>      a forecast from the tokens themselves added to score S (divided by its mean): w times
                  F = ``self2`` (the token's id occurs twice or more in the prompt), ``prev2`` (the id of the
                  token before it does: what an induction head attends to when the id comes again) or
@@ -131,17 +135,24 @@ def repeats(name: str, ids: torch.Tensor) -> torch.Tensor:
 
 
 def score_of(name: str, q: torch.Tensor, k: torch.Tensor, probs: torch.Tensor, t: int, ids: torch.Tensor | None = None,
-             vals=None) -> torch.Tensor:
+             vals=None, look: torch.Tensor | None = None) -> torch.Tensor:
     """Per query head [Hq, t]: ``name``'s score of the first t keys. q [Hq, T, D], k [Hq, T, D] (repeated
     to the query heads), probs [Hq, T, T] the causal attention, ids [T] the token ids, vals (v [Hq, T, D]
-    repeated to the query heads, the layer's o_proj weight [hidden, Hq * D]) for the value-aware scores."""
+    repeated to the query heads, the layer's o_proj weight [hidden, Hq * D]) for the value-aware scores, look
+    [Hq, K, t] the lookahead queries' attention to the prompt (``lookahead``)."""
     m = re.fullmatch(r"(.+)\+(\w+)x([\d.]+)", name)
     if m:
-        base = score_of(m.group(1), q, k, probs, t, ids, vals)
+        base = score_of(m.group(1), q, k, probs, t, ids, vals, look)
         base = base / base[:, PROTECT:t - PROTECT].mean(-1, keepdim=True)
         return base + float(m.group(3)) * repeats(m.group(2), ids[:t])
     if name == "oracle":
         return probs[:, t:, :t].amax(1)
+    m = re.fullmatch(r"(?:last(\d+))?look(\d+)(max)?", name)
+    if m:  # pseudo queries from the model's own continuation, with the last N prompt queries or alone
+        p = look[:, :int(m.group(2))]
+        if m.group(1):
+            p = torch.cat([probs[:, t - int(m.group(1)):t, :t], p], 1)
+        return p.amax(1) if m.group(3) else p.mean(1)
     m = re.fullmatch(r"last(\d+)(v|vd|vo)", name)
     if m:  # value-aware: attention times the value's norm / its distance from each query's output
         n = int(m.group(1))
@@ -196,6 +207,24 @@ class Recorder:
         return sdpa_attention_forward(module, query, key, value, mask[None], is_causal=False, **kw)
 
 
+def lookahead(model, rec: Recorder, prompt: torch.Tensor, k: int) -> dict:
+    """{layer: [Hq, k, t]}: the attention k pseudo queries pay the t prompt tokens: the model continues the prompt
+    greedily for k tokens (full cache, no text after the prompt read), then one recorded forward over prompt +
+    continuation gives each layer's queries and keys (after RoPE)."""
+    t = prompt.shape[1]
+    rec.keep = None
+    ids = common.greedy_continuation(model, prompt, k)
+    with torch.inference_mode():
+        model(ids, use_cache=False, logits_to_keep=1)
+    out = {}
+    for layer, (q, kk) in rec.qk.items():
+        kr = kk.repeat_interleave(q.shape[0] // kk.shape[0], 0)
+        logit = q[:, t:] @ kr.transpose(-1, -2) * q.shape[-1] ** -0.5  # [Hq, k, t + k]
+        logit[:, :, t:] = logit[:, :, t:].masked_fill(torch.ones(k, k, dtype=torch.bool).triu(1), float("-inf"))
+        out[layer] = logit.softmax(-1)[:, :, :t]
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--texts", nargs="+", default=["code-tuning-b", "narrative-tuning", "licence-tuning"],
@@ -233,6 +262,8 @@ def main(argv=None):
             with torch.inference_mode():
                 return model(ids, use_cache=False).logits[0, t - 1:T - 1].float().log_softmax(-1)
 
+        looks = [int(x) for s in args.scores for x in re.findall(r"look(\d+)", s)]
+        look = lookahead(model, rec, ids[:, :t], max(looks)) if looks else {}
         rec.keep = None
         ref = logprobs()
         if args.key_error:
@@ -256,7 +287,7 @@ def main(argv=None):
             probs = logit.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
             v, wo = rec.v[layer]
             vals = (v.repeat_interleave(g, 0), wo)
-            per_layer[layer] = {s: score_of(s, q, kr, probs, t, ids[0], vals).view(k.shape[0], g, t).mean(1)
+            per_layer[layer] = {s: score_of(s, q, kr, probs, t, ids[0], vals, look.get(layer)).view(k.shape[0], g, t).mean(1)
                                 for s in args.scores}
         print(f"{name}: keep {args.keep} of {t} prompt tokens, {T - t} decode tokens, ppl {math.exp(nll_ref):.3f}", flush=True)
         for s in args.scores:

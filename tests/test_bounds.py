@@ -342,3 +342,46 @@ def test_keys_basis_reads_and_holds_each_quantised_blocks_keys_in_the_calibrated
             at += n
     assert seen and saved > 0
     assert sum(unpatched_bytes(layer.store) - layer.store.nbytes() for layer in cache.layers) == saved
+
+
+@pytest.mark.parametrize("combine", ["replace", "max"])
+def test_lookahead_rescores_the_prompt_before_its_held_evictions(monkeypatch, combine):
+    """``--mode lookahead``: at the prompt's end the cache re-plans from the pseudo queries' attention (an eager
+    forward over the prompt and the greedy continuation), or from the larger of it and the tracker's evidence over
+    their means; then the held evictions are carried out."""
+    import bench_ppl
+
+    from agacc.cache import CompressedCache
+    from bench import common
+
+    model = tiny_model()
+    prompt = torch.randint(3, 200, (1, 320), generator=torch.Generator().manual_seed(0))
+    seen = []
+    rescore = CompressedCache.rescore_prompt
+    monkeypatch.setattr(CompressedCache, "end_prefill", CompressedCache.end_prefill)  # restored after the test
+    monkeypatch.setattr(CompressedCache, "rescore_prompt", lambda self, s: seen.append(
+        ([l.tracker.raw()[:320].clone() for l in self.layers], s)) or rescore(self, s))
+
+    def measure(model, ids, methods, prefill, *a, **kw):
+        cache = CompressedCache(model.config, AGACCConfig.preset("agacc", target_ratio=8.0))
+        with torch.inference_mode():
+            model(ids[:, :prefill], past_key_values=cache)
+            assert cache.held is not None
+            model(ids[:, prefill:prefill + 1], past_key_values=cache)  # the first decode step ends the prompt
+        return cache
+
+    monkeypatch.setattr(bench_ppl, "measure", measure)
+    bounds.install_lookahead(3, combine)
+    cache = bench_ppl.measure(model, prompt, [], 319)
+    assert cache.held is None and len(seen) == 1
+    raws, scores = seen[0]
+    t = 319
+    ids = common.greedy_continuation(model, prompt[:, :t], 3)
+    with torch.inference_mode():
+        attn = model(ids, output_attentions=True, use_cache=False).attentions
+    for raw, s, a in zip(raws, scores, attn):
+        look = a[0, :, t:, :t].float().mean(0).mean(0)
+        if combine == "max":
+            raw = raw[:t].float()
+            look = torch.maximum(raw / raw.mean(), look / look.mean()) * raw.mean()
+        torch.testing.assert_close(s, look, rtol=1e-4, atol=1e-6)

@@ -127,3 +127,41 @@ def test_key_error_grows_when_blocks_mix_distant_rows():
     assert evict_sim.grouping_order("contiguous", torch.rand(t)).tolist() == list(range(t))
     s = torch.rand(t)
     assert sorted(evict_sim.grouping_order("bands4", s).tolist()) == list(range(t))
+
+
+def test_lookahead_scores_by_hand():
+    """``look<K>`` is the mean of the K pseudo queries' attention, ``look<K>max`` its max, ``last<N>look<K>`` the N last
+    prompt queries' rows and the K pseudo ones together."""
+    probs = torch.tensor([[[1.0, 0, 0, 0], [0.4, 0.6, 0, 0], [0.5, 0.3, 0.2, 0], [0.1, 0.6, 0.2, 0.1]]])
+    q = k = torch.zeros(1, 4, 2)
+    look = torch.tensor([[[0.2, 0.8], [0.6, 0.2], [0.0, 0.0]]])  # [Hq, 3 pseudo queries, t = 2]
+    score = lambda name: evict_sim.score_of(name, q, k, probs, 2, None, None, look)  # noqa: E731
+    torch.testing.assert_close(score("look2"), torch.tensor([[0.4, 0.5]]))
+    torch.testing.assert_close(score("look2max"), torch.tensor([[0.6, 0.8]]))
+    torch.testing.assert_close(score("last1look2"), torch.tensor([[(0.4 + 0.2 + 0.6) / 3, (0.6 + 0.8 + 0.2) / 3]]))
+
+
+def test_lookahead_is_the_attention_the_greedy_continuation_pays_the_prompt():
+    """Against an eager forward over prompt + the model's own greedy tokens: each pseudo query's attention to the
+    prompt tokens, per query head; the continuation is what argmax decoding with a cache gives."""
+    from bench import common
+
+    model = tiny_model()
+    prompt = torch.randint(3, 200, (1, 40), generator=torch.Generator().manual_seed(0))
+    ids = common.greedy_continuation(model, prompt, 5)
+    with torch.inference_mode():
+        want = model.generate(prompt, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    assert torch.equal(ids, want)
+    rec = evict_sim.Recorder(40)
+    AttentionInterface.register("agacc_evict_sim_test", rec)
+    impl = model.config._attn_implementation
+    model.set_attn_implementation("agacc_evict_sim_test")
+    try:
+        look = evict_sim.lookahead(model, rec, prompt, 5)
+    finally:
+        model.set_attn_implementation("eager")
+    with torch.inference_mode():
+        attn = model(ids, output_attentions=True, use_cache=False).attentions
+    model.set_attn_implementation(impl)
+    for layer, a in enumerate(attn):
+        torch.testing.assert_close(look[layer], a[0, :, 40:, :40].float(), rtol=1e-4, atol=1e-5)
