@@ -74,7 +74,7 @@ FULL = dict(contexts=(8192, 32768, 131072), ratios=(2, 4, 8), iters=20, sweep_co
             heads=(HQ, H, D), kernel_d=128, quant_bits=(1, 2, 3, 4, 8),  # one width per container (3: its own)
             groups=((4, (True, False)), (1, (True,)), (8, (True,))),  # (GQA g, rotated stores) of the checks
             basis_calib=1024, basis_context=2048, basis_steps=32, basis_chunk=512, basis_speed_contexts=(4096, 8000, 4096),
-            basis_speed_steps=32)  # (GQA g, rotated stores) of the checks
+            basis_speed_steps=32)  # basis: 4K again last, after Triton's compiles
 DRY = dict(contexts=(256,), ratios=(2, 4, 8), iters=0, sweep_contexts=(256,), e2e_context=96, e2e_layers=2, e2e_steps=4,
            mem_prompt=256, mem_layers=2, mem_chunk=64, session_tokens=24, heads=(4, 2, 64), kernel_d=64,
            quant_bits=(1, 3, 4, 8), groups=((4, (True, False)),), basis_calib=128, basis_context=512, basis_steps=12,
