@@ -135,9 +135,9 @@ def install_lookahead(k: int, combine: str) -> None:
             layers = [l for l in self.layers if l.store is not None]
             scores = []
             for l, look in zip(layers, seen["look"]):
-                s = look.to(l.tracker.raw().device)
+                raw = l.tracker.raw()[: look.shape[0]].float()
+                s = look.to(raw.device)
                 if combine == "max":
-                    raw = l.tracker.raw()[: s.shape[0]].float()
                     s = torch.maximum(raw / raw.mean().clamp_min(1e-12), s / s.mean().clamp_min(1e-12)) * raw.mean()
                 scores.append(s)
             self.rescore_prompt(scores)

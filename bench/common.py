@@ -90,15 +90,13 @@ def load_model(name: str | None = None, **kwargs):
 
 
 def greedy_continuation(model, prompt, k: int):
-    """``prompt`` [1, t] followed by the model's own greedy continuation of it, k tokens -> [1, t + k] (no cache:
-    k forwards over the whole sequence; lookahead's pseudo queries, bench/evict_sim.py and bench/bounds.py)."""
+    """``prompt`` [1, t] followed by the model's own greedy continuation of it, exactly k tokens -> [1, t + k]
+    (``generate``, argmax, no stop at <eos>): lookahead's pseudo queries, bench/evict_sim.py and bench/bounds.py."""
     import torch
 
-    ids = prompt
     with torch.inference_mode():
-        for _ in range(k):
-            ids = torch.cat([ids, model(ids, use_cache=False, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    return ids
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=k, min_new_tokens=k,
+                              do_sample=False)
 
 
 def read_text(path: str | None) -> str:

@@ -263,7 +263,7 @@ def main(argv=None):
                 return model(ids, use_cache=False).logits[0, t - 1:T - 1].float().log_softmax(-1)
 
         looks = [int(x) for s in args.scores for x in re.findall(r"look(\d+)", s)]
-        look = lookahead(model, rec, ids[:, :t], max(looks)) if looks else {}
+        look = lookahead(model, rec, ids[:, :t], max(looks)) if looks and not args.key_error else {}
         rec.keep = None
         ref = logprobs()
         if args.key_error:
