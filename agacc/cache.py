@@ -603,10 +603,17 @@ class CompressedCache(Cache):
         forward and compress together, so their peaks add); ``tokens``: positions, padding included."""
         if self.rows is not None:
             rows = [row.memory() for row in self.rows]
-            total, fp16 = sum(m["bytes"] for m in rows), sum(m["bytes_fp16"] for m in rows)
-            return {"bytes": total, "peak_bytes": sum(m["peak_bytes"] for m in rows),
+            by_tier = _add_counts(m["by_tier"] for m in rows)
+            # the rows share one key basis (the model's table): each row counts it, the batch holds it once
+            table = {id(t): t.nbytes for row in self.rows for l in row.layers if l.store is not None
+                     for t in l.store.basis_tensors()}
+            shared = by_tier.get("basis", 0) - sum(table.values())
+            if shared:
+                by_tier["basis"] -= shared
+            total, fp16 = sum(m["bytes"] for m in rows) - shared, sum(m["bytes_fp16"] for m in rows)
+            return {"bytes": total, "peak_bytes": sum(m["peak_bytes"] for m in rows) - shared,
                     "host_bytes": sum(m["host_bytes"] for m in rows), "bytes_fp16": fp16,
-                    "ratio": fp16 / total if total else 1.0, "by_tier": _add_counts(m["by_tier"] for m in rows),
+                    "ratio": fp16 / total if total else 1.0, "by_tier": by_tier,
                     "tokens": self.padded_len,
                     "entries": sum(m["entries"] for m in rows)}
         layers = [l for l in self.layers if l.store is not None]

@@ -286,3 +286,29 @@ def test_a_layer_holds_its_table_on_its_device_alone(tmp_path, monkeypatch):
     assert [t.device.type for t in cache.key_basis[0]] == ["meta"] * 4
     assert all(a is b for a, b in zip(cache.key_basis[0], layer.store.key_basis))
     assert all(t.device.type == "cpu" for t in cache.key_basis[1])  # a layer not yet started keeps the loaded table
+
+
+def test_a_padded_batch_counts_the_shared_table_once(tmp_path, monkeypatch):
+    """A padded batch's rows share the model's key basis (one table, the same tensors): the batch's bytes are the
+    rows' minus the copies they would count of it, and its "basis" bytes those of the table's distinct tensors."""
+    import agacc
+
+    monkeypatch.setenv("AGACC_CACHE", str(tmp_path))
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(0)
+    V = torch.linalg.qr(torch.randn(2, 2, 32, 32, generator=gen))[0]
+    basis.save(model.config, basis.KeyBasis(torch.rand(2, 2, 32, generator=gen) + 0.5, V, basis.rotary_inv_freq(model),
+                                            "tiny"))
+    cache = agacc.CompressedCache(model.config, AGACCConfig.preset("agacc", target_ratio=6.0))
+    x = torch.randint(3, 256, (3, 300), generator=gen)
+    mask = torch.ones_like(x)
+    mask[1, :40] = mask[2, :90] = 0
+    with torch.inference_mode():
+        model(x, attention_mask=mask, past_key_values=cache)
+    rows = [r.memory() for r in cache.rows]
+    table = sum(t.nbytes for l in cache.rows[0].layers if l.store is not None for t in l.store.basis_tensors())
+    assert table > 0 and all(r["by_tier"]["basis"] == table for r in rows)
+    m = cache.memory()
+    assert m["by_tier"]["basis"] == table
+    assert m["bytes"] == sum(r["bytes"] for r in rows) - 2 * table
+    assert m["ratio"] == m["bytes_fp16"] / m["bytes"]
