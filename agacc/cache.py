@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +110,8 @@ class CompressedLayer(CacheLayerMixin):
             return self._tagged(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        elif self.layer_idx == 0 and key_states.shape[-2] == 1 and self.cache.held is not None:
+        elif self.layer_idx == 0 and key_states.shape[-2] == 1 and self.cache.held is not None \
+                and self.cache.probe is None:  # (a lookahead's pseudo tokens read the held plan)
             self.cache.end_prefill()  # the first decode step: the prompt is in, its evictions are decided
         self.store.append(key_states, value_states)
         self.tracker.add_values(value_states)
@@ -214,7 +216,10 @@ class CompressedLayer(CacheLayerMixin):
             if window is not None:  # the PyTorch path, masked by position
                 mask = (store.entry_positions() > store.seq_len - 1 - window).view(1, 1, 1, -1)
             out, mass = decode_attention(query, store, scaling, mask, softcap)  # the backend is chosen there
-            self.tracker.observe(mass)  # per entry; mapped to tokens at the re-evaluation
+            if self.cache.probe is None:
+                self.tracker.observe(mass)  # per entry; mapped to tokens at the re-evaluation
+            else:  # a pseudo token of a lookahead (agacc.probe): its attention kept aside
+                self.cache.probe.observe(self.layer_idx, store.token_mass(mass))
         elif n_prior == 0:
             if window is not None and attention_mask is None:  # causal within the window
                 i = torch.arange(q, device=query.device)
@@ -341,7 +346,8 @@ class CompressedCache(Cache):
         self.rows: list[CompressedCache] | None = None  # a padded batch: one cache per row (``split_rows``)
         self.padded_len = 0      # with rows: positions so far, padding included (what a plain cache holds)
         self.forward_pads: list[int] = []  # per row, the padding among this forward's tokens (layer 0 reads it)
-        self.probe = None        # an ``agacc.probe.Probe`` while a context probe's chunks go in
+        self.probe = None        # an ``agacc.probe.Probe`` while a probe's tokens go in (a context, a lookahead)
+        self.looked_ahead = False  # ``agacc.probe.lookahead`` ran on the latest prompt (cfg.lookahead)
 
     def reset(self) -> None:
         """Empty the cache for a new sequence, as if just created: every layer's store, tracker and
@@ -430,6 +436,7 @@ class CompressedCache(Cache):
         if self.paused:
             return
         if q_len > 1 and not self.teacher_forced:
+            self.looked_ahead = False  # a prompt (or its next chunk): its plan is new
             self.reevaluate(prefill=True)
             return
         before, self.steps = self.steps, self.steps + q_len
@@ -511,6 +518,11 @@ class CompressedCache(Cache):
         reuse of one compressed context). Nothing held: nothing to do."""
         for row in self.rows or ():
             row.end_prefill()
+        if self.cfg.lookahead and self.cfg.compress and not self.looked_ahead and self.rows is None:
+            self.looked_ahead = True  # (warned once a prompt)
+            warnings.warn(f"AGACC: lookahead={self.cfg.lookahead} did not run before the prompt's plan was carried "
+                          "out: call agacc.probe.lookahead(model, cache, next_token) before end_prefill(), or let the "
+                          "first decode step (one token) run it in a model switched by agacc.enable", stacklevel=2)
         if self.held is None:
             return
         plans, self.held = self.held, None

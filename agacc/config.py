@@ -99,6 +99,15 @@ class AGACCConfig:
             the most attention any query of a pass that repeats the context pays each token, KVzip's
             signal; one extra pass over the context). Run by ``agacc.probe.reconstruct`` and the eval's
             query-agnostic protocol; a prompt with its question inside (query-aware) is not probed.
+        lookahead: K >= 0 pseudo queries: after the prompt the model writes K greedy tokens through the
+            cache itself (its held plan, nothing re-evaluated), their mean attention (over query heads and
+            the K queries) joins the prompt's evidence, the tokens are cropped off and the prompt's plan is
+            re-made (Lookahead Q-Cache's forecast of the coming queries; docs/tuning.md rounds 26-27). It
+            needs the model, which the cache does not hold: a model switched by ``agacc.enable`` runs it
+            before its first decode step after a prompt (``generate()``, any loop), and a caller that calls
+            ``end_prefill()`` itself runs ``agacc.probe.lookahead`` first (the eval harness, the app). 0: off.
+        lookahead_weight: w > 0, how the pseudo queries' evidence joins the prompt's: per token
+            max(I_i / mean I, w * A_i / mean A) x mean I, A the pseudo queries' attention.
     Tiers, bits, pruning, eviction (000 §2.4):
         tau_h, tau_l, tau_e: thresholds on normalised block importance; tau_h > tau_l > tau_e >= 0.
             > tau_h: full precision; (tau_l, tau_h]: quantised; [tau_e, tau_l]: pruned; < tau_e: evicted.
@@ -241,6 +250,8 @@ class AGACCConfig:
     position_gamma: float = _f(0.3, "tracking")
     value_weight: float = _f(0.0, "tracking")
     context_probe: str = _f("none", "tracking", choices=CONTEXT_PROBES)
+    lookahead: int = _f(0, "tracking")
+    lookahead_weight: float = _f(1.0, "tracking")
     # tiers
     tau_h: float = _f(200.0, "tiers", replay=True, ui=(
         "τ_h: full precision above", 0.05, 1000.0, 0.05, "thresholds",
@@ -324,6 +335,8 @@ class AGACCConfig:
                 need(getattr(self, f.name) in choices, f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
         need(self.n_q >= 1, f"n_q (N_q) must be >= 1, got {self.n_q}")
         need(0.0 <= self.value_weight <= 4.0, f"value_weight must be in [0, 4], got {self.value_weight}")
+        need(0 <= self.lookahead <= 256, f"lookahead must be in 0..256 pseudo tokens, got {self.lookahead}")
+        need(self.lookahead_weight > 0, f"lookahead_weight must be > 0, got {self.lookahead_weight}")
         need(0.0 < self.alpha <= 1.0, f"alpha must be in (0, 1], got {self.alpha}")
         need(self.evidence_half_life > 0, f"evidence_half_life must be > 0 (decode steps), got {self.evidence_half_life}")
         rules, shapes = methods.rule_names(), ("weights", *methods.budget_names())

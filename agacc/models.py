@@ -287,7 +287,9 @@ def unsupported_reason(model) -> str | None:
 
 
 def enable(model):
-    """Switch a loaded model to the ``agacc`` attention function (SDPA unless the cache is compressed).
+    """Switch a loaded model to the ``agacc`` attention function (SDPA unless the cache is compressed), and
+    let its first decode step after a prompt run the cache config's ``lookahead`` (``agacc.probe.first_step``:
+    the cache does not hold the model, so the model's forward starts it).
 
     Raises ValueError naming the reason when the model is one agacc cannot serve
     (``unsupported_reason``); then use it as it is, with a plain ``DynamicCache``."""
@@ -299,4 +301,9 @@ def enable(model):
     if model.config._attn_implementation != attention.NAME:
         raise ValueError(f"agacc.enable: {type(model).__name__} kept the {model.config._attn_implementation!r} "
                          "attention (transformers would not switch it), so a CompressedCache cannot serve it")
+    if not getattr(model, "_agacc_first_step", False):
+        from agacc.probe import first_step
+
+        model.register_forward_pre_hook(first_step, with_kwargs=True)
+        model._agacc_first_step = True
     return model

@@ -12,6 +12,14 @@ no dequantised copy: ``chunk_attention`` over the packed store, O(chunk x block)
 token keeps the most any head of any chunk query paid it; every chunk is cropped off again. The
 scores replace the context's importance and its plan is re-made (``CompressedCache.rescore_prompt``)
 before the held evictions are carried out. docs/baselines.md measures it (query-agnostic RULER).
+
+``lookahead`` forecasts the coming queries instead (Lookahead Q-Cache, 2025): after the prompt the model
+writes K greedy tokens through the compressed cache (its held plan: the prompt at >= b_min bits, nothing
+evicted yet); what those pseudo queries pay each prompt token joins the prompt's evidence, the tokens are
+cropped off and the plan re-made. The cache cannot run it itself (it does not hold the model): a model
+switched by ``agacc.enable`` runs it before its first decode step after a prompt (``first_step``), so
+``generate()`` and any loop of forwards get it; a caller that ends the prompt itself (``end_prefill()``:
+the eval harness, the app) calls ``lookahead`` first. docs/tuning.md rounds 26-27 measure it.
 """
 from __future__ import annotations
 
@@ -23,17 +31,18 @@ REPEAT = "\n\nRepeat the previous context exactly.\n\n"
 
 
 class Probe:
-    """Per layer, the most attention any probe query paid each of the first ``n`` tokens (fp32 [n]).
-    ``n_obs``: the queries of each probe chunk that count (its last ones: the repeated context)."""
+    """Per layer, the most (``reduce="max"``) or the sum (``"sum"``) of the attention the probe's queries
+    paid each of the first ``n`` tokens (fp32 [n]). ``n_obs``: the queries of each probe chunk that count
+    (its last ones: the repeated context)."""
 
-    def __init__(self, n: int, n_obs: int):
-        self.n, self.n_obs = n, n_obs
+    def __init__(self, n: int, n_obs: int, reduce: str = "max"):
+        self.n, self.n_obs, self.reduce = n, n_obs, reduce
         self.scores: dict[int, torch.Tensor] = {}
 
     def observe(self, layer: int, token_mass: torch.Tensor) -> None:
         m = token_mass[: self.n].float()
         old = self.scores.get(layer)
-        self.scores[layer] = m if old is None else torch.maximum(old, m)
+        self.scores[layer] = m if old is None else torch.maximum(old, m) if self.reduce == "max" else old + m
 
 
 @torch.inference_mode()
@@ -47,15 +56,10 @@ def reconstruct(model, cache, context_ids: list[int], prompt_ids: list[int], chu
     after the context; its tokens are stored hot (no re-evaluation) and cropped off afterwards, so
     the cache ends holding the context alone, its peak bytes counting one probe chunk at full
     precision. Returns the per-layer scores [len(context_ids)] fp32 it planned with."""
-    if not isinstance(cache, CompressedCache):
-        raise TypeError(f"reconstruct() probes a CompressedCache, got {type(cache).__name__}")
-    if cache.rows is not None:
-        raise ValueError("reconstruct() probes one sequence: a padded batch's rows each have a cache (cache.rows[i]); "
-                         "probe one context at a time")
+    n = _check_one_prompt(cache, "reconstruct")
     if chunk < 1:
         raise ValueError(f"probe chunk must be >= 1 token, got {chunk}")
-    n = cache.seq_len
-    if n != len(context_ids) or n == 0:
+    if n != len(context_ids):
         raise ValueError(f"the cache holds {n} tokens, the context has {len(context_ids)}: probe the cache right after "
                          "its context's prefill, before anything else goes in")
     if not prompt_ids:
@@ -78,3 +82,87 @@ def reconstruct(model, cache, context_ids: list[int], prompt_ids: list[int], chu
     scores = [probe.scores[i] for i in sorted(probe.scores)]
     cache.rescore_prompt(scores)
     return scores
+
+
+def _check_one_prompt(cache, what: str) -> int:
+    """The tokens a probed cache holds (> 0); raises unless it is one sequence's ``CompressedCache``."""
+    if not isinstance(cache, CompressedCache):
+        raise TypeError(f"{what}() probes a CompressedCache, got {type(cache).__name__}")
+    if cache.rows is not None:
+        raise ValueError(f"{what}() probes one sequence: a padded batch's rows each have a cache (cache.rows[i]); "
+                         "probe one prompt at a time")
+    if cache.seq_len == 0:
+        raise ValueError(f"{what}() probes a prompt: the cache is empty, prefill it first")
+    return cache.seq_len
+
+
+def lookahead(model, cache, next_token, k: int | None = None, weight: float | None = None,
+              stop=None) -> list[torch.Tensor]:
+    """Join what the model's own next ``k`` tokens read to the prompt's evidence, then re-plan the prompt.
+
+    ``cache``: a ``CompressedCache`` right after its prompt (before ``end_prefill()`` or the first decode
+    step); ``next_token``: the first pseudo token (the token about to follow the prompt, or the argmax of
+    its last logits), an int, or one per sequence of a batch the cache holds as one (a list or [Bt]);
+    ``k``, ``weight``: the config's ``lookahead`` and ``lookahead_weight`` unless given. The k tokens go in
+    one at a time, greedily, through the cache itself (stored hot, no re-evaluation, its held
+    evictions kept waiting); each layer sums the attention their queries pay the prompt's tokens (mean over
+    query heads, as the tracker's decode evidence); they are cropped off, and each prompt token's importance
+    I_i becomes max(I_i / mean I, weight * A_i / mean A) x mean I before ``rescore_prompt`` re-makes the
+    plan. The cache ends holding the prompt alone; its peak counts the k tokens at full precision.
+    ``stop()``: checked before each pseudo token; True ends the lookahead there, the plan left as it was.
+    Returns the per-layer scores [n] fp32 it planned with ([] when nothing is re-planned: k = 0, lossless,
+    stopped)."""
+    n = _check_one_prompt(cache, "lookahead")
+    k = cache.cfg.lookahead if k is None else k
+    weight = cache.cfg.lookahead_weight if weight is None else weight
+    if k < 0 or not weight > 0:
+        raise ValueError(f"lookahead needs k >= 0 pseudo tokens and a weight > 0, got k={k}, weight={weight}")
+    cache.looked_ahead = True
+    if k == 0 or not cache.cfg.compress:
+        return []
+    device = next(model.parameters()).device
+    probe, tok = Probe(n, n_obs=1, reduce="sum"), torch.as_tensor(next_token, device=device).reshape(-1, 1)
+    with torch.no_grad():  # (not inference mode: generate()'s cache is updated in place afterwards)
+        cache.probe = probe
+        try:
+            with cache.no_reevaluation():
+                for _ in range(k):
+                    if stop is not None and stop():
+                        return []
+                    out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        finally:
+            cache.probe = None
+            cache.crop(-(cache.seq_len - n))
+        layers = [l for l in cache.layers if l.store is not None]
+        scores = []
+        for l, look in zip(layers, (probe.scores[i] for i in sorted(probe.scores))):
+            raw = l.tracker.raw()[:n].float()
+            look = look.to(raw.device)
+            mean = raw.mean().clamp_min(1e-12)
+            scores.append(torch.maximum(raw / mean, weight * look / look.mean().clamp_min(1e-12)) * mean)
+        cache.rescore_prompt(scores)
+    return scores
+
+
+def first_step(model, args, kwargs) -> None:
+    """A forward pre-hook (``agacc.enable`` installs it): before the first one-token forward after a prompt
+    into a ``CompressedCache`` whose config asks for a ``lookahead`` that has not run, run it from that
+    token (generated, sampled or teacher-forced: the first the cache is given), so ``generate()`` and any
+    loop of forwards get it (a batch, beams included, from each sequence's token; a padded batch row by
+    row, each row's cache on its own). Changes no input: the pseudo tokens are cropped off before the
+    forward."""
+    cache = kwargs.get("past_key_values")
+    if not isinstance(cache, CompressedCache) or not cache.cfg.lookahead or cache.probe is not None:
+        return None
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None or ids.dim() != 2 or ids.shape[1] != 1:
+        return None
+    if cache.rows is None:  # one sequence, or a batch planned as one
+        if not cache.looked_ahead and cache.seq_len > 0:
+            lookahead(model, cache, ids[:, 0])
+        return None
+    for row, tok in zip(cache.rows, ids[:, 0].tolist()):  # a padded batch: each row's cache, on its own
+        if not row.looked_ahead and row.seq_len > 0:
+            lookahead(model, row, tok)
+    return None

@@ -36,6 +36,7 @@ from agacc.cache import CompressedCache
 from agacc.compare import FullCacheComparison, sample
 from agacc.config import AGACCConfig
 from agacc.planner import text_config
+from agacc.probe import lookahead
 from agacc.trace import Trace
 
 
@@ -271,15 +272,24 @@ class GenerationSession:
         chunk goes in chunk by chunk); None when ``cancel`` is set before a forward (any forward: the
         prompt's chunks, a decode step, the full-cache comparison's), so Stop waits for one forward."""
         step = self.prefill_chunk or token_ids.shape[1]
+
+        def run():
+            for lo in range(0, token_ids.shape[1], step):
+                if self.cancel.is_set():
+                    return None
+                out = self.model(input_ids=token_ids[:, lo:lo + step].to(self.model.device), past_key_values=cache,
+                                 use_cache=True, **self._last_logits_only)
+            return out.logits[0, -1]
+
+        return self._guarded(what, run)
+
+    def _guarded(self, what: str, fn):
+        """``fn()`` in inference mode, per call, never across a yield (the consumer may resume the generator
+        on another thread, as gradio does, and grad mode is thread-local); out of memory frees the caches and
+        becomes one clear ``SessionError``."""
         try:
-            # inference mode per call, never across a yield: the consumer may resume the generator on
-            # another thread (gradio does), and grad mode is thread-local
             with torch.inference_mode():
-                for lo in range(0, token_ids.shape[1], step):
-                    if self.cancel.is_set():
-                        return None
-                    out = self.model(input_ids=token_ids[:, lo:lo + step].to(self.model.device), past_key_values=cache,
-                                     use_cache=True, **self._last_logits_only)
+                return fn()
         except Exception as e:
             if _is_oom(e):
                 self.close()
@@ -287,7 +297,6 @@ class GenerationSession:
                     f"out of memory during the {what} at {self.n_prompt + len(self.gen_ids)} tokens: "
                     "shorten the prompt, lower max new tokens or turn off the full-cache comparison") from e
             raise
-        return out.logits[0, -1]
 
     def _run(self):
         self._t0 = t0 = time.perf_counter()
@@ -308,8 +317,18 @@ class GenerationSession:
         if logits is None or (self.reference is not None and self.reference.ref_logits is None):
             self.stop_reason = "cancelled"  # during the prefill, between two chunks
             return
-        self.cache.end_prefill()  # the prompt is in: the evictions its chunks held are decided now
         n_seen_reeval = 0
+        with self.lock:  # the prompt re-planned by what the model's next tokens read (agacc.probe); Stop ends
+            cache = self.cache  # it after the pseudo token in flight, with the plan as the prompt left it
+            if self.cfg.lookahead and cache is not None:
+                self._maybe_frame(cache, 0)  # the prompt's plan before it: a frame of the trace
+                n_seen_reeval = cache.reevaluations
+                self._guarded("lookahead", lambda: lookahead(self.model, cache, int(logits.argmax()),
+                                                              stop=self.cancel.is_set))
+        if self.cache is None:
+            self.stop_reason = "cancelled"
+            return
+        self.cache.end_prefill()  # the prompt is in: the evictions its chunks held are decided now
         for i in range(self.max_new_tokens):
             cache = self.cache
             if cache is None or self.cancel.is_set():

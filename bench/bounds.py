@@ -125,10 +125,14 @@ def install_lookahead(k: int, combine: str) -> None:
     """Every cache's prompt importance is replaced (or, ``combine="max"``, joined) by ``lookahead_attention`` of the
     text being measured, by ``rescore_prompt`` just before its held evictions are carried out."""
     from agacc.cache import CompressedCache
+    from agacc.config import AGACCConfig
 
     seen: dict = {}
     before_each_text(lambda model, ids, prefill: seen.update(look=lookahead_attention(model, ids[:, :prefill], k)))
-    end = CompressedCache.end_prefill
+    end, init = CompressedCache.end_prefill, CompressedCache.__init__
+
+    def __init__(self, model_config, config=None, **kw):  # the bound replaces the cache's own (round 27) lookahead
+        init(self, model_config, (config or AGACCConfig.preset("agacc")).with_overrides(lookahead=0), **kw)
 
     def end_prefill(self):
         if self.held is not None and self.seq_len == seen["look"].shape[1]:
@@ -143,7 +147,7 @@ def install_lookahead(k: int, combine: str) -> None:
             self.rescore_prompt(scores)
         end(self)
 
-    CompressedCache.end_prefill = end_prefill
+    CompressedCache.end_prefill, CompressedCache.__init__ = end_prefill, __init__
 
 
 def install_values_2bit() -> None:

@@ -359,6 +359,7 @@ def test_lookahead_rescores_the_prompt_before_its_held_evictions(monkeypatch, co
     seen = []
     rescore = CompressedCache.rescore_prompt
     monkeypatch.setattr(CompressedCache, "end_prefill", CompressedCache.end_prefill)  # restored after the test
+    monkeypatch.setattr(CompressedCache, "__init__", CompressedCache.__init__)  # (the bound pins lookahead=0)
     monkeypatch.setattr(CompressedCache, "rescore_prompt", lambda self, s: seen.append(
         ([l.tracker.raw()[:320].clone() for l in self.layers], s)) or rescore(self, s))
 

@@ -6,14 +6,25 @@ scored by the most attention a pass that repeats it pays each token (KVzip's sig
   chunk), and the cache ends holding the context alone, its peak counting one probe chunk;
 * ``rescore_prompt`` plans with the scores it is given: a constructed case decides which blocks go;
 * the eval's query-agnostic protocol runs the probe for ``context_probe=reconstruct`` only, query-aware
-  never; bad input is refused with one clear message."""
+  never; bad input is refused with one clear message.
+
+The lookahead (pseudo queries from the model's own greedy continuation, ``cfg.lookahead``):
+
+* its evidence equals transformers' eager attention of the greedy continuation's queries, joined to the
+  tracker's by the documented max, and the cache ends holding the prompt alone;
+* ``generate()`` (the first decode step runs it: ``agacc.probe.first_step``) equals the loop that calls
+  ``lookahead`` itself, token for token and tier for tier, and differs from no lookahead; a prompt whose
+  plan is carried out before it runs warns;
+* the eval harness runs it where the config asks; bad input is refused with one clear message."""
+import warnings
+
 import pytest
 import torch
 
 from agacc.attention import attend, chunk_attention
 from agacc.cache import CompressedCache
 from agacc.config import AGACCConfig
-from agacc.probe import reconstruct
+from agacc.probe import lookahead, reconstruct
 from agacc.tiers import EVICTED
 from tests.helpers import tiny_model as make_tiny
 from tests.test_eval import loaded, tiny_model  # noqa: F401 (module-scoped fixtures)
@@ -84,7 +95,7 @@ def test_rescore_prompt_plans_with_the_scores_given():
     the held evictions, carried out by end_prefill, all fall in the second half."""
     model = make_tiny(layers=2)
     ctx = torch.randint(3, 256, (320,), generator=torch.Generator().manual_seed(4)).tolist()
-    cfg = AGACCConfig.preset("agacc", target_ratio=4.0, n_sink=0)
+    cfg = AGACCConfig.preset("agacc", target_ratio=4.0, n_sink=0, lookahead=0)
     cache = _prefill(model, cfg, ctx, chunk=64)
     n = 320
     s = torch.cat([torch.linspace(1.0, 0.5, n // 2), torch.full((n // 2,), 1e-4)])
@@ -135,3 +146,138 @@ def test_query_agnostic_eval_runs_the_probe_where_asked(loaded, monkeypatch):
     R.evaluate_sample(model, tok, s, configs, prefill_chunk=64)  # query-aware: the question is in the prompt
     assert calls == []
 
+
+
+def _greedy(model, ids: list[int], k: int) -> list[int]:
+    """k greedy tokens after ``ids``, each from a full forward (no cache)."""
+    out = list(ids)
+    with torch.inference_mode():
+        for _ in range(k):
+            out.append(int(model(input_ids=torch.tensor([out])).logits[0, -1].argmax()))
+    return out[len(ids):]
+
+
+def test_lookahead_evidence_equals_eager_attention_of_the_greedy_continuation():
+    model = make_tiny(layers=2)
+    ref = make_tiny(layers=2)  # the same weights (same seed), attending with transformers' eager path
+    ref.set_attn_implementation("eager")
+    ctx = torch.randint(3, 256, (100,), generator=torch.Generator().manual_seed(5)).tolist()
+    cache = _prefill(model, _lossless_looking(lookahead=4), ctx)
+    raw = [l.tracker.raw()[:100].clone() for l in cache.layers]
+    before = [(l.store.seq_len, l.store.hot_start, l.store.n_entries, l.store.hot_k.clone()) for l in cache.layers]
+    held0, reevals = cache.memory()["bytes"], cache.reevaluations
+    cont = _greedy(ref, ctx, 4)
+    scores = lookahead(model, cache, cont[0])  # k = the config's 4; its next three chosen by the cache's logits
+    with torch.inference_mode():
+        att = ref(input_ids=torch.tensor([ctx + cont]), output_attentions=True).attentions
+    lifted = 0
+    for l, (got, r) in enumerate(zip(scores, raw)):
+        look = att[l][0, :, 100:, :100].mean(0).sum(0)  # the 4 pseudo queries, mean over query heads
+        want = torch.maximum(r / r.mean(), look / look.mean()) * r.mean()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(cache.layers[l].tracker.importance[:100], got)  # what the plan was made from
+        lifted += int((look / look.mean() > r / r.mean()).sum())
+    assert 0 < lifted < 200  # both sides of the max decide somewhere: the check reads the pseudo queries
+    for l, (n, hot, ent, hk) in zip(cache.layers, before):  # the pseudo tokens are gone again
+        assert (l.store.seq_len, l.store.hot_start, l.store.n_entries) == (n, hot, ent)
+        assert torch.equal(l.store.hot_k, hk)
+    assert cache.steps == 0 and cache.reevaluations == reevals + 1  # no decode step counted; one re-plan
+    kv_token = sum(2 * l.store.hot_k[0, :, 0].nbytes for l in cache.layers)
+    assert held0 + 4 * kv_token <= cache.memory()["peak_bytes"] <= held0 + 4 * kv_token + 512
+    # a weight on the pseudo queries' side of the max: 0.5 lifts fewer tokens
+    again = _prefill(model, _lossless_looking(lookahead=4, lookahead_weight=0.5), ctx)
+    half = lookahead(model, again, cont[0])
+    assert all(bool((h <= s + 1e-9).all()) for h, s in zip(half, scores)) and any(
+        bool((h < s - 1e-9).any()) for h, s in zip(half, scores))
+
+
+def _tiers(cache):
+    return [(l.store.block_tier.clone(), l.store.block_bits.clone()) for l in cache.layers]
+
+
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_generate_runs_the_lookahead_at_its_first_decode_step(chunk):
+    """One prefill forward, or generate()'s own chunked prefill (``prefill_chunk_size``): the same tokens, tiers
+    and bytes as the loop that calls ``lookahead`` itself, and not those of no lookahead."""
+    from agacc.eval.runner import greedy
+
+    model = make_tiny(layers=2)
+    ctx = torch.randint(3, 256, (200,), generator=torch.Generator().manual_seed(7)).tolist()
+    cfg = AGACCConfig.preset("agacc", target_ratio=5.0, lookahead=3, lookahead_weight=4.0, n_sink=0)
+    ids, step = torch.tensor([ctx]), chunk or 200
+
+    def by_hand(look: bool):
+        cache = CompressedCache(model.config, cfg)
+        with torch.inference_mode():
+            for lo in range(0, 200, step):
+                first = model(input_ids=ids[:, lo:lo + step], past_key_values=cache, use_cache=True).logits[0, -1]
+        if look:
+            lookahead(model, cache, int(first.argmax()))
+        else:
+            cache.looked_ahead = True  # (the first decode step would run it)
+        return cache, greedy(model, cache, first, 6)
+
+    mine, want = by_hand(True)
+    cache = CompressedCache(model.config, cfg)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=6,
+                             min_new_tokens=6, do_sample=False, pad_token_id=0, prefill_chunk_size=chunk)
+    assert not [w for w in seen if "lookahead" in str(w.message)]
+    assert out[0, 200:].tolist() == want and cache.looked_ahead
+    for a, b in zip(_tiers(mine), _tiers(cache)):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert mine.memory()["bytes"] == cache.memory()["bytes"]
+    plain, _ = by_hand(False)
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(_tiers(plain), _tiers(cache)))  # it re-planned
+    # a prompt whose plan is carried out first (end_prefill) says the lookahead did not run, once a prompt
+    late = CompressedCache(model.config, cfg)
+    with torch.inference_mode():
+        model(input_ids=ids, past_key_values=late, use_cache=True)
+    with pytest.warns(UserWarning, match="lookahead=3 did not run"):
+        late.end_prefill()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        late.end_prefill()
+        with torch.inference_mode():
+            model(input_ids=ids[:, :1], past_key_values=late, use_cache=True)  # nor then at the decode step
+    assert late.seq_len == 201
+
+
+def test_lookahead_refuses_bad_input_and_leaves_the_lossless_preset_alone():
+    model = make_tiny(layers=2)
+    ctx = list(range(3, 60))
+    cache = _prefill(model, _lossless_looking(lookahead=2), ctx)
+    with pytest.raises(TypeError, match="CompressedCache"):
+        lookahead(model, object(), 5)
+    with pytest.raises(ValueError, match="k >= 0 pseudo tokens and a weight > 0"):
+        lookahead(model, cache, 5, k=-1)
+    with pytest.raises(ValueError, match="k >= 0 pseudo tokens and a weight > 0"):
+        lookahead(model, cache, 5, weight=0.0)
+    with pytest.raises(ValueError, match="the cache is empty"):
+        lookahead(model, CompressedCache(model.config, _lossless_looking()), 5)
+    with pytest.raises(ValueError, match="lookahead must be in 0..256"):
+        AGACCConfig.preset("agacc", lookahead=-1)
+    with pytest.raises(ValueError, match="lookahead_weight must be > 0"):
+        AGACCConfig.preset("agacc", lookahead_weight=0.0)
+    full = _prefill(model, AGACCConfig.preset("full", lookahead=2), ctx)
+    assert lookahead(model, full, 5) == [] and full.seq_len == len(ctx)  # lossless: nothing to plan
+
+
+def test_the_eval_harness_runs_the_lookahead_where_asked(loaded, monkeypatch):
+    from agacc.eval import runner as R
+    from agacc.eval import tasks as T
+    from tests.test_eval import CORPUS
+
+    model, tok = loaded
+    calls = []
+    real = R.lookahead
+    monkeypatch.setattr(R, "lookahead", lambda *a, **k: calls.append(a[1].seq_len) or real(*a, **k))
+    (s,) = T.needle(tok, 256, 1, text=CORPUS * 8)
+    configs = [("look", AGACCConfig.preset("agacc", target_ratio=4.0, lookahead=2)),
+               ("none", AGACCConfig.preset("agacc", target_ratio=4.0, lookahead=0))]
+    for prefill_chunk in (None, 64):  # the captured prompt and a chunked prefill
+        calls.clear()
+        out = R.evaluate_sample(model, tok, s, configs, prefill_chunk=prefill_chunk)
+        assert calls == [len(s.prompt_ids)] and [r["preset"] for r in out] == ["look", "none"]
+        assert all(r["ratio"] > 2.5 for r in out)

@@ -19,8 +19,9 @@ from agacc.tiers import evicted_runs
 from agacc.trace import Trace, config_snippet, policy_changes, replay, replay_frames
 from tests.helpers import PROMPT
 
-# small blocks and window so a short prompt has blocks to tier, frequent re-evaluation
-SMALL = dict(block_size=16, recent_window=32, n_r=4, n_w=8)
+# small blocks and window so a short prompt has blocks to tier, frequent re-evaluation; no pseudo tokens after
+# the prompt (the preset's lookahead has tests of its own below: one frame, and forward, per step here)
+SMALL = dict(block_size=16, recent_window=32, n_r=4, n_w=8, lookahead=0)
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +156,27 @@ def test_replay_equals_real_run_with_target_ratio(mt):
     assert len(frames_r) >= 3 and len({f["threshold_scale"] for f in frames_r}) > 1  # the fitter moved
 
 
+def test_a_lookahead_session_equals_generate_and_replays(mt):
+    """``lookahead`` in the config: the session re-plans the prompt by the model's next tokens (agacc.probe), as
+    ``generate()`` does (its first decode step), token for token; the trace holds the prompt's plan before
+    and after it, and replays both."""
+    model, tok = mt
+    cfg = agacc.AGACCConfig.preset("agacc", target_ratio=1.6, **{**SMALL, "lookahead": 4})
+    s, events = _run(mt, cfg, n=10)
+    ids = encode_prompt(tok, PROMPT)
+    cache = agacc.CompressedCache(model.config, cfg)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                             max_new_tokens=10, do_sample=False)
+    got = [e.token_id for e in events]
+    assert got == out[0, ids.shape[1]:].tolist()[:len(got)] and len(got) >= 1
+    assert cache.looked_ahead
+    tr = s.trace
+    assert [h["prefill"] for h in tr.history[:2]] == [True, True] and tr.history[0]["step"] == tr.history[1]["step"]
+    assert tr.history[0]["scores"] != tr.history[1]["scores"]
+    _assert_replay_matches(tr, cfg)
+
+
 def test_replay_under_new_thresholds(run_floor):
     cfg, s, _ = run_floor
     tr = s.trace
@@ -244,15 +266,16 @@ def test_cancel_from_another_thread_is_prompt(mt):
     assert s.stop_reason == "cancelled" and s.cache is None
 
 
-@pytest.mark.parametrize("compare", [False, True])
-def test_stop_during_a_forward_runs_no_further_forward(mt, compare):
+@pytest.mark.parametrize("compare,look", [(False, 0), (True, 0), (False, 16)])
+def test_stop_during_a_forward_runs_no_further_forward(mt, compare, look):
     """Stop pressed while a forward runs (here: from inside the 5th forward, as another thread would):
     that forward ends, no other starts. With the comparison the 5th is the compressed cache's decode
     step of token 1 (prefill, full prefill, then decode + full decode per token), which the full
-    cache's forward follows before the loop looks again: the session itself must refuse it."""
+    cache's forward follows before the loop looks again: the session itself must refuse it. With the
+    preset's lookahead the 5th is its 4th pseudo token: the 12 left are not run."""
     model, tok = mt
-    s = GenerationSession(model, tok, PROMPT, agacc.AGACCConfig.preset("agacc", **SMALL), max_new_tokens=40,
-                          compare=compare)
+    s = GenerationSession(model, tok, PROMPT, agacc.AGACCConfig.preset("agacc", **{**SMALL, "lookahead": look}),
+                          max_new_tokens=40, compare=compare)
     calls = []
 
     def hook(module, args):
@@ -334,6 +357,12 @@ def test_out_of_memory_is_a_clear_error_and_frees(mt):
     next(it)
     with pytest.raises(SessionError, match="out of memory during the decode"):
         next(it)
+    assert s.cache is None and s.finished.is_set()
+    # the preset's lookahead: its first pseudo token is the second forward
+    s = GenerationSession(_OOMModel(model), tok, PROMPT, agacc.AGACCConfig.preset("agacc", **{**SMALL, "lookahead": 4}),
+                          max_new_tokens=5)
+    with pytest.raises(SessionError, match="out of memory during the lookahead"):
+        next(s.stream())
     assert s.cache is None and s.finished.is_set()
 
 

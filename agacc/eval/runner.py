@@ -40,7 +40,7 @@ import torch
 from agacc.attention import observe_prefill
 from agacc.cache import CompressedCache
 from agacc.planner import text_config
-from agacc.probe import REPEAT, reconstruct
+from agacc.probe import REPEAT, lookahead, reconstruct
 from agacc.config import AGACCConfig
 from agacc.eval import ruler
 from agacc.eval.metrics import lm_stats, perplexity, wilson_interval
@@ -115,7 +115,8 @@ def capture_prefill(model, prompt_ids: list[int], extra_ids: list[int] | None = 
 @torch.inference_mode()
 def cache_from_capture(model, cap: Capture, cfg: AGACCConfig, before_end=None) -> CompressedCache:
     """The cache a real prefill of the captured prompt would leave, built without a forward.
-    ``before_end(cache)``: runs after the prompt, before its held evictions happen (a context probe)."""
+    ``before_end(cache, logits)``: runs after the prompt (``logits``: its last position's [V]), before its held
+    evictions happen (a context probe); then the config's ``lookahead`` (``_end_prompt``)."""
     cache = CompressedCache(model.config, cfg)
     for i, layer in enumerate(cache.layers):
         k, v, q_last = cap.keys[i], cap.values[i], cap.queries[i]
@@ -124,11 +125,20 @@ def cache_from_capture(model, cap: Capture, cfg: AGACCConfig, before_end=None) -
             raise ValueError(f"n_q={cfg.n_q} exceeds the {q_last.shape[2]} captured queries; capture with n_obs >= n_q")
         layer.tracker.init_prefill(observe_prefill(q_last, k, cap.scaling[i], cfg.n_q))  # the last queries
     cache._step_done(cap.n)  # the end-of-prefill re-evaluation, as after a real prefill
-    if before_end is not None:
-        before_end(cache)
-    cache.end_prefill()  # the prompt is in (its held evictions happen, as at a first decode step)
-    cache.teacher_forcing()  # teacher-forced chunks from here on count as decode steps
+    _end_prompt(model, cache, cap.logits[0], before_end)
     return cache
+
+
+def _end_prompt(model, cache: CompressedCache, logits: torch.Tensor, before_end=None) -> None:
+    """After a prompt: ``before_end(cache, logits)`` (a context probe), the config's ``lookahead`` (greedy
+    pseudo tokens from ``logits``, the last prompt position's [V]), then the held evictions happen (as at a
+    first decode step) and teacher-forced chunks from here on count as decode steps."""
+    if before_end is not None:
+        before_end(cache, logits)
+    if cache.cfg.lookahead:  # the prompt re-planned by what the model's next tokens read (agacc.probe)
+        lookahead(model, cache, int(logits.argmax()))
+    cache.end_prefill()
+    cache.teacher_forcing()
 
 
 @torch.inference_mode()
@@ -172,18 +182,16 @@ def chunked_prefill(model, cfg: AGACCConfig, prompt_ids: list[int], prefill_chun
     """A real prefill of ``prompt_ids`` through a new cache, ``prefill_chunk`` tokens a forward (as
     ``generate(prefill_chunk_size=...)``: the cache compresses after every chunk) -> (cache, logits of
     the last prompt position [V] fp32); afterwards teacher-forced chunks count as decode steps.
-    ``before_end(cache)``: runs after the prompt, before its held evictions happen (a context probe)."""
+    ``before_end(cache, logits)``: as in ``cache_from_capture``."""
     if prefill_chunk < 1:
         raise ValueError(f"prefill chunk must be >= 1 token, got {prefill_chunk}")
     cache = CompressedCache(model.config, cfg)
     for lo in range(0, len(prompt_ids), prefill_chunk):
         x = torch.tensor([prompt_ids[lo: lo + prefill_chunk]], device=model.device)
         out = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    if before_end is not None:
-        before_end(cache)
-    cache.end_prefill()
-    cache.teacher_forcing()  # teacher-forced chunks from here on count as decode steps
-    return cache, out.logits[0, -1].float()
+    logits = out.logits[0, -1].float()
+    _end_prompt(model, cache, logits, before_end)
+    return cache, logits
 
 
 PROTOCOLS = ("query-aware", "query-agnostic")
@@ -244,7 +252,8 @@ def fork_cache(cache):
 
 def _build(model, cfg, cap: Capture | None, ids: list[int], prefill_chunk: int | None, before_end=None):
     """A fresh cache of method ``cfg`` holding ``ids`` (prefilled, compressed, held evictions applied;
-    ``before_end(cache)`` before they are) -> (cache, logits after the last id)."""
+    ``before_end(cache, logits)`` and the config's ``lookahead`` before they are) -> (cache, logits after the
+    last id)."""
     if hasattr(cfg, "build"):  # a method that prefills its own way (kv-distill)
         return cfg.build(model, ids, prefill_chunk)
     if is_external(cfg):
@@ -386,7 +395,7 @@ def evaluate_group(model, tok, group: list[Sample], configs, scoring: str = "mat
         probe = None
         if not is_external(cfg) and cfg.context_probe == "reconstruct":  # scored by repeating it (agacc.probe)
             rep = tok(REPEAT, add_special_tokens=False)["input_ids"]
-            probe = lambda c: reconstruct(model, c, ctx, rep, prefill_chunk or len(ctx))
+            probe = lambda c, _: reconstruct(model, c, ctx, rep, prefill_chunk or len(ctx))
         try:
             base, _ = _build(model, cfg, cap, ctx, prefill_chunk, before_end=probe)
         except Exception as e:
