@@ -11,7 +11,9 @@ is ``agacc@4-sink16``, and the other ``agacc`` variants pin ``sink_bits=16``; ``
 evidence became a decaying maximum (round 16; ``agacc`` and ``agacc@8`` came out the same on this short run):
 the recording with the EMA is ``agacc@4-ema``, and the other ``agacc`` variants pin ``decode_evidence="ema"``;
 ``agacc``, ``agacc@4`` and ``agacc@8`` when its decode evidence became the mean of the last 8 steps instead of 16
-(``n_w=8``, round 24): the recording with 16 is ``agacc@4-nw16``, and the other ``agacc`` variants pin ``n_w=16``.
+(``n_w=8``, round 24): the recording with 16 is ``agacc@4-nw16``, and the other ``agacc`` variants pin ``n_w=16``;
+the same three when the preset began re-planning the prompt by 16 pseudo tokens (``lookahead=16``, round 27): the
+recording without is ``agacc@4-nolook``, and the other ``agacc`` variants pin ``lookahead=0``.
 The trackers keep every token's state here, all of it outside the plan, as when these were recorded (since
 round 23 they forget evicted blocks' tokens and the plan prices the state of its blocks' tokens: fewer bytes,
 so other plans at a target ratio; ``tests/test_cache.py`` checks that forgetting changes nothing else)."""
