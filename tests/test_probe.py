@@ -147,7 +147,6 @@ def test_query_agnostic_eval_runs_the_probe_where_asked(loaded, monkeypatch):
     assert calls == []
 
 
-
 def _greedy(model, ids: list[int], k: int) -> list[int]:
     """k greedy tokens after ``ids``, each from a full forward (no cache)."""
     out = list(ids)
