@@ -42,7 +42,9 @@ class Probe:
     def observe(self, layer: int, token_mass: torch.Tensor) -> None:
         m = token_mass[: self.n].float()
         old = self.scores.get(layer)
-        self.scores[layer] = m if old is None else torch.maximum(old, m) if self.reduce == "max" else old + m
+        if old is not None:
+            m = torch.maximum(old, m) if self.reduce == "max" else old + m
+        self.scores[layer] = m
 
 
 @torch.inference_mode()
@@ -135,14 +137,18 @@ def lookahead(model, cache, next_token, k: int | None = None, weight: float | No
             cache.probe = None
             cache.crop(-(cache.seq_len - n))
         layers = [l for l in cache.layers if l.store is not None]
-        scores = []
-        for l, look in zip(layers, (probe.scores[i] for i in sorted(probe.scores))):
-            raw = l.tracker.raw()[:n].float()
-            look = look.to(raw.device)
-            mean = raw.mean().clamp_min(1e-12)
-            scores.append(torch.maximum(raw / mean, weight * look / look.mean().clamp_min(1e-12)) * mean)
+        scores = [joined(l.tracker.raw()[:n].float(), probe.scores[i], weight)
+                  for i, l in zip(sorted(probe.scores), layers)]
         cache.rescore_prompt(scores)
     return scores
+
+
+def joined(raw: torch.Tensor, look: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """The tracker's evidence raw [n] joined by the pseudo queries' attention look [n] (``lookahead``), in the
+    tracker's units: per token max(raw / mean raw, weight * look / mean look) x mean raw, fp32 on raw's device."""
+    mean = raw.mean().clamp_min(1e-12)
+    look = look.to(raw.device)
+    return torch.maximum(raw / mean, weight * look / look.mean().clamp_min(1e-12)) * mean
 
 
 def first_step(model, args, kwargs) -> None:

@@ -126,6 +126,7 @@ def install_lookahead(k: int, combine: str) -> None:
     text being measured, by ``rescore_prompt`` just before its held evictions are carried out."""
     from agacc.cache import CompressedCache
     from agacc.config import AGACCConfig
+    from agacc.probe import joined
 
     seen: dict = {}
     before_each_text(lambda model, ids, prefill: seen.update(look=lookahead_attention(model, ids[:, :prefill], k)))
@@ -140,10 +141,7 @@ def install_lookahead(k: int, combine: str) -> None:
             scores = []
             for l, look in zip(layers, seen["look"]):
                 raw = l.tracker.raw()[: look.shape[0]].float()
-                s = look.to(raw.device)
-                if combine == "max":
-                    s = torch.maximum(raw / raw.mean().clamp_min(1e-12), s / s.mean().clamp_min(1e-12)) * raw.mean()
-                scores.append(s)
+                scores.append(joined(raw, look) if combine == "max" else look.to(raw.device))
             self.rescore_prompt(scores)
         end(self)
 

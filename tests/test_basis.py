@@ -221,6 +221,13 @@ def test_a_table_for_other_shapes_and_a_model_without_whole_rope_are_refused(tmp
         basis.rotary_inv_freq(phi)
 
 
+def _file_random_table(model, gen: torch.Generator) -> None:
+    """File a table for the tiny Llama (2 layers, 2 KV heads, head dim 32): random orthonormal axes and weights."""
+    V = torch.linalg.qr(torch.randn(2, 2, 32, 32, generator=gen))[0]
+    basis.save(model.config, basis.KeyBasis(torch.rand(2, 2, 32, generator=gen) + 0.5, V, basis.rotary_inv_freq(model),
+                                            "tiny"))
+
+
 def test_auto_holds_keys_in_a_basis_above_4x_where_a_table_is_filed(tmp_path, monkeypatch):
     """``key_quant="auto"`` (the agacc preset; round 25): "basis" at fitted ratios above 4 where a table is filed
     for the model (the embedded model's shipped one included), "channel" otherwise, an explicit format kept; its
@@ -244,9 +251,7 @@ def test_auto_holds_keys_in_a_basis_above_4x_where_a_table_is_filed(tmp_path, mo
                            vocab_size=49152, intermediate_size=64)
     assert [resolved(embedded, r) for r in (None, 4.0, 4.5, 8.0)] == ["channel", "channel", "basis", "basis"]
     gen = torch.Generator().manual_seed(0)
-    V = torch.linalg.qr(torch.randn(2, 2, 32, 32, generator=gen))[0]
-    inv_freq = basis.rotary_inv_freq(model)
-    basis.save(model.config, basis.KeyBasis(torch.rand(2, 2, 32, generator=gen) + 0.5, V, inv_freq, "tiny"))
+    _file_random_table(model, gen)
     assert [resolved(model.config, r) for r in (None, 4.0, 4.5, 8.0)] == ["channel", "channel", "basis", "basis"]
     assert resolved(model.config, 8.0, key_quant="channel") == "channel"
     assert resolved(model.config, 8.0, key_quant="token") == "token"
@@ -275,9 +280,7 @@ def test_a_layer_holds_its_table_on_its_device_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("AGACC_CACHE", str(tmp_path))
     model = tiny_model()
     gen = torch.Generator().manual_seed(0)
-    V = torch.linalg.qr(torch.randn(2, 2, 32, 32, generator=gen))[0]
-    basis.save(model.config, basis.KeyBasis(torch.rand(2, 2, 32, generator=gen) + 0.5, V, basis.rotary_inv_freq(model),
-                                            "tiny"))
+    _file_random_table(model, gen)
     cache = agacc.CompressedCache(model.config, AGACCConfig.preset("agacc", target_ratio=6.0))
     assert cache.cfg.key_quant == "basis"
     layer = cache.layers[0]
@@ -296,9 +299,7 @@ def test_a_padded_batch_counts_the_shared_table_once(tmp_path, monkeypatch):
     monkeypatch.setenv("AGACC_CACHE", str(tmp_path))
     model = tiny_model()
     gen = torch.Generator().manual_seed(0)
-    V = torch.linalg.qr(torch.randn(2, 2, 32, 32, generator=gen))[0]
-    basis.save(model.config, basis.KeyBasis(torch.rand(2, 2, 32, generator=gen) + 0.5, V, basis.rotary_inv_freq(model),
-                                            "tiny"))
+    _file_random_table(model, gen)
     cache = agacc.CompressedCache(model.config, AGACCConfig.preset("agacc", target_ratio=6.0))
     x = torch.randint(3, 256, (3, 300), generator=gen)
     mask = torch.ones_like(x)
