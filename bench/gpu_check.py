@@ -26,6 +26,11 @@ keeps what it measured; OUTDIR/summary.md is the readable version):
   basis     keys held in a calibrated basis (the preset above 4x): a table calibrated on the device for a random
             Llama of the embedded model's shapes, every decode step of agacc@8 against attention over the
             dequantised entries, bytes against a walk; decode tokens/s basis vs per channel vs plain at 4K / 8K
+  lookahead the preset's pseudo tokens (``agacc.probe.lookahead``) on a random Llama of the embedded model's
+            shapes: every attention call of a prompt, its pseudo tokens and decode steps (agacc@4 and agacc@8 with
+            keys per channel: the Triton decode kernel) against attention over the dequantised entries;
+            ``generate()`` (the hook runs it) against the loop that calls it, token for token and tier for tier;
+            time to the first token with and without it (bf16, 4K and 8K tokens)
   memory    peak GPU memory (``torch.cuda.max_memory_allocated``) of a 128K-token prompt through an
             8B-shaped Llama (``--mem-layers``): plain one-forward prefill vs a chunked prefill into
             the compressed cache (and a chunked prefill into the plain cache, for the split)
@@ -56,7 +61,7 @@ import time
 import traceback
 from pathlib import Path
 
-SECTIONS = ("env", "kernels", "decode", "sweep", "session", "basis", "memory", "e2e", "profile")  # run in this order (e2e, the longest, last)
+SECTIONS = ("env", "kernels", "decode", "sweep", "session", "lookahead", "basis", "memory", "e2e", "profile")  # run in this order (e2e, the longest, last)
 HQ, H, D = 32, 8, 128  # Llama-3-8B attention
 # tier mixes per 16 blocks -> about 2x / 4x / 8x fewer bytes than fp16 (the record has the real ratio)
 PATTERNS = {
@@ -74,11 +79,13 @@ FULL = dict(contexts=(8192, 32768, 131072), ratios=(2, 4, 8), iters=20, sweep_co
             heads=(HQ, H, D), kernel_d=128, quant_bits=(1, 2, 3, 4, 8),  # one width per container (3: its own)
             groups=((4, (True, False)), (1, (True,)), (8, (True,))),  # (GQA g, rotated stores) of the checks
             basis_calib=1024, basis_context=2048, basis_steps=32, basis_chunk=512, basis_speed_contexts=(4096, 8000, 4096),
-            basis_speed_steps=32)  # basis: 4K again last, after Triton's compiles
+            basis_speed_steps=32,  # basis: 4K again last, after Triton's compiles
+            look_context=1024, look_new=16, look_ttft_contexts=(4096, 8000), look_repeats=3)
 DRY = dict(contexts=(256,), ratios=(2, 4, 8), iters=0, sweep_contexts=(256,), e2e_context=96, e2e_layers=2, e2e_steps=4,
            mem_prompt=256, mem_layers=2, mem_chunk=64, session_tokens=24, heads=(4, 2, 64), kernel_d=64,
            quant_bits=(1, 3, 4, 8), groups=((4, (True, False)),), basis_calib=128, basis_context=512, basis_steps=12,
-           basis_chunk=128, basis_speed_contexts=(), basis_speed_steps=0)
+           basis_chunk=128, basis_speed_contexts=(), basis_speed_steps=0, look_context=512, look_new=6,
+           look_ttft_contexts=(), look_repeats=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -634,6 +641,8 @@ def _peak_prefill(model, prompt, cache, chunk, device, deadline: float | None = 
     to take as long as the last one took, times its share of the keys) and says so in ``cut``."""
     import torch
 
+    from agacc.probe import lookahead
+
     free(device)
     cuda = device.type == "cuda"
     if cuda:
@@ -645,7 +654,7 @@ def _peak_prefill(model, prompt, cache, chunk, device, deadline: float | None = 
         step = chunk or prompt.shape[1]
         for lo in range(0, prompt.shape[1], step):
             t = time.monotonic()
-            model(input_ids=prompt[:, lo:lo + step], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=prompt[:, lo:lo + step], past_key_values=cache, use_cache=True, logits_to_keep=1)
             sync(device)
             done = min(prompt.shape[1], lo + step)
             took = time.monotonic() - t
@@ -653,6 +662,8 @@ def _peak_prefill(model, prompt, cache, chunk, device, deadline: float | None = 
                 cut = True
                 break
         if hasattr(cache, "end_prefill"):
+            if cache.cfg.lookahead:  # the preset's pseudo tokens (round 27): part of its prompt, counted in its peak
+                lookahead(model, cache, out.logits[:, -1].argmax(-1))
             cache.end_prefill()
     sync(device)
     rec = {"chunk": chunk, "tokens": done, "cut": cut, "seconds": time.perf_counter() - t0}
@@ -791,6 +802,117 @@ def section_basis(ctx) -> dict:
             os.environ["AGACC_CACHE"] = old_env
 
 
+def _tiers(cache) -> list:
+    return [(l.store.block_tier.cpu(), l.store.block_bits.cpu()) for l in cache.layers if l.store is not None]
+
+
+def section_lookahead(ctx) -> dict:
+    """The preset's lookahead (round 27) on the device, on a random Llama of the embedded model's shapes (fp32):
+    (1) every decode-attention call of a prompt, its ``lookahead`` pseudo tokens and ``look_new`` greedy steps,
+    for agacc@4 and agacc@8 with keys per channel (the Triton decode kernel), against ``agacc.attention.attend``
+    over the store's dequantised entries: the pseudo tokens' evidence is the mass those calls return;
+    (2) ``generate()`` on ``agacc.enable``'s model (its hook runs the lookahead) against the loop that calls
+    ``agacc.probe.lookahead`` itself: the same tokens, tiers and bytes, and tiers unlike lookahead=0's;
+    (3) time to the first token (prefill in chunks of 2,048, the lookahead, the plan carried out), bf16, with and
+    without it, interleaved, after one warm-up each (Triton's compiles)."""
+    import torch
+
+    import agacc
+    from agacc.probe import lookahead
+    from agacc.spec import parse_method
+    from tests.helpers import walk_tensor_bytes
+
+    dev, plan, dry = ctx["device"], ctx["plan"], ctx["dry"]
+    real = agacc.cache.decode_attention
+    gen = torch.Generator().manual_seed(1)
+    n, new = plan["look_context"], plan["look_new"]
+    model = llama(2, True, dev, 4096, vocab=257) if dry else smollm_shaped(30, dev, torch.float32)
+    ids = torch.randint(3, 257, (1, n), generator=gen).to(dev)
+    rec = {"layers": model.config.num_hidden_layers, "context": n, "new_tokens": new, "methods": {}}
+    try:
+        for method in ("agacc@4", "agacc@8,key_quant=channel"):
+            cfg = parse_method(method + (",lookahead_weight=4" if dry else ""))  # (the tiny model's attention is flat)
+            errs, live = {"decode": [], "pseudo": []}, {}
+
+            def both(query, store, scaling, mask=None, softcap=None):
+                out, mass = real(query, store, scaling, mask, softcap)
+                ref_out, ref_mass = agacc.attention.attend(query.float(), store.attention_entries(torch.float32), scaling)
+                errs["pseudo" if live["cache"].probe is not None else "decode"].append(
+                    ((out.float() - ref_out).abs().max().item(),
+                     ((mass - ref_mass).abs() / ref_mass.abs().clamp_min(1e-6)).max().item()))
+                return out, mass
+
+            def by_hand(look: bool):
+                c = live["cache"] = agacc.CompressedCache(model.config, cfg)
+                with torch.inference_mode():
+                    first = model(input_ids=ids, past_key_values=c, use_cache=True, logits_to_keep=1).logits[0, -1]
+                if look:
+                    lookahead(model, c, int(first.argmax()))
+                else:
+                    c.looked_ahead = True  # (the first decode step would run it)
+                toks = [int(first.argmax())]
+                with torch.inference_mode():
+                    for _ in range(new - 1):
+                        x = torch.tensor([[toks[-1]]], device=dev)
+                        toks.append(int(model(input_ids=x, past_key_values=c, use_cache=True).logits[0, -1].argmax()))
+                return c, toks
+
+            agacc.cache.decode_attention = both
+            try:
+                cache, toks = by_hand(True)
+            finally:
+                agacc.cache.decode_attention = real
+            hook = agacc.CompressedCache(model.config, cfg)
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=hook, max_new_tokens=new,
+                                     min_new_tokens=new, do_sample=False, pad_token_id=0)
+            plain, _ = by_hand(False)
+            same_tiers = all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                             for a, b in zip(_tiers(cache), _tiers(hook)))
+            moved = sum(int((a[0] != b[0]).sum()) for a, b in zip(_tiers(plain), _tiers(cache)))
+            m = cache.memory()
+            rec["methods"][method] = {
+                "decode_calls": len(errs["decode"]), "pseudo_calls": len(errs["pseudo"]),
+                "max_err_out": max(e for e, _ in errs["decode"] + errs["pseudo"]),
+                "max_rel_err_mass": max(e for _, e in errs["decode"] + errs["pseudo"]),
+                "generate_tokens_equal": out[0, n:].tolist() == toks, "generate_tiers_equal": same_tiers,
+                "generate_bytes_equal": m["bytes"] == hook.memory()["bytes"], "blocks_moved_by_lookahead": moved,
+                "ratio": m["ratio"], "bytes": m["bytes"], "walk_bytes": walk_tensor_bytes(cache),
+                "peak_ratio": m["bytes_fp16"] / m["peak_bytes"]}
+            del cache, hook, plain
+            free(dev)
+        del model
+        free(dev)
+        rows = []
+        if not dry:
+            model = smollm_shaped(30, dev, torch.bfloat16)
+            for ctx_len in plan["look_ttft_contexts"]:
+                prompt = torch.randint(3, 257, (1, ctx_len), generator=gen).to(dev)
+                times = {"agacc@8": [], "agacc@8,lookahead=0": []}
+                for rep in range(plan["look_repeats"] + 1):  # the first round warms up (not kept)
+                    for method in times:
+                        if ctx["budget"].left() < 20:
+                            break
+                        c = agacc.CompressedCache(model.config, parse_method(method))
+                        pre = _peak_prefill(model, prompt, c, 2048, dev)
+                        if rep:
+                            times[method].append(pre["seconds"])
+                        del c
+                        free(dev)
+                rows.append({"context": ctx_len, **{f"ttft_s[{k}]": v for k, v in times.items()}})
+            del model
+            free(dev)
+        rec["ttft_rows"] = rows
+        tol = 1e-3
+        rec["ok"] = all(r["pseudo_calls"] > 0 and r["max_err_out"] <= tol and r["max_rel_err_mass"] <= tol
+                        and r["generate_tokens_equal"] and r["generate_tiers_equal"] and r["generate_bytes_equal"]
+                        and r["blocks_moved_by_lookahead"] > 0 and r["bytes"] == r["walk_bytes"]
+                        for r in rec["methods"].values())
+        return rec
+    finally:
+        agacc.cache.decode_attention = real
+
+
 def _byte_tokenizer():
     """A byte-level tokenizer built here (nothing downloaded): 256 byte tokens + <eos>."""
     from tokenizers import Tokenizer, decoders, models
@@ -865,11 +987,11 @@ def section_session(ctx) -> dict:
 
 
 RUNNERS = {"env": section_env, "kernels": section_kernels, "decode": section_decode, "sweep": section_sweep, "profile": section_profile, "e2e": section_e2e,
-           "memory": section_memory, "session": section_session, "basis": section_basis}
+           "memory": section_memory, "session": section_session, "basis": section_basis, "lookahead": section_lookahead}
 # seconds a section needs at least to start on the GPU (the plan's shapes); skipped below that
 SWEEP_CAP_S, SWEEP_LEAVE_S = 60, 200  # the sweep stops after 60 s, or earlier to leave 200 s for the rest
 E2E_RESERVE_S = 100  # what the e2e section (last) is left by the memory section's cut
-NEEDS = {"env": 0, "kernels": 30, "decode": 60, "sweep": 30, "profile": 30, "session": 20, "basis": 40, "memory": 45, "e2e": 60}
+NEEDS = {"env": 0, "kernels": 30, "decode": 60, "sweep": 30, "profile": 30, "session": 20, "basis": 40, "lookahead": 40, "memory": 45, "e2e": 60}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -951,6 +1073,18 @@ def summary_md(result: dict) -> str:
             lines += ["", "| context | method | key_quant | tokens/s | warm-up tokens/s | ratio |", "|---|---|---|---|---|---|"]
             lines += [f"| {r['context']} | {r['method']} | {r.get('key_quant') or '-'} | {_f(r.get('tokens_per_s'), '{:.1f}')} "
                       f"| {_f(r.get('warmup_tokens_per_s'), '{:.1f}')} | {_f(r.get('ratio'), '{:.2f}')} |" for r in bas["rows"]]
+    look = result["sections"].get("lookahead", {})
+    if look.get("methods"):
+        lines += ["", f"## Lookahead ({look['layers']} layers, {look['context']}-token prompt)", "",
+                  "| method | decode / pseudo-token calls | out err | mass rel err | generate() = loop (tokens, tiers, bytes) "
+                  "| blocks moved | ratio | peak ratio |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {m} | {r['decode_calls']} / {r['pseudo_calls']} | {r['max_err_out']:.1e} | {r['max_rel_err_mass']:.1e} "
+                  f"| {r['generate_tokens_equal']}, {r['generate_tiers_equal']}, {r['generate_bytes_equal']} "
+                  f"| {r['blocks_moved_by_lookahead']} | {r['ratio']:.2f} | {r['peak_ratio']:.2f} |"
+                  for m, r in look["methods"].items()]
+        for r in look.get("ttft_rows", []):
+            lines += [f"- time to first token at {r['context']} tokens (s): " + "; ".join(
+                f"{k[7:-1]} {', '.join(f'{t:.3f}' for t in v)}" for k, v in r.items() if k.startswith("ttft_s"))]
     ses = result["sections"].get("session", {})
     if "new_tokens" in ses:
         lines += ["", f"## Session: {ses['model']} on {ses['device']}: {ses['new_tokens']} tokens, "

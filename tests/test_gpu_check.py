@@ -21,7 +21,11 @@ def test_gpu_check_dry_run(tmp_path):
     res = json.loads((out / "gpu_check.json").read_text())
     assert res["dry_run"] is True
     assert {k: v["status"] for k, v in res["sections"].items()} == {
-        s: "ok" for s in ("env", "kernels", "decode", "sweep", "e2e", "memory", "session", "basis", "profile")}
+        s: "ok" for s in ("env", "kernels", "decode", "sweep", "e2e", "memory", "session", "lookahead", "basis", "profile")}
+    look = res["sections"]["lookahead"]  # the pseudo tokens' calls against the dequantised entries; generate() = loop
+    for r in look["methods"].values():
+        assert r["pseudo_calls"] == 16 * look["layers"] and r["max_err_out"] < 1e-3 and r["max_rel_err_mass"] < 1e-3
+        assert r["generate_tokens_equal"] and r["generate_tiers_equal"] and r["blocks_moved_by_lookahead"] > 0
     bas = res["sections"]["basis"]  # keys in a basis: every decode step against the dequantised entries
     assert bas["key_quant"] == "basis" and bas["calls_with_basis"] > 0 and bas["max_err_out"] < 1e-3
     assert bas["bytes"] == bas["walk_bytes"] and bas["rows"] == []
