@@ -82,6 +82,8 @@ class AGACCConfig:
             (docs/tuning.md round 16: 8x KL -17% on the tuning texts; an exact forecast of the future
             attention, the bound, is -28%).
         evidence_half_life: h, decode steps (> 0; ``inf``: a running maximum), with decode_evidence="max".
+            None: 182 up to a fitted target ratio of 4 (and without one), 91 above (``importance.half_life``;
+            docs/tuning.md round 28: at 8x the held-out KL -3%, lower or the same on every text).
         layer_weights: w_l, one weight per layer for the DynaCompress aggregation and layer budgets;
             None = linearly rising with depth (001: deeper layers keep more).
         share_across_layers: S_i averaged over all L layers as written in 000 §2.2 (one score per
@@ -242,7 +244,7 @@ class AGACCConfig:
     beta: float = _f(0.05, "tracking")
     prompt_evidence: str = _f("max", "tracking", choices=PROMPT_EVIDENCE)
     decode_evidence: str = _f("ema", "tracking", choices=DECODE_EVIDENCE)
-    evidence_half_life: float = _f(182.0, "tracking")
+    evidence_half_life: float | None = _f(None, "tracking")
     layer_weights: tuple[float, ...] | None = _f(None, "tracking")
     share_across_layers: bool = _f(False, "tracking")
     attention_sum_beta: float = _f(1.0, "tracking")
@@ -338,7 +340,8 @@ class AGACCConfig:
         need(0 <= self.lookahead <= 256, f"lookahead must be in 0..256 pseudo tokens, got {self.lookahead}")
         need(self.lookahead_weight > 0, f"lookahead_weight must be > 0, got {self.lookahead_weight}")
         need(0.0 < self.alpha <= 1.0, f"alpha must be in (0, 1], got {self.alpha}")
-        need(self.evidence_half_life > 0, f"evidence_half_life must be > 0 (decode steps), got {self.evidence_half_life}")
+        need(self.evidence_half_life is None or self.evidence_half_life > 0,
+             f"evidence_half_life must be > 0 (decode steps) or None, got {self.evidence_half_life}")
         rules, shapes = methods.rule_names(), ("weights", *methods.budget_names())
         need(self.rule in rules, f"rule must be one of {rules}, got {self.rule!r}")
         need(self.budget_shape in shapes, f"budget_shape must be one of {shapes}, got {self.budget_shape!r}")

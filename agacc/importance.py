@@ -34,11 +34,19 @@ STATE_ITEMSIZE = 4  # I_i, fp32 a token held
 GONE_ITEMSIZE = 12  # a forgotten block: its id (int32), largest and summed I_i (fp32)
 
 
+def half_life(cfg) -> float:
+    """``cfg.evidence_half_life``, or when None 182 decode steps up to a fitted target ratio of 4 (and without
+    one) and 91 above: an 8x cache turns over twice as fast as a 4x one (docs/tuning.md rounds 16 and 28)."""
+    if cfg.evidence_half_life is not None:
+        return cfg.evidence_half_life
+    return 91.0 if cfg.target_ratio is not None and cfg.target_ratio > 4.0 else 182.0
+
+
 def fold_decode(cfg, s_i: torch.Tensor, importance: torch.Tensor, steps: int) -> torch.Tensor:
     """I_i after a re-evaluation (EMA scoring): the window's mean S_i over ``steps`` decode steps folded
     into the previous I_i (same shape), by ``cfg.decode_evidence``."""
     if cfg.decode_evidence == "max":
-        return torch.maximum(s_i, importance * 0.5 ** (steps / cfg.evidence_half_life))
+        return torch.maximum(s_i, importance * 0.5 ** (steps / half_life(cfg)))
     return cfg.alpha * s_i + (1 - cfg.alpha) * importance
 
 

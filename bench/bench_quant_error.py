@@ -13,6 +13,8 @@ average, given by the 64 queries before the scored ones, the prompt's last queri
 "basis" rows are keys before RoPE in each layer's basis calibrated on the ``--basis-from`` texts' first
 ``--tokens`` tokens (``bounds.calibrate_key_basis``), each coefficient at its own width (with 8-bit scales and
 zeros: "basis, 8-bit scales"): ``--bits`` are then bits per element with the metadata (round 21).
+The "Lloyd-Max" rows are a non-uniform codebook (round 28): each group's levels at its mean + its standard
+deviation x the unit Gaussian's Lloyd-Max centroids, the same metadata as min-max.
 
     python bench/bench_quant_error.py --text /usr/share/common-licenses/GFDL-1.3 --json out/quant_error.json
 """
@@ -105,6 +107,28 @@ def clipped(dim_of, factors=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)):
     return fmt
 
 
+# the Lloyd-Max quantiser of a unit Gaussian (its centroids, the positive half): the least squared error a codebook
+# of 2**b levels has for normal data; "per token, Lloyd-Max" places a group's levels at mean + std x these
+LLOYD_MAX = {1: (0.7979,), 2: (0.4528, 1.5104), 3: (0.2451, 0.7560, 1.3439, 2.1520),
+             4: (0.1284, 0.3881, 0.6568, 0.9424, 1.2562, 1.6181, 2.0690, 2.7326)}
+
+
+def lloyd_max(dim_of):
+    """A non-uniform codebook (docs/tuning.md round 28): each group's 2**b levels at its mean + its standard
+    deviation x the Gaussian Lloyd-Max centroids (``LLOYD_MAX``; fp16 mean and std: min-max's metadata), each
+    element coded to the nearest level. ``dim_of(x)`` -> (x viewed as groups, the dim reduced over)."""
+    def fmt(x, b):
+        xg, dim = dim_of(x.float())
+        half = torch.tensor(LLOYD_MAX[b])
+        levels = torch.cat([-half.flip(0), half])
+        mu = xg.mean(dim, keepdim=True).half().float()
+        sd = xg.std(dim, keepdim=True, unbiased=False).clamp_min(1e-6).half().float()
+        z = ((xg - mu) / sd).unsqueeze(-1)
+        code = (z - levels).abs().argmin(-1)
+        return (levels[code] * sd + mu).reshape(x.shape)
+    return fmt
+
+
 def allocated(x, b, ctx):
     """Keys per channel per 16-token block, un-rotated, each channel at its own width (``b`` on average),
     weighed by the queries ``ctx["queries"]`` (``CONTEXT_FORMATS``' signature)."""
@@ -121,6 +145,8 @@ FORMATS = {  # name -> (quantise-dequantise, extra bits per element for scales a
     "per token, rotated": (rotated(per_token), 0.5),
     "per channel, rotated, MSE-clipped": (rotated(clipped(_key_blocks)), 2.0),
     "per token, rotated, MSE-clipped": (rotated(clipped(_value_groups)), 0.5),
+    "per token, rotated, Lloyd-Max": (rotated(lloyd_max(_value_groups)), 0.5),
+    "per channel, rotated, Lloyd-Max": (rotated(lloyd_max(_key_blocks)), 2.0),
     "per channel, rotated, 32-token blocks": (rotated(per_channel_32), 1.0),
     "per channel, rotated, 8-bit log scale (1/32) + fp16 zero": (rotated(per_channel_coded(1 / 32, False)), 1.5),
     "per channel, rotated, 8-bit log scale (1/16) + int8 zero": (rotated(per_channel_coded(1 / 16, True)), 1.0),

@@ -10,7 +10,9 @@ Runs ``bench/bench_ppl.py`` (token by token) with one part of the method replace
                         tracker's scores are; the tracker is not consulted. What an exact forecast of
                         the attention would give the same tiers, fitter and byte budget. With
                         ``--when past`` the queries are the earlier ones instead (every query's
-                        attention, kept exactly: the most a tracker could know).
+                        attention, kept exactly: the most a tracker could know). ``--phase prompt``
+                        (``decode``): only the prompt's re-evaluations (only the decode steps') read
+                        them, the others the tracker's own scores (docs/tuning.md round 28).
     --mode values-2bit  3-bit blocks hold their values as 2-bit codes (in the 3-bit container) and
                         the cost model prices the codes at 2 bits, so the fitter plans what a K3V2
                         format would hold at the same bytes. The bytes the run reports are the 3-bit
@@ -107,11 +109,20 @@ def before_each_text(fn) -> None:
     bench_ppl.measure = patched_measure
 
 
-def install_oracle(reduce: str, heads: str, when: str = "future") -> None:
-    """Every cache's planner reads ``oracle_scores`` of the text ``bench_ppl.measure`` is measuring."""
-    seen: dict[str, torch.Tensor] = {}
-    before_each_text(lambda model, ids, prefill: seen.update(attn=attention_of(model, ids, heads)))
-    importance.scores_all = lambda trackers, seq_len, ready: oracle_scores(seen["attn"], seq_len, ready, reduce, when)
+def install_oracle(reduce: str, heads: str, when: str = "future", phase: str = "all") -> None:
+    """Every cache's planner reads ``oracle_scores`` of the text ``bench_ppl.measure`` is measuring: at every
+    re-evaluation (``phase="all"``), or only at those of the prompt (``"prompt"``: the cache holds at most the
+    prompt's tokens) or only at the decode steps' (``"decode"``), the tracker's own scores at the others."""
+    seen: dict = {}
+    before_each_text(lambda model, ids, prefill: seen.update(attn=attention_of(model, ids, heads), prefill=prefill))
+    tracker_scores = importance.scores_all
+
+    def scores_all(trackers, seq_len, ready):
+        if phase == "all" or (phase == "prompt") == (seq_len <= seen["prefill"]):
+            return oracle_scores(seen["attn"], seq_len, ready, reduce, when)
+        return tracker_scores(trackers, seq_len, ready)
+
+    importance.scores_all = scores_all
 
 
 def lookahead_attention(model, prompt: torch.Tensor, k: int) -> torch.Tensor:
@@ -475,6 +486,8 @@ def main(argv=None):
     ap.add_argument("--reduce", choices=("mean", "max"), default="max")
     ap.add_argument("--heads", choices=("mean", "max"), default="mean")
     ap.add_argument("--when", choices=("future", "past"), default="future")
+    ap.add_argument("--phase", choices=("all", "prompt", "decode"), default="all",
+                    help="oracle: at every re-evaluation, or the prompt's or the decode steps' alone")
     ap.add_argument("--look", type=int, default=8, help="lookahead: pseudo queries (greedy tokens)")
     ap.add_argument("--combine", choices=("replace", "max"), default="replace", help="lookahead: with the tracker's")
     ap.add_argument("--pre-rope", action="store_true", help="keys-allocated: the keys taken before RoPE")
@@ -492,7 +505,7 @@ def main(argv=None):
                     help="keys-basis: each coded coefficient's scale and zero per block in fp16 or in 8 bits each")
     args, rest = ap.parse_known_args(argv)
     if args.mode == "oracle":
-        install_oracle(args.reduce, args.heads, args.when)
+        install_oracle(args.reduce, args.heads, args.when, args.phase)
     elif args.mode == "lookahead":
         install_lookahead(args.look, args.combine)
     elif args.mode == "values-2bit":

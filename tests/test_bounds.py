@@ -184,6 +184,24 @@ def test_before_each_text_runs_first_with_the_text_and_passes_everything_on(monk
     assert calls == [("fn", "m", "ids", 1024), ("measure", ("m", "ids", ["x"], 1024, 512), {"ref_cache": "r"})]
 
 
+@pytest.mark.parametrize("phase", ["all", "prompt", "decode"])
+def test_oracle_phase_reads_the_oracle_where_asked_and_the_tracker_elsewhere(monkeypatch, phase):
+    """``--phase``: the prompt's re-evaluations (the cache holds <= the prompt's tokens) read the oracle's scores
+    with "all" and "prompt", the decode steps' with "all" and "decode"; the others the tracker's scores."""
+    import bench_ppl
+
+    monkeypatch.setattr(importance, "scores_all", lambda trackers, seq_len, ready: "tracker")
+    monkeypatch.setattr(bounds, "oracle_scores", lambda attn, seq_len, ready, reduce, when: ("oracle", attn))
+    monkeypatch.setattr(bounds, "attention_of", lambda model, ids, heads: "attn")
+    monkeypatch.setattr(bench_ppl, "measure", lambda model, ids, methods, prefill, *a, **kw: [
+        importance.scores_all([], n, 0) for n in (prefill // 2, prefill, prefill + 1)])
+    bounds.install_oracle("max", "mean", phase=phase)
+    got = bench_ppl.measure(None, None, [], 8)
+    oracle, tracker = ("oracle", "attn"), "tracker"
+    want = {"all": [oracle] * 3, "prompt": [oracle, oracle, tracker], "decode": [tracker, tracker, oracle]}[phase]
+    assert got == want
+
+
 def test_basis_widths_by_hand():
     """Two coefficients, range_sq = 12 x energy, so one bit removes nothing (err E, E/9, E/49, E/225 at 1-4 bits)
     and 2 bits of metadata per coded coefficient. Energy 64 and 1, 3 bits an element (6 in all): the first

@@ -163,3 +163,17 @@ def test_bench_pre_rope_keys_quantise_the_unrotated_keys():
              "range_sq": torch.ones(2, d)}
     assert (in_basis([ident], cos, sin)(k, 8, {"layer": 0}) - k).abs().max() < 5e-3
     assert (per_channel(k, 2) - k).abs().max() > 0.05
+
+
+def test_bench_lloyd_max_values_by_hand():
+    """bench_quant_error's Lloyd-Max rows (round 28): a group's levels at mean + std x the Gaussian centroids, each
+    element to the nearest. A group of 64 of +-1 (mean 0, std 1) at 1 bit reads back +-0.7979; at 2 bits 1 is
+    nearer 1.5104 (0.5104 away) than 0.4528 (0.5472 away)."""
+    from bench.bench_quant_error import _value_groups, lloyd_max
+
+    x = torch.tensor([1.0, -1.0] * 32).reshape(1, 1, 1, 64)
+    torch.testing.assert_close(lloyd_max(_value_groups)(x, 1), x * 0.7979, atol=1e-3, rtol=0)
+    torch.testing.assert_close(lloyd_max(_value_groups)(x, 2), x * 1.5104, atol=1e-3, rtol=0)
+    # the mean moves the levels: a group of 3 and 1 (mean 2, std 1) at 2 bits reads back 2 +- 1.5104
+    z = torch.tensor([3.0, 1.0] * 32).reshape(1, 1, 1, 64)
+    torch.testing.assert_close(lloyd_max(_value_groups)(z, 2), 2 + (z - 2) * 1.5104, atol=2e-3, rtol=0)

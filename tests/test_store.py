@@ -363,6 +363,14 @@ def test_decode_max_keeps_the_strongest_window_fading_by_its_half_life_by_hand()
     torch.testing.assert_close(tr.importance, torch.tensor([0.5, 0.4375]))
     with pytest.raises(ValueError, match="evidence_half_life must be > 0"):
         AGACCConfig(evidence_half_life=0.0)
+    # None (the default): 182 steps up to a fitted 4x and without a target, 91 above (round 28); a value given is kept
+    from agacc.importance import fold_decode, half_life
+
+    for ratio, h in ((None, 182.0), (4.0, 182.0), (4.5, 91.0), (8.0, 91.0)):
+        cfg = AGACCConfig.preset("agacc", target_ratio=ratio)
+        assert half_life(cfg) == h
+        torch.testing.assert_close(fold_decode(cfg, torch.zeros(2), torch.ones(2), int(h)), torch.full((2,), 0.5))
+    assert half_life(AGACCConfig.preset("agacc", target_ratio=8.0, evidence_half_life=300.0)) == 300.0
     with pytest.raises(ValueError, match="decode_evidence must be one of"):
         AGACCConfig(decode_evidence="sum")
 

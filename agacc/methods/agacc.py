@@ -17,7 +17,9 @@ more (``floor_trade``, ``planner.floored``; round 15: the fitter evicts a little
 Its decode steps' attention folds into the importance by a decaying maximum, not the seed's EMA
 (``decode_evidence="max"``, half-life 182 steps; round 16: a token attended strongly once keeps its
 score for a few hundred steps instead of halving at every re-evaluation); tokens then score higher, so
-the thresholds went back to 0.25x of round 6's, where the tuning texts hold about 4x again.
+the thresholds went back to 0.25x of round 6's, where the tuning texts hold about 4x again. Fitted to a
+ratio above 4 the half-life is 91 steps (``importance.half_life``; round 28: 8x KL -3% on the tuning and
+the held-out texts, lower or the same on every one; at 4x it was mixed).
 Fitted to a ratio up to 2.5 it keeps every token (``keep_all``, round 19): each block at 16, 8 or 4 bits
 with keys per token, none evicted: at uniform int8's 1.69x the 3-4-bit tiers paid for 16-bit blocks with
 evictions and lost to int8 by 12-45x in KL; up to 2.5 the 8/4-bit split beat them on every tuning text.
