@@ -23,6 +23,8 @@ the eval harness, the app) calls ``lookahead`` first. docs/tuning.md rounds 26-2
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from agacc.cache import CompressedCache
@@ -73,17 +75,26 @@ def reconstruct(model, cache, context_ids: list[int], prompt_ids: list[int], chu
     for lo in range(0, n, chunk):
         part = list(prompt_ids) + list(context_ids[lo: lo + chunk])
         probe.n_obs = len(part) - len(prompt_ids)  # the repeated tokens' queries, not the instruction's
-        cache.probe = probe
-        try:
-            with cache.no_reevaluation():
-                model(input_ids=torch.tensor([part], device=device), past_key_values=cache, use_cache=True,
-                      logits_to_keep=1)
-        finally:
-            cache.probe = None
-            cache.crop(-(cache.seq_len - n))
+        with _probing(cache, probe):
+            model(input_ids=torch.tensor([part], device=device), past_key_values=cache, use_cache=True,
+                  logits_to_keep=1)
     scores = [probe.scores[i] for i in sorted(probe.scores)]
     cache.rescore_prompt(scores)
     return scores
+
+
+@contextlib.contextmanager
+def _probing(cache, probe: Probe):
+    """Tokens forwarded inside go in hot and unplanned (no re-evaluation), their attention into ``probe``
+    instead of the trackers; on the way out they are cropped off, the cache holding what it held before."""
+    n = cache.seq_len
+    cache.probe = probe
+    try:
+        with cache.no_reevaluation():
+            yield
+    finally:
+        cache.probe = None
+        cache.crop(-(cache.seq_len - n))
 
 
 def _check_one_prompt(cache, what: str) -> int:
@@ -125,17 +136,12 @@ def lookahead(model, cache, next_token, k: int | None = None, weight: float | No
     device = next(model.parameters()).device
     probe, tok = Probe(n, n_obs=1, reduce="sum"), torch.as_tensor(next_token, device=device).reshape(-1, 1)
     with torch.no_grad():  # (not inference mode: generate()'s cache is updated in place afterwards)
-        cache.probe = probe
-        try:
-            with cache.no_reevaluation():
-                for _ in range(k):
-                    if stop is not None and stop():
-                        return []
-                    out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                    tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        finally:
-            cache.probe = None
-            cache.crop(-(cache.seq_len - n))
+        with _probing(cache, probe):
+            for _ in range(k):
+                if stop is not None and stop():
+                    return []
+                out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)
         layers = [l for l in cache.layers if l.store is not None]
         scores = [joined(l.tracker.raw()[:n].float(), probe.scores[i], weight)
                   for i, l in zip(sorted(probe.scores), layers)]
@@ -168,7 +174,10 @@ def first_step(model, args, kwargs) -> None:
         if not cache.looked_ahead and cache.seq_len > 0:
             lookahead(model, cache, ids[:, 0])
         return None
-    for row, tok in zip(cache.rows, ids[:, 0].tolist()):  # a padded batch: each row's cache, on its own
-        if not row.looked_ahead and row.seq_len > 0:
+    due = [not row.looked_ahead and row.seq_len > 0 for row in cache.rows]
+    if not any(due):  # every later decode step: the token ids are not read (no device sync)
+        return None
+    for row, tok, run in zip(cache.rows, ids[:, 0].tolist(), due):  # a padded batch: each row's cache, on its own
+        if run:
             lookahead(model, row, tok)
     return None

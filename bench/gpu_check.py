@@ -802,10 +802,6 @@ def section_basis(ctx) -> dict:
             os.environ["AGACC_CACHE"] = old_env
 
 
-def _tiers(cache) -> list:
-    return [(l.store.block_tier.cpu(), l.store.block_bits.cpu()) for l in cache.layers if l.store is not None]
-
-
 def section_lookahead(ctx) -> dict:
     """The preset's lookahead (round 27) on the device, on a random Llama of the embedded model's shapes (fp32):
     (1) every decode-attention call of a prompt, its ``lookahead`` pseudo tokens and ``look_new`` greedy steps,
@@ -818,9 +814,10 @@ def section_lookahead(ctx) -> dict:
     import torch
 
     import agacc
+    from agacc.eval.runner import greedy
     from agacc.probe import lookahead
     from agacc.spec import parse_method
-    from tests.helpers import walk_tensor_bytes
+    from tests.helpers import tier_maps, walk_tensor_bytes
 
     dev, plan, dry = ctx["device"], ctx["plan"], ctx["dry"]
     real = agacc.cache.decode_attention
@@ -850,12 +847,7 @@ def section_lookahead(ctx) -> dict:
                     lookahead(model, c, int(first.argmax()))
                 else:
                     c.looked_ahead = True  # (the first decode step would run it)
-                toks = [int(first.argmax())]
-                with torch.inference_mode():
-                    for _ in range(new - 1):
-                        x = torch.tensor([[toks[-1]]], device=dev)
-                        toks.append(int(model(input_ids=x, past_key_values=c, use_cache=True).logits[0, -1].argmax()))
-                return c, toks
+                return c, greedy(model, c, first, new)
 
             agacc.cache.decode_attention = both
             try:
@@ -868,8 +860,8 @@ def section_lookahead(ctx) -> dict:
                                      min_new_tokens=new, do_sample=False, pad_token_id=0)
             plain, _ = by_hand(False)
             same_tiers = all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-                             for a, b in zip(_tiers(cache), _tiers(hook)))
-            moved = sum(int((a[0] != b[0]).sum()) for a, b in zip(_tiers(plain), _tiers(cache)))
+                             for a, b in zip(tier_maps(cache), tier_maps(hook)))
+            moved = sum(int((a[0] != b[0]).sum()) for a, b in zip(tier_maps(plain), tier_maps(cache)))
             m = cache.memory()
             rec["methods"][method] = {
                 "decode_calls": len(errs["decode"]), "pseudo_calls": len(errs["pseudo"]),

@@ -76,6 +76,12 @@ def walk_tensor_bytes(obj, seen=None) -> int:
     return 0
 
 
+def tier_maps(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer holding a store, a copy of its blocks' (tier, bits) on the CPU: two caches' plans compared."""
+    return [(l.store.block_tier.cpu().clone(), l.store.block_bits.cpu().clone()) for l in cache.layers
+            if l.store is not None]
+
+
 def every_part_store(key_quant: str = "channel", rotate: bool = True, *, group: int = 32, keep: int | None = None,
                      bt: int = 1, h: int = 2, d: int = 64, B: int = 16, dtype=torch.float16, tail: int = 20, seed: int = 0):
     """A layer store holding every kind of part: full, int8 (8 and 5 code bits), int4, int3, int2 (2 and

@@ -26,7 +26,7 @@ from agacc.cache import CompressedCache
 from agacc.config import AGACCConfig
 from agacc.probe import lookahead, reconstruct
 from agacc.tiers import EVICTED
-from tests.helpers import tiny_model as make_tiny
+from tests.helpers import tier_maps, tiny_model as make_tiny
 from tests.test_eval import loaded, tiny_model  # noqa: F401 (module-scoped fixtures)
 from tests.test_long import H, store_with_every_part
 
@@ -190,10 +190,6 @@ def test_lookahead_evidence_equals_eager_attention_of_the_greedy_continuation():
         bool((h < s - 1e-9).any()) for h, s in zip(half, scores))
 
 
-def _tiers(cache):
-    return [(l.store.block_tier.clone(), l.store.block_bits.clone()) for l in cache.layers]
-
-
 @pytest.mark.parametrize("chunk", [None, 64])
 def test_generate_runs_the_lookahead_at_its_first_decode_step(chunk):
     """One prefill forward, or generate()'s own chunked prefill (``prefill_chunk_size``): the same tokens, tiers
@@ -224,11 +220,11 @@ def test_generate_runs_the_lookahead_at_its_first_decode_step(chunk):
                              min_new_tokens=6, do_sample=False, pad_token_id=0, prefill_chunk_size=chunk)
     assert not [w for w in seen if "lookahead" in str(w.message)]
     assert out[0, 200:].tolist() == want and cache.looked_ahead
-    for a, b in zip(_tiers(mine), _tiers(cache)):
+    for a, b in zip(tier_maps(mine), tier_maps(cache)):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert mine.memory()["bytes"] == cache.memory()["bytes"]
     plain, _ = by_hand(False)
-    assert any(not torch.equal(a[0], b[0]) for a, b in zip(_tiers(plain), _tiers(cache)))  # it re-planned
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(tier_maps(plain), tier_maps(cache)))  # it re-planned
     # a prompt whose plan is carried out first (end_prefill) says the lookahead did not run, once a prompt
     late = CompressedCache(model.config, cfg)
     with torch.inference_mode():
