@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from agacc import planner
 from agacc.attention import chunk_attention, dense_attention, observe_prefill
-from agacc.config import CALIBRATED, AGACCConfig
+from agacc.config import CALIBRATED, AGACCConfig, hot_width
 from agacc.decode import decode_attention
 from agacc.importance import WINDOW_ITEMSIZE, ImportanceTracker
 from agacc.planner import Geometry, sliding_windows
@@ -175,9 +175,7 @@ class CompressedLayer(CacheLayerMixin):
         """Keep the first ``n`` tokens (``n >= store.hot_start``: only hot tokens go): the store's hot
         K/V [Bt, H, n_hot, D] and the tracker's per-token and per-entry state."""
         st, tr = self.store, self.tracker
-        keep_hot = n - st.hot_start
-        st.hot_k, st.hot_v = st.hot_k[:, :, :keep_hot], st.hot_v[:, :, :keep_hot]
-        st.seq_len = n
+        st.truncate(n)
         tr.truncate(n)
         tr.window = tr.window[: st.n_entries]  # entries are in attention order: the hot ones last
 
@@ -431,17 +429,21 @@ class CompressedCache(Cache):
 
     def _step_done(self, q_len: int) -> None:
         """After the last layer of a forward: every layer holds its new tokens, none is compressed yet,
-        so this is when the bytes held peak; then the schedule's re-evaluation."""
+        so this is when the bytes held peak; then the schedule's re-evaluation, and where ``hot_width`` is 8 the
+        forward's tokens, attended and (a prompt's) planned at full precision, go to 8 bits (``narrow_hot``)."""
         self.peak_bytes = max(self.peak_bytes, self.held_bytes())
-        if self.paused:
-            return
-        if q_len > 1 and not self.teacher_forced:
-            self.looked_ahead = False  # a prompt (or its next chunk): its plan is new
-            self.reevaluate(prefill=True)
-            return
-        before, self.steps = self.steps, self.steps + q_len
-        if self.steps // self.cfg.n_r > before // self.cfg.n_r:
-            self.reevaluate()
+        if not self.paused:
+            if q_len > 1 and not self.teacher_forced:
+                self.looked_ahead = False  # a prompt (or its next chunk): its plan is new
+                self.reevaluate(prefill=True)
+            else:
+                before, self.steps = self.steps, self.steps + q_len
+                if self.steps // self.cfg.n_r > before // self.cfg.n_r:
+                    self.reevaluate()
+        if hot_width(self.cfg) == 8:  # the forward's tokens, attended and planned: to 8 bits
+            for l in self.layers:
+                if l.store is not None:
+                    l.store.narrow_hot()
 
     @property
     def seq_len(self) -> int:
@@ -557,10 +559,9 @@ class CompressedCache(Cache):
     def headroom_bytes(self) -> int:
         """Room the ratio fitter leaves for the tokens that arrive before the next re-evaluation
         (N_r of them, at most one block: compress-once presets never re-evaluate); they join the
-        hot region at full precision, so the target ratio holds until then, not only right now."""
+        hot region (``planner.hot_bytes``), so the target ratio holds until then, not only right now."""
         geo = self._geometry()
-        per_token = 2 * geo.batch * geo.heads * geo.head_dim * geo.full_itemsize * geo.n_layers
-        return min(self.cfg.n_r, self.cfg.block_size) * per_token
+        return min(self.cfg.n_r, self.cfg.block_size) * planner.hot_bytes(self.cfg, geo, 1) * geo.n_layers
 
     def unplanned_bytes(self) -> int:
         """Bytes held that the tier plan does not cover (tracker state but the ready blocks' (a plan prices
@@ -651,7 +652,8 @@ class CompressedCache(Cache):
 
         importance [L][nb]: latest normalised block score (None for blocks still hot);
         tier [L][nb]: tier code (-1 hot, 0 full, 1 int8, 2 int4, 3 int3, 4 int2, 5 pruned, 6 evicted);
-        bits [L][nb]: code bits (16 full/hot, 0 evicted); keep [L][nb]: kept elements per vector;
+        bits [L][nb]: code bits (16 full, the hot region's ``hot_width``, 0 evicted); keep [L][nb]: kept elements
+        per vector;
         markers [L]: evicted runs as [first_block, last_block]; token_importance [seq_len]: mean over
         layers of the normalised per-token score; memory: ``memory()``. A padded batch has one per row:
         ``cache.rows[i].snapshot()``."""
@@ -664,7 +666,7 @@ class CompressedCache(Cache):
         for l in self.layers:
             st = l.store
             t = torch.full((nb,), HOT, dtype=torch.int8)
-            b = torch.full((nb,), 16, dtype=torch.int8)
+            b = torch.full((nb,), hot_width(self.cfg), dtype=torch.int8)
             k = torch.full((nb,), self.head_dim, dtype=torch.int16)
             if st is not None and st.n_blocks:
                 n = st.n_blocks

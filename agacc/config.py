@@ -58,6 +58,17 @@ def _f(default, group: str, replay: bool = False, ui: tuple | None = None, choic
                                                         "ui": Knob(*ui) if ui else None, "choices": choices})
 
 
+def hot_width(cfg) -> int:
+    """The bits a hot token's elements hold between forwards: 16 where the config does not compress, else
+    ``cfg.hot_bits``, or where None 8 from a fitted target ratio of 4 on and 16 below it and without one
+    (docs/tuning.md round 29: 4x and 8x KL -11% and -12% on the tuning texts, 1.69x and 2.83x higher)."""
+    if not cfg.compress:
+        return 16
+    if cfg.hot_bits is not None:
+        return cfg.hot_bits
+    return 8 if cfg.target_ratio is not None and cfg.target_ratio >= 4.0 else 16
+
+
 @dataclass(frozen=True)
 class AGACCConfig:
     """Configuration of the attention-guided adaptive KV cache.
@@ -219,7 +230,11 @@ class AGACCConfig:
             prompt ends, then cut to their planned bits: a chunked prefill's later chunks do not read
             (and build on) keys and values cut to fewer bits (KIVI's int2 lost +8-11% perplexity so,
             docs/results_chunked_vs_one.md). Costs prefill peak. None: held at their planned bits.
-        recent_window: newest tokens always kept at full precision.
+        recent_window: newest tokens always kept out of the tiers, in the hot region (with the block they finish).
+        hot_bits: the hot region's width between forwards: 16 (the store dtype) or 8 (each forward's tokens,
+            once attended and planned at full precision, held at 8 bits per token per group of
+            ``value_group_size`` channels: 1 + 4/G bytes an element instead of 2; ``LayerStore.narrow_hot``);
+            None: by the fitted target ratio (``hot_width``; the ``agacc`` preset's).
         n_sink: first tokens always kept (their blocks), at ``sink_bits``.
         sink_bits: the sink blocks' precision: 16 (full) or a container's code width (8, 4, 3).
     Defaults (= the ``agacc`` preset) were chosen on the embedded model (docs/tuning.md): position
@@ -306,7 +321,8 @@ class AGACCConfig:
                                                            None, None, None, "tracking"))
     hold_evictions: bool = _f(True, "blocks", replay=True)
     prefill_bits: int | None = _f(None, "blocks", replay=True)
-    recent_window: int = _f(32, "blocks", ui=("recent window (tokens kept 16-bit)", 0, 512, 16, "tracking"))
+    recent_window: int = _f(32, "blocks", ui=("recent window (tokens kept out of the tiers)", 0, 512, 16, "tracking"))
+    hot_bits: int | None = _f(16, "blocks", choices=(16, 8, None))
     n_sink: int = _f(4, "blocks", replay=True)
     sink_bits: int = _f(16, "blocks", replay=True, choices=SINK_BITS)
     # budget / storage

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from agacc import methods
-from agacc.config import CALIBRATED
+from agacc.config import CALIBRATED, hot_width
 from agacc.importance import GONE_ITEMSIZE, STATE_ITEMSIZE, WINDOW_ITEMSIZE, block_max, max_pool
 from agacc.policy import basis_layouts, basis_rank, fidelity_floor, hold_evictions, key_grouping, layer_weights
 from agacc.quant import container_bits, value_group
@@ -305,13 +305,22 @@ def tracker_prices(cfg, chunks: int) -> tuple[int, int]:
     return per_token, (per_token * cfg.block_size if cfg.markers or cfg.host_copy else GONE_ITEMSIZE)
 
 
+def hot_bytes(cfg, geo: Geometry, tokens: int) -> int:
+    """Bytes ``tokens`` hot tokens hold in one layer between forwards (K and V): in the store dtype, or with
+    ``hot_width(cfg)`` 8 (``LayerStore.narrow_hot``) one byte an element plus an fp16 scale and zero per token per
+    group of ``value_group_size`` channels (head dim 64: 68 bytes a vector instead of 128)."""
+    d = geo.head_dim
+    vector = d * geo.full_itemsize if hot_width(cfg) == 16 else d + 4 * (d // value_group(d, cfg.value_group_size))
+    return 2 * geo.batch * geo.heads * tokens * vector
+
+
 def planned_bytes(plans, cfg, geo: Geometry, seq_len: int, tracker: tuple[int, int] = (0, 0)) -> int:
     """Bytes the plans would hold, hot region included, plus the tracker's attention window (one bf16
     slot per entry the plan leaves) and, by ``tracker`` (``tracker_prices``), its state of the tiered
     blocks' tokens; the rest of the tracker excluded. ``plans`` None: nothing tiered yet, every token
-    at full precision."""
+    hot (``hot_bytes``)."""
     if plans is None:
-        return geo.bytes_full(seq_len)
+        return geo.n_layers * hot_bytes(cfg, geo, seq_len)
     if not plans:
         return 0
     return stacked_bytes(*(torch.stack([p[i] for p in plans]) for i in range(3)), cfg, geo, seq_len, tracker)
@@ -337,7 +346,7 @@ def stacked_bytes(tier: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor, cf
     hot_tokens = seq_len - n * B
     kw = cost_settings(cfg, geo)
     key = tuple(kw.values())
-    total = n_layers * 2 * geo.batch * geo.heads * hot_tokens * geo.head_dim * geo.full_itemsize
+    total = n_layers * hot_bytes(cfg, geo, hot_tokens)
     # one code per (tier, bits, keep); int32 holds it for any int8 tier / bits and int16 keep
     uniq, counts = torch.unique((tier.to(torch.int32) * 32 + bits) * 1024 + keep, return_counts=True)
     for code, count in zip(uniq.tolist(), counts.tolist()):

@@ -1,8 +1,12 @@
 """Per-layer mixed-precision K/V storage: the only owner of K/V bytes.
 
 Tokens are grouped in blocks of B (block j = tokens [jB, (j+1)B)). New tokens append to the *hot*
-region (full precision, the recent window and the not-yet-tiered tail). ``apply_tiers`` moves whole
-blocks out of the hot region and between segments:
+region (the recent window and the not-yet-tiered tail: full precision, or where ``config.hot_width`` is 8 at 8
+bits between forwards, ``narrow_hot``). ``apply_tiers`` moves whole blocks out of the hot region and between segments:
+
+  hot      (fresh)            k, v           [Bt, H, n, D]      store dtype, the tokens of the forward under way
+           (narrowed)         k, v codes     [Bt, H, n, D]      uint8, 8-bit, per token per group of G channels
+                              scale/zero     [Bt, H, n, D/G]    fp16 (``quant.quantize_values``)
 
   full     FullSegment        k, v           [Bt, H, n, D]      store dtype
   int8/4/3/2 QuantSegment(c)  k, v codes     [Bt, H, n, D*c/8]  uint8, packed (quant.py)
@@ -551,7 +555,9 @@ class LayerStore:
         self.dtype = dtype  # full-precision storage dtype
         self.seq_len = 0
         self.hot_start = 0  # first token still in the hot region (a multiple of B)
-        self.hot_k = self.hot_v = None
+        self._hot: list[torch.Tensor | None] = [None, None]  # fresh hot K, V (the store dtype)
+        self._hot8: tuple[torch.Tensor, ...] | None = None  # narrowed hot tokens, before the fresh ones:
+        # (k codes, k scale, k zero, v codes, v scale, v zero), each [Bt, H, n, ...] (``narrow_hot``)
         self.full = FullSegment(self.B, device, dtype)
         self.quant = {c: QuantSegment(self.B, device, c, cfg) for c in (8, 4, 3, 2)}
         self.sparse: dict[int, SparseSegment] = {}
@@ -567,9 +573,57 @@ class LayerStore:
         """k, v: [Bt, H, n, D] new tokens (after RoPE)."""
         if self.seq_len == 0:  # the head dim is known: how keys will be grouped
             self._group_keys(k.shape[1], k.shape[-1])
-        self.hot_k = _cat(self.hot_k, k.to(self.dtype), 2)
-        self.hot_v = _cat(self.hot_v, v.to(self.dtype), 2)
+        self._hot = [_cat(self._hot[0], k.to(self.dtype), 2), _cat(self._hot[1], v.to(self.dtype), 2)]
         self.seq_len += k.shape[2]
+
+    # ---- the hot region ----------------------------------------------------------------------
+    @property
+    def hot_k(self) -> torch.Tensor | None:
+        """The hot region's keys [Bt, H, n_hot, D] in the store's dtype, oldest first: the tensor held, or
+        where tokens are narrowed (``narrow_hot``) a new one with them dequantised. None before any token."""
+        return self._hot_values(0)
+
+    @property
+    def hot_v(self) -> torch.Tensor | None:
+        """The hot region's values, as ``hot_k``."""
+        return self._hot_values(1)
+
+    def _hot_values(self, i: int) -> torch.Tensor | None:
+        fresh = self._hot[i]
+        if self._hot8 is None:
+            return fresh
+        old = quant.dequantize_values(*self._hot8[3 * i:3 * i + 3], 8)
+        old = (quant.rotate(old) if self.cfg.rotate else old).to(self.dtype)
+        return old if fresh.shape[2] == 0 else torch.cat([old, fresh], 2)
+
+    def _hot_tensors(self) -> list[torch.Tensor]:
+        return [t for t in (*self._hot, *(self._hot8 or ())) if t is not None]
+
+    def narrow_hot(self) -> None:
+        """Hold the hot region's fresh tokens at 8 bits (``config.hot_width`` 8: the cache calls it at the end of
+        every forward, after its re-evaluation, so a forward's tokens are attended, and a prompt's planned,
+        at full precision): keys and values alike, min-max per token per group of ``value_group_size``
+        channels, fp16 scale and zero (``quant.quantize_values``; with ``cfg.rotate`` of K H and V H, as the
+        quantised blocks): 1 + 4/G bytes an element instead of 2."""
+        fresh_k, fresh_v = self._hot
+        if fresh_k is None or fresh_k.shape[2] == 0:
+            return
+        g, turn = self.cfg.value_group_size, quant.rotate if self.cfg.rotate else (lambda x: x)
+        new = (*quant.quantize_values(turn(fresh_k), 8, g), *quant.quantize_values(turn(fresh_v), 8, g))
+        self._hot8 = new if self._hot8 is None else tuple(torch.cat([a, b], 2) for a, b in zip(self._hot8, new))
+        self._hot = [fresh_k[:, :, :0], fresh_v[:, :, :0]]
+
+    def _slice_hot(self, lo: int, hi: int) -> None:
+        """Keep hot tokens ``lo:hi`` (positions in the hot region, oldest first), narrowed or fresh."""
+        n8 = 0 if self._hot8 is None else self._hot8[0].shape[2]
+        if self._hot8 is not None:
+            self._hot8 = tuple(t[:, :, lo:min(hi, n8)] for t in self._hot8)
+        self._hot = [t[:, :, max(lo - n8, 0):max(hi - n8, 0)] for t in self._hot]
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` tokens (``n >= hot_start``: only hot tokens go)."""
+        self._slice_hot(0, n - self.hot_start)
+        self.seq_len = n
 
     def _group_keys(self, heads: int, head_dim: int) -> None:
         grouping = key_grouping(self.cfg, head_dim)
@@ -596,7 +650,7 @@ class LayerStore:
 
     @property
     def batch(self) -> int:
-        return self.hot_k.shape[0] if self.hot_k is not None else 1
+        return self._hot[0].shape[0] if self._hot[0] is not None else 1
 
     def n_ready_blocks(self) -> int:
         """Blocks that have fully left the recent window (compressible)."""
@@ -608,7 +662,7 @@ class LayerStore:
 
     @property
     def n_entries(self) -> int:
-        hot = 0 if self.hot_k is None else self.hot_k.shape[2]
+        hot = self.seq_len - self.hot_start
         return sum(s.n_blocks for s in self.segments) * self.B + self.markers.n + hot
 
     # ---- reading -----------------------------------------------------------------------------
@@ -624,7 +678,7 @@ class LayerStore:
         if self.markers.n:
             m = self.markers
             out.append(Part(DENSE, m.k, m.v, bias=m.log_count))
-        if self.hot_k is not None and self.hot_k.shape[2]:
+        if self.seq_len > self.hot_start:
             out.append(Part(DENSE, self.hot_k, self.hot_v))
         return out
 
@@ -755,7 +809,7 @@ class LayerStore:
         block ids), removed from where they are. New blocks come from the hot region; with a host
         copy, old blocks come from it (exact); otherwise they are dequantised from their current segment."""
         B = self.B
-        bt, h, _, d = self.hot_k.shape
+        bt, h, _, d = self._hot[0].shape
         n_move = moving.numel()
         k = torch.empty(bt, h, n_move * B, d, dtype=torch.float32, device=self.device)
         v = torch.empty_like(k)
@@ -795,11 +849,12 @@ class LayerStore:
         B = self.B
         hot_blocks = max(new) + 1 - self.hot_start // B
         n_tok = hot_blocks * B
+        hk, hv = self.hot_k[:, :, :n_tok], self.hot_v[:, :, :n_tok]
         if new == list(range(self.hot_start // B, self.hot_start // B + hot_blocks)):
-            k[:, :, at * B:at * B + n_tok] = self.hot_k[:, :, :n_tok]  # the first blocks of the hot region, in order
-            v[:, :, at * B:at * B + n_tok] = self.hot_v[:, :, :n_tok]
+            k[:, :, at * B:at * B + n_tok] = hk  # the first blocks of the hot region, in order
+            v[:, :, at * B:at * B + n_tok] = hv
         else:
-            hk, hv = self.hot_k[:, :, :n_tok].float(), self.hot_v[:, :, :n_tok].float()
+            hk, hv = hk.float(), hv.float()
             for i, b in enumerate(new, at):
                 o = b * B - self.hot_start
                 k[:, :, i * B:(i + 1) * B] = hk[:, :, o:o + B]
@@ -807,9 +862,9 @@ class LayerStore:
         if self.cfg.host_copy:
             for b in new:
                 o = b * B - self.hot_start
-                self.host[b] = (self.hot_k[:, :, o:o + B].to("cpu", copy=True),
-                                self.hot_v[:, :, o:o + B].to("cpu", copy=True))
-        self.hot_k, self.hot_v = self.hot_k[:, :, n_tok:], self.hot_v[:, :, n_tok:]
+                self.host[b] = (hk[:, :, o:o + B].to("cpu", self.dtype, copy=True),
+                                hv[:, :, o:o + B].to("cpu", self.dtype, copy=True))
+        self._slice_hot(n_tok, self.seq_len - self.hot_start)
         self.hot_start += n_tok
 
     def _rebuild_markers(self, newly_evicted, token_weight, means: dict | None = None):
@@ -861,7 +916,7 @@ class LayerStore:
 
     # ---- accounting -------------------------------------------------------------------------
     def tensors(self) -> list[torch.Tensor]:
-        ts = [self.hot_k, self.hot_v, self.block_tier, self.block_bits, self.block_keep]
+        ts = [*self._hot_tensors(), self.block_tier, self.block_bits, self.block_keep]
         for seg in self.segments:
             ts += seg.tensors() + [seg.block_ids]
         ts += self.markers.tensors()
@@ -881,7 +936,7 @@ class LayerStore:
 
     def bytes_by_tier(self) -> dict[str, int]:
         """Bytes held by part of the store; "basis" (the key basis) only where keys are held in one."""
-        hot = sum(t.nbytes for t in (self.hot_k, self.hot_v) if t is not None)
+        hot = sum(t.nbytes for t in self._hot_tensors())
         out = {
             "hot": hot,
             "full": self.full.nbytes(),
@@ -899,8 +954,10 @@ class LayerStore:
 
     def map_batch(self, fn) -> None:
         """Reorder / repeat the batch dimension of everything held (beam search)."""
-        if self.hot_k is not None:
-            self.hot_k, self.hot_v = fn(self.hot_k), fn(self.hot_v)
+        if self._hot[0] is not None:
+            self._hot = [fn(t) for t in self._hot]
+        if self._hot8 is not None:
+            self._hot8 = tuple(fn(t) for t in self._hot8)
         for seg in self.segments:
             seg.map_batch(fn)
         self.markers.map_batch(fn)
@@ -1028,10 +1085,10 @@ def _batchable(stores: list[LayerStore]) -> bool:
     if (st.quant[2].basis is not None or cfg.host_copy or cfg.quantizer != "minmax" or st.device.type != "cpu"
             or _quant_ops(st.device) is not quant):
         return False
-    if st.hot_k is None:
+    if st._hot[0] is None:
         return False
-    shape = (st.hot_k.shape[0], st.hot_k.shape[1], st.hot_k.shape[3], st.dtype)
-    return all(s.hot_k is not None and (s.hot_k.shape[0], s.hot_k.shape[1], s.hot_k.shape[3], s.dtype) == shape
+    shape = (st._hot[0].shape[0], st._hot[0].shape[1], st._hot[0].shape[3], st.dtype)
+    return all(s._hot[0] is not None and (s._hot[0].shape[0], s._hot[0].shape[1], s._hot[0].shape[3], s.dtype) == shape
                for s in stores)
 
 
@@ -1066,7 +1123,7 @@ def _move_layers(group, nz, old_tier, tier, bits, keep, token_weight) -> None:
     bookkeeping stays per layer, in the same order."""
     st0 = group[0][1]
     B, dev, n_old = st0.B, st0.device, st0.n_blocks
-    bt, h, _, d = st0.hot_k.shape
+    bt, h, _, d = st0._hot[0].shape
     G = len(group)
     counts = [mv.numel() for _, _, mv in group]
     offs = [0]

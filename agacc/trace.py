@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from agacc import planner
-from agacc.config import CALIBRATED, AGACCConfig, replayable_fields
+from agacc.config import CALIBRATED, AGACCConfig, hot_width, replayable_fields
 from agacc.importance import WINDOW_ITEMSIZE
 from agacc.policy import fidelity_floor
 from agacc.presets import PRESETS
@@ -242,7 +242,7 @@ def replay_frames(history: list[dict], cfg: AGACCConfig, geo, upto: int | None =
             t, b, k = (x.tolist() for x in current[layer]) if current is not None else ([], [], [])
             n = len(t)
             tiers.append(t + [HOT] * (nb - n))
-            bits.append(b + [16] * (nb - n))
+            bits.append(b + [hot_width(cfg)] * (nb - n))
             keeps.append(k + [geo.head_dim] * (nb - n))
             markers.append([list(r) for r in evicted_runs(current[layer][0])]
                            if (current is not None and cfg.markers) else [])
@@ -268,7 +268,7 @@ def _unplanned(h: dict, cfg: AGACCConfig, geo) -> int:
     if h.get("unplanned") is not None:
         return int(h["unplanned"])
     ahead = min(cfg.n_r, cfg.block_size)
-    room = ahead * (WINDOW_ITEMSIZE * geo.n_layers + geo.bytes_full(1))
+    room = ahead * geo.n_layers * (WINDOW_ITEMSIZE + planner.hot_bytes(cfg, geo, 1))
     return max(0, int(h.get("overhead", 0)) - room)
 
 
@@ -343,14 +343,14 @@ _MASS_CLASS = {FULL: "full", INT8: "quantised", INT4: "quantised", INT3: "quanti
 def block_bytes(frame: dict, layer: int, block: int, cfg: AGACCConfig, geo) -> int:
     """Bytes block ``block`` of layer ``layer`` holds in ``frame`` (a ``CompressedCache.snapshot()``, a
     trace frame or a ``replay_frames`` frame) by the planner's cost model (``planner.block_cost_bytes``:
-    K/V codes, scales and per-block metadata). A hot block (not tiered yet) holds its tokens at full
-    precision; an evicted block only its metadata (its run's marker entry is counted once per run, not
-    per block). The tracker's per-entry window is not included."""
+    K/V codes, scales and per-block metadata). A hot block (not tiered yet) holds its tokens as the hot region
+    does (``planner.hot_bytes``); an evicted block only its metadata (its run's marker entry is counted once per
+    run, not per block). The tracker's per-entry window is not included."""
     tier = int(frame["tier"][layer][block])
     B = int(frame.get("block_size") or cfg.block_size)
     if tier == HOT:
         tokens = max(0, min(B, int(frame["seq_len"]) - block * B))
-        return 2 * geo.batch * geo.heads * tokens * geo.head_dim * geo.full_itemsize
+        return planner.hot_bytes(cfg, geo, tokens)
     return planner.block_cost_bytes(tier, int(frame["bits"][layer][block]), int(frame["keep"][layer][block]),
                                     **planner.cost_settings(cfg, geo, B))
 

@@ -111,10 +111,11 @@ def render_token_view(tokens: list[str], n_prompt: int, frame: dict | None, laye
         if frame and p < seq_len:
             imp, what = _importance(frame, p, lay)
             b = p // B
-            detail = blocks[b][1] if b < len(blocks) and c != HOT else "recent window, 16-bit"
+            hot = f"recent window, {frame['bits'][lay or 0][b]}-bit"  # (the same width in every layer)
+            detail = blocks[b][1] if b < len(blocks) and c != HOT else hot
             title = f"#{p} {tokens[p]!r}\n{name}: {detail}\nblock {b}" + (f"\n{what} {imp:.3g}" if imp is not None else "")
         else:
-            title = f"#{p} {tokens[p]!r}\nnew: in the recent window, 16-bit"
+            title = f"#{p} {tokens[p]!r}\nnew: in the recent window"
         parts.append(f"<span class='{cls}' title='{html.escape(title, quote=True)}'>{html.escape(tokens[p])}</span>")
         p += 1
     head = legend_html()

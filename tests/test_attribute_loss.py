@@ -17,7 +17,8 @@ def tiny():
     return tiny_model()
 
 
-PATCHED = ((store, "apply_plans"), (planner, "fit_threshold_scale"), (planner, "fit_plans"), (planner, "held_plans"))
+PATCHED = ((store, "apply_plans"), (planner, "fit_threshold_scale"), (planner, "fit_plans"), (planner, "held_plans"),
+           (store.LayerStore, "narrow_hot"))
 ORIGINAL = [getattr(mod, name) for mod, name in PATCHED]
 
 

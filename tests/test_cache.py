@@ -264,6 +264,47 @@ def test_layer_sharing_and_pooling_hooks(tiny):
     assert torch.equal(cache.layers[0].store.block_tier, cache.layers[1].store.block_tier)
 
 
+def test_hot_bits_8_attends_and_plans_each_forward_at_full_precision_then_holds_it_at_8_bits(tiny):
+    """``hot_bits=8`` against 16, the same config else: the prompt's logits and plan are the same (its tokens are
+    attended and planned at full precision, then narrowed); after it the hot region holds 36 bytes a vector
+    (head dim 32) instead of 64, as ``planner.hot_bytes`` prices it; decode steps read the narrowed tokens;
+    every count is the walk's."""
+    from agacc.planner import hot_bytes
+
+    ids = tokens(300, seed=3)
+    runs = {}
+    for bits in (16, 8):
+        cfg = AGACCConfig.preset("agacc", target_ratio=4.0, lookahead=0, hot_bits=bits)
+        cache = agacc.CompressedCache(tiny.config, cfg)
+        with torch.inference_mode():
+            first = tiny(ids[:, :260], past_key_values=cache).logits
+            plan = [l.store.block_tier.clone() for l in cache.layers]
+            hot = sum(l.store.bytes_by_tier()["hot"] for l in cache.layers)
+            n_hot = cache.layers[0].store.seq_len - cache.layers[0].store.hot_start
+            steps = [tiny(ids[:, t:t + 1], past_key_values=cache).logits for t in range(260, 300)]
+        runs[bits] = first, plan, hot, n_hot, torch.cat(steps, 1), cache
+        assert cache.memory()["bytes"] == walk_tensor_bytes(cache.layers)
+    (f16, p16, h16, n16, s16, _), (f8, p8, h8, n8, s8, c8) = runs[16], runs[8]
+    assert torch.equal(f16, f8) and all(torch.equal(a, b) for a, b in zip(p16, p8)) and n16 == n8 > 0
+    geo = c8._geometry()
+    assert h16 == 2 * hot_bytes(runs[16][5].cfg, geo, n16) and h8 == 2 * hot_bytes(c8.cfg, geo, n8)
+    assert h8 * 64 == h16 * (32 + 4)  # a vector of head dim 32: 64 bytes, or 32 codes + an fp16 scale and zero
+    assert not torch.equal(s16, s8)
+
+
+def test_the_agacc_preset_narrows_its_hot_region_from_a_fitted_ratio_of_4_on():
+    """``hot_bits=None`` (the ``agacc`` preset's): 8 bits from a fitted target ratio of 4 on, 16 below it and without
+    one (docs/tuning.md round 29); a value given is kept; the lossless preset and the baselines stay at 16."""
+    from agacc.config import hot_width
+
+    agacc_at = lambda r, **kw: hot_width(AGACCConfig.preset("agacc", target_ratio=r, **kw))
+    assert [agacc_at(r) for r in (None, 2.83, 3.99, 4.0, 4.28, 8.0)] == [16, 16, 16, 8, 8, 8]
+    assert agacc_at(8.0, hot_bits=16) == 16 and agacc_at(2.0, hot_bits=8) == 8 and agacc_at(None, hot_bits=8) == 8
+    assert hot_width(AGACCConfig.preset("full", hot_bits=8)) == 16
+    assert all(hot_width(AGACCConfig.preset(p, target_ratio=8.0)) == 16 for p in PRESETS
+               if p != "agacc" and p not in FIXED_RATIO)
+
+
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_preset_counts_what_it_holds_and_the_planner_prices_it(tiny, preset):
     """For every registered method: memory() equals an independent walk over the cache's tensors, and
@@ -462,7 +503,8 @@ def test_teacher_forcing_counts_a_chunk_as_its_decode_steps(tiny):
     A deep copy keeps the schedule; ``reset`` clears it."""
     import copy
 
-    cfg = AGACCConfig.preset("agacc", target_ratio=4.0, block_size=16, recent_window=32, n_r=4)
+    cfg = AGACCConfig.preset("agacc", target_ratio=4.0, block_size=16, recent_window=32, n_r=4,
+                             hot_bits=16)  # (a chunk's tokens read each other before they are narrowed)
     ids = tokens(200)
     runs = {}
     for name, step in (("one", 1), ("chunks", 5), ("prompt-chunks", 5)):

@@ -13,7 +13,9 @@ the recording with the EMA is ``agacc@4-ema``, and the other ``agacc`` variants 
 ``agacc``, ``agacc@4`` and ``agacc@8`` when its decode evidence became the mean of the last 8 steps instead of 16
 (``n_w=8``, round 24): the recording with 16 is ``agacc@4-nw16``, and the other ``agacc`` variants pin ``n_w=16``;
 the same three when the preset began re-planning the prompt by 16 pseudo tokens (``lookahead=16``, round 27): the
-recording without is ``agacc@4-nolook``, and the other ``agacc`` variants pin ``lookahead=0``.
+recording without is ``agacc@4-nolook``, and the other ``agacc`` variants pin ``lookahead=0``; ``agacc@4`` and
+``agacc@8`` when its hot region went to 8 bits from a fitted ratio of 4 on (``hot_bits=None``, round 29; ``agacc``,
+without a target, holds it at 16): the recording at 16 is ``agacc@4-hot16``, and the other variants pin ``hot_bits=16``.
 The trackers keep every token's state here, all of it outside the plan, as when these were recorded (since
 round 23 they forget evicted blocks' tokens and the plan prices the state of its blocks' tokens: fewer bytes,
 so other plans at a target ratio; ``tests/test_cache.py`` checks that forgetting changes nothing else)."""

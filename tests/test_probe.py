@@ -47,8 +47,9 @@ def test_chunk_attention_max_mass_equals_the_reference(key_quant, rotate, groups
 
 
 def _lossless_looking(**kw):
-    """Compressing (tiers planned, probes run) but every block above tau_h: K/V stay exact."""
-    return AGACCConfig.preset("agacc", tau_h=1e-9, tau_l=5e-10, tau_e=0.0, sink_bits=16, **kw)
+    """Compressing (tiers planned, probes run) but every block above tau_h, the hot region at 16 bits: K/V stay
+    exact."""
+    return AGACCConfig.preset("agacc", tau_h=1e-9, tau_l=5e-10, tau_e=0.0, sink_bits=16, hot_bits=16, **kw)
 
 
 def _prefill(model, cfg, ctx, chunk=40):

@@ -97,6 +97,43 @@ def test_cost_model_matches_held_bytes(key_quant, key_group):
         assert held == cost, (tier, bits, keep)
 
 
+@pytest.mark.parametrize("rotate", [False, True])
+def test_a_narrowed_hot_region_holds_8_bit_codes_and_reads_back_by_hand(rotate):
+    """``hot_bits=8``: ``narrow_hot`` holds the hot tokens as one byte an element plus an fp16 (scale, zero) per
+    token per group of G channels, min-max (worked here by hand, not through ``quant``; with ``rotate`` of the
+    Hadamard-rotated vectors, turned back as read); later tokens stay exact
+    until the next narrowing; blocks leave the hot region as it reads back; ``truncate`` spans both; every count
+    of the hot bytes agrees (held, walked, ``planner.hot_bytes``)."""
+    from agacc.planner import Geometry, hot_bytes
+
+    st, k, v = make_store(n_tokens=40, hot_bits=8, value_group_size=32, rotate=rotate)
+    st.narrow_hot()
+    turn = quant.rotate if rotate else (lambda x: x)
+    g = turn(k.half().float()).reshape(1, 3, 40, 2, 32)  # as held before: the store dtype
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 255).half().float()
+    zero = lo.half().float()
+    want = turn((((g - zero) / scale).round().clamp(0, 255) * scale + zero).reshape(1, 3, 40, D)).half()
+    assert torch.equal(st.hot_k, want)
+    assert (st.hot_k.float() - k).abs().max() <= scale.max() / 2 * (8 if rotate else 1) + 1e-2  # codes', fp16's
+    geo = Geometry(1, 3, D)
+    assert st.bytes_by_tier()["hot"] == 2 * 3 * 40 * (D + 2 * 2 * 2) == hot_bytes(st.cfg, geo, 40)
+    assert st.nbytes() == walk_tensor_bytes(st)
+    # fresh tokens after it: exact, after the narrowed ones
+    k2, v2 = torch.randn(1, 3, 5, D), torch.randn(1, 3, 5, D)
+    st.append(k2, v2)
+    assert st.hot_k.shape[2] == 45 and torch.equal(st.hot_v[:, :, 40:], v2.half())
+    assert st.bytes_by_tier()["hot"] == hot_bytes(st.cfg, geo, 40) + 2 * 3 * 5 * D * 2
+    st.truncate(43)  # drops 2 fresh tokens
+    assert st.seq_len == 43 and torch.equal(st.hot_k[:, :, 40:], k2[:, :, :3].half())
+    st.truncate(36)  # and into the narrowed ones
+    assert st.hot_k.shape[2] == 36 and torch.equal(st.hot_k, want[:, :, :36]) and st.nbytes() == walk_tensor_bytes(st)
+    before = st.hot_k.clone()
+    apply(st, [T.FULL], [16], [64])  # block 0 leaves the hot region as it reads back
+    assert torch.equal(st.full.k, before[:, :, :16]) and torch.equal(st.hot_k, before[:, :, 16:])
+    assert st.bytes_by_tier()["hot"] == hot_bytes(st.cfg, geo, 20) and st.nbytes() == walk_tensor_bytes(st)
+
+
 def test_eviction_frees_bytes_and_leaves_one_marker_per_run():
     st, _, _ = make_store()
     apply(st, [T.FULL] * 11, [16] * 11, [64] * 11)

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-# the ``agacc`` preset's fields as its variants below were recorded (before rounds 11, 12, 16, 24 and 27 changed them)
-RECORDED = dict(recent_window=32, sink_bits=16, decode_evidence="ema", n_w=16, lookahead=0)
+# the ``agacc`` preset's fields as its variants below were recorded (before rounds 11-29 changed them)
+RECORDED = dict(recent_window=32, sink_bits=16, decode_evidence="ema", n_w=16, lookahead=0, hot_bits=16)
 
 
 def cases():
@@ -31,11 +31,12 @@ def cases():
             ("agacc@4-markers", "agacc", dict(RECORDED, target_ratio=4.0, markers=True)),  # the preset before round 8
             ("agacc@4-rw32", "agacc", dict(RECORDED, target_ratio=4.0)),  # before round 11
             ("agacc@4-sink16", "agacc", dict(target_ratio=4.0, sink_bits=16, decode_evidence="ema",
-                                             n_w=16, lookahead=0)),  # before round 12
+                                             n_w=16, lookahead=0, hot_bits=16)),  # before round 12
             ("agacc@4-ema", "agacc", dict(target_ratio=4.0, decode_evidence="ema", n_w=16,
-                                          lookahead=0)),  # before round 16
-            ("agacc@4-nw16", "agacc", dict(target_ratio=4.0, n_w=16, lookahead=0)),  # before round 24
-            ("agacc@4-nolook", "agacc", dict(target_ratio=4.0, lookahead=0))]  # before round 27
+                                          lookahead=0, hot_bits=16)),  # before round 16
+            ("agacc@4-nw16", "agacc", dict(target_ratio=4.0, n_w=16, lookahead=0, hot_bits=16)),  # before round 24
+            ("agacc@4-nolook", "agacc", dict(target_ratio=4.0, lookahead=0, hot_bits=16)),  # before round 27
+            ("agacc@4-hot16", "agacc", dict(target_ratio=4.0, hot_bits=16))]  # before round 29
     return out
 
 
