@@ -264,11 +264,11 @@ def test_layer_sharing_and_pooling_hooks(tiny):
     assert torch.equal(cache.layers[0].store.block_tier, cache.layers[1].store.block_tier)
 
 
-def test_hot_bits_8_attends_and_plans_each_forward_at_full_precision_then_holds_it_at_8_bits(tiny):
-    """``hot_bits=8`` against 16, the same config else: the prompt's logits and plan are the same (its tokens are
-    attended and planned at full precision, then narrowed); after it the hot region holds 36 bytes a vector
-    (head dim 32) instead of 64, as ``planner.hot_bytes`` prices it; decode steps read the narrowed tokens;
-    every count is the walk's."""
+def test_hot_bits_8_attends_each_forward_at_full_precision_then_holds_it_at_8_bits(tiny):
+    """``hot_bits=8`` against 16, the same config else: the prompt's logits are the same (its tokens are attended
+    at full precision, then narrowed; the plan may differ: it spends the bytes freed); the hot region holds 36
+    bytes a vector (head dim 32) instead of 64, as ``planner.hot_bytes`` prices it; decode steps read the
+    narrowed tokens; every count is the walk's."""
     from agacc.planner import hot_bytes
 
     ids = tokens(300, seed=3)
@@ -278,16 +278,15 @@ def test_hot_bits_8_attends_and_plans_each_forward_at_full_precision_then_holds_
         cache = agacc.CompressedCache(tiny.config, cfg)
         with torch.inference_mode():
             first = tiny(ids[:, :260], past_key_values=cache).logits
-            plan = [l.store.block_tier.clone() for l in cache.layers]
             hot = sum(l.store.bytes_by_tier()["hot"] for l in cache.layers)
             n_hot = cache.layers[0].store.seq_len - cache.layers[0].store.hot_start
             steps = [tiny(ids[:, t:t + 1], past_key_values=cache).logits for t in range(260, 300)]
-        runs[bits] = first, plan, hot, n_hot, torch.cat(steps, 1), cache
+        runs[bits] = first, hot, n_hot, torch.cat(steps, 1), cache
         assert cache.memory()["bytes"] == walk_tensor_bytes(cache.layers)
-    (f16, p16, h16, n16, s16, _), (f8, p8, h8, n8, s8, c8) = runs[16], runs[8]
-    assert torch.equal(f16, f8) and all(torch.equal(a, b) for a, b in zip(p16, p8)) and n16 == n8 > 0
+    (f16, h16, n16, s16, c16), (f8, h8, n8, s8, c8) = runs[16], runs[8]
+    assert torch.equal(f16, f8) and n16 == n8 > 0
     geo = c8._geometry()
-    assert h16 == 2 * hot_bytes(runs[16][5].cfg, geo, n16) and h8 == 2 * hot_bytes(c8.cfg, geo, n8)
+    assert h16 == 2 * hot_bytes(c16.cfg, geo, n16) and h8 == 2 * hot_bytes(c8.cfg, geo, n8)
     assert h8 * 64 == h16 * (32 + 4)  # a vector of head dim 32: 64 bytes, or 32 codes + an fp16 scale and zero
     assert not torch.equal(s16, s8)
 
