@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from agacc.config import cache_dir
+from agacc.config import cache_dir, fitted_ratio
 from agacc.planner import text_config
 from kernels.format import frame
 
@@ -151,8 +151,7 @@ def default_key_quant(cfg, model_config) -> str:
     blocks are 4-bit and the basis saves least)."""
     if cfg.key_quant != "auto":
         return cfg.key_quant
-    above = cfg.target_ratio is not None and cfg.target_ratio > BASIS_ABOVE
-    return "basis" if above and filed(model_config) else "channel"
+    return "basis" if fitted_ratio(cfg) > BASIS_ABOVE and filed(model_config) else "channel"
 
 
 def require(model_config) -> KeyBasis:

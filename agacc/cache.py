@@ -26,7 +26,7 @@ from agacc.decode import decode_attention
 from agacc.importance import WINDOW_ITEMSIZE, ImportanceTracker
 from agacc.planner import Geometry, sliding_windows
 from agacc.policy import basis_layouts, basis_rank, layer_weights
-from agacc.store import LayerStore
+from agacc.store import LayerStore, narrow_hot
 from agacc.tiers import EVICTED, HOT, NAMES
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -441,9 +441,7 @@ class CompressedCache(Cache):
                 if self.steps // self.cfg.n_r > before // self.cfg.n_r:
                     self.reevaluate()
         if hot_width(self.cfg) == 8:  # the forward's tokens, attended and planned: to 8 bits
-            for l in self.layers:
-                if l.store is not None:
-                    l.store.narrow_hot()
+            narrow_hot([l.store for l in self.layers if l.store is not None])
 
     @property
     def seq_len(self) -> int:

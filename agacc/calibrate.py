@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from agacc import quant
-from agacc.config import cache_dir
+from agacc.config import cache_dir, fitted_ratio
 from agacc.planner import sliding_windows, text_config
 from agacc.policy import key_grouping
 
@@ -272,7 +272,7 @@ def default_floor_trade(cfg) -> float | None:
     with it). ``inf``: no floor at any ratio."""
     if cfg.floor_trade is not None:
         return None if math.isinf(cfg.floor_trade) else cfg.floor_trade
-    return 0.25 if cfg.target_ratio is not None and cfg.target_ratio <= 4.0 else None
+    return 0.25 if 0.0 < fitted_ratio(cfg) <= 4.0 else None
 
 
 def default_gamma(cfg) -> float:
@@ -281,4 +281,4 @@ def default_gamma(cfg) -> float:
     rounds 6-7), gamma 1 gave the best 4x and the worst 8x."""
     if cfg.layer_gamma is not None:
         return cfg.layer_gamma
-    return 0.5 if cfg.target_ratio is not None and cfg.target_ratio > 4.0 else 1.0
+    return 0.5 if fitted_ratio(cfg) > 4.0 else 1.0

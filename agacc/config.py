@@ -58,6 +58,12 @@ def _f(default, group: str, replay: bool = False, ui: tuple | None = None, choic
                                                         "ui": Knob(*ui) if ui else None, "choices": choices})
 
 
+def fitted_ratio(cfg) -> float:
+    """The target ratio the fitter holds the cache to, 0.0 without one (thresholds as set): what the rules by
+    ratio read (``hot_width``, ``importance.half_life``, ``basis.default_key_quant``, ``calibrate``'s defaults)."""
+    return cfg.target_ratio or 0.0
+
+
 def hot_width(cfg) -> int:
     """The bits a hot token's elements hold between forwards: 16 where the config does not compress, else
     ``cfg.hot_bits``, or where None 8 from a fitted target ratio of 4 on and 16 below it and without one
@@ -66,7 +72,7 @@ def hot_width(cfg) -> int:
         return 16
     if cfg.hot_bits is not None:
         return cfg.hot_bits
-    return 8 if cfg.target_ratio is not None and cfg.target_ratio >= 4.0 else 16
+    return 8 if fitted_ratio(cfg) >= 4.0 else 16
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ import math
 
 import torch
 
+from agacc.config import fitted_ratio
+
 WINDOW_DTYPE = torch.bfloat16  # per-entry attention window (sums of at most N_r steps)
 WINDOW_ITEMSIZE = 2
 STATE_ITEMSIZE = 4  # I_i, fp32 a token held
@@ -39,7 +41,7 @@ def half_life(cfg) -> float:
     one) and 91 above: an 8x cache turns over twice as fast as a 4x one (docs/tuning.md rounds 16 and 28)."""
     if cfg.evidence_half_life is not None:
         return cfg.evidence_half_life
-    return 91.0 if cfg.target_ratio is not None and cfg.target_ratio > 4.0 else 182.0
+    return 91.0 if fitted_ratio(cfg) > 4.0 else 182.0
 
 
 def fold_decode(cfg, s_i: torch.Tensor, importance: torch.Tensor, steps: int) -> torch.Tensor:

@@ -5,8 +5,8 @@ region (the recent window and the not-yet-tiered tail: full precision, or where 
 bits between forwards, ``narrow_hot``). ``apply_tiers`` moves whole blocks out of the hot region and between segments:
 
   hot      (fresh)            k, v           [Bt, H, n, D]      store dtype, the tokens of the forward under way
-           (narrowed)         k, v codes     [Bt, H, n, D]      uint8, 8-bit, per token per group of G channels
-                              scale/zero     [Bt, H, n, D/G]    fp16 (``quant.quantize_values``)
+           (narrowed)         codes          [Bt, 2, H, n, D]   uint8, K and V, 8-bit, per token per group of G
+                              scale/zero     [Bt, 2, H, n, D/G] fp16 (``narrow_hot``)
 
   full     FullSegment        k, v           [Bt, H, n, D]      store dtype
   int8/4/3/2 QuantSegment(c)  k, v codes     [Bt, H, n, D*c/8]  uint8, packed (quant.py)
@@ -41,7 +41,7 @@ import torch
 
 import kernels
 from agacc import quant
-from agacc.quant import DENSE, QUANT, SPARSE, Part
+from agacc.quant import DENSE, QUANT, SPARSE, Part, value_group
 from agacc.policy import basis_layouts, basis_rank, fidelity_floor, key_grouping
 from agacc.tiers import CONTAINER_OF_TIER, EVICTED, FULL, INT2, INT3, INT4, INT8, NAMES, PRUNED, TIER_CONTAINER, evicted_runs
 
@@ -557,7 +557,7 @@ class LayerStore:
         self.hot_start = 0  # first token still in the hot region (a multiple of B)
         self._hot: list[torch.Tensor | None] = [None, None]  # fresh hot K, V (the store dtype)
         self._hot8: tuple[torch.Tensor, ...] | None = None  # narrowed hot tokens, before the fresh ones:
-        # (k codes, k scale, k zero, v codes, v scale, v zero), each [Bt, H, n, ...] (``narrow_hot``)
+        # (codes [Bt, 2, H, n, D], scale, zero [Bt, 2, H, n, D/G]), K at 0 and V at 1 of dim 1 (``narrow_hot``)
         self.full = FullSegment(self.B, device, dtype)
         self.quant = {c: QuantSegment(self.B, device, c, cfg) for c in (8, 4, 3, 2)}
         self.sparse: dict[int, SparseSegment] = {}
@@ -581,43 +581,37 @@ class LayerStore:
     def hot_k(self) -> torch.Tensor | None:
         """The hot region's keys [Bt, H, n_hot, D] in the store's dtype, oldest first: the tensor held, or
         where tokens are narrowed (``narrow_hot``) a new one with them dequantised. None before any token."""
-        return self._hot_values(0)
+        return self.hot_kv()[0]
 
     @property
     def hot_v(self) -> torch.Tensor | None:
         """The hot region's values, as ``hot_k``."""
-        return self._hot_values(1)
+        return self.hot_kv()[1]
 
-    def _hot_values(self, i: int) -> torch.Tensor | None:
-        fresh = self._hot[i]
+    def hot_kv(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(``hot_k``, ``hot_v``): narrowed tokens dequantised once for both (the decode step's read)."""
+        fresh_k, fresh_v = self._hot
         if self._hot8 is None:
-            return fresh
-        old = quant.dequantize_values(*self._hot8[3 * i:3 * i + 3], 8)
-        old = (quant.rotate(old) if self.cfg.rotate else old).to(self.dtype)
-        return old if fresh.shape[2] == 0 else torch.cat([old, fresh], 2)
+            return fresh_k, fresh_v
+        codes, scale, zero = self._hot8  # [Bt, 2, H, n, D]: the groups of a row dequantised as a [G, D/G] view
+        x = quant.dequantize(codes.view(*scale.shape, -1), scale[..., None], zero[..., None]).view(codes.shape)
+        x = (quant.rotate(x) if self.cfg.rotate else x).to(self.dtype)
+        if fresh_k.shape[2]:
+            x = torch.cat([x, torch.stack([fresh_k, fresh_v], 1)], 3)
+        return x[:, 0], x[:, 1]
 
     def _hot_tensors(self) -> list[torch.Tensor]:
         return [t for t in (*self._hot, *(self._hot8 or ())) if t is not None]
 
     def narrow_hot(self) -> None:
-        """Hold the hot region's fresh tokens at 8 bits (``config.hot_width`` 8: the cache calls it at the end of
-        every forward, after its re-evaluation, so a forward's tokens are attended, and a prompt's planned,
-        at full precision): keys and values alike, min-max per token per group of ``value_group_size``
-        channels, fp16 scale and zero (``quant.quantize_values``; with ``cfg.rotate`` of K H and V H, as the
-        quantised blocks): 1 + 4/G bytes an element instead of 2."""
-        fresh_k, fresh_v = self._hot
-        if fresh_k is None or fresh_k.shape[2] == 0:
-            return
-        g, turn = self.cfg.value_group_size, quant.rotate if self.cfg.rotate else (lambda x: x)
-        new = (*quant.quantize_values(turn(fresh_k), 8, g), *quant.quantize_values(turn(fresh_v), 8, g))
-        self._hot8 = new if self._hot8 is None else tuple(torch.cat([a, b], 2) for a, b in zip(self._hot8, new))
-        self._hot = [fresh_k[:, :, :0], fresh_v[:, :, :0]]
+        """``narrow_hot([self])``."""
+        narrow_hot([self])
 
     def _slice_hot(self, lo: int, hi: int) -> None:
         """Keep hot tokens ``lo:hi`` (positions in the hot region, oldest first), narrowed or fresh."""
-        n8 = 0 if self._hot8 is None else self._hot8[0].shape[2]
+        n8 = 0 if self._hot8 is None else self._hot8[0].shape[3]
         if self._hot8 is not None:
-            self._hot8 = tuple(t[:, :, lo:min(hi, n8)] for t in self._hot8)
+            self._hot8 = tuple(t[:, :, :, lo:min(hi, n8)] for t in self._hot8)
         self._hot = [t[:, :, max(lo - n8, 0):max(hi - n8, 0)] for t in self._hot]
 
     def truncate(self, n: int) -> None:
@@ -679,7 +673,7 @@ class LayerStore:
             m = self.markers
             out.append(Part(DENSE, m.k, m.v, bias=m.log_count))
         if self.seq_len > self.hot_start:
-            out.append(Part(DENSE, self.hot_k, self.hot_v))
+            out.append(Part(DENSE, *self.hot_kv()))
         return out
 
     def attention_entries(self, dtype) -> list[Entries]:
@@ -849,7 +843,7 @@ class LayerStore:
         B = self.B
         hot_blocks = max(new) + 1 - self.hot_start // B
         n_tok = hot_blocks * B
-        hk, hv = self.hot_k[:, :, :n_tok], self.hot_v[:, :, :n_tok]
+        hk, hv = (x[:, :, :n_tok] for x in self.hot_kv())
         if new == list(range(self.hot_start // B, self.hot_start // B + hot_blocks)):
             k[:, :, at * B:at * B + n_tok] = hk  # the first blocks of the hot region, in order
             v[:, :, at * B:at * B + n_tok] = hv
@@ -962,6 +956,34 @@ class LayerStore:
             seg.map_batch(fn)
         self.markers.map_batch(fn)
         self.host = {b: (fn(k), fn(v)) for b, (k, v) in self.host.items()}
+
+
+def narrow_hot(stores: list[LayerStore]) -> None:
+    """Hold each store's fresh hot tokens at 8 bits (where ``config.hot_width`` is 8 the cache calls it at the end of
+    every forward, after its re-evaluation, so a forward's tokens are attended, and a prompt's planned, at full
+    precision): keys and values alike, min-max per token per group of ``value_group_size`` channels, fp16 scale
+    and zero (``quant.quantize``; with ``cfg.rotate`` of K H and V H, as the quantised blocks): 1 + 4/G bytes an
+    element instead of 2. The stores' fresh tokens (alike in shape: one forward's) are quantised in one call, not
+    one a layer: a decode step pays one quantisation for every layer."""
+    stores = [st for st in stores if st._hot[0] is not None and st._hot[0].shape[2]]
+    if len({(st._hot[0].shape, st.cfg.value_group_size, st.cfg.rotate) for st in stores}) > 1:
+        for st in stores:  # (not one forward's tokens: one by one)
+            narrow_hot([st])
+        return
+    if not stores:
+        return
+    cfg = stores[0].cfg
+    x = torch.stack([torch.stack(st._hot, 1) for st in stores])  # [L, Bt, 2, H, n, D]
+    x = quant.rotate(x) if cfg.rotate else x.float()
+    *lead, d = x.shape
+    g = value_group(d, cfg.value_group_size)
+    codes, scale, zero = quant.quantize(x.view(*lead, d // g, g), 8, dim=-1)
+    new = codes.view(x.shape), scale.squeeze(-1), zero.squeeze(-1)
+    for i, st in enumerate(stores):
+        part = [t[i] for t in new]
+        st._hot8 = (tuple(t.clone() for t in part) if st._hot8 is None
+                    else tuple(torch.cat([a, b], 3) for a, b in zip(st._hot8, part)))
+        st._hot = [t[:, :, :0] for t in st._hot]
 
 
 def token_mass_all(stores: list[LayerStore], masses: list[torch.Tensor]) -> torch.Tensor:

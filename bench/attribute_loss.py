@@ -3,9 +3,9 @@
 Runs ``bench/bench_ppl.py`` (token by token) with the store's applied plan changed after the planner
 made it, so one kind of loss is removed and the other kept exactly as planned:
 
-    --mode evictions  every quantised, pruned or 8-bit block (and a hot region held at 8 bits) is held
-                      at 16 bits instead; the evictions are the planned ones (only the evictions' loss
-                      remains)
+    --mode evictions  every quantised, pruned or 8-bit block is held at 16 bits instead (and a hot
+                      region held at 8 bits reads exact); the evictions are the planned ones (only the
+                      evictions' loss remains)
     --mode quantised  every evicted block is held at 16 bits instead; the quantised blocks are the
                       planned ones (only the quantisation's loss remains)
     --mode keys       as ``quantised``, and every quantised block's (and 8-bit hot token's) values
@@ -99,8 +99,8 @@ def install(mode: str) -> None:
     store.apply_plans = patched_apply
     planner.fit_threshold_scale, planner.fit_plans = patched_fit_scale, patched_fit_plans
     planner.held_plans = patched_held_plans
-    if mode == "evictions":  # a hot region held at 8 bits (round 29) is quantised too: held at 16 instead
-        store.LayerStore.narrow_hot = lambda self: None
+    if mode == "evictions":  # a hot region held at 8 bits (round 29) is quantised too: read exact instead
+        substitute_reads(lambda *a: None, lambda store_, part, exact_k, exact_v: Part(DENSE, exact_k, exact_v))
     if mode in ("keys", "values"):
         exact_reads(keys=mode == "values")
 
@@ -126,7 +126,7 @@ def substitute_reads(read, read_hot=None) -> None:
     n, D] the part's tokens' own K/V, which the store keeps beside its own from every append, ``where`` [n]
     their positions. The stand-ins are built once per layout (the store's ``token_layout`` changes whenever
     blocks move) and reused by every step until then. ``read_hot(store, part, exact_k, exact_v)``: the same for the
-    hot region's dense part where tokens of it are held at 8 bits (``narrow_hot``), every step."""
+    hot region's dense part (read exact it is what a 16-bit hot region holds; ``narrow_hot``), every step."""
     append, parts = store.LayerStore.append, store.LayerStore.parts
 
     def patched_append(self, k, v):
@@ -150,7 +150,7 @@ def substitute_reads(read, read_hot=None) -> None:
             self._substituted = cached = (layout, new)
         for i, p in cached[1].items():
             out[i] = p
-        if read_hot is not None and self._hot8 is not None and self._hot8[0].shape[2]:  # the last part: hot, 8-bit
+        if read_hot is not None and self.seq_len > self.hot_start:  # the last part: the hot region
             where = torch.arange(self.hot_start, self.seq_len, device=self.device)
             out[-1] = read_hot(self, out[-1], self._exact[0][:, :, where].to(self.dtype),
                                self._exact[1][:, :, where].to(self.dtype))

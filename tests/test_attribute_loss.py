@@ -18,7 +18,7 @@ def tiny():
 
 
 PATCHED = ((store, "apply_plans"), (planner, "fit_threshold_scale"), (planner, "fit_plans"), (planner, "held_plans"),
-           (store.LayerStore, "narrow_hot"))
+           (store.LayerStore, "append"), (store.LayerStore, "parts"))
 ORIGINAL = [getattr(mod, name) for mod, name in PATCHED]
 
 
@@ -63,8 +63,6 @@ def test_each_mode_keeps_the_plan_of_the_other_kind(tiny, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["keys", "values"])
 def test_exact_reads_put_each_tokens_own_key_or_value_in_place(tiny, monkeypatch, mode):
-    for name in ("append", "parts"):
-        monkeypatch.setattr(store.LayerStore, name, getattr(store.LayerStore, name))
     ref, _, cache = _tiers_after_prefill(tiny, mode, monkeypatch)
     assert ((ref != T.FULL) & (ref != T.EVICTED)).any() and not (ref == T.EVICTED).any()  # quantised, none evicted
     for layer in cache.layers:
