@@ -127,13 +127,18 @@ def substitute_reads(read, read_hot=None) -> None:
     their positions. The stand-ins are built once per layout (the store's ``token_layout`` changes whenever
     blocks move) and reused by every step until then. ``read_hot(store, part, exact_k, exact_v)``: the same for the
     hot region's dense part (read exact it is what a 16-bit hot region holds; ``narrow_hot``), every step."""
-    append, parts = store.LayerStore.append, store.LayerStore.parts
+    append, parts, truncate = store.LayerStore.append, store.LayerStore.parts, store.LayerStore.truncate
 
     def patched_append(self, k, v):
         old = getattr(self, "_exact", None)
         self._exact = (k.float(), v.float()) if old is None else (torch.cat([old[0], k.float()], 2),
                                                                   torch.cat([old[1], v.float()], 2))
         append(self, k, v)
+
+    def patched_truncate(self, n):  # a crop (the lookahead's pseudo tokens) leaves the exact copy too
+        if getattr(self, "_exact", None) is not None:
+            self._exact = (self._exact[0][:, :, :n], self._exact[1][:, :, :n])
+        truncate(self, n)
 
     def patched_parts(self):
         out = parts(self)
@@ -157,6 +162,7 @@ def substitute_reads(read, read_hot=None) -> None:
         return out
 
     store.LayerStore.append, store.LayerStore.parts = patched_append, patched_parts
+    store.LayerStore.truncate = patched_truncate
 
 
 def main(argv=None):

@@ -18,7 +18,7 @@ def tiny():
 
 
 PATCHED = ((store, "apply_plans"), (planner, "fit_threshold_scale"), (planner, "fit_plans"), (planner, "held_plans"),
-           (store.LayerStore, "append"), (store.LayerStore, "parts"))
+           (store.LayerStore, "append"), (store.LayerStore, "parts"), (store.LayerStore, "truncate"))
 ORIGINAL = [getattr(mod, name) for mod, name in PATCHED]
 
 
@@ -75,3 +75,21 @@ def test_exact_reads_put_each_tokens_own_key_or_value_in_place(tiny, monkeypatch
         assert torch.equal(*exact)  # every entry, tiered or hot, is its own token's exact vector
         err = (lossy[0] - lossy[1]).norm() / lossy[1].norm()
         assert 0 < err < 0.3  # the other one quantised (3-8 bits), at its own token's place
+
+
+def test_exact_copy_follows_a_crop(tiny, monkeypatch):
+    """The lookahead crops its pseudo tokens (``CompressedCache.crop``): the exact copy loses them too, so every
+    later token reads its own exact vector, not one written 2 tokens before it."""
+    _, _, cache = _tiers_after_prefill(tiny, "values", monkeypatch)
+    torch.manual_seed(2)
+    with torch.inference_mode():
+        for _ in range(3):
+            tiny(torch.randint(3, 256, (1, 1)), past_key_values=cache)
+        cache.crop(-2)
+        for _ in range(3):
+            tiny(torch.randint(3, 256, (1, 1)), past_key_values=cache)
+    for layer in cache.layers:
+        s = layer.store
+        assert s._exact[0].shape[2] == s.seq_len
+        k = torch.cat([p.k for p in s.parts()], 2).float()
+        assert torch.equal(k, s._exact[0][:, :, s.entry_positions()].to(s.dtype).float())
