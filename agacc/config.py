@@ -23,6 +23,7 @@ BIT_INTERPS = ("log", "linear")
 POSITION_NORMS = ("none", "power", "log")      # forms of P(t - i), 000 §2.3
 QUANTIZERS = ("minmax", "meanstd")
 KEY_QUANTS = ("token", "channel", "basis", "auto")
+BASIS_METAS = ("fp16", "8bit")
 SINK_BITS = (16, 8, 4, 3)                      # the sink blocks: full, or a container's code width
 LAYER_CALIBRATIONS = ("none", "auto")         # where layer_scale comes from (agacc.calibrate)
 CALIBRATED = ("layer_scale", "evict_scale", "layer_floor")  # what layer_calibration="auto" resolves per model
@@ -154,6 +155,10 @@ class AGACCConfig:
             bits (four counts a container, for head dim 64; ``policy.basis_layouts`` scales them to others),
             the widest on the axes of most energy: 1.5, 3.125 and 4.41 bits a key element with the scales
             (docs/tuning.md round 22).
+        basis_meta: the scale and zero of each coefficient per block in a basis: "fp16" (2 bits a kept
+            coefficient per token over a 16-token block) or "8bit" (a log2 step code and an integer zero, half
+            that; ``quant.quantize_coeffs``; the ``agacc`` preset's, docs/tuning.md round 30). Its steps are min-max
+            whatever ``quantizer`` says (which then sets the values' and the per-channel keys').
         key_group_size: channels per (scale, zero) group of the per-token key quantiser.
         value_group_size: channels per (scale, zero) group of the per-token value quantiser.
         rotate: store quantised keys and values Hadamard-rotated (``agacc.quant.rotate``): outlier
@@ -291,6 +296,7 @@ class AGACCConfig:
     s: float = _f(3.0, "tiers")
     key_quant: str = _f("channel", "tiers", replay=True, choices=KEY_QUANTS)
     basis_layout: tuple[float, ...] = _f((0, 4, 8, 8, 2, 6, 16, 16, 3, 14, 24, 12), "tiers", replay=True)
+    basis_meta: str = _f("fp16", "tiers", replay=True, choices=BASIS_METAS)
     key_group_size: int = _f(64, "tiers", replay=True)
     value_group_size: int = _f(64, "tiers", replay=True)
     rotate: bool = _f(True, "tiers", ui=("store quantised blocks Hadamard-rotated (less error; needs a re-run)",

@@ -261,11 +261,12 @@ def _plan_rule(block_scores, cfg, geo: Geometry, seq_len: int, scale: float, pre
 def block_cost_bytes(tier: int, bits: int, keep: int, *, batch: int, heads: int, head_dim: int,
                      block_size: int, full_itemsize: int, value_group_size: int, b_min: int,
                      sparse_threshold: float, key_quant: str, key_group_size: int,
-                     key_layouts: tuple = ()) -> int:
+                     key_layouts: tuple = (), basis_meta: str = "fp16") -> int:
     """Bytes one block of ``block_size`` tokens occupies in ``tier`` (K and V, scales, ids, per-block
     metadata). For planning only; ``memory()`` counts ``nbytes`` of what is held (a test checks the
     two agree). Evicted blocks cost nothing here (markers are counted per run). ``key_layouts``: the layouts of
-    2-, 3- and 4-bit blocks' keys held in a basis (``policy.basis_layouts``; (): per channel)."""
+    2-, 3- and 4-bit blocks' keys held in a basis (``policy.basis_layouts``; (): per channel), their scales and
+    zeros in ``basis_meta`` ("fp16" or "8bit": ``quant.quantize_coeffs``)."""
     vecs = batch * heads * block_size
     meta = 1 + 1 + 2 + 4  # tier, bits, keep, block id
     if tier == FULL:
@@ -278,6 +279,8 @@ def block_cost_bytes(tier: int, bits: int, keep: int, *, batch: int, heads: int,
         codes = k_codes + vecs * head_dim * c // 8
         if key_quant == "token":
             k_scales = 2 * vecs * (head_dim // value_group(head_dim, key_group_size)) * 2
+        elif layout and basis_meta == "8bit":  # a step code and a zero a coefficient, one fp16 reference
+            k_scales = batch * heads * (2 * k_dim + 2)
         else:
             k_scales = 2 * batch * heads * k_dim * 2
         v_scales = 2 * vecs * (head_dim // value_group(head_dim, value_group_size)) * 2
@@ -332,7 +335,8 @@ def cost_settings(cfg, geo: Geometry, block_size: int | None = None) -> dict:
     return dict(batch=geo.batch, heads=geo.heads, head_dim=geo.head_dim, block_size=block_size or cfg.block_size,
                 full_itemsize=geo.full_itemsize, value_group_size=cfg.value_group_size, b_min=cfg.b_min,
                 sparse_threshold=cfg.sparse_threshold, key_quant=key_grouping(cfg, geo.head_dim),
-                key_group_size=cfg.key_group_size, key_layouts=basis_layouts(cfg, geo.head_dim))
+                key_group_size=cfg.key_group_size, key_layouts=basis_layouts(cfg, geo.head_dim),
+                basis_meta=cfg.basis_meta)
 
 
 _COSTS: dict = {}  # (cost-model settings, code) -> block_cost_bytes

@@ -105,15 +105,57 @@ def dequantize_values(packed, scale, zero, bits: int, dtype=torch.float32):
 
 # --- keys in a basis (kernels/format.py): coefficients per block in groups of their own widths ---
 
-def quantize_coeffs(c: torch.Tensor, groups, block_size: int, method: str = "minmax", s: float = 3.0):
-    """Coefficients ``[Bt, H, n, r]`` -> ``(packed [Bt,H,n,sum(count*width)/8] uint8, scale [Bt,H,n/B,r],
-    zero)``: each group ((width, count), ...) of coefficients per coefficient per block at its width
-    (``quantize_keys``), packed by ``pack_groups``."""
+def quantize_coeffs(c: torch.Tensor, groups, block_size: int, method: str = "minmax", s: float = 3.0,
+                    meta: str = "fp16"):
+    """Coefficients ``[Bt, H, n, r]`` -> ``(packed [Bt,H,n,sum(count*width)/8] uint8, scale, zero)``: each group
+    ((width, count), ...) of coefficients per coefficient per block at its width (``quantize_keys``), packed by
+    ``pack_groups``. ``meta`` "fp16": scale and zero [Bt,H,n/B,r] fp16; "8bit": coded (``_quantize_coeffs_8bit``:
+    scale [Bt,H,n/B,r+2] uint8, zero [Bt,H,n/B,r] int8, read back by ``coeff_meta``; min-max whatever ``method``)."""
+    if meta == "8bit":
+        return _quantize_coeffs_8bit(c, groups, block_size)
     out, at = [], 0
     for w, n in groups:
         out.append(quantize_keys(c[..., at:at + n], w, block_size, method, s))
         at += n
     return tuple(torch.cat(ts, -1) for ts in zip(*out))
+
+
+META_STEPS = 16  # an 8-bit scale code steps by 2^(1/16) below its block's reference (docs/tuning.md round 30)
+
+
+def _quantize_coeffs_8bit(c: torch.Tensor, groups, block_size: int):
+    """``quantize_coeffs`` with 8-bit metadata: per block, head and coefficient a step s = ref 2^(-e/16) (e uint8;
+    ref, one fp16 a block and head, the largest step the block needs) and a zero z s (z int8): min-max where
+    the block's range fits 127 steps of its minimum, else the step widened to fit (the zero a whole number of
+    steps). Codes are rounded against the decoded step and zero (``coeff_meta``), so they read back alike."""
+    bt, h, n, r = c.shape
+    x = c.float().reshape(bt, h, n // block_size, block_size, r)
+    lo, hi = x.amin(3), x.amax(3)  # [Bt, H, nb, r]
+    levels = torch.cat([torch.full((cnt,), (1 << w) - 1.0, device=c.device) for w, cnt in groups])
+    need = torch.maximum((hi - lo) / levels, lo.abs() / 127.0).clamp_min(1e-6)
+    ref = need.amax(-1, keepdim=True).to(SCALE_DTYPE)
+    ref = torch.where(ref.float() < need.amax(-1, keepdim=True), torch.nextafter(ref, torch.full_like(ref, 1e4)), ref)
+    e = torch.floor(-META_STEPS * torch.log2(need / ref.float())).clamp_(0, 255).to(torch.uint8)
+    k_scale = torch.cat([e, ref.view(torch.uint8).reshape(bt, h, -1, 2)], -1)
+    z = torch.round(lo / _meta_step(e, ref)).clamp_(-128, 127).to(torch.int8)
+    scale, zero = coeff_meta(k_scale, z)
+    codes = torch.round((x - zero.float().unsqueeze(3)) / scale.float().unsqueeze(3))
+    codes = torch.minimum(codes.clamp_(min=0), levels).to(torch.uint8).reshape(bt, h, n, r)
+    return pack_groups(codes, groups), k_scale, z
+
+
+def _meta_step(e: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """The fp16 step of scale codes e [..., r] uint8 under ref [..., 1] fp16."""
+    return (ref.float() * torch.exp2(-e.float() / META_STEPS)).to(SCALE_DTYPE)
+
+
+def coeff_meta(k_scale: torch.Tensor, k_zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit coded metadata (``quantize_coeffs(..., meta="8bit")``: scale codes [..., r+2] uint8, the last two
+    bytes the block's fp16 reference; zero [..., r] int8) -> (scale, zero) [..., r] fp16, as every reader
+    takes them: x = code * scale + zero."""
+    ref = k_scale[..., -2:].clone(memory_format=torch.contiguous_format).view(SCALE_DTYPE)  # [..., 1]
+    scale = _meta_step(k_scale[..., :-2], ref)
+    return scale, (k_zero.float() * scale.float()).to(SCALE_DTYPE)
 
 
 def dequantize_coeffs(part: Part, dtype=torch.float32) -> torch.Tensor:

@@ -333,7 +333,7 @@ class QuantSegment(Segment):
         ops = _quant_ops(k.device)
         if self.basis is not None:  # the coefficients, per coefficient per block (the PyTorch quantiser: any r)
             k = quant.basis_coeffs(k, torch.linalg.pinv(self._axes()), self.basis[3], pos)
-            pk, ks, kz = quant.quantize_coeffs(k, self.basis[4], B, cfg.quantizer, cfg.s)
+            pk, ks, kz = quant.quantize_coeffs(k, self.basis[4], B, cfg.quantizer, cfg.s, cfg.basis_meta)
         elif self.key_per_token:
             pk, ks, kz = ops.quantize_values(k, b, cfg.key_group_size, cfg.quantizer, cfg.s)
         else:
@@ -368,6 +368,8 @@ class QuantSegment(Segment):
         d = v.shape[-1] * 8 // self.container
         basis = {}
         if self.basis is not None:
+            if self.cfg.basis_meta == "8bit":  # read as every reader takes them: fp16 (a layer's, while it is read)
+                ks, kz = quant.coeff_meta(ks, kz)
             ids = self.block_ids if block_pos is None else self.block_ids[block_pos]
             basis = dict(basis=self._axes(axes), key_groups=self.basis[4], inv_freq=self.basis[3],
                          pos=_rows(ids.long(), self.block_size).to(torch.int32))

@@ -4,13 +4,15 @@ recomputation from the exact keys, its bytes against the cost model and an indep
 an SVD, and the errors a model without a table or without RoPE meets."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from agacc import basis, quant
 from agacc.config import AGACCConfig
 from agacc.planner import Geometry, block_cost_bytes, cost_settings
-from agacc.policy import basis_layouts
+from agacc.policy import basis_layouts, basis_rank
 from agacc.store import LayerStore
 from agacc.tiers import FULL, INT2, INT3, INT4
 from kernels.format import basis_axes, basis_coeffs, basis_keys, frame, pack, pack_groups, unpack_groups
@@ -74,6 +76,64 @@ def test_coefficients_quantise_per_coefficient_per_block_at_their_width():
     assert float((got - c).abs().amax(2)[..., :2].max()) < float((got - c).abs().amax(2)[..., 2:].max())
 
 
+def test_8bit_metadata_by_hand():
+    """One block of 2 tokens: a 4-bit coefficient over [-4, 3.5] needs a step of 0.5 (the block's reference),
+    zero -4 = -8 steps, and reads back exactly; an 8-bit one over [0, 2] takes the first step of 2^(-1/16)
+    powers below 0.5 that holds 2 / 255; a constant 0.5 takes the step that holds 0.5 in 127 of them.
+    Every element is within half a step, and the metadata is 2 bytes a coefficient plus 2 a block."""
+    groups = ((8, 1), (4, 2))
+    c = torch.tensor([[0.0, -4.0, 0.5], [2.0, 3.5, 0.5]])[None, None]  # [1, 1, 2 tokens, 3]
+    packed, k_scale, k_zero = quant.quantize_coeffs(c, groups, 2, meta="8bit")
+    assert k_scale.dtype == torch.uint8 and k_scale.shape[-1] == 3 + 2 and k_zero.dtype == torch.int8
+    scale, zero = quant.coeff_meta(k_scale, k_zero)
+    e = k_scale[0, 0, 0, :3].tolist()
+    assert e[1] == 0 and float(scale[0, 0, 0, 1]) == 0.5 and int(k_zero[0, 0, 0, 1]) == -8
+    assert e[0] == math.floor(-16 * math.log2((2 / 255) / 0.5))
+    assert e[2] == math.floor(-16 * math.log2((0.5 / 127) / 0.5))
+    part = quant.Part("quant", packed, packed, k_scale=scale, k_zero=zero, key_block=2, key_groups=groups)
+    got = quant.dequantize_coeffs(part)
+    assert got[0, 0, :, 1].tolist() == [-4.0, 3.5]
+    assert bool(((got - c).abs() <= scale.float() / 2 + 1e-6).all())
+    assert 2 / 255 <= float(scale[0, 0, 0, 0]) < 2 / 255 * 2 ** (1 / 16) * 1.001
+
+
+def test_8bit_metadata_within_half_a_step_on_random_blocks():
+    """Any coefficients: the decoded step holds the block's range in its levels and its minimum in 127 steps,
+    within one code step (2^(1/16)) of the least that does, and every element reads back within half a step
+    (or one, at the top code, where the zero's rounding pushed the maximum past the last level)."""
+    B, groups = 4, ((8, 2), (3, 8), (2, 4))
+    c = torch.randn(2, 3, 5 * B, 14) * torch.linspace(3, 0.1, 14) + torch.randn(14)
+    packed, k_scale, k_zero = quant.quantize_coeffs(c, groups, B, meta="8bit")
+    scale, zero = quant.coeff_meta(k_scale, k_zero)
+    blocks = c.reshape(2, 3, 5, B, 14)
+    lo, hi = blocks.amin(3), blocks.amax(3)
+    levels = torch.tensor([255.0] * 2 + [7.0] * 8 + [3.0] * 4)
+    need = torch.maximum((hi - lo) / levels, lo.abs() / 127)
+    assert bool((scale.float() >= need * (1 - 1e-3)).all())
+    assert bool((scale.float() < need * 2 ** (1 / 16) * 1.002).all())
+    part = quant.Part("quant", packed, packed, k_scale=scale, k_zero=zero, key_block=B, key_groups=groups)
+    err = (quant.dequantize_coeffs(part).reshape(blocks.shape) - blocks).abs()
+    assert bool((err <= scale.float().unsqueeze(3) * 1.001).all())
+    assert float((err <= scale.float().unsqueeze(3) / 2 * 1.001).float().mean()) > 0.99
+
+
+def test_store_with_8bit_metadata_reads_what_its_codes_say():
+    """A store holding its coefficients' metadata in 8 bits reads each block as the fp16 store would with the
+    decoded steps and zeros: the keys near the fp16 store's, its values the same."""
+    st, k, _ = _store("basis", basis_meta="8bit")
+    ref, _, _ = _store("basis")
+    got = {p.container: p for p in st.parts() if p.kind == "quant"}
+    want = {p.container: p for p in ref.parts() if p.kind == "quant"}
+    for c in (2, 3, 4):
+        p = got[c]
+        assert p.k_scale.dtype == torch.float16 and p.k_scale.shape == want[c].k_scale.shape  # read as fp16
+        kk, vv = quant.dequantize_part(p)
+        k_ref, v_ref = quant.dequantize_part(want[c])
+        torch.testing.assert_close(vv, v_ref, rtol=0, atol=0)
+        exact = k[:, :, p.pos.long()]
+        assert float((kk - exact).norm()) < 1.5 * float((k_ref - exact).norm())
+
+
 def test_full_basis_gives_the_keys_back_at_any_positions():
     """With every axis, int8-rounded axes (as a store holds them) included, a key comes back exactly: the
     coefficients are taken with the axes' pseudo-inverse (V * w would be off by V's rounding)."""
@@ -103,11 +163,11 @@ def test_layer_basis_by_hand():
         torch.testing.assert_close((V[hh].T @ vh).abs(), torch.eye(d), rtol=0, atol=1e-3)
 
 
-def _store(key_quant: str, seed: int = 0):
+def _store(key_quant: str, seed: int = 0, basis_meta: str = "fp16"):
     """A store of 4 blocks of 16 tokens (full, int4 at 4 bits, int3, int2) and a hot tail; the exact K/V."""
     gen = torch.Generator().manual_seed(seed)
     h, d, B = 2, 32, 16
-    cfg = AGACCConfig(block_size=B, recent_window=B, b_min=2, key_quant=key_quant, rotate=True)
+    cfg = AGACCConfig(block_size=B, recent_window=B, b_min=2, key_quant=key_quant, rotate=True, basis_meta=basis_meta)
     st = LayerStore(cfg, torch.device("cpu"), torch.float32, key_basis=random_basis(h, d, gen))
     k = torch.randn(1, h, 5 * B + 3, d, generator=gen) * torch.linspace(4, 0.2, d)
     v = torch.randn(1, h, 5 * B + 3, d, generator=gen)
@@ -146,8 +206,9 @@ def test_store_reads_each_block_from_its_coefficients():
         assert got[c].key_groups == groups and torch.equal(got[c].pos, pos.int())
 
 
-def test_bytes_held_are_the_cost_models_and_the_walks():
-    st, _, _ = _store("basis")
+@pytest.mark.parametrize("meta", ["fp16", "8bit"])
+def test_bytes_held_are_the_cost_models_and_the_walks(meta):
+    st, _, _ = _store("basis", basis_meta=meta)
     ref, _, _ = _store("channel")
     kw = cost_settings(st.cfg, Geometry(n_layers=1, heads=2, head_dim=32, batch=1, full_itemsize=4))
     for tier, c in ((INT4, 4), (INT3, 3), (INT2, 2)):  # one block each; its tier, bits, keep: 4 bytes held apart
@@ -158,6 +219,11 @@ def test_bytes_held_are_the_cost_models_and_the_walks():
     assert st.nbytes() == walk_tensor_bytes(st) == sum(st.bytes_by_tier().values())
     assert "basis" not in ref.bytes_by_tier() and ref.key_basis is None  # not held where keys are per channel
     assert st.quant[8].basis is None
+    if meta == "8bit":  # a code and a zero a coefficient and an fp16 reference a block and head, not two fp16s
+        fp16, _, _ = _store("basis")
+        r = [basis_rank((lay,)) for lay in basis_layouts(st.cfg, 32)]
+        for c, rc in zip((2, 3, 4), r):
+            assert fp16.quant[c].nbytes() - st.quant[c].nbytes() == 2 * (4 * rc - 2 * rc - 2)
 
 
 def test_cache_on_a_model_calibrates_saves_and_counts(tmp_path, monkeypatch):
