@@ -557,9 +557,8 @@ class CompressedCache(Cache):
     def headroom_bytes(self) -> int:
         """Room the ratio fitter leaves for the tokens that arrive before the next re-evaluation
         (N_r of them, at most one block: compress-once presets never re-evaluate); they join the
-        hot region (``planner.hot_bytes``), so the target ratio holds until then, not only right now."""
-        geo = self._geometry()
-        return min(self.cfg.n_r, self.cfg.block_size) * planner.hot_bytes(self.cfg, geo, 1) * geo.n_layers
+        hot region (``planner.headroom_bytes``), so the target ratio holds until then, not only right now."""
+        return planner.headroom_bytes(self.cfg, self._geometry())
 
     def unplanned_bytes(self) -> int:
         """Bytes held that the tier plan does not cover (tracker state but the ready blocks' (a plan prices

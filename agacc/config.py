@@ -244,7 +244,7 @@ class AGACCConfig:
         recent_window: newest tokens always kept out of the tiers, in the hot region (with the block they finish).
         hot_bits: the hot region's width between forwards: 16 (the store dtype) or 8 (each forward's tokens,
             once attended and planned at full precision, held at 8 bits per token per group of
-            ``value_group_size`` channels: 1 + 4/G bytes an element instead of 2; ``LayerStore.narrow_hot``);
+            ``value_group_size`` channels: 1 + 4/G bytes an element instead of 2; ``store.narrow_hot``);
             None: by the fitted target ratio (``hot_width``; the ``agacc`` preset's).
         n_sink: first tokens always kept (their blocks), at ``sink_bits``.
         sink_bits: the sink blocks' precision: 16 (full) or a container's code width (8, 4, 3).

@@ -310,11 +310,17 @@ def tracker_prices(cfg, chunks: int) -> tuple[int, int]:
 
 def hot_bytes(cfg, geo: Geometry, tokens: int) -> int:
     """Bytes ``tokens`` hot tokens hold in one layer between forwards (K and V): in the store dtype, or with
-    ``hot_width(cfg)`` 8 (``LayerStore.narrow_hot``) one byte an element plus an fp16 scale and zero per token per
+    ``hot_width(cfg)`` 8 (``store.narrow_hot``) one byte an element plus an fp16 scale and zero per token per
     group of ``value_group_size`` channels (head dim 64: 68 bytes a vector instead of 128)."""
     d = geo.head_dim
     vector = d * geo.full_itemsize if hot_width(cfg) == 16 else d + 4 * (d // value_group(d, cfg.value_group_size))
     return 2 * geo.batch * geo.heads * tokens * vector
+
+
+def headroom_bytes(cfg, geo: Geometry) -> int:
+    """Room the ratio fitter leaves for the tokens that arrive before the next re-evaluation (N_r of them, at
+    most one block), in every layer's hot region (``hot_bytes``)."""
+    return min(cfg.n_r, cfg.block_size) * geo.n_layers * hot_bytes(cfg, geo, 1)
 
 
 def planned_bytes(plans, cfg, geo: Geometry, seq_len: int, tracker: tuple[int, int] = (0, 0)) -> int:

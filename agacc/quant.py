@@ -127,26 +127,32 @@ def _quantize_coeffs_8bit(c: torch.Tensor, groups, block_size: int):
     """``quantize_coeffs`` with 8-bit metadata: per block, head and coefficient a step s = ref 2^(-e/16) (e uint8;
     ref, one fp16 a block and head, the largest step the block needs) and a zero z s (z int8): min-max where
     the block's range fits 127 steps of its minimum, else the step widened to fit (the zero a whole number of
-    steps). Codes are rounded against the decoded step and zero (``coeff_meta``), so they read back alike."""
+    steps)."""
     bt, h, n, r = c.shape
     x = c.float().reshape(bt, h, n // block_size, block_size, r)
     lo, hi = x.amin(3), x.amax(3)  # [Bt, H, nb, r]
     levels = torch.cat([torch.full((cnt,), (1 << w) - 1.0, device=c.device) for w, cnt in groups])
     need = torch.maximum((hi - lo) / levels, lo.abs() / 127.0).clamp_min(1e-6)
-    ref = need.amax(-1, keepdim=True).to(SCALE_DTYPE)
-    ref = torch.where(ref.float() < need.amax(-1, keepdim=True), torch.nextafter(ref, torch.full_like(ref, 1e4)), ref)
+    top = need.amax(-1, keepdim=True)
+    ref = top.to(SCALE_DTYPE)
+    ref = torch.where(ref.float() < top, torch.nextafter(ref, torch.full_like(ref, 1e4)), ref)  # fp16 at or above
     e = torch.floor(-META_STEPS * torch.log2(need / ref.float())).clamp_(0, 255).to(torch.uint8)
-    k_scale = torch.cat([e, ref.view(torch.uint8).reshape(bt, h, -1, 2)], -1)
-    z = torch.round(lo / _meta_step(e, ref)).clamp_(-128, 127).to(torch.int8)
-    scale, zero = coeff_meta(k_scale, z)
+    scale = _meta_step(e, ref)
+    z = torch.round(lo / scale.float()).clamp_(-128, 127).to(torch.int8)
+    zero = _meta_zero(z, scale)  # codes are rounded against the step and zero read back (``coeff_meta``)
     codes = torch.round((x - zero.float().unsqueeze(3)) / scale.float().unsqueeze(3))
     codes = torch.minimum(codes.clamp_(min=0), levels).to(torch.uint8).reshape(bt, h, n, r)
-    return pack_groups(codes, groups), k_scale, z
+    return pack_groups(codes, groups), torch.cat([e, ref.view(torch.uint8)], -1), z
 
 
 def _meta_step(e: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """The fp16 step of scale codes e [..., r] uint8 under ref [..., 1] fp16."""
     return (ref.float() * torch.exp2(-e.float() / META_STEPS)).to(SCALE_DTYPE)
+
+
+def _meta_zero(z: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """The fp16 zero of zero codes z [..., r] int8 in steps ``step`` [..., r] fp16."""
+    return (z.float() * step.float()).to(SCALE_DTYPE)
 
 
 def coeff_meta(k_scale: torch.Tensor, k_zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +161,7 @@ def coeff_meta(k_scale: torch.Tensor, k_zero: torch.Tensor) -> tuple[torch.Tenso
     takes them: x = code * scale + zero."""
     ref = k_scale[..., -2:].clone(memory_format=torch.contiguous_format).view(SCALE_DTYPE)  # [..., 1]
     scale = _meta_step(k_scale[..., :-2], ref)
-    return scale, (k_zero.float() * scale.float()).to(SCALE_DTYPE)
+    return scale, _meta_zero(k_zero, scale)
 
 
 def dequantize_coeffs(part: Part, dtype=torch.float32) -> torch.Tensor:

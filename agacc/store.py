@@ -605,10 +605,6 @@ class LayerStore:
     def _hot_tensors(self) -> list[torch.Tensor]:
         return [t for t in (*self._hot, *(self._hot8 or ())) if t is not None]
 
-    def narrow_hot(self) -> None:
-        """``narrow_hot([self])``."""
-        narrow_hot([self])
-
     def _slice_hot(self, lo: int, hi: int) -> None:
         """Keep hot tokens ``lo:hi`` (positions in the hot region, oldest first), narrowed or fresh."""
         n8 = 0 if self._hot8 is None else self._hot8[0].shape[3]

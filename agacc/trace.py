@@ -267,8 +267,7 @@ def _unplanned(h: dict, cfg: AGACCConfig, geo) -> int:
     to come (their window slots and their K/V at full precision)."""
     if h.get("unplanned") is not None:
         return int(h["unplanned"])
-    ahead = min(cfg.n_r, cfg.block_size)
-    room = ahead * geo.n_layers * (WINDOW_ITEMSIZE + planner.hot_bytes(cfg, geo, 1))
+    room = min(cfg.n_r, cfg.block_size) * geo.n_layers * WINDOW_ITEMSIZE + planner.headroom_bytes(cfg, geo)
     return max(0, int(h.get("overhead", 0)) - room)
 
 

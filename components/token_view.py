@@ -111,8 +111,10 @@ def render_token_view(tokens: list[str], n_prompt: int, frame: dict | None, laye
         if frame and p < seq_len:
             imp, what = _importance(frame, p, lay)
             b = p // B
-            hot = f"recent window, {frame['bits'][lay or 0][b]}-bit"  # (the same width in every layer)
-            detail = blocks[b][1] if b < len(blocks) and c != HOT else hot
+            if b < len(blocks) and c != HOT:
+                detail = blocks[b][1]
+            else:  # the hot region's width, the same in every layer
+                detail = f"recent window, {frame['bits'][lay or 0][b]}-bit"
             title = f"#{p} {tokens[p]!r}\n{name}: {detail}\nblock {b}" + (f"\n{what} {imp:.3g}" if imp is not None else "")
         else:
             title = f"#{p} {tokens[p]!r}\nnew: in the recent window"

@@ -9,7 +9,7 @@ from agacc.attention import attend
 from agacc.config import AGACCConfig
 from agacc.decode import _codes_t, decode_attention
 from agacc.planner import block_cost_bytes, marker_cost_bytes
-from agacc.store import LayerStore
+from agacc.store import LayerStore, narrow_hot
 from tests.helpers import walk_tensor_bytes
 
 D = 64
@@ -107,7 +107,7 @@ def test_a_narrowed_hot_region_holds_8_bit_codes_and_reads_back_by_hand(rotate):
     from agacc.planner import Geometry, hot_bytes
 
     st, k, v = make_store(n_tokens=40, hot_bits=8, value_group_size=32, rotate=rotate)
-    st.narrow_hot()
+    narrow_hot([st])
     turn = quant.rotate if rotate else (lambda x: x)
     g = turn(k.half().float()).reshape(1, 3, 40, 2, 32)  # as held before: the store dtype
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)

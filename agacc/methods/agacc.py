@@ -32,7 +32,7 @@ attention joins the prompt's evidence before the prompt's plan is carried out (`
 ``agacc.probe.lookahead``; round 27: 8x KL -6% and 4x -7% on the tuning texts, held-out code at 8x -42%).
 Fitted to a ratio of 4 or more, its hot region (the 16 recent tokens and the block they finish: 6% of a 4x
 cache's bytes, 12% of an 8x one's) is held at 8 bits between forwards, each forward's tokens attended and planned at
-full precision first (``hot_bits=None``, ``config.hot_width``, ``LayerStore.narrow_hot``; round 29: the bytes go to
+full precision first (``hot_bits=None``, ``config.hot_width``, ``store.narrow_hot``; round 29: the bytes go to
 fewer cuts elsewhere, KL -11% at 4x and -12% at 8x on the tuning texts, lower on every one; at 1.69x and 2.83x,
 where bytes are cheaper than the error, higher).
 Where its keys sit in the basis (above 4x), each coefficient's scale and zero per block are 8-bit codes
