@@ -76,6 +76,17 @@ def hot_width(cfg) -> int:
     return 8 if fitted_ratio(cfg) >= 4.0 else 16
 
 
+def nested_widths(cfg) -> tuple[int, ...]:
+    """The code widths whose values are quantised nested (``quant.quantize``'s "nested": the top b-1 bits of a
+    code are the (b-1)-bit min-max code, so a move to one bit fewer loses nothing more; ``store.QuantSegment``):
+    3 and 4 where b-1 is a width the config's blocks take (b_min on), if ``cfg.nested_values`` says so, or
+    where None from a fitted target ratio above 4 (docs/tuning.md round 31)."""
+    on = cfg.nested_values if cfg.nested_values is not None else fitted_ratio(cfg) > 4.0
+    if not on or cfg.quantizer != "minmax":
+        return ()
+    return tuple(b for b in (3, 4) if b - 1 >= cfg.b_min)
+
+
 @dataclass(frozen=True)
 class AGACCConfig:
     """Configuration of the attention-guided adaptive KV cache.
@@ -159,6 +170,12 @@ class AGACCConfig:
             coefficient per token over a 16-token block) or "8bit" (a log2 step code and an integer zero, half
             that; ``quant.quantize_coeffs``; the ``agacc`` preset's, docs/tuning.md round 30). Its steps are min-max
             whatever ``quantizer`` says (which then sets the values' and the per-channel keys').
+        nested_values: a 4-bit (3-bit) block's values quantised so that each code's top bits are the 3-bit
+            (2-bit) min-max code (``quant.quantize`` "nested": the step range/14 instead of range/15, the range
+            widened by half a step at each end); a move to one bit fewer reads those codes (``quant.narrow_values``)
+            and quantises them again exactly, instead of quantising the 4-bit reconstruction again (its error
+            twice). None (the ``agacc`` preset): on at a fitted target ratio above 4 (``nested_widths``;
+            docs/tuning.md round 31). Min-max only.
         key_group_size: channels per (scale, zero) group of the per-token key quantiser.
         value_group_size: channels per (scale, zero) group of the per-token value quantiser.
         rotate: store quantised keys and values Hadamard-rotated (``agacc.quant.rotate``): outlier
@@ -297,6 +314,7 @@ class AGACCConfig:
     key_quant: str = _f("channel", "tiers", replay=True, choices=KEY_QUANTS)
     basis_layout: tuple[float, ...] = _f((0, 4, 8, 8, 2, 6, 16, 16, 3, 14, 24, 12), "tiers", replay=True)
     basis_meta: str = _f("fp16", "tiers", replay=True, choices=BASIS_METAS)
+    nested_values: bool | None = _f(False, "tiers", choices=(False, True, None))
     key_group_size: int = _f(64, "tiers", replay=True)
     value_group_size: int = _f(64, "tiers", replay=True)
     rotate: bool = _f(True, "tiers", ui=("store quantised blocks Hadamard-rotated (less error; needs a re-run)",
@@ -382,6 +400,8 @@ class AGACCConfig:
              f"thresholds must satisfy tau_h > tau_l > tau_e >= 0, got tau_h={self.tau_h}, tau_l={self.tau_l}, tau_e={self.tau_e}")
         need(1 <= self.b_min <= self.b_max <= 8, f"bits must satisfy 1 <= b_min <= b_max <= 8, got b_min={self.b_min}, b_max={self.b_max}")
         need(not (self.quantizer == "meanstd" and self.b_min < 2), "the meanstd quantiser needs b_min >= 2")
+        need(not (self.nested_values and self.quantizer != "minmax"),
+             f"nested_values needs quantizer='minmax', got {self.quantizer!r}")
         need(self.s > 0, f"s must be > 0, got {self.s}")
         need(self.key_group_size >= 8 and self.key_group_size % 8 == 0,
              f"key_group_size must be a positive multiple of 8, got {self.key_group_size}")

@@ -28,6 +28,10 @@ def quantize(x: torch.Tensor, bits: int, dim: int, method: str = "minmax", s: fl
 
     method="minmax": asymmetric, scale = (max - min) / (2**bits - 1), zero = min;
         error <= scale / 2 everywhere.
+    method="nested": min-max over the range widened by half a step at each end, scale = (max - min) /
+        (2 (2**(bits-1) - 1)), zero = min - scale / 2: a code's top bits-1 bits are the (bits-1)-bit
+        min-max code of the same values (``narrow_values`` reads them; docs/tuning.md round 31);
+        error <= scale / 2 everywhere.
     method="meanstd" (seed 000 §2.4.1): x~ = round((x-mu)/sigma * (2**(b-1)-1)/s) * s*sigma/(2**(b-1)-1) + mu,
         codes clipped to +-(2**(b-1)-1) so values beyond s standard deviations saturate;
         error <= scale / 2 for |x - mu| <= s * sigma.
@@ -37,14 +41,17 @@ def quantize(x: torch.Tensor, bits: int, dim: int, method: str = "minmax", s: fl
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     xf = x.float()
-    if method == "minmax":
+    if method in ("minmax", "nested"):
+        if method == "nested" and bits < 2:
+            raise ValueError("the nested quantiser needs at least 2 bits")
         lo = xf.amin(dim, keepdim=True)
         hi = xf.amax(dim, keepdim=True)
         levels = (1 << bits) - 1
+        steps = levels if method == "minmax" else 2 * ((1 << (bits - 1)) - 1)
         # a tensor divisor: CUDA divides by a Python number as a * (1/b), one ulp off IEEE division
         # (the Triton kernel's div_rn) -- measured on an H200, 1 scale in 1024 differed
-        scale = ((hi - lo) / torch.full_like(hi, levels)).clamp_min(1e-6).to(SCALE_DTYPE).float()
-        zero = lo.to(SCALE_DTYPE).float()
+        scale = ((hi - lo) / torch.full_like(hi, steps)).clamp_min(1e-6).to(SCALE_DTYPE).float()
+        zero = (lo if method == "minmax" else lo - scale * 0.5).to(SCALE_DTYPE).float()
         codes = torch.round((xf - zero) / scale).clamp_(0, levels)
     elif method == "meanstd":
         if bits < 2:
@@ -56,7 +63,7 @@ def quantize(x: torch.Tensor, bits: int, dim: int, method: str = "minmax", s: fl
         zero = (mu - half * scale).to(SCALE_DTYPE).float()
         codes = torch.round((xf - zero) / scale).clamp_(0, 2 * half)
     else:
-        raise ValueError(f"unknown quantiser {method!r}: expected 'minmax' or 'meanstd'")
+        raise ValueError(f"unknown quantiser {method!r}: expected 'minmax', 'nested' or 'meanstd'")
     return codes.to(torch.uint8), scale.to(SCALE_DTYPE), zero.to(SCALE_DTYPE)
 
 
@@ -92,6 +99,17 @@ def quantize_values(v: torch.Tensor, bits: int, group_size: int, method: str = "
     codes, scale, zero = quantize(v.reshape(bt, h, n, d // g, g), bits, dim=4, method=method, s=s)
     packed = pack(codes.reshape(bt, h, n, d), container_bits(bits))
     return packed, scale.squeeze(4), zero.squeeze(4)
+
+
+def narrow_values(packed, scale, zero, container: int, rows: torch.Tensor):
+    """Nested values (``quantize_values(..., "nested")``, in ``container``) -> the min-max codes of one bit
+    fewer their codes hold, at the entries where ``rows`` [n] bool is set (else as they are): code >> 1, scale
+    x 2, zero + scale / 2; the same container. Quantised again at that width (min-max) they come back alike."""
+    r, codes = rows[:, None], unpack(packed, container)
+    codes = torch.where(r, codes >> 1, codes)
+    s = scale.float()
+    return (pack(codes, container), torch.where(r, s * 2, s).to(SCALE_DTYPE),
+            torch.where(r, zero.float() + s * 0.5, zero.float()).to(SCALE_DTYPE))
 
 
 def dequantize_values(packed, scale, zero, bits: int, dtype=torch.float32):

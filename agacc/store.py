@@ -41,6 +41,7 @@ import torch
 
 import kernels
 from agacc import quant
+from agacc.config import nested_widths
 from agacc.quant import DENSE, QUANT, SPARSE, Part, value_group
 from agacc.policy import basis_layouts, basis_rank, fidelity_floor, key_grouping
 from agacc.tiers import CONTAINER_OF_TIER, EVICTED, FULL, INT2, INT3, INT4, INT8, NAMES, PRUNED, TIER_CONTAINER, evicted_runs
@@ -166,9 +167,10 @@ class Segment:
         self.select_blocks(keep)
         return k, v
 
-    def take(self, mask: torch.Tensor):
+    def take(self, mask: torch.Tensor, to_bits: torch.Tensor | None = None):
         """Drop the blocks where ``mask`` [n_blocks] bool is set; returns their dequantised (k, v) in
-        row order (fp32). ``remove`` for blocks found by a mask: one read, one select."""
+        row order (fp32). ``remove`` for blocks found by a mask: one read, one select. ``to_bits``: the
+        code bits each goes to (0: not a quantised tier; ``QuantSegment`` reads nested values narrowed)."""
         k, v = self.read_blocks(mask.nonzero().squeeze(1))
         self.select_blocks((~mask).nonzero().squeeze(1))
         return k, v
@@ -284,6 +286,7 @@ class QuantSegment(Segment):
         self.k = self.k_scale = self.k_zero = self.v = self.v_scale = self.v_zero = None
         self.key_per_token = cfg.key_quant == "token"  # a LayerStore sets it from the head dim (key_grouping)
         self.basis = None
+        self.nested = nested_widths(cfg)  # the code widths whose values are nested (quant.quantize)
 
     @property
     def rotated(self) -> bool:
@@ -338,7 +341,8 @@ class QuantSegment(Segment):
             pk, ks, kz = ops.quantize_values(k, b, cfg.key_group_size, cfg.quantizer, cfg.s)
         else:
             pk, ks, kz = ops.quantize_keys(k, b, B, cfg.quantizer, cfg.s)
-        pv, vs, vz = ops.quantize_values(v, b, cfg.value_group_size, cfg.quantizer, cfg.s)
+        method = "nested" if b in self.nested else cfg.quantizer
+        pv, vs, vz = ops.quantize_values(v, b, cfg.value_group_size, method, cfg.s)
         return pk, ks, kz, pv, vs, vz
 
     def append(self, groups, fresh: bool = True) -> None:
@@ -354,8 +358,10 @@ class QuantSegment(Segment):
         self.block_ids, self.bits = torch.cat(ids), torch.cat(code_bits)
         self._extend(parts, fresh)
 
-    def part(self, block_pos=None, axes: torch.Tensor | None = None) -> Part:
-        """The held blocks at ``block_pos`` (None: all) as a quantised ``Part``; ``axes``: see ``_axes``."""
+    def part(self, block_pos=None, axes: torch.Tensor | None = None, narrow: torch.Tensor | None = None) -> Part:
+        """The held blocks at ``block_pos`` (None: all) as a quantised ``Part``; ``axes``: see ``_axes``;
+        ``narrow`` [blocks] bool: those blocks' nested values as the codes of one bit fewer they hold
+        (``quant.narrow_values``)."""
         self.flush()
         if block_pos is None:
             k, ks, kz, v, vs, vz = self.k, self.k_scale, self.k_zero, self.v, self.v_scale, self.v_zero
@@ -365,6 +371,8 @@ class QuantSegment(Segment):
             k, v = _blocks(self.k, block_pos, B), _blocks(self.v, block_pos, B)
             ks, kz = _blocks(self.k_scale, block_pos, kb), _blocks(self.k_zero, block_pos, kb)
             vs, vz = _blocks(self.v_scale, block_pos, B), _blocks(self.v_zero, block_pos, B)
+        if narrow is not None:
+            v, vs, vz = quant.narrow_values(v, vs, vz, self.container, narrow.repeat_interleave(self.block_size))
         d = v.shape[-1] * 8 // self.container
         basis = {}
         if self.basis is not None:
@@ -381,6 +389,22 @@ class QuantSegment(Segment):
     def read_blocks(self, block_pos):
         """Dequantised, un-rotated (k, v) fp32 of the given block positions."""
         return quant.dequantize_part(self.part(block_pos))
+
+    def narrowed(self, block_pos: torch.Tensor, to_bits: torch.Tensor | None) -> torch.Tensor | None:
+        """Which of the blocks at ``block_pos`` go to one bit fewer from a nested width (``to_bits`` [n]: the
+        code bits each goes to, 0 where not quantised): [n] bool, None where none (or ``to_bits`` is None)."""
+        if to_bits is None or not self.nested:
+            return None
+        b = self.bits[block_pos]
+        nested = torch.tensor(self.nested, dtype=b.dtype, device=b.device)
+        m = (to_bits.to(b.dtype) == b - 1) & torch.isin(b, nested)
+        return m if bool(m.any()) else None
+
+    def take(self, mask, to_bits=None):
+        pos = mask.nonzero().squeeze(1)
+        k, v = quant.dequantize_part(self.part(pos, narrow=self.narrowed(pos, to_bits)))
+        self.select_blocks((~mask).nonzero().squeeze(1))
+        return k, v
 
 
 class SparseSegment(Segment):
@@ -749,8 +773,8 @@ class LayerStore:
         """``apply_tiers`` once the tiers are checked and floored: move the ``moving`` blocks (ascending,
         every block whose tier, bits or kept count changed, and every new one) to their segments."""
         B, n_old = self.B, self.n_blocks
-        k, v = self._take_blocks(moving, n_old)
         tm = tier[moving]
+        k, v = self._take_blocks(moving, n_old, _to_bits(tm, bits[moving]))
         present = set(tm.tolist())
         newly_evicted = []
         for t_code in (FULL, INT8, INT4, INT3, INT2, PRUNED):
@@ -796,10 +820,11 @@ class LayerStore:
                     seg = self.sparse[kp] = SparseSegment(self.B, self.device, kp, int(bits[sel[0]]), cfg)
                 seg.add(ids[sel], kk, vv)
 
-    def _take_blocks(self, moving: torch.Tensor, n_old: int):
+    def _take_blocks(self, moving: torch.Tensor, n_old: int, to_bits: torch.Tensor | None = None):
         """Full-precision-as-possible (k, v) [Bt,H,len(moving)*B,D] fp32 of the moving blocks (ascending
         block ids), removed from where they are. New blocks come from the hot region; with a host
-        copy, old blocks come from it (exact); otherwise they are dequantised from their current segment."""
+        copy, old blocks come from it (exact); otherwise they are dequantised from their current segment
+        (``to_bits`` [len(moving)]: the code bits each goes to, ``_to_bits``; ``Segment.take``)."""
         B = self.B
         bt, h, _, d = self._hot[0].shape
         n_move = moving.numel()
@@ -816,7 +841,7 @@ class LayerStore:
                 if hit is None:
                     continue
                 mask, dest, n = hit
-                kk, vv = seg.take(mask)
+                kk, vv = seg.take(mask, None if to_bits is None else to_bits[dest])
                 r = _rows(dest, B)
                 k[:, :, r] = kk
                 v[:, :, r] = vv
@@ -1121,6 +1146,12 @@ def _cat_parts(parts: list[Part]) -> Part:
     return dataclasses.replace(parts[0], **cat)
 
 
+def _to_bits(tier: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """The code bits blocks of these (new) tiers and bits go to: their bits in a quantised tier, else 0."""
+    quantised = torch.isin(tier, torch.tensor(list(TIER_CONTAINER), dtype=tier.dtype, device=tier.device))
+    return torch.where(quantised, bits, torch.zeros_like(bits))
+
+
 def _source_segments(st: LayerStore, codes: set) -> list[Segment]:
     """The segments of ``st`` that can hold blocks of these (old) tier codes, in ``segments`` order."""
     if not codes <= {FULL, INT8, INT4, INT3, INT2, PRUNED}:
@@ -1156,6 +1187,8 @@ def _move_layers(group, nz, old_tier, tier, bits, keep, token_weight) -> None:
     is_old = ids_all < n_old
     counts_old = torch.bincount(layer_of[is_old], minlength=G).tolist()
     src = old_tier[nz[is_old, 0], ids_all[is_old]].tolist()  # where the old moving blocks are now
+    tm, bm = tier[nz[:, 0], ids_all], bits[nz[:, 0], ids_all]
+    to_bits = _to_bits(tm, bm)
     # 1) take the moving blocks out, layer by layer; quantised ones stay packed until step 2
     leaving: dict[int, list] = {}  # container -> [(packed part, block slots in k)]
     at = 0
@@ -1175,7 +1208,8 @@ def _move_layers(group, nz, old_tier, tier, bits, keep, token_weight) -> None:
                 mask, dest, n = hit
                 taken = mask.nonzero().squeeze(1)
                 if isinstance(seg, QuantSegment):
-                    leaving.setdefault(seg.container, []).append((seg.part(taken), dest))
+                    part = seg.part(taken, narrow=seg.narrowed(taken, to_bits[dest]))
+                    leaving.setdefault(seg.container, []).append((part, dest))
                 else:
                     kk, vv = seg.read_blocks(taken)
                     _put_blocks(k, dest, kk, B)
@@ -1192,7 +1226,6 @@ def _move_layers(group, nz, old_tier, tier, bits, keep, token_weight) -> None:
         _put_blocks(k, dest, kk, B)
         _put_blocks(v, dest, vv, B)
     # 3) into the new segments, tier by tier as _move goes
-    tm, bm = tier[nz[:, 0], ids_all], bits[nz[:, 0], ids_all]
     present = set(tm.tolist())
     for t_code in (FULL, INT8, INT4, INT3, INT2, PRUNED):
         if t_code not in present:

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from kernels.format import SCALE_DTYPE, container_bits, pack, unpack, value_group
 
-METHODS = {"minmax": 0, "meanstd": 1}
+METHODS = {"minmax": 0, "meanstd": 1, "nested": 2}  # nested: min-max widened (agacc.quant.quantize)
 
 
 def _pow2(x: int) -> int:
@@ -54,12 +54,19 @@ def _rint(x):
 
 
 @triton.jit
-def _minmax_params(lo, hi, BITS: tl.constexpr):
-    """(scale, zero) fp32 holding fp16-rounded values: scale = max((hi-lo)/(2^b-1), 1e-6), zero = lo."""
-    levels = (1 << BITS) - 1
-    scale = tl.maximum(tl.div_rn(hi - lo, levels * 1.0), 1e-6)
+def _minmax_params(lo, hi, BITS: tl.constexpr, METHOD: tl.constexpr):
+    """(scale, zero) fp32 holding fp16-rounded values: scale = max((hi-lo)/(2^b-1), 1e-6), zero = lo; nested
+    (METHOD 2): scale = max((hi-lo)/(2(2^(b-1)-1)), 1e-6), zero = lo - scale/2."""
+    if METHOD == 2:
+        steps = 2 * ((1 << (BITS - 1)) - 1)
+    else:
+        steps = (1 << BITS) - 1
+    scale = tl.maximum(tl.div_rn(hi - lo, steps * 1.0), 1e-6)
     scale = scale.to(tl.float16).to(tl.float32)
-    zero = lo.to(tl.float16).to(tl.float32)
+    if METHOD == 2:
+        zero = (lo - scale * 0.5).to(tl.float16).to(tl.float32)
+    else:
+        zero = lo.to(tl.float16).to(tl.float32)
     return scale, zero
 
 
@@ -76,7 +83,7 @@ def _meanstd_params(mu, sigma, s_outlier, BITS: tl.constexpr):
 @triton.jit
 def _encode(x, scale, zero, BITS: tl.constexpr, METHOD: tl.constexpr):
     """Codes ``clamp(round((x - zero) / scale), 0, top)`` as int32 (top = 2^b-1, or 2*half for meanstd)."""
-    if METHOD == 0:
+    if METHOD != 1:
         top = (1 << BITS) - 1
     else:
         top = 2 * ((1 << (BITS - 1)) - 1)
@@ -111,8 +118,8 @@ def _quantize_keys_kernel(
     for j in tl.static_range(PER):
         col = byte * PER + j
         x = tl.load(x_base + rows[:, None] * sxn + col[None, :], mask=bmask[None, :], other=0.0).to(tl.float32)
-        if METHOD == 0:
-            scale, zero = _minmax_params(tl.min(x, axis=0), tl.max(x, axis=0), BITS)
+        if METHOD != 1:
+            scale, zero = _minmax_params(tl.min(x, axis=0), tl.max(x, axis=0), BITS, METHOD)
         else:
             mu = tl.div_rn(tl.sum(x, axis=0), B * 1.0)
             dev = x - mu[None, :]
@@ -192,7 +199,7 @@ def _quantize_values_kernel(
     mask = (r3 < n) & (g3 < NG) & (b3 < GB)
     x_base = x_ptr + b * sxb + h * sxh + r3 * sxn + g3 * G + b3 * PER
     # pass 1: min/max or sum over the group (its channels are spread over the PER sub-positions)
-    if METHOD == 0:
+    if METHOD != 1:
         lo = tl.full([ROWS, NG_PAD], float("inf"), tl.float32)
         hi = tl.full([ROWS, NG_PAD], float("-inf"), tl.float32)
         for j in tl.static_range(PER):
@@ -200,7 +207,7 @@ def _quantize_values_kernel(
             lo = tl.minimum(lo, tl.min(tl.where(mask, x, float("inf")), axis=2))
             hi = tl.maximum(hi, tl.max(tl.where(mask, x, float("-inf")), axis=2))
         ok = hi >= lo  # rows past n saw no element: keep their (unstored) params finite
-        scale, zero = _minmax_params(tl.where(ok, lo, 0.0), tl.where(ok, hi, 0.0), BITS)
+        scale, zero = _minmax_params(tl.where(ok, lo, 0.0), tl.where(ok, hi, 0.0), BITS, METHOD)
     else:
         tot = tl.zeros([ROWS, NG_PAD], tl.float32)
         for j in tl.static_range(PER):
@@ -321,9 +328,9 @@ def _check_bits(bits: int, method: str) -> None:
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     if method not in METHODS:
-        raise ValueError(f"unknown quantiser {method!r}: expected 'minmax' or 'meanstd'")
-    if method == "meanstd" and bits < 2:
-        raise ValueError("meanstd quantiser needs at least 2 bits")
+        raise ValueError(f"unknown quantiser {method!r}: expected 'minmax', 'nested' or 'meanstd'")
+    if method != "minmax" and bits < 2:
+        raise ValueError(f"the {method} quantiser needs at least 2 bits")
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,7 +395,8 @@ def aot_specs() -> list:
       dim x key block size at 4 bits; fp16 / bf16 input.
     * values (and per-token keys): every code width x quantiser at D = 128, groups of 64; every
       head dim x group size (8, 24, 64, 128 -> G = gcd) x container (2, 4, 8) at the largest row
-      tile; small row tiles (calls on 1 and 8 tokens); fp16 / bf16 input.
+      tile; small row tiles (calls on 1 and 8 tokens); fp16 / bf16 input; "nested" at 3 and 4 bits, every
+      head dim, groups of 64.
     * dequantise: every container x head dim into fp32; fp16 / bf16 output.
     """
     specs = []
@@ -413,6 +421,9 @@ def aot_specs() -> list:
                     specs.append(_aot_values(d, gs, bits))
     for n in (1, 8):
         specs.append(_aot_values(128, 64, 4, n=n))
+    for d in AOT_HEAD_DIMS:  # nested values (the widths a move narrows by a bit)
+        for bits in (3, 4):
+            specs.append(_aot_values(d, 64, bits, "nested"))
     for d in AOT_HEAD_DIMS:
         for bits in (2, 4, 8):
             specs.append(_aot_dequant(d, bits))

@@ -31,6 +31,46 @@ def test_minmax_error_bound(bits):
     assert bool((err <= scale.float() / 2 + 1e-5).all())
 
 
+def test_nested_codes_hold_the_codes_of_one_bit_fewer_by_hand():
+    """min 0, max 14 at 4 bits nested: step 14 / 14 = 1, zero -0.5, codes round(x + 0.5); their top 3 bits are
+    the 3-bit min-max codes round(x / 2) (step 2, zero 0), and quantised again at 3 bits they come back."""
+    x = torch.tensor([[[[0.0, 0.8, 2.9, 3.1, 5.2, 7.2, 10.4, 14.0]]]])
+    p, s, z = quant.quantize_values(x, 4, 8, "nested")
+    assert float(s) == 1.0 and float(z) == -0.5
+    assert quant.unpack(p, 4).flatten().tolist() == [0, 1, 3, 4, 6, 8, 11, 14]
+    assert bool(((quant.dequantize_values(p, s, z, 4) - x).abs() <= 0.5).all())
+    p3, s3, z3 = quant.narrow_values(p, s, z, 4, torch.tensor([True]))
+    assert quant.unpack(p3, 4).flatten().tolist() == [0, 0, 1, 2, 3, 4, 5, 7]
+    assert float(s3) == 2.0 and float(z3) == 0.0
+    fresh = quant.quantize_values(x, 3, 8, "minmax")
+    assert quant.unpack(fresh[0], 3).flatten().tolist() == [0, 0, 1, 2, 3, 4, 5, 7]
+    again = quant.quantize_values(quant.dequantize_values(p3, s3, z3, 4), 3, 8, "minmax")
+    assert quant.unpack(again[0], 3).flatten().tolist() == [0, 0, 1, 2, 3, 4, 5, 7]
+    # rows not narrowed stay as they are
+    kept = quant.narrow_values(p, s, z, 4, torch.tensor([False]))
+    assert torch.equal(kept[0], p) and torch.equal(kept[1], s) and torch.equal(kept[2], z)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_nested_codes_narrow_to_what_min_max_gives_one_bit_fewer(bits):
+    """Random groups: the error bound holds; narrowed codes equal the (b-1)-bit min-max codes except at
+    near-ties (fp16 scales and zeros place the two grids' boundaries a rounding apart); min-max at b-1 bits
+    gives the narrowed values back exactly (the move to one bit fewer loses nothing more)."""
+    torch.manual_seed(bits)
+    x = torch.randn(2, 3, 40, 64) * 2 + 0.3
+    p, s, z = quant.quantize_values(x, bits, 32, "nested")
+    assert bool(((quant.dequantize_values(p, s, z, bits) - x).abs() <= s.float().repeat_interleave(32, -1) / 2
+                 + 1e-5).all())
+    c = quant.container_bits(bits)
+    p1, s1, z1 = quant.narrow_values(p, s, z, c, torch.ones(40, dtype=torch.bool))
+    fresh = quant.quantize_values(x, bits - 1, 32, "minmax")
+    diff = (quant.unpack(p1, c).int() - quant.unpack(fresh[0], quant.container_bits(bits - 1)).int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.005
+    y = quant.dequantize_values(p1, s1, z1, bits)
+    again = quant.quantize_values(y, bits - 1, 32, "minmax")
+    assert torch.equal(quant.dequantize_values(*again, bits - 1), y)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_meanstd_error_bound_and_clipping(bits):
     x = torch.randn(8, 256)
