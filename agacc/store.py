@@ -401,6 +401,7 @@ class QuantSegment(Segment):
         return m if bool(m.any()) else None
 
     def take(self, mask, to_bits=None):
+        """``Segment.take``; a nested block going to one bit fewer is read narrowed (``narrowed``)."""
         pos = mask.nonzero().squeeze(1)
         k, v = quant.dequantize_part(self.part(pos, narrow=self.narrowed(pos, to_bits)))
         self.select_blocks((~mask).nonzero().squeeze(1))

@@ -16,10 +16,10 @@ the decode kernel reads the planes directly).
 Bit-exactness: the kernels are compiled without FMA contraction (``enable_fp_fusion=False``), so
 products and sums round like torch's separate elementwise ops; scale/zero are computed in fp32
 with correctly rounded division / square root (``tl.div_rn`` / ``tl.sqrt_rn``) and rounded to
-fp16 like the reference; codes use round half to even like ``torch.round``. With ``minmax`` (min/max are exact) codes, scales and zeros equal the
-reference bit for bit. With ``meanstd`` the mean / std are sums whose order differs from torch's,
-so a scale can differ in its last fp16 bit and a code by one where ``(x - zero) / scale`` sits at
-a rounding tie; the error bound ``|x - x~| <= scale / 2`` (inside s standard deviations) holds.
+fp16 like the reference; codes use round half to even like ``torch.round``. With ``minmax`` and ``nested`` (min/max
+are exact) codes, scales and zeros equal the reference bit for bit. With ``meanstd`` the mean / std are sums whose
+order differs from torch's, so a scale can differ in its last fp16 bit and a code by one where ``(x - zero) /
+scale`` sits at a rounding tie; the error bound ``|x - x~| <= scale / 2`` (inside s standard deviations) holds.
 
 Each kernel reads its input once and writes packed bytes directly: a code never exists unpacked
 in memory (except the 3-bit planes' one-byte-per-code intermediate above).

@@ -304,6 +304,23 @@ def test_the_agacc_preset_narrows_its_hot_region_from_a_fitted_ratio_of_4_on():
                if p != "agacc" and p not in FIXED_RATIO)
 
 
+def test_the_agacc_preset_nests_its_4_bit_values_above_a_fitted_ratio_of_4():
+    """``nested_values=None`` (the ``agacc`` preset's): the 4-bit blocks' values nested above a fitted ratio of 4
+    (docs/tuning.md round 31), and 3-bit ones where 2-bit blocks can be made; a value given is kept; min-max only
+    (True with meanstd is refused, None with it is off); other presets never."""
+    from agacc.config import nested_widths
+
+    agacc_at = lambda r, **kw: nested_widths(AGACCConfig.preset("agacc", target_ratio=r, **kw))
+    assert [agacc_at(r) for r in (None, 2.83, 4.0, 4.28, 8.0)] == [(), (), (), (4,), (4,)]
+    assert agacc_at(8.0, b_min=2) == (3, 4) and agacc_at(8.0, b_min=4) == ()
+    assert agacc_at(8.0, nested_values=False) == () and agacc_at(2.0, nested_values=True) == (4,)
+    assert agacc_at(8.0, quantizer="meanstd") == ()
+    with pytest.raises(ValueError, match="nested_values needs quantizer='minmax'"):
+        AGACCConfig.preset("agacc", nested_values=True, quantizer="meanstd")
+    assert all(nested_widths(AGACCConfig.preset(p, target_ratio=8.0)) == () for p in PRESETS
+               if p != "agacc" and p not in FIXED_RATIO)
+
+
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_every_preset_counts_what_it_holds_and_the_planner_prices_it(tiny, preset):
     """For every registered method: memory() equals an independent walk over the cache's tensors, and
