@@ -170,7 +170,7 @@ class Segment:
     def take(self, mask: torch.Tensor, to_bits: torch.Tensor | None = None):
         """Drop the blocks where ``mask`` [n_blocks] bool is set; returns their dequantised (k, v) in
         row order (fp32). ``remove`` for blocks found by a mask: one read, one select. ``to_bits``: the
-        code bits each goes to (0: not a quantised tier; ``QuantSegment`` reads nested values narrowed)."""
+        code bits each goes to (the plan's: 0 evicted, 16 full; ``QuantSegment`` reads nested values narrowed)."""
         k, v = self.read_blocks(mask.nonzero().squeeze(1))
         self.select_blocks((~mask).nonzero().squeeze(1))
         return k, v
@@ -286,7 +286,6 @@ class QuantSegment(Segment):
         self.k = self.k_scale = self.k_zero = self.v = self.v_scale = self.v_zero = None
         self.key_per_token = cfg.key_quant == "token"  # a LayerStore sets it from the head dim (key_grouping)
         self.basis = None
-        self.nested = nested_widths(cfg)  # the code widths whose values are nested (quant.quantize)
 
     @property
     def rotated(self) -> bool:
@@ -341,7 +340,7 @@ class QuantSegment(Segment):
             pk, ks, kz = ops.quantize_values(k, b, cfg.key_group_size, cfg.quantizer, cfg.s)
         else:
             pk, ks, kz = ops.quantize_keys(k, b, B, cfg.quantizer, cfg.s)
-        method = "nested" if b in self.nested else cfg.quantizer
+        method = "nested" if b in nested_widths(cfg) else cfg.quantizer
         pv, vs, vz = ops.quantize_values(v, b, cfg.value_group_size, method, cfg.s)
         return pk, ks, kz, pv, vs, vz
 
@@ -392,11 +391,12 @@ class QuantSegment(Segment):
 
     def narrowed(self, block_pos: torch.Tensor, to_bits: torch.Tensor | None) -> torch.Tensor | None:
         """Which of the blocks at ``block_pos`` go to one bit fewer from a nested width (``to_bits`` [n]: the
-        code bits each goes to, 0 where not quantised): [n] bool, None where none (or ``to_bits`` is None)."""
-        if to_bits is None or not self.nested:
+        code bits each goes to, the plan's): [n] bool, None where none (or ``to_bits`` is None)."""
+        widths = nested_widths(self.cfg)
+        if to_bits is None or not widths:
             return None
         b = self.bits[block_pos]
-        nested = torch.tensor(self.nested, dtype=b.dtype, device=b.device)
+        nested = torch.tensor(widths, dtype=b.dtype, device=b.device)
         m = (to_bits.to(b.dtype) == b - 1) & torch.isin(b, nested)
         return m if bool(m.any()) else None
 
@@ -775,7 +775,7 @@ class LayerStore:
         every block whose tier, bits or kept count changed, and every new one) to their segments."""
         B, n_old = self.B, self.n_blocks
         tm = tier[moving]
-        k, v = self._take_blocks(moving, n_old, _to_bits(tm, bits[moving]))
+        k, v = self._take_blocks(moving, n_old, bits[moving])
         present = set(tm.tolist())
         newly_evicted = []
         for t_code in (FULL, INT8, INT4, INT3, INT2, PRUNED):
@@ -825,7 +825,7 @@ class LayerStore:
         """Full-precision-as-possible (k, v) [Bt,H,len(moving)*B,D] fp32 of the moving blocks (ascending
         block ids), removed from where they are. New blocks come from the hot region; with a host
         copy, old blocks come from it (exact); otherwise they are dequantised from their current segment
-        (``to_bits`` [len(moving)]: the code bits each goes to, ``_to_bits``; ``Segment.take``)."""
+        (``to_bits`` [len(moving)]: the code bits each goes to; ``Segment.take``)."""
         B = self.B
         bt, h, _, d = self._hot[0].shape
         n_move = moving.numel()
@@ -1147,12 +1147,6 @@ def _cat_parts(parts: list[Part]) -> Part:
     return dataclasses.replace(parts[0], **cat)
 
 
-def _to_bits(tier: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """The code bits blocks of these (new) tiers and bits go to: their bits in a quantised tier, else 0."""
-    quantised = torch.isin(tier, torch.tensor(list(TIER_CONTAINER), dtype=tier.dtype, device=tier.device))
-    return torch.where(quantised, bits, torch.zeros_like(bits))
-
-
 def _source_segments(st: LayerStore, codes: set) -> list[Segment]:
     """The segments of ``st`` that can hold blocks of these (old) tier codes, in ``segments`` order."""
     if not codes <= {FULL, INT8, INT4, INT3, INT2, PRUNED}:
@@ -1189,7 +1183,6 @@ def _move_layers(group, nz, old_tier, tier, bits, keep, token_weight) -> None:
     counts_old = torch.bincount(layer_of[is_old], minlength=G).tolist()
     src = old_tier[nz[is_old, 0], ids_all[is_old]].tolist()  # where the old moving blocks are now
     tm, bm = tier[nz[:, 0], ids_all], bits[nz[:, 0], ids_all]
-    to_bits = _to_bits(tm, bm)
     # 1) take the moving blocks out, layer by layer; quantised ones stay packed until step 2
     leaving: dict[int, list] = {}  # container -> [(packed part, block slots in k)]
     at = 0
@@ -1209,7 +1202,7 @@ def _move_layers(group, nz, old_tier, tier, bits, keep, token_weight) -> None:
                 mask, dest, n = hit
                 taken = mask.nonzero().squeeze(1)
                 if isinstance(seg, QuantSegment):
-                    part = seg.part(taken, narrow=seg.narrowed(taken, to_bits[dest]))
+                    part = seg.part(taken, narrow=seg.narrowed(taken, bm[dest]))
                     leaving.setdefault(seg.container, []).append((part, dest))
                 else:
                     kk, vv = seg.read_blocks(taken)
