@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from agacc import planner
 from agacc.attention import chunk_attention, dense_attention, observe_prefill
-from agacc.config import CALIBRATED, AGACCConfig, hot_width
+from agacc.config import CALIBRATED, AGACCConfig, forecasts, hot_width, repeat_weight
 from agacc.decode import decode_attention
 from agacc.importance import WINDOW_ITEMSIZE, ImportanceTracker
 from agacc.planner import Geometry, sliding_windows
@@ -235,7 +235,7 @@ class CompressedLayer(CacheLayerMixin):
             pos = dict(window=window, positions=store.entry_positions(), q_start=store.seq_len - q) if window else {}
             probe = self.cache.probe  # a context probe's chunk (agacc.probe): the most its queries pay, kept aside
             out, mass = chunk_attention(query, store.parts(), scaling, n_new=q, n_obs=probe.n_obs if probe else cfg.n_q,
-                                        softcap=softcap, reduce="max" if probe else "mean", **pos)
+                                        softcap=softcap, reduce=probe.queries if probe else "mean", **pos)
             if probe is None:
                 self.tracker.init_prefill(store.token_mass(mass))
             else:
@@ -345,7 +345,10 @@ class CompressedCache(Cache):
         self.padded_len = 0      # with rows: positions so far, padding included (what a plain cache holds)
         self.forward_pads: list[int] = []  # per row, the padding among this forward's tokens (layer 0 reads it)
         self.probe = None        # an ``agacc.probe.Probe`` while a probe's tokens go in (a context, a lookahead)
-        self.looked_ahead = False  # ``agacc.probe.lookahead`` ran on the latest prompt (cfg.lookahead)
+        self.looked_ahead = False  # ``agacc.probe.lookahead`` ran on the latest prompt (``config.forecasts``)
+        # the latest prompt's forwards' (token ids [Bt, q], padding mask [Bt, q] or None), None where it went in as
+        # embeddings: ``agacc.enable``'s hook records them (references, no copy) for the repeat (cfg.repeat_weight)
+        self.prompt_ids: list = []
 
     def reset(self) -> None:
         """Empty the cache for a new sequence, as if just created: every layer's store, tracker and
@@ -518,9 +521,12 @@ class CompressedCache(Cache):
         reuse of one compressed context). Nothing held: nothing to do."""
         for row in self.rows or ():
             row.end_prefill()
-        if self.cfg.lookahead and self.cfg.compress and not self.looked_ahead and self.rows is None:
+        self.prompt_ids = []
+        if forecasts(self.cfg) and not self.looked_ahead and self.rows is None:
             self.looked_ahead = True  # (warned once a prompt)
-            warnings.warn(f"AGACC: lookahead={self.cfg.lookahead} did not run before the prompt's plan was carried "
+            what = " and ".join(f"{f}={v}" for f, v in (("lookahead", self.cfg.lookahead),
+                                                        ("repeat_weight", repeat_weight(self.cfg))) if v)
+            warnings.warn(f"AGACC: {what} did not run before the prompt's plan was carried "
                           "out: call agacc.probe.lookahead(model, cache, next_token) before end_prefill(), or let the "
                           "first decode step (one token) run it in a model switched by agacc.enable", stacklevel=2)
         if self.held is None:

@@ -87,6 +87,22 @@ def nested_widths(cfg) -> tuple[int, ...]:
     return tuple(b for b in (3, 4) if b - 1 >= cfg.b_min)
 
 
+def repeat_weight(cfg) -> float:
+    """The weight the prompt read once more joins its evidence with (``agacc.probe.lookahead``): 0 where the
+    config does not compress, else ``cfg.repeat_weight``, or where None 0.5 from a fitted target ratio above 4
+    and 0 up to it (docs/tuning.md round 32)."""
+    if not cfg.compress:
+        return 0.0
+    if cfg.repeat_weight is not None:
+        return cfg.repeat_weight
+    return 0.5 if fitted_ratio(cfg) > 4.0 else 0.0
+
+
+def forecasts(cfg) -> bool:
+    """Whether the prompt's plan waits for ``agacc.probe.lookahead`` (pseudo tokens, the prompt repeated)."""
+    return cfg.compress and (cfg.lookahead > 0 or repeat_weight(cfg) > 0)
+
+
 @dataclass(frozen=True)
 class AGACCConfig:
     """Configuration of the attention-guided adaptive KV cache.
@@ -139,6 +155,17 @@ class AGACCConfig:
             ``end_prefill()`` itself runs ``agacc.probe.lookahead`` first (the eval harness, the app). 0: off.
         lookahead_weight: w > 0, how the pseudo queries' evidence joins the prompt's: per token
             max(I_i / mean I, w * A_i / mean A) x mean I, A the pseudo queries' attention.
+        repeat_weight: w_r >= 0: before the pseudo queries, the prompt's own tokens go through the cache once
+            more (its held plan; a chunk at a time after the prompt, no instruction, cropped off: nothing kept),
+            and the mean attention their queries pay each token (over query heads and a chunk's queries, summed
+            over chunks) joins the prompt's evidence as the lookahead's does: max(I_i / mean I, w_r R_i /
+            mean R) x mean I, then the plan is re-made. Reading a text again reads what its later part will
+            (the names code defines and reuses), which the last N_q queries and K pseudo tokens do not
+            (docs/tuning.md round 32: held-out code at 8x KL -24%). It needs the prompt's token ids: a model
+            switched by ``agacc.enable`` records them as they go in; a caller passes ``prompt_ids`` to
+            ``agacc.probe.lookahead``. Costs one more pass over the prompt (about a second prefill), no
+            bytes after it. 0: off; None (the ``agacc`` preset): 0.5 above a fitted 4x, else 0
+            (``config.repeat_weight``).
     Tiers, bits, pruning, eviction (000 §2.4):
         tau_h, tau_l, tau_e: thresholds on normalised block importance; tau_h > tau_l > tau_e >= 0.
             > tau_h: full precision; (tau_l, tau_h]: quantised; [tau_e, tau_l]: pruned; < tau_e: evicted.
@@ -297,6 +324,7 @@ class AGACCConfig:
     context_probe: str = _f("none", "tracking", choices=CONTEXT_PROBES)
     lookahead: int = _f(0, "tracking")
     lookahead_weight: float = _f(1.0, "tracking")
+    repeat_weight: float | None = _f(0.0, "tracking")
     # tiers
     tau_h: float = _f(200.0, "tiers", replay=True, ui=(
         "τ_h: full precision above", 0.05, 1000.0, 0.05, "thresholds",
@@ -385,6 +413,8 @@ class AGACCConfig:
         need(0.0 <= self.value_weight <= 4.0, f"value_weight must be in [0, 4], got {self.value_weight}")
         need(0 <= self.lookahead <= 256, f"lookahead must be in 0..256 pseudo tokens, got {self.lookahead}")
         need(self.lookahead_weight > 0, f"lookahead_weight must be > 0, got {self.lookahead_weight}")
+        need(self.repeat_weight is None or self.repeat_weight >= 0,
+             f"repeat_weight must be >= 0 (0: off) or None (by the fitted ratio), got {self.repeat_weight}")
         need(0.0 < self.alpha <= 1.0, f"alpha must be in (0, 1], got {self.alpha}")
         need(self.evidence_half_life is None or self.evidence_half_life > 0,
              f"evidence_half_life must be > 0 (decode steps) or None, got {self.evidence_half_life}")

@@ -288,8 +288,9 @@ def unsupported_reason(model) -> str | None:
 
 def enable(model):
     """Switch a loaded model to the ``agacc`` attention function (SDPA unless the cache is compressed), and
-    let its first decode step after a prompt run the cache config's ``lookahead`` (``agacc.probe.first_step``:
-    the cache does not hold the model, so the model's forward starts it).
+    let its first decode step after a prompt run the cache config's forecasts (``agacc.probe.first_step``: the
+    prompt read again, ``repeat_weight``, from the token ids its forwards were given; ``lookahead``'s pseudo
+    tokens): the cache does not hold the model, so the model's forward starts them.
 
     Raises ValueError naming the reason when the model is one agacc cannot serve
     (``unsupported_reason``); then use it as it is, with a plain ``DynamicCache``."""

@@ -20,25 +20,34 @@ cropped off and the plan re-made. The cache cannot run it itself (it does not ho
 switched by ``agacc.enable`` runs it before its first decode step after a prompt (``first_step``), so
 ``generate()`` and any loop of forwards get it; a caller that ends the prompt itself (``end_prefill()``:
 the eval harness, the app) calls ``lookahead`` first. docs/tuning.md rounds 26-27 measure it.
+Before the pseudo tokens, ``lookahead`` can read the prompt once more (``repeat_weight``, the agacc preset's
+above 4x): KVzip's signal, the mean attention of a second reading, joined to the prompt's evidence instead of
+replacing it (docs/tuning.md round 32). Its token ids come from the caller or from ``first_step``, which records
+them as the prompt goes in.
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
 from agacc.cache import CompressedCache
+from agacc.config import forecasts, repeat_weight
 
 REPEAT = "\n\nRepeat the previous context exactly.\n\n"
+REPEAT_CHUNK = 128  # prompt tokens a forward of the repeat (``lookahead``): 128 at full precision beside the
+# held prompt stay under a 512-token prefill chunk's peak (docs/tuning.md round 32: 512 raised it 15% at 2K tokens)
 
 
 class Probe:
-    """Per layer, the most (``reduce="max"``) or the sum (``"sum"``) of the attention the probe's queries
-    paid each of the first ``n`` tokens (fp32 [n]). ``n_obs``: the queries of each probe chunk that count
-    (its last ones: the repeated context)."""
+    """Per layer, the most (``reduce="max"``) or the sum (``"sum"``) over the probe's forwards of the attention
+    their queries paid each of the first ``n`` tokens (fp32 [n]); within a forward of several queries, the most
+    any head of any query paid (``queries="max"``) or the mean over heads and queries (``"mean"``). ``n_obs``: the
+    queries of each probe forward that count (its last ones: the repeated context)."""
 
-    def __init__(self, n: int, n_obs: int, reduce: str = "max"):
-        self.n, self.n_obs, self.reduce = n, n_obs, reduce
+    def __init__(self, n: int, n_obs: int, reduce: str = "max", queries: str = "max"):
+        self.n, self.n_obs, self.reduce, self.queries = n, n_obs, reduce, queries
         self.scores: dict[int, torch.Tensor] = {}
 
     def observe(self, layer: int, token_mass: torch.Tensor) -> None:
@@ -47,6 +56,22 @@ class Probe:
         if old is not None:
             m = torch.maximum(old, m) if self.reduce == "max" else old + m
         self.scores[layer] = m
+
+
+def _read_again(model, cache, probe: Probe, ids: torch.Tensor, prefix: list[int], chunk: int, stop=None) -> bool:
+    """Forward ``prefix`` + each ``chunk`` of ``ids`` [Bt, m] through the cache after what it holds, each cropped
+    off again, their queries' attention into ``probe`` (the prefix's not counted). False if ``stop()`` ended it."""
+    device = next(model.parameters()).device
+    for lo in range(0, ids.shape[1], chunk):
+        if stop is not None and stop():
+            return False
+        part = ids[:, lo: lo + chunk].to(device)
+        if prefix:
+            part = torch.cat([torch.tensor([prefix], device=device).expand(part.shape[0], -1), part], 1)
+        probe.n_obs = part.shape[1] - len(prefix)  # the repeated tokens' queries, not the instruction's
+        with _probing(cache, probe):
+            model(input_ids=part, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return True
 
 
 @torch.inference_mode()
@@ -70,14 +95,8 @@ def reconstruct(model, cache, context_ids: list[int], prompt_ids: list[int], chu
         raise ValueError("reconstruct() needs the repeat instruction's token ids (prompt_ids)")
     if not cache.cfg.compress:
         return []  # the lossless preset keeps everything: nothing to plan
-    device = next(model.parameters()).device
     probe = Probe(n, n_obs=0)
-    for lo in range(0, n, chunk):
-        part = list(prompt_ids) + list(context_ids[lo: lo + chunk])
-        probe.n_obs = len(part) - len(prompt_ids)  # the repeated tokens' queries, not the instruction's
-        with _probing(cache, probe):
-            model(input_ids=torch.tensor([part], device=device), past_key_values=cache, use_cache=True,
-                  logits_to_keep=1)
+    _read_again(model, cache, probe, torch.tensor([list(context_ids)]), list(prompt_ids), chunk)
     scores = [probe.scores[i] for i in sorted(probe.scores)]
     cache.rescore_prompt(scores)
     return scores
@@ -110,43 +129,82 @@ def _check_one_prompt(cache, what: str) -> int:
 
 
 def lookahead(model, cache, next_token, k: int | None = None, weight: float | None = None,
-              stop=None) -> list[torch.Tensor]:
-    """Join what the model's own next ``k`` tokens read to the prompt's evidence, then re-plan the prompt.
+              stop=None, prompt_ids=None) -> list[torch.Tensor]:
+    """Join what the model reads next to the prompt's evidence, then re-plan the prompt: the prompt read once
+    more (``cfg.repeat_weight``), then the model's own next ``k`` tokens.
 
     ``cache``: a ``CompressedCache`` right after its prompt (before ``end_prefill()`` or the first decode
     step); ``next_token``: the first pseudo token (the token about to follow the prompt, or the argmax of
     its last logits), an int, or one per sequence of a batch the cache holds as one (a list or [Bt]);
-    ``k``, ``weight``: the config's ``lookahead`` and ``lookahead_weight`` unless given. The k tokens go in
-    one at a time, greedily, through the cache itself (stored hot, no re-evaluation, its held
-    evictions kept waiting); each layer sums the attention their queries pay the prompt's tokens (mean over
-    query heads, as the tracker's decode evidence); they are cropped off, and each prompt token's importance
-    I_i becomes max(I_i / mean I, weight * A_i / mean A) x mean I before ``rescore_prompt`` re-makes the
-    plan. The cache ends holding the prompt alone; its peak counts the k tokens at full precision.
-    ``stop()``: checked before each pseudo token; True ends the lookahead there, the plan left as it was.
-    Returns the per-layer scores [n] fp32 it planned with ([] when nothing is re-planned: k = 0, lossless,
-    stopped)."""
+    ``k``, ``weight``: the config's ``lookahead`` and ``lookahead_weight`` unless given; ``prompt_ids``: the
+    latest prompt's token ids (a list, [m] or [Bt, m]) for the repeat, else those ``agacc.enable``'s hook
+    recorded as the prompt went in (``CompressedCache.prompt_ids``).
+    Repeat (``config.repeat_weight(cfg)`` = w_r > 0): the prompt's tokens go through the cache again,
+    ``REPEAT_CHUNK`` a forward after what it holds (stored hot, no re-evaluation, cropped off); each layer sums
+    over forwards the mean attention (over query heads and the forward's queries) they pay each held token, R; each token's
+    importance becomes max(I_i / mean I, w_r R_i / mean R) x mean I and the plan is re-made. Lookahead: the k
+    tokens go in one at a time, greedily, through the cache itself (its held evictions kept waiting); each
+    layer sums the attention their queries pay the prompt's tokens (mean over query heads, as the tracker's
+    decode evidence), A; they are cropped off, I_i becomes max(I_i / mean I, weight * A_i / mean A) x mean I
+    and the plan is re-made. The cache ends holding the prompt alone; its peak counts a repeat forward's
+    tokens or the k tokens at full precision. ``stop()``: checked before each forward; True ends it there,
+    the plan left as the last finished part made it. Returns the per-layer scores [n] fp32 it last planned
+    with ([] when nothing is re-planned: k = 0 and no repeat, lossless, stopped first)."""
     n = _check_one_prompt(cache, "lookahead")
     k = cache.cfg.lookahead if k is None else k
     weight = cache.cfg.lookahead_weight if weight is None else weight
     if k < 0 or not weight > 0:
         raise ValueError(f"lookahead needs k >= 0 pseudo tokens and a weight > 0, got k={k}, weight={weight}")
     cache.looked_ahead = True
-    if k == 0 or not cache.cfg.compress:
+    recorded, cache.prompt_ids = cache.prompt_ids, []
+    if not cache.cfg.compress:
         return []
-    device = next(model.parameters()).device
-    probe, tok = Probe(n, n_obs=1, reduce="sum"), torch.as_tensor(next_token, device=device).reshape(-1, 1)
+    scores: list[torch.Tensor] = []
     with torch.no_grad():  # (not inference mode: generate()'s cache is updated in place afterwards)
-        with _probing(cache, probe):
-            for _ in range(k):
-                if stop is not None and stop():
-                    return []
-                out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        layers = [l for l in cache.layers if l.store is not None]
-        scores = [joined(l.tracker.raw()[:n].float(), probe.scores[i], weight)
-                  for i, l in zip(sorted(probe.scores), layers)]
-        cache.rescore_prompt(scores)
+        w_r = repeat_weight(cache.cfg)
+        if w_r > 0:
+            ids = _prompt_ids(prompt_ids, recorded, n)
+            if ids is None:
+                warnings.warn(f"AGACC: repeat_weight={w_r} did not run: the prompt's token ids are unknown (it went in "
+                              "as embeddings, or without agacc.enable); pass prompt_ids to agacc.probe.lookahead")
+            else:
+                probe = Probe(n, n_obs=0, reduce="sum", queries="mean")
+                if not _read_again(model, cache, probe, ids, [], REPEAT_CHUNK, stop):
+                    return scores
+                scores = _join(cache, probe, w_r, n)
+        if k > 0:
+            probe = Probe(n, n_obs=1, reduce="sum")
+            tok = torch.as_tensor(next_token, device=next(model.parameters()).device).reshape(-1, 1)
+            with _probing(cache, probe):
+                for _ in range(k):
+                    if stop is not None and stop():
+                        return scores
+                    out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            scores = _join(cache, probe, weight, n)
     return scores
+
+
+def _join(cache, probe: Probe, weight: float, n: int) -> list[torch.Tensor]:
+    """Each layer's tracker evidence of the n tokens joined by the probe's (``joined``); the prompt re-planned."""
+    layers = [l for l in cache.layers if l.store is not None]
+    scores = [joined(l.tracker.raw()[:n].float(), probe.scores[i], weight)
+              for i, l in zip(sorted(probe.scores), layers)]
+    cache.rescore_prompt(scores)
+    return scores
+
+
+def _prompt_ids(given, recorded, n: int) -> torch.Tensor | None:
+    """The latest prompt's ids [Bt, m <= n] (long): ``given``, else what the hook recorded (None: unknown)."""
+    if given is None:
+        if not recorded or any(r is None for r in recorded):
+            return None
+        given = torch.cat([i for i, _ in recorded], 1)
+    ids = torch.as_tensor(given, dtype=torch.long)
+    ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
+    if not 0 < ids.shape[1] <= n:
+        raise ValueError(f"prompt_ids has {ids.shape[1]} tokens; the cache holds {n}: pass the latest prompt's ids")
+    return ids
 
 
 def joined(raw: torch.Tensor, look: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
@@ -158,17 +216,22 @@ def joined(raw: torch.Tensor, look: torch.Tensor, weight: float = 1.0) -> torch.
 
 
 def first_step(model, args, kwargs) -> None:
-    """A forward pre-hook (``agacc.enable`` installs it): before the first one-token forward after a prompt
-    into a ``CompressedCache`` whose config asks for a ``lookahead`` that has not run, run it from that
-    token (generated, sampled or teacher-forced: the first the cache is given), so ``generate()`` and any
-    loop of forwards get it (a batch, beams included, from each sequence's token; a padded batch row by
-    row, each row's cache on its own). Changes no input: the pseudo tokens are cropped off before the
-    forward."""
+    """A forward pre-hook (``agacc.enable`` installs it) for a ``CompressedCache`` whose config forecasts
+    (``config.forecasts``: a ``lookahead``, a ``repeat_weight``). A prompt's forward: its token ids (and padding
+    mask) are recorded on the cache (``prompt_ids``: references to the caller's tensors, no copy) for the repeat.
+    The first one-token forward after a prompt: ``lookahead`` runs from that token (generated, sampled or
+    teacher-forced: the first the cache is given), so ``generate()`` and any loop of forwards get it (a batch,
+    beams included, from each sequence's token; a padded batch row by row, each row's cache on its own, its
+    prompt without the padding). Changes no input: the probes' tokens are cropped off before the forward."""
     cache = kwargs.get("past_key_values")
-    if not isinstance(cache, CompressedCache) or not cache.cfg.lookahead or cache.probe is not None:
+    if not isinstance(cache, CompressedCache) or not forecasts(cache.cfg) or cache.probe is not None:
         return None
     ids = kwargs.get("input_ids", args[0] if args else None)
-    if ids is None or ids.dim() != 2 or ids.shape[1] != 1:
+    if ids is None or ids.dim() != 2 or ids.shape[1] != 1 or (cache.rows is None and cache.seq_len == 0):
+        if not cache.teacher_forced:  # a prompt's forward
+            mask = kwargs.get("attention_mask")
+            cache.prompt_ids.append(None if ids is None or ids.dim() != 2 else
+                                    (ids, mask[:, -ids.shape[1]:] if mask is not None and mask.dim() == 2 else None))
         return None
     if cache.rows is None:  # one sequence, or a batch planned as one
         if not cache.looked_ahead and cache.seq_len > 0:
@@ -177,7 +240,15 @@ def first_step(model, args, kwargs) -> None:
     due = [not row.looked_ahead and row.seq_len > 0 for row in cache.rows]
     if not any(due):  # every later decode step: the token ids are not read (no device sync)
         return None
-    for row, tok, run in zip(cache.rows, ids[:, 0].tolist(), due):  # a padded batch: each row's cache, on its own
+    recorded, cache.prompt_ids = cache.prompt_ids, []
+    for r, (row, tok, run) in enumerate(zip(cache.rows, ids[:, 0].tolist(), due)):  # a padded batch: row by row
         if run:
-            lookahead(model, row, tok)
+            lookahead(model, row, tok, prompt_ids=_row_ids(recorded, r))
     return None
+
+
+def _row_ids(recorded, r: int) -> torch.Tensor | None:
+    """Row r's prompt ids [m] from a padded batch's recorded forwards (padding dropped); None: unknown."""
+    if not recorded or any(x is None for x in recorded):
+        return None
+    return torch.cat([i[r] if m is None else i[r][m[r].bool()] for i, m in recorded])

@@ -34,7 +34,7 @@ import torch
 
 from agacc.cache import CompressedCache
 from agacc.compare import FullCacheComparison, sample
-from agacc.config import AGACCConfig
+from agacc.config import AGACCConfig, forecasts
 from agacc.planner import text_config
 from agacc.probe import lookahead
 from agacc.trace import Trace
@@ -318,13 +318,13 @@ class GenerationSession:
             self.stop_reason = "cancelled"  # during the prefill, between two chunks
             return
         n_seen_reeval = 0
-        with self.lock:  # the prompt re-planned by what the model's next tokens read (agacc.probe); Stop ends
-            cache = self.cache  # it after the pseudo token in flight, with the plan as the prompt left it
-            if self.cfg.lookahead and cache is not None:
+        with self.lock:  # the prompt re-planned by what the model reads next (agacc.probe: the prompt again, pseudo
+            cache = self.cache  # tokens); Stop ends it after the forward in flight, the plan as the last part left it
+            if forecasts(self.cfg) and cache is not None:
                 self._maybe_frame(cache, 0)  # the prompt's plan before it: a frame of the trace
                 n_seen_reeval = cache.reevaluations
                 self._guarded("lookahead", lambda: lookahead(self.model, cache, int(logits.argmax()),
-                                                              stop=self.cancel.is_set))
+                                                              stop=self.cancel.is_set, prompt_ids=self.input_ids))
         if self.cache is None:
             self.stop_reason = "cancelled"
             return

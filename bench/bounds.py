@@ -143,8 +143,9 @@ def install_lookahead(k: int, combine: str) -> None:
     before_each_text(lambda model, ids, prefill: seen.update(look=lookahead_attention(model, ids[:, :prefill], k)))
     end, init = CompressedCache.end_prefill, CompressedCache.__init__
 
-    def __init__(self, model_config, config=None, **kw):  # the bound replaces the cache's own (round 27) lookahead
-        init(self, model_config, (config or AGACCConfig.preset("agacc")).with_overrides(lookahead=0), **kw)
+    def __init__(self, model_config, config=None, **kw):  # the bound replaces the cache's own forecasts (rounds 27, 32)
+        init(self, model_config, (config or AGACCConfig.preset("agacc")).with_overrides(lookahead=0, repeat_weight=0.0),
+             **kw)
 
     def end_prefill(self):
         if self.held is not None and self.seq_len == seen["look"].shape[1]:

@@ -641,6 +641,7 @@ def _peak_prefill(model, prompt, cache, chunk, device, deadline: float | None = 
     to take as long as the last one took, times its share of the keys) and says so in ``cut``."""
     import torch
 
+    from agacc.config import forecasts
     from agacc.probe import lookahead
 
     free(device)
@@ -662,8 +663,8 @@ def _peak_prefill(model, prompt, cache, chunk, device, deadline: float | None = 
                 cut = True
                 break
         if hasattr(cache, "end_prefill"):
-            if cache.cfg.lookahead:  # the preset's pseudo tokens (round 27): part of its prompt, counted in its peak
-                lookahead(model, cache, out.logits[:, -1].argmax(-1))
+            if forecasts(cache.cfg):  # the preset's repeat and pseudo tokens (rounds 27, 32): part of its prompt, peak
+                lookahead(model, cache, out.logits[:, -1].argmax(-1), prompt_ids=prompt[:, :done])
             cache.end_prefill()
     sync(device)
     rec = {"chunk": chunk, "tokens": done, "cut": cut, "seconds": time.perf_counter() - t0}
@@ -809,8 +810,9 @@ def section_lookahead(ctx) -> dict:
     over the store's dequantised entries: the pseudo tokens' evidence is the mass those calls return;
     (2) ``generate()`` on ``agacc.enable``'s model (its hook runs the lookahead) against the loop that calls
     ``agacc.probe.lookahead`` itself: the same tokens, tiers and bytes, and tiers unlike lookahead=0's;
-    (3) time to the first token (prefill in chunks of 2,048, the lookahead, the plan carried out), bf16, with and
-    without it, interleaved, after one warm-up each (Triton's compiles)."""
+    (3) time to the first token (prefill in chunks of 2,048, the forecasts, the plan carried out), bf16, with both,
+    without the pseudo tokens, and without the repeat too (round 32), interleaved, after one warm-up each (Triton's
+    compiles)."""
     import torch
 
     import agacc
@@ -880,7 +882,7 @@ def section_lookahead(ctx) -> dict:
             model = smollm_shaped(30, dev, torch.bfloat16)
             for ctx_len in plan["look_ttft_contexts"]:
                 prompt = torch.randint(3, 257, (1, ctx_len), generator=gen).to(dev)
-                times = {"agacc@8": [], "agacc@8,lookahead=0": []}
+                times = {"agacc@8": [], "agacc@8,lookahead=0": [], "agacc@8,lookahead=0,repeat_weight=0": []}
                 for rep in range(plan["look_repeats"] + 1):  # the first round warms up (not kept)
                     for method in times:
                         if ctx["budget"].left() < 20:

@@ -15,7 +15,10 @@ the recording with the EMA is ``agacc@4-ema``, and the other ``agacc`` variants 
 the same three when the preset began re-planning the prompt by 16 pseudo tokens (``lookahead=16``, round 27): the
 recording without is ``agacc@4-nolook``, and the other ``agacc`` variants pin ``lookahead=0``; ``agacc@4`` and
 ``agacc@8`` when its hot region went to 8 bits from a fitted ratio of 4 on (``hot_bits=None``, round 29; ``agacc``,
-without a target, holds it at 16): the recording at 16 is ``agacc@4-hot16``, and the other variants pin ``hot_bits=16``.
+without a target, holds it at 16): the recording at 16 is ``agacc@4-hot16``, and the other variants pin ``hot_bits=16``;
+``agacc@8`` when above 4x the preset began reading the prompt again before its pseudo tokens (``repeat_weight=None``,
+round 32: one re-plan more, the same tokens, bytes and tiers on this short run): the recording without is
+``agacc@8-norepeat``.
 The trackers keep every token's state here, all of it outside the plan, as when these were recorded (since
 round 23 they forget evicted blocks' tokens and the plan prices the state of its blocks' tokens: fewer bytes,
 so other plans at a target ratio; ``tests/test_cache.py`` checks that forgetting changes nothing else)."""

@@ -191,6 +191,72 @@ def test_lookahead_evidence_equals_eager_attention_of_the_greedy_continuation():
         bool((h < s - 1e-9).any()) for h, s in zip(half, scores))
 
 
+def test_repeat_evidence_equals_eager_attention_of_the_prompt_read_again(monkeypatch):
+    """``repeat_weight``: the prompt's tokens go in again, ``REPEAT_CHUNK`` a forward right after it; each chunk's
+    mean attention (over query heads and its queries) to the prompt, summed over chunks, joins the tracker's
+    evidence by the documented max; the cache ends holding the prompt alone, its peak counting one chunk."""
+    import agacc.probe as P
+
+    monkeypatch.setattr(P, "REPEAT_CHUNK", 40)  # three forwards: 40, 40 and 20 tokens
+    model = make_tiny(layers=2)
+    ref = make_tiny(layers=2)
+    ref.set_attn_implementation("eager")
+    ctx = torch.randint(3, 256, (100,), generator=torch.Generator().manual_seed(6)).tolist()
+    cache = _prefill(model, _lossless_looking(repeat_weight=0.5, lookahead=0), ctx)
+    raw = [l.tracker.raw()[:100].clone() for l in cache.layers]
+    held0, reevals = cache.memory()["bytes"], cache.reevaluations
+    assert [i.shape[1] for i, _ in cache.prompt_ids] == [40, 40, 20]  # the hook recorded the prompt's forwards
+    scores = lookahead(model, cache, 5)  # lookahead=0: the repeat alone
+    assert cache.prompt_ids == [] and cache.looked_ahead
+    rep = [0, 0]
+    with torch.inference_mode():
+        for lo in range(0, 100, 40):
+            part = ctx[lo:lo + 40]
+            att = ref(input_ids=torch.tensor([ctx + part]), output_attentions=True).attentions
+            for l in range(2):
+                rep[l] = rep[l] + att[l][0, :, 100:, :100].mean(0).mean(0)
+    lifted = 0
+    for l, (got, r, R) in enumerate(zip(scores, raw, rep)):
+        want = torch.maximum(r / r.mean(), 0.5 * R / R.mean()) * r.mean()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(cache.layers[l].tracker.importance[:100], got)
+        lifted += int((0.5 * R / R.mean() > r / r.mean()).sum())
+    assert 0 < lifted < 200
+    assert all(l.store.seq_len == 100 for l in cache.layers) and cache.steps == 0
+    assert cache.reevaluations == reevals + 1
+    kv_token = sum(2 * l.store.hot_k[0, :, 0].nbytes for l in cache.layers)
+    assert held0 + 40 * kv_token <= cache.memory()["peak_bytes"] <= held0 + 40 * kv_token + 2048
+    # the ids given equal the ids recorded; a prompt that went in as embeddings warns that the repeat did not run
+    again = _prefill(model, _lossless_looking(repeat_weight=0.5, lookahead=0), ctx)
+    again.prompt_ids = []
+    for a, b in zip(lookahead(model, again, 5, prompt_ids=ctx), scores):
+        assert torch.equal(a, b)
+    emb = CompressedCache(model.config, _lossless_looking(repeat_weight=0.5, lookahead=0))
+    with torch.inference_mode():
+        model(inputs_embeds=model.get_input_embeddings()(torch.tensor([ctx])), past_key_values=emb, use_cache=True)
+    with pytest.warns(UserWarning, match="repeat_weight=0.5 did not run: the prompt's token ids are unknown"):
+        assert lookahead(model, emb, 5) == []
+    with pytest.raises(ValueError, match="prompt_ids has 101 tokens; the cache holds 100"):
+        lookahead(model, _prefill(model, _lossless_looking(repeat_weight=0.5, lookahead=0), ctx), 5,
+                  prompt_ids=ctx + [3])
+
+
+def test_repeat_weight_follows_the_fitted_ratio():
+    from agacc.config import forecasts, repeat_weight
+
+    assert repeat_weight(AGACCConfig.preset("agacc", target_ratio=8.0)) == 0.5
+    assert repeat_weight(AGACCConfig.preset("agacc", target_ratio=4.28)) == 0.5  # above 4x
+    assert repeat_weight(AGACCConfig.preset("agacc", target_ratio=4.0)) == 0.0
+    assert repeat_weight(AGACCConfig.preset("agacc")) == 0.0  # unfitted: thresholds as set
+    assert repeat_weight(AGACCConfig.preset("agacc", target_ratio=2.0, repeat_weight=1.5)) == 1.5
+    assert repeat_weight(AGACCConfig.preset("full", repeat_weight=1.0)) == 0.0
+    assert not forecasts(AGACCConfig.preset("full"))
+    assert forecasts(AGACCConfig.preset("agacc", lookahead=0, target_ratio=8.0))
+    assert not forecasts(AGACCConfig.preset("agacc", lookahead=0, repeat_weight=0.0, target_ratio=8.0))
+    with pytest.raises(ValueError, match="repeat_weight must be >= 0"):
+        AGACCConfig.preset("agacc", repeat_weight=-1.0)
+
+
 @pytest.mark.parametrize("chunk", [None, 64])
 def test_generate_runs_the_lookahead_at_its_first_decode_step(chunk):
     """One prefill forward, or generate()'s own chunked prefill (``prefill_chunk_size``): the same tokens, tiers
@@ -230,7 +296,7 @@ def test_generate_runs_the_lookahead_at_its_first_decode_step(chunk):
     late = CompressedCache(model.config, cfg)
     with torch.inference_mode():
         model(input_ids=ids, past_key_values=late, use_cache=True)
-    with pytest.warns(UserWarning, match="lookahead=3 did not run"):
+    with pytest.warns(UserWarning, match="lookahead=3 and repeat_weight=0.5 did not run"):
         late.end_prefill()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -238,6 +304,37 @@ def test_generate_runs_the_lookahead_at_its_first_decode_step(chunk):
         with torch.inference_mode():
             model(input_ids=ids[:, :1], past_key_values=late, use_cache=True)  # nor then at the decode step
     assert late.seq_len == 201
+
+
+def test_a_padded_batch_repeats_each_rows_prompt_without_its_padding():
+    """generate() over a left-padded batch: each row's cache repeats that row's own prompt (the hook's record,
+    padding dropped) and gets the tokens, tiers and bytes it gets alone."""
+    model = make_tiny(layers=2)
+    cfg = AGACCConfig.preset("agacc", target_ratio=5.0, lookahead=2, n_sink=0)
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(3, 256, (2, 400), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :64] = 0  # one whole prefill chunk of padding: row 1's chunks are those it has alone
+    ids[1, :64] = 0
+
+    def gen(ids, mask, cache):
+        with torch.inference_mode():
+            return model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=5,
+                                  min_new_tokens=5, do_sample=False, pad_token_id=0, prefill_chunk_size=64)
+
+    cache = CompressedCache(model.config, cfg)
+    out = gen(ids, mask, cache)
+    assert len(cache.rows) == 2 and all(r.looked_ahead for r in cache.rows) and cache.prompt_ids == []
+    for r in range(2):
+        real = ids[r:r + 1, mask[r].bool()]
+        alone = CompressedCache(model.config, cfg)
+        assert torch.equal(out[r, -5:], gen(real, torch.ones_like(real), alone)[0, -5:])
+        for a, b in zip(tier_maps(cache.rows[r]), tier_maps(alone)):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    off = CompressedCache(model.config, AGACCConfig.preset("agacc", target_ratio=5.0, lookahead=2, n_sink=0,
+                                                           repeat_weight=0.0))
+    gen(ids[1:, 64:], torch.ones_like(ids[1:, 64:]), off)
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(tier_maps(off), tier_maps(alone)))  # the repeat re-planned
 
 
 def test_lookahead_refuses_bad_input_and_leaves_the_lossless_preset_alone():
@@ -261,6 +358,8 @@ def test_lookahead_refuses_bad_input_and_leaves_the_lossless_preset_alone():
 
 
 def test_the_eval_harness_runs_the_lookahead_where_asked(loaded, monkeypatch):
+    """The captured prompt and a chunked prefill: the lookahead runs where the config forecasts, given the prompt's
+    ids (the capture holds no forward for the hook to record), and the repeat reads them (no warning)."""
     from agacc.eval import runner as R
     from agacc.eval import tasks as T
     from tests.test_eval import CORPUS
@@ -268,12 +367,39 @@ def test_the_eval_harness_runs_the_lookahead_where_asked(loaded, monkeypatch):
     model, tok = loaded
     calls = []
     real = R.lookahead
-    monkeypatch.setattr(R, "lookahead", lambda *a, **k: calls.append(a[1].seq_len) or real(*a, **k))
+    monkeypatch.setattr(R, "lookahead", lambda *a, **k: calls.append((a[1].seq_len, list(k["prompt_ids"])))
+                        or real(*a, **k))
     (s,) = T.needle(tok, 256, 1, text=CORPUS * 8)
-    configs = [("look", AGACCConfig.preset("agacc", target_ratio=4.0, lookahead=2)),
+    configs = [("look", AGACCConfig.preset("agacc", target_ratio=4.0, lookahead=2, repeat_weight=0.5)),
                ("none", AGACCConfig.preset("agacc", target_ratio=4.0, lookahead=0))]
     for prefill_chunk in (None, 64):  # the captured prompt and a chunked prefill
         calls.clear()
-        out = R.evaluate_sample(model, tok, s, configs, prefill_chunk=prefill_chunk)
-        assert calls == [len(s.prompt_ids)] and [r["preset"] for r in out] == ["look", "none"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = R.evaluate_sample(model, tok, s, configs, prefill_chunk=prefill_chunk)
+        assert calls == [(len(s.prompt_ids), list(s.prompt_ids))] and [r["preset"] for r in out] == ["look", "none"]
         assert all(r["ratio"] > 2.5 for r in out)
+
+
+def test_the_repeat_keeps_the_prefill_peak_and_the_forecast_bench_reports_it(monkeypatch):
+    """``bench/bench_forecast.py``: a repeat forward's ``REPEAT_CHUNK`` tokens at full precision beside the held prompt
+    stay under a 512-token prefill chunk's peak, so the peak with the repeat is the peak without it; the forecasts
+    take time only where the config asks for them."""
+    from bench.bench_forecast import measure
+    from bench.common import parse_methods
+
+    model = make_tiny(layers=2)
+    ids = torch.randint(3, 256, (1, 1024), generator=torch.Generator().manual_seed(4))
+    methods = parse_methods(["agacc@8,lookahead=0", "agacc@8,lookahead=0,repeat_weight=0"])
+    rep, off = measure(model, ids, methods, 512, 1)
+    assert rep["peak_bytes"] == off["peak_bytes"] > 0
+    assert len(rep["first_token_s"]) == 1 and rep["forecast_s"][0] > 0 and off["forecast_s"][0] < rep["forecast_s"][0]
+    import agacc.probe as P
+    from agacc import CompressedCache
+    big = CompressedCache(model.config, methods[0][1])  # a 512-token repeat forward would raise it
+    with torch.inference_mode():
+        for lo in range(0, 1024, 512):
+            first = model(input_ids=ids[:, lo:lo + 512], past_key_values=big, use_cache=True).logits[0, -1]
+    monkeypatch.setattr(P, "REPEAT_CHUNK", 512)
+    lookahead(model, big, int(first.argmax()), prompt_ids=ids)
+    assert big.memory()["peak_bytes"] > rep["peak_bytes"]

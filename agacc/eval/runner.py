@@ -41,7 +41,7 @@ from agacc.attention import observe_prefill
 from agacc.cache import CompressedCache
 from agacc.planner import text_config
 from agacc.probe import REPEAT, lookahead, reconstruct
-from agacc.config import AGACCConfig
+from agacc.config import AGACCConfig, forecasts
 from agacc.eval import ruler
 from agacc.eval.metrics import lm_stats, perplexity, wilson_interval
 from agacc.eval.scoring import text_score
@@ -60,6 +60,7 @@ class Capture:
     scaling: list
     logits: torch.Tensor        # [T+1, V]: prediction after the prompt and after each extra token
     seconds: float
+    ids: list                   # the n prompt token ids (a config's repeat reads them again: agacc.probe)
 
 
 _STATE: dict = {}
@@ -109,7 +110,7 @@ def capture_prefill(model, prompt_ids: list[int], extra_ids: list[int] | None = 
     if missing:
         raise RuntimeError(f"capture saw no attention call for layers {missing[:5]}")
     ks, vs, qs, sc = zip(*(layers[i] for i in range(n_layers)))
-    return Capture(n, list(ks), list(vs), list(qs), list(sc), out.logits[0].float(), secs)
+    return Capture(n, list(ks), list(vs), list(qs), list(sc), out.logits[0].float(), secs, list(prompt_ids))
 
 
 @torch.inference_mode()
@@ -125,18 +126,19 @@ def cache_from_capture(model, cap: Capture, cfg: AGACCConfig, before_end=None) -
             raise ValueError(f"n_q={cfg.n_q} exceeds the {q_last.shape[2]} captured queries; capture with n_obs >= n_q")
         layer.tracker.init_prefill(observe_prefill(q_last, k, cap.scaling[i], cfg.n_q))  # the last queries
     cache._step_done(cap.n)  # the end-of-prefill re-evaluation, as after a real prefill
-    _end_prompt(model, cache, cap.logits[0], before_end)
+    _end_prompt(model, cache, cap.logits[0], before_end, cap.ids)
     return cache
 
 
-def _end_prompt(model, cache: CompressedCache, logits: torch.Tensor, before_end=None) -> None:
-    """After a prompt: ``before_end(cache, logits)`` (a context probe), the config's ``lookahead`` (greedy
-    pseudo tokens from ``logits``, the last prompt position's [V]), then the held evictions happen (as at a
-    first decode step) and teacher-forced chunks from here on count as decode steps."""
+def _end_prompt(model, cache: CompressedCache, logits: torch.Tensor, before_end=None, prompt_ids=None) -> None:
+    """After a prompt (``prompt_ids``): ``before_end(cache, logits)`` (a context probe), the config's forecasts
+    (``agacc.probe.lookahead``: the prompt read again, greedy pseudo tokens from ``logits``, the last prompt
+    position's [V]), then the held evictions happen (as at a first decode step) and teacher-forced chunks from
+    here on count as decode steps."""
     if before_end is not None:
         before_end(cache, logits)
-    if cache.cfg.lookahead:  # the prompt re-planned by what the model's next tokens read (agacc.probe)
-        lookahead(model, cache, int(logits.argmax()))
+    if forecasts(cache.cfg):  # the prompt re-planned by what the model reads next (agacc.probe)
+        lookahead(model, cache, int(logits.argmax()), prompt_ids=prompt_ids)
     cache.end_prefill()
     cache.teacher_forcing()
 
@@ -190,7 +192,7 @@ def chunked_prefill(model, cfg: AGACCConfig, prompt_ids: list[int], prefill_chun
         x = torch.tensor([prompt_ids[lo: lo + prefill_chunk]], device=model.device)
         out = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
     logits = out.logits[0, -1].float()
-    _end_prompt(model, cache, logits, before_end)
+    _end_prompt(model, cache, logits, before_end, prompt_ids)
     return cache, logits
 
 

@@ -36,7 +36,8 @@ def cases():
                                           lookahead=0, hot_bits=16)),  # before round 16
             ("agacc@4-nw16", "agacc", dict(target_ratio=4.0, n_w=16, lookahead=0, hot_bits=16)),  # before round 24
             ("agacc@4-nolook", "agacc", dict(target_ratio=4.0, lookahead=0, hot_bits=16)),  # before round 27
-            ("agacc@4-hot16", "agacc", dict(target_ratio=4.0, hot_bits=16))]  # before round 29
+            ("agacc@4-hot16", "agacc", dict(target_ratio=4.0, hot_bits=16)),  # before round 29
+            ("agacc@8-norepeat", "agacc", dict(target_ratio=8.0, repeat_weight=0.0))]  # before round 32
     return out
 
 
