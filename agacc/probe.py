@@ -196,10 +196,9 @@ def _join(cache, probe: Probe, weight: float, n: int) -> list[torch.Tensor]:
 
 def _prompt_ids(given, recorded, n: int) -> torch.Tensor | None:
     """The latest prompt's ids [Bt, m <= n] (long): ``given``, else what the hook recorded (None: unknown)."""
+    given = _recorded(recorded) if given is None else given
     if given is None:
-        if not recorded or any(r is None for r in recorded):
-            return None
-        given = torch.cat([i for i, _ in recorded], 1)
+        return None
     ids = torch.as_tensor(given, dtype=torch.long)
     ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
     if not 0 < ids.shape[1] <= n:
@@ -243,12 +242,16 @@ def first_step(model, args, kwargs) -> None:
     recorded, cache.prompt_ids = cache.prompt_ids, []
     for r, (row, tok, run) in enumerate(zip(cache.rows, ids[:, 0].tolist(), due)):  # a padded batch: row by row
         if run:
-            lookahead(model, row, tok, prompt_ids=_row_ids(recorded, r))
+            lookahead(model, row, tok, prompt_ids=_recorded(recorded, r))
     return None
 
 
-def _row_ids(recorded, r: int) -> torch.Tensor | None:
-    """Row r's prompt ids [m] from a padded batch's recorded forwards (padding dropped); None: unknown."""
+def _recorded(recorded, row: int | None = None) -> torch.Tensor | None:
+    """The ids ``first_step`` recorded of a prompt's forwards ([(ids [Bt, q], mask [Bt, q] or None)]): all rows
+    [Bt, m], or padded batch row ``row``'s [m] without its padding; None where unknown (nothing recorded, or a
+    forward given as embeddings)."""
     if not recorded or any(x is None for x in recorded):
         return None
-    return torch.cat([i[r] if m is None else i[r][m[r].bool()] for i, m in recorded])
+    if row is None:
+        return torch.cat([i for i, _ in recorded], 1)
+    return torch.cat([i[row] if m is None else i[row][m[row].bool()] for i, m in recorded])
