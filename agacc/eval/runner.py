@@ -53,14 +53,18 @@ TIMING_KEYS = ("tokens_per_s", "seconds", "build_s", "decode_s", "prefill_s", "p
 
 @dataclass
 class Capture:
-    n: int                      # prompt tokens
+    ids: list                   # the n prompt token ids (a config's repeat reads them again: agacc.probe)
     keys: list                  # per layer [Bt, H, n, D] (after RoPE)
     values: list
     queries: list               # per layer [Bt, Hq, m, D]: the last m prompt queries
     scaling: list
     logits: torch.Tensor        # [T+1, V]: prediction after the prompt and after each extra token
     seconds: float
-    ids: list                   # the n prompt token ids (a config's repeat reads them again: agacc.probe)
+
+    @property
+    def n(self) -> int:
+        """Prompt tokens."""
+        return len(self.ids)
 
 
 _STATE: dict = {}
@@ -110,7 +114,7 @@ def capture_prefill(model, prompt_ids: list[int], extra_ids: list[int] | None = 
     if missing:
         raise RuntimeError(f"capture saw no attention call for layers {missing[:5]}")
     ks, vs, qs, sc = zip(*(layers[i] for i in range(n_layers)))
-    return Capture(n, list(ks), list(vs), list(qs), list(sc), out.logits[0].float(), secs, list(prompt_ids))
+    return Capture(list(prompt_ids), list(ks), list(vs), list(qs), list(sc), out.logits[0].float(), secs)
 
 
 @torch.inference_mode()
