@@ -471,6 +471,8 @@ class CompressedCache(Cache):
         update_all(trackers, [st.token_mass for st in stores], lambda ws: token_mass_all(stores, ws))
         seq_len = self.seq_len
         n_ready = layers[0].store.n_ready_blocks()
+        for t in trackers:  # (config.block_state: the tiered blocks' state packed, 8 bytes a block)
+            t.pack(n_ready)
         token_scores = scores_all(trackers, seq_len, n_ready * cfg.block_size)  # [L, seq_len]
         block_scores = planner.block_scores(token_scores, cfg, n_ready)
         for l, s in zip(layers, block_scores):
@@ -579,9 +581,9 @@ class CompressedCache(Cache):
             ev = l.tracker.n_evicted  # tracker counts none, and an evicted block is priced as a kept one)
             tracker -= per_token * (l.store.n_ready_blocks() - ev) * self.cfg.block_size + per_evicted * ev
         basis = sum(t.nbytes for l in layers for t in l.store.basis_tensors())  # a fixed cost per layer
-        return tracker + basis + sum(l.scores.nbytes + 4 * l.store.n_ready_blocks() for l in layers)
+        return round(tracker) + basis + sum(l.scores.nbytes + 4 * l.store.n_ready_blocks() for l in layers)
 
-    def tracker_prices(self) -> tuple[int, int]:
+    def tracker_prices(self) -> tuple[float, int]:
         """``planner.tracker_prices`` of this cache's trackers now (the window sums they hold)."""
         chunks = next((len(l.tracker.chunks) for l in self.layers if l.store is not None), 0)
         return planner.tracker_prices(self.cfg, chunks)
@@ -658,7 +660,8 @@ class CompressedCache(Cache):
         bits [L][nb]: code bits (16 full, the hot region's ``hot_width``, 0 evicted); keep [L][nb]: kept elements
         per vector;
         markers [L]: evicted runs as [first_block, last_block]; token_importance [seq_len]: mean over
-        layers of the normalised per-token score; memory: ``memory()``. A padded batch has one per row:
+        layers of the normalised per-token score (a block the tracker holds packed, ``config.block_state``:
+        its block score on each token); memory: ``memory()``. A padded batch has one per row:
         ``cache.rows[i].snapshot()``."""
         if self.rows is not None:
             raise ValueError("a padded batch's cache has one snapshot per row: cache.rows[i].snapshot()")
@@ -683,7 +686,10 @@ class CompressedCache(Cache):
             keeps.append(k.tolist())
             markers.append(st.markers.span.tolist() if st is not None else [])
             if st is not None and seq_len:
-                tok.append(l.tracker.scores(seq_len, max(1, st.n_ready_blocks() * B)).cpu())
+                ts = l.tracker.scores(seq_len, max(1, st.n_ready_blocks() * B)).cpu()
+                k = l.tracker.n_packed * B  # (held as the block's largest: each token shows it)
+                ts[:k] = ts[:k].view(-1, B).amax(1).repeat_interleave(B)
+                tok.append(ts)
         token_importance = torch.stack(tok).mean(0).tolist() if tok else []
         return {
             "step": self.steps, "seq_len": seq_len, "block_size": B, "n_layers": self.n_layers,

@@ -98,6 +98,26 @@ def repeat_weight(cfg) -> float:
     return 0.5 if fitted_ratio(cfg) > 4.0 else 0.0
 
 
+def block_state_conflicts(cfg) -> list[str]:
+    """What ``block_state`` needs and ``cfg`` lacks, each as the setting to make (empty: none): elsewhere a block's
+    score reads its tokens' I_i one by one, not only their largest (and their sum, for the layer's mean)."""
+    rules = [(cfg.scoring != "ema", "scoring='ema'"), (cfg.prompt_evidence != "max", "prompt_evidence='max'"),
+             (cfg.decode_evidence != "max", "decode_evidence='max'"), (cfg.position_norm != "none", "position_norm='none'"),
+             (cfg.value_weight != 0, "value_weight=0"), (cfg.markers, "markers=False"), (cfg.host_copy, "host_copy=False"),
+             (cfg.n_w != cfg.n_r, "n_w == n_r"), (cfg.share_across_layers, "share_across_layers=False"),
+             (cfg.pool_kernel > 1, "pool_kernel <= 1")]
+    return [need for broken, need in rules if broken]
+
+
+def block_state(cfg) -> bool:
+    """Whether the trackers hold a tiered block's importance as its tokens' largest and summed I_i (8 bytes a block,
+    ``ImportanceTracker.pack``) instead of one I_i a token (4 bytes): ``cfg.block_state``, or where None from a fitted
+    target ratio above 4 where nothing in ``block_state_conflicts`` holds (docs/tuning.md round 34)."""
+    if cfg.block_state is None:
+        return cfg.compress and fitted_ratio(cfg) > 4.0 and not block_state_conflicts(cfg)
+    return cfg.block_state
+
+
 def forecasts(cfg) -> bool:
     """Whether the prompt's plan waits for ``agacc.probe.lookahead`` (pseudo tokens, the prompt repeated)."""
     return cfg.compress and (cfg.lookahead > 0 or repeat_weight(cfg) > 0)
@@ -166,6 +186,14 @@ class AGACCConfig:
             ``agacc.probe.lookahead``. Costs one more pass over the prompt (about a second prefill), no
             bytes after it. 0: off; None (the ``agacc`` preset): 0.5 above a fitted 4x, else 0
             (``config.repeat_weight``).
+        block_state: the tracker holds a tiered block's importance as its tokens' largest and summed I_i (fp32,
+            8 bytes a block) instead of one fp32 I_i a token: its block score is the same (a decaying maximum's
+            block maximum is the block's largest I_i folded so), the layer's mean that normalises the scores is
+            approximate (a folded block's tokens are read back as its largest and the rest of its sum shared alike),
+            and an evicted block stays so (forgetting it would hold 12 bytes). Needs what
+            ``config.block_state_conflicts`` lists (EMA scoring, both evidences "max"; no position norm, value weight,
+            markers, host copy, pooling or shared scores; n_w = n_r). None (the ``agacc`` preset): on above a fitted
+            4x where those hold (``config.block_state``; docs/tuning.md round 34).
     Tiers, bits, pruning, eviction (000 §2.4):
         tau_h, tau_l, tau_e: thresholds on normalised block importance; tau_h > tau_l > tau_e >= 0.
             > tau_h: full precision; (tau_l, tau_h]: quantised; [tau_e, tau_l]: pruned; < tau_e: evicted.
@@ -325,6 +353,7 @@ class AGACCConfig:
     lookahead: int = _f(0, "tracking")
     lookahead_weight: float = _f(1.0, "tracking")
     repeat_weight: float | None = _f(0.0, "tracking")
+    block_state: bool | None = _f(False, "tracking", choices=(False, True, None))
     # tiers
     tau_h: float = _f(200.0, "tiers", replay=True, ui=(
         "τ_h: full precision above", 0.05, 1000.0, 0.05, "thresholds",
@@ -432,6 +461,8 @@ class AGACCConfig:
         need(not (self.quantizer == "meanstd" and self.b_min < 2), "the meanstd quantiser needs b_min >= 2")
         need(not (self.nested_values and self.quantizer != "minmax"),
              f"nested_values needs quantizer='minmax', got {self.quantizer!r}")
+        need(not (self.block_state and block_state_conflicts(self)),
+             f"block_state needs {', '.join(block_state_conflicts(self))} (a block's score would need its tokens' I_i)")
         need(self.s > 0, f"s must be > 0, got {self.s}")
         need(self.key_group_size >= 8 and self.key_group_size % 8 == 0,
              f"key_group_size must be a positive multiple of 8, got {self.key_group_size}")

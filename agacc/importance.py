@@ -11,6 +11,8 @@ An evicted block's tokens receive no attention again (without markers or a host 
 only decay, each by the same factor: once no window sum holds their attention from before, the
 tracker ``forget``s them, keeping the block's largest I_i and their sum (fp32 each): what its block
 score and the scores' mean need, 12 bytes a block instead of 6 a token (docs/tuning.md round 23).
+With ``config.block_state`` every tiered block is held so (``pack``: 8 bytes a block, no id: they are the
+first blocks), evicted or not: a decaying maximum's block maximum folds as one value.
 
   seed 000 §2.2  S_i: mean attention token i receives (over heads, and over the N_q observation
                  queries at prefill / the decode steps of the last N_w window at re-evaluation)
@@ -28,12 +30,13 @@ import math
 
 import torch
 
-from agacc.config import fitted_ratio
+from agacc.config import block_state, fitted_ratio
 
 WINDOW_DTYPE = torch.bfloat16  # per-entry attention window (sums of at most N_r steps)
 WINDOW_ITEMSIZE = 2
 STATE_ITEMSIZE = 4  # I_i, fp32 a token held
 GONE_ITEMSIZE = 12  # a forgotten block: its id (int32), largest and summed I_i (fp32)
+PACKED_ITEMSIZE = 8  # a packed block (config.block_state): its largest and summed I_i (fp32)
 
 
 def half_life(cfg) -> float:
@@ -97,7 +100,10 @@ class ImportanceTracker:
     ``scores(seq_len)``: I^ per token (position-normalised, relative to the mean);
     ``forget(blocks)``: the store evicted these blocks for good: their tokens' state folds into the
         block's (``gone``) once no window sum holds their attention. ``importance`` and the chunks hold
-        the other tokens, in position order; ``raw()`` lays them out per token again."""
+        the other tokens, in position order; ``raw()`` lays them out per token again;
+    ``pack(n_blocks)``: with ``config.block_state``, the first blocks' I_i are held as each block's largest
+        and sum (``packed_*``; ``importance`` then holds the tokens after them): every fold reads them back
+        per token (``_unpacked``) and packs the result again."""
 
     def __init__(self, cfg, layer_weight: float = 1.0, device="cpu"):
         self.cfg = cfg
@@ -113,10 +119,14 @@ class ImportanceTracker:
         self.gone_max = torch.zeros(0, device=device)     # their tokens' largest I_i (fp32 [n_gone])
         self.gone_sum = torch.zeros(0, device=device)     # and the sum of their I_i
         self.pending: list[tuple[int, int]] = []          # (block, steps when evicted): to forget
+        self.packs = block_state(cfg)
+        self.n_packed = 0                                 # blocks [0, n_packed) held packed (block_state)
+        self.packed_max = torch.zeros(0, device=device)   # their tokens' largest I_i (fp32 [n_packed])
+        self.packed_sum = torch.zeros(0, device=device)   # and the sum of their I_i
 
     def to(self, device) -> None:
         self.device = device
-        for name in ("importance", "window", "value_norm", "gone", "gone_max", "gone_sum"):
+        for name in ("importance", "window", "value_norm", "gone", "gone_max", "gone_sum", "packed_max", "packed_sum"):
             setattr(self, name, getattr(self, name).to(device))
         self.chunks = [(c.to(device), k) for c, k in self.chunks]
 
@@ -137,9 +147,38 @@ class ImportanceTracker:
 
     def _grow(self, n: int) -> None:
         """Hold state for the first ``n`` tokens (zeros for new ones)."""
-        n = n - self.cfg.block_size * self.gone.numel()
+        n = n - self.cfg.block_size * (self.gone.numel() + self.n_packed)
         if self.importance.numel() < n:
             self.importance = torch.cat([self.importance, torch.zeros(n - self.importance.numel(), device=self.device)])
+
+    def _unpacked(self) -> torch.Tensor:
+        """I_i of the held tokens (all but the forgotten blocks'), in position order [n_held] fp32: the packed
+        blocks' read back (``spread``), then ``importance`` (itself when nothing is packed)."""
+        if not self.n_packed:
+            return self.importance
+        return torch.cat([spread(self.packed_max, self.packed_sum, self.cfg.block_size), self.importance])
+
+    def _store(self, held: torch.Tensor) -> None:
+        """Hold ``held`` [n_held] (``_unpacked``'s layout): the packed blocks' largest and sum, the rest per token
+        (a copy: a view would hold the packed part uncounted)."""
+        k = self.n_packed * self.cfg.block_size
+        if not k:
+            self.importance = held
+            return
+        blocks = held[:k].view(self.n_packed, -1)
+        self.packed_max, self.packed_sum = blocks.amax(1), blocks.sum(1)
+        self.importance = held[k:].clone()
+
+    def pack(self, n_blocks: int) -> None:
+        """With ``config.block_state``: hold the first ``n_blocks`` blocks' I_i packed (more only: the tiered
+        blocks; a no-op without it). Their block maxima stay exact under every fold (a maximum's), their sums
+        approximate."""
+        if not self.packs or n_blocks <= self.n_packed:
+            return
+        self._grow(n_blocks * self.cfg.block_size)
+        held = self._unpacked()
+        self.n_packed = n_blocks
+        self._store(held)
 
     def init_prefill(self, mass: torch.Tensor) -> None:
         """mass [n] = S_i over the observation window of a prompt chunk (new tokens get it, older
@@ -147,7 +186,9 @@ class ImportanceTracker:
         self._grow(mass.numel())
         mass = self.held_part(mass)
         n = mass.numel()
-        self.importance[:n] = fold_prompt(self.cfg, mass, self.importance[:n])
+        held = self._unpacked()
+        held[:n] = fold_prompt(self.cfg, mass, held[:n])
+        self._store(held)
         if self.gone.numel():  # (no attention: the rule with no mass)
             self.gone_max, self.gone_sum = (fold_prompt(self.cfg, torch.zeros_like(x), x)
                                             for x in (self.gone_max, self.gone_sum))
@@ -192,18 +233,18 @@ class ImportanceTracker:
         window = to_tokens(self.window.float()) if to_tokens is not None else self.window.float()
         self._grow(window.numel())
         window = self.held_part(window)
-        window = torch.cat([window, torch.zeros(self.importance.numel() - window.numel(), device=self.device)])
+        held = self._unpacked()
+        window = torch.cat([window, torch.zeros(held.numel() - window.numel(), device=self.device)])
         self._fade_gone(self.window_steps)
         if cfg.scoring == "ema":
             self.chunks.append((window.to(WINDOW_DTYPE), self.window_steps))
             while sum(s for _, s in self.chunks) > cfg.n_w and len(self.chunks) > 1:
                 self.chunks.pop(0)
-            n = self.importance.numel()
-            total = torch.zeros(n, device=self.device)
+            total = torch.zeros(held.numel(), device=self.device)
             for c, _ in self.chunks:
                 total[: c.numel()] += c.float()
             s_i = total / sum(s for _, s in self.chunks)
-            self.importance = fold_decode(cfg, s_i, self.importance, self.window_steps)
+            self._store(fold_decode(cfg, s_i, held, self.window_steps))
             while self.chunks and sum(s for _, s in self.chunks) > cfg.n_w - cfg.n_r:
                 self.chunks.pop(0)  # the next mean adds N_r new steps: only the last N_w - N_r are needed
         else:  # decay, sum
@@ -230,15 +271,15 @@ class ImportanceTracker:
         return imp
 
     def _per_token(self) -> torch.Tensor:
+        held = self._unpacked()
         if not self.gone.numel():
-            return self.importance
+            return held
         B = self.cfg.block_size
-        n = self.importance.numel() + B * self.gone.numel()
+        n = held.numel() + B * self.gone.numel()
         out = torch.empty(n, device=self.device)
-        out[self._held(n)] = self.importance
-        vals = ((self.gone_sum - self.gone_max) / max(1, B - 1))[:, None].repeat(1, B)
-        vals[:, 0] = self.gone_max
-        out[(self.gone.long()[:, None] * B + torch.arange(B, device=self.device)).reshape(-1)] = vals.reshape(-1)
+        out[self._held(n)] = held
+        out[(self.gone.long()[:, None] * B + torch.arange(B, device=self.device)).reshape(-1)] = spread(
+            self.gone_max, self.gone_sum, B)
         return out
 
     def _fade_gone(self, steps: int) -> None:
@@ -257,8 +298,8 @@ class ImportanceTracker:
         (at once before any decoding; else at the next ``update``, which folds them in), the blocks'
         tokens leave ``importance`` and the chunks (their entries there are zero), leaving the block's
         largest I_i and their sum in ``gone``, faded alike."""
-        if self.cfg.markers or self.cfg.host_copy or blocks.numel() == self.n_evicted:
-            return  # (evictions are for good: as many as known means these)
+        if self.cfg.markers or self.cfg.host_copy or self.packs or blocks.numel() == self.n_evicted:
+            return  # (evictions are for good: as many as known means these; packed blocks cost less held)
         known = set(self.gone.tolist()) | {b for b, _ in self.pending}
         self.pending += [(b, self.steps) for b in sorted(set(blocks.tolist())) if b not in known]
         self._forget_ready()
@@ -287,16 +328,20 @@ class ImportanceTracker:
         self.gone_sum = torch.cat([self.gone_sum, vals.sum(1)])[order]
 
     def truncate(self, n: int) -> None:
-        """Keep the first ``n`` tokens' state (only tokens after every forgotten block go)."""
+        """Keep the first ``n`` tokens' state (only tokens after every forgotten block go; a packed block cut
+        into holds its tokens' read-back values)."""
         m = n - self.cfg.block_size * self.gone.numel()
-        self.importance = self.importance[:m]
+        held = self._unpacked()[:m]
+        self.n_packed = min(self.n_packed, n // self.cfg.block_size)
+        self._store(held)
         self.value_norm = self.value_norm[:n]
         self.chunks = [(c[:m], k) for c, k in self.chunks]
 
     def set_raw(self, importance: torch.Tensor) -> None:
-        """Replace I_i of the first n tokens by ``importance`` [n] (forgotten blocks stay so)."""
+        """Replace I_i of the first n tokens by ``importance`` [n] (forgotten blocks stay so; a packed block
+        replaced in part keeps its other tokens as read back)."""
         s = self.held_part(importance.to(self.device, torch.float32))
-        self.importance = torch.cat([s, self.importance[s.numel():]])
+        self._store(torch.cat([s, self._unpacked()[s.numel():]]))
 
     def scores(self, seq_len: int, ready_tokens: int) -> torch.Tensor:
         """I^_i = I_i / P(t - i), divided by its mean over the first ``ready_tokens`` tokens.
@@ -315,7 +360,15 @@ class ImportanceTracker:
     def nbytes(self) -> int:
         return (self.importance.nbytes + self.window.nbytes + self.value_norm.nbytes
                 + sum(c.nbytes for c, _ in self.chunks) + self.gone.nbytes + self.gone_max.nbytes
-                + self.gone_sum.nbytes)
+                + self.gone_sum.nbytes + self.packed_max.nbytes + self.packed_sum.nbytes)
+
+
+def spread(largest: torch.Tensor, total: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Blocks held as their tokens' largest and summed I_i [n] -> per token [n * block_size]: the first token
+    the largest, the others the rest of the sum alike (the block maximum and the sum as held)."""
+    vals = ((total - largest) / max(1, block_size - 1))[:, None].repeat(1, block_size)
+    vals[:, 0] = largest
+    return vals.reshape(-1)
 
 
 def block_max(token_scores: torch.Tensor, block_size: int, n_blocks: int) -> torch.Tensor:
@@ -355,7 +408,8 @@ def update_all(trackers: list[ImportanceTracker], to_tokens: list, to_tokens_all
         t._grow(w.numel())
         t._fade_gone(steps)
     windows = [t.held_part(w) for t, w in zip(trackers, windows)]
-    sizes = [t.importance.numel() for t in trackers]
+    held = [t._unpacked() for t in trackers]
+    sizes = [h.numel() for h in held]
     n, dev = max(sizes), first.importance.device
 
     def rows(xs):  # [L, n]: each tensor first in its row, zeros after it
@@ -375,13 +429,13 @@ def update_all(trackers: list[ImportanceTracker], to_tokens: list, to_tokens_all
     for j in range(len(first.chunks)):
         total += rows([t.chunks[j][0] for t in trackers]).float()
     s_i = total / sum(s for _, s in first.chunks)
-    importance = fold_decode(cfg, s_i, rows([t.importance for t in trackers]), steps)
+    importance = fold_decode(cfg, s_i, rows(held), steps)
     n_pop = 0
     while len(chunks) - n_pop and sum(s for _, s in chunks[n_pop:]) > cfg.n_w - cfg.n_r:
         n_pop += 1
     for t, row, k in zip(trackers, importance.unbind(0), sizes):
         del t.chunks[:n_pop]  # the next mean adds N_r new steps: only the last N_w - N_r are needed
-        t.importance = row[:k].clone()
+        t._store(row[:k].clone())
         t.window = torch.zeros(0, dtype=WINDOW_DTYPE, device=t.device)
         t.window_steps = 0
         t._forget_ready()

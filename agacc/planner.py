@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from agacc import methods
-from agacc.config import CALIBRATED, hot_width
-from agacc.importance import GONE_ITEMSIZE, STATE_ITEMSIZE, WINDOW_ITEMSIZE, block_max, max_pool
+from agacc.config import CALIBRATED, block_state, hot_width
+from agacc.importance import GONE_ITEMSIZE, PACKED_ITEMSIZE, STATE_ITEMSIZE, WINDOW_ITEMSIZE, block_max, max_pool
 from agacc.policy import basis_layouts, basis_rank, fidelity_floor, hold_evictions, key_grouping, layer_weights
 from agacc.quant import container_bits, value_group
 from agacc.tiers import CONTAINER_OF_TIER, CONTAINER_TIER, EVICTED, FULL, PRUNED, TIER_CONTAINER, TIER_OF_CONTAINER
@@ -297,13 +297,17 @@ def marker_cost_bytes(*, batch: int, heads: int, head_dim: int, full_itemsize: i
     return 2 * batch * heads * head_dim * full_itemsize + 4 + 4 + 8
 
 
-def tracker_prices(cfg, chunks: int) -> tuple[int, int]:
+def tracker_prices(cfg, chunks: int) -> tuple[float, int]:
     """(bytes of tracker state a token of a tiered block holds, bytes an evicted block leaves): fp32 I_i
     and a bf16 sum per window held (``chunks``: the trackers' ``len(chunks)``); an evicted block's tokens
     are forgotten (``ImportanceTracker.forget``: its id and its largest and summed I_i, 12 bytes)
     unless markers or a host copy keep them in play (then they hold their state too). A block evicted
     in decoding is forgotten at the next re-evaluation, once its window sums are folded in: until then
-    it holds ``per_token`` bytes a token more than priced (a block of 16 with one sum: 84 bytes)."""
+    it holds ``per_token`` bytes a token more than priced (a block of 16 with one sum: 84 bytes).
+    With ``config.block_state`` a tiered block, evicted or not, holds its largest and summed I_i (8 bytes:
+    half a byte a token of 16; no window sums held)."""
+    if block_state(cfg):
+        return PACKED_ITEMSIZE / cfg.block_size, PACKED_ITEMSIZE
     per_token = STATE_ITEMSIZE + WINDOW_ITEMSIZE * chunks
     return per_token, (per_token * cfg.block_size if cfg.markers or cfg.host_copy else GONE_ITEMSIZE)
 
@@ -372,7 +376,7 @@ def stacked_bytes(tier: torch.Tensor, bits: torch.Tensor, keep: torch.Tensor, cf
                                       full_itemsize=geo.full_itemsize)
     entries = (n_layers * n - n_evicted) * B + runs + n_layers * hot_tokens
     state = tracker[0] * (n_layers * n - n_evicted) * B + tracker[1] * n_evicted
-    return total + WINDOW_ITEMSIZE * entries + state
+    return total + WINDOW_ITEMSIZE * entries + round(state)
 
 
 # --- the ratio fitter -----------------------------------------------------------------------------

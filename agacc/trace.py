@@ -82,7 +82,7 @@ class Trace:
                 if h.get(key) is not None:
                     e[key] = int(h[key])
             if h.get("tracker_prices") is not None:
-                e["tracker_prices"] = [int(x) for x in h["tracker_prices"]]
+                e["tracker_prices"] = [x if isinstance(x, int) else float(x) for x in h["tracker_prices"]]
             for key in CALIBRATED:
                 if h.get(key) is not None:
                     e[key] = list(h[key])

@@ -6,7 +6,7 @@ import agacc
 from agacc import tiers as T
 from agacc.attention import observe_prefill
 from agacc.importance import WINDOW_ITEMSIZE
-from agacc.config import AGACCConfig
+from agacc.config import AGACCConfig, block_state
 from agacc import planner
 from agacc.planner import planned_bytes
 from agacc.quant import container_bits
@@ -321,13 +321,13 @@ def test_the_agacc_preset_nests_its_4_bit_values_above_a_fitted_ratio_of_4():
                if p != "agacc" and p not in FIXED_RATIO)
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
-def test_every_preset_counts_what_it_holds_and_the_planner_prices_it(tiny, preset):
+@pytest.mark.parametrize("preset,ratio", [(p, 4.0) for p in PRESETS] + [("agacc", 8.0)])
+def test_every_preset_counts_what_it_holds_and_the_planner_prices_it(tiny, preset, ratio):
     """For every registered method: memory() equals an independent walk over the cache's tensors, and
     right after a re-evaluation the planner's price of the applied tiers plus the bytes it does not
     plan (tracker, scores, the block layout) is what is held, which is what the trace replay reports
-    as held bytes."""
-    cfg = AGACCConfig.preset(preset, **({} if preset in FIXED_RATIO else {"target_ratio": 4.0}))
+    as held bytes (``agacc`` at 8x: its trackers' tiered blocks packed, ``config.block_state``)."""
+    cfg = AGACCConfig.preset(preset, **({} if preset in FIXED_RATIO else {"target_ratio": ratio}))
     cache = agacc.CompressedCache(tiny.config, cfg)
     greedy(tiny, tokens(400, seed=2), cache, 12)
     cache.reevaluate()
@@ -377,6 +377,37 @@ def test_forgetting_evicted_tokens_changes_only_the_bytes(tiny, preset, override
         assert a.tracker.nbytes() == b.tracker.nbytes() - n * (cfg.block_size * (4 + 2 * len(a.tracker.chunks)) - 12)
     assert gone > 0  # (the case forgets something)
     assert cache.memory()["bytes"] == ref.memory()["bytes"] - gone == walk_tensor_bytes(cache.layers)
+
+
+def test_block_state_holds_the_prompts_block_maxima_in_8_bytes_a_block(tiny):
+    """``config.block_state`` (on in the ``agacc`` preset above 4x): after a prompt's re-evaluation every layer's
+    tiered blocks hold the same largest I_i as a cache that holds one I_i a token, and its other tokens the same
+    I_i; the trackers hold 8 bytes a tiered block instead of 4 a token, exactly; the bytes held are an independent
+    walk's. Off at 4x and where a setting needs every token's I_i."""
+    cfg = AGACCConfig.preset("agacc", target_ratio=8.0)
+    assert block_state(cfg) and not block_state(cfg.with_overrides(target_ratio=4.0))
+    assert not block_state(cfg.with_overrides(position_norm="power"))
+    ids = tokens(300, seed=5)
+    caches = [agacc.CompressedCache(tiny.config, c) for c in (cfg, cfg.with_overrides(block_state=False))]
+    with torch.inference_mode():
+        for c in caches:
+            tiny(ids, past_key_values=c)
+    B, packed = cfg.block_size, 0
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        n = a.tracker.n_packed
+        assert n == a.store.n_ready_blocks() > 0 and b.tracker.n_packed == 0
+        got, want = a.tracker.raw(), b.tracker.raw()
+        torch.testing.assert_close(got[: n * B].view(n, B).amax(1), want[: n * B].view(n, B).amax(1), rtol=0, atol=0)
+        torch.testing.assert_close(got[n * B:], want[n * B:], rtol=0, atol=0)
+        assert a.tracker.nbytes() == b.tracker.nbytes() - n * (4 * B - 8)
+        packed += n
+    assert caches[0].memory()["bytes"] == walk_tensor_bytes(caches[0].layers)
+    held = [sum(l.tracker.nbytes() for l in c.layers) for c in caches]
+    assert held[0] == held[1] - packed * (4 * B - 8)
+    n = caches[0].layers[0].tracker.n_packed  # the snapshot shows a packed block's score on each of its tokens
+    shown = torch.tensor(caches[0].snapshot()["token_importance"][: n * B]).view(n, B)
+    blocks = torch.stack([l.scores for l in caches[0].layers]).mean(0)
+    torch.testing.assert_close(shown, blocks[:, None].expand(n, B), rtol=0, atol=1e-5)
 
 
 def test_a_plan_prices_its_blocks_tracker_state_by_hand():

@@ -20,8 +20,10 @@ without a target, holds it at 16): the recording at 16 is ``agacc@4-hot16``, and
 round 32: one re-plan more, the same tokens, bytes and tiers on this short run): the recording without is
 ``agacc@8-norepeat``.
 The trackers keep every token's state here, all of it outside the plan, as when these were recorded (since
-round 23 they forget evicted blocks' tokens and the plan prices the state of its blocks' tokens: fewer bytes,
-so other plans at a target ratio; ``tests/test_cache.py`` checks that forgetting changes nothing else)."""
+round 23 they forget evicted blocks' tokens and the plan prices the state of its blocks' tokens, and since round 34
+above a fitted 4x they hold a tiered block's state as its largest and summed I_i: fewer bytes, so other plans at a
+target ratio; ``tests/test_cache.py`` checks that forgetting changes nothing else, and that packing keeps the block
+maxima)."""
 import json
 from pathlib import Path
 
@@ -38,6 +40,7 @@ GOLDEN = json.loads((Path(__file__).parent / "golden" / "presets.json").read_tex
 @pytest.mark.parametrize("label,preset,overrides", cases(), ids=[c[0] for c in cases()])
 def test_preset_bit_identical(label, preset, overrides, monkeypatch):
     monkeypatch.setattr(ImportanceTracker, "forget", lambda self, blocks: None)
+    monkeypatch.setattr(ImportanceTracker, "pack", lambda self, n_blocks: None)
     monkeypatch.setattr(agacc.CompressedCache, "tracker_prices", lambda self: (0, 0))  # all of it overhead, as then
     want = GOLDEN[label]
     got = run_case(preset, overrides)

@@ -441,6 +441,73 @@ def test_decode_max_keeps_the_strongest_window_fading_by_its_half_life_by_hand()
         AGACCConfig(decode_evidence="sum")
 
 
+def test_packed_blocks_hold_their_largest_and_summed_importance_through_every_fold():
+    """``config.block_state``: two trackers see the same prompt chunks and decode windows, one holding blocks 0-2
+    packed after the first chunk (then 0-3). At every step the tokens held one by one are the same, each packed
+    block's largest I_i is its tokens' largest in the other (a decaying maximum's block maximum folds as one
+    value), and its sum is its read-back tokens folded (``spread``: the largest first, the rest shared), by hand;
+    ``update_all`` folds as ``update``; 8 bytes a packed block instead of 4 a token; ``set_raw`` and ``truncate``
+    keep the layout."""
+    from agacc.importance import ImportanceTracker, fold_decode, spread, update_all
+
+    B = 4
+    cfg = AGACCConfig(block_size=B, n_r=2, n_w=2, markers=False, decode_evidence="max", evidence_half_life=6.0,
+                      block_state=True)
+    with pytest.raises(ValueError, match="block_state needs decode_evidence='max', n_w == n_r"):
+        cfg.with_overrides(decode_evidence="ema", n_w=4)
+    g = torch.Generator().manual_seed(0)
+    tr, ref = [ImportanceTracker(cfg) for _ in range(2)], [ImportanceTracker(cfg.with_overrides(block_state=False))
+                                                          for _ in range(2)]
+
+    def same(n_packed):
+        for t, r in zip(tr, ref):
+            got, want = t.raw(), r.raw()
+            k = n_packed * B
+            assert got.numel() == want.numel() and t.n_packed == n_packed and t.importance.numel() == got.numel() - k
+            torch.testing.assert_close(got[k:], want[k:], rtol=0, atol=0)
+            torch.testing.assert_close(got[:k].view(-1, B).amax(1), want[:k].view(-1, B).amax(1), rtol=0, atol=0)
+            assert t.nbytes() == r.nbytes() - n_packed * (4 * B - 8)
+
+    first = torch.rand(14, generator=g)
+    for t in tr + ref:
+        t.init_prefill(first)
+    for t in tr:
+        t.pack(3)
+    same(3)
+    second = torch.rand(20, generator=g)  # a second prompt chunk folds into the packed blocks too
+    for t in tr + ref:
+        t.init_prefill(second)
+    same(3)
+    for window, n_packed in enumerate([3, 4, 4]):
+        for _ in range(2):
+            masses = [torch.rand(20 + window, generator=g) for _ in tr]
+            for t, r, m in zip(tr, ref, masses):
+                t.observe(m)
+                r.observe(m)
+        before = [(t.packed_max.clone(), t.packed_sum.clone()) for t in tr]
+        s_i = [t.window.float()[: t.n_packed * B] / 2 for t in tr]  # the window's mean over its 2 steps
+        if window == 1:
+            update_all(tr, [None, None])
+            update_all(ref, [None, None])
+        else:
+            for t in tr + ref:
+                t.update()
+        for t, (mx, sm), s in zip(tr, before, s_i):  # by hand: the read-back tokens folded
+            want = fold_decode(cfg, s, spread(mx, sm, B), 2).view(-1, B)
+            torch.testing.assert_close(t.packed_sum, want.sum(1), rtol=1e-6, atol=0)
+            torch.testing.assert_close(t.packed_max, want.amax(1), rtol=0, atol=0)
+        for t in tr:
+            t.pack(n_packed)
+        same(n_packed)
+    scores = torch.rand(17, generator=g)  # every packed block's tokens (a block partly set keeps the rest read back)
+    for t in tr + ref:
+        t.set_raw(scores)
+    same(4)
+    for t in tr + ref:
+        t.truncate(18)
+    same(4)
+
+
 @pytest.mark.parametrize("evidence", ["ema", "max"])
 def test_update_all_folds_every_layer_as_update_does(evidence):
     """``update_all`` (all layers at once) leaves every tracker as its own ``update`` would, for both rules."""

@@ -105,7 +105,7 @@ register(Method(
     "agacc", presets={"agacc": dict(layer_calibration="auto", tau_h=50.0, tau_l=0.15, tau_e=0.075, markers=False,
                             recent_window=16, sink_bits=8, decode_evidence="max", keep_all=2.5, n_w=8,
                             key_quant="auto", lookahead=16, hot_bits=None,
-                            basis_meta="8bit", nested_values=None, repeat_weight=None)},
+                            basis_meta="8bit", nested_values=None, repeat_weight=None, block_state=None)},
     kind="adaptive",
     order=0, rule=thresholds_rule, elementwise=True,
     citation="AGACC, seed 000: EMA importance, thresholds, bits, pruning, markers (shared/seeds/000)",
