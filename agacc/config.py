@@ -102,10 +102,10 @@ def block_state_conflicts(cfg) -> list[str]:
     """What ``block_state`` needs and ``cfg`` lacks, each as the setting to make (empty: none): elsewhere a block's
     score reads its tokens' I_i one by one, not only their largest (and their sum, for the layer's mean)."""
     rules = [(cfg.scoring != "ema", "scoring='ema'"), (cfg.prompt_evidence != "max", "prompt_evidence='max'"),
-             (cfg.decode_evidence != "max", "decode_evidence='max'"), (cfg.position_norm != "none", "position_norm='none'"),
-             (cfg.value_weight != 0, "value_weight=0"), (cfg.markers, "markers=False"), (cfg.host_copy, "host_copy=False"),
-             (cfg.n_w != cfg.n_r, "n_w == n_r"), (cfg.share_across_layers, "share_across_layers=False"),
-             (cfg.pool_kernel > 1, "pool_kernel <= 1")]
+             (cfg.decode_evidence != "max", "decode_evidence='max'"),
+             (cfg.position_norm != "none", "position_norm='none'"), (cfg.value_weight != 0, "value_weight=0"),
+             (cfg.markers, "markers=False"), (cfg.host_copy, "host_copy=False"), (cfg.n_w != cfg.n_r, "n_w == n_r"),
+             (cfg.share_across_layers, "share_across_layers=False"), (cfg.pool_kernel > 1, "pool_kernel <= 1")]
     return [need for broken, need in rules if broken]
 
 

@@ -248,7 +248,7 @@ class ImportanceTracker:
             while self.chunks and sum(s for _, s in self.chunks) > cfg.n_w - cfg.n_r:
                 self.chunks.pop(0)  # the next mean adds N_r new steps: only the last N_w - N_r are needed
         else:  # decay, sum
-            self.importance = fade(cfg, self.importance, self.window_steps) + window
+            self._store(fade(cfg, held, self.window_steps) + window)
         self.window = torch.zeros(0, dtype=WINDOW_DTYPE, device=self.device)
         self.window_steps = 0
         self._forget_ready()
