@@ -183,8 +183,8 @@ class AGACCConfig:
             (the names code defines and reuses), which the last N_q queries and K pseudo tokens do not
             (docs/tuning.md round 32: held-out code at 8x KL -24%). It needs the prompt's token ids: a model
             switched by ``agacc.enable`` records them as they go in; a caller passes ``prompt_ids`` to
-            ``agacc.probe.lookahead``. Costs one more pass over the prompt (about a second prefill), no
-            bytes after it. 0: off; None (the ``agacc`` preset): 0.5 above a fitted 4x, else 0
+            ``agacc.probe.lookahead``. Costs one more pass over the prompt (the time of 1.9 prefills at 1,024
+            tokens, 2.4 at 8,000: each of its forwards reads the whole compressed prompt), no bytes after it. 0: off; None (the ``agacc`` preset): 0.5 above a fitted 4x, else 0
             (``config.repeat_weight``).
         block_state: the tracker holds a tiered block's importance as its tokens' largest and summed I_i (fp32,
             8 bytes a block) instead of one fp32 I_i a token: its block score is the same (a decaying maximum's
