@@ -184,8 +184,8 @@ class AGACCConfig:
             (docs/tuning.md round 32: held-out code at 8x KL -24%). It needs the prompt's token ids: a model
             switched by ``agacc.enable`` records them as they go in; a caller passes ``prompt_ids`` to
             ``agacc.probe.lookahead``. Costs one more pass over the prompt (the time of 1.9 prefills at 1,024
-            tokens, 2.4 at 8,000: each of its forwards reads the whole compressed prompt), no bytes after it. 0: off; None (the ``agacc`` preset): 0.5 above a fitted 4x, else 0
-            (``config.repeat_weight``).
+            tokens, 2.4 at 8,000: each of its forwards reads the whole compressed prompt), no bytes after it.
+            0: off; None (the ``agacc`` preset): 0.5 above a fitted 4x, else 0 (``config.repeat_weight``).
         block_state: the tracker holds a tiered block's importance as its tokens' largest and summed I_i (fp32,
             8 bytes a block) instead of one fp32 I_i a token: its block score is the same (a decaying maximum's
             block maximum is the block's largest I_i folded so), the layer's mean that normalises the scores is
@@ -461,8 +461,8 @@ class AGACCConfig:
         need(not (self.quantizer == "meanstd" and self.b_min < 2), "the meanstd quantiser needs b_min >= 2")
         need(not (self.nested_values and self.quantizer != "minmax"),
              f"nested_values needs quantizer='minmax', got {self.quantizer!r}")
-        need(not (self.block_state and block_state_conflicts(self)),
-             f"block_state needs {', '.join(block_state_conflicts(self))} (a block's score would need its tokens' I_i)")
+        lacks = block_state_conflicts(self) if self.block_state else []
+        need(not lacks, f"block_state needs {', '.join(lacks)} (a block's score would need its tokens' I_i)")
         need(self.s > 0, f"s must be > 0, got {self.s}")
         need(self.key_group_size >= 8 and self.key_group_size % 8 == 0,
              f"key_group_size must be a positive multiple of 8, got {self.key_group_size}")

@@ -119,7 +119,6 @@ class ImportanceTracker:
         self.gone_max = torch.zeros(0, device=device)     # their tokens' largest I_i (fp32 [n_gone])
         self.gone_sum = torch.zeros(0, device=device)     # and the sum of their I_i
         self.pending: list[tuple[int, int]] = []          # (block, steps when evicted): to forget
-        self.packs = block_state(cfg)
         self.n_packed = 0                                 # blocks [0, n_packed) held packed (block_state)
         self.packed_max = torch.zeros(0, device=device)   # their tokens' largest I_i (fp32 [n_packed])
         self.packed_sum = torch.zeros(0, device=device)   # and the sum of their I_i
@@ -173,7 +172,7 @@ class ImportanceTracker:
         """With ``config.block_state``: hold the first ``n_blocks`` blocks' I_i packed (more only: the tiered
         blocks; a no-op without it). Their block maxima stay exact under every fold (a maximum's), their sums
         approximate."""
-        if not self.packs or n_blocks <= self.n_packed:
+        if n_blocks <= self.n_packed or not block_state(self.cfg):
             return
         self._grow(n_blocks * self.cfg.block_size)
         held = self._unpacked()
@@ -297,9 +296,10 @@ class ImportanceTracker:
         so each I_i only fades (``fade``); once the window sums held (``chunks``) postdate the eviction
         (at once before any decoding; else at the next ``update``, which folds them in), the blocks'
         tokens leave ``importance`` and the chunks (their entries there are zero), leaving the block's
-        largest I_i and their sum in ``gone``, faded alike."""
-        if self.cfg.markers or self.cfg.host_copy or self.packs or blocks.numel() == self.n_evicted:
-            return  # (evictions are for good: as many as known means these; packed blocks cost less held)
+        largest I_i and their sum in ``gone``, faded alike. With ``config.block_state`` nothing is forgotten:
+        a packed block holds 8 bytes, a forgotten one 12."""
+        if self.cfg.markers or self.cfg.host_copy or blocks.numel() == self.n_evicted or block_state(self.cfg):
+            return  # (evictions are for good: as many as known means these)
         known = set(self.gone.tolist()) | {b for b, _ in self.pending}
         self.pending += [(b, self.steps) for b in sorted(set(blocks.tolist())) if b not in known]
         self._forget_ready()
