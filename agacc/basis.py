@@ -10,8 +10,8 @@ eigenvalue). A 2-, 3- or 4-bit block keeps the first coefficients c = frame(k, -
 (``policy.basis_layouts``); its keys read back as
 frame(c @ V^T / w, +1) (``kernels.format.basis_keys``).
 
-    caps = [capture_prefill(model, ids) for ids in texts]   # agacc.eval.runner: a forward a text
-    table = calibrate(model, caps)
+    caps = [capture_prefill(model, ids, n_obs=len(ids)) for ids in texts]  # agacc.eval.runner: a forward a text
+    table = calibrate(model, caps)                # every query weighs the channels (docs/tuning.md round 35)
     save(model.config, table)                     # where a cache with key_quant="basis" finds it
     python -m agacc calibrate --key-basis --save  # the same from the command line
 
@@ -85,8 +85,9 @@ def rotary_inv_freq(model) -> torch.Tensor:
 
 
 def turned_prompts(caps, inv_freq: torch.Tensor):
-    """Per layer, (queries, keys) of captured prompts (``agacc.eval.runner.capture_prefill``: every key, the
-    last queries; one of each per prompt) with RoPE undone at their positions (``frame`` at ``inv_freq``)."""
+    """Per layer, (queries, keys) of captured prompts (``agacc.eval.runner.capture_prefill``: every key and the
+    queries kept, every one for ``calibrate --key-basis``; one of each per prompt) with RoPE undone at their
+    positions (``frame`` at ``inv_freq``)."""
     for layer in range(len(caps[0].keys)):
         qs, ks = [], []
         for c in caps:

@@ -97,7 +97,8 @@ def cmd_calibrate(args) -> int:
 
 def _calibrate_key_basis(args, model, tok) -> int:
     """``calibrate --key-basis``: the model's key basis (``agacc.basis``) from the first ``--tokens`` tokens of
-    each text (default: the repo's tuning texts), and with ``--save`` filed where key_quant="basis" finds it."""
+    each text (default: the repo's tuning texts; every query of them weighs the channels), and with ``--save``
+    filed where key_quant="basis" finds it."""
     import torch
 
     from agacc import basis
@@ -109,7 +110,7 @@ def _calibrate_key_basis(args, model, tok) -> int:
     texts = [read_text(p) for p in args.text] if args.text else _tuning_texts(tok)
     ids = [tok(t, return_tensors="pt").input_ids[0, :args.tokens].tolist() for t in texts]
     with torch.inference_mode():
-        table = basis.calibrate(model, [capture_prefill(model, i) for i in ids])
+        table = basis.calibrate(model, [capture_prefill(model, i, n_obs=len(i)) for i in ids])
     layouts = basis_layouts(AGACCConfig.preset("agacc", key_quant="basis", keep_all=0.0), table.V.shape[-1])
     result = {"model": table.model, "texts": args.text or ["(the tuning texts)"], "tokens": [len(i) for i in ids],
               "layouts": {c: [list(g) for g in lay] for c, lay in zip((2, 3, 4), layouts)}}

@@ -14,7 +14,10 @@ average, given by the 64 queries before the scored ones, the prompt's last queri
 ``--tokens`` tokens (``bounds.calibrate_key_basis``), each coefficient at its own width (with 8-bit scales and
 zeros: "basis, 8-bit scales"): ``--bits`` are then bits per element with the metadata (round 21).
 The "Lloyd-Max" rows are a non-uniform codebook (round 28): each group's levels at its mean + its standard
-deviation x the unit Gaussian's Lloyd-Max centroids, the same metadata as min-max.
+deviation x the unit Gaussian's Lloyd-Max centroids, the same metadata as min-max. The "store layout" rows (round
+35) hold each block of container ``--bits`` in the basis as the store does (the ``agacc`` preset's ``basis_layout``,
+8-bit scales and zeros), "+ N-bit tail" with the coefficients it drops coded too, each to the nearest of its axis'
+2**N levels fixed on the calibration texts (no metadata; ``bounds.tail_levels``).
 
     python bench/bench_quant_error.py --text /usr/share/common-licenses/GFDL-1.3 --json out/quant_error.json
 """
@@ -137,7 +140,8 @@ def allocated(x, b, ctx):
 
 STATS = 64  # queries before the scored ones that weigh the query-aware formats' channels
 # key formats called fmt(x, bits, ctx): ctx {"queries": the STATS queries, "q_end": their end, "layer": index}
-CONTEXT_FORMATS = ("allocated", "allocated, pre-RoPE", "basis", "basis, 8-bit scales")
+CONTEXT_FORMATS = ("allocated", "allocated, pre-RoPE", "basis", "basis, 8-bit scales", "basis, store layout",
+                   "basis, store layout + 1-bit tail", "basis, store layout + 2-bit tail")
 FORMATS = {  # name -> (quantise-dequantise, extra bits per element for scales and zeros at head dim 64)
     "per channel, 16-token blocks": (per_channel, 2.0),
     "per channel, rotated": (rotated(per_channel), 2.0),
@@ -154,10 +158,12 @@ FORMATS = {  # name -> (quantise-dequantise, extra bits per element for scales a
 }
 
 
-def rope_formats(model, n, bases=None):
+def rope_formats(model, n, bases=None, tails=None):
     """The pre-RoPE key formats (they need the model's rotation of positions 0..n-1, rotate_half pairs as
     Llama's): name -> (fmt, bits); none for a model without a ``model.rotary_emb``. ``bases``: the "basis"
-    format's calibrated bases, one per layer (its bits an element include the metadata)."""
+    format's calibrated bases, one per layer (its bits an element include the metadata); ``tails``: {bits: the
+    fixed levels of ``tail_tables``} for the "store layout + tail" formats (their bits: a function of the
+    container, ``layout_bits``)."""
     rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
     if rotary is None:
         return {}
@@ -170,7 +176,18 @@ def rope_formats(model, n, bases=None):
             "per channel, pre-RoPE within the block, rotated": (pre_rope(rotated(per_channel), cos, sin, 16), 2.0),
             "allocated, pre-RoPE": (allocated_pre_rope(cos, sin), 2.0),
             **({"basis": (in_basis(bases, cos, sin), 0.0),
-                "basis, 8-bit scales": (in_basis(bases, cos, sin, meta8=True), 0.0)} if bases else {})}
+                "basis, 8-bit scales": (in_basis(bases, cos, sin, meta8=True), 0.0)} if bases else {}),
+            **(_layout_formats(bases, cos, sin, tails or {}, int(cos.shape[-1])) if bases else {})}
+
+
+def _layout_formats(bases, cos, sin, tails, head_dim):
+    """The "store layout" rows: the layout alone and with each fixed tail of ``tails`` {bits: levels}."""
+    lay = store_layouts(head_dim)
+    out = {"basis, store layout": (in_layout(bases, cos, sin, lay), lambda b: layout_bits(lay[b], head_dim))}
+    for t, levels in tails.items():
+        out[f"basis, store layout + {t}-bit tail"] = (in_layout(bases, cos, sin, lay, levels),
+                                                       lambda b, t=t: layout_bits(lay[b], head_dim, t))
+    return out
 
 
 def allocated_pre_rope(cos, sin):
@@ -193,6 +210,44 @@ def in_basis(bases, cos, sin, meta8: bool = False):
         basis = bases[ctx["layer"]]
         widths = bounds.basis_bits(basis["energy"], basis["range_sq"], b, 1.0 if meta8 else 2.0)
         return pre_rope(lambda kp, bits: bounds.quantize_in_basis(kp, basis, widths, 16, step), cos, sin)(x, b)
+    return f
+
+
+def store_layouts(head_dim: int) -> dict[int, dict[int, int]]:
+    """The ``agacc`` preset's basis layouts by container (``policy.basis_layouts``): {2|3|4: {width: coefficients}}."""
+    from agacc.config import AGACCConfig
+    from agacc.policy import basis_layouts
+
+    return {c: dict(lay) for c, lay in zip((2, 3, 4), basis_layouts(AGACCConfig.preset("agacc", key_quant="basis"),
+                                                                     head_dim))}
+
+
+def layout_bits(layout: dict[int, int], head_dim: int, tail_bits: int = 0) -> float:
+    """Bits an element of a key block in a basis layout: its codes, 16 bits of 8-bit scale and zero per coded
+    coefficient per 16 tokens, and ``tail_bits`` for each coefficient the layout drops (fixed levels: no metadata)."""
+    coded = sum(layout.values())
+    return (sum(w * n for w, n in layout.items()) + coded + tail_bits * (head_dim - coded)) / head_dim
+
+
+def tail_tables(model, caps, bases, bits: int) -> list[torch.Tensor]:
+    """Per layer, each axis' fixed levels [H, D, 2**bits] (``bounds.tail_levels``) from the calibration prompts'
+    keys (``caps``, RoPE undone) in that layer's basis (``bases``)."""
+    out = []
+    for (_, ks), basis in zip(bounds.turned_prompts(caps, bounds.rotary_inv_freq(model)), bases):
+        out.append(bounds.tail_levels(torch.cat([(k.float()[0] * basis["w"][:, None]) @ basis["V"] for k in ks], 1),
+                                      bits))
+    return out
+
+
+def in_layout(bases, cos, sin, layouts, tails=None):
+    """Keys in each layer's calibrated basis in the store's layout of container ``b`` (``store_layouts``), 8-bit
+    scales and zeros; ``tails``: the coefficients the layout drops read as the nearest of their axis' fixed
+    levels (``tail_tables``) instead of 0 (round 35)."""
+    def f(x, b, ctx):
+        widths = bounds.layout_widths(layouts[b], x.shape[-1]).expand(x.shape[1], -1)
+        tail = None if tails is None else tails[ctx["layer"]]
+        return pre_rope(lambda kp, bits: bounds.quantize_in_basis(kp, bases[ctx["layer"]], widths, 16,
+                                                                 bounds.META8_STEP, tail), cos, sin)(x, b)
     return f
 
 
@@ -235,11 +290,14 @@ def main(argv=None):
     def wanted(name: str) -> bool:
         return not args.formats or any(f in name for f in args.formats)
 
-    bases = None  # the "basis" rows' calibration (a model with RoPE, the rows asked for)
-    if getattr(getattr(model, "model", None), "rotary_emb", None) is not None and wanted("basis"):
+    bases = tails = None  # the "basis" rows' calibration (a model with RoPE, the rows asked for)
+    if getattr(getattr(model, "model", None), "rotary_emb", None) is not None and (
+            not args.formats or any("basis" in f for f in args.formats)):
         caps = bounds.calibration_prompts(model, args.basis_from, tok, args.tokens)
         bases = bounds.calibrate_key_basis(model, caps)
-    rope = rope_formats(model, ids.shape[1], bases)  # keys only: values carry no RoPE
+        tails = {t: tail_tables(model, caps, bases, t) for t in (1, 2)
+                 if wanted(f"basis, store layout + {t}-bit tail")}
+    rope = rope_formats(model, ids.shape[1], bases, tails)  # keys only: values carry no RoPE
     for name, (fmt, extra) in {**FORMATS, **rope}.items():
         if not wanted(name):
             continue
@@ -257,7 +315,8 @@ def main(argv=None):
                     _, o2 = attention(q, k, torch.cat([fmt(v[:, :, :nq], b), v[:, :, nq:]], 2), sc)
                     v_err += float((o2 - o0).norm() / o0.norm())
             n = len(captured)
-            rows.append({"format": name, "bits": b, "bits_per_element": b + extra, "key_attention_kl": kl / n,
+            bits = extra(b) if callable(extra) else b + extra
+            rows.append({"format": name, "bits": b, "bits_per_element": bits, "key_attention_kl": kl / n,
                          "value_output_rel_err": None if keys_only else v_err / n})
     print(f"{len(captured)} layers, {ids.shape[1]} tokens of {os.path.basename(args.text)}, first {nq} quantised, "
           f"last {args.queries} queries")

@@ -394,14 +394,37 @@ def basis_bits(energy: torch.Tensor, range_sq: torch.Tensor, budget: float, meta
 
 
 def quantize_in_basis(k: torch.Tensor, basis: dict, widths: torch.Tensor, block: int = 16,
-                      scale_step: float = 0.0) -> torch.Tensor:
+                      scale_step: float = 0.0, tail: torch.Tensor | None = None) -> torch.Tensor:
     """k [Bt, H, n, D] (before RoPE) -> its coefficients (k * w) @ V (``key_basis``) quantised per coefficient
     per block of ``block`` tokens at ``widths`` [H, D] (``quantize_allocated``, its ``scale_step``; 0 bits:
-    dropped, read as 0) and turned back -> fp32 like k."""
+    dropped, read as 0, or with ``tail`` [H, D, L] each dropped coefficient read as the nearest of its axis'
+    L fixed levels, ``tail_levels``: log2 L bits a coefficient, no metadata) and turned back -> fp32 like k."""
     w, V = basis["w"][:, None], basis["V"]
-    c = quantize_allocated((k.float() * w) @ V, widths.clamp_min(1), block, scale_step)
-    c = torch.where(widths[:, None] == 0, 0.0, c)
+    exact = (k.float() * w) @ V
+    c = quantize_allocated(exact, widths.clamp_min(1), block, scale_step)
+    dropped = 0.0 if tail is None else nearest_level(exact, tail)
+    c = torch.where(widths[:, None] == 0, dropped, c)
     return (c @ V.transpose(-1, -2)) / w
+
+
+def nearest_level(c: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """c [Bt, H, n, D] -> each coefficient replaced by the nearest of its axis' ``levels`` [H, D, L]."""
+    lv = levels[None, :, None]  # [1, H, 1, D, L]
+    return lv.expand(*c.shape, -1).gather(-1, (c[..., None] - lv).abs().argmin(-1, keepdim=True))[..., 0]
+
+
+def tail_levels(coeffs: torch.Tensor, bits: int, iters: int = 30) -> torch.Tensor:
+    """A fixed codebook per axis (Lloyd's k-means in one dimension, started at the quantiles): coeffs [H, N, D]
+    (calibration keys' coefficients, ``key_basis``) -> levels [H, D, 2**bits] fp32, increasing."""
+    x = coeffs.float().transpose(1, 2)  # [H, D, N]
+    n_lv = 1 << bits
+    lv = torch.quantile(x, (torch.arange(n_lv) + 0.5) / n_lv, dim=-1).permute(1, 2, 0).contiguous()
+    for _ in range(iters):
+        code = (x[..., None] - lv[:, :, None]).abs().argmin(-1)  # [H, D, N]
+        hot = torch.nn.functional.one_hot(code, n_lv).float()
+        count = hot.sum(2)
+        lv = torch.where(count > 0, (hot * x[..., None]).sum(2) / count.clamp_min(1), lv)
+    return lv.sort(-1).values
 
 
 def key_bytes_in_basis(budget: float, container: int, *, batch: int, heads: int, head_dim: int, block_size: int) -> int:

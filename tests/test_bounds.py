@@ -284,6 +284,31 @@ def test_keys_in_a_basis_read_per_coefficient_per_block():
     assert got[..., 5].abs().max() < 1e-5 and got[..., 4].abs().max() > 0.1
 
 
+def test_a_fixed_tail_reads_each_dropped_coefficient_as_its_axis_nearest_level():
+    """Round 35's offline format: Lloyd's levels of a two-cluster axis are the clusters' means by hand; with a
+    tail, a dropped coefficient reads as its axis' nearest level (coded ones as before), without one as 0; a
+    layout's bits an element count its codes, 16 bits of metadata a coded coefficient a block, the tail's."""
+    from bench.bench_quant_error import layout_bits
+
+    x = torch.tensor([-2.0, -1.8, -2.2, 3.0, 3.3, 2.7, 3.0, 2.8]).reshape(1, 8, 1)  # [H, N, D]
+    torch.testing.assert_close(bounds.tail_levels(x, 1), torch.tensor([[[-2.0, 2.96]]]))
+    torch.manual_seed(6)
+    k = torch.randn(1, 2, 32, 8)
+    basis = {"w": torch.rand(2, 8) + 0.5, "V": torch.linalg.qr(torch.randn(2, 8, 8))[0]}
+    c = (k * basis["w"][:, None]) @ basis["V"]
+    widths = torch.full((2, 8), 3)
+    widths[:, 6:] = 0
+    levels = torch.tensor([-0.5, 0.25, 1.0]).expand(2, 8, 3)
+    got = (bounds.quantize_in_basis(k, basis, widths, tail=levels) * basis["w"][:, None]) @ basis["V"]
+    near = levels[0, 0][(c[..., 6:, None] - levels[0, 0]).abs().argmin(-1)]
+    torch.testing.assert_close(got[..., 6:], near, atol=1e-5, rtol=1e-5)
+    plain = (bounds.quantize_in_basis(k, basis, widths) * basis["w"][:, None]) @ basis["V"]
+    torch.testing.assert_close(got[..., :6], plain[..., :6], atol=1e-5, rtol=1e-5)
+    assert plain[..., 6:].abs().max() < 1e-5
+    assert layout_bits({8: 2, 4: 6, 3: 16, 2: 16}, 64) == (16 + 24 + 48 + 32 + 40) / 64
+    assert layout_bits({8: 2, 4: 6, 3: 16, 2: 16}, 64, 1) == (160 + 24) / 64
+
+
 def test_keys_basis_prices_keys_at_its_bits_by_hand(monkeypatch):
     """One block of 16 tokens, 3 KV heads, head dim 64: 3-bit keys hold 48 x 64 x 3 / 8 = 1152 code bytes and
     3 x 64 fp16 scales and zeros (768); in a basis at 3 bits an element, 1152 in all (768 less). At 4.5 bits

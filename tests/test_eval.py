@@ -231,7 +231,8 @@ def test_cli_calibrate_evict_measures_and_files_the_eviction_table(tiny_model, t
 
 def test_cli_calibrate_key_basis_files_the_table_a_basis_cache_reads(tiny_model, tmp_path, monkeypatch, capsys):
     """``python -m agacc calibrate --key-basis --save``: the table ``agacc.basis.calibrate`` makes from the same
-    texts' first tokens, filed where a cache with key_quant="basis" finds it (before: a clear error)."""
+    texts' first tokens and every query of them, filed where a cache with key_quant="basis" finds it (before: a
+    clear error)."""
     import torch
     from transformers import AutoConfig
 
@@ -257,7 +258,7 @@ def test_cli_calibrate_key_basis_files_the_table_a_basis_cache_reads(tiny_model,
     assert rec["tokens"] == [192] and rec["layouts"]["3"] == [list(g) for g in basis_layouts(cfg, d)[1]]
     model, tok = agacc.load_model(tiny_model, device="cpu")
     with torch.inference_mode():
-        want = basis.calibrate(model, [capture_prefill(model, tok(CORPUS * 20).input_ids[:192])])
+        want = basis.calibrate(model, [capture_prefill(model, tok(CORPUS * 20).input_ids[:192], n_obs=192)])
     got = basis.require(config)
     torch.testing.assert_close(got.w, want.w)
     torch.testing.assert_close(got.V.float(), want.V.half().float())
