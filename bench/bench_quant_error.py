@@ -17,7 +17,7 @@ The "Lloyd-Max" rows are a non-uniform codebook (round 28): each group's levels 
 deviation x the unit Gaussian's Lloyd-Max centroids, the same metadata as min-max. The "store layout" rows (round
 35) hold each block of container ``--bits`` in the basis as the store does (the ``agacc`` preset's ``basis_layout``,
 8-bit scales and zeros), "+ N-bit tail" with the coefficients it drops coded too, each to the nearest of its axis'
-2**N levels fixed on the calibration texts (no metadata; ``bounds.tail_levels``).
+2**N levels fixed on the calibration texts (no metadata; ``bounds.key_basis``' tail).
 
     python bench/bench_quant_error.py --text /usr/share/common-licenses/GFDL-1.3 --json out/quant_error.json
 """
@@ -158,12 +158,12 @@ FORMATS = {  # name -> (quantise-dequantise, extra bits per element for scales a
 }
 
 
-def rope_formats(model, n, bases=None, tails=None):
+def rope_formats(model, n, bases=None):
     """The pre-RoPE key formats (they need the model's rotation of positions 0..n-1, rotate_half pairs as
     Llama's): name -> (fmt, bits); none for a model without a ``model.rotary_emb``. ``bases``: the "basis"
-    format's calibrated bases, one per layer (its bits an element include the metadata); ``tails``: {bits: the
-    fixed levels of ``tail_tables``} for the "store layout + tail" formats (their bits: a function of the
-    container, ``layout_bits``)."""
+    format's calibrated bases, one per layer (its bits an element include the metadata), with the fixed levels
+    of the "store layout + tail" formats in their ``tail`` (their bits: a function of the container,
+    ``layout_bits``)."""
     rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
     if rotary is None:
         return {}
@@ -177,16 +177,15 @@ def rope_formats(model, n, bases=None, tails=None):
             "allocated, pre-RoPE": (allocated_pre_rope(cos, sin), 2.0),
             **({"basis": (in_basis(bases, cos, sin), 0.0),
                 "basis, 8-bit scales": (in_basis(bases, cos, sin, meta8=True), 0.0)} if bases else {}),
-            **(_layout_formats(bases, cos, sin, tails or {}, int(cos.shape[-1])) if bases else {})}
+            **(_layout_formats(bases, cos, sin, int(cos.shape[-1])) if bases else {})}
 
 
-def _layout_formats(bases, cos, sin, tails, head_dim):
-    """The "store layout" rows: the layout alone and with each fixed tail of ``tails`` {bits: levels}."""
-    lay = store_layouts(head_dim)
-    out = {"basis, store layout": (in_layout(bases, cos, sin, lay), lambda b: layout_bits(lay[b], head_dim))}
-    for t, levels in tails.items():
-        out[f"basis, store layout + {t}-bit tail"] = (in_layout(bases, cos, sin, lay, levels),
-                                                       lambda b, t=t: layout_bits(lay[b], head_dim, t))
+def _layout_formats(bases, cos, sin, head_dim):
+    """The "store layout" rows: the layout alone (tail bits 0) and with each fixed tail the bases hold."""
+    lay, out = store_layouts(head_dim), {}
+    for t in (0, *bases[0]["tail"]):
+        name = "basis, store layout" + (f" + {t}-bit tail" if t else "")
+        out[name] = (in_layout(bases, cos, sin, lay, t), lambda b, t=t: layout_bits(lay[b], head_dim, t))
     return out
 
 
@@ -229,25 +228,16 @@ def layout_bits(layout: dict[int, int], head_dim: int, tail_bits: int = 0) -> fl
     return (sum(w * n for w, n in layout.items()) + coded + tail_bits * (head_dim - coded)) / head_dim
 
 
-def tail_tables(model, caps, bases, bits: int) -> list[torch.Tensor]:
-    """Per layer, each axis' fixed levels [H, D, 2**bits] (``bounds.tail_levels``) from the calibration prompts'
-    keys (``caps``, RoPE undone) in that layer's basis (``bases``)."""
-    out = []
-    for (_, ks), basis in zip(bounds.turned_prompts(caps, bounds.rotary_inv_freq(model)), bases):
-        out.append(bounds.tail_levels(torch.cat([(k.float()[0] * basis["w"][:, None]) @ basis["V"] for k in ks], 1),
-                                      bits))
-    return out
-
-
-def in_layout(bases, cos, sin, layouts, tails=None):
+def in_layout(bases, cos, sin, layouts, tail_bits: int = 0):
     """Keys in each layer's calibrated basis in the store's layout of container ``b`` (``store_layouts``), 8-bit
-    scales and zeros; ``tails``: the coefficients the layout drops read as the nearest of their axis' fixed
-    levels (``tail_tables``) instead of 0 (round 35)."""
+    scales and zeros; ``tail_bits``: the coefficients the layout drops read as the nearest of their axis' fixed
+    levels (the basis' ``tail``) instead of 0 (round 35)."""
     def f(x, b, ctx):
+        basis = bases[ctx["layer"]]
         widths = bounds.layout_widths(layouts[b], x.shape[-1]).expand(x.shape[1], -1)
-        tail = None if tails is None else tails[ctx["layer"]]
-        return pre_rope(lambda kp, bits: bounds.quantize_in_basis(kp, bases[ctx["layer"]], widths, 16,
-                                                                 bounds.META8_STEP, tail), cos, sin)(x, b)
+        tail = basis["tail"][tail_bits] if tail_bits else None
+        return pre_rope(lambda kp, bits: bounds.quantize_in_basis(kp, basis, widths, 16, bounds.META8_STEP, tail),
+                        cos, sin)(x, b)
     return f
 
 
@@ -290,14 +280,13 @@ def main(argv=None):
     def wanted(name: str) -> bool:
         return not args.formats or any(f in name for f in args.formats)
 
-    bases = tails = None  # the "basis" rows' calibration (a model with RoPE, the rows asked for)
+    bases = None  # the "basis" rows' calibration (a model with RoPE, the rows asked for)
     if getattr(getattr(model, "model", None), "rotary_emb", None) is not None and (
             not args.formats or any("basis" in f for f in args.formats)):
         caps = bounds.calibration_prompts(model, args.basis_from, tok, args.tokens)
-        bases = bounds.calibrate_key_basis(model, caps)
-        tails = {t: tail_tables(model, caps, bases, t) for t in (1, 2)
-                 if wanted(f"basis, store layout + {t}-bit tail")}
-    rope = rope_formats(model, ids.shape[1], bases, tails)  # keys only: values carry no RoPE
+        tails = tuple(t for t in (1, 2) if wanted(f"basis, store layout + {t}-bit tail"))
+        bases = bounds.calibrate_key_basis(model, caps, tails)
+    rope = rope_formats(model, ids.shape[1], bases)  # keys only: values carry no RoPE
     for name, (fmt, extra) in {**FORMATS, **rope}.items():
         if not wanted(name):
             continue

@@ -336,30 +336,37 @@ def install_keys_allocated(pre_rope: bool = False, widths_from: list[str] | None
 META8_STEP = 1 / 16  # the log2 grid of an 8-bit scale (``quantize_allocated``'s scale_step)
 
 
-def key_basis(queries: list[torch.Tensor], keys: list[torch.Tensor], block: int = 16) -> dict:
+def key_basis(queries: list[torch.Tensor], keys: list[torch.Tensor], block: int = 16,
+              tails: tuple[int, ...] = ()) -> dict:
     """A basis for one layer's keys before RoPE, from calibration prompts (RoPE undone on both): queries
-    [1, Hq, m, D] and keys [1, H, n, D], one of each per prompt -> {w, V, energy, range_sq}:
+    [1, Hq, m, D] and keys [1, H, n, D], one of each per prompt -> {w, V, energy, range_sq, tail}:
     w [H, D] and V [H, D, D] the library's (``agacc.basis.layer_basis``: the pair-averaged query RMS per
     channel, the eigenvectors of the weighed keys' second moments by decreasing eigenvalue); energy [H, D]
-    the mean square of each
-    coefficient (k * w) @ V, range_sq [H, D] the mean over blocks of ``block`` tokens of its squared range,
-    both averaged over the prompts. fp32."""
+    the mean square of each coefficient (``coefficients``), range_sq [H, D] the mean over blocks of ``block``
+    tokens of its squared range, both averaged over the prompts; tail {bits: levels [H, D, 2**bits]} for each of
+    ``tails``, each axis' fixed levels over all the prompts' coefficients (``tail_levels``). fp32."""
     h, d = keys[0].shape[1], keys[0].shape[-1]
     w, V = layer_basis(queries, keys)
-    kw = [k.float()[0] * w[:, None] for k in keys]  # [H, n, D] each
+    cs = [coefficients(k[0], {"w": w, "V": V}) for k in keys]  # [H, n, D] each
     energy, range_sq = [], []
-    for x in kw:
-        c = x @ V
+    for c in cs:
         cb = c[:, :c.shape[1] // block * block].reshape(h, -1, block, d)
         energy.append(c.pow(2).mean(1))
         range_sq.append((cb.amax(2) - cb.amin(2)).pow(2).mean(1))
-    return dict(w=w, V=V, energy=torch.stack(energy).mean(0), range_sq=torch.stack(range_sq).mean(0))
+    return dict(w=w, V=V, energy=torch.stack(energy).mean(0), range_sq=torch.stack(range_sq).mean(0),
+                tail={t: tail_levels(torch.cat(cs, 1), t) for t in tails})
 
 
-def calibrate_key_basis(model, caps) -> list[dict]:
+def calibrate_key_basis(model, caps, tails: tuple[int, ...] = ()) -> list[dict]:
     """``key_basis`` per layer from captured prompts (``capture_prefill``: their keys and last queries), RoPE
-    undone on both at their positions (the library's ``agacc.basis.turned_prompts``)."""
-    return [key_basis(qs, ks) for qs, ks in turned_prompts(caps, rotary_inv_freq(model))]
+    undone on both at their positions (the library's ``agacc.basis.turned_prompts``); ``tails``: the bits of
+    the fixed levels each axis gets (``key_basis``)."""
+    return [key_basis(qs, ks, tails=tails) for qs, ks in turned_prompts(caps, rotary_inv_freq(model))]
+
+
+def coefficients(k: torch.Tensor, basis: dict) -> torch.Tensor:
+    """Keys before RoPE k [..., H, n, D] -> their coefficients (k * w) @ V in a basis (``key_basis``), fp32."""
+    return (k.float() * basis["w"][:, None]) @ basis["V"]
 
 
 def basis_bits(energy: torch.Tensor, range_sq: torch.Tensor, budget: float, meta: float = 2.0,
@@ -398,13 +405,12 @@ def quantize_in_basis(k: torch.Tensor, basis: dict, widths: torch.Tensor, block:
     """k [Bt, H, n, D] (before RoPE) -> its coefficients (k * w) @ V (``key_basis``) quantised per coefficient
     per block of ``block`` tokens at ``widths`` [H, D] (``quantize_allocated``, its ``scale_step``; 0 bits:
     dropped, read as 0, or with ``tail`` [H, D, L] each dropped coefficient read as the nearest of its axis'
-    L fixed levels, ``tail_levels``: log2 L bits a coefficient, no metadata) and turned back -> fp32 like k."""
-    w, V = basis["w"][:, None], basis["V"]
-    exact = (k.float() * w) @ V
+    L fixed levels, ``key_basis``' tail: log2 L bits a coefficient, no metadata) and turned back -> fp32 like k."""
+    exact = coefficients(k, basis)
     c = quantize_allocated(exact, widths.clamp_min(1), block, scale_step)
     dropped = 0.0 if tail is None else nearest_level(exact, tail)
     c = torch.where(widths[:, None] == 0, dropped, c)
-    return (c @ V.transpose(-1, -2)) / w
+    return (c @ basis["V"].transpose(-1, -2)) / basis["w"][:, None]
 
 
 def nearest_level(c: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -415,7 +421,7 @@ def nearest_level(c: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 
 def tail_levels(coeffs: torch.Tensor, bits: int, iters: int = 30) -> torch.Tensor:
     """A fixed codebook per axis (Lloyd's k-means in one dimension, started at the quantiles): coeffs [H, N, D]
-    (calibration keys' coefficients, ``key_basis``) -> levels [H, D, 2**bits] fp32, increasing."""
+    (calibration keys' coefficients, ``coefficients``) -> levels [H, D, 2**bits] fp32, increasing."""
     x = coeffs.float().transpose(1, 2)  # [H, D, N]
     n_lv = 1 << bits
     lv = torch.quantile(x, (torch.arange(n_lv) + 0.5) / n_lv, dim=-1).permute(1, 2, 0).contiguous()
