@@ -22,11 +22,14 @@ Each method is ``NAME[@RATIO][,key=value]...`` (``agacc.spec``), or transformers
 (``hf-quantized:quanto-4`` ..., ``agacc.eval.external``; its bytes counted from the tensors it holds, the
 residual window at the model's precision). ``--threads`` sets torch's
 intra-op threads for the plain and the compressed runs alike (on the 2-core CPU this was measured
-on, one thread is faster for both: decode steps are many small ops).
+on, one thread is faster for both: decode steps are many small ops). ``--perturb 1 2 3`` runs every method
+once per seed with noise of 1e-6 on the input embeddings (``perturbed``; columns ``METHOD~SEED``): the
+spread another CPU's rounding gives a result (docs/tuning.md round 36).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import math
 import os
@@ -40,6 +43,28 @@ from bench import common
 DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
 PLAIN = "plain (DynamicCache)"
 DEFAULT_METHODS = ["agacc", "dynacompress", "attention-sum", "uniform-int8", "uniform-int4", "uniform-int2"]
+PERTURB_EPS = 1e-6
+
+
+@contextlib.contextmanager
+def perturbed(model, seed: int | None, eps: float = PERTURB_EPS):
+    """Within it, the model's input embeddings [B, q, hidden] carry relative noise: times (1 + eps z), z
+    standard normal from ``seed`` (None: no noise). Another CPU's kernels round otherwise, so a method's
+    decisions that sit on a near tie fall the other way and the rest of its run follows; runs over seeds
+    show how far a result moves for no reason of the method's (``--perturb``)."""
+    if seed is None:
+        yield
+        return
+    gen = torch.Generator().manual_seed(seed)
+
+    def noisy(_module, _inputs, out):
+        return out * (1 + eps * torch.randn(out.shape, generator=gen, dtype=out.dtype))
+
+    handle = model.get_input_embeddings().register_forward_hook(noisy)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def run(model, ids, prefill, cache, prefill_chunk: int = 0):
@@ -75,8 +100,11 @@ def reference(model, ids, prefill: int, prefill_chunk: int, cache_dir: str | Non
     return out
 
 
-def measure(model, ids, methods, prefill: int, prefill_chunk: int, ref_cache: str | None = None) -> list[dict]:
-    """The plain cache's row, then one row per method: perplexity vs plain, top-1, KL, bytes, speed."""
+def measure(model, ids, methods, prefill: int, prefill_chunk: int, ref_cache: str | None = None,
+            seeds: tuple = (None,)) -> list[dict]:
+    """The plain cache's row, then one row per method and seed (``perturbed``; a seed's label ``METHOD~SEED``):
+    perplexity vs plain, top-1, KL, bytes, speed. With seeds, the plain cache's own KL under each seed's
+    noise is printed first (what the noise costs by itself)."""
     from agacc.eval.metrics import lm_stats
 
     targets = ids[0, prefill:]
@@ -86,10 +114,18 @@ def measure(model, ids, methods, prefill: int, prefill_chunk: int, ref_cache: st
     rows = [{"preset": PLAIN, "ppl": ref_ppl, "ppl_rel": 1.0, "top1": 1.0, "kl": 0.0, "ratio": None,
              "bytes": None, "bytes_fp16": None, "tok_s": steps / ref_dt, "speed_rel": 1.0}]
     print(f"  plain: ppl {ref_ppl:.3f}, {steps / ref_dt:.1f} tok/s", flush=True)
-    for label, cfg in methods:
+    for seed in seeds:
+        if seed is not None:
+            with perturbed(model, seed):
+                noisy = run(model, ids, prefill, common.make_cache(model, None), prefill_chunk)[0]
+            st = lm_stats(noisy, ref, targets)
+            print(f"  plain~{seed}: KL {st['kl'] / st['tokens']:.2e}", flush=True)
+    for (label, cfg), seed in ((m, s) for m in methods for s in seeds):
+        name = label if seed is None else f"{label}~{seed}"
         external = hasattr(cfg, "new_cache")  # transformers' QuantizedCache (agacc.eval.external.HFQuantized)
         cache = cfg.new_cache(model) if external else common.make_cache(model, cfg)
-        logits, dt, _ = run(model, ids, prefill, cache, prefill_chunk)
+        with perturbed(model, seed):
+            logits, dt, _ = run(model, ids, prefill, cache, prefill_chunk)
         st = lm_stats(logits, ref, targets)
         if external:  # the bytes it holds at the end; no peak or tiers of its own
             mem = dict(cfg.memory(cache), peak_bytes=None, by_tier=None)
@@ -98,14 +134,15 @@ def measure(model, ids, methods, prefill: int, prefill_chunk: int, ref_cache: st
             mem = cache.memory()
         ppl = math.exp(st["nll"] / st["tokens"])
         top1, kl = st["top1"] / st["tokens"], st["kl"] / st["tokens"]
-        row = {"preset": label, "ppl": ppl, "ppl_rel": ppl / ref_ppl, "top1": top1, "kl": kl, "ratio": mem["ratio"],
+        row = {"preset": name, "ppl": ppl, "ppl_rel": ppl / ref_ppl, "top1": top1, "kl": kl, "ratio": mem["ratio"],
                "bytes": mem["bytes"], "bytes_fp16": mem["bytes_fp16"], "peak_bytes": mem["peak_bytes"],
                "tok_s": steps / dt,
                "speed_rel": (steps / dt) / (steps / ref_dt), "by_tier": mem["by_tier"],
-               "target_ratio": cfg.target_ratio, "overrides": {} if external else common.method_overrides(label)}
+               "target_ratio": cfg.target_ratio, "seed": seed,
+               "overrides": {} if external else common.method_overrides(label)}
         rows.append(row)
         peak = f" (peak {mem['bytes_fp16'] / mem['peak_bytes']:.2f}x)" if mem["peak_bytes"] else ""
-        print(f"  {label}: ppl {ppl:.3f} ({100 * (ppl / ref_ppl - 1):+.2f}%), top1 {top1:.3f}, KL {kl:.4f}, "
+        print(f"  {name}: ppl {ppl:.3f} ({100 * (ppl / ref_ppl - 1):+.2f}%), top1 {top1:.3f}, KL {kl:.4f}, "
               f"ratio {mem['ratio']:.2f}x{peak}, {steps / dt:.1f} tok/s ({row['speed_rel']:.2f}x)", flush=True)
         del cache, logits
     return rows
@@ -198,6 +235,9 @@ def main(argv=None):
                     help="keep the plain cache's logits per text here and reuse them (speeds then compare with "
                          "the run that left them)")
     common.add_model_args(ap, text=DEFAULT_TEXT)
+    ap.add_argument("--perturb", type=int, nargs="+", default=None, metavar="SEED",
+                    help=f"run every method once per seed with the input embeddings times (1 + {PERTURB_EPS:g} z) "
+                         "instead of once as is: how far a result moves when near-tied decisions fall otherwise")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     methods = parse_methods((args.methods + args.more_methods) or DEFAULT_METHODS)
@@ -225,7 +265,8 @@ def main(argv=None):
         if ids.shape[1] < args.tokens:
             raise SystemExit(f"error: {path} has {ids.shape[1]} tokens, {args.tokens} needed")
         print(f"{name} ({path})", flush=True)
-        rows = measure(model, ids[:, :args.tokens], methods, args.prefill, args.prefill_chunk, args.ref_cache)
+        rows = measure(model, ids[:, :args.tokens], methods, args.prefill, args.prefill_chunk, args.ref_cache,
+                       tuple(args.perturb) if args.perturb else (None,))
         texts.append({"name": name, "kind": kind, "split": split, "path": path, "rows": rows})
 
     steps = args.tokens - args.prefill - 1
@@ -238,7 +279,8 @@ def main(argv=None):
     else:
         method_table(texts[0]["rows"])
     record = {"tokens": args.tokens, "prefill": args.prefill, "prefill_chunk": args.prefill_chunk,
-              "threads": torch.get_num_threads(), "suite": args.suite, "texts": texts, "summary": summary}
+              "threads": torch.get_num_threads(), "perturb": args.perturb, "perturb_eps": PERTURB_EPS,
+              "suite": args.suite, "texts": texts, "summary": summary}
     if not args.suite:  # one text: its rows at the top level as before
         record.update(text=args.text, rows=texts[0]["rows"])
     common.write_json(args.json, record)

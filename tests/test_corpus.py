@@ -118,3 +118,40 @@ def test_bench_ppl_runs_transformers_quantized_cache_in_the_same_loop(tmp_path):
             bench_ppl.parse_methods([spec])
     with pytest.raises(SystemExit, match="given twice"):
         bench_ppl.parse_methods(["hf-quantized:quanto-4", "hf-quantized:quanto-4"])
+
+
+def test_perturbed_embeddings_carry_the_seeds_noise_and_nothing_after():
+    """``bench_ppl.perturbed``: inside it the input embeddings are the plain ones times (1 + eps z), z the seed's
+    normal draws (the same seed, the same noise; another seed, other noise); seed None and leaving it change nothing."""
+    import torch
+
+    emb = torch.nn.Embedding(10, 8)
+
+    class Model(torch.nn.Module):
+        def get_input_embeddings(self):
+            return emb
+
+    ids = torch.tensor([[1, 2, 3]])
+    plain = emb(ids)
+    with bench_ppl.perturbed(Model(), None):
+        assert torch.equal(emb(ids), plain)
+    with bench_ppl.perturbed(Model(), 7, eps=1e-3):
+        noisy = emb(ids)
+    z = torch.randn(plain.shape, generator=torch.Generator().manual_seed(7))
+    assert torch.allclose(noisy, plain * (1 + 1e-3 * z), rtol=0, atol=1e-7)
+    with bench_ppl.perturbed(Model(), 8, eps=1e-3):
+        assert not torch.allclose(emb(ids), noisy, rtol=0, atol=1e-6)
+    assert torch.equal(emb(ids), plain) and not emb._forward_hooks
+
+
+def test_bench_ppl_perturb_runs_each_method_once_per_seed(tmp_path):
+    """``--perturb 1 2``: a row per method and seed, labelled and recorded with its seed; the noise moves a
+    compressed run's logits (the seeds' rows differ) by far less than the compression does."""
+    import json
+
+    out = tmp_path / "ppl.json"
+    bench_ppl.main(["--suite", "heldout", "--texts", "chat-heldout", "--tokens", "120", "--prefill", "100",
+                    "--threads", "1", "--json", str(out), "uniform-int2", "--perturb", "1", "2"])
+    rows = json.loads(out.read_text())["texts"][0]["rows"][1:]
+    assert [(r["preset"], r["seed"]) for r in rows] == [("uniform-int2~1", 1), ("uniform-int2~2", 2)]
+    assert rows[0]["kl"] != rows[1]["kl"] and abs(rows[0]["kl"] - rows[1]["kl"]) < 0.01 * rows[0]["kl"]
