@@ -175,17 +175,24 @@ def rope_formats(model, n, bases=None):
                 pre_rope(rotated(per_channel_32), cos, sin), 1.0),
             "per channel, pre-RoPE within the block, rotated": (pre_rope(rotated(per_channel), cos, sin, 16), 2.0),
             "allocated, pre-RoPE": (allocated_pre_rope(cos, sin), 2.0),
-            **({"basis": (in_basis(bases, cos, sin), 0.0),
-                "basis, 8-bit scales": (in_basis(bases, cos, sin, meta8=True), 0.0)} if bases else {}),
+            **({"basis": (in_basis(bases, cos, sin, greedy_widths(2.0)), 0.0),
+                "basis, 8-bit scales": (in_basis(bases, cos, sin, greedy_widths(1.0), bounds.META8_STEP), 0.0)}
+               if bases else {}),
             **(_layout_formats(bases, cos, sin, int(cos.shape[-1])) if bases else {})}
 
 
 def _layout_formats(bases, cos, sin, head_dim):
-    """The "store layout" rows: the layout alone (tail bits 0) and with each fixed tail the bases hold."""
+    """The "store layout" rows: keys in the basis in the store's layout of container ``b`` (``store_layouts``),
+    8-bit scales and zeros, alone (tail bits 0) and with each fixed tail the bases hold (round 35)."""
     lay, out = store_layouts(head_dim), {}
+
+    def widths(basis, b, heads):
+        return bounds.layout_widths(lay[b], head_dim).expand(heads, -1)
+
     for t in (0, *bases[0]["tail"]):
         name = "basis, store layout" + (f" + {t}-bit tail" if t else "")
-        out[name] = (in_layout(bases, cos, sin, lay, t), lambda b, t=t: layout_bits(lay[b], head_dim, t))
+        out[name] = (in_basis(bases, cos, sin, widths, bounds.META8_STEP, t),
+                     lambda b, t=t: layout_bits(lay[b], head_dim, t))
     return out
 
 
@@ -200,16 +207,23 @@ def allocated_pre_rope(cos, sin):
     return f
 
 
-def in_basis(bases, cos, sin, meta8: bool = False):
-    """Keys in each layer's calibrated basis (``bounds.calibrate_key_basis``, before RoPE) at ``b`` bits an
-    element, metadata included (``bounds.basis_bits``; round 21); ``meta8``: 8-bit scales and zeros."""
-    step = bounds.META8_STEP if meta8 else 0.0
-
+def in_basis(bases, cos, sin, widths, step: float = 0.0, tail_bits: int = 0):
+    """Keys in each layer's calibrated basis (``bounds.calibrate_key_basis``, before RoPE), each coefficient per
+    block of 16 at ``widths(basis, b, heads)`` [H, D] bits (0: dropped) with scales on the log2 grid ``step`` (0:
+    fp16); ``tail_bits``: the dropped coefficients read as the nearest of their axis' fixed levels (the basis'
+    ``tail``, round 35) instead of 0."""
     def f(x, b, ctx):
         basis = bases[ctx["layer"]]
-        widths = bounds.basis_bits(basis["energy"], basis["range_sq"], b, 1.0 if meta8 else 2.0)
-        return pre_rope(lambda kp, bits: bounds.quantize_in_basis(kp, basis, widths, 16, step), cos, sin)(x, b)
+        tail = basis["tail"][tail_bits] if tail_bits else None
+        return pre_rope(lambda kp, bits: bounds.quantize_in_basis(kp, basis, widths(basis, b, x.shape[1]), 16, step,
+                                                                  tail), cos, sin)(x, b)
     return f
+
+
+def greedy_widths(meta: float):
+    """``in_basis``' widths at ``b`` bits an element, metadata (``meta`` bits an element a coded coefficient)
+    included: ``bounds.basis_bits`` (round 21)."""
+    return lambda basis, b, heads: bounds.basis_bits(basis["energy"], basis["range_sq"], b, meta)
 
 
 def store_layouts(head_dim: int) -> dict[int, dict[int, int]]:
@@ -226,19 +240,6 @@ def layout_bits(layout: dict[int, int], head_dim: int, tail_bits: int = 0) -> fl
     coefficient per 16 tokens, and ``tail_bits`` for each coefficient the layout drops (fixed levels: no metadata)."""
     coded = sum(layout.values())
     return (sum(w * n for w, n in layout.items()) + coded + tail_bits * (head_dim - coded)) / head_dim
-
-
-def in_layout(bases, cos, sin, layouts, tail_bits: int = 0):
-    """Keys in each layer's calibrated basis in the store's layout of container ``b`` (``store_layouts``), 8-bit
-    scales and zeros; ``tail_bits``: the coefficients the layout drops read as the nearest of their axis' fixed
-    levels (the basis' ``tail``) instead of 0 (round 35)."""
-    def f(x, b, ctx):
-        basis = bases[ctx["layer"]]
-        widths = bounds.layout_widths(layouts[b], x.shape[-1]).expand(x.shape[1], -1)
-        tail = basis["tail"][tail_bits] if tail_bits else None
-        return pre_rope(lambda kp, bits: bounds.quantize_in_basis(kp, basis, widths, 16, bounds.META8_STEP, tail),
-                        cos, sin)(x, b)
-    return f
 
 
 def attention(q, k, v, scaling):
@@ -281,8 +282,8 @@ def main(argv=None):
         return not args.formats or any(f in name for f in args.formats)
 
     bases = None  # the "basis" rows' calibration (a model with RoPE, the rows asked for)
-    if getattr(getattr(model, "model", None), "rotary_emb", None) is not None and (
-            not args.formats or any("basis" in f for f in args.formats)):
+    if getattr(getattr(model, "model", None), "rotary_emb", None) is not None and any(
+            wanted(n) for n in CONTEXT_FORMATS if n.startswith("basis")):
         caps = bounds.calibration_prompts(model, args.basis_from, tok, args.tokens)
         tails = tuple(t for t in (1, 2) if wanted(f"basis, store layout + {t}-bit tail"))
         bases = bounds.calibrate_key_basis(model, caps, tails)

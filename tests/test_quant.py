@@ -182,7 +182,7 @@ def test_bench_pre_rope_keys_quantise_the_unrotated_keys():
     within each block undone; the identity format returns the keys; so do the allocated format before RoPE and
     the keys in a basis before RoPE. RoPE itself by transformers' ``apply_rotary_pos_emb``, not the bench's
     inverse."""
-    from bench.bench_quant_error import allocated_pre_rope, in_basis, per_channel, pre_rope
+    from bench.bench_quant_error import allocated_pre_rope, greedy_widths, in_basis, per_channel, pre_rope
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     n, d = 32, 8
@@ -201,7 +201,7 @@ def test_bench_pre_rope_keys_quantise_the_unrotated_keys():
     # and the keys in a basis before RoPE (here the identity, every coefficient coded at 8 bits an element)
     ident = {"w": torch.ones(2, d), "V": torch.eye(d).expand(2, d, d), "energy": torch.ones(2, d),
              "range_sq": torch.ones(2, d)}
-    assert (in_basis([ident], cos, sin)(k, 8, {"layer": 0}) - k).abs().max() < 5e-3
+    assert (in_basis([ident], cos, sin, greedy_widths(2.0))(k, 8, {"layer": 0}) - k).abs().max() < 5e-3
     assert (per_channel(k, 2) - k).abs().max() > 0.05
 
 
