@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 
 from kernels.format import (  # noqa: F401  (re-exported: agacc.quant's public names)
-    CONTAINER_OF, CONTAINERS, DENSE, QUANT, SCALE_DTYPE, SPARSE, Part, basis_axes, basis_coeffs, basis_keys,
-    container_bits, dequantize, frame, hadamard, pack, pack_bitmap, pack_groups, pack_unit, rotate, rotation_size,
-    sparse_decode, unpack, unpack_bitmap, unpack_groups, value_group,
+    CONTAINER_OF, CONTAINERS, DENSE, QUANT, SCALE_DTYPE, SPARSE, Part, axes_reflectors, basis_axes, basis_coeffs,
+    basis_keys, container_bits, dequantize, frame, hadamard, pack, pack_bitmap, pack_groups, pack_unit, rotate,
+    rotation_size, sparse_decode, unpack, unpack_bitmap, unpack_groups, value_group,
 )
 
 

@@ -275,7 +275,8 @@ class QuantSegment(Segment):
     sets it from the head dim at its first append, per token where ``cfg.keep_all`` applies,
     ``policy.key_grouping``); with ``cfg.rotate``
     keys and values are stored Hadamard-rotated (``rotated``), and ``read_blocks`` rotates them back. ``basis``:
-    (w, V, V_scale, inv_freq, groups) where the keys are held as coefficients in the layer's basis, in ``groups``
+    (w, codes, scales, inv_freq, groups) where the keys are held as coefficients in the layer's basis (its axes as
+    Householder reflectors, ``quant.basis_axes``), in ``groups``
     ((width, count), ...; a ``LayerStore`` sets it: key_quant "basis"), never rotated."""
 
     def __init__(self, block_size, device, container, cfg):
@@ -293,10 +294,11 @@ class QuantSegment(Segment):
 
     def _axes(self, axes: torch.Tensor | None = None) -> torch.Tensor:
         """The basis' first r axes [H, r, D] fp32: the first r of ``axes`` (the layer's, made once per read by
-        ``LayerStore.parts``), else made here (``quant.basis_axes``)."""
-        w, V, V_scale, _, groups = self.basis
-        r = basis_rank((groups,))
-        return axes[:, :r] if axes is not None else quant.basis_axes(w, V, r, V_scale)
+        ``LayerStore.parts``), else of the same made here (``quant.basis_axes``), so a block's coefficients are taken
+        and read back on the same floats."""
+        w, codes, scales, _, groups = self.basis
+        axes = axes if axes is not None else quant.basis_axes(w, codes, scales, scales.shape[1])
+        return axes[:, :basis_rank((groups,))]
 
     def tensors(self):
         self.flush()
@@ -572,9 +574,9 @@ class LayerStore:
     ``n_entries`` the number of attention entries held."""
 
     def __init__(self, cfg, device, dtype, key_basis: tuple | None = None):
-        """``key_basis``: this layer's (w [H, D] fp32, V [H, D, r] int8, V_scale [H, 1, r] fp16, inv_freq [D/2]
-        fp32) (``agacc.basis.KeyBasis.layer``: its first r axes, r at least what a block keeps), held (and
-        counted) where keys are grouped "basis"."""
+        """``key_basis``: this layer's (w [H, D] fp32, reflector codes [H, P] int8, their scales [H, r] fp16,
+        inv_freq [D/2] fp32) (``agacc.basis.KeyBasis.layer``: its first r axes, r at least what a block keeps), held
+        (and counted) where keys are grouped "basis"; the axes are made from them once a read (``parts``)."""
         self.cfg = cfg
         self.key_basis = key_basis
         self.B = cfg.block_size
@@ -652,14 +654,15 @@ class LayerStore:
         if self.key_basis is None:
             raise ValueError("key_quant='basis' needs the model's key basis (agacc.basis): a CompressedCache loads it; "
                              "a LayerStore on its own takes key_basis=")
-        w, V, V_scale, inv_freq = self.key_basis
+        w, codes, scales, inv_freq = self.key_basis
         groups = basis_layouts(self.cfg, head_dim)
-        if (tuple(V.shape[:2]) != (heads, head_dim) or inv_freq.numel() * 2 != head_dim
-                or V.shape[2] < basis_rank(groups)):
-            raise ValueError(f"the key basis holds {V.shape[2]} axes for {V.shape[0]} KV heads of dim {V.shape[1]}, "
-                             f"the layer {heads} of {head_dim}: re-run python -m agacc calibrate --key-basis --save")
+        if (tuple(w.shape) != (heads, head_dim) or inv_freq.numel() * 2 != head_dim
+                or scales.shape[1] < basis_rank(groups)):
+            raise ValueError(f"the key basis holds {scales.shape[1]} axes for {w.shape[0]} KV heads of dim "
+                             f"{w.shape[1]}, the layer {heads} of {head_dim}: re-run python -m agacc calibrate "
+                             "--key-basis --save")
         for c, g in zip((2, 3, 4), groups):
-            self.quant[c].basis = (w, V, V_scale, inv_freq, g)
+            self.quant[c].basis = (w, codes, scales, inv_freq, g)
 
     @property
     def n_blocks(self) -> int:
@@ -689,8 +692,8 @@ class LayerStore:
         backend reads this list; entry i of the attention mass is entry i of the parts laid end to end."""
         axes = None  # keys in a basis: its axes, made once for every container's part (the decode step reads them)
         if self.quant[2].basis is not None and any(self.quant[c].n_blocks for c in (2, 3, 4)):
-            w, V, V_scale, _ = self.key_basis
-            axes = quant.basis_axes(w, V, V.shape[2], V_scale)
+            w, codes, scales, _ = self.key_basis
+            axes = quant.basis_axes(w, codes, scales, scales.shape[1])
         out = [seg.part(axes=axes) for seg in self.segments if seg.n_blocks]
         if self.markers.n:
             m = self.markers

@@ -34,7 +34,10 @@ Llama's ``rotate_half`` pairs (channel i with i + D/2): by the model's own ``inv
 (sign -1) and redoes it (+1), and whatever ``inv_freq`` is, redoing undoes undoing exactly, so a key
 reads back ``basis_keys(c, axes, inv_freq, p) = frame(c @ axes, p, +1)`` (axes [r, D], proj's
 pseudo-inverse) for any positions ``p`` the store gives both ways. A kernel rebuilds each key from its
-coefficients before the dot with the query (a position's rotation cannot be moved to the query once).
+coefficients before the dot with the query (a position's rotation cannot be moved to the query once). The
+axes themselves are held as the Householder reflectors that make them (``axes_reflectors``), read back once
+a read (``basis_axes``): orthonormal whatever the rounding, in 58% of a dense table's entries (docs/tuning.md
+round 37).
 
 ``Part``: one stretch of a layer's attention entries as it is held (``agacc.store.LayerStore.parts``
 lists them in attention order); every decode backend reads a list of parts.
@@ -207,14 +210,36 @@ def basis_coeffs(k: torch.Tensor, proj: torch.Tensor, inv_freq: torch.Tensor, po
     return frame(k, pos, inv_freq, -1) @ proj.float()
 
 
-def basis_axes(w: torch.Tensor, V: torch.Tensor, r: int, V_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """A basis' first ``r`` axes, [H, r, D] fp32 = (V / w)^T, from the query weights w [H, D] and the axes
-    V [H, D, >= r] (columns by decreasing energy; int8 codes times ``V_scale`` [H, 1, >= r] where given).
-    Coefficients are taken with their pseudo-inverse ``torch.linalg.pinv(axes)`` [H, D, r] (= V * w for an
-    orthonormal V), so that they read back exactly whatever the rounding of V (``basis_coeffs`` then
-    ``basis_keys``: the key projected on the axes' span)."""
-    v = V[:, :, :r].float() if V_scale is None else V[:, :, :r].float() * V_scale[:, :, :r].float()
-    return (v / w.float()[:, :, None]).transpose(1, 2).contiguous()
+def axes_reflectors(V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Axes V [H, D, r] (orthonormal columns, by decreasing energy) -> the Householder reflectors that make them,
+    as a store holds them (``basis_axes`` reads them back): codes [H, P] int8, P = r (D - 1) - r (r - 1) / 2,
+    the entries below the diagonal of ``torch.geqrf``'s reflectors in ``torch.tril_indices(D, r, -1)`` order,
+    and scales [H, r] fp16, one a reflector (symmetric: entry = code x scale). An orthonormal D x r matrix has
+    P degrees of freedom, D r numbers: 58% of them at D = 64, r = 53."""
+    h, d, r = V.shape
+    a, _ = torch.geqrf(V.float())
+    low = torch.tril(a, -1)  # a reflector's entries are at most 1 in magnitude (LAPACK's choice of sign)
+    scale = (low.abs().amax(1) / 127).clamp_min(1e-8).to(SCALE_DTYPE)  # [H, r]
+    rows, cols = torch.tril_indices(d, r, -1, device=V.device)
+    codes = torch.round(low / scale.float()[:, None, :]).clamp_(-127, 127)[:, rows, cols]
+    return codes.to(torch.int8), scale
+
+
+def basis_axes(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, r: int) -> torch.Tensor:
+    """A basis' first ``r`` axes, [H, r, D] fp32 = (Q / w)^T, from the query weights w [H, D] and the axes held
+    as Householder reflectors (``axes_reflectors``: codes [H, P] int8, scales [H, R] fp16, r <= R): Q [H, D, r]
+    = H_1 ... H_r I[:, :r], H_j = I - tau_j v_j v_j^T, v_j the j-th reflector read back (its diagonal entry 1)
+    and tau_j = 2 / |v_j|^2, so Q is orthonormal to fp32 rounding whatever the codes' rounding (which turns
+    the axes a little instead of skewing them). Coefficients are taken with the pseudo-inverse
+    ``torch.linalg.pinv(axes)`` [H, D, r] (= Q * w), ``basis_coeffs`` then ``basis_keys``: the key projected on the
+    axes' span."""
+    h, big_r = scale.shape
+    d = w.shape[-1]
+    rows, cols = torch.tril_indices(d, big_r, -1, device=codes.device)
+    v = torch.zeros(h, d * big_r, device=codes.device).scatter_(1, (rows * big_r + cols).expand(h, -1), codes.float())
+    v = (v.view(h, d, big_r) * scale.float()[:, None, :])[:, :, :r]
+    q = torch.linalg.householder_product(v, 2 / (1 + v.pow(2).sum(1)))
+    return (q / w.float()[:, :, None]).transpose(1, 2).contiguous()
 
 
 @dataclass(frozen=True)

@@ -109,7 +109,7 @@ def every_part_store(key_quant: str = "channel", rotate: bool = True, *, group: 
 
 def random_basis(h: int, d: int, gen: torch.Generator) -> tuple:
     """A layer's key basis as a store holds it (``agacc.basis.KeyBasis.layer``): w [H, D] fp32 in [0.5, 2],
-    V [H, D, D] random orthonormal in int8 codes and scales, inv_freq [D/2] fp32 (RoPE's 10000^(-2i/D))."""
+    V [H, D, D] random orthonormal as int8 reflector codes and scales, inv_freq [D/2] fp32 (RoPE's 10000^(-2i/D))."""
     from agacc.basis import KeyBasis
 
     w = torch.rand(1, h, d, generator=gen) * 1.5 + 0.5

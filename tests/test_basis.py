@@ -15,7 +15,8 @@ from agacc.planner import Geometry, block_cost_bytes, cost_settings
 from agacc.policy import basis_layouts, basis_rank
 from agacc.store import LayerStore
 from agacc.tiers import FULL, INT2, INT3, INT4
-from kernels.format import basis_axes, basis_coeffs, basis_keys, frame, pack, pack_groups, unpack_groups
+from kernels.format import (axes_reflectors, basis_axes, basis_coeffs, basis_keys, frame, pack, pack_groups,
+                            unpack_groups)
 from tests.helpers import random_basis, tiny_model, walk_tensor_bytes
 
 INV_FREQ = 10000.0 ** (-torch.arange(0, 16, 2).float() / 16)
@@ -135,19 +136,36 @@ def test_store_with_8bit_metadata_reads_what_its_codes_say():
 
 
 def test_full_basis_gives_the_keys_back_at_any_positions():
-    """With every axis, int8-rounded axes (as a store holds them) included, a key comes back exactly: the
-    coefficients are taken with the axes' pseudo-inverse (V * w would be off by V's rounding)."""
-    w, V, V_scale, inv_freq = random_basis(2, 16, torch.Generator().manual_seed(0))
+    """With every axis, read back from their int8 reflectors as a store holds them, a key comes back exactly: the
+    axes are orthonormal whatever the codes' rounding, so the pseudo-inverse the store takes is Q * w."""
+    w, codes, scales, inv_freq = random_basis(2, 16, torch.Generator().manual_seed(0))
     k = torch.randn(1, 2, 6, 16)
     pos = torch.tensor([3, 4, 5, 40, 41, 900])
-    axes = basis_axes(w, V, 16, V_scale)
+    axes = basis_axes(w, codes, scales, 16)
     back = basis_keys(basis_coeffs(k, torch.linalg.pinv(axes), inv_freq, pos), axes, inv_freq, pos)
     torch.testing.assert_close(back, k, rtol=0, atol=1e-4)
-    Vf = V.float() * V_scale.float()
-    naive = basis_keys(basis_coeffs(k, Vf * w[:, :, None], inv_freq, pos), axes, inv_freq, pos)
-    assert float((naive - k).abs().max()) > 10 * float((back - k).abs().max())
-    exact = torch.linalg.qr(Vf)[0]  # an orthonormal V: the pseudo-inverse is V * w
-    torch.testing.assert_close(torch.linalg.pinv(basis_axes(w, exact, 16)), exact * w[:, :, None], rtol=0, atol=1e-4)
+    q = axes.transpose(1, 2) * w[:, :, None]
+    torch.testing.assert_close(torch.linalg.pinv(axes), q * w[:, :, None], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("d, r", [(16, 16), (64, 53), (32, 9)])
+def test_axes_held_as_reflectors(d, r):
+    """``axes_reflectors`` then ``basis_axes``: orthonormal to fp32 rounding (a dense int8 table is off by its
+    rounding, 100x more), each axis the one it was up to its sign and within the int8 codes' error, the first
+    r' of them whatever r' <= r, in r (d - 1) - r (r - 1) / 2 codes a head and one fp16 scale a reflector."""
+    gen = torch.Generator().manual_seed(d + r)
+    V = torch.linalg.qr(torch.randn(3, d, d, generator=gen))[0][..., :r]
+    w = torch.rand(3, d, generator=gen) + 0.5
+    codes, scales = axes_reflectors(V)
+    assert codes.dtype == torch.int8 and tuple(codes.shape) == (3, r * (d - 1) - r * (r - 1) // 2)
+    assert scales.dtype == torch.float16 and tuple(scales.shape) == (3, r)
+    q = basis_axes(w, codes, scales, r).transpose(1, 2) * w[:, :, None]  # [H, D, r]
+    assert float((q.transpose(1, 2) @ q - torch.eye(r)).abs().max()) < 2e-6
+    dense = (V / (V.abs().amax(1, keepdim=True) / 127)).round() * (V.abs().amax(1, keepdim=True) / 127)
+    assert float((dense.transpose(1, 2) @ dense - torch.eye(r)).abs().max()) > 100 * 2e-6
+    cos = (V * q).sum(1).abs()  # each axis against its own
+    assert float(cos.min()) > 0.995
+    torch.testing.assert_close(basis_axes(w, codes, scales, r // 2), basis_axes(w, codes, scales, r)[:, :r // 2])
 
 
 def test_layer_basis_by_hand():
@@ -183,8 +201,8 @@ def test_store_reads_each_block_from_its_coefficients():
     the per-channel store's."""
     st, k, v = _store("basis")
     ref, _, _ = _store("channel")
-    w, V8, V_scale, inv_freq = st.key_basis
-    V = V8.float() * V_scale.float()  # the int8 axes as held
+    w, codes, scales, inv_freq = st.key_basis
+    V = basis_axes(w, codes, scales, scales.shape[1]).transpose(1, 2) * w[:, :, None]  # the axes as held
     B = 16
     got = {p.container: p for p in st.parts() if p.kind == "quant"}
     for block, c in ((1, 4), (2, 3), (3, 2)):
@@ -214,8 +232,10 @@ def test_bytes_held_are_the_cost_models_and_the_walks(meta):
     for tier, c in ((INT4, 4), (INT3, 3), (INT2, 2)):  # one block each; its tier, bits, keep: 4 bytes held apart
         assert st.quant[c].nbytes() + 4 == block_cost_bytes(tier, c, 32, **kw), c
         assert st.quant[c].nbytes() < ref.quant[c].nbytes()  # cheaper keys, the same values
-    w, V, V_scale, f = st.key_basis
-    assert V.dtype == torch.int8 and st.bytes_by_tier()["basis"] == w.nbytes + V.nbytes + V_scale.nbytes + f.nbytes
+    w, codes, scales, f = st.key_basis
+    assert codes.dtype == torch.int8
+    assert st.bytes_by_tier()["basis"] == w.nbytes + codes.nbytes + scales.nbytes + f.nbytes
+    assert codes.nbytes == 2 * (32 * 31 // 2)  # two heads' reflectors of 32 axes in 32 channels, a byte an entry
     assert st.nbytes() == walk_tensor_bytes(st) == sum(st.bytes_by_tier().values())
     assert "basis" not in ref.bytes_by_tier() and ref.key_basis is None  # not held where keys are per channel
     assert st.quant[8].basis is None
@@ -267,8 +287,9 @@ def test_cache_on_a_model_calibrates_saves_and_counts(tmp_path, monkeypatch):
     assert any(seen)
     m = cache.memory()
     r = max(sum(n for _, n in g) for g in basis_layouts(cfg, 32))  # the axes a block may use
-    held = table.w.nbytes + table.V[..., :r].numel() + table.V[:, :, :1, :r].half().nbytes + 2 * table.inv_freq.nbytes
-    assert m["by_tier"]["basis"] == held  # V in int8 codes and fp16 column scales
+    layers, heads, d = table.w.shape
+    reflectors = layers * heads * (r * (d - 1) - r * (r - 1) // 2 + 2 * r)  # int8 codes, an fp16 scale a reflector
+    assert m["by_tier"]["basis"] == table.w.nbytes + reflectors + 2 * table.inv_freq.nbytes
     assert m["bytes"] == walk_tensor_bytes(cache)
     assert m["by_tier"]["int3"] > 0 and m["ratio"] > 2.9
 
