@@ -5,8 +5,9 @@ q_j^2 e^2. Before RoPE a KV head's keys are low-rank and their channels correlat
 coefficients on the principal axes of the query-weighed pre-RoPE keys: per layer and KV head, w [D] (the
 square root of the query energy per channel, each ``rotate_half`` pair's two channels averaged: RoPE turns
 them into each other) and V [D, D] (the eigenvectors of the second moments of k * w, by decreasing
-eigenvalue). A 2-, 3- or 4-bit block keeps the first coefficients c = frame(k, -1) * w @ V
-(``kernels.format.basis_coeffs``) per coefficient per block, the first at the most bits
+eigenvalue). A 2-, 3- or 4-bit block keeps the first r coefficients c = frame(k, -1) @ pinv(V_r^T / w) (the
+least-squares fit in the key's frame; (k * w) @ V_r where r = D: ``kernels.format.basis_coeffs``) per
+coefficient per block, the first at the most bits
 (``policy.basis_layouts``); its keys read back as
 frame(c @ V^T / w, +1) (``kernels.format.basis_keys``).
 

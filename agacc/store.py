@@ -296,9 +296,8 @@ class QuantSegment(Segment):
         """The basis' first r axes [H, r, D] fp32: the first r of ``axes`` (the layer's, made once per read by
         ``LayerStore.parts``), else of the same made here (``quant.basis_axes``), so a block's coefficients are taken
         and read back on the same floats."""
-        w, codes, scales, _, groups = self.basis
-        axes = axes if axes is not None else quant.basis_axes(w, codes, scales, scales.shape[1])
-        return axes[:, :basis_rank((groups,))]
+        axes = axes if axes is not None else quant.basis_axes(*self.basis[:3])
+        return axes[:, :basis_rank((self.basis[4],))]
 
     def tensors(self):
         self.flush()
@@ -692,8 +691,7 @@ class LayerStore:
         backend reads this list; entry i of the attention mass is entry i of the parts laid end to end."""
         axes = None  # keys in a basis: its axes, made once for every container's part (the decode step reads them)
         if self.quant[2].basis is not None and any(self.quant[c].n_blocks for c in (2, 3, 4)):
-            w, codes, scales, _ = self.key_basis
-            axes = quant.basis_axes(w, codes, scales, scales.shape[1])
+            axes = quant.basis_axes(*self.key_basis[:3])
         out = [seg.part(axes=axes) for seg in self.segments if seg.n_blocks]
         if self.markers.n:
             m = self.markers

@@ -225,14 +225,15 @@ def axes_reflectors(V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.to(torch.int8), scale
 
 
-def basis_axes(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, r: int) -> torch.Tensor:
-    """A basis' first ``r`` axes, [H, r, D] fp32 = (Q / w)^T, from the query weights w [H, D] and the axes held
-    as Householder reflectors (``axes_reflectors``: codes [H, P] int8, scales [H, R] fp16, r <= R): Q [H, D, r]
+def basis_axes(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, r: int | None = None) -> torch.Tensor:
+    """A basis' first ``r`` axes (None: all R), [H, r, D] fp32 = (Q / w)^T, from the query weights w [H, D] and the
+    axes held as Householder reflectors (``axes_reflectors``: codes [H, P] int8, scales [H, R] fp16): Q [H, D, r]
     = H_1 ... H_r I[:, :r], H_j = I - tau_j v_j v_j^T, v_j the j-th reflector read back (its diagonal entry 1)
     and tau_j = 2 / |v_j|^2, so Q is orthonormal to fp32 rounding whatever the codes' rounding (which turns
-    the axes a little instead of skewing them). Coefficients are taken with the pseudo-inverse
-    ``torch.linalg.pinv(axes)`` [H, D, r] (= Q * w), ``basis_coeffs`` then ``basis_keys``: the key projected on the
-    axes' span."""
+    the axes a little instead of skewing them). Coefficients are taken with their pseudo-inverse
+    ``torch.linalg.pinv(axes)`` [H, D, r] (Q * w only where r = D: below that the least-squares fit in the key's
+    own frame, not the query-weighed one), ``basis_coeffs`` then ``basis_keys``: the key projected on the axes'
+    span."""
     h, big_r = scale.shape
     d = w.shape[-1]
     rows, cols = torch.tril_indices(d, big_r, -1, device=codes.device)

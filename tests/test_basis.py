@@ -202,7 +202,7 @@ def test_store_reads_each_block_from_its_coefficients():
     st, k, v = _store("basis")
     ref, _, _ = _store("channel")
     w, codes, scales, inv_freq = st.key_basis
-    V = basis_axes(w, codes, scales, scales.shape[1]).transpose(1, 2) * w[:, :, None]  # the axes as held
+    V = basis_axes(w, codes, scales).transpose(1, 2) * w[:, :, None]  # the axes as held
     B = 16
     got = {p.container: p for p in st.parts() if p.kind == "quant"}
     for block, c in ((1, 4), (2, 3), (3, 2)):
